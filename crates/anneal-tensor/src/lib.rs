@@ -1,0 +1,67 @@
+//! # anneal-tensor
+//!
+//! The engine under anneal: n-dimensional tensors stored as f32, bf16 or f16, CPU kernels, and
+//! reverse-mode autograd on a graph of coarse, fused ops.
+//!
+//! * [`Tensor`]: shape and strides over shared storage; views (`reshape`, `transpose`, `narrow`,
+//!   `permute`) copy nothing.
+//! * Ops, each with its backward beside it in [`ops`]: matmul and linear on the `gemm` crate,
+//!   broadcasting arithmetic, reductions, layout ops, embedding, LayerNorm, RMSNorm, GELU, SiLU,
+//!   softmax, fused cross-entropy, fused attention (causal, padding mask, grouped KV heads, RoPE)
+//!   whose backward recomputes probabilities, dropout, conv2d and pooling, dtype casts.
+//! * [`autograd`]: `backward` from a loss or from a supplied gradient, `no_grad`, `detach`, leaf
+//!   gradient hooks, custom ops through [`Tensor::from_op`], and activation [`checkpoint`]ing.
+//! * [`params`] and [`optim`]: named parameters flat per dtype, AdamW and SGD, gradient clipping.
+//!
+//! ```
+//! use anneal_tensor::{DType, Tensor};
+//! let w = Tensor::from_f32(vec![1.0, 2.0, 3.0, 4.0], &[2, 2]).unwrap().requires_grad_();
+//! let x = Tensor::from_f32(vec![1.0, 1.0], &[1, 2]).unwrap();
+//! let loss = x.matmul(&w).unwrap().sum_all().unwrap();
+//! loss.backward().unwrap();
+//! assert_eq!(w.grad().unwrap().to_vec_f32(), vec![1.0, 1.0, 1.0, 1.0]);
+//! # let _ = DType::F32;
+//! ```
+
+pub mod autograd;
+mod dtype;
+mod error;
+pub mod init;
+pub mod io;
+mod kernels;
+pub mod ops;
+pub mod optim;
+pub mod params;
+pub mod storage;
+mod tensor;
+pub mod testing;
+
+pub use autograd::{checkpoint, enable_grad, is_grad_enabled, no_grad, Backward};
+pub use dtype::DType;
+pub use error::{Error, Result};
+pub use init::Rng;
+pub use ops::attention::AttentionOptions;
+pub use ops::softmax::CrossEntropyOptions;
+pub use params::{ParamId, ParamStore, ParamStoreBuilder};
+pub use storage::{memory_stats, reset_peak_memory, MemoryStats};
+pub use tensor::Tensor;
+
+/// Where a tensor's storage lives. Only the CPU exists today; a CUDA backend adds a variant and
+/// its kernels behind the same ops, without touching model code.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// Host memory, kernels on rayon threads.
+    Cpu,
+}
+
+/// Sets the number of threads kernels use (call once, before any op). Returns an error if the
+/// global pool was already built.
+pub fn set_num_threads(n: usize) -> Result<()> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(n)
+        .build_global()
+        .map_err(|e| Error::Invalid {
+            op: "set_num_threads",
+            reason: e.to_string(),
+        })
+}

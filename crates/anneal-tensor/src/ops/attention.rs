@@ -1,0 +1,856 @@
+//! Fused multi-head scaled dot-product attention (Vaswani et al. 2017), causal or with a key
+//! padding mask, with grouped key/value heads (Ainslie et al. 2023, as in Llama 2), and rotary
+//! position embeddings (Su et al. 2021) as a separate op.
+//!
+//! Memory follows FlashAttention (Dao et al. 2022): forward keeps only the output and one
+//! log-sum-exp per query row; backward recomputes each block of probabilities from Q, K and the
+//! log-sum-exp, so no B×H×T×S probability tensor outlives a block of 64 query rows. Under a causal
+//! mask, blocks of keys entirely in the future are skipped, halving the work.
+//!
+//! Inputs are read in place through their strides (the last axis must be unit-stride), so the
+//! query, key and value slices of one packed projection are used without copies.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use super::matmul::{gemm_f32, Mat};
+use crate::autograd::Backward;
+use crate::error::{invalid, Error, Result};
+use crate::storage::Buffer;
+use crate::{DType, Tensor};
+
+/// Query rows per block.
+const BLOCK: usize = 64;
+
+/// Options of [`Tensor::attention`].
+#[derive(Clone, Debug, Default)]
+pub struct AttentionOptions {
+    /// Query i sees keys j ≤ i + (S − T) only.
+    pub causal: bool,
+    /// `[B, S]` flags, `true` where the key is real and `false` where it is padding.
+    pub key_padding_mask: Option<Vec<bool>>,
+    /// Multiplies the scores; defaults to 1/√D.
+    pub scale: Option<f32>,
+}
+
+/// How one tensor's `[B, L, H, D]` elements sit in memory (element strides; D is unit-stride).
+#[derive(Clone, Copy)]
+struct Heads {
+    ptr: *const f32,
+    sb: usize,
+    sl: usize,
+    sh: usize,
+}
+unsafe impl Send for Heads {}
+unsafe impl Sync for Heads {}
+
+impl Heads {
+    /// Rows `from..to` of head `h` in batch `b`, as a matrix.
+    fn mat(&self, b: usize, h: usize, from: usize, to: usize, d: usize) -> Mat {
+        Mat {
+            ptr: unsafe { self.ptr.add(b * self.sb + from * self.sl + h * self.sh) },
+            rows: to - from,
+            cols: d,
+            rs: self.sl as isize,
+            cs: 1,
+            batch: 1,
+            bs: 0,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Geometry {
+    b: usize,
+    t: usize,
+    s: usize,
+    hq: usize,
+    hkv: usize,
+    d: usize,
+    scale: f32,
+    causal: bool,
+}
+
+impl Geometry {
+    /// Keys visible to query rows `from..to` (causal: up to the last row's diagonal).
+    fn key_end(&self, to: usize) -> usize {
+        if self.causal {
+            (to + self.s - self.t).min(self.s)
+        } else {
+            self.s
+        }
+    }
+    fn masked(&self, mask: Option<&[bool]>, b: usize, i: usize, j: usize) -> bool {
+        (self.causal && j > i + self.s - self.t) || mask.is_some_and(|m| !m[b * self.s + j])
+    }
+}
+
+/// Probabilities of a block of query rows `from..to` of head `h`: fills `p` (rows × kend) with
+/// scale·QKᵀ, masks, and turns each row into softmax using `lse` if given, else computing it.
+#[allow(clippy::too_many_arguments)]
+unsafe fn block_probs(
+    g: &Geometry,
+    q: &Heads,
+    k: &Heads,
+    mask: Option<&[bool]>,
+    b: usize,
+    h: usize,
+    from: usize,
+    to: usize,
+    kend: usize,
+    p: &mut [f32],
+    lse_in: Option<&[f32]>,
+    lse_out: Option<&mut [f32]>,
+) {
+    let kvh = h / (g.hq / g.hkv);
+    let qm = q.mat(b, h, from, to, g.d);
+    let km = k.mat(b, kvh, 0, kend, g.d);
+    gemm_f32(
+        p.as_mut_ptr(),
+        kend as isize,
+        1,
+        false,
+        qm,
+        km.t(),
+        Parallelism::None,
+    );
+    let mut lse_out = lse_out;
+    for (r, row) in p.chunks_mut(kend).enumerate() {
+        let i = from + r;
+        for (j, x) in row.iter_mut().enumerate() {
+            *x = if g.masked(mask, b, i, j) {
+                f32::NEG_INFINITY
+            } else {
+                *x * g.scale
+            };
+        }
+        let lse = match lse_in {
+            Some(l) => l[r],
+            None => {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                if max == f32::NEG_INFINITY {
+                    f32::NEG_INFINITY
+                } else {
+                    max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln()
+                }
+            }
+        };
+        if lse == f32::NEG_INFINITY {
+            row.fill(0.0);
+        } else {
+            row.iter_mut().for_each(|x| *x = (*x - lse).exp());
+        }
+        if let Some(out) = lse_out.as_deref_mut() {
+            out[r] = lse;
+        }
+    }
+}
+
+/// Forward: writes `out` (`[B, T, Hq, D]` contiguous) and `lse` (`[B, Hq, T]`).
+fn forward(
+    g: Geometry,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    mask: Option<&[bool]>,
+) -> (Vec<f32>, Vec<f32>) {
+    let mut out = vec![0.0f32; g.b * g.t * g.hq * g.d];
+    let mut lse = vec![0.0f32; g.b * g.hq * g.t];
+    let o = Heads {
+        ptr: out.as_mut_ptr(),
+        sb: g.t * g.hq * g.d,
+        sl: g.hq * g.d,
+        sh: g.d,
+    };
+    lse.par_chunks_mut(g.t)
+        .enumerate()
+        .for_each(|(bh, lse_bh)| {
+            let (b, h) = (bh / g.hq, bh % g.hq);
+            let kvh = h / (g.hq / g.hkv);
+            let mut p = vec![0.0f32; BLOCK * g.s];
+            for from in (0..g.t).step_by(BLOCK) {
+                let to = (from + BLOCK).min(g.t);
+                let kend = g.key_end(to);
+                let p = &mut p[..(to - from) * kend];
+                unsafe {
+                    block_probs(
+                        &g,
+                        &q,
+                        &k,
+                        mask,
+                        b,
+                        h,
+                        from,
+                        to,
+                        kend,
+                        p,
+                        None,
+                        Some(&mut lse_bh[from..to]),
+                    );
+                    let pm = Mat {
+                        ptr: p.as_ptr(),
+                        rows: to - from,
+                        cols: kend,
+                        rs: kend as isize,
+                        cs: 1,
+                        batch: 1,
+                        bs: 0,
+                    };
+                    let om = o.mat(b, h, from, to, g.d);
+                    gemm_f32(
+                        om.ptr as *mut f32,
+                        om.rs,
+                        1,
+                        false,
+                        pm,
+                        v.mat(b, kvh, 0, kend, g.d),
+                        Parallelism::None,
+                    );
+                }
+            }
+        });
+    (out, lse)
+}
+
+/// Backward: accumulates dQ, dK, dV into the given (zeroed) strided buffers.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    g: Geometry,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: Heads,
+    d_o: Heads,
+    lse: &[f32],
+    mask: Option<&[bool]>,
+    dq: Heads,
+    dk: Heads,
+    dv: Heads,
+) {
+    let group = g.hq / g.hkv;
+    // One task per (batch, kv head): the query heads sharing it accumulate into the same dK, dV.
+    (0..g.b * g.hkv).into_par_iter().for_each(|task| {
+        let (b, kvh) = (task / g.hkv, task % g.hkv);
+        let mut p = vec![0.0f32; BLOCK * g.s];
+        let mut dp = vec![0.0f32; BLOCK * g.s];
+        let mut di = vec![0.0f32; BLOCK];
+        for h in kvh * group..(kvh + 1) * group {
+            let lse_bh = &lse[(b * g.hq + h) * g.t..(b * g.hq + h + 1) * g.t];
+            for from in (0..g.t).step_by(BLOCK) {
+                let to = (from + BLOCK).min(g.t);
+                let rows = to - from;
+                let kend = g.key_end(to);
+                let p = &mut p[..rows * kend];
+                let dp = &mut dp[..rows * kend];
+                unsafe {
+                    block_probs(
+                        &g,
+                        &q,
+                        &k,
+                        mask,
+                        b,
+                        h,
+                        from,
+                        to,
+                        kend,
+                        p,
+                        Some(&lse_bh[from..to]),
+                        None,
+                    );
+                    let dom = d_o.mat(b, h, from, to, g.d);
+                    // dP = dO · Vᵀ
+                    gemm_f32(
+                        dp.as_mut_ptr(),
+                        kend as isize,
+                        1,
+                        false,
+                        dom,
+                        v.mat(b, kvh, 0, kend, g.d).t(),
+                        Parallelism::None,
+                    );
+                    // D_i = Σ_d dO·O
+                    let om = o.mat(b, h, from, to, g.d);
+                    for r in 0..rows {
+                        let orow =
+                            std::slice::from_raw_parts(om.ptr.offset(r as isize * om.rs), g.d);
+                        let grow =
+                            std::slice::from_raw_parts(dom.ptr.offset(r as isize * dom.rs), g.d);
+                        di[r] = crate::kernels::dot(orow, grow);
+                    }
+                    // dS = P ∘ (dP − D), scaled by the score scale
+                    for r in 0..rows {
+                        let (pr, dpr) = (
+                            &p[r * kend..(r + 1) * kend],
+                            &mut dp[r * kend..(r + 1) * kend],
+                        );
+                        for j in 0..kend {
+                            dpr[j] = pr[j] * (dpr[j] - di[r]) * g.scale;
+                        }
+                    }
+                    let pm = Mat {
+                        ptr: p.as_ptr(),
+                        rows,
+                        cols: kend,
+                        rs: kend as isize,
+                        cs: 1,
+                        batch: 1,
+                        bs: 0,
+                    };
+                    let dsm = Mat {
+                        ptr: dp.as_ptr(),
+                        ..pm
+                    };
+                    // dV += Pᵀ · dO
+                    let dvm = dv.mat(b, kvh, 0, kend, g.d);
+                    gemm_f32(
+                        dvm.ptr as *mut f32,
+                        dvm.rs,
+                        1,
+                        true,
+                        pm.t(),
+                        dom,
+                        Parallelism::None,
+                    );
+                    // dQ = dS · K
+                    let dqm = dq.mat(b, h, from, to, g.d);
+                    gemm_f32(
+                        dqm.ptr as *mut f32,
+                        dqm.rs,
+                        1,
+                        true,
+                        dsm,
+                        k.mat(b, kvh, 0, kend, g.d),
+                        Parallelism::None,
+                    );
+                    // dK += dSᵀ · Q
+                    let dkm = dk.mat(b, kvh, 0, kend, g.d);
+                    gemm_f32(
+                        dkm.ptr as *mut f32,
+                        dkm.rs,
+                        1,
+                        true,
+                        dsm.t(),
+                        q.mat(b, h, from, to, g.d),
+                        Parallelism::None,
+                    );
+                }
+            }
+        }
+    });
+}
+
+/// Runs `f` with `[B, L, H, D]` head layouts of f32 tensors (converting half types or a
+/// non-unit-stride last axis into a temporary).
+fn with_heads<R>(t: &Tensor, f: impl FnOnce(Heads) -> R) -> R {
+    let usable = t.dtype() == DType::F32 && t.strides()[3] == 1;
+    let tmp;
+    let src = if usable {
+        t
+    } else {
+        tmp = Tensor::from_f32_unchecked(t.to_vec_f32(), t.shape());
+        &tmp
+    };
+    let buf = src.storage().read();
+    let Buffer::F32(v) = &*buf else {
+        unreachable!("f32 checked above")
+    };
+    let s = src.strides();
+    f(Heads {
+        ptr: unsafe { v.as_ptr().add(src.offset()) },
+        sb: s[0],
+        sl: s[1],
+        sh: s[2],
+    })
+}
+
+fn contiguous_heads(buf: &mut [f32], l: usize, h: usize, d: usize) -> Heads {
+    Heads {
+        ptr: buf.as_mut_ptr(),
+        sb: l * h * d,
+        sl: h * d,
+        sh: d,
+    }
+}
+
+struct AttentionBackward {
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Vec<f32>,
+    mask: Option<Vec<bool>>,
+    geometry: Geometry,
+}
+
+impl Backward for AttentionBackward {
+    fn name(&self) -> &'static str {
+        "attention"
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = self.geometry;
+        let mut dq = vec![0.0f32; g.b * g.t * g.hq * g.d];
+        let mut dk = vec![0.0f32; g.b * g.s * g.hkv * g.d];
+        let mut dv = vec![0.0f32; g.b * g.s * g.hkv * g.d];
+        let (dqh, dkh, dvh) = (
+            contiguous_heads(&mut dq, g.t, g.hq, g.d),
+            contiguous_heads(&mut dk, g.s, g.hkv, g.d),
+            contiguous_heads(&mut dv, g.s, g.hkv, g.d),
+        );
+        with_heads(&self.q, |q| {
+            with_heads(&self.k, |k| {
+                with_heads(&self.v, |v| {
+                    with_heads(&self.out, |o| {
+                        with_heads(&grad.contiguous_data(), |d_o| {
+                            backward(
+                                g,
+                                q,
+                                k,
+                                v,
+                                o,
+                                d_o,
+                                &self.lse,
+                                self.mask.as_deref(),
+                                dqh,
+                                dkh,
+                                dvh,
+                            )
+                        })
+                    })
+                })
+            })
+        });
+        Ok(vec![
+            Some(Tensor::from_f32_unchecked(dq, self.q.shape())),
+            Some(Tensor::from_f32_unchecked(dk, self.k.shape())),
+            Some(Tensor::from_f32_unchecked(dv, self.v.shape())),
+        ])
+    }
+}
+
+struct PackedAttentionBackward {
+    qkv: Tensor,
+    out: Tensor,
+    lse: Vec<f32>,
+    mask: Option<Vec<bool>>,
+    geometry: Geometry,
+}
+
+impl Backward for PackedAttentionBackward {
+    fn name(&self) -> &'static str {
+        "attention_packed"
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = self.geometry;
+        let width = (g.hq + 2 * g.hkv) * g.d;
+        let mut dqkv = vec![0.0f32; g.b * g.t * width];
+        let base = Heads {
+            ptr: dqkv.as_mut_ptr(),
+            sb: g.t * width,
+            sl: width,
+            sh: g.d,
+        };
+        let (dqh, dkh, dvh) = packed_parts(base, &g);
+        with_packed(&self.qkv, &g, |q, k, v| {
+            with_heads(&self.out, |o| {
+                let grad = grad.contiguous_data();
+                let grad4 = grad.view_raw(
+                    vec![g.b, g.t, g.hq, g.d],
+                    vec![g.t * g.hq * g.d, g.hq * g.d, g.d, 1],
+                    grad.offset(),
+                );
+                with_heads(&grad4, |d_o| {
+                    backward(
+                        g,
+                        q,
+                        k,
+                        v,
+                        o,
+                        d_o,
+                        &self.lse,
+                        self.mask.as_deref(),
+                        dqh,
+                        dkh,
+                        dvh,
+                    )
+                })
+            })
+        });
+        Ok(vec![Some(Tensor::from_f32_unchecked(
+            dqkv,
+            self.qkv.shape(),
+        ))])
+    }
+}
+
+fn packed_parts(base: Heads, g: &Geometry) -> (Heads, Heads, Heads) {
+    let q = base;
+    let k = Heads {
+        ptr: unsafe { base.ptr.add(g.hq * g.d) },
+        ..base
+    };
+    let v = Heads {
+        ptr: unsafe { base.ptr.add((g.hq + g.hkv) * g.d) },
+        ..base
+    };
+    (q, k, v)
+}
+
+fn with_packed<R>(qkv: &Tensor, g: &Geometry, f: impl FnOnce(Heads, Heads, Heads) -> R) -> R {
+    let width = (g.hq + 2 * g.hkv) * g.d;
+    let as4 = qkv.contiguous_data();
+    let as4 = as4.view_raw(
+        vec![g.b, g.t, g.hq + 2 * g.hkv, g.d],
+        vec![g.t * width, width, g.d, 1],
+        as4.offset(),
+    );
+    with_heads(&as4, |base| {
+        let (q, k, v) = packed_parts(base, g);
+        f(q, k, v)
+    })
+}
+
+fn check_mask(mask: &Option<Vec<bool>>, b: usize, s: usize) -> Result<()> {
+    if let Some(m) = mask {
+        if m.len() != b * s {
+            return Err(invalid(
+                "attention",
+                format!(
+                    "key_padding_mask has {} flags, expected B·S = {}",
+                    m.len(),
+                    b * s
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl Tensor {
+    /// Scaled dot-product attention softmax(scale·QKᵀ + mask)·V with `q` of shape `[B, T, Hq, D]`
+    /// and `k`, `v` of shape `[B, S, Hkv, D]` (Hq a multiple of Hkv: grouped-query attention).
+    /// Returns `[B, T, Hq, D]`.
+    pub fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        opts: &AttentionOptions,
+    ) -> Result<Tensor> {
+        if q.rank() != 4 || k.rank() != 4 || k.shape() != v.shape() {
+            return Err(Error::BadShape {
+                op: "attention",
+                shape: q.shape().to_vec(),
+                reason: format!(
+                    "q must be [B, T, Hq, D], k and v [B, S, Hkv, D]; got k {:?}, v {:?}",
+                    k.shape(),
+                    v.shape()
+                ),
+            });
+        }
+        let (b, t, hq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+        let (s, hkv) = (k.shape()[1], k.shape()[2]);
+        if k.shape()[0] != b
+            || k.shape()[3] != d
+            || hkv == 0
+            || hq % hkv != 0
+            || (opts.causal && s < t)
+        {
+            return Err(Error::ShapeMismatch {
+                op: "attention",
+                lhs: q.shape().to_vec(),
+                rhs: k.shape().to_vec(),
+            });
+        }
+        check_mask(&opts.key_padding_mask, b, s)?;
+        let g = Geometry {
+            b,
+            t,
+            s,
+            hq,
+            hkv,
+            d,
+            scale: opts.scale.unwrap_or(1.0 / (d as f32).sqrt()),
+            causal: opts.causal,
+        };
+        let mask = opts.key_padding_mask.as_deref();
+        let (out, lse) = with_heads(q, |qh| {
+            with_heads(k, |kh| with_heads(v, |vh| forward(g, qh, kh, vh, mask)))
+        });
+        let value = Tensor::from_f32_as(out, q.shape(), q.dtype());
+        let saved_out = value.data();
+        Ok(Tensor::from_op(
+            value,
+            &[q, k, v],
+            AttentionBackward {
+                q: q.data(),
+                k: k.data(),
+                v: v.data(),
+                out: saved_out,
+                lse,
+                mask: opts.key_padding_mask.clone(),
+                geometry: g,
+            },
+        ))
+    }
+
+    /// Attention over a packed projection `[B, T, (Hq + 2·Hkv)·D]` holding Q, K and V side by side
+    /// (GPT-2's `c_attn` output); returns `[B, T, Hq·D]`. Its gradient is one packed tensor.
+    pub fn attention_packed(
+        &self,
+        n_head: usize,
+        n_kv_head: usize,
+        opts: &AttentionOptions,
+    ) -> Result<Tensor> {
+        if self.rank() != 3
+            || n_kv_head == 0
+            || n_head % n_kv_head != 0
+            || self.shape()[2] % (n_head + 2 * n_kv_head) != 0
+        {
+            return Err(Error::BadShape {
+                op: "attention_packed",
+                shape: self.shape().to_vec(),
+                reason: format!(
+                    "expected [B, T, (H + 2·Hkv)·D] with H = {n_head}, Hkv = {n_kv_head}"
+                ),
+            });
+        }
+        let (b, t) = (self.shape()[0], self.shape()[1]);
+        let d = self.shape()[2] / (n_head + 2 * n_kv_head);
+        check_mask(&opts.key_padding_mask, b, t)?;
+        let g = Geometry {
+            b,
+            t,
+            s: t,
+            hq: n_head,
+            hkv: n_kv_head,
+            d,
+            scale: opts.scale.unwrap_or(1.0 / (d as f32).sqrt()),
+            causal: opts.causal,
+        };
+        let mask = opts.key_padding_mask.as_deref();
+        let (out, lse) = with_packed(self, &g, |q, k, v| forward(g, q, k, v, mask));
+        let value = Tensor::from_f32_as(out, &[b, t, n_head * d], self.dtype());
+        let saved_out = value.view_raw(
+            vec![b, t, n_head, d],
+            vec![t * n_head * d, n_head * d, d, 1],
+            value.offset(),
+        );
+        Ok(Tensor::from_op(
+            value,
+            &[self],
+            PackedAttentionBackward {
+                qkv: self.data(),
+                out: saved_out,
+                lse,
+                mask: opts.key_padding_mask.clone(),
+                geometry: g,
+            },
+        ))
+    }
+
+    /// Rotary position embedding (Su et al. 2021, RoFormer) on `[B, T, H, D]`, in the "rotate
+    /// half" pairing of GPT-NeoX and Hugging Face Llama: element i pairs with i + D/2, rotated by
+    /// (position)·base^(−2i/D). `start` is the position of the first step (for a KV cache).
+    pub fn rope(&self, base: f32, start: usize) -> Result<Tensor> {
+        if self.rank() != 4 || self.shape()[3] % 2 != 0 {
+            return Err(Error::BadShape {
+                op: "rope",
+                shape: self.shape().to_vec(),
+                reason: "expected [B, T, H, D] with D even".into(),
+            });
+        }
+        let (t, h, d) = (self.shape()[1], self.shape()[2], self.shape()[3]);
+        let half = d / 2;
+        let mut cos = vec![0.0f32; t * half];
+        let mut sin = vec![0.0f32; t * half];
+        for p in 0..t {
+            for i in 0..half {
+                let inv_freq = 1.0 / (base as f64).powf(2.0 * i as f64 / d as f64);
+                let angle = (start + p) as f64 * inv_freq;
+                cos[p * half + i] = angle.cos() as f32;
+                sin[p * half + i] = angle.sin() as f32;
+            }
+        }
+        let rotate = move |x: &[f32], sign: f32, cos: &[f32], sin: &[f32]| -> Vec<f32> {
+            let mut out = vec![0.0f32; x.len()];
+            out.par_chunks_mut(h * d).enumerate().for_each(|(bt, o)| {
+                let p = bt % t;
+                let (c, s) = (
+                    &cos[p * half..(p + 1) * half],
+                    &sin[p * half..(p + 1) * half],
+                );
+                for head in 0..h {
+                    let xr = &x[bt * h * d + head * d..bt * h * d + (head + 1) * d];
+                    let or = &mut o[head * d..(head + 1) * d];
+                    for i in 0..half {
+                        let (a, b) = (xr[i], xr[i + half]);
+                        or[i] = a * c[i] - sign * b * s[i];
+                        or[i + half] = b * c[i] + sign * a * s[i];
+                    }
+                }
+            });
+            out
+        };
+        let out = self.with_f32(|x| rotate(x, 1.0, &cos, &sin));
+        struct RopeBackward<F> {
+            cos: Vec<f32>,
+            sin: Vec<f32>,
+            rotate: F,
+        }
+        impl<F: Fn(&[f32], f32, &[f32], &[f32]) -> Vec<f32> + Send + Sync> Backward for RopeBackward<F> {
+            fn name(&self) -> &'static str {
+                "rope"
+            }
+            fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+                // The transpose of a rotation is the rotation by the opposite angle.
+                let dx = grad.with_f32(|g| (self.rotate)(g, -1.0, &self.cos, &self.sin));
+                Ok(vec![Some(Tensor::from_f32_unchecked(dx, grad.shape()))])
+            }
+        }
+        let value = Tensor::from_f32_as(out, self.shape(), self.dtype());
+        Ok(Tensor::from_op(
+            value,
+            &[self],
+            RopeBackward { cos, sin, rotate },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AttentionOptions;
+    use crate::testing::{assert_grads, randn};
+    use crate::{Result, Tensor};
+
+    /// Attention composed of unfused ops, as the reference.
+    fn naive(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        causal: bool,
+        mask: Option<&[bool]>,
+    ) -> Result<Tensor> {
+        let (b, t, hq, d) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+        let (s, hkv) = (k.shape()[1], k.shape()[2]);
+        let heads: Vec<usize> = (0..hq).map(|h| h / (hq / hkv)).collect();
+        let k = k.index_select(2, &heads)?;
+        let v = v.index_select(2, &heads)?;
+        let qh = q.permute(&[0, 2, 1, 3])?; // B H T D
+        let kh = k.permute(&[0, 2, 3, 1])?; // B H D S
+        let vh = v.permute(&[0, 2, 1, 3])?; // B H S D
+        let scores = qh
+            .contiguous()
+            .matmul(&kh.contiguous())?
+            .scale(1.0 / (d as f32).sqrt());
+        let mut bias = vec![0.0f32; b * t * s];
+        for bi in 0..b {
+            for i in 0..t {
+                for j in 0..s {
+                    let masked = (causal && j > i + s - t) || mask.is_some_and(|m| !m[bi * s + j]);
+                    if masked {
+                        bias[(bi * t + i) * s + j] = -1e9;
+                    }
+                }
+            }
+        }
+        let bias = Tensor::from_f32(bias, &[b, 1, t, s])?;
+        let p = scores.add(&bias)?.softmax()?;
+        p.matmul(&vh.contiguous())?
+            .permute(&[0, 2, 1, 3])?
+            .contiguous()
+            .reshape(&[b, t, hq, d])
+    }
+
+    fn close(a: &Tensor, b: &Tensor) {
+        let (a, b) = (a.to_vec_f32(), b.to_vec_f32());
+        for (x, y) in a.iter().zip(&b) {
+            assert!((x - y).abs() < 1e-5, "{x} vs {y}");
+        }
+    }
+
+    #[test]
+    fn matches_unfused_reference_causal_gqa_and_padding() {
+        let q = randn(&[2, 70, 4, 8], 1); // 70 > one 64-row block
+        let k = randn(&[2, 70, 2, 8], 2);
+        let v = randn(&[2, 70, 2, 8], 3);
+        let causal = AttentionOptions {
+            causal: true,
+            ..Default::default()
+        };
+        close(
+            &Tensor::attention(&q, &k, &v, &causal).unwrap(),
+            &naive(&q, &k, &v, true, None).unwrap(),
+        );
+        let mut mask = vec![true; 2 * 70];
+        for j in 60..70 {
+            mask[j] = false;
+        }
+        let padded = AttentionOptions {
+            key_padding_mask: Some(mask.clone()),
+            ..Default::default()
+        };
+        close(
+            &Tensor::attention(&q, &k, &v, &padded).unwrap(),
+            &naive(&q, &k, &v, false, Some(&mask)).unwrap(),
+        );
+    }
+
+    #[test]
+    fn attention_grads() {
+        let (q, k, v) = (
+            randn(&[2, 5, 4, 3], 4),
+            randn(&[2, 5, 2, 3], 5),
+            randn(&[2, 5, 2, 3], 6),
+        );
+        let causal = AttentionOptions {
+            causal: true,
+            ..Default::default()
+        };
+        assert_grads(
+            |t| Tensor::attention(&t[0], &t[1], &t[2], &causal),
+            &[q.clone(), k.clone(), v.clone()],
+        );
+        let mask = vec![true, true, true, false, true, true, false, true, true, true];
+        let padded = AttentionOptions {
+            key_padding_mask: Some(mask),
+            ..Default::default()
+        };
+        assert_grads(
+            |t| Tensor::attention(&t[0], &t[1], &t[2], &padded),
+            &[q, k, v],
+        );
+    }
+
+    #[test]
+    fn packed_matches_separate_and_grads() {
+        let (b, t, h, d) = (2, 67, 2, 4);
+        let qkv = randn(&[b, t, 3 * h * d], 7);
+        let opts = AttentionOptions {
+            causal: true,
+            ..Default::default()
+        };
+        let parts = qkv.split(2, &[h * d, h * d, h * d]).unwrap();
+        let four = |x: &Tensor| x.reshape(&[b, t, h, d]).unwrap();
+        let sep = Tensor::attention(
+            &four(&parts[0].contiguous()),
+            &four(&parts[1].contiguous()),
+            &four(&parts[2].contiguous()),
+            &opts,
+        )
+        .unwrap();
+        let packed = qkv.attention_packed(h, h, &opts).unwrap();
+        close(&packed, &sep.reshape(&[b, t, h * d]).unwrap());
+        assert_grads(
+            |x| x[0].attention_packed(2, 1, &opts),
+            &[randn(&[1, 6, 4 * 3], 8)],
+        );
+    }
+
+    #[test]
+    fn rope_grads_and_norm_preserving() {
+        let x = randn(&[1, 5, 2, 6], 9);
+        let y = x.rope(10000.0, 3).unwrap();
+        let n = |t: &Tensor| t.to_vec_f32().iter().map(|v| v * v).sum::<f32>();
+        assert!((n(&x) - n(&y)).abs() < 1e-3);
+        assert_grads(|t| t[0].rope(10000.0, 0), &[x]);
+    }
+}

@@ -1,0 +1,432 @@
+//! 2-D convolution (cross-correlation, as every framework computes it) by im2col + `gemm`, and
+//! max/average pooling, all on NCHW tensors: enough for LeNet-5 (LeCun et al. 1998).
+
+use gemm::Parallelism;
+
+use super::matmul::{gemm_f32, Mat};
+use crate::autograd::Backward;
+use crate::error::{Error, Result};
+use crate::Tensor;
+
+/// Geometry of a sliding window over an image.
+#[derive(Clone, Copy, Debug)]
+struct Window {
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    stride: usize,
+    pad: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Window {
+    fn new(
+        op: &'static str,
+        shape: &[usize],
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Window> {
+        if shape.len() != 4 || stride == 0 || shape[2] + 2 * pad < kh || shape[3] + 2 * pad < kw {
+            return Err(Error::BadShape {
+                op,
+                shape: shape.to_vec(),
+                reason: format!(
+                    "needs NCHW input at least {kh}×{kw} after padding {pad}, stride ≥ 1"
+                ),
+            });
+        }
+        let (c, h, w) = (shape[1], shape[2], shape[3]);
+        Ok(Window {
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            stride,
+            pad,
+            oh: (h + 2 * pad - kh) / stride + 1,
+            ow: (w + 2 * pad - kw) / stride + 1,
+        })
+    }
+
+    /// Input position of output (oy, ox) at kernel offset (ky, kx), or None in the padding.
+    #[inline]
+    fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
+        let y = (oy * self.stride + ky) as isize - self.pad as isize;
+        let x = (ox * self.stride + kx) as isize - self.pad as isize;
+        if y < 0 || x < 0 || y >= self.h as isize || x >= self.w as isize {
+            None
+        } else {
+            Some((y as usize, x as usize))
+        }
+    }
+
+    /// im2col of one image: `[C·kh·kw, oh·ow]`.
+    fn im2col(&self, img: &[f32], cols: &mut [f32]) {
+        let plane = self.oh * self.ow;
+        for c in 0..self.c {
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = (c * self.kh + ky) * self.kw + kx;
+                    for oy in 0..self.oh {
+                        for ox in 0..self.ow {
+                            cols[row * plane + oy * self.ow + ox] =
+                                match self.source(oy, ox, ky, kx) {
+                                    Some((y, x)) => img[(c * self.h + y) * self.w + x],
+                                    None => 0.0,
+                                };
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The adjoint of im2col: adds columns back onto the image they came from.
+    fn col2im(&self, cols: &[f32], img: &mut [f32]) {
+        let plane = self.oh * self.ow;
+        for c in 0..self.c {
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = (c * self.kh + ky) * self.kw + kx;
+                    for oy in 0..self.oh {
+                        for ox in 0..self.ow {
+                            if let Some((y, x)) = self.source(oy, ox, ky, kx) {
+                                img[(c * self.h + y) * self.w + x] +=
+                                    cols[row * plane + oy * self.ow + ox];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn dense(ptr: *const f32, rows: usize, cols: usize) -> Mat {
+    Mat {
+        ptr,
+        rows,
+        cols,
+        rs: cols as isize,
+        cs: 1,
+        batch: 1,
+        bs: 0,
+    }
+}
+
+struct Conv2dBackward {
+    x: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    win: Window,
+}
+
+impl Backward for Conv2dBackward {
+    fn name(&self) -> &'static str {
+        "conv2d"
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let win = self.win;
+        let n = self.x.shape()[0];
+        let o = self.weight.shape()[0];
+        let k = win.c * win.kh * win.kw;
+        let plane = win.oh * win.ow;
+        let img = win.c * win.h * win.w;
+        let mut dx = vec![0.0f32; self.x.numel()];
+        let mut dw = vec![0.0f32; o * k];
+        let mut db = vec![0.0f32; o];
+        let mut cols = vec![0.0f32; k * plane];
+        let mut dcols = vec![0.0f32; k * plane];
+        let w = self.weight.to_vec_f32();
+        grad.with_f32(|g| {
+            self.x.with_f32(|x| {
+                for i in 0..n {
+                    let gi = &g[i * o * plane..(i + 1) * o * plane];
+                    win.im2col(&x[i * img..(i + 1) * img], &mut cols);
+                    unsafe {
+                        // dW += dY · colsᵀ
+                        gemm_f32(
+                            dw.as_mut_ptr(),
+                            k as isize,
+                            1,
+                            true,
+                            dense(gi.as_ptr(), o, plane),
+                            dense(cols.as_ptr(), k, plane).t(),
+                            Parallelism::Rayon(0),
+                        );
+                        // dcols = Wᵀ · dY
+                        gemm_f32(
+                            dcols.as_mut_ptr(),
+                            plane as isize,
+                            1,
+                            false,
+                            dense(w.as_ptr(), o, k).t(),
+                            dense(gi.as_ptr(), o, plane),
+                            Parallelism::Rayon(0),
+                        );
+                    }
+                    win.col2im(&dcols, &mut dx[i * img..(i + 1) * img]);
+                    for (oc, d) in db.iter_mut().enumerate() {
+                        *d += gi[oc * plane..(oc + 1) * plane].iter().sum::<f32>();
+                    }
+                }
+            })
+        });
+        let mut grads = vec![
+            Some(Tensor::from_f32_unchecked(dx, self.x.shape())),
+            Some(Tensor::from_f32_unchecked(dw, self.weight.shape())),
+        ];
+        if self.has_bias {
+            grads.push(Some(Tensor::from_f32_unchecked(db, &[o])));
+        }
+        Ok(grads)
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Pool {
+    Max,
+    Avg,
+}
+
+struct PoolBackward {
+    kind: Pool,
+    shape: Vec<usize>,
+    win: Window,
+    argmax: Vec<usize>,
+}
+
+impl Backward for PoolBackward {
+    fn name(&self) -> &'static str {
+        match self.kind {
+            Pool::Max => "max_pool2d",
+            Pool::Avg => "avg_pool2d",
+        }
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let win = self.win;
+        let mut dx = vec![0.0f32; self.shape.iter().product()];
+        let planes = self.shape[0] * self.shape[1];
+        let inv = 1.0 / (win.kh * win.kw) as f32;
+        grad.with_f32(|g| {
+            for p in 0..planes {
+                for oy in 0..win.oh {
+                    for ox in 0..win.ow {
+                        let r = (p * win.oh + oy) * win.ow + ox;
+                        match self.kind {
+                            Pool::Max => dx[self.argmax[r]] += g[r],
+                            Pool::Avg => {
+                                for ky in 0..win.kh {
+                                    for kx in 0..win.kw {
+                                        if let Some((y, x)) = win.source(oy, ox, ky, kx) {
+                                            dx[(p * win.h + y) * win.w + x] += g[r] * inv;
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        });
+        Ok(vec![Some(Tensor::from_f32_unchecked(dx, &self.shape))])
+    }
+}
+
+fn pool(x: &Tensor, kind: Pool, kernel: usize, stride: usize) -> Result<Tensor> {
+    let name = match kind {
+        Pool::Max => "max_pool2d",
+        Pool::Avg => "avg_pool2d",
+    };
+    let win = Window::new(name, x.shape(), kernel, kernel, stride, 0)?;
+    let planes = x.shape()[0] * x.shape()[1];
+    let mut out = vec![0.0f32; planes * win.oh * win.ow];
+    let mut argmax = vec![0usize; out.len()];
+    let inv = 1.0 / (kernel * kernel) as f32;
+    x.with_f32(|v| {
+        for p in 0..planes {
+            for oy in 0..win.oh {
+                for ox in 0..win.ow {
+                    let r = (p * win.oh + oy) * win.ow + ox;
+                    let mut best = f32::NEG_INFINITY;
+                    let mut best_at = 0;
+                    let mut sum = 0.0;
+                    for ky in 0..kernel {
+                        for kx in 0..kernel {
+                            let (y, xx) = win.source(oy, ox, ky, kx).expect("no padding");
+                            let at = (p * win.h + y) * win.w + xx;
+                            sum += v[at];
+                            if v[at] > best || (ky == 0 && kx == 0) {
+                                best = v[at];
+                                best_at = at;
+                            }
+                        }
+                    }
+                    match kind {
+                        Pool::Max => {
+                            out[r] = best;
+                            argmax[r] = best_at;
+                        }
+                        Pool::Avg => out[r] = sum * inv,
+                    }
+                }
+            }
+        }
+    });
+    let shape = [x.shape()[0], x.shape()[1], win.oh, win.ow];
+    let value = Tensor::from_f32_as(out, &shape, x.dtype());
+    Ok(Tensor::from_op(
+        value,
+        &[x],
+        PoolBackward {
+            kind,
+            shape: x.shape().to_vec(),
+            win,
+            argmax: if matches!(kind, Pool::Max) {
+                argmax
+            } else {
+                Vec::new()
+            },
+        },
+    ))
+}
+
+impl Tensor {
+    /// 2-D convolution of NCHW input with `[O, C, kh, kw]` weights, optional `[O]` bias, square
+    /// stride and zero padding. Output `[N, O, oh, ow]` with oh = (H + 2·pad − kh)/stride + 1.
+    pub fn conv2d(
+        &self,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Tensor> {
+        if weight.rank() != 4 || self.rank() != 4 || weight.shape()[1] != self.shape()[1] {
+            return Err(Error::ShapeMismatch {
+                op: "conv2d",
+                lhs: self.shape().to_vec(),
+                rhs: weight.shape().to_vec(),
+            });
+        }
+        let (o, kh, kw) = (weight.shape()[0], weight.shape()[2], weight.shape()[3]);
+        if let Some(b) = bias {
+            if b.shape() != [o] {
+                return Err(Error::ShapeMismatch {
+                    op: "conv2d bias",
+                    lhs: weight.shape().to_vec(),
+                    rhs: b.shape().to_vec(),
+                });
+            }
+        }
+        let win = Window::new("conv2d", self.shape(), kh, kw, stride, padding)?;
+        let n = self.shape()[0];
+        let k = win.c * kh * kw;
+        let plane = win.oh * win.ow;
+        let img = win.c * win.h * win.w;
+        let mut out = vec![0.0f32; n * o * plane];
+        let mut cols = vec![0.0f32; k * plane];
+        let w = weight.to_vec_f32();
+        let b = bias.map(|b| b.to_vec_f32());
+        self.with_f32(|x| {
+            for i in 0..n {
+                win.im2col(&x[i * img..(i + 1) * img], &mut cols);
+                let dst = &mut out[i * o * plane..(i + 1) * o * plane];
+                if let Some(b) = &b {
+                    for (oc, row) in dst.chunks_mut(plane).enumerate() {
+                        row.fill(b[oc]);
+                    }
+                }
+                unsafe {
+                    gemm_f32(
+                        dst.as_mut_ptr(),
+                        plane as isize,
+                        1,
+                        b.is_some(),
+                        dense(w.as_ptr(), o, k),
+                        dense(cols.as_ptr(), k, plane),
+                        Parallelism::Rayon(0),
+                    );
+                }
+            }
+        });
+        let value = Tensor::from_f32_as(out, &[n, o, win.oh, win.ow], self.dtype());
+        let mut inputs = vec![self, weight];
+        if let Some(b) = bias {
+            inputs.push(b);
+        }
+        Ok(Tensor::from_op(
+            value,
+            &inputs,
+            Conv2dBackward {
+                x: self.data(),
+                weight: weight.data(),
+                has_bias: bias.is_some(),
+                win,
+            },
+        ))
+    }
+
+    /// Max pooling over `kernel`×`kernel` windows of an NCHW tensor.
+    pub fn max_pool2d(&self, kernel: usize, stride: usize) -> Result<Tensor> {
+        pool(self, Pool::Max, kernel, stride)
+    }
+
+    /// Average pooling over `kernel`×`kernel` windows of an NCHW tensor.
+    pub fn avg_pool2d(&self, kernel: usize, stride: usize) -> Result<Tensor> {
+        pool(self, Pool::Avg, kernel, stride)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{assert_grads, randn};
+    use crate::Tensor;
+
+    #[test]
+    fn conv2d_grads_with_stride_and_padding() {
+        assert_grads(
+            |t| t[0].conv2d(&t[1], Some(&t[2]), 1, 0),
+            &[
+                randn(&[2, 2, 5, 5], 1),
+                randn(&[3, 2, 3, 3], 2),
+                randn(&[3], 3),
+            ],
+        );
+        assert_grads(
+            |t| t[0].conv2d(&t[1], None, 2, 1),
+            &[randn(&[1, 2, 5, 4], 4), randn(&[2, 2, 3, 3], 5)],
+        );
+    }
+
+    #[test]
+    fn conv2d_value() {
+        // A 1×1 image patch summed by a 2×2 kernel of ones.
+        let x = Tensor::from_f32((1..=9).map(|v| v as f32).collect(), &[1, 1, 3, 3]).unwrap();
+        let w = Tensor::ones(&[1, 1, 2, 2], crate::DType::F32);
+        assert_eq!(
+            x.conv2d(&w, None, 1, 0).unwrap().to_vec_f32(),
+            vec![12., 16., 24., 28.]
+        );
+    }
+
+    #[test]
+    fn pooling_values_and_grads() {
+        let x = Tensor::from_f32((1..=16).map(|v| v as f32).collect(), &[1, 1, 4, 4]).unwrap();
+        assert_eq!(
+            x.max_pool2d(2, 2).unwrap().to_vec_f32(),
+            vec![6., 8., 14., 16.]
+        );
+        assert_eq!(
+            x.avg_pool2d(2, 2).unwrap().to_vec_f32(),
+            vec![3.5, 5.5, 11.5, 13.5]
+        );
+        assert_grads(|t| t[0].max_pool2d(2, 2), &[randn(&[2, 2, 4, 4], 6)]);
+        assert_grads(|t| t[0].avg_pool2d(2, 1), &[randn(&[1, 2, 3, 3], 7)]);
+    }
+}

@@ -1,0 +1,481 @@
+//! Elementwise ops: broadcasting binary arithmetic and the activations, each with its backward.
+//!
+//! Broadcasting follows NumPy: shapes align from the last axis, and an axis of extent 1 stretches.
+//! The backward of a broadcast operand sums the gradient over the axes it was stretched along.
+
+use crate::autograd::Backward;
+use crate::error::{Error, Result};
+use crate::kernels::{map_into, zip_into};
+use crate::tensor::contiguous_strides;
+use crate::Tensor;
+
+/// The shape two shapes broadcast to.
+pub fn broadcast_shape(op: &'static str, a: &[usize], b: &[usize]) -> Result<Vec<usize>> {
+    let rank = a.len().max(b.len());
+    let mut out = vec![0; rank];
+    for i in 0..rank {
+        let da = if i + a.len() >= rank {
+            a[i + a.len() - rank]
+        } else {
+            1
+        };
+        let db = if i + b.len() >= rank {
+            b[i + b.len() - rank]
+        } else {
+            1
+        };
+        out[i] = if da == db || db == 1 {
+            da
+        } else if da == 1 {
+            db
+        } else {
+            return Err(Error::ShapeMismatch {
+                op,
+                lhs: a.to_vec(),
+                rhs: b.to_vec(),
+            });
+        };
+    }
+    Ok(out)
+}
+
+/// The elements of `t` stretched to `shape` (which `t` broadcasts to), row-major f32.
+fn expand(t: &Tensor, shape: &[usize]) -> Vec<f32> {
+    if t.shape() == shape {
+        return t.to_vec_f32();
+    }
+    let src = t.to_vec_f32();
+    let rank = shape.len();
+    let pad = rank - t.rank();
+    let src_strides = contiguous_strides(t.shape());
+    let strides: Vec<usize> = (0..rank)
+        .map(|i| {
+            if i < pad || t.shape()[i - pad] == 1 {
+                0
+            } else {
+                src_strides[i - pad]
+            }
+        })
+        .collect();
+    let numel: usize = shape.iter().product();
+    let inner = shape.last().copied().unwrap_or(1);
+    let inner_stride = strides.last().copied().unwrap_or(0);
+    let mut out = vec![0.0f32; numel];
+    let mut index = vec![0usize; rank.saturating_sub(1)];
+    for row in out.chunks_mut(inner.max(1)) {
+        let base: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum();
+        for (j, o) in row.iter_mut().enumerate() {
+            *o = src[base + j * inner_stride];
+        }
+        for a in (0..index.len()).rev() {
+            index[a] += 1;
+            if index[a] < shape[a] {
+                break;
+            }
+            index[a] = 0;
+        }
+    }
+    out
+}
+
+/// Sums a gradient of shape `from` down to `to` (the shape of an operand that was broadcast).
+pub(crate) fn sum_to_shape(grad: &[f32], from: &[usize], to: &[usize]) -> Vec<f32> {
+    if from == to {
+        return grad.to_vec();
+    }
+    let rank = from.len();
+    let pad = rank - to.len();
+    let to_full: Vec<usize> = (0..rank)
+        .map(|i| if i < pad { 1 } else { to[i - pad] })
+        .collect();
+    let to_strides = contiguous_strides(&to_full);
+    let mut out = vec![0.0f32; to.iter().product()];
+    let mut index = vec![0usize; rank];
+    for &g in grad {
+        let mut at = 0;
+        for a in 0..rank {
+            if to_full[a] != 1 {
+                at += index[a] * to_strides[a];
+            }
+        }
+        out[at] += g;
+        for a in (0..rank).rev() {
+            index[a] += 1;
+            if index[a] < from[a] {
+                break;
+            }
+            index[a] = 0;
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BinaryOp {
+    Add,
+    Sub,
+    Mul,
+    Div,
+}
+
+impl BinaryOp {
+    fn name(self) -> &'static str {
+        match self {
+            BinaryOp::Add => "add",
+            BinaryOp::Sub => "sub",
+            BinaryOp::Mul => "mul",
+            BinaryOp::Div => "div",
+        }
+    }
+}
+
+struct BinaryBackward {
+    op: BinaryOp,
+    a: Tensor,
+    b: Tensor,
+    out_shape: Vec<usize>,
+}
+
+impl Backward for BinaryBackward {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        if self.op == BinaryOp::Add
+            && self.a.shape() == self.out_shape.as_slice()
+            && self.b.shape() == self.out_shape.as_slice()
+        {
+            return Ok(vec![Some(grad.clone()), Some(grad.clone())]);
+        }
+        let g = grad.to_vec_f32();
+        let n = g.len();
+        let (ga, gb) = match self.op {
+            BinaryOp::Add => (g.clone(), g),
+            BinaryOp::Sub => {
+                let mut neg = vec![0.0; n];
+                map_into(&mut neg, &g, |x| -x);
+                (g, neg)
+            }
+            BinaryOp::Mul => {
+                let a = expand(&self.a, &self.out_shape);
+                let b = expand(&self.b, &self.out_shape);
+                let mut ga = vec![0.0; n];
+                let mut gb = vec![0.0; n];
+                zip_into(&mut ga, &g, &b, |g, b| g * b);
+                zip_into(&mut gb, &g, &a, |g, a| g * a);
+                (ga, gb)
+            }
+            BinaryOp::Div => {
+                let a = expand(&self.a, &self.out_shape);
+                let b = expand(&self.b, &self.out_shape);
+                let mut ga = vec![0.0; n];
+                let mut gb = vec![0.0; n];
+                zip_into(&mut ga, &g, &b, |g, b| g / b);
+                for i in 0..n {
+                    gb[i] = -g[i] * a[i] / (b[i] * b[i]);
+                }
+                (ga, gb)
+            }
+        };
+        let da = sum_to_shape(&ga, &self.out_shape, self.a.shape());
+        let db = sum_to_shape(&gb, &self.out_shape, self.b.shape());
+        Ok(vec![
+            Some(Tensor::from_f32_unchecked(da, self.a.shape())),
+            Some(Tensor::from_f32_unchecked(db, self.b.shape())),
+        ])
+    }
+}
+
+fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
+    if a.dtype() != b.dtype() {
+        return Err(Error::DTypeMismatch {
+            op: op.name(),
+            lhs: a.dtype(),
+            rhs: b.dtype(),
+        });
+    }
+    let shape = broadcast_shape(op.name(), a.shape(), b.shape())?;
+    let f = match op {
+        BinaryOp::Add => |x: f32, y: f32| x + y,
+        BinaryOp::Sub => |x: f32, y: f32| x - y,
+        BinaryOp::Mul => |x: f32, y: f32| x * y,
+        BinaryOp::Div => |x: f32, y: f32| x / y,
+    };
+    let numel: usize = shape.iter().product();
+    let mut out = vec![0.0f32; numel];
+    if a.shape() == shape.as_slice() && b.shape() == shape.as_slice() {
+        a.with_f32(|av| b.with_f32(|bv| zip_into(&mut out, av, bv, f)));
+    } else if a.shape() == shape.as_slice() && shape.ends_with(b.shape()) {
+        // Common case: a row vector (bias, scale) repeated over leading axes.
+        let inner = b.numel().max(1);
+        a.with_f32(|av| {
+            b.with_f32(|bv| {
+                for (o, x) in out.chunks_mut(inner).zip(av.chunks(inner)) {
+                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(bv) {
+                        *o = f(x, y);
+                    }
+                }
+            })
+        });
+    } else {
+        let av = expand(a, &shape);
+        let bv = expand(b, &shape);
+        zip_into(&mut out, &av, &bv, f);
+    }
+    let value = Tensor::from_f32_as(out, &shape, a.dtype());
+    let needs_values = matches!(op, BinaryOp::Mul | BinaryOp::Div);
+    Ok(Tensor::from_op(
+        value,
+        &[a, b],
+        BinaryBackward {
+            op,
+            // Add and sub need only the shapes; keep zero-size placeholders of the right shape.
+            a: if needs_values {
+                a.data()
+            } else {
+                shape_only(a)
+            },
+            b: if needs_values {
+                b.data()
+            } else {
+                shape_only(b)
+            },
+            out_shape: shape,
+        },
+    ))
+}
+
+/// A tensor that records only a shape (a stride-0 view of one element of the same storage).
+fn shape_only(t: &Tensor) -> Tensor {
+    let strides = vec![0; t.rank()];
+    t.view_raw(t.shape().to_vec(), strides, t.offset())
+}
+
+#[derive(Clone, Copy)]
+enum Unary {
+    Relu,
+    GeluTanh,
+    GeluErf,
+    Silu,
+    Exp,
+    Log,
+    Scale(f32),
+    AddScalar(f32),
+}
+
+impl Unary {
+    fn name(self) -> &'static str {
+        match self {
+            Unary::Relu => "relu",
+            Unary::GeluTanh => "gelu_tanh",
+            Unary::GeluErf => "gelu",
+            Unary::Silu => "silu",
+            Unary::Exp => "exp",
+            Unary::Log => "log",
+            Unary::Scale(_) => "scale",
+            Unary::AddScalar(_) => "add_scalar",
+        }
+    }
+
+    #[inline]
+    fn forward(self, x: f32) -> f32 {
+        match self {
+            Unary::Relu => x.max(0.0),
+            Unary::GeluTanh => {
+                let u = GELU_K * (x + 0.044715 * x * x * x);
+                0.5 * x * (1.0 + u.tanh())
+            }
+            Unary::GeluErf => {
+                (0.5 * x as f64 * (1.0 + crate::kernels::erf(x as f64 / std::f64::consts::SQRT_2)))
+                    as f32
+            }
+            Unary::Silu => x / (1.0 + (-x).exp()),
+            Unary::Exp => x.exp(),
+            Unary::Log => x.ln(),
+            Unary::Scale(c) => x * c,
+            Unary::AddScalar(c) => x + c,
+        }
+    }
+
+    /// d(forward)/dx at x.
+    #[inline]
+    fn derivative(self, x: f32) -> f32 {
+        match self {
+            Unary::Relu => {
+                if x > 0.0 {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+            Unary::GeluTanh => {
+                let x2 = x * x;
+                let u = GELU_K * (x + 0.044715 * x2 * x);
+                let t = u.tanh();
+                let du = GELU_K * (1.0 + 3.0 * 0.044715 * x2);
+                0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
+            }
+            Unary::GeluErf => {
+                let xd = x as f64;
+                let cdf = 0.5 * (1.0 + crate::kernels::erf(xd / std::f64::consts::SQRT_2));
+                let pdf = (-0.5 * xd * xd).exp() / (2.0 * std::f64::consts::PI).sqrt();
+                (cdf + xd * pdf) as f32
+            }
+            Unary::Silu => {
+                let s = 1.0 / (1.0 + (-x).exp());
+                s * (1.0 + x * (1.0 - s))
+            }
+            Unary::Exp => x.exp(),
+            Unary::Log => 1.0 / x,
+            Unary::Scale(c) => c,
+            Unary::AddScalar(_) => 1.0,
+        }
+    }
+}
+
+/// sqrt(2/pi), the constant of the tanh approximation of GELU.
+const GELU_K: f32 = 0.797_884_6;
+
+struct UnaryBackward {
+    op: Unary,
+    x: Tensor,
+}
+
+impl Backward for UnaryBackward {
+    fn name(&self) -> &'static str {
+        self.op.name()
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let op = self.op;
+        let mut out = vec![0.0f32; grad.numel()];
+        match op {
+            Unary::Scale(c) => grad.with_f32(|g| map_into(&mut out, g, |g| g * c)),
+            Unary::AddScalar(_) => return Ok(vec![Some(grad.clone())]),
+            _ => grad.with_f32(|g| {
+                self.x
+                    .with_f32(|x| zip_into(&mut out, g, x, |g, x| g * op.derivative(x)))
+            }),
+        }
+        Ok(vec![Some(Tensor::from_f32_unchecked(out, grad.shape()))])
+    }
+}
+
+fn unary(x: &Tensor, op: Unary) -> Tensor {
+    let mut out = vec![0.0f32; x.numel()];
+    x.with_f32(|v| map_into(&mut out, v, |v| op.forward(v)));
+    let value = Tensor::from_f32_as(out, x.shape(), x.dtype());
+    let saved = match op {
+        Unary::Scale(_) | Unary::AddScalar(_) => shape_only(x),
+        _ => x.data(),
+    };
+    Tensor::from_op(value, &[x], UnaryBackward { op, x: saved })
+}
+
+impl Tensor {
+    /// Elementwise sum with broadcasting.
+    pub fn add(&self, rhs: &Tensor) -> Result<Tensor> {
+        binary(self, rhs, BinaryOp::Add)
+    }
+    /// Elementwise difference with broadcasting.
+    pub fn sub(&self, rhs: &Tensor) -> Result<Tensor> {
+        binary(self, rhs, BinaryOp::Sub)
+    }
+    /// Elementwise product with broadcasting.
+    pub fn mul(&self, rhs: &Tensor) -> Result<Tensor> {
+        binary(self, rhs, BinaryOp::Mul)
+    }
+    /// Elementwise quotient with broadcasting.
+    pub fn div(&self, rhs: &Tensor) -> Result<Tensor> {
+        binary(self, rhs, BinaryOp::Div)
+    }
+    /// max(x, 0).
+    pub fn relu(&self) -> Tensor {
+        unary(self, Unary::Relu)
+    }
+    /// GELU with the tanh approximation used by GPT-2:
+    /// 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))) (Hendrycks & Gimpel 2016).
+    pub fn gelu_tanh(&self) -> Tensor {
+        unary(self, Unary::GeluTanh)
+    }
+    /// Exact GELU, x·Φ(x) with Φ the standard normal CDF (Hendrycks & Gimpel 2016).
+    pub fn gelu(&self) -> Tensor {
+        unary(self, Unary::GeluErf)
+    }
+    /// SiLU / swish, x·σ(x) (Elfwing et al. 2018), the Llama MLP activation.
+    pub fn silu(&self) -> Tensor {
+        unary(self, Unary::Silu)
+    }
+    /// eˣ.
+    pub fn exp(&self) -> Tensor {
+        unary(self, Unary::Exp)
+    }
+    /// Natural logarithm.
+    pub fn log(&self) -> Tensor {
+        unary(self, Unary::Log)
+    }
+    /// x·c.
+    pub fn scale(&self, c: f32) -> Tensor {
+        unary(self, Unary::Scale(c))
+    }
+    /// x + c.
+    pub fn add_scalar(&self, c: f32) -> Tensor {
+        unary(self, Unary::AddScalar(c))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{assert_grads, randn};
+    use crate::Tensor;
+
+    #[test]
+    fn broadcasting_arithmetic_grads() {
+        let a = randn(&[2, 3, 4], 1);
+        let b = randn(&[3, 1], 2);
+        assert_grads(|x| x[0].add(&x[1]), &[a.clone(), b.clone()]);
+        assert_grads(|x| x[0].sub(&x[1]), &[a.clone(), b.clone()]);
+        assert_grads(|x| x[0].mul(&x[1]), &[a.clone(), randn(&[4], 3)]);
+        let pos = randn(&[3, 1], 4).exp().add_scalar(0.5);
+        assert_grads(|x| x[0].div(&x[1]), &[a.clone(), pos]);
+        assert_grads(|x| x[0].add(&x[1]), &[randn(&[3, 4], 5), randn(&[3, 4], 6)]);
+    }
+
+    #[test]
+    fn broadcast_values() {
+        let a = Tensor::from_f32(vec![1., 2., 3., 4.], &[2, 2]).unwrap();
+        let b = Tensor::from_f32(vec![10., 20.], &[2, 1]).unwrap();
+        assert_eq!(a.add(&b).unwrap().to_vec_f32(), vec![11., 12., 23., 24.]);
+        assert!(a.add(&randn(&[3], 1)).is_err());
+    }
+
+    #[test]
+    fn activation_grads() {
+        let x = randn(&[5, 7], 7);
+        assert_grads(|x| Ok(x[0].gelu_tanh()), &[x.clone()]);
+        assert_grads(|x| Ok(x[0].gelu()), &[x.clone()]);
+        assert_grads(|x| Ok(x[0].silu()), &[x.clone()]);
+        assert_grads(|x| Ok(x[0].exp()), &[x.clone()]);
+        assert_grads(|x| Ok(x[0].scale(-3.0).add_scalar(2.0)), &[x.clone()]);
+        assert_grads(|x| Ok(x[0].exp().add_scalar(0.1).log()), &[x.clone()]);
+        // ReLU: keep away from the kink at 0 where finite differences are meaningless.
+        let away = Tensor::from_f32(
+            x.to_vec_f32()
+                .iter()
+                .map(|v| if v.abs() < 0.05 { 0.5 } else { *v })
+                .collect(),
+            &[5, 7],
+        )
+        .unwrap();
+        assert_grads(|x| Ok(x[0].relu()), &[away]);
+    }
+
+    #[test]
+    fn gelu_values() {
+        let x = Tensor::from_f32(vec![-3.0, -1.0, 0.0, 0.5, 2.0], &[5]).unwrap();
+        // 0.5·x·(1 + erf(x/√2)) from a reference implementation.
+        let want = [-0.004_049_7, -0.158_655_26, 0.0, 0.345_731_14, 1.954_499_7];
+        for (g, w) in x.gelu().to_vec_f32().iter().zip(want) {
+            assert!((g - w).abs() < 1e-6, "{g} vs {w}");
+        }
+    }
+}

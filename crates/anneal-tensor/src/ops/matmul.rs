@@ -1,0 +1,489 @@
+//! Matrix products on the `gemm` crate: `matmul` (batched, either operand transposed through a
+//! strided view, no copy) and `linear` (x·W + b with the bias fused into the product).
+//!
+//! Backward of C = A·B: dA = dC·Bᵀ and dB = Aᵀ·dC, both computed by `gemm` straight from the
+//! saved operands' strides, so a transposed operand is never materialised. When B is shared across
+//! the batch (a weight), dB sums over the batch in a single product with the batch folded into K.
+
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+use crate::autograd::Backward;
+use crate::error::{Error, Result};
+use crate::storage::Buffer;
+use crate::{DType, Tensor};
+
+/// A batch of strided f32 matrices.
+#[derive(Clone, Copy)]
+pub(crate) struct Mat {
+    pub ptr: *const f32,
+    pub rows: usize,
+    pub cols: usize,
+    pub rs: isize,
+    pub cs: isize,
+    pub batch: usize,
+    /// Stride between matrices of the batch; 0 when one matrix serves the whole batch.
+    pub bs: isize,
+}
+
+impl Mat {
+    /// The transposed view.
+    pub fn t(self) -> Mat {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            rs: self.cs,
+            cs: self.rs,
+            ..self
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr<T>(T);
+unsafe impl<T> Send for SendPtr<T> {}
+unsafe impl<T> Sync for SendPtr<T> {}
+
+/// Work (m·n·k) below which a product runs on one thread; batched small products are instead
+/// spread over threads one matrix each.
+const SMALL_GEMM: usize = 96 * 96 * 96;
+
+/// One product `dst (+)= a·b`, with `dst` strided (`drs`, `dcs`).
+///
+/// # Safety
+/// Pointers must be valid for the given extents and strides; `dst` must not alias `a` or `b`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_f32(
+    dst: *mut f32,
+    drs: isize,
+    dcs: isize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    par: Parallelism,
+) {
+    debug_assert_eq!(a.cols, b.rows);
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.offset(i as isize * drs + j as isize * dcs) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    gemm::gemm(
+        m, n, k, dst, dcs, drs, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0f32, 1.0f32,
+        false, false, false, par,
+    );
+}
+
+/// `dst[i] (+)= a[i]·b[i]` for each matrix of the batch; `dst` is row-major `[batch, m, n]`, or a
+/// single `[m, n]` that sums the whole batch when `reduce` is set.
+///
+/// # Safety
+/// As [`gemm_f32`].
+pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, b: Mat) {
+    let batch = a.batch.max(b.batch);
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    let dst_bs = (m * n) as isize;
+    let threads = rayon::current_num_threads();
+    if reduce {
+        for i in 0..batch {
+            gemm_f32(
+                dst,
+                n as isize,
+                1,
+                accumulate || i > 0,
+                Mat {
+                    ptr: a.ptr.offset(i as isize * a.bs),
+                    ..a
+                },
+                Mat {
+                    ptr: b.ptr.offset(i as isize * b.bs),
+                    ..b
+                },
+                Parallelism::Rayon(0),
+            );
+        }
+        return;
+    }
+    if batch > 1 && m * n * k <= SMALL_GEMM && threads > 1 {
+        let d = SendPtr(dst);
+        let (pa, pb) = (SendPtr(a.ptr), SendPtr(b.ptr));
+        (0..batch).into_par_iter().for_each(move |i| {
+            let (d, pa, pb) = (d, pa, pb);
+            gemm_f32(
+                d.0.offset(i as isize * dst_bs),
+                n as isize,
+                1,
+                accumulate,
+                Mat {
+                    ptr: pa.0.offset(i as isize * a.bs),
+                    ..a
+                },
+                Mat {
+                    ptr: pb.0.offset(i as isize * b.bs),
+                    ..b
+                },
+                Parallelism::None,
+            );
+        });
+        return;
+    }
+    let par = if m * n * k <= SMALL_GEMM {
+        Parallelism::None
+    } else {
+        Parallelism::Rayon(0)
+    };
+    for i in 0..batch {
+        gemm_f32(
+            dst.offset(i as isize * dst_bs),
+            n as isize,
+            1,
+            accumulate,
+            Mat {
+                ptr: a.ptr.offset(i as isize * a.bs),
+                ..a
+            },
+            Mat {
+                ptr: b.ptr.offset(i as isize * b.bs),
+                ..b
+            },
+            par,
+        );
+    }
+}
+
+/// Describes the last two axes of an f32 tensor as a batch of matrices, or `None` when its batch
+/// axes cannot be folded into one stride (the caller then makes it contiguous).
+fn as_mat(t: &Tensor, base: *const f32) -> Option<Mat> {
+    let r = t.rank();
+    let shape = t.shape();
+    let strides = t.strides();
+    let (rows, cols) = (shape[r - 2], shape[r - 1]);
+    let batch: usize = shape[..r - 2].iter().product();
+    // Fold batch axes: each (non-unit) axis must step by the extent of the axes after it.
+    let mut bs: Option<usize> = None;
+    let mut span = 1usize;
+    for ax in (0..r - 2).rev() {
+        if shape[ax] == 1 {
+            continue;
+        }
+        match bs {
+            None => {
+                bs = Some(strides[ax]);
+                span = shape[ax];
+            }
+            Some(s) => {
+                if strides[ax] != s * span {
+                    return None;
+                }
+                span *= shape[ax];
+            }
+        }
+    }
+    Some(Mat {
+        ptr: unsafe { base.add(t.offset()) },
+        rows,
+        cols,
+        rs: strides[r - 2] as isize,
+        cs: strides[r - 1] as isize,
+        batch,
+        bs: bs.unwrap_or(0) as isize,
+    })
+}
+
+/// Runs `f` with the tensor as an f32 matrix batch (converting half types and unfoldable layouts
+/// into a temporary first).
+pub(crate) fn with_mat<R>(t: &Tensor, f: impl FnOnce(Mat) -> R) -> R {
+    if t.dtype() == DType::F32 {
+        let buf = t.storage().read();
+        if let Buffer::F32(v) = &*buf {
+            if let Some(m) = as_mat(t, v.as_ptr()) {
+                return f(m);
+            }
+        }
+    }
+    let tmp = t.contiguous_data();
+    let tmp = if tmp.dtype() == DType::F32 {
+        tmp
+    } else {
+        Tensor::from_f32_unchecked(tmp.to_vec_f32(), tmp.shape())
+    };
+    let buf = tmp.storage().read();
+    match &*buf {
+        Buffer::F32(v) => f(as_mat(&tmp, v.as_ptr()).expect("contiguous tensors fold")),
+        _ => unreachable!("converted to f32 above"),
+    }
+}
+
+fn check_matmul(a: &Tensor, b: &Tensor) -> Result<(Vec<usize>, usize, usize, usize)> {
+    if a.rank() < 2 || b.rank() < 2 {
+        return Err(Error::BadShape {
+            op: "matmul",
+            shape: if a.rank() < 2 { a.shape() } else { b.shape() }.to_vec(),
+            reason: "both operands need at least 2 axes".into(),
+        });
+    }
+    let (ra, rb) = (a.rank(), b.rank());
+    let (m, k) = (a.shape()[ra - 2], a.shape()[ra - 1]);
+    let (k2, n) = (b.shape()[rb - 2], b.shape()[rb - 1]);
+    let batch_ok = rb == 2 || a.shape()[..ra - 2] == b.shape()[..rb - 2];
+    if k != k2 || !batch_ok {
+        return Err(Error::ShapeMismatch {
+            op: "matmul",
+            lhs: a.shape().to_vec(),
+            rhs: b.shape().to_vec(),
+        });
+    }
+    let mut out = a.shape()[..ra - 2].to_vec();
+    out.push(m);
+    out.push(n);
+    Ok((out, m, n, k))
+}
+
+/// Folds a batch of matrices whose rows follow each other in memory into one tall matrix, so a
+/// product with a shared right operand is a single large `gemm`.
+fn fold_rows(a: Mat) -> Mat {
+    if a.batch > 1 && a.bs == a.rows as isize * a.rs && a.cs == 1 {
+        Mat {
+            rows: a.rows * a.batch,
+            batch: 1,
+            bs: 0,
+            ..a
+        }
+    } else {
+        a
+    }
+}
+
+/// Forward product into a fresh f32 buffer; `init` optionally pre-fills each output row (bias).
+fn product(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<(Vec<f32>, Vec<usize>)> {
+    let (out_shape, m, n, _k) = check_matmul(a, b)?;
+    let numel: usize = out_shape.iter().product();
+    let mut out = vec![0.0f32; numel];
+    let accumulate = if let Some(bias) = bias {
+        bias.with_f32(|bv| {
+            for row in out.chunks_mut(n) {
+                row.copy_from_slice(bv);
+            }
+        });
+        true
+    } else {
+        false
+    };
+    let _ = m;
+    with_mat(a, |am| {
+        with_mat(b, |bm| unsafe {
+            let am = if b.rank() == 2 { fold_rows(am) } else { am };
+            bmm(out.as_mut_ptr(), accumulate, false, am, bm);
+        })
+    });
+    Ok((out, out_shape))
+}
+
+struct MatmulBackward {
+    a: Tensor,
+    b: Tensor,
+    has_bias: bool,
+}
+
+impl Backward for MatmulBackward {
+    fn name(&self) -> &'static str {
+        "matmul"
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let (a, b) = (&self.a, &self.b);
+        let shared_b = b.rank() == 2 && a.rank() > 2;
+        // dA = dC · Bᵀ
+        let mut da = vec![0.0f32; a.numel()];
+        // dB = Aᵀ · dC (summed over the batch when B is shared)
+        let mut db = vec![0.0f32; b.numel()];
+        with_mat(grad, |gm| {
+            with_mat(b, |bm| unsafe {
+                let gm2 = if shared_b { fold_rows(gm) } else { gm };
+                bmm(da.as_mut_ptr(), false, false, gm2, bm.t());
+            });
+            with_mat(a, |am| unsafe {
+                if shared_b {
+                    let (af, gf) = (fold_rows(am), fold_rows(gm));
+                    if af.batch == 1 && gf.batch == 1 {
+                        gemm_f32(
+                            db.as_mut_ptr(),
+                            b.shape()[1] as isize,
+                            1,
+                            false,
+                            af.t(),
+                            gf,
+                            Parallelism::Rayon(0),
+                        );
+                    } else {
+                        bmm(db.as_mut_ptr(), false, true, am.t(), gm);
+                    }
+                } else {
+                    bmm(db.as_mut_ptr(), false, false, am.t(), gm);
+                }
+            });
+        });
+        let dbias = if self.has_bias {
+            let n = *grad.shape().last().expect("rank >= 2");
+            let mut acc = vec![0.0f32; n];
+            grad.with_f32(|g| {
+                for row in g.chunks(n) {
+                    crate::kernels::add_assign(&mut acc, row);
+                }
+            });
+            Some(Tensor::from_f32_unchecked(acc, &[n]))
+        } else {
+            None
+        };
+        let mut grads = vec![
+            Some(Tensor::from_f32_unchecked(da, a.shape())),
+            Some(Tensor::from_f32_unchecked(db, b.shape())),
+        ];
+        if self.has_bias {
+            grads.push(dbias);
+        }
+        Ok(grads)
+    }
+}
+
+impl Tensor {
+    /// Matrix product over the last two axes: `[..., m, k] · [..., k, n]` (or `· [k, n]`, one
+    /// matrix shared by the whole batch). Either operand may be a transposed view. Output has the
+    /// dtype of `self`; the product accumulates in f32.
+    pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
+        let (out, shape) = product(self, rhs, None)?;
+        let value = Tensor::from_f32_as(out, &shape, self.dtype());
+        Ok(Tensor::from_op(
+            value,
+            &[self, rhs],
+            MatmulBackward {
+                a: self.data(),
+                b: rhs.data(),
+                has_bias: false,
+            },
+        ))
+    }
+
+    /// Affine map `self · weight + bias` over the last axis, with `weight` of shape `[in, out]`
+    /// (the Hugging Face GPT-2 `Conv1D` layout) and the bias added inside the product.
+    pub fn linear(&self, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+        if weight.rank() != 2 {
+            return Err(Error::BadShape {
+                op: "linear",
+                shape: weight.shape().to_vec(),
+                reason: "weight must be [in, out]".into(),
+            });
+        }
+        if let Some(b) = bias {
+            if b.shape() != [weight.shape()[1]] {
+                return Err(Error::ShapeMismatch {
+                    op: "linear bias",
+                    lhs: weight.shape().to_vec(),
+                    rhs: b.shape().to_vec(),
+                });
+            }
+        }
+        let x = if self.rank() == 1 {
+            self.reshape(&[1, self.shape()[0]])?
+        } else {
+            self.clone()
+        };
+        let (out, shape) = product(&x, weight, bias)?;
+        let value = Tensor::from_f32_as(out, &shape, self.dtype());
+        let mut inputs = vec![&x, weight];
+        if let Some(b) = bias {
+            inputs.push(b);
+        }
+        let y = Tensor::from_op(
+            value,
+            &inputs,
+            MatmulBackward {
+                a: x.data(),
+                b: weight.data(),
+                has_bias: bias.is_some(),
+            },
+        );
+        if self.rank() == 1 {
+            y.reshape(&[weight.shape()[1]])
+        } else {
+            Ok(y)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{assert_grads, randn};
+    use crate::Tensor;
+
+    #[test]
+    fn matmul_forward_small() {
+        let a = Tensor::from_f32(vec![1., 2., 3., 4., 5., 6.], &[2, 3]).unwrap();
+        let b = Tensor::from_f32(vec![1., 0., 0., 1., 1., 1.], &[3, 2]).unwrap();
+        assert_eq!(a.matmul(&b).unwrap().to_vec_f32(), vec![4., 5., 10., 11.]);
+        // Transposed view operand, no copy.
+        let bt = Tensor::from_f32(vec![1., 0., 1., 0., 1., 1.], &[2, 3]).unwrap();
+        let c = a.matmul(&bt.transpose(0, 1).unwrap()).unwrap();
+        assert_eq!(c.to_vec_f32(), vec![4., 5., 10., 11.]);
+    }
+
+    #[test]
+    fn matmul_grads_plain_transposed_batched_shared() {
+        assert_grads(
+            |x| x[0].matmul(&x[1]),
+            &[randn(&[3, 4], 1), randn(&[4, 5], 2)],
+        );
+        assert_grads(
+            |x| x[0].transpose(0, 1)?.matmul(&x[1].transpose(0, 1)?),
+            &[randn(&[4, 3], 3), randn(&[5, 4], 4)],
+        );
+        assert_grads(
+            |x| x[0].matmul(&x[1]),
+            &[randn(&[2, 3, 4], 5), randn(&[2, 4, 2], 6)],
+        );
+        assert_grads(
+            |x| x[0].matmul(&x[1]),
+            &[randn(&[2, 3, 4], 7), randn(&[4, 2], 8)],
+        );
+    }
+
+    #[test]
+    fn linear_with_bias_grads() {
+        assert_grads(
+            |x| x[0].linear(&x[1], Some(&x[2])),
+            &[randn(&[2, 3, 4], 9), randn(&[4, 5], 10), randn(&[5], 11)],
+        );
+    }
+
+    #[test]
+    fn large_matmul_matches_naive() {
+        let (m, k, n) = (130, 70, 150);
+        let a = randn(&[m, k], 12);
+        let b = randn(&[k, n], 13);
+        let c = a.matmul(&b).unwrap().to_vec_f32();
+        let (av, bv) = (a.to_vec_f32(), b.to_vec_f32());
+        for i in (0..m).step_by(17) {
+            for j in (0..n).step_by(13) {
+                let want: f32 = (0..k).map(|p| av[i * k + p] * bv[p * n + j]).sum();
+                assert!((c[i * n + j] - want).abs() < 1e-3);
+            }
+        }
+    }
+
+    #[test]
+    fn shape_errors_name_the_shapes() {
+        let e = randn(&[2, 3], 1).matmul(&randn(&[4, 2], 2)).unwrap_err();
+        assert!(
+            e.to_string().contains("[2, 3]") && e.to_string().contains("[4, 2]"),
+            "{e}"
+        );
+    }
+}

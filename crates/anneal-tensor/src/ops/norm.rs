@@ -1,0 +1,270 @@
+//! Normalisation over the last axis: LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich
+//! 2019), fused forward and backward. Rows are processed in parallel; the weight gradients are
+//! summed per block of rows and then across blocks.
+
+use rayon::prelude::*;
+
+use crate::autograd::Backward;
+use crate::error::{Error, Result};
+use crate::Tensor;
+
+const ROWS_PER_TASK: usize = 32;
+
+fn check(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
+    let d = *x.shape().last().ok_or_else(|| Error::BadShape {
+        op,
+        shape: vec![],
+        reason: "needs at least one axis".into(),
+    })?;
+    if w.shape() != [d] {
+        return Err(Error::ShapeMismatch {
+            op,
+            lhs: x.shape().to_vec(),
+            rhs: w.shape().to_vec(),
+        });
+    }
+    Ok(d)
+}
+
+struct LayerNormBackward {
+    x: Tensor,
+    weight: Tensor,
+    has_bias: bool,
+    mean: Vec<f32>,
+    rstd: Vec<f32>,
+}
+
+impl Backward for LayerNormBackward {
+    fn name(&self) -> &'static str {
+        "layer_norm"
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let d = self.weight.numel();
+        let mut dx = vec![0.0f32; self.x.numel()];
+        let w = self.weight.to_vec_f32();
+        let (dw, db) = grad.with_f32(|g| {
+            self.x.with_f32(|x| {
+                dx.par_chunks_mut(ROWS_PER_TASK * d)
+                    .enumerate()
+                    .map(|(c, dxc)| {
+                        let mut dw = vec![0.0f32; d];
+                        let mut db = vec![0.0f32; d];
+                        let mut dxhat = vec![0.0f32; d];
+                        for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                            let row = c * ROWS_PER_TASK + r;
+                            let (mean, rstd) = (self.mean[row], self.rstd[row]);
+                            let xr = &x[row * d..(row + 1) * d];
+                            let gr = &g[row * d..(row + 1) * d];
+                            let mut sum_dxhat = 0.0;
+                            let mut sum_dxhat_xhat = 0.0;
+                            for i in 0..d {
+                                let xhat = (xr[i] - mean) * rstd;
+                                dw[i] += gr[i] * xhat;
+                                db[i] += gr[i];
+                                dxhat[i] = gr[i] * w[i];
+                                sum_dxhat += dxhat[i];
+                                sum_dxhat_xhat += dxhat[i] * xhat;
+                            }
+                            let (m1, m2) = (sum_dxhat / d as f32, sum_dxhat_xhat / d as f32);
+                            for i in 0..d {
+                                let xhat = (xr[i] - mean) * rstd;
+                                dxr[i] = rstd * (dxhat[i] - m1 - xhat * m2);
+                            }
+                        }
+                        (dw, db)
+                    })
+                    .reduce(
+                        || (vec![0.0f32; d], vec![0.0f32; d]),
+                        |(mut a, mut b), (c, e)| {
+                            crate::kernels::add_assign(&mut a, &c);
+                            crate::kernels::add_assign(&mut b, &e);
+                            (a, b)
+                        },
+                    )
+            })
+        });
+        let mut grads = vec![
+            Some(Tensor::from_f32_unchecked(dx, self.x.shape())),
+            Some(Tensor::from_f32_unchecked(dw, &[d])),
+        ];
+        if self.has_bias {
+            grads.push(Some(Tensor::from_f32_unchecked(db, &[d])));
+        }
+        Ok(grads)
+    }
+}
+
+struct RmsNormBackward {
+    x: Tensor,
+    weight: Tensor,
+    rstd: Vec<f32>,
+}
+
+impl Backward for RmsNormBackward {
+    fn name(&self) -> &'static str {
+        "rms_norm"
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let d = self.weight.numel();
+        let mut dx = vec![0.0f32; self.x.numel()];
+        let w = self.weight.to_vec_f32();
+        let dw = grad.with_f32(|g| {
+            self.x.with_f32(|x| {
+                dx.par_chunks_mut(ROWS_PER_TASK * d)
+                    .enumerate()
+                    .map(|(c, dxc)| {
+                        let mut dw = vec![0.0f32; d];
+                        for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                            let row = c * ROWS_PER_TASK + r;
+                            let rstd = self.rstd[row];
+                            let xr = &x[row * d..(row + 1) * d];
+                            let gr = &g[row * d..(row + 1) * d];
+                            let mut s = 0.0;
+                            for i in 0..d {
+                                let xhat = xr[i] * rstd;
+                                dw[i] += gr[i] * xhat;
+                                s += gr[i] * w[i] * xhat;
+                            }
+                            let m = s / d as f32;
+                            for i in 0..d {
+                                dxr[i] = rstd * (gr[i] * w[i] - xr[i] * rstd * m);
+                            }
+                        }
+                        dw
+                    })
+                    .reduce(
+                        || vec![0.0f32; d],
+                        |mut a, b| {
+                            crate::kernels::add_assign(&mut a, &b);
+                            a
+                        },
+                    )
+            })
+        });
+        Ok(vec![
+            Some(Tensor::from_f32_unchecked(dx, self.x.shape())),
+            Some(Tensor::from_f32_unchecked(dw, &[d])),
+        ])
+    }
+}
+
+impl Tensor {
+    /// LayerNorm over the last axis: (x − mean)/√(var + eps)·weight + bias, with the biased
+    /// variance (Ba et al. 2016).
+    pub fn layer_norm(&self, weight: &Tensor, bias: Option<&Tensor>, eps: f32) -> Result<Tensor> {
+        let d = check("layer_norm", self, weight)?;
+        if let Some(b) = bias {
+            check("layer_norm bias", self, b)?;
+        }
+        let rows = self.numel() / d.max(1);
+        let mut out = vec![0.0f32; self.numel()];
+        let mut mean = vec![0.0f32; rows];
+        let mut rstd = vec![0.0f32; rows];
+        let w = weight.to_vec_f32();
+        let b = bias.map(|b| b.to_vec_f32());
+        self.with_f32(|x| {
+            out.par_chunks_mut(d)
+                .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
+                .enumerate()
+                .with_min_len(ROWS_PER_TASK)
+                .for_each(|(r, (o, (m, s)))| {
+                    let xr = &x[r * d..(r + 1) * d];
+                    let mu = xr.iter().sum::<f32>() / d as f32;
+                    let var = xr.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
+                    let rs = 1.0 / (var + eps).sqrt();
+                    for i in 0..d {
+                        let y = (xr[i] - mu) * rs * w[i];
+                        o[i] = match &b {
+                            Some(b) => y + b[i],
+                            None => y,
+                        };
+                    }
+                    *m = mu;
+                    *s = rs;
+                });
+        });
+        let value = Tensor::from_f32_as(out, self.shape(), self.dtype());
+        let mut inputs = vec![self, weight];
+        if let Some(b) = bias {
+            inputs.push(b);
+        }
+        Ok(Tensor::from_op(
+            value,
+            &inputs,
+            LayerNormBackward {
+                x: self.data(),
+                weight: weight.data(),
+                has_bias: bias.is_some(),
+                mean,
+                rstd,
+            },
+        ))
+    }
+
+    /// RMSNorm over the last axis: x/√(mean(x²) + eps)·weight (Zhang & Sennrich 2019).
+    pub fn rms_norm(&self, weight: &Tensor, eps: f32) -> Result<Tensor> {
+        let d = check("rms_norm", self, weight)?;
+        let rows = self.numel() / d.max(1);
+        let mut out = vec![0.0f32; self.numel()];
+        let mut rstd = vec![0.0f32; rows];
+        let w = weight.to_vec_f32();
+        self.with_f32(|x| {
+            out.par_chunks_mut(d)
+                .zip(rstd.par_iter_mut())
+                .enumerate()
+                .with_min_len(ROWS_PER_TASK)
+                .for_each(|(r, (o, s))| {
+                    let xr = &x[r * d..(r + 1) * d];
+                    let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                    let rs = 1.0 / (ms + eps).sqrt();
+                    for i in 0..d {
+                        o[i] = xr[i] * rs * w[i];
+                    }
+                    *s = rs;
+                });
+        });
+        let value = Tensor::from_f32_as(out, self.shape(), self.dtype());
+        Ok(Tensor::from_op(
+            value,
+            &[self, weight],
+            RmsNormBackward {
+                x: self.data(),
+                weight: weight.data(),
+                rstd,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::testing::{assert_grads, randn};
+
+    #[test]
+    fn layer_norm_and_rms_norm_grads() {
+        let x = randn(&[3, 4, 8], 1);
+        assert_grads(
+            |t| t[0].layer_norm(&t[1], Some(&t[2]), 1e-5),
+            &[x.clone(), randn(&[8], 2), randn(&[8], 3)],
+        );
+        assert_grads(
+            |t| t[0].layer_norm(&t[1], None, 1e-5),
+            &[x.clone(), randn(&[8], 4)],
+        );
+        assert_grads(|t| t[0].rms_norm(&t[1], 1e-6), &[x.clone(), randn(&[8], 5)]);
+    }
+
+    #[test]
+    fn layer_norm_normalises() {
+        let x = randn(&[4, 16], 6).scale(3.0).add_scalar(2.0);
+        let y = x
+            .layer_norm(&crate::Tensor::ones(&[16], crate::DType::F32), None, 1e-5)
+            .unwrap()
+            .to_vec_f32();
+        for row in y.chunks(16) {
+            let m: f32 = row.iter().sum::<f32>() / 16.0;
+            let v: f32 = row.iter().map(|x| (x - m) * (x - m)).sum::<f32>() / 16.0;
+            assert!(m.abs() < 1e-5 && (v - 1.0).abs() < 1e-3);
+        }
+    }
+}

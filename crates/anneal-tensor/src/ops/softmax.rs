@@ -1,0 +1,260 @@
+//! Softmax, log-softmax and the fused softmax cross-entropy loss, over the last axis.
+
+use rayon::prelude::*;
+
+use crate::autograd::Backward;
+use crate::error::{Error, Result};
+use crate::Tensor;
+
+/// Writes softmax(row) into `out`, returning the row's log-sum-exp.
+#[inline]
+fn softmax_row(row: &[f32], out: &mut [f32]) -> f32 {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for (o, &x) in out.iter_mut().zip(row) {
+        let e = (x - max).exp();
+        *o = e;
+        sum += e;
+    }
+    let inv = 1.0 / sum;
+    out.iter_mut().for_each(|o| *o *= inv);
+    max + sum.ln()
+}
+
+struct SoftmaxBackward {
+    y: Tensor,
+    log: bool,
+}
+
+impl Backward for SoftmaxBackward {
+    fn name(&self) -> &'static str {
+        if self.log {
+            "log_softmax"
+        } else {
+            "softmax"
+        }
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let d = *self.y.shape().last().unwrap_or(&1);
+        let mut dx = vec![0.0f32; self.y.numel()];
+        let log = self.log;
+        grad.with_f32(|g| {
+            self.y.with_f32(|y| {
+                dx.par_chunks_mut(d).enumerate().for_each(|(r, dxr)| {
+                    let (gr, yr) = (&g[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+                    if log {
+                        // y = x - lse: dx = g - softmax(x)·Σg
+                        let s: f32 = gr.iter().sum();
+                        for i in 0..d {
+                            dxr[i] = gr[i] - yr[i].exp() * s;
+                        }
+                    } else {
+                        // dx = y·(g - Σ g·y)
+                        let s = crate::kernels::dot(gr, yr);
+                        for i in 0..d {
+                            dxr[i] = yr[i] * (gr[i] - s);
+                        }
+                    }
+                })
+            })
+        });
+        Ok(vec![Some(Tensor::from_f32_unchecked(dx, self.y.shape()))])
+    }
+}
+
+fn softmax_impl(x: &Tensor, log: bool) -> Result<Tensor> {
+    let d = *x.shape().last().ok_or_else(|| Error::BadShape {
+        op: "softmax",
+        shape: vec![],
+        reason: "needs at least one axis".into(),
+    })?;
+    let mut out = vec![0.0f32; x.numel()];
+    x.with_f32(|v| {
+        out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+            let row = &v[r * d..(r + 1) * d];
+            let lse = softmax_row(row, o);
+            if log {
+                for (o, &x) in o.iter_mut().zip(row) {
+                    *o = x - lse;
+                }
+            }
+        })
+    });
+    let value = Tensor::from_f32_as(out, x.shape(), x.dtype());
+    let y = value.data();
+    Ok(Tensor::from_op(value, &[x], SoftmaxBackward { y, log }))
+}
+
+/// Options of [`Tensor::cross_entropy`].
+#[derive(Clone, Copy, Debug)]
+pub struct CrossEntropyOptions {
+    /// Targets equal to this contribute no loss and no gradient (PyTorch's default is −100).
+    pub ignore_index: i64,
+    /// Label smoothing ε: the target distribution is (1−ε)·one-hot + ε/V (Szegedy et al. 2016).
+    pub label_smoothing: f32,
+}
+
+impl Default for CrossEntropyOptions {
+    fn default() -> Self {
+        CrossEntropyOptions {
+            ignore_index: -100,
+            label_smoothing: 0.0,
+        }
+    }
+}
+
+struct CrossEntropyBackward {
+    logits: Tensor,
+    lse: Vec<f32>,
+    targets: Vec<i64>,
+    opts: CrossEntropyOptions,
+    count: usize,
+}
+
+impl Backward for CrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "cross_entropy"
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let v = *self.logits.shape().last().unwrap_or(&1);
+        let scale = grad.item()? / self.count.max(1) as f32;
+        let eps = self.opts.label_smoothing;
+        let mut dx = vec![0.0f32; self.logits.numel()];
+        self.logits.with_f32(|x| {
+            dx.par_chunks_mut(v).enumerate().for_each(|(r, d)| {
+                let t = self.targets[r];
+                if t == self.opts.ignore_index {
+                    return;
+                }
+                let lse = self.lse[r];
+                let row = &x[r * v..(r + 1) * v];
+                let smooth = eps / v as f32;
+                for i in 0..v {
+                    d[i] = ((row[i] - lse).exp() - smooth) * scale;
+                }
+                d[t as usize] -= (1.0 - eps) * scale;
+            })
+        });
+        Ok(vec![Some(Tensor::from_f32_unchecked(
+            dx,
+            self.logits.shape(),
+        ))])
+    }
+}
+
+impl Tensor {
+    /// Softmax over the last axis.
+    pub fn softmax(&self) -> Result<Tensor> {
+        softmax_impl(self, false)
+    }
+
+    /// Log-softmax over the last axis, computed stably as x − logsumexp(x).
+    pub fn log_softmax(&self) -> Result<Tensor> {
+        softmax_impl(self, true)
+    }
+
+    /// Mean cross-entropy of `[N, V]` logits against `N` class targets, fused with the softmax;
+    /// ignored targets are left out of the mean. Backward recomputes the probabilities from the
+    /// saved logits and one log-sum-exp per row, so no `[N, V]` probability tensor is kept.
+    pub fn cross_entropy(&self, targets: &[i64], opts: CrossEntropyOptions) -> Result<Tensor> {
+        if self.rank() != 2 || self.shape()[0] != targets.len() {
+            return Err(Error::BadShape {
+                op: "cross_entropy",
+                shape: self.shape().to_vec(),
+                reason: format!("logits must be [N, V] with N = {} targets", targets.len()),
+            });
+        }
+        let v = self.shape()[1];
+        if let Some(&bad) = targets
+            .iter()
+            .find(|&&t| t != opts.ignore_index && (t < 0 || t as usize >= v))
+        {
+            return Err(Error::IndexOutOfRange {
+                op: "cross_entropy",
+                index: bad,
+                limit: v,
+            });
+        }
+        let eps = opts.label_smoothing;
+        let mut lse = vec![0.0f32; targets.len()];
+        let losses: Vec<f64> = self.with_f32(|x| {
+            lse.par_iter_mut()
+                .enumerate()
+                .map(|(r, l)| {
+                    let row = &x[r * v..(r + 1) * v];
+                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
+                    *l = max + sum.ln();
+                    let t = targets[r];
+                    if t == opts.ignore_index {
+                        return 0.0;
+                    }
+                    let nll = (*l - row[t as usize]) as f64;
+                    if eps == 0.0 {
+                        nll
+                    } else {
+                        let mean_nll = row.iter().map(|&z| (*l - z) as f64).sum::<f64>() / v as f64;
+                        (1.0 - eps as f64) * nll + eps as f64 * mean_nll
+                    }
+                })
+                .collect()
+        });
+        let count = targets.iter().filter(|&&t| t != opts.ignore_index).count();
+        let loss = (losses.iter().sum::<f64>() / count.max(1) as f64) as f32;
+        let value = Tensor::scalar(loss);
+        Ok(Tensor::from_op(
+            value,
+            &[self],
+            CrossEntropyBackward {
+                logits: self.data(),
+                lse,
+                targets: targets.to_vec(),
+                opts,
+                count,
+            },
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CrossEntropyOptions;
+    use crate::testing::{assert_grads, randn};
+
+    #[test]
+    fn softmax_grads() {
+        let x = randn(&[3, 6], 1);
+        assert_grads(|t| t[0].softmax(), &[x.clone()]);
+        assert_grads(|t| t[0].log_softmax(), &[x.clone()]);
+    }
+
+    #[test]
+    fn cross_entropy_grads_ignore_and_smoothing() {
+        let x = randn(&[5, 7], 2);
+        let targets = [1i64, -100, 6, 0, 3];
+        assert_grads(
+            |t| t[0].cross_entropy(&targets, CrossEntropyOptions::default()),
+            &[x.clone()],
+        );
+        let smooth = CrossEntropyOptions {
+            label_smoothing: 0.1,
+            ..Default::default()
+        };
+        assert_grads(|t| t[0].cross_entropy(&targets, smooth), &[x.clone()]);
+    }
+
+    #[test]
+    fn cross_entropy_value() {
+        // Uniform logits over 4 classes: loss = ln 4 whatever the target.
+        let x = crate::Tensor::zeros(&[2, 4], crate::DType::F32);
+        let l = x
+            .cross_entropy(&[0, 3], CrossEntropyOptions::default())
+            .unwrap()
+            .item()
+            .unwrap();
+        assert!((l - 4f32.ln()).abs() < 1e-6);
+        assert!(x
+            .cross_entropy(&[0, 4], CrossEntropyOptions::default())
+            .is_err());
+    }
+}

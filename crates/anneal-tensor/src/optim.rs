@@ -1,0 +1,247 @@
+//! Optimizers over a [`ParamStore`]'s flat buffers: AdamW and SGD with momentum, each one fused
+//! pass over the parameters, split into blocks that run on all threads.
+//!
+//! Half-precision parameters get an f32 master copy inside the optimizer: the update is computed
+//! and kept in f32 and only the result is rounded into the model's bf16/f16 buffer
+//! (Micikevicius et al. 2018, "Mixed Precision Training").
+
+use rayon::prelude::*;
+
+use crate::params::ParamStore;
+use crate::storage::Buffer;
+use crate::DType;
+
+/// Elements per parallel block of an optimizer step.
+const BLOCK: usize = 1 << 15;
+
+/// A contiguous run of elements sharing one weight-decay setting.
+#[derive(Clone, Copy)]
+struct Run {
+    start: usize,
+    end: usize,
+    decay: bool,
+}
+
+/// The trainable runs of the store, cut into blocks.
+fn runs(store: &ParamStore) -> Vec<Run> {
+    let mut out = Vec::new();
+    for p in store.infos().iter().filter(|p| p.requires_grad) {
+        let mut s = p.offset;
+        while s < p.offset + p.len {
+            let e = (s + BLOCK).min(p.offset + p.len);
+            out.push(Run {
+                start: s,
+                end: e,
+                decay: p.weight_decay,
+            });
+            s = e;
+        }
+    }
+    out
+}
+
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
+impl Ptr {
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Runs `update(run, params, grads, states...)` on every block in parallel with the f32 view of
+/// the parameters (the master copy for half-precision stores), then rounds back into the store.
+fn for_each_block(
+    store: &ParamStore,
+    master: &mut Option<Vec<f32>>,
+    states: &mut [&mut Vec<f32>],
+    update: impl Fn(Run, &mut [f32], &[f32], &mut [&mut [f32]]) + Sync,
+) {
+    let runs = runs(store);
+    let grads = store.grads().read();
+    let Buffer::F32(g) = &*grads else { return };
+    let mut data = store.data().write();
+    let params: *mut f32 = match (&mut *data, master.as_mut()) {
+        (Buffer::F32(v), _) => v.as_mut_ptr(),
+        (_, Some(m)) => m.as_mut_ptr(),
+        _ => unreachable!("half-precision stores have a master copy"),
+    };
+    let p = Ptr(params);
+    let state_ptrs: Vec<Ptr> = states.iter_mut().map(|s| Ptr(s.as_mut_ptr())).collect();
+    runs.par_iter().for_each(|&r| {
+        let n = r.end - r.start;
+        // SAFETY: runs are disjoint ranges inside every buffer, all of length store.numel().
+        let params = unsafe { std::slice::from_raw_parts_mut(p.get().add(r.start), n) };
+        let mut st: Vec<&mut [f32]> = state_ptrs
+            .iter()
+            .map(|s| unsafe { std::slice::from_raw_parts_mut(s.get().add(r.start), n) })
+            .collect();
+        update(r, params, &g[r.start..r.end], &mut st);
+    });
+    if let Some(m) = master.as_ref() {
+        match &mut *data {
+            Buffer::BF16(v) => {
+                v.par_chunks_mut(BLOCK)
+                    .zip(m.par_chunks(BLOCK))
+                    .for_each(|(d, s)| {
+                        d.iter_mut()
+                            .zip(s)
+                            .for_each(|(d, &s)| *d = half::bf16::from_f32(s))
+                    })
+            }
+            Buffer::F16(v) => {
+                v.par_chunks_mut(BLOCK)
+                    .zip(m.par_chunks(BLOCK))
+                    .for_each(|(d, s)| {
+                        d.iter_mut()
+                            .zip(s)
+                            .for_each(|(d, &s)| *d = half::f16::from_f32(s))
+                    })
+            }
+            Buffer::F32(_) => {}
+        }
+    }
+}
+
+fn master_copy(store: &ParamStore) -> Option<Vec<f32>> {
+    if store.dtype() == DType::F32 {
+        return None;
+    }
+    let buf = store.data().read();
+    let mut m = vec![0.0f32; buf.len()];
+    buf.read_range_f32(0, &mut m);
+    Some(m)
+}
+
+/// AdamW hyper-parameters (Loshchilov & Hutter 2019), PyTorch's defaults except weight decay.
+#[derive(Clone, Copy, Debug)]
+pub struct AdamWConfig {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay β₁.
+    pub beta1: f32,
+    /// Second-moment decay β₂.
+    pub beta2: f32,
+    /// Added to √v̂.
+    pub eps: f32,
+    /// Decoupled weight decay λ: p ← p − lr·λ·p for parameters with decay on.
+    pub weight_decay: f32,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+        }
+    }
+}
+
+/// AdamW with decoupled weight decay, fused over the flat buffer.
+pub struct AdamW {
+    /// Hyper-parameters; `lr` may be changed between steps by a schedule.
+    pub config: AdamWConfig,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    master: Option<Vec<f32>>,
+    step: u64,
+}
+
+impl AdamW {
+    /// Zeroed moments for every element of `store`.
+    pub fn new(store: &ParamStore, config: AdamWConfig) -> AdamW {
+        AdamW {
+            config,
+            m: vec![0.0; store.numel()],
+            v: vec![0.0; store.numel()],
+            master: master_copy(store),
+            step: 0,
+        }
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// First and second moments (for checkpoints).
+    pub fn moments(&self) -> (&[f32], &[f32]) {
+        (&self.m, &self.v)
+    }
+
+    /// One update from the gradients in `store`, matching `torch.optim.AdamW`:
+    /// m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², p ← p(1 − lr·λ) − lr/(1−β₁ᵗ) · m/(√v/√(1−β₂ᵗ) + ε).
+    pub fn step(&mut self, store: &ParamStore) {
+        self.step += 1;
+        let c = self.config;
+        let bc1 = 1.0 - (c.beta1 as f64).powi(self.step as i32);
+        let bc2 = 1.0 - (c.beta2 as f64).powi(self.step as i32);
+        let step_size = (c.lr as f64 / bc1) as f32;
+        let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+        let AdamW { m, v, master, .. } = self;
+        for_each_block(store, master, &mut [m, v], |run, p, g, st| {
+            let (ms, vs) = st.split_at_mut(1);
+            let (m, v) = (&mut *ms[0], &mut *vs[0]);
+            let decay = if run.decay {
+                1.0 - c.lr * c.weight_decay
+            } else {
+                1.0
+            };
+            for i in 0..p.len() {
+                let gi = g[i];
+                m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
+                v[i] = c.beta2 * v[i] + (1.0 - c.beta2) * gi * gi;
+                let denom = v[i].sqrt() * inv_sqrt_bc2 + c.eps;
+                p[i] = p[i] * decay - step_size * m[i] / denom;
+            }
+        });
+    }
+}
+
+/// SGD with momentum and (coupled, L2) weight decay, matching `torch.optim.SGD`:
+/// g ← g + λp, b ← μb + g, p ← p − lr·b.
+pub struct Sgd {
+    /// Learning rate.
+    pub lr: f32,
+    /// Momentum μ (0 for plain SGD).
+    pub momentum: f32,
+    /// L2 penalty λ for parameters with decay on.
+    pub weight_decay: f32,
+    buf: Vec<f32>,
+    master: Option<Vec<f32>>,
+    started: bool,
+}
+
+impl Sgd {
+    /// A new optimizer for `store`.
+    pub fn new(store: &ParamStore, lr: f32, momentum: f32, weight_decay: f32) -> Sgd {
+        Sgd {
+            lr,
+            momentum,
+            weight_decay,
+            buf: vec![0.0; store.numel()],
+            master: master_copy(store),
+            started: false,
+        }
+    }
+
+    /// One update from the gradients in `store`.
+    pub fn step(&mut self, store: &ParamStore) {
+        let (lr, mu, wd, first) = (self.lr, self.momentum, self.weight_decay, !self.started);
+        self.started = true;
+        let Sgd { buf, master, .. } = self;
+        for_each_block(store, master, &mut [buf], |run, p, g, st| {
+            let b = &mut *st[0];
+            for i in 0..p.len() {
+                let gi = g[i] + if run.decay { wd * p[i] } else { 0.0 };
+                // PyTorch initialises the momentum buffer with the first gradient.
+                b[i] = if first { gi } else { mu * b[i] + gi };
+                p[i] -= lr * if mu == 0.0 { gi } else { b[i] };
+            }
+        });
+    }
+}
