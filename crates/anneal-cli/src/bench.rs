@@ -1,0 +1,388 @@
+//! `anneal bench`: the engine on a reference workload, beside PyTorch on the same workload.
+//!
+//! Each measurement runs in its own process (this binary re-invoked with `--worker`, or
+//! `python3 bench/torch_gpt.py`) so that each peak RSS is that run's alone.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use anneal_nn::{Gpt, GptConfig};
+use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::{DType, Rng};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+
+#[derive(Subcommand)]
+pub enum BenchCommand {
+    /// Time GPT training steps (forward, backward, AdamW) and compare with PyTorch eager.
+    ///
+    /// Example: anneal bench gpt --dtype both --steps 10
+    Gpt(GptBench),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+pub enum DTypeChoice {
+    F32,
+    Bf16,
+    /// f32, then bf16 parameters and activations.
+    Both,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
+pub enum TorchChoice {
+    /// Run PyTorch when `python3 -c "import torch"` works.
+    Auto,
+    /// Skip PyTorch.
+    Off,
+    /// Fail if PyTorch cannot run.
+    Require,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct GptBench {
+    /// Storage dtype of parameters and activations.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: DTypeChoice,
+    /// Timed steps (the median is reported).
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Untimed steps first.
+    #[arg(long, default_value_t = 3)]
+    warmup: usize,
+    /// Kernel threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    #[arg(long, default_value_t = 256)]
+    seq: usize,
+    #[arg(long, default_value_t = 4)]
+    layers: usize,
+    #[arg(long, default_value_t = 256)]
+    width: usize,
+    #[arg(long, default_value_t = 4)]
+    heads: usize,
+    #[arg(long, default_value_t = 512)]
+    vocab: usize,
+    /// PyTorch side of the comparison.
+    #[arg(long, value_enum, default_value = "auto")]
+    torch: TorchChoice,
+    /// The PyTorch script (default: bench/torch_gpt.py in the source tree).
+    #[arg(long)]
+    torch_script: Option<PathBuf>,
+    /// Override the machine's f32 peak in GFLOP/s (default: from /proc/cpuinfo, see below).
+    #[arg(long)]
+    peak_gflops: Option<f64>,
+    /// Print results as JSON lines.
+    #[arg(long)]
+    json: bool,
+    /// Internal: run one measurement in this process and print it as JSON.
+    #[arg(long, hide = true)]
+    worker: bool,
+}
+
+/// One measured configuration.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct Measurement {
+    pub engine: String,
+    pub dtype: String,
+    pub ms_per_step: f64,
+    pub tokens_per_s: f64,
+    pub gflops: f64,
+    pub peak_rss_mb: f64,
+    pub final_loss: f64,
+}
+
+pub fn run(cmd: BenchCommand) -> Result<()> {
+    match cmd {
+        BenchCommand::Gpt(b) => gpt(b),
+    }
+}
+
+fn config(b: &GptBench, dtype: DType) -> GptConfig {
+    GptConfig {
+        vocab_size: b.vocab,
+        block_size: b.seq,
+        n_layer: b.layers,
+        n_head: b.heads,
+        n_embd: b.width,
+        dtype,
+        ..GptConfig::bench()
+    }
+}
+
+/// Peak resident set size of this process, from the kernel's high-water mark.
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(f64::NAN)
+}
+
+/// The f32 peak of `threads` cores: cores × clock × FLOPs per cycle, where a core with AVX2 and
+/// FMA retires two 8-wide fused multiply-adds per cycle (32 FLOP/cycle; AMD Zen 4 runs AVX-512 on
+/// the same two 256-bit pipes, so the figure holds there too). The clock is `cpu MHz` from
+/// /proc/cpuinfo.
+pub fn peak_gflops(threads: usize) -> (f64, String) {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let mhz = info
+        .lines()
+        .find(|l| l.starts_with("cpu MHz"))
+        .and_then(|l| l.split(':').nth(1))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    let flags = info.lines().find(|l| l.starts_with("flags")).unwrap_or("");
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let per_cycle = if has("avx2") && has("fma") { 32.0 } else { 8.0 };
+    match mhz {
+        Some(mhz) => (
+            threads as f64 * mhz / 1000.0 * per_cycle,
+            format!(
+                "{threads} cores × {:.3} GHz × {per_cycle} FLOP/cycle",
+                mhz / 1000.0
+            ),
+        ),
+        None => (
+            f64::NAN,
+            "unknown (no cpu MHz in /proc/cpuinfo; pass --peak-gflops)".into(),
+        ),
+    }
+}
+
+fn worker(b: &GptBench) -> Result<Measurement> {
+    anneal_tensor::set_num_threads(b.threads)?;
+    let dtype = match b.dtype {
+        DTypeChoice::F32 => DType::F32,
+        DTypeChoice::Bf16 => DType::BF16,
+        DTypeChoice::Both => bail!("a worker measures one dtype"),
+    };
+    let cfg = config(b, dtype);
+    let model = Gpt::new(cfg.clone(), 1337)?;
+    let mut opt = AdamW::new(
+        &model.params,
+        AdamWConfig {
+            lr: 3e-4,
+            weight_decay: 0.1,
+            ..Default::default()
+        },
+    );
+    let mut rng = Rng::new(0);
+    let n = b.batch * b.seq;
+    let mut batch = || -> (Vec<u32>, Vec<i64>) {
+        let ids: Vec<u32> = (0..n)
+            .map(|_| (rng.next_u64() % b.vocab as u64) as u32)
+            .collect();
+        let targets = ids
+            .iter()
+            .map(|&i| ((i as usize * 7 + 3) % b.vocab) as i64)
+            .collect();
+        (ids, targets)
+    };
+    let mut times = Vec::with_capacity(b.steps);
+    let mut loss_value = 0.0;
+    for step in 0..b.warmup + b.steps {
+        let (ids, targets) = batch();
+        let t0 = Instant::now();
+        model.params.zero_grad();
+        let loss = model.loss(&ids, &targets, b.batch, b.seq, None)?;
+        loss.backward()?;
+        opt.step(&model.params);
+        let dt = t0.elapsed().as_secs_f64();
+        loss_value = loss.item()? as f64;
+        if step >= b.warmup {
+            times.push(dt);
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let tokens = n as f64;
+    Ok(Measurement {
+        engine: "anneal".into(),
+        dtype: dtype.as_str().into(),
+        ms_per_step: median * 1e3,
+        tokens_per_s: tokens / median,
+        gflops: cfg.flops_per_token(b.seq) * tokens / median / 1e9,
+        peak_rss_mb: peak_rss_mb(),
+        final_loss: loss_value,
+    })
+}
+
+fn spawn_self(b: &GptBench, dtype: &str) -> Result<Measurement> {
+    let exe = std::env::current_exe().context("locating the anneal binary")?;
+    let out = Command::new(exe)
+        .args(["bench", "gpt", "--worker", "--json", "--dtype", dtype])
+        .args(shape_args(b))
+        .args(["--threads", &b.threads.to_string()])
+        .output()
+        .context("running a benchmark worker")?;
+    parse_worker(out, "anneal worker")
+}
+
+fn shape_args(b: &GptBench) -> Vec<String> {
+    [
+        ("--steps", b.steps),
+        ("--warmup", b.warmup),
+        ("--batch", b.batch),
+        ("--seq", b.seq),
+        ("--layers", b.layers),
+        ("--width", b.width),
+        ("--heads", b.heads),
+        ("--vocab", b.vocab),
+    ]
+    .iter()
+    .flat_map(|(k, v)| [k.to_string(), v.to_string()])
+    .collect()
+}
+
+fn parse_worker(out: std::process::Output, what: &str) -> Result<Measurement> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| format!("{what} printed no JSON:\n{text}"))?;
+    serde_json::from_str(line).with_context(|| format!("parsing {what} output: {line}"))
+}
+
+fn torch_script(b: &GptBench) -> PathBuf {
+    if let Some(p) = &b.torch_script {
+        return p.clone();
+    }
+    // The source tree this binary was built from, then the working directory.
+    let from_build = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_gpt.py");
+    if from_build.exists() {
+        from_build
+    } else {
+        PathBuf::from("bench/torch_gpt.py")
+    }
+}
+
+fn torch_available() -> bool {
+    Command::new("python3")
+        .args(["-c", "import torch"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn run_torch(b: &GptBench) -> Result<Measurement> {
+    let script = torch_script(b);
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(shape_args(b))
+        .args(["--threads", &b.threads.to_string(), "--json"])
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    parse_worker(out, "PyTorch benchmark")
+}
+
+fn gpt(b: GptBench) -> Result<()> {
+    if b.worker {
+        let m = worker(&b)?;
+        println!("{}", serde_json::to_string(&m)?);
+        return Ok(());
+    }
+    let cfg = config(&b, DType::F32);
+    let (peak, how) = match b.peak_gflops {
+        Some(p) => (p, "given with --peak-gflops".to_string()),
+        None => peak_gflops(b.threads),
+    };
+    if !b.json {
+        println!(
+            "GPT {} layers, d={}, {} heads, context {}, batch {}, vocab {}, AdamW, {} threads",
+            b.layers, b.width, b.heads, b.seq, b.batch, b.vocab, b.threads
+        );
+        println!(
+            "FLOPs/step = tokens × (6 × {} non-embedding params + 12 × L × T × d) = {:.2} GFLOP",
+            cfg.non_embedding_params(),
+            cfg.flops_per_token(b.seq) * (b.batch * b.seq) as f64 / 1e9
+        );
+        println!("f32 peak: {peak:.0} GFLOP/s ({how})");
+        println!("median of {} steps after {} warm-up\n", b.steps, b.warmup);
+    }
+    let mut results = Vec::new();
+    let dtypes: &[&str] = match b.dtype {
+        DTypeChoice::F32 => &["f32"],
+        DTypeChoice::Bf16 => &["bf16"],
+        DTypeChoice::Both => &["f32", "bf16"],
+    };
+    for d in dtypes {
+        results.push(spawn_self(&b, d)?);
+    }
+    let torch = match b.torch {
+        TorchChoice::Off => None,
+        TorchChoice::Auto if !torch_available() => {
+            if !b.json {
+                println!("(PyTorch not importable by python3: comparison skipped; `pip install torch` to add it)\n");
+            }
+            None
+        }
+        _ => Some(run_torch(&b)?),
+    };
+    if let Some(t) = &torch {
+        results.push(t.clone());
+    }
+    if b.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<5} {:>10} {:>10} {:>9} {:>8} {:>10} {:>8}",
+        "engine", "dtype", "ms/step", "tokens/s", "GFLOP/s", "% peak", "peak RSS", "loss"
+    );
+    for r in &results {
+        println!(
+            "{:<8} {:<5} {:>10.1} {:>10.0} {:>9.1} {:>7.1}% {:>7.0} MB {:>8.3}",
+            r.engine,
+            r.dtype,
+            r.ms_per_step,
+            r.tokens_per_s,
+            r.gflops,
+            100.0 * r.gflops / peak,
+            r.peak_rss_mb,
+            r.final_loss
+        );
+    }
+    if let Some(t) = &torch {
+        println!();
+        for r in results.iter().filter(|r| r.engine == "anneal") {
+            println!(
+                "anneal {} vs PyTorch f32: {:.2}x tokens/s, {:.2}x peak RSS",
+                r.dtype,
+                r.tokens_per_s / t.tokens_per_s,
+                r.peak_rss_mb / t.peak_rss_mb
+            );
+        }
+    }
+    if let (Some(f), Some(h)) = (
+        results
+            .iter()
+            .find(|r| r.engine == "anneal" && r.dtype == "f32"),
+        results
+            .iter()
+            .find(|r| r.engine == "anneal" && r.dtype == "bf16"),
+    ) {
+        println!(
+            "anneal bf16 vs f32: {:.2}x step time, {:.2}x peak RSS",
+            h.ms_per_step / f.ms_per_step,
+            h.peak_rss_mb / f.peak_rss_mb
+        );
+    }
+    Ok(())
+}
