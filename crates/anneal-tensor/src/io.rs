@@ -54,6 +54,7 @@ pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
                     .map(|c| i32::from_le_bytes(c.try_into().expect("4 bytes")) as f32)
                     .collect(),
             ),
+            StDtype::U8 | StDtype::BOOL => Buffer::F32(data.iter().map(|&b| b as f32).collect()),
             other => {
                 return Err(Error::SafeTensors(format!(
                     "{}: tensor {name:?} has unsupported dtype {other:?}",
