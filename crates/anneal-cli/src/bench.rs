@@ -78,6 +78,9 @@ pub struct GptBench {
     /// Print results as JSON lines.
     #[arg(long)]
     json: bool,
+    /// Print where a step's time goes: forward, backward by op, optimizer (one process, f32).
+    #[arg(long)]
+    profile: bool,
     /// Internal: run one measurement in this process and print it as JSON.
     #[arg(long, hide = true)]
     worker: bool,
@@ -187,17 +190,53 @@ fn worker(b: &GptBench) -> Result<Measurement> {
     };
     let mut times = Vec::with_capacity(b.steps);
     let mut loss_value = 0.0;
+    let mut phases = [0.0f64; 3];
+    let mut profile: std::collections::HashMap<&'static str, (u32, f64)> = Default::default();
     for step in 0..b.warmup + b.steps {
         let (ids, targets) = batch();
+        let timed = step >= b.warmup;
+        if b.profile && timed {
+            anneal_tensor::autograd::start_backward_profile();
+        }
         let t0 = Instant::now();
         model.params.zero_grad();
         let loss = model.loss(&ids, &targets, b.batch, b.seq, None)?;
+        let t1 = Instant::now();
         loss.backward()?;
+        let t2 = Instant::now();
         opt.step(&model.params);
         let dt = t0.elapsed().as_secs_f64();
+        if b.profile && timed {
+            phases[0] += (t1 - t0).as_secs_f64();
+            phases[1] += (t2 - t1).as_secs_f64();
+            phases[2] += t2.elapsed().as_secs_f64();
+            for (name, calls, secs) in anneal_tensor::autograd::take_backward_profile() {
+                let e = profile.entry(name).or_insert((0, 0.0));
+                e.0 += calls;
+                e.1 += secs;
+            }
+        }
         loss_value = loss.item()? as f64;
         if step >= b.warmup {
             times.push(dt);
+        }
+    }
+    if b.profile {
+        let n = b.steps as f64;
+        eprintln!(
+            "per step: forward {:.1} ms, backward {:.1} ms, optimizer {:.1} ms",
+            phases[0] / n * 1e3,
+            phases[1] / n * 1e3,
+            phases[2] / n * 1e3
+        );
+        let mut rows: Vec<_> = profile.into_iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        for (name, (calls, secs)) in rows {
+            eprintln!(
+                "  backward {name:<18} {:>4} calls/step {:>8.1} ms/step",
+                calls as f64 / n,
+                secs / n * 1e3
+            );
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));
@@ -291,7 +330,7 @@ fn run_torch(b: &GptBench) -> Result<Measurement> {
 }
 
 fn gpt(b: GptBench) -> Result<()> {
-    if b.worker {
+    if b.worker || b.profile {
         let m = worker(&b)?;
         println!("{}", serde_json::to_string(&m)?);
         return Ok(());

@@ -32,6 +32,21 @@ fn next_id() -> usize {
 
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
+    static PROFILE: std::cell::RefCell<Option<HashMap<&'static str, (u32, f64)>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Starts recording, on this thread, the wall time each kind of op spends in backward.
+pub fn start_backward_profile() {
+    PROFILE.with(|p| *p.borrow_mut() = Some(HashMap::new()));
+}
+
+/// Stops recording and returns (op name, calls, seconds), slowest first.
+pub fn take_backward_profile() -> Vec<(&'static str, u32, f64)> {
+    let map = PROFILE.with(|p| p.borrow_mut().take()).unwrap_or_default();
+    let mut v: Vec<_> = map.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    v
 }
 
 /// True unless inside [`no_grad`].
@@ -306,7 +321,15 @@ fn run_backward(root: Arc<Node>, seed: Tensor) -> Result<()> {
         let grad = pending.remove(&node.id);
         let input_grads: Vec<Option<Tensor>> = match (backward, grad) {
             (Some(b), Some(g)) => {
+                let t0 = std::time::Instant::now();
                 let grads = b.backward(&g)?;
+                PROFILE.with(|p| {
+                    if let Some(map) = p.borrow_mut().as_mut() {
+                        let e = map.entry(node.name).or_insert((0, 0.0));
+                        e.0 += 1;
+                        e.1 += t0.elapsed().as_secs_f64();
+                    }
+                });
                 if grads.len() != node.inputs.len() {
                     return Err(Error::Autograd(format!(
                         "{}: backward returned {} gradients for {} inputs",

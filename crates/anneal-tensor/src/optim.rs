@@ -77,7 +77,7 @@ fn for_each_block(
             .iter()
             .map(|s| unsafe { std::slice::from_raw_parts_mut(s.get().add(r.start), n) })
             .collect();
-        update(r, params, &g[r.start..r.end], &mut st);
+        crate::kernels::vectorized(|| update(r, params, &g[r.start..r.end], &mut st));
     });
     if let Some(m) = master.as_ref() {
         match &mut *data {

@@ -78,7 +78,7 @@ impl Buffer {
     /// A zero-filled buffer.
     pub fn zeros(dtype: DType, len: usize) -> Buffer {
         match dtype {
-            DType::F32 => Buffer::F32(vec![0.0; len]),
+            DType::F32 => Buffer::F32(crate::pool::zeros(len)),
             DType::BF16 => Buffer::BF16(vec![bf16::ZERO; len]),
             DType::F16 => Buffer::F16(vec![f16::ZERO; len]),
         }
@@ -170,5 +170,9 @@ impl Storage {
 impl Drop for Storage {
     fn drop(&mut self) {
         LIVE_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+        let buffer = self.buffer.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Buffer::F32(v) = std::mem::replace(buffer, Buffer::F32(Vec::new())) {
+            crate::pool::recycle(v);
+        }
     }
 }

@@ -220,7 +220,7 @@ impl Tensor {
 
     /// All elements, row-major, as f32.
     pub fn to_vec_f32(&self) -> Vec<f32> {
-        let mut out = vec![0.0; self.numel()];
+        let mut out = crate::pool::zeros(self.numel());
         self.read_into_f32(&mut out);
         out
     }
@@ -273,7 +273,7 @@ impl Tensor {
         if self.is_contiguous() {
             return self.data();
         }
-        let mut out = vec![0.0; self.numel()];
+        let mut out = crate::pool::zeros(self.numel());
         self.read_into_f32(&mut out);
         Tensor::from_f32_as(out, self.shape(), self.dtype())
     }

@@ -80,9 +80,6 @@ impl Geometry {
             self.s
         }
     }
-    fn masked(&self, mask: Option<&[bool]>, b: usize, i: usize, j: usize) -> bool {
-        (self.causal && j > i + self.s - self.t) || mask.is_some_and(|m| !m[b * self.s + j])
-    }
 }
 
 /// Probabilities of a block of query rows `from..to` of head `h`: fills `p` (rows × kend) with
@@ -117,12 +114,21 @@ unsafe fn block_probs(
     let mut lse_out = lse_out;
     for (r, row) in p.chunks_mut(kend).enumerate() {
         let i = from + r;
-        for (j, x) in row.iter_mut().enumerate() {
-            *x = if g.masked(mask, b, i, j) {
-                f32::NEG_INFINITY
-            } else {
-                *x * g.scale
-            };
+        // Keys after `visible` are in the future of query i.
+        let visible = if g.causal {
+            (i + g.s - g.t + 1).min(kend)
+        } else {
+            kend
+        };
+        row[..visible].iter_mut().for_each(|x| *x *= g.scale);
+        row[visible..].fill(f32::NEG_INFINITY);
+        if let Some(m) = mask {
+            let keys = &m[b * g.s..b * g.s + visible];
+            for (x, &keep) in row.iter_mut().zip(keys) {
+                if !keep {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
         }
         let lse = match lse_in {
             Some(l) => l[r],
@@ -131,14 +137,25 @@ unsafe fn block_probs(
                 if max == f32::NEG_INFINITY {
                     f32::NEG_INFINITY
                 } else {
-                    max + row.iter().map(|&x| (x - max).exp()).sum::<f32>().ln()
+                    max + row
+                        .iter()
+                        .map(|&x| crate::kernels::fast_exp(x - max))
+                        .sum::<f32>()
+                        .ln()
                 }
             }
         };
         if lse == f32::NEG_INFINITY {
             row.fill(0.0);
         } else {
-            row.iter_mut().for_each(|x| *x = (*x - lse).exp());
+            // Masked scores are −∞ and must give exactly 0, which the clamped fast exp does not.
+            row.iter_mut().for_each(|x| {
+                *x = if *x == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    crate::kernels::fast_exp(*x - lse)
+                }
+            });
         }
         if let Some(out) = lse_out.as_deref_mut() {
             out[r] = lse;
@@ -154,8 +171,8 @@ fn forward(
     v: Heads,
     mask: Option<&[bool]>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let mut out = vec![0.0f32; g.b * g.t * g.hq * g.d];
-    let mut lse = vec![0.0f32; g.b * g.hq * g.t];
+    let mut out = crate::pool::zeros(g.b * g.t * g.hq * g.d);
+    let mut lse = crate::pool::zeros(g.b * g.hq * g.t);
     let o = Heads {
         ptr: out.as_mut_ptr(),
         sb: g.t * g.hq * g.d,
@@ -165,49 +182,51 @@ fn forward(
     lse.par_chunks_mut(g.t)
         .enumerate()
         .for_each(|(bh, lse_bh)| {
-            let (b, h) = (bh / g.hq, bh % g.hq);
-            let kvh = h / (g.hq / g.hkv);
-            let mut p = vec![0.0f32; BLOCK * g.s];
-            for from in (0..g.t).step_by(BLOCK) {
-                let to = (from + BLOCK).min(g.t);
-                let kend = g.key_end(to);
-                let p = &mut p[..(to - from) * kend];
-                unsafe {
-                    block_probs(
-                        &g,
-                        &q,
-                        &k,
-                        mask,
-                        b,
-                        h,
-                        from,
-                        to,
-                        kend,
-                        p,
-                        None,
-                        Some(&mut lse_bh[from..to]),
-                    );
-                    let pm = Mat {
-                        ptr: p.as_ptr(),
-                        rows: to - from,
-                        cols: kend,
-                        rs: kend as isize,
-                        cs: 1,
-                        batch: 1,
-                        bs: 0,
-                    };
-                    let om = o.mat(b, h, from, to, g.d);
-                    gemm_f32(
-                        om.ptr as *mut f32,
-                        om.rs,
-                        1,
-                        false,
-                        pm,
-                        v.mat(b, kvh, 0, kend, g.d),
-                        Parallelism::None,
-                    );
+            crate::kernels::vectorized(|| {
+                let (b, h) = (bh / g.hq, bh % g.hq);
+                let kvh = h / (g.hq / g.hkv);
+                let mut p = crate::pool::zeros(BLOCK * g.s);
+                for from in (0..g.t).step_by(BLOCK) {
+                    let to = (from + BLOCK).min(g.t);
+                    let kend = g.key_end(to);
+                    let p = &mut p[..(to - from) * kend];
+                    unsafe {
+                        block_probs(
+                            &g,
+                            &q,
+                            &k,
+                            mask,
+                            b,
+                            h,
+                            from,
+                            to,
+                            kend,
+                            p,
+                            None,
+                            Some(&mut lse_bh[from..to]),
+                        );
+                        let pm = Mat {
+                            ptr: p.as_ptr(),
+                            rows: to - from,
+                            cols: kend,
+                            rs: kend as isize,
+                            cs: 1,
+                            batch: 1,
+                            bs: 0,
+                        };
+                        let om = o.mat(b, h, from, to, g.d);
+                        gemm_f32(
+                            om.ptr as *mut f32,
+                            om.rs,
+                            1,
+                            false,
+                            pm,
+                            v.mat(b, kvh, 0, kend, g.d),
+                            Parallelism::None,
+                        );
+                    }
                 }
-            }
+            })
         });
     (out, lse)
 }
@@ -230,112 +249,116 @@ fn backward(
     let group = g.hq / g.hkv;
     // One task per (batch, kv head): the query heads sharing it accumulate into the same dK, dV.
     (0..g.b * g.hkv).into_par_iter().for_each(|task| {
-        let (b, kvh) = (task / g.hkv, task % g.hkv);
-        let mut p = vec![0.0f32; BLOCK * g.s];
-        let mut dp = vec![0.0f32; BLOCK * g.s];
-        let mut di = vec![0.0f32; BLOCK];
-        for h in kvh * group..(kvh + 1) * group {
-            let lse_bh = &lse[(b * g.hq + h) * g.t..(b * g.hq + h + 1) * g.t];
-            for from in (0..g.t).step_by(BLOCK) {
-                let to = (from + BLOCK).min(g.t);
-                let rows = to - from;
-                let kend = g.key_end(to);
-                let p = &mut p[..rows * kend];
-                let dp = &mut dp[..rows * kend];
-                unsafe {
-                    block_probs(
-                        &g,
-                        &q,
-                        &k,
-                        mask,
-                        b,
-                        h,
-                        from,
-                        to,
-                        kend,
-                        p,
-                        Some(&lse_bh[from..to]),
-                        None,
-                    );
-                    let dom = d_o.mat(b, h, from, to, g.d);
-                    // dP = dO · Vᵀ
-                    gemm_f32(
-                        dp.as_mut_ptr(),
-                        kend as isize,
-                        1,
-                        false,
-                        dom,
-                        v.mat(b, kvh, 0, kend, g.d).t(),
-                        Parallelism::None,
-                    );
-                    // D_i = Σ_d dO·O
-                    let om = o.mat(b, h, from, to, g.d);
-                    for r in 0..rows {
-                        let orow =
-                            std::slice::from_raw_parts(om.ptr.offset(r as isize * om.rs), g.d);
-                        let grow =
-                            std::slice::from_raw_parts(dom.ptr.offset(r as isize * dom.rs), g.d);
-                        di[r] = crate::kernels::dot(orow, grow);
-                    }
-                    // dS = P ∘ (dP − D), scaled by the score scale
-                    for r in 0..rows {
-                        let (pr, dpr) = (
-                            &p[r * kend..(r + 1) * kend],
-                            &mut dp[r * kend..(r + 1) * kend],
+        crate::kernels::vectorized(|| {
+            let (b, kvh) = (task / g.hkv, task % g.hkv);
+            let mut p = crate::pool::zeros(BLOCK * g.s);
+            let mut dp = crate::pool::zeros(BLOCK * g.s);
+            let mut di = crate::pool::zeros(BLOCK);
+            for h in kvh * group..(kvh + 1) * group {
+                let lse_bh = &lse[(b * g.hq + h) * g.t..(b * g.hq + h + 1) * g.t];
+                for from in (0..g.t).step_by(BLOCK) {
+                    let to = (from + BLOCK).min(g.t);
+                    let rows = to - from;
+                    let kend = g.key_end(to);
+                    let p = &mut p[..rows * kend];
+                    let dp = &mut dp[..rows * kend];
+                    unsafe {
+                        block_probs(
+                            &g,
+                            &q,
+                            &k,
+                            mask,
+                            b,
+                            h,
+                            from,
+                            to,
+                            kend,
+                            p,
+                            Some(&lse_bh[from..to]),
+                            None,
                         );
-                        for j in 0..kend {
-                            dpr[j] = pr[j] * (dpr[j] - di[r]) * g.scale;
+                        let dom = d_o.mat(b, h, from, to, g.d);
+                        // dP = dO · Vᵀ
+                        gemm_f32(
+                            dp.as_mut_ptr(),
+                            kend as isize,
+                            1,
+                            false,
+                            dom,
+                            v.mat(b, kvh, 0, kend, g.d).t(),
+                            Parallelism::None,
+                        );
+                        // D_i = Σ_d dO·O
+                        let om = o.mat(b, h, from, to, g.d);
+                        for r in 0..rows {
+                            let orow =
+                                std::slice::from_raw_parts(om.ptr.offset(r as isize * om.rs), g.d);
+                            let grow = std::slice::from_raw_parts(
+                                dom.ptr.offset(r as isize * dom.rs),
+                                g.d,
+                            );
+                            di[r] = crate::kernels::dot(orow, grow);
                         }
+                        // dS = P ∘ (dP − D), scaled by the score scale
+                        for r in 0..rows {
+                            let (pr, dpr) = (
+                                &p[r * kend..(r + 1) * kend],
+                                &mut dp[r * kend..(r + 1) * kend],
+                            );
+                            for j in 0..kend {
+                                dpr[j] = pr[j] * (dpr[j] - di[r]) * g.scale;
+                            }
+                        }
+                        let pm = Mat {
+                            ptr: p.as_ptr(),
+                            rows,
+                            cols: kend,
+                            rs: kend as isize,
+                            cs: 1,
+                            batch: 1,
+                            bs: 0,
+                        };
+                        let dsm = Mat {
+                            ptr: dp.as_ptr(),
+                            ..pm
+                        };
+                        // dV += Pᵀ · dO
+                        let dvm = dv.mat(b, kvh, 0, kend, g.d);
+                        gemm_f32(
+                            dvm.ptr as *mut f32,
+                            dvm.rs,
+                            1,
+                            true,
+                            pm.t(),
+                            dom,
+                            Parallelism::None,
+                        );
+                        // dQ = dS · K
+                        let dqm = dq.mat(b, h, from, to, g.d);
+                        gemm_f32(
+                            dqm.ptr as *mut f32,
+                            dqm.rs,
+                            1,
+                            true,
+                            dsm,
+                            k.mat(b, kvh, 0, kend, g.d),
+                            Parallelism::None,
+                        );
+                        // dK += dSᵀ · Q
+                        let dkm = dk.mat(b, kvh, 0, kend, g.d);
+                        gemm_f32(
+                            dkm.ptr as *mut f32,
+                            dkm.rs,
+                            1,
+                            true,
+                            dsm.t(),
+                            q.mat(b, h, from, to, g.d),
+                            Parallelism::None,
+                        );
                     }
-                    let pm = Mat {
-                        ptr: p.as_ptr(),
-                        rows,
-                        cols: kend,
-                        rs: kend as isize,
-                        cs: 1,
-                        batch: 1,
-                        bs: 0,
-                    };
-                    let dsm = Mat {
-                        ptr: dp.as_ptr(),
-                        ..pm
-                    };
-                    // dV += Pᵀ · dO
-                    let dvm = dv.mat(b, kvh, 0, kend, g.d);
-                    gemm_f32(
-                        dvm.ptr as *mut f32,
-                        dvm.rs,
-                        1,
-                        true,
-                        pm.t(),
-                        dom,
-                        Parallelism::None,
-                    );
-                    // dQ = dS · K
-                    let dqm = dq.mat(b, h, from, to, g.d);
-                    gemm_f32(
-                        dqm.ptr as *mut f32,
-                        dqm.rs,
-                        1,
-                        true,
-                        dsm,
-                        k.mat(b, kvh, 0, kend, g.d),
-                        Parallelism::None,
-                    );
-                    // dK += dSᵀ · Q
-                    let dkm = dk.mat(b, kvh, 0, kend, g.d);
-                    gemm_f32(
-                        dkm.ptr as *mut f32,
-                        dkm.rs,
-                        1,
-                        true,
-                        dsm.t(),
-                        q.mat(b, h, from, to, g.d),
-                        Parallelism::None,
-                    );
                 }
             }
-        }
+        })
     });
 }
 
@@ -388,9 +411,9 @@ impl Backward for AttentionBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let g = self.geometry;
-        let mut dq = vec![0.0f32; g.b * g.t * g.hq * g.d];
-        let mut dk = vec![0.0f32; g.b * g.s * g.hkv * g.d];
-        let mut dv = vec![0.0f32; g.b * g.s * g.hkv * g.d];
+        let mut dq = crate::pool::zeros(g.b * g.t * g.hq * g.d);
+        let mut dk = crate::pool::zeros(g.b * g.s * g.hkv * g.d);
+        let mut dv = crate::pool::zeros(g.b * g.s * g.hkv * g.d);
         let (dqh, dkh, dvh) = (
             contiguous_heads(&mut dq, g.t, g.hq, g.d),
             contiguous_heads(&mut dk, g.s, g.hkv, g.d),
@@ -442,7 +465,7 @@ impl Backward for PackedAttentionBackward {
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let g = self.geometry;
         let width = (g.hq + 2 * g.hkv) * g.d;
-        let mut dqkv = vec![0.0f32; g.b * g.t * width];
+        let mut dqkv = crate::pool::zeros(g.b * g.t * width);
         let base = Heads {
             ptr: dqkv.as_mut_ptr(),
             sb: g.t * width,
@@ -660,8 +683,8 @@ impl Tensor {
         }
         let (t, h, d) = (self.shape()[1], self.shape()[2], self.shape()[3]);
         let half = d / 2;
-        let mut cos = vec![0.0f32; t * half];
-        let mut sin = vec![0.0f32; t * half];
+        let mut cos = crate::pool::zeros(t * half);
+        let mut sin = crate::pool::zeros(t * half);
         for p in 0..t {
             for i in 0..half {
                 let inv_freq = 1.0 / (base as f64).powf(2.0 * i as f64 / d as f64);
@@ -671,7 +694,7 @@ impl Tensor {
             }
         }
         let rotate = move |x: &[f32], sign: f32, cos: &[f32], sin: &[f32]| -> Vec<f32> {
-            let mut out = vec![0.0f32; x.len()];
+            let mut out = crate::pool::zeros(x.len());
             out.par_chunks_mut(h * d).enumerate().for_each(|(bt, o)| {
                 let p = bt % t;
                 let (c, s) = (

@@ -138,11 +138,11 @@ impl Backward for Conv2dBackward {
         let k = win.c * win.kh * win.kw;
         let plane = win.oh * win.ow;
         let img = win.c * win.h * win.w;
-        let mut dx = vec![0.0f32; self.x.numel()];
-        let mut dw = vec![0.0f32; o * k];
-        let mut db = vec![0.0f32; o];
-        let mut cols = vec![0.0f32; k * plane];
-        let mut dcols = vec![0.0f32; k * plane];
+        let mut dx = crate::pool::zeros(self.x.numel());
+        let mut dw = crate::pool::zeros(o * k);
+        let mut db = crate::pool::zeros(o);
+        let mut cols = crate::pool::zeros(k * plane);
+        let mut dcols = crate::pool::zeros(k * plane);
         let w = self.weight.to_vec_f32();
         grad.with_f32(|g| {
             self.x.with_f32(|x| {
@@ -211,7 +211,7 @@ impl Backward for PoolBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let win = self.win;
-        let mut dx = vec![0.0f32; self.shape.iter().product()];
+        let mut dx = crate::pool::zeros(self.shape.iter().product());
         let planes = self.shape[0] * self.shape[1];
         let inv = 1.0 / (win.kh * win.kw) as f32;
         grad.with_f32(|g| {
@@ -246,7 +246,7 @@ fn pool(x: &Tensor, kind: Pool, kernel: usize, stride: usize) -> Result<Tensor> 
     };
     let win = Window::new(name, x.shape(), kernel, kernel, stride, 0)?;
     let planes = x.shape()[0] * x.shape()[1];
-    let mut out = vec![0.0f32; planes * win.oh * win.ow];
+    let mut out = crate::pool::zeros(planes * win.oh * win.ow);
     let mut argmax = vec![0usize; out.len()];
     let inv = 1.0 / (kernel * kernel) as f32;
     x.with_f32(|v| {
@@ -329,8 +329,8 @@ impl Tensor {
         let k = win.c * kh * kw;
         let plane = win.oh * win.ow;
         let img = win.c * win.h * win.w;
-        let mut out = vec![0.0f32; n * o * plane];
-        let mut cols = vec![0.0f32; k * plane];
+        let mut out = crate::pool::zeros(n * o * plane);
+        let mut cols = crate::pool::zeros(k * plane);
         let w = weight.to_vec_f32();
         let b = bias.map(|b| b.to_vec_f32());
         self.with_f32(|x| {

@@ -60,7 +60,7 @@ fn expand(t: &Tensor, shape: &[usize]) -> Vec<f32> {
     let numel: usize = shape.iter().product();
     let inner = shape.last().copied().unwrap_or(1);
     let inner_stride = strides.last().copied().unwrap_or(0);
-    let mut out = vec![0.0f32; numel];
+    let mut out = crate::pool::zeros(numel);
     let mut index = vec![0usize; rank.saturating_sub(1)];
     for row in out.chunks_mut(inner.max(1)) {
         let base: usize = index.iter().zip(&strides).map(|(i, s)| i * s).sum();
@@ -89,7 +89,7 @@ pub(crate) fn sum_to_shape(grad: &[f32], from: &[usize], to: &[usize]) -> Vec<f3
         .map(|i| if i < pad { 1 } else { to[i - pad] })
         .collect();
     let to_strides = contiguous_strides(&to_full);
-    let mut out = vec![0.0f32; to.iter().product()];
+    let mut out = crate::pool::zeros(to.iter().product());
     let mut index = vec![0usize; rank];
     for &g in grad {
         let mut at = 0;
@@ -152,15 +152,15 @@ impl Backward for BinaryBackward {
         let (ga, gb) = match self.op {
             BinaryOp::Add => (g.clone(), g),
             BinaryOp::Sub => {
-                let mut neg = vec![0.0; n];
+                let mut neg = crate::pool::zeros(n);
                 map_into(&mut neg, &g, |x| -x);
                 (g, neg)
             }
             BinaryOp::Mul => {
                 let a = expand(&self.a, &self.out_shape);
                 let b = expand(&self.b, &self.out_shape);
-                let mut ga = vec![0.0; n];
-                let mut gb = vec![0.0; n];
+                let mut ga = crate::pool::zeros(n);
+                let mut gb = crate::pool::zeros(n);
                 zip_into(&mut ga, &g, &b, |g, b| g * b);
                 zip_into(&mut gb, &g, &a, |g, a| g * a);
                 (ga, gb)
@@ -168,8 +168,8 @@ impl Backward for BinaryBackward {
             BinaryOp::Div => {
                 let a = expand(&self.a, &self.out_shape);
                 let b = expand(&self.b, &self.out_shape);
-                let mut ga = vec![0.0; n];
-                let mut gb = vec![0.0; n];
+                let mut ga = crate::pool::zeros(n);
+                let mut gb = crate::pool::zeros(n);
                 zip_into(&mut ga, &g, &b, |g, b| g / b);
                 for i in 0..n {
                     gb[i] = -g[i] * a[i] / (b[i] * b[i]);
@@ -202,7 +202,7 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         BinaryOp::Div => |x: f32, y: f32| x / y,
     };
     let numel: usize = shape.iter().product();
-    let mut out = vec![0.0f32; numel];
+    let mut out = crate::pool::zeros(numel);
     if a.shape() == shape.as_slice() && b.shape() == shape.as_slice() {
         a.with_f32(|av| b.with_f32(|bv| zip_into(&mut out, av, bv, f)));
     } else if a.shape() == shape.as_slice() && shape.ends_with(b.shape()) {
@@ -277,19 +277,19 @@ impl Unary {
         }
     }
 
-    #[inline]
+    #[inline(always)]
     fn forward(self, x: f32) -> f32 {
         match self {
             Unary::Relu => x.max(0.0),
             Unary::GeluTanh => {
                 let u = GELU_K * (x + 0.044715 * x * x * x);
-                0.5 * x * (1.0 + u.tanh())
+                0.5 * x * (1.0 + crate::kernels::fast_tanh(u))
             }
             Unary::GeluErf => {
                 (0.5 * x as f64 * (1.0 + crate::kernels::erf(x as f64 / std::f64::consts::SQRT_2)))
                     as f32
             }
-            Unary::Silu => x / (1.0 + (-x).exp()),
+            Unary::Silu => x / (1.0 + crate::kernels::fast_exp(-x)),
             Unary::Exp => x.exp(),
             Unary::Log => x.ln(),
             Unary::Scale(c) => x * c,
@@ -298,7 +298,7 @@ impl Unary {
     }
 
     /// d(forward)/dx at x.
-    #[inline]
+    #[inline(always)]
     fn derivative(self, x: f32) -> f32 {
         match self {
             Unary::Relu => {
@@ -311,7 +311,7 @@ impl Unary {
             Unary::GeluTanh => {
                 let x2 = x * x;
                 let u = GELU_K * (x + 0.044715 * x2 * x);
-                let t = u.tanh();
+                let t = crate::kernels::fast_tanh(u);
                 let du = GELU_K * (1.0 + 3.0 * 0.044715 * x2);
                 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
             }
@@ -322,7 +322,7 @@ impl Unary {
                 (cdf + xd * pdf) as f32
             }
             Unary::Silu => {
-                let s = 1.0 / (1.0 + (-x).exp());
+                let s = 1.0 / (1.0 + crate::kernels::fast_exp(-x));
                 s * (1.0 + x * (1.0 - s))
             }
             Unary::Exp => x.exp(),
@@ -347,22 +347,47 @@ impl Backward for UnaryBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let op = self.op;
-        let mut out = vec![0.0f32; grad.numel()];
+        let mut out = crate::pool::zeros(grad.numel());
         match op {
             Unary::Scale(c) => grad.with_f32(|g| map_into(&mut out, g, |g| g * c)),
             Unary::AddScalar(_) => return Ok(vec![Some(grad.clone())]),
-            _ => grad.with_f32(|g| {
-                self.x
-                    .with_f32(|x| zip_into(&mut out, g, x, |g, x| g * op.derivative(x)))
-            }),
+            _ => grad.with_f32(|g| self.x.with_f32(|x| derivative_all(op, &mut out, g, x))),
         }
         Ok(vec![Some(Tensor::from_f32_unchecked(out, grad.shape()))])
     }
 }
 
+/// `out = op(v)`, with one monomorphised loop per op so that each vectorises.
+fn forward_all(op: Unary, out: &mut [f32], v: &[f32]) {
+    match op {
+        Unary::Relu => map_into(out, v, |x| Unary::Relu.forward(x)),
+        Unary::GeluTanh => map_into(out, v, |x| Unary::GeluTanh.forward(x)),
+        Unary::GeluErf => map_into(out, v, |x| Unary::GeluErf.forward(x)),
+        Unary::Silu => map_into(out, v, |x| Unary::Silu.forward(x)),
+        Unary::Exp => map_into(out, v, |x| x.exp()),
+        Unary::Log => map_into(out, v, |x| x.ln()),
+        Unary::Scale(c) => map_into(out, v, move |x| x * c),
+        Unary::AddScalar(c) => map_into(out, v, move |x| x + c),
+    }
+}
+
+/// `out = g · op'(x)`, one monomorphised loop per op.
+fn derivative_all(op: Unary, out: &mut [f32], g: &[f32], x: &[f32]) {
+    match op {
+        Unary::Relu => zip_into(out, g, x, |g, x| g * Unary::Relu.derivative(x)),
+        Unary::GeluTanh => zip_into(out, g, x, |g, x| g * Unary::GeluTanh.derivative(x)),
+        Unary::GeluErf => zip_into(out, g, x, |g, x| g * Unary::GeluErf.derivative(x)),
+        Unary::Silu => zip_into(out, g, x, |g, x| g * Unary::Silu.derivative(x)),
+        Unary::Exp => zip_into(out, g, x, |g, x| g * x.exp()),
+        Unary::Log => zip_into(out, g, x, |g, x| g / x),
+        Unary::Scale(c) => map_into(out, g, move |g| g * c),
+        Unary::AddScalar(_) => out.copy_from_slice(g),
+    }
+}
+
 fn unary(x: &Tensor, op: Unary) -> Tensor {
-    let mut out = vec![0.0f32; x.numel()];
-    x.with_f32(|v| map_into(&mut out, v, |v| op.forward(v)));
+    let mut out = crate::pool::zeros(x.numel());
+    x.with_f32(|v| forward_all(op, &mut out, v));
     let value = Tensor::from_f32_as(out, x.shape(), x.dtype());
     let saved = match op {
         Unary::Scale(_) | Unary::AddScalar(_) => shape_only(x),

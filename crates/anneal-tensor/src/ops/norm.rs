@@ -40,41 +40,43 @@ impl Backward for LayerNormBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let d = self.weight.numel();
-        let mut dx = vec![0.0f32; self.x.numel()];
+        let mut dx = crate::pool::zeros(self.x.numel());
         let w = self.weight.to_vec_f32();
         let (dw, db) = grad.with_f32(|g| {
             self.x.with_f32(|x| {
                 dx.par_chunks_mut(ROWS_PER_TASK * d)
                     .enumerate()
                     .map(|(c, dxc)| {
-                        let mut dw = vec![0.0f32; d];
-                        let mut db = vec![0.0f32; d];
-                        let mut dxhat = vec![0.0f32; d];
-                        for (r, dxr) in dxc.chunks_mut(d).enumerate() {
-                            let row = c * ROWS_PER_TASK + r;
-                            let (mean, rstd) = (self.mean[row], self.rstd[row]);
-                            let xr = &x[row * d..(row + 1) * d];
-                            let gr = &g[row * d..(row + 1) * d];
-                            let mut sum_dxhat = 0.0;
-                            let mut sum_dxhat_xhat = 0.0;
-                            for i in 0..d {
-                                let xhat = (xr[i] - mean) * rstd;
-                                dw[i] += gr[i] * xhat;
-                                db[i] += gr[i];
-                                dxhat[i] = gr[i] * w[i];
-                                sum_dxhat += dxhat[i];
-                                sum_dxhat_xhat += dxhat[i] * xhat;
+                        crate::kernels::vectorized(|| {
+                            let mut dw = crate::pool::zeros(d);
+                            let mut db = crate::pool::zeros(d);
+                            let mut dxhat = crate::pool::zeros(d);
+                            for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                                let row = c * ROWS_PER_TASK + r;
+                                let (mean, rstd) = (self.mean[row], self.rstd[row]);
+                                let xr = &x[row * d..(row + 1) * d];
+                                let gr = &g[row * d..(row + 1) * d];
+                                let mut sum_dxhat = 0.0;
+                                let mut sum_dxhat_xhat = 0.0;
+                                for i in 0..d {
+                                    let xhat = (xr[i] - mean) * rstd;
+                                    dw[i] += gr[i] * xhat;
+                                    db[i] += gr[i];
+                                    dxhat[i] = gr[i] * w[i];
+                                    sum_dxhat += dxhat[i];
+                                    sum_dxhat_xhat += dxhat[i] * xhat;
+                                }
+                                let (m1, m2) = (sum_dxhat / d as f32, sum_dxhat_xhat / d as f32);
+                                for i in 0..d {
+                                    let xhat = (xr[i] - mean) * rstd;
+                                    dxr[i] = rstd * (dxhat[i] - m1 - xhat * m2);
+                                }
                             }
-                            let (m1, m2) = (sum_dxhat / d as f32, sum_dxhat_xhat / d as f32);
-                            for i in 0..d {
-                                let xhat = (xr[i] - mean) * rstd;
-                                dxr[i] = rstd * (dxhat[i] - m1 - xhat * m2);
-                            }
-                        }
-                        (dw, db)
+                            (dw, db)
+                        })
                     })
                     .reduce(
-                        || (vec![0.0f32; d], vec![0.0f32; d]),
+                        || (crate::pool::zeros(d), crate::pool::zeros(d)),
                         |(mut a, mut b), (c, e)| {
                             crate::kernels::add_assign(&mut a, &c);
                             crate::kernels::add_assign(&mut b, &e);
@@ -106,34 +108,36 @@ impl Backward for RmsNormBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let d = self.weight.numel();
-        let mut dx = vec![0.0f32; self.x.numel()];
+        let mut dx = crate::pool::zeros(self.x.numel());
         let w = self.weight.to_vec_f32();
         let dw = grad.with_f32(|g| {
             self.x.with_f32(|x| {
                 dx.par_chunks_mut(ROWS_PER_TASK * d)
                     .enumerate()
                     .map(|(c, dxc)| {
-                        let mut dw = vec![0.0f32; d];
-                        for (r, dxr) in dxc.chunks_mut(d).enumerate() {
-                            let row = c * ROWS_PER_TASK + r;
-                            let rstd = self.rstd[row];
-                            let xr = &x[row * d..(row + 1) * d];
-                            let gr = &g[row * d..(row + 1) * d];
-                            let mut s = 0.0;
-                            for i in 0..d {
-                                let xhat = xr[i] * rstd;
-                                dw[i] += gr[i] * xhat;
-                                s += gr[i] * w[i] * xhat;
+                        crate::kernels::vectorized(|| {
+                            let mut dw = crate::pool::zeros(d);
+                            for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                                let row = c * ROWS_PER_TASK + r;
+                                let rstd = self.rstd[row];
+                                let xr = &x[row * d..(row + 1) * d];
+                                let gr = &g[row * d..(row + 1) * d];
+                                let mut s = 0.0;
+                                for i in 0..d {
+                                    let xhat = xr[i] * rstd;
+                                    dw[i] += gr[i] * xhat;
+                                    s += gr[i] * w[i] * xhat;
+                                }
+                                let m = s / d as f32;
+                                for i in 0..d {
+                                    dxr[i] = rstd * (gr[i] * w[i] - xr[i] * rstd * m);
+                                }
                             }
-                            let m = s / d as f32;
-                            for i in 0..d {
-                                dxr[i] = rstd * (gr[i] * w[i] - xr[i] * rstd * m);
-                            }
-                        }
-                        dw
+                            dw
+                        })
                     })
                     .reduce(
-                        || vec![0.0f32; d],
+                        || crate::pool::zeros(d),
                         |mut a, b| {
                             crate::kernels::add_assign(&mut a, &b);
                             a
@@ -157,9 +161,9 @@ impl Tensor {
             check("layer_norm bias", self, b)?;
         }
         let rows = self.numel() / d.max(1);
-        let mut out = vec![0.0f32; self.numel()];
-        let mut mean = vec![0.0f32; rows];
-        let mut rstd = vec![0.0f32; rows];
+        let mut out = crate::pool::zeros(self.numel());
+        let mut mean = crate::pool::zeros(rows);
+        let mut rstd = crate::pool::zeros(rows);
         let w = weight.to_vec_f32();
         let b = bias.map(|b| b.to_vec_f32());
         self.with_f32(|x| {
@@ -168,19 +172,21 @@ impl Tensor {
                 .enumerate()
                 .with_min_len(ROWS_PER_TASK)
                 .for_each(|(r, (o, (m, s)))| {
-                    let xr = &x[r * d..(r + 1) * d];
-                    let mu = xr.iter().sum::<f32>() / d as f32;
-                    let var = xr.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
-                    let rs = 1.0 / (var + eps).sqrt();
-                    for i in 0..d {
-                        let y = (xr[i] - mu) * rs * w[i];
-                        o[i] = match &b {
-                            Some(b) => y + b[i],
-                            None => y,
-                        };
-                    }
-                    *m = mu;
-                    *s = rs;
+                    crate::kernels::vectorized(|| {
+                        let xr = &x[r * d..(r + 1) * d];
+                        let mu = xr.iter().sum::<f32>() / d as f32;
+                        let var = xr.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
+                        let rs = 1.0 / (var + eps).sqrt();
+                        for i in 0..d {
+                            let y = (xr[i] - mu) * rs * w[i];
+                            o[i] = match &b {
+                                Some(b) => y + b[i],
+                                None => y,
+                            };
+                        }
+                        *m = mu;
+                        *s = rs;
+                    })
                 });
         });
         let value = Tensor::from_f32_as(out, self.shape(), self.dtype());
@@ -205,8 +211,8 @@ impl Tensor {
     pub fn rms_norm(&self, weight: &Tensor, eps: f32) -> Result<Tensor> {
         let d = check("rms_norm", self, weight)?;
         let rows = self.numel() / d.max(1);
-        let mut out = vec![0.0f32; self.numel()];
-        let mut rstd = vec![0.0f32; rows];
+        let mut out = crate::pool::zeros(self.numel());
+        let mut rstd = crate::pool::zeros(rows);
         let w = weight.to_vec_f32();
         self.with_f32(|x| {
             out.par_chunks_mut(d)
@@ -214,13 +220,15 @@ impl Tensor {
                 .enumerate()
                 .with_min_len(ROWS_PER_TASK)
                 .for_each(|(r, (o, s))| {
-                    let xr = &x[r * d..(r + 1) * d];
-                    let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
-                    let rs = 1.0 / (ms + eps).sqrt();
-                    for i in 0..d {
-                        o[i] = xr[i] * rs * w[i];
-                    }
-                    *s = rs;
+                    crate::kernels::vectorized(|| {
+                        let xr = &x[r * d..(r + 1) * d];
+                        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                        let rs = 1.0 / (ms + eps).sqrt();
+                        for i in 0..d {
+                            o[i] = xr[i] * rs * w[i];
+                        }
+                        *s = rs;
+                    })
                 });
         });
         let value = Tensor::from_f32_as(out, self.shape(), self.dtype());

@@ -35,7 +35,7 @@ impl Backward for SumBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (outer, n, inner) = around(&self.shape, self.axis);
-        let mut out = vec![0.0f32; outer * n * inner];
+        let mut out = crate::pool::zeros(outer * n * inner);
         grad.with_f32(|g| {
             for o in 0..outer {
                 for j in 0..n {
@@ -62,7 +62,7 @@ impl Backward for MaxBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (_, n, inner) = around(&self.shape, self.axis);
-        let mut out = vec![0.0f32; self.shape.iter().product()];
+        let mut out = crate::pool::zeros(self.shape.iter().product());
         grad.with_f32(|g| {
             for (r, &j) in self.argmax.iter().enumerate() {
                 let (o, i) = (r / inner, r % inner);
@@ -77,7 +77,7 @@ impl Tensor {
     fn sum_scaled(&self, axis: isize, keepdim: bool, scale: f32) -> Result<Tensor> {
         let ax = self.axis(axis, "sum")?;
         let (outer, n, inner) = around(self.shape(), ax);
-        let mut out = vec![0.0f32; outer * inner];
+        let mut out = crate::pool::zeros(outer * inner);
         self.with_f32(|v| {
             for o in 0..outer {
                 let dst = &mut out[o * inner..(o + 1) * inner];

@@ -218,7 +218,7 @@ impl Tensor {
         }
         let outer: usize = shape[..ax].iter().product();
         let inner: usize = shape[ax + 1..].iter().product();
-        let mut out = vec![0.0f32; shape.iter().product()];
+        let mut out = crate::pool::zeros(shape.iter().product());
         let row = shape[ax] * inner;
         let mut col = 0;
         let mut sizes = Vec::with_capacity(tensors.len());
@@ -272,7 +272,7 @@ impl Tensor {
         let inner: usize = self.shape()[ax + 1..].iter().product();
         let mut shape = self.shape().to_vec();
         shape[ax] = indices.len();
-        let mut out = vec![0.0f32; shape.iter().product()];
+        let mut out = crate::pool::zeros(shape.iter().product());
         self.with_f32(|v| {
             for o in 0..outer {
                 for (j, &i) in indices.iter().enumerate() {
@@ -295,7 +295,7 @@ impl Tensor {
                 let outer: usize = self.shape[..self.axis].iter().product();
                 let inner: usize = self.shape[self.axis + 1..].iter().product();
                 let n = self.shape[self.axis];
-                let mut out = vec![0.0f32; self.shape.iter().product()];
+                let mut out = crate::pool::zeros(self.shape.iter().product());
                 grad.with_f32(|g| {
                     for o in 0..outer {
                         for (j, &i) in self.indices.iter().enumerate() {
@@ -351,7 +351,7 @@ impl Tensor {
     pub fn gather(&self, axis: isize, index: &[usize], index_shape: &[usize]) -> Result<Tensor> {
         let ax = self.axis(axis, "gather")?;
         let plan = GatherPlan::new("gather", self.shape(), ax, index, index_shape)?;
-        let mut out = vec![0.0f32; index.len()];
+        let mut out = crate::pool::zeros(index.len());
         self.with_f32(|v| {
             plan.for_each(|dst, src| out[dst] = v[src]);
         });
@@ -364,7 +364,7 @@ impl Tensor {
                 "gather"
             }
             fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-                let mut out = vec![0.0f32; self.shape.iter().product()];
+                let mut out = crate::pool::zeros(self.shape.iter().product());
                 grad.with_f32(|g| self.plan.for_each(|dst, src| out[src] += g[dst]));
                 Ok(vec![Some(Tensor::from_f32_unchecked(out, &self.shape))])
             }
@@ -396,7 +396,7 @@ impl Tensor {
                 "scatter_add"
             }
             fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-                let mut dsrc = vec![0.0f32; self.src_shape.iter().product()];
+                let mut dsrc = crate::pool::zeros(self.src_shape.iter().product());
                 grad.with_f32(|g| self.plan.for_each(|i, o| dsrc[i] = g[o]));
                 Ok(vec![
                     Some(grad.contiguous_data()),

@@ -12,7 +12,7 @@ fn softmax_row(row: &[f32], out: &mut [f32]) -> f32 {
     let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0.0;
     for (o, &x) in out.iter_mut().zip(row) {
-        let e = (x - max).exp();
+        let e = crate::kernels::fast_exp(x - max);
         *o = e;
         sum += e;
     }
@@ -36,25 +36,27 @@ impl Backward for SoftmaxBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let d = *self.y.shape().last().unwrap_or(&1);
-        let mut dx = vec![0.0f32; self.y.numel()];
+        let mut dx = crate::pool::zeros(self.y.numel());
         let log = self.log;
         grad.with_f32(|g| {
             self.y.with_f32(|y| {
                 dx.par_chunks_mut(d).enumerate().for_each(|(r, dxr)| {
-                    let (gr, yr) = (&g[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
-                    if log {
-                        // y = x - lse: dx = g - softmax(x)·Σg
-                        let s: f32 = gr.iter().sum();
-                        for i in 0..d {
-                            dxr[i] = gr[i] - yr[i].exp() * s;
+                    crate::kernels::vectorized(|| {
+                        let (gr, yr) = (&g[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+                        if log {
+                            // y = x - lse: dx = g - softmax(x)·Σg
+                            let s: f32 = gr.iter().sum();
+                            for i in 0..d {
+                                dxr[i] = gr[i] - crate::kernels::fast_exp(yr[i]) * s;
+                            }
+                        } else {
+                            // dx = y·(g - Σ g·y)
+                            let s = crate::kernels::dot(gr, yr);
+                            for i in 0..d {
+                                dxr[i] = yr[i] * (gr[i] - s);
+                            }
                         }
-                    } else {
-                        // dx = y·(g - Σ g·y)
-                        let s = crate::kernels::dot(gr, yr);
-                        for i in 0..d {
-                            dxr[i] = yr[i] * (gr[i] - s);
-                        }
-                    }
+                    })
                 })
             })
         });
@@ -68,16 +70,18 @@ fn softmax_impl(x: &Tensor, log: bool) -> Result<Tensor> {
         shape: vec![],
         reason: "needs at least one axis".into(),
     })?;
-    let mut out = vec![0.0f32; x.numel()];
+    let mut out = crate::pool::zeros(x.numel());
     x.with_f32(|v| {
         out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
-            let row = &v[r * d..(r + 1) * d];
-            let lse = softmax_row(row, o);
-            if log {
-                for (o, &x) in o.iter_mut().zip(row) {
-                    *o = x - lse;
+            crate::kernels::vectorized(|| {
+                let row = &v[r * d..(r + 1) * d];
+                let lse = softmax_row(row, o);
+                if log {
+                    for (o, &x) in o.iter_mut().zip(row) {
+                        *o = x - lse;
+                    }
                 }
-            }
+            })
         })
     });
     let value = Tensor::from_f32_as(out, x.shape(), x.dtype());
@@ -119,20 +123,22 @@ impl Backward for CrossEntropyBackward {
         let v = *self.logits.shape().last().unwrap_or(&1);
         let scale = grad.item()? / self.count.max(1) as f32;
         let eps = self.opts.label_smoothing;
-        let mut dx = vec![0.0f32; self.logits.numel()];
+        let mut dx = crate::pool::zeros(self.logits.numel());
         self.logits.with_f32(|x| {
             dx.par_chunks_mut(v).enumerate().for_each(|(r, d)| {
-                let t = self.targets[r];
-                if t == self.opts.ignore_index {
-                    return;
-                }
-                let lse = self.lse[r];
-                let row = &x[r * v..(r + 1) * v];
-                let smooth = eps / v as f32;
-                for i in 0..v {
-                    d[i] = ((row[i] - lse).exp() - smooth) * scale;
-                }
-                d[t as usize] -= (1.0 - eps) * scale;
+                crate::kernels::vectorized(|| {
+                    let t = self.targets[r];
+                    if t == self.opts.ignore_index {
+                        return;
+                    }
+                    let lse = self.lse[r];
+                    let row = &x[r * v..(r + 1) * v];
+                    let smooth = eps / v as f32;
+                    for i in 0..v {
+                        d[i] = (crate::kernels::fast_exp(row[i] - lse) - smooth) * scale;
+                    }
+                    d[t as usize] -= (1.0 - eps) * scale;
+                })
             })
         });
         Ok(vec![Some(Tensor::from_f32_unchecked(
@@ -176,26 +182,29 @@ impl Tensor {
             });
         }
         let eps = opts.label_smoothing;
-        let mut lse = vec![0.0f32; targets.len()];
+        let mut lse = crate::pool::zeros(targets.len());
         let losses: Vec<f64> = self.with_f32(|x| {
             lse.par_iter_mut()
                 .enumerate()
                 .map(|(r, l)| {
-                    let row = &x[r * v..(r + 1) * v];
-                    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row.iter().map(|&z| (z - max).exp()).sum();
-                    *l = max + sum.ln();
-                    let t = targets[r];
-                    if t == opts.ignore_index {
-                        return 0.0;
-                    }
-                    let nll = (*l - row[t as usize]) as f64;
-                    if eps == 0.0 {
-                        nll
-                    } else {
-                        let mean_nll = row.iter().map(|&z| (*l - z) as f64).sum::<f64>() / v as f64;
-                        (1.0 - eps as f64) * nll + eps as f64 * mean_nll
-                    }
+                    crate::kernels::vectorized(|| {
+                        let row = &x[r * v..(r + 1) * v];
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let sum: f32 = row.iter().map(|&z| crate::kernels::fast_exp(z - max)).sum();
+                        *l = max + sum.ln();
+                        let t = targets[r];
+                        if t == opts.ignore_index {
+                            return 0.0;
+                        }
+                        let nll = (*l - row[t as usize]) as f64;
+                        if eps == 0.0 {
+                            nll
+                        } else {
+                            let mean_nll =
+                                row.iter().map(|&z| (*l - z) as f64).sum::<f64>() / v as f64;
+                            (1.0 - eps as f64) * nll + eps as f64 * mean_nll
+                        }
+                    })
                 })
                 .collect()
         });
