@@ -1,0 +1,53 @@
+//! Times the matrix products of one GPT block's forward and backward, as `gemm` sees them, to
+//! compare layouts and threading:
+//!
+//!     cargo run --release -p anneal-tensor --example gemm_shapes -- [threads]
+
+use std::time::Instant;
+
+use anneal_tensor::testing::randn;
+use anneal_tensor::Tensor;
+
+fn bench(label: &str, a: &Tensor, b: &Tensor) {
+    let (m, k, n) = (a.shape()[0], a.shape()[1], b.shape()[1]);
+    let mut t = Vec::new();
+    for _ in 0..9 {
+        let t0 = Instant::now();
+        let c = a.matmul(b).unwrap();
+        t.push(t0.elapsed().as_secs_f64());
+        drop(c);
+    }
+    t.sort_by(|x, y| x.total_cmp(y));
+    let s = t[4];
+    println!(
+        "{label:<40} {m:>5}x{k:>5}x{n:>5} {:>7.2} ms {:>6.1} GFLOP/s",
+        s * 1e3,
+        2.0 * (m * k * n) as f64 / s / 1e9
+    );
+}
+
+fn main() {
+    let threads = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(2);
+    anneal_tensor::set_num_threads(threads).unwrap();
+    for (k, n) in [(256usize, 768usize), (256, 256), (256, 1024), (1024, 256)] {
+        let x = randn(&[2048, k], 1);
+        let w = randn(&[k, n], 2);
+        let dy = randn(&[2048, n], 3);
+        bench(&format!("forward x·W ({k}->{n})"), &x, &w);
+        bench("grad input dY·Wᵀ (view)", &dy, &w.transpose(0, 1).unwrap());
+        bench(
+            "grad input dY·Wᵀ (copied)",
+            &dy,
+            &w.transpose(0, 1).unwrap().contiguous(),
+        );
+        bench("grad weight Xᵀ·dY (view)", &x.transpose(0, 1).unwrap(), &dy);
+        bench(
+            "grad weight Xᵀ·dY (copied)",
+            &x.transpose(0, 1).unwrap().contiguous(),
+            &dy,
+        );
+    }
+}
