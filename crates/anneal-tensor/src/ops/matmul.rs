@@ -79,7 +79,7 @@ pub(crate) unsafe fn gemm_f32(
             let split_m = m >= n;
             let len = if split_m { m } else { n };
             // Part boundaries on multiples of 16 rows/columns (the micro-kernel's tile).
-            let bound = |i: usize| ((len * i / parts) + 15) / 16 * 16;
+            let bound = |i: usize| (len * i / parts).div_ceil(16) * 16;
             (0..parts).into_par_iter().for_each(move |i| {
                 let (d, pa, pb) = (d, pa, pb);
                 let (lo, hi) = (bound(i).min(len), bound(i + 1).min(len));
