@@ -192,16 +192,27 @@ fn worker(b: &GptBench) -> Result<Measurement> {
     let mut loss_value = 0.0;
     let mut phases = [0.0f64; 3];
     let mut profile: std::collections::HashMap<&'static str, (u32, f64)> = Default::default();
+    let mut fwd_profile: std::collections::HashMap<&'static str, (u32, f64)> = Default::default();
     for step in 0..b.warmup + b.steps {
         let (ids, targets) = batch();
         let timed = step >= b.warmup;
         if b.profile && timed {
             anneal_tensor::autograd::start_backward_profile();
         }
+        if b.profile && timed {
+            anneal_tensor::autograd::start_forward_profile();
+        }
         let t0 = Instant::now();
         model.params.zero_grad();
         let loss = model.loss(&ids, &targets, b.batch, b.seq, None)?;
         let t1 = Instant::now();
+        if b.profile && timed {
+            for (name, calls, secs) in anneal_tensor::autograd::take_forward_profile() {
+                let e = fwd_profile.entry(name).or_insert((0, 0.0));
+                e.0 += calls;
+                e.1 += secs;
+            }
+        }
         loss.backward()?;
         let t2 = Instant::now();
         opt.step(&model.params);
@@ -229,6 +240,15 @@ fn worker(b: &GptBench) -> Result<Measurement> {
             phases[1] / n * 1e3,
             phases[2] / n * 1e3
         );
+        let mut rows: Vec<_> = fwd_profile.into_iter().collect();
+        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+        for (name, (calls, secs)) in rows {
+            eprintln!(
+                "  forward  {name:<18} {:>4} calls/step {:>8.1} ms/step",
+                calls as f64 / n,
+                secs / n * 1e3
+            );
+        }
         let mut rows: Vec<_> = profile.into_iter().collect();
         rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
         for (name, (calls, secs)) in rows {

@@ -34,6 +34,37 @@ thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
     static PROFILE: std::cell::RefCell<Option<HashMap<&'static str, (u32, f64)>>> =
         const { std::cell::RefCell::new(None) };
+    static FORWARD_PROFILE: std::cell::RefCell<Option<(std::time::Instant, HashMap<&'static str, (u32, f64)>)>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Starts attributing, on this thread, the time between consecutive recorded ops to the later
+/// one (its forward computation, as ops compute their value and then record it).
+pub fn start_forward_profile() {
+    FORWARD_PROFILE.with(|p| *p.borrow_mut() = Some((std::time::Instant::now(), HashMap::new())));
+}
+
+/// Stops the forward attribution and returns (op name, calls, seconds), slowest first.
+pub fn take_forward_profile() -> Vec<(&'static str, u32, f64)> {
+    let map = FORWARD_PROFILE
+        .with(|p| p.borrow_mut().take())
+        .map(|(_, m)| m)
+        .unwrap_or_default();
+    let mut v: Vec<_> = map.into_iter().map(|(k, (n, s))| (k, n, s)).collect();
+    v.sort_by(|a, b| b.2.total_cmp(&a.2));
+    v
+}
+
+fn note_forward(name: &'static str) {
+    FORWARD_PROFILE.with(|p| {
+        if let Some((last, map)) = p.borrow_mut().as_mut() {
+            let now = std::time::Instant::now();
+            let e = map.entry(name).or_insert((0, 0.0));
+            e.0 += 1;
+            e.1 += (now - *last).as_secs_f64();
+            *last = now;
+        }
+    });
 }
 
 /// Starts recording, on this thread, the wall time each kind of op spends in backward.
@@ -457,6 +488,7 @@ where
 /// Like [`Tensor::from_op`] but records the node even when no input requires grad (the op has
 /// parameters of its own that backward reaches).
 fn from_op_always(value: Tensor, inputs: &[&Tensor], backward: impl Backward + 'static) -> Tensor {
+    note_forward(backward.name());
     let edges = inputs
         .iter()
         .map(|t| match &t.0.autograd {

@@ -36,6 +36,17 @@ pub(crate) fn zeros(len: usize) -> Vec<f32> {
     if len < MIN_LEN {
         return vec![0.0; len];
     }
+    let mut v = uninit(len);
+    v.fill(0.0);
+    v
+}
+
+/// An f32 buffer of `len` elements whose contents are unspecified (stale values from an earlier
+/// use, or zeros): for outputs that are written in full before being read.
+pub(crate) fn uninit(len: usize) -> Vec<f32> {
+    if len < MIN_LEN {
+        return vec![0.0; len];
+    }
     let reused = with_cache(|c| {
         let v = c.free.get_mut(&len).and_then(|l| l.pop());
         if v.is_some() {
@@ -43,13 +54,7 @@ pub(crate) fn zeros(len: usize) -> Vec<f32> {
         }
         v
     });
-    match reused {
-        Some(mut v) => {
-            v.fill(0.0);
-            v
-        }
-        None => vec![0.0; len],
-    }
+    reused.unwrap_or_else(|| vec![0.0; len])
 }
 
 /// Hands a buffer back for reuse.

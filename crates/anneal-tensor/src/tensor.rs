@@ -220,7 +220,7 @@ impl Tensor {
 
     /// All elements, row-major, as f32.
     pub fn to_vec_f32(&self) -> Vec<f32> {
-        let mut out = crate::pool::zeros(self.numel());
+        let mut out = crate::pool::uninit(self.numel());
         self.read_into_f32(&mut out);
         out
     }

@@ -20,7 +20,7 @@ use crate::storage::Buffer;
 use crate::{DType, Tensor};
 
 /// Query rows per block.
-const BLOCK: usize = 64;
+const BLOCK: usize = 16;
 
 /// Options of [`Tensor::attention`].
 #[derive(Clone, Debug, Default)]
@@ -130,33 +130,48 @@ unsafe fn block_probs(
                 }
             }
         }
+        let exp_row = |row: &mut [f32], shift: f32| -> f32 {
+            // Only the first `visible` entries can be non-zero; padded keys inside are −∞ and
+            // must give exactly 0, which the clamped fast exp would not.
+            let mut sum = 0.0;
+            for x in row[..visible].iter_mut() {
+                let e = if *x == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    crate::kernels::fast_exp(*x - shift)
+                };
+                *x = e;
+                sum += e;
+            }
+            row[visible..].fill(0.0);
+            sum
+        };
         let lse = match lse_in {
-            Some(l) => l[r],
+            Some(l) => {
+                if l[r] == f32::NEG_INFINITY {
+                    row.fill(0.0);
+                } else {
+                    exp_row(row, l[r]);
+                }
+                l[r]
+            }
             None => {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let max = row[..visible]
+                    .iter()
+                    .copied()
+                    .fold(f32::NEG_INFINITY, f32::max);
                 if max == f32::NEG_INFINITY {
+                    row.fill(0.0);
                     f32::NEG_INFINITY
                 } else {
-                    max + row
-                        .iter()
-                        .map(|&x| crate::kernels::fast_exp(x - max))
-                        .sum::<f32>()
-                        .ln()
+                    // One exponential per score: e = exp(s − max), normalised by its sum.
+                    let sum = exp_row(row, max);
+                    let inv = 1.0 / sum;
+                    row[..visible].iter_mut().for_each(|x| *x *= inv);
+                    max + sum.ln()
                 }
             }
         };
-        if lse == f32::NEG_INFINITY {
-            row.fill(0.0);
-        } else {
-            // Masked scores are −∞ and must give exactly 0, which the clamped fast exp does not.
-            row.iter_mut().for_each(|x| {
-                *x = if *x == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    crate::kernels::fast_exp(*x - lse)
-                }
-            });
-        }
         if let Some(out) = lse_out.as_deref_mut() {
             out[r] = lse;
         }
@@ -171,7 +186,7 @@ fn forward(
     v: Heads,
     mask: Option<&[bool]>,
 ) -> (Vec<f32>, Vec<f32>) {
-    let mut out = crate::pool::zeros(g.b * g.t * g.hq * g.d);
+    let mut out = crate::pool::uninit(g.b * g.t * g.hq * g.d);
     let mut lse = crate::pool::zeros(g.b * g.hq * g.t);
     let o = Heads {
         ptr: out.as_mut_ptr(),

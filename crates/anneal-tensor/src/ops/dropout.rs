@@ -29,7 +29,7 @@ fn keep(seed: u64, i: usize, p: f32) -> f32 {
 }
 
 fn apply(x: &[f32], seed: u64, p: f32) -> Vec<f32> {
-    let mut out = crate::pool::zeros(x.len());
+    let mut out = crate::pool::uninit(x.len());
     out.par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
         let base = c << 14;
         for (j, o) in o.iter_mut().enumerate() {

@@ -202,7 +202,7 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         BinaryOp::Div => |x: f32, y: f32| x / y,
     };
     let numel: usize = shape.iter().product();
-    let mut out = crate::pool::zeros(numel);
+    let mut out = crate::pool::uninit(numel);
     if a.shape() == shape.as_slice() && b.shape() == shape.as_slice() {
         a.with_f32(|av| b.with_f32(|bv| zip_into(&mut out, av, bv, f)));
     } else if a.shape() == shape.as_slice() && shape.ends_with(b.shape()) {
@@ -347,7 +347,7 @@ impl Backward for UnaryBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let op = self.op;
-        let mut out = crate::pool::zeros(grad.numel());
+        let mut out = crate::pool::uninit(grad.numel());
         match op {
             Unary::Scale(c) => grad.with_f32(|g| map_into(&mut out, g, |g| g * c)),
             Unary::AddScalar(_) => return Ok(vec![Some(grad.clone())]),
@@ -386,7 +386,7 @@ fn derivative_all(op: Unary, out: &mut [f32], g: &[f32], x: &[f32]) {
 }
 
 fn unary(x: &Tensor, op: Unary) -> Tensor {
-    let mut out = crate::pool::zeros(x.numel());
+    let mut out = crate::pool::uninit(x.numel());
     x.with_f32(|v| forward_all(op, &mut out, v));
     let value = Tensor::from_f32_as(out, x.shape(), x.dtype());
     let saved = match op {

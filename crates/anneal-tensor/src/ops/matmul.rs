@@ -341,7 +341,7 @@ fn fold_rows(a: Mat) -> Mat {
 fn product(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<(Vec<f32>, Vec<usize>)> {
     let (out_shape, m, n, _k) = check_matmul(a, b)?;
     let numel: usize = out_shape.iter().product();
-    let mut out = crate::pool::zeros(numel);
+    let mut out = crate::pool::uninit(numel);
     let accumulate = if let Some(bias) = bias {
         bias.with_f32(|bv| {
             for row in out.chunks_mut(n) {
@@ -376,9 +376,9 @@ impl Backward for MatmulBackward {
         let (a, b) = (&self.a, &self.b);
         let shared_b = b.rank() == 2 && a.rank() > 2;
         // dA = dC · Bᵀ
-        let mut da = crate::pool::zeros(a.numel());
+        let mut da = crate::pool::uninit(a.numel());
         // dB = Aᵀ · dC (summed over the batch when B is shared)
-        let mut db = crate::pool::zeros(b.numel());
+        let mut db = crate::pool::uninit(b.numel());
         with_mat(grad, |gm| {
             with_mat(b, |bm| unsafe {
                 let gm2 = if shared_b { fold_rows(gm) } else { gm };

@@ -40,7 +40,7 @@ impl Backward for LayerNormBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let d = self.weight.numel();
-        let mut dx = crate::pool::zeros(self.x.numel());
+        let mut dx = crate::pool::uninit(self.x.numel());
         let w = self.weight.to_vec_f32();
         let (dw, db) = grad.with_f32(|g| {
             self.x.with_f32(|x| {
@@ -161,7 +161,7 @@ impl Tensor {
             check("layer_norm bias", self, b)?;
         }
         let rows = self.numel() / d.max(1);
-        let mut out = crate::pool::zeros(self.numel());
+        let mut out = crate::pool::uninit(self.numel());
         let mut mean = crate::pool::zeros(rows);
         let mut rstd = crate::pool::zeros(rows);
         let w = weight.to_vec_f32();

@@ -36,7 +36,7 @@ impl Backward for SoftmaxBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let d = *self.y.shape().last().unwrap_or(&1);
-        let mut dx = crate::pool::zeros(self.y.numel());
+        let mut dx = crate::pool::uninit(self.y.numel());
         let log = self.log;
         grad.with_f32(|g| {
             self.y.with_f32(|y| {
@@ -70,7 +70,7 @@ fn softmax_impl(x: &Tensor, log: bool) -> Result<Tensor> {
         shape: vec![],
         reason: "needs at least one axis".into(),
     })?;
-    let mut out = crate::pool::zeros(x.numel());
+    let mut out = crate::pool::uninit(x.numel());
     x.with_f32(|v| {
         out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
             crate::kernels::vectorized(|| {
