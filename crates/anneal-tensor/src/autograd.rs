@@ -30,11 +30,14 @@ fn next_id() -> usize {
     NEXT_ID.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Calls and seconds per op name.
+type OpTimes = HashMap<&'static str, (u32, f64)>;
+
 thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
-    static PROFILE: std::cell::RefCell<Option<HashMap<&'static str, (u32, f64)>>> =
+    static PROFILE: std::cell::RefCell<Option<OpTimes>> =
         const { std::cell::RefCell::new(None) };
-    static FORWARD_PROFILE: std::cell::RefCell<Option<(std::time::Instant, HashMap<&'static str, (u32, f64)>)>> =
+    static FORWARD_PROFILE: std::cell::RefCell<Option<(std::time::Instant, OpTimes)>> =
         const { std::cell::RefCell::new(None) };
 }
 
