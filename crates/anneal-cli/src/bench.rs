@@ -92,9 +92,17 @@ pub struct Measurement {
     pub engine: String,
     pub dtype: String,
     pub ms_per_step: f64,
+    /// Fastest and slowest timed step.
+    #[serde(default)]
+    pub ms_min: f64,
+    #[serde(default)]
+    pub ms_max: f64,
     pub tokens_per_s: f64,
     pub gflops: f64,
     pub peak_rss_mb: f64,
+    /// Most bytes held by live tensors at once (the engine's own count), MB.
+    #[serde(default)]
+    pub peak_tensor_mb: f64,
     pub final_loss: f64,
 }
 
@@ -266,9 +274,12 @@ fn worker(b: &GptBench) -> Result<Measurement> {
         engine: "anneal".into(),
         dtype: dtype.as_str().into(),
         ms_per_step: median * 1e3,
+        ms_min: times[0] * 1e3,
+        ms_max: times[times.len() - 1] * 1e3,
         tokens_per_s: tokens / median,
         gflops: cfg.flops_per_token(b.seq) * tokens / median / 1e9,
         peak_rss_mb: peak_rss_mb(),
+        peak_tensor_mb: anneal_tensor::memory_stats().peak_bytes as f64 / (1024.0 * 1024.0),
         final_loss: loss_value,
     })
 }
@@ -402,15 +413,24 @@ fn gpt(b: GptBench) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<8} {:<5} {:>10} {:>10} {:>9} {:>8} {:>10} {:>8}",
-        "engine", "dtype", "ms/step", "tokens/s", "GFLOP/s", "% peak", "peak RSS", "loss"
+        "{:<8} {:<5} {:>10} {:>15} {:>10} {:>9} {:>8} {:>10} {:>8}",
+        "engine",
+        "dtype",
+        "ms/step",
+        "(min-max)",
+        "tokens/s",
+        "GFLOP/s",
+        "% peak",
+        "peak RSS",
+        "loss"
     );
     for r in &results {
         println!(
-            "{:<8} {:<5} {:>10.1} {:>10.0} {:>9.1} {:>7.1}% {:>7.0} MB {:>8.3}",
+            "{:<8} {:<5} {:>10.1} {:>15} {:>10.0} {:>9.1} {:>7.1}% {:>7.0} MB {:>8.3}",
             r.engine,
             r.dtype,
             r.ms_per_step,
+            format!("({:.0}-{:.0})", r.ms_min, r.ms_max),
             r.tokens_per_s,
             r.gflops,
             100.0 * r.gflops / peak,

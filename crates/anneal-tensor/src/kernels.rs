@@ -192,3 +192,76 @@ mod fast_math_tests {
         assert!(worst_tanh < 5e-7, "tanh absolute error {worst_tanh}");
     }
 }
+
+/// Rounds f32 to bfloat16, to nearest with ties to even (as `half::bf16::from_f32`), written with
+/// integer operations so the loop vectorises; NaN stays a quiet NaN.
+#[inline(always)]
+fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    let rounded = ((b.wrapping_add(0x7FFF + ((b >> 16) & 1))) >> 16) as u16;
+    if x.is_nan() {
+        ((b >> 16) as u16) | 0x0040
+    } else {
+        rounded
+    }
+}
+
+/// `dst[i] = bf16(src[i])`, in parallel.
+pub(crate) fn f32_to_bf16(src: &[f32], dst: &mut [half::bf16]) {
+    dst.par_chunks_mut(PAR_CHUNK)
+        .zip(src.par_chunks(PAR_CHUNK))
+        .for_each(|(d, s)| {
+            vectorized(|| {
+                for (d, &s) in d.iter_mut().zip(s) {
+                    *d = half::bf16::from_bits(bf16_bits(s));
+                }
+            })
+        });
+}
+
+/// `dst[i] = f32(src[i])` (exact), in parallel.
+pub(crate) fn bf16_to_f32(src: &[half::bf16], dst: &mut [f32]) {
+    dst.par_chunks_mut(PAR_CHUNK)
+        .zip(src.par_chunks(PAR_CHUNK))
+        .for_each(|(d, s)| {
+            vectorized(|| {
+                for (d, s) in d.iter_mut().zip(s) {
+                    *d = f32::from_bits((s.to_bits() as u32) << 16);
+                }
+            })
+        });
+}
+
+#[cfg(test)]
+mod bf16_tests {
+    use super::*;
+
+    #[test]
+    fn bf16_conversion_matches_half() {
+        let xs: Vec<f32> = (0..20000)
+            .map(|i| ((i as f32) * 0.37).sin() * 10f32.powi(i % 7 - 3))
+            .chain([
+                0.0,
+                -0.0,
+                f32::INFINITY,
+                f32::NEG_INFINITY,
+                f32::MAX,
+                1.0 + 1.0 / 256.0,
+                1.0 + 3.0 / 256.0,
+            ])
+            .collect();
+        let mut ours = vec![half::bf16::ZERO; xs.len()];
+        f32_to_bf16(&xs, &mut ours);
+        for (x, o) in xs.iter().zip(&ours) {
+            assert_eq!(o.to_bits(), half::bf16::from_f32(*x).to_bits(), "{x}");
+        }
+        let mut back = vec![0.0f32; xs.len()];
+        bf16_to_f32(&ours, &mut back);
+        for (b, o) in back.iter().zip(&ours) {
+            assert_eq!(*b, o.to_f32());
+        }
+        let mut nan = [half::bf16::ZERO];
+        f32_to_bf16(&[f32::NAN], &mut nan);
+        assert!(nan[0].is_nan());
+    }
+}

@@ -81,15 +81,7 @@ fn for_each_block(
     });
     if let Some(m) = master.as_ref() {
         match &mut *data {
-            Buffer::BF16(v) => {
-                v.par_chunks_mut(BLOCK)
-                    .zip(m.par_chunks(BLOCK))
-                    .for_each(|(d, s)| {
-                        d.iter_mut()
-                            .zip(s)
-                            .for_each(|(d, &s)| *d = half::bf16::from_f32(s))
-                    })
-            }
+            Buffer::BF16(v) => crate::kernels::f32_to_bf16(m, v),
             Buffer::F16(v) => {
                 v.par_chunks_mut(BLOCK)
                     .zip(m.par_chunks(BLOCK))

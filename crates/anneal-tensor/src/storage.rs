@@ -88,8 +88,17 @@ impl Buffer {
     pub fn from_f32(values: Vec<f32>, dtype: DType) -> Buffer {
         match dtype {
             DType::F32 => Buffer::F32(values),
-            DType::BF16 => Buffer::BF16(values.iter().map(|&x| bf16::from_f32(x)).collect()),
-            DType::F16 => Buffer::F16(values.iter().map(|&x| f16::from_f32(x)).collect()),
+            DType::BF16 => {
+                let mut out = vec![bf16::ZERO; values.len()];
+                crate::kernels::f32_to_bf16(&values, &mut out);
+                crate::pool::recycle(values);
+                Buffer::BF16(out)
+            }
+            DType::F16 => {
+                let out = values.iter().map(|&x| f16::from_f32(x)).collect();
+                crate::pool::recycle(values);
+                Buffer::F16(out)
+            }
         }
     }
 
@@ -118,11 +127,7 @@ impl Buffer {
         let n = out.len();
         match self {
             Buffer::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
-            Buffer::BF16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[start..start + n]) {
-                    *o = x.to_f32();
-                }
-            }
+            Buffer::BF16(v) => crate::kernels::bf16_to_f32(&v[start..start + n], out),
             Buffer::F16(v) => {
                 for (o, x) in out.iter_mut().zip(&v[start..start + n]) {
                     *o = x.to_f32();

@@ -257,7 +257,9 @@ impl Tensor {
             }
         }
         let tmp = self.to_vec_f32();
-        f(&tmp)
+        let r = f(&tmp);
+        crate::pool::recycle(tmp);
+        r
     }
 
     /// A row-major copy unless the tensor already is row-major. Carries gradients.
