@@ -265,3 +265,45 @@ mod bf16_tests {
         assert!(nan[0].is_nan());
     }
 }
+
+/// Σ f(i) for i in 0..n with eight independent partial sums, so the loop vectorises (a single
+/// running sum is a dependency chain of n additions that the compiler may not reorder).
+#[inline(always)]
+pub(crate) fn sum_by(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let chunks = n / 8;
+    for c in 0..chunks {
+        for (j, a) in acc.iter_mut().enumerate() {
+            *a += f(c * 8 + j);
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for i in chunks * 8..n {
+        s += f(i);
+    }
+    s
+}
+
+/// Σ x.
+#[inline(always)]
+pub(crate) fn sum(x: &[f32]) -> f32 {
+    sum_by(x.len(), |i| x[i])
+}
+
+/// max x (−∞ for an empty slice), eight lanes wide.
+#[inline(always)]
+pub(crate) fn max(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = x.len() / 8;
+    for c in 0..chunks {
+        for (j, a) in acc.iter_mut().enumerate() {
+            let v = x[c * 8 + j];
+            *a = if v > *a { v } else { *a };
+        }
+    }
+    let mut m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    for &v in &x[chunks * 8..] {
+        m = m.max(v);
+    }
+    m
+}

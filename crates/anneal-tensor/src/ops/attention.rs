@@ -84,7 +84,7 @@ impl Geometry {
 
 /// Probabilities of a block of query rows `from..to` of head `h`: fills `p` (rows × kend) with
 /// scale·QKᵀ, masks, and turns each row into softmax using `lse` if given, else computing it.
-#[allow(clippy::too_many_arguments)]
+#[inline(always)]
 unsafe fn block_probs(
     g: &Geometry,
     q: &Heads,

@@ -56,16 +56,15 @@ impl Backward for LayerNormBackward {
                                 let (mean, rstd) = (self.mean[row], self.rstd[row]);
                                 let xr = &x[row * d..(row + 1) * d];
                                 let gr = &g[row * d..(row + 1) * d];
-                                let mut sum_dxhat = 0.0;
-                                let mut sum_dxhat_xhat = 0.0;
                                 for i in 0..d {
                                     let xhat = (xr[i] - mean) * rstd;
                                     dw[i] += gr[i] * xhat;
                                     db[i] += gr[i];
                                     dxhat[i] = gr[i] * w[i];
-                                    sum_dxhat += dxhat[i];
-                                    sum_dxhat_xhat += dxhat[i] * xhat;
                                 }
+                                let sum_dxhat = crate::kernels::sum(&dxhat);
+                                let sum_dxhat_xhat =
+                                    crate::kernels::sum_by(d, |i| dxhat[i] * (xr[i] - mean) * rstd);
                                 let (m1, m2) = (sum_dxhat / d as f32, sum_dxhat_xhat / d as f32);
                                 for i in 0..d {
                                     let xhat = (xr[i] - mean) * rstd;
@@ -122,12 +121,10 @@ impl Backward for RmsNormBackward {
                                 let rstd = self.rstd[row];
                                 let xr = &x[row * d..(row + 1) * d];
                                 let gr = &g[row * d..(row + 1) * d];
-                                let mut s = 0.0;
                                 for i in 0..d {
-                                    let xhat = xr[i] * rstd;
-                                    dw[i] += gr[i] * xhat;
-                                    s += gr[i] * w[i] * xhat;
+                                    dw[i] += gr[i] * xr[i] * rstd;
                                 }
+                                let s = crate::kernels::sum_by(d, |i| gr[i] * w[i] * xr[i] * rstd);
                                 let m = s / d as f32;
                                 for i in 0..d {
                                     dxr[i] = rstd * (gr[i] * w[i] - xr[i] * rstd * m);
@@ -174,8 +171,9 @@ impl Tensor {
                 .for_each(|(r, (o, (m, s)))| {
                     crate::kernels::vectorized(|| {
                         let xr = &x[r * d..(r + 1) * d];
-                        let mu = xr.iter().sum::<f32>() / d as f32;
-                        let var = xr.iter().map(|v| (v - mu) * (v - mu)).sum::<f32>() / d as f32;
+                        let mu = crate::kernels::sum(xr) / d as f32;
+                        let var =
+                            crate::kernels::sum_by(d, |i| (xr[i] - mu) * (xr[i] - mu)) / d as f32;
                         let rs = 1.0 / (var + eps).sqrt();
                         for i in 0..d {
                             let y = (xr[i] - mu) * rs * w[i];
@@ -222,7 +220,7 @@ impl Tensor {
                 .for_each(|(r, (o, s))| {
                     crate::kernels::vectorized(|| {
                         let xr = &x[r * d..(r + 1) * d];
-                        let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+                        let ms = crate::kernels::sum_by(d, |i| xr[i] * xr[i]) / d as f32;
                         let rs = 1.0 / (ms + eps).sqrt();
                         for i in 0..d {
                             o[i] = xr[i] * rs * w[i];

@@ -9,13 +9,11 @@ use crate::Tensor;
 /// Writes softmax(row) into `out`, returning the row's log-sum-exp.
 #[inline]
 fn softmax_row(row: &[f32], out: &mut [f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0.0;
+    let max = crate::kernels::max(row);
     for (o, &x) in out.iter_mut().zip(row) {
-        let e = crate::kernels::fast_exp(x - max);
-        *o = e;
-        sum += e;
+        *o = crate::kernels::fast_exp(x - max);
     }
+    let sum = crate::kernels::sum(out);
     let inv = 1.0 / sum;
     out.iter_mut().for_each(|o| *o *= inv);
     max + sum.ln()
@@ -45,7 +43,7 @@ impl Backward for SoftmaxBackward {
                         let (gr, yr) = (&g[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
                         if log {
                             // y = x - lse: dx = g - softmax(x)·Σg
-                            let s: f32 = gr.iter().sum();
+                            let s = crate::kernels::sum(gr);
                             for i in 0..d {
                                 dxr[i] = gr[i] - crate::kernels::fast_exp(yr[i]) * s;
                             }
@@ -189,8 +187,9 @@ impl Tensor {
                 .map(|(r, l)| {
                     crate::kernels::vectorized(|| {
                         let row = &x[r * v..(r + 1) * v];
-                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                        let sum: f32 = row.iter().map(|&z| crate::kernels::fast_exp(z - max)).sum();
+                        let max = crate::kernels::max(row);
+                        let sum =
+                            crate::kernels::sum_by(v, |i| crate::kernels::fast_exp(row[i] - max));
                         *l = max + sum.ln();
                         let t = targets[r];
                         if t == opts.ignore_index {
