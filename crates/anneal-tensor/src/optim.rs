@@ -237,3 +237,154 @@ impl Sgd {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ParamStoreBuilder, Tensor};
+
+    fn store(dtype: DType) -> ParamStore {
+        let mut b = ParamStoreBuilder::new();
+        b.add("w", &Tensor::from_f32(vec![1.0, -2.0], &[2]).unwrap(), true)
+            .unwrap();
+        b.add("bias", &Tensor::from_f32(vec![0.5], &[1]).unwrap(), false)
+            .unwrap();
+        b.build(dtype)
+    }
+
+    fn set_grads(s: &ParamStore, g: &[f32]) {
+        let mut buf = s.grads().write();
+        for (i, &v) in g.iter().enumerate() {
+            buf.set_f32(i, v);
+        }
+    }
+
+    #[test]
+    fn sgd_momentum_and_decay_match_the_update_rule() {
+        let s = store(DType::F32);
+        let mut opt = Sgd::new(&s, 0.1, 0.9, 0.01);
+        set_grads(&s, &[1.0, 1.0, 1.0]);
+        opt.step(&s);
+        // w: g = 1 + 0.01·w; b = g; w -= 0.1·b.  bias: no decay.
+        let w0 = [1.0f32, -2.0];
+        let g0: Vec<f32> = w0.iter().map(|w| 1.0 + 0.01 * w).collect();
+        let w1: Vec<f32> = w0.iter().zip(&g0).map(|(w, g)| w - 0.1 * g).collect();
+        assert_eq!(s.by_name("w").unwrap().to_vec_f32(), w1);
+        assert_eq!(s.by_name("bias").unwrap().to_vec_f32(), vec![0.5 - 0.1]);
+        opt.step(&s);
+        let g1: Vec<f32> = w1.iter().map(|w| 1.0 + 0.01 * w).collect();
+        let w2: Vec<f32> = w1
+            .iter()
+            .zip(g0.iter().zip(&g1))
+            .map(|(w, (a, b))| w - 0.1 * (0.9 * a + b))
+            .collect();
+        let got = s.by_name("w").unwrap().to_vec_f32();
+        assert!(
+            got.iter().zip(&w2).all(|(a, b)| (a - b).abs() < 1e-6),
+            "{got:?} vs {w2:?}"
+        );
+    }
+
+    #[test]
+    fn adamw_first_step_moves_each_weight_by_lr_and_skips_decay_where_excluded() {
+        let s = store(DType::F32);
+        let mut opt = AdamW::new(
+            &s,
+            AdamWConfig {
+                lr: 0.1,
+                weight_decay: 0.5,
+                ..Default::default()
+            },
+        );
+        set_grads(&s, &[2.0, -3.0, 0.0]);
+        opt.step(&s);
+        // First step: m̂ = g, v̂ = g², update = lr·g/(|g| + eps) ≈ ±lr; decay (1 − lr·λ) on w only.
+        let w = s.by_name("w").unwrap().to_vec_f32();
+        assert!(
+            (w[0] - (1.0 * 0.95 - 0.1)).abs() < 1e-6 && (w[1] - (-2.0 * 0.95 + 0.1)).abs() < 1e-6,
+            "{w:?}"
+        );
+        assert_eq!(s.by_name("bias").unwrap().to_vec_f32(), vec![0.5]);
+    }
+
+    #[test]
+    fn frozen_parameters_get_no_gradient_and_no_update() {
+        let mut s = store(DType::F32);
+        let id = s.id("w").unwrap();
+        s.set_requires_grad(id, false);
+        let x = Tensor::from_f32(vec![3.0, 4.0], &[2]).unwrap();
+        let loss = s
+            .get(id)
+            .mul(&x)
+            .unwrap()
+            .add(&s.by_name("bias").unwrap().clone())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        loss.backward().unwrap();
+        assert!(!s.get(id).requires_grad());
+        let mut opt = AdamW::new(
+            &s,
+            AdamWConfig {
+                lr: 0.1,
+                ..Default::default()
+            },
+        );
+        opt.step(&s);
+        assert_eq!(s.by_name("w").unwrap().to_vec_f32(), vec![1.0, -2.0]);
+        assert_ne!(s.by_name("bias").unwrap().to_vec_f32(), vec![0.5]);
+    }
+
+    #[test]
+    fn clipping_scales_to_the_max_norm() {
+        let s = store(DType::F32);
+        set_grads(&s, &[3.0, 4.0, 0.0]);
+        assert!((s.clip_grad_norm(1.0) - 5.0).abs() < 1e-6);
+        assert!((s.grad_norm() - 1.0).abs() < 1e-5);
+        assert!(
+            (s.clip_grad_norm(10.0) - 1.0).abs() < 1e-5,
+            "no change under the limit"
+        );
+    }
+
+    #[test]
+    fn bf16_parameters_accumulate_small_updates_in_the_master_copy() {
+        // 1e-4 steps vanish when rounded to bf16 one at a time (spacing near 1 is 2⁻⁷), but the f32
+        // master copy keeps them and they add up.
+        let mut b = ParamStoreBuilder::new();
+        b.add("w", &Tensor::from_f32(vec![1.0], &[1]).unwrap(), false)
+            .unwrap();
+        let s = b.build(DType::BF16);
+        let mut opt = Sgd::new(&s, 1e-4, 0.0, 0.0);
+        for _ in 0..200 {
+            set_grads(&s, &[-1.0]);
+            opt.step(&s);
+        }
+        let w = s.by_name("w").unwrap().to_vec_f32()[0];
+        assert!((w - 1.02).abs() < 0.005, "{w}");
+    }
+
+    #[test]
+    fn grad_hooks_fire_on_flat_parameters() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let s = store(DType::F32);
+        let fired = Arc::new(AtomicUsize::new(0));
+        let f2 = fired.clone();
+        s.by_name("w")
+            .unwrap()
+            .register_grad_hook(move |g| {
+                assert_eq!(g.to_vec_f32(), vec![3.0, 3.0]);
+                f2.fetch_add(1, Ordering::SeqCst);
+            })
+            .unwrap();
+        s.by_name("w")
+            .unwrap()
+            .scale(3.0)
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert_eq!(fired.load(Ordering::SeqCst), 1);
+    }
+}
