@@ -168,7 +168,10 @@ pub fn peak_gflops(threads: usize) -> (f64, String) {
 }
 
 fn worker(b: &GptBench) -> Result<Measurement> {
-    anneal_tensor::set_num_threads(b.threads)?;
+    anneal_tensor::with_threads(b.threads, || worker_steps(b))?
+}
+
+fn worker_steps(b: &GptBench) -> Result<Measurement> {
     let dtype = match b.dtype {
         DTypeChoice::F32 => DType::F32,
         DTypeChoice::Bf16 => DType::BF16,
@@ -238,6 +241,13 @@ fn worker(b: &GptBench) -> Result<Measurement> {
         loss_value = loss.item()? as f64;
         if step >= b.warmup {
             times.push(dt);
+        }
+        if b.profile {
+            eprintln!(
+                "step {step:>3}: {:.1} ms{}",
+                dt * 1e3,
+                if timed { "" } else { " (warm-up)" }
+            );
         }
     }
     if b.profile {
