@@ -202,8 +202,8 @@ fn worker_steps(b: &GptBench) -> Result<Measurement> {
     let mut times = Vec::with_capacity(b.steps);
     let mut loss_value = 0.0;
     let mut phases = [0.0f64; 3];
-    let mut profile: std::collections::HashMap<&'static str, (u32, f64)> = Default::default();
-    let mut fwd_profile: std::collections::HashMap<&'static str, (u32, f64)> = Default::default();
+    let mut profile = OpTimes::default();
+    let mut fwd_profile = OpTimes::default();
     for step in 0..b.warmup + b.steps {
         let (ids, targets) = batch();
         let timed = step >= b.warmup;
@@ -218,11 +218,10 @@ fn worker_steps(b: &GptBench) -> Result<Measurement> {
         let loss = model.loss(&ids, &targets, b.batch, b.seq, None)?;
         let t1 = Instant::now();
         if b.profile && timed {
-            for (name, calls, secs) in anneal_tensor::autograd::take_forward_profile() {
-                let e = fwd_profile.entry(name).or_insert((0, 0.0));
-                e.0 += calls;
-                e.1 += secs;
-            }
+            merge_op_times(
+                &mut fwd_profile,
+                anneal_tensor::autograd::take_forward_profile(),
+            );
         }
         loss.backward()?;
         let t2 = Instant::now();
@@ -232,11 +231,10 @@ fn worker_steps(b: &GptBench) -> Result<Measurement> {
             phases[0] += (t1 - t0).as_secs_f64();
             phases[1] += (t2 - t1).as_secs_f64();
             phases[2] += t2.elapsed().as_secs_f64();
-            for (name, calls, secs) in anneal_tensor::autograd::take_backward_profile() {
-                let e = profile.entry(name).or_insert((0, 0.0));
-                e.0 += calls;
-                e.1 += secs;
-            }
+            merge_op_times(
+                &mut profile,
+                anneal_tensor::autograd::take_backward_profile(),
+            );
         }
         loss_value = loss.item()? as f64;
         if step >= b.warmup {
@@ -258,24 +256,8 @@ fn worker_steps(b: &GptBench) -> Result<Measurement> {
             phases[1] / n * 1e3,
             phases[2] / n * 1e3
         );
-        let mut rows: Vec<_> = fwd_profile.into_iter().collect();
-        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-        for (name, (calls, secs)) in rows {
-            eprintln!(
-                "  forward  {name:<18} {:>4} calls/step {:>8.1} ms/step",
-                calls as f64 / n,
-                secs / n * 1e3
-            );
-        }
-        let mut rows: Vec<_> = profile.into_iter().collect();
-        rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-        for (name, (calls, secs)) in rows {
-            eprintln!(
-                "  backward {name:<18} {:>4} calls/step {:>8.1} ms/step",
-                calls as f64 / n,
-                secs / n * 1e3
-            );
-        }
+        print_op_times("forward ", fwd_profile, n);
+        print_op_times("backward", profile, n);
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
@@ -292,6 +274,28 @@ fn worker_steps(b: &GptBench) -> Result<Measurement> {
         peak_tensor_mb: anneal_tensor::memory_stats().peak_bytes as f64 / (1024.0 * 1024.0),
         final_loss: loss_value,
     })
+}
+
+type OpTimes = std::collections::HashMap<&'static str, (u32, f64)>;
+
+fn merge_op_times(into: &mut OpTimes, from: Vec<(&'static str, u32, f64)>) {
+    for (name, calls, secs) in from {
+        let e = into.entry(name).or_insert((0, 0.0));
+        e.0 += calls;
+        e.1 += secs;
+    }
+}
+
+fn print_op_times(phase: &str, times: OpTimes, steps: f64) {
+    let mut rows: Vec<_> = times.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    for (name, (calls, secs)) in rows {
+        eprintln!(
+            "  {phase} {name:<18} {:>4} calls/step {:>8.1} ms/step",
+            calls as f64 / steps,
+            secs / steps * 1e3
+        );
+    }
 }
 
 fn spawn_self(b: &GptBench, dtype: &str) -> Result<Measurement> {
