@@ -80,14 +80,11 @@ fn f32_forward_backward_and_adamw_step_match_pytorch() {
     // Step from the reference gradients, so the optimizer is tested on its own: a few gradients are
     // zero in exact arithmetic (the key bias cannot change a softmax) and are rounding noise in any
     // f32 computation, and Adam's first step maps noise to ±lr.
-    {
-        let mut grads = m.params.grads().write();
-        for p in m.params.infos() {
-            let g = fx[&format!("grad.{}", p.name)].to_vec_f32();
-            for (i, v) in g.into_iter().enumerate() {
-                grads.set_f32(p.offset + i, v);
-            }
-        }
+    for p in m.params.infos() {
+        let id = m.params.id(&p.name).unwrap();
+        m.params
+            .set_grad(id, &fx[&format!("grad.{}", p.name)])
+            .unwrap();
     }
     let mut opt = AdamW::new(
         &m.params,

@@ -285,6 +285,11 @@ fn fill_zero(t: &Tensor) {
 
 fn accumulate_leaf(leaf: &Leaf, grad: &Tensor) {
     let g = &leaf.grad;
+    if grad.same_storage(g) {
+        // Reading and writing one storage would take its lock twice: copy the source first.
+        let copy = Tensor::from_f32_unchecked(grad.to_vec_f32(), grad.shape());
+        return accumulate_leaf(leaf, &copy);
+    }
     grad.with_f32(|src| {
         let mut buf = g.storage().write();
         if let Buffer::F32(v) = &mut *buf {
@@ -431,8 +436,11 @@ fn run_backward(root: Arc<Node>, seed: Tensor) -> Result<()> {
 /// the gradient arrives. Trades one extra forward of the segment for its activation memory
 /// (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost").
 ///
-/// Parameters `f` uses receive their gradients during the recomputation; their grad hooks fire
-/// when the segment's backward finishes with them.
+/// Parameters `f` uses receive their gradients during the recomputation, and their grad hooks
+/// fire when the segment's own backward finishes with them. So a parameter used by two segments,
+/// or inside and outside one, has its hook fire once per segment with a partial gradient, and not
+/// at all if no gradient reaches the segment: give each checkpointed segment parameters of its own
+/// (as transformer blocks have) when hooks drive communication.
 pub fn checkpoint<F>(inputs: &[Tensor], f: F) -> Result<Tensor>
 where
     F: Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
@@ -568,6 +576,14 @@ mod tests {
         assert!(y
             .backward_with_grad(&Tensor::zeros(&[2], DType::F32))
             .is_err());
+    }
+
+    #[test]
+    fn backward_with_a_leafs_own_gradient_buffer_does_not_deadlock() {
+        let w = randn(&[3], 11).requires_grad_();
+        w.scale(1.0).sum_all().unwrap().backward().unwrap();
+        w.backward_with_grad(&w.grad().unwrap()).unwrap();
+        assert_eq!(w.grad().unwrap().to_vec_f32(), vec![2.0; 3]);
     }
 
     #[test]

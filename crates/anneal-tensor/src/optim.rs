@@ -54,10 +54,20 @@ impl Ptr {
 /// the parameters (the master copy for half-precision stores), then rounds back into the store.
 fn for_each_block(
     store: &ParamStore,
-    master: &mut Option<Vec<f32>>,
+    master: &mut Master,
     states: &mut [&mut Vec<f32>],
     update: impl Fn(Run, &mut [f32], &[f32], &mut [&mut [f32]]) + Sync,
 ) {
+    assert!(
+        states.iter().all(|s| s.len() == store.numel())
+            && master.values.as_ref().is_none_or(|m| m.len() == store.numel()),
+        "optimizer state was built for a store of another size: create the optimizer from the store it steps"
+    );
+    // Values written into the store since the master copy was taken (a checkpoint load) win.
+    if master.values.is_some() && master.version != store.version() {
+        *master = master_copy(store);
+    }
+    let Master { values: master, .. } = master;
     let runs = runs(store);
     let grads = store.grads().read();
     let Buffer::F32(g) = &*grads else { return };
@@ -96,14 +106,23 @@ fn for_each_block(
     }
 }
 
-fn master_copy(store: &ParamStore) -> Option<Vec<f32>> {
-    if store.dtype() == DType::F32 {
-        return None;
+/// The f32 master copy of a half-precision store, and the store version it reflects.
+struct Master {
+    values: Option<Vec<f32>>,
+    version: u64,
+}
+
+fn master_copy(store: &ParamStore) -> Master {
+    let values = (store.dtype() != DType::F32).then(|| {
+        let buf = store.data().read();
+        let mut m = vec![0.0f32; buf.len()];
+        buf.read_range_f32(0, &mut m);
+        m
+    });
+    Master {
+        values,
+        version: store.version(),
     }
-    let buf = store.data().read();
-    let mut m = vec![0.0f32; buf.len()];
-    buf.read_range_f32(0, &mut m);
-    Some(m)
 }
 
 /// AdamW hyper-parameters (Loshchilov & Hutter 2019), PyTorch's defaults except weight decay.
@@ -139,7 +158,7 @@ pub struct AdamW {
     pub config: AdamWConfig,
     m: Vec<f32>,
     v: Vec<f32>,
-    master: Option<Vec<f32>>,
+    master: Master,
     step: u64,
 }
 
@@ -204,7 +223,7 @@ pub struct Sgd {
     /// L2 penalty λ for parameters with decay on.
     pub weight_decay: f32,
     buf: Vec<f32>,
-    master: Option<Vec<f32>>,
+    master: Master,
     started: bool,
 }
 
@@ -362,6 +381,30 @@ mod tests {
         }
         let w = s.by_name("w").unwrap().to_vec_f32()[0];
         assert!((w - 1.02).abs() < 0.005, "{w}");
+    }
+
+    #[test]
+    fn values_set_after_building_the_optimizer_reach_the_master_copy() {
+        let s = store(DType::BF16);
+        let mut opt = Sgd::new(&s, 0.0, 0.0, 0.0);
+        s.set(
+            s.id("w").unwrap(),
+            &Tensor::from_f32(vec![4.0, 8.0], &[2]).unwrap(),
+        )
+        .unwrap();
+        opt.step(&s);
+        assert_eq!(s.by_name("w").unwrap().to_vec_f32(), vec![4.0, 8.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "another size")]
+    fn stepping_a_different_store_is_refused() {
+        let small = store(DType::F32);
+        let mut b = ParamStoreBuilder::new();
+        b.add("big", &Tensor::zeros(&[100], DType::F32), true)
+            .unwrap();
+        let big = b.build(DType::F32);
+        AdamW::new(&small, AdamWConfig::default()).step(&big);
     }
 
     #[test]

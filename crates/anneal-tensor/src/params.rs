@@ -71,6 +71,7 @@ impl ParamStoreBuilder {
         let data = Arc::new(Storage::new(Buffer::from_f32(self.values, dtype)));
         let grads = Arc::new(Storage::new(Buffer::zeros(DType::F32, total)));
         let mut store = ParamStore {
+            version: std::sync::atomic::AtomicU64::new(0),
             dtype,
             data,
             grads,
@@ -93,6 +94,8 @@ impl ParamStoreBuilder {
 
 /// Parameters of a model, flat in one buffer of one dtype, with a flat f32 gradient buffer.
 pub struct ParamStore {
+    /// Bumped by every write that bypasses the optimizer, so optimizers re-read their master copy.
+    version: std::sync::atomic::AtomicU64,
     dtype: DType,
     data: Arc<Storage>,
     grads: Arc<Storage>,
@@ -200,6 +203,39 @@ impl ParamStore {
         }
         let v = values.to_vec_f32();
         let mut buf = self.data.write();
+        for (i, x) in v.into_iter().enumerate() {
+            buf.set_f32(p.offset + i, x);
+        }
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Counts writes made with [`ParamStore::set`].
+    pub fn version(&self) -> u64 {
+        self.version.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Every gradient, flat in parameter order.
+    pub fn grads_to_vec(&self) -> Vec<f32> {
+        let buf = self.grads.read();
+        let mut out = vec![0.0; buf.len()];
+        buf.read_range_f32(0, &mut out);
+        out
+    }
+
+    /// Overwrites a parameter's accumulated gradient (loading a gradient, tests).
+    pub fn set_grad(&self, id: ParamId, values: &Tensor) -> Result<()> {
+        let p = &self.infos[id.0];
+        if values.shape() != p.shape.as_slice() {
+            return Err(Error::ShapeMismatch {
+                op: "ParamStore::set_grad",
+                lhs: p.shape.clone(),
+                rhs: values.shape().to_vec(),
+            });
+        }
+        let v = values.to_vec_f32();
+        let mut buf = self.grads.write();
         for (i, x) in v.into_iter().enumerate() {
             buf.set_f32(p.offset + i, x);
         }

@@ -161,8 +161,9 @@ impl Storage {
         self.buffer.read().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Exclusive access to the elements.
-    pub fn write(&self) -> RwLockWriteGuard<'_, Buffer> {
+    /// Exclusive access to the elements (crate-internal: replacing the buffer would invalidate
+    /// every view's bounds).
+    pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Buffer> {
         self.buffer.write().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -112,7 +112,7 @@ unsafe fn block_probs(
         Parallelism::None,
     );
     let mut lse_out = lse_out;
-    for (r, row) in p.chunks_mut(kend).enumerate() {
+    for (r, row) in p.chunks_mut(kend.max(1)).enumerate() {
         let i = from + r;
         // Keys after `visible` are in the future of query i.
         let visible = if g.causal {
@@ -194,7 +194,7 @@ fn forward(
         sl: g.hq * g.d,
         sh: g.d,
     };
-    lse.par_chunks_mut(g.t)
+    lse.par_chunks_mut(g.t.max(1))
         .enumerate()
         .for_each(|(bh, lse_bh)| {
             crate::kernels::vectorized(|| {
@@ -710,22 +710,24 @@ impl Tensor {
         }
         let rotate = move |x: &[f32], sign: f32, cos: &[f32], sin: &[f32]| -> Vec<f32> {
             let mut out = crate::pool::zeros(x.len());
-            out.par_chunks_mut(h * d).enumerate().for_each(|(bt, o)| {
-                let p = bt % t;
-                let (c, s) = (
-                    &cos[p * half..(p + 1) * half],
-                    &sin[p * half..(p + 1) * half],
-                );
-                for head in 0..h {
-                    let xr = &x[bt * h * d + head * d..bt * h * d + (head + 1) * d];
-                    let or = &mut o[head * d..(head + 1) * d];
-                    for i in 0..half {
-                        let (a, b) = (xr[i], xr[i + half]);
-                        or[i] = a * c[i] - sign * b * s[i];
-                        or[i + half] = b * c[i] + sign * a * s[i];
+            out.par_chunks_mut((h * d).max(1))
+                .enumerate()
+                .for_each(|(bt, o)| {
+                    let p = bt % t;
+                    let (c, s) = (
+                        &cos[p * half..(p + 1) * half],
+                        &sin[p * half..(p + 1) * half],
+                    );
+                    for head in 0..h {
+                        let xr = &x[bt * h * d + head * d..bt * h * d + (head + 1) * d];
+                        let or = &mut o[head * d..(head + 1) * d];
+                        for i in 0..half {
+                            let (a, b) = (xr[i], xr[i + half]);
+                            or[i] = a * c[i] - sign * b * s[i];
+                            or[i + half] = b * c[i] + sign * a * s[i];
+                        }
                     }
-                }
-            });
+                });
             out
         };
         let out = self.with_f32(|x| rotate(x, 1.0, &cos, &sin));

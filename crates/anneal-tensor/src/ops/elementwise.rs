@@ -245,10 +245,11 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
     ))
 }
 
-/// A tensor that records only a shape (a stride-0 view of one element of the same storage).
+/// A placeholder that records only `t`'s shape: a stride-0 view of one fresh element, so that the
+/// backward of an op that needs no values does not keep the input's storage alive.
 fn shape_only(t: &Tensor) -> Tensor {
-    let strides = vec![0; t.rank()];
-    t.view_raw(t.shape().to_vec(), strides, t.offset())
+    let one = Tensor::zeros(&[1], t.dtype());
+    one.view_raw(t.shape().to_vec(), vec![0; t.rank()], 0)
 }
 
 #[derive(Clone, Copy)]

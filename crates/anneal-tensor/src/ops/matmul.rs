@@ -163,8 +163,24 @@ unsafe fn gemm_one(
 /// # Safety
 /// As [`gemm_f32`].
 pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, b: Mat) {
-    let batch = a.batch.max(b.batch);
+    // A shared operand has batch 1 and stride 0; the batch is the other's, which may be 0.
+    let batch = if a.bs == 0 && a.batch <= 1 {
+        b.batch
+    } else {
+        a.batch
+    };
     let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if batch == 0 {
+        if reduce && !accumulate {
+            for i in 0..m * n {
+                *dst.add(i) = 0.0;
+            }
+        }
+        return;
+    }
     let dst_bs = (m * n) as isize;
     let threads = rayon::current_num_threads();
     if reduce {
@@ -344,7 +360,7 @@ fn product(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<(Vec<f32>, V
     let mut out = crate::pool::uninit(numel);
     let accumulate = if let Some(bias) = bias {
         bias.with_f32(|bv| {
-            for row in out.chunks_mut(n) {
+            for row in out.chunks_mut(n.max(1)) {
                 row.copy_from_slice(bv);
             }
         });
@@ -409,7 +425,7 @@ impl Backward for MatmulBackward {
             let n = *grad.shape().last().expect("rank >= 2");
             let mut acc = crate::pool::zeros(n);
             grad.with_f32(|g| {
-                for row in g.chunks(n) {
+                for row in g.chunks(n.max(1)) {
                     crate::kernels::add_assign(&mut acc, row);
                 }
             });
@@ -550,6 +566,17 @@ mod tests {
                 assert!((c[i * n + j] - want).abs() < 1e-3);
             }
         }
+    }
+
+    #[test]
+    fn empty_batches_give_empty_results_and_zero_weight_gradients() {
+        let x = Tensor::zeros(&[0, 4, 8], crate::DType::F32).requires_grad_();
+        let w = randn(&[8, 3], 1).requires_grad_();
+        let y = x.linear(&w, None).unwrap();
+        assert_eq!(y.shape(), &[0, 4, 3]);
+        y.backward_with_grad(&Tensor::zeros(&[0, 4, 3], crate::DType::F32))
+            .unwrap();
+        assert_eq!(w.grad().unwrap().to_vec_f32(), vec![0.0; 24]);
     }
 
     #[test]

@@ -44,14 +44,14 @@ impl Backward for LayerNormBackward {
         let w = self.weight.to_vec_f32();
         let (dw, db) = grad.with_f32(|g| {
             self.x.with_f32(|x| {
-                dx.par_chunks_mut(ROWS_PER_TASK * d)
+                dx.par_chunks_mut((ROWS_PER_TASK * d).max(1))
                     .enumerate()
                     .map(|(c, dxc)| {
                         crate::kernels::vectorized(|| {
                             let mut dw = crate::pool::zeros(d);
                             let mut db = crate::pool::zeros(d);
                             let mut dxhat = crate::pool::zeros(d);
-                            for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                            for (r, dxr) in dxc.chunks_mut(d.max(1)).enumerate() {
                                 let row = c * ROWS_PER_TASK + r;
                                 let (mean, rstd) = (self.mean[row], self.rstd[row]);
                                 let xr = &x[row * d..(row + 1) * d];
@@ -111,12 +111,12 @@ impl Backward for RmsNormBackward {
         let w = self.weight.to_vec_f32();
         let dw = grad.with_f32(|g| {
             self.x.with_f32(|x| {
-                dx.par_chunks_mut(ROWS_PER_TASK * d)
+                dx.par_chunks_mut((ROWS_PER_TASK * d).max(1))
                     .enumerate()
                     .map(|(c, dxc)| {
                         crate::kernels::vectorized(|| {
                             let mut dw = crate::pool::zeros(d);
-                            for (r, dxr) in dxc.chunks_mut(d).enumerate() {
+                            for (r, dxr) in dxc.chunks_mut(d.max(1)).enumerate() {
                                 let row = c * ROWS_PER_TASK + r;
                                 let rstd = self.rstd[row];
                                 let xr = &x[row * d..(row + 1) * d];
@@ -164,7 +164,7 @@ impl Tensor {
         let w = weight.to_vec_f32();
         let b = bias.map(|b| b.to_vec_f32());
         self.with_f32(|x| {
-            out.par_chunks_mut(d)
+            out.par_chunks_mut(d.max(1))
                 .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
                 .enumerate()
                 .with_min_len(ROWS_PER_TASK)
@@ -213,7 +213,7 @@ impl Tensor {
         let mut rstd = crate::pool::zeros(rows);
         let w = weight.to_vec_f32();
         self.with_f32(|x| {
-            out.par_chunks_mut(d)
+            out.par_chunks_mut(d.max(1))
                 .zip(rstd.par_iter_mut())
                 .enumerate()
                 .with_min_len(ROWS_PER_TASK)

@@ -38,24 +38,26 @@ impl Backward for SoftmaxBackward {
         let log = self.log;
         grad.with_f32(|g| {
             self.y.with_f32(|y| {
-                dx.par_chunks_mut(d).enumerate().for_each(|(r, dxr)| {
-                    crate::kernels::vectorized(|| {
-                        let (gr, yr) = (&g[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
-                        if log {
-                            // y = x - lse: dx = g - softmax(x)·Σg
-                            let s = crate::kernels::sum(gr);
-                            for i in 0..d {
-                                dxr[i] = gr[i] - crate::kernels::fast_exp(yr[i]) * s;
+                dx.par_chunks_mut(d.max(1))
+                    .enumerate()
+                    .for_each(|(r, dxr)| {
+                        crate::kernels::vectorized(|| {
+                            let (gr, yr) = (&g[r * d..(r + 1) * d], &y[r * d..(r + 1) * d]);
+                            if log {
+                                // y = x - lse: dx = g - softmax(x)·Σg
+                                let s = crate::kernels::sum(gr);
+                                for i in 0..d {
+                                    dxr[i] = gr[i] - crate::kernels::fast_exp(yr[i]) * s;
+                                }
+                            } else {
+                                // dx = y·(g - Σ g·y)
+                                let s = crate::kernels::dot(gr, yr);
+                                for i in 0..d {
+                                    dxr[i] = yr[i] * (gr[i] - s);
+                                }
                             }
-                        } else {
-                            // dx = y·(g - Σ g·y)
-                            let s = crate::kernels::dot(gr, yr);
-                            for i in 0..d {
-                                dxr[i] = yr[i] * (gr[i] - s);
-                            }
-                        }
+                        })
                     })
-                })
             })
         });
         Ok(vec![Some(Tensor::from_f32_unchecked(dx, self.y.shape()))])
@@ -70,7 +72,7 @@ fn softmax_impl(x: &Tensor, log: bool) -> Result<Tensor> {
     })?;
     let mut out = crate::pool::uninit(x.numel());
     x.with_f32(|v| {
-        out.par_chunks_mut(d).enumerate().for_each(|(r, o)| {
+        out.par_chunks_mut(d.max(1)).enumerate().for_each(|(r, o)| {
             crate::kernels::vectorized(|| {
                 let row = &v[r * d..(r + 1) * d];
                 let lse = softmax_row(row, o);
@@ -123,7 +125,7 @@ impl Backward for CrossEntropyBackward {
         let eps = self.opts.label_smoothing;
         let mut dx = crate::pool::zeros(self.logits.numel());
         self.logits.with_f32(|x| {
-            dx.par_chunks_mut(v).enumerate().for_each(|(r, d)| {
+            dx.par_chunks_mut(v.max(1)).enumerate().for_each(|(r, d)| {
                 crate::kernels::vectorized(|| {
                     let t = self.targets[r];
                     if t == self.opts.ignore_index {
