@@ -1,7 +1,7 @@
 //! Times the forward and backward of each op on the shapes of the reference GPT workload
 //! (B=8, T=256, d=256, 4 heads), median of several runs:
 //!
-//!     cargo run --release -p anneal-tensor --example op_timing -- [threads]
+//!     cargo run --release -p anneal-tensor --example op_timing -- [threads] [name filter]
 
 use std::time::Instant;
 
@@ -21,6 +21,11 @@ fn time(label: &str, reps: usize, mut f: impl FnMut() -> Result<()>) {
 }
 
 fn fwd_bwd(label: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    if let Some(filter) = std::env::args().nth(2) {
+        if !label.contains(&filter) {
+            return;
+        }
+    }
     let leaves: Vec<Tensor> = inputs.iter().map(|t| t.requires_grad_()).collect();
     time(&format!("{label} forward"), 7, || f(&leaves).map(|_| ()));
     let y = f(&leaves).unwrap();

@@ -69,23 +69,11 @@ pub(crate) fn zip_into(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(f32, f3
     }
 }
 
-/// Dot product with four independent accumulators (so it vectorises without fast-math).
-#[inline]
+/// Dot product with eight independent accumulators over exact chunks of eight (so it vectorises
+/// without fast-math and without bounds checks).
+#[inline(always)]
 pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (a, b) = (&a[..n], &b[..n]);
-    let mut acc = [0.0f32; 8];
-    let chunks = n / 8;
-    for c in 0..chunks {
-        for j in 0..8 {
-            acc[j] += a[c * 8 + j] * b[c * 8 + j];
-        }
-    }
-    let mut s: f32 = acc.iter().sum();
-    for i in chunks * 8..n {
-        s += a[i] * b[i];
-    }
-    s
+    sum_zip(a, b, |x, y| x * y)
 }
 
 /// Error function, accurate to about 1e-13 (evaluated in f64): the Maclaurin series for
@@ -155,13 +143,17 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     const LN2_LO: f32 = 1.428_606_8e-6;
     const ROUND: f32 = 12_582_912.0; // 1.5·2²³: adding it rounds to an integer
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // The low bits of t hold n + 0x40_0000 (n is in [-126, 127]): build 2ⁿ with integer
+    // operations only, which vectorise where a float-to-int cast does not.
+    let biased = t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127);
+    let scale = f32::from_bits(biased << 23);
     p * scale
 }
 
@@ -266,20 +258,44 @@ mod bf16_tests {
     }
 }
 
-/// Σ f(i) for i in 0..n with eight independent partial sums, so the loop vectorises (a single
-/// running sum is a dependency chain of n additions that the compiler may not reorder).
 #[inline(always)]
-pub(crate) fn sum_by(n: usize, f: impl Fn(usize) -> f32) -> f32 {
+fn reduce_lanes(acc: [f32; 8]) -> f32 {
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// Σ f(x) with eight independent partial sums over exact chunks of eight, so the loop vectorises
+/// (a single running sum is a dependency chain of n additions that the compiler may not reorder).
+#[inline(always)]
+pub(crate) fn sum_map(x: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0.0f32; 8];
-    let chunks = n / 8;
-    for c in 0..chunks {
-        for (j, a) in acc.iter_mut().enumerate() {
-            *a += f(c * 8 + j);
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] += f(c[j]);
         }
     }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for i in chunks * 8..n {
-        s += f(i);
+    let mut s = reduce_lanes(acc);
+    for &v in rest {
+        s += f(v);
+    }
+    s
+}
+
+/// Σ f(a, b) over two equally long slices, eight lanes wide.
+#[inline(always)]
+pub(crate) fn sum_zip(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0.0f32; 8];
+    for (ca, cb) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for j in 0..8 {
+            acc[j] += f(ca[j], cb[j]);
+        }
+    }
+    let mut s = reduce_lanes(acc);
+    for i in n / 8 * 8..n {
+        s += f(a[i], b[i]);
     }
     s
 }
@@ -287,22 +303,22 @@ pub(crate) fn sum_by(n: usize, f: impl Fn(usize) -> f32) -> f32 {
 /// Σ x.
 #[inline(always)]
 pub(crate) fn sum(x: &[f32]) -> f32 {
-    sum_by(x.len(), |i| x[i])
+    sum_map(x, |v| v)
 }
 
 /// max x (−∞ for an empty slice), eight lanes wide.
 #[inline(always)]
 pub(crate) fn max(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
-    let chunks = x.len() / 8;
-    for c in 0..chunks {
-        for (j, a) in acc.iter_mut().enumerate() {
-            let v = x[c * 8 + j];
-            *a = if v > *a { v } else { *a };
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for j in 0..8 {
+            acc[j] = if c[j] > acc[j] { c[j] } else { acc[j] };
         }
     }
     let mut m = acc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    for &v in &x[chunks * 8..] {
+    for &v in rest {
         m = m.max(v);
     }
     m

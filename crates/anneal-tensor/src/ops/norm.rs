@@ -64,7 +64,9 @@ impl Backward for LayerNormBackward {
                                 }
                                 let sum_dxhat = crate::kernels::sum(&dxhat);
                                 let sum_dxhat_xhat =
-                                    crate::kernels::sum_by(d, |i| dxhat[i] * (xr[i] - mean) * rstd);
+                                    crate::kernels::sum_zip(&dxhat, xr, |dh, x| {
+                                        dh * (x - mean) * rstd
+                                    });
                                 let (m1, m2) = (sum_dxhat / d as f32, sum_dxhat_xhat / d as f32);
                                 for i in 0..d {
                                     let xhat = (xr[i] - mean) * rstd;
@@ -124,10 +126,14 @@ impl Backward for RmsNormBackward {
                                 for i in 0..d {
                                     dw[i] += gr[i] * xr[i] * rstd;
                                 }
-                                let s = crate::kernels::sum_by(d, |i| gr[i] * w[i] * xr[i] * rstd);
+                                // dxr holds g·w first, then the gradient.
+                                for i in 0..d {
+                                    dxr[i] = gr[i] * w[i];
+                                }
+                                let s = rstd * crate::kernels::dot(dxr, xr);
                                 let m = s / d as f32;
                                 for i in 0..d {
-                                    dxr[i] = rstd * (gr[i] * w[i] - xr[i] * rstd * m);
+                                    dxr[i] = rstd * (dxr[i] - xr[i] * rstd * m);
                                 }
                             }
                             dw
@@ -172,8 +178,7 @@ impl Tensor {
                     crate::kernels::vectorized(|| {
                         let xr = &x[r * d..(r + 1) * d];
                         let mu = crate::kernels::sum(xr) / d as f32;
-                        let var =
-                            crate::kernels::sum_by(d, |i| (xr[i] - mu) * (xr[i] - mu)) / d as f32;
+                        let var = crate::kernels::sum_map(xr, |v| (v - mu) * (v - mu)) / d as f32;
                         let rs = 1.0 / (var + eps).sqrt();
                         for i in 0..d {
                             let y = (xr[i] - mu) * rs * w[i];
@@ -220,7 +225,7 @@ impl Tensor {
                 .for_each(|(r, (o, s))| {
                     crate::kernels::vectorized(|| {
                         let xr = &x[r * d..(r + 1) * d];
-                        let ms = crate::kernels::sum_by(d, |i| xr[i] * xr[i]) / d as f32;
+                        let ms = crate::kernels::sum_map(xr, |v| v * v) / d as f32;
                         let rs = 1.0 / (ms + eps).sqrt();
                         for i in 0..d {
                             o[i] = xr[i] * rs * w[i];

@@ -191,7 +191,7 @@ impl Tensor {
                         let row = &x[r * v..(r + 1) * v];
                         let max = crate::kernels::max(row);
                         let sum =
-                            crate::kernels::sum_by(v, |i| crate::kernels::fast_exp(row[i] - max));
+                            crate::kernels::sum_map(row, |z| crate::kernels::fast_exp(z - max));
                         *l = max + sum.ln();
                         let t = targets[r];
                         if t == opts.ignore_index {
