@@ -423,11 +423,26 @@ impl Backward for MatmulBackward {
         });
         let dbias = if self.has_bias {
             let n = *grad.shape().last().expect("rank >= 2");
-            let mut acc = crate::pool::zeros(n);
-            grad.with_f32(|g| {
-                for row in g.chunks(n.max(1)) {
-                    crate::kernels::add_assign(&mut acc, row);
-                }
+            // Column sums of dC: blocks of rows summed in parallel, then the partial sums.
+            let rows_per_task = (1 << 16) / n.max(1) + 1;
+            let acc = grad.with_f32(|g| {
+                g.par_chunks((rows_per_task * n).max(1))
+                    .map(|block| {
+                        let mut part = vec![0.0f32; n];
+                        for row in block.chunks(n.max(1)) {
+                            crate::kernels::vectorized(|| {
+                                part.iter_mut().zip(row).for_each(|(p, r)| *p += r)
+                            });
+                        }
+                        part
+                    })
+                    .reduce(
+                        || vec![0.0f32; n],
+                        |mut a, b| {
+                            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
+                            a
+                        },
+                    )
             });
             Some(Tensor::from_f32_unchecked(acc, &[n]))
         } else {
