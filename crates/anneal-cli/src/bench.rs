@@ -75,6 +75,10 @@ pub struct GptBench {
     /// Override the machine's f32 peak in GFLOP/s (default: from /proc/cpuinfo, see below).
     #[arg(long)]
     peak_gflops: Option<f64>,
+    /// Repeat the whole comparison this many times, engines interleaved, and report every round
+    /// and the median ratio (for machines whose speed drifts).
+    #[arg(long, default_value_t = 1)]
+    rounds: usize,
     /// Print results as JSON lines.
     #[arg(long)]
     json: bool,
@@ -398,36 +402,40 @@ fn gpt(b: GptBench) -> Result<()> {
         println!("f32 peak: {peak:.0} GFLOP/s ({how})");
         println!("median of {} steps after {} warm-up\n", b.steps, b.warmup);
     }
-    let mut results = Vec::new();
     let dtypes: &[&str] = match b.dtype {
         DTypeChoice::F32 => &["f32"],
         DTypeChoice::Bf16 => &["bf16"],
         DTypeChoice::Both => &["f32", "bf16"],
     };
-    for d in dtypes {
-        results.push(spawn_self(&b, d)?);
-    }
-    let torch = match b.torch {
-        TorchChoice::Off => None,
+    let use_torch = match b.torch {
+        TorchChoice::Off => false,
         TorchChoice::Auto if !torch_available() => {
             if !b.json {
                 println!("(PyTorch not importable by python3: comparison skipped; `pip install torch` to add it)\n");
             }
-            None
+            false
         }
-        _ => Some(run_torch(&b)?),
+        _ => true,
     };
-    if let Some(t) = &torch {
-        results.push(t.clone());
+    let rounds = b.rounds.max(1);
+    let mut all: Vec<(usize, Measurement)> = Vec::new();
+    for round in 1..=rounds {
+        for d in dtypes {
+            all.push((round, spawn_self(&b, d)?));
+        }
+        if use_torch {
+            all.push((round, run_torch(&b)?));
+        }
     }
     if b.json {
-        for r in &results {
+        for (_, r) in &all {
             println!("{}", serde_json::to_string(r)?);
         }
         return Ok(());
     }
     println!(
-        "{:<8} {:<5} {:>10} {:>15} {:>10} {:>9} {:>8} {:>10} {:>8}",
+        "{:>5} {:<8} {:<5} {:>10} {:>15} {:>10} {:>9} {:>8} {:>10} {:>8}",
+        "round",
         "engine",
         "dtype",
         "ms/step",
@@ -438,9 +446,10 @@ fn gpt(b: GptBench) -> Result<()> {
         "peak RSS",
         "loss"
     );
-    for r in &results {
+    for (round, r) in &all {
         println!(
-            "{:<8} {:<5} {:>10.1} {:>15} {:>10.0} {:>9.1} {:>7.1}% {:>7.0} MB {:>8.3}",
+            "{:>5} {:<8} {:<5} {:>10.1} {:>15} {:>10.0} {:>9.1} {:>7.1}% {:>7.0} MB {:>8.3}",
+            round,
             r.engine,
             r.dtype,
             r.ms_per_step,
@@ -452,30 +461,56 @@ fn gpt(b: GptBench) -> Result<()> {
             r.final_loss
         );
     }
-    if let Some(t) = &torch {
-        println!();
-        for r in results.iter().filter(|r| r.engine == "anneal") {
+    println!();
+    let find = |round: usize, engine: &str, dtype: &str| {
+        all.iter()
+            .find(|(r, m)| *r == round && m.engine == engine && m.dtype == dtype)
+            .map(|(_, m)| m)
+    };
+    // Per-round ratios, then their median across rounds.
+    let median = |mut v: Vec<f64>| -> f64 {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            0.5 * (v[n / 2 - 1] + v[n / 2])
+        }
+    };
+    let ratios = |num: (&str, &str),
+                  den: (&str, &str),
+                  f: &dyn Fn(&Measurement, &Measurement) -> (f64, f64)| {
+        let per: Vec<(f64, f64)> = (1..=rounds)
+            .filter_map(|r| Some(f(find(r, num.0, num.1)?, find(r, den.0, den.1)?)))
+            .collect();
+        (!per.is_empty()).then(|| {
+            (
+                median(per.iter().map(|p| p.0).collect()),
+                median(per.iter().map(|p| p.1).collect()),
+            )
+        })
+    };
+    let of_rounds = if rounds > 1 {
+        format!(" (median of {rounds} rounds)")
+    } else {
+        String::new()
+    };
+    for d in dtypes {
+        if let Some((speed, rss)) = ratios(("anneal", d), ("pytorch", "f32"), &|a, t| {
+            (
+                a.tokens_per_s / t.tokens_per_s,
+                a.peak_rss_mb / t.peak_rss_mb,
+            )
+        }) {
             println!(
-                "anneal {} vs PyTorch f32: {:.2}x tokens/s, {:.2}x peak RSS",
-                r.dtype,
-                r.tokens_per_s / t.tokens_per_s,
-                r.peak_rss_mb / t.peak_rss_mb
+                "anneal {d} vs PyTorch f32: {speed:.2}x tokens/s, {rss:.2}x peak RSS{of_rounds}"
             );
         }
     }
-    if let (Some(f), Some(h)) = (
-        results
-            .iter()
-            .find(|r| r.engine == "anneal" && r.dtype == "f32"),
-        results
-            .iter()
-            .find(|r| r.engine == "anneal" && r.dtype == "bf16"),
-    ) {
-        println!(
-            "anneal bf16 vs f32: {:.2}x step time, {:.2}x peak RSS",
-            h.ms_per_step / f.ms_per_step,
-            h.peak_rss_mb / f.peak_rss_mb
-        );
+    if let Some((time, rss)) = ratios(("anneal", "bf16"), ("anneal", "f32"), &|h, f| {
+        (h.ms_per_step / f.ms_per_step, h.peak_rss_mb / f.peak_rss_mb)
+    }) {
+        println!("anneal bf16 vs f32: {time:.2}x step time, {rss:.2}x peak RSS{of_rounds}");
     }
     Ok(())
 }
