@@ -12,21 +12,12 @@ use std::path::Path;
 use anneal_nn::{Gpt, GptConfig};
 use anneal_tensor::io::load_safetensors;
 use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::testing::rel_err_inf;
 use anneal_tensor::{DType, Tensor};
 
 fn fixtures() -> HashMap<String, Tensor> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/gpt2.safetensors");
     load_safetensors(&path).expect("fixtures load")
-}
-
-fn rel_err(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let diff = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    diff / b.iter().map(|y| y.abs()).fold(0.0, f32::max).max(1e-30)
 }
 
 fn model(fx: &HashMap<String, Tensor>, dtype: DType) -> Gpt {
@@ -63,15 +54,15 @@ fn f32_forward_backward_and_adamw_step_match_pytorch() {
     let m = model(&fx, DType::F32);
     let (ids, targets) = inputs(&fx);
     let logits = m.forward(&ids, 2, 16, None).unwrap();
-    let e = rel_err(&logits.to_vec_f32(), &fx["logits"].to_vec_f32());
+    let e = rel_err_inf(&logits.to_vec_f32(), &fx["logits"].to_vec_f32());
     assert!(e <= 1e-5, "logits relative error {e}");
     let loss = m.loss(&ids, &targets, 2, 16, None).unwrap();
-    let e = rel_err(&[loss.item().unwrap()], &fx["loss"].to_vec_f32());
+    let e = rel_err_inf(&[loss.item().unwrap()], &fx["loss"].to_vec_f32());
     assert!(e <= 1e-5, "loss relative error {e}");
     loss.backward().unwrap();
     for p in m.params.infos() {
         let g = m.params.by_name(&p.name).unwrap().grad().unwrap();
-        let e = rel_err(
+        let e = rel_err_inf(
             &g.to_vec_f32(),
             &fx[&format!("grad.{}", p.name)].to_vec_f32(),
         );
@@ -99,7 +90,7 @@ fn f32_forward_backward_and_adamw_step_match_pytorch() {
     opt.step(&m.params);
     for p in m.params.infos() {
         let v = m.params.by_name(&p.name).unwrap().to_vec_f32();
-        let e = rel_err(&v, &fx[&format!("adamw.{}", p.name)].to_vec_f32());
+        let e = rel_err_inf(&v, &fx[&format!("adamw.{}", p.name)].to_vec_f32());
         assert!(e <= 1e-5, "{} after AdamW: relative error {e}", p.name);
     }
 }
@@ -111,9 +102,9 @@ fn bf16_forward_within_stated_tolerance() {
     let (ids, targets) = inputs(&fx);
     let logits = m.forward(&ids, 2, 16, None).unwrap();
     assert_eq!(logits.dtype(), DType::BF16);
-    let e = rel_err(&logits.to_vec_f32(), &fx["logits"].to_vec_f32());
+    let e = rel_err_inf(&logits.to_vec_f32(), &fx["logits"].to_vec_f32());
     assert!(e <= 3e-2, "bf16 logits relative error {e}");
     let loss = m.loss(&ids, &targets, 2, 16, None).unwrap().item().unwrap();
-    let e = rel_err(&[loss], &fx["loss"].to_vec_f32());
+    let e = rel_err_inf(&[loss], &fx["loss"].to_vec_f32());
     assert!(e <= 1e-2, "bf16 loss relative error {e}");
 }

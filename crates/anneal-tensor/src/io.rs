@@ -8,7 +8,7 @@ use safetensors::{Dtype as StDtype, SafeTensors};
 
 use crate::error::{Error, Result};
 use crate::storage::Buffer;
-use crate::{DType, Tensor};
+use crate::Tensor;
 
 /// Loads every tensor of a safetensors file. f32, bf16 and f16 keep their dtype; f64 and integer
 /// tensors are converted to f32 (integer values up to 2²⁴ are exact).
@@ -108,9 +108,4 @@ pub fn encode_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
         })
         .collect::<Result<_>>()?;
     safetensors::serialize(views, None).map_err(|e| Error::SafeTensors(e.to_string()))
-}
-
-/// The dtype a safetensors file would give back for `t`.
-pub fn stored_dtype(t: &Tensor) -> DType {
-    t.dtype()
 }

@@ -193,21 +193,33 @@ impl ParamStore {
 
     /// Overwrites a parameter's values (loading a checkpoint, tying, tests).
     pub fn set(&self, id: ParamId, values: &Tensor) -> Result<()> {
+        self.write_region(&self.data, id, values, "ParamStore::set")?;
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Writes `values` over parameter `id`'s region of a flat buffer.
+    fn write_region(
+        &self,
+        buffer: &Storage,
+        id: ParamId,
+        values: &Tensor,
+        op: &'static str,
+    ) -> Result<()> {
         let p = &self.infos[id.0];
         if values.shape() != p.shape.as_slice() {
             return Err(Error::ShapeMismatch {
-                op: "ParamStore::set",
+                op,
                 lhs: p.shape.clone(),
                 rhs: values.shape().to_vec(),
             });
         }
         let v = values.to_vec_f32();
-        let mut buf = self.data.write();
+        let mut buf = buffer.write();
         for (i, x) in v.into_iter().enumerate() {
             buf.set_f32(p.offset + i, x);
         }
-        self.version
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -226,20 +238,7 @@ impl ParamStore {
 
     /// Overwrites a parameter's accumulated gradient (loading a gradient, tests).
     pub fn set_grad(&self, id: ParamId, values: &Tensor) -> Result<()> {
-        let p = &self.infos[id.0];
-        if values.shape() != p.shape.as_slice() {
-            return Err(Error::ShapeMismatch {
-                op: "ParamStore::set_grad",
-                lhs: p.shape.clone(),
-                rhs: values.shape().to_vec(),
-            });
-        }
-        let v = values.to_vec_f32();
-        let mut buf = self.grads.write();
-        for (i, x) in v.into_iter().enumerate() {
-            buf.set_f32(p.offset + i, x);
-        }
-        Ok(())
+        self.write_region(&self.grads, id, values, "ParamStore::set_grad")
     }
 
     /// Global L2 norm of all gradients, √(Σ g²), accumulated in f64.

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anneal_tensor::io::load_safetensors;
+use anneal_tensor::testing::rel_err_inf;
 use anneal_tensor::{AttentionOptions, CrossEntropyOptions, Result, Tensor};
 
 const TOL: f32 = 1e-5;
@@ -19,14 +20,7 @@ fn fixtures() -> HashMap<String, Tensor> {
 
 fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.shape(), b.shape(), "shape");
-    let (a, b) = (a.to_vec_f32(), b.to_vec_f32());
-    let diff = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
-    let scale = b.iter().map(|y| y.abs()).fold(0.0, f32::max);
-    diff / scale.max(1e-30)
+    rel_err_inf(&a.to_vec_f32(), &b.to_vec_f32())
 }
 
 fn ints(t: &Tensor) -> Vec<usize> {
