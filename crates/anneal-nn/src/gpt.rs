@@ -416,6 +416,38 @@ mod tests {
     }
 
     #[test]
+    fn untied_head_has_its_own_parameter_and_gradient() {
+        let m = Gpt::new(
+            GptConfig {
+                tie_embeddings: false,
+                ..tiny()
+            },
+            4,
+        )
+        .unwrap();
+        let head = m.params.by_name("lm_head.weight").unwrap().clone();
+        assert_eq!(head.shape(), &[11, 8]);
+        let ids: Vec<u32> = (0..8).collect();
+        let targets: Vec<i64> = (1..9).collect();
+        m.loss(&ids, &targets, 1, 8, None)
+            .unwrap()
+            .backward()
+            .unwrap();
+        assert!(head.grad().unwrap().to_vec_f32().iter().any(|&g| g != 0.0));
+        let c = tiny();
+        assert_eq!(
+            m.params.numel(),
+            c.vocab_size * c.n_embd
+                + c.block_size * c.n_embd
+                + GptConfig {
+                    tie_embeddings: false,
+                    ..tiny()
+                }
+                .non_embedding_params()
+        );
+    }
+
+    #[test]
     fn rejects_out_of_range_tokens_and_long_sequences() {
         let m = Gpt::new(tiny(), 0).unwrap();
         assert!(m.forward(&[11], 1, 1, None).is_err());
