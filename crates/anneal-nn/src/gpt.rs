@@ -407,10 +407,7 @@ mod tests {
                 .unwrap()
                 .backward()
                 .unwrap();
-            let g = m.params.grads().read();
-            let mut out = vec![0.0f32; g.len()];
-            g.read_range_f32(0, &mut out);
-            out
+            m.params.grads_to_vec()
         };
         assert_eq!(grads(false), grads(true));
     }

@@ -21,7 +21,6 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::storage::Buffer;
-use crate::tensor::Inner;
 use crate::{DType, Tensor};
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
@@ -184,14 +183,7 @@ impl Tensor {
             grad,
             hooks: Mutex::new(Vec::new()),
         });
-        Tensor(Arc::new(Inner {
-            storage: self.0.storage.clone(),
-            shape: self.0.shape.clone(),
-            strides: self.0.strides.clone(),
-            offset: self.0.offset,
-            dtype: self.0.dtype,
-            autograd: Autograd::Leaf(leaf),
-        }))
+        self.with_autograd(Autograd::Leaf(leaf))
     }
 
     /// The same values cut off from the graph: no gradient flows through the result.
@@ -515,14 +507,7 @@ fn from_op_always(value: Tensor, inputs: &[&Tensor], backward: impl Backward + '
         input_shapes: inputs.iter().map(|t| t.shape().to_vec()).collect(),
         backward: Mutex::new(Some(Box::new(backward))),
     });
-    Tensor(Arc::new(Inner {
-        storage: value.0.storage.clone(),
-        shape: value.0.shape.clone(),
-        strides: value.0.strides.clone(),
-        offset: value.0.offset,
-        dtype: value.0.dtype,
-        autograd: Autograd::Node(node),
-    }))
+    value.with_autograd(Autograd::Node(node))
 }
 
 #[cfg(test)]

@@ -215,7 +215,19 @@ impl Tensor {
 
     /// The same data with no autograd history.
     pub(crate) fn data(&self) -> Tensor {
-        self.view_raw(self.0.shape.clone(), self.0.strides.clone(), self.0.offset)
+        self.with_autograd(Autograd::None)
+    }
+
+    /// The same view of the same storage, placed in the graph as `autograd`.
+    pub(crate) fn with_autograd(&self, autograd: Autograd) -> Tensor {
+        Tensor(Arc::new(Inner {
+            storage: self.0.storage.clone(),
+            shape: self.0.shape.clone(),
+            strides: self.0.strides.clone(),
+            offset: self.0.offset,
+            dtype: self.0.dtype,
+            autograd,
+        }))
     }
 
     /// All elements, row-major, as f32.
@@ -275,9 +287,7 @@ impl Tensor {
         if self.is_contiguous() {
             return self.data();
         }
-        let mut out = crate::pool::zeros(self.numel());
-        self.read_into_f32(&mut out);
-        Tensor::from_f32_as(out, self.shape(), self.dtype())
+        Tensor::from_f32_as(self.to_vec_f32(), self.shape(), self.dtype())
     }
 }
 

@@ -79,9 +79,9 @@ fn expand(t: &Tensor, shape: &[usize]) -> Vec<f32> {
 }
 
 /// Sums a gradient of shape `from` down to `to` (the shape of an operand that was broadcast).
-pub(crate) fn sum_to_shape(grad: &[f32], from: &[usize], to: &[usize]) -> Vec<f32> {
+pub(crate) fn sum_to_shape(grad: Vec<f32>, from: &[usize], to: &[usize]) -> Vec<f32> {
     if from == to {
-        return grad.to_vec();
+        return grad;
     }
     let rank = from.len();
     let pad = rank - to.len();
@@ -91,7 +91,7 @@ pub(crate) fn sum_to_shape(grad: &[f32], from: &[usize], to: &[usize]) -> Vec<f3
     let to_strides = contiguous_strides(&to_full);
     let mut out = crate::pool::zeros(to.iter().product());
     let mut index = vec![0usize; rank];
-    for &g in grad {
+    for &g in &grad {
         let mut at = 0;
         for a in 0..rank {
             if to_full[a] != 1 {
@@ -177,8 +177,8 @@ impl Backward for BinaryBackward {
                 (ga, gb)
             }
         };
-        let da = sum_to_shape(&ga, &self.out_shape, self.a.shape());
-        let db = sum_to_shape(&gb, &self.out_shape, self.b.shape());
+        let da = sum_to_shape(ga, &self.out_shape, self.a.shape());
+        let db = sum_to_shape(gb, &self.out_shape, self.b.shape());
         Ok(vec![
             Some(Tensor::from_f32_unchecked(da, self.a.shape())),
             Some(Tensor::from_f32_unchecked(db, self.b.shape())),
@@ -348,10 +348,12 @@ impl Backward for UnaryBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let op = self.op;
+        if let Unary::AddScalar(_) = op {
+            return Ok(vec![Some(grad.clone())]);
+        }
         let mut out = crate::pool::uninit(grad.numel());
         match op {
             Unary::Scale(c) => grad.with_f32(|g| map_into(&mut out, g, |g| g * c)),
-            Unary::AddScalar(_) => return Ok(vec![Some(grad.clone())]),
             _ => grad.with_f32(|g| self.x.with_f32(|x| derivative_all(op, &mut out, g, x))),
         }
         Ok(vec![Some(Tensor::from_f32_unchecked(out, grad.shape()))])
@@ -381,8 +383,7 @@ fn derivative_all(op: Unary, out: &mut [f32], g: &[f32], x: &[f32]) {
         Unary::Silu => zip_into(out, g, x, |g, x| g * Unary::Silu.derivative(x)),
         Unary::Exp => zip_into(out, g, x, |g, x| g * x.exp()),
         Unary::Log => zip_into(out, g, x, |g, x| g / x),
-        Unary::Scale(c) => map_into(out, g, move |g| g * c),
-        Unary::AddScalar(_) => out.copy_from_slice(g),
+        Unary::Scale(_) | Unary::AddScalar(_) => unreachable!("handled in UnaryBackward"),
     }
 }
 

@@ -300,12 +300,8 @@ pub(crate) fn with_mat<R>(t: &Tensor, f: impl FnOnce(Mat) -> R) -> R {
             }
         }
     }
-    let tmp = t.contiguous_data();
-    let tmp = if tmp.dtype() == DType::F32 {
-        tmp
-    } else {
-        Tensor::from_f32_unchecked(tmp.to_vec_f32(), tmp.shape())
-    };
+    // One widening pass that also gathers a strided layout.
+    let tmp = Tensor::from_f32_unchecked(t.to_vec_f32(), t.shape());
     let buf = tmp.storage().read();
     match &*buf {
         Buffer::F32(v) => f(as_mat(&tmp, v.as_ptr()).expect("contiguous tensors fold")),
@@ -353,9 +349,9 @@ fn fold_rows(a: Mat) -> Mat {
     }
 }
 
-/// Forward product into a fresh f32 buffer; `init` optionally pre-fills each output row (bias).
+/// Forward product into a fresh f32 buffer; `bias`, if given, pre-fills each output row.
 fn product(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<(Vec<f32>, Vec<usize>)> {
-    let (out_shape, m, n, _k) = check_matmul(a, b)?;
+    let (out_shape, _, n, _) = check_matmul(a, b)?;
     let numel: usize = out_shape.iter().product();
     let mut out = crate::pool::uninit(numel);
     let accumulate = if let Some(bias) = bias {
@@ -368,7 +364,6 @@ fn product(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<(Vec<f32>, V
     } else {
         false
     };
-    let _ = m;
     with_mat(a, |am| {
         with_mat(b, |bm| unsafe {
             let am = if b.rank() == 2 { fold_rows(am) } else { am };

@@ -51,26 +51,23 @@ impl Backward for LayerNormBackward {
                             let mut dw = crate::pool::zeros(d);
                             let mut db = crate::pool::zeros(d);
                             let mut dxhat = crate::pool::zeros(d);
+                            let mut xhat = crate::pool::zeros(d);
                             for (r, dxr) in dxc.chunks_mut(d.max(1)).enumerate() {
                                 let row = c * ROWS_PER_TASK + r;
                                 let (mean, rstd) = (self.mean[row], self.rstd[row]);
                                 let xr = &x[row * d..(row + 1) * d];
                                 let gr = &g[row * d..(row + 1) * d];
                                 for i in 0..d {
-                                    let xhat = (xr[i] - mean) * rstd;
-                                    dw[i] += gr[i] * xhat;
+                                    xhat[i] = (xr[i] - mean) * rstd;
+                                    dw[i] += gr[i] * xhat[i];
                                     db[i] += gr[i];
                                     dxhat[i] = gr[i] * w[i];
                                 }
                                 let sum_dxhat = crate::kernels::sum(&dxhat);
-                                let sum_dxhat_xhat =
-                                    crate::kernels::sum_zip(&dxhat, xr, |dh, x| {
-                                        dh * (x - mean) * rstd
-                                    });
+                                let sum_dxhat_xhat = crate::kernels::dot(&dxhat, &xhat);
                                 let (m1, m2) = (sum_dxhat / d as f32, sum_dxhat_xhat / d as f32);
                                 for i in 0..d {
-                                    let xhat = (xr[i] - mean) * rstd;
-                                    dxr[i] = rstd * (dxhat[i] - m1 - xhat * m2);
+                                    dxr[i] = rstd * (dxhat[i] - m1 - xhat[i] * m2);
                                 }
                             }
                             (dw, db)

@@ -88,8 +88,8 @@ pub(crate) fn copy_contiguous(t: &Tensor) -> Tensor {
 }
 
 impl Tensor {
-    /// The same elements under a new shape (one extent may be `usize::MAX`… no: all explicit).
-    /// A view when the tensor is contiguous, a copy otherwise.
+    /// The same elements under a new shape (every extent explicit). A view when the tensor is
+    /// contiguous, a copy otherwise.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         if numel != self.numel() {
