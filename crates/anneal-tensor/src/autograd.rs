@@ -36,6 +36,10 @@ thread_local! {
     static GRAD_ENABLED: Cell<bool> = const { Cell::new(true) };
     static PROFILE: std::cell::RefCell<Option<OpTimes>> =
         const { std::cell::RefCell::new(None) };
+    /// While a checkpointed segment runs its untracked forward: the leaves its ops read.
+    static LEAF_RECORDER: std::cell::RefCell<Option<Vec<Arc<Leaf>>>> = const { std::cell::RefCell::new(None) };
+    /// Depth of backward passes nested inside a checkpoint's recomputation.
+    static NESTED_BACKWARD: Cell<usize> = const { Cell::new(0) };
     static FORWARD_PROFILE: std::cell::RefCell<Option<(std::time::Instant, OpTimes)>> =
         const { std::cell::RefCell::new(None) };
 }
@@ -226,6 +230,17 @@ impl Tensor {
     /// tensors it was computed from; `backward` computes their gradients. When gradients are
     /// disabled or no input requires them, returns `value` untouched and drops `backward`.
     pub fn from_op(value: Tensor, inputs: &[&Tensor], backward: impl Backward + 'static) -> Tensor {
+        LEAF_RECORDER.with(|r| {
+            if let Some(seen) = r.borrow_mut().as_mut() {
+                for t in inputs {
+                    if let Autograd::Leaf(l) = &t.0.autograd {
+                        if !seen.iter().any(|s| s.id == l.id) {
+                            seen.push(l.clone());
+                        }
+                    }
+                }
+            }
+        });
         if !is_grad_enabled() || !inputs.iter().any(|t| t.requires_grad()) {
             return value;
         }
@@ -292,6 +307,11 @@ fn accumulate_leaf(leaf: &Leaf, grad: &Tensor) {
 }
 
 fn run_hooks(leaf: &Leaf) {
+    // Inside a checkpoint's recomputation the gradient is not final yet: the enclosing pass counts
+    // this leaf among the checkpoint node's edges and runs the hooks when it is.
+    if NESTED_BACKWARD.with(|d| d.get()) > 0 {
+        return;
+    }
     let hooks = leaf.hooks.lock().unwrap_or_else(|e| e.into_inner());
     for h in hooks.iter() {
         h(&leaf.grad);
@@ -428,18 +448,36 @@ fn run_backward(root: Arc<Node>, seed: Tensor) -> Result<()> {
 /// the gradient arrives. Trades one extra forward of the segment for its activation memory
 /// (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost").
 ///
-/// Parameters `f` uses receive their gradients during the recomputation, and their grad hooks
-/// fire when the segment's own backward finishes with them. So a parameter used by two segments,
-/// or inside and outside one, has its hook fire once per segment with a partial gradient, and not
-/// at all if no gradient reaches the segment: give each checkpointed segment parameters of its own
-/// (as transformer blocks have) when hooks drive communication.
+/// Parameters `f` reads receive their gradients during the recomputation. The untracked forward
+/// notes which leaves it reads and the checkpoint node keeps an edge to each, so their grad hooks
+/// still fire exactly once, when every use (inside this segment, other segments or outside) has
+/// contributed.
 pub fn checkpoint<F>(inputs: &[Tensor], f: F) -> Result<Tensor>
 where
     F: Fn(&[Tensor]) -> Result<Tensor> + Send + Sync + 'static,
 {
     let detached: Vec<Tensor> = inputs.iter().map(|t| t.detach()).collect();
     let needs: Vec<bool> = inputs.iter().map(|t| t.requires_grad()).collect();
-    let out = no_grad(|| f(&detached))?;
+    // Run untracked, noting which leaves (parameters) the segment reads: the node gets an edge to
+    // each, so the enclosing backward knows their gradients are final only after this node.
+    let outer_recording = LEAF_RECORDER.with(|r| r.borrow_mut().replace(Vec::new()));
+    let out = no_grad(|| f(&detached));
+    let inner_leaves = LEAF_RECORDER
+        .with(|r| std::mem::replace(&mut *r.borrow_mut(), outer_recording))
+        .unwrap_or_default();
+    if LEAF_RECORDER.with(|r| r.borrow().is_some()) {
+        // A checkpoint inside a checkpointed segment: the outer segment reads these leaves too.
+        LEAF_RECORDER.with(|r| {
+            if let Some(seen) = r.borrow_mut().as_mut() {
+                for l in &inner_leaves {
+                    if !seen.iter().any(|s| s.id == l.id) {
+                        seen.push(l.clone());
+                    }
+                }
+            }
+        });
+    }
+    let out = out?;
     let refs: Vec<&Tensor> = inputs.iter().collect();
     // Parameters captured by `f` make the segment need backward even if no input does.
     let any_param_path = is_grad_enabled();
@@ -449,6 +487,7 @@ where
     struct CheckpointBackward<F> {
         inputs: Vec<Tensor>,
         needs: Vec<bool>,
+        extra_edges: usize,
         f: F,
     }
     impl<F> Backward for CheckpointBackward<F>
@@ -465,33 +504,56 @@ where
                 .zip(&self.needs)
                 .map(|(t, &n)| if n { t.requires_grad_() } else { t.clone() })
                 .collect();
-            enable_grad(|| -> Result<()> {
+            NESTED_BACKWARD.with(|d| d.set(d.get() + 1));
+            let result = enable_grad(|| -> Result<()> {
                 let y = (self.f)(&leaves)?;
                 if y.requires_grad() {
                     y.backward_with_grad(grad_output)?;
                 }
                 Ok(())
-            })?;
+            });
+            NESTED_BACKWARD.with(|d| d.set(d.get() - 1));
+            result?;
+            // The parameters' gradients were accumulated by the nested pass; their edges get none.
             Ok(leaves
                 .iter()
                 .zip(&self.needs)
                 .map(|(l, &n)| if n { l.grad() } else { None })
+                .chain(std::iter::repeat_n(None, self.extra_edges))
                 .collect())
         }
     }
+    let extra: Vec<Edge> = inner_leaves.into_iter().map(Edge::Leaf).collect();
     let node_backward = CheckpointBackward {
         inputs: detached,
         needs,
+        extra_edges: extra.len(),
         f,
     };
     // Record the node even when no input needs a gradient, so parameters inside still get theirs.
-    Ok(from_op_always(out, &refs, node_backward))
+    Ok(record_node(out, &refs, extra, node_backward))
 }
 
 /// Like [`Tensor::from_op`] but records the node even when no input requires grad (the op has
 /// parameters of its own that backward reaches).
 fn from_op_always(value: Tensor, inputs: &[&Tensor], backward: impl Backward + 'static) -> Tensor {
+    record_node(value, inputs, Vec::new(), backward)
+}
+
+/// Records a node with edges to `inputs`, plus `extra` edges that only order the pass (their
+/// gradient is always `None`: the checkpoint's parameters).
+fn record_node(
+    value: Tensor,
+    inputs: &[&Tensor],
+    extra: Vec<Edge>,
+    backward: impl Backward + 'static,
+) -> Tensor {
     note_forward(backward.name());
+    let mut input_shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+    input_shapes.extend(extra.iter().map(|e| match e {
+        Edge::Leaf(l) => l.grad.shape().to_vec(),
+        Edge::Node(_) => Vec::new(),
+    }));
     let edges = inputs
         .iter()
         .map(|t| match &t.0.autograd {
@@ -499,12 +561,13 @@ fn from_op_always(value: Tensor, inputs: &[&Tensor], backward: impl Backward + '
             Autograd::Leaf(l) => Some(Edge::Leaf(l.clone())),
             Autograd::Node(n) => Some(Edge::Node(n.clone())),
         })
+        .chain(extra.into_iter().map(Some))
         .collect();
     let node = Arc::new(Node {
         id: next_id(),
         name: backward.name(),
         inputs: edges,
-        input_shapes: inputs.iter().map(|t| t.shape().to_vec()).collect(),
+        input_shapes,
         backward: Mutex::new(Some(Box::new(backward))),
     });
     value.with_autograd(Autograd::Node(node))
@@ -608,6 +671,42 @@ mod tests {
         let y = Tensor::from_op(value, &[&x], Cube(x.detach()));
         y.sum_all().unwrap().backward().unwrap();
         assert_eq!(x.grad().unwrap().to_vec_f32(), vec![3.0, 12.0]);
+    }
+
+    #[test]
+    fn hooks_fire_once_with_the_full_gradient_across_checkpointed_segments() {
+        // w is read by two checkpointed segments and outside them.
+        let run = |ckpt: bool| {
+            let w = randn(&[4, 4], 21).requires_grad_();
+            let fired = Arc::new(std::sync::Mutex::new(Vec::new()));
+            let f2 = fired.clone();
+            w.register_grad_hook(move |g| f2.lock().unwrap().push(g.to_vec_f32()))
+                .unwrap();
+            let x = randn(&[2, 4], 22).requires_grad_();
+            let seg = {
+                let w = w.clone();
+                move |t: &[Tensor]| Ok(t[0].matmul(&w)?.gelu_tanh())
+            };
+            let h = if ckpt {
+                checkpoint(&[x.clone()], seg.clone()).unwrap()
+            } else {
+                seg(&[x.clone()]).unwrap()
+            };
+            let h = if ckpt {
+                checkpoint(&[h], seg).unwrap()
+            } else {
+                seg(&[h]).unwrap()
+            };
+            h.matmul(&w).unwrap().sum_all().unwrap().backward().unwrap();
+            let calls = fired.lock().unwrap().clone();
+            (calls, w.grad().unwrap().to_vec_f32())
+        };
+        let (plain_calls, plain_grad) = run(false);
+        let (ckpt_calls, ckpt_grad) = run(true);
+        assert_eq!(plain_calls.len(), 1);
+        assert_eq!(ckpt_calls.len(), 1, "hook fired {} times", ckpt_calls.len());
+        assert_eq!(ckpt_calls[0], plain_grad, "the hook saw the final gradient");
+        assert_eq!(ckpt_grad, plain_grad);
     }
 
     #[test]
