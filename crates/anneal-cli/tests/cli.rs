@@ -1,0 +1,42 @@
+//! The `anneal` binary end to end, on sizes small enough for CI.
+
+use std::process::Command;
+
+fn anneal(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_anneal"))
+        .args(args)
+        .output()
+        .expect("the anneal binary runs")
+}
+
+#[test]
+fn bench_gpt_runs_a_tiny_model_in_both_dtypes() {
+    let out = anneal(&[
+        "bench", "gpt", "--dtype", "both", "--torch", "off", "--steps", "2", "--warmup", "1",
+        "--layers", "1", "--width", "32", "--heads", "2", "--seq", "16", "--batch", "2", "--vocab",
+        "64", "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().filter(|l| l.starts_with('{')).collect();
+    assert_eq!(lines.len(), 2, "one JSON line per dtype: {text}");
+    for (line, dtype) in lines.iter().zip(["f32", "bf16"]) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["engine"], "anneal");
+        assert_eq!(v["dtype"], dtype);
+        assert!(v["ms_per_step"].as_f64().unwrap() > 0.0);
+        assert!(v["final_loss"].as_f64().unwrap().is_finite());
+    }
+}
+
+#[test]
+fn bad_arguments_are_reported_with_the_allowed_values() {
+    let out = anneal(&["bench", "gpt", "--dtype", "f64"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("f64") && err.contains("bf16"), "{err}");
+}
