@@ -83,13 +83,58 @@ pub(crate) fn write_into(dst: &Tensor, src: &Tensor) {
     }
 }
 
+/// Strides that let a tensor of `shape`/`strides` be viewed as `new_shape` without moving
+/// elements, or `None` when some merged group of axes is not contiguous in memory (the rule
+/// NumPy applies before copying on reshape).
+fn view_strides(shape: &[usize], strides: &[usize], new_shape: &[usize]) -> Option<Vec<usize>> {
+    if shape.iter().product::<usize>() == 0 {
+        return None;
+    }
+    // Axes of extent 1 carry no layout information.
+    let (old, old_st): (Vec<usize>, Vec<usize>) = shape
+        .iter()
+        .zip(strides)
+        .filter(|(&n, _)| n != 1)
+        .map(|(&n, &s)| (n, s))
+        .unzip();
+    let mut new_st = vec![1usize; new_shape.len()];
+    let (mut oi, mut ni) = (0usize, 0usize);
+    while oi < old.len() && ni < new_shape.len() {
+        // Grow a group of old axes [oi, oj) and new axes [ni, nj) until both cover as many elements.
+        let (mut oj, mut nj) = (oi + 1, ni + 1);
+        let (mut op, mut np) = (old[oi], new_shape[ni]);
+        while op != np {
+            if np < op {
+                np *= *new_shape.get(nj)?;
+                nj += 1;
+            } else {
+                op *= *old.get(oj)?;
+                oj += 1;
+            }
+        }
+        // The old group must be one contiguous run.
+        for k in oi..oj - 1 {
+            if old_st[k] != old[k + 1] * old_st[k + 1] {
+                return None;
+            }
+        }
+        new_st[nj - 1] = old_st[oj - 1];
+        for k in (ni + 1..nj).rev() {
+            new_st[k - 1] = new_st[k] * new_shape[k];
+        }
+        oi = oj;
+        ni = nj;
+    }
+    Some(new_st)
+}
+
 pub(crate) fn copy_contiguous(t: &Tensor) -> Tensor {
     Tensor::from_op(t.contiguous_data(), &[t], CopyBackward)
 }
 
 impl Tensor {
-    /// The same elements under a new shape (every extent explicit). A view when the tensor is
-    /// contiguous, a copy otherwise.
+    /// The same elements under a new shape (every extent explicit). A view whenever the strides
+    /// allow it (each group of merged or split axes is contiguous in memory), a copy otherwise.
     pub fn reshape(&self, shape: &[usize]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
         if numel != self.numel() {
@@ -99,12 +144,13 @@ impl Tensor {
                 reason: format!("{} elements cannot view {:?}", self.numel(), self.shape()),
             });
         }
-        let src = if self.is_contiguous() {
-            self.data()
-        } else {
-            self.contiguous_data()
+        let value = match view_strides(self.shape(), self.strides(), shape) {
+            Some(strides) => self.view_raw(shape.to_vec(), strides, self.offset()),
+            None => {
+                let src = self.contiguous_data();
+                src.view_raw(shape.to_vec(), contiguous_strides(shape), src.offset())
+            }
         };
-        let value = src.view_raw(shape.to_vec(), contiguous_strides(shape), src.offset());
         Ok(Tensor::from_op(
             value,
             &[self],
@@ -495,6 +541,52 @@ mod tests {
         );
         assert_grads(|t| t[0].narrow(-1, 1, 2)?.reshape(&[12]), &[x.clone()]);
         assert_grads(|t| t[0].transpose(0, 1)?.reshape(&[24]), &[x.clone()]);
+    }
+
+    #[test]
+    fn reshape_views_where_strides_allow_and_copies_otherwise() {
+        let x = randn(&[4, 6, 5], 3);
+        // Merging the last two axes of a narrowed tensor keeps a view (each row stays one run).
+        let n = x.narrow(0, 1, 2).unwrap();
+        let r = n.reshape(&[2, 30]).unwrap();
+        assert!(r.same_storage(&x));
+        assert_eq!(r.to_vec_f32(), n.contiguous().to_vec_f32());
+        // Splitting an axis of a transposed tensor: a view.
+        let t = x.transpose(0, 2).unwrap(); // [5, 6, 4]
+        let r = t.reshape(&[5, 2, 3, 4]).unwrap();
+        assert!(r.same_storage(&x));
+        assert_eq!(r.to_vec_f32(), t.contiguous().to_vec_f32());
+        // Merging transposed axes needs a copy, with the same values.
+        let r = t.reshape(&[30, 4]).unwrap();
+        assert!(!r.same_storage(&x));
+        assert_eq!(r.to_vec_f32(), t.contiguous().to_vec_f32());
+        // Unit axes anywhere.
+        let r = n.reshape(&[1, 2, 1, 6, 5, 1]).unwrap();
+        assert!(r.same_storage(&x));
+        assert_eq!(r.to_vec_f32(), n.contiguous().to_vec_f32());
+        // Every reshape of every permutation gives the copied result.
+        for order in [[0, 1, 2], [1, 0, 2], [2, 1, 0], [0, 2, 1]] {
+            let p = x.permute(&order).unwrap();
+            for shape in [
+                vec![120],
+                vec![4, 30],
+                vec![20, 6],
+                vec![2, 60],
+                vec![10, 12],
+                vec![5, 24],
+            ] {
+                let want = p.contiguous().to_vec_f32();
+                assert_eq!(
+                    p.reshape(&shape).unwrap().to_vec_f32(),
+                    want,
+                    "{order:?} -> {shape:?}"
+                );
+            }
+        }
+        assert_grads(
+            |t| t[0].transpose(0, 2)?.reshape(&[5, 2, 3, 4]),
+            &[randn(&[4, 6, 5], 4)],
+        );
     }
 
     #[test]
