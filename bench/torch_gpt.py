@@ -93,7 +93,7 @@ def main():
     flops = a.batch * a.seq * (6 * n + 12 * a.layers * a.seq * a.width)
     out = dict(engine="pytorch", dtype="f32", ms_per_step=med * 1e3, ms_min=min(times) * 1e3, ms_max=max(times) * 1e3, tokens_per_s=a.batch * a.seq / med,
                gflops=flops / med / 1e9, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-               final_loss=float(loss))
+               final_loss=loss.item())
     print(json.dumps(out))
 
 
