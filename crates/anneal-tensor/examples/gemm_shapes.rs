@@ -3,22 +3,12 @@
 //!
 //!     cargo run --release -p anneal-tensor --example gemm_shapes -- [threads]
 
-use std::time::Instant;
-
-use anneal_tensor::testing::randn;
+use anneal_tensor::testing::{median_seconds, randn};
 use anneal_tensor::Tensor;
 
 fn bench(label: &str, a: &Tensor, b: &Tensor) {
     let (m, k, n) = (a.shape()[0], a.shape()[1], b.shape()[1]);
-    let mut t = Vec::new();
-    for _ in 0..9 {
-        let t0 = Instant::now();
-        let c = a.matmul(b).unwrap();
-        t.push(t0.elapsed().as_secs_f64());
-        drop(c);
-    }
-    t.sort_by(|x, y| x.total_cmp(y));
-    let s = t[4];
+    let s = median_seconds(0, 9, || drop(a.matmul(b).unwrap()));
     println!(
         "{label:<40} {m:>5}x{k:>5}x{n:>5} {:>7.2} ms {:>6.1} GFLOP/s",
         s * 1e3,

@@ -3,21 +3,12 @@
 //!
 //!     cargo run --release -p anneal-tensor --example op_timing -- [threads] [name filter]
 
-use std::time::Instant;
-
-use anneal_tensor::testing::randn;
+use anneal_tensor::testing::{median_seconds, randn};
 use anneal_tensor::{AttentionOptions, Result, Tensor};
 
 fn time(label: &str, reps: usize, mut f: impl FnMut() -> Result<()>) {
-    let mut t = Vec::new();
-    for _ in 0..reps + 2 {
-        let t0 = Instant::now();
-        f().unwrap();
-        t.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    t.drain(..2);
-    t.sort_by(|a, b| a.total_cmp(b));
-    println!("{label:<34} {:>8.2} ms", t[t.len() / 2]);
+    let s = median_seconds(2, reps, || f().unwrap());
+    println!("{label:<34} {:>8.2} ms", s * 1e3);
 }
 
 fn fwd_bwd(label: &str, inputs: &[Tensor], f: impl Fn(&[Tensor]) -> Result<Tensor>) {

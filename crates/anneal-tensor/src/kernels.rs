@@ -26,26 +26,28 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
 /// Elements per rayon task for elementwise loops: below this, splitting costs more than it saves.
 pub(crate) const PAR_CHUNK: usize = 1 << 15;
 
-/// `dst += src`.
-pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) {
+/// Runs `f(dst[i], src[i])` over both slices in parallel chunks of [`PAR_CHUNK`], each compiled
+/// for the widest vectors available.
+fn update_with(dst: &mut [f32], src: &[f32], f: impl Fn(&mut f32, f32) + Sync) {
+    let run =
+        |d: &mut [f32], s: &[f32]| vectorized(|| d.iter_mut().zip(s).for_each(|(d, &s)| f(d, s)));
     if dst.len() >= 2 * PAR_CHUNK {
         dst.par_chunks_mut(PAR_CHUNK)
             .zip(src.par_chunks(PAR_CHUNK))
-            .for_each(|(d, s)| vectorized(|| d.iter_mut().zip(s).for_each(|(d, s)| *d += s)));
+            .for_each(|(d, s)| run(d, s));
     } else {
-        vectorized(|| dst.iter_mut().zip(src).for_each(|(d, s)| *d += s));
+        run(dst, src);
     }
+}
+
+/// `dst += src`.
+pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) {
+    update_with(dst, src, |d, s| *d += s);
 }
 
 /// Applies `f` to every element of `src`, writing `dst`, in parallel chunks.
 pub(crate) fn map_into(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32 + Sync) {
-    if dst.len() >= 2 * PAR_CHUNK {
-        dst.par_chunks_mut(PAR_CHUNK)
-            .zip(src.par_chunks(PAR_CHUNK))
-            .for_each(|(d, s)| vectorized(|| d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s))));
-    } else {
-        vectorized(|| dst.iter_mut().zip(src).for_each(|(d, &s)| *d = f(s)));
-    }
+    update_with(dst, src, |d, s| *d = f(s));
 }
 
 /// `dst[i] = f(a[i], b[i])` in parallel chunks.

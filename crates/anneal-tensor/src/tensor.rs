@@ -54,6 +54,20 @@ impl Tensor {
         }))
     }
 
+    /// A contiguous tensor owning `buffer`, whose length the caller has checked.
+    fn over_buffer(buffer: Buffer, shape: &[usize]) -> Tensor {
+        debug_assert_eq!(buffer.len(), shape.iter().product::<usize>());
+        let dtype = buffer.dtype();
+        Tensor(Arc::new(Inner {
+            storage: Arc::new(Storage::new(buffer)),
+            shape: shape.to_vec(),
+            strides: contiguous_strides(shape),
+            offset: 0,
+            dtype,
+            autograd: Autograd::None,
+        }))
+    }
+
     /// A contiguous tensor over a fresh buffer.
     pub fn from_buffer(buffer: Buffer, shape: &[usize]) -> Result<Tensor> {
         let numel: usize = shape.iter().product();
@@ -64,13 +78,7 @@ impl Tensor {
                 reason: format!("needs {numel} elements, the buffer has {}", buffer.len()),
             });
         }
-        Ok(Tensor::from_parts(
-            Arc::new(Storage::new(buffer)),
-            shape.to_vec(),
-            contiguous_strides(shape),
-            0,
-            Autograd::None,
-        ))
+        Ok(Tensor::over_buffer(buffer, shape))
     }
 
     /// An f32 tensor holding `values` in row-major order.
@@ -80,38 +88,17 @@ impl Tensor {
 
     /// Like [`Tensor::from_f32`], for internal callers whose sizes are correct by construction.
     pub(crate) fn from_f32_unchecked(values: Vec<f32>, shape: &[usize]) -> Tensor {
-        debug_assert_eq!(values.len(), shape.iter().product::<usize>());
-        Tensor::from_parts(
-            Arc::new(Storage::new(Buffer::F32(values))),
-            shape.to_vec(),
-            contiguous_strides(shape),
-            0,
-            Autograd::None,
-        )
+        Tensor::over_buffer(Buffer::F32(values), shape)
     }
 
     /// Stores f32 `values` as `dtype`.
     pub(crate) fn from_f32_as(values: Vec<f32>, shape: &[usize], dtype: DType) -> Tensor {
-        debug_assert_eq!(values.len(), shape.iter().product::<usize>());
-        Tensor::from_parts(
-            Arc::new(Storage::new(Buffer::from_f32(values, dtype))),
-            shape.to_vec(),
-            contiguous_strides(shape),
-            0,
-            Autograd::None,
-        )
+        Tensor::over_buffer(Buffer::from_f32(values, dtype), shape)
     }
 
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize], dtype: DType) -> Tensor {
-        let numel = shape.iter().product();
-        Tensor::from_parts(
-            Arc::new(Storage::new(Buffer::zeros(dtype, numel))),
-            shape.to_vec(),
-            contiguous_strides(shape),
-            0,
-            Autograd::None,
-        )
+        Tensor::over_buffer(Buffer::zeros(dtype, shape.iter().product()), shape)
     }
 
     /// A tensor with every element `value`.

@@ -100,6 +100,23 @@ pub fn rel_err_inf(a: &[f32], b: &[f32]) -> f32 {
     diff / b.iter().map(|y| y.abs()).fold(0.0, f32::max).max(1e-30)
 }
 
+/// Median wall time of `f` in seconds over `reps` runs after `warmup` untimed ones, for the
+/// timing examples.
+pub fn median_seconds(warmup: usize, reps: usize, mut f: impl FnMut()) -> f64 {
+    for _ in 0..warmup {
+        f();
+    }
+    let mut t: Vec<f64> = (0..reps.max(1))
+        .map(|_| {
+            let t0 = std::time::Instant::now();
+            f();
+            t0.elapsed().as_secs_f64()
+        })
+        .collect();
+    t.sort_by(|a, b| a.total_cmp(b));
+    t[t.len() / 2]
+}
+
 /// A standard-normal f32 tensor from `seed`, for tests.
 pub fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::randn(shape, 1.0, DType::F32, &mut Rng::new(seed))

@@ -82,6 +82,36 @@ impl Geometry {
     }
 }
 
+/// Query rows `from..to` of head `h` (sharing KV head `kvh`) in batch `b`, and the keys `0..kend`
+/// they can see.
+#[derive(Clone, Copy)]
+struct Block {
+    b: usize,
+    h: usize,
+    kvh: usize,
+    from: usize,
+    to: usize,
+    kend: usize,
+}
+
+impl Block {
+    fn new(g: &Geometry, b: usize, h: usize, from: usize) -> Block {
+        let to = (from + BLOCK).min(g.t);
+        Block {
+            b,
+            h,
+            kvh: h / (g.hq / g.hkv),
+            from,
+            to,
+            kend: g.key_end(to),
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.to - self.from
+    }
+}
+
 /// Probabilities of a block of query rows `from..to` of head `h`: fills `p` (rows × kend) with
 /// scale·QKᵀ, masks, and turns each row into softmax using `lse` if given, else computing it.
 #[inline(always)]
@@ -90,16 +120,19 @@ unsafe fn block_probs(
     q: &Heads,
     k: &Heads,
     mask: Option<&[bool]>,
-    b: usize,
-    h: usize,
-    from: usize,
-    to: usize,
-    kend: usize,
+    blk: Block,
     p: &mut [f32],
     lse_in: Option<&[f32]>,
     lse_out: Option<&mut [f32]>,
 ) {
-    let kvh = h / (g.hq / g.hkv);
+    let Block {
+        b,
+        h,
+        kvh,
+        from,
+        to,
+        kend,
+    } = blk;
     let qm = q.mat(b, h, from, to, g.d);
     let km = k.mat(b, kvh, 0, kend, g.d);
     gemm_f32(
@@ -199,36 +232,14 @@ fn forward(
         .for_each(|(bh, lse_bh)| {
             crate::kernels::vectorized(|| {
                 let (b, h) = (bh / g.hq, bh % g.hq);
-                let kvh = h / (g.hq / g.hkv);
                 let mut p = crate::pool::zeros(BLOCK * g.s);
                 for from in (0..g.t).step_by(BLOCK) {
-                    let to = (from + BLOCK).min(g.t);
-                    let kend = g.key_end(to);
-                    let p = &mut p[..(to - from) * kend];
+                    let blk = Block::new(&g, b, h, from);
+                    let Block { kvh, to, kend, .. } = blk;
+                    let p = &mut p[..blk.rows() * kend];
                     unsafe {
-                        block_probs(
-                            &g,
-                            &q,
-                            &k,
-                            mask,
-                            b,
-                            h,
-                            from,
-                            to,
-                            kend,
-                            p,
-                            None,
-                            Some(&mut lse_bh[from..to]),
-                        );
-                        let pm = Mat {
-                            ptr: p.as_ptr(),
-                            rows: to - from,
-                            cols: kend,
-                            rs: kend as isize,
-                            cs: 1,
-                            batch: 1,
-                            bs: 0,
-                        };
+                        block_probs(&g, &q, &k, mask, blk, p, None, Some(&mut lse_bh[from..to]));
+                        let pm = Mat::dense(p.as_ptr(), blk.rows(), kend);
                         let om = o.mat(b, h, from, to, g.d);
                         gemm_f32(
                             om.ptr as *mut f32,
@@ -272,26 +283,13 @@ fn backward(
             for h in kvh * group..(kvh + 1) * group {
                 let lse_bh = &lse[(b * g.hq + h) * g.t..(b * g.hq + h + 1) * g.t];
                 for from in (0..g.t).step_by(BLOCK) {
-                    let to = (from + BLOCK).min(g.t);
-                    let rows = to - from;
-                    let kend = g.key_end(to);
+                    let blk = Block::new(&g, b, h, from);
+                    let Block { to, kend, .. } = blk;
+                    let rows = blk.rows();
                     let p = &mut p[..rows * kend];
                     let dp = &mut dp[..rows * kend];
                     unsafe {
-                        block_probs(
-                            &g,
-                            &q,
-                            &k,
-                            mask,
-                            b,
-                            h,
-                            from,
-                            to,
-                            kend,
-                            p,
-                            Some(&lse_bh[from..to]),
-                            None,
-                        );
+                        block_probs(&g, &q, &k, mask, blk, p, Some(&lse_bh[from..to]), None);
                         let dom = d_o.mat(b, h, from, to, g.d);
                         // dP = dO · Vᵀ
                         gemm_f32(
@@ -324,19 +322,8 @@ fn backward(
                                 dpr[j] = pr[j] * (dpr[j] - di[r]) * g.scale;
                             }
                         }
-                        let pm = Mat {
-                            ptr: p.as_ptr(),
-                            rows,
-                            cols: kend,
-                            rs: kend as isize,
-                            cs: 1,
-                            batch: 1,
-                            bs: 0,
-                        };
-                        let dsm = Mat {
-                            ptr: dp.as_ptr(),
-                            ..pm
-                        };
+                        let pm = Mat::dense(p.as_ptr(), rows, kend);
+                        let dsm = Mat::dense(dp.as_ptr(), rows, kend);
                         // dV += Pᵀ · dO
                         let dvm = dv.mat(b, kvh, 0, kend, g.d);
                         gemm_f32(

@@ -108,18 +108,6 @@ impl Window {
     }
 }
 
-fn dense(ptr: *const f32, rows: usize, cols: usize) -> Mat {
-    Mat {
-        ptr,
-        rows,
-        cols,
-        rs: cols as isize,
-        cs: 1,
-        batch: 1,
-        bs: 0,
-    }
-}
-
 struct Conv2dBackward {
     x: Tensor,
     weight: Tensor,
@@ -156,8 +144,8 @@ impl Backward for Conv2dBackward {
                             k as isize,
                             1,
                             true,
-                            dense(gi.as_ptr(), o, plane),
-                            dense(cols.as_ptr(), k, plane).t(),
+                            Mat::dense(gi.as_ptr(), o, plane),
+                            Mat::dense(cols.as_ptr(), k, plane).t(),
                             Parallelism::Rayon(0),
                         );
                         // dcols = Wᵀ · dY
@@ -166,8 +154,8 @@ impl Backward for Conv2dBackward {
                             plane as isize,
                             1,
                             false,
-                            dense(w.as_ptr(), o, k).t(),
-                            dense(gi.as_ptr(), o, plane),
+                            Mat::dense(w.as_ptr(), o, k).t(),
+                            Mat::dense(gi.as_ptr(), o, plane),
                             Parallelism::Rayon(0),
                         );
                     }
@@ -348,8 +336,8 @@ impl Tensor {
                         plane as isize,
                         1,
                         b.is_some(),
-                        dense(w.as_ptr(), o, k),
-                        dense(cols.as_ptr(), k, plane),
+                        Mat::dense(w.as_ptr(), o, k),
+                        Mat::dense(cols.as_ptr(), k, plane),
                         Parallelism::Rayon(0),
                     );
                 }

@@ -131,8 +131,10 @@ impl BinaryOp {
 
 struct BinaryBackward {
     op: BinaryOp,
-    a: Tensor,
-    b: Tensor,
+    /// The operands' values, kept only by the ops whose gradient needs them (mul, div).
+    values: Option<(Tensor, Tensor)>,
+    a_shape: Vec<usize>,
+    b_shape: Vec<usize>,
     out_shape: Vec<usize>,
 }
 
@@ -142,13 +144,20 @@ impl Backward for BinaryBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         if self.op == BinaryOp::Add
-            && self.a.shape() == self.out_shape.as_slice()
-            && self.b.shape() == self.out_shape.as_slice()
+            && self.a_shape == self.out_shape
+            && self.b_shape == self.out_shape
         {
             return Ok(vec![Some(grad.clone()), Some(grad.clone())]);
         }
         let g = grad.to_vec_f32();
         let n = g.len();
+        let operands = || {
+            let (a, b) = self
+                .values
+                .as_ref()
+                .expect("mul and div keep their operands");
+            (expand(a, &self.out_shape), expand(b, &self.out_shape))
+        };
         let (ga, gb) = match self.op {
             BinaryOp::Add => (g.clone(), g),
             BinaryOp::Sub => {
@@ -157,8 +166,7 @@ impl Backward for BinaryBackward {
                 (g, neg)
             }
             BinaryOp::Mul => {
-                let a = expand(&self.a, &self.out_shape);
-                let b = expand(&self.b, &self.out_shape);
+                let (a, b) = operands();
                 let mut ga = crate::pool::zeros(n);
                 let mut gb = crate::pool::zeros(n);
                 zip_into(&mut ga, &g, &b, |g, b| g * b);
@@ -166,8 +174,7 @@ impl Backward for BinaryBackward {
                 (ga, gb)
             }
             BinaryOp::Div => {
-                let a = expand(&self.a, &self.out_shape);
-                let b = expand(&self.b, &self.out_shape);
+                let (a, b) = operands();
                 let mut ga = crate::pool::zeros(n);
                 let mut gb = crate::pool::zeros(n);
                 zip_into(&mut ga, &g, &b, |g, b| g / b);
@@ -177,11 +184,11 @@ impl Backward for BinaryBackward {
                 (ga, gb)
             }
         };
-        let da = sum_to_shape(ga, &self.out_shape, self.a.shape());
-        let db = sum_to_shape(gb, &self.out_shape, self.b.shape());
+        let da = sum_to_shape(ga, &self.out_shape, &self.a_shape);
+        let db = sum_to_shape(gb, &self.out_shape, &self.b_shape);
         Ok(vec![
-            Some(Tensor::from_f32_unchecked(da, self.a.shape())),
-            Some(Tensor::from_f32_unchecked(db, self.b.shape())),
+            Some(Tensor::from_f32_unchecked(da, &self.a_shape)),
+            Some(Tensor::from_f32_unchecked(db, &self.b_shape)),
         ])
     }
 }
@@ -223,33 +230,19 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         zip_into(&mut out, &av, &bv, f);
     }
     let value = Tensor::from_f32_as(out, &shape, a.dtype());
-    let needs_values = matches!(op, BinaryOp::Mul | BinaryOp::Div);
+    // Add and sub need only the shapes, so their inputs are not kept alive for backward.
+    let values = matches!(op, BinaryOp::Mul | BinaryOp::Div).then(|| (a.data(), b.data()));
     Ok(Tensor::from_op(
         value,
         &[a, b],
         BinaryBackward {
             op,
-            // Add and sub need only the shapes; keep zero-size placeholders of the right shape.
-            a: if needs_values {
-                a.data()
-            } else {
-                shape_only(a)
-            },
-            b: if needs_values {
-                b.data()
-            } else {
-                shape_only(b)
-            },
+            values,
+            a_shape: a.shape().to_vec(),
+            b_shape: b.shape().to_vec(),
             out_shape: shape,
         },
     ))
-}
-
-/// A placeholder that records only `t`'s shape: a stride-0 view of one fresh element, so that the
-/// backward of an op that needs no values does not keep the input's storage alive.
-fn shape_only(t: &Tensor) -> Tensor {
-    let one = Tensor::zeros(&[1], t.dtype());
-    one.view_raw(t.shape().to_vec(), vec![0; t.rank()], 0)
 }
 
 #[derive(Clone, Copy)]
@@ -339,7 +332,8 @@ const GELU_K: f32 = 0.797_884_6;
 
 struct UnaryBackward {
     op: Unary,
-    x: Tensor,
+    /// The input, kept only by ops whose derivative depends on it (not scale, add_scalar).
+    x: Option<Tensor>,
 }
 
 impl Backward for UnaryBackward {
@@ -354,7 +348,10 @@ impl Backward for UnaryBackward {
         let mut out = crate::pool::uninit(grad.numel());
         match op {
             Unary::Scale(c) => grad.with_f32(|g| map_into(&mut out, g, |g| g * c)),
-            _ => grad.with_f32(|g| self.x.with_f32(|x| derivative_all(op, &mut out, g, x))),
+            _ => {
+                let x = self.x.as_ref().expect("kept for this op");
+                grad.with_f32(|g| x.with_f32(|x| derivative_all(op, &mut out, g, x)))
+            }
         }
         Ok(vec![Some(Tensor::from_f32_unchecked(out, grad.shape()))])
     }
@@ -392,8 +389,8 @@ fn unary(x: &Tensor, op: Unary) -> Tensor {
     x.with_f32(|v| forward_all(op, &mut out, v));
     let value = Tensor::from_f32_as(out, x.shape(), x.dtype());
     let saved = match op {
-        Unary::Scale(_) | Unary::AddScalar(_) => shape_only(x),
-        _ => x.data(),
+        Unary::Scale(_) | Unary::AddScalar(_) => None,
+        _ => Some(x.data()),
     };
     Tensor::from_op(value, &[x], UnaryBackward { op, x: saved })
 }

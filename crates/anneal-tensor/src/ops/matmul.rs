@@ -26,7 +26,48 @@ pub(crate) struct Mat {
     pub bs: isize,
 }
 
+// SAFETY: a `Mat` only describes memory; every function that reads or writes through it is
+// `unsafe` and its caller guarantees the memory is valid and not written concurrently.
+unsafe impl Send for Mat {}
+unsafe impl Sync for Mat {}
+
 impl Mat {
+    /// One row-major `rows × cols` matrix.
+    pub fn dense(ptr: *const f32, rows: usize, cols: usize) -> Mat {
+        Mat {
+            ptr,
+            rows,
+            cols,
+            rs: cols as isize,
+            cs: 1,
+            batch: 1,
+            bs: 0,
+        }
+    }
+
+    /// Matrix `i` of the batch.
+    ///
+    /// # Safety
+    /// `i` must be within the batch.
+    pub unsafe fn item(self, i: usize) -> Mat {
+        Mat {
+            ptr: self.ptr.offset(i as isize * self.bs),
+            ..self
+        }
+    }
+
+    /// Rows `lo..hi`.
+    ///
+    /// # Safety
+    /// The range must be within the matrix.
+    unsafe fn row_range(self, lo: usize, hi: usize) -> Mat {
+        Mat {
+            ptr: self.ptr.offset(lo as isize * self.rs),
+            rows: hi - lo,
+            ..self
+        }
+    }
+
     /// The transposed view.
     pub fn t(self) -> Mat {
         Mat {
@@ -75,50 +116,35 @@ pub(crate) unsafe fn gemm_f32(
         let parts = threads.min(if m >= n { m / 64 } else { n / 64 }).max(1);
         if parts > 1 {
             let d = SendPtr(dst);
-            let (pa, pb) = (SendPtr(a.ptr), SendPtr(b.ptr));
             let split_m = m >= n;
             let len = if split_m { m } else { n };
             // Part boundaries on multiples of 16 rows/columns (the micro-kernel's tile).
             let bound = |i: usize| (len * i / parts).div_ceil(16) * 16;
             (0..parts).into_par_iter().for_each(move |i| {
-                let (d, pa, pb) = (d, pa, pb);
+                let d = d;
                 let (lo, hi) = (bound(i).min(len), bound(i + 1).min(len));
                 if lo >= hi {
                     return;
                 }
-                if split_m {
-                    let a_part = Mat {
-                        ptr: pa.0.offset(lo as isize * a.rs),
-                        rows: hi - lo,
-                        ..a
-                    };
-                    let b_all = Mat { ptr: pb.0, ..b };
-                    gemm_one(
-                        d.0.offset(lo as isize * drs),
-                        drs,
-                        dcs,
-                        accumulate,
-                        a_part,
-                        b_all,
-                        Parallelism::None,
-                    );
+                // Splitting the columns of C is splitting the rows of Cᵀ = Bᵀ·Aᵀ.
+                let (a_part, b_part, d_part) = if split_m {
+                    (a.row_range(lo, hi), b, d.0.offset(lo as isize * drs))
                 } else {
-                    let a_all = Mat { ptr: pa.0, ..a };
-                    let b_part = Mat {
-                        ptr: pb.0.offset(lo as isize * b.cs),
-                        cols: hi - lo,
-                        ..b
-                    };
-                    gemm_one(
+                    (
+                        a,
+                        b.t().row_range(lo, hi).t(),
                         d.0.offset(lo as isize * dcs),
-                        drs,
-                        dcs,
-                        accumulate,
-                        a_all,
-                        b_part,
-                        Parallelism::None,
-                    );
-                }
+                    )
+                };
+                gemm_one(
+                    d_part,
+                    drs,
+                    dcs,
+                    accumulate,
+                    a_part,
+                    b_part,
+                    Parallelism::None,
+                );
             });
             return;
         }
@@ -190,14 +216,8 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, 
                 n as isize,
                 1,
                 accumulate || i > 0,
-                Mat {
-                    ptr: a.ptr.offset(i as isize * a.bs),
-                    ..a
-                },
-                Mat {
-                    ptr: b.ptr.offset(i as isize * b.bs),
-                    ..b
-                },
+                a.item(i),
+                b.item(i),
                 Parallelism::Rayon(0),
             );
         }
@@ -205,22 +225,15 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, 
     }
     if batch > 1 && m * n * k <= SMALL_GEMM && threads > 1 {
         let d = SendPtr(dst);
-        let (pa, pb) = (SendPtr(a.ptr), SendPtr(b.ptr));
         (0..batch).into_par_iter().for_each(move |i| {
-            let (d, pa, pb) = (d, pa, pb);
+            let d = d;
             gemm_f32(
                 d.0.offset(i as isize * dst_bs),
                 n as isize,
                 1,
                 accumulate,
-                Mat {
-                    ptr: pa.0.offset(i as isize * a.bs),
-                    ..a
-                },
-                Mat {
-                    ptr: pb.0.offset(i as isize * b.bs),
-                    ..b
-                },
+                a.item(i),
+                b.item(i),
                 Parallelism::None,
             );
         });
@@ -237,14 +250,8 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, 
             n as isize,
             1,
             accumulate,
-            Mat {
-                ptr: a.ptr.offset(i as isize * a.bs),
-                ..a
-            },
-            Mat {
-                ptr: b.ptr.offset(i as isize * b.bs),
-                ..b
-            },
+            a.item(i),
+            b.item(i),
             par,
         );
     }
