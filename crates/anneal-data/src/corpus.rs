@@ -1,0 +1,512 @@
+//! Streaming corpus reading.
+//!
+//! A corpus is a list of files and directories. Directories are walked recursively in sorted
+//! order (so every run sees the same documents in the same order) and their files kept when the
+//! name, after an optional `.gz` or `.zst` suffix, ends in one of the chosen extensions. Files
+//! given by name are always read.
+//!
+//! - A text file is one document. Lines that are not valid UTF-8 are dropped and reported.
+//! - A JSONL file (`.jsonl`, `.json`) holds one document per line, its text in a configurable
+//!   field. Lines that are not JSON objects with a string in that field are reported.
+//!
+//! Only one file's content is held at a time (one line, for JSONL), so memory stays bounded
+//! whatever the corpus size.
+
+use crate::{io_err, Error, Result};
+use std::collections::HashSet;
+use std::fs::File;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+
+/// How a file's content is split into documents.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    /// Decide by extension: `.jsonl` / `.json` are JSONL, anything else is text.
+    Auto,
+    /// The whole file is one document.
+    Text,
+    /// One JSON object per line.
+    Jsonl,
+}
+
+impl std::str::FromStr for Format {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Format> {
+        match s {
+            "auto" => Ok(Format::Auto),
+            "text" => Ok(Format::Text),
+            "jsonl" => Ok(Format::Jsonl),
+            _ => Err(Error::Invalid {
+                key: "format".into(),
+                value: s.into(),
+                allowed: "one of auto, text, jsonl".into(),
+            }),
+        }
+    }
+}
+
+/// What to read from a corpus.
+#[derive(Clone, Debug)]
+pub struct CorpusOptions {
+    /// File extensions kept when walking directories, without the dot (`txt`, `rs`, `jsonl`).
+    /// Empty keeps every file.
+    pub extensions: Vec<String>,
+    /// How files become documents.
+    pub format: Format,
+    /// The JSONL field holding the text.
+    pub text_field: String,
+    /// Drop documents whose text is byte-identical to one seen before.
+    pub dedup_exact: bool,
+    /// Stop after this many bytes of document text (`None`: read everything).
+    pub max_bytes: Option<u64>,
+}
+
+impl Default for CorpusOptions {
+    fn default() -> Self {
+        CorpusOptions {
+            extensions: vec!["txt".into(), "md".into(), "jsonl".into()],
+            format: Format::Auto,
+            text_field: "text".into(),
+            dedup_exact: false,
+            max_bytes: None,
+        }
+    }
+}
+
+/// One document and where it came from.
+#[derive(Clone, Debug)]
+pub struct Document {
+    /// The file, with `:line` for JSONL documents.
+    pub source: String,
+    /// Its text.
+    pub text: String,
+}
+
+/// One piece of input that was skipped.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BadInput {
+    /// The file.
+    pub path: PathBuf,
+    /// The 1-based line, when the problem is on one line.
+    pub line: Option<u64>,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.line {
+            Some(l) => write!(f, "{}:{l}: {}", self.path.display(), self.reason),
+            None => write!(f, "{}: {}", self.path.display(), self.reason),
+        }
+    }
+}
+
+/// Counts from one pass over a corpus.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct CorpusReport {
+    /// Files opened.
+    pub files: u64,
+    /// Documents produced.
+    pub documents: u64,
+    /// Bytes of document text produced.
+    pub bytes: u64,
+    /// Documents dropped as exact duplicates.
+    pub duplicates: u64,
+    /// Skipped lines and files, all of them counted here.
+    pub bad_count: u64,
+    /// The first [`CorpusReport::MAX_LISTED`] of them, with file and line.
+    pub bad: Vec<BadInput>,
+}
+
+impl CorpusReport {
+    /// How many bad inputs are listed individually.
+    pub const MAX_LISTED: usize = 50;
+
+    fn bad(&mut self, path: &Path, line: Option<u64>, reason: String) {
+        self.bad_count += 1;
+        if self.bad.len() < Self::MAX_LISTED {
+            self.bad.push(BadInput {
+                path: path.to_path_buf(),
+                line,
+                reason,
+            });
+        }
+    }
+
+    /// A human summary: counts, then each listed bad input on its own line.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "{} files, {} documents, {:.1} MB",
+            self.files,
+            self.documents,
+            self.bytes as f64 / 1e6
+        );
+        if self.duplicates > 0 {
+            s += &format!(", {} exact duplicates dropped", self.duplicates);
+        }
+        if self.bad_count > 0 {
+            s += &format!("; {} bad inputs skipped:", self.bad_count);
+            for b in &self.bad {
+                s += &format!("\n  {b}");
+            }
+            if self.bad_count as usize > self.bad.len() {
+                s += &format!(
+                    "\n  … and {} more",
+                    self.bad_count as usize - self.bad.len()
+                );
+            }
+        }
+        s
+    }
+}
+
+/// A corpus: the files to read and how to read them.
+pub struct Corpus {
+    files: Vec<PathBuf>,
+    options: CorpusOptions,
+}
+
+fn strip_compression(name: &str) -> &str {
+    name.strip_suffix(".gz")
+        .or_else(|| name.strip_suffix(".zst"))
+        .unwrap_or(name)
+}
+
+fn walk(dir: &Path, opts: &CorpusOptions, out: &mut Vec<PathBuf>) -> Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io_err(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            walk(&path, opts, out)?;
+        } else if path.is_file() {
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let name = strip_compression(name);
+            let keep = opts.extensions.is_empty()
+                || opts.extensions.iter().any(|e| {
+                    name.len() > e.len() + 1
+                        && name.ends_with(e.as_str())
+                        && name.as_bytes()[name.len() - e.len() - 1] == b'.'
+                });
+            if keep {
+                out.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Opens a file, decompressing `.gz` and `.zst` transparently.
+pub fn open(path: &Path) -> Result<Box<dyn Read + Send>> {
+    let file = File::open(path).map_err(io_err(path))?;
+    let name = path.to_string_lossy();
+    Ok(if name.ends_with(".gz") {
+        Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(file)))
+    } else if name.ends_with(".zst") {
+        Box::new(zstd::stream::read::Decoder::new(file).map_err(io_err(path))?)
+    } else {
+        Box::new(file)
+    })
+}
+
+impl Corpus {
+    /// The corpus under `paths` (files or directories). Fails when a path does not exist or
+    /// nothing matches.
+    pub fn new(paths: &[PathBuf], options: CorpusOptions) -> Result<Corpus> {
+        let mut files = Vec::new();
+        for p in paths {
+            if p.is_dir() {
+                walk(p, &options, &mut files)?;
+            } else if p.is_file() {
+                files.push(p.clone());
+            } else {
+                return Err(Error::Io {
+                    path: p.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no such file or directory",
+                    ),
+                });
+            }
+        }
+        if files.is_empty() {
+            return Err(Error::Invalid {
+                key: "data".into(),
+                value: paths
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                allowed: format!(
+                    "a file, or a directory holding files with extensions {:?}",
+                    options.extensions
+                ),
+            });
+        }
+        Ok(Corpus { files, options })
+    }
+
+    /// The files that will be read, in order.
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Keeps only the files for which `keep` is true.
+    pub fn retain_files(&mut self, keep: impl FnMut(&PathBuf) -> bool) {
+        self.files.retain(keep);
+    }
+
+    /// Reads every document in order, handing each to `f`; `f` returns `false` to stop early.
+    /// Bad input is skipped and counted in the returned report.
+    pub fn for_each(&self, mut f: impl FnMut(Document) -> bool) -> Result<CorpusReport> {
+        let mut report = CorpusReport::default();
+        let mut seen = HashSet::new();
+        let opts = &self.options;
+        let mut emit = |doc: Document, report: &mut CorpusReport| -> bool {
+            if doc.text.is_empty() {
+                return true;
+            }
+            if opts.dedup_exact && !seen.insert(xxhash_rust::xxh3::xxh3_128(doc.text.as_bytes())) {
+                report.duplicates += 1;
+                return true;
+            }
+            if let Some(max) = opts.max_bytes {
+                if report.bytes >= max {
+                    return false;
+                }
+            }
+            report.documents += 1;
+            report.bytes += doc.text.len() as u64;
+            f(doc)
+        };
+        'files: for path in &self.files {
+            report.files += 1;
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let jsonl = match opts.format {
+                Format::Jsonl => true,
+                Format::Text => false,
+                Format::Auto => {
+                    let n = strip_compression(name);
+                    n.ends_with(".jsonl") || n.ends_with(".json")
+                }
+            };
+            let reader = match open(path) {
+                Ok(r) => r,
+                Err(e) => {
+                    report.bad(path, None, e.to_string());
+                    continue;
+                }
+            };
+            if jsonl {
+                let mut reader = BufReader::new(reader);
+                let mut line = Vec::new();
+                let mut number = 0u64;
+                loop {
+                    line.clear();
+                    match reader.read_until(b'\n', &mut line) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            report.bad(path, Some(number + 1), format!("read error: {e}"));
+                            break;
+                        }
+                    }
+                    number += 1;
+                    if line.iter().all(|b| b.is_ascii_whitespace()) {
+                        continue;
+                    }
+                    match json_text(&line, &opts.text_field) {
+                        Ok(text) => {
+                            let doc = Document {
+                                source: format!("{}:{number}", path.display()),
+                                text,
+                            };
+                            if !emit(doc, &mut report) {
+                                break 'files;
+                            }
+                        }
+                        Err(reason) => report.bad(path, Some(number), reason),
+                    }
+                }
+            } else {
+                let mut bytes = Vec::new();
+                let mut reader = reader;
+                if let Err(e) = reader.read_to_end(&mut bytes) {
+                    report.bad(path, None, format!("read error: {e}"));
+                    continue;
+                }
+                let text = match String::from_utf8(bytes) {
+                    Ok(t) => t,
+                    Err(e) => valid_lines(path, e.into_bytes(), &mut report),
+                };
+                let doc = Document {
+                    source: path.display().to_string(),
+                    text,
+                };
+                if !emit(doc, &mut report) {
+                    break;
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
+/// The lines of `bytes` that are valid UTF-8, each invalid one reported.
+fn valid_lines(path: &Path, bytes: Vec<u8>, report: &mut CorpusReport) -> String {
+    let mut text = String::with_capacity(bytes.len());
+    for (i, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
+        match std::str::from_utf8(line) {
+            Ok(s) => text.push_str(s),
+            Err(e) => report.bad(
+                path,
+                Some(i as u64 + 1),
+                format!("invalid UTF-8 at byte {} of the line", e.valid_up_to()),
+            ),
+        }
+    }
+    text
+}
+
+/// The string in `field` of one JSON object line.
+fn json_text(line: &[u8], field: &str) -> std::result::Result<String, String> {
+    let line = std::str::from_utf8(line).map_err(|e| format!("invalid UTF-8: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| format!("malformed JSON: {e}"))?;
+    match value.get(field) {
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!(
+            "field {field:?} is not a string but {}",
+            match other {
+                serde_json::Value::Null => "null",
+                serde_json::Value::Bool(_) => "a boolean",
+                serde_json::Value::Number(_) => "a number",
+                serde_json::Value::Array(_) => "an array",
+                _ => "an object",
+            }
+        )),
+        None => Err(format!("no field {field:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write(path: &Path, bytes: &[u8]) {
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    fn read_all(paths: &[PathBuf], opts: CorpusOptions) -> (Vec<Document>, CorpusReport) {
+        let corpus = Corpus::new(paths, opts).unwrap();
+        let mut docs = Vec::new();
+        let report = corpus
+            .for_each(|d| {
+                docs.push(d);
+                true
+            })
+            .unwrap();
+        (docs, report)
+    }
+
+    #[test]
+    fn walks_directories_in_order_filtering_by_extension() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("b/two.txt"), b"two");
+        write(&dir.path().join("a/one.txt"), b"one");
+        write(&dir.path().join("a/skip.bin"), b"binary");
+        write(&dir.path().join("c.rs"), b"fn main() {}");
+        let opts = CorpusOptions {
+            extensions: vec!["txt".into(), "rs".into()],
+            ..Default::default()
+        };
+        let (docs, report) = read_all(&[dir.path().to_path_buf()], opts);
+        let texts: Vec<_> = docs.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(texts, ["one", "two", "fn main() {}"]);
+        assert_eq!(report.files, 3);
+        assert_eq!(report.bad_count, 0);
+    }
+
+    #[test]
+    fn jsonl_gz_and_zst_with_bad_lines_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = b"{\"text\": \"first\"}\nnot json\n\n{\"content\": \"x\"}\n{\"text\": 3}\n{\"text\": \"last\"}\n\xff\xfe\n";
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(body).unwrap();
+        write(&dir.path().join("d.jsonl.gz"), &gz.finish().unwrap());
+        write(
+            &dir.path().join("e.jsonl.zst"),
+            &zstd::encode_all(&b"{\"text\": \"zst doc\"}\n"[..], 1).unwrap(),
+        );
+        let (docs, report) = read_all(&[dir.path().to_path_buf()], CorpusOptions::default());
+        let texts: Vec<_> = docs.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(texts, ["first", "last", "zst doc"]);
+        assert_eq!(
+            docs[1].source,
+            format!("{}:6", dir.path().join("d.jsonl.gz").display())
+        );
+        assert_eq!(report.bad_count, 4);
+        let lines: Vec<_> = report.bad.iter().map(|b| b.line.unwrap()).collect();
+        assert_eq!(lines, [2, 4, 5, 7]);
+        assert!(report.bad[0].reason.contains("malformed JSON"));
+        assert!(report.bad[1].reason.contains("no field \"text\""));
+        assert!(report.bad[2].reason.contains("not a string"));
+        assert!(report.bad[3].reason.contains("UTF-8"));
+        assert!(report.summary().contains("d.jsonl.gz:2"));
+    }
+
+    #[test]
+    fn invalid_utf8_lines_of_text_files_are_dropped_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        write(
+            &dir.path().join("t.txt"),
+            b"good line\nbad \xc3\x28 line\nlast\n",
+        );
+        let (docs, report) = read_all(&[dir.path().join("t.txt")], CorpusOptions::default());
+        assert_eq!(docs[0].text, "good line\nlast\n");
+        assert_eq!(report.bad_count, 1);
+        assert_eq!(report.bad[0].line, Some(2));
+    }
+
+    #[test]
+    fn exact_duplicates_and_byte_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        write(&dir.path().join("a.txt"), b"same");
+        write(&dir.path().join("b.txt"), b"same");
+        write(&dir.path().join("c.txt"), b"other");
+        write(&dir.path().join("d.txt"), b"more");
+        let opts = CorpusOptions {
+            dedup_exact: true,
+            max_bytes: Some(9),
+            ..Default::default()
+        };
+        let (docs, report) = read_all(&[dir.path().to_path_buf()], opts);
+        assert_eq!(docs.len(), 2);
+        assert_eq!(report.duplicates, 1);
+        assert_eq!(report.bytes, 9);
+    }
+
+    #[test]
+    fn missing_path_and_empty_corpus_are_clear_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope");
+        let err = Corpus::new(&[missing], CorpusOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("nope") && err.contains("no such file"),
+            "{err}"
+        );
+        let err = Corpus::new(&[dir.path().to_path_buf()], CorpusOptions::default())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("extensions"), "{err}");
+    }
+}

@@ -1,0 +1,78 @@
+//! Text data for anneal: streaming corpus reading (directories of text files, JSONL, `.gz` and
+//! `.zst`), tokenizers on the Hugging Face `tokenizers` crate (byte-level BPE training,
+//! character vocabularies, GPT-2's own vocabulary), and tokenized corpora stored as
+//! memory-mapped binary shards with a JSON manifest.
+//!
+//! Bad input never ends a run: invalid UTF-8 and malformed JSON lines are skipped, counted and
+//! reported with their file and line ([`BadInput`]).
+
+pub mod corpus;
+pub mod shards;
+pub mod tokenizer;
+
+pub use corpus::{BadInput, Corpus, CorpusOptions, CorpusReport, Document, Format};
+pub use shards::{
+    tokenize, Manifest, ShardInfo, ShardSet, SplitMode, TokenizeOptions, TokenizeSummary,
+};
+pub use tokenizer::Tokenizer;
+
+use std::path::PathBuf;
+
+/// Errors of corpus reading, tokenizers and shards. Each names the file or value at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// A file exists but its content is not what it should be.
+    #[error("{path}: {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong and, where possible, how to fix it.
+        reason: String,
+    },
+    /// A setting has a value that is not allowed.
+    #[error("{key} = {value:?} is not allowed: {allowed}")]
+    Invalid {
+        /// The setting.
+        key: String,
+        /// Its value.
+        value: String,
+        /// What is allowed.
+        allowed: String,
+    },
+    /// The tokenizers library failed.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+    let path = path.into();
+    move |source| Error::Io { path, source }
+}
+
+/// The data cache that `scripts/fetch-data.sh` fills: `$ANNEAL_DATA`, else `~/.cache/anneal`.
+pub fn data_root() -> PathBuf {
+    if let Some(dir) = std::env::var_os("ANNEAL_DATA") {
+        return PathBuf::from(dir);
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_default();
+    home.join(".cache").join("anneal")
+}
+
+/// `data_root()/relative` when it exists (tests use it to skip when data is not fetched).
+pub fn data_dir(relative: &str) -> Option<PathBuf> {
+    let p = data_root().join(relative);
+    p.exists().then_some(p)
+}

