@@ -243,38 +243,101 @@ impl Gpt {
             0.0
         };
         let seed = dropout_seed.unwrap_or(0);
-        let wte = self.p(self.wte);
-        let tok = wte.embedding(ids, &[batch, seq])?;
+        let tok = self.p(self.wte).embedding(ids, &[batch, seq])?;
         let pos = self.p(self.wpe).narrow(0, 0, seq)?;
         let mut x = tok.add(&pos)?.dropout(p_drop, seed)?;
-        for (i, blk) in self.blocks.iter().enumerate() {
-            let run = BlockRun {
-                ln_1: self.pair(blk.ln_1),
-                c_attn: self.pair(blk.c_attn),
-                attn_proj: self.pair(blk.attn_proj),
-                ln_2: self.pair(blk.ln_2),
-                c_fc: self.pair(blk.c_fc),
-                mlp_proj: self.pair(blk.mlp_proj),
-                n_head: c.n_head,
+        for i in 0..self.blocks.len() {
+            let run = self.block_run(
+                i,
                 p_drop,
-                seed: seed
-                    .wrapping_add(1 + 2 * i as u64)
+                seed.wrapping_add(1 + 2 * i as u64)
                     .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            };
+            );
             x = if c.checkpoint_blocks {
                 checkpoint(&[x], move |t| run.forward(&t[0]))?
             } else {
                 run.forward(&x)?
             };
         }
+        self.head(&x, batch * seq)
+    }
+
+    fn block_run(&self, i: usize, p_drop: f32, seed: u64) -> BlockRun {
+        let blk = &self.blocks[i];
+        BlockRun {
+            ln_1: self.pair(blk.ln_1),
+            c_attn: self.pair(blk.c_attn),
+            attn_proj: self.pair(blk.attn_proj),
+            ln_2: self.pair(blk.ln_2),
+            c_fc: self.pair(blk.c_fc),
+            mlp_proj: self.pair(blk.mlp_proj),
+            n_head: self.config.n_head,
+            p_drop,
+            seed,
+        }
+    }
+
+    /// Final LayerNorm and output head: `[…, d]` → logits `[rows, vocab]`.
+    fn head(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
         let (w, b) = self.pair(self.ln_f);
         let x = x.layer_norm(&w, b.as_ref(), LN_EPS)?;
         let head = match self.lm_head {
             Some(id) => self.p(id),
-            None => wte,
+            None => self.p(self.wte),
         };
-        let x = x.reshape(&[batch * seq, c.n_embd])?;
+        let x = x.reshape(&[rows, self.config.n_embd])?;
         x.matmul(&head.transpose(0, 1)?)
+    }
+
+    /// Logits `[n, vocab]` of `ids` (one sequence) following the positions held in `cache`,
+    /// which grows by `n`. Runs without recording gradients. Fails when the cache would exceed
+    /// `block_size` (the caller then restarts from a shorter context).
+    pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
+        let c = &self.config;
+        let (start, n) = (cache.len, ids.len());
+        if n == 0 || start + n > c.block_size {
+            return Err(anneal_tensor::Error::Invalid {
+                op: "Gpt::forward_cached",
+                reason: format!(
+                    "{n} new positions after {start} cached must be at least one and fit in \
+                     block_size {}",
+                    c.block_size
+                ),
+            });
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
+            return Err(anneal_tensor::Error::IndexOutOfRange {
+                op: "Gpt::forward_cached",
+                index: bad as i64,
+                limit: c.vocab_size,
+            });
+        }
+        anneal_tensor::no_grad(|| {
+            let (h, d) = (c.n_head, c.n_embd);
+            let tok = self.p(self.wte).embedding(ids, &[1, n])?;
+            let pos = self.p(self.wpe).narrow(0, start, n)?;
+            let mut x = tok.add(&pos)?;
+            for i in 0..self.blocks.len() {
+                let run = self.block_run(i, 0.0, 0);
+                x = run.forward_with(&x, |qkv| {
+                    let part = |j: usize| qkv.narrow(2, j * d, d)?.reshape(&[1, n, h, d / h]);
+                    let (q, mut k, mut v) = (part(0)?, part(1)?, part(2)?);
+                    if let Some((pk, pv)) = cache.layers.get(i) {
+                        k = Tensor::concat(&[pk, &k], 1)?;
+                        v = Tensor::concat(&[pv, &v], 1)?;
+                    }
+                    let a = Tensor::attention(&q, &k, &v, &CAUSAL)?;
+                    if i < cache.layers.len() {
+                        cache.layers[i] = (k, v);
+                    } else {
+                        cache.layers.push((k, v));
+                    }
+                    a.reshape(&[1, n, d])
+                })?;
+            }
+            cache.len += n;
+            self.head(&x, n)
+        })
     }
 
     /// Mean next-token cross-entropy of `[B, T]` inputs against `[B, T]` targets.
@@ -288,6 +351,43 @@ impl Gpt {
     ) -> Result<Tensor> {
         let logits = self.forward(ids, batch, seq, dropout_seed)?;
         logits.cross_entropy(targets, CrossEntropyOptions::default())
+    }
+}
+
+const CAUSAL: AttentionOptions = AttentionOptions {
+    causal: true,
+    key_padding_mask: None,
+    scale: None,
+};
+
+/// Keys and values of the positions already run, per block, so that generating one more token
+/// costs one position's work (O(context) attention) instead of a re-run of the whole context.
+#[derive(Default)]
+pub struct KvCache {
+    layers: Vec<(Tensor, Tensor)>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache.
+    pub fn new() -> KvCache {
+        KvCache::default()
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Forgets every position.
+    pub fn clear(&mut self) {
+        self.layers.clear();
+        self.len = 0;
     }
 }
 
@@ -306,13 +406,20 @@ struct BlockRun {
 
 impl BlockRun {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let causal = AttentionOptions {
-            causal: true,
-            ..Default::default()
-        };
+        self.forward_with(x, |qkv| {
+            qkv.attention_packed(self.n_head, self.n_head, &CAUSAL)
+        })
+    }
+
+    /// The block with its attention given as `attend(qkv) → [B, T, d]`.
+    fn forward_with(
+        &self,
+        x: &Tensor,
+        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
+    ) -> Result<Tensor> {
         let h = x.layer_norm(&self.ln_1.0, self.ln_1.1.as_ref(), LN_EPS)?;
         let qkv = h.linear(&self.c_attn.0, self.c_attn.1.as_ref())?;
-        let a = qkv.attention_packed(self.n_head, self.n_head, &causal)?;
+        let a = attend(&qkv)?;
         let a = a
             .linear(&self.attn_proj.0, self.attn_proj.1.as_ref())?
             .dropout(self.p_drop, self.seed)?;
@@ -441,6 +548,30 @@ mod tests {
                     ..tiny()
                 }
                 .non_embedding_params()
+        );
+    }
+
+    #[test]
+    fn cached_generation_matches_full_forward() {
+        let m = Gpt::new(tiny(), 3).unwrap();
+        let ids: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
+        let full = m.forward(&ids, 1, 8, None).unwrap().to_vec_f32();
+        let mut cache = KvCache::new();
+        // A prompt of three, then one position at a time.
+        let mut got = m
+            .forward_cached(&ids[..3], &mut cache)
+            .unwrap()
+            .to_vec_f32();
+        for &t in &ids[3..] {
+            got.extend(m.forward_cached(&[t], &mut cache).unwrap().to_vec_f32());
+        }
+        assert_eq!(cache.len(), 8);
+        assert_eq!(got.len(), full.len());
+        let err = anneal_tensor::testing::rel_err_inf(&got, &full);
+        assert!(err < 1e-5, "relative error {err}");
+        assert!(
+            m.forward_cached(&[1], &mut cache).is_err(),
+            "past block_size"
         );
     }
 

@@ -8,4 +8,4 @@
 
 pub mod gpt;
 
-pub use gpt::{Gpt, GptConfig};
+pub use gpt::{Gpt, GptConfig, KvCache};

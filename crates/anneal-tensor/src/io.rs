@@ -17,8 +17,13 @@ pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
         path: path.display().to_string(),
         source,
     })?;
-    let st = SafeTensors::deserialize(&bytes)
-        .map_err(|e| Error::SafeTensors(format!("{}: {e}", path.display())))?;
+    decode_safetensors(&bytes, &path.display().to_string())
+}
+
+/// Parses safetensors bytes already in memory, as [`load_safetensors`]; `file` labels errors.
+pub fn decode_safetensors(bytes: &[u8], file: &str) -> Result<HashMap<String, Tensor>> {
+    let st =
+        SafeTensors::deserialize(bytes).map_err(|e| Error::SafeTensors(format!("{file}: {e}")))?;
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         let data = view.data();
@@ -57,8 +62,7 @@ pub fn load_safetensors(path: &Path) -> Result<HashMap<String, Tensor>> {
             StDtype::U8 | StDtype::BOOL => Buffer::F32(data.iter().map(|&b| b as f32).collect()),
             other => {
                 return Err(Error::SafeTensors(format!(
-                    "{}: tensor {name:?} has unsupported dtype {other:?}",
-                    path.display()
+                    "{file}: tensor {name:?} has unsupported dtype {other:?}"
                 )))
             }
         };

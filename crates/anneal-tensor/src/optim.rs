@@ -184,6 +184,51 @@ impl AdamW {
         (&self.m, &self.v)
     }
 
+    /// The f32 master copy of a half-precision store (for checkpoints); `None` for f32 stores.
+    pub fn master(&self) -> Option<&[f32]> {
+        self.master.values.as_deref()
+    }
+
+    /// Restores the state a checkpoint saved: steps taken, moments and, for half-precision
+    /// stores, the master copy. Call after the parameters have been loaded into `store`, so the
+    /// master copy is not re-read from the rounded parameters. Fails when a length differs from
+    /// the store's.
+    pub fn load_state(
+        &mut self,
+        store: &ParamStore,
+        steps: u64,
+        m: Vec<f32>,
+        v: Vec<f32>,
+        master: Option<Vec<f32>>,
+    ) -> crate::Result<()> {
+        let n = store.numel();
+        let master_ok = match (&master, store.dtype()) {
+            (None, DType::F32) => true,
+            (Some(x), d) if d != DType::F32 => x.len() == n,
+            _ => false,
+        };
+        if m.len() != n || v.len() != n || !master_ok {
+            return Err(crate::error::invalid(
+                "AdamW::load_state",
+                format!(
+                    "state of {} / {} elements (master copy: {}) does not fit a {:?} store of {n}",
+                    m.len(),
+                    v.len(),
+                    master.as_ref().map_or(0, |x| x.len()),
+                    store.dtype()
+                ),
+            ));
+        }
+        self.step = steps;
+        self.m = m;
+        self.v = v;
+        self.master = Master {
+            values: master,
+            version: store.version(),
+        };
+        Ok(())
+    }
+
     /// One update from the gradients in `store`, matching `torch.optim.AdamW`:
     /// m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², p ← p(1 − lr·λ) − lr/(1−β₁ᵗ) · m/(√v/√(1−β₂ᵗ) + ε).
     pub fn step(&mut self, store: &ParamStore) {

@@ -223,6 +223,60 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Every parameter under its name, in declaration order (what a checkpoint writes).
+    pub fn named(&self) -> Vec<(String, Tensor)> {
+        self.infos
+            .iter()
+            .zip(&self.tensors)
+            .map(|(p, t)| (p.name.clone(), t.clone()))
+            .collect()
+    }
+
+    /// Sets every parameter from `tensors` by name. Fails, naming the parameter, when one is
+    /// missing or has another shape, and names any key of `tensors` that matches no parameter;
+    /// nothing is written unless everything matches.
+    pub fn load_named(&self, tensors: &HashMap<String, Tensor>) -> Result<()> {
+        for p in &self.infos {
+            match tensors.get(&p.name) {
+                None => {
+                    return Err(invalid(
+                        "ParamStore::load_named",
+                        format!("missing parameter {}", p.name),
+                    ))
+                }
+                Some(t) if t.shape() != p.shape.as_slice() => {
+                    return Err(invalid(
+                        "ParamStore::load_named",
+                        format!(
+                            "{} has shape {:?}, the model expects {:?}",
+                            p.name,
+                            t.shape(),
+                            p.shape
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(extra) = tensors.keys().find(|k| !self.index.contains_key(*k)) {
+            return Err(invalid(
+                "ParamStore::load_named",
+                format!("{extra} is not a parameter of this model"),
+            ));
+        }
+        for (i, p) in self.infos.iter().enumerate() {
+            self.write_region(
+                &self.data,
+                ParamId(i),
+                &tensors[&p.name],
+                "ParamStore::load_named",
+            )?;
+        }
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
     /// Counts writes made with [`ParamStore::set`].
     pub fn version(&self) -> u64 {
         self.version.load(std::sync::atomic::Ordering::Relaxed)

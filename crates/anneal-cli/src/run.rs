@@ -1,0 +1,507 @@
+//! `anneal pretrain`, `generate`, `eval`, `export` and `quickstart`.
+
+use crate::data::{tokenize_corpus, TokenizeArgs};
+use anneal_data::{Corpus, CorpusOptions};
+use anneal_train::generate::{complete, generate as sample, load_model, SampleOptions};
+use anneal_train::trainer::{train, Resume, RunOptions, RunSummary};
+use anneal_train::RunConfig;
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// Arguments of `anneal pretrain`.
+#[derive(Args)]
+pub struct PretrainArgs {
+    /// TOML run config (sections [data], [model], [train]); defaults apply to keys it omits.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Override a config key, e.g. --set train.lr=3e-4 --set model.n_layer=6 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Resume from the newest checkpoint under train.out_dir, or from the checkpoint given.
+    #[arg(long, value_name = "CHECKPOINT", num_args = 0..=1, default_missing_value = "latest")]
+    pub resume: Option<String>,
+    /// Print the resolved config and exit.
+    #[arg(long)]
+    pub print_config: bool,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// A stop flag that Ctrl-C sets; a second Ctrl-C exits at once.
+fn stop_on_ctrl_c() -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    let installed = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("\nsecond interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
+    });
+    if let Err(e) = installed {
+        tracing::warn!("Ctrl-C will not save a checkpoint: {e}");
+    }
+    stop
+}
+
+fn print_summary(s: &RunSummary) {
+    println!(
+        "{} steps{} in {:.1} s: {:.1} ms/step, {:.0} tokens/s, MFU {:.1}%, peak RSS {:.0} MB",
+        s.steps - s.start_step,
+        if s.start_step > 0 {
+            format!(" (from step {})", s.start_step)
+        } else {
+            String::new()
+        },
+        s.wall_seconds,
+        s.ms_per_step,
+        s.tokens_per_second,
+        100.0 * s.mfu,
+        s.peak_rss_mb
+    );
+    if let Some(v) = s.val_loss {
+        println!("validation loss {v:.4} (perplexity {:.2})", v.exp());
+    }
+    if let Some(c) = &s.checkpoint {
+        println!("checkpoint: {}", c.display());
+    }
+    if s.interrupted {
+        println!("interrupted; continue with --resume");
+    }
+}
+
+/// `anneal pretrain`.
+pub fn pretrain(a: PretrainArgs) -> Result<()> {
+    let config = RunConfig::load(a.config.as_deref(), &a.overrides)?;
+    if a.print_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    let resume = match a.resume.as_deref() {
+        None => Resume::No,
+        Some("latest") => Resume::Latest,
+        Some(dir) => Resume::From(PathBuf::from(dir)),
+    };
+    let opts = RunOptions {
+        resume,
+        progress: !a.quiet,
+        stop: stop_on_ctrl_c(),
+    };
+    let summary = train(&config, &opts)?;
+    print_summary(&summary);
+    let out = &config.train.out_dir;
+    std::fs::write(
+        out.join("summary.json"),
+        serde_json::to_string_pretty(&summary)?,
+    )?;
+    if summary.interrupted {
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+/// Sampling flags shared by `generate` and `quickstart`.
+#[derive(Args, Clone)]
+pub struct SampleArgs {
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 200)]
+    pub tokens: usize,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.8)]
+    pub temperature: f32,
+    /// Keep the k most likely tokens (0: all).
+    #[arg(long, default_value_t = 200)]
+    pub top_k: usize,
+    /// Keep the most likely tokens up to this total probability (1: all).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+impl SampleArgs {
+    fn options(&self) -> Result<SampleOptions> {
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            bail!("--top-p {} is not allowed: a number in (0, 1]", self.top_p);
+        }
+        if self.temperature < 0.0 {
+            bail!(
+                "--temperature {} is not allowed: zero (greedy) or positive",
+                self.temperature
+            );
+        }
+        Ok(SampleOptions {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            seed: self.seed,
+            max_new_tokens: self.tokens,
+            stop_at_eos: true,
+        })
+    }
+}
+
+/// Arguments of `anneal generate`.
+#[derive(Args)]
+pub struct GenerateArgs {
+    /// A checkpoint, a run directory (its newest checkpoint), or a Hugging Face GPT-2 directory.
+    pub model: PathBuf,
+    /// Text to continue (empty: start from the end-of-text token).
+    #[arg(long, short, default_value = "")]
+    pub prompt: String,
+    /// Samples to draw (seeds seed, seed+1, …).
+    #[arg(long, default_value_t = 1)]
+    pub samples: usize,
+    /// Print the last position's first logits for the prompt instead of sampling (to compare
+    /// with another implementation).
+    #[arg(long)]
+    pub show_logits: bool,
+    #[command(flatten)]
+    pub sample: SampleArgs,
+}
+
+/// `anneal generate`.
+pub fn generate(a: GenerateArgs) -> Result<()> {
+    let loaded = load_model(&a.model)?;
+    let ids = loaded.tokenizer.encode(&a.prompt)?;
+    if a.show_logits {
+        if ids.is_empty() {
+            bail!("--show-logits needs a --prompt");
+        }
+        let n = ids.len().min(loaded.model.config.block_size);
+        let logits = loaded
+            .model
+            .forward(&ids[ids.len() - n..], 1, n, None)?
+            .to_vec_f32();
+        let vocab = loaded.model.config.vocab_size;
+        println!("tokens: {:?}", &ids[ids.len() - n..]);
+        println!(
+            "last logits[..8]: {:?}",
+            &logits[logits.len() - vocab..][..8.min(vocab)]
+        );
+        return Ok(());
+    }
+    let base = a.sample.options()?;
+    let started = std::time::Instant::now();
+    let mut produced = 0;
+    for i in 0..a.samples {
+        let opts = SampleOptions {
+            seed: base.seed + i as u64,
+            ..base
+        };
+        if a.samples > 1 {
+            println!("--- sample {} ---", i + 1);
+        }
+        print!("{}", a.prompt);
+        let mut pending = Vec::new();
+        let mut shown = String::new();
+        let new = sample(&loaded.model, &ids, loaded.tokenizer.eos(), &opts, |t| {
+            // Decode the whole tail so multi-byte characters split over tokens print whole.
+            pending.push(t);
+            if let Ok(text) = loaded.tokenizer.decode(&pending) {
+                if !text.ends_with('\u{fffd}') {
+                    print!("{}", &text[shown.len().min(text.len())..]);
+                    let _ = std::io::stdout().flush();
+                    shown = text;
+                }
+            }
+        })?;
+        produced += new.len();
+        println!();
+    }
+    eprintln!(
+        "{produced} tokens in {:.2} s ({:.0} tokens/s, KV cache)",
+        started.elapsed().as_secs_f64(),
+        produced as f64 / started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Arguments of `anneal eval`.
+#[derive(Args)]
+pub struct EvalArgs {
+    /// A checkpoint, a run directory, or a Hugging Face GPT-2 directory.
+    pub model: PathBuf,
+    /// Files or directories to evaluate on.
+    #[arg(long, short, required = true, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// File extensions read from directories, comma-separated.
+    #[arg(long, default_value = "txt,md,jsonl", value_delimiter = ',')]
+    pub ext: Vec<String>,
+    /// JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Windows per forward pass.
+    #[arg(long, default_value_t = 8)]
+    pub batch_size: usize,
+    /// Evaluate at most this many tokens.
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
+}
+
+/// `anneal eval`: mean next-token cross-entropy over non-overlapping windows of `block_size`
+/// tokens of the concatenated documents (each followed by end-of-text), and its exponential,
+/// the perplexity.
+pub fn eval(a: EvalArgs) -> Result<()> {
+    let loaded = load_model(&a.model)?;
+    let corpus = Corpus::new(
+        &a.input,
+        CorpusOptions {
+            extensions: a.ext.clone(),
+            text_field: a.text_field.clone(),
+            ..Default::default()
+        },
+    )?;
+    let t = loaded.model.config.block_size;
+    let b = a.batch_size.max(1);
+    let started = std::time::Instant::now();
+    let mut stream: Vec<u32> = Vec::new();
+    // (summed negative log-likelihood, tokens scored)
+    let mut acc = (0.0f64, 0u64);
+    let mut failure = None;
+    let limit = a.max_tokens.unwrap_or(u64::MAX);
+    let run_windows = |stream: &mut Vec<u32>, acc: &mut (f64, u64), flush: bool| -> Result<()> {
+        loop {
+            let windows = (stream.len().saturating_sub(1)) / t;
+            let take = if windows >= b {
+                b
+            } else if flush {
+                windows
+            } else {
+                0
+            };
+            if take == 0 || acc.1 >= limit {
+                return Ok(());
+            }
+            let mut ids = Vec::with_capacity(take * t);
+            let mut targets = Vec::with_capacity(take * t);
+            for w in 0..take {
+                ids.extend_from_slice(&stream[w * t..(w + 1) * t]);
+                targets.extend(stream[w * t + 1..(w + 1) * t + 1].iter().map(|&x| x as i64));
+            }
+            let loss = anneal_tensor::no_grad(|| loaded.model.loss(&ids, &targets, take, t, None))?;
+            acc.0 += loss.item()? as f64 * (take * t) as f64;
+            acc.1 += (take * t) as u64;
+            stream.drain(..take * t);
+        }
+    };
+    let report = corpus.for_each(|doc| {
+        match loaded.tokenizer.encode(&doc.text) {
+            Ok(ids) => {
+                stream.extend(ids);
+                stream.extend(loaded.tokenizer.eos());
+            }
+            Err(e) => {
+                failure = Some(anyhow::anyhow!("{}: {e}", doc.source));
+                return false;
+            }
+        }
+        if let Err(e) = run_windows(&mut stream, &mut acc, false) {
+            failure = Some(e);
+            return false;
+        }
+        acc.1 < limit
+    })?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    run_windows(&mut stream, &mut acc, true)?;
+    let (nll, count) = acc;
+    if count == 0 {
+        bail!(
+            "the corpus holds fewer than block_size + 1 = {} tokens; nothing to evaluate",
+            t + 1
+        );
+    }
+    let loss = nll / count as f64;
+    println!("{}", report.summary());
+    println!(
+        "{count} tokens in windows of {t}: loss {loss:.4} nats/token, perplexity {:.3} ({:.1} s)",
+        loss.exp(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Arguments of `anneal export`.
+#[derive(Args)]
+pub struct ExportArgs {
+    /// A checkpoint or a run directory.
+    pub model: PathBuf,
+    /// Output directory.
+    #[arg(long, short)]
+    pub out: PathBuf,
+}
+
+/// `anneal export`.
+pub fn export(a: ExportArgs) -> Result<()> {
+    let loaded = load_model(&a.model)?;
+    anneal_train::hf::export(&loaded.model, &loaded.tokenizer, &a.out)?;
+    println!(
+        "exported {} to {} (config.json, model.safetensors, tokenizer.json)",
+        loaded.dir.display(),
+        a.out.display()
+    );
+    println!(
+        "check: python3 -c \"import torch, transformers as t; m = t.GPT2LMHeadModel.from_pretrained('{}'); print(m(torch.tensor([[1, 2, 3]])).logits[0, -1, :8])\"",
+        a.out.display()
+    );
+    Ok(())
+}
+
+/// Arguments of `anneal quickstart`.
+#[derive(Args)]
+pub struct QuickstartArgs {
+    /// Corpus directory (default: the Rust sources in the local cargo registry).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Extensions read from --data, comma-separated.
+    #[arg(long, default_value = "rs", value_delimiter = ',')]
+    pub ext: Vec<String>,
+    /// Output folder (data, checkpoints, report).
+    #[arg(long, default_value = "runs/quickstart")]
+    pub out: PathBuf,
+    /// Megabytes of source text to use.
+    #[arg(long, default_value_t = 40)]
+    pub max_mb: u64,
+    /// Override a pretraining config key (repeatable), e.g. --set train.max_steps=100.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The cargo registry's unpacked sources: `$CARGO_HOME/registry/src`, else `~/.cargo/registry/src`.
+fn cargo_registry_sources() -> Option<PathBuf> {
+    let home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
+    let src = home.join("registry").join("src");
+    src.is_dir().then_some(src)
+}
+
+/// The prompts the quickstart completes.
+const PROMPTS: &[&str] = &[
+    "fn main() {\n",
+    "pub struct ",
+    "impl<T> ",
+    "/// Returns the number of ",
+    "#[derive(Debug, Clone)]\npub enum ",
+];
+
+/// `anneal quickstart`.
+pub fn quickstart(a: QuickstartArgs) -> Result<()> {
+    let data = match &a.data {
+        Some(d) => d.clone(),
+        None => cargo_registry_sources().context(
+            "no cargo registry sources found ($CARGO_HOME/registry/src or ~/.cargo/registry/src); \
+             pass --data DIR with text or source files",
+        )?,
+    };
+    let report = a.out.join("report");
+    std::fs::create_dir_all(&report)?;
+    println!("quickstart: pretraining a small GPT on {}", data.display());
+    let data_dir = a.out.join("data");
+    let targs = TokenizeArgs {
+        input: vec![data.clone()],
+        out: data_dir.clone(),
+        tokenizer: "bpe".into(),
+        vocab_size: 4096,
+        tokenizer_train_mb: 8,
+        ext: a.ext.clone(),
+        format: "auto".into(),
+        text_field: "text".into(),
+        val_fraction: 0.02,
+        split: "documents".into(),
+        seed: 1234,
+        dedup: true,
+        max_mb: Some(a.max_mb),
+        quiet: a.quiet,
+    };
+    let summary = tokenize_corpus(&targs)?;
+    let m = &summary.manifest;
+    println!("corpus: {}", m.corpus.summary());
+    println!(
+        "tokenized: {} training / {} validation tokens, vocabulary {}, {:.1} MB/s",
+        m.train_tokens(),
+        m.val_tokens(),
+        m.vocab_size,
+        summary.mb_per_s()
+    );
+    let mut overrides: Vec<String> = [
+        format!("data.dir={}", data_dir.display()),
+        format!("train.out_dir={}", a.out.display()),
+        "model.n_layer=4".into(),
+        "model.n_head=4".into(),
+        "model.n_embd=192".into(),
+        "model.block_size=128".into(),
+        "model.bias=false".into(),
+        "train.batch_size=16".into(),
+        "train.max_steps=1200".into(),
+        "train.lr=2e-3".into(),
+        "train.min_lr=2e-4".into(),
+        "train.warmup_steps=100".into(),
+        "train.eval_interval=100".into(),
+        "train.eval_batches=16".into(),
+        "train.checkpoint_interval=300".into(),
+        "train.keep_checkpoints=2".into(),
+    ]
+    .into();
+    overrides.extend(a.overrides.iter().cloned());
+    let config = RunConfig::load(None, &overrides)?;
+    let opts = RunOptions {
+        resume: Resume::No,
+        progress: !a.quiet,
+        stop: stop_on_ctrl_c(),
+    };
+    let summary = train(&config, &opts)?;
+    print_summary(&summary);
+    let first = summary.val_history.first().map(|v| v.1);
+    if let (Some(f), Some(l)) = (first, summary.val_loss) {
+        println!(
+            "validation loss: {f:.3} at step 0 → {l:.3} at step {}",
+            summary.steps
+        );
+    }
+    let loaded = load_model(&a.out)?;
+    let mut samples = String::from("# Samples\n\nTemperature 0.8, top-k 50, 120 tokens each.\n\n");
+    for (i, prompt) in PROMPTS.iter().enumerate() {
+        let opts = SampleOptions {
+            temperature: 0.8,
+            top_k: 50,
+            top_p: 1.0,
+            seed: i as u64,
+            max_new_tokens: 120,
+            stop_at_eos: true,
+        };
+        let text = complete(&loaded, prompt, &opts)?;
+        println!("\n----- prompt {:?} -----\n{prompt}{text}", prompt);
+        samples += &format!("## Prompt {prompt:?}\n\n```rust\n{prompt}{text}\n```\n\n");
+    }
+    std::fs::write(report.join("samples.md"), samples)?;
+    for f in ["loss.png", "metrics.jsonl", "config.toml"] {
+        let src = a.out.join(f);
+        if src.exists() {
+            std::fs::copy(&src, report.join(f))?;
+        }
+    }
+    std::fs::write(
+        report.join("summary.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "data": data,
+            "corpus": m.corpus,
+            "train_tokens": m.train_tokens(),
+            "val_tokens": m.val_tokens(),
+            "run": summary,
+        }))?,
+    )?;
+    println!("\nreport: {}", report.display());
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! Checkpoints: one directory per checkpoint,
+//!
+//! ```text
+//! checkpoints/step-000500/
+//!     model.safetensors        parameters under Hugging Face GPT-2 names
+//!     optimizer.safetensors    AdamW moments (and the f32 master copy of bf16 models)
+//!     trainer_state.json       step, seeds, data position, config, tokenizer, file checksums
+//! ```
+//!
+//! Written atomically: every file goes into a hidden temporary directory and is fsynced, then the
+//! directory is renamed into place and its parent fsynced, so a run killed at any moment leaves
+//! either the whole checkpoint or none of it. Loading checks each file's size and xxHash3 against
+//! `trainer_state.json` and names the file that is truncated or corrupted; nothing is loaded
+//! silently.
+
+use anneal_nn::Gpt;
+use anneal_tensor::optim::AdamW;
+use anneal_tensor::Tensor;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Size and checksum of one file of a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FileCheck {
+    /// Length in bytes.
+    pub bytes: u64,
+    /// xxHash3-64, hexadecimal.
+    pub xxh3: String,
+}
+
+/// Where the data stream stands. Batches are drawn from a generator seeded by
+/// (seed, step, micro-batch), so the step alone fixes every later batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataPosition {
+    /// The tokenized corpus.
+    pub dir: PathBuf,
+    /// Training tokens it held (a resumed run checks it reads the same corpus).
+    pub train_tokens: u64,
+    /// Optimizer steps already drawn from it.
+    pub steps_drawn: u64,
+}
+
+/// Everything besides tensors that a resumed run needs (`trainer_state.json`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Format version (1).
+    pub format: u32,
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Seed of initialisation, sampling and dropout; with `step` it fixes every random draw to
+    /// come (the generators are counter-based, so this is their whole state).
+    pub seed: u64,
+    /// The data position.
+    pub data: DataPosition,
+    /// Tokens trained on so far.
+    pub tokens_seen: u64,
+    /// The run configuration, as TOML.
+    pub config: String,
+    /// The tokenizer, as `tokenizer.json` text.
+    pub tokenizer: String,
+    /// Vocabulary size of the model.
+    pub vocab_size: usize,
+    /// Checksums of the tensor files.
+    pub files: BTreeMap<String, FileCheck>,
+}
+
+/// A checkpoint read back and verified.
+pub struct Loaded {
+    /// Its directory.
+    pub dir: PathBuf,
+    /// Its state.
+    pub state: TrainerState,
+    /// Model parameters by name.
+    pub model: HashMap<String, Tensor>,
+    /// Optimizer tensors by name (`adam.m`, `adam.v`, optionally `adam.master`).
+    pub optimizer: HashMap<String, Tensor>,
+}
+
+fn check(bytes: &[u8]) -> FileCheck {
+    FileCheck {
+        bytes: bytes.len() as u64,
+        xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(bytes)),
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn sync_dir(dir: &Path) {
+    // Directory fsync makes the rename durable; not every platform allows opening a directory.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+/// The directory name of step `step`'s checkpoint.
+pub fn dir_name(step: u64) -> String {
+    format!("step-{step:06}")
+}
+
+/// Writes the checkpoint of `state.step` under `root` (created if missing) and returns its path.
+pub fn save(root: &Path, model: &Gpt, opt: &AdamW, mut state: TrainerState) -> Result<PathBuf> {
+    std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
+    let name = dir_name(state.step);
+    let tmp = root.join(format!(".{name}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    let model_bytes = anneal_tensor::io::encode_safetensors(&model.params.named())?;
+    let (m, v) = opt.moments();
+    let n = m.len();
+    let mut tensors = vec![
+        ("adam.m".to_string(), Tensor::from_f32(m.to_vec(), &[n])?),
+        ("adam.v".to_string(), Tensor::from_f32(v.to_vec(), &[n])?),
+    ];
+    if let Some(master) = opt.master() {
+        tensors.push((
+            "adam.master".to_string(),
+            Tensor::from_f32(master.to_vec(), &[n])?,
+        ));
+    }
+    let opt_bytes = anneal_tensor::io::encode_safetensors(&tensors)?;
+    state.files = BTreeMap::from([
+        ("model.safetensors".to_string(), check(&model_bytes)),
+        ("optimizer.safetensors".to_string(), check(&opt_bytes)),
+    ]);
+    write_synced(&tmp.join("model.safetensors"), &model_bytes)?;
+    write_synced(&tmp.join("optimizer.safetensors"), &opt_bytes)?;
+    let json = serde_json::to_vec_pretty(&state).expect("states serialise");
+    write_synced(&tmp.join("trainer_state.json"), &json)?;
+    sync_dir(&tmp);
+    let dest = root.join(&name);
+    if dest.exists() {
+        let old = root.join(format!(".{name}.old"));
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(&dest, &old)?;
+        std::fs::rename(&tmp, &dest)?;
+        std::fs::remove_dir_all(&old)?;
+    } else {
+        std::fs::rename(&tmp, &dest)
+            .with_context(|| format!("moving checkpoint into {}", dest.display()))?;
+    }
+    sync_dir(root);
+    Ok(dest)
+}
+
+/// Reads and verifies the checkpoint in `dir`.
+pub fn load(dir: &Path) -> Result<Loaded> {
+    let state_path = dir.join("trainer_state.json");
+    let text = std::fs::read(&state_path).with_context(|| {
+        format!(
+            "{}: cannot read the checkpoint's state (is {} a checkpoint directory?)",
+            state_path.display(),
+            dir.display()
+        )
+    })?;
+    let state: TrainerState = serde_json::from_slice(&text).with_context(|| {
+        format!(
+            "{}: truncated or corrupted, not loaded",
+            state_path.display()
+        )
+    })?;
+    if state.format != 1 {
+        bail!(
+            "{}: checkpoint format {} is not supported (1 is)",
+            state_path.display(),
+            state.format
+        );
+    }
+    let read = |name: &str| -> Result<HashMap<String, Tensor>> {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let Some(expected) = state.files.get(name) else {
+            bail!("{}: no checksum for {name}", state_path.display());
+        };
+        let got = check(&bytes);
+        if got.bytes != expected.bytes {
+            bail!(
+                "{}: {} bytes where {} were written: truncated, not loaded",
+                path.display(),
+                got.bytes,
+                expected.bytes
+            );
+        }
+        if got.xxh3 != expected.xxh3 {
+            bail!(
+                "{}: checksum {} differs from the recorded {}: corrupted, not loaded",
+                path.display(),
+                got.xxh3,
+                expected.xxh3
+            );
+        }
+        Ok(anneal_tensor::io::decode_safetensors(
+            &bytes,
+            &path.display().to_string(),
+        )?)
+    };
+    let model = read("model.safetensors")?;
+    let optimizer = read("optimizer.safetensors")?;
+    Ok(Loaded {
+        dir: dir.to_path_buf(),
+        state,
+        model,
+        optimizer,
+    })
+}
+
+/// Checkpoint directories under `root`, oldest first.
+pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
+    let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().is_dir().then(|| (step, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The newest checkpoint under `root`.
+pub fn latest(root: &Path) -> Option<PathBuf> {
+    list(root).pop().map(|(_, p)| p)
+}
+
+/// Deletes all but the newest `keep` checkpoints under `root`.
+pub fn prune(root: &Path, keep: usize) -> Result<()> {
+    let all = list(root);
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep)) {
+        std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+/// Restores an optimizer's state from a loaded checkpoint (after the model's parameters).
+pub fn restore_optimizer(opt: &mut AdamW, model: &Gpt, loaded: &Loaded) -> Result<()> {
+    let get = |name: &str| -> Result<Vec<f32>> {
+        loaded
+            .optimizer
+            .get(name)
+            .map(|t| t.to_vec_f32())
+            .with_context(|| {
+                format!(
+                    "{}: optimizer.safetensors has no {name}",
+                    loaded.dir.display()
+                )
+            })
+    };
+    let master = loaded.optimizer.get("adam.master").map(|t| t.to_vec_f32());
+    opt.load_state(
+        &model.params,
+        loaded.state.step,
+        get("adam.m")?,
+        get("adam.v")?,
+        master,
+    )
+    .with_context(|| format!("restoring the optimizer from {}", loaded.dir.display()))
+}

@@ -1,0 +1,467 @@
+//! The run configuration: three TOML sections, `[data]`, `[model]` and `[train]`, every key with
+//! a default, every key overridable from the command line as `section.key=value`.
+//!
+//! Loading goes default → file → overrides, each key checked against the defaults: an unknown key
+//! is named with the keys its section allows, a value of the wrong type is named with the type
+//! expected, and [`RunConfig::validate`] names values out of range with the allowed range.
+
+use anneal_tensor::DType;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Where the tokenized corpus lives.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// A directory written by `anneal data tokenize` (manifest.json, tokenizer.json, shards).
+    pub dir: PathBuf,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            dir: PathBuf::from("data/shakespeare-char"),
+        }
+    }
+}
+
+/// The GPT's shape. The vocabulary size comes from the tokenized corpus.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// Transformer blocks.
+    pub n_layer: usize,
+    /// Attention heads (must divide `n_embd`).
+    pub n_head: usize,
+    /// Width of the residual stream.
+    pub n_embd: usize,
+    /// Context length in tokens.
+    pub block_size: usize,
+    /// Dropout probability while training.
+    pub dropout: f32,
+    /// Biases in linear layers and LayerNorms.
+    pub bias: bool,
+    /// Output head shares the token embedding.
+    pub tie_embeddings: bool,
+    /// Parameter and activation storage: `f32` or `bf16`.
+    pub dtype: String,
+    /// Recompute each block in backward instead of storing its activations.
+    pub checkpoint_blocks: bool,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            n_layer: 4,
+            n_head: 4,
+            n_embd: 128,
+            block_size: 64,
+            dropout: 0.0,
+            bias: false,
+            tie_embeddings: true,
+            dtype: "f32".into(),
+            checkpoint_blocks: false,
+        }
+    }
+}
+
+/// The optimisation and the run's bookkeeping.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step (gradient accumulation).
+    pub grad_accum: usize,
+    /// Optimizer steps.
+    pub max_steps: u64,
+    /// Peak learning rate.
+    pub lr: f64,
+    /// Learning rate at the end of the cosine decay.
+    pub min_lr: f64,
+    /// Steps of linear warm-up.
+    pub warmup_steps: u64,
+    /// Steps until the decay reaches `min_lr`; 0 means `max_steps`.
+    pub decay_steps: u64,
+    /// AdamW β₁.
+    pub beta1: f64,
+    /// AdamW β₂.
+    pub beta2: f64,
+    /// Decoupled weight decay (not applied to norms, biases and embeddings).
+    pub weight_decay: f64,
+    /// Global gradient-norm clip; 0 turns clipping off.
+    pub grad_clip: f64,
+    /// Steps between validation passes; 0 validates only at the end.
+    pub eval_interval: u64,
+    /// Batches per validation pass.
+    pub eval_batches: usize,
+    /// Steps between checkpoints; 0 checkpoints only at the end.
+    pub checkpoint_interval: u64,
+    /// Checkpoints kept (older ones are deleted).
+    pub keep_checkpoints: usize,
+    /// Seed of initialisation, batch sampling and dropout.
+    pub seed: u64,
+    /// Kernel threads; 0 uses every core.
+    pub threads: usize,
+    /// Where checkpoints, metrics, the loss curve and logs go.
+    pub out_dir: PathBuf,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            batch_size: 12,
+            grad_accum: 1,
+            max_steps: 2000,
+            lr: 1e-3,
+            min_lr: 1e-4,
+            warmup_steps: 100,
+            decay_steps: 0,
+            beta1: 0.9,
+            beta2: 0.99,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            eval_interval: 250,
+            eval_batches: 20,
+            checkpoint_interval: 500,
+            keep_checkpoints: 3,
+            seed: 1337,
+            threads: 0,
+            out_dir: PathBuf::from("runs/shakespeare-char"),
+        }
+    }
+}
+
+/// A whole run configuration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// The corpus.
+    #[serde(default)]
+    pub data: DataConfig,
+    /// The model.
+    #[serde(default)]
+    pub model: ModelConfig,
+    /// The optimisation.
+    #[serde(default)]
+    pub train: TrainConfig,
+}
+
+fn type_name(v: &toml::Value) -> &'static str {
+    match v {
+        toml::Value::String(_) => "a string",
+        toml::Value::Integer(_) => "an integer",
+        toml::Value::Float(_) => "a number",
+        toml::Value::Boolean(_) => "true or false",
+        toml::Value::Datetime(_) => "a date",
+        toml::Value::Array(_) => "an array",
+        toml::Value::Table(_) => "a table",
+    }
+}
+
+/// Puts `value` at `key` (`section.name`) of `table`, which holds the defaults; fails naming the
+/// key when it does not exist or the value's type differs from the default's.
+fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
+    let sections: Vec<String> = table.keys().cloned().collect();
+    let Some((section, name)) = key.split_once('.') else {
+        bail!(
+            "config key {key:?} must be section.key, with section one of {}",
+            sections.join(", ")
+        );
+    };
+    let Some(toml::Value::Table(sec)) = table.get_mut(section) else {
+        bail!(
+            "unknown config section {section:?} in {key:?}; sections are {}",
+            sections.join(", ")
+        );
+    };
+    let Some(default) = sec.get(name) else {
+        let allowed: Vec<&str> = sec.keys().map(|k| k.as_str()).collect();
+        bail!(
+            "unknown config key {key:?}; [{section}] allows {}",
+            allowed.join(", ")
+        );
+    };
+    let value = match (default, value) {
+        (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
+        (toml::Value::String(_), v @ toml::Value::String(_)) => v,
+        // A path or name given bare on the command line parses as something else; keep its text.
+        (toml::Value::String(_), v) if !matches!(v, toml::Value::Table(_)) => {
+            toml::Value::String(match v {
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => other.to_string(),
+            })
+        }
+        (d, v) if std::mem::discriminant(d) == std::mem::discriminant(&v) => v,
+        (d, v) => bail!(
+            "config key {key} = {v} is not allowed: expected {}",
+            type_name(d)
+        ),
+    };
+    if let toml::Value::Integer(i) = value {
+        if i < 0 {
+            bail!("config key {key} = {i} is not allowed: expected a non-negative integer");
+        }
+    }
+    sec.insert(name.to_string(), value);
+    Ok(())
+}
+
+/// Parses the right side of `key=value` as a TOML value, or as a bare string when it is not one.
+fn parse_value(text: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {text}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(text.to_string()))
+}
+
+impl RunConfig {
+    /// Defaults, then the TOML file at `path` (if any), then each `section.key=value` override.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
+        let mut table = toml::Table::try_from(RunConfig::default()).expect("defaults serialise");
+        if let Some(path) = path {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading config {}", path.display()))?;
+            let file: toml::Table = toml::from_str(&text)
+                .with_context(|| format!("{}: not valid TOML", path.display()))?;
+            for (section, body) in file {
+                let toml::Value::Table(body) = body else {
+                    bail!(
+                        "{}: {section} must be a [{section}] section",
+                        path.display()
+                    );
+                };
+                for (name, value) in body {
+                    set_key(&mut table, &format!("{section}.{name}"), value)
+                        .with_context(|| format!("in {}", path.display()))?;
+                }
+            }
+        }
+        for o in overrides {
+            let Some((key, value)) = o.split_once('=') else {
+                bail!("override {o:?} must be section.key=value, for example train.lr=3e-4");
+            };
+            set_key(&mut table, key.trim(), parse_value(value.trim()))?;
+        }
+        let config: RunConfig = toml::Value::Table(table)
+            .try_into()
+            .context("config does not fit the expected shape")?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value's range; the error names the key, the value and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let m = &self.model;
+        let t = &self.train;
+        let check = |ok: bool, key: &str, value: String, allowed: &str| -> Result<()> {
+            if ok {
+                Ok(())
+            } else {
+                bail!("config key {key} = {value} is not allowed: {allowed}")
+            }
+        };
+        check(
+            m.n_layer >= 1,
+            "model.n_layer",
+            m.n_layer.to_string(),
+            "at least 1",
+        )?;
+        check(
+            m.n_head >= 1,
+            "model.n_head",
+            m.n_head.to_string(),
+            "at least 1",
+        )?;
+        check(
+            m.n_embd >= 1 && m.n_embd % m.n_head.max(1) == 0,
+            "model.n_embd",
+            m.n_embd.to_string(),
+            &format!("a positive multiple of model.n_head ({})", m.n_head),
+        )?;
+        check(
+            m.block_size >= 2,
+            "model.block_size",
+            m.block_size.to_string(),
+            "at least 2",
+        )?;
+        check(
+            (0.0..1.0).contains(&m.dropout),
+            "model.dropout",
+            m.dropout.to_string(),
+            "a probability in [0, 1)",
+        )?;
+        self.dtype()?;
+        check(
+            t.batch_size >= 1,
+            "train.batch_size",
+            t.batch_size.to_string(),
+            "at least 1",
+        )?;
+        check(
+            t.grad_accum >= 1,
+            "train.grad_accum",
+            t.grad_accum.to_string(),
+            "at least 1",
+        )?;
+        check(
+            t.max_steps >= 1,
+            "train.max_steps",
+            t.max_steps.to_string(),
+            "at least 1",
+        )?;
+        check(
+            t.lr > 0.0 && t.lr.is_finite(),
+            "train.lr",
+            t.lr.to_string(),
+            "a positive number",
+        )?;
+        check(
+            t.min_lr >= 0.0 && t.min_lr <= t.lr,
+            "train.min_lr",
+            t.min_lr.to_string(),
+            &format!("between 0 and train.lr ({})", t.lr),
+        )?;
+        for (key, v) in [("train.beta1", t.beta1), ("train.beta2", t.beta2)] {
+            check(
+                (0.0..1.0).contains(&v),
+                key,
+                v.to_string(),
+                "a number in [0, 1)",
+            )?;
+        }
+        check(
+            t.weight_decay >= 0.0,
+            "train.weight_decay",
+            t.weight_decay.to_string(),
+            "zero or positive",
+        )?;
+        check(
+            t.grad_clip >= 0.0,
+            "train.grad_clip",
+            t.grad_clip.to_string(),
+            "zero (off) or positive",
+        )?;
+        check(
+            t.eval_batches >= 1,
+            "train.eval_batches",
+            t.eval_batches.to_string(),
+            "at least 1",
+        )?;
+        check(
+            t.keep_checkpoints >= 1,
+            "train.keep_checkpoints",
+            t.keep_checkpoints.to_string(),
+            "at least 1",
+        )?;
+        Ok(())
+    }
+
+    /// The model's storage dtype.
+    pub fn dtype(&self) -> Result<DType> {
+        match self.model.dtype.as_str() {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            other => bail!("config key model.dtype = {other:?} is not allowed: f32 or bf16"),
+        }
+    }
+
+    /// The configuration as TOML text (written beside every run and into checkpoints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("configs serialise")
+    }
+
+    /// The GPT this configuration describes, for a vocabulary of `vocab_size` tokens.
+    pub fn gpt_config(&self, vocab_size: usize) -> Result<anneal_nn::GptConfig> {
+        let m = &self.model;
+        Ok(anneal_nn::GptConfig {
+            vocab_size,
+            block_size: m.block_size,
+            n_layer: m.n_layer,
+            n_head: m.n_head,
+            n_embd: m.n_embd,
+            dropout: m.dropout,
+            bias: m.bias,
+            tie_embeddings: m.tie_embeddings,
+            dtype: self.dtype()?,
+            checkpoint_blocks: m.checkpoint_blocks,
+        })
+    }
+
+    /// Steps of the cosine decay.
+    pub fn decay_steps(&self) -> u64 {
+        if self.train.decay_steps == 0 {
+            self.train.max_steps
+        } else {
+            self.train.decay_steps
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(path: Option<&Path>, overrides: &[&str]) -> String {
+        let o: Vec<String> = overrides.iter().map(|s| s.to_string()).collect();
+        format!("{:#}", RunConfig::load(path, &o).expect_err("should fail"))
+    }
+
+    #[test]
+    fn file_then_overrides() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("run.toml");
+        std::fs::write(
+            &path,
+            "[model]\nn_layer = 6\n[train]\nlr = 1\nout_dir = \"x\"\n",
+        )
+        .unwrap();
+        let o = vec!["train.lr=3e-4".to_string(), "data.dir=/tmp/data".into()];
+        let c = RunConfig::load(Some(&path), &o).unwrap();
+        assert_eq!(c.model.n_layer, 6);
+        assert_eq!(c.train.lr, 3e-4);
+        assert_eq!(c.train.out_dir, PathBuf::from("x"));
+        assert_eq!(c.data.dir, PathBuf::from("/tmp/data"));
+        assert_eq!(c.model.n_head, 4, "untouched keys keep their defaults");
+        let back: RunConfig = toml::from_str(&c.to_toml()).unwrap();
+        assert_eq!(back, c);
+    }
+
+    #[test]
+    fn errors_name_the_key_the_value_and_what_is_allowed() {
+        let e = err(None, &["train.lrr=1"]);
+        assert!(e.contains("train.lrr") && e.contains("batch_size"), "{e}");
+        let e = err(None, &["optim.lr=1"]);
+        assert!(e.contains("optim") && e.contains("train"), "{e}");
+        let e = err(None, &["train.lr=fast"]);
+        assert!(
+            e.contains("train.lr") && e.contains("fast") && e.contains("a number"),
+            "{e}"
+        );
+        let e = err(None, &["model.n_embd=130"]);
+        assert!(
+            e.contains("model.n_embd = 130") && e.contains("multiple"),
+            "{e}"
+        );
+        let e = err(None, &["model.dtype=f64"]);
+        assert!(
+            e.contains("model.dtype") && e.contains("f64") && e.contains("bf16"),
+            "{e}"
+        );
+        let e = err(None, &["train.max_steps=-5"]);
+        assert!(
+            e.contains("train.max_steps = -5") && e.contains("non-negative"),
+            "{e}"
+        );
+        let e = err(None, &["train.lr"]);
+        assert!(e.contains("section.key=value"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "[train]\nbatch = 3\n").unwrap();
+        let e = err(Some(&path), &[]);
+        assert!(e.contains("bad.toml") && e.contains("train.batch"), "{e}");
+    }
+}

@@ -1,0 +1,204 @@
+//! Hugging Face GPT-2 compatibility: export to, and import from, the directory layout of
+//! `transformers`' `GPT2LMHeadModel` (`config.json`, `model.safetensors`, `tokenizer.json`).
+//!
+//! anneal's GPT already uses GPT-2's parameter names and `Conv1D` layout (`[in, out]` weights),
+//! so the tensors pass through unchanged. Models trained without biases get zero biases on
+//! export (GPT-2 always has them; a zero bias changes nothing), and hub checkpoints saved from
+//! `GPT2Model` (keys without the `transformer.` prefix) load too. Check an export with:
+//!
+//! ```text
+//! python3 -c "import torch, transformers as t; m = t.GPT2LMHeadModel.from_pretrained('DIR'); \
+//!   print(m(torch.tensor([[1, 2, 3]])).logits[0, -1, :5])"
+//! ```
+//! and compare with `anneal generate DIR --show-logits "…"`.
+
+use anneal_data::Tokenizer;
+use anneal_nn::{Gpt, GptConfig};
+use anneal_tensor::{DType, Tensor};
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Writes `model` and `tokenizer` as a Hugging Face GPT-2 directory at `out`.
+pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path) -> Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let c = &model.config;
+    let mut tensors: Vec<(String, Tensor)> = model
+        .params
+        .named()
+        .into_iter()
+        .map(|(n, t)| Ok((n, Tensor::from_f32(t.to_vec_f32(), t.shape())?)))
+        .collect::<Result<_>>()?;
+    if !c.bias {
+        let d = c.n_embd;
+        let zeros = |n: usize| Tensor::zeros(&[n], DType::F32);
+        for i in 0..c.n_layer {
+            for (name, n) in [
+                ("ln_1", d),
+                ("attn.c_attn", 3 * d),
+                ("attn.c_proj", d),
+                ("ln_2", d),
+                ("mlp.c_fc", 4 * d),
+                ("mlp.c_proj", d),
+            ] {
+                tensors.push((format!("transformer.h.{i}.{name}.bias"), zeros(n)));
+            }
+        }
+        tensors.push(("transformer.ln_f.bias".into(), zeros(d)));
+    }
+    let bytes = anneal_tensor::io::encode_safetensors(&tensors)?;
+    std::fs::write(out.join("model.safetensors"), bytes)?;
+    let eos = tokenizer.eos().unwrap_or(0);
+    let config = json!({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": c.vocab_size,
+        "n_positions": c.block_size,
+        "n_ctx": c.block_size,
+        "n_embd": c.n_embd,
+        "n_layer": c.n_layer,
+        "n_head": c.n_head,
+        "n_inner": null,
+        "activation_function": "gelu_new",
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        "layer_norm_epsilon": 1e-5,
+        "initializer_range": 0.02,
+        "tie_word_embeddings": c.tie_embeddings,
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+        "torch_dtype": "float32",
+    });
+    std::fs::write(
+        out.join("config.json"),
+        serde_json::to_string_pretty(&config)?,
+    )?;
+    tokenizer.save(&out.join("tokenizer.json"))?;
+    Ok(())
+}
+
+/// Loads a Hugging Face GPT-2 directory: `config.json`, `model.safetensors`, and
+/// `tokenizer.json` or `vocab.json` + `merges.txt`.
+pub fn load_dir(dir: &Path) -> Result<(Gpt, Tokenizer)> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .with_context(|| format!("reading {}", config_path.display()))?;
+    let cfg: serde_json::Value = serde_json::from_str(&text)
+        .with_context(|| format!("{}: not JSON", config_path.display()))?;
+    let field = |k: &str| -> Result<usize> {
+        cfg.get(k)
+            .and_then(|v| v.as_u64())
+            .map(|v| v as usize)
+            .with_context(|| format!("{}: no integer {k:?}", config_path.display()))
+    };
+    if let Some(t) = cfg.get("model_type").and_then(|v| v.as_str()) {
+        if t != "gpt2" {
+            bail!(
+                "{}: model_type {t:?} is not supported here (gpt2 is)",
+                config_path.display()
+            );
+        }
+    }
+    let act = cfg
+        .get("activation_function")
+        .and_then(|v| v.as_str())
+        .unwrap_or("gelu_new");
+    if act != "gelu_new" && act != "gelu_pytorch_tanh" {
+        bail!(
+            "{}: activation_function {act:?} is not supported (gelu_new is)",
+            config_path.display()
+        );
+    }
+    let tie = cfg
+        .get("tie_word_embeddings")
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true);
+    let config = GptConfig {
+        vocab_size: field("vocab_size")?,
+        block_size: field("n_positions")?,
+        n_layer: field("n_layer")?,
+        n_head: field("n_head")?,
+        n_embd: field("n_embd")?,
+        dropout: 0.0,
+        bias: true,
+        tie_embeddings: tie,
+        dtype: DType::F32,
+        checkpoint_blocks: false,
+    };
+    let st = dir.join("model.safetensors");
+    if !st.is_file() {
+        bail!(
+            "{}: missing (only safetensors weights are read; convert pytorch_model.bin with \
+             transformers' save_pretrained(safe_serialization=True))",
+            st.display()
+        );
+    }
+    let raw = anneal_tensor::io::load_safetensors(&st)?;
+    let mut tensors = HashMap::new();
+    for (name, t) in raw {
+        if name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias") {
+            continue; // causal-mask buffers, not parameters
+        }
+        let name = if name.starts_with("transformer.") || name.starts_with("lm_head.") {
+            name
+        } else {
+            format!("transformer.{name}")
+        };
+        if tie && name == "lm_head.weight" {
+            continue;
+        }
+        tensors.insert(name, t);
+    }
+    let model = Gpt::new(config, 0)?;
+    model
+        .params
+        .load_named(&tensors)
+        .with_context(|| format!("loading {}", st.display()))?;
+    let tokenizer = if dir.join("tokenizer.json").is_file() {
+        Tokenizer::load(&dir.join("tokenizer.json"))?
+    } else {
+        Tokenizer::gpt2(&dir.join("vocab.json"), &dir.join("merges.txt"))?
+    };
+    Ok((model, tokenizer))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_then_import_gives_the_same_logits() {
+        for bias in [false, true] {
+            let model = Gpt::new(
+                GptConfig {
+                    vocab_size: 9,
+                    block_size: 8,
+                    n_layer: 2,
+                    n_head: 2,
+                    n_embd: 8,
+                    bias,
+                    ..GptConfig::gpt2()
+                },
+                3,
+            )
+            .unwrap();
+            let tok = Tokenizer::train_chars(["abcdefghi"].iter()).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            export(&model, &tok, dir.path()).unwrap();
+            let (back, tok2) = load_dir(dir.path()).unwrap();
+            assert_eq!(tok2.encode("abc").unwrap(), tok.encode("abc").unwrap());
+            let ids = [1, 2, 3, 4, 5, 6];
+            let a = model.forward(&ids, 1, 6, None).unwrap().to_vec_f32();
+            let b = back.forward(&ids, 1, 6, None).unwrap().to_vec_f32();
+            assert_eq!(a, b);
+            let cfg: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(dir.path().join("config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(cfg["n_layer"], 2);
+            assert_eq!(cfg["activation_function"], "gelu_new");
+        }
+    }
+}

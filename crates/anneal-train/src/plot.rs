@@ -1,0 +1,173 @@
+//! Loss curves as PNG images, drawn with `plotters`.
+//!
+//! Text needs a TrueType font, read at run time from the first of a few usual system locations
+//! (or `$ANNEAL_FONT`); on a machine without one the curves are drawn without labels.
+
+use anyhow::{anyhow, Result};
+use plotters::prelude::*;
+use std::path::Path;
+use std::sync::OnceLock;
+
+const FONT_PATHS: &[&str] = &[
+    "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/TTF/DejaVuSans.ttf",
+    "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+    "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+    "/Library/Fonts/Arial.ttf",
+    "/System/Library/Fonts/Supplemental/Arial.ttf",
+    "C:\\Windows\\Fonts\\arial.ttf",
+];
+
+/// Registers a system font as "sans-serif" once; false when none was found.
+fn font_available() -> bool {
+    static FOUND: OnceLock<bool> = OnceLock::new();
+    *FOUND.get_or_init(|| {
+        let custom = std::env::var("ANNEAL_FONT").ok();
+        for path in custom
+            .iter()
+            .map(|s| s.as_str())
+            .chain(FONT_PATHS.iter().copied())
+        {
+            if let Ok(bytes) = std::fs::read(path) {
+                let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+                if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                    return true;
+                }
+            }
+        }
+        false
+    })
+}
+
+/// One named series of (x, y) points.
+pub struct Series<'a> {
+    /// Legend label.
+    pub label: &'a str,
+    /// Points, x increasing.
+    pub points: &'a [(f64, f64)],
+}
+
+/// Draws `series` as lines into a PNG at `path` (written to a temporary file, then renamed).
+pub fn line_chart(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Series],
+) -> Result<()> {
+    let all: Vec<(f64, f64)> = series
+        .iter()
+        .flat_map(|s| s.points.iter().copied())
+        .collect();
+    if all.is_empty() {
+        return Ok(());
+    }
+    let finite = |v: f64| v.is_finite();
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in all.iter().filter(|(x, y)| finite(*x) && finite(*y)) {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        return Ok(());
+    }
+    if x1 <= x0 {
+        x1 = x0 + 1.0;
+    }
+    let pad = ((y1 - y0) * 0.05).max(1e-3);
+    let (y0, y1) = (y0 - pad, y1 + pad);
+    // The encoder picks the format from the extension, so the temporary name ends in .png too.
+    let name = path
+        .file_name()
+        .map_or("plot.png".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
+    let text = font_available();
+    {
+        let root = BitMapBackend::new(&tmp, (900, 560)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(20);
+        if text {
+            builder
+                .caption(title, ("sans-serif", 24))
+                .x_label_area_size(45)
+                .y_label_area_size(60);
+        }
+        let mut chart = builder
+            .build_cartesian_2d(x0..x1, y0..y1)
+            .map_err(|e| anyhow!("plot: {e}"))?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_desc(x_label).y_desc(y_label);
+        } else {
+            mesh.disable_x_axis().disable_y_axis();
+        }
+        mesh.draw().map_err(|e| anyhow!("plot: {e}"))?;
+        let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
+        for (i, s) in series.iter().enumerate() {
+            let color = colors[i % colors.len()];
+            let drawn = chart
+                .draw_series(LineSeries::new(
+                    s.points
+                        .iter()
+                        .copied()
+                        .filter(|(x, y)| finite(*x) && finite(*y)),
+                    color.stroke_width(2),
+                ))
+                .map_err(|e| anyhow!("plot: {e}"))?;
+            if text {
+                drawn.label(s.label).legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            }
+        }
+        if text {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(|e| anyhow!("plot: {e}"))?;
+        }
+        root.present().map_err(|e| anyhow!("plot: {e}"))?;
+    }
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_a_png() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("loss.png");
+        let train: Vec<(f64, f64)> = (0..50)
+            .map(|i| (i as f64, 4.0 / (1.0 + i as f64)))
+            .collect();
+        let val = [(0.0, 4.2), (25.0, 0.3), (49.0, 0.2)];
+        line_chart(
+            &path,
+            "loss",
+            "step",
+            "loss",
+            &[
+                Series {
+                    label: "train",
+                    points: &train,
+                },
+                Series {
+                    label: "validation",
+                    points: &val,
+                },
+            ],
+        )
+        .unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG");
+        assert!(bytes.len() > 2000);
+    }
+}
