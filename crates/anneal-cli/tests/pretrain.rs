@@ -1,0 +1,322 @@
+//! `anneal data tokenize` → `pretrain` → `generate` / `eval` / `export`, on a corpus small
+//! enough for CI, including a run killed with SIGKILL and one stopped with SIGINT, each resumed,
+//! whose losses must equal an uninterrupted run's bit for bit.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn anneal(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_anneal"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the anneal binary runs")
+}
+
+fn ok(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "stdout:\n{}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A small corpus with enough structure to learn: numbered verses of a few fixed lines.
+fn corpus(dir: &Path) -> PathBuf {
+    let src = dir.join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let lines = [
+        "the quick brown fox jumps over the lazy dog.",
+        "a stitch in time saves nine, and so on.",
+        "to be, or not to be: that is the question.",
+        "all that glitters is not gold; all who wander are not lost.",
+    ];
+    for f in 0..4 {
+        let mut text = String::new();
+        for i in 0..300 {
+            text += &format!("{} {}\n", i % 17, lines[(i * 7 + f) % lines.len()]);
+        }
+        std::fs::write(src.join(format!("part{f}.txt")), text).unwrap();
+    }
+    // One line of invalid UTF-8: skipped and reported, never fatal.
+    std::fs::write(src.join("broken.txt"), b"fine line\n\xff\xfe bad\n").unwrap();
+    src
+}
+
+fn tokenize(dir: &Path) -> PathBuf {
+    let src = corpus(dir);
+    let data = dir.join("data");
+    let out = ok(anneal(&[
+        "data",
+        "tokenize",
+        "--input",
+        src.to_str().unwrap(),
+        "--tokenizer",
+        "chars",
+        "--split",
+        "tail",
+        "--val-fraction",
+        "0.1",
+        "--out",
+        data.to_str().unwrap(),
+        "--quiet",
+    ]));
+    assert!(
+        out.contains("1 bad inputs skipped") && out.contains("broken.txt:2"),
+        "{out}"
+    );
+    data
+}
+
+fn settings(data: &Path, out: &Path, steps: u64) -> Vec<String> {
+    [
+        format!("data.dir={}", data.display()),
+        format!("train.out_dir={}", out.display()),
+        "model.n_layer=2".into(),
+        "model.n_head=2".into(),
+        "model.n_embd=48".into(),
+        "model.block_size=32".into(),
+        "model.dropout=0.1".into(),
+        "train.batch_size=8".into(),
+        format!("train.max_steps={steps}"),
+        "train.warmup_steps=10".into(),
+        "train.eval_interval=50".into(),
+        "train.eval_batches=2".into(),
+        "train.checkpoint_interval=20".into(),
+        "train.keep_checkpoints=2".into(),
+        "train.grad_accum=2".into(),
+        "train.threads=2".into(),
+    ]
+    .into_iter()
+    .flat_map(|s| ["--set".to_string(), s])
+    .collect()
+}
+
+fn pretrain(data: &Path, out: &Path, steps: u64, extra: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_anneal"));
+    c.arg("pretrain")
+        .arg("--quiet")
+        .args(settings(data, out, steps))
+        .args(extra)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// (step, loss) of every training step in metrics.jsonl, and (step, val_loss) of every evaluation.
+fn losses(out: &Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+    let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
+    let (mut train, mut val) = (Vec::new(), Vec::new());
+    for line in text.lines() {
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+            continue;
+        };
+        let step = v["step"].as_u64().unwrap();
+        if let Some(l) = v["loss"].as_f64() {
+            train.push((step, l));
+        } else if let Some(l) = v["val_loss"].as_f64() {
+            val.push((step, l));
+        }
+    }
+    (train, val)
+}
+
+/// Waits until the run has logged at least `step` steps; fails if it exits first.
+fn wait_for_step(child: &mut Child, out: &Path, step: u64) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = losses(out).0.last().map_or(0, |l| l.0);
+        if done >= step {
+            return done;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the run ended ({status}) before step {step}");
+        }
+        assert!(Instant::now() < deadline, "no progress to step {step}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .args([sig, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+#[cfg(unix)]
+#[test]
+fn killed_and_interrupted_runs_resume_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let steps = 200;
+
+    let straight = dir.path().join("straight");
+    let out = pretrain(&data, &straight, steps, &[]).output().unwrap();
+    ok(out);
+    let (want_train, want_val) = losses(&straight);
+    assert_eq!(want_train.len(), steps as usize);
+    assert!(
+        want_val.last().unwrap().1 < want_val[0].1 - 0.5,
+        "validation loss falls: {want_val:?}"
+    );
+
+    let resumed = dir.path().join("resumed");
+    // SIGKILL somewhere after step 50: no chance to save anything.
+    let mut child = pretrain(&data, &resumed, steps, &[]).spawn().unwrap();
+    let at = wait_for_step(&mut child, &resumed, 50);
+    signal(&child, "-KILL");
+    child.wait().unwrap();
+    let killed_at = losses(&resumed).0.len();
+    assert!(
+        killed_at < steps as usize,
+        "killed at step {at}, before the end"
+    );
+    // Resume; then SIGINT after step 120, which saves a checkpoint and exits with 130.
+    let mut child = pretrain(&data, &resumed, steps, &["--resume"])
+        .spawn()
+        .unwrap();
+    wait_for_step(&mut child, &resumed, 120);
+    signal(&child, "-INT");
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "SIGINT exits with 130 after saving"
+    );
+    let stopped = losses(&resumed).0.last().unwrap().0;
+    let ckpt = resumed.join(format!("checkpoints/step-{stopped:06}"));
+    assert!(
+        ckpt.join("model.safetensors").is_file(),
+        "SIGINT saved {}",
+        ckpt.display()
+    );
+    // Resume again to the end.
+    ok(pretrain(&data, &resumed, steps, &["--resume"])
+        .output()
+        .unwrap());
+    let (got_train, got_val) = losses(&resumed);
+    assert_eq!(got_train.len(), steps as usize);
+    for (a, b) in got_train.iter().zip(&want_train) {
+        assert_eq!(a.0, b.0);
+        assert_eq!(a.1.to_bits(), b.1.to_bits(), "loss at step {} differs", a.0);
+    }
+    assert_eq!(got_val, want_val);
+    // Only the newest checkpoints are kept.
+    let kept = std::fs::read_dir(resumed.join("checkpoints"))
+        .unwrap()
+        .count();
+    assert_eq!(kept, 2);
+}
+
+#[test]
+fn damaged_checkpoints_are_named_and_not_loaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let run = dir.path().join("run");
+    ok(pretrain(&data, &run, 20, &[]).output().unwrap());
+    let model = run.join("checkpoints/step-000020/model.safetensors");
+    let bytes = std::fs::read(&model).unwrap();
+
+    let mut flipped = bytes.clone();
+    let n = flipped.len();
+    flipped[n - 5] ^= 0x40;
+    std::fs::write(&model, &flipped).unwrap();
+    let out = pretrain(&data, &run, 30, &["--resume"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("model.safetensors") && err.contains("corrupted"),
+        "{err}"
+    );
+
+    std::fs::write(&model, &bytes[..bytes.len() / 2]).unwrap();
+    let out = anneal(&["generate", run.to_str().unwrap(), "--tokens", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("model.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+
+    let state = run.join("checkpoints/step-000020/trainer_state.json");
+    std::fs::write(&model, &bytes).unwrap();
+    let text = std::fs::read(&state).unwrap();
+    std::fs::write(&state, &text[..text.len() / 2]).unwrap();
+    let out = anneal(&["generate", run.to_str().unwrap(), "--tokens", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("trainer_state.json") && err.contains("truncated or corrupted"),
+        "{err}"
+    );
+}
+
+#[test]
+fn generate_eval_and_export_from_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let run = dir.path().join("run");
+    ok(pretrain(&data, &run, 30, &[]).output().unwrap());
+    assert!(run.join("loss.png").is_file());
+    let run_s = run.to_str().unwrap();
+    let text = ok(anneal(&[
+        "generate", run_s, "--prompt", "the ", "--tokens", "40", "--seed", "3",
+    ]));
+    assert!(text.starts_with("the ") && text.len() > 20, "{text}");
+    let again = ok(anneal(&[
+        "generate", run_s, "--prompt", "the ", "--tokens", "40", "--seed", "3",
+    ]));
+    assert_eq!(text, again, "seeded sampling repeats");
+
+    let src = dir.path().join("src/part1.txt");
+    let eval = ok(anneal(&["eval", run_s, "--input", src.to_str().unwrap()]));
+    assert!(eval.contains("perplexity"), "{eval}");
+
+    let hf = dir.path().join("hf");
+    ok(anneal(&["export", run_s, "--out", hf.to_str().unwrap()]));
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(hf.join(f).is_file(), "{f}");
+    }
+    let logits = |m: &Path| {
+        ok(anneal(&[
+            "generate",
+            m.to_str().unwrap(),
+            "--prompt",
+            "to be",
+            "--show-logits",
+        ]))
+    };
+    assert_eq!(
+        logits(&run),
+        logits(&hf),
+        "the exported model computes the same logits"
+    );
+}
+
+#[test]
+fn config_errors_name_the_key_and_the_allowed_values() {
+    let out = anneal(&["pretrain", "--set", "train.lr=fast"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("train.lr") && err.contains("fast") && err.contains("number"),
+        "{err}"
+    );
+    let out = anneal(&["pretrain", "--set", "model.layers=3"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model.layers") && err.contains("n_layer"),
+        "{err}"
+    );
+    let out = anneal(&["pretrain", "--set", "data.dir=/nonexistent/corpus"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/corpus") && err.contains("anneal data tokenize"),
+        "{err}"
+    );
+}
