@@ -107,8 +107,11 @@ fn pretrain(data: &Path, out: &Path, steps: u64, extra: &[&str]) -> Command {
     c
 }
 
+/// (step, loss) pairs.
+type Curve = Vec<(u64, f64)>;
+
 /// (step, loss) of every training step in metrics.jsonl, and (step, val_loss) of every evaluation.
-fn losses(out: &Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
+fn losses(out: &Path) -> (Curve, Curve) {
     let text = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap_or_default();
     let (mut train, mut val) = (Vec::new(), Vec::new());
     for line in text.lines() {
