@@ -21,6 +21,28 @@ pub enum BenchCommand {
     ///
     /// Example: anneal bench gpt --dtype both --steps 10
     Gpt(GptBench),
+    /// Pretrain from a run config with anneal and with the same model, recipe and data in
+    /// PyTorch (bench/torch_pretrain.py); compare validation loss, wall time, step time, memory.
+    ///
+    /// Example: anneal bench pretrain --config configs/shakespeare-char.toml
+    #[command(verbatim_doc_comment)]
+    Pretrain(PretrainBench),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct PretrainBench {
+    /// The run config both engines train from.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Config overrides for both (repeatable), e.g. --set train.max_steps=500.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// PyTorch side of the comparison.
+    #[arg(long, value_enum, default_value = "auto")]
+    torch: TorchChoice,
+    /// The PyTorch script (default: bench/torch_pretrain.py in the source tree).
+    #[arg(long)]
+    torch_script: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -114,6 +136,7 @@ pub struct Measurement {
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Gpt(b) => gpt(b),
+        BenchCommand::Pretrain(b) => pretrain(b),
     }
 }
 
@@ -304,16 +327,19 @@ fn parse_worker(out: std::process::Output, what: &str) -> Result<Measurement> {
     serde_json::from_str(line).with_context(|| format!("parsing {what} output: {line}"))
 }
 
-fn torch_script(b: &GptBench) -> PathBuf {
-    if let Some(p) = &b.torch_script {
+/// `given`, else `bench/NAME` in the source tree this binary was built from, else in the working
+/// directory.
+fn bench_script(given: &Option<PathBuf>, name: &str) -> PathBuf {
+    if let Some(p) = given {
         return p.clone();
     }
-    // The source tree this binary was built from, then the working directory.
-    let from_build = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../bench/torch_gpt.py");
+    let from_build = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../bench")
+        .join(name);
     if from_build.exists() {
         from_build
     } else {
-        PathBuf::from("bench/torch_gpt.py")
+        Path::new("bench").join(name)
     }
 }
 
@@ -326,7 +352,7 @@ fn torch_available() -> bool {
 }
 
 fn run_torch(b: &GptBench) -> Result<Measurement> {
-    let script = torch_script(b);
+    let script = bench_script(&b.torch_script, "torch_gpt.py");
     let out = Command::new("python3")
         .arg(&script)
         .args(shape_args(b))
@@ -469,6 +495,108 @@ fn gpt(b: GptBench) -> Result<()> {
         (h.ms_per_step / f.ms_per_step, h.peak_rss_mb / f.peak_rss_mb)
     }) {
         println!("anneal bf16 vs f32: {time:.2}x step time, {rss:.2}x peak RSS{of_rounds}");
+    }
+    Ok(())
+}
+
+fn pretrain(b: PretrainBench) -> Result<()> {
+    let config = anneal_train::RunConfig::load(Some(&b.config), &b.overrides)?;
+    let with_torch = match b.torch {
+        TorchChoice::Off => false,
+        TorchChoice::Auto => torch_available(),
+        TorchChoice::Require => {
+            if !torch_available() {
+                bail!("--torch require: python3 cannot import torch (pip install torch numpy)");
+            }
+            true
+        }
+    };
+    let sets: Vec<String> = b
+        .overrides
+        .iter()
+        .flat_map(|o| ["--set".to_string(), o.clone()])
+        .collect();
+    println!(
+        "pretraining {} ({} steps) with anneal{}",
+        b.config.display(),
+        config.train.max_steps,
+        if with_torch {
+            ", then with PyTorch"
+        } else {
+            ""
+        }
+    );
+    let exe = std::env::current_exe()?;
+    let out = Command::new(&exe)
+        .arg("pretrain")
+        .arg("--config")
+        .arg(&b.config)
+        .args(&sets)
+        .arg("--quiet")
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running anneal pretrain")?;
+    if !out.status.success() {
+        bail!(
+            "anneal pretrain failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let summary_path = config.train.out_dir.join("summary.json");
+    let anneal: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&summary_path)
+            .with_context(|| format!("reading {}", summary_path.display()))?,
+    )?;
+    let mut rows = vec![("anneal".to_string(), anneal)];
+    if with_torch {
+        let script = bench_script(&b.torch_script, "torch_pretrain.py");
+        let out = Command::new("python3")
+            .arg(&script)
+            .arg("--config")
+            .arg(&b.config)
+            .args(&sets)
+            .output()
+            .with_context(|| format!("running {}", script.display()))?;
+        if !out.status.success() {
+            bail!(
+                "{} failed:\n{}",
+                script.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text
+            .lines()
+            .rev()
+            .find(|l| l.starts_with('{'))
+            .context("the PyTorch script printed no JSON")?;
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let name = format!("PyTorch {}", v["torch"].as_str().unwrap_or(""));
+        rows.push((name, v));
+    }
+    println!(
+        "\n| engine | validation loss | wall s | ms/step | tokens/s | peak RSS MB |\n|---|---|---|---|---|---|"
+    );
+    let f = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+    for (name, v) in &rows {
+        println!(
+            "| {name} | {:.4} | {:.1} | {:.1} | {:.0} | {:.0} |",
+            f(v, "val_loss"),
+            f(v, "wall_seconds"),
+            f(v, "ms_per_step"),
+            f(v, "tokens_per_second"),
+            f(v, "peak_rss_mb")
+        );
+    }
+    if rows.len() == 2 {
+        let (a, t) = (&rows[0].1, &rows[1].1);
+        println!(
+            "\nanneal vs PyTorch: {:.2}x wall time, {:.2}x step time, {:.2}x peak RSS, validation loss {:+.4}",
+            f(a, "wall_seconds") / f(t, "wall_seconds"),
+            f(a, "ms_per_step") / f(t, "ms_per_step"),
+            f(a, "peak_rss_mb") / f(t, "peak_rss_mb"),
+            f(a, "val_loss") - f(t, "val_loss")
+        );
     }
     Ok(())
 }

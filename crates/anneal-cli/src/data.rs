@@ -64,6 +64,10 @@ pub struct TokenizeArgs {
     /// Read at most this many megabytes of text.
     #[arg(long)]
     pub max_mb: Option<u64>,
+    /// Read files in a seeded random order instead of sorted (so --max-mb samples the whole
+    /// tree).
+    #[arg(long)]
+    pub shuffle: bool,
     /// Hide the progress display.
     #[arg(long)]
     pub quiet: bool,
@@ -107,7 +111,11 @@ pub fn corpus(args: &TokenizeArgs) -> Result<Corpus> {
         dedup_exact: args.dedup,
         max_bytes: args.max_mb.map(|mb| mb * 1_000_000),
     };
-    Ok(Corpus::new(&args.input, options)?)
+    let mut corpus = Corpus::new(&args.input, options)?;
+    if args.shuffle {
+        corpus.shuffle_files(args.seed);
+    }
+    Ok(corpus)
 }
 
 /// Builds the tokenizer `args` ask for over `corpus`.

@@ -423,6 +423,7 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
         seed: 1234,
         dedup: true,
         max_mb: Some(a.max_mb),
+        shuffle: true,
         quiet: a.quiet,
     };
     let summary = tokenize_corpus(&targs)?;
@@ -444,7 +445,7 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
         "model.block_size=128".into(),
         "model.bias=false".into(),
         "train.batch_size=16".into(),
-        "train.max_steps=1200".into(),
+        "train.max_steps=1100".into(),
         "train.lr=2e-3".into(),
         "train.min_lr=2e-4".into(),
         "train.warmup_steps=100".into(),

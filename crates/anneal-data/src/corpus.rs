@@ -254,6 +254,14 @@ impl Corpus {
         &self.files
     }
 
+    /// Puts the files in a seeded pseudo-random order (by a hash of each path), so that a byte
+    /// budget samples the whole tree instead of its alphabetically first directories.
+    pub fn shuffle_files(&mut self, seed: u64) {
+        self.files.sort_by_cached_key(|p| {
+            xxhash_rust::xxh3::xxh3_64_with_seed(p.to_string_lossy().as_bytes(), seed)
+        });
+    }
+
     /// Keeps only the files for which `keep` is true.
     pub fn retain_files(&mut self, keep: impl FnMut(&PathBuf) -> bool) {
         self.files.retain(keep);
@@ -489,6 +497,25 @@ mod tests {
         assert_eq!(docs.len(), 2);
         assert_eq!(report.duplicates, 1);
         assert_eq!(report.bytes, 9);
+    }
+
+    #[test]
+    fn shuffled_order_is_seeded() {
+        let dir = tempfile::tempdir().unwrap();
+        for i in 0..20 {
+            write(&dir.path().join(format!("{i:02}.txt")), b"x");
+        }
+        let order = |seed| {
+            let mut c = Corpus::new(&[dir.path().to_path_buf()], CorpusOptions::default()).unwrap();
+            c.shuffle_files(seed);
+            c.files().to_vec()
+        };
+        assert_eq!(order(1), order(1));
+        assert_ne!(order(1), order(2));
+        let mut sorted = order(1);
+        sorted.sort();
+        assert_eq!(sorted.len(), 20);
+        assert_ne!(sorted, order(1));
     }
 
     #[test]

@@ -74,7 +74,7 @@ impl Default for TokenizeOptions {
             split: SplitMode::Documents,
             seed: 1234,
             shard_tokens: 1 << 27,
-            batch_bytes: 16 << 20,
+            batch_bytes: 4 << 20,
             show_progress: false,
         }
     }
