@@ -526,12 +526,23 @@ fn pretrain(b: PretrainBench) -> Result<()> {
             ""
         }
     );
+    // A fresh run directory beside the config's, so a rerun never resumes or mixes runs.
+    let mut run_dir = config.train.out_dir.clone().into_os_string();
+    run_dir.push("-bench");
+    let run_dir = PathBuf::from(run_dir);
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).with_context(|| {
+            format!("removing the previous benchmark run {}", run_dir.display())
+        })?;
+    }
     let exe = std::env::current_exe()?;
     let out = Command::new(&exe)
         .arg("pretrain")
         .arg("--config")
         .arg(&b.config)
         .args(&sets)
+        .arg("--set")
+        .arg(format!("train.out_dir={}", run_dir.display()))
         .arg("--quiet")
         .env("RUST_LOG", "warn")
         .output()
@@ -542,7 +553,7 @@ fn pretrain(b: PretrainBench) -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let summary_path = config.train.out_dir.join("summary.json");
+    let summary_path = run_dir.join("summary.json");
     let anneal: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(&summary_path)
             .with_context(|| format!("reading {}", summary_path.display()))?,

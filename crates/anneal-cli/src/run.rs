@@ -406,6 +406,14 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
         )?,
     };
     let report = a.out.join("report");
+    let old_checkpoints = a.out.join("checkpoints");
+    if old_checkpoints.is_dir() {
+        println!(
+            "removing the previous quickstart's checkpoints in {}",
+            old_checkpoints.display()
+        );
+        std::fs::remove_dir_all(&old_checkpoints)?;
+    }
     std::fs::create_dir_all(&report)?;
     println!("quickstart: pretraining a small GPT on {}", data.display());
     let data_dir = a.out.join("data");

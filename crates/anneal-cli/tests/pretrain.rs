@@ -223,6 +223,11 @@ fn damaged_checkpoints_are_named_and_not_loaded() {
     let data = tokenize(dir.path());
     let run = dir.path().join("run");
     ok(pretrain(&data, &run, 20, &[]).output().unwrap());
+    // Starting afresh over a run's checkpoints is refused rather than mixing two runs.
+    let out = pretrain(&data, &run, 30, &[]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--resume"), "{err}");
+
     let model = run.join("checkpoints/step-000020/model.safetensors");
     let bytes = std::fs::read(&model).unwrap();
 

@@ -343,6 +343,13 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
             "no checkpoint under {}; starting from scratch",
             files.checkpoints.display()
         );
+    } else if let Some(existing) = checkpoint::latest(&files.checkpoints) {
+        bail!(
+            "{} already holds checkpoints of a run (newest: {}); pass --resume to continue it, \
+             or set train.out_dir to another directory to start a new one",
+            out.display(),
+            existing.display()
+        );
     }
     let mut metrics = read_metrics(
         &files.metrics,
