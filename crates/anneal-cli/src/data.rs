@@ -19,14 +19,60 @@ pub enum DataCommand {
     /// --out data/books
     #[command(verbatim_doc_comment)]
     Tokenize(TokenizeArgs),
+    /// Phase 1 of near-duplicate removal: MinHash signatures of one shard of a corpus.
+    ///
+    /// Word n-gram shingles, b bands × r rows chosen from the Jaccard threshold (the S-curve is
+    /// printed). Run one process per shard with --shard i/n on any scheduler, then
+    /// `anneal data dedup --signatures DIR`.
+    ///
+    /// Example: anneal data minhash --input crawl/ --ext jsonl --shard 0/8 --out sigs/
+    #[command(verbatim_doc_comment)]
+    Minhash(MinhashArgs),
+    /// Phase 2 of near-duplicate removal: merge all shards' signatures, cluster near-duplicates,
+    /// keep the first document of each cluster; writes removed.jsonl (each removed document and
+    /// the one kept in its place), clusters.jsonl and dedup.json. With --input instead of
+    /// --signatures, runs both phases in this process.
+    ///
+    /// Example: anneal data dedup --signatures sigs/ --out dedup/
+    #[command(verbatim_doc_comment)]
+    Dedup(DedupArgs),
+}
+
+/// Which corpus to read (shared by the `data` subcommands).
+#[derive(Args, Clone, Debug)]
+pub struct CorpusArgs {
+    /// Files or directories to read (directories recursively, in sorted order).
+    #[arg(long, short, required = true, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// File extensions to read from directories, comma-separated.
+    #[arg(long, default_value = "txt,md,jsonl", value_delimiter = ',')]
+    pub ext: Vec<String>,
+    /// auto, text (a file is a document) or jsonl (a line is a document).
+    #[arg(long, default_value = "auto")]
+    pub format: String,
+    /// JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Drop documents identical to one seen before.
+    #[arg(long)]
+    pub dedup: bool,
+    /// Read at most this many megabytes of text.
+    #[arg(long)]
+    pub max_mb: Option<u64>,
+    /// Read files in a seeded random order instead of sorted (so --max-mb samples the whole
+    /// tree).
+    #[arg(long)]
+    pub shuffle: bool,
+    /// Seed of --shuffle (and of the train/validation split).
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
 }
 
 /// Arguments of `anneal data tokenize`.
 #[derive(Args, Clone, Debug)]
 pub struct TokenizeArgs {
-    /// Files or directories to read (directories recursively, in sorted order).
-    #[arg(long, short, required = true, num_args = 1..)]
-    pub input: Vec<PathBuf>,
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
     /// Output directory.
     #[arg(long, short)]
     pub out: PathBuf,
@@ -40,42 +86,152 @@ pub struct TokenizeArgs {
     /// Megabytes of text the BPE tokenizer is trained on (the first documents read).
     #[arg(long, default_value_t = 32)]
     pub tokenizer_train_mb: u64,
-    /// File extensions to read from directories, comma-separated.
-    #[arg(long, default_value = "txt,md,jsonl", value_delimiter = ',')]
-    pub ext: Vec<String>,
-    /// auto, text (a file is a document) or jsonl (a line is a document).
-    #[arg(long, default_value = "auto")]
-    pub format: String,
-    /// JSONL field holding the text.
-    #[arg(long, default_value = "text")]
-    pub text_field: String,
     /// Share held out for validation.
     #[arg(long, default_value_t = 0.05)]
     pub val_fraction: f64,
     /// documents (whole documents, seeded) or tail (the last share of the token stream).
     #[arg(long, default_value = "documents")]
     pub split: String,
-    /// Seed of the document split.
-    #[arg(long, default_value_t = 1234)]
-    pub seed: u64,
-    /// Drop documents identical to one seen before.
-    #[arg(long)]
-    pub dedup: bool,
-    /// Read at most this many megabytes of text.
-    #[arg(long)]
-    pub max_mb: Option<u64>,
-    /// Read files in a seeded random order instead of sorted (so --max-mb samples the whole
-    /// tree).
-    #[arg(long)]
-    pub shuffle: bool,
     /// Hide the progress display.
     #[arg(long)]
     pub quiet: bool,
 }
 
+/// Arguments of `anneal data minhash` (phase 1 of near-duplicate removal).
+#[derive(Args, Clone, Debug)]
+pub struct MinhashArgs {
+    #[command(flatten)]
+    pub corpus: CorpusArgs,
+    /// This process's share of the files: i/n takes files i, i + n, … (default: all).
+    #[arg(long, default_value = "0/1")]
+    pub shard: String,
+    /// Directory for the signature files (one per shard).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub lsh: LshArgs,
+}
+
+/// MinHash LSH settings.
+#[derive(Args, Clone, Debug)]
+pub struct LshArgs {
+    /// Jaccard similarity from which two documents are near-duplicates.
+    #[arg(long, default_value_t = 0.8)]
+    pub threshold: f64,
+    /// Hash functions at most (bands × rows are chosen from the threshold).
+    #[arg(long, default_value_t = 128)]
+    pub num_perm: usize,
+    /// Words per shingle.
+    #[arg(long, default_value_t = 5)]
+    pub ngram: usize,
+    /// Seed of the hash family (the same for every shard of a job).
+    #[arg(long, default_value_t = 1)]
+    pub hash_seed: u64,
+}
+
+impl LshArgs {
+    fn config(&self) -> Result<anneal_data::minhash::MinHashConfig> {
+        if !(self.threshold > 0.0 && self.threshold <= 1.0) {
+            bail!(
+                "--threshold {} is not allowed: a similarity in (0, 1]",
+                self.threshold
+            );
+        }
+        if self.num_perm < 1 || self.ngram < 1 {
+            bail!("--num-perm and --ngram must be at least 1");
+        }
+        Ok(anneal_data::minhash::MinHashConfig::new(
+            self.threshold,
+            self.num_perm,
+            self.ngram,
+            self.hash_seed,
+        ))
+    }
+}
+
+/// Arguments of `anneal data dedup` (phase 2, or both phases in one process).
+#[derive(Args, Clone, Debug)]
+pub struct DedupArgs {
+    /// Signature files from `anneal data minhash` (all shards).
+    #[arg(long, conflicts_with = "input")]
+    pub signatures: Option<PathBuf>,
+    /// Or: the corpus to sign and deduplicate in this one process.
+    #[arg(long, short, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// File extensions read from --input directories, comma-separated.
+    #[arg(long, default_value = "txt,md,jsonl", value_delimiter = ',')]
+    pub ext: Vec<String>,
+    /// JSONL field holding the text (with --input).
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Output directory: removed.jsonl, clusters.jsonl, dedup.json.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub lsh: LshArgs,
+}
+
 /// Runs a `data` subcommand.
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
+        DataCommand::Minhash(a) => {
+            let config = a.lsh.config()?;
+            let shard: anneal_data::dedup::Shard = a.shard.parse()?;
+            print!("{}", config.describe_curve());
+            let corpus = corpus(&a.corpus)?;
+            let started = std::time::Instant::now();
+            let (path, n) = anneal_data::dedup::write_signatures(&corpus, shard, &config, &a.out)?;
+            println!(
+                "shard {}/{}: {n} documents signed in {:.1} s; wrote {}",
+                shard.index,
+                shard.count,
+                started.elapsed().as_secs_f64(),
+                path.display()
+            );
+            Ok(())
+        }
+        DataCommand::Dedup(a) => {
+            let sig_dir = match (&a.signatures, a.input.is_empty()) {
+                (Some(dir), _) => dir.clone(),
+                (None, false) => {
+                    let config = a.lsh.config()?;
+                    print!("{}", config.describe_curve());
+                    let corpus = Corpus::new(
+                        &a.input,
+                        CorpusOptions {
+                            extensions: a.ext.clone(),
+                            text_field: a.text_field.clone(),
+                            ..Default::default()
+                        },
+                    )?;
+                    let dir = a.out.join("signatures");
+                    let shard = anneal_data::dedup::Shard { index: 0, count: 1 };
+                    anneal_data::dedup::write_signatures(&corpus, shard, &config, &dir)?;
+                    dir
+                }
+                (None, true) => {
+                    bail!("give --signatures DIR (from anneal data minhash) or --input PATH")
+                }
+            };
+            let started = std::time::Instant::now();
+            let s = anneal_data::dedup::merge_signatures(&sig_dir, &a.out)?;
+            println!(
+                "{} documents from {} shard(s): {} kept, {} removed ({:.1} MB) in {} clusters; \
+                 {} candidate pairs, {} verified; largest clusters {:?}; {:.1} s",
+                s.documents,
+                s.shards,
+                s.kept,
+                s.documents - s.kept,
+                s.removed_bytes as f64 / 1e6,
+                s.clusters,
+                s.candidates,
+                s.pairs,
+                s.largest_clusters,
+                started.elapsed().as_secs_f64()
+            );
+            println!("wrote {}", a.out.display());
+            Ok(())
+        }
         DataCommand::Tokenize(a) => {
             let summary = tokenize_corpus(&a)?;
             let m = &summary.manifest;
@@ -99,7 +255,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
 }
 
 /// The corpus `args` describe.
-pub fn corpus(args: &TokenizeArgs) -> Result<Corpus> {
+pub fn corpus(args: &CorpusArgs) -> Result<Corpus> {
     let options = CorpusOptions {
         extensions: args
             .ext
@@ -161,12 +317,12 @@ pub fn make_tokenizer(args: &TokenizeArgs, corpus: &Corpus) -> Result<Tokenizer>
 
 /// Tokenizes the corpus `args` describe.
 pub fn tokenize_corpus(args: &TokenizeArgs) -> Result<anneal_data::TokenizeSummary> {
-    let corpus = corpus(args)?;
+    let corpus = corpus(&args.corpus)?;
     let tokenizer = make_tokenizer(args, &corpus)?;
     let options = TokenizeOptions {
         val_fraction: args.val_fraction,
         split: args.split.parse::<SplitMode>()?,
-        seed: args.seed,
+        seed: args.corpus.seed,
         show_progress: !args.quiet,
         ..Default::default()
     };

@@ -1,6 +1,6 @@
 //! `anneal pretrain`, `generate`, `eval`, `export` and `quickstart`.
 
-use crate::data::{tokenize_corpus, TokenizeArgs};
+use crate::data::{tokenize_corpus, CorpusArgs, TokenizeArgs};
 use anneal_data::{Corpus, CorpusOptions};
 use anneal_train::generate::{complete, generate as sample, load_model, SampleOptions};
 use anneal_train::trainer::{train, Resume, RunOptions, RunSummary};
@@ -418,20 +418,22 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
     println!("quickstart: pretraining a small GPT on {}", data.display());
     let data_dir = a.out.join("data");
     let targs = TokenizeArgs {
-        input: vec![data.clone()],
+        corpus: CorpusArgs {
+            input: vec![data.clone()],
+            ext: a.ext.clone(),
+            format: "auto".into(),
+            text_field: "text".into(),
+            dedup: true,
+            max_mb: Some(a.max_mb),
+            shuffle: true,
+            seed: 1234,
+        },
         out: data_dir.clone(),
         tokenizer: "bpe".into(),
         vocab_size: 4096,
         tokenizer_train_mb: 8,
-        ext: a.ext.clone(),
-        format: "auto".into(),
-        text_field: "text".into(),
         val_fraction: 0.02,
         split: "documents".into(),
-        seed: 1234,
-        dedup: true,
-        max_mb: Some(a.max_mb),
-        shuffle: true,
         quiet: a.quiet,
     };
     let summary = tokenize_corpus(&targs)?;

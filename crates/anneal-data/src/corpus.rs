@@ -270,27 +270,44 @@ impl Corpus {
     /// Reads every document in order, handing each to `f`; `f` returns `false` to stop early.
     /// Bad input is skipped and counted in the returned report.
     pub fn for_each(&self, mut f: impl FnMut(Document) -> bool) -> Result<CorpusReport> {
+        self.for_each_in_files(|_| true, |_, _, doc| f(doc))
+    }
+
+    /// Reads the documents of the files whose index `select` accepts, handing each to `f` with
+    /// its file's index in [`Corpus::files`] and its place in the file (the line number for
+    /// JSONL, 0 for a text file); `f` returns `false` to stop early.
+    pub fn for_each_in_files(
+        &self,
+        select: impl Fn(usize) -> bool,
+        mut f: impl FnMut(usize, u64, Document) -> bool,
+    ) -> Result<CorpusReport> {
         let mut report = CorpusReport::default();
         let mut seen = HashSet::new();
         let opts = &self.options;
-        let mut emit = |doc: Document, report: &mut CorpusReport| -> bool {
-            if doc.text.is_empty() {
-                return true;
-            }
-            if opts.dedup_exact && !seen.insert(xxhash_rust::xxh3::xxh3_128(doc.text.as_bytes())) {
-                report.duplicates += 1;
-                return true;
-            }
-            if let Some(max) = opts.max_bytes {
-                if report.bytes >= max {
-                    return false;
+        let mut emit =
+            |file: usize, index: u64, doc: Document, report: &mut CorpusReport| -> bool {
+                if doc.text.is_empty() {
+                    return true;
                 }
+                if opts.dedup_exact
+                    && !seen.insert(xxhash_rust::xxh3::xxh3_128(doc.text.as_bytes()))
+                {
+                    report.duplicates += 1;
+                    return true;
+                }
+                if let Some(max) = opts.max_bytes {
+                    if report.bytes >= max {
+                        return false;
+                    }
+                }
+                report.documents += 1;
+                report.bytes += doc.text.len() as u64;
+                f(file, index, doc)
+            };
+        'files: for (file_index, path) in self.files.iter().enumerate() {
+            if !select(file_index) {
+                continue;
             }
-            report.documents += 1;
-            report.bytes += doc.text.len() as u64;
-            f(doc)
-        };
-        'files: for path in &self.files {
             report.files += 1;
             let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
             let jsonl = match opts.format {
@@ -332,7 +349,7 @@ impl Corpus {
                                 source: format!("{}:{number}", path.display()),
                                 text,
                             };
-                            if !emit(doc, &mut report) {
+                            if !emit(file_index, number, doc, &mut report) {
                                 break 'files;
                             }
                         }
@@ -354,7 +371,7 @@ impl Corpus {
                     source: path.display().to_string(),
                     text,
                 };
-                if !emit(doc, &mut report) {
+                if !emit(file_index, 0, doc, &mut report) {
                     break;
                 }
             }

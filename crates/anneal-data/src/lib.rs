@@ -7,6 +7,7 @@
 //! reported with their file and line ([`BadInput`]).
 
 pub mod corpus;
+pub mod dedup;
 pub mod minhash;
 pub mod shards;
 pub mod tokenizer;

@@ -1,0 +1,84 @@
+//! `anneal data minhash` and `anneal data dedup` end to end: two shards signed by separate
+//! processes and merged remove exactly what one process removes.
+
+use std::process::Command;
+
+fn anneal(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_anneal"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the anneal binary runs");
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn sharded_minhash_then_merge_matches_one_process() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let story = |i: usize| {
+        (0..60)
+            .map(|w| format!("w{}", (w * 31 + i * 7919) % 997))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    for f in 0..6 {
+        let mut body = String::new();
+        for d in 0..5 {
+            // Documents 0 and 1 of every file repeat file 0's with one word changed.
+            let text = if d < 2 {
+                story(d).replacen("w", &format!("changed{f} w"), 1)
+            } else {
+                story(100 * f + d)
+            };
+            body += &serde_json::json!({ "text": text }).to_string();
+            body += "\n";
+        }
+        std::fs::write(src.join(format!("part{f}.jsonl")), body).unwrap();
+    }
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let sigs = dir.path().join("sigs");
+    for shard in ["0/2", "1/2"] {
+        let out = anneal(&[
+            "data",
+            "minhash",
+            "--input",
+            &s(&src),
+            "--shard",
+            shard,
+            "--out",
+            &s(&sigs),
+        ]);
+        assert!(
+            out.contains("bands") && out.contains("documents signed"),
+            "{out}"
+        );
+    }
+    let merged = dir.path().join("merged");
+    let out = anneal(&[
+        "data",
+        "dedup",
+        "--signatures",
+        &s(&sigs),
+        "--out",
+        &s(&merged),
+    ]);
+    assert!(out.contains("30 documents from 2 shard(s)"), "{out}");
+    let single = dir.path().join("single");
+    anneal(&["data", "dedup", "--input", &s(&src), "--out", &s(&single)]);
+    let removed = |d: &std::path::Path| std::fs::read_to_string(d.join("removed.jsonl")).unwrap();
+    assert_eq!(removed(&merged), removed(&single));
+    // Files 1–5 each hold two near-copies of file 0's first two documents: ten removals.
+    assert_eq!(removed(&merged).lines().count(), 10, "{}", removed(&merged));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(merged.join("dedup.json")).unwrap()).unwrap();
+    assert_eq!(summary["kept"], 20);
+    assert_eq!(summary["largest_clusters"][0], 6);
+}

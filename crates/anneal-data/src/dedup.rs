@@ -1,0 +1,435 @@
+//! Near-duplicate removal in two phases, so it scales past one machine:
+//!
+//! 1. [`write_signatures`]: each of n processes reads its share of the corpus files (file i goes
+//!    to shard i mod n) and writes one signature file: every document's position in the corpus
+//!    (file index, document index in the file), its source, its length and its MinHash
+//!    signature. Any scheduler that can start n processes runs this phase.
+//! 2. [`merge_signatures`]: one process reads all signature files, buckets the documents by
+//!    band, verifies candidates, clusters with union-find and decides, per cluster, to keep the
+//!    document that comes first in the corpus. The decision does not depend on n.
+//!
+//! Signature files are binary (little-endian):
+//! `b"ANMH1\n"`, u32 length + JSON [`MinHashConfig`], then per document: u32 file index,
+//! u64 document index, u32 source length + source bytes, u64 text bytes, k × u64 signature.
+//! They are written to a temporary name, fsynced and renamed, so a killed phase 1 leaves no
+//! partial file behind.
+
+use crate::corpus::Corpus;
+use crate::minhash::{cluster, estimated_jaccard, MinHashConfig, MinHasher};
+use crate::{io_err, Error, Result};
+use rayon::prelude::*;
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+const MAGIC: &[u8] = b"ANMH1\n";
+
+/// One document's record in a signature file.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SignedDocument {
+    /// Index of its file in the corpus's sorted file list.
+    pub file: u32,
+    /// Index of the document within its file (the JSONL line's document number; 0 for text).
+    pub index: u64,
+    /// Where it came from (`path` or `path:line`).
+    pub source: String,
+    /// Bytes of text.
+    pub bytes: u64,
+    /// MinHash signature.
+    pub signature: Vec<u64>,
+}
+
+/// `i/n`: this process handles files i, i + n, i + 2n, …
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Shard {
+    /// 0-based index.
+    pub index: usize,
+    /// Number of shards.
+    pub count: usize,
+}
+
+impl std::str::FromStr for Shard {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Shard> {
+        let bad = || Error::Invalid {
+            key: "shard".into(),
+            value: s.into(),
+            allowed: "i/n with 0 ≤ i < n, for example 0/4".into(),
+        };
+        let (i, n) = s.split_once('/').ok_or_else(bad)?;
+        let (index, count) = (
+            i.trim().parse().map_err(|_| bad())?,
+            n.trim().parse().map_err(|_| bad())?,
+        );
+        if count == 0 || index >= count {
+            return Err(bad());
+        }
+        Ok(Shard { index, count })
+    }
+}
+
+/// The signature file name of a shard.
+pub fn signature_file_name(shard: Shard) -> String {
+    format!("signatures-{:05}-of-{:05}.bin", shard.index, shard.count)
+}
+
+/// Phase 1: signs this shard's documents of `corpus` and writes its signature file into
+/// `out_dir`. Returns the file and the number of documents signed.
+pub fn write_signatures(
+    corpus: &Corpus,
+    shard: Shard,
+    config: &MinHashConfig,
+    out_dir: &Path,
+) -> Result<(PathBuf, u64)> {
+    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    let hasher = MinHasher::new(config.clone());
+    let name = signature_file_name(shard);
+    let tmp = out_dir.join(format!(".{name}.tmp"));
+    let path = out_dir.join(&name);
+    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let mut w = BufWriter::new(file);
+    let header = serde_json::to_vec(config).expect("configs serialise");
+    let mut write = |bytes: &[u8]| w.write_all(bytes).map_err(io_err(&tmp));
+    write(MAGIC)?;
+    write(&(header.len() as u32).to_le_bytes())?;
+    write(&header)?;
+    // Documents are signed in parallel batches and written in corpus order.
+    let mut batch: Vec<(u32, u64, crate::corpus::Document)> = Vec::new();
+    let mut count = 0u64;
+    let mut failure = None;
+    let mut flush = |batch: &mut Vec<(u32, u64, crate::corpus::Document)>,
+                     w: &mut BufWriter<File>|
+     -> Result<()> {
+        let signed: Vec<Vec<u64>> = batch
+            .par_iter()
+            .map(|(_, _, d)| hasher.signature(&d.text))
+            .collect();
+        for ((file, index, doc), sig) in batch.drain(..).zip(signed) {
+            let mut rec = Vec::with_capacity(24 + doc.source.len() + 8 * sig.len());
+            rec.extend_from_slice(&file.to_le_bytes());
+            rec.extend_from_slice(&index.to_le_bytes());
+            rec.extend_from_slice(&(doc.source.len() as u32).to_le_bytes());
+            rec.extend_from_slice(doc.source.as_bytes());
+            rec.extend_from_slice(&(doc.text.len() as u64).to_le_bytes());
+            for v in sig {
+                rec.extend_from_slice(&v.to_le_bytes());
+            }
+            w.write_all(&rec).map_err(io_err(&tmp))?;
+            count += 1;
+        }
+        Ok(())
+    };
+    let mut batch_bytes = 0usize;
+    corpus.for_each_in_files(
+        |i| i % shard.count == shard.index,
+        |file, index, doc| {
+            batch_bytes += doc.text.len();
+            batch.push((file as u32, index, doc));
+            if batch_bytes >= 4 << 20 {
+                batch_bytes = 0;
+                if let Err(e) = flush(&mut batch, &mut w) {
+                    failure = Some(e);
+                    return false;
+                }
+            }
+            true
+        },
+    )?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    flush(&mut batch, &mut w)?;
+    let file = w.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
+    file.sync_all().map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    Ok((path, count))
+}
+
+/// Reads one signature file.
+pub fn read_signatures(path: &Path) -> Result<(MinHashConfig, Vec<SignedDocument>)> {
+    let bad = |reason: String| Error::Format {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut r = BufReader::new(File::open(path).map_err(io_err(path))?);
+    let mut magic = [0u8; 6];
+    r.read_exact(&mut magic)
+        .map_err(|_| bad("too short for a signature file".into()))?;
+    if magic != MAGIC {
+        return Err(bad("not an anneal signature file (bad magic)".into()));
+    }
+    let mut u32b = [0u8; 4];
+    let mut u64b = [0u8; 8];
+    r.read_exact(&mut u32b)
+        .map_err(|_| bad("truncated header".into()))?;
+    let mut header = vec![0u8; u32::from_le_bytes(u32b) as usize];
+    r.read_exact(&mut header)
+        .map_err(|_| bad("truncated header".into()))?;
+    let config: MinHashConfig =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
+    let k = config.num_perm();
+    let mut docs = Vec::new();
+    loop {
+        match r.read_exact(&mut u32b) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(io_err(path)(e)),
+        }
+        let truncated = |_| bad(format!("truncated after {} documents", docs.len()));
+        let file = u32::from_le_bytes(u32b);
+        r.read_exact(&mut u64b).map_err(truncated)?;
+        let index = u64::from_le_bytes(u64b);
+        r.read_exact(&mut u32b).map_err(truncated)?;
+        let mut source = vec![0u8; u32::from_le_bytes(u32b) as usize];
+        r.read_exact(&mut source).map_err(truncated)?;
+        r.read_exact(&mut u64b).map_err(truncated)?;
+        let bytes = u64::from_le_bytes(u64b);
+        let mut sig = vec![0u8; 8 * k];
+        r.read_exact(&mut sig).map_err(truncated)?;
+        docs.push(SignedDocument {
+            file,
+            index,
+            source: String::from_utf8_lossy(&source).into_owned(),
+            bytes,
+            signature: sig
+                .chunks_exact(8)
+                .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        });
+    }
+    Ok((config, docs))
+}
+
+/// A document removed as a near-duplicate, and the kept document of its cluster.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Removal {
+    /// The removed document.
+    pub source: String,
+    /// The document kept in its place (the cluster's first in corpus order).
+    pub duplicate_of: String,
+    /// Estimated Jaccard similarity between the two.
+    pub estimated_jaccard: f64,
+}
+
+/// The outcome of phase 2.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct DedupSummary {
+    /// The configuration every shard used.
+    pub config: MinHashConfig,
+    /// Signature files merged.
+    pub shards: usize,
+    /// Documents seen.
+    pub documents: u64,
+    /// Documents kept.
+    pub kept: u64,
+    /// Bytes of the removed documents.
+    pub removed_bytes: u64,
+    /// Candidate pairs from the LSH buckets.
+    pub candidates: u64,
+    /// Verified near-duplicate pairs.
+    pub pairs: u64,
+    /// Clusters of two or more documents.
+    pub clusters: u64,
+    /// Sizes of the largest clusters.
+    pub largest_clusters: Vec<usize>,
+}
+
+/// Phase 2: merges the signature files in `sig_dir`, clusters, and writes into `out_dir`
+/// `removed.jsonl` (one [`Removal`] per removed document, in corpus order), `clusters.jsonl`
+/// (clusters of two or more, largest first: the kept source and the members) and `dedup.json`
+/// (the [`DedupSummary`]).
+pub fn merge_signatures(sig_dir: &Path, out_dir: &Path) -> Result<DedupSummary> {
+    let mut paths: Vec<PathBuf> = std::fs::read_dir(sig_dir)
+        .map_err(io_err(sig_dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("signatures-") && n.ends_with(".bin"))
+        })
+        .collect();
+    paths.sort();
+    if paths.is_empty() {
+        return Err(Error::Invalid {
+            key: "signatures".into(),
+            value: sig_dir.display().to_string(),
+            allowed: "a directory holding signatures-*.bin files from phase 1".into(),
+        });
+    }
+    let mut config: Option<MinHashConfig> = None;
+    let mut docs = Vec::new();
+    let mut expected_shards = None;
+    for p in &paths {
+        let (c, d) = read_signatures(p)?;
+        if let Some(prev) = &config {
+            if *prev != c {
+                return Err(Error::Format {
+                    path: p.clone(),
+                    reason: format!(
+                        "made with {c:?}, other shards with {prev:?}; sign every shard alike"
+                    ),
+                });
+            }
+        }
+        let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        let of = name
+            .rsplit("-of-")
+            .next()
+            .and_then(|s| s.strip_suffix(".bin"));
+        if let Some(n) = of.and_then(|s| s.parse::<usize>().ok()) {
+            expected_shards = Some(n);
+        }
+        config = Some(c);
+        docs.extend(d);
+    }
+    let config = config.expect("at least one file");
+    if let Some(n) = expected_shards {
+        if n != paths.len() {
+            return Err(Error::Invalid {
+                key: "signatures".into(),
+                value: format!("{} files in {}", paths.len(), sig_dir.display()),
+                allowed: format!("all {n} shards of phase 1; some are missing"),
+            });
+        }
+    }
+    // Corpus order, whatever the sharding.
+    docs.sort_by_key(|d| (d.file, d.index));
+    let hasher = MinHasher::new(config.clone());
+    let signatures: Vec<Vec<u64>> = docs.iter().map(|d| d.signature.clone()).collect();
+    let clusters = cluster(&hasher, &signatures);
+    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    let write_lines = |name: &str, lines: Vec<String>| -> Result<()> {
+        let path = out_dir.join(name);
+        let mut w = BufWriter::new(File::create(&path).map_err(io_err(&path))?);
+        for l in lines {
+            writeln!(w, "{l}").map_err(io_err(&path))?;
+        }
+        w.flush().map_err(io_err(&path))
+    };
+    let mut removed = Vec::new();
+    let mut removed_bytes = 0;
+    for (i, d) in docs.iter().enumerate() {
+        if !clusters.is_kept(i) {
+            let root = clusters.root[i] as usize;
+            removed_bytes += d.bytes;
+            let r = Removal {
+                source: d.source.clone(),
+                duplicate_of: docs[root].source.clone(),
+                estimated_jaccard: estimated_jaccard(&d.signature, &docs[root].signature),
+            };
+            removed.push(serde_json::to_string(&r).expect("serialises"));
+        }
+    }
+    let groups = clusters.groups();
+    let cluster_lines = groups
+        .iter()
+        .map(|(root, members)| {
+            serde_json::json!({
+                "kept": docs[*root as usize].source,
+                "size": members.len(),
+                "members": members.iter().map(|&m| &docs[m as usize].source).collect::<Vec<_>>(),
+            })
+            .to_string()
+        })
+        .collect();
+    let summary = DedupSummary {
+        config,
+        shards: paths.len(),
+        documents: docs.len() as u64,
+        kept: (docs.len() - removed.len()) as u64,
+        removed_bytes,
+        candidates: clusters.candidates as u64,
+        pairs: clusters.pairs.len() as u64,
+        clusters: groups.len() as u64,
+        largest_clusters: groups.iter().take(10).map(|g| g.1.len()).collect(),
+    };
+    write_lines("removed.jsonl", removed)?;
+    write_lines("clusters.jsonl", cluster_lines)?;
+    let path = out_dir.join("dedup.json");
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(&summary).expect("serialises"),
+    )
+    .map_err(io_err(&path))?;
+    Ok(summary)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::corpus::CorpusOptions;
+
+    fn corpus(dir: &Path) -> Corpus {
+        let base = "the committee met on tuesday to discuss the budget for the coming year and agreed \
+                    that the library would receive new funds for books and the park would be repaired";
+        let near = base.replace("tuesday", "wednesday");
+        let other =
+            "an entirely different text about rivers mountains and the weather in the north \
+                     where winters are long and summers are short and bright";
+        let lines = [
+            base.to_string(),
+            other.to_string(),
+            near.clone(),
+            base.to_string(),
+        ];
+        for (f, chunk) in lines.chunks(2).enumerate() {
+            let body: String = chunk
+                .iter()
+                .map(|t| serde_json::json!({ "text": t }).to_string() + "\n")
+                .collect();
+            std::fs::write(dir.join(format!("part{f}.jsonl")), body).unwrap();
+        }
+        std::fs::write(dir.join("solo.txt"), near).unwrap();
+        Corpus::new(&[dir.to_path_buf()], CorpusOptions::default()).unwrap()
+    }
+
+    #[test]
+    fn sharded_and_single_runs_remove_the_same_documents() {
+        let src = tempfile::tempdir().unwrap();
+        let corpus = corpus(src.path());
+        let config = MinHashConfig::new(0.7, 128, 3, 11);
+        let run = |n: usize| {
+            let sigs = tempfile::tempdir().unwrap();
+            for i in 0..n {
+                write_signatures(&corpus, Shard { index: i, count: n }, &config, sigs.path())
+                    .unwrap();
+            }
+            let out = tempfile::tempdir().unwrap();
+            let summary = merge_signatures(sigs.path(), out.path()).unwrap();
+            let removed = std::fs::read_to_string(out.path().join("removed.jsonl")).unwrap();
+            (summary, removed)
+        };
+        let (one, removed_one) = run(1);
+        let (three, removed_three) = run(3);
+        assert_eq!(removed_one, removed_three);
+        assert_eq!(one.documents, 5);
+        assert_eq!(one.kept, 2, "{removed_one}");
+        assert_eq!(three.shards, 3);
+        let first: Removal = serde_json::from_str(removed_one.lines().next().unwrap()).unwrap();
+        assert!(first.duplicate_of.ends_with("part0.jsonl:1"), "{first:?}");
+    }
+
+    #[test]
+    fn missing_shards_and_bad_files_are_named() {
+        let src = tempfile::tempdir().unwrap();
+        let corpus = corpus(src.path());
+        let config = MinHashConfig::new(0.7, 64, 3, 11);
+        let sigs = tempfile::tempdir().unwrap();
+        let (path, _) =
+            write_signatures(&corpus, "0/2".parse().unwrap(), &config, sigs.path()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let err = merge_signatures(sigs.path(), out.path())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("missing"), "{err}");
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
+        let err = read_signatures(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("truncated") && err.contains("signatures-00000-of-00002.bin"),
+            "{err}"
+        );
+        assert!("3/2".parse::<Shard>().is_err());
+        assert!("1/2".parse::<Shard>().is_ok());
+    }
+}
