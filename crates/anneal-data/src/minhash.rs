@@ -175,8 +175,18 @@ pub struct MinHasher {
     b: Vec<u64>,
 }
 
+/// (a·x + b) mod (2⁶¹ − 1) for a, x, b < 2⁶¹ − 1, by folding: 2⁶¹ ≡ 1, so the bits above 61
+/// add onto the bits below (no division).
 fn mul_add_mod(a: u64, x: u64, b: u64) -> u64 {
-    ((a as u128 * x as u128 + b as u128) % PRIME as u128) as u64
+    let v = a as u128 * x as u128 + b as u128;
+    let p = PRIME as u128;
+    let v = (v & p) + (v >> 61);
+    let v = ((v & p) + (v >> 61)) as u64;
+    if v >= PRIME {
+        v - PRIME
+    } else {
+        v
+    }
 }
 
 impl MinHasher {
@@ -414,6 +424,23 @@ mod tests {
         assert_eq!(
             h.signature_of(&a),
             MinHasher::new(h.config().clone()).signature_of(&a)
+        );
+    }
+
+    #[test]
+    fn folded_modulus_matches_division() {
+        let mut x = 12345u64;
+        for _ in 0..10_000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let (a, v, b) = (x % PRIME, (x >> 3) % PRIME, (x >> 7) % PRIME);
+            let want = ((a as u128 * v as u128 + b as u128) % PRIME as u128) as u64;
+            assert_eq!(mul_add_mod(a, v, b), want);
+        }
+        assert_eq!(
+            mul_add_mod(PRIME - 1, PRIME - 1, PRIME - 1),
+            ((PRIME as u128 - 1).pow(2) % PRIME as u128 + PRIME as u128 - 1) as u64 % PRIME
         );
     }
 
