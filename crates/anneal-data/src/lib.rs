@@ -8,6 +8,7 @@
 
 pub mod corpus;
 pub mod dedup;
+pub mod filters;
 pub mod minhash;
 pub mod shards;
 pub mod tokenizer;
