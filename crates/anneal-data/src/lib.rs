@@ -10,7 +10,9 @@ pub mod corpus;
 pub mod dedup;
 pub mod filters;
 pub mod minhash;
+pub mod normalize;
 pub mod shards;
+pub mod signals;
 pub mod tokenizer;
 
 pub use corpus::{BadInput, Corpus, CorpusOptions, CorpusReport, Document, Format};
