@@ -36,6 +36,102 @@ pub enum DataCommand {
     /// Example: anneal data dedup --signatures sigs/ --out dedup/
     #[command(verbatim_doc_comment)]
     Dedup(DedupArgs),
+    /// Run the data-quality pipeline: normalise, exact and near-duplicate dedup, quality filters
+    /// (Gopher, C4, language, code, length) and per-document signals.
+    ///
+    /// Stages come from a TOML pipeline file (see configs/pipeline-web.toml), or from --stages
+    /// with default settings. Writes kept-*.jsonl (with signals), rejected-*.jsonl (each removed
+    /// document with the stage and reason) and stats.json.
+    ///
+    /// Example: anneal data pipeline --config configs/pipeline-web.toml
+    /// Example: anneal data pipeline --input crawl/ --out curated/ --stages normalize,exact_dedup,near_dedup,gopher_quality
+    #[command(verbatim_doc_comment)]
+    Pipeline(PipelineArgs),
+}
+
+/// Arguments of `anneal data pipeline`.
+#[derive(Args, Clone, Debug)]
+pub struct PipelineArgs {
+    /// Pipeline file; --input, --out and --stages override or stand in for it.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Files or directories to read.
+    #[arg(long, short, num_args = 1..)]
+    pub input: Vec<PathBuf>,
+    /// File extensions read from directories, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub ext: Vec<String>,
+    /// Output directory.
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Stages with default settings, comma-separated: normalize, exact_dedup, near_dedup,
+    /// length, c4, gopher_quality, gopher_repetition, language, code, signals.
+    #[arg(long, value_delimiter = ',')]
+    pub stages: Vec<String>,
+    /// Hide the progress display.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+fn pipeline_config(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineConfig> {
+    use anneal_data::pipeline::*;
+    let mut c = match &a.config {
+        Some(path) => PipelineConfig::load(path)?,
+        None => {
+            let out = a
+                .out
+                .clone()
+                .context("give --config FILE, or --input and --out")?;
+            PipelineConfig {
+                input: InputConfig {
+                    paths: Vec::new(),
+                    extensions: anneal_data::CorpusOptions::default().extensions,
+                    text_field: "text".into(),
+                },
+                output: OutputConfig {
+                    dir: out,
+                    shard_documents: 100_000,
+                },
+                normalize: None,
+                exact_dedup: None,
+                near_dedup: None,
+                filters: FilterConfig::default(),
+                signals: None,
+            }
+        }
+    };
+    if !a.input.is_empty() {
+        c.input.paths = a.input.clone();
+    }
+    if !a.ext.is_empty() {
+        c.input.extensions = a.ext.clone();
+    }
+    if let Some(out) = &a.out {
+        c.output.dir = out.clone();
+    }
+    for stage in &a.stages {
+        let f = &mut c.filters;
+        match stage.as_str() {
+            "normalize" => c.normalize = Some(Default::default()),
+            "exact_dedup" => c.exact_dedup = Some(Default::default()),
+            "near_dedup" => c.near_dedup = Some(Default::default()),
+            "length" => f.length = Some(Default::default()),
+            "c4" => f.c4 = Some(Default::default()),
+            "gopher_quality" => f.gopher_quality = Some(Default::default()),
+            "gopher_repetition" => f.gopher_repetition = Some(Default::default()),
+            "language" => f.language = Some(Default::default()),
+            "code" => f.code = Some(Default::default()),
+            "signals" => c.signals = Some(Default::default()),
+            other => bail!(
+                "--stages {other:?} is not a stage: normalize, exact_dedup, near_dedup, length, c4, \
+                 gopher_quality, gopher_repetition, language, code, signals"
+            ),
+        }
+    }
+    if c.input.paths.is_empty() {
+        bail!("no input: give --input PATH or [input] paths in the pipeline file");
+    }
+    Ok(c)
 }
 
 /// Which corpus to read (shared by the `data` subcommands).
@@ -174,6 +270,47 @@ pub struct DedupArgs {
 /// Runs a `data` subcommand.
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
+        DataCommand::Pipeline(a) => {
+            let config = pipeline_config(&a)?;
+            println!("stages: {}", config.stages().join(" → "));
+            let bar = if a.quiet {
+                indicatif::ProgressBar::hidden()
+            } else {
+                indicatif::ProgressBar::new_spinner()
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
+                    .expect("valid template"),
+            );
+            let stats = anneal_data::pipeline::run(&config, |pass, bytes| {
+                bar.set_message(format!("{pass}: {:.0} MB read", bytes as f64 / 1e6));
+                bar.tick();
+            })?;
+            bar.finish_and_clear();
+            println!("{}", stats.input.summary());
+            for (stage, st) in &stats.stages {
+                println!(
+                    "  {stage:<18} {:>9} in  {:>8} removed  {:>8.1} MB",
+                    st.documents_in,
+                    st.removed,
+                    st.removed_bytes as f64 / 1e6
+                );
+            }
+            for (reason, n) in &stats.reasons {
+                println!("  {n:>9}  {reason}");
+            }
+            println!(
+                "kept {} of {} documents ({:.1} of {:.1} MB) in {:.1} s, {:.1} MB/s; wrote {}",
+                stats.kept,
+                stats.input.documents,
+                stats.kept_bytes as f64 / 1e6,
+                stats.input.bytes as f64 / 1e6,
+                stats.seconds,
+                stats.mb_per_s(),
+                config.output.dir.display()
+            );
+            Ok(())
+        }
         DataCommand::Minhash(a) => {
             let config = a.lsh.config()?;
             let shard: anneal_data::dedup::Shard = a.shard.parse()?;

@@ -82,3 +82,56 @@ fn sharded_minhash_then_merge_matches_one_process() {
     assert_eq!(summary["kept"], 20);
     assert_eq!(summary["largest_clusters"][0], 6);
 }
+
+#[test]
+fn pipeline_from_flags_keeps_or_rejects_every_document() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    let prose = "The committee met on Tuesday to discuss the budget for the coming year. After a \
+        long debate, the members agreed that the library should receive new funds, and that the \
+        park near the river would be repaired before the summer. Several residents spoke with \
+        passion about the value of public spaces to the town.";
+    std::fs::write(src.join("a.txt"), prose).unwrap();
+    std::fs::write(src.join("b.txt"), prose).unwrap();
+    std::fs::write(src.join("c.txt"), "tiny").unwrap();
+    let out = dir.path().join("out");
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
+    let text = anneal(&[
+        "data",
+        "pipeline",
+        "--input",
+        &s(&src),
+        "--out",
+        &s(&out),
+        "--stages",
+        "normalize,exact_dedup,gopher_quality,signals",
+        "--quiet",
+    ]);
+    assert!(text.contains("kept 1 of 3 documents"), "{text}");
+    let kept = std::fs::read_to_string(out.join("kept-00000.jsonl")).unwrap();
+    let rejected = std::fs::read_to_string(out.join("rejected-00000.jsonl")).unwrap();
+    assert_eq!(kept.lines().count() + rejected.lines().count(), 3);
+    assert!(
+        rejected.contains("\"stage\":\"exact_dedup\"")
+            && rejected.contains("\"stage\":\"gopher_quality\"")
+    );
+    let bad = Command::new(env!("CARGO_BIN_EXE_anneal"))
+        .args([
+            "data",
+            "pipeline",
+            "--input",
+            &s(&src),
+            "--out",
+            &s(&out),
+            "--stages",
+            "gopher",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("gopher_quality"),
+        "{err}"
+    );
+}

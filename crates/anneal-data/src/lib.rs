@@ -11,6 +11,7 @@ pub mod dedup;
 pub mod filters;
 pub mod minhash;
 pub mod normalize;
+pub mod pipeline;
 pub mod shards;
 pub mod signals;
 pub mod tokenizer;
