@@ -27,6 +27,28 @@ pub enum BenchCommand {
     /// Example: anneal bench pretrain --config configs/shakespeare-char.toml
     #[command(verbatim_doc_comment)]
     Pretrain(PretrainBench),
+    /// Run the C4 and Gopher quality and repetition filters over a JSONL corpus with anneal's
+    /// data pipeline and with datatrove (bench/datatrove_filters.py); compare time and counts.
+    ///
+    /// Example: anneal bench curate --input corpus/ --workers 2
+    #[command(verbatim_doc_comment)]
+    Curate(CurateBench),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct CurateBench {
+    /// Directory of .jsonl files with a "text" field.
+    #[arg(long, short)]
+    input: PathBuf,
+    /// Scratch directory for both outputs.
+    #[arg(long, default_value = "runs/bench-curate")]
+    out: PathBuf,
+    /// Threads for anneal and worker processes for datatrove.
+    #[arg(long, default_value_t = 2)]
+    workers: usize,
+    /// The datatrove script (default: bench/datatrove_filters.py in the source tree).
+    #[arg(long)]
+    datatrove_script: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -137,6 +159,7 @@ pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Gpt(b) => gpt(b),
         BenchCommand::Pretrain(b) => pretrain(b),
+        BenchCommand::Curate(b) => curate(b),
     }
 }
 
@@ -609,5 +632,86 @@ fn pretrain(b: PretrainBench) -> Result<()> {
             f(a, "val_loss") - f(t, "val_loss")
         );
     }
+    Ok(())
+}
+
+fn curate(b: CurateBench) -> Result<()> {
+    use anneal_data::pipeline::*;
+    let ours = b.out.join("anneal");
+    let config = PipelineConfig {
+        input: InputConfig {
+            paths: vec![b.input.clone()],
+            extensions: vec!["jsonl".into()],
+            text_field: "text".into(),
+        },
+        output: OutputConfig {
+            dir: ours.clone(),
+            shard_documents: 100_000,
+        },
+        normalize: None,
+        exact_dedup: None,
+        near_dedup: None,
+        filters: FilterConfig {
+            c4: Some(Default::default()),
+            gopher_quality: Some(Default::default()),
+            gopher_repetition: Some(Default::default()),
+            ..Default::default()
+        },
+        signals: None,
+    };
+    let stats = anneal_tensor::with_threads(b.workers, || run(&config, |_, _| {}))??;
+    let removed = |name: &str| {
+        stats
+            .stages
+            .iter()
+            .find(|s| s.0 == name)
+            .map_or(0, |s| s.1.removed)
+    };
+    println!("| engine | wall s | MB/s | kept | removed by C4 | by Gopher quality | by Gopher repetition |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| anneal | {:.1} | {:.2} | {} | {} | {} | {} |",
+        stats.seconds,
+        stats.mb_per_s(),
+        stats.kept,
+        removed("c4"),
+        removed("gopher_quality"),
+        removed("gopher_repetition")
+    );
+    let script = bench_script(&b.datatrove_script, "datatrove_filters.py");
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg("--input")
+        .arg(&b.input)
+        .arg("--out")
+        .arg(b.out.join("datatrove"))
+        .arg("--workers")
+        .arg(b.workers.to_string())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = text.lines().rev().find(|l| l.starts_with('{')) else {
+        println!(
+            "datatrove did not run (pip install datatrove spacy):\n{}",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .rev()
+                .take(3)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+        return Ok(());
+    };
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let wall = v["wall_seconds"].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "| datatrove | {wall:.1} | {:.2} | {} | {} | {} | {} |",
+        stats.input.bytes as f64 / 1e6 / wall,
+        v["kept"],
+        v["removed"]["c4"],
+        v["removed"]["gopher_quality"],
+        v["removed"]["gopher_repetition"]
+    );
+    println!("\nanneal is {:.1}x faster", wall / stats.seconds);
     Ok(())
 }
