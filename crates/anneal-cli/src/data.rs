@@ -47,6 +47,41 @@ pub enum DataCommand {
     /// Example: anneal data pipeline --input crawl/ --out curated/ --stages normalize,exact_dedup,near_dedup,gopher_quality
     #[command(verbatim_doc_comment)]
     Pipeline(PipelineArgs),
+    /// Mix several sources by weight to a target token count, capping how often one source may
+    /// repeat; writes mix-NAME.jsonl per source and mixture.json (the realised shares).
+    ///
+    /// Example: anneal data mix --source web=curated/:0.7 --source code=rust/:0.3 --tokens 50000000 --max-repeat 4 --tokenizer data/mine/tokenizer.json --out data/mix
+    #[command(verbatim_doc_comment)]
+    Mix(MixArgs),
+}
+
+/// Arguments of `anneal data mix`.
+#[derive(Args, Clone, Debug)]
+pub struct MixArgs {
+    /// A source as NAME=PATH:WEIGHT (repeatable).
+    #[arg(long = "source", required = true)]
+    pub sources: Vec<String>,
+    /// Target size of the mixture, in tokens (words without --tokenizer).
+    #[arg(long)]
+    pub tokens: u64,
+    /// Most times a source's data may be used.
+    #[arg(long, default_value_t = 4.0)]
+    pub max_repeat: f64,
+    /// tokenizer.json that counts tokens (default: whitespace-separated words).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// File extensions read from directories, comma-separated.
+    #[arg(long, default_value = "txt,md,jsonl", value_delimiter = ',')]
+    pub ext: Vec<String>,
+    /// JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+    /// Seed of the partial last pass.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Output directory.
+    #[arg(long, short)]
+    pub out: PathBuf,
 }
 
 /// Arguments of `anneal data pipeline`.
@@ -270,6 +305,49 @@ pub struct DedupArgs {
 /// Runs a `data` subcommand.
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
+        DataCommand::Mix(a) => {
+            let sources: Vec<anneal_data::mix::MixSource> = a
+                .sources
+                .iter()
+                .map(|s| s.parse())
+                .collect::<std::result::Result<_, _>>()?;
+            if !(a.max_repeat > 0.0) {
+                bail!("--max-repeat {} is not allowed: a positive number", a.max_repeat);
+            }
+            let tokenizer = a.tokenizer.as_deref().map(Tokenizer::load).transpose()?;
+            let unit = if tokenizer.is_some() { "tokens" } else { "words" };
+            let count = |t: &str| -> u64 {
+                match &tokenizer {
+                    Some(tk) => tk.encode(t).map_or(0, |ids| ids.len() as u64),
+                    None => t.split_whitespace().count() as u64,
+                }
+            };
+            let options = CorpusOptions {
+                extensions: a.ext.clone(),
+                text_field: a.text_field.clone(),
+                ..Default::default()
+            };
+            let rows = anneal_data::mix::mix(
+                &sources, &options, a.tokens, a.max_repeat, a.seed, &count, &a.out,
+            )?;
+            println!("| source | weight | available {unit} | planned | written | share asked | share realised | repeats |");
+            println!("|---|---|---|---|---|---|---|---|");
+            for r in &rows {
+                println!(
+                    "| {} | {} | {} | {} | {} | {:.3} | {:.3} | {:.2} |",
+                    r.name,
+                    r.weight,
+                    r.available_tokens,
+                    r.planned_tokens,
+                    r.written_tokens,
+                    r.requested_share,
+                    r.realised_share,
+                    r.repeats
+                );
+            }
+            println!("wrote {}", a.out.display());
+            Ok(())
+        }
         DataCommand::Pipeline(a) => {
             let config = pipeline_config(&a)?;
             println!("stages: {}", config.stages().join(" → "));

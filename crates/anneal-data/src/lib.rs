@@ -10,6 +10,7 @@ pub mod corpus;
 pub mod dedup;
 pub mod filters;
 pub mod minhash;
+pub mod mix;
 pub mod normalize;
 pub mod pipeline;
 pub mod shards;
