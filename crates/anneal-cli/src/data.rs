@@ -311,7 +311,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 .iter()
                 .map(|s| s.parse())
                 .collect::<std::result::Result<_, _>>()?;
-            if !(a.max_repeat > 0.0) {
+            if a.max_repeat.is_nan() || a.max_repeat <= 0.0 {
                 bail!("--max-repeat {} is not allowed: a positive number", a.max_repeat);
             }
             let tokenizer = a.tokenizer.as_deref().map(Tokenizer::load).transpose()?;
