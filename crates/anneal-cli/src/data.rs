@@ -53,6 +53,23 @@ pub enum DataCommand {
     /// Example: anneal data mix --source web=curated/:0.7 --source code=rust/:0.3 --tokens 50000000 --max-repeat 4 --tokenizer data/mine/tokenizer.json --out data/mix
     #[command(verbatim_doc_comment)]
     Mix(MixArgs),
+    /// Write one self-contained HTML page about a pipeline's output: documents per stage,
+    /// removal reasons, a histogram of each signal, diversity (distinct-n, domain entropy), the
+    /// largest near-duplicate clusters, examples of kept and removed documents.
+    ///
+    /// Example: anneal data report curated/ --out curated/report.html
+    #[command(verbatim_doc_comment)]
+    Report(ReportArgs),
+}
+
+/// Arguments of `anneal data report`.
+#[derive(Args, Clone, Debug)]
+pub struct ReportArgs {
+    /// A directory written by `anneal data pipeline`.
+    pub dir: PathBuf,
+    /// The HTML file (default: DIR/report.html).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
 }
 
 /// Arguments of `anneal data mix`.
@@ -305,17 +322,41 @@ pub struct DedupArgs {
 /// Runs a `data` subcommand.
 pub fn run(cmd: DataCommand) -> Result<()> {
     match cmd {
+        DataCommand::Report(a) => {
+            let out = a.out.clone().unwrap_or_else(|| a.dir.join("report.html"));
+            let s = anneal_data::report::write_report(&a.dir, &out)?;
+            println!(
+                "{} kept and {} removed documents; distinct-1/2/3 {:.3}/{:.3}/{:.3}; domain entropy {:.2} bits over {} domains; largest clusters {:?}",
+                s.kept,
+                s.rejected,
+                s.distinct_n[0],
+                s.distinct_n[1],
+                s.distinct_n[2],
+                s.domain_entropy,
+                s.domains.len(),
+                s.largest_clusters
+            );
+            println!("wrote {}", out.display());
+            Ok(())
+        }
         DataCommand::Mix(a) => {
-            let sources: Vec<anneal_data::mix::MixSource> = a
-                .sources
-                .iter()
-                .map(|s| s.parse())
-                .collect::<std::result::Result<_, _>>()?;
+            let sources: Vec<anneal_data::mix::MixSource> =
+                a.sources
+                    .iter()
+                    .map(|s| s.parse())
+                    .collect::<std::result::Result<_, _>>()?;
             if a.max_repeat.is_nan() || a.max_repeat <= 0.0 {
-                bail!("--max-repeat {} is not allowed: a positive number", a.max_repeat);
+                bail!(
+                    "--max-repeat {} is not allowed: a positive number",
+                    a.max_repeat
+                );
             }
             let tokenizer = a.tokenizer.as_deref().map(Tokenizer::load).transpose()?;
-            let unit = if tokenizer.is_some() { "tokens" } else { "words" };
+            let unit = if tokenizer.is_some() {
+                "tokens"
+            } else {
+                "words"
+            };
             let count = |t: &str| -> u64 {
                 match &tokenizer {
                     Some(tk) => tk.encode(t).map_or(0, |ids| ids.len() as u64),
@@ -328,7 +369,13 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 ..Default::default()
             };
             let rows = anneal_data::mix::mix(
-                &sources, &options, a.tokens, a.max_repeat, a.seed, &count, &a.out,
+                &sources,
+                &options,
+                a.tokens,
+                a.max_repeat,
+                a.seed,
+                &count,
+                &a.out,
             )?;
             println!("| source | weight | available {unit} | planned | written | share asked | share realised | repeats |");
             println!("|---|---|---|---|---|---|---|---|");

@@ -13,6 +13,8 @@ pub mod minhash;
 pub mod mix;
 pub mod normalize;
 pub mod pipeline;
+pub mod plot;
+pub mod report;
 pub mod shards;
 pub mod signals;
 pub mod tokenizer;
@@ -57,6 +59,9 @@ pub enum Error {
     /// The tokenizers library failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// Drawing a chart failed.
+    #[error("plot: {0}")]
+    Plot(String),
 }
 
 /// Result with [`Error`].

@@ -393,6 +393,19 @@ pub fn run(config: &PipelineConfig, mut progress: impl FnMut(&str, u64)) -> Resu
                 .map(|(s, &a)| if a { s.clone() } else { empty.clone() })
                 .collect();
             let clusters = cluster(hasher, &live);
+            // The clusters, largest first, for audits and the report.
+            std::fs::create_dir_all(&config.output.dir).map_err(io_err(&config.output.dir))?;
+            let path = config.output.dir.join("clusters.jsonl");
+            let mut w = BufWriter::new(File::create(&path).map_err(io_err(&path))?);
+            for (root, members) in clusters.groups() {
+                let line = serde_json::json!({
+                    "kept": sources[root as usize],
+                    "size": members.len(),
+                    "members": members.iter().map(|&m| &sources[m as usize]).collect::<Vec<_>>(),
+                });
+                writeln!(w, "{line}").map_err(io_err(&path))?;
+            }
+            w.flush().map_err(io_err(&path))?;
             let mut st = StageStats {
                 documents_in: alive.iter().filter(|&&a| a).count() as u64,
                 ..Default::default()
@@ -700,6 +713,24 @@ mod tests {
             "{:?}",
             stats.reasons
         );
+        assert!(out.join("clusters.jsonl").is_file());
+        // The report reads it all back into one page.
+        let html = dir.path().join("report.html");
+        let summary = crate::report::write_report(&out, &html).unwrap();
+        assert_eq!((summary.kept, summary.rejected), (2, 5));
+        assert_eq!(summary.largest_clusters, [2]);
+        assert!(summary.distinct_n[0] > 0.5 && summary.distinct_n[2] > 0.9);
+        let page = std::fs::read_to_string(&html).unwrap();
+        for needle in [
+            "<h2>Stages</h2>",
+            "near_dedup",
+            "data:image/png;base64,",
+            "compression_ratio",
+            "Examples removed",
+            "distinct-1",
+        ] {
+            assert!(page.contains(needle), "{needle}");
+        }
     }
 
     #[test]

@@ -18,7 +18,6 @@ pub mod config;
 pub mod generate;
 pub mod hf;
 pub mod machine;
-pub mod plot;
 pub mod schedule;
 pub mod trainer;
 

@@ -17,8 +17,8 @@
 
 use crate::checkpoint::{self, DataPosition, TrainerState};
 use crate::config::RunConfig;
-use crate::plot::{line_chart, Series};
 use crate::schedule::CosineSchedule;
+use anneal_data::plot::{line_chart, Series};
 use anneal_data::{Manifest, ShardSet, Tokenizer};
 use anneal_nn::Gpt;
 use anneal_tensor::optim::{AdamW, AdamWConfig};
@@ -259,7 +259,8 @@ fn plot_losses(path: &Path, metrics: &[Metric]) -> Result<()> {
                 points: &val,
             },
         ],
-    )
+    )?;
+    Ok(())
 }
 
 /// Runs (or resumes) the pretraining described by `config`.

@@ -3,7 +3,7 @@
 //! Text needs a TrueType font, read at run time from the first of a few usual system locations
 //! (or `$ANNEAL_FONT`); on a machine without one the curves are drawn without labels.
 
-use anyhow::{anyhow, Result};
+use crate::{Error, Result};
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -37,6 +37,10 @@ fn font_available() -> bool {
         }
         false
     })
+}
+
+fn plot_err(e: impl std::fmt::Display) -> Error {
+    Error::Plot(e.to_string())
 }
 
 /// One named series of (x, y) points.
@@ -86,7 +90,7 @@ pub fn line_chart(
     let text = font_available();
     {
         let root = BitMapBackend::new(&tmp, (900, 560)).into_drawing_area();
-        root.fill(&WHITE).map_err(|e| anyhow!("plot: {e}"))?;
+        root.fill(&WHITE).map_err(plot_err)?;
         let mut builder = ChartBuilder::on(&root);
         builder.margin(20);
         if text {
@@ -97,14 +101,14 @@ pub fn line_chart(
         }
         let mut chart = builder
             .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(|e| anyhow!("plot: {e}"))?;
+            .map_err(plot_err)?;
         let mut mesh = chart.configure_mesh();
         if text {
             mesh.x_desc(x_label).y_desc(y_label);
         } else {
             mesh.disable_x_axis().disable_y_axis();
         }
-        mesh.draw().map_err(|e| anyhow!("plot: {e}"))?;
+        mesh.draw().map_err(plot_err)?;
         let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
         for (i, s) in series.iter().enumerate() {
             let color = colors[i % colors.len()];
@@ -116,7 +120,7 @@ pub fn line_chart(
                         .filter(|(x, y)| finite(*x) && finite(*y)),
                     color.stroke_width(2),
                 ))
-                .map_err(|e| anyhow!("plot: {e}"))?;
+                .map_err(plot_err)?;
             if text {
                 drawn.label(s.label).legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
@@ -129,11 +133,74 @@ pub fn line_chart(
                 .background_style(WHITE.mix(0.8))
                 .border_style(BLACK)
                 .draw()
-                .map_err(|e| anyhow!("plot: {e}"))?;
+                .map_err(plot_err)?;
         }
-        root.present().map_err(|e| anyhow!("plot: {e}"))?;
+        root.present().map_err(plot_err)?;
     }
-    std::fs::rename(&tmp, path)?;
+    std::fs::rename(&tmp, path).map_err(crate::io_err(path))?;
+    Ok(())
+}
+
+/// Draws a histogram of `values` in `bins` equal-width bins into a PNG at `path`.
+pub fn histogram(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    values: &[f64],
+    bins: usize,
+) -> Result<()> {
+    let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+    if finite.is_empty() {
+        return Ok(());
+    }
+    let lo = finite.iter().copied().fold(f64::INFINITY, f64::min);
+    let mut hi = finite.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if hi <= lo {
+        hi = lo + 1.0;
+    }
+    let bins = bins.max(1);
+    let width = (hi - lo) / bins as f64;
+    let mut counts = vec![0u32; bins];
+    for v in &finite {
+        let b = (((v - lo) / width) as usize).min(bins - 1);
+        counts[b] += 1;
+    }
+    let top = *counts.iter().max().expect("bins > 0") as f64 * 1.05;
+    let name = path
+        .file_name()
+        .map_or("plot.png".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
+    let text = font_available();
+    {
+        let root = BitMapBackend::new(&tmp, (640, 360)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let mut builder = ChartBuilder::on(&root);
+        builder.margin(15);
+        if text {
+            builder
+                .caption(title, ("sans-serif", 20))
+                .x_label_area_size(40)
+                .y_label_area_size(50);
+        }
+        let mut chart = builder
+            .build_cartesian_2d(lo..hi, 0.0..top)
+            .map_err(plot_err)?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_desc(x_label).y_desc("documents");
+        } else {
+            mesh.disable_x_axis().disable_y_axis();
+        }
+        mesh.draw().map_err(plot_err)?;
+        chart
+            .draw_series(counts.iter().enumerate().map(|(i, &c)| {
+                let x0 = lo + i as f64 * width;
+                Rectangle::new([(x0, 0.0), (x0 + width, c as f64)], BLUE.mix(0.6).filled())
+            }))
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(crate::io_err(path))?;
     Ok(())
 }
 
@@ -169,5 +236,9 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[1..4], b"PNG");
         assert!(bytes.len() > 2000);
+        let h = dir.path().join("hist.png");
+        let values: Vec<f64> = (0..500).map(|i| ((i * 37) % 100) as f64 / 100.0).collect();
+        histogram(&h, "signal", "value", &values, 20).unwrap();
+        assert_eq!(&std::fs::read(&h).unwrap()[1..4], b"PNG");
     }
 }
