@@ -318,6 +318,26 @@ impl Corpus {
                     n.ends_with(".jsonl") || n.ends_with(".json")
                 }
             };
+            if strip_compression(name).ends_with(".parquet") {
+                let mut stop = false;
+                read_parquet(
+                    path,
+                    &opts.text_field,
+                    &mut report,
+                    |number, text, report| {
+                        let doc = Document {
+                            source: format!("{}:{number}", path.display()),
+                            text,
+                        };
+                        stop = !emit(file_index, number, doc, report);
+                        !stop
+                    },
+                );
+                if stop {
+                    break 'files;
+                }
+                continue;
+            }
             let reader = match open(path) {
                 Ok(r) => r,
                 Err(e) => {
@@ -378,6 +398,79 @@ impl Corpus {
         }
         Ok(report)
     }
+}
+
+/// Reads the string column `field` of every row of a Parquet file, calling `emit(row, text)` (1-based
+/// rows) until it returns false; rows without a string in `field` are reported.
+#[cfg(feature = "parquet")]
+fn read_parquet(
+    path: &Path,
+    field: &str,
+    report: &mut CorpusReport,
+    mut emit: impl FnMut(u64, String, &mut CorpusReport) -> bool,
+) {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    use parquet::record::Field;
+    let reader = match File::open(path)
+        .map_err(|e| e.to_string())
+        .and_then(|f| SerializedFileReader::new(f).map_err(|e| e.to_string()))
+    {
+        Ok(r) => r,
+        Err(e) => {
+            report.bad(path, None, format!("not a readable Parquet file: {e}"));
+            return;
+        }
+    };
+    let rows = match reader.get_row_iter(None) {
+        Ok(rows) => rows,
+        Err(e) => {
+            report.bad(path, None, format!("Parquet: {e}"));
+            return;
+        }
+    };
+    for (i, row) in rows.enumerate() {
+        let number = i as u64 + 1;
+        let row = match row {
+            Ok(r) => r,
+            Err(e) => {
+                report.bad(path, Some(number), format!("Parquet row: {e}"));
+                continue;
+            }
+        };
+        let text = row
+            .get_column_iter()
+            .find(|(name, _)| name.as_str() == field);
+        match text {
+            Some((_, Field::Str(s))) => {
+                if !emit(number, s.clone(), report) {
+                    return;
+                }
+            }
+            Some((_, Field::Null)) => {
+                report.bad(path, Some(number), format!("field {field:?} is null"))
+            }
+            Some(_) => report.bad(
+                path,
+                Some(number),
+                format!("field {field:?} is not a string"),
+            ),
+            None => report.bad(path, Some(number), format!("no field {field:?}")),
+        }
+    }
+}
+
+#[cfg(not(feature = "parquet"))]
+fn read_parquet(
+    path: &Path,
+    _field: &str,
+    report: &mut CorpusReport,
+    _emit: impl FnMut(u64, String, &mut CorpusReport) -> bool,
+) {
+    report.bad(
+        path,
+        None,
+        "Parquet support is not built in; build anneal with `--features parquet`".into(),
+    );
 }
 
 /// The lines of `bytes` that are valid UTF-8, each invalid one reported.
@@ -533,6 +626,54 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted.len(), 20);
         assert_ne!(sorted, order(1));
+    }
+
+    #[cfg(feature = "parquet")]
+    #[test]
+    fn parquet_text_column_rows_are_documents() {
+        use parquet::data_type::{ByteArray, ByteArrayType};
+        use parquet::file::writer::SerializedFileWriter;
+        use std::sync::Arc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("docs.parquet");
+        let schema = Arc::new(
+            parquet::schema::parser::parse_message_type(
+                "message doc { REQUIRED BYTE_ARRAY text (UTF8); REQUIRED BYTE_ARRAY url (UTF8); }",
+            )
+            .unwrap(),
+        );
+        let mut w =
+            SerializedFileWriter::new(File::create(&path).unwrap(), schema, Default::default())
+                .unwrap();
+        let mut group = w.next_row_group().unwrap();
+        for values in [["first doc", "second doc"], ["http://a", "http://b"]] {
+            let mut col = group.next_column().unwrap().unwrap();
+            let data: Vec<ByteArray> = values.iter().map(|v| ByteArray::from(*v)).collect();
+            col.typed::<ByteArrayType>()
+                .write_batch(&data, None, None)
+                .unwrap();
+            col.close().unwrap();
+        }
+        group.close().unwrap();
+        w.close().unwrap();
+        let opts = CorpusOptions {
+            extensions: vec!["parquet".into()],
+            ..Default::default()
+        };
+        let (docs, report) = read_all(&[dir.path().to_path_buf()], opts.clone());
+        let texts: Vec<_> = docs.iter().map(|d| d.text.as_str()).collect();
+        assert_eq!(texts, ["first doc", "second doc"]);
+        assert!(docs[1].source.ends_with("docs.parquet:2"));
+        assert_eq!(report.bad_count, 0);
+        let (_, report) = read_all(
+            &[path],
+            CorpusOptions {
+                text_field: "body".into(),
+                ..opts
+            },
+        );
+        assert_eq!(report.bad_count, 2);
+        assert!(report.bad[0].reason.contains("no field \"body\""));
     }
 
     #[test]
