@@ -120,12 +120,60 @@ pub struct PipelineArgs {
     /// length, c4, gopher_quality, gopher_repetition, language, code, signals.
     #[arg(long, value_delimiter = ',')]
     pub stages: Vec<String>,
+    /// Add the signal `model_perplexity`: perplexity of each kept document under this anneal
+    /// checkpoint, run directory or Hugging Face GPT-2 directory (authenticity as distribution
+    /// match to what the model was trained on). Turns signals on.
+    #[arg(long)]
+    pub perplexity_model: Option<PathBuf>,
+    /// Tokens of each document the perplexity is measured on (its beginning).
+    #[arg(long, default_value_t = 512)]
+    pub perplexity_tokens: usize,
     /// Hide the progress display.
     #[arg(long)]
     pub quiet: bool,
 }
 
+/// Perplexity of the first `max_tokens` tokens of `text` under `m`, over windows of its context.
+fn perplexity(m: &anneal_train::generate::LoadedModel, text: &str, max_tokens: usize) -> f64 {
+    let Ok(mut ids) = m.tokenizer.encode(text) else {
+        return f64::NAN;
+    };
+    ids.truncate(max_tokens + 1);
+    if ids.len() < 2 {
+        return f64::NAN;
+    }
+    let t = m.model.config.block_size;
+    let (mut nll, mut count) = (0.0f64, 0usize);
+    let mut start = 0;
+    while start + 1 < ids.len() {
+        let n = (ids.len() - 1 - start).min(t);
+        let targets: Vec<i64> = ids[start + 1..start + 1 + n]
+            .iter()
+            .map(|&x| x as i64)
+            .collect();
+        let loss =
+            anneal_tensor::no_grad(|| m.model.loss(&ids[start..start + n], &targets, 1, n, None));
+        match loss.and_then(|l| l.item()) {
+            Ok(l) => {
+                nll += l as f64 * n as f64;
+                count += n;
+            }
+            Err(_) => return f64::NAN,
+        }
+        start += n;
+    }
+    (nll / count as f64).exp()
+}
+
 fn pipeline_config(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineConfig> {
+    let mut c = pipeline_config_from_flags(a)?;
+    if a.perplexity_model.is_some() && c.signals.is_none() {
+        c.signals = Some(Default::default());
+    }
+    Ok(c)
+}
+
+fn pipeline_config_from_flags(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineConfig> {
     use anneal_data::pipeline::*;
     let mut c = match &a.config {
         Some(path) => PipelineConfig::load(path)?,
@@ -407,7 +455,21 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 indicatif::ProgressStyle::with_template("{spinner} {msg} {elapsed}")
                     .expect("valid template"),
             );
-            let stats = anneal_data::pipeline::run(&config, |pass, bytes| {
+            let model = a
+                .perplexity_model
+                .as_deref()
+                .map(anneal_train::generate::load_model)
+                .transpose()?;
+            let ppl = |text: &str| match &model {
+                Some(m) => perplexity(m, text, a.perplexity_tokens),
+                None => f64::NAN,
+            };
+            let extra: Vec<anneal_data::pipeline::ExtraSignal> = if model.is_some() {
+                vec![("model_perplexity", &ppl)]
+            } else {
+                Vec::new()
+            };
+            let stats = anneal_data::pipeline::run_with_signals(&config, &extra, |pass, bytes| {
                 bar.set_message(format!("{pass}: {:.0} MB read", bytes as f64 / 1e6));
                 bar.tick();
             })?;

@@ -285,6 +285,26 @@ fn generate_eval_and_export_from_a_run() {
     let eval = ok(anneal(&["eval", run_s, "--input", src.to_str().unwrap()]));
     assert!(eval.contains("perplexity"), "{eval}");
 
+    // The model as a data signal: perplexity of each kept document under it.
+    let curated = dir.path().join("curated");
+    ok(anneal(&[
+        "data",
+        "pipeline",
+        "--input",
+        src.to_str().unwrap(),
+        "--out",
+        curated.to_str().unwrap(),
+        "--stages",
+        "normalize",
+        "--perplexity-model",
+        run_s,
+        "--quiet",
+    ]));
+    let kept = std::fs::read_to_string(curated.join("kept-00000.jsonl")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(kept.lines().next().unwrap()).unwrap();
+    let ppl = doc["signals"]["model_perplexity"].as_f64().unwrap();
+    assert!(ppl > 1.0 && ppl < 100.0, "{ppl}");
+
     let hf = dir.path().join("hf");
     ok(anneal(&["export", run_s, "--out", hf.to_str().unwrap()]));
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {

@@ -294,8 +294,22 @@ impl ShardedJsonl {
     }
 }
 
+/// A signal computed outside this crate: its name and a function of a kept document's text.
+pub type ExtraSignal<'a> = (&'a str, &'a (dyn Fn(&str) -> f64 + Sync));
+
 /// Runs the pipeline; `progress` is called with the bytes read so far in each pass.
-pub fn run(config: &PipelineConfig, mut progress: impl FnMut(&str, u64)) -> Result<PipelineStats> {
+pub fn run(config: &PipelineConfig, progress: impl FnMut(&str, u64)) -> Result<PipelineStats> {
+    run_with_signals(config, &[], progress)
+}
+
+/// [`run`], adding `extra` signals to every kept document (when signals are on). The
+/// authenticity signal "perplexity under a trained model" comes in this way, from the binary,
+/// which knows the models.
+pub fn run_with_signals(
+    config: &PipelineConfig,
+    extra: &[ExtraSignal],
+    mut progress: impl FnMut(&str, u64),
+) -> Result<PipelineStats> {
     let started = std::time::Instant::now();
     let corpus = Corpus::new(
         &config.input.paths,
@@ -471,7 +485,12 @@ pub fn run(config: &PipelineConfig, mut progress: impl FnMut(&str, u64)) -> Resu
         check!("gopher_repetition", &f.gopher_repetition);
         check!("language", &f.language);
         check!("code", &f.code);
-        let signals = compute(&text, target.as_ref());
+        let mut signals = compute(&text, target.as_ref());
+        if config.signals.is_some() {
+            for (name, f) in extra {
+                signals.extra.insert(name.to_string(), f(&text));
+            }
+        }
         Fate::Kept(text, signals)
     };
     std::fs::create_dir_all(&config.output.dir).map_err(io_err(&config.output.dir))?;

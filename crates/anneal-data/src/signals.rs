@@ -39,6 +39,9 @@ pub struct Signals {
     /// Jensen–Shannon divergence to the target sample, when one is given.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target_jsd: Option<f64>,
+    /// Signals computed by callers (for example perplexity under a trained model), by name.
+    #[serde(flatten, default)]
+    pub extra: std::collections::BTreeMap<String, f64>,
 }
 
 /// English function words (a compact list in the spirit of common stop-word lists).
@@ -183,6 +186,7 @@ pub fn compute(text: &str, target: Option<&NgramDistribution>) -> Signals {
         language: lang.as_ref().map(|l| l.lang().code().to_string()),
         language_confidence: lang.map_or(0.0, |l| l.confidence()),
         target_jsd: target.map(|t| t.jsd(text)),
+        extra: Default::default(),
     }
 }
 
