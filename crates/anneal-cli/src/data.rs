@@ -323,6 +323,12 @@ pub struct LshArgs {
     /// Seed of the hash family (the same for every shard of a job).
     #[arg(long, default_value_t = 1)]
     pub hash_seed: u64,
+    /// Bands, instead of choosing them from the threshold (give --rows too).
+    #[arg(long, requires = "rows")]
+    pub bands: Option<usize>,
+    /// Rows per band, instead of choosing them from the threshold (give --bands too).
+    #[arg(long, requires = "bands")]
+    pub rows: Option<usize>,
 }
 
 impl LshArgs {
@@ -336,12 +342,19 @@ impl LshArgs {
         if self.num_perm < 1 || self.ngram < 1 {
             bail!("--num-perm and --ngram must be at least 1");
         }
-        Ok(anneal_data::minhash::MinHashConfig::new(
+        let mut c = anneal_data::minhash::MinHashConfig::new(
             self.threshold,
             self.num_perm,
             self.ngram,
             self.hash_seed,
-        ))
+        );
+        if let (Some(b), Some(r)) = (self.bands, self.rows) {
+            if b == 0 || r == 0 {
+                bail!("--bands and --rows must be at least 1");
+            }
+            (c.bands, c.rows) = (b, r);
+        }
+        Ok(c)
     }
 }
 
