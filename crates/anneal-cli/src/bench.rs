@@ -687,31 +687,9 @@ fn curate(b: CurateBench) -> Result<()> {
         removed("gopher_quality"),
         removed("gopher_repetition")
     );
-    let script = bench_script(&b.datatrove_script, "datatrove_filters.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg("--input")
-        .arg(&b.input)
-        .arg("--out")
-        .arg(b.out.join("datatrove"))
-        .arg("--workers")
-        .arg(b.workers.to_string())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let Some(line) = text.lines().rev().find(|l| l.starts_with('{')) else {
-        println!(
-            "datatrove did not run (pip install datatrove spacy):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .rev()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+    let Some(v) = run_datatrove(&b, "datatrove_filters.py", "datatrove spacy")? else {
         return Ok(());
     };
-    let v: serde_json::Value = serde_json::from_str(line)?;
     let wall = v["wall_seconds"].as_f64().unwrap_or(f64::NAN);
     println!(
         "| datatrove | {wall:.1} | {:.2} | {} | {} | {} | {} |",
@@ -753,31 +731,9 @@ fn dedup(b: CurateBench) -> Result<()> {
         stats.kept,
         stats.input.documents - stats.kept
     );
-    let script = bench_script(&b.datatrove_script, "datatrove_minhash.py");
-    let out = Command::new("python3")
-        .arg(&script)
-        .arg("--input")
-        .arg(&b.input)
-        .arg("--out")
-        .arg(b.out.join("datatrove-dedup"))
-        .arg("--workers")
-        .arg(b.workers.to_string())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let Some(line) = text.lines().rev().find(|l| l.starts_with('{')) else {
-        println!(
-            "datatrove did not run (pip install datatrove xxhash):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .rev()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+    let Some(v) = run_datatrove(&b, "datatrove_minhash.py", "datatrove xxhash")? else {
         return Ok(());
     };
-    let v: serde_json::Value = serde_json::from_str(line)?;
     let wall = v["wall_seconds"].as_f64().unwrap_or(f64::NAN);
     println!(
         "| datatrove ({} buckets × {} hashes) | {wall:.1} | {:.2} | {} | {} |",
@@ -789,4 +745,43 @@ fn dedup(b: CurateBench) -> Result<()> {
     );
     println!("\nanneal is {:.1}x faster", wall / stats.seconds);
     Ok(())
+}
+
+/// Runs a datatrove script of bench/ on `b`'s input and returns the JSON line it prints, or
+/// `None` (after saying why and what to install) when datatrove could not run.
+fn run_datatrove(
+    b: &CurateBench,
+    script: &str,
+    packages: &str,
+) -> Result<Option<serde_json::Value>> {
+    let script = bench_script(&b.datatrove_script, script);
+    let name = script
+        .file_stem()
+        .map_or("datatrove".into(), |n| n.to_string_lossy().into_owned());
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg("--input")
+        .arg(&b.input)
+        .arg("--out")
+        .arg(b.out.join(name))
+        .arg("--workers")
+        .arg(b.workers.to_string())
+        .output()
+        .with_context(|| format!("running {}", script.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    match text.lines().rev().find(|l| l.starts_with('{')) {
+        Some(line) => Ok(Some(serde_json::from_str(line)?)),
+        None => {
+            println!(
+                "datatrove did not run (pip install {packages}):\n{}",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .rev()
+                    .take(3)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            Ok(None)
+        }
+    }
 }

@@ -87,12 +87,8 @@ pub struct MixArgs {
     /// tokenizer.json that counts tokens (default: whitespace-separated words).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// File extensions read from directories, comma-separated.
-    #[arg(long, default_value = "txt,md,jsonl", value_delimiter = ',')]
-    pub ext: Vec<String>,
-    /// JSONL field holding the text.
-    #[arg(long, default_value = "text")]
-    pub text_field: String,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Seed of the partial last pass.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
@@ -234,6 +230,32 @@ fn pipeline_config_from_flags(a: &PipelineArgs) -> Result<anneal_data::pipeline:
     Ok(c)
 }
 
+/// How files are read, for subcommands that take their own inputs.
+#[derive(Args, Clone, Debug)]
+pub struct ReadArgs {
+    /// File extensions read from directories, comma-separated.
+    #[arg(long, default_value = "txt,md,jsonl", value_delimiter = ',')]
+    pub ext: Vec<String>,
+    /// JSONL field holding the text.
+    #[arg(long, default_value = "text")]
+    pub text_field: String,
+}
+
+impl ReadArgs {
+    /// The corpus options these flags ask for.
+    pub fn options(&self) -> CorpusOptions {
+        CorpusOptions {
+            extensions: self
+                .ext
+                .iter()
+                .map(|e| e.trim_start_matches('.').to_string())
+                .collect(),
+            text_field: self.text_field.clone(),
+            ..Default::default()
+        }
+    }
+}
+
 /// Which corpus to read (shared by the `data` subcommands).
 #[derive(Args, Clone, Debug)]
 pub struct CorpusArgs {
@@ -367,12 +389,8 @@ pub struct DedupArgs {
     /// Or: the corpus to sign and deduplicate in this one process.
     #[arg(long, short, num_args = 1..)]
     pub input: Vec<PathBuf>,
-    /// File extensions read from --input directories, comma-separated.
-    #[arg(long, default_value = "txt,md,jsonl", value_delimiter = ',')]
-    pub ext: Vec<String>,
-    /// JSONL field holding the text (with --input).
-    #[arg(long, default_value = "text")]
-    pub text_field: String,
+    #[command(flatten)]
+    pub read: ReadArgs,
     /// Output directory: removed.jsonl, clusters.jsonl, dedup.json.
     #[arg(long, short)]
     pub out: PathBuf,
@@ -424,14 +442,9 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                     None => t.split_whitespace().count() as u64,
                 }
             };
-            let options = CorpusOptions {
-                extensions: a.ext.clone(),
-                text_field: a.text_field.clone(),
-                ..Default::default()
-            };
             let rows = anneal_data::mix::mix(
                 &sources,
-                &options,
+                &a.read.options(),
                 a.tokens,
                 a.max_repeat,
                 a.seed,
@@ -533,14 +546,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 (None, false) => {
                     let config = a.lsh.config()?;
                     print!("{}", config.describe_curve());
-                    let corpus = Corpus::new(
-                        &a.input,
-                        CorpusOptions {
-                            extensions: a.ext.clone(),
-                            text_field: a.text_field.clone(),
-                            ..Default::default()
-                        },
-                    )?;
+                    let corpus = Corpus::new(&a.input, a.read.options())?;
                     let dir = a.out.join("signatures");
                     let shard = anneal_data::dedup::Shard { index: 0, count: 1 };
                     anneal_data::dedup::write_signatures(&corpus, shard, &config, &dir)?;

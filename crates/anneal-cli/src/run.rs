@@ -1,7 +1,7 @@
 //! `anneal pretrain`, `generate`, `eval`, `export` and `quickstart`.
 
 use crate::data::{tokenize_corpus, CorpusArgs, TokenizeArgs};
-use anneal_data::{Corpus, CorpusOptions};
+use anneal_data::Corpus;
 use anneal_train::generate::{complete, generate as sample, load_model, SampleOptions};
 use anneal_train::trainer::{train, Resume, RunOptions, RunSummary};
 use anneal_train::RunConfig;
@@ -231,12 +231,8 @@ pub struct EvalArgs {
     /// Files or directories to evaluate on.
     #[arg(long, short, required = true, num_args = 1..)]
     pub input: Vec<PathBuf>,
-    /// File extensions read from directories, comma-separated.
-    #[arg(long, default_value = "txt,md,jsonl", value_delimiter = ',')]
-    pub ext: Vec<String>,
-    /// JSONL field holding the text.
-    #[arg(long, default_value = "text")]
-    pub text_field: String,
+    #[command(flatten)]
+    pub read: crate::data::ReadArgs,
     /// Windows per forward pass.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -250,14 +246,7 @@ pub struct EvalArgs {
 /// the perplexity.
 pub fn eval(a: EvalArgs) -> Result<()> {
     let loaded = load_model(&a.model)?;
-    let corpus = Corpus::new(
-        &a.input,
-        CorpusOptions {
-            extensions: a.ext.clone(),
-            text_field: a.text_field.clone(),
-            ..Default::default()
-        },
-    )?;
+    let corpus = Corpus::new(&a.input, a.read.options())?;
     let t = loaded.model.config.block_size;
     let b = a.batch_size.max(1);
     let started = std::time::Instant::now();

@@ -504,12 +504,7 @@ impl CodeRules {
 mod tests {
     use super::*;
 
-    const PROSE: &str = "The committee met on Tuesday to discuss the budget for the coming year. \
-        After a long debate, the members agreed that the library should receive new funds, and \
-        that the park near the river would be repaired before the summer. Several residents spoke \
-        with passion about the value of public spaces to the town. The mayor thanked everyone for \
-        their patience and promised to publish the final figures within a week. Nobody expected \
-        the meeting to last so long, yet most people stayed until the end.";
+    const PROSE: &str = crate::TEST_PROSE;
 
     #[test]
     fn gopher_quality_keeps_prose_and_names_each_failure() {

@@ -27,6 +27,16 @@ pub use tokenizer::Tokenizer;
 
 use std::path::PathBuf;
 
+/// Text shared by the unit tests of the filters, signals and pipeline.
+#[cfg(test)]
+pub(crate) const TEST_PROSE: &str =
+    "The committee met on Tuesday to discuss the budget for the coming year. \
+    After a long debate, the members agreed that the library should receive new funds, and \
+    that the park near the river would be repaired before the summer. Several residents spoke \
+    with passion about the value of public spaces to the town. The mayor thanked everyone for \
+    their patience and promised to publish the final figures within a week. Nobody expected \
+    the meeting to last so long, yet most people stayed until the end.";
+
 /// Errors of corpus reading, tokenizers and shards. Each names the file or value at fault.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

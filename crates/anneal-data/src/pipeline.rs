@@ -638,11 +638,7 @@ pub fn run_with_signals(
 mod tests {
     use super::*;
 
-    const PROSE: &str = "The committee met on Tuesday to discuss the budget for the coming year. \
-        After a long debate, the members agreed that the library should receive new funds, and \
-        that the park near the river would be repaired before the summer. Several residents spoke \
-        with passion about the value of public spaces to the town. The mayor thanked everyone for \
-        their patience and promised to publish the final figures within a week.";
+    const PROSE: &str = crate::TEST_PROSE;
 
     #[test]
     fn every_document_is_kept_or_rejected_with_its_stage() {

@@ -234,9 +234,7 @@ impl LanguageFilter {
 mod tests {
     use super::*;
 
-    const PROSE: &str = "The committee met on Tuesday to discuss the budget for the coming year. \
-        After a long debate, the members agreed that the library should receive new funds, and \
-        that the park near the river would be repaired before the summer.";
+    const PROSE: &str = crate::TEST_PROSE;
 
     #[test]
     fn function_words_are_sorted_for_binary_search() {
