@@ -644,9 +644,15 @@ fn pretrain(b: PretrainBench) -> Result<()> {
     Ok(())
 }
 
-fn curate(b: CurateBench) -> Result<()> {
+/// Runs anneal's pipeline over `b`'s JSONL input into `b.out/name` with only `filters` and
+/// `near_dedup` on, on `b.workers` threads.
+fn bench_pipeline(
+    b: &CurateBench,
+    name: &str,
+    filters: anneal_data::pipeline::FilterConfig,
+    near_dedup: Option<anneal_data::pipeline::NearDedup>,
+) -> Result<anneal_data::pipeline::PipelineStats> {
     use anneal_data::pipeline::*;
-    let ours = b.out.join("anneal");
     let config = PipelineConfig {
         input: InputConfig {
             paths: vec![b.input.clone()],
@@ -654,21 +660,28 @@ fn curate(b: CurateBench) -> Result<()> {
             text_field: "text".into(),
         },
         output: OutputConfig {
-            dir: ours.clone(),
+            dir: b.out.join(name),
             shard_documents: 100_000,
         },
         normalize: None,
         exact_dedup: None,
-        near_dedup: None,
-        filters: FilterConfig {
-            c4: Some(Default::default()),
-            gopher_quality: Some(Default::default()),
-            gopher_repetition: Some(Default::default()),
-            ..Default::default()
-        },
+        near_dedup,
+        filters,
         signals: None,
     };
-    let stats = anneal_tensor::with_threads(b.workers, || run(&config, |_, _| {}))??;
+    Ok(anneal_tensor::with_threads(b.workers, || {
+        run(&config, |_, _| {})
+    })??)
+}
+
+fn curate(b: CurateBench) -> Result<()> {
+    let filters = anneal_data::pipeline::FilterConfig {
+        c4: Some(Default::default()),
+        gopher_quality: Some(Default::default()),
+        gopher_repetition: Some(Default::default()),
+        ..Default::default()
+    };
+    let stats = bench_pipeline(&b, "anneal", filters, None)?;
     let removed = |name: &str| {
         stats
             .stages
@@ -704,24 +717,12 @@ fn curate(b: CurateBench) -> Result<()> {
 }
 
 fn dedup(b: CurateBench) -> Result<()> {
-    use anneal_data::pipeline::*;
-    let config = PipelineConfig {
-        input: InputConfig {
-            paths: vec![b.input.clone()],
-            extensions: vec!["jsonl".into()],
-            text_field: "text".into(),
-        },
-        output: OutputConfig {
-            dir: b.out.join("anneal-dedup"),
-            shard_documents: 100_000,
-        },
-        normalize: None,
-        exact_dedup: None,
-        near_dedup: Some(Default::default()),
-        filters: FilterConfig::default(),
-        signals: None,
-    };
-    let stats = anneal_tensor::with_threads(b.workers, || run(&config, |_, _| {}))??;
+    let stats = bench_pipeline(
+        &b,
+        "anneal-dedup",
+        Default::default(),
+        Some(Default::default()),
+    )?;
     println!("| engine | wall s | MB/s | kept | removed |");
     println!("|---|---|---|---|---|");
     println!(
