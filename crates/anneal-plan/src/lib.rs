@@ -14,6 +14,7 @@
 pub mod cluster;
 pub mod flops;
 pub mod memory;
+pub mod planner;
 
 use serde::{Deserialize, Serialize};
 
