@@ -2,6 +2,7 @@
 
 mod bench;
 mod data;
+mod plan;
 mod run;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,13 @@ enum Command {
     /// Example: anneal export runs/shakespeare-char --out exported/shakespeare
     #[command(verbatim_doc_comment)]
     Export(run::ExportArgs),
+    /// Rank every parallel layout (data, tensor, pipeline, expert parallelism, ZeRO stage,
+    /// recomputation) of a model on a cluster by estimated step time, with memory per device,
+    /// exposed communication and MFU; recommends the fastest that fits.
+    ///
+    /// Example: anneal plan --layers 24 --hidden 2304 --heads 24 --batch 512 --cluster a100-80gb --nodes 4
+    #[command(verbatim_doc_comment)]
+    Plan(plan::PlanArgs),
     /// Benchmarks, each timed beside the reference implementation a user would otherwise pick.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -74,6 +82,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(a) => run::eval(a),
         Command::Export(a) => run::export(a),
         Command::Bench(b) => bench::run(b),
+        Command::Plan(a) => plan::run(a),
         Command::Quickstart(a) => run::quickstart(a),
     }
 }

@@ -40,3 +40,63 @@ fn bad_arguments_are_reported_with_the_allowed_values() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("f64") && err.contains("bf16"), "{err}");
 }
+
+#[test]
+fn plan_ranks_layouts_and_explains_the_best() {
+    let out = anneal(&[
+        "plan",
+        "--layers",
+        "24",
+        "--hidden",
+        "2304",
+        "--heads",
+        "24",
+        "--batch",
+        "512",
+        "--dtype",
+        "fp16",
+        "--cluster",
+        "a100-80gb",
+        "--nodes",
+        "4",
+        "--top",
+        "3",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("1.65B parameters") && text.contains("recommended: dp"),
+        "{text}"
+    );
+    let json = anneal(&[
+        "plan", "--layers", "24", "--hidden", "2304", "--heads", "24", "--batch", "512", "--nodes",
+        "4", "--top", "2", "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 2);
+    assert!(v[0]["fits"].as_bool().unwrap());
+    let bad = anneal(&[
+        "plan",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--batch",
+        "8",
+        "--nodes",
+        "1",
+        "--cluster",
+        "tpu",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("a100-80gb") && err.contains("h200"),
+        "{err}"
+    );
+}

@@ -204,6 +204,115 @@ pub fn histogram(
     Ok(())
 }
 
+/// Two panels: stacked bars of `series` per label (left) and bars of `line` per label (right),
+/// as a PNG at `path`. Labels are drawn only when a font is available.
+pub fn stacked_bars(
+    path: &Path,
+    title: &str,
+    labels: &[String],
+    series: &[(&str, Vec<f64>)],
+    line: (&str, &[f64]),
+) -> Result<()> {
+    if labels.is_empty() {
+        return Ok(());
+    }
+    let n = labels.len();
+    let totals: Vec<f64> = (0..n)
+        .map(|i| series.iter().map(|s| s.1[i]).sum())
+        .collect();
+    let top = totals.iter().copied().fold(0.0, f64::max).max(1e-9) * 1.1;
+    let line_top = line.1.iter().copied().fold(0.0, f64::max).max(1e-9) * 1.1;
+    let name = path
+        .file_name()
+        .map_or("plot.png".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
+    let text = font_available();
+    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    {
+        let root = BitMapBackend::new(&tmp, (1100, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        let root = if text {
+            root.titled(title, ("sans-serif", 20)).map_err(plot_err)?
+        } else {
+            root
+        };
+        let (left, right) = root.split_horizontally(700);
+        let label = |x: &f64| labels.get(x.floor() as usize).cloned().unwrap_or_default();
+        let mut chart = ChartBuilder::on(&left);
+        chart.margin(10);
+        if text {
+            chart.x_label_area_size(40).y_label_area_size(50);
+        }
+        let mut chart = chart
+            .build_cartesian_2d(0.0..n as f64, 0.0..top)
+            .map_err(plot_err)?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_labels(n).x_label_formatter(&label).y_desc("GB");
+        } else {
+            mesh.disable_x_axis().disable_y_axis();
+        }
+        mesh.disable_x_mesh().draw().map_err(plot_err)?;
+        let mut base = vec![0.0; n];
+        for (k, (name, values)) in series.iter().enumerate() {
+            let color = colors[k % colors.len()];
+            let bars: Vec<Rectangle<(f64, f64)>> = (0..n)
+                .map(|i| {
+                    let r = Rectangle::new(
+                        [
+                            (i as f64 + 0.15, base[i]),
+                            (i as f64 + 0.85, base[i] + values[i]),
+                        ],
+                        color.mix(0.7).filled(),
+                    );
+                    base[i] += values[i];
+                    r
+                })
+                .collect();
+            let drawn = chart.draw_series(bars).map_err(plot_err)?;
+            if text {
+                drawn.label(*name).legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 12, y + 5)], color.mix(0.7).filled())
+                });
+            }
+        }
+        if text {
+            chart
+                .configure_series_labels()
+                .background_style(WHITE.mix(0.8))
+                .border_style(BLACK)
+                .draw()
+                .map_err(plot_err)?;
+        }
+        let mut chart = ChartBuilder::on(&right);
+        chart.margin(10);
+        if text {
+            chart.x_label_area_size(40).y_label_area_size(50);
+        }
+        let mut chart = chart
+            .build_cartesian_2d(0.0..n as f64, 0.0..line_top)
+            .map_err(plot_err)?;
+        let mut mesh = chart.configure_mesh();
+        if text {
+            mesh.x_labels(n).x_label_formatter(&label).y_desc(line.0);
+        } else {
+            mesh.disable_x_axis().disable_y_axis();
+        }
+        mesh.disable_x_mesh().draw().map_err(plot_err)?;
+        chart
+            .draw_series((0..n).map(|i| {
+                Rectangle::new(
+                    [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, line.1[i])],
+                    BLUE.mix(0.5).filled(),
+                )
+            }))
+            .map_err(plot_err)?;
+        root.present().map_err(plot_err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(crate::io_err(path))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -154,6 +154,10 @@ pub struct Estimate {
     pub flops_per_device: f64,
 }
 
+/// Share of a device's memory a layout may plan to use; the rest is left to the runtime
+/// context, communication buffers, kernel workspaces and allocator fragmentation.
+pub const USABLE_MEMORY: f64 = 0.9;
+
 fn ring(bytes: f64, n: usize, bandwidth: f64, latency: f64) -> f64 {
     if n <= 1 {
         return 0.0;
@@ -304,7 +308,7 @@ impl Job {
         let model_flops = flops::model_step(m, self.batch);
         Some(Estimate {
             layout: *layout,
-            fits: memory.total() <= self.cluster.accelerator.memory,
+            fits: memory.total() <= USABLE_MEMORY * self.cluster.accelerator.memory,
             memory,
             compute_s: compute,
             bubble_s: bubble,
@@ -366,17 +370,21 @@ impl Job {
         out
     }
 
-    /// Estimates of every layout, those that fit first, fastest first.
+    /// Estimates of every layout, those that fit first, fastest first; among equally fast ones
+    /// (the same throughput to 0.1%), the one needing less memory.
     pub fn plan(&self) -> Vec<Estimate> {
         let mut all: Vec<Estimate> = self
             .layouts()
             .iter()
             .filter_map(|l| self.estimate(l))
             .collect();
+        // Throughput in steps of 0.1% (a total order, unlike comparing with a tolerance).
+        let bucket = |e: &Estimate| (e.tokens_per_s.max(1e-300).ln() / 1e-3).round() as i64;
         all.sort_by(|a, b| {
             b.fits
                 .cmp(&a.fits)
-                .then(b.tokens_per_s.total_cmp(&a.tokens_per_s))
+                .then(bucket(b).cmp(&bucket(a)))
+                .then(a.memory.total().total_cmp(&b.memory.total()))
         });
         all
     }

@@ -1,0 +1,300 @@
+//! `anneal plan`: rank every parallel layout of a model on a cluster.
+
+use anneal_plan::cluster::Cluster;
+use anneal_plan::flops::Recompute;
+use anneal_plan::memory::DtypePolicy;
+use anneal_plan::planner::{Efficiency, Job};
+use anneal_plan::{ModelSpec, MoeSpec};
+use anyhow::{bail, Result};
+use clap::Args;
+use std::path::PathBuf;
+
+/// Arguments of `anneal plan`.
+#[derive(Args, Clone, Debug)]
+pub struct PlanArgs {
+    /// Transformer layers.
+    #[arg(long)]
+    pub layers: usize,
+    /// Hidden size.
+    #[arg(long)]
+    pub hidden: usize,
+    /// Attention heads.
+    #[arg(long)]
+    pub heads: usize,
+    /// Key/value heads (grouped-query attention; default: --heads).
+    #[arg(long)]
+    pub kv_heads: Option<usize>,
+    /// Feed-forward size (default: 4 × hidden, or Llama's 8/3 × hidden rounded to 256 with
+    /// --llama).
+    #[arg(long)]
+    pub ffn: Option<usize>,
+    /// Llama-style blocks: gated (SwiGLU) feed-forward, RMSNorm, no biases, rotary positions.
+    #[arg(long)]
+    pub llama: bool,
+    /// Vocabulary size.
+    #[arg(long, default_value_t = 51200)]
+    pub vocab: usize,
+    /// Sequence length.
+    #[arg(long, default_value_t = 2048)]
+    pub seq: usize,
+    /// Experts per MoE layer (0: dense).
+    #[arg(long, default_value_t = 0)]
+    pub experts: usize,
+    /// Experts per token.
+    #[arg(long, default_value_t = 2)]
+    pub top_k: usize,
+    /// Expert capacity factor.
+    #[arg(long, default_value_t = 1.25)]
+    pub capacity_factor: f64,
+    /// Every n-th layer is an MoE layer.
+    #[arg(long, default_value_t = 1)]
+    pub moe_every: usize,
+    /// Global batch in sequences.
+    #[arg(long)]
+    pub batch: usize,
+    /// fp32, bf16 or fp16 (the 16-bit ones with fp32 master weights).
+    #[arg(long, default_value = "bf16")]
+    pub dtype: String,
+    /// Node preset: a100-40gb, a100-80gb, h100, h200.
+    #[arg(long, default_value = "a100-80gb")]
+    pub cluster: String,
+    /// Nodes of 8 accelerators.
+    #[arg(long)]
+    pub nodes: usize,
+    /// Achievable fraction of peak in large matrix products.
+    #[arg(long)]
+    pub matmul_efficiency: Option<f64>,
+    /// Achievable fraction of link bandwidth.
+    #[arg(long)]
+    pub link_efficiency: Option<f64>,
+    /// Share of data-parallel gradient traffic hidden behind backward.
+    #[arg(long)]
+    pub dp_overlap: Option<f64>,
+    /// Reduce gradients in the 16-bit dtype instead of fp32.
+    #[arg(long)]
+    pub half_grad_reduce: bool,
+    /// Layouts shown.
+    #[arg(long, default_value_t = 10)]
+    pub top: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Also draw the memory breakdown and MFU of the top layouts into this PNG.
+    #[arg(long)]
+    pub chart: Option<PathBuf>,
+}
+
+fn recompute_name(r: Recompute) -> &'static str {
+    match r {
+        Recompute::None => "none",
+        Recompute::Selective => "selective",
+        Recompute::Full => "full",
+    }
+}
+
+/// The job the arguments describe.
+pub fn job(a: &PlanArgs) -> Result<Job> {
+    let policy = match a.dtype.as_str() {
+        "fp32" => DtypePolicy::Fp32,
+        "bf16" => DtypePolicy::Bf16,
+        "fp16" => DtypePolicy::Fp16,
+        other => bail!("--dtype {other:?} is not allowed: fp32, bf16 or fp16"),
+    };
+    let Some(cluster) = Cluster::preset(&a.cluster, a.nodes) else {
+        bail!(
+            "--cluster {:?} is not a preset: {}",
+            a.cluster,
+            Cluster::PRESETS.join(", ")
+        );
+    };
+    if a.nodes == 0 || a.layers == 0 || a.hidden == 0 || a.heads == 0 || a.batch == 0 {
+        bail!("--nodes, --layers, --hidden, --heads and --batch must be at least 1");
+    }
+    if a.hidden % a.heads != 0 {
+        bail!(
+            "--hidden {} is not a multiple of --heads {}",
+            a.hidden,
+            a.heads
+        );
+    }
+    let mut model = ModelSpec::gpt(a.layers, a.hidden, a.heads, a.vocab, a.seq);
+    if a.llama {
+        model.gated_ffn = true;
+        model.ffn = (8 * a.hidden / 3).div_ceil(256) * 256;
+    }
+    if let Some(f) = a.ffn {
+        model.ffn = f;
+    }
+    model.kv_heads = a.kv_heads.unwrap_or(a.heads);
+    if a.experts > 0 {
+        model.moe = Some(MoeSpec {
+            experts: a.experts,
+            top_k: a.top_k,
+            capacity_factor: a.capacity_factor,
+            every: a.moe_every.max(1),
+        });
+    }
+    let d = Efficiency::default();
+    let efficiency = Efficiency {
+        matmul: a.matmul_efficiency.unwrap_or(d.matmul),
+        link: a.link_efficiency.unwrap_or(d.link),
+        dp_overlap: a.dp_overlap.unwrap_or(d.dp_overlap),
+    };
+    for (name, v) in [
+        ("--matmul-efficiency", efficiency.matmul),
+        ("--link-efficiency", efficiency.link),
+    ] {
+        if !(v > 0.0 && v <= 1.0) {
+            bail!("{name} {v} is not allowed: a fraction in (0, 1]");
+        }
+    }
+    if !(0.0..=1.0).contains(&efficiency.dp_overlap) {
+        bail!(
+            "--dp-overlap {} is not allowed: a fraction in [0, 1]",
+            efficiency.dp_overlap
+        );
+    }
+    Ok(Job {
+        model,
+        batch: a.batch,
+        policy,
+        cluster,
+        efficiency,
+        reduce_grads_in_fp32: !a.half_grad_reduce && policy != DtypePolicy::Fp32,
+    })
+}
+
+/// `anneal plan`.
+pub fn run(a: PlanArgs) -> Result<()> {
+    let job = job(&a)?;
+    let plan = job.plan();
+    if plan.is_empty() {
+        bail!(
+            "no layout divides this job: {} GPUs, {} layers, {} heads, batch {}",
+            job.cluster.gpus(),
+            job.model.layers,
+            job.model.heads,
+            job.batch
+        );
+    }
+    let top: Vec<_> = plan.iter().take(a.top).collect();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&top)?);
+    } else {
+        let gb = |x: f64| x / 1e9;
+        println!(
+            "{:.2}B parameters ({:.2}B active), batch {} × {} tokens, {} × {} ({:.0} GB, {:.0} TFLOP/s), {} layouts",
+            job.model.params() / 1e9,
+            job.model.active_params() / 1e9,
+            job.batch,
+            job.model.seq,
+            job.cluster.gpus(),
+            job.cluster.accelerator.name,
+            job.cluster.accelerator.memory / 1e9,
+            job.cluster.accelerator.peak_half / 1e12,
+            plan.len()
+        );
+        println!(
+            "{:>3} {:>5} {:>3} {:>4} {:>3} {:>3} {:>5} {:>4} {:>9} | {:>6} {:>6} {:>6} {:>6} {:>6} {:>4} | {:>7} {:>6} {:>6} {:>11} {:>6}",
+            "#", "dp", "tp", "pp", "ep", "mb", "sched", "zero", "recompute", "param", "grad", "optim", "act", "total", "fits",
+            "compute", "bubble", "comm", "tokens/s", "MFU"
+        );
+        for (i, e) in top.iter().enumerate() {
+            let l = &e.layout;
+            println!(
+                "{:>3} {:>5} {:>3} {:>4} {:>3} {:>3} {:>5} {:>4} {:>9} | {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>6.1} {:>4} | {:>7.2} {:>6.2} {:>6.2} {:>11.0} {:>5.1}%",
+                i + 1,
+                l.dp,
+                l.tp,
+                l.pp,
+                l.ep,
+                l.micro_batch,
+                match l.schedule {
+                    anneal_plan::planner::Schedule::GPipe => "gpipe",
+                    anneal_plan::planner::Schedule::OneFOneB => "1f1b",
+                },
+                l.zero_stage,
+                recompute_name(l.recompute),
+                gb(e.memory.params),
+                gb(e.memory.grads),
+                gb(e.memory.optimizer),
+                gb(e.memory.activations),
+                gb(e.memory.total()),
+                if e.fits { "yes" } else { "no" },
+                e.compute_s,
+                e.bubble_s,
+                e.comm_s.iter().sum::<f64>(),
+                e.tokens_per_s,
+                100.0 * e.mfu
+            );
+        }
+        let best = &plan[0];
+        if best.fits {
+            let comm: f64 = best.comm_s.iter().sum();
+            println!(
+                "\nrecommended: dp {} × tp {} × pp {}: {:.1} of {:.0} GB per device; a step of {:.2} s is {:.0}% compute, {:.0}% pipeline bubble, {:.0}% exposed communication (tensor {:.2} s, pipeline {:.2} s, data {:.2} s, all-to-all {:.2} s); MFU {:.1}%",
+                best.layout.dp,
+                best.layout.tp,
+                best.layout.pp,
+                gb(best.memory.total()),
+                job.cluster.accelerator.memory / 1e9,
+                best.step_s,
+                100.0 * best.compute_s / best.step_s,
+                100.0 * best.bubble_s / best.step_s,
+                100.0 * comm / best.step_s,
+                best.comm_s[0],
+                best.comm_s[1],
+                best.comm_s[2],
+                best.comm_s[3],
+                100.0 * best.mfu
+            );
+        } else {
+            println!("\nno layout fits in {:.0} GB per device: add nodes, shard with ZeRO, or shorten the sequence", job.cluster.accelerator.memory / 1e9);
+        }
+    }
+    if let Some(path) = &a.chart {
+        let labels: Vec<String> = top
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}/{}/{} b{} z{}",
+                    e.layout.dp,
+                    e.layout.tp,
+                    e.layout.pp,
+                    e.layout.micro_batch,
+                    e.layout.zero_stage
+                )
+            })
+            .collect();
+        let series = [
+            (
+                "parameters",
+                top.iter()
+                    .map(|e| e.memory.params / 1e9)
+                    .collect::<Vec<_>>(),
+            ),
+            (
+                "gradients",
+                top.iter().map(|e| e.memory.grads / 1e9).collect(),
+            ),
+            (
+                "optimizer",
+                top.iter().map(|e| e.memory.optimizer / 1e9).collect(),
+            ),
+            (
+                "activations",
+                top.iter().map(|e| e.memory.activations / 1e9).collect(),
+            ),
+        ];
+        let mfu: Vec<f64> = top.iter().map(|e| 100.0 * e.mfu).collect();
+        anneal_data::plot::stacked_bars(
+            path,
+            "memory per device (GB) and MFU (%) of the top layouts (dp/tp/pp, micro-batch, ZeRO stage)",
+            &labels,
+            &series,
+            ("MFU %", &mfu),
+        )?;
+        eprintln!("chart: {}", path.display());
+    }
+    Ok(())
+}
