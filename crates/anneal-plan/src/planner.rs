@@ -435,6 +435,11 @@ mod tests {
             let published = row["tflops_per_gpu"].as_f64().unwrap();
             let predicted = e.flops_per_device / 1e12;
             let err = predicted / published - 1.0;
+            eprintln!(
+                "{}B: published {published} TFLOP/s, predicted {predicted:.1} ({:+.1}%)",
+                row["params_b"],
+                100.0 * err
+            );
             assert!(
                 err.abs() <= 0.15,
                 "{row}: predicted {predicted:.0} TFLOP/s ({:+.1}%)",
