@@ -9,18 +9,24 @@ use anyhow::{bail, Result};
 use clap::Args;
 use std::path::PathBuf;
 
-/// Arguments of `anneal plan`.
-#[derive(Args, Clone, Debug)]
+/// Arguments of `anneal plan`. Every flag may also come from a TOML file (`--config`) under the
+/// same name with underscores (`kv_heads = 8`); flags given on the command line win.
+#[derive(Args, Clone, Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct PlanArgs {
+    /// A TOML file with any of these settings.
+    #[arg(long, short)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
     /// Transformer layers.
     #[arg(long)]
-    pub layers: usize,
+    pub layers: Option<usize>,
     /// Hidden size.
     #[arg(long)]
-    pub hidden: usize,
+    pub hidden: Option<usize>,
     /// Attention heads.
     #[arg(long)]
-    pub heads: usize,
+    pub heads: Option<usize>,
     /// Key/value heads (grouped-query attention; default: --heads).
     #[arg(long)]
     pub kv_heads: Option<usize>,
@@ -51,7 +57,7 @@ pub struct PlanArgs {
     pub moe_every: usize,
     /// Global batch in sequences.
     #[arg(long)]
-    pub batch: usize,
+    pub batch: Option<usize>,
     /// fp32, bf16 or fp16 (the 16-bit ones with fp32 master weights).
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
@@ -60,7 +66,7 @@ pub struct PlanArgs {
     pub cluster: String,
     /// Nodes of 8 accelerators.
     #[arg(long)]
-    pub nodes: usize,
+    pub nodes: Option<usize>,
     /// Achievable fraction of peak in large matrix products.
     #[arg(long)]
     pub matmul_efficiency: Option<f64>,
@@ -92,40 +98,99 @@ fn recompute_name(r: Recompute) -> &'static str {
     }
 }
 
+/// The arguments with a `--config` file's settings filled in where no flag was given.
+fn merged(a: PlanArgs) -> Result<PlanArgs> {
+    let Some(path) = a.config.clone() else {
+        return Ok(a);
+    };
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let f: PlanArgs =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let defaults = <PlanArgs as clap::FromArgMatches>::from_arg_matches(
+        &<PlanArgs as clap::Args>::augment_args(clap::Command::new("plan"))
+            .get_matches_from(["plan"]),
+    )?;
+    macro_rules! pick {
+        ($($field:ident),*) => {
+            PlanArgs { $($field: if a.$field != defaults.$field { a.$field.clone() } else if f.$field != PlanArgs::default().$field { f.$field.clone() } else { a.$field.clone() },)* config: a.config.clone() }
+        };
+    }
+    Ok(pick!(
+        layers,
+        hidden,
+        heads,
+        kv_heads,
+        ffn,
+        llama,
+        vocab,
+        seq,
+        experts,
+        top_k,
+        capacity_factor,
+        moe_every,
+        batch,
+        dtype,
+        cluster,
+        nodes,
+        matmul_efficiency,
+        link_efficiency,
+        dp_overlap,
+        half_grad_reduce,
+        top,
+        json,
+        chart
+    ))
+}
+
 /// The job the arguments describe.
 pub fn job(a: &PlanArgs) -> Result<Job> {
+    let need = |v: Option<usize>, name: &str| {
+        v.ok_or_else(|| {
+            anyhow::anyhow!("--{name} is required (on the command line or in --config)")
+        })
+    };
+    let (layers, hidden, heads, batch, nodes) = (
+        need(a.layers, "layers")?,
+        need(a.hidden, "hidden")?,
+        need(a.heads, "heads")?,
+        need(a.batch, "batch")?,
+        need(a.nodes, "nodes")?,
+    );
     let policy = match a.dtype.as_str() {
         "fp32" => DtypePolicy::Fp32,
         "bf16" => DtypePolicy::Bf16,
         "fp16" => DtypePolicy::Fp16,
         other => bail!("--dtype {other:?} is not allowed: fp32, bf16 or fp16"),
     };
-    let Some(cluster) = Cluster::preset(&a.cluster, a.nodes) else {
+    let Some(cluster) = Cluster::preset(&a.cluster, nodes) else {
         bail!(
             "--cluster {:?} is not a preset: {}",
             a.cluster,
             Cluster::PRESETS.join(", ")
         );
     };
-    if a.nodes == 0 || a.layers == 0 || a.hidden == 0 || a.heads == 0 || a.batch == 0 {
+    if nodes == 0 || layers == 0 || hidden == 0 || heads == 0 || batch == 0 {
         bail!("--nodes, --layers, --hidden, --heads and --batch must be at least 1");
     }
-    if a.hidden % a.heads != 0 {
-        bail!(
-            "--hidden {} is not a multiple of --heads {}",
-            a.hidden,
-            a.heads
-        );
+    if hidden % heads != 0 {
+        bail!("--hidden {hidden} is not a multiple of --heads {heads}");
     }
-    let mut model = ModelSpec::gpt(a.layers, a.hidden, a.heads, a.vocab, a.seq);
+    let mut model = ModelSpec::gpt(layers, hidden, heads, a.vocab, a.seq);
     if a.llama {
         model.gated_ffn = true;
-        model.ffn = (8 * a.hidden / 3).div_ceil(256) * 256;
+        model.ffn = (8 * hidden / 3).div_ceil(256) * 256;
     }
     if let Some(f) = a.ffn {
         model.ffn = f;
     }
-    model.kv_heads = a.kv_heads.unwrap_or(a.heads);
+    model.kv_heads = a.kv_heads.unwrap_or(heads);
+    if model.kv_heads == 0 || heads % model.kv_heads != 0 {
+        bail!(
+            "--kv-heads {} does not divide --heads {heads}",
+            model.kv_heads
+        );
+    }
     if a.experts > 0 {
         model.moe = Some(MoeSpec {
             experts: a.experts,
@@ -156,7 +221,7 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
     }
     Ok(Job {
         model,
-        batch: a.batch,
+        batch,
         policy,
         cluster,
         efficiency,
@@ -166,6 +231,7 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
 
 /// `anneal plan`.
 pub fn run(a: PlanArgs) -> Result<()> {
+    let a = merged(a)?;
     let job = job(&a)?;
     let plan = job.plan();
     if plan.is_empty() {

@@ -100,3 +100,28 @@ fn plan_ranks_layouts_and_explains_the_best() {
         "{err}"
     );
 }
+
+#[test]
+fn plan_reads_a_toml_file_and_flags_override_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("plan.toml");
+    std::fs::write(
+        &path,
+        "layers = 24\nhidden = 2304\nheads = 24\nbatch = 512\nnodes = 4\ndtype = \"fp16\"\n",
+    )
+    .unwrap();
+    let p = path.to_str().unwrap();
+    let out = anneal(&["plan", "--config", p, "--top", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("32 × A100-80GB"), "{text}");
+    let out = anneal(&["plan", "--config", p, "--top", "1", "--nodes", "2"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("16 × A100-80GB"), "{text}");
+    std::fs::write(&path, "layer = 24\n").unwrap();
+    let out = anneal(&["plan", "--config", p]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("layer") && err.contains("plan.toml"),
+        "{err}"
+    );
+}
