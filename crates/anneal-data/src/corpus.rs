@@ -59,6 +59,9 @@ pub struct CorpusOptions {
     pub dedup_exact: bool,
     /// Stop after this many bytes of document text (`None`: read everything).
     pub max_bytes: Option<u64>,
+    /// A text file larger than this becomes several documents, cut at line boundaries
+    /// (64 MiB by default), so that no single file has to fit in memory.
+    pub max_document_bytes: usize,
 }
 
 impl Default for CorpusOptions {
@@ -69,6 +72,7 @@ impl Default for CorpusOptions {
             text_field: "text".into(),
             dedup_exact: false,
             max_bytes: None,
+            max_document_bytes: 64 << 20,
         }
     }
 }
@@ -377,21 +381,60 @@ impl Corpus {
                     }
                 }
             } else {
-                let mut bytes = Vec::new();
-                let mut reader = reader;
-                if let Err(e) = reader.read_to_end(&mut bytes) {
-                    report.bad(path, None, format!("read error: {e}"));
-                    continue;
-                }
-                let text = match String::from_utf8(bytes) {
-                    Ok(t) => t,
-                    Err(e) => valid_lines(path, e.into_bytes(), &mut report),
+                // Streamed line by line: a file up to `max_document_bytes` is one document; a
+                // larger one is cut at line boundaries into parts of about that size, so memory
+                // stays bounded whatever one file holds.
+                let mut reader = BufReader::new(reader);
+                let mut text = String::new();
+                let mut line = Vec::new();
+                let (mut number, mut part) = (0u64, 0u64);
+                let source = |part: u64| {
+                    if part == 0 {
+                        path.display().to_string()
+                    } else {
+                        format!("{}#part{part}", path.display())
+                    }
                 };
+                let mut stopped = false;
+                loop {
+                    line.clear();
+                    match reader.read_until(b'\n', &mut line) {
+                        Ok(0) => break,
+                        Ok(_) => {}
+                        Err(e) => {
+                            report.bad(path, Some(number + 1), format!("read error: {e}"));
+                            break;
+                        }
+                    }
+                    number += 1;
+                    match std::str::from_utf8(&line) {
+                        Ok(l) => text.push_str(l),
+                        Err(e) => report.bad(
+                            path,
+                            Some(number),
+                            format!("invalid UTF-8 at byte {} of the line", e.valid_up_to()),
+                        ),
+                    }
+                    if text.len() >= opts.max_document_bytes {
+                        let doc = Document {
+                            source: source(part),
+                            text: std::mem::take(&mut text),
+                        };
+                        part += 1;
+                        if !emit(file_index, part - 1, doc, &mut report) {
+                            stopped = true;
+                            break;
+                        }
+                    }
+                }
+                if stopped {
+                    break;
+                }
                 let doc = Document {
-                    source: path.display().to_string(),
+                    source: source(part),
                     text,
                 };
-                if !emit(file_index, 0, doc, &mut report) {
+                if !emit(file_index, part, doc, &mut report) {
                     break;
                 }
             }
@@ -471,22 +514,6 @@ fn read_parquet(
         None,
         "Parquet support is not built in; build anneal with `--features parquet`".into(),
     );
-}
-
-/// The lines of `bytes` that are valid UTF-8, each invalid one reported.
-fn valid_lines(path: &Path, bytes: Vec<u8>, report: &mut CorpusReport) -> String {
-    let mut text = String::with_capacity(bytes.len());
-    for (i, line) in bytes.split_inclusive(|&b| b == b'\n').enumerate() {
-        match std::str::from_utf8(line) {
-            Ok(s) => text.push_str(s),
-            Err(e) => report.bad(
-                path,
-                Some(i as u64 + 1),
-                format!("invalid UTF-8 at byte {} of the line", e.valid_up_to()),
-            ),
-        }
-    }
-    text
 }
 
 /// The string in `field` of one JSON object line.
@@ -589,6 +616,25 @@ mod tests {
         assert_eq!(docs[0].text, "good line\nlast\n");
         assert_eq!(report.bad_count, 1);
         assert_eq!(report.bad[0].line, Some(2));
+    }
+
+    #[test]
+    fn huge_text_files_are_cut_at_line_boundaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let body: String = (0..100).map(|i| format!("line {i:03}\n")).collect();
+        write(&dir.path().join("big.txt"), body.as_bytes());
+        let opts = CorpusOptions {
+            max_document_bytes: 200,
+            ..Default::default()
+        };
+        let (docs, _) = read_all(&[dir.path().to_path_buf()], opts);
+        assert_eq!(docs.len(), 5, "900 bytes in parts of at least 200");
+        assert!(docs.iter().all(|d| d.text.ends_with('\n')));
+        assert_eq!(
+            docs.iter().map(|d| d.text.as_str()).collect::<String>(),
+            body
+        );
+        assert!(docs[1].source.ends_with("big.txt#part1"));
     }
 
     #[test]
