@@ -609,6 +609,7 @@ pub fn corpus(args: &CorpusArgs) -> Result<Corpus> {
         text_field: args.text_field.clone(),
         dedup_exact: args.dedup,
         max_bytes: args.max_mb.map(|mb| mb * 1_000_000),
+        ..Default::default()
     };
     let mut corpus = Corpus::new(&args.input, options)?;
     if args.shuffle {
