@@ -342,7 +342,11 @@ fn shape_args(b: &GptBench) -> Vec<String> {
     .collect()
 }
 
-fn parse_worker(out: std::process::Output, what: &str) -> Result<Measurement> {
+/// The last JSON line a successful child process printed.
+fn parse_worker<T: serde::de::DeserializeOwned>(
+    out: std::process::Output,
+    what: &str,
+) -> Result<T> {
     if !out.status.success() {
         bail!(
             "{what} failed ({}):\n{}",
@@ -600,20 +604,7 @@ fn pretrain(b: PretrainBench) -> Result<()> {
             .args(&sets)
             .output()
             .with_context(|| format!("running {}", script.display()))?;
-        if !out.status.success() {
-            bail!(
-                "{} failed:\n{}",
-                script.display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        let text = String::from_utf8_lossy(&out.stdout);
-        let line = text
-            .lines()
-            .rev()
-            .find(|l| l.starts_with('{'))
-            .context("the PyTorch script printed no JSON")?;
-        let v: serde_json::Value = serde_json::from_str(line)?;
+        let v: serde_json::Value = parse_worker(out, &script.display().to_string())?;
         let name = format!("PyTorch {}", v["torch"].as_str().unwrap_or(""));
         rows.push((name, v));
     }
@@ -769,18 +760,14 @@ fn run_datatrove(
         .arg(b.workers.to_string())
         .output()
         .with_context(|| format!("running {}", script.display()))?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    match text.lines().rev().find(|l| l.starts_with('{')) {
-        Some(line) => Ok(Some(serde_json::from_str(line)?)),
-        None => {
+    match parse_worker(out, "datatrove") {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => {
+            let why = format!("{e:#}");
+            let tail: Vec<&str> = why.lines().rev().take(3).collect();
             println!(
                 "datatrove did not run (pip install {packages}):\n{}",
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .rev()
-                    .take(3)
-                    .collect::<Vec<_>>()
-                    .join("\n")
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
             );
             Ok(None)
         }

@@ -350,44 +350,33 @@ impl Corpus {
                 }
             };
             if jsonl {
-                let mut reader = BufReader::new(reader);
-                let mut line = Vec::new();
-                let mut number = 0u64;
-                loop {
-                    line.clear();
-                    match reader.read_until(b'\n', &mut line) {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(e) => {
-                            report.bad(path, Some(number + 1), format!("read error: {e}"));
-                            break;
-                        }
-                    }
-                    number += 1;
+                let read_all = for_each_line(reader, path, &mut report, |number, line, report| {
                     if line.iter().all(|b| b.is_ascii_whitespace()) {
-                        continue;
+                        return true;
                     }
-                    match json_text(&line, &opts.text_field) {
+                    match json_text(line, &opts.text_field) {
                         Ok(text) => {
                             let doc = Document {
                                 source: format!("{}:{number}", path.display()),
                                 text,
                             };
-                            if !emit(file_index, number, doc, &mut report) {
-                                break 'files;
-                            }
+                            emit(file_index, number, doc, report)
                         }
-                        Err(reason) => report.bad(path, Some(number), reason),
+                        Err(reason) => {
+                            report.bad(path, Some(number), reason);
+                            true
+                        }
                     }
+                });
+                if !read_all {
+                    break;
                 }
             } else {
-                // Streamed line by line: a file up to `max_document_bytes` is one document; a
-                // larger one is cut at line boundaries into parts of about that size, so memory
-                // stays bounded whatever one file holds.
-                let mut reader = BufReader::new(reader);
+                // A file up to `max_document_bytes` is one document; a larger one is cut at line
+                // boundaries into parts of about that size, so memory stays bounded whatever one
+                // file holds.
                 let mut text = String::new();
-                let mut line = Vec::new();
-                let (mut number, mut part) = (0u64, 0u64);
+                let mut part = 0u64;
                 let source = |part: u64| {
                     if part == 0 {
                         path.display().to_string()
@@ -395,19 +384,8 @@ impl Corpus {
                         format!("{}#part{part}", path.display())
                     }
                 };
-                let mut stopped = false;
-                loop {
-                    line.clear();
-                    match reader.read_until(b'\n', &mut line) {
-                        Ok(0) => break,
-                        Ok(_) => {}
-                        Err(e) => {
-                            report.bad(path, Some(number + 1), format!("read error: {e}"));
-                            break;
-                        }
-                    }
-                    number += 1;
-                    match std::str::from_utf8(&line) {
+                let read_all = for_each_line(reader, path, &mut report, |number, line, report| {
+                    match std::str::from_utf8(line) {
                         Ok(l) => text.push_str(l),
                         Err(e) => report.bad(
                             path,
@@ -415,26 +393,21 @@ impl Corpus {
                             format!("invalid UTF-8 at byte {} of the line", e.valid_up_to()),
                         ),
                     }
-                    if text.len() >= opts.max_document_bytes {
-                        let doc = Document {
-                            source: source(part),
-                            text: std::mem::take(&mut text),
-                        };
-                        part += 1;
-                        if !emit(file_index, part - 1, doc, &mut report) {
-                            stopped = true;
-                            break;
-                        }
+                    if text.len() < opts.max_document_bytes {
+                        return true;
                     }
-                }
-                if stopped {
-                    break;
-                }
+                    let doc = Document {
+                        source: source(part),
+                        text: std::mem::take(&mut text),
+                    };
+                    part += 1;
+                    emit(file_index, part - 1, doc, report)
+                });
                 let doc = Document {
                     source: source(part),
                     text,
                 };
-                if !emit(file_index, part, doc, &mut report) {
+                if !read_all || !emit(file_index, part, doc, &mut report) {
                     break;
                 }
             }
@@ -514,6 +487,35 @@ fn read_parquet(
         None,
         "Parquet support is not built in; build anneal with `--features parquet`".into(),
     );
+}
+
+/// Reads `reader` line by line (newline kept), calling `f(number, line, report)` with 1-based
+/// line numbers until it returns false. A read error is reported at its line and ends the file.
+/// Returns false when `f` stopped the reading.
+fn for_each_line(
+    reader: impl Read,
+    path: &Path,
+    report: &mut CorpusReport,
+    mut f: impl FnMut(u64, &[u8], &mut CorpusReport) -> bool,
+) -> bool {
+    let mut reader = BufReader::new(reader);
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        match reader.read_until(b'\n', &mut line) {
+            Ok(0) => return true,
+            Ok(_) => {}
+            Err(e) => {
+                report.bad(path, Some(number + 1), format!("read error: {e}"));
+                return true;
+            }
+        }
+        number += 1;
+        if !f(number, &line, report) {
+            return false;
+        }
+    }
 }
 
 /// The string in `field` of one JSON object line.

@@ -200,6 +200,28 @@ pub fn read_signatures(path: &Path) -> Result<(MinHashConfig, Vec<SignedDocument
     Ok((config, docs))
 }
 
+/// Writes `clusters.jsonl` into `dir`: one line per cluster of two or more documents, as
+/// [`crate::minhash::Clusters::groups`] orders them (largest first), with the kept document's
+/// source, the size, and every member's source; `source(i)` names document i.
+pub fn write_clusters<'s>(
+    dir: &Path,
+    groups: &[(u32, Vec<u32>)],
+    source: impl Fn(usize) -> &'s str,
+) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let path = dir.join("clusters.jsonl");
+    let mut w = BufWriter::new(File::create(&path).map_err(io_err(&path))?);
+    for (root, members) in groups {
+        let line = serde_json::json!({
+            "kept": source(*root as usize),
+            "size": members.len(),
+            "members": members.iter().map(|&m| source(m as usize)).collect::<Vec<_>>(),
+        });
+        writeln!(w, "{line}").map_err(io_err(&path))?;
+    }
+    w.flush().map_err(io_err(&path))
+}
+
 /// A document removed as a near-duplicate, and the kept document of its cluster.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Removal {
@@ -295,7 +317,11 @@ pub fn merge_signatures(sig_dir: &Path, out_dir: &Path) -> Result<DedupSummary> 
     // Corpus order, whatever the sharding.
     docs.sort_by_key(|d| (d.file, d.index));
     let hasher = MinHasher::new(config.clone());
-    let signatures: Vec<Vec<u64>> = docs.iter().map(|d| d.signature.clone()).collect();
+    // Moved out of the records rather than copied: signatures are most of phase 2's memory.
+    let signatures: Vec<Vec<u64>> = docs
+        .iter_mut()
+        .map(|d| std::mem::take(&mut d.signature))
+        .collect();
     let clusters = cluster(&hasher, &signatures);
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
     let write_lines = |name: &str, lines: Vec<String>| -> Result<()> {
@@ -315,23 +341,13 @@ pub fn merge_signatures(sig_dir: &Path, out_dir: &Path) -> Result<DedupSummary> 
             let r = Removal {
                 source: d.source.clone(),
                 duplicate_of: docs[root].source.clone(),
-                estimated_jaccard: estimated_jaccard(&d.signature, &docs[root].signature),
+                estimated_jaccard: estimated_jaccard(&signatures[i], &signatures[root]),
             };
             removed.push(serde_json::to_string(&r).expect("serialises"));
         }
     }
     let groups = clusters.groups();
-    let cluster_lines = groups
-        .iter()
-        .map(|(root, members)| {
-            serde_json::json!({
-                "kept": docs[*root as usize].source,
-                "size": members.len(),
-                "members": members.iter().map(|&m| &docs[m as usize].source).collect::<Vec<_>>(),
-            })
-            .to_string()
-        })
-        .collect();
+    write_clusters(out_dir, &groups, |i| &docs[i].source)?;
     let summary = DedupSummary {
         config,
         shards: paths.len(),
@@ -344,7 +360,6 @@ pub fn merge_signatures(sig_dir: &Path, out_dir: &Path) -> Result<DedupSummary> 
         largest_clusters: groups.iter().take(10).map(|g| g.1.len()).collect(),
     };
     write_lines("removed.jsonl", removed)?;
-    write_lines("clusters.jsonl", cluster_lines)?;
     let path = out_dir.join("dedup.json");
     std::fs::write(
         &path,

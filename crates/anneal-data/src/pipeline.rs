@@ -399,27 +399,17 @@ pub fn run_with_signals(
             stages.push(("exact_dedup".into(), st));
         }
         if let Some(hasher) = &hasher {
-            // Exact duplicates already removed take no part in clustering.
-            let empty = vec![u64::MAX; hasher.config().num_perm()];
-            let live: Vec<Vec<u64>> = signatures
-                .iter()
-                .zip(&alive)
-                .map(|(s, &a)| if a { s.clone() } else { empty.clone() })
-                .collect();
+            // Exact duplicates already removed take no part in clustering: an all-MAX signature
+            // is never matched.
+            for (sig, &a) in signatures.iter_mut().zip(&alive) {
+                if !a {
+                    sig.fill(u64::MAX);
+                }
+            }
+            let live = signatures;
             let clusters = cluster(hasher, &live);
             // The clusters, largest first, for audits and the report.
-            std::fs::create_dir_all(&config.output.dir).map_err(io_err(&config.output.dir))?;
-            let path = config.output.dir.join("clusters.jsonl");
-            let mut w = BufWriter::new(File::create(&path).map_err(io_err(&path))?);
-            for (root, members) in clusters.groups() {
-                let line = serde_json::json!({
-                    "kept": sources[root as usize],
-                    "size": members.len(),
-                    "members": members.iter().map(|&m| &sources[m as usize]).collect::<Vec<_>>(),
-                });
-                writeln!(w, "{line}").map_err(io_err(&path))?;
-            }
-            w.flush().map_err(io_err(&path))?;
+            crate::dedup::write_clusters(&config.output.dir, &clusters.groups(), |i| &sources[i])?;
             let mut st = StageStats {
                 documents_in: alive.iter().filter(|&&a| a).count() as u64,
                 ..Default::default()

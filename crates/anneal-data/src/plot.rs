@@ -4,6 +4,8 @@
 //! (or `$ANNEAL_FONT`); on a machine without one the curves are drawn without labels.
 
 use crate::{Error, Result};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
 use plotters::prelude::*;
 use std::path::Path;
 use std::sync::OnceLock;
@@ -51,6 +53,88 @@ pub struct Series<'a> {
     pub points: &'a [(f64, f64)],
 }
 
+type Area<'b> = DrawingArea<BitMapBackend<'b>, Shift>;
+type Chart<'a, 'b> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+const COLORS: [RGBColor; 5] = [BLUE, RED, GREEN, MAGENTA, CYAN];
+
+/// Draws into a `size` PNG at `path` with `draw(area, text)`, `text` telling whether a font is
+/// available. The image goes to a temporary file first (whose name ends in .png too: the encoder
+/// picks the format from the extension) and is renamed into place.
+fn write_png(
+    path: &Path,
+    size: (u32, u32),
+    draw: impl FnOnce(&Area, bool) -> Result<()>,
+) -> Result<()> {
+    let name = path
+        .file_name()
+        .map_or("plot.png".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
+    let text = font_available();
+    {
+        let root = BitMapBackend::new(&tmp, size).into_drawing_area();
+        root.fill(&WHITE).map_err(plot_err)?;
+        draw(&root, text)?;
+        root.present().map_err(plot_err)?;
+    }
+    std::fs::rename(&tmp, path).map_err(crate::io_err(path))?;
+    Ok(())
+}
+
+/// Axes over `x` × `y` on `area`, with a caption and axis descriptions when `text`;
+/// `categories` labels the integer slots of x instead of numbers (bar charts).
+fn axes<'a, 'b>(
+    area: &'a Area<'b>,
+    text: bool,
+    caption: Option<(&str, u32)>,
+    (x, y): (std::ops::Range<f64>, std::ops::Range<f64>),
+    (x_desc, y_desc): (&str, &str),
+    categories: Option<&[String]>,
+) -> Result<Chart<'a, 'b>> {
+    let mut builder = ChartBuilder::on(area);
+    builder.margin(15);
+    if text {
+        if let Some((title, size)) = caption {
+            builder.caption(title, ("sans-serif", size));
+        }
+        builder.x_label_area_size(45).y_label_area_size(55);
+    }
+    let mut chart = builder.build_cartesian_2d(x, y).map_err(plot_err)?;
+    let label = |v: &f64| {
+        categories
+            .and_then(|c| c.get(v.floor() as usize).cloned())
+            .unwrap_or_default()
+    };
+    let mut mesh = chart.configure_mesh();
+    if !text {
+        mesh.disable_x_axis().disable_y_axis();
+    } else {
+        mesh.x_desc(x_desc).y_desc(y_desc);
+        if let Some(c) = categories {
+            mesh.x_labels(c.len()).x_label_formatter(&label);
+        }
+    }
+    if categories.is_some() {
+        mesh.disable_x_mesh();
+    }
+    mesh.draw().map_err(plot_err)?;
+    Ok(chart)
+}
+
+/// The legend of the labelled series, when text can be drawn.
+fn legend<'a, 'b: 'a>(chart: &mut Chart<'a, 'b>, text: bool) -> Result<()> {
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+    }
+    Ok(())
+}
+
 /// Draws `series` as lines into a PNG at `path` (written to a temporary file, then renamed).
 pub fn line_chart(
     path: &Path,
@@ -59,65 +143,40 @@ pub fn line_chart(
     y_label: &str,
     series: &[Series],
 ) -> Result<()> {
-    let all: Vec<(f64, f64)> = series
+    let finite = |&(x, y): &(f64, f64)| x.is_finite() && y.is_finite();
+    let points: Vec<(f64, f64)> = series
         .iter()
         .flat_map(|s| s.points.iter().copied())
+        .filter(finite)
         .collect();
-    if all.is_empty() {
+    if points.is_empty() {
         return Ok(());
     }
-    let finite = |v: f64| v.is_finite();
     let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
-    for &(x, y) in all.iter().filter(|(x, y)| finite(*x) && finite(*y)) {
+    for &(x, y) in &points {
         x0 = x0.min(x);
         x1 = x1.max(x);
         y0 = y0.min(y);
         y1 = y1.max(y);
     }
-    if x0 > x1 {
-        return Ok(());
-    }
     if x1 <= x0 {
         x1 = x0 + 1.0;
     }
     let pad = ((y1 - y0) * 0.05).max(1e-3);
-    let (y0, y1) = (y0 - pad, y1 + pad);
-    // The encoder picks the format from the extension, so the temporary name ends in .png too.
-    let name = path
-        .file_name()
-        .map_or("plot.png".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
-    let text = font_available();
-    {
-        let root = BitMapBackend::new(&tmp, (900, 560)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(20);
-        if text {
-            builder
-                .caption(title, ("sans-serif", 24))
-                .x_label_area_size(45)
-                .y_label_area_size(60);
-        }
-        let mut chart = builder
-            .build_cartesian_2d(x0..x1, y0..y1)
-            .map_err(plot_err)?;
-        let mut mesh = chart.configure_mesh();
-        if text {
-            mesh.x_desc(x_label).y_desc(y_label);
-        } else {
-            mesh.disable_x_axis().disable_y_axis();
-        }
-        mesh.draw().map_err(plot_err)?;
-        let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
+    write_png(path, (900, 560), |root, text| {
+        let mut chart = axes(
+            root,
+            text,
+            Some((title, 24)),
+            (x0..x1, y0 - pad..y1 + pad),
+            (x_label, y_label),
+            None,
+        )?;
         for (i, s) in series.iter().enumerate() {
-            let color = colors[i % colors.len()];
+            let color = COLORS[i % COLORS.len()];
             let drawn = chart
                 .draw_series(LineSeries::new(
-                    s.points
-                        .iter()
-                        .copied()
-                        .filter(|(x, y)| finite(*x) && finite(*y)),
+                    s.points.iter().copied().filter(finite),
                     color.stroke_width(2),
                 ))
                 .map_err(plot_err)?;
@@ -127,18 +186,8 @@ pub fn line_chart(
                 });
             }
         }
-        if text {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(plot_err)?;
-        }
-        root.present().map_err(plot_err)?;
-    }
-    std::fs::rename(&tmp, path).map_err(crate::io_err(path))?;
-    Ok(())
+        legend(&mut chart, text)
+    })
 }
 
 /// Draws a histogram of `values` in `bins` equal-width bins into a PNG at `path`.
@@ -166,42 +215,23 @@ pub fn histogram(
         counts[b] += 1;
     }
     let top = *counts.iter().max().expect("bins > 0") as f64 * 1.05;
-    let name = path
-        .file_name()
-        .map_or("plot.png".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
-    let text = font_available();
-    {
-        let root = BitMapBackend::new(&tmp, (640, 360)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
-        let mut builder = ChartBuilder::on(&root);
-        builder.margin(15);
-        if text {
-            builder
-                .caption(title, ("sans-serif", 20))
-                .x_label_area_size(40)
-                .y_label_area_size(50);
-        }
-        let mut chart = builder
-            .build_cartesian_2d(lo..hi, 0.0..top)
-            .map_err(plot_err)?;
-        let mut mesh = chart.configure_mesh();
-        if text {
-            mesh.x_desc(x_label).y_desc("documents");
-        } else {
-            mesh.disable_x_axis().disable_y_axis();
-        }
-        mesh.draw().map_err(plot_err)?;
+    write_png(path, (640, 360), |root, text| {
+        let mut chart = axes(
+            root,
+            text,
+            Some((title, 20)),
+            (lo..hi, 0.0..top),
+            (x_label, "documents"),
+            None,
+        )?;
         chart
             .draw_series(counts.iter().enumerate().map(|(i, &c)| {
                 let x0 = lo + i as f64 * width;
                 Rectangle::new([(x0, 0.0), (x0 + width, c as f64)], BLUE.mix(0.6).filled())
             }))
             .map_err(plot_err)?;
-        root.present().map_err(plot_err)?;
-    }
-    std::fs::rename(&tmp, path).map_err(crate::io_err(path))?;
-    Ok(())
+        Ok(())
+    })
 }
 
 /// Two panels: stacked bars of `series` per label (left) and bars of `line` per label (right),
@@ -217,52 +247,26 @@ pub fn stacked_bars(
         return Ok(());
     }
     let n = labels.len();
-    let totals: Vec<f64> = (0..n)
-        .map(|i| series.iter().map(|s| s.1[i]).sum())
-        .collect();
-    let top = totals.iter().copied().fold(0.0, f64::max).max(1e-9) * 1.1;
-    let line_top = line.1.iter().copied().fold(0.0, f64::max).max(1e-9) * 1.1;
-    let name = path
-        .file_name()
-        .map_or("plot.png".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.tmp.png"));
-    let text = font_available();
-    let colors = [BLUE, RED, GREEN, MAGENTA, CYAN];
-    {
-        let root = BitMapBackend::new(&tmp, (1100, 480)).into_drawing_area();
-        root.fill(&WHITE).map_err(plot_err)?;
+    let peak = |v: &mut dyn Iterator<Item = f64>| v.fold(0.0, f64::max).max(1e-9) * 1.1;
+    let top = peak(&mut (0..n).map(|i| series.iter().map(|s| s.1[i]).sum()));
+    let line_top = peak(&mut line.1.iter().copied());
+    let slot = |i: usize, from: f64, to: f64| [(i as f64 + 0.15, from), (i as f64 + 0.85, to)];
+    write_png(path, (1100, 480), |root, text| {
         let root = if text {
             root.titled(title, ("sans-serif", 20)).map_err(plot_err)?
         } else {
-            root
+            root.clone()
         };
         let (left, right) = root.split_horizontally(700);
-        let label = |x: &f64| labels.get(x.floor() as usize).cloned().unwrap_or_default();
-        let mut chart = ChartBuilder::on(&left);
-        chart.margin(10);
-        if text {
-            chart.x_label_area_size(40).y_label_area_size(50);
-        }
-        let mut chart = chart
-            .build_cartesian_2d(0.0..n as f64, 0.0..top)
-            .map_err(plot_err)?;
-        let mut mesh = chart.configure_mesh();
-        if text {
-            mesh.x_labels(n).x_label_formatter(&label).y_desc("GB");
-        } else {
-            mesh.disable_x_axis().disable_y_axis();
-        }
-        mesh.disable_x_mesh().draw().map_err(plot_err)?;
+        let slots = (0.0..n as f64, 0.0..top);
+        let mut chart = axes(&left, text, None, slots, ("", "GB"), Some(labels))?;
         let mut base = vec![0.0; n];
         for (k, (name, values)) in series.iter().enumerate() {
-            let color = colors[k % colors.len()];
+            let color = COLORS[k % COLORS.len()];
             let bars: Vec<Rectangle<(f64, f64)>> = (0..n)
                 .map(|i| {
                     let r = Rectangle::new(
-                        [
-                            (i as f64 + 0.15, base[i]),
-                            (i as f64 + 0.85, base[i] + values[i]),
-                        ],
+                        slot(i, base[i], base[i] + values[i]),
                         color.mix(0.7).filled(),
                     );
                     base[i] += values[i];
@@ -276,41 +280,16 @@ pub fn stacked_bars(
                 });
             }
         }
-        if text {
-            chart
-                .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
-                .border_style(BLACK)
-                .draw()
-                .map_err(plot_err)?;
-        }
-        let mut chart = ChartBuilder::on(&right);
-        chart.margin(10);
-        if text {
-            chart.x_label_area_size(40).y_label_area_size(50);
-        }
-        let mut chart = chart
-            .build_cartesian_2d(0.0..n as f64, 0.0..line_top)
-            .map_err(plot_err)?;
-        let mut mesh = chart.configure_mesh();
-        if text {
-            mesh.x_labels(n).x_label_formatter(&label).y_desc(line.0);
-        } else {
-            mesh.disable_x_axis().disable_y_axis();
-        }
-        mesh.disable_x_mesh().draw().map_err(plot_err)?;
+        legend(&mut chart, text)?;
+        let slots = (0.0..n as f64, 0.0..line_top);
+        let mut chart = axes(&right, text, None, slots, ("", line.0), Some(labels))?;
         chart
-            .draw_series((0..n).map(|i| {
-                Rectangle::new(
-                    [(i as f64 + 0.15, 0.0), (i as f64 + 0.85, line.1[i])],
-                    BLUE.mix(0.5).filled(),
-                )
-            }))
+            .draw_series(
+                (0..n).map(|i| Rectangle::new(slot(i, 0.0, line.1[i]), BLUE.mix(0.5).filled())),
+            )
             .map_err(plot_err)?;
-        root.present().map_err(plot_err)?;
-    }
-    std::fs::rename(&tmp, path).map_err(crate::io_err(path))?;
-    Ok(())
+        Ok(())
+    })
 }
 
 #[cfg(test)]

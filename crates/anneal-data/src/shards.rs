@@ -228,7 +228,7 @@ impl ShardWriter {
                     .to_string_lossy()
                     .into_owned(),
                 tokens: count,
-                xxh3: format!("{:016x}", hash.digest()),
+                xxh3: hex(hash.digest()),
             });
         }
         Ok(())
@@ -237,6 +237,24 @@ impl ShardWriter {
     fn finish(mut self) -> Result<Vec<ShardInfo>> {
         self.close()?;
         Ok(self.shards)
+    }
+}
+
+/// A 64-bit checksum as the manifest writes it.
+fn hex(digest: u64) -> String {
+    format!("{digest:016x}")
+}
+
+/// Token ids from their little-endian u32 (`wide`) or u16 encoding; `out` holds one per id.
+fn decode_ids(bytes: &[u8], wide: bool, out: &mut [u32]) {
+    if wide {
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
+            *o = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+        }
+    } else {
+        for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            *o = u16::from_le_bytes([c[0], c[1]]) as u32;
+        }
     }
 }
 
@@ -397,15 +415,8 @@ fn move_tail(
         if local_keep < shard.tokens {
             let bytes = std::fs::read(&path).map_err(io_err(&path))?;
             let tail = &bytes[(local_keep * width) as usize..];
-            let ids: Vec<u32> = if wide {
-                tail.chunks_exact(4)
-                    .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect()
-            } else {
-                tail.chunks_exact(2)
-                    .map(|c| u16::from_le_bytes([c[0], c[1]]) as u32)
-                    .collect()
-            };
+            let mut ids = vec![0u32; tail.len() / width as usize];
+            decode_ids(tail, wide, &mut ids);
             writer.write(&ids)?;
             if local_keep == 0 {
                 std::fs::remove_file(&path).map_err(io_err(&path))?;
@@ -415,7 +426,7 @@ fn move_tail(
                 kept.push(ShardInfo {
                     file: shard.file.clone(),
                     tokens: local_keep,
-                    xxh3: format!("{:016x}", xxhash_rust::xxh3::xxh3_64(head)),
+                    xxh3: hex(xxhash_rust::xxh3::xxh3_64(head)),
                 });
             }
         } else {
@@ -485,7 +496,7 @@ impl ShardSet {
                     ),
                 });
             }
-            let digest = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&map));
+            let digest = hex(xxhash_rust::xxh3::xxh3_64(&map));
             if digest != s.xxh3 {
                 return Err(Error::Format {
                     path,
@@ -536,16 +547,7 @@ impl ShardSet {
             let avail = map.len() / width - local;
             let take = avail.min(out.len() - filled);
             let bytes = &map[local * width..(local + take) * width];
-            for (o, c) in out[filled..filled + take]
-                .iter_mut()
-                .zip(bytes.chunks_exact(width))
-            {
-                *o = if self.wide {
-                    u32::from_le_bytes([c[0], c[1], c[2], c[3]])
-                } else {
-                    u16::from_le_bytes([c[0], c[1]]) as u32
-                };
-            }
+            decode_ids(bytes, self.wide, &mut out[filled..filled + take]);
             filled += take;
             pos += take as u64;
         }

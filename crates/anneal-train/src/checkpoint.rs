@@ -244,6 +244,22 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
     Ok(())
 }
 
+impl Loaded {
+    /// The run configuration the checkpoint was trained with.
+    pub fn config(&self) -> Result<crate::RunConfig> {
+        toml::from_str(&self.state.config)
+            .with_context(|| format!("{}: config in trainer_state.json", self.dir.display()))
+    }
+
+    /// Writes the checkpoint's parameters into `model`.
+    pub fn restore_model(&self, model: &Gpt) -> Result<()> {
+        model
+            .params
+            .load_named(&self.model)
+            .with_context(|| format!("loading {}", self.dir.join("model.safetensors").display()))
+    }
+}
+
 /// Restores an optimizer's state from a loaded checkpoint (after the model's parameters).
 pub fn restore_optimizer(opt: &mut AdamW, model: &Gpt, loaded: &Loaded) -> Result<()> {
     let get = |name: &str| -> Result<Vec<f32>> {

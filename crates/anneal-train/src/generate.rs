@@ -42,13 +42,9 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     };
     if dir.join("trainer_state.json").is_file() {
         let loaded = checkpoint::load(&dir)?;
-        let config: RunConfig = toml::from_str(&loaded.state.config)
-            .with_context(|| format!("{}: config in trainer_state.json", dir.display()))?;
+        let config = loaded.config()?;
         let model = Gpt::new(config.gpt_config(loaded.state.vocab_size)?, 0)?;
-        model
-            .params
-            .load_named(&loaded.model)
-            .with_context(|| format!("loading {}", dir.join("model.safetensors").display()))?;
+        loaded.restore_model(&model)?;
         let tokenizer = Tokenizer::from_json(&loaded.state.tokenizer)
             .with_context(|| format!("{}: tokenizer in trainer_state.json", dir.display()))?;
         Ok(LoadedModel {

@@ -312,8 +312,7 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
     let mut tokens_seen = 0;
     if let Some(dir) = &resume_dir {
         let loaded = checkpoint::load(dir)?;
-        let saved: RunConfig = toml::from_str(&loaded.state.config)
-            .with_context(|| format!("{}: config in trainer_state.json", dir.display()))?;
+        let saved = loaded.config()?;
         if saved.model != config.model {
             bail!(
                 "{} was trained with [model] {:?}, not {:?}: a checkpoint resumes only the same model",
@@ -331,10 +330,7 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
                 train_set.len()
             );
         }
-        model
-            .params
-            .load_named(&loaded.model)
-            .with_context(|| format!("loading {}", dir.join("model.safetensors").display()))?;
+        loaded.restore_model(&model)?;
         checkpoint::restore_optimizer(&mut opt, &model, &loaded)?;
         start_step = loaded.state.step;
         tokens_seen = loaded.state.tokens_seen;
@@ -352,13 +348,11 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
             existing.display()
         );
     }
-    let mut metrics = read_metrics(
-        &files.metrics,
-        if resume_dir.is_some() { start_step } else { 0 },
-    );
-    if resume_dir.is_none() {
-        metrics.clear();
-    }
+    // A resumed run keeps the metrics up to its checkpoint; a new one starts the file afresh.
+    let mut metrics = match resume_dir {
+        Some(_) => read_metrics(&files.metrics, start_step),
+        None => Vec::new(),
+    };
     {
         let mut f = File::create(&files.metrics)
             .with_context(|| format!("creating {}", files.metrics.display()))?;
