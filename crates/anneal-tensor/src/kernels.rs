@@ -226,9 +226,77 @@ pub(crate) fn bf16_to_f32(src: &[half::bf16], dst: &mut [f32]) {
         });
 }
 
+/// Splits f32 values into a bf16 part `hi` and the 16 bits it drops, `lo`, so that
+/// [`join_bf16`] gives back every value bit for bit: an exact f32 master copy stored beside a
+/// bf16 model in 2 extra bytes per element instead of 4.
+///
+/// `hi` rounds to nearest with ties away from zero (`(bits + 0x8000) >> 16`), so the dropped part
+/// read as a signed 16-bit integer is the exact correction: bits = (hi << 16) + i16(lo). It differs
+/// from round-to-nearest-even only when the dropped half is exactly 0x8000. NaN becomes the quiet
+/// NaN with `lo = 0`.
+#[inline(always)]
+pub(crate) fn split_bf16(src: &[f32], hi: &mut [half::bf16], lo: &mut [u16]) {
+    for ((&x, h), l) in src.iter().zip(hi.iter_mut()).zip(lo.iter_mut()) {
+        let b = x.to_bits();
+        let (hb, lb) = if x.is_nan() {
+            (0x7FC0, 0)
+        } else {
+            ((b.wrapping_add(0x8000) >> 16) as u16, b as u16)
+        };
+        *h = half::bf16::from_bits(hb);
+        *l = lb;
+    }
+}
+
+/// The f32 values that [`split_bf16`] split: bits = (hi << 16) + i16(lo).
+#[inline(always)]
+pub(crate) fn join_bf16(hi: &[half::bf16], lo: &[u16], dst: &mut [f32]) {
+    for ((d, h), &l) in dst.iter_mut().zip(hi).zip(lo) {
+        let b = ((h.to_bits() as u32) << 16).wrapping_add(l as i16 as i32 as u32);
+        *d = f32::from_bits(b);
+    }
+}
+
 #[cfg(test)]
 mod bf16_tests {
     use super::*;
+
+    #[test]
+    fn split_bf16_round_trips_every_value_and_rounds_to_nearest() {
+        let mut xs: Vec<f32> = (0..200_000u32)
+            .map(|i| f32::from_bits(i.wrapping_mul(2_654_435_761)))
+            .filter(|x| !x.is_nan())
+            .collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            f32::MAX,
+            f32::MIN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::MIN_POSITIVE,
+            f32::from_bits(0x3F80_8000), // an exact tie
+            f32::from_bits(0xBF81_8000),
+        ]);
+        let mut hi = vec![half::bf16::ZERO; xs.len()];
+        let mut lo = vec![0u16; xs.len()];
+        split_bf16(&xs, &mut hi, &mut lo);
+        let mut back = vec![0.0f32; xs.len()];
+        join_bf16(&hi, &lo, &mut back);
+        for ((x, y), h) in xs.iter().zip(&back).zip(&hi) {
+            assert_eq!(x.to_bits(), y.to_bits(), "{x:e}");
+            // hi is a nearest bf16: off by at most half a bf16 spacing (overflow to ±inf aside).
+            if x.is_finite() && h.to_f32().is_finite() {
+                let near = half::bf16::from_f32(*x).to_f32();
+                assert!((h.to_f32() - x).abs() <= (near - x).abs(), "{x:e}");
+            }
+        }
+        let mut nan_hi = [half::bf16::ZERO];
+        let mut nan_lo = [1u16];
+        split_bf16(&[f32::from_bits(0x7FFF_FFFF)], &mut nan_hi, &mut nan_lo);
+        join_bf16(&nan_hi, &nan_lo, &mut back[..1]);
+        assert!(back[0].is_nan());
+    }
 
     #[test]
     fn bf16_conversion_matches_half() {

@@ -41,13 +41,32 @@ fn runs(store: &ParamStore) -> Vec<Run> {
 }
 
 #[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
-impl Ptr {
-    fn get(self) -> *mut f32 {
-        self.0
+struct Ptr<T>(*mut T);
+unsafe impl<T> Send for Ptr<T> {}
+unsafe impl<T> Sync for Ptr<T> {}
+impl<T> Ptr<T> {
+    fn new(v: &mut [T]) -> Self {
+        Ptr(v.as_mut_ptr())
     }
+
+    /// Elements `r.start..r.end`.
+    ///
+    /// SAFETY: the caller hands out disjoint runs of a buffer at least `r.end` long that outlives
+    /// the slice.
+    unsafe fn run<'a>(self, r: Run) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(r.start), r.end - r.start)
+    }
+}
+
+/// Where a block's f32 parameter values live during an update.
+#[derive(Clone, Copy)]
+enum Target {
+    /// An f32 store, updated in place.
+    F32(Ptr<f32>),
+    /// A bf16 store and the low halves of its master copy, joined into f32 for the update.
+    Split(Ptr<half::bf16>, Ptr<u16>),
+    /// The f32 master copy of an f16 store (rounded into the store afterwards).
+    Master(Ptr<f32>),
 }
 
 /// Runs `update(run, params, grads, states...)` on every block in parallel with the f32 view of
@@ -59,66 +78,88 @@ fn for_each_block(
     update: impl Fn(Run, &mut [f32], &[f32], &mut [&mut [f32]]) + Sync,
 ) {
     assert!(
-        states.iter().all(|s| s.len() == store.numel())
-            && master.values.as_ref().is_none_or(|m| m.len() == store.numel()),
+        states.iter().all(|s| s.len() == store.numel()) && master.len_matches(store.numel()),
         "optimizer state was built for a store of another size: create the optimizer from the store it steps"
     );
     // Values written into the store since the master copy was taken (a checkpoint load) win.
-    if master.values.is_some() && master.version != store.version() {
+    if master.version != store.version() {
         *master = master_copy(store);
     }
-    let Master { values: master, .. } = master;
     let runs = runs(store);
     let grads = store.grads().read();
     let Buffer::F32(g) = &*grads else { return };
     let mut data = store.data().write();
-    let params: *mut f32 = match (&mut *data, master.as_mut()) {
-        (Buffer::F32(v), _) => v.as_mut_ptr(),
-        (_, Some(m)) => m.as_mut_ptr(),
+    let target = match (&mut *data, &mut master.values) {
+        (Buffer::F32(v), _) => Target::F32(Ptr::new(v)),
+        (Buffer::BF16(v), MasterValues::Low(lo)) => Target::Split(Ptr::new(v), Ptr::new(lo)),
+        (Buffer::F16(_), MasterValues::Full(m)) => Target::Master(Ptr::new(m)),
         _ => unreachable!("half-precision stores have a master copy"),
     };
-    let p = Ptr(params);
-    let state_ptrs: Vec<Ptr> = states.iter_mut().map(|s| Ptr(s.as_mut_ptr())).collect();
+    let state_ptrs: Vec<Ptr<f32>> = states.iter_mut().map(|s| Ptr::new(s)).collect();
     runs.par_iter().for_each(|&r| {
-        let n = r.end - r.start;
         // SAFETY: runs are disjoint ranges inside every buffer, all of length store.numel().
-        let params = unsafe { std::slice::from_raw_parts_mut(p.get().add(r.start), n) };
-        let mut st: Vec<&mut [f32]> = state_ptrs
-            .iter()
-            .map(|s| unsafe { std::slice::from_raw_parts_mut(s.get().add(r.start), n) })
-            .collect();
-        crate::kernels::vectorized(|| update(r, params, &g[r.start..r.end], &mut st));
-    });
-    if let Some(m) = master.as_ref() {
-        match &mut *data {
-            Buffer::BF16(v) => crate::kernels::f32_to_bf16(m, v),
-            Buffer::F16(v) => {
-                v.par_chunks_mut(BLOCK)
-                    .zip(m.par_chunks(BLOCK))
-                    .for_each(|(d, s)| {
-                        d.iter_mut()
-                            .zip(s)
-                            .for_each(|(d, &s)| *d = half::f16::from_f32(s))
-                    })
+        let mut st: Vec<&mut [f32]> = state_ptrs.iter().map(|s| unsafe { s.run(r) }).collect();
+        let g = &g[r.start..r.end];
+        crate::kernels::vectorized(|| match target {
+            Target::F32(p) | Target::Master(p) => update(r, unsafe { p.run(r) }, g, &mut st),
+            Target::Split(hi, lo) => {
+                let (hi, lo) = unsafe { (hi.run(r), lo.run(r)) };
+                let mut x = vec![0.0f32; r.end - r.start];
+                crate::kernels::join_bf16(hi, lo, &mut x);
+                update(r, &mut x, g, &mut st);
+                crate::kernels::split_bf16(&x, hi, lo);
             }
-            Buffer::F32(_) => {}
+        });
+    });
+    if let (Buffer::F16(v), MasterValues::Full(m)) = (&mut *data, &master.values) {
+        v.par_chunks_mut(BLOCK)
+            .zip(m.par_chunks(BLOCK))
+            .for_each(|(d, s)| {
+                d.iter_mut()
+                    .zip(s)
+                    .for_each(|(d, &s)| *d = half::f16::from_f32(s))
+            });
+    }
+}
+
+/// The f32 master copy of a half-precision store.
+enum MasterValues {
+    /// f32 stores are their own master.
+    None,
+    /// bf16 stores: the 16 low bits each parameter's f32 master value drops
+    /// ([`crate::kernels::split_bf16`]), so the master copy costs 2 bytes per parameter.
+    Low(Vec<u16>),
+    /// f16 stores: a full f32 copy (f16 is not a truncation of f32).
+    Full(Vec<f32>),
+}
+
+/// The master copy and the store version it reflects.
+struct Master {
+    values: MasterValues,
+    version: u64,
+}
+
+impl Master {
+    fn len_matches(&self, n: usize) -> bool {
+        match &self.values {
+            MasterValues::None => true,
+            MasterValues::Low(v) => v.len() == n,
+            MasterValues::Full(v) => v.len() == n,
         }
     }
 }
 
-/// The f32 master copy of a half-precision store, and the store version it reflects.
-struct Master {
-    values: Option<Vec<f32>>,
-    version: u64,
-}
-
 fn master_copy(store: &ParamStore) -> Master {
-    let values = (store.dtype() != DType::F32).then(|| {
-        let buf = store.data().read();
-        let mut m = vec![0.0f32; buf.len()];
-        buf.read_range_f32(0, &mut m);
-        m
-    });
+    let n = store.numel();
+    let values = match store.dtype() {
+        DType::F32 => MasterValues::None,
+        DType::BF16 => MasterValues::Low(vec![0; n]),
+        DType::F16 => {
+            let mut m = vec![0.0f32; n];
+            store.data().read().read_range_f32(0, &mut m);
+            MasterValues::Full(m)
+        }
+    };
     Master {
         values,
         version: store.version(),
@@ -185,8 +226,21 @@ impl AdamW {
     }
 
     /// The f32 master copy of a half-precision store (for checkpoints); `None` for f32 stores.
-    pub fn master(&self) -> Option<&[f32]> {
-        self.master.values.as_deref()
+    /// For a bf16 store it is rebuilt from the store and the low halves the optimizer keeps.
+    pub fn master(&self, store: &ParamStore) -> Option<Vec<f32>> {
+        match &self.master.values {
+            MasterValues::None => None,
+            MasterValues::Full(m) => Some(m.clone()),
+            MasterValues::Low(lo) => {
+                let data = store.data().read();
+                let Buffer::BF16(hi) = &*data else {
+                    return None;
+                };
+                let mut out = vec![0.0f32; lo.len()];
+                crate::kernels::join_bf16(hi, lo, &mut out);
+                Some(out)
+            }
+        }
     }
 
     /// Restores the state a checkpoint saved: steps taken, moments and, for half-precision
@@ -222,8 +276,20 @@ impl AdamW {
         self.step = steps;
         self.m = m;
         self.v = v;
+        let values = match (master, store.dtype()) {
+            (Some(x), DType::BF16) => {
+                // The store takes the master copy's bf16 part, so the pair is exact again.
+                let mut lo = vec![0u16; n];
+                if let Buffer::BF16(hi) = &mut *store.data().write() {
+                    crate::kernels::split_bf16(&x, hi, &mut lo);
+                }
+                MasterValues::Low(lo)
+            }
+            (Some(x), _) => MasterValues::Full(x),
+            (None, _) => MasterValues::None,
+        };
         self.master = Master {
-            values: master,
+            values,
             version: store.version(),
         };
         Ok(())
@@ -426,6 +492,67 @@ mod tests {
         }
         let w = s.by_name("w").unwrap().to_vec_f32()[0];
         assert!((w - 1.02).abs() < 0.005, "{w}");
+    }
+
+    #[test]
+    fn bf16_master_copy_follows_f32_training_bit_for_bit() {
+        // The same gradients on an f32 store and a bf16 store: the bf16 optimizer's master copy
+        // (bf16 part + kept low halves) must be exactly the f32 store after every step.
+        let values: Vec<f32> = (0..70_000).map(|i| ((i as f32) * 0.37).sin()).collect();
+        let build = |dtype| {
+            let mut b = ParamStoreBuilder::new();
+            b.add(
+                "w",
+                &Tensor::from_f32(values.clone(), &[values.len()]).unwrap(),
+                true,
+            )
+            .unwrap();
+            b.build(dtype)
+        };
+        // Start both from the bf16-rounded values, which the bf16 store holds exactly.
+        let full = build(DType::F32);
+        let half = build(DType::BF16);
+        full.set(full.id("w").unwrap(), half.by_name("w").unwrap())
+            .unwrap();
+        let cfg = AdamWConfig {
+            lr: 1e-3,
+            weight_decay: 0.1,
+            ..Default::default()
+        };
+        let (mut a, mut b) = (AdamW::new(&full, cfg), AdamW::new(&half, cfg));
+        for step in 0..5 {
+            let g: Vec<f32> = (0..values.len())
+                .map(|i| ((i * 7 + step * 13) as f32 * 0.11).cos() * 1e-2)
+                .collect();
+            set_grads(&full, &g);
+            set_grads(&half, &g);
+            a.step(&full);
+            b.step(&half);
+            let want = full.by_name("w").unwrap().to_vec_f32();
+            let master = b.master(&half).unwrap();
+            assert!(want
+                .iter()
+                .zip(&master)
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
+            let shown = half.by_name("w").unwrap().to_vec_f32();
+            assert!(want
+                .iter()
+                .zip(&shown)
+                .all(|(x, y)| (x - y).abs() <= x.abs() * (1.0 / 256.0)));
+        }
+        // A checkpoint's master copy restores the same pair.
+        let saved = b.master(&half).unwrap();
+        let mut c = AdamW::new(&half, cfg);
+        let (m, v) = b.moments();
+        c.load_state(
+            &half,
+            b.steps(),
+            m.to_vec(),
+            v.to_vec(),
+            Some(saved.clone()),
+        )
+        .unwrap();
+        assert_eq!(c.master(&half).unwrap(), saved);
     }
 
     #[test]

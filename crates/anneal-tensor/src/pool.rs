@@ -6,6 +6,13 @@
 //! most of its time in page faults). Keeping freed buffers, keyed by exact length, turns those into
 //! a reuse and a memset. Small buffers bypass the cache; the cache holds at most
 //! [`MAX_CACHED_BYTES`] and [`empty_cache`] returns it to the system.
+//!
+//! Conversion scratch is not cached: the f32 copy a bf16/f16 tensor is widened into, and the f32
+//! values a half-precision result is narrowed from. A half-precision run's tensors are not f32, so
+//! such buffers would only be reused by the next conversion of the same length and would otherwise
+//! sit in the cache through the whole forward pass, when memory peaks. Handed back to the
+//! allocator instead, their memory serves the bf16 activations (measured on the GPT benchmark
+//! in bf16: peak RSS 194 → 179 MB, step time unchanged within noise).
 
 use std::collections::HashMap;
 use std::sync::Mutex;

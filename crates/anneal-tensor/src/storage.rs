@@ -91,12 +91,11 @@ impl Buffer {
             DType::BF16 => {
                 let mut out = vec![bf16::ZERO; values.len()];
                 crate::kernels::f32_to_bf16(&values, &mut out);
-                crate::pool::recycle(values);
+                // Not recycled: see `pool`'s note on conversion scratch.
                 Buffer::BF16(out)
             }
             DType::F16 => {
                 let out = values.iter().map(|&x| f16::from_f32(x)).collect();
-                crate::pool::recycle(values);
                 Buffer::F16(out)
             }
         }

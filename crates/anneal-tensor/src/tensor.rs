@@ -257,7 +257,11 @@ impl Tensor {
         }
         let tmp = self.to_vec_f32();
         let r = f(&tmp);
-        crate::pool::recycle(tmp);
+        // A gathered f32 copy goes back to the cache; widened half-precision data does not (see
+        // `pool`'s note on conversion scratch).
+        if self.0.dtype == DType::F32 {
+            crate::pool::recycle(tmp);
+        }
         r
     }
 

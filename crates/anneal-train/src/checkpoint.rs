@@ -122,11 +122,8 @@ pub fn save(root: &Path, model: &Gpt, opt: &AdamW, mut state: TrainerState) -> R
         ("adam.m".to_string(), Tensor::from_f32(m.to_vec(), &[n])?),
         ("adam.v".to_string(), Tensor::from_f32(v.to_vec(), &[n])?),
     ];
-    if let Some(master) = opt.master() {
-        tensors.push((
-            "adam.master".to_string(),
-            Tensor::from_f32(master.to_vec(), &[n])?,
-        ));
+    if let Some(master) = opt.master(&model.params) {
+        tensors.push(("adam.master".to_string(), Tensor::from_f32(master, &[n])?));
     }
     let opt_bytes = anneal_tensor::io::encode_safetensors(&tensors)?;
     state.files = BTreeMap::from([
