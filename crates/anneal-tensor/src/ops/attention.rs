@@ -153,54 +153,45 @@ unsafe fn block_probs(
         } else {
             kend
         };
-        row[..visible].iter_mut().for_each(|x| *x *= g.scale);
-        row[visible..].fill(f32::NEG_INFINITY);
+        row[visible..].fill(0.0);
+        let vis = &mut row[..visible];
+        vis.iter_mut().for_each(|x| *x *= g.scale);
         if let Some(m) = mask {
             let keys = &m[b * g.s..b * g.s + visible];
-            for (x, &keep) in row.iter_mut().zip(keys) {
+            for (x, &keep) in vis.iter_mut().zip(keys) {
                 if !keep {
                     *x = f32::NEG_INFINITY;
                 }
             }
         }
-        let exp_row = |row: &mut [f32], shift: f32| -> f32 {
-            // Only the first `visible` entries can be non-zero; padded keys inside are −∞ and
-            // must give exactly 0, which the clamped fast exp would not.
-            let mut sum = 0.0;
-            for x in row[..visible].iter_mut() {
-                let e = if *x == f32::NEG_INFINITY {
-                    0.0
-                } else {
-                    crate::kernels::fast_exp(*x - shift)
-                };
-                *x = e;
-                sum += e;
+        // e = exp(s − shift), with masked (−∞) scores exactly 0, which the clamped fast exp alone
+        // would not give. Written as a select and summed apart so that both loops vectorise.
+        let exp_row = |vis: &mut [f32], shift: f32| -> f32 {
+            for x in vis.iter_mut() {
+                let e = crate::kernels::fast_exp(*x - shift);
+                *x = if *x == f32::NEG_INFINITY { 0.0 } else { e };
             }
-            row[visible..].fill(0.0);
-            sum
+            crate::kernels::sum(vis)
         };
         let lse = match lse_in {
             Some(l) => {
                 if l[r] == f32::NEG_INFINITY {
-                    row.fill(0.0);
+                    vis.fill(0.0);
                 } else {
-                    exp_row(row, l[r]);
+                    exp_row(vis, l[r]);
                 }
                 l[r]
             }
             None => {
-                let max = row[..visible]
-                    .iter()
-                    .copied()
-                    .fold(f32::NEG_INFINITY, f32::max);
+                let max = crate::kernels::max(vis);
                 if max == f32::NEG_INFINITY {
-                    row.fill(0.0);
+                    vis.fill(0.0);
                     f32::NEG_INFINITY
                 } else {
                     // One exponential per score: e = exp(s − max), normalised by its sum.
-                    let sum = exp_row(row, max);
+                    let sum = exp_row(vis, max);
                     let inv = 1.0 / sum;
-                    row[..visible].iter_mut().for_each(|x| *x *= inv);
+                    vis.iter_mut().for_each(|x| *x *= inv);
                     max + sum.ln()
                 }
             }
