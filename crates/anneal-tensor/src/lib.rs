@@ -32,6 +32,7 @@ mod kernels;
 pub mod ops;
 pub mod optim;
 pub mod params;
+pub mod peak;
 pub mod pool;
 pub mod storage;
 mod tensor;
