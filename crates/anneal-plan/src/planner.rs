@@ -191,9 +191,9 @@ impl Job {
         } = *layout;
         let n = d * t * p;
         if n != self.cluster.gpus()
-            || m.layers % p != 0
-            || m.heads % t != 0
-            || self.batch % (d * b) != 0
+            || !m.layers.is_multiple_of(p)
+            || !m.heads.is_multiple_of(t)
+            || !self.batch.is_multiple_of(d * b)
             || ep == 0
             || d % ep != 0
             || (m.moe.is_none() && ep != 1)
@@ -328,11 +328,11 @@ impl Job {
         let mut out = Vec::new();
         let mut t = 1;
         while t <= self.cluster.gpus_per_node.min(n) {
-            for p in (1..=self.model.layers).filter(|p| n % (t * p) == 0) {
+            for p in (1..=self.model.layers).filter(|p| n.is_multiple_of(t * p)) {
                 let d = n / (t * p);
                 let eps: Vec<usize> = match &self.model.moe {
                     Some(moe) => (1..=d)
-                        .filter(|e| d % e == 0 && moe.experts % e == 0)
+                        .filter(|e| d.is_multiple_of(*e) && moe.experts % e == 0)
                         .collect(),
                     None => vec![1],
                 };

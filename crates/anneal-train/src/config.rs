@@ -277,7 +277,7 @@ impl RunConfig {
             "at least 1",
         )?;
         check(
-            m.n_embd >= 1 && m.n_embd % m.n_head.max(1) == 0,
+            m.n_embd >= 1 && m.n_embd.is_multiple_of(m.n_head.max(1)),
             "model.n_embd",
             m.n_embd.to_string(),
             &format!("a positive multiple of model.n_head ({})", m.n_head),

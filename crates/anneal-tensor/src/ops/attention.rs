@@ -618,8 +618,8 @@ impl Tensor {
     ) -> Result<Tensor> {
         if self.rank() != 3
             || n_kv_head == 0
-            || n_head % n_kv_head != 0
-            || self.shape()[2] % (n_head + 2 * n_kv_head) != 0
+            || !n_head.is_multiple_of(n_kv_head)
+            || !self.shape()[2].is_multiple_of(n_head + 2 * n_kv_head)
         {
             return Err(Error::BadShape {
                 op: "attention_packed",
@@ -667,7 +667,7 @@ impl Tensor {
     /// half" pairing of GPT-NeoX and Hugging Face Llama: element i pairs with i + D/2, rotated by
     /// (position)·base^(−2i/D). `start` is the position of the first step (for a KV cache).
     pub fn rope(&self, base: f32, start: usize) -> Result<Tensor> {
-        if self.rank() != 4 || self.shape()[3] % 2 != 0 {
+        if self.rank() != 4 || !self.shape()[3].is_multiple_of(2) {
             return Err(Error::BadShape {
                 op: "rope",
                 shape: self.shape().to_vec(),
