@@ -3,6 +3,10 @@
 Prints one JSON line in the format of the anneal benchmark workers. Run directly:
 
     python3 bench/torch_gpt.py --threads 2
+
+With --lockstep (used by `anneal bench gpt --lockstep`) it warms up, prints `ready`, then runs one
+timed step for each `step` line on standard input, answering with its time in ms, and prints the
+JSON result at `done`.
 """
 
 import argparse
@@ -10,6 +14,7 @@ import json
 import math
 import resource
 import statistics
+import sys
 import time
 
 import torch
@@ -68,6 +73,7 @@ def main():
                           ("layers", 4), ("width", 256), ("heads", 4), ("vocab", 512)]:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--lockstep", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(1337)
@@ -76,8 +82,7 @@ def main():
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "wte" not in n and "wpe" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=3e-4, foreach=True)
-    times, loss = [], None
-    for step in range(a.warmup + a.steps):
+    def step():
         idx = torch.randint(0, a.vocab, (a.batch, a.seq))
         targets = (idx * 7 + 3) % a.vocab
         t0 = time.perf_counter()
@@ -85,16 +90,36 @@ def main():
         loss = model(idx, targets)
         loss.backward()
         opt.step()
-        dt = time.perf_counter() - t0
-        if step >= a.warmup:
+        return time.perf_counter() - t0, loss
+
+    times, loss = [], None
+    if a.lockstep:
+        for _ in range(a.warmup):
+            _, loss = step()
+        print("ready", flush=True)
+        for line in sys.stdin:
+            cmd = line.strip()
+            if cmd == "done":
+                break
+            if cmd != "step":
+                raise SystemExit(f"lock-step worker: unexpected command {cmd!r}")
+            dt, loss = step()
             times.append(dt)
+            print(dt * 1e3, flush=True)
+    else:
+        for i in range(a.warmup + a.steps):
+            dt, loss = step()
+            if i >= a.warmup:
+                times.append(dt)
     med = statistics.median(times)
     n = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel() - model.wpe.weight.numel()
     flops = a.batch * a.seq * (6 * n + 12 * a.layers * a.seq * a.width)
     out = dict(engine="pytorch", dtype="f32", ms_per_step=med * 1e3, ms_min=min(times) * 1e3, ms_max=max(times) * 1e3, tokens_per_s=a.batch * a.seq / med,
                gflops=flops / med / 1e9, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                final_loss=loss.item())
-    print(json.dumps(out))
+    if a.lockstep:
+        out["step_ms"] = [t * 1e3 for t in times]
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

@@ -138,6 +138,11 @@ pub struct GptBench {
     /// Print where a step's time goes: forward, backward by op, optimizer (one process, f32).
     #[arg(long)]
     profile: bool,
+    /// Run the engines side by side, one step each in turn (anneal f32, anneal bf16, PyTorch,
+    /// then again), so that a machine whose speed drifts slows all of them alike; ratios are the
+    /// median of per-step ratios. Without it, each engine runs all its steps in a row.
+    #[arg(long)]
+    lockstep: bool,
     /// Internal: run one measurement in this process and print it as JSON.
     #[arg(long, hide = true)]
     worker: bool,
@@ -161,6 +166,9 @@ pub struct Measurement {
     #[serde(default)]
     pub peak_tensor_mb: f64,
     pub final_loss: f64,
+    /// Every timed step in ms, in order (lock-step runs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub step_ms: Vec<f64>,
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -185,76 +193,137 @@ fn config(b: &GptBench, dtype: DType) -> GptConfig {
 }
 
 fn worker(b: &GptBench) -> Result<Measurement> {
-    anneal_tensor::with_threads(b.threads, || worker_steps(b))?
+    anneal_tensor::with_threads(b.threads, || {
+        if b.lockstep {
+            worker_lockstep(b)
+        } else {
+            worker_steps(b)
+        }
+    })?
+}
+
+/// The benchmark model, optimizer and batch stream, one training step at a time.
+struct Stepper {
+    model: Gpt,
+    opt: AdamW,
+    rng: Rng,
+    batch: usize,
+    seq: usize,
+    vocab: usize,
+    cfg: GptConfig,
+}
+
+/// Seconds spent in forward, backward and the optimizer during one step.
+type Phases = [f64; 3];
+
+impl Stepper {
+    fn new(b: &GptBench) -> Result<Stepper> {
+        let dtype = match b.dtype {
+            DTypeChoice::F32 => DType::F32,
+            DTypeChoice::Bf16 => DType::BF16,
+            DTypeChoice::Both => bail!("a worker measures one dtype"),
+        };
+        let cfg = config(b, dtype);
+        let model = Gpt::new(cfg.clone(), 1337)?;
+        let opt = AdamW::new(
+            &model.params,
+            AdamWConfig {
+                lr: 3e-4,
+                weight_decay: 0.1,
+                ..Default::default()
+            },
+        );
+        Ok(Stepper {
+            model,
+            opt,
+            rng: Rng::new(0),
+            batch: b.batch,
+            seq: b.seq,
+            vocab: b.vocab,
+            cfg,
+        })
+    }
+
+    /// One forward, backward and AdamW step on a fresh random batch; returns its phases and loss.
+    fn step(&mut self) -> Result<(Phases, f32)> {
+        let n = self.batch * self.seq;
+        let ids: Vec<u32> = (0..n)
+            .map(|_| (self.rng.next_u64() % self.vocab as u64) as u32)
+            .collect();
+        let targets: Vec<i64> = ids
+            .iter()
+            .map(|&i| ((i as usize * 7 + 3) % self.vocab) as i64)
+            .collect();
+        let t0 = Instant::now();
+        self.model.params.zero_grad();
+        let loss = self
+            .model
+            .loss(&ids, &targets, self.batch, self.seq, None)?;
+        let t1 = Instant::now();
+        loss.backward()?;
+        let t2 = Instant::now();
+        self.opt.step(&self.model.params);
+        let phases = [
+            (t1 - t0).as_secs_f64(),
+            (t2 - t1).as_secs_f64(),
+            t2.elapsed().as_secs_f64(),
+        ];
+        Ok((phases, loss.item()?))
+    }
+
+    /// The measurement of `times` (seconds per step).
+    fn measurement(&self, mut times: Vec<f64>, final_loss: f32) -> Measurement {
+        times.sort_by(|a, b| a.total_cmp(b));
+        let median = times[times.len() / 2];
+        let tokens = (self.batch * self.seq) as f64;
+        Measurement {
+            engine: "anneal".into(),
+            dtype: self.cfg.dtype.as_str().into(),
+            ms_per_step: median * 1e3,
+            ms_min: times[0] * 1e3,
+            ms_max: times[times.len() - 1] * 1e3,
+            tokens_per_s: tokens / median,
+            gflops: self.cfg.flops_per_token(self.seq) * tokens / median / 1e9,
+            peak_rss_mb: peak_rss_mb(),
+            peak_tensor_mb: anneal_tensor::memory_stats().peak_bytes as f64 / (1024.0 * 1024.0),
+            final_loss: final_loss as f64,
+            step_ms: Vec::new(),
+        }
+    }
 }
 
 fn worker_steps(b: &GptBench) -> Result<Measurement> {
-    let dtype = match b.dtype {
-        DTypeChoice::F32 => DType::F32,
-        DTypeChoice::Bf16 => DType::BF16,
-        DTypeChoice::Both => bail!("a worker measures one dtype"),
-    };
-    let cfg = config(b, dtype);
-    let model = Gpt::new(cfg.clone(), 1337)?;
-    let mut opt = AdamW::new(
-        &model.params,
-        AdamWConfig {
-            lr: 3e-4,
-            weight_decay: 0.1,
-            ..Default::default()
-        },
-    );
-    let mut rng = Rng::new(0);
-    let n = b.batch * b.seq;
-    let mut batch = || -> (Vec<u32>, Vec<i64>) {
-        let ids: Vec<u32> = (0..n)
-            .map(|_| (rng.next_u64() % b.vocab as u64) as u32)
-            .collect();
-        let targets = ids
-            .iter()
-            .map(|&i| ((i as usize * 7 + 3) % b.vocab) as i64)
-            .collect();
-        (ids, targets)
-    };
+    let mut stepper = Stepper::new(b)?;
     let mut times = Vec::with_capacity(b.steps);
     let mut loss_value = 0.0;
     let mut phases = [0.0f64; 3];
     let mut profile = OpTimes::default();
     let mut fwd_profile = OpTimes::default();
     for step in 0..b.warmup + b.steps {
-        let (ids, targets) = batch();
         let timed = step >= b.warmup;
         if b.profile && timed {
             anneal_tensor::autograd::start_backward_profile();
-        }
-        if b.profile && timed {
             anneal_tensor::autograd::start_forward_profile();
         }
-        let t0 = Instant::now();
-        model.params.zero_grad();
-        let loss = model.loss(&ids, &targets, b.batch, b.seq, None)?;
-        let t1 = Instant::now();
+        let (p, loss) = stepper.step()?;
+        let dt: f64 = p.iter().sum();
         if b.profile && timed {
+            // Both profiles were taken during the step: forward ops while recording, backward
+            // ops while differentiating.
             merge_op_times(
                 &mut fwd_profile,
                 anneal_tensor::autograd::take_forward_profile(),
             );
-        }
-        loss.backward()?;
-        let t2 = Instant::now();
-        opt.step(&model.params);
-        let dt = t0.elapsed().as_secs_f64();
-        if b.profile && timed {
-            phases[0] += (t1 - t0).as_secs_f64();
-            phases[1] += (t2 - t1).as_secs_f64();
-            phases[2] += t2.elapsed().as_secs_f64();
             merge_op_times(
                 &mut profile,
                 anneal_tensor::autograd::take_backward_profile(),
             );
+            for (acc, x) in phases.iter_mut().zip(p) {
+                *acc += x;
+            }
         }
-        loss_value = loss.item()? as f64;
-        if step >= b.warmup {
+        loss_value = loss;
+        if timed {
             times.push(dt);
         }
         if b.profile {
@@ -276,21 +345,43 @@ fn worker_steps(b: &GptBench) -> Result<Measurement> {
         print_op_times("forward ", fwd_profile, n);
         print_op_times("backward", profile, n);
     }
-    times.sort_by(|a, b| a.total_cmp(b));
-    let median = times[times.len() / 2];
-    let tokens = n as f64;
-    Ok(Measurement {
-        engine: "anneal".into(),
-        dtype: dtype.as_str().into(),
-        ms_per_step: median * 1e3,
-        ms_min: times[0] * 1e3,
-        ms_max: times[times.len() - 1] * 1e3,
-        tokens_per_s: tokens / median,
-        gflops: cfg.flops_per_token(b.seq) * tokens / median / 1e9,
-        peak_rss_mb: peak_rss_mb(),
-        peak_tensor_mb: anneal_tensor::memory_stats().peak_bytes as f64 / (1024.0 * 1024.0),
-        final_loss: loss_value,
-    })
+    Ok(stepper.measurement(times, loss_value))
+}
+
+/// Lock-step worker: warms up, prints `ready`, then runs one timed step per `step` line read from
+/// standard input and answers each with its time in ms; at `done` (or end of input) prints the
+/// whole measurement as JSON.
+fn worker_lockstep(b: &GptBench) -> Result<Measurement> {
+    use std::io::{BufRead, Write};
+    let mut stepper = Stepper::new(b)?;
+    let mut loss = 0.0;
+    for _ in 0..b.warmup {
+        loss = stepper.step()?.1;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "ready")?;
+    out.flush()?;
+    let mut times = Vec::new();
+    for line in std::io::stdin().lock().lines() {
+        match line?.trim() {
+            "step" => {
+                let (p, l) = stepper.step()?;
+                let dt: f64 = p.iter().sum();
+                loss = l;
+                times.push(dt);
+                writeln!(out, "{}", dt * 1e3)?;
+                out.flush()?;
+            }
+            "done" => break,
+            other => bail!("lock-step worker: unexpected command {other:?}"),
+        }
+    }
+    if times.is_empty() {
+        bail!("lock-step worker: no step was asked for");
+    }
+    let mut m = stepper.measurement(times.clone(), loss);
+    m.step_ms = times.iter().map(|t| t * 1e3).collect();
+    Ok(m)
 }
 
 type OpTimes = std::collections::HashMap<&'static str, (u32, f64)>;
@@ -437,6 +528,9 @@ fn gpt(b: GptBench) -> Result<()> {
         }
         _ => true,
     };
+    if b.lockstep {
+        return lockstep(&b, dtypes, use_torch, peak);
+    }
     let rounds = b.rounds.max(1);
     let mut all: Vec<(usize, Measurement)> = Vec::new();
     for round in 1..=rounds {
@@ -531,6 +625,192 @@ fn gpt(b: GptBench) -> Result<()> {
         (h.ms_per_step / f.ms_per_step, h.peak_rss_mb / f.peak_rss_mb)
     }) {
         println!("anneal bf16 vs f32: {time:.2}x step time, {rss:.2}x peak RSS{of_rounds}");
+    }
+    Ok(())
+}
+
+/// A lock-step benchmark worker process.
+struct Stepping {
+    name: String,
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Stepping {
+    fn start(name: String, mut cmd: Command) -> Result<Stepping> {
+        use std::process::Stdio;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("starting the {name} worker"))?;
+        let input = child.stdin.take().context("worker stdin")?;
+        let output = std::io::BufReader::new(child.stdout.take().context("worker stdout")?);
+        let mut w = Stepping {
+            name,
+            child,
+            input,
+            output,
+        };
+        let first = w.line()?;
+        if first != "ready" {
+            bail!("{} worker: expected `ready`, got {first:?}", w.name);
+        }
+        Ok(w)
+    }
+
+    fn line(&mut self) -> Result<String> {
+        use std::io::BufRead;
+        let mut line = String::new();
+        if self.output.read_line(&mut line)? == 0 {
+            bail!("{} worker exited early", self.name);
+        }
+        Ok(line.trim().to_string())
+    }
+
+    fn say(&mut self, what: &str) -> Result<()> {
+        use std::io::Write;
+        writeln!(self.input, "{what}")?;
+        self.input.flush()?;
+        Ok(())
+    }
+
+    /// One timed step; its ms.
+    fn step(&mut self) -> Result<f64> {
+        self.say("step")?;
+        let line = self.line()?;
+        line.parse()
+            .with_context(|| format!("{} worker: bad step time {line:?}", self.name))
+    }
+
+    fn finish(mut self) -> Result<Measurement> {
+        self.say("done")?;
+        let json = self.line()?;
+        let status = self.child.wait()?;
+        if !status.success() {
+            bail!("{} worker failed ({status})", self.name);
+        }
+        serde_json::from_str(&json)
+            .with_context(|| format!("parsing the {} worker's result: {json}", self.name))
+    }
+}
+
+/// `--lockstep`: every engine in its own process, warmed up, then one step each in turn.
+fn lockstep(b: &GptBench, dtypes: &[&str], use_torch: bool, peak: f64) -> Result<()> {
+    let exe = std::env::current_exe().context("locating the anneal binary")?;
+    let mut workers = Vec::new();
+    for d in dtypes {
+        let mut cmd = Command::new(&exe);
+        cmd.args(["bench", "gpt", "--worker", "--lockstep", "--dtype", d])
+            .args(shape_args(b))
+            .args(["--threads", &b.threads.to_string()]);
+        workers.push(Stepping::start(format!("anneal {d}"), cmd)?);
+    }
+    if use_torch {
+        let script = bench_script(&b.torch_script, "torch_gpt.py");
+        let mut cmd = Command::new("python3");
+        cmd.arg(&script).args(shape_args(b)).args([
+            "--threads",
+            &b.threads.to_string(),
+            "--lockstep",
+        ]);
+        workers.push(Stepping::start("pytorch f32".into(), cmd)?);
+    }
+    let steps = b.steps * b.rounds.max(1);
+    let pb = indicatif::ProgressBar::new(steps as u64);
+    for _ in 0..steps {
+        for w in workers.iter_mut() {
+            // A pause between engines, so that the threads of the one that just finished have
+            // gone to sleep before the next one starts.
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            w.step()?;
+        }
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let results = workers
+        .into_iter()
+        .map(|w| w.finish())
+        .collect::<Result<Vec<_>>>()?;
+    if b.json {
+        for r in &results {
+            println!("{}", serde_json::to_string(r)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "{steps} steps per engine, taken in turn ({}), after {} warm-up each\n",
+        results
+            .iter()
+            .map(|r| format!("{} {}", r.engine, r.dtype))
+            .collect::<Vec<_>>()
+            .join(", "),
+        b.warmup
+    );
+    println!(
+        "{:<8} {:<5} {:>10} {:>15} {:>10} {:>9} {:>8} {:>10} {:>8}",
+        "engine",
+        "dtype",
+        "ms/step",
+        "(min-max)",
+        "tokens/s",
+        "GFLOP/s",
+        "% peak",
+        "peak RSS",
+        "loss"
+    );
+    for r in &results {
+        println!(
+            "{:<8} {:<5} {:>10.1} {:>15} {:>10.0} {:>9.1} {:>7.1}% {:>7.0} MB {:>8.3}",
+            r.engine,
+            r.dtype,
+            r.ms_per_step,
+            format!("({:.0}-{:.0})", r.ms_min, r.ms_max),
+            r.tokens_per_s,
+            r.gflops,
+            100.0 * r.gflops / peak,
+            r.peak_rss_mb,
+            r.final_loss
+        );
+    }
+    println!();
+    // Ratios of neighbouring steps, then their median and quartiles.
+    let per_step = |num: &Measurement, den: &Measurement| -> (f64, f64, f64) {
+        let mut v: Vec<f64> = num
+            .step_ms
+            .iter()
+            .zip(&den.step_ms)
+            .map(|(a, b)| a / b)
+            .collect();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let q = |f: f64| v[((v.len() - 1) as f64 * f).round() as usize];
+        (q(0.5), q(0.25), q(0.75))
+    };
+    let find = |engine: &str, dtype: &str| {
+        results
+            .iter()
+            .find(|r| r.engine == engine && r.dtype == dtype)
+    };
+    if let Some(t) = find("pytorch", "f32") {
+        for d in dtypes {
+            if let Some(a) = find("anneal", d) {
+                let (m, lo, hi) = per_step(t, a);
+                println!(
+                    "anneal {d} vs PyTorch f32: {m:.2}x tokens/s (median of per-step ratios; \
+                     quartiles {lo:.2}–{hi:.2}), {:.2}x peak RSS",
+                    a.peak_rss_mb / t.peak_rss_mb
+                );
+            }
+        }
+    }
+    if let (Some(h), Some(f)) = (find("anneal", "bf16"), find("anneal", "f32")) {
+        let (m, lo, hi) = per_step(h, f);
+        println!(
+            "anneal bf16 vs f32: {m:.2}x step time (quartiles {lo:.2}–{hi:.2}), {:.2}x peak RSS",
+            h.peak_rss_mb / f.peak_rss_mb
+        );
     }
     Ok(())
 }

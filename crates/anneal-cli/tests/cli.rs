@@ -34,6 +34,54 @@ fn bench_gpt_runs_a_tiny_model_in_both_dtypes() {
 }
 
 #[test]
+fn bench_gpt_lockstep_takes_every_step_in_turn() {
+    let out = anneal(&[
+        "bench",
+        "gpt",
+        "--lockstep",
+        "--dtype",
+        "both",
+        "--torch",
+        "off",
+        "--steps",
+        "3",
+        "--warmup",
+        "1",
+        "--layers",
+        "1",
+        "--width",
+        "32",
+        "--heads",
+        "2",
+        "--seq",
+        "16",
+        "--batch",
+        "2",
+        "--vocab",
+        "64",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one JSON line per dtype: {text}");
+    for (v, dtype) in lines.iter().zip(["f32", "bf16"]) {
+        assert_eq!(v["dtype"], dtype);
+        let steps = v["step_ms"].as_array().unwrap();
+        assert_eq!(steps.len(), 3, "{v}");
+        assert!(steps.iter().all(|t| t.as_f64().unwrap() > 0.0));
+    }
+}
+
+#[test]
 fn bad_arguments_are_reported_with_the_allowed_values() {
     let out = anneal(&["bench", "gpt", "--dtype", "f64"]);
     assert!(!out.status.success());
