@@ -431,11 +431,12 @@ impl Backward for MatmulBackward {
         let mut da = crate::pool::uninit(a.numel());
         // dB = Aᵀ · dC (summed over the batch when B is shared)
         let mut db = crate::pool::uninit(b.numel());
-        // A weight shared by the whole batch, as in a linear layer: dA and dB are two products of
-        // the same size, run side by side on half the threads each. Fewer, larger products than
+        // A weight shared by the whole batch, as in a linear layer, or a plain 2-D product: dA and
+        // dB are two single products of the same size, run side by side on half the threads each. Fewer, larger products than
         // splitting each over every thread, so each operand is packed once fewer (measured in
         // lock-step on the GPT benchmark: 2% off the step).
-        let side_by_side = shared_b
+        let plain = a.rank() == 2 && b.rank() == 2;
+        let side_by_side = (shared_b || plain)
             && with_mat(grad, |gm| {
                 with_mat(b, |bm| {
                     with_mat(a, |am| {
