@@ -171,6 +171,40 @@ pub struct Measurement {
     pub step_ms: Vec<f64>,
 }
 
+impl Measurement {
+    /// Column titles of [`Measurement::row`].
+    fn header() -> String {
+        format!(
+            "{:<8} {:<5} {:>10} {:>15} {:>10} {:>9} {:>8} {:>10} {:>8}",
+            "engine",
+            "dtype",
+            "ms/step",
+            "(min-max)",
+            "tokens/s",
+            "GFLOP/s",
+            "% peak",
+            "peak RSS",
+            "loss"
+        )
+    }
+
+    /// One table row, with the share of `peak` GFLOP/s.
+    fn row(&self, peak: f64) -> String {
+        format!(
+            "{:<8} {:<5} {:>10.1} {:>15} {:>10.0} {:>9.1} {:>7.1}% {:>7.0} MB {:>8.3}",
+            self.engine,
+            self.dtype,
+            self.ms_per_step,
+            format!("({:.0}-{:.0})", self.ms_min, self.ms_max),
+            self.tokens_per_s,
+            self.gflops,
+            100.0 * self.gflops / peak,
+            self.peak_rss_mb,
+            self.final_loss
+        )
+    }
+}
+
 pub fn run(cmd: BenchCommand) -> Result<()> {
     match cmd {
         BenchCommand::Gpt(b) => gpt(b),
@@ -547,33 +581,9 @@ fn gpt(b: GptBench) -> Result<()> {
         }
         return Ok(());
     }
-    println!(
-        "{:>5} {:<8} {:<5} {:>10} {:>15} {:>10} {:>9} {:>8} {:>10} {:>8}",
-        "round",
-        "engine",
-        "dtype",
-        "ms/step",
-        "(min-max)",
-        "tokens/s",
-        "GFLOP/s",
-        "% peak",
-        "peak RSS",
-        "loss"
-    );
+    println!("{:>5} {}", "round", Measurement::header());
     for (round, r) in &all {
-        println!(
-            "{:>5} {:<8} {:<5} {:>10.1} {:>15} {:>10.0} {:>9.1} {:>7.1}% {:>7.0} MB {:>8.3}",
-            round,
-            r.engine,
-            r.dtype,
-            r.ms_per_step,
-            format!("({:.0}-{:.0})", r.ms_min, r.ms_max),
-            r.tokens_per_s,
-            r.gflops,
-            100.0 * r.gflops / peak,
-            r.peak_rss_mb,
-            r.final_loss
-        );
+        println!("{round:>5} {}", r.row(peak));
     }
     println!();
     let find = |round: usize, engine: &str, dtype: &str| {
@@ -749,31 +759,9 @@ fn lockstep(b: &GptBench, dtypes: &[&str], use_torch: bool, peak: f64) -> Result
             .join(", "),
         b.warmup
     );
-    println!(
-        "{:<8} {:<5} {:>10} {:>15} {:>10} {:>9} {:>8} {:>10} {:>8}",
-        "engine",
-        "dtype",
-        "ms/step",
-        "(min-max)",
-        "tokens/s",
-        "GFLOP/s",
-        "% peak",
-        "peak RSS",
-        "loss"
-    );
+    println!("{}", Measurement::header());
     for r in &results {
-        println!(
-            "{:<8} {:<5} {:>10.1} {:>15} {:>10.0} {:>9.1} {:>7.1}% {:>7.0} MB {:>8.3}",
-            r.engine,
-            r.dtype,
-            r.ms_per_step,
-            format!("({:.0}-{:.0})", r.ms_min, r.ms_max),
-            r.tokens_per_s,
-            r.gflops,
-            100.0 * r.gflops / peak,
-            r.peak_rss_mb,
-            r.final_loss
-        );
+        println!("{}", r.row(peak));
     }
     println!();
     // Ratios of neighbouring steps, then their median and quartiles.
