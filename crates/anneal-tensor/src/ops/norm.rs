@@ -55,16 +55,21 @@ impl Backward for LayerNormBackward {
                             for (r, dxr) in dxc.chunks_mut(d.max(1)).enumerate() {
                                 let row = c * ROWS_PER_TASK + r;
                                 let (mean, rstd) = (self.mean[row], self.rstd[row]);
+                                // Every slice cut to exactly d elements, so the loops carry no
+                                // bounds checks and vectorise.
                                 let xr = &x[row * d..(row + 1) * d];
                                 let gr = &g[row * d..(row + 1) * d];
+                                let (w, dxr) = (&w[..d], &mut dxr[..d]);
+                                let (xhat, dxhat) = (&mut xhat[..d], &mut dxhat[..d]);
+                                let (dw, db) = (&mut dw[..d], &mut db[..d]);
                                 for i in 0..d {
                                     xhat[i] = (xr[i] - mean) * rstd;
                                     dw[i] += gr[i] * xhat[i];
                                     db[i] += gr[i];
                                     dxhat[i] = gr[i] * w[i];
                                 }
-                                let sum_dxhat = crate::kernels::sum(&dxhat);
-                                let sum_dxhat_xhat = crate::kernels::dot(&dxhat, &xhat);
+                                let sum_dxhat = crate::kernels::sum(dxhat);
+                                let sum_dxhat_xhat = crate::kernels::dot(dxhat, xhat);
                                 let (m1, m2) = (sum_dxhat / d as f32, sum_dxhat_xhat / d as f32);
                                 for i in 0..d {
                                     dxr[i] = rstd * (dxhat[i] - m1 - xhat[i] * m2);
