@@ -125,6 +125,7 @@ impl Backward for RmsNormBackward {
                                 let rstd = self.rstd[row];
                                 let xr = &x[row * d..(row + 1) * d];
                                 let gr = &g[row * d..(row + 1) * d];
+                                let (w, dw, dxr) = (&w[..d], &mut dw[..d], &mut dxr[..d]);
                                 for i in 0..d {
                                     dw[i] += gr[i] * xr[i] * rstd;
                                 }
@@ -182,12 +183,21 @@ impl Tensor {
                         let mu = crate::kernels::sum(xr) / d as f32;
                         let var = crate::kernels::sum_map(xr, |v| (v - mu) * (v - mu)) / d as f32;
                         let rs = 1.0 / (var + eps).sqrt();
-                        for i in 0..d {
-                            let y = (xr[i] - mu) * rs * w[i];
-                            o[i] = match &b {
-                                Some(b) => y + b[i],
-                                None => y,
-                            };
+                        // Slices of exactly d elements and the bias test outside the loop, so
+                        // the loop vectorises.
+                        let (o, w) = (&mut o[..d], &w[..d]);
+                        match &b {
+                            Some(b) => {
+                                let b = &b[..d];
+                                for i in 0..d {
+                                    o[i] = (xr[i] - mu) * rs * w[i] + b[i];
+                                }
+                            }
+                            None => {
+                                for i in 0..d {
+                                    o[i] = (xr[i] - mu) * rs * w[i];
+                                }
+                            }
                         }
                         *m = mu;
                         *s = rs;
@@ -229,6 +239,7 @@ impl Tensor {
                         let xr = &x[r * d..(r + 1) * d];
                         let ms = crate::kernels::sum_map(xr, |v| v * v) / d as f32;
                         let rs = 1.0 / (ms + eps).sqrt();
+                        let (o, w) = (&mut o[..d], &w[..d]);
                         for i in 0..d {
                             o[i] = xr[i] * rs * w[i];
                         }
