@@ -125,7 +125,8 @@ pub struct GptBench {
     /// The PyTorch script (default: bench/torch_gpt.py in the source tree).
     #[arg(long)]
     torch_script: Option<PathBuf>,
-    /// Override the machine's f32 peak in GFLOP/s (default: from /proc/cpuinfo, see below).
+    /// Override the machine's f32 peak in GFLOP/s (default: measured, one thread's FMA rate times
+    /// the threads).
     #[arg(long)]
     peak_gflops: Option<f64>,
     /// Repeat the whole comparison this many times, engines interleaved, and report every round
@@ -141,7 +142,7 @@ pub struct GptBench {
     /// Run the engines side by side, one step each in turn (anneal f32, anneal bf16, PyTorch,
     /// then again), so that a machine whose speed drifts slows all of them alike; ratios are the
     /// median of per-step ratios. Without it, each engine runs all its steps in a row.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "profile")]
     lockstep: bool,
     /// Internal: run one measurement in this process and print it as JSON.
     #[arg(long, hide = true)]
@@ -228,7 +229,7 @@ fn config(b: &GptBench, dtype: DType) -> GptConfig {
 
 fn worker(b: &GptBench) -> Result<Measurement> {
     anneal_tensor::with_threads(b.threads, || {
-        if b.lockstep {
+        if b.lockstep && b.worker {
             worker_lockstep(b)
         } else {
             worker_steps(b)
@@ -279,7 +280,8 @@ impl Stepper {
     }
 
     /// One forward, backward and AdamW step on a fresh random batch; returns its phases and loss.
-    fn step(&mut self) -> Result<(Phases, f32)> {
+    /// `after_forward` runs between forward and backward, outside the timed phases.
+    fn step(&mut self, after_forward: &mut dyn FnMut()) -> Result<(Phases, f32)> {
         let n = self.batch * self.seq;
         let ids: Vec<u32> = (0..n)
             .map(|_| (self.rng.next_u64() % self.vocab as u64) as u32)
@@ -294,12 +296,14 @@ impl Stepper {
             .model
             .loss(&ids, &targets, self.batch, self.seq, None)?;
         let t1 = Instant::now();
+        after_forward();
+        let t1b = Instant::now();
         loss.backward()?;
         let t2 = Instant::now();
         self.opt.step(&self.model.params);
         let phases = [
             (t1 - t0).as_secs_f64(),
-            (t2 - t1).as_secs_f64(),
+            (t2 - t1b).as_secs_f64(),
             t2.elapsed().as_secs_f64(),
         ];
         Ok((phases, loss.item()?))
@@ -339,15 +343,16 @@ fn worker_steps(b: &GptBench) -> Result<Measurement> {
             anneal_tensor::autograd::start_backward_profile();
             anneal_tensor::autograd::start_forward_profile();
         }
-        let (p, loss) = stepper.step()?;
+        let (p, loss) = stepper.step(&mut || {
+            if b.profile && timed {
+                merge_op_times(
+                    &mut fwd_profile,
+                    anneal_tensor::autograd::take_forward_profile(),
+                );
+            }
+        })?;
         let dt: f64 = p.iter().sum();
         if b.profile && timed {
-            // Both profiles were taken during the step: forward ops while recording, backward
-            // ops while differentiating.
-            merge_op_times(
-                &mut fwd_profile,
-                anneal_tensor::autograd::take_forward_profile(),
-            );
             merge_op_times(
                 &mut profile,
                 anneal_tensor::autograd::take_backward_profile(),
@@ -390,21 +395,25 @@ fn worker_lockstep(b: &GptBench) -> Result<Measurement> {
     let mut stepper = Stepper::new(b)?;
     let mut loss = 0.0;
     for _ in 0..b.warmup {
-        loss = stepper.step()?.1;
+        loss = stepper.step(&mut || {})?.1;
     }
-    let mut out = std::io::stdout().lock();
-    writeln!(out, "ready")?;
-    out.flush()?;
+    // Standard output is locked only to write, never across a step.
+    let say = |line: String| -> Result<()> {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{line}")?;
+        out.flush()?;
+        Ok(())
+    };
+    say("ready".into())?;
     let mut times = Vec::new();
     for line in std::io::stdin().lock().lines() {
         match line?.trim() {
             "step" => {
-                let (p, l) = stepper.step()?;
+                let (p, l) = stepper.step(&mut || {})?;
                 let dt: f64 = p.iter().sum();
                 loss = l;
                 times.push(dt);
-                writeln!(out, "{}", dt * 1e3)?;
-                out.flush()?;
+                say(format!("{}", dt * 1e3))?;
             }
             "done" => break,
             other => bail!("lock-step worker: unexpected command {other:?}"),
@@ -545,7 +554,9 @@ fn gpt(b: GptBench) -> Result<()> {
             cfg.flops_per_token(b.seq) * (b.batch * b.seq) as f64 / 1e9
         );
         println!("f32 peak: {peak:.0} GFLOP/s ({how})");
-        println!("median of {} steps after {} warm-up\n", b.steps, b.warmup);
+        if !b.lockstep {
+            println!("median of {} steps after {} warm-up\n", b.steps, b.warmup);
+        }
     }
     let dtypes: &[&str] = match b.dtype {
         DTypeChoice::F32 => &["f32"],

@@ -58,6 +58,11 @@ impl<T> Ptr<T> {
     }
 }
 
+thread_local! {
+    /// Each thread's f32 view of a bf16 block during an update (at most [`BLOCK`] elements).
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
 /// Where a block's f32 parameter values live during an update.
 #[derive(Clone, Copy)]
 enum Target {
@@ -104,10 +109,13 @@ fn for_each_block(
             Target::F32(p) | Target::Master(p) => update(r, unsafe { p.run(r) }, g, &mut st),
             Target::Split(hi, lo) => {
                 let (hi, lo) = unsafe { (hi.run(r), lo.run(r)) };
-                let mut x = vec![0.0f32; r.end - r.start];
-                crate::kernels::join_bf16(hi, lo, &mut x);
-                update(r, &mut x, g, &mut st);
-                crate::kernels::split_bf16(&x, hi, lo);
+                SCRATCH.with(|x| {
+                    let mut x = x.borrow_mut();
+                    x.resize(r.end - r.start, 0.0);
+                    crate::kernels::join_bf16(hi, lo, &mut x);
+                    update(r, &mut x, g, &mut st);
+                    crate::kernels::split_bf16(&x, hi, lo);
+                });
             }
         });
     });
@@ -237,7 +245,12 @@ impl AdamW {
                     return None;
                 };
                 let mut out = vec![0.0f32; lo.len()];
-                crate::kernels::join_bf16(hi, lo, &mut out);
+                if self.master.version == store.version() {
+                    crate::kernels::join_bf16(hi, lo, &mut out);
+                } else {
+                    // Values written since the last step win, as the next step will take them.
+                    data.read_range_f32(0, &mut out);
+                }
                 Some(out)
             }
         }
@@ -553,6 +566,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.master(&half).unwrap(), saved);
+        // Values written into the store after a step are the master copy from then on.
+        let n = values.len();
+        half.set(
+            half.id("w").unwrap(),
+            &Tensor::from_f32(vec![0.375; n], &[n]).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(c.master(&half).unwrap(), vec![0.375; n]);
     }
 
     #[test]

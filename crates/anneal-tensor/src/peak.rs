@@ -5,6 +5,10 @@
 //! /proc/cpuinfo reports: on the project's benchmark machine it gives 166 GFLOP/s for two cores
 //! where one core alone retires 107.
 //!
+//! The figure assumes each thread has a core of its own: with more threads than physical cores
+//! (SMT siblings), or where one busy core boosts higher than all of them together, it overstates
+//! the peak, and shares of it read low.
+//!
 //! All threads are also measured together, and that figure is reported beside the peak: on a
 //! shared virtual machine it shows how much of the second core other tenants take at the moment
 //! (measured here: 110 to 213 GFLOP/s for two threads within a minute, while one thread stayed at

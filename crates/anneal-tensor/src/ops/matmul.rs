@@ -166,7 +166,13 @@ unsafe fn gemm_parts(
             return;
         }
     }
-    gemm_one(dst, drs, dcs, accumulate, a, b, Parallelism::None)
+    // Not split (small, or too narrow to cut): `gemm`'s own threads, if there are several.
+    let par = if threads > 1 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    gemm_one(dst, drs, dcs, accumulate, a, b, par)
 }
 
 /// One `gemm` call.
@@ -326,11 +332,17 @@ pub(crate) fn with_mat<R>(t: &Tensor, f: impl FnOnce(Mat) -> R) -> R {
     }
     // One widening pass that also gathers a strided layout.
     let tmp = Tensor::from_f32_unchecked(t.to_vec_f32(), t.shape());
-    let buf = tmp.storage().read();
-    match &*buf {
-        Buffer::F32(v) => f(as_mat(&tmp, v.as_ptr()).expect("contiguous tensors fold")),
-        _ => unreachable!("converted to f32 above"),
+    let r = {
+        let buf = tmp.storage().read();
+        match &*buf {
+            Buffer::F32(v) => f(as_mat(&tmp, v.as_ptr()).expect("contiguous tensors fold")),
+            _ => unreachable!("converted to f32 above"),
+        }
+    };
+    if t.dtype() != DType::F32 {
+        tmp.discard_widened();
     }
+    r
 }
 
 fn check_matmul(a: &Tensor, b: &Tensor) -> Result<(Vec<usize>, usize, usize, usize)> {
@@ -432,9 +444,9 @@ impl Backward for MatmulBackward {
         // dB = Aᵀ · dC (summed over the batch when B is shared)
         let mut db = crate::pool::uninit(b.numel());
         // A weight shared by the whole batch, as in a linear layer, or a plain 2-D product: dA and
-        // dB are two single products of the same size, run side by side on half the threads each. Fewer, larger products than
-        // splitting each over every thread, so each operand is packed once fewer (measured in
-        // lock-step on the GPT benchmark: 2% off the step).
+        // dB are two single products of the same size, run side by side on half the threads
+        // each. Fewer, larger products than splitting each over every thread, so each operand is
+        // packed once fewer (measured in lock-step on the GPT benchmark: 2% off the step).
         let plain = a.rank() == 2 && b.rank() == 2;
         let side_by_side = (shared_b || plain)
             && with_mat(grad, |gm| {
