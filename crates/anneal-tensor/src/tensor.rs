@@ -273,14 +273,6 @@ impl Tensor {
         crate::ops::shape::copy_contiguous(self)
     }
 
-    /// Frees the buffer of a temporary f32 tensor that holds widened half-precision data, handing
-    /// it to the allocator rather than the buffer cache (see `pool`'s note on conversion scratch);
-    /// the caller must hold the only reference to the storage.
-    pub(crate) fn discard_widened(self) {
-        let mut buf = self.0.storage.write();
-        *buf = Buffer::F32(Vec::new());
-    }
-
     /// A row-major copy without autograd history, in the same dtype.
     pub(crate) fn contiguous_data(&self) -> Tensor {
         if self.is_contiguous() {

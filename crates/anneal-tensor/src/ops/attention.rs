@@ -381,9 +381,8 @@ fn with_heads<R>(t: &Tensor, f: impl FnOnce(Heads) -> R) -> R {
         };
         f(heads(&tmp, v))
     };
-    if t.dtype() != DType::F32 {
-        tmp.discard_widened();
-    }
+    // Cached on drop, as in `matmul::with_mat`.
+    drop(tmp);
     r
 }
 

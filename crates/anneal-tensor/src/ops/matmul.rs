@@ -339,9 +339,10 @@ pub(crate) fn with_mat<R>(t: &Tensor, f: impl FnOnce(Mat) -> R) -> R {
             _ => unreachable!("converted to f32 above"),
         }
     };
-    if t.dtype() != DType::F32 {
-        tmp.discard_widened();
-    }
+    // The widened copy goes back to the buffer cache: a bf16 run widens the same operand sizes
+    // every step, and handing them to the allocator instead tripled page faults (+20% step time
+    // for 6 MB less peak memory).
+    drop(tmp);
     r
 }
 
