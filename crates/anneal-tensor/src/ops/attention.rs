@@ -10,7 +10,6 @@
 //! Inputs are read in place through their strides (the last axis must be unit-stride), so the
 //! query, key and value slices of one packed projection are used without copies.
 
-use gemm::Parallelism;
 use rayon::prelude::*;
 
 use super::matmul::{gemm_f32, Mat};
@@ -135,15 +134,7 @@ unsafe fn block_probs(
     } = blk;
     let qm = q.mat(b, h, from, to, g.d);
     let km = k.mat(b, kvh, 0, kend, g.d);
-    gemm_f32(
-        p.as_mut_ptr(),
-        kend as isize,
-        1,
-        false,
-        qm,
-        km.t(),
-        Parallelism::None,
-    );
+    gemm_f32(p.as_mut_ptr(), kend as isize, 1, false, qm, km.t(), 1);
     let mut lse_out = lse_out;
     for (r, row) in p.chunks_mut(kend.max(1)).enumerate() {
         let i = from + r;
@@ -239,7 +230,7 @@ fn forward(
                             false,
                             pm,
                             v.mat(b, kvh, 0, kend, g.d),
-                            Parallelism::None,
+                            1,
                         );
                     }
                 }
@@ -290,7 +281,7 @@ fn backward(
                             false,
                             dom,
                             v.mat(b, kvh, 0, kend, g.d).t(),
-                            Parallelism::None,
+                            1,
                         );
                         // D_i = Σ_d dO·O
                         let om = o.mat(b, h, from, to, g.d);
@@ -317,15 +308,7 @@ fn backward(
                         let dsm = Mat::dense(dp.as_ptr(), rows, kend);
                         // dV += Pᵀ · dO
                         let dvm = dv.mat(b, kvh, 0, kend, g.d);
-                        gemm_f32(
-                            dvm.ptr as *mut f32,
-                            dvm.rs,
-                            1,
-                            true,
-                            pm.t(),
-                            dom,
-                            Parallelism::None,
-                        );
+                        gemm_f32(dvm.ptr as *mut f32, dvm.rs, 1, true, pm.t(), dom, 1);
                         // dQ = dS · K
                         let dqm = dq.mat(b, h, from, to, g.d);
                         gemm_f32(
@@ -335,7 +318,7 @@ fn backward(
                             true,
                             dsm,
                             k.mat(b, kvh, 0, kend, g.d),
-                            Parallelism::None,
+                            1,
                         );
                         // dK += dSᵀ · Q
                         let dkm = dk.mat(b, kvh, 0, kend, g.d);
@@ -346,7 +329,7 @@ fn backward(
                             true,
                             dsm.t(),
                             q.mat(b, h, from, to, g.d),
-                            Parallelism::None,
+                            1,
                         );
                     }
                 }

@@ -1,8 +1,6 @@
 //! 2-D convolution (cross-correlation, as every framework computes it) by im2col + `gemm`, and
 //! max/average pooling, all on NCHW tensors: enough for LeNet-5 (LeCun et al. 1998).
 
-use gemm::Parallelism;
-
 use super::matmul::{gemm_f32, Mat};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
@@ -146,7 +144,7 @@ impl Backward for Conv2dBackward {
                             true,
                             Mat::dense(gi.as_ptr(), o, plane),
                             Mat::dense(cols.as_ptr(), k, plane).t(),
-                            Parallelism::Rayon(0),
+                            rayon::current_num_threads(),
                         );
                         // dcols = Wᵀ · dY
                         gemm_f32(
@@ -156,7 +154,7 @@ impl Backward for Conv2dBackward {
                             false,
                             Mat::dense(w.as_ptr(), o, k).t(),
                             Mat::dense(gi.as_ptr(), o, plane),
-                            Parallelism::Rayon(0),
+                            rayon::current_num_threads(),
                         );
                     }
                     win.col2im(&dcols, &mut dx[i * img..(i + 1) * img]);
@@ -338,7 +336,7 @@ impl Tensor {
                         b.is_some(),
                         Mat::dense(w.as_ptr(), o, k),
                         Mat::dense(cols.as_ptr(), k, plane),
-                        Parallelism::Rayon(0),
+                        rayon::current_num_threads(),
                     );
                 }
             }

@@ -89,33 +89,12 @@ unsafe impl<T> Sync for SendPtr<T> {}
 /// spread over threads one matrix each.
 const SMALL_GEMM: usize = 96 * 96 * 96;
 
-/// One product `dst (+)= a·b`, with `dst` strided (`drs`, `dcs`), on every thread of the pool
-/// (`Parallelism::Rayon`) or on this one (`Parallelism::None`).
+/// One product `dst (+)= a·b`, with `dst` strided (`drs`, `dcs`), on up to `threads` threads
+/// (1: this one).
 ///
 /// # Safety
 /// Pointers must be valid for the given extents and strides; `dst` must not alias `a` or `b`.
-#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_f32(
-    dst: *mut f32,
-    drs: isize,
-    dcs: isize,
-    accumulate: bool,
-    a: Mat,
-    b: Mat,
-    par: Parallelism,
-) {
-    let threads = match par {
-        Parallelism::None => 1,
-        _ => rayon::current_num_threads(),
-    };
-    gemm_parts(dst, drs, dcs, accumulate, a, b, threads)
-}
-
-/// [`gemm_f32`] as up to `threads` independent products.
-///
-/// # Safety
-/// As [`gemm_f32`].
-unsafe fn gemm_parts(
     dst: *mut f32,
     drs: isize,
     dcs: isize,
@@ -124,8 +103,22 @@ unsafe fn gemm_parts(
     b: Mat,
     threads: usize,
 ) {
-    let (m, n) = (a.rows, b.cols);
-    if threads > 1 && m * n * a.cols >= SMALL_GEMM {
+    debug_assert_eq!(a.cols, b.rows);
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.offset(i as isize * drs + j as isize * dcs) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    if threads > 1 && m * n * k >= SMALL_GEMM {
         // Split the output into one independent product per thread along its longer side: `gemm`'s
         // own threading shares packed panels between threads and scaled 1.5x on two cores for our
         // shapes, while independent halves scale close to 2x (the duplicated packing of the other
@@ -153,15 +146,7 @@ unsafe fn gemm_parts(
                         d.0.offset(lo as isize * dcs),
                     )
                 };
-                gemm_one(
-                    d_part,
-                    drs,
-                    dcs,
-                    accumulate,
-                    a_part,
-                    b_part,
-                    Parallelism::None,
-                );
+                gemm_f32(d_part, drs, dcs, accumulate, a_part, b_part, 1);
             });
             return;
         }
@@ -172,34 +157,6 @@ unsafe fn gemm_parts(
     } else {
         Parallelism::None
     };
-    gemm_one(dst, drs, dcs, accumulate, a, b, par)
-}
-
-/// One `gemm` call.
-unsafe fn gemm_one(
-    dst: *mut f32,
-    drs: isize,
-    dcs: isize,
-    accumulate: bool,
-    a: Mat,
-    b: Mat,
-    par: Parallelism,
-) {
-    debug_assert_eq!(a.cols, b.rows);
-    let (m, n, k) = (a.rows, b.cols, a.cols);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    *dst.offset(i as isize * drs + j as isize * dcs) = 0.0;
-                }
-            }
-        }
-        return;
-    }
     gemm::gemm(
         m, n, k, dst, dcs, drs, accumulate, a.ptr, a.cs, a.rs, b.ptr, b.cs, b.rs, 1.0f32, 1.0f32,
         false, false, false, par,
@@ -241,7 +198,7 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, 
                 accumulate || i > 0,
                 a.item(i),
                 b.item(i),
-                Parallelism::Rayon(0),
+                rayon::current_num_threads(),
             );
         }
         return;
@@ -257,16 +214,12 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, 
                 accumulate,
                 a.item(i),
                 b.item(i),
-                Parallelism::None,
+                1,
             );
         });
         return;
     }
-    let par = if m * n * k <= SMALL_GEMM {
-        Parallelism::None
-    } else {
-        Parallelism::Rayon(0)
-    };
+    let threads = if m * n * k <= SMALL_GEMM { 1 } else { threads };
     for i in 0..batch {
         gemm_f32(
             dst.offset(i as isize * dst_bs),
@@ -275,7 +228,7 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, 
             accumulate,
             a.item(i),
             b.item(i),
-            par,
+            threads,
         );
     }
 }
@@ -464,12 +417,12 @@ impl Backward for MatmulBackward {
                         rayon::join(
                             move || {
                                 let pa = pa;
-                                unsafe { gemm_parts(pa.0, k, 1, false, gf, bm.t(), half) }
+                                unsafe { gemm_f32(pa.0, k, 1, false, gf, bm.t(), half) }
                             },
                             move || {
                                 let pb = pb;
                                 let rest = (threads - half).max(1);
-                                unsafe { gemm_parts(pb.0, n, 1, false, af.t(), gf, rest) }
+                                unsafe { gemm_f32(pb.0, n, 1, false, af.t(), gf, rest) }
                             },
                         );
                         true
