@@ -3,12 +3,17 @@
 
 use std::process::Command;
 
-fn anneal(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_anneal"))
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_anneal"))
         .args(args)
         .env("RUST_LOG", "warn")
         .output()
-        .expect("the anneal binary runs");
+        .expect("the anneal binary runs")
+}
+
+/// Runs anneal, asserting success; its standard output.
+fn anneal(args: &[&str]) -> String {
+    let out = run(args);
     assert!(
         out.status.success(),
         "{}\n{}",
@@ -96,18 +101,15 @@ fn pipeline_from_flags_keeps_or_rejects_every_document() {
     std::fs::write(src.join("b.txt"), prose).unwrap();
     std::fs::write(src.join("c.txt"), "tiny").unwrap();
     let out = dir.path().join("out");
-    let s = |p: &std::path::Path| p.to_str().unwrap().to_string();
-    let text = anneal(&[
-        "data",
-        "pipeline",
-        "--input",
-        &s(&src),
-        "--out",
-        &s(&out),
-        "--stages",
-        "normalize,exact_dedup,gopher_quality,signals",
-        "--quiet",
-    ]);
+    let (src_s, out_s) = (src.to_str().unwrap(), out.to_str().unwrap());
+    let pipeline = |stages: &'static str| {
+        [
+            "data", "pipeline", "--input", src_s, "--out", out_s, "--stages", stages,
+        ]
+    };
+    let mut args = pipeline("normalize,exact_dedup,gopher_quality,signals").to_vec();
+    args.push("--quiet");
+    let text = anneal(&args);
     assert!(text.contains("kept 1 of 3 documents"), "{text}");
     let kept = std::fs::read_to_string(out.join("kept-00000.jsonl")).unwrap();
     let rejected = std::fs::read_to_string(out.join("rejected-00000.jsonl")).unwrap();
@@ -116,19 +118,7 @@ fn pipeline_from_flags_keeps_or_rejects_every_document() {
         rejected.contains("\"stage\":\"exact_dedup\"")
             && rejected.contains("\"stage\":\"gopher_quality\"")
     );
-    let bad = Command::new(env!("CARGO_BIN_EXE_anneal"))
-        .args([
-            "data",
-            "pipeline",
-            "--input",
-            &s(&src),
-            "--out",
-            &s(&out),
-            "--stages",
-            "gopher",
-        ])
-        .output()
-        .unwrap();
+    let bad = run(&pipeline("gopher"));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
         !bad.status.success() && err.contains("gopher_quality"),

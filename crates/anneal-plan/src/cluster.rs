@@ -51,53 +51,79 @@ pub struct Cluster {
 const GB: f64 = 1e9;
 const TFLOPS: f64 = 1e12;
 
+/// One preset's datasheet figures: memory, dense half-precision and f32 peaks, NVLink bandwidth
+/// (both directions together; a transfer gets half) and one NIC per GPU.
+struct Preset {
+    name: &'static str,
+    memory_gb: f64,
+    half_tflops: f64,
+    fp32_tflops: f64,
+    nvlink_gb: f64,
+    nic_gbit: f64,
+}
+
+const PRESET_TABLE: [Preset; 4] = [
+    Preset {
+        name: "a100-40gb",
+        memory_gb: 40.0,
+        half_tflops: 312.0,
+        fp32_tflops: 19.5,
+        nvlink_gb: 600.0,
+        nic_gbit: 200.0,
+    },
+    Preset {
+        name: "a100-80gb",
+        memory_gb: 80.0,
+        half_tflops: 312.0,
+        fp32_tflops: 19.5,
+        nvlink_gb: 600.0,
+        nic_gbit: 200.0,
+    },
+    Preset {
+        name: "h100",
+        memory_gb: 80.0,
+        half_tflops: 989.0,
+        fp32_tflops: 67.0,
+        nvlink_gb: 900.0,
+        nic_gbit: 400.0,
+    },
+    Preset {
+        name: "h200",
+        memory_gb: 141.0,
+        half_tflops: 989.0,
+        fp32_tflops: 67.0,
+        nvlink_gb: 900.0,
+        nic_gbit: 400.0,
+    },
+];
+
 impl Cluster {
-    /// A named preset: `a100-40gb`, `a100-80gb`, `h100`, `h200`, with `nodes` nodes of 8.
+    /// A named preset (one of [`Cluster::PRESETS`]) with `nodes` nodes of 8.
     pub fn preset(name: &str, nodes: usize) -> Option<Cluster> {
-        let (accelerator, nvlink, nic) = match name {
-            "a100-40gb" | "a100-80gb" => (
-                Accelerator {
-                    name: name.to_uppercase(),
-                    memory: if name == "a100-40gb" {
-                        40.0 * GB
-                    } else {
-                        80.0 * GB
-                    },
-                    peak_half: 312.0 * TFLOPS,
-                    peak_fp32: 19.5 * TFLOPS,
-                },
-                600.0 * GB,
-                200e9 / 8.0,
-            ),
-            "h100" | "h200" => (
-                Accelerator {
-                    name: name.to_uppercase(),
-                    memory: if name == "h100" {
-                        80.0 * GB
-                    } else {
-                        141.0 * GB
-                    },
-                    peak_half: 989.0 * TFLOPS,
-                    peak_fp32: 67.0 * TFLOPS,
-                },
-                900.0 * GB,
-                400e9 / 8.0,
-            ),
-            _ => return None,
-        };
+        let p = PRESET_TABLE.iter().find(|p| p.name == name)?;
         Some(Cluster {
-            accelerator,
+            accelerator: Accelerator {
+                name: name.to_uppercase(),
+                memory: p.memory_gb * GB,
+                peak_half: p.half_tflops * TFLOPS,
+                peak_fp32: p.fp32_tflops * TFLOPS,
+            },
             gpus_per_node: 8,
             nodes,
-            intra_bandwidth: nvlink / 2.0,
+            intra_bandwidth: p.nvlink_gb * GB / 2.0,
             intra_latency: 3e-6,
-            inter_bandwidth: nic,
+            inter_bandwidth: p.nic_gbit * 1e9 / 8.0,
             inter_latency: 5e-6,
         })
     }
 
     /// The preset names.
-    pub const PRESETS: [&'static str; 4] = ["a100-40gb", "a100-80gb", "h100", "h200"];
+    pub const PRESETS: [&'static str; 4] = [
+        PRESET_TABLE[0].name,
+        PRESET_TABLE[1].name,
+        PRESET_TABLE[2].name,
+        PRESET_TABLE[3].name,
+    ];
 
     /// Accelerators in all.
     pub fn gpus(&self) -> usize {

@@ -70,8 +70,8 @@ enum Target {
     F32(Ptr<f32>),
     /// A bf16 store and the low halves of its master copy, joined into f32 for the update.
     Split(Ptr<half::bf16>, Ptr<u16>),
-    /// The f32 master copy of an f16 store (rounded into the store afterwards).
-    Master(Ptr<f32>),
+    /// The f32 master copy of an f16 store, rounded into the store after the update.
+    Master(Ptr<f32>, Ptr<half::f16>),
 }
 
 /// Runs `update(run, params, grads, states...)` on every block in parallel with the f32 view of
@@ -97,7 +97,7 @@ fn for_each_block(
     let target = match (&mut *data, &mut master.values) {
         (Buffer::F32(v), _) => Target::F32(Ptr::new(v)),
         (Buffer::BF16(v), MasterValues::Low(lo)) => Target::Split(Ptr::new(v), Ptr::new(lo)),
-        (Buffer::F16(_), MasterValues::Full(m)) => Target::Master(Ptr::new(m)),
+        (Buffer::F16(v), MasterValues::Full(m)) => Target::Master(Ptr::new(m), Ptr::new(v)),
         _ => unreachable!("half-precision stores have a master copy"),
     };
     let state_ptrs: Vec<Ptr<f32>> = states.iter_mut().map(|s| Ptr::new(s)).collect();
@@ -106,7 +106,14 @@ fn for_each_block(
         let mut st: Vec<&mut [f32]> = state_ptrs.iter().map(|s| unsafe { s.run(r) }).collect();
         let g = &g[r.start..r.end];
         crate::kernels::vectorized(|| match target {
-            Target::F32(p) | Target::Master(p) => update(r, unsafe { p.run(r) }, g, &mut st),
+            Target::F32(p) => update(r, unsafe { p.run(r) }, g, &mut st),
+            Target::Master(m, store) => {
+                let m = unsafe { m.run(r) };
+                update(r, m, g, &mut st);
+                for (d, &x) in unsafe { store.run(r) }.iter_mut().zip(m.iter()) {
+                    *d = half::f16::from_f32(x);
+                }
+            }
             Target::Split(hi, lo) => {
                 let (hi, lo) = unsafe { (hi.run(r), lo.run(r)) };
                 SCRATCH.with(|x| {
@@ -119,15 +126,6 @@ fn for_each_block(
             }
         });
     });
-    if let (Buffer::F16(v), MasterValues::Full(m)) = (&mut *data, &master.values) {
-        v.par_chunks_mut(BLOCK)
-            .zip(m.par_chunks(BLOCK))
-            .for_each(|(d, s)| {
-                d.iter_mut()
-                    .zip(s)
-                    .for_each(|(d, &s)| *d = half::f16::from_f32(s))
-            });
-    }
 }
 
 /// The f32 master copy of a half-precision store.
@@ -236,24 +234,19 @@ impl AdamW {
     /// The f32 master copy of a half-precision store (for checkpoints); `None` for f32 stores.
     /// For a bf16 store it is rebuilt from the store and the low halves the optimizer keeps.
     pub fn master(&self, store: &ParamStore) -> Option<Vec<f32>> {
-        match &self.master.values {
-            MasterValues::None => None,
-            MasterValues::Full(m) => Some(m.clone()),
-            MasterValues::Low(lo) => {
-                let data = store.data().read();
-                let Buffer::BF16(hi) = &*data else {
-                    return None;
-                };
-                let mut out = vec![0.0f32; lo.len()];
-                if self.master.version == store.version() {
-                    crate::kernels::join_bf16(hi, lo, &mut out);
-                } else {
-                    // Values written since the last step win, as the next step will take them.
-                    data.read_range_f32(0, &mut out);
-                }
-                Some(out)
+        let data = store.data().read();
+        let mut out = vec![0.0f32; store.numel()];
+        match (&self.master.values, &*data) {
+            (MasterValues::None, _) => return None,
+            // Values written since the last step win, as the next step will take them.
+            _ if self.master.version != store.version() => data.read_range_f32(0, &mut out),
+            (MasterValues::Full(m), _) => out.copy_from_slice(m),
+            (MasterValues::Low(lo), Buffer::BF16(hi)) => {
+                crate::kernels::join_bf16(hi, lo, &mut out)
             }
+            (MasterValues::Low(_), _) => unreachable!("low halves belong to a bf16 store"),
         }
+        Some(out)
     }
 
     /// Restores the state a checkpoint saved: steps taken, moments and, for half-precision
@@ -488,6 +481,22 @@ mod tests {
             (s.clip_grad_norm(10.0) - 1.0).abs() < 1e-5,
             "no change under the limit"
         );
+    }
+
+    #[test]
+    fn f16_parameters_accumulate_small_updates_in_the_master_copy() {
+        // f16 spacing near 1 is 2⁻¹⁰, ten times the 1e-4 step: only the f32 master keeps them.
+        let mut b = ParamStoreBuilder::new();
+        b.add("w", &Tensor::from_f32(vec![1.0], &[1]).unwrap(), false)
+            .unwrap();
+        let s = b.build(DType::F16);
+        let mut opt = Sgd::new(&s, 1e-4, 0.0, 0.0);
+        for _ in 0..200 {
+            set_grads(&s, &[-1.0]);
+            opt.step(&s);
+        }
+        let w = s.by_name("w").unwrap().to_vec_f32()[0];
+        assert!((w - 1.02).abs() < 0.002, "{w}");
     }
 
     #[test]

@@ -341,32 +341,25 @@ fn backward(
 /// Runs `f` with `[B, L, H, D]` head layouts of f32 tensors (converting half types or a
 /// non-unit-stride last axis into a temporary).
 fn with_heads<R>(t: &Tensor, f: impl FnOnce(Heads) -> R) -> R {
-    let heads = |src: &Tensor, v: &[f32]| {
-        let s = src.strides();
-        Heads {
-            ptr: unsafe { v.as_ptr().add(src.offset()) },
-            sb: s[0],
-            sl: s[1],
-            sh: s[2],
-        }
+    let usable = t.dtype() == DType::F32 && t.strides()[3] == 1;
+    let tmp;
+    let src = if usable {
+        t
+    } else {
+        tmp = Tensor::from_f32_unchecked(t.to_vec_f32(), t.shape());
+        &tmp
     };
-    if t.dtype() == DType::F32 && t.strides()[3] == 1 {
-        let buf = t.storage().read();
-        if let Buffer::F32(v) = &*buf {
-            return f(heads(t, v));
-        }
-    }
-    let tmp = Tensor::from_f32_unchecked(t.to_vec_f32(), t.shape());
-    let r = {
-        let buf = tmp.storage().read();
-        let Buffer::F32(v) = &*buf else {
-            unreachable!("converted to f32 above")
-        };
-        f(heads(&tmp, v))
+    let buf = src.storage().read();
+    let Buffer::F32(v) = &*buf else {
+        unreachable!("f32 checked above")
     };
-    // Cached on drop, as in `matmul::with_mat`.
-    drop(tmp);
-    r
+    let s = src.strides();
+    f(Heads {
+        ptr: unsafe { v.as_ptr().add(src.offset()) },
+        sb: s[0],
+        sl: s[1],
+        sh: s[2],
+    })
 }
 
 fn contiguous_heads(buf: &mut [f32], l: usize, h: usize, d: usize) -> Heads {

@@ -285,18 +285,14 @@ pub(crate) fn with_mat<R>(t: &Tensor, f: impl FnOnce(Mat) -> R) -> R {
     }
     // One widening pass that also gathers a strided layout.
     let tmp = Tensor::from_f32_unchecked(t.to_vec_f32(), t.shape());
-    let r = {
-        let buf = tmp.storage().read();
-        match &*buf {
-            Buffer::F32(v) => f(as_mat(&tmp, v.as_ptr()).expect("contiguous tensors fold")),
-            _ => unreachable!("converted to f32 above"),
-        }
-    };
-    // The widened copy goes back to the buffer cache: a bf16 run widens the same operand sizes
-    // every step, and handing them to the allocator instead tripled page faults (+20% step time
-    // for 6 MB less peak memory).
-    drop(tmp);
-    r
+    // Unlike elementwise conversion scratch, the widened copy goes back to the buffer cache when
+    // `tmp` drops: a bf16 run widens the same operand sizes every step, and handing them to the
+    // allocator instead tripled page faults (+20% step time for 6 MB less peak memory).
+    let buf = tmp.storage().read();
+    match &*buf {
+        Buffer::F32(v) => f(as_mat(&tmp, v.as_ptr()).expect("contiguous tensors fold")),
+        _ => unreachable!("converted to f32 above"),
+    }
 }
 
 fn check_matmul(a: &Tensor, b: &Tensor) -> Result<(Vec<usize>, usize, usize, usize)> {
@@ -370,18 +366,48 @@ struct MatmulBackward {
 }
 
 impl MatmulBackward {
-    /// dA = dC·Bᵀ, then dB = Aᵀ·dC (summed over the batch when B is shared), each on every thread.
-    fn separate_products(&self, grad: &Tensor, da: &mut [f32], db: &mut [f32], shared_b: bool) {
+    /// dA = dC·Bᵀ into `da` and dB = Aᵀ·dC (summed over the batch when B is shared) into `db`.
+    fn products(&self, grad: &Tensor, da: &mut [f32], db: &mut [f32]) {
         let (a, b) = (&self.a, &self.b);
+        let shared_b = b.rank() == 2 && a.rank() > 2;
+        let plain = a.rank() == 2 && b.rank() == 2;
         with_mat(grad, |gm| {
-            with_mat(b, |bm| unsafe {
-                let gm2 = if shared_b { fold_rows(gm) } else { gm };
-                bmm(da.as_mut_ptr(), false, false, gm2, bm.t());
-            });
-            // (A shared B whose batch folds into single matrices went side by side instead.)
-            with_mat(a, |am| unsafe {
-                bmm(db.as_mut_ptr(), false, shared_b, am.t(), gm);
-            });
+            with_mat(b, |bm| {
+                with_mat(a, |am| unsafe {
+                    let (af, gf) = (fold_rows(am), fold_rows(gm));
+                    if (shared_b || plain) && af.batch == 1 && gf.batch == 1 {
+                        // A weight shared by the whole batch, as in a linear layer, or a plain
+                        // 2-D product: two single products of the same size, run side by side on
+                        // half the threads each. Fewer, larger products than splitting each over
+                        // every thread, so each operand is packed once fewer (measured in
+                        // lock-step on the GPT benchmark: 2% off the step).
+                        let (pa, pb) = (SendPtr(da.as_mut_ptr()), SendPtr(db.as_mut_ptr()));
+                        let (k, n) = (bm.rows as isize, bm.cols as isize);
+                        let threads = rayon::current_num_threads();
+                        let half = (threads / 2).max(1);
+                        let rest = (threads - half).max(1);
+                        rayon::join(
+                            move || {
+                                let pa = pa;
+                                gemm_f32(pa.0, k, 1, false, gf, bm.t(), half)
+                            },
+                            move || {
+                                let pb = pb;
+                                gemm_f32(pb.0, n, 1, false, af.t(), gf, rest)
+                            },
+                        );
+                    } else {
+                        bmm(
+                            da.as_mut_ptr(),
+                            false,
+                            false,
+                            if shared_b { gf } else { gm },
+                            bm.t(),
+                        );
+                        bmm(db.as_mut_ptr(), false, shared_b, am.t(), gm);
+                    }
+                })
+            })
         });
     }
 }
@@ -392,46 +418,9 @@ impl Backward for MatmulBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (a, b) = (&self.a, &self.b);
-        let shared_b = b.rank() == 2 && a.rank() > 2;
-        // dA = dC · Bᵀ
         let mut da = crate::pool::uninit(a.numel());
-        // dB = Aᵀ · dC (summed over the batch when B is shared)
         let mut db = crate::pool::uninit(b.numel());
-        // A weight shared by the whole batch, as in a linear layer, or a plain 2-D product: dA and
-        // dB are two single products of the same size, run side by side on half the threads
-        // each. Fewer, larger products than splitting each over every thread, so each operand is
-        // packed once fewer (measured in lock-step on the GPT benchmark: 2% off the step).
-        let plain = a.rank() == 2 && b.rank() == 2;
-        let side_by_side = (shared_b || plain)
-            && with_mat(grad, |gm| {
-                with_mat(b, |bm| {
-                    with_mat(a, |am| {
-                        let (af, gf) = (fold_rows(am), fold_rows(gm));
-                        if af.batch != 1 || gf.batch != 1 {
-                            return false;
-                        }
-                        let (pa, pb) = (SendPtr(da.as_mut_ptr()), SendPtr(db.as_mut_ptr()));
-                        let (k, n) = (bm.rows as isize, bm.cols as isize);
-                        let threads = rayon::current_num_threads();
-                        let half = (threads / 2).max(1);
-                        rayon::join(
-                            move || {
-                                let pa = pa;
-                                unsafe { gemm_f32(pa.0, k, 1, false, gf, bm.t(), half) }
-                            },
-                            move || {
-                                let pb = pb;
-                                let rest = (threads - half).max(1);
-                                unsafe { gemm_f32(pb.0, n, 1, false, af.t(), gf, rest) }
-                            },
-                        );
-                        true
-                    })
-                })
-            });
-        if !side_by_side {
-            self.separate_products(grad, &mut da, &mut db, shared_b);
-        }
+        self.products(grad, &mut da, &mut db);
         let dbias = if self.has_bias {
             let n = *grad.shape().last().expect("rank >= 2");
             // Column sums of dC: blocks of rows summed in parallel, then the partial sums.
