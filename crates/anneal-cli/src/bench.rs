@@ -3,7 +3,7 @@
 //! Each measurement runs in its own process (this binary re-invoked with `--worker`, or
 //! `python3 bench/torch_gpt.py`) so that each peak RSS is that run's alone.
 
-use anneal_train::machine::{peak_gflops, peak_rss_mb};
+use anneal_train::machine::{peak_gflops, peak_rss_mb, rss_mb};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
@@ -166,6 +166,21 @@ pub struct Measurement {
     /// Most bytes held by live tensors at once (the engine's own count), MB.
     #[serde(default)]
     pub peak_tensor_mb: f64,
+    /// Resident set size before the model was built (runtime, binary), MB.
+    #[serde(default)]
+    pub base_rss_mb: f64,
+    /// Tensor bytes alive at the end of forward, when every saved activation, parameter and
+    /// gradient is held at once, MB.
+    #[serde(default)]
+    pub forward_live_mb: f64,
+    /// Parameters as stored, and their f32 gradients, MB (both within `forward_live_mb`).
+    #[serde(default)]
+    pub params_mb: f64,
+    #[serde(default)]
+    pub grads_mb: f64,
+    /// Optimizer state (moments, and the master copy of a half-precision store), MB.
+    #[serde(default)]
+    pub optimizer_state_mb: f64,
     pub final_loss: f64,
     /// Every timed step in ms, in order (lock-step runs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -204,6 +219,59 @@ impl Measurement {
             self.final_loss
         )
     }
+}
+
+fn mb(bytes: usize) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// What each anneal run's peak RSS is made of. The process before the model, the tensors alive at
+/// the end of forward (parameters, their gradients, every activation saved for backward) and the
+/// optimizer state are all held at once at that moment, so their sum is the least this step can
+/// peak at whatever the allocator does; the rest of the peak is buffer caches, allocator free
+/// lists and transient scratch. For bf16 against f32 it prints the ratio of floors beside the
+/// ratio of peaks, so a memory target can be checked against what the numerics allow.
+fn print_memory(results: &[&Measurement]) {
+    let runs: Vec<&&Measurement> = results.iter().filter(|m| m.engine == "anneal").collect();
+    if runs.is_empty() {
+        return;
+    }
+    let floor = |m: &Measurement| m.base_rss_mb + m.forward_live_mb + m.optimizer_state_mb;
+    println!(
+        "{:<13} {:>8} {:>7} {:>6} {:>12} {:>10} {:>7} {:>9} {:>14}",
+        "memory (MB)",
+        "process",
+        "params",
+        "grads",
+        "activations",
+        "optimizer",
+        "floor",
+        "peak RSS",
+        "caches & rest"
+    );
+    for m in &runs {
+        println!(
+            "{:<13} {:>8.1} {:>7.1} {:>6.1} {:>12.1} {:>10.1} {:>7.1} {:>9.1} {:>14.1}",
+            format!("anneal {}", m.dtype),
+            m.base_rss_mb,
+            m.params_mb,
+            m.grads_mb,
+            m.forward_live_mb - m.params_mb - m.grads_mb,
+            m.optimizer_state_mb,
+            floor(m),
+            m.peak_rss_mb,
+            m.peak_rss_mb - floor(m)
+        );
+    }
+    let find = |d: &str| runs.iter().find(|m| m.dtype == d);
+    if let (Some(h), Some(f)) = (find("bf16"), find("f32")) {
+        println!(
+            "floor of bf16 vs f32: {:.2}x (peak RSS {:.2}x)",
+            floor(h) / floor(f),
+            h.peak_rss_mb / f.peak_rss_mb
+        );
+    }
+    println!();
 }
 
 pub fn run(cmd: BenchCommand) -> Result<()> {
@@ -246,6 +314,10 @@ struct Stepper {
     seq: usize,
     vocab: usize,
     cfg: GptConfig,
+    /// RSS before the model was built, MB.
+    base_rss_mb: f64,
+    /// Most tensor bytes alive at the end of a forward pass.
+    forward_live: usize,
 }
 
 /// Seconds spent in forward, backward and the optimizer during one step.
@@ -259,6 +331,7 @@ impl Stepper {
             DTypeChoice::Both => bail!("a worker measures one dtype"),
         };
         let cfg = config(b, dtype);
+        let base_rss_mb = rss_mb();
         let model = Gpt::new(cfg.clone(), 1337)?;
         let opt = AdamW::new(
             &model.params,
@@ -276,6 +349,8 @@ impl Stepper {
             seq: b.seq,
             vocab: b.vocab,
             cfg,
+            base_rss_mb,
+            forward_live: 0,
         })
     }
 
@@ -296,6 +371,9 @@ impl Stepper {
             .model
             .loss(&ids, &targets, self.batch, self.seq, None)?;
         let t1 = Instant::now();
+        self.forward_live = self
+            .forward_live
+            .max(anneal_tensor::memory_stats().live_bytes);
         after_forward();
         let t1b = Instant::now();
         loss.backward()?;
@@ -314,6 +392,7 @@ impl Stepper {
         times.sort_by(|a, b| a.total_cmp(b));
         let median = times[times.len() / 2];
         let tokens = (self.batch * self.seq) as f64;
+        let params = &self.model.params;
         Measurement {
             engine: "anneal".into(),
             dtype: self.cfg.dtype.as_str().into(),
@@ -323,7 +402,12 @@ impl Stepper {
             tokens_per_s: tokens / median,
             gflops: self.cfg.flops_per_token(self.seq) * tokens / median / 1e9,
             peak_rss_mb: peak_rss_mb(),
-            peak_tensor_mb: anneal_tensor::memory_stats().peak_bytes as f64 / (1024.0 * 1024.0),
+            peak_tensor_mb: mb(anneal_tensor::memory_stats().peak_bytes),
+            base_rss_mb: self.base_rss_mb,
+            forward_live_mb: mb(self.forward_live),
+            params_mb: mb(params.numel() * params.dtype().size_in_bytes()),
+            grads_mb: mb(params.numel() * 4),
+            optimizer_state_mb: mb(self.opt.state_bytes()),
             final_loss: final_loss as f64,
             step_ms: Vec::new(),
         }
@@ -597,6 +681,12 @@ fn gpt(b: GptBench) -> Result<()> {
         println!("{round:>5} {}", r.row(peak));
     }
     println!();
+    print_memory(
+        &all.iter()
+            .filter(|(r, _)| *r == rounds)
+            .map(|(_, m)| m)
+            .collect::<Vec<_>>(),
+    );
     let find = |round: usize, engine: &str, dtype: &str| {
         all.iter()
             .find(|(r, m)| *r == round && m.engine == engine && m.dtype == dtype)
@@ -775,6 +865,7 @@ fn lockstep(b: &GptBench, dtypes: &[&str], use_torch: bool, peak: f64) -> Result
         println!("{}", r.row(peak));
     }
     println!();
+    print_memory(&results.iter().collect::<Vec<_>>());
     // Ratios of neighbouring steps, then their median and quartiles.
     let per_step = |num: &Measurement, den: &Measurement| -> (f64, f64, f64) {
         let mut v: Vec<f64> = num

@@ -30,6 +30,29 @@ fn bench_gpt_runs_a_tiny_model_in_both_dtypes() {
         assert_eq!(v["dtype"], dtype);
         assert!(v["ms_per_step"].as_f64().unwrap() > 0.0);
         assert!(v["final_loss"].as_f64().unwrap().is_finite());
+        // The memory accounting: f32 gradients; parameters as stored; AdamW's two f32 moments,
+        // plus 2 bytes per parameter of master copy for bf16; saved activations on top.
+        let f = |k: &str| v[k].as_f64().unwrap();
+        let per_byte = f("grads_mb") / 4.0;
+        assert!(per_byte > 0.0, "{v}");
+        let (param_bytes, state_bytes) = if dtype == "f32" {
+            (4.0, 8.0)
+        } else {
+            (2.0, 10.0)
+        };
+        assert!(
+            (f("params_mb") - param_bytes * per_byte).abs() < 1e-9,
+            "{v}"
+        );
+        assert!(
+            (f("optimizer_state_mb") - state_bytes * per_byte).abs() < 1e-9,
+            "{v}"
+        );
+        assert!(f("forward_live_mb") > f("params_mb") + f("grads_mb"), "{v}");
+        assert!(
+            f("base_rss_mb") > 0.0 && f("base_rss_mb") < f("peak_rss_mb"),
+            "{v}"
+        );
     }
 }
 

@@ -146,6 +146,15 @@ struct Master {
 }
 
 impl Master {
+    /// Bytes held beyond the store itself.
+    fn bytes(&self) -> usize {
+        match &self.values {
+            MasterValues::None => 0,
+            MasterValues::Low(v) => 2 * v.len(),
+            MasterValues::Full(v) => 4 * v.len(),
+        }
+    }
+
     fn len_matches(&self, n: usize) -> bool {
         match &self.values {
             MasterValues::None => true,
@@ -224,6 +233,11 @@ impl AdamW {
     /// Steps taken.
     pub fn steps(&self) -> u64 {
         self.step
+    }
+
+    /// Bytes of optimizer state: both moments and, for a half-precision store, its master copy.
+    pub fn state_bytes(&self) -> usize {
+        4 * (self.m.len() + self.v.len()) + self.master.bytes()
     }
 
     /// First and second moments (for checkpoints).
@@ -355,6 +369,12 @@ impl Sgd {
             master: master_copy(store),
             started: false,
         }
+    }
+
+    /// Bytes of optimizer state: the momentum buffer and, for a half-precision store, its master
+    /// copy.
+    pub fn state_bytes(&self) -> usize {
+        4 * self.buf.len() + self.master.bytes()
     }
 
     /// One update from the gradients in `store`.
@@ -514,6 +534,27 @@ mod tests {
         }
         let w = s.by_name("w").unwrap().to_vec_f32()[0];
         assert!((w - 1.02).abs() < 0.005, "{w}");
+    }
+
+    #[test]
+    fn state_bytes_count_moments_and_master_copy() {
+        let store = |dtype| {
+            let mut b = ParamStoreBuilder::new();
+            b.add("w", &Tensor::zeros(&[10, 3], DType::F32), true)
+                .unwrap();
+            b.build(dtype)
+        };
+        let adam = |dtype| AdamW::new(&store(dtype), AdamWConfig::default()).state_bytes();
+        let sgd = |dtype| Sgd::new(&store(dtype), 0.1, 0.9, 0.0).state_bytes();
+        // f32: the moments only; bf16 adds the 2 low bytes per value, f16 a full f32 copy.
+        assert_eq!(
+            [adam(DType::F32), adam(DType::BF16), adam(DType::F16)],
+            [240, 300, 360]
+        );
+        assert_eq!(
+            [sgd(DType::F32), sgd(DType::BF16), sgd(DType::F16)],
+            [120, 180, 240]
+        );
     }
 
     #[test]

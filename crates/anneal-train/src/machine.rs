@@ -2,11 +2,21 @@
 
 /// Peak resident set size of this process, from the kernel's high-water mark.
 pub fn peak_rss_mb() -> f64 {
+    status_mb("VmHWM:")
+}
+
+/// Resident set size of this process now.
+pub fn rss_mb() -> f64 {
+    status_mb("VmRSS:")
+}
+
+/// A kB field of `/proc/self/status` in MB (NaN where there is none).
+fn status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
             s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
+                .find(|l| l.starts_with(field))
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
