@@ -318,7 +318,8 @@ impl Tensor {
         let inner: usize = self.shape()[ax + 1..].iter().product();
         let mut shape = self.shape().to_vec();
         shape[ax] = indices.len();
-        let mut out = crate::pool::zeros(shape.iter().product());
+        // Every output row is copied from a source row below, so the buffer needs no zero fill.
+        let mut out = crate::pool::uninit(shape.iter().product());
         self.with_f32(|v| {
             for o in 0..outer {
                 for (j, &i) in indices.iter().enumerate() {
