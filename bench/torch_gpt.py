@@ -7,6 +7,10 @@ Prints one JSON line in the format of the anneal benchmark workers. Run directly
 With --lockstep (used by `anneal bench gpt --lockstep`) it warms up, prints `ready`, then runs one
 timed step for each `step` line on standard input, answering with its time in ms, and prints the
 JSON result at `done`.
+
+With --profile it times the steps under torch.profiler and prints, per step, the time in matrix
+products, in fused attention and in everything else, then the ten costliest ops (on standard
+error), to set beside `anneal bench gpt --profile`.
 """
 
 import argparse
@@ -67,6 +71,20 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
+def report_profile(prof, steps, step_s):
+    """Per-step ms of the profiled ops' own time: matrix products, attention, the rest."""
+    ops = [(e.key, e.self_cpu_time_total / 1e3 / steps) for e in prof.key_averages()]
+    ops.sort(key=lambda kv: -kv[1])
+    products = sum(ms for k, ms in ops if k in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"))
+    attention = sum(ms for k, ms in ops if "scaled_dot_product" in k or "attention" in k)
+    total = sum(ms for _, ms in ops)
+    err = sys.stderr
+    print(f"per step: {step_s * 1e3:.1f} ms; ops' own time {total:.1f} ms: matrix products {products:.1f}, "
+          f"attention {attention:.1f}, everything else {total - products - attention:.1f}", file=err)
+    for k, ms in ops[:10]:
+        print(f"  {k[:60]:<60} {ms:8.1f} ms/step", file=err)
+
+
 def main():
     p = argparse.ArgumentParser()
     for name, default in [("steps", 10), ("warmup", 3), ("threads", 2), ("batch", 8), ("seq", 256),
@@ -74,6 +92,7 @@ def main():
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--json", action="store_true")
     p.add_argument("--lockstep", action="store_true")
+    p.add_argument("--profile", action="store_true")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     torch.manual_seed(1337)
@@ -106,6 +125,15 @@ def main():
             dt, loss = step()
             times.append(dt)
             print(dt * 1e3, flush=True)
+    elif a.profile:
+        from torch.profiler import ProfilerActivity, profile
+        for _ in range(a.warmup):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(a.steps):
+                dt, loss = step()
+                times.append(dt)
+        report_profile(prof, a.steps, sum(times) / a.steps)
     else:
         for i in range(a.warmup + a.steps):
             dt, loss = step()

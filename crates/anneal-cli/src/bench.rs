@@ -465,6 +465,22 @@ fn worker_steps(b: &GptBench) -> Result<Measurement> {
             phases[1] / n * 1e3,
             phases[2] / n * 1e3
         );
+        // The same split as `bench/torch_gpt.py --profile` prints, to set the engines side by side.
+        let (mut products, mut attention) = (0.0, 0.0);
+        for (name, (_, secs)) in fwd_profile.iter().chain(profile.iter()) {
+            if name.starts_with("matmul") {
+                products += secs;
+            } else if name.starts_with("attention") {
+                attention += secs;
+            }
+        }
+        let total: f64 = phases.iter().sum();
+        eprintln!(
+            "  matrix products {:.1} ms/step, attention {:.1}, everything else {:.1}",
+            products / n * 1e3,
+            attention / n * 1e3,
+            (total - products - attention) / n * 1e3
+        );
         print_op_times("forward ", fwd_profile, n);
         print_op_times("backward", profile, n);
     }
