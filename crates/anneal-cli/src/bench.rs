@@ -173,9 +173,11 @@ pub struct Measurement {
     /// gradient is held at once, MB.
     #[serde(default)]
     pub forward_live_mb: f64,
-    /// Parameters as stored, and their f32 gradients, MB (both within `forward_live_mb`).
+    /// Parameters as stored, MB (within `forward_live_mb`).
     #[serde(default)]
     pub params_mb: f64,
+    /// Their gradients, which are f32 whatever the parameters' dtype, MB (within
+    /// `forward_live_mb`).
     #[serde(default)]
     pub grads_mb: f64,
     /// Optimizer state (moments, and the master copy of a half-precision store), MB.
