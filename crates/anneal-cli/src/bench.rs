@@ -233,8 +233,11 @@ fn mb(bytes: usize) -> f64 {
 /// peak at whatever the allocator does; the rest of the peak is buffer caches, allocator free
 /// lists and transient scratch. For bf16 against f32 it prints the ratio of floors beside the
 /// ratio of peaks, so a memory target can be checked against what the numerics allow.
-fn print_memory(results: &[&Measurement]) {
-    let runs: Vec<&&Measurement> = results.iter().filter(|m| m.engine == "anneal").collect();
+fn print_memory<'a>(results: impl IntoIterator<Item = &'a Measurement>) {
+    let runs: Vec<&Measurement> = results
+        .into_iter()
+        .filter(|m| m.engine == "anneal")
+        .collect();
     if runs.is_empty() {
         return;
     }
@@ -407,8 +410,8 @@ impl Stepper {
             peak_tensor_mb: mb(anneal_tensor::memory_stats().peak_bytes),
             base_rss_mb: self.base_rss_mb,
             forward_live_mb: mb(self.forward_live),
-            params_mb: mb(params.numel() * params.dtype().size_in_bytes()),
-            grads_mb: mb(params.numel() * 4),
+            params_mb: mb(params.data().bytes()),
+            grads_mb: mb(params.grads().bytes()),
             optimizer_state_mb: mb(self.opt.state_bytes()),
             final_loss: final_loss as f64,
             step_ms: Vec::new(),
@@ -699,12 +702,7 @@ fn gpt(b: GptBench) -> Result<()> {
         println!("{round:>5} {}", r.row(peak));
     }
     println!();
-    print_memory(
-        &all.iter()
-            .filter(|(r, _)| *r == rounds)
-            .map(|(_, m)| m)
-            .collect::<Vec<_>>(),
-    );
+    print_memory(all.iter().filter(|(r, _)| *r == rounds).map(|(_, m)| m));
     let find = |round: usize, engine: &str, dtype: &str| {
         all.iter()
             .find(|(r, m)| *r == round && m.engine == engine && m.dtype == dtype)
@@ -883,7 +881,7 @@ fn lockstep(b: &GptBench, dtypes: &[&str], use_torch: bool, peak: f64) -> Result
         println!("{}", r.row(peak));
     }
     println!();
-    print_memory(&results.iter().collect::<Vec<_>>());
+    print_memory(&results);
     // Ratios of neighbouring steps, then their median and quartiles.
     let per_step = |num: &Measurement, den: &Measurement| -> (f64, f64, f64) {
         let mut v: Vec<f64> = num
