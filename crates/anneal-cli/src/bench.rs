@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anneal_nn::{Gpt, GptConfig};
 use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::Optimizer;
 use anneal_tensor::{DType, Rng};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
@@ -340,8 +341,9 @@ impl Stepper {
         let model = Gpt::new(cfg.clone(), 1337)?;
         let opt = AdamW::new(
             &model.params,
+            // As bench/torch_gpt.py: PyTorch's β₂, decay 0.1.
             AdamWConfig {
-                lr: 3e-4,
+                beta2: 0.999,
                 weight_decay: 0.1,
                 ..Default::default()
             },
@@ -383,7 +385,7 @@ impl Stepper {
         let t1b = Instant::now();
         loss.backward()?;
         let t2 = Instant::now();
-        self.opt.step(&self.model.params);
+        self.opt.step(&self.model.params, 3e-4);
         let phases = [
             (t1 - t0).as_secs_f64(),
             (t2 - t1b).as_secs_f64(),

@@ -66,7 +66,10 @@ enum Command {
 }
 
 fn main() -> anyhow::Result<()> {
+    use std::io::IsTerminal;
+    // Colour escapes only for a terminal: a redirected log stays plain text.
     tracing_subscriber::fmt()
+        .with_ansi(std::io::stderr().is_terminal())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),

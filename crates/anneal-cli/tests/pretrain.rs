@@ -230,7 +230,18 @@ fn bf16_runs_resume_bit_for_bit() {
     ok(pretrain(&data, &resumed, 20, &bf16).output().unwrap());
     let mut again = bf16.to_vec();
     again.extend(["--set", "train.max_steps=40", "--resume"]);
-    ok(pretrain(&data, &resumed, 20, &again).output().unwrap());
+    // Logged at info into a pipe, as a redirected log would be: plain text, no colour escapes.
+    let log = pretrain(&data, &resumed, 20, &again)
+        .env("RUST_LOG", "info")
+        .output()
+        .unwrap();
+    ok(log.clone());
+    let log = String::from_utf8_lossy(&log.stderr);
+    assert!(log.contains("resumed from"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "colour escapes in a redirected log: {log:?}"
+    );
     let (want, _) = losses(&straight);
     let (got, _) = losses(&resumed);
     assert_eq!(want.len(), 40);

@@ -1,6 +1,7 @@
 //! GPT-2 (Radford et al. 2019, "Language Models are Unsupervised Multitask Learners"), the
 //! architecture of nanoGPT's `model.py` and Hugging Face's `GPT2LMHeadModel`, with the same
-//! parameter names and layouts (`Conv1D` weights stored `[in, out]`).
+//! parameter names and layouts (`Conv1D` weights stored `[in, out]`), composed of the layers in
+//! [`crate::layers`]:
 //!
 //! ```text
 //! x = wte[ids] + wpe[0..T]
@@ -9,10 +10,12 @@
 //! logits = ln_f(x) · wteᵀ            (tied head; or lm_head.weightᵀ when untied)
 //! ```
 
-use anneal_tensor::{
-    checkpoint, AttentionOptions, CrossEntropyOptions, DType, ParamId, ParamStore,
-    ParamStoreBuilder, Result, Rng, Tensor,
+use crate::layers::{
+    Block, BlockConfig, Builder, Embedding, KvCache, LayerNorm, LmHead, ParallelContext,
+    SingleDevice, Weights,
 };
+use anneal_tensor::{checkpoint, CrossEntropyOptions, DType, ParamId, ParamStore, Result, Tensor};
+use std::sync::Arc;
 
 /// Hyper-parameters of a GPT-2 model.
 #[derive(Clone, Debug, PartialEq)]
@@ -91,13 +94,40 @@ impl GptConfig {
     }
 }
 
-struct BlockParams {
-    ln_1: (ParamId, Option<ParamId>),
-    c_attn: (ParamId, Option<ParamId>),
-    attn_proj: (ParamId, Option<ParamId>),
-    ln_2: (ParamId, Option<ParamId>),
-    c_fc: (ParamId, Option<ParamId>),
-    mlp_proj: (ParamId, Option<ParamId>),
+/// One of a GPT's layers in forward order, as a pipeline cuts them into stages.
+pub enum GptLayer<'a> {
+    /// Token and position embeddings.
+    Embedding {
+        /// Token embedding.
+        wte: &'a Embedding,
+        /// Learned positions.
+        wpe: &'a Embedding,
+    },
+    /// Transformer block `index`.
+    Block {
+        /// Its place in the stack.
+        index: usize,
+        /// The block.
+        block: &'a Block,
+    },
+    /// Final norm and output head.
+    Head {
+        /// Final LayerNorm.
+        ln_f: &'a LayerNorm,
+        /// Output head.
+        head: &'a LmHead,
+    },
+}
+
+impl GptLayer<'_> {
+    /// Parameter ids the layer owns (a tied head owns none: the embedding does).
+    pub fn params(&self) -> Vec<ParamId> {
+        match self {
+            GptLayer::Embedding { wte, wpe } => vec![wte.weight(), wpe.weight()],
+            GptLayer::Block { block, .. } => block.params(),
+            GptLayer::Head { ln_f, head } => [ln_f.params(), head.params()].concat(),
+        }
+    }
 }
 
 /// A GPT-2 model and its parameters.
@@ -106,112 +136,98 @@ pub struct Gpt {
     pub config: GptConfig,
     /// Its parameters, flat, under Hugging Face names.
     pub params: ParamStore,
-    wte: ParamId,
-    wpe: ParamId,
-    blocks: Vec<BlockParams>,
-    ln_f: (ParamId, Option<ParamId>),
-    lm_head: Option<ParamId>,
+    parallel: Arc<dyn ParallelContext>,
+    wte: Embedding,
+    wpe: Embedding,
+    blocks: Vec<Block>,
+    ln_f: LayerNorm,
+    head: LmHead,
 }
 
-const LN_EPS: f32 = 1e-5;
-
 impl Gpt {
-    /// A freshly initialised model: weights Normal(0, 0.02), residual projections scaled by
-    /// 1/√(2·n_layer) (GPT-2 paper §2.3), biases zero, LayerNorm weights one.
+    /// A freshly initialised model on one device: weights Normal(0, 0.02), residual projections
+    /// scaled by 1/√(2·n_layer) (GPT-2 paper §2.3), biases zero, LayerNorm weights one.
     pub fn new(config: GptConfig, seed: u64) -> Result<Gpt> {
+        Gpt::new_in(config, seed, Arc::new(SingleDevice))
+    }
+
+    /// A freshly initialised model whose layers are split as `parallel` says.
+    pub fn new_in(config: GptConfig, seed: u64, parallel: Arc<dyn ParallelContext>) -> Result<Gpt> {
         let c = &config;
-        let mut rng = Rng::new(seed);
-        let mut b = ParamStoreBuilder::new();
-        let d = c.n_embd;
-        let std = 0.02;
-        let proj_std = 0.02 / (2.0 * c.n_layer as f32).sqrt();
-        let mut normal = |shape: &[usize], s: f32| Tensor::randn(shape, s, DType::F32, &mut rng);
-        let wte = b.add(
-            "transformer.wte.weight",
-            &normal(&[c.vocab_size, d], std),
-            false,
-        )?;
-        let wpe = b.add(
-            "transformer.wpe.weight",
-            &normal(&[c.block_size, d], std),
-            false,
-        )?;
-        let zeros = |n: usize| Tensor::zeros(&[n], DType::F32);
-        let ones = |n: usize| Tensor::ones(&[n], DType::F32);
-        let mut blocks = Vec::with_capacity(c.n_layer);
-        for i in 0..c.n_layer {
-            let p = format!("transformer.h.{i}");
-            let norm =
-                |b: &mut ParamStoreBuilder, name: &str| -> Result<(ParamId, Option<ParamId>)> {
-                    let w = b.add(&format!("{p}.{name}.weight"), &ones(d), false)?;
-                    let bias = if c.bias {
-                        Some(b.add(&format!("{p}.{name}.bias"), &zeros(d), false)?)
-                    } else {
-                        None
-                    };
-                    Ok((w, bias))
-                };
-            let ln_1 = norm(&mut b, "ln_1")?;
-            let ln_2 = norm(&mut b, "ln_2")?;
-            let mut linear = |b: &mut ParamStoreBuilder,
-                              name: &str,
-                              fan_in: usize,
-                              fan_out: usize,
-                              s: f32|
-             -> Result<(ParamId, Option<ParamId>)> {
-                let w = b.add(
-                    &format!("{p}.{name}.weight"),
-                    &normal(&[fan_in, fan_out], s),
-                    true,
-                )?;
-                let bias = if c.bias {
-                    Some(b.add(&format!("{p}.{name}.bias"), &zeros(fan_out), false)?)
-                } else {
-                    None
-                };
-                Ok((w, bias))
-            };
-            let c_attn = linear(&mut b, "attn.c_attn", d, 3 * d, std)?;
-            let attn_proj = linear(&mut b, "attn.c_proj", d, d, proj_std)?;
-            let c_fc = linear(&mut b, "mlp.c_fc", d, 4 * d, std)?;
-            let mlp_proj = linear(&mut b, "mlp.c_proj", 4 * d, d, proj_std)?;
-            blocks.push(BlockParams {
-                ln_1,
-                c_attn,
-                attn_proj,
-                ln_2,
-                c_fc,
-                mlp_proj,
-            });
-        }
-        let ln_f_w = b.add("transformer.ln_f.weight", &ones(d), false)?;
-        let ln_f_b = if c.bias {
-            Some(b.add("transformer.ln_f.bias", &zeros(d), false)?)
+        let mut b = Builder::with_parallel(seed, parallel);
+        let wte = Embedding::new(&mut b, "transformer.wte", c.vocab_size, c.n_embd, 0.02)?;
+        let wpe = Embedding::new(&mut b, "transformer.wpe", c.block_size, c.n_embd, 0.02)?;
+        let block = BlockConfig::gpt2(c.n_embd, c.n_head, c.n_layer, c.bias);
+        let blocks = (0..c.n_layer)
+            .map(|i| Block::new(&mut b, &format!("transformer.h.{i}"), &block))
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(&mut b, "transformer.ln_f", c.n_embd, c.bias, block.eps)?;
+        let head = if c.tie_embeddings {
+            LmHead::tied(wte.weight())
         } else {
-            None
+            LmHead::untied(&mut b, "lm_head", c.n_embd, c.vocab_size, 0.02)?
         };
-        let lm_head = if c.tie_embeddings {
-            None
-        } else {
-            Some(b.add("lm_head.weight", &normal(&[c.vocab_size, d], std), true)?)
-        };
+        let (params, parallel) = b.build(c.dtype);
         Ok(Gpt {
-            params: b.build(c.dtype),
             config,
+            params,
+            parallel,
             wte,
             wpe,
             blocks,
-            ln_f: (ln_f_w, ln_f_b),
-            lm_head,
+            ln_f,
+            head,
         })
     }
 
-    fn p(&self, id: ParamId) -> Tensor {
-        self.params.get(id).clone()
+    /// The parameters as layers look them up at forward time.
+    pub fn weights(&self) -> Weights {
+        Weights::new(&self.params, self.parallel.clone())
     }
 
-    fn pair(&self, ids: (ParamId, Option<ParamId>)) -> (Tensor, Option<Tensor>) {
-        (self.p(ids.0), ids.1.map(|b| self.p(b)))
+    /// The layers in forward order: embedding, blocks, head.
+    pub fn layers(&self) -> Vec<GptLayer<'_>> {
+        let mut out = vec![GptLayer::Embedding {
+            wte: &self.wte,
+            wpe: &self.wpe,
+        }];
+        out.extend(
+            self.blocks
+                .iter()
+                .enumerate()
+                .map(|(index, block)| GptLayer::Block { index, block }),
+        );
+        out.push(GptLayer::Head {
+            ln_f: &self.ln_f,
+            head: &self.head,
+        });
+        out
+    }
+
+    /// Token plus position embeddings `[B, T, d]` of `ids` `[B, T]` at positions
+    /// `start..start + T`, after checking that they fit the context and the vocabulary.
+    fn embed(&self, w: &Weights, ids: &[u32], shape: [usize; 2], start: usize) -> Result<Tensor> {
+        let (op, t) = ("Gpt::forward", shape[1]);
+        if t == 0 || start + t > self.config.block_size {
+            return Err(anneal_tensor::Error::Invalid {
+                op,
+                reason: format!(
+                    "{t} positions after {start} must be at least one and fit in block_size {}",
+                    self.config.block_size
+                ),
+            });
+        }
+        let tok = self.wte.forward(w, ids, &shape, op)?;
+        tok.add(&self.wpe.range(w, start, t)?)
+    }
+
+    /// Final LayerNorm and output head: `[…, d]` → logits `[rows, vocab]`.
+    fn head(&self, w: &Weights, x: &Tensor, rows: usize) -> Result<Tensor> {
+        let x = self
+            .ln_f
+            .forward(w, x)?
+            .reshape(&[rows, self.config.n_embd])?;
+        self.head.forward(w, &x)
     }
 
     /// Logits `[B·T, vocab]` for token ids `[B, T]` (row-major). `dropout_seed` turns dropout on
@@ -224,119 +240,47 @@ impl Gpt {
         dropout_seed: Option<u64>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        if seq > c.block_size {
-            return Err(anneal_tensor::Error::Invalid {
-                op: "Gpt::forward",
-                reason: format!("sequence length {seq} exceeds block_size {}", c.block_size),
-            });
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-            return Err(anneal_tensor::Error::IndexOutOfRange {
-                op: "Gpt::forward",
-                index: bad as i64,
-                limit: c.vocab_size,
-            });
-        }
-        let p_drop = if dropout_seed.is_some() {
-            c.dropout
-        } else {
-            0.0
-        };
+        let p_drop = dropout_seed.map_or(0.0, |_| c.dropout);
         let seed = dropout_seed.unwrap_or(0);
-        let tok = self.p(self.wte).embedding(ids, &[batch, seq])?;
-        let pos = self.p(self.wpe).narrow(0, 0, seq)?;
-        let mut x = tok.add(&pos)?.dropout(p_drop, seed)?;
-        for i in 0..self.blocks.len() {
-            let run = self.block_run(
-                i,
-                p_drop,
-                seed.wrapping_add(1 + 2 * i as u64)
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
-            x = if c.checkpoint_blocks {
-                checkpoint(&[x], move |t| run.forward(&t[0]))?
-            } else {
-                run.forward(&x)?
+        let w = self.weights();
+        let mut x = Tensor::zeros(&[0], DType::F32);
+        for layer in self.layers() {
+            x = match layer {
+                GptLayer::Embedding { .. } => self
+                    .embed(&w, ids, [batch, seq], 0)?
+                    .dropout(p_drop, seed)?,
+                GptLayer::Block { index, block } => {
+                    let seed = seed
+                        .wrapping_add(1 + 2 * index as u64)
+                        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+                    if c.checkpoint_blocks {
+                        let (block, w) = (block.clone(), w.clone());
+                        checkpoint(&[x], move |t| block.forward(&w, &t[0], p_drop, seed))?
+                    } else {
+                        block.forward(&w, &x, p_drop, seed)?
+                    }
+                }
+                GptLayer::Head { .. } => self.head(&w, &x, batch * seq)?,
             };
         }
-        self.head(&x, batch * seq)
-    }
-
-    fn block_run(&self, i: usize, p_drop: f32, seed: u64) -> BlockRun {
-        let blk = &self.blocks[i];
-        BlockRun {
-            ln_1: self.pair(blk.ln_1),
-            c_attn: self.pair(blk.c_attn),
-            attn_proj: self.pair(blk.attn_proj),
-            ln_2: self.pair(blk.ln_2),
-            c_fc: self.pair(blk.c_fc),
-            mlp_proj: self.pair(blk.mlp_proj),
-            n_head: self.config.n_head,
-            p_drop,
-            seed,
-        }
-    }
-
-    /// Final LayerNorm and output head: `[…, d]` → logits `[rows, vocab]`.
-    fn head(&self, x: &Tensor, rows: usize) -> Result<Tensor> {
-        let (w, b) = self.pair(self.ln_f);
-        let x = x.layer_norm(&w, b.as_ref(), LN_EPS)?;
-        let head = match self.lm_head {
-            Some(id) => self.p(id),
-            None => self.p(self.wte),
-        };
-        let x = x.reshape(&[rows, self.config.n_embd])?;
-        x.matmul(&head.transpose(0, 1)?)
+        Ok(x)
     }
 
     /// Logits `[n, vocab]` of `ids` (one sequence) following the positions held in `cache`,
     /// which grows by `n`. Runs without recording gradients. Fails when the cache would exceed
     /// `block_size` (the caller then restarts from a shorter context).
     pub fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let c = &self.config;
-        let (start, n) = (cache.len, ids.len());
-        if n == 0 || start + n > c.block_size {
-            return Err(anneal_tensor::Error::Invalid {
-                op: "Gpt::forward_cached",
-                reason: format!(
-                    "{n} new positions after {start} cached must be at least one and fit in \
-                     block_size {}",
-                    c.block_size
-                ),
-            });
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= c.vocab_size) {
-            return Err(anneal_tensor::Error::IndexOutOfRange {
-                op: "Gpt::forward_cached",
-                index: bad as i64,
-                limit: c.vocab_size,
-            });
-        }
+        let (start, n) = (cache.len(), ids.len());
+        let w = self.weights();
         anneal_tensor::no_grad(|| {
-            let (h, d) = (c.n_head, c.n_embd);
-            let tok = self.p(self.wte).embedding(ids, &[1, n])?;
-            let pos = self.p(self.wpe).narrow(0, start, n)?;
-            let mut x = tok.add(&pos)?;
-            for i in 0..self.blocks.len() {
-                let run = self.block_run(i, 0.0, 0);
-                x = run.forward_with(&x, |qkv| {
-                    let part = |j: usize| qkv.narrow(2, j * d, d)?.reshape(&[1, n, h, d / h]);
-                    let (q, mut k, mut v) = (part(0)?, part(1)?, part(2)?);
-                    if let Some((pk, pv)) = cache.layers.get(i) {
-                        k = Tensor::concat(&[pk, &k], 1)?;
-                        v = Tensor::concat(&[pv, &v], 1)?;
-                    }
-                    let a = Tensor::attention(&q, &k, &v, &CAUSAL)?;
-                    if i < cache.layers.len() {
-                        cache.layers[i] = (k, v);
-                    } else {
-                        cache.layers.push((k, v));
-                    }
-                    a.reshape(&[1, n, d])
-                })?;
+            let mut x = self.embed(&w, ids, [1, n], start)?;
+            for (i, block) in self.blocks.iter().enumerate() {
+                let (y, kv) = block.forward_cached(&w, &x, cache.layer(i), start)?;
+                cache.set_layer(i, kv);
+                x = y;
             }
-            cache.len += n;
-            self.head(&x, n)
+            cache.advance(n);
+            self.head(&w, &x, n)
         })
     }
 
@@ -354,89 +298,12 @@ impl Gpt {
     }
 }
 
-const CAUSAL: AttentionOptions = AttentionOptions {
-    causal: true,
-    key_padding_mask: None,
-    scale: None,
-};
-
-/// Keys and values of the positions already run, per block, so that generating one more token
-/// costs one position's work (O(context) attention) instead of a re-run of the whole context.
-#[derive(Default)]
-pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-    len: usize,
-}
-
-impl KvCache {
-    /// An empty cache.
-    pub fn new() -> KvCache {
-        KvCache::default()
-    }
-
-    /// Positions held.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Whether no position is held.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Forgets every position.
-    pub fn clear(&mut self) {
-        self.layers.clear();
-        self.len = 0;
-    }
-}
-
-/// One block's parameters and settings, movable into a checkpointed closure.
-struct BlockRun {
-    ln_1: (Tensor, Option<Tensor>),
-    c_attn: (Tensor, Option<Tensor>),
-    attn_proj: (Tensor, Option<Tensor>),
-    ln_2: (Tensor, Option<Tensor>),
-    c_fc: (Tensor, Option<Tensor>),
-    mlp_proj: (Tensor, Option<Tensor>),
-    n_head: usize,
-    p_drop: f32,
-    seed: u64,
-}
-
-impl BlockRun {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, |qkv| {
-            qkv.attention_packed(self.n_head, self.n_head, &CAUSAL)
-        })
-    }
-
-    /// The block with its attention given as `attend(qkv) → [B, T, d]`.
-    fn forward_with(
-        &self,
-        x: &Tensor,
-        attend: impl FnOnce(&Tensor) -> Result<Tensor>,
-    ) -> Result<Tensor> {
-        let h = x.layer_norm(&self.ln_1.0, self.ln_1.1.as_ref(), LN_EPS)?;
-        let qkv = h.linear(&self.c_attn.0, self.c_attn.1.as_ref())?;
-        let a = attend(&qkv)?;
-        let a = a
-            .linear(&self.attn_proj.0, self.attn_proj.1.as_ref())?
-            .dropout(self.p_drop, self.seed)?;
-        let x = x.add(&a)?;
-        let h = x.layer_norm(&self.ln_2.0, self.ln_2.1.as_ref(), LN_EPS)?;
-        let h = h.linear(&self.c_fc.0, self.c_fc.1.as_ref())?.gelu_tanh();
-        let h = h
-            .linear(&self.mlp_proj.0, self.mlp_proj.1.as_ref())?
-            .dropout(self.p_drop, self.seed ^ 1)?;
-        x.add(&h)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use anneal_tensor::optim::{AdamW, AdamWConfig};
+    use anneal_tensor::Optimizer;
+    use anneal_tensor::ParamId;
 
     fn tiny() -> GptConfig {
         GptConfig {
@@ -477,20 +344,14 @@ mod tests {
         let m = Gpt::new(tiny(), 1).unwrap();
         let ids: Vec<u32> = vec![1, 2, 3, 4, 5, 6, 7, 8, 3, 4, 5, 6, 7, 8, 9, 10];
         let targets: Vec<i64> = ids.iter().map(|&i| ((i + 1) % 11) as i64).collect();
-        let mut opt = AdamW::new(
-            &m.params,
-            AdamWConfig {
-                lr: 1e-2,
-                ..Default::default()
-            },
-        );
+        let mut opt = AdamW::new(&m.params, AdamWConfig::default());
         let first = m.loss(&ids, &targets, 2, 8, None).unwrap().item().unwrap();
         let mut last = first;
         for _ in 0..60 {
             m.params.zero_grad();
             let loss = m.loss(&ids, &targets, 2, 8, None).unwrap();
             loss.backward().unwrap();
-            opt.step(&m.params);
+            opt.step(&m.params, 1e-2);
             last = loss.item().unwrap();
         }
         assert!(first > 2.0 && last < 0.3, "loss {first} -> {last}");
@@ -573,6 +434,49 @@ mod tests {
             m.forward_cached(&[1], &mut cache).is_err(),
             "past block_size"
         );
+    }
+
+    #[test]
+    fn freezing_all_but_one_block_cuts_gradient_and_optimizer_bytes_in_proportion() {
+        let full = Gpt::new(GptConfig::bench(), 0).unwrap();
+        let mut m = Gpt::new(GptConfig::bench(), 0).unwrap();
+        let block: Vec<ParamId> = match &m.layers()[2] {
+            GptLayer::Block { index: 1, block } => block.params(),
+            _ => panic!("layer 2 is block 1"),
+        };
+        let names: Vec<String> = block
+            .iter()
+            .map(|&id| m.params.infos()[id.0].name.clone())
+            .collect();
+        assert!(names.iter().all(|n| n.starts_with("transformer.h.1.")));
+        let kept = m.params.train_only(|n| names.iter().any(|k| k == n));
+        assert_eq!(kept, block.len());
+        let block_numel: usize = block.iter().map(|&id| m.params.infos()[id.0].len).sum();
+        assert_eq!(m.params.trainable_numel(), block_numel);
+        assert_eq!(m.params.grads().bytes(), 4 * block_numel);
+        let adam = |p: &ParamStore| AdamW::new(p, AdamWConfig::default()).state_bytes();
+        // Gradient and optimizer bytes shrink by the trainable share of the parameters.
+        let share = block_numel as f64 / full.params.numel() as f64;
+        let ratio = m.params.grads().bytes() as f64 / full.params.grads().bytes() as f64;
+        assert!((ratio - share).abs() < 1e-12, "{ratio} vs {share}");
+        let ratio = adam(&m.params) as f64 / adam(&full.params) as f64;
+        assert!((ratio - share).abs() < 1e-12, "{ratio} vs {share}");
+        // Training moves the block and nothing else; frozen parameters get no gradient.
+        let ids: Vec<u32> = (0..2 * 16).map(|i| (i * 5 % 512) as u32).collect();
+        let targets: Vec<i64> = ids.iter().map(|&i| ((i + 1) % 512) as i64).collect();
+        let before = m.params.named();
+        let before: Vec<Vec<f32>> = before.iter().map(|(_, t)| t.to_vec_f32()).collect();
+        let mut opt = AdamW::new(&m.params, AdamWConfig::default());
+        m.loss(&ids, &targets, 2, 16, None)
+            .unwrap()
+            .backward()
+            .unwrap();
+        opt.step(&m.params, 1e-2);
+        for (i, (name, t)) in m.params.named().iter().enumerate() {
+            let moved = t.to_vec_f32() != before[i];
+            assert_eq!(moved, names.contains(name), "{name}");
+            assert_eq!(t.grad().is_some(), names.contains(name), "{name}");
+        }
     }
 
     #[test]

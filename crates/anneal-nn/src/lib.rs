@@ -1,11 +1,19 @@
 //! # anneal-nn
 //!
-//! Models built on `anneal-tensor`, written to be read top to bottom. Parameter names follow the
-//! Hugging Face checkpoints of each architecture, so weights load and export without renaming.
+//! Layers and models built on `anneal-tensor`, written to be read top to bottom. Parameter names
+//! follow the Hugging Face checkpoints of each architecture, so weights load and export without
+//! renaming.
 //!
-//! * [`gpt`]: GPT-2 (Radford et al. 2019): learned positions, pre-norm blocks, GELU MLP, tied or
-//!   untied output head.
+//! * [`layers`]: `Linear`, `Embedding`, `LayerNorm`/`RMSNorm`, self-attention (multi-head and
+//!   grouped key/value heads, RoPE, KV cache), `Mlp` (GELU, gated SiLU), the pre-norm `Block`,
+//!   and heads (language model tied or untied, classification, scalar); each built from a
+//!   `Builder` under a name prefix, looking its tensors up at forward time through a
+//!   `ParallelContext` (single-device by default; where tensor parallelism and ZeRO-3 plug in).
+//! * [`gpt`]: GPT-2 (Radford et al. 2019) composed of those layers: learned positions, pre-norm
+//!   blocks, GELU MLP, tied or untied output head, optional block recomputation, KV cache.
 
 pub mod gpt;
+pub mod layers;
 
-pub use gpt::{Gpt, GptConfig, KvCache};
+pub use gpt::{Gpt, GptConfig, GptLayer};
+pub use layers::KvCache;

@@ -13,6 +13,7 @@ use anneal_nn::{Gpt, GptConfig};
 use anneal_tensor::io::load_safetensors;
 use anneal_tensor::optim::{AdamW, AdamWConfig};
 use anneal_tensor::testing::rel_err_inf;
+use anneal_tensor::Optimizer;
 use anneal_tensor::{DType, Tensor};
 
 fn fixtures() -> HashMap<String, Tensor> {
@@ -80,14 +81,13 @@ fn f32_forward_backward_and_adamw_step_match_pytorch() {
     let mut opt = AdamW::new(
         &m.params,
         AdamWConfig {
-            lr: 1e-3,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
         },
     );
-    opt.step(&m.params);
+    opt.step(&m.params, 1e-3);
     for p in m.params.infos() {
         let v = m.params.by_name(&p.name).unwrap().to_vec_f32();
         let e = rel_err_inf(&v, &fx[&format!("adamw.{}", p.name)].to_vec_f32());

@@ -45,6 +45,26 @@ pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) {
     update_with(dst, src, |d, s| *d += s);
 }
 
+/// Adds per-chunk partial sums in chunk order: `parts[0] + parts[1] + …`, element by element.
+///
+/// Reductions split across rayon tasks collect their partials with an order-preserving
+/// `collect` and sum them here, so the result depends only on the data and the fixed chunk size,
+/// never on which thread ran which chunk or how many threads there are (rayon's `reduce` and `sum`
+/// combine partials in a tree whose shape follows the work stealing). The partials go back to the
+/// buffer pool.
+pub(crate) fn sum_in_order(parts: Vec<Vec<f32>>, n: usize) -> Vec<f32> {
+    let mut parts = parts.into_iter();
+    let mut acc = match parts.next() {
+        Some(first) => first,
+        None => return crate::pool::zeros(n),
+    };
+    for p in parts {
+        vectorized(|| acc.iter_mut().zip(&p).for_each(|(a, &b)| *a += b));
+        crate::pool::recycle(p);
+    }
+    acc
+}
+
 /// Applies `f` to every element of `src`, writing `dst`, in parallel chunks.
 pub(crate) fn map_into(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32 + Sync) {
     update_with(dst, src, |d, s| *d = f(s));

@@ -44,7 +44,8 @@ pub use error::{Error, Result};
 pub use init::Rng;
 pub use ops::attention::AttentionOptions;
 pub use ops::softmax::CrossEntropyOptions;
-pub use params::{ParamId, ParamStore, ParamStoreBuilder};
+pub use optim::Optimizer;
+pub use params::{ParamGroup, ParamId, ParamStore, ParamStoreBuilder};
 pub use storage::{memory_stats, reset_peak_memory, MemoryStats};
 pub use tensor::Tensor;
 

@@ -1,9 +1,15 @@
 //! Optimizers over a [`ParamStore`]'s flat buffers: AdamW and SGD with momentum, each one fused
-//! pass over the parameters, split into blocks that run on all threads.
+//! pass over the trainable parameters, split into blocks that run on all threads.
+//!
+//! An optimizer's state (moments, momentum, master copy) is laid out like the store's gradient
+//! buffer: trainable parameters only, so a frozen parameter costs no optimizer memory. The step
+//! takes the learning rate (as llm.c's update does), scaled per [`crate::ParamGroup`].
 //!
 //! Half-precision parameters get an f32 master copy inside the optimizer: the update is computed
 //! and kept in f32 and only the result is rounded into the model's bf16/f16 buffer
 //! (Micikevicius et al. 2018, "Mixed Precision Training").
+
+use std::collections::HashMap;
 
 use rayon::prelude::*;
 
@@ -14,27 +20,43 @@ use crate::DType;
 /// Elements per parallel block of an optimizer step.
 const BLOCK: usize = 1 << 15;
 
-/// A contiguous run of elements sharing one weight-decay setting.
+/// A contiguous run of one parameter's elements: its place in the parameter buffer, in the
+/// gradient buffer and optimizer state, and the settings of its group.
 #[derive(Clone, Copy)]
 struct Run {
-    start: usize,
-    end: usize,
-    decay: bool,
+    /// First element in the parameter buffer.
+    data: usize,
+    /// First element in the gradient buffer and in every state vector.
+    state: usize,
+    len: usize,
+    /// Learning rate for this run (the step's, times its group's scale).
+    lr: f32,
+    /// Decoupled weight decay for this run (0 where decay is off).
+    weight_decay: f32,
 }
 
-/// The trainable runs of the store, cut into blocks.
-fn runs(store: &ParamStore) -> Vec<Run> {
+/// The trainable runs of the store, cut into blocks, with each group's learning rate and decay.
+fn runs(store: &ParamStore, lr: f32, weight_decay: f32) -> Vec<Run> {
     let mut out = Vec::new();
-    for p in store.infos().iter().filter(|p| p.requires_grad) {
-        let mut s = p.offset;
-        while s < p.offset + p.len {
-            let e = (s + BLOCK).min(p.offset + p.len);
+    for p in store.infos() {
+        let Some(state) = p.grad_offset else { continue };
+        let group = &store.groups()[p.group];
+        let decay = if p.weight_decay {
+            group.weight_decay.unwrap_or(weight_decay)
+        } else {
+            0.0
+        };
+        let mut s = 0;
+        while s < p.len {
+            let len = BLOCK.min(p.len - s);
             out.push(Run {
-                start: s,
-                end: e,
-                decay: p.weight_decay,
+                data: p.offset + s,
+                state: state + s,
+                len,
+                lr: lr * group.lr_scale,
+                weight_decay: decay,
             });
-            s = e;
+            s += len;
         }
     }
     out
@@ -49,12 +71,12 @@ impl<T> Ptr<T> {
         Ptr(v.as_mut_ptr())
     }
 
-    /// Elements `r.start..r.end`.
+    /// Elements `start..start + len`.
     ///
-    /// SAFETY: the caller hands out disjoint runs of a buffer at least `r.end` long that outlives
-    /// the slice.
-    unsafe fn run<'a>(self, r: Run) -> &'a mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(r.start), r.end - r.start)
+    /// SAFETY: the caller hands out disjoint ranges of a buffer at least `start + len` long that
+    /// outlives the slice.
+    unsafe fn range<'a>(self, start: usize, len: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(start), len)
     }
 }
 
@@ -80,17 +102,19 @@ fn for_each_block(
     store: &ParamStore,
     master: &mut Master,
     states: &mut [&mut Vec<f32>],
+    runs: &[Run],
     update: impl Fn(Run, &mut [f32], &[f32], &mut [&mut [f32]]) + Sync,
 ) {
+    let n = store.trainable_numel();
     assert!(
-        states.iter().all(|s| s.len() == store.numel()) && master.len_matches(store.numel()),
-        "optimizer state was built for a store of another size: create the optimizer from the store it steps"
+        states.iter().all(|s| s.len() == n) && master.len_matches(n),
+        "optimizer state was built for a store of another size: create the optimizer from the \
+         store it steps, after freezing"
     );
     // Values written into the store since the master copy was taken (a checkpoint load) win.
     if master.version != store.version() {
         *master = master_copy(store);
     }
-    let runs = runs(store);
     let grads = store.grads().read();
     let Buffer::F32(g) = &*grads else { return };
     let mut data = store.data().write();
@@ -102,23 +126,30 @@ fn for_each_block(
     };
     let state_ptrs: Vec<Ptr<f32>> = states.iter_mut().map(|s| Ptr::new(s)).collect();
     runs.par_iter().for_each(|&r| {
-        // SAFETY: runs are disjoint ranges inside every buffer, all of length store.numel().
-        let mut st: Vec<&mut [f32]> = state_ptrs.iter().map(|s| unsafe { s.run(r) }).collect();
-        let g = &g[r.start..r.end];
+        // SAFETY: runs are disjoint ranges of the parameter buffer and of the state space (which
+        // every state vector, the master copy and the gradient buffer share).
+        let mut st: Vec<&mut [f32]> = state_ptrs
+            .iter()
+            .map(|s| unsafe { s.range(r.state, r.len) })
+            .collect();
+        let g = &g[r.state..r.state + r.len];
         crate::kernels::vectorized(|| match target {
-            Target::F32(p) => update(r, unsafe { p.run(r) }, g, &mut st),
+            Target::F32(p) => update(r, unsafe { p.range(r.data, r.len) }, g, &mut st),
             Target::Master(m, store) => {
-                let m = unsafe { m.run(r) };
+                let m = unsafe { m.range(r.state, r.len) };
                 update(r, m, g, &mut st);
-                for (d, &x) in unsafe { store.run(r) }.iter_mut().zip(m.iter()) {
+                for (d, &x) in unsafe { store.range(r.data, r.len) }
+                    .iter_mut()
+                    .zip(m.iter())
+                {
                     *d = half::f16::from_f32(x);
                 }
             }
             Target::Split(hi, lo) => {
-                let (hi, lo) = unsafe { (hi.run(r), lo.run(r)) };
+                let (hi, lo) = unsafe { (hi.range(r.data, r.len), lo.range(r.state, r.len)) };
                 SCRATCH.with(|x| {
                     let mut x = x.borrow_mut();
-                    x.resize(r.end - r.start, 0.0);
+                    x.resize(r.len, 0.0);
                     crate::kernels::join_bf16(hi, lo, &mut x);
                     update(r, &mut x, g, &mut st);
                     crate::kernels::split_bf16(&x, hi, lo);
@@ -128,7 +159,7 @@ fn for_each_block(
     });
 }
 
-/// The f32 master copy of a half-precision store.
+/// The f32 master copy of a half-precision store, over its trainable parameters.
 enum MasterValues {
     /// f32 stores are their own master.
     None,
@@ -164,16 +195,23 @@ impl Master {
     }
 }
 
+/// The stored values of the trainable parameters, in state order.
+fn trainable_values(store: &ParamStore) -> Vec<f32> {
+    let mut out = vec![0.0f32; store.trainable_numel()];
+    let data = store.data().read();
+    for p in store.infos() {
+        if let Some(s) = p.grad_offset {
+            data.read_range_f32(p.offset, &mut out[s..s + p.len]);
+        }
+    }
+    out
+}
+
 fn master_copy(store: &ParamStore) -> Master {
-    let n = store.numel();
     let values = match store.dtype() {
         DType::F32 => MasterValues::None,
-        DType::BF16 => MasterValues::Low(vec![0; n]),
-        DType::F16 => {
-            let mut m = vec![0.0f32; n];
-            store.data().read().read_range_f32(0, &mut m);
-            MasterValues::Full(m)
-        }
+        DType::BF16 => MasterValues::Low(vec![0; store.trainable_numel()]),
+        DType::F16 => MasterValues::Full(trainable_values(store)),
     };
     Master {
         values,
@@ -181,11 +219,123 @@ fn master_copy(store: &ParamStore) -> Master {
     }
 }
 
-/// AdamW hyper-parameters (Loshchilov & Hutter 2019), PyTorch's defaults except weight decay.
-#[derive(Clone, Copy, Debug)]
+/// The master copy of a half-precision store in f32 (for checkpoints); `None` for f32 stores.
+fn master_values(master: &Master, store: &ParamStore) -> Option<Vec<f32>> {
+    match &master.values {
+        MasterValues::None => None,
+        // Values written since the last step win, as the next step will take them.
+        _ if master.version != store.version() => Some(trainable_values(store)),
+        MasterValues::Full(m) => Some(m.clone()),
+        MasterValues::Low(lo) => {
+            let data = store.data().read();
+            let Buffer::BF16(hi) = &*data else {
+                unreachable!("low halves belong to a bf16 store")
+            };
+            let mut out = vec![0.0f32; lo.len()];
+            for p in store.infos() {
+                if let Some(s) = p.grad_offset {
+                    let (hi, lo) = (&hi[p.offset..p.offset + p.len], &lo[s..s + p.len]);
+                    crate::kernels::join_bf16(hi, lo, &mut out[s..s + p.len]);
+                }
+            }
+            Some(out)
+        }
+    }
+}
+
+/// A master copy from a checkpoint's f32 values: a bf16 store takes their bf16 part, so the pair
+/// is exact again.
+fn master_from(store: &ParamStore, values: Option<Vec<f32>>) -> crate::Result<Master> {
+    let n = store.trainable_numel();
+    let values = match (values, store.dtype()) {
+        (None, DType::F32) => MasterValues::None,
+        (Some(x), DType::BF16) if x.len() == n => {
+            let mut lo = vec![0u16; n];
+            if let Buffer::BF16(hi) = &mut *store.data().write() {
+                for p in store.infos() {
+                    if let Some(s) = p.grad_offset {
+                        crate::kernels::split_bf16(
+                            &x[s..s + p.len],
+                            &mut hi[p.offset..p.offset + p.len],
+                            &mut lo[s..s + p.len],
+                        );
+                    }
+                }
+            }
+            MasterValues::Low(lo)
+        }
+        (Some(x), DType::F16) if x.len() == n => MasterValues::Full(x),
+        (x, d) => {
+            return Err(crate::error::invalid(
+                "optimizer master copy",
+                format!(
+                    "a master copy of {} elements does not fit a {d:?} store of {n} trainable \
+                     elements (f32 stores have none)",
+                    x.map_or(0, |x| x.len())
+                ),
+            ))
+        }
+    };
+    Ok(Master {
+        values,
+        version: store.version(),
+    })
+}
+
+/// What the training loop needs of an optimizer: a step at a given learning rate, and its state
+/// as named flat vectors for checkpoints.
+pub trait Optimizer: Send {
+    /// One update from the gradients in `store` at learning rate `lr` (scaled per group).
+    fn step(&mut self, store: &ParamStore, lr: f32);
+
+    /// Steps taken.
+    fn steps(&self) -> u64;
+
+    /// Bytes of optimizer state.
+    fn state_bytes(&self) -> usize;
+
+    /// The state as named flat f32 vectors in the store's state order (what a checkpoint saves).
+    fn state(&self, store: &ParamStore) -> Vec<(String, Vec<f32>)>;
+
+    /// Restores [`Optimizer::state`] after the parameters have been loaded into `store`, so a
+    /// master copy is not re-read from the rounded parameters. Fails naming a missing or
+    /// mis-sized vector.
+    fn load_state(
+        &mut self,
+        store: &ParamStore,
+        steps: u64,
+        state: &HashMap<String, Vec<f32>>,
+    ) -> crate::Result<()>;
+}
+
+/// Takes the state vector `name` of `n` elements out of `state`.
+fn state_vector(
+    state: &HashMap<String, Vec<f32>>,
+    name: &str,
+    n: usize,
+) -> crate::Result<Vec<f32>> {
+    match state.get(name) {
+        Some(v) if v.len() == n => Ok(v.clone()),
+        Some(v) => Err(crate::error::invalid(
+            "Optimizer::load_state",
+            format!(
+                "{name} holds {} elements; the store has {n} trainable elements",
+                v.len()
+            ),
+        )),
+        None => Err(crate::error::invalid(
+            "Optimizer::load_state",
+            format!("the saved state has no {name}"),
+        )),
+    }
+}
+
+/// AdamW hyper-parameters (Loshchilov & Hutter 2019). These defaults are anneal's one set of
+/// optimizer defaults, which every command's configuration takes: β₁ 0.9, β₂ 0.99, ε 1e-8,
+/// weight decay 0.1, as GPT pretraining recipes use (nanoGPT; PyTorch's own defaults are
+/// β₂ 0.999 and weight decay 0.01, for which set them explicitly).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamWConfig {
-    /// Learning rate.
-    pub lr: f32,
     /// First-moment decay β₁.
     pub beta1: f32,
     /// Second-moment decay β₂.
@@ -196,21 +346,25 @@ pub struct AdamWConfig {
     pub weight_decay: f32,
 }
 
+impl AdamWConfig {
+    /// The defaults, usable in constants.
+    pub const DEFAULT: AdamWConfig = AdamWConfig {
+        beta1: 0.9,
+        beta2: 0.99,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+}
+
 impl Default for AdamWConfig {
     fn default() -> Self {
-        AdamWConfig {
-            lr: 1e-3,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            weight_decay: 0.01,
-        }
+        AdamWConfig::DEFAULT
     }
 }
 
 /// AdamW with decoupled weight decay, fused over the flat buffer.
 pub struct AdamW {
-    /// Hyper-parameters; `lr` may be changed between steps by a schedule.
+    /// Hyper-parameters.
     pub config: AdamWConfig,
     m: Vec<f32>,
     v: Vec<f32>,
@@ -219,120 +373,47 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Zeroed moments for every element of `store`.
+    /// Zeroed moments for every trainable element of `store`.
     pub fn new(store: &ParamStore, config: AdamWConfig) -> AdamW {
         AdamW {
             config,
-            m: vec![0.0; store.numel()],
-            v: vec![0.0; store.numel()],
+            m: vec![0.0; store.trainable_numel()],
+            v: vec![0.0; store.trainable_numel()],
             master: master_copy(store),
             step: 0,
         }
     }
 
-    /// Steps taken.
-    pub fn steps(&self) -> u64 {
-        self.step
-    }
-
-    /// Bytes of optimizer state: both moments and, for a half-precision store, its master copy.
-    pub fn state_bytes(&self) -> usize {
-        4 * (self.m.len() + self.v.len()) + self.master.bytes()
-    }
-
-    /// First and second moments (for checkpoints).
+    /// First and second moments (for checkpoints), in the store's state order.
     pub fn moments(&self) -> (&[f32], &[f32]) {
         (&self.m, &self.v)
     }
 
-    /// The f32 master copy of a half-precision store (for checkpoints); `None` for f32 stores.
-    /// For a bf16 store it is rebuilt from the store and the low halves the optimizer keeps.
+    /// The f32 master copy of a half-precision store's trainable parameters (for checkpoints);
+    /// `None` for f32 stores. For a bf16 store it is rebuilt from the store and the low halves
+    /// the optimizer keeps.
     pub fn master(&self, store: &ParamStore) -> Option<Vec<f32>> {
-        let data = store.data().read();
-        let mut out = vec![0.0f32; store.numel()];
-        match (&self.master.values, &*data) {
-            (MasterValues::None, _) => return None,
-            // Values written since the last step win, as the next step will take them.
-            _ if self.master.version != store.version() => data.read_range_f32(0, &mut out),
-            (MasterValues::Full(m), _) => out.copy_from_slice(m),
-            (MasterValues::Low(lo), Buffer::BF16(hi)) => {
-                crate::kernels::join_bf16(hi, lo, &mut out)
-            }
-            (MasterValues::Low(_), _) => unreachable!("low halves belong to a bf16 store"),
-        }
-        Some(out)
+        master_values(&self.master, store)
     }
+}
 
-    /// Restores the state a checkpoint saved: steps taken, moments and, for half-precision
-    /// stores, the master copy. Call after the parameters have been loaded into `store`, so the
-    /// master copy is not re-read from the rounded parameters. Fails when a length differs from
-    /// the store's.
-    pub fn load_state(
-        &mut self,
-        store: &ParamStore,
-        steps: u64,
-        m: Vec<f32>,
-        v: Vec<f32>,
-        master: Option<Vec<f32>>,
-    ) -> crate::Result<()> {
-        let n = store.numel();
-        let master_ok = match (&master, store.dtype()) {
-            (None, DType::F32) => true,
-            (Some(x), d) if d != DType::F32 => x.len() == n,
-            _ => false,
-        };
-        if m.len() != n || v.len() != n || !master_ok {
-            return Err(crate::error::invalid(
-                "AdamW::load_state",
-                format!(
-                    "state of {} / {} elements (master copy: {}) does not fit a {:?} store of {n}",
-                    m.len(),
-                    v.len(),
-                    master.as_ref().map_or(0, |x| x.len()),
-                    store.dtype()
-                ),
-            ));
-        }
-        self.step = steps;
-        self.m = m;
-        self.v = v;
-        let values = match (master, store.dtype()) {
-            (Some(x), DType::BF16) => {
-                // The store takes the master copy's bf16 part, so the pair is exact again.
-                let mut lo = vec![0u16; n];
-                if let Buffer::BF16(hi) = &mut *store.data().write() {
-                    crate::kernels::split_bf16(&x, hi, &mut lo);
-                }
-                MasterValues::Low(lo)
-            }
-            (Some(x), _) => MasterValues::Full(x),
-            (None, _) => MasterValues::None,
-        };
-        self.master = Master {
-            values,
-            version: store.version(),
-        };
-        Ok(())
-    }
-
-    /// One update from the gradients in `store`, matching `torch.optim.AdamW`:
-    /// m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g², p ← p(1 − lr·λ) − lr/(1−β₁ᵗ) · m/(√v/√(1−β₂ᵗ) + ε).
-    pub fn step(&mut self, store: &ParamStore) {
+impl Optimizer for AdamW {
+    /// One update matching `torch.optim.AdamW`: m ← β₁m + (1−β₁)g, v ← β₂v + (1−β₂)g²,
+    /// p ← p(1 − lr·λ) − lr/(1−β₁ᵗ) · m/(√v/√(1−β₂ᵗ) + ε).
+    fn step(&mut self, store: &ParamStore, lr: f32) {
         self.step += 1;
         let c = self.config;
         let bc1 = 1.0 - (c.beta1 as f64).powi(self.step as i32);
         let bc2 = 1.0 - (c.beta2 as f64).powi(self.step as i32);
-        let step_size = (c.lr as f64 / bc1) as f32;
+        let inv_bc1 = (1.0 / bc1) as f32;
         let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
+        let runs = runs(store, lr, c.weight_decay);
         let AdamW { m, v, master, .. } = self;
-        for_each_block(store, master, &mut [m, v], |run, p, g, st| {
+        for_each_block(store, master, &mut [m, v], &runs, |run, p, g, st| {
             let (ms, vs) = st.split_at_mut(1);
             let (m, v) = (&mut *ms[0], &mut *vs[0]);
-            let decay = if run.decay {
-                1.0 - c.lr * c.weight_decay
-            } else {
-                1.0
-            };
+            let decay = 1.0 - run.lr * run.weight_decay;
+            let step_size = run.lr * inv_bc1;
             for i in 0..p.len() {
                 let gi = g[i];
                 m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * gi;
@@ -342,55 +423,115 @@ impl AdamW {
             }
         });
     }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Both moments and, for a half-precision store, its master copy.
+    fn state_bytes(&self) -> usize {
+        4 * (self.m.len() + self.v.len()) + self.master.bytes()
+    }
+
+    fn state(&self, store: &ParamStore) -> Vec<(String, Vec<f32>)> {
+        let mut out = vec![
+            ("adam.m".to_string(), self.m.clone()),
+            ("adam.v".to_string(), self.v.clone()),
+        ];
+        if let Some(master) = self.master(store) {
+            out.push(("adam.master".to_string(), master));
+        }
+        out
+    }
+
+    fn load_state(
+        &mut self,
+        store: &ParamStore,
+        steps: u64,
+        state: &HashMap<String, Vec<f32>>,
+    ) -> crate::Result<()> {
+        let n = store.trainable_numel();
+        let m = state_vector(state, "adam.m", n)?;
+        let v = state_vector(state, "adam.v", n)?;
+        let master = master_from(store, state.get("adam.master").cloned())?;
+        self.step = steps;
+        self.m = m;
+        self.v = v;
+        self.master = master;
+        Ok(())
+    }
 }
 
 /// SGD with momentum and (coupled, L2) weight decay, matching `torch.optim.SGD`:
 /// g ← g + λp, b ← μb + g, p ← p − lr·b.
 pub struct Sgd {
-    /// Learning rate.
-    pub lr: f32,
     /// Momentum μ (0 for plain SGD).
     pub momentum: f32,
     /// L2 penalty λ for parameters with decay on.
     pub weight_decay: f32,
     buf: Vec<f32>,
     master: Master,
-    started: bool,
+    step: u64,
 }
 
 impl Sgd {
-    /// A new optimizer for `store`.
-    pub fn new(store: &ParamStore, lr: f32, momentum: f32, weight_decay: f32) -> Sgd {
+    /// A new optimizer for the trainable parameters of `store`.
+    pub fn new(store: &ParamStore, momentum: f32, weight_decay: f32) -> Sgd {
         Sgd {
-            lr,
             momentum,
             weight_decay,
-            buf: vec![0.0; store.numel()],
+            buf: vec![0.0; store.trainable_numel()],
             master: master_copy(store),
-            started: false,
+            step: 0,
         }
     }
+}
 
-    /// Bytes of optimizer state: the momentum buffer and, for a half-precision store, its master
-    /// copy.
-    pub fn state_bytes(&self) -> usize {
+impl Optimizer for Sgd {
+    fn step(&mut self, store: &ParamStore, lr: f32) {
+        let (mu, first) = (self.momentum, self.step == 0);
+        self.step += 1;
+        let runs = runs(store, lr, self.weight_decay);
+        let Sgd { buf, master, .. } = self;
+        for_each_block(store, master, &mut [buf], &runs, |run, p, g, st| {
+            let b = &mut *st[0];
+            for i in 0..p.len() {
+                let gi = g[i] + run.weight_decay * p[i];
+                // PyTorch initialises the momentum buffer with the first gradient.
+                b[i] = if first { gi } else { mu * b[i] + gi };
+                p[i] -= run.lr * if mu == 0.0 { gi } else { b[i] };
+            }
+        });
+    }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// The momentum buffer and, for a half-precision store, its master copy.
+    fn state_bytes(&self) -> usize {
         4 * self.buf.len() + self.master.bytes()
     }
 
-    /// One update from the gradients in `store`.
-    pub fn step(&mut self, store: &ParamStore) {
-        let (lr, mu, wd, first) = (self.lr, self.momentum, self.weight_decay, !self.started);
-        self.started = true;
-        let Sgd { buf, master, .. } = self;
-        for_each_block(store, master, &mut [buf], |run, p, g, st| {
-            let b = &mut *st[0];
-            for i in 0..p.len() {
-                let gi = g[i] + if run.decay { wd * p[i] } else { 0.0 };
-                // PyTorch initialises the momentum buffer with the first gradient.
-                b[i] = if first { gi } else { mu * b[i] + gi };
-                p[i] -= lr * if mu == 0.0 { gi } else { b[i] };
-            }
-        });
+    fn state(&self, store: &ParamStore) -> Vec<(String, Vec<f32>)> {
+        let mut out = vec![("sgd.momentum".to_string(), self.buf.clone())];
+        if let Some(master) = master_values(&self.master, store) {
+            out.push(("sgd.master".to_string(), master));
+        }
+        out
+    }
+
+    fn load_state(
+        &mut self,
+        store: &ParamStore,
+        steps: u64,
+        state: &HashMap<String, Vec<f32>>,
+    ) -> crate::Result<()> {
+        let buf = state_vector(state, "sgd.momentum", store.trainable_numel())?;
+        self.master = master_from(store, state.get("sgd.master").cloned())?;
+        self.buf = buf;
+        self.step = steps;
+        Ok(())
     }
 }
 
@@ -418,16 +559,16 @@ mod tests {
     #[test]
     fn sgd_momentum_and_decay_match_the_update_rule() {
         let s = store(DType::F32);
-        let mut opt = Sgd::new(&s, 0.1, 0.9, 0.01);
+        let mut opt = Sgd::new(&s, 0.9, 0.01);
         set_grads(&s, &[1.0, 1.0, 1.0]);
-        opt.step(&s);
+        opt.step(&s, 0.1);
         // w: g = 1 + 0.01·w; b = g; w -= 0.1·b.  bias: no decay.
         let w0 = [1.0f32, -2.0];
         let g0: Vec<f32> = w0.iter().map(|w| 1.0 + 0.01 * w).collect();
         let w1: Vec<f32> = w0.iter().zip(&g0).map(|(w, g)| w - 0.1 * g).collect();
         assert_eq!(s.by_name("w").unwrap().to_vec_f32(), w1);
         assert_eq!(s.by_name("bias").unwrap().to_vec_f32(), vec![0.5 - 0.1]);
-        opt.step(&s);
+        opt.step(&s, 0.1);
         let g1: Vec<f32> = w1.iter().map(|w| 1.0 + 0.01 * w).collect();
         let w2: Vec<f32> = w1
             .iter()
@@ -447,13 +588,12 @@ mod tests {
         let mut opt = AdamW::new(
             &s,
             AdamWConfig {
-                lr: 0.1,
                 weight_decay: 0.5,
                 ..Default::default()
             },
         );
         set_grads(&s, &[2.0, -3.0, 0.0]);
-        opt.step(&s);
+        opt.step(&s, 0.1);
         // First step: m̂ = g, v̂ = g², update = lr·g/(|g| + eps) ≈ ±lr; decay (1 − lr·λ) on w only.
         let w = s.by_name("w").unwrap().to_vec_f32();
         assert!(
@@ -479,14 +619,9 @@ mod tests {
             .unwrap();
         loss.backward().unwrap();
         assert!(!s.get(id).requires_grad());
-        let mut opt = AdamW::new(
-            &s,
-            AdamWConfig {
-                lr: 0.1,
-                ..Default::default()
-            },
-        );
-        opt.step(&s);
+        let mut opt = AdamW::new(&s, AdamWConfig::default());
+        assert_eq!(opt.state_bytes(), 4 * 2, "moments for the bias alone");
+        opt.step(&s, 0.1);
         assert_eq!(s.by_name("w").unwrap().to_vec_f32(), vec![1.0, -2.0]);
         assert_ne!(s.by_name("bias").unwrap().to_vec_f32(), vec![0.5]);
     }
@@ -512,10 +647,10 @@ mod tests {
             b.add("w", &Tensor::from_f32(vec![1.0], &[1]).unwrap(), false)
                 .unwrap();
             let s = b.build(dtype);
-            let mut opt = Sgd::new(&s, 1e-4, 0.0, 0.0);
+            let mut opt = Sgd::new(&s, 0.0, 0.0);
             for _ in 0..200 {
                 set_grads(&s, &[-1.0]);
-                opt.step(&s);
+                opt.step(&s, 1e-4);
             }
             let w = s.by_name("w").unwrap().to_vec_f32()[0];
             assert!((w - 1.02).abs() < tolerance, "{dtype:?}: {w}");
@@ -531,7 +666,7 @@ mod tests {
             b.build(dtype)
         };
         let adam = |dtype| AdamW::new(&store(dtype), AdamWConfig::default()).state_bytes();
-        let sgd = |dtype| Sgd::new(&store(dtype), 0.1, 0.9, 0.0).state_bytes();
+        let sgd = |dtype| Sgd::new(&store(dtype), 0.9, 0.0).state_bytes();
         // f32: the moments only; bf16 adds the 2 low bytes per value, f16 a full f32 copy.
         assert_eq!(
             [adam(DType::F32), adam(DType::BF16), adam(DType::F16)],
@@ -564,7 +699,6 @@ mod tests {
         full.set(full.id("w").unwrap(), half.by_name("w").unwrap())
             .unwrap();
         let cfg = AdamWConfig {
-            lr: 1e-3,
             weight_decay: 0.1,
             ..Default::default()
         };
@@ -575,8 +709,8 @@ mod tests {
                 .collect();
             set_grads(&full, &g);
             set_grads(&half, &g);
-            a.step(&full);
-            b.step(&half);
+            a.step(&full, 1e-3);
+            b.step(&half, 1e-3);
             let want = full.by_name("w").unwrap().to_vec_f32();
             let master = b.master(&half).unwrap();
             assert!(want
@@ -592,15 +726,8 @@ mod tests {
         // A checkpoint's master copy restores the same pair.
         let saved = b.master(&half).unwrap();
         let mut c = AdamW::new(&half, cfg);
-        let (m, v) = b.moments();
-        c.load_state(
-            &half,
-            b.steps(),
-            m.to_vec(),
-            v.to_vec(),
-            Some(saved.clone()),
-        )
-        .unwrap();
+        c.load_state(&half, b.steps(), &b.state(&half).into_iter().collect())
+            .unwrap();
         assert_eq!(c.master(&half).unwrap(), saved);
         // Values written into the store after a step are the master copy from then on.
         let n = values.len();
@@ -615,13 +742,13 @@ mod tests {
     #[test]
     fn values_set_after_building_the_optimizer_reach_the_master_copy() {
         let s = store(DType::BF16);
-        let mut opt = Sgd::new(&s, 0.0, 0.0, 0.0);
+        let mut opt = Sgd::new(&s, 0.0, 0.0);
         s.set(
             s.id("w").unwrap(),
             &Tensor::from_f32(vec![4.0, 8.0], &[2]).unwrap(),
         )
         .unwrap();
-        opt.step(&s);
+        opt.step(&s, 0.0);
         assert_eq!(s.by_name("w").unwrap().to_vec_f32(), vec![4.0, 8.0]);
     }
 
@@ -633,7 +760,50 @@ mod tests {
         b.add("big", &Tensor::zeros(&[100], DType::F32), true)
             .unwrap();
         let big = b.build(DType::F32);
-        AdamW::new(&small, AdamWConfig::default()).step(&big);
+        AdamW::new(&small, AdamWConfig::default()).step(&big, 1e-3);
+    }
+
+    #[test]
+    fn groups_scale_the_learning_rate_and_set_their_own_decay() {
+        let mut s = store(DType::F32);
+        let head = s.add_group(crate::ParamGroup {
+            name: "head".into(),
+            lr_scale: 10.0,
+            weight_decay: Some(0.0),
+        });
+        s.set_group(s.id("w").unwrap(), head).unwrap();
+        assert!(s.set_group(s.id("w").unwrap(), 7).is_err());
+        let mut opt = Sgd::new(&s, 0.0, 0.5);
+        set_grads(&s, &[1.0, 1.0, 1.0]);
+        opt.step(&s, 0.01);
+        // w: lr 0.1, no decay; bias: lr 0.01 (decay is off for it anyway).
+        let close = |got: Vec<f32>, want: &[f32]| {
+            assert!(
+                got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6),
+                "{got:?} vs {want:?}"
+            )
+        };
+        close(s.by_name("w").unwrap().to_vec_f32(), &[0.9, -2.1]);
+        close(s.by_name("bias").unwrap().to_vec_f32(), &[0.49]);
+    }
+
+    #[test]
+    fn state_survives_a_round_trip_and_refuses_another_size() {
+        let mut s = store(DType::BF16);
+        let mut opt = AdamW::new(&s, AdamWConfig::default());
+        set_grads(&s, &[0.5, -0.25, 1.0]);
+        opt.step(&s, 1e-2);
+        let saved: HashMap<_, _> = opt.state(&s).into_iter().collect();
+        assert_eq!(saved["adam.m"].len(), 3);
+        let mut again = AdamW::new(&s, AdamWConfig::default());
+        again.load_state(&s, 1, &saved).unwrap();
+        assert_eq!(again.state(&s), opt.state(&s));
+        s.set_requires_grad(s.id("bias").unwrap(), false);
+        let err = AdamW::new(&s, AdamWConfig::default())
+            .load_state(&s, 1, &saved)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adam.m holds 3 elements"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! Named parameters held in one flat buffer per store, with one flat f32 gradient buffer beside
 //! it (llm.c's layout): an optimizer step, a gradient all-reduce or a ZeRO shard is one loop over
 //! contiguous memory, and each name maps one-to-one onto a checkpoint key.
+//!
+//! Only trainable parameters have a place in the gradient buffer (and so in an optimizer's
+//! state, which is laid out like it): freezing all but one block of a model cuts gradient and
+//! optimizer bytes in proportion. Trainable parameters belong to a [`ParamGroup`] that scales the
+//! learning rate and may set its own weight decay.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +34,33 @@ pub struct ParamInfo {
     pub weight_decay: bool,
     /// Whether the parameter is trained (false: frozen).
     pub requires_grad: bool,
+    /// First element in the gradient buffer and in optimizer state (trainable parameters only).
+    pub grad_offset: Option<usize>,
+    /// Index of its [`ParamGroup`] in [`ParamStore::groups`].
+    pub group: usize,
+}
+
+/// Settings shared by a set of trainable parameters (PyTorch's parameter groups): fine-tuning
+/// gives a new head a larger learning rate than the pretrained body, for example.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamGroup {
+    /// A name for logs.
+    pub name: String,
+    /// Multiplies the learning rate the optimizer step is given.
+    pub lr_scale: f32,
+    /// Decoupled weight decay for this group's parameters with decay on; `None` takes the
+    /// optimizer's.
+    pub weight_decay: Option<f32>,
+}
+
+impl Default for ParamGroup {
+    fn default() -> Self {
+        ParamGroup {
+            name: "default".into(),
+            lr_scale: 1.0,
+            weight_decay: None,
+        }
+    }
 }
 
 /// Collects parameter declarations, then lays them out flat.
@@ -61,6 +93,8 @@ impl ParamStoreBuilder {
             len: init.numel(),
             weight_decay,
             requires_grad: true,
+            grad_offset: None,
+            group: 0,
         });
         Ok(ParamId(self.infos.len() - 1))
     }
@@ -69,12 +103,11 @@ impl ParamStoreBuilder {
     pub fn build(self, dtype: DType) -> ParamStore {
         let total = self.values.len();
         let data = Arc::new(Storage::new(Buffer::from_f32(self.values, dtype)));
-        let grads = Arc::new(Storage::new(Buffer::zeros(DType::F32, total)));
         let mut store = ParamStore {
             version: std::sync::atomic::AtomicU64::new(0),
             dtype,
             data,
-            grads,
+            grads: Arc::new(Storage::new(Buffer::zeros(DType::F32, 0))),
             index: self
                 .infos
                 .iter()
@@ -82,17 +115,18 @@ impl ParamStoreBuilder {
                 .map(|(i, p)| (p.name.clone(), i))
                 .collect(),
             infos: self.infos,
-            tensors: Vec::new(),
+            groups: vec![ParamGroup::default()],
+            tensors: Arc::new(Vec::new()),
             total,
+            trainable: 0,
         };
-        store.tensors = (0..store.infos.len())
-            .map(|i| store.make_tensor(i))
-            .collect();
+        store.lay_out_grads();
         store
     }
 }
 
-/// Parameters of a model, flat in one buffer of one dtype, with a flat f32 gradient buffer.
+/// Parameters of a model, flat in one buffer of one dtype, with a flat f32 gradient buffer for
+/// the trainable ones.
 pub struct ParamStore {
     /// Bumped by every write that bypasses the optimizer, so optimizers re-read their master copy.
     version: std::sync::atomic::AtomicU64,
@@ -100,12 +134,29 @@ pub struct ParamStore {
     data: Arc<Storage>,
     grads: Arc<Storage>,
     infos: Vec<ParamInfo>,
+    groups: Vec<ParamGroup>,
     index: HashMap<String, usize>,
-    tensors: Vec<Tensor>,
+    tensors: Arc<Vec<Tensor>>,
     total: usize,
+    trainable: usize,
 }
 
 impl ParamStore {
+    /// Gives each trainable parameter its place in a new, zeroed gradient buffer (declaration
+    /// order) and rebuilds the parameter tensors over it.
+    fn lay_out_grads(&mut self) {
+        let mut next = 0;
+        for p in &mut self.infos {
+            p.grad_offset = p.requires_grad.then(|| {
+                next += p.len;
+                next - p.len
+            });
+        }
+        self.trainable = next;
+        self.grads = Arc::new(Storage::new(Buffer::zeros(DType::F32, next)));
+        self.tensors = Arc::new((0..self.infos.len()).map(|i| self.make_tensor(i)).collect());
+    }
+
     fn make_tensor(&self, i: usize) -> Tensor {
         let p = &self.infos[i];
         let strides = contiguous_strides(&p.shape);
@@ -116,14 +167,14 @@ impl ParamStore {
             p.offset,
             Autograd::None,
         );
-        if !p.requires_grad {
+        let Some(grad_offset) = p.grad_offset else {
             return value;
-        }
+        };
         let grad = Tensor::from_parts(
             self.grads.clone(),
             p.shape.clone(),
             strides,
-            p.offset,
+            grad_offset,
             Autograd::None,
         );
         value.with_grad_buffer(grad)
@@ -153,9 +204,48 @@ impl ParamStore {
         &self.infos
     }
 
+    /// Every parameter tensor, indexed by [`ParamId`]: a cheap handle that layers look their
+    /// parameters up in at forward time, and that outlives a borrow of the store (a recomputed
+    /// segment holds one).
+    pub fn tensors(&self) -> Arc<Vec<Tensor>> {
+        self.tensors.clone()
+    }
+
     /// Total number of elements.
     pub fn numel(&self) -> usize {
         self.total
+    }
+
+    /// Elements of the trainable parameters: the length of the gradient buffer and of each
+    /// optimizer state vector.
+    pub fn trainable_numel(&self) -> usize {
+        self.trainable
+    }
+
+    /// The parameter groups; group 0 is the default every parameter starts in.
+    pub fn groups(&self) -> &[ParamGroup] {
+        &self.groups
+    }
+
+    /// Adds a parameter group and returns its index.
+    pub fn add_group(&mut self, group: ParamGroup) -> usize {
+        self.groups.push(group);
+        self.groups.len() - 1
+    }
+
+    /// Moves a parameter into group `group` (an index from [`ParamStore::add_group`]).
+    pub fn set_group(&mut self, id: ParamId, group: usize) -> Result<()> {
+        if group >= self.groups.len() {
+            return Err(invalid(
+                "ParamStore::set_group",
+                format!(
+                    "group {group} does not exist; the store has {} groups",
+                    self.groups.len()
+                ),
+            ));
+        }
+        self.infos[id.0].group = group;
+        Ok(())
     }
 
     /// Storage dtype of the parameters.
@@ -173,10 +263,22 @@ impl ParamStore {
         &self.grads
     }
 
-    /// Freezes (`false`) or unfreezes a parameter. Takes effect for forwards run after the call.
+    /// Freezes (`false`) or unfreezes a parameter. The gradient buffer is laid out anew (and
+    /// zeroed) over the trainable parameters, so create optimizers after freezing. Takes effect
+    /// for forwards run after the call.
     pub fn set_requires_grad(&mut self, id: ParamId, requires_grad: bool) {
         self.infos[id.0].requires_grad = requires_grad;
-        self.tensors[id.0] = self.make_tensor(id.0);
+        self.lay_out_grads();
+    }
+
+    /// Trains exactly the parameters whose name `train` accepts and freezes the rest, laying the
+    /// gradient buffer out once. Returns the number of trainable parameters.
+    pub fn train_only(&mut self, train: impl Fn(&str) -> bool) -> usize {
+        for p in &mut self.infos {
+            p.requires_grad = train(&p.name);
+        }
+        self.lay_out_grads();
+        self.infos.iter().filter(|p| p.requires_grad).count()
     }
 
     /// Turns decoupled weight decay on or off for a parameter.
@@ -215,10 +317,16 @@ impl ParamStore {
                 rhs: values.shape().to_vec(),
             });
         }
+        let offset = if std::ptr::eq(buffer, &*self.grads) {
+            p.grad_offset
+                .ok_or_else(|| invalid(op, format!("{} is frozen and has no gradient", p.name)))?
+        } else {
+            p.offset
+        };
         let v = values.to_vec_f32();
         let mut buf = buffer.write();
         for (i, x) in v.into_iter().enumerate() {
-            buf.set_f32(p.offset + i, x);
+            buf.set_f32(offset + i, x);
         }
         Ok(())
     }
@@ -227,7 +335,7 @@ impl ParamStore {
     pub fn named(&self) -> Vec<(String, Tensor)> {
         self.infos
             .iter()
-            .zip(&self.tensors)
+            .zip(self.tensors.iter())
             .map(|(p, t)| (p.name.clone(), t.clone()))
             .collect()
     }
@@ -282,7 +390,7 @@ impl ParamStore {
         self.version.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Every gradient, flat in parameter order.
+    /// Every trainable parameter's gradient, flat in parameter order.
     pub fn grads_to_vec(&self) -> Vec<f32> {
         let buf = self.grads.read();
         let mut out = vec![0.0; buf.len()];
@@ -290,20 +398,22 @@ impl ParamStore {
         out
     }
 
-    /// Overwrites a parameter's accumulated gradient (loading a gradient, tests).
+    /// Overwrites a trainable parameter's accumulated gradient (loading a gradient, tests).
     pub fn set_grad(&self, id: ParamId, values: &Tensor) -> Result<()> {
         self.write_region(&self.grads, id, values, "ParamStore::set_grad")
     }
 
-    /// Global L2 norm of all gradients, √(Σ g²), accumulated in f64.
+    /// Global L2 norm of all gradients, √(Σ g²), accumulated in f64: chunks of 2¹⁶ elements in
+    /// parallel, then their sums in chunk order, so the norm is the same bits on any thread count.
     pub fn grad_norm(&self) -> f32 {
         let buf = self.grads.read();
         let Buffer::F32(g) = &*buf else { return 0.0 };
         use rayon::prelude::*;
-        g.par_chunks(1 << 16)
+        let parts: Vec<f64> = g
+            .par_chunks(1 << 16)
             .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-            .sum::<f64>()
-            .sqrt() as f32
+            .collect();
+        parts.iter().sum::<f64>().sqrt() as f32
     }
 
     /// Global-norm gradient clipping (Pascanu et al. 2013): when the norm exceeds `max_norm`, scales

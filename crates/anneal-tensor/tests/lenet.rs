@@ -2,6 +2,7 @@
 //! small batch: shows conv2d, pooling, linear, activations and cross-entropy compose and train.
 
 use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::Optimizer;
 use anneal_tensor::{CrossEntropyOptions, DType, ParamStoreBuilder, Result, Rng, Tensor};
 
 #[test]
@@ -46,13 +47,7 @@ fn lenet5_learns_a_small_batch() -> Result<()> {
         let x = x.linear(g(f6), Some(g(f6b)))?.relu();
         x.linear(g(out), Some(g(outb)))
     };
-    let mut opt = AdamW::new(
-        &params,
-        AdamWConfig {
-            lr: 3e-3,
-            ..Default::default()
-        },
-    );
+    let mut opt = AdamW::new(&params, AdamWConfig::default());
     let first = forward()?
         .cross_entropy(&labels, CrossEntropyOptions::default())?
         .item()?;
@@ -61,7 +56,7 @@ fn lenet5_learns_a_small_batch() -> Result<()> {
         params.zero_grad();
         let loss = forward()?.cross_entropy(&labels, CrossEntropyOptions::default())?;
         loss.backward()?;
-        opt.step(&params);
+        opt.step(&params, 3e-3);
         last = loss.item()?;
     }
     assert!(last < 0.1 * first, "loss {first} -> {last}");

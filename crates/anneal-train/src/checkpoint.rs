@@ -3,7 +3,8 @@
 //! ```text
 //! checkpoints/step-000500/
 //!     model.safetensors        parameters under Hugging Face GPT-2 names
-//!     optimizer.safetensors    AdamW moments (and the f32 master copy of bf16 models)
+//!     optimizer.safetensors    the optimizer's state (AdamW: moments, and the f32 master copy
+//!                              of bf16 models), trainable parameters only
 //!     trainer_state.json       step, seeds, data position, config, tokenizer, file checksums
 //! ```
 //!
@@ -13,9 +14,7 @@
 //! `trainer_state.json` and names the file that is truncated or corrupted; nothing is loaded
 //! silently.
 
-use anneal_nn::Gpt;
-use anneal_tensor::optim::AdamW;
-use anneal_tensor::Tensor;
+use anneal_tensor::{Optimizer, ParamStore, Tensor};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -107,7 +106,12 @@ pub fn dir_name(step: u64) -> String {
 }
 
 /// Writes the checkpoint of `state.step` under `root` (created if missing) and returns its path.
-pub fn save(root: &Path, model: &Gpt, opt: &AdamW, mut state: TrainerState) -> Result<PathBuf> {
+pub fn save(
+    root: &Path,
+    params: &ParamStore,
+    opt: &dyn Optimizer,
+    mut state: TrainerState,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
     let name = dir_name(state.step);
     let tmp = root.join(format!(".{name}.tmp"));
@@ -115,16 +119,15 @@ pub fn save(root: &Path, model: &Gpt, opt: &AdamW, mut state: TrainerState) -> R
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let model_bytes = anneal_tensor::io::encode_safetensors(&model.params.named())?;
-    let (m, v) = opt.moments();
-    let n = m.len();
-    let mut tensors = vec![
-        ("adam.m".to_string(), Tensor::from_f32(m.to_vec(), &[n])?),
-        ("adam.v".to_string(), Tensor::from_f32(v.to_vec(), &[n])?),
-    ];
-    if let Some(master) = opt.master(&model.params) {
-        tensors.push(("adam.master".to_string(), Tensor::from_f32(master, &[n])?));
-    }
+    let model_bytes = anneal_tensor::io::encode_safetensors(&params.named())?;
+    let tensors = opt
+        .state(params)
+        .into_iter()
+        .map(|(name, v)| {
+            let n = v.len();
+            Ok((name, Tensor::from_f32(v, &[n])?))
+        })
+        .collect::<Result<Vec<_>>>()?;
     let opt_bytes = anneal_tensor::io::encode_safetensors(&tensors)?;
     state.files = BTreeMap::from([
         ("model.safetensors".to_string(), check(&model_bytes)),
@@ -248,36 +251,30 @@ impl Loaded {
             .with_context(|| format!("{}: config in trainer_state.json", self.dir.display()))
     }
 
-    /// Writes the checkpoint's parameters into `model`.
-    pub fn restore_model(&self, model: &Gpt) -> Result<()> {
-        model
-            .params
+    /// Writes the checkpoint's parameters into `params`.
+    pub fn restore_params(&self, params: &ParamStore) -> Result<()> {
+        params
             .load_named(&self.model)
             .with_context(|| format!("loading {}", self.dir.join("model.safetensors").display()))
     }
 }
 
-/// Restores an optimizer's state from a loaded checkpoint (after the model's parameters).
-pub fn restore_optimizer(opt: &mut AdamW, model: &Gpt, loaded: &Loaded) -> Result<()> {
-    let get = |name: &str| -> Result<Vec<f32>> {
-        loaded
-            .optimizer
-            .get(name)
-            .map(|t| t.to_vec_f32())
-            .with_context(|| {
-                format!(
-                    "{}: optimizer.safetensors has no {name}",
-                    loaded.dir.display()
-                )
-            })
-    };
-    let master = loaded.optimizer.get("adam.master").map(|t| t.to_vec_f32());
-    opt.load_state(
-        &model.params,
-        loaded.state.step,
-        get("adam.m")?,
-        get("adam.v")?,
-        master,
-    )
-    .with_context(|| format!("restoring the optimizer from {}", loaded.dir.display()))
+/// Restores an optimizer's state from a loaded checkpoint (after the parameters).
+pub fn restore_optimizer(
+    opt: &mut dyn Optimizer,
+    params: &ParamStore,
+    loaded: &Loaded,
+) -> Result<()> {
+    let state: HashMap<String, Vec<f32>> = loaded
+        .optimizer
+        .iter()
+        .map(|(name, t)| (name.clone(), t.to_vec_f32()))
+        .collect();
+    opt.load_state(params, loaded.state.step, &state)
+        .with_context(|| {
+            format!(
+                "restoring the optimizer from {}",
+                loaded.dir.join("optimizer.safetensors").display()
+            )
+        })
 }

@@ -5,6 +5,7 @@
 //! is named with the keys its section allows, a value of the wrong type is named with the type
 //! expected, and [`RunConfig::validate`] names values out of range with the allowed range.
 
+use anneal_tensor::optim::AdamWConfig;
 use anneal_tensor::DType;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -108,6 +109,14 @@ pub struct TrainConfig {
     pub out_dir: PathBuf,
 }
 
+/// The optimizer defaults every command takes ([`AdamWConfig::default`], written once).
+const OPTIMIZER: AdamWConfig = AdamWConfig::DEFAULT;
+
+/// The f64 a person would write for an f32 (0.99, not 0.9900000095367432).
+fn widen(x: f32) -> f64 {
+    x.to_string().parse().unwrap_or(x as f64)
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
@@ -118,9 +127,9 @@ impl Default for TrainConfig {
             min_lr: 1e-4,
             warmup_steps: 100,
             decay_steps: 0,
-            beta1: 0.9,
-            beta2: 0.99,
-            weight_decay: 0.1,
+            beta1: widen(OPTIMIZER.beta1),
+            beta2: widen(OPTIMIZER.beta2),
+            weight_decay: widen(OPTIMIZER.weight_decay),
             grad_clip: 1.0,
             eval_interval: 250,
             eval_batches: 20,

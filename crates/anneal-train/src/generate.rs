@@ -44,7 +44,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         let loaded = checkpoint::load(&dir)?;
         let config = loaded.config()?;
         let model = Gpt::new(config.gpt_config(loaded.state.vocab_size)?, 0)?;
-        loaded.restore_model(&model)?;
+        loaded.restore_params(&model.params)?;
         let tokenizer = Tokenizer::from_json(&loaded.state.tokenizer)
             .with_context(|| format!("{}: tokenizer in trainer_state.json", dir.display()))?;
         Ok(LoadedModel {

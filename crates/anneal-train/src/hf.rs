@@ -30,23 +30,25 @@ pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path) -> Result<()> {
         .into_iter()
         .map(|(n, t)| Ok((n, Tensor::from_f32(t.to_vec_f32(), t.shape())?)))
         .collect::<Result<_>>()?;
-    if !c.bias {
-        let d = c.n_embd;
-        let zeros = |n: usize| Tensor::zeros(&[n], DType::F32);
-        for i in 0..c.n_layer {
-            for (name, n) in [
-                ("ln_1", d),
-                ("attn.c_attn", 3 * d),
-                ("attn.c_proj", d),
-                ("ln_2", d),
-                ("mlp.c_fc", 4 * d),
-                ("mlp.c_proj", d),
-            ] {
-                tensors.push((format!("transformer.h.{i}.{name}.bias"), zeros(n)));
-            }
-        }
-        tensors.push(("transformer.ln_f.bias".into(), zeros(d)));
-    }
+    // GPT-2 gives every LayerNorm and Conv1D a bias: a model trained without them gets zero
+    // biases, named and sized from its own weights (the last axis of a `[in, out]` or `[d]`
+    // weight), so no second table of names is kept here.
+    let missing: Vec<(String, Tensor)> = model
+        .params
+        .infos()
+        .iter()
+        .filter_map(|p| {
+            let layer = p.name.strip_suffix(".weight")?;
+            let embedding = layer.ends_with(".wte") || layer.ends_with(".wpe");
+            let bias = format!("{layer}.bias");
+            let has = model.params.id(&bias).is_ok();
+            (!embedding && layer != "lm_head" && !has).then(|| {
+                let n = *p.shape.last().expect("weights have an axis");
+                (bias, Tensor::zeros(&[n], DType::F32))
+            })
+        })
+        .collect();
+    tensors.extend(missing);
     let bytes = anneal_tensor::io::encode_safetensors(&tensors)?;
     std::fs::write(out.join("model.safetensors"), bytes)?;
     let eos = tokenizer.eos().unwrap_or(0);

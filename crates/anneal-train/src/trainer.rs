@@ -22,7 +22,7 @@ use anneal_data::plot::{line_chart, Series};
 use anneal_data::{Manifest, ShardSet, Tokenizer};
 use anneal_nn::Gpt;
 use anneal_tensor::optim::{AdamW, AdamWConfig};
-use anneal_tensor::{Rng, Tensor};
+use anneal_tensor::{Optimizer, Rng, Tensor};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -296,7 +296,6 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
     let mut opt = AdamW::new(
         &model.params,
         AdamWConfig {
-            lr: t.lr as f32,
             beta1: t.beta1 as f32,
             beta2: t.beta2 as f32,
             eps: 1e-8,
@@ -330,8 +329,8 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
                 train_set.len()
             );
         }
-        loaded.restore_model(&model)?;
-        checkpoint::restore_optimizer(&mut opt, &model, &loaded)?;
+        loaded.restore_params(&model.params)?;
+        checkpoint::restore_optimizer(&mut opt, &model.params, &loaded)?;
         start_step = loaded.state.step;
         tokens_seen = loaded.state.tokens_seen;
         tracing::info!("resumed from {} at step {start_step}", dir.display());
@@ -450,7 +449,12 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
         })
     };
     let save = |model: &Gpt, opt: &AdamW, step: u64, tokens_seen: u64| -> Result<PathBuf> {
-        let dir = checkpoint::save(&files.checkpoints, model, opt, state_at(step, tokens_seen)?)?;
+        let dir = checkpoint::save(
+            &files.checkpoints,
+            &model.params,
+            opt,
+            state_at(step, tokens_seen)?,
+        )?;
         checkpoint::prune(&files.checkpoints, t.keep_checkpoints)?;
         bar.suspend(|| tracing::info!("checkpoint {}", dir.display()));
         Ok(dir)
@@ -477,7 +481,6 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
     while step < t.max_steps {
         let began = Instant::now();
         let lr = schedule.lr(step);
-        opt.config.lr = lr as f32;
         model.params.zero_grad();
         let mut loss_sum = 0.0f64;
         for micro in 0..t.grad_accum as u64 {
@@ -511,7 +514,7 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
         } else {
             model.params.grad_norm()
         } as f64;
-        opt.step(&model.params);
+        opt.step(&model.params, lr as f32);
         step += 1;
         tokens_seen += tokens_per_step;
         step_seconds += began.elapsed().as_secs_f64();

@@ -423,12 +423,13 @@ impl Backward for MatmulBackward {
         self.products(grad, &mut da, &mut db);
         let dbias = if self.has_bias {
             let n = *grad.shape().last().expect("rank >= 2");
-            // Column sums of dC: blocks of rows summed in parallel, then the partial sums.
+            // Column sums of dC: blocks of a fixed number of rows summed in parallel, then the
+            // partial sums in block order (the same bits whatever the thread count).
             let rows_per_task = (1 << 16) / n.max(1) + 1;
             let acc = grad.with_f32(|g| {
                 g.par_chunks((rows_per_task * n).max(1))
                     .map(|block| {
-                        let mut part = vec![0.0f32; n];
+                        let mut part = crate::pool::zeros(n);
                         for row in block.chunks(n.max(1)) {
                             crate::kernels::vectorized(|| {
                                 part.iter_mut().zip(row).for_each(|(p, r)| *p += r)
@@ -436,14 +437,9 @@ impl Backward for MatmulBackward {
                         }
                         part
                     })
-                    .reduce(
-                        || vec![0.0f32; n],
-                        |mut a, b| {
-                            a.iter_mut().zip(&b).for_each(|(a, b)| *a += b);
-                            a
-                        },
-                    )
+                    .collect::<Vec<_>>()
             });
+            let acc = crate::kernels::sum_in_order(acc, n);
             Some(Tensor::from_f32_unchecked(acc, &[n]))
         } else {
             None

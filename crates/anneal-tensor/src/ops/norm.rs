@@ -1,6 +1,7 @@
 //! Normalisation over the last axis: LayerNorm (Ba et al. 2016) and RMSNorm (Zhang & Sennrich
 //! 2019), fused forward and backward. Rows are processed in parallel; the weight gradients are
-//! summed per block of rows and then across blocks.
+//! summed per block of 32 rows and then across blocks in block order, so they do
+//! not depend on the thread count or on which thread ran which block.
 
 use rayon::prelude::*;
 
@@ -42,7 +43,7 @@ impl Backward for LayerNormBackward {
         let d = self.weight.numel();
         let mut dx = crate::pool::uninit(self.x.numel());
         let w = self.weight.to_vec_f32();
-        let (dw, db) = grad.with_f32(|g| {
+        let partials = grad.with_f32(|g| {
             self.x.with_f32(|x| {
                 dx.par_chunks_mut((ROWS_PER_TASK * d).max(1))
                     .enumerate()
@@ -78,16 +79,14 @@ impl Backward for LayerNormBackward {
                             (dw, db)
                         })
                     })
-                    .reduce(
-                        || (crate::pool::zeros(d), crate::pool::zeros(d)),
-                        |(mut a, mut b), (c, e)| {
-                            crate::kernels::add_assign(&mut a, &c);
-                            crate::kernels::add_assign(&mut b, &e);
-                            (a, b)
-                        },
-                    )
+                    .collect::<Vec<_>>()
             })
         });
+        let (dw, db): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
+        let (dw, db) = (
+            crate::kernels::sum_in_order(dw, d),
+            crate::kernels::sum_in_order(db, d),
+        );
         let mut grads = vec![
             Some(Tensor::from_f32_unchecked(dx, self.x.shape())),
             Some(Tensor::from_f32_unchecked(dw, &[d])),
@@ -113,7 +112,7 @@ impl Backward for RmsNormBackward {
         let d = self.weight.numel();
         let mut dx = crate::pool::zeros(self.x.numel());
         let w = self.weight.to_vec_f32();
-        let dw = grad.with_f32(|g| {
+        let partials = grad.with_f32(|g| {
             self.x.with_f32(|x| {
                 dx.par_chunks_mut((ROWS_PER_TASK * d).max(1))
                     .enumerate()
@@ -142,15 +141,10 @@ impl Backward for RmsNormBackward {
                             dw
                         })
                     })
-                    .reduce(
-                        || crate::pool::zeros(d),
-                        |mut a, b| {
-                            crate::kernels::add_assign(&mut a, &b);
-                            a
-                        },
-                    )
+                    .collect::<Vec<_>>()
             })
         });
+        let dw = crate::kernels::sum_in_order(partials, d);
         Ok(vec![
             Some(Tensor::from_f32_unchecked(dx, self.x.shape())),
             Some(Tensor::from_f32_unchecked(dw, &[d])),

@@ -1,0 +1,198 @@
+//! A pre-norm transformer block (GPT-2, Llama):
+//!
+//! ```text
+//! x = x + dropout(attention(norm_1(x)))
+//! x = x + dropout(mlp(norm_2(x)))
+//! ```
+
+use super::{
+    join, Attention, AttentionConfig, Builder, Mlp, MlpKind, Norm, NormKind, QkvNames,
+    WeightLayout, Weights,
+};
+use anneal_tensor::{ParamId, Result, Tensor};
+
+/// Names of a block's four parts under its prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BlockNames {
+    /// The norm before attention.
+    pub norm_1: &'static str,
+    /// The attention.
+    pub attn: &'static str,
+    /// The norm before the feed-forward network.
+    pub norm_2: &'static str,
+    /// The feed-forward network.
+    pub mlp: &'static str,
+}
+
+impl BlockNames {
+    /// GPT-2's: `ln_1`, `attn`, `ln_2`, `mlp`.
+    pub const GPT2: BlockNames = BlockNames {
+        norm_1: "ln_1",
+        attn: "attn",
+        norm_2: "ln_2",
+        mlp: "mlp",
+    };
+    /// Llama's: `input_layernorm`, `self_attn`, `post_attention_layernorm`, `mlp`.
+    pub const LLAMA: BlockNames = BlockNames {
+        norm_1: "input_layernorm",
+        attn: "self_attn",
+        norm_2: "post_attention_layernorm",
+        mlp: "mlp",
+    };
+}
+
+/// Everything that shapes a block.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockConfig {
+    /// The attention.
+    pub attention: AttentionConfig,
+    /// Hidden width of the feed-forward network.
+    pub d_ff: usize,
+    /// Which feed-forward network.
+    pub mlp: MlpKind,
+    /// Which norm.
+    pub norm: NormKind,
+    /// The norms' ε.
+    pub eps: f32,
+    /// Names of the parts.
+    pub names: BlockNames,
+}
+
+impl BlockConfig {
+    /// A GPT-2 block: LayerNorm, fused causal attention, GELU MLP of width 4·d, `[in, out]`
+    /// weights, Normal(0, 0.02) weights with residual projections scaled by 1/√(2·n_layer)
+    /// (GPT-2 paper §2.3).
+    pub fn gpt2(d: usize, n_head: usize, n_layer: usize, bias: bool) -> BlockConfig {
+        let proj_std = 0.02 / (2.0 * n_layer as f32).sqrt();
+        BlockConfig {
+            attention: AttentionConfig {
+                d_model: d,
+                n_head,
+                n_kv_head: n_head,
+                bias,
+                causal: true,
+                rope_base: None,
+                layout: WeightLayout::InOut,
+                std: 0.02,
+                proj_std,
+                qkv: QkvNames::Fused("c_attn"),
+                out: "c_proj",
+            },
+            d_ff: 4 * d,
+            mlp: MlpKind::Gelu {
+                fc: "c_fc",
+                proj: "c_proj",
+            },
+            norm: NormKind::Layer { bias },
+            eps: 1e-5,
+            names: BlockNames::GPT2,
+        }
+    }
+
+    /// A Llama block: RMSNorm, grouped-query causal attention with RoPE, SiLU-gated MLP,
+    /// `[out, in]` weights, no biases.
+    pub fn llama(
+        d: usize,
+        n_head: usize,
+        n_kv_head: usize,
+        d_ff: usize,
+        rope_base: f32,
+        eps: f32,
+    ) -> BlockConfig {
+        BlockConfig {
+            attention: AttentionConfig {
+                d_model: d,
+                n_head,
+                n_kv_head,
+                bias: false,
+                causal: true,
+                rope_base: Some(rope_base),
+                layout: WeightLayout::OutIn,
+                std: 0.02,
+                proj_std: 0.02,
+                qkv: QkvNames::Separate("q_proj", "k_proj", "v_proj"),
+                out: "o_proj",
+            },
+            d_ff,
+            mlp: MlpKind::GatedSilu {
+                gate: "gate_proj",
+                up: "up_proj",
+                down: "down_proj",
+            },
+            norm: NormKind::Rms,
+            eps,
+            names: BlockNames::LLAMA,
+        }
+    }
+}
+
+/// A pre-norm transformer block.
+#[derive(Clone, Debug)]
+pub struct Block {
+    norm_1: Norm,
+    attn: Attention,
+    norm_2: Norm,
+    mlp: Mlp,
+}
+
+impl Block {
+    /// Declares the block's parameters under `prefix` (e.g. `transformer.h.0`), in the order
+    /// norm, attention, norm, feed-forward.
+    pub fn new(b: &mut Builder, prefix: &str, c: &BlockConfig) -> Result<Block> {
+        let (n, a) = (&c.names, &c.attention);
+        let d = a.d_model;
+        Ok(Block {
+            norm_1: Norm::new(b, &join(prefix, n.norm_1), d, c.norm, c.eps)?,
+            attn: Attention::new(b, &join(prefix, n.attn), a)?,
+            norm_2: Norm::new(b, &join(prefix, n.norm_2), d, c.norm, c.eps)?,
+            mlp: Mlp::new(
+                b,
+                &join(prefix, n.mlp),
+                d,
+                c.d_ff,
+                c.mlp,
+                a.bias,
+                a.layout,
+                a.std,
+                a.proj_std,
+            )?,
+        })
+    }
+
+    /// Every parameter id of the block.
+    pub fn params(&self) -> Vec<ParamId> {
+        [
+            self.norm_1.params(),
+            self.attn.params(),
+            self.norm_2.params(),
+            self.mlp.params(),
+        ]
+        .concat()
+    }
+
+    /// The block on `x` `[B, T, d]`; `p_drop > 0` drops residual-branch outputs with masks
+    /// derived from `seed` (attention's from `seed`, the MLP's from `seed ^ 1`).
+    pub fn forward(&self, w: &Weights, x: &Tensor, p_drop: f32, seed: u64) -> Result<Tensor> {
+        let a = self.attn.forward(w, &self.norm_1.forward(w, x)?)?;
+        let x = x.add(&a.dropout(p_drop, seed)?)?;
+        let h = self.mlp.forward(w, &self.norm_2.forward(w, &x)?)?;
+        x.add(&h.dropout(p_drop, seed ^ 1)?)
+    }
+
+    /// The block on `x` `[1, n, d]` at positions `start..start + n`, attending to the cached
+    /// `past`; returns the output and this layer's keys and values so far. No dropout.
+    pub fn forward_cached(
+        &self,
+        w: &Weights,
+        x: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+        start: usize,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (a, kv) = self
+            .attn
+            .forward_cached(w, &self.norm_1.forward(w, x)?, past, start)?;
+        let x = x.add(&a)?;
+        let h = self.mlp.forward(w, &self.norm_2.forward(w, &x)?)?;
+        Ok((x.add(&h)?, kv))
+    }
+}

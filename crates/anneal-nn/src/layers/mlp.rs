@@ -1,0 +1,93 @@
+//! The position-wise feed-forward network of a transformer block: GELU between two projections
+//! (GPT-2, BERT), or SiLU-gated (Shazeer 2020, "GLU Variants Improve Transformer"; Llama).
+
+use super::{join, Builder, Linear, LinearOptions, LinearSplit, WeightLayout, Weights};
+use anneal_tensor::{ParamId, Result, Tensor};
+
+/// Which feed-forward network, with its projections' names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MlpKind {
+    /// `proj(gelu_tanh(fc(x)))` (GPT-2: `c_fc`, `c_proj`).
+    Gelu {
+        /// The widening projection.
+        fc: &'static str,
+        /// The narrowing projection.
+        proj: &'static str,
+    },
+    /// `down(silu(gate(x)) · up(x))` (Llama: `gate_proj`, `up_proj`, `down_proj`).
+    GatedSilu {
+        /// The gate projection.
+        gate: &'static str,
+        /// The up projection.
+        up: &'static str,
+        /// The down projection.
+        down: &'static str,
+    },
+}
+
+/// A feed-forward network.
+#[derive(Clone, Debug)]
+pub struct Mlp {
+    fc: Linear,
+    up: Option<Linear>,
+    proj: Linear,
+}
+
+impl Mlp {
+    /// Declares the projections of a `d → hidden → d` network under `prefix`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        b: &mut Builder,
+        prefix: &str,
+        d: usize,
+        hidden: usize,
+        kind: MlpKind,
+        bias: bool,
+        layout: WeightLayout,
+        std: f32,
+        proj_std: f32,
+    ) -> Result<Mlp> {
+        let (_, tp) = b.parallel().tensor_parallel();
+        let (column, row) = if tp > 1 {
+            (LinearSplit::Column, LinearSplit::Row)
+        } else {
+            (LinearSplit::None, LinearSplit::None)
+        };
+        let opts = |std, split| LinearOptions {
+            bias,
+            std,
+            layout,
+            split,
+        };
+        let (fc, up, proj) = match kind {
+            MlpKind::Gelu { fc, proj } => (fc, None, proj),
+            MlpKind::GatedSilu { gate, up, down } => (gate, Some(up), down),
+        };
+        Ok(Mlp {
+            fc: Linear::new(b, &join(prefix, fc), d, hidden, opts(std, column))?,
+            up: up
+                .map(|up| Linear::new(b, &join(prefix, up), d, hidden, opts(std, column)))
+                .transpose()?,
+            proj: Linear::new(b, &join(prefix, proj), hidden, d, opts(proj_std, row))?,
+        })
+    }
+
+    /// Every parameter id of the layer.
+    pub fn params(&self) -> Vec<ParamId> {
+        let mut out = self.fc.params();
+        if let Some(up) = &self.up {
+            out.extend(up.params());
+        }
+        out.extend(self.proj.params());
+        out
+    }
+
+    /// The network on `x` `[…, d]`.
+    pub fn forward(&self, w: &Weights, x: &Tensor) -> Result<Tensor> {
+        let h = match &self.up {
+            None => self.fc.forward(w, x)?.gelu_tanh(),
+            Some(up) => self.fc.forward(w, x)?.silu().mul(&up.forward(w, x)?)?,
+        };
+        self.proj.forward(w, &h)
+    }
+}

@@ -1,0 +1,143 @@
+//! Layer types, each a small struct of parameter ids built from a [`Builder`] under a name
+//! prefix (candle's `VarBuilder` pattern), that looks its tensors up in [`Weights`] at forward
+//! time:
+//!
+//! ```text
+//! let mut b = Builder::new(seed);
+//! let fc = Linear::new(&mut b, "h.0.mlp.c_fc", 256, 1024, LinearOptions::default())?;
+//! let (params, parallel) = b.build(DType::F32);
+//! let y = fc.forward(&Weights::new(&params, parallel), &x)?;
+//! ```
+//!
+//! Parameter names follow the Hugging Face checkpoints of each architecture, so weights load and
+//! export without renaming. The builder carries a [`ParallelContext`] (single-device unless a
+//! distributed strategy supplies another): through it a layer learns which shard of each
+//! parameter it holds, and at forward time the lookup and the collectives a split layer needs
+//! go through it.
+
+mod attention;
+mod block;
+mod embedding;
+mod heads;
+mod linear;
+mod mlp;
+mod norm;
+mod parallel;
+
+pub use attention::{Attention, AttentionConfig, KvCache, QkvNames};
+pub use block::{Block, BlockConfig, BlockNames};
+pub use embedding::Embedding;
+pub use heads::{ClassificationHead, LmHead, ScalarHead};
+pub use linear::{Linear, LinearOptions, LinearSplit, WeightLayout};
+pub use mlp::{Mlp, MlpKind};
+pub use norm::{LayerNorm, Norm, NormKind, RmsNorm};
+pub use parallel::{ParallelContext, SingleDevice, Split};
+
+use anneal_tensor::{DType, ParamId, ParamStore, ParamStoreBuilder, Result, Rng, Tensor};
+use std::sync::Arc;
+
+/// How a parameter starts.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// Normal(0, std²).
+    Normal(f32),
+    /// All zeros (biases).
+    Zeros,
+    /// All ones (norm weights).
+    Ones,
+}
+
+/// Declares parameters under Hugging Face names, drawing initial values from one seeded
+/// generator in declaration order, and hands each rank its shard through the parallel context.
+pub struct Builder {
+    params: ParamStoreBuilder,
+    rng: Rng,
+    parallel: Arc<dyn ParallelContext>,
+}
+
+/// `prefix.name`, or `name` when the prefix is empty.
+pub fn join(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+impl Builder {
+    /// A builder on one device, initialising from `seed`.
+    pub fn new(seed: u64) -> Builder {
+        Builder::with_parallel(seed, Arc::new(SingleDevice))
+    }
+
+    /// A builder whose layers are split as `parallel` says.
+    pub fn with_parallel(seed: u64, parallel: Arc<dyn ParallelContext>) -> Builder {
+        Builder {
+            params: ParamStoreBuilder::new(),
+            rng: Rng::new(seed),
+            parallel,
+        }
+    }
+
+    /// The parallel context layers are built in.
+    pub fn parallel(&self) -> &dyn ParallelContext {
+        &*self.parallel
+    }
+
+    /// Declares parameter `name` of full shape `shape`: the full tensor is drawn from `init`
+    /// (so every layout starts from the same weights) and this rank keeps the shard `split`
+    /// names. `weight_decay` marks it for decoupled decay (off for biases, norms, embeddings).
+    pub fn param(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        init: Init,
+        weight_decay: bool,
+        split: Split,
+    ) -> Result<ParamId> {
+        let full = match init {
+            Init::Normal(std) => Tensor::randn(shape, std, DType::F32, &mut self.rng),
+            Init::Zeros => Tensor::zeros(shape, DType::F32),
+            Init::Ones => Tensor::ones(shape, DType::F32),
+        };
+        let local = self.parallel.shard(&full, split)?;
+        self.params.add(name, &local, weight_decay)
+    }
+
+    /// Lays the parameters out flat in `dtype`; returns them with the parallel context.
+    pub fn build(self, dtype: DType) -> (ParamStore, Arc<dyn ParallelContext>) {
+        (self.params.build(dtype), self.parallel)
+    }
+}
+
+/// What layers read their parameters from at forward time: the store's tensors and the parallel
+/// context. Cheap to clone and independent of a borrow of the store, so a recomputed segment can
+/// hold one.
+#[derive(Clone)]
+pub struct Weights {
+    tensors: Arc<Vec<Tensor>>,
+    parallel: Arc<dyn ParallelContext>,
+}
+
+impl Weights {
+    /// The parameters of `params`, looked up through `parallel`.
+    pub fn new(params: &ParamStore, parallel: Arc<dyn ParallelContext>) -> Weights {
+        Weights {
+            tensors: params.tensors(),
+            parallel,
+        }
+    }
+
+    /// Parameter `id` as this rank computes with it (where ZeRO-3 gathers its shards).
+    pub fn get(&self, id: ParamId) -> Result<Tensor> {
+        self.parallel.lookup(id, &self.tensors[id.0])
+    }
+
+    /// The parallel context.
+    pub fn parallel(&self) -> &dyn ParallelContext {
+        &*self.parallel
+    }
+}
+
+#[cfg(test)]
+mod tests;
