@@ -6,12 +6,15 @@
 use anneal_train::machine::{peak_gflops, peak_rss_mb, rss_mb};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Instant;
 
+use anneal_data::{Batch, BatchSource, Sampler, Stream, TokenWindows};
 use anneal_nn::{Gpt, GptConfig};
 use anneal_tensor::optim::{AdamW, AdamWConfig};
-use anneal_tensor::Optimizer;
 use anneal_tensor::{DType, Rng};
+use anneal_train::objectives::CausalLm;
+use anneal_train::schedule::CosineSchedule;
+use anneal_train::strategy::SingleDevice;
+use anneal_train::trainer::{Trainer, TrainerParts};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -311,14 +314,38 @@ fn worker(b: &GptBench) -> Result<Measurement> {
     })?
 }
 
-/// The benchmark model, optimizer and batch stream, one training step at a time.
+/// Random token windows over the benchmark vocabulary, with a fixed next-token rule as targets.
+struct RandomTokens {
+    vocab: usize,
+    seq: usize,
+}
+
+impl BatchSource for RandomTokens {
+    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
+        let n = batch * self.seq;
+        let mut rng = Rng::new(sampler.seed_of(Stream::Sample, &[step, micro]));
+        let ids: Vec<u32> = (0..n)
+            .map(|_| (rng.next_u64() % self.vocab as u64) as u32)
+            .collect();
+        let targets = ids
+            .iter()
+            .map(|&i| ((i as usize * 7 + 3) % self.vocab) as i64)
+            .collect();
+        Batch::Tokens(TokenWindows {
+            ids,
+            targets,
+            batch,
+            seq: self.seq,
+        })
+    }
+}
+
+/// The benchmark model in a [`Trainer`], one training step at a time: the same step
+/// `anneal pretrain` runs.
 struct Stepper {
-    model: Gpt,
-    opt: AdamW,
-    rng: Rng,
+    trainer: Trainer,
     batch: usize,
     seq: usize,
-    vocab: usize,
     cfg: GptConfig,
     /// RSS before the model was built, MB.
     base_rss_mb: f64,
@@ -339,59 +366,55 @@ impl Stepper {
         let cfg = config(b, dtype);
         let base_rss_mb = rss_mb();
         let model = Gpt::new(cfg.clone(), 1337)?;
-        let opt = AdamW::new(
+        // As bench/torch_gpt.py: PyTorch's β₂, decay 0.1, a constant learning rate, no clipping.
+        let optimizer = AdamW::new(
             &model.params,
-            // As bench/torch_gpt.py: PyTorch's β₂, decay 0.1.
             AdamWConfig {
                 beta2: 0.999,
                 weight_decay: 0.1,
                 ..Default::default()
             },
         );
+        let lr = 3e-4;
+        let trainer = Trainer::new(TrainerParts {
+            model: Box::new(model),
+            objective: Box::new(CausalLm),
+            optimizer: Box::new(optimizer),
+            strategy: Box::new(SingleDevice),
+            source: Box::new(RandomTokens {
+                vocab: b.vocab,
+                seq: b.seq,
+            }),
+            seed: 0,
+            schedule: CosineSchedule {
+                max_lr: lr,
+                min_lr: lr,
+                warmup_steps: 0,
+                decay_steps: 1,
+            },
+            batch_size: b.batch,
+            grad_accum: 1,
+            grad_clip: 0.0,
+        });
         Ok(Stepper {
-            model,
-            opt,
-            rng: Rng::new(0),
+            trainer,
             batch: b.batch,
             seq: b.seq,
-            vocab: b.vocab,
             cfg,
             base_rss_mb,
             forward_live: 0,
         })
     }
 
-    /// One forward, backward and AdamW step on a fresh random batch; returns its phases and loss.
+    /// One [`Trainer::step`] on a fresh random batch; returns its phases and loss.
     /// `after_forward` runs between forward and backward, outside the timed phases.
     fn step(&mut self, after_forward: &mut dyn FnMut()) -> Result<(Phases, f32)> {
-        let n = self.batch * self.seq;
-        let ids: Vec<u32> = (0..n)
-            .map(|_| (self.rng.next_u64() % self.vocab as u64) as u32)
-            .collect();
-        let targets: Vec<i64> = ids
-            .iter()
-            .map(|&i| ((i as usize * 7 + 3) % self.vocab) as i64)
-            .collect();
-        let t0 = Instant::now();
-        self.model.params.zero_grad();
-        let loss = self
-            .model
-            .loss(&ids, &targets, self.batch, self.seq, None)?;
-        let t1 = Instant::now();
-        self.forward_live = self
-            .forward_live
-            .max(anneal_tensor::memory_stats().live_bytes);
-        after_forward();
-        let t1b = Instant::now();
-        loss.backward()?;
-        let t2 = Instant::now();
-        self.opt.step(&self.model.params, 3e-4);
-        let phases = [
-            (t1 - t0).as_secs_f64(),
-            (t2 - t1b).as_secs_f64(),
-            t2.elapsed().as_secs_f64(),
-        ];
-        Ok((phases, loss.item()?))
+        let forward_live = &mut self.forward_live;
+        let out = self.trainer.step_with(&mut || {
+            *forward_live = (*forward_live).max(anneal_tensor::memory_stats().live_bytes);
+            after_forward();
+        })?;
+        Ok((out.phases, out.loss as f32))
     }
 
     /// The measurement of `times` (seconds per step).
@@ -399,7 +422,7 @@ impl Stepper {
         times.sort_by(|a, b| a.total_cmp(b));
         let median = times[times.len() / 2];
         let tokens = (self.batch * self.seq) as f64;
-        let params = &self.model.params;
+        let params = self.trainer.model().params();
         Measurement {
             engine: "anneal".into(),
             dtype: self.cfg.dtype.as_str().into(),
@@ -414,7 +437,7 @@ impl Stepper {
             forward_live_mb: mb(self.forward_live),
             params_mb: mb(params.data().bytes()),
             grads_mb: mb(params.grads().bytes()),
-            optimizer_state_mb: mb(self.opt.state_bytes()),
+            optimizer_state_mb: mb(self.trainer.optimizer().state_bytes()),
             final_loss: final_loss as f64,
             step_ms: Vec::new(),
         }

@@ -129,7 +129,8 @@ pub struct PipelineArgs {
     pub quiet: bool,
 }
 
-/// Perplexity of the first `max_tokens` tokens of `text` under `m`, over windows of its context.
+/// Perplexity of the first `max_tokens` tokens of `text` under `m`, over windows of its context
+/// (NaN when the text does not tokenize or holds fewer than two tokens).
 fn perplexity(m: &anneal_train::generate::LoadedModel, text: &str, max_tokens: usize) -> f64 {
     let Ok(mut ids) = m.tokenizer.encode(text) else {
         return f64::NAN;
@@ -138,27 +139,7 @@ fn perplexity(m: &anneal_train::generate::LoadedModel, text: &str, max_tokens: u
     if ids.len() < 2 {
         return f64::NAN;
     }
-    let t = m.model.config.block_size;
-    let (mut nll, mut count) = (0.0f64, 0usize);
-    let mut start = 0;
-    while start + 1 < ids.len() {
-        let n = (ids.len() - 1 - start).min(t);
-        let targets: Vec<i64> = ids[start + 1..start + 1 + n]
-            .iter()
-            .map(|&x| x as i64)
-            .collect();
-        let loss =
-            anneal_tensor::no_grad(|| m.model.loss(&ids[start..start + n], &targets, 1, n, None));
-        match loss.and_then(|l| l.item()) {
-            Ok(l) => {
-                nll += l as f64 * n as f64;
-                count += n;
-            }
-            Err(_) => return f64::NAN,
-        }
-        start += n;
-    }
-    (nll / count as f64).exp()
+    anneal_train::eval::perplexity(&m.model, &ids, m.model.config.block_size).unwrap_or(f64::NAN)
 }
 
 fn pipeline_config(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineConfig> {

@@ -2,8 +2,9 @@
 
 use crate::data::{tokenize_corpus, CorpusArgs, TokenizeArgs};
 use anneal_data::Corpus;
+use anneal_train::eval::StreamNll;
 use anneal_train::generate::{complete, generate as sample, load_model, SampleOptions};
-use anneal_train::trainer::{train, Resume, RunOptions, RunSummary};
+use anneal_train::pretrain::{train, Progress, Resume, RunOptions, RunSummary};
 use anneal_train::RunConfig;
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -89,7 +90,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     };
     let opts = RunOptions {
         resume,
-        progress: !a.quiet,
+        progress: progress_bar(a.quiet),
         stop: stop_on_ctrl_c(),
     };
     let summary = train(&config, &opts)?;
@@ -248,71 +249,41 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     let loaded = load_model(&a.model)?;
     let corpus = Corpus::new(&a.input, a.read.options())?;
     let t = loaded.model.config.block_size;
-    let b = a.batch_size.max(1);
     let started = std::time::Instant::now();
-    let mut stream: Vec<u32> = Vec::new();
-    // (summed negative log-likelihood, tokens scored)
-    let mut acc = (0.0f64, 0u64);
+    let mut scorer =
+        StreamNll::new(&loaded.model, t, a.batch_size).with_limit(a.max_tokens.unwrap_or(u64::MAX));
     let mut failure = None;
-    let limit = a.max_tokens.unwrap_or(u64::MAX);
-    let run_windows = |stream: &mut Vec<u32>, acc: &mut (f64, u64), flush: bool| -> Result<()> {
-        loop {
-            let windows = (stream.len().saturating_sub(1)) / t;
-            let take = if windows >= b {
-                b
-            } else if flush {
-                windows
-            } else {
-                0
-            };
-            if take == 0 || acc.1 >= limit {
-                return Ok(());
-            }
-            let mut ids = Vec::with_capacity(take * t);
-            let mut targets = Vec::with_capacity(take * t);
-            for w in 0..take {
-                ids.extend_from_slice(&stream[w * t..(w + 1) * t]);
-                targets.extend(stream[w * t + 1..(w + 1) * t + 1].iter().map(|&x| x as i64));
-            }
-            let loss = anneal_tensor::no_grad(|| loaded.model.loss(&ids, &targets, take, t, None))?;
-            acc.0 += loss.item()? as f64 * (take * t) as f64;
-            acc.1 += (take * t) as u64;
-            stream.drain(..take * t);
-        }
-    };
     let report = corpus.for_each(|doc| {
-        match loaded.tokenizer.encode(&doc.text) {
-            Ok(ids) => {
-                stream.extend(ids);
-                stream.extend(loaded.tokenizer.eos());
-            }
-            Err(e) => {
-                failure = Some(anyhow::anyhow!("{}: {e}", doc.source));
-                return false;
-            }
-        }
-        if let Err(e) = run_windows(&mut stream, &mut acc, false) {
+        let scored = loaded
+            .tokenizer
+            .encode(&doc.text)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", doc.source))
+            .and_then(|mut ids| {
+                ids.extend(loaded.tokenizer.eos());
+                Ok(scorer.push(&ids)?)
+            });
+        if let Err(e) = scored {
             failure = Some(e);
             return false;
         }
-        acc.1 < limit
+        !scorer.done()
     })?;
     if let Some(e) = failure {
         return Err(e);
     }
-    run_windows(&mut stream, &mut acc, true)?;
-    let (nll, count) = acc;
-    if count == 0 {
+    let nll = scorer.finish(false)?;
+    if nll.tokens == 0 {
         bail!(
             "the corpus holds fewer than block_size + 1 = {} tokens; nothing to evaluate",
             t + 1
         );
     }
-    let loss = nll / count as f64;
     println!("{}", report.summary());
     println!(
-        "{count} tokens in windows of {t}: loss {loss:.4} nats/token, perplexity {:.3} ({:.1} s)",
-        loss.exp(),
+        "{} tokens in windows of {t}: loss {:.4} nats/token, perplexity {:.3} ({:.1} s)",
+        nll.tokens,
+        nll.mean(),
+        nll.perplexity(),
         started.elapsed().as_secs_f64()
     );
     Ok(())
@@ -458,7 +429,7 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
     let config = RunConfig::load(None, &overrides)?;
     let opts = RunOptions {
         resume: Resume::No,
-        progress: !a.quiet,
+        progress: progress_bar(a.quiet),
         stop: stop_on_ctrl_c(),
     };
     let summary = train(&config, &opts)?;
@@ -504,4 +475,41 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
     )?;
     println!("\nreport: {}", report.display());
     Ok(())
+}
+
+/// A progress bar on standard error, drawn by the binary for the library's progress reports
+/// (hidden with `--quiet`, and by indicatif itself when standard error is not a terminal).
+struct Bar(indicatif::ProgressBar);
+
+impl Progress for Bar {
+    fn begin(&self, total: u64, position: u64) {
+        self.0.set_length(total);
+        self.0.set_position(position);
+    }
+    fn advance(&self, position: u64, message: &str) {
+        self.0.set_position(position);
+        self.0.set_message(message.to_string());
+    }
+    fn suspend(&self, f: &mut dyn FnMut()) {
+        self.0.suspend(f)
+    }
+    fn finish(&self) {
+        self.0.finish_and_clear()
+    }
+}
+
+/// The training progress bar, unless `quiet`.
+fn progress_bar(quiet: bool) -> Option<Arc<dyn Progress>> {
+    if quiet {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise}, ETA {eta}]",
+        )
+        .expect("valid template")
+        .progress_chars("=> "),
+    );
+    Some(Arc::new(Bar(bar)))
 }

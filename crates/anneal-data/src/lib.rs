@@ -6,6 +6,7 @@
 //! Bad input never ends a run: invalid UTF-8 and malformed JSON lines are skipped, counted and
 //! reported with their file and line ([`BadInput`]).
 
+pub mod batch;
 pub mod corpus;
 pub mod dedup;
 pub mod filters;
@@ -19,6 +20,7 @@ pub mod shards;
 pub mod signals;
 pub mod tokenizer;
 
+pub use batch::{Batch, BatchSource, Sampler, Stream, TokenWindows, WindowSource};
 pub use corpus::{BadInput, Corpus, CorpusOptions, CorpusReport, Document, Format};
 pub use shards::{
     tokenize, Manifest, ShardInfo, ShardSet, SplitMode, TokenizeOptions, TokenizeSummary,

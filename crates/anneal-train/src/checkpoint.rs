@@ -3,6 +3,7 @@
 //! ```text
 //! checkpoints/step-000500/
 //!     model.safetensors        parameters under Hugging Face GPT-2 names
+//!     objective.safetensors    state the objective owns, when it keeps any
 //!     optimizer.safetensors    the optimizer's state (AdamW: moments, and the f32 master copy
 //!                              of bf16 models), trainable parameters only
 //!     trainer_state.json       step, seeds, data position, config, tokenizer, file checksums
@@ -33,7 +34,7 @@ pub struct FileCheck {
 
 /// Where the data stream stands. Batches are drawn from a generator seeded by
 /// (seed, step, micro-batch), so the step alone fixes every later batch.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DataPosition {
     /// The tokenized corpus.
     pub dir: PathBuf,
@@ -77,6 +78,8 @@ pub struct Loaded {
     pub model: HashMap<String, Tensor>,
     /// Optimizer tensors by name (`adam.m`, `adam.v`, optionally `adam.master`).
     pub optimizer: HashMap<String, Tensor>,
+    /// The objective's state by name (empty when it keeps none).
+    pub objective: HashMap<String, Tensor>,
 }
 
 fn check(bytes: &[u8]) -> FileCheck {
@@ -110,6 +113,7 @@ pub fn save(
     root: &Path,
     params: &ParamStore,
     opt: &dyn Optimizer,
+    objective: Vec<(String, Vec<f32>)>,
     mut state: TrainerState,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
@@ -120,21 +124,30 @@ pub fn save(
     }
     std::fs::create_dir_all(&tmp)?;
     let model_bytes = anneal_tensor::io::encode_safetensors(&params.named())?;
-    let tensors = opt
-        .state(params)
-        .into_iter()
-        .map(|(name, v)| {
-            let n = v.len();
-            Ok((name, Tensor::from_f32(v, &[n])?))
-        })
-        .collect::<Result<Vec<_>>>()?;
-    let opt_bytes = anneal_tensor::io::encode_safetensors(&tensors)?;
-    state.files = BTreeMap::from([
-        ("model.safetensors".to_string(), check(&model_bytes)),
-        ("optimizer.safetensors".to_string(), check(&opt_bytes)),
-    ]);
-    write_synced(&tmp.join("model.safetensors"), &model_bytes)?;
-    write_synced(&tmp.join("optimizer.safetensors"), &opt_bytes)?;
+    let flat = |named: Vec<(String, Vec<f32>)>| -> Result<Vec<u8>> {
+        let tensors = named
+            .into_iter()
+            .map(|(name, v)| {
+                let n = v.len();
+                Ok((name, Tensor::from_f32(v, &[n])?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(anneal_tensor::io::encode_safetensors(&tensors)?)
+    };
+    let mut files = vec![
+        ("model.safetensors", model_bytes),
+        ("optimizer.safetensors", flat(opt.state(params))?),
+    ];
+    if !objective.is_empty() {
+        files.push(("objective.safetensors", flat(objective)?));
+    }
+    state.files = files
+        .iter()
+        .map(|(name, bytes)| (name.to_string(), check(bytes)))
+        .collect();
+    for (name, bytes) in &files {
+        write_synced(&tmp.join(name), bytes)?;
+    }
     let json = serde_json::to_vec_pretty(&state).expect("states serialise");
     write_synced(&tmp.join("trainer_state.json"), &json)?;
     sync_dir(&tmp);
@@ -206,11 +219,17 @@ pub fn load(dir: &Path) -> Result<Loaded> {
     };
     let model = read("model.safetensors")?;
     let optimizer = read("optimizer.safetensors")?;
+    let objective = if state.files.contains_key("objective.safetensors") {
+        read("objective.safetensors")?
+    } else {
+        HashMap::new()
+    };
     Ok(Loaded {
         dir: dir.to_path_buf(),
         state,
         model,
         optimizer,
+        objective,
     })
 }
 

@@ -1,24 +1,39 @@
-//! Training runs for anneal, as the `anneal` binary drives them:
+//! Training for anneal, as the `anneal` binary drives it:
 //!
+//! * [`trainer`]: the `Trainer` (set-up/resume, `step`, `evaluate`, `save`) over a model, an
+//!   objective, an optimizer, a strategy and a batch source;
+//! * [`model`]: what the trainer asks of a model (`TrainModel`: parameters, forward, FLOPs);
+//! * [`objectives`]: what a model is trained for (`Objective`; causal language modelling);
+//! * [`strategy`]: how a step runs on the hardware (`Strategy`; one device here, where data,
+//!   tensor and pipeline parallelism plug in);
+//! * [`pretrain`]: a pretraining run over token shards: metrics, validation, loss-curve plot,
+//!   checkpoint cadence, progress reported through a callback;
+//! * [`eval`]: next-token negative log-likelihood over windows, the one evaluation behind the
+//!   validation loss, `anneal eval` and the pipeline's perplexity signal;
 //! * [`config`]: the TOML run configuration, every key overridable as `section.key=value`, and
 //!   errors that name the key, the value and what is allowed;
 //! * [`schedule`]: linear warm-up then cosine decay of the learning rate;
-//! * [`trainer`]: the pretraining loop over memory-mapped token shards (micro-batches, gradient
-//!   accumulation, AdamW, clipping, periodic validation, metrics, progress, loss-curve plot);
-//! * [`checkpoint`]: checkpoint directories written atomically, verified on load, resumed exactly;
+//! * [`checkpoint`]: checkpoint directories over the parameter store, the optimizer's and the
+//!   objective's state, written atomically, verified on load, resumed exactly;
 //! * [`generate`]: sampling with temperature, top-k and top-p over the model's KV cache;
 //! * [`hf`]: Hugging Face GPT-2 export and import;
-//! * [`machine`]: the machine's f32 peak and the process's memory high-water mark.
+//! * [`machine`]: the machine's f32 peak, thread settings and the process's memory high-water
+//!   mark.
 //!
 //! This crate is the application layer between the libraries and the binary: its errors are
 //! `anyhow` errors carrying the file, key or value at fault.
 
 pub mod checkpoint;
 pub mod config;
+pub mod eval;
 pub mod generate;
 pub mod hf;
 pub mod machine;
+pub mod model;
+pub mod objectives;
+pub mod pretrain;
 pub mod schedule;
+pub mod strategy;
 pub mod trainer;
 
 pub use config::RunConfig;

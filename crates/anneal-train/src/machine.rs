@@ -73,3 +73,11 @@ pub fn nominal_peak_gflops(threads: usize) -> (f64, String) {
         ),
     }
 }
+
+/// The thread count a `threads` setting means: 0 is every core.
+pub fn threads(setting: usize) -> usize {
+    match setting {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}

@@ -1,576 +1,425 @@
-//! The pretraining loop, nanoGPT's `train.py` in shape:
+//! The [`Trainer`]: one model with its objective, optimizer and strategy, the source its batches
+//! come from and its learning-rate schedule, cut into the parts of a training loop (nanoGPT's
+//! `train.py` in shape):
 //!
 //! ```text
-//! for step in start..max_steps:
-//!     lr ← schedule(step)
-//!     for each micro-batch: loss = model(x, y) / grad_accum; backward     (gradients add up)
-//!     clip the global gradient norm; AdamW step
-//!     every eval_interval steps: validation loss and perplexity, loss-curve PNG
-//!     every checkpoint_interval steps (and at the end, and on Ctrl-C): checkpoint
+//! Trainer::new / restore   set-up, or resume from a checkpoint
+//! Trainer::step            lr ← schedule(step); the sampler's micro-batches; the strategy runs
+//!                          forward/backward (the objective gives the loss), reduces, clips and
+//!                          steps the optimizer
+//! Trainer::evaluate        validation loss on fixed windows
+//! Trainer::save            a checkpoint of parameters, optimizer and objective state
 //! ```
 //!
-//! Batches are windows of `block_size + 1` tokens at offsets drawn uniformly from the training
-//! split by a generator seeded with (seed, step, micro-batch); dropout masks are seeded the same
-//! way. Nothing random carries state from one step to the next, so a run resumed from the
-//! checkpoint of step s draws exactly what the uninterrupted run drew, and its losses are
-//! bitwise identical.
+//! The run around it (metrics, plots, checkpoint cadence, progress) is [`crate::pretrain`].
 
-use crate::checkpoint::{self, DataPosition, TrainerState};
+use crate::checkpoint::{self, TrainerState};
 use crate::config::RunConfig;
+use crate::model::TrainModel;
+use crate::objectives::{CausalLm, Objective};
 use crate::schedule::CosineSchedule;
-use anneal_data::plot::{line_chart, Series};
-use anneal_data::{Manifest, ShardSet, Tokenizer};
+use crate::strategy::{SingleDevice, StepOutput, StepSettings, Strategy};
+use anneal_data::{BatchSource, Sampler, ShardSet, Stream, WindowSource};
 use anneal_nn::Gpt;
 use anneal_tensor::optim::{AdamW, AdamWConfig};
-use anneal_tensor::{Optimizer, Rng, Tensor};
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
-use std::fs::File;
-use std::io::{BufRead, BufReader, Write};
+use anneal_tensor::Optimizer;
+use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Instant;
 
-/// Where a run starts.
-#[derive(Clone, Debug, Default)]
-pub enum Resume {
-    /// From scratch (an existing run directory's checkpoints are left alone but not used).
-    #[default]
-    No,
-    /// From the newest checkpoint under the run's `out_dir`.
-    Latest,
-    /// From this checkpoint directory.
-    From(PathBuf),
+/// The training state of one model: its objective, optimizer and strategy, where its batches
+/// come from, its learning-rate schedule and the steps taken.
+pub struct Trainer {
+    model: Box<dyn TrainModel>,
+    objective: Box<dyn Objective>,
+    optimizer: Box<dyn Optimizer>,
+    strategy: Box<dyn Strategy>,
+    source: Box<dyn BatchSource>,
+    sampler: Sampler,
+    schedule: CosineSchedule,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per optimizer step.
+    pub grad_accum: usize,
+    /// Global gradient-norm clip (0: none).
+    pub grad_clip: f64,
+    step: u64,
+    tokens_seen: u64,
 }
 
-/// How a run is driven.
-#[derive(Clone, Debug, Default)]
-pub struct RunOptions {
-    /// Where to start.
-    pub resume: Resume,
-    /// Draw a progress bar on stderr.
-    pub progress: bool,
-    /// Set (by a Ctrl-C handler) to stop after the current step with a checkpoint.
-    pub stop: Arc<AtomicBool>,
+/// The pieces a [`Trainer`] is made of.
+pub struct TrainerParts {
+    /// The model.
+    pub model: Box<dyn TrainModel>,
+    /// What it is trained for.
+    pub objective: Box<dyn Objective>,
+    /// The optimizer over the model's trainable parameters.
+    pub optimizer: Box<dyn Optimizer>,
+    /// How a step runs on the hardware.
+    pub strategy: Box<dyn Strategy>,
+    /// Where micro-batches come from.
+    pub source: Box<dyn BatchSource>,
+    /// The run's seed (sampling and dropout).
+    pub seed: u64,
+    /// The learning rate by step.
+    pub schedule: CosineSchedule,
+    /// Examples per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches per step.
+    pub grad_accum: usize,
+    /// Global gradient-norm clip (0: none).
+    pub grad_clip: f64,
 }
 
-/// What a run did.
-#[derive(Clone, Debug, Serialize)]
-pub struct RunSummary {
-    /// Step the run started from (0, or the resumed checkpoint's).
-    pub start_step: u64,
-    /// Steps completed in total.
-    pub steps: u64,
-    /// Whether it stopped early on request.
-    pub interrupted: bool,
-    /// Last validation loss.
-    pub val_loss: Option<f64>,
-    /// Validation losses by step.
-    pub val_history: Vec<(u64, f64)>,
-    /// Wall time of this invocation, evaluation and checkpoints included.
-    pub wall_seconds: f64,
-    /// Mean time of one optimizer step in this invocation.
-    pub ms_per_step: f64,
-    /// Training tokens per second (steps only).
-    pub tokens_per_second: f64,
-    /// Model FLOP utilisation against the machine's f32 peak.
-    pub mfu: f64,
-    /// The last checkpoint written.
-    pub checkpoint: Option<PathBuf>,
-    /// Peak resident memory of the process in MB.
-    pub peak_rss_mb: f64,
-}
-
-/// One line of `metrics.jsonl`: a training step, or a validation pass.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(untagged)]
-pub enum Metric {
-    /// A validation pass after `step` steps.
-    Eval {
-        /// Steps completed.
-        step: u64,
-        /// Mean validation cross-entropy (nats per token).
-        val_loss: f64,
-        /// exp(val_loss).
-        val_ppl: f64,
-        /// Mean training loss of the steps since the previous pass.
-        train_loss: Option<f64>,
-    },
-    /// One optimizer step.
-    Step {
-        /// This step's number (1-based: steps completed after it).
-        step: u64,
-        /// Mean loss over its micro-batches.
-        loss: f64,
-        /// Its learning rate.
-        lr: f64,
-        /// Global gradient norm before clipping.
-        grad_norm: f64,
-        /// Training tokens per second over the steps since the last log line.
-        tokens_per_s: f64,
-        /// Model FLOP utilisation.
-        mfu: f64,
-    },
-}
-
-/// Mixes a seed and counters into one generator seed (xxHash3 of their bytes).
-pub fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
-    let mut bytes = Vec::with_capacity(8 * (parts.len() + 1));
-    bytes.extend_from_slice(&seed.to_le_bytes());
-    for p in parts {
-        bytes.extend_from_slice(&p.to_le_bytes());
-    }
-    xxhash_rust::xxh3::xxh3_64(&bytes)
-}
-
-const SAMPLE: u64 = 1;
-const DROPOUT: u64 = 2;
-const EVAL: u64 = 3;
-
-/// Fills `ids` and `targets` with `batch` windows of `seq` tokens (and their next tokens) at
-/// offsets drawn by a generator seeded with `sample_seed`.
-pub fn sample_batch(
-    set: &ShardSet,
-    sample_seed: u64,
-    batch: usize,
-    seq: usize,
-    ids: &mut Vec<u32>,
-    targets: &mut Vec<i64>,
-) {
-    let mut rng = Rng::new(sample_seed);
-    let span = set.len() - seq as u64;
-    let mut window = vec![0u32; seq + 1];
-    ids.clear();
-    targets.clear();
-    for _ in 0..batch {
-        let offset = rng.next_u64() % span;
-        set.read(offset, &mut window);
-        ids.extend_from_slice(&window[..seq]);
-        targets.extend(window[1..].iter().map(|&t| t as i64));
-    }
-}
-
-/// Mean loss of `model` over `batches` fixed batches of the split (the same windows every call).
-pub fn evaluate(
-    model: &Gpt,
-    set: &ShardSet,
-    seed: u64,
-    batches: usize,
-    batch: usize,
-    seq: usize,
-) -> Result<f64> {
-    let (mut ids, mut targets) = (Vec::new(), Vec::new());
-    let mut total = 0.0;
-    for i in 0..batches {
-        sample_batch(
-            set,
-            derive_seed(seed, &[EVAL, i as u64]),
-            batch,
-            seq,
-            &mut ids,
-            &mut targets,
-        );
-        let loss = anneal_tensor::no_grad(|| model.loss(&ids, &targets, batch, seq, None))?;
-        total += loss.item()? as f64;
-    }
-    Ok(total / batches as f64)
-}
-
-/// The run directory's files.
-struct RunFiles {
-    metrics: PathBuf,
-    plot: PathBuf,
-    checkpoints: PathBuf,
-}
-
-impl RunFiles {
-    fn new(out: &Path) -> RunFiles {
-        RunFiles {
-            metrics: out.join("metrics.jsonl"),
-            plot: out.join("loss.png"),
-            checkpoints: out.join("checkpoints"),
+impl Trainer {
+    /// A trainer at step 0 from its parts.
+    pub fn new(p: TrainerParts) -> Trainer {
+        Trainer {
+            model: p.model,
+            objective: p.objective,
+            optimizer: p.optimizer,
+            strategy: p.strategy,
+            source: p.source,
+            sampler: Sampler { seed: p.seed },
+            schedule: p.schedule,
+            batch_size: p.batch_size,
+            grad_accum: p.grad_accum.max(1),
+            grad_clip: p.grad_clip,
+            step: 0,
+            tokens_seen: 0,
         }
     }
-}
 
-/// Reads `metrics.jsonl`, keeping the lines up to `step` (a resumed run drops what came after
-/// its checkpoint) and skipping lines that do not parse (a run killed mid-write).
-fn read_metrics(path: &Path, up_to: u64) -> Vec<Metric> {
-    let Ok(file) = File::open(path) else {
-        return Vec::new();
-    };
-    BufReader::new(file)
-        .lines()
-        .map_while(|l| l.ok())
-        .filter_map(|l| serde_json::from_str::<Metric>(&l).ok())
-        .filter(|m| match m {
-            Metric::Eval { step, .. } | Metric::Step { step, .. } => *step <= up_to,
-        })
-        .collect()
-}
-
-fn open_tokenized(dir: &Path) -> Result<(Manifest, Tokenizer, ShardSet, ShardSet)> {
-    let manifest = Manifest::load(dir).with_context(|| {
-        format!(
-            "no tokenized corpus in {} (create one with `anneal data tokenize`)",
-            dir.display()
-        )
-    })?;
-    let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"))?;
-    let train = ShardSet::open(dir, &manifest, "train")?;
-    let val = ShardSet::open(dir, &manifest, "val")?;
-    Ok((manifest, tokenizer, train, val))
-}
-
-fn plot_losses(path: &Path, metrics: &[Metric]) -> Result<()> {
-    let mut train = Vec::new();
-    let mut val = Vec::new();
-    for m in metrics {
-        match m {
-            Metric::Step { step, loss, .. } => train.push((*step as f64, *loss)),
-            Metric::Eval { step, val_loss, .. } => val.push((*step as f64, *val_loss)),
-        }
+    /// The model.
+    pub fn model(&self) -> &dyn TrainModel {
+        &*self.model
     }
-    // Smooth the per-step training loss over a window of about 1% of the run.
-    let w = (train.len() / 100).max(1);
-    let smooth: Vec<(f64, f64)> = (0..train.len())
-        .step_by(w)
-        .map(|i| {
-            let part = &train[i..(i + w).min(train.len())];
-            (
-                part.last().expect("non-empty").0,
-                part.iter().map(|p| p.1).sum::<f64>() / part.len() as f64,
+
+    /// The optimizer.
+    pub fn optimizer(&self) -> &dyn Optimizer {
+        &*self.optimizer
+    }
+
+    /// Optimizer steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Tokens trained on.
+    pub fn tokens_seen(&self) -> u64 {
+        self.tokens_seen
+    }
+
+    /// The learning rate of the next step.
+    pub fn lr(&self) -> f64 {
+        self.schedule.lr(self.step)
+    }
+
+    /// One optimizer step; see [`Trainer::step_with`].
+    pub fn step(&mut self) -> Result<StepOutput> {
+        self.step_with(&mut || {})
+    }
+
+    /// One optimizer step: the sampler's micro-batches for this step, forward and backward
+    /// through the strategy, the optimizer at the scheduled learning rate. `after_forward` runs
+    /// after each forward pass, outside the timed phases.
+    pub fn step_with(&mut self, after_forward: &mut dyn FnMut()) -> Result<StepOutput> {
+        let step = self.step;
+        let micro = 0..self.grad_accum as u64;
+        let batches: Vec<_> = micro
+            .clone()
+            .map(|m| self.source.draw(&self.sampler, step, m, self.batch_size))
+            .collect();
+        let seeds: Vec<u64> = micro
+            .map(|m| self.sampler.seed_of(Stream::Dropout, &[step, m]))
+            .collect();
+        let settings = StepSettings {
+            lr: self.lr() as f32,
+            grad_clip: self.grad_clip as f32,
+        };
+        let out = self
+            .strategy
+            .step(
+                &*self.model,
+                &mut *self.objective,
+                &mut *self.optimizer,
+                &batches,
+                &seeds,
+                settings,
+                after_forward,
             )
-        })
-        .collect();
-    line_chart(
-        path,
-        "anneal pretrain: loss",
-        "step",
-        "cross-entropy (nats/token)",
-        &[
-            Series {
-                label: "train",
-                points: &smooth,
-            },
-            Series {
-                label: "validation",
-                points: &val,
-            },
-        ],
-    )?;
-    Ok(())
-}
-
-/// Runs (or resumes) the pretraining described by `config`.
-pub fn train(config: &RunConfig, opts: &RunOptions) -> Result<RunSummary> {
-    let threads = match config.train.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
-    anneal_tensor::with_threads(threads, || train_on_pool(config, opts, threads))?
-}
-
-fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Result<RunSummary> {
-    let wall = Instant::now();
-    let t = &config.train;
-    let out = &t.out_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let files = RunFiles::new(out);
-    let (manifest, tokenizer, train_set, val_set) = open_tokenized(&config.data.dir)?;
-    let seq = config.model.block_size;
-    for (name, set) in [("training", &train_set), ("validation", &val_set)] {
-        if set.len() <= seq as u64 {
-            bail!(
-                "the {name} split of {} holds {} tokens, fewer than model.block_size + 1 = {}; \
-                 use more data, a larger validation share, or a shorter block_size",
-                config.data.dir.display(),
-                set.len(),
-                seq + 1
-            );
-        }
+            .with_context(|| {
+                format!(
+                    "step {}: lower train.lr (its peak is {}) or resume from an earlier checkpoint",
+                    step + 1,
+                    self.schedule.max_lr
+                )
+            })?;
+        self.step += 1;
+        self.tokens_seen += batches.iter().map(|b| b.tokens() as u64).sum::<u64>();
+        self.objective
+            .after_optimizer_step(&*self.model, self.step)?;
+        Ok(out)
     }
-    let gpt_config = config.gpt_config(manifest.vocab_size)?;
-    let model = Gpt::new(gpt_config.clone(), t.seed)?;
-    let mut opt = AdamW::new(
+
+    /// Mean next-token loss over `batches` fixed batches of windows of `set`.
+    pub fn evaluate(&self, set: &ShardSet, seed: u64, batches: usize, seq: usize) -> Result<f64> {
+        Ok(crate::eval::split_loss(
+            &*self.model,
+            set,
+            seed,
+            batches,
+            self.batch_size,
+            seq,
+        )?)
+    }
+
+    /// Writes a checkpoint of the parameters, the optimizer's and the objective's state under
+    /// `root`; `state` describes the run (its step is set here).
+    pub fn save(&self, root: &Path, mut state: TrainerState) -> Result<PathBuf> {
+        state.step = self.step;
+        state.tokens_seen = self.tokens_seen;
+        state.data.steps_drawn = self.step;
+        checkpoint::save(
+            root,
+            self.model.params(),
+            &*self.optimizer,
+            self.objective.state(),
+            state,
+        )
+    }
+
+    /// Restores parameters, optimizer, objective and position from a loaded checkpoint.
+    pub fn restore(&mut self, loaded: &checkpoint::Loaded) -> Result<()> {
+        let params = self.model.params();
+        loaded.restore_params(params)?;
+        checkpoint::restore_optimizer(&mut *self.optimizer, params, loaded)?;
+        let objective = loaded
+            .objective
+            .iter()
+            .map(|(k, t)| (k.clone(), t.to_vec_f32()))
+            .collect();
+        self.objective
+            .load_state(&objective)
+            .with_context(|| format!("restoring the objective from {}", loaded.dir.display()))?;
+        self.step = loaded.state.step;
+        self.tokens_seen = loaded.state.tokens_seen;
+        Ok(())
+    }
+}
+
+/// A GPT pretraining trainer as `config` describes it (model, AdamW, causal LM, one device),
+/// drawing from `train` windows.
+pub fn pretraining(config: &RunConfig, vocab_size: usize, train: ShardSet) -> Result<Trainer> {
+    let t = &config.train;
+    let model = Gpt::new(config.gpt_config(vocab_size)?, t.seed)?;
+    let optimizer = AdamW::new(
         &model.params,
         AdamWConfig {
             beta1: t.beta1 as f32,
             beta2: t.beta2 as f32,
-            eps: 1e-8,
             weight_decay: t.weight_decay as f32,
+            ..AdamWConfig::default()
         },
     );
-    let resume_dir = match &opts.resume {
-        Resume::No => None,
-        Resume::Latest => checkpoint::latest(&files.checkpoints),
-        Resume::From(dir) => Some(dir.clone()),
-    };
-    let mut start_step = 0;
-    let mut tokens_seen = 0;
-    if let Some(dir) = &resume_dir {
-        let loaded = checkpoint::load(dir)?;
-        let saved = loaded.config()?;
-        if saved.model != config.model {
-            bail!(
-                "{} was trained with [model] {:?}, not {:?}: a checkpoint resumes only the same model",
-                dir.display(),
-                saved.model,
-                config.model
-            );
-        }
-        if loaded.state.data.train_tokens != train_set.len() {
-            bail!(
-                "{} was trained on {} training tokens but {} holds {}: resume on the same tokenized corpus",
-                dir.display(),
-                loaded.state.data.train_tokens,
-                config.data.dir.display(),
-                train_set.len()
-            );
-        }
-        loaded.restore_params(&model.params)?;
-        checkpoint::restore_optimizer(&mut opt, &model.params, &loaded)?;
-        start_step = loaded.state.step;
-        tokens_seen = loaded.state.tokens_seen;
-        tracing::info!("resumed from {} at step {start_step}", dir.display());
-    } else if matches!(opts.resume, Resume::Latest) {
-        tracing::info!(
-            "no checkpoint under {}; starting from scratch",
-            files.checkpoints.display()
-        );
-    } else if let Some(existing) = checkpoint::latest(&files.checkpoints) {
-        bail!(
-            "{} already holds checkpoints of a run (newest: {}); pass --resume to continue it, \
-             or set train.out_dir to another directory to start a new one",
-            out.display(),
-            existing.display()
-        );
-    }
-    // A resumed run keeps the metrics up to its checkpoint; a new one starts the file afresh.
-    let mut metrics = match resume_dir {
-        Some(_) => read_metrics(&files.metrics, start_step),
-        None => Vec::new(),
-    };
-    {
-        let mut f = File::create(&files.metrics)
-            .with_context(|| format!("creating {}", files.metrics.display()))?;
-        for m in &metrics {
-            writeln!(f, "{}", serde_json::to_string(m)?)?;
-        }
-    }
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&files.metrics)?;
-    std::fs::write(out.join("config.toml"), config.to_toml())?;
+    Ok(Trainer::new(TrainerParts {
+        model: Box::new(model),
+        objective: Box::new(CausalLm),
+        optimizer: Box::new(optimizer),
+        strategy: Box::new(SingleDevice),
+        source: Box::new(WindowSource {
+            set: train,
+            seq: config.model.block_size,
+        }),
+        seed: t.seed,
+        schedule: CosineSchedule {
+            max_lr: t.lr,
+            min_lr: t.min_lr,
+            warmup_steps: t.warmup_steps,
+            decay_steps: config.decay_steps(),
+        },
+        batch_size: t.batch_size,
+        grad_accum: t.grad_accum,
+        grad_clip: t.grad_clip,
+    }))
+}
 
-    let schedule = CosineSchedule {
-        max_lr: t.lr,
-        min_lr: t.min_lr,
-        warmup_steps: t.warmup_steps,
-        decay_steps: config.decay_steps(),
-    };
-    let tokens_per_step = (t.batch_size * seq * t.grad_accum) as u64;
-    let (peak_gflops, _) = crate::machine::peak_gflops(threads);
-    tracing::info!(
-        "model: {} parameters ({} non-embedding), vocabulary {}; data: {} training and {} validation tokens; {} tokens per step, {threads} threads",
-        model.params.numel(),
-        gpt_config.non_embedding_params(),
-        manifest.vocab_size,
-        train_set.len(),
-        val_set.len(),
-        tokens_per_step
-    );
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ModelInput, ModelOutput};
+    use crate::objectives::Loss;
+    use anneal_data::{Batch, TokenWindows};
+    use anneal_nn::GptConfig;
+    use anneal_tensor::{ParamStore, Tensor};
+    use std::collections::HashMap;
 
-    let bar = if opts.progress {
-        indicatif::ProgressBar::new(t.max_steps)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30.cyan/blue} {pos}/{len} {msg} [{elapsed_precise}, ETA {eta}]",
-        )
-        .expect("valid template")
-        .progress_chars("=> "),
-    );
-    bar.set_position(start_step);
+    /// Windows of a short repeating token pattern.
+    struct Pattern;
 
-    let eval =
-        |model: &Gpt, step: u64, metrics: &mut Vec<Metric>, file: &mut File| -> Result<f64> {
-            let val_loss = evaluate(model, &val_set, t.seed, t.eval_batches, t.batch_size, seq)?;
-            let since = metrics
+    impl BatchSource for Pattern {
+        fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
+            let seq = 8;
+            let offsets = sampler.offsets(Stream::Sample, &[step, micro], batch, 50);
+            let token = |i: u64| (i * 3 % 11) as u32;
+            let ids = offsets
                 .iter()
-                .rev()
-                .take_while(|m| matches!(m, Metric::Step { .. }))
-                .filter_map(|m| match m {
-                    Metric::Step { loss, .. } => Some(*loss),
-                    _ => None,
-                })
-                .collect::<Vec<_>>();
-            let train_loss =
-                (!since.is_empty()).then(|| since.iter().sum::<f64>() / since.len() as f64);
-            let m = Metric::Eval {
-                step,
-                val_loss,
-                val_ppl: val_loss.exp(),
-                train_loss,
-            };
-            writeln!(file, "{}", serde_json::to_string(&m)?)?;
-            metrics.push(m);
-            if let Err(e) = plot_losses(&files.plot, metrics) {
-                tracing::warn!("loss curve not drawn: {e:#}");
-            }
-            bar.suspend(|| {
-                tracing::info!(
-                    "step {step}: validation loss {val_loss:.4} (perplexity {:.2}){}",
-                    val_loss.exp(),
-                    train_loss.map_or(String::new(), |l| format!(", training loss {l:.4}"))
-                )
-            });
-            Ok(val_loss)
-        };
+                .flat_map(|&o| (o..o + seq).map(token))
+                .collect();
+            let targets = offsets
+                .iter()
+                .flat_map(|&o| (o + 1..o + seq + 1).map(|i| token(i) as i64))
+                .collect();
+            Batch::Tokens(TokenWindows {
+                ids,
+                targets,
+                batch,
+                seq: seq as usize,
+            })
+        }
+    }
 
-    let state_at = |step: u64, tokens_seen: u64| -> Result<TrainerState> {
-        Ok(TrainerState {
-            format: 1,
-            step,
-            seed: t.seed,
-            data: DataPosition {
-                dir: config.data.dir.clone(),
-                train_tokens: train_set.len(),
-                steps_drawn: step,
+    /// A GPT whose layers add a constant auxiliary loss, as an MoE layer adds its balancing loss.
+    struct WithAux(Gpt);
+
+    impl TrainModel for WithAux {
+        fn params(&self) -> &ParamStore {
+            &self.0.params
+        }
+        fn forward(
+            &self,
+            input: &ModelInput,
+            seed: Option<u64>,
+        ) -> anneal_tensor::Result<ModelOutput> {
+            let mut out = TrainModel::forward(&self.0, input, seed)?;
+            out.aux_losses
+                .push(("balance".into(), Tensor::from_f32(vec![0.25], &[])?));
+            Ok(out)
+        }
+        fn flops_per_token(&self, seq: usize) -> f64 {
+            self.0.config.flops_per_token(seq)
+        }
+    }
+
+    /// Causal LM that counts its optimizer steps as state it owns.
+    #[derive(Default)]
+    struct Counting(u64);
+
+    impl Objective for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        fn inputs(&self, batch: &Batch) -> anneal_tensor::Result<ModelInput> {
+            CausalLm.inputs(batch)
+        }
+        fn loss(&self, output: &ModelOutput, batch: &Batch) -> anneal_tensor::Result<Loss> {
+            let mut loss = CausalLm.loss(output, batch)?;
+            loss.metrics.push(("count".into(), self.0 as f64));
+            Ok(loss)
+        }
+        fn after_optimizer_step(
+            &mut self,
+            _: &dyn TrainModel,
+            step: u64,
+        ) -> anneal_tensor::Result<()> {
+            assert_eq!(step, self.0 + 1);
+            self.0 = step;
+            Ok(())
+        }
+        fn state(&self) -> Vec<(String, Vec<f32>)> {
+            vec![("count".into(), vec![self.0 as f32])]
+        }
+        fn load_state(&mut self, state: &HashMap<String, Vec<f32>>) -> anneal_tensor::Result<()> {
+            self.0 = state["count"][0] as u64;
+            Ok(())
+        }
+    }
+
+    fn trainer(model: Box<dyn TrainModel>, objective: Box<dyn Objective>, accum: usize) -> Trainer {
+        let optimizer = Box::new(AdamW::new(model.params(), AdamWConfig::default()));
+        Trainer::new(TrainerParts {
+            model,
+            objective,
+            optimizer,
+            strategy: Box::new(SingleDevice),
+            source: Box::new(Pattern),
+            seed: 9,
+            schedule: CosineSchedule {
+                max_lr: 1e-2,
+                min_lr: 1e-3,
+                warmup_steps: 2,
+                decay_steps: 20,
             },
-            tokens_seen,
-            config: config.to_toml(),
-            tokenizer: tokenizer.to_json()?,
-            vocab_size: manifest.vocab_size,
-            files: Default::default(),
+            batch_size: 4,
+            grad_accum: accum,
+            grad_clip: 1.0,
         })
-    };
-    let save = |model: &Gpt, opt: &AdamW, step: u64, tokens_seen: u64| -> Result<PathBuf> {
-        let dir = checkpoint::save(
-            &files.checkpoints,
-            &model.params,
-            opt,
-            state_at(step, tokens_seen)?,
-        )?;
-        checkpoint::prune(&files.checkpoints, t.keep_checkpoints)?;
-        bar.suspend(|| tracing::info!("checkpoint {}", dir.display()));
-        Ok(dir)
-    };
+    }
 
-    let mut val_history: Vec<(u64, f64)> = metrics
-        .iter()
-        .filter_map(|m| match m {
-            Metric::Eval { step, val_loss, .. } => Some((*step, *val_loss)),
-            _ => None,
-        })
-        .collect();
-    if start_step == 0 {
-        let v = eval(&model, 0, &mut metrics, &mut metrics_file)?;
-        val_history.push((0, v));
-    }
-    let (mut ids, mut targets) = (Vec::new(), Vec::new());
-    let mut step_seconds = 0.0;
-    let mut window = (Instant::now(), 0u64);
-    let mut last_checkpoint = None;
-    let mut interrupted = false;
-    let mut step = start_step;
-    let inv_accum = 1.0 / t.grad_accum as f32;
-    while step < t.max_steps {
-        let began = Instant::now();
-        let lr = schedule.lr(step);
-        model.params.zero_grad();
-        let mut loss_sum = 0.0f64;
-        for micro in 0..t.grad_accum as u64 {
-            sample_batch(
-                &train_set,
-                derive_seed(t.seed, &[SAMPLE, step, micro]),
-                t.batch_size,
-                seq,
-                &mut ids,
-                &mut targets,
-            );
-            let dropout_seed = derive_seed(t.seed, &[DROPOUT, step, micro]);
-            let loss = model.loss(&ids, &targets, t.batch_size, seq, Some(dropout_seed))?;
-            loss_sum += loss.item()? as f64;
-            if t.grad_accum == 1 {
-                loss.backward()?;
-            } else {
-                loss.backward_with_grad(&Tensor::from_f32(vec![inv_accum], loss.shape())?)?;
-            }
-        }
-        let loss = loss_sum / t.grad_accum as f64;
-        if !loss.is_finite() {
-            bail!(
-                "the loss became {loss} at step {}; lower train.lr (now {}) or resume from an earlier checkpoint",
-                step + 1,
-                t.lr
-            );
-        }
-        let grad_norm = if t.grad_clip > 0.0 {
-            model.params.clip_grad_norm(t.grad_clip as f32)
-        } else {
-            model.params.grad_norm()
-        } as f64;
-        opt.step(&model.params, lr as f32);
-        step += 1;
-        tokens_seen += tokens_per_step;
-        step_seconds += began.elapsed().as_secs_f64();
-        window.1 += 1;
-        let dt = window.0.elapsed().as_secs_f64();
-        let tokens_per_s = (window.1 * tokens_per_step) as f64 / dt.max(1e-9);
-        let mfu = tokens_per_s * gpt_config.flops_per_token(seq) / (peak_gflops * 1e9);
-        if dt > 2.0 {
-            window = (Instant::now(), 0);
-        }
-        let m = Metric::Step {
-            step,
-            loss,
-            lr,
-            grad_norm,
-            tokens_per_s,
-            mfu,
+    fn gpt() -> Gpt {
+        let config = GptConfig {
+            vocab_size: 11,
+            block_size: 8,
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 16,
+            dropout: 0.1,
+            ..GptConfig::gpt2()
         };
-        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-        metrics.push(m);
-        bar.set_position(step);
-        bar.set_message(format!(
-            "loss {loss:.4} lr {lr:.2e} {:.1}k tok/s MFU {:.0}%",
-            tokens_per_s / 1e3,
-            100.0 * mfu
-        ));
-        let last = step == t.max_steps;
-        if (t.eval_interval > 0 && step % t.eval_interval == 0) || last {
-            let v = eval(&model, step, &mut metrics, &mut metrics_file)?;
-            val_history.push((step, v));
-        }
-        let stop = opts.stop.load(Ordering::SeqCst);
-        if (t.checkpoint_interval > 0 && step % t.checkpoint_interval == 0) || last || stop {
-            last_checkpoint = Some(save(&model, &opt, step, tokens_seen)?);
-        }
-        if stop && !last {
-            interrupted = true;
-            bar.suspend(|| tracing::warn!("interrupted at step {step}; resume with --resume"));
-            break;
-        }
+        Gpt::new(config, 5).unwrap()
     }
-    bar.finish_and_clear();
-    let steps_run = step - start_step;
-    let ms_per_step = 1e3 * step_seconds / steps_run.max(1) as f64;
-    let tokens_per_second = tokens_per_step as f64 * steps_run as f64 / step_seconds.max(1e-9);
-    Ok(RunSummary {
-        start_step,
-        steps: step,
-        interrupted,
-        val_loss: val_history.last().map(|v| v.1),
-        val_history,
-        wall_seconds: wall.elapsed().as_secs_f64(),
-        ms_per_step,
-        tokens_per_second,
-        mfu: tokens_per_second * gpt_config.flops_per_token(seq) / (peak_gflops * 1e9),
-        checkpoint: last_checkpoint,
-        peak_rss_mb: crate::machine::peak_rss_mb(),
-    })
+
+    #[test]
+    fn layers_auxiliary_losses_are_added_to_the_loss_and_logged() {
+        let mut plain = trainer(Box::new(gpt()), Box::new(CausalLm), 2);
+        let mut aux = trainer(Box::new(WithAux(gpt())), Box::new(CausalLm), 2);
+        let (a, b) = (plain.step().unwrap(), aux.step().unwrap());
+        assert!(
+            (b.loss - a.loss - 0.25).abs() < 1e-6,
+            "{} vs {}",
+            b.loss,
+            a.loss
+        );
+        assert_eq!(b.metrics, vec![("balance".to_string(), 0.25)]);
+        // A constant adds no gradient: both took the same step.
+        assert_eq!(a.grad_norm, b.grad_norm);
+        assert_eq!(plain.tokens_seen(), 2 * 4 * 8);
+    }
+
+    #[test]
+    fn a_resumed_trainer_repeats_the_uninterrupted_one_with_its_objective_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut straight = trainer(Box::new(gpt()), Box::<Counting>::default(), 2);
+        let want: Vec<u64> = (0..6)
+            .map(|_| straight.step().unwrap().loss.to_bits())
+            .collect();
+
+        let mut first = trainer(Box::new(gpt()), Box::<Counting>::default(), 2);
+        let mut got: Vec<u64> = (0..3)
+            .map(|_| first.step().unwrap().loss.to_bits())
+            .collect();
+        let state = TrainerState {
+            format: 1,
+            step: 0,
+            seed: 9,
+            data: Default::default(),
+            tokens_seen: 0,
+            config: String::new(),
+            tokenizer: String::new(),
+            vocab_size: 11,
+            files: Default::default(),
+        };
+        let saved = first.save(dir.path(), state).unwrap();
+        let loaded = checkpoint::load(&saved).unwrap();
+        assert_eq!(loaded.objective["count"].to_vec_f32(), vec![3.0]);
+        // A fresh trainer, restored from the checkpoint.
+        let mut resumed = trainer(Box::new(gpt()), Box::<Counting>::default(), 2);
+        resumed.restore(&loaded).unwrap();
+        assert_eq!(resumed.steps(), 3);
+        for _ in 0..3 {
+            let out = resumed.step().unwrap();
+            assert_eq!(out.metrics.last().unwrap().1, (resumed.steps() - 1) as f64);
+            got.push(out.loss.to_bits());
+        }
+        assert_eq!(got, want);
+    }
 }

@@ -1,0 +1,244 @@
+//! Training batches, one type for every objective, and the sampler that draws them.
+//!
+//! A [`Batch`] is token windows (causal language modelling), token sequences with loss masks and
+//! document boundaries (masked LM, fine-tuning), labelled images (classification, MAE,
+//! contrastive and semi-supervised objectives) or preference pairs (reward models, DPO). A
+//! [`Sampler`] decides which examples a step draws from the seed, the step and the micro-batch
+//! alone; a distributed strategy gives each rank a slice of that global batch, so the examples a
+//! step trains on never depend on the number of ranks.
+
+use rand_chacha::rand_core::{RngCore, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::ShardSet;
+
+/// `batch` windows of `seq` tokens and, for each position, the token to predict.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenWindows {
+    /// Input ids `[batch, seq]`, row-major.
+    pub ids: Vec<u32>,
+    /// Target ids `[batch, seq]` (the next token of each input position).
+    pub targets: Vec<i64>,
+    /// Windows.
+    pub batch: usize,
+    /// Tokens per window.
+    pub seq: usize,
+}
+
+/// Token sequences padded to one length, with the positions that count towards the loss and
+/// the document each position belongs to (packed sequences attend within their document).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TokenSequences {
+    /// Ids `[batch, seq]`, row-major.
+    pub ids: Vec<u32>,
+    /// Targets `[batch, seq]`; −100 where no loss is taken.
+    pub targets: Vec<i64>,
+    /// Document index of each position `[batch, seq]` (0, 1, … within each row).
+    pub documents: Vec<u32>,
+    /// Real (unpadded) length of each row.
+    pub lengths: Vec<usize>,
+    /// Rows.
+    pub batch: usize,
+    /// Positions per row.
+    pub seq: usize,
+}
+
+/// Images `[batch, channels, height, width]` with their labels; −1 marks an unlabelled image
+/// (semi-supervised training).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LabelledImages {
+    /// Pixels, row-major, scaled to [0, 1].
+    pub pixels: Vec<f32>,
+    /// `[batch, channels, height, width]`.
+    pub shape: [usize; 4],
+    /// Class of each image, or −1.
+    pub labels: Vec<i64>,
+}
+
+/// Pairs of responses to the same prompts, the first preferred.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct PreferencePairs {
+    /// Prompt plus preferred response; loss targets only on the response.
+    pub chosen: TokenSequences,
+    /// Prompt plus rejected response.
+    pub rejected: TokenSequences,
+}
+
+/// One micro-batch for any objective.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Batch {
+    /// Windows of a token stream.
+    Tokens(TokenWindows),
+    /// Masked, document-aware token sequences.
+    Sequences(TokenSequences),
+    /// Labelled (or unlabelled) images.
+    Images(LabelledImages),
+    /// Preference pairs.
+    Preferences(PreferencePairs),
+}
+
+impl Batch {
+    /// Examples in the batch.
+    pub fn len(&self) -> usize {
+        match self {
+            Batch::Tokens(t) => t.batch,
+            Batch::Sequences(s) => s.batch,
+            Batch::Images(i) => i.shape[0],
+            Batch::Preferences(p) => p.chosen.batch,
+        }
+    }
+
+    /// Whether the batch holds no example.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Tokens the batch feeds the model (0 for images).
+    pub fn tokens(&self) -> usize {
+        match self {
+            Batch::Tokens(t) => t.batch * t.seq,
+            Batch::Sequences(s) => s.batch * s.seq,
+            Batch::Images(_) => 0,
+            Batch::Preferences(p) => 2 * p.chosen.batch * p.chosen.seq,
+        }
+    }
+
+    /// The variant's name, for errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Batch::Tokens(_) => "token windows",
+            Batch::Sequences(_) => "token sequences",
+            Batch::Images(_) => "labelled images",
+            Batch::Preferences(_) => "preference pairs",
+        }
+    }
+}
+
+/// Mixes a seed and counters into one generator seed (xxHash3 of their bytes).
+pub fn derive_seed(seed: u64, parts: &[u64]) -> u64 {
+    let mut bytes = Vec::with_capacity(8 * (parts.len() + 1));
+    bytes.extend_from_slice(&seed.to_le_bytes());
+    for p in parts {
+        bytes.extend_from_slice(&p.to_le_bytes());
+    }
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
+/// What a seed stream is for, so that sampling, dropout and evaluation draw independent streams.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u64)]
+pub enum Stream {
+    /// Which examples a training micro-batch holds.
+    Sample = 1,
+    /// Dropout masks.
+    Dropout = 2,
+    /// The fixed evaluation batches.
+    Eval = 3,
+}
+
+/// Decides which examples each step draws, from the seed, the step and the micro-batch alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Sampler {
+    /// The run's seed.
+    pub seed: u64,
+}
+
+impl Sampler {
+    /// The generator seed of `stream` at `at` (a training micro-batch: its step and index;
+    /// an evaluation batch: its index).
+    pub fn seed_of(&self, stream: Stream, at: &[u64]) -> u64 {
+        let mut parts = Vec::with_capacity(at.len() + 1);
+        parts.push(stream as u64);
+        parts.extend_from_slice(at);
+        derive_seed(self.seed, &parts)
+    }
+
+    /// `count` offsets drawn uniformly from `0..span` for `stream` at `at`: the start of each
+    /// window of a global micro-batch, in order. A rank of a data-parallel group trains on its
+    /// slice of them.
+    pub fn offsets(&self, stream: Stream, at: &[u64], count: usize, span: u64) -> Vec<u64> {
+        let mut rng = ChaCha8Rng::seed_from_u64(self.seed_of(stream, at));
+        (0..count).map(|_| rng.next_u64() % span.max(1)).collect()
+    }
+
+    /// A permutation of `0..len` for `epoch` (Fisher–Yates): finite sets (images, pairs) are
+    /// visited once per epoch in this order.
+    pub fn epoch_order(&self, epoch: u64, len: usize) -> Vec<usize> {
+        let mut rng = ChaCha8Rng::seed_from_u64(derive_seed(self.seed, &[4, epoch]));
+        let mut order: Vec<usize> = (0..len).collect();
+        for i in (1..len).rev() {
+            let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        order
+    }
+}
+
+/// Where a trainer's micro-batches come from.
+pub trait BatchSource: Send + Sync {
+    /// Micro-batch `micro` of training step `step`, `batch` examples, as `sampler` draws it.
+    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch;
+}
+
+/// Random windows of `seq` tokens (and their next tokens) of a tokenized split.
+pub struct WindowSource {
+    /// The split.
+    pub set: ShardSet,
+    /// Tokens per window.
+    pub seq: usize,
+}
+
+impl BatchSource for WindowSource {
+    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
+        let span = self.set.len().saturating_sub(self.seq as u64);
+        let offsets = sampler.offsets(Stream::Sample, &[step, micro], batch, span);
+        Batch::Tokens(token_windows(&self.set, &offsets, self.seq))
+    }
+}
+
+/// Windows of `seq + 1` tokens of a tokenized split, cut into inputs and next-token targets.
+pub fn token_windows(set: &ShardSet, offsets: &[u64], seq: usize) -> TokenWindows {
+    let mut window = vec![0u32; seq + 1];
+    let mut out = TokenWindows {
+        ids: Vec::with_capacity(offsets.len() * seq),
+        targets: Vec::with_capacity(offsets.len() * seq),
+        batch: offsets.len(),
+        seq,
+    };
+    for &offset in offsets {
+        set.read(offset, &mut window);
+        out.ids.extend_from_slice(&window[..seq]);
+        out.targets.extend(window[1..].iter().map(|&t| t as i64));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn draws_depend_on_seed_step_and_micro_batch_only() {
+        let s = Sampler { seed: 1337 };
+        let a = s.offsets(Stream::Sample, &[5, 0], 12, 1000);
+        assert_eq!(a, s.offsets(Stream::Sample, &[5, 0], 12, 1000));
+        assert_ne!(a, s.offsets(Stream::Sample, &[5, 1], 12, 1000));
+        assert_ne!(a, s.offsets(Stream::Sample, &[6, 0], 12, 1000));
+        assert_ne!(a, s.offsets(Stream::Eval, &[5, 0], 12, 1000));
+        assert!(a.iter().all(|&o| o < 1000));
+        // A longer draw starts with the shorter one: two ranks taking halves of a global
+        // micro-batch see exactly the windows one rank would.
+        assert_eq!(&s.offsets(Stream::Sample, &[5, 0], 24, 1000)[..12], &a[..]);
+    }
+
+    #[test]
+    fn epoch_order_is_a_seeded_permutation() {
+        let s = Sampler { seed: 3 };
+        let mut o = s.epoch_order(0, 50);
+        assert_ne!(o, (0..50).collect::<Vec<_>>());
+        assert_eq!(o, s.epoch_order(0, 50));
+        assert_ne!(o, s.epoch_order(1, 50));
+        o.sort();
+        assert_eq!(o, (0..50).collect::<Vec<_>>());
+    }
+}

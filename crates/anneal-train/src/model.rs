@@ -1,0 +1,60 @@
+//! What the trainer asks of a model: its parameters, a forward pass from [`ModelInput`] to
+//! [`ModelOutput`], and its training FLOPs. Objectives build the input and read the output;
+//! strategies run the forward pass.
+
+use anneal_nn::Gpt;
+use anneal_tensor::{ParamStore, Result, Tensor};
+
+/// A model's input, built by an objective from a batch.
+#[derive(Clone, Debug)]
+pub enum ModelInput {
+    /// Token ids `[batch, seq]`, row-major.
+    Tokens {
+        /// The ids.
+        ids: Vec<u32>,
+        /// Rows.
+        batch: usize,
+        /// Positions per row.
+        seq: usize,
+    },
+}
+
+/// A model's output: its main tensor (logits, embeddings, …) and the named auxiliary losses its
+/// layers added (a Mixture-of-Experts layer's balancing and z-losses), which the training step
+/// adds to the objective's loss and logs.
+pub struct ModelOutput {
+    /// Logits `[rows, vocab]` for a language model.
+    pub logits: Tensor,
+    /// Named auxiliary losses (scalars).
+    pub aux_losses: Vec<(String, Tensor)>,
+}
+
+/// A model the trainer can train.
+pub trait TrainModel: Send + Sync {
+    /// Its parameters.
+    fn params(&self) -> &ParamStore;
+
+    /// The forward pass; `dropout_seed` turns dropout on (training) with masks derived from it.
+    fn forward(&self, input: &ModelInput, dropout_seed: Option<u64>) -> Result<ModelOutput>;
+
+    /// Training FLOPs per token at sequence length `seq` (for MFU).
+    fn flops_per_token(&self, seq: usize) -> f64;
+}
+
+impl TrainModel for Gpt {
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    fn forward(&self, input: &ModelInput, dropout_seed: Option<u64>) -> Result<ModelOutput> {
+        let ModelInput::Tokens { ids, batch, seq } = input;
+        Ok(ModelOutput {
+            logits: Gpt::forward(self, ids, *batch, *seq, dropout_seed)?,
+            aux_losses: Vec::new(),
+        })
+    }
+
+    fn flops_per_token(&self, seq: usize) -> f64 {
+        self.config.flops_per_token(seq)
+    }
+}

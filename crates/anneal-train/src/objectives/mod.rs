@@ -1,0 +1,61 @@
+//! Training objectives. An [`Objective`] turns a batch into model inputs and computes a loss and
+//! named metrics from the model's outputs and the batch (the shape of Megatron-LM's
+//! `forward_step_func`): the strategy runs the model, so a pipeline computes the loss on its last
+//! stage only. An objective may own state (a momentum encoder, reference log-probabilities, a
+//! value head), updated after each optimizer step and saved in checkpoints.
+//!
+//! * [`CausalLm`]: next-token cross-entropy (GPT pretraining).
+
+mod causal_lm;
+
+pub use causal_lm::CausalLm;
+
+use crate::model::{ModelInput, ModelOutput, TrainModel};
+use anneal_data::Batch;
+use anneal_tensor::{Result, Tensor};
+use std::collections::HashMap;
+
+/// An objective's loss on one micro-batch and the metrics it reports.
+pub struct Loss {
+    /// The scalar to minimise (mean over the micro-batch).
+    pub value: Tensor,
+    /// Named metrics, averaged over a step's micro-batches and logged.
+    pub metrics: Vec<(String, f64)>,
+}
+
+/// What to train a model for.
+pub trait Objective: Send {
+    /// A short name for logs and checkpoints, e.g. `causal_lm`.
+    fn name(&self) -> &'static str;
+
+    /// The model input for `batch`; fails naming the batch kind the objective cannot use.
+    fn inputs(&self, batch: &Batch) -> Result<ModelInput>;
+
+    /// The loss from the model's output on `batch`.
+    fn loss(&self, output: &ModelOutput, batch: &Batch) -> Result<Loss>;
+
+    /// Runs after each optimizer step (an EMA encoder's update, say).
+    fn after_optimizer_step(&mut self, model: &dyn TrainModel, step: u64) -> Result<()> {
+        let _ = (model, step);
+        Ok(())
+    }
+
+    /// State the objective owns, as named flat vectors saved with each checkpoint.
+    fn state(&self) -> Vec<(String, Vec<f32>)> {
+        Vec::new()
+    }
+
+    /// Restores [`Objective::state`] from a checkpoint.
+    fn load_state(&mut self, state: &HashMap<String, Vec<f32>>) -> Result<()> {
+        let _ = state;
+        Ok(())
+    }
+}
+
+/// The error for a batch an objective cannot use.
+pub(crate) fn wrong_batch(objective: &'static str, batch: &Batch) -> anneal_tensor::Error {
+    anneal_tensor::Error::Invalid {
+        op: objective,
+        reason: format!("cannot train on {}", batch.kind()),
+    }
+}

@@ -1,0 +1,458 @@
+//! A pretraining run: a [`Trainer`] driven over a tokenized corpus, with metrics, plots,
+//! checkpoints and progress:
+//!
+//! ```text
+//! set-up, or resume from the newest checkpoint
+//! for step in start..max_steps:
+//!     Trainer::step                     (lr from the schedule, micro-batches, clip, AdamW)
+//!     every eval_interval steps:        Trainer::evaluate, metrics.jsonl, loss-curve PNG
+//!     every checkpoint_interval steps:  Trainer::save (and at the end, and on Ctrl-C)
+//! ```
+//!
+//! Batches are windows of `block_size + 1` tokens at offsets drawn by a generator seeded with
+//! (seed, step, micro-batch); dropout masks are seeded the same way. Nothing random carries state
+//! from one step to the next, so a run resumed from the checkpoint of step s draws exactly what
+//! the uninterrupted run drew, and its losses are bitwise identical.
+
+use crate::checkpoint::{self, DataPosition, TrainerState};
+use crate::config::RunConfig;
+use crate::trainer::{pretraining, Trainer};
+use anneal_data::plot::{line_chart, Series};
+use anneal_data::{Manifest, ShardSet, Tokenizer};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Where a run starts.
+#[derive(Clone, Debug, Default)]
+pub enum Resume {
+    /// From scratch (an existing run directory's checkpoints are left alone but not used).
+    #[default]
+    No,
+    /// From the newest checkpoint under the run's `out_dir`.
+    Latest,
+    /// From this checkpoint directory.
+    From(PathBuf),
+}
+
+/// How long work reports its progress: the library calls it, the binary draws it (a progress
+/// bar) or ignores it.
+pub trait Progress: Send + Sync {
+    /// Work of `total` units starts at `position`.
+    fn begin(&self, total: u64, position: u64) {
+        let _ = (total, position);
+    }
+    /// `position` units are done; `message` says how it goes.
+    fn advance(&self, position: u64, message: &str) {
+        let _ = (position, message);
+    }
+    /// Runs `f` (which logs) with the display out of the way.
+    fn suspend(&self, f: &mut dyn FnMut()) {
+        f()
+    }
+    /// The work is over.
+    fn finish(&self) {}
+}
+
+/// Reports nothing.
+pub struct NoProgress;
+
+impl Progress for NoProgress {}
+
+/// How a run is driven.
+#[derive(Clone, Default)]
+pub struct RunOptions {
+    /// Where to start.
+    pub resume: Resume,
+    /// Where progress goes (nowhere when `None`).
+    pub progress: Option<Arc<dyn Progress>>,
+    /// Set (by a Ctrl-C handler) to stop after the current step with a checkpoint.
+    pub stop: Arc<AtomicBool>,
+}
+/// What a run did.
+#[derive(Clone, Debug, Serialize)]
+pub struct RunSummary {
+    /// Step the run started from (0, or the resumed checkpoint's).
+    pub start_step: u64,
+    /// Steps completed in total.
+    pub steps: u64,
+    /// Whether it stopped early on request.
+    pub interrupted: bool,
+    /// Last validation loss.
+    pub val_loss: Option<f64>,
+    /// Validation losses by step.
+    pub val_history: Vec<(u64, f64)>,
+    /// Wall time of this invocation, evaluation and checkpoints included.
+    pub wall_seconds: f64,
+    /// Mean time of one optimizer step in this invocation.
+    pub ms_per_step: f64,
+    /// Training tokens per second (steps only).
+    pub tokens_per_second: f64,
+    /// Model FLOP utilisation against the machine's f32 peak.
+    pub mfu: f64,
+    /// The last checkpoint written.
+    pub checkpoint: Option<PathBuf>,
+    /// Peak resident memory of the process in MB.
+    pub peak_rss_mb: f64,
+}
+
+/// One line of `metrics.jsonl`: a training step, or a validation pass.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Metric {
+    /// A validation pass after `step` steps.
+    Eval {
+        /// Steps completed.
+        step: u64,
+        /// Mean validation cross-entropy (nats per token).
+        val_loss: f64,
+        /// exp(val_loss).
+        val_ppl: f64,
+        /// Mean training loss of the steps since the previous pass.
+        train_loss: Option<f64>,
+    },
+    /// One optimizer step.
+    Step {
+        /// This step's number (1-based: steps completed after it).
+        step: u64,
+        /// Mean loss over its micro-batches.
+        loss: f64,
+        /// Its learning rate.
+        lr: f64,
+        /// Global gradient norm before clipping.
+        grad_norm: f64,
+        /// Training tokens per second over the steps since the last log line.
+        tokens_per_s: f64,
+        /// Model FLOP utilisation.
+        mfu: f64,
+    },
+}
+
+/// The run directory's files.
+struct RunFiles {
+    metrics: PathBuf,
+    plot: PathBuf,
+    checkpoints: PathBuf,
+}
+
+impl RunFiles {
+    fn new(out: &Path) -> RunFiles {
+        RunFiles {
+            metrics: out.join("metrics.jsonl"),
+            plot: out.join("loss.png"),
+            checkpoints: out.join("checkpoints"),
+        }
+    }
+}
+
+/// Reads `metrics.jsonl`, keeping the lines up to `step` (a resumed run drops what came after
+/// its checkpoint) and skipping lines that do not parse (a run killed mid-write).
+fn read_metrics(path: &Path, up_to: u64) -> Vec<Metric> {
+    let Ok(file) = File::open(path) else {
+        return Vec::new();
+    };
+    BufReader::new(file)
+        .lines()
+        .map_while(|l| l.ok())
+        .filter_map(|l| serde_json::from_str::<Metric>(&l).ok())
+        .filter(|m| match m {
+            Metric::Eval { step, .. } | Metric::Step { step, .. } => *step <= up_to,
+        })
+        .collect()
+}
+
+fn open_tokenized(dir: &Path) -> Result<(Manifest, Tokenizer, ShardSet, ShardSet)> {
+    let manifest = Manifest::load(dir).with_context(|| {
+        format!(
+            "no tokenized corpus in {} (create one with `anneal data tokenize`)",
+            dir.display()
+        )
+    })?;
+    let tokenizer = Tokenizer::load(&dir.join("tokenizer.json"))?;
+    let train = ShardSet::open(dir, &manifest, "train")?;
+    let val = ShardSet::open(dir, &manifest, "val")?;
+    Ok((manifest, tokenizer, train, val))
+}
+
+fn plot_losses(path: &Path, metrics: &[Metric]) -> Result<()> {
+    let mut train = Vec::new();
+    let mut val = Vec::new();
+    for m in metrics {
+        match m {
+            Metric::Step { step, loss, .. } => train.push((*step as f64, *loss)),
+            Metric::Eval { step, val_loss, .. } => val.push((*step as f64, *val_loss)),
+        }
+    }
+    // Smooth the per-step training loss over a window of about 1% of the run.
+    let w = (train.len() / 100).max(1);
+    let smooth: Vec<(f64, f64)> = (0..train.len())
+        .step_by(w)
+        .map(|i| {
+            let part = &train[i..(i + w).min(train.len())];
+            (
+                part.last().expect("non-empty").0,
+                part.iter().map(|p| p.1).sum::<f64>() / part.len() as f64,
+            )
+        })
+        .collect();
+    line_chart(
+        path,
+        "anneal pretrain: loss",
+        "step",
+        "cross-entropy (nats/token)",
+        &[
+            Series {
+                label: "train",
+                points: &smooth,
+            },
+            Series {
+                label: "validation",
+                points: &val,
+            },
+        ],
+    )?;
+    Ok(())
+}
+
+/// Runs (or resumes) the pretraining described by `config`.
+pub fn train(config: &RunConfig, opts: &RunOptions) -> Result<RunSummary> {
+    let threads = crate::machine::threads(config.train.threads);
+    anneal_tensor::with_threads(threads, || train_on_pool(config, opts, threads))?
+}
+
+fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Result<RunSummary> {
+    let wall = Instant::now();
+    let t = &config.train;
+    let out = &t.out_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let files = RunFiles::new(out);
+    let (manifest, tokenizer, train_set, val_set) = open_tokenized(&config.data.dir)?;
+    let seq = config.model.block_size;
+    for (name, set) in [("training", &train_set), ("validation", &val_set)] {
+        if set.len() <= seq as u64 {
+            bail!(
+                "the {name} split of {} holds {} tokens, fewer than model.block_size + 1 = {}; \
+                 use more data, a larger validation share, or a shorter block_size",
+                config.data.dir.display(),
+                set.len(),
+                seq + 1
+            );
+        }
+    }
+    let train_tokens = train_set.len();
+    let mut trainer = pretraining(config, manifest.vocab_size, train_set)?;
+    let resume_dir = match &opts.resume {
+        Resume::No => None,
+        Resume::Latest => checkpoint::latest(&files.checkpoints),
+        Resume::From(dir) => Some(dir.clone()),
+    };
+    if let Some(dir) = &resume_dir {
+        let loaded = checkpoint::load(dir)?;
+        let saved = loaded.config()?;
+        if saved.model != config.model {
+            bail!(
+                "{} was trained with [model] {:?}, not {:?}: a checkpoint resumes only the same model",
+                dir.display(),
+                saved.model,
+                config.model
+            );
+        }
+        if loaded.state.data.train_tokens != train_tokens {
+            bail!(
+                "{} was trained on {} training tokens but {} holds {}: resume on the same tokenized corpus",
+                dir.display(),
+                loaded.state.data.train_tokens,
+                config.data.dir.display(),
+                train_tokens
+            );
+        }
+        trainer.restore(&loaded)?;
+        tracing::info!("resumed from {} at step {}", dir.display(), trainer.steps());
+    } else if matches!(opts.resume, Resume::Latest) {
+        tracing::info!(
+            "no checkpoint under {}; starting from scratch",
+            files.checkpoints.display()
+        );
+    } else if let Some(existing) = checkpoint::latest(&files.checkpoints) {
+        bail!(
+            "{} already holds checkpoints of a run (newest: {}); pass --resume to continue it, \
+             or set train.out_dir to another directory to start a new one",
+            out.display(),
+            existing.display()
+        );
+    }
+    let start_step = trainer.steps();
+    // A resumed run keeps the metrics up to its checkpoint; a new one starts the file afresh.
+    let mut metrics = match resume_dir {
+        Some(_) => read_metrics(&files.metrics, start_step),
+        None => Vec::new(),
+    };
+    {
+        let mut f = File::create(&files.metrics)
+            .with_context(|| format!("creating {}", files.metrics.display()))?;
+        for m in &metrics {
+            writeln!(f, "{}", serde_json::to_string(m)?)?;
+        }
+    }
+    let mut metrics_file = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&files.metrics)?;
+    std::fs::write(out.join("config.toml"), config.to_toml())?;
+
+    let tokens_per_step = (t.batch_size * seq * t.grad_accum) as u64;
+    let flops_per_token = trainer.model().flops_per_token(seq);
+    let (peak_gflops, _) = crate::machine::peak_gflops(threads);
+    let params = trainer.model().params();
+    tracing::info!(
+        "model: {} parameters ({} trained), vocabulary {}; data: {} training and {} validation tokens; {} tokens per step, {threads} threads",
+        params.numel(),
+        params.trainable_numel(),
+        manifest.vocab_size,
+        train_tokens,
+        val_set.len(),
+        tokens_per_step
+    );
+    let progress: Arc<dyn Progress> = opts.progress.clone().unwrap_or(Arc::new(NoProgress));
+    progress.begin(t.max_steps, start_step);
+    let log = |f: &mut dyn FnMut()| progress.suspend(f);
+
+    let eval = |trainer: &Trainer, metrics: &mut Vec<Metric>, file: &mut File| -> Result<f64> {
+        let step = trainer.steps();
+        let val_loss = trainer.evaluate(&val_set, t.seed, t.eval_batches, seq)?;
+        let since: Vec<f64> = metrics
+            .iter()
+            .rev()
+            .map_while(|m| match m {
+                Metric::Step { loss, .. } => Some(*loss),
+                _ => None,
+            })
+            .collect();
+        let train_loss =
+            (!since.is_empty()).then(|| since.iter().sum::<f64>() / since.len() as f64);
+        let m = Metric::Eval {
+            step,
+            val_loss,
+            val_ppl: val_loss.exp(),
+            train_loss,
+        };
+        writeln!(file, "{}", serde_json::to_string(&m)?)?;
+        metrics.push(m);
+        if let Err(e) = plot_losses(&files.plot, metrics) {
+            tracing::warn!("loss curve not drawn: {e:#}");
+        }
+        log(&mut || {
+            tracing::info!(
+                "step {step}: validation loss {val_loss:.4} (perplexity {:.2}){}",
+                val_loss.exp(),
+                train_loss.map_or(String::new(), |l| format!(", training loss {l:.4}"))
+            )
+        });
+        Ok(val_loss)
+    };
+    let save = |trainer: &Trainer| -> Result<PathBuf> {
+        let state = TrainerState {
+            format: 1,
+            step: 0,
+            seed: t.seed,
+            data: DataPosition {
+                dir: config.data.dir.clone(),
+                train_tokens,
+                steps_drawn: 0,
+            },
+            tokens_seen: 0,
+            config: config.to_toml(),
+            tokenizer: tokenizer.to_json()?,
+            vocab_size: manifest.vocab_size,
+            files: Default::default(),
+        };
+        let dir = trainer.save(&files.checkpoints, state)?;
+        checkpoint::prune(&files.checkpoints, t.keep_checkpoints)?;
+        log(&mut || tracing::info!("checkpoint {}", dir.display()));
+        Ok(dir)
+    };
+
+    let mut val_history: Vec<(u64, f64)> = metrics
+        .iter()
+        .filter_map(|m| match m {
+            Metric::Eval { step, val_loss, .. } => Some((*step, *val_loss)),
+            _ => None,
+        })
+        .collect();
+    if start_step == 0 {
+        let v = eval(&trainer, &mut metrics, &mut metrics_file)?;
+        val_history.push((0, v));
+    }
+    let mut step_seconds = 0.0;
+    let mut window = (Instant::now(), 0u64);
+    let mut last_checkpoint = None;
+    let mut interrupted = false;
+    while trainer.steps() < t.max_steps {
+        let began = Instant::now();
+        let lr = trainer.lr();
+        let s = trainer.step()?;
+        let step = trainer.steps();
+        step_seconds += began.elapsed().as_secs_f64();
+        window.1 += 1;
+        let dt = window.0.elapsed().as_secs_f64();
+        let tokens_per_s = (window.1 * tokens_per_step) as f64 / dt.max(1e-9);
+        let mfu = tokens_per_s * flops_per_token / (peak_gflops * 1e9);
+        if dt > 2.0 {
+            window = (Instant::now(), 0);
+        }
+        let m = Metric::Step {
+            step,
+            loss: s.loss,
+            lr,
+            grad_norm: s.grad_norm,
+            tokens_per_s,
+            mfu,
+        };
+        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
+        metrics.push(m);
+        progress.advance(
+            step,
+            &format!(
+                "loss {:.4} lr {lr:.2e} {:.1}k tok/s MFU {:.0}%",
+                s.loss,
+                tokens_per_s / 1e3,
+                100.0 * mfu
+            ),
+        );
+        let last = step == t.max_steps;
+        if (t.eval_interval > 0 && step % t.eval_interval == 0) || last {
+            let v = eval(&trainer, &mut metrics, &mut metrics_file)?;
+            val_history.push((step, v));
+        }
+        let stop = opts.stop.load(Ordering::SeqCst);
+        if (t.checkpoint_interval > 0 && step % t.checkpoint_interval == 0) || last || stop {
+            last_checkpoint = Some(save(&trainer)?);
+        }
+        if stop && !last {
+            interrupted = true;
+            log(&mut || tracing::warn!("interrupted at step {step}; resume with --resume"));
+            break;
+        }
+    }
+    progress.finish();
+    let steps_run = trainer.steps() - start_step;
+    let ms_per_step = 1e3 * step_seconds / steps_run.max(1) as f64;
+    let tokens_per_second = tokens_per_step as f64 * steps_run as f64 / step_seconds.max(1e-9);
+    Ok(RunSummary {
+        start_step,
+        steps: trainer.steps(),
+        interrupted,
+        val_loss: val_history.last().map(|v| v.1),
+        val_history,
+        wall_seconds: wall.elapsed().as_secs_f64(),
+        ms_per_step,
+        tokens_per_second,
+        mfu: tokens_per_second * flops_per_token / (peak_gflops * 1e9),
+        checkpoint: last_checkpoint,
+        peak_rss_mb: crate::machine::peak_rss_mb(),
+    })
+}

@@ -1,0 +1,135 @@
+//! How a training step runs on the hardware: forward and backward over the micro-batches,
+//! gradient reduction, clipping and the optimizer step, behind one [`Strategy`] trait (the shape
+//! of Megatron-core's `get_forward_backward_func`). [`SingleDevice`] is the one implementation
+//! here; data, sharded, tensor and pipeline parallelism plug in as others.
+
+use crate::model::TrainModel;
+use crate::objectives::Objective;
+use anneal_data::Batch;
+use anneal_tensor::{Optimizer, Tensor};
+use anyhow::{bail, Result};
+use std::time::Instant;
+
+/// Settings of one optimizer step.
+#[derive(Clone, Copy, Debug)]
+pub struct StepSettings {
+    /// Learning rate of this step.
+    pub lr: f32,
+    /// Global gradient-norm clip; 0 turns clipping off.
+    pub grad_clip: f32,
+}
+
+/// What one optimizer step did.
+#[derive(Clone, Debug, Default)]
+pub struct StepOutput {
+    /// Mean loss over the micro-batches (objective plus auxiliary losses).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The objective's metrics and the layers' auxiliary losses, each averaged over the
+    /// micro-batches.
+    pub metrics: Vec<(String, f64)>,
+    /// Seconds in forward (and loss), backward, and clipping plus the optimizer.
+    pub phases: [f64; 3],
+}
+
+/// Runs one optimizer step of a model.
+pub trait Strategy: Send {
+    /// A short description for logs.
+    fn describe(&self) -> String;
+
+    /// Forward and backward over `micro_batches` (gradients summed, each micro-batch weighted
+    /// 1/n), gradient reduction, clipping, and the optimizer step. `dropout_seeds` holds one
+    /// seed per micro-batch. `after_forward` runs after each forward pass, outside the timed
+    /// phases (profilers and memory probes use it). Fails, without stepping the optimizer, when
+    /// the loss is not finite.
+    #[allow(clippy::too_many_arguments)]
+    fn step(
+        &mut self,
+        model: &dyn TrainModel,
+        objective: &mut dyn Objective,
+        optimizer: &mut dyn Optimizer,
+        micro_batches: &[Batch],
+        dropout_seeds: &[u64],
+        settings: StepSettings,
+        after_forward: &mut dyn FnMut(),
+    ) -> Result<StepOutput>;
+}
+
+/// Adds `value` to the running sum named `name`.
+fn accumulate(sums: &mut Vec<(String, f64)>, name: &str, value: f64) {
+    match sums.iter_mut().find(|(n, _)| n == name) {
+        Some((_, s)) => *s += value,
+        None => sums.push((name.to_string(), value)),
+    }
+}
+
+/// Everything on one device: micro-batches one after another, no gradient reduction.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SingleDevice;
+
+impl Strategy for SingleDevice {
+    fn describe(&self) -> String {
+        "single device".into()
+    }
+
+    fn step(
+        &mut self,
+        model: &dyn TrainModel,
+        objective: &mut dyn Objective,
+        optimizer: &mut dyn Optimizer,
+        micro_batches: &[Batch],
+        dropout_seeds: &[u64],
+        settings: StepSettings,
+        after_forward: &mut dyn FnMut(),
+    ) -> Result<StepOutput> {
+        let params = model.params();
+        let n = micro_batches.len();
+        if n == 0 || dropout_seeds.len() != n {
+            bail!("a step needs one or more micro-batches and a dropout seed for each");
+        }
+        let mut out = StepOutput::default();
+        params.zero_grad();
+        let mut loss_sum = 0.0f64;
+        for (batch, &seed) in micro_batches.iter().zip(dropout_seeds) {
+            let t0 = Instant::now();
+            let output = model.forward(&objective.inputs(batch)?, Some(seed))?;
+            let loss = objective.loss(&output, batch)?;
+            let mut total = loss.value;
+            for (name, aux) in &output.aux_losses {
+                accumulate(&mut out.metrics, name, aux.item()? as f64);
+                total = total.add(aux)?;
+            }
+            for (name, value) in &loss.metrics {
+                accumulate(&mut out.metrics, name, *value);
+            }
+            loss_sum += total.item()? as f64;
+            out.phases[0] += t0.elapsed().as_secs_f64();
+            after_forward();
+            let t1 = Instant::now();
+            if n == 1 {
+                total.backward()?;
+            } else {
+                let weight = Tensor::from_f32(vec![1.0 / n as f32], total.shape())?;
+                total.backward_with_grad(&weight)?;
+            }
+            out.phases[1] += t1.elapsed().as_secs_f64();
+        }
+        out.loss = loss_sum / n as f64;
+        for (_, v) in &mut out.metrics {
+            *v /= n as f64;
+        }
+        if !out.loss.is_finite() {
+            bail!("the loss became {}", out.loss);
+        }
+        let t2 = Instant::now();
+        out.grad_norm = if settings.grad_clip > 0.0 {
+            params.clip_grad_norm(settings.grad_clip)
+        } else {
+            params.grad_norm()
+        } as f64;
+        optimizer.step(params, settings.lr);
+        out.phases[2] = t2.elapsed().as_secs_f64();
+        Ok(out)
+    }
+}
