@@ -124,6 +124,10 @@ pub struct PipelineArgs {
     /// Tokens of each document the perplexity is measured on (its beginning).
     #[arg(long, default_value_t = 512)]
     pub perplexity_tokens: usize,
+    /// Override a pipeline key, e.g. --set near_dedup.threshold=0.7 --set filters.c4.min_words=5
+    /// (repeatable; naming a stage's key switches the stage on).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    pub set: Vec<String>,
     /// Hide the progress display.
     #[arg(long)]
     pub quiet: bool,
@@ -152,31 +156,10 @@ fn pipeline_config(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineCo
 
 fn pipeline_config_from_flags(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineConfig> {
     use anneal_data::pipeline::*;
-    let mut c = match &a.config {
-        Some(path) => PipelineConfig::load(path)?,
-        None => {
-            let out = a
-                .out
-                .clone()
-                .context("give --config FILE, or --input and --out")?;
-            PipelineConfig {
-                input: InputConfig {
-                    paths: Vec::new(),
-                    extensions: anneal_data::CorpusOptions::default().extensions,
-                    text_field: "text".into(),
-                },
-                output: OutputConfig {
-                    dir: out,
-                    shard_documents: 100_000,
-                },
-                normalize: None,
-                exact_dedup: None,
-                near_dedup: None,
-                filters: FilterConfig::default(),
-                signals: None,
-            }
-        }
-    };
+    let mut c = PipelineConfig::load(a.config.as_deref(), &a.set)?;
+    if a.config.is_none() && a.out.is_none() {
+        bail!("give --config FILE, or --input and --out");
+    }
     if !a.input.is_empty() {
         c.input.paths = a.input.clone();
     }
@@ -207,6 +190,9 @@ fn pipeline_config_from_flags(a: &PipelineArgs) -> Result<anneal_data::pipeline:
     }
     if c.input.paths.is_empty() {
         bail!("no input: give --input PATH or [input] paths in the pipeline file");
+    }
+    if c.output.dir.as_os_str().is_empty() {
+        bail!("no output: give --out DIR or [output] dir in the pipeline file");
     }
     Ok(c)
 }

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 /// Arguments of `anneal plan`. Every flag may also come from a TOML file (`--config`) under the
 /// same name with underscores (`kv_heads = 8`); flags given on the command line win.
-#[derive(Args, Clone, Debug, Default, serde::Deserialize)]
+#[derive(Args, Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct PlanArgs {
     /// A TOML file with any of these settings.
@@ -98,49 +98,44 @@ fn recompute_name(r: Recompute) -> &'static str {
     }
 }
 
-/// The arguments with a `--config` file's settings filled in where no flag was given.
+/// The arguments with a `--config` file's settings filled in where no flag was given: anneal's
+/// one loader reads clap's defaults, then the file, then every flag whose value differs from its
+/// default as an override.
 fn merged(a: PlanArgs) -> Result<PlanArgs> {
     let Some(path) = a.config.clone() else {
         return Ok(a);
     };
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let f: PlanArgs =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     let defaults = <PlanArgs as clap::FromArgMatches>::from_arg_matches(
         &<PlanArgs as clap::Args>::augment_args(clap::Command::new("plan"))
             .get_matches_from(["plan"]),
     )?;
-    macro_rules! pick {
-        ($($field:ident),*) => {
-            PlanArgs { $($field: if a.$field != defaults.$field { a.$field.clone() } else if f.$field != PlanArgs::default().$field { f.$field.clone() } else { a.$field.clone() },)* config: a.config.clone() }
-        };
-    }
-    Ok(pick!(
-        layers,
-        hidden,
-        heads,
-        kv_heads,
-        ffn,
-        llama,
-        vocab,
-        seq,
-        experts,
-        top_k,
-        capacity_factor,
-        moe_every,
-        batch,
-        dtype,
-        cluster,
-        nodes,
-        matmul_efficiency,
-        link_efficiency,
-        dp_overlap,
-        half_grad_reduce,
-        top,
-        json,
-        chart
-    ))
+    let table = |p: &PlanArgs| toml::Table::try_from(p).expect("plan settings serialise");
+    let (given, default) = (table(&a), table(&defaults));
+    let flags: Vec<String> = given
+        .iter()
+        .filter(|(k, v)| default.get(*k) != Some(*v))
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    // Optional settings (layers, nodes, …) are allowed though their default is to be absent.
+    let example = PlanArgs {
+        layers: Some(1),
+        hidden: Some(1),
+        heads: Some(1),
+        kv_heads: Some(1),
+        ffn: Some(1),
+        batch: Some(1),
+        nodes: Some(1),
+        matmul_efficiency: Some(1.0),
+        link_efficiency: Some(1.0),
+        dp_overlap: Some(1.0),
+        chart: Some(PathBuf::new()),
+        ..defaults.clone()
+    };
+    let mut merged: PlanArgs = anneal_config::Loader::new(&defaults)
+        .allow(&example)
+        .load(Some(&path), &flags)?;
+    merged.config = a.config;
+    Ok(merged)
 }
 
 /// The job the arguments describe.

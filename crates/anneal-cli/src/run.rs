@@ -330,6 +330,9 @@ pub struct QuickstartArgs {
     /// Megabytes of source text to use.
     #[arg(long, default_value_t = 40)]
     pub max_mb: u64,
+    /// A pretraining recipe to use instead of the built-in configs/quickstart.toml.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
     /// Override a pretraining config key (repeatable), e.g. --set train.max_steps=100.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
@@ -346,6 +349,9 @@ fn cargo_registry_sources() -> Option<PathBuf> {
     let src = home.join("registry").join("src");
     src.is_dir().then_some(src)
 }
+
+/// The quickstart's recipe, built in so the binary runs it from any directory.
+const QUICKSTART: &str = include_str!("../../../configs/quickstart.toml");
 
 /// The prompts the quickstart completes.
 const PROMPTS: &[&str] = &[
@@ -406,27 +412,15 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
         m.vocab_size,
         summary.mb_per_s()
     );
-    let mut overrides: Vec<String> = [
+    let mut overrides = vec![
         format!("data.dir={}", data_dir.display()),
         format!("train.out_dir={}", a.out.display()),
-        "model.n_layer=4".into(),
-        "model.n_head=4".into(),
-        "model.n_embd=192".into(),
-        "model.block_size=128".into(),
-        "model.bias=false".into(),
-        "train.batch_size=16".into(),
-        "train.max_steps=1100".into(),
-        "train.lr=2e-3".into(),
-        "train.min_lr=2e-4".into(),
-        "train.warmup_steps=100".into(),
-        "train.eval_interval=100".into(),
-        "train.eval_batches=16".into(),
-        "train.checkpoint_interval=300".into(),
-        "train.keep_checkpoints=2".into(),
-    ]
-    .into();
+    ];
     overrides.extend(a.overrides.iter().cloned());
-    let config = RunConfig::load(None, &overrides)?;
+    let config = match &a.config {
+        Some(path) => RunConfig::load(Some(path), &overrides)?,
+        None => RunConfig::load_text(QUICKSTART, "configs/quickstart.toml", &overrides)?,
+    };
     let opts = RunOptions {
         resume: Resume::No,
         progress: progress_bar(a.quiet),

@@ -387,7 +387,7 @@ impl C4Lines {
 pub struct LengthBounds {
     /// Fewest characters (0).
     pub min_chars: usize,
-    /// Most characters (unbounded).
+    /// Most characters (unbounded: 2⁶³ − 1, the largest integer a TOML file holds).
     pub max_chars: usize,
 }
 
@@ -395,7 +395,7 @@ impl Default for LengthBounds {
     fn default() -> Self {
         LengthBounds {
             min_chars: 0,
-            max_chars: usize::MAX,
+            max_chars: i64::MAX as usize,
         }
     }
 }

@@ -71,6 +71,9 @@ pub enum Error {
     /// The tokenizers library failed.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    /// A configuration key or value is not allowed.
+    #[error(transparent)]
+    Config(#[from] anneal_config::Error),
     /// Drawing a chart failed.
     #[error("plot: {0}")]
     Plot(String),

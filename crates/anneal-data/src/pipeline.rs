@@ -36,7 +36,7 @@ use crate::filters::{C4Lines, CodeRules, GopherQuality, GopherRepetition, Length
 use crate::minhash::{cluster, estimated_jaccard, MinHashConfig, MinHasher};
 use crate::normalize::Normalize;
 use crate::signals::{compute, LanguageFilter, NgramDistribution, Signals};
-use crate::{io_err, Error, Result};
+use crate::{io_err, Result};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -168,18 +168,68 @@ pub struct PipelineConfig {
     pub signals: Option<SignalConfig>,
 }
 
+impl Default for InputConfig {
+    fn default() -> Self {
+        InputConfig {
+            paths: Vec::new(),
+            extensions: default_extensions(),
+            text_field: default_text_field(),
+        }
+    }
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            dir: PathBuf::new(),
+            shard_documents: default_shard_documents(),
+        }
+    }
+}
+
+impl Default for PipelineConfig {
+    /// No input, no output directory, no stage on.
+    fn default() -> Self {
+        PipelineConfig {
+            input: InputConfig::default(),
+            output: OutputConfig::default(),
+            normalize: None,
+            exact_dedup: None,
+            near_dedup: None,
+            filters: FilterConfig::default(),
+            signals: None,
+        }
+    }
+}
+
 impl PipelineConfig {
-    /// Parses a pipeline file; errors name the file and the offending key.
-    pub fn load(path: &Path) -> Result<PipelineConfig> {
-        let text = std::fs::read_to_string(path).map_err(io_err(path))?;
-        toml::from_str(&text).map_err(|e| Error::Format {
-            path: path.to_path_buf(),
-            reason: format!(
-                "{e}\nsections: input, output, normalize, exact_dedup, near_dedup, filters.length, \
-                 filters.c4, filters.gopher_quality, filters.gopher_repetition, filters.language, \
-                 filters.code, signals"
-            ),
-        })
+    /// Every stage on with its default settings.
+    pub fn all_stages() -> PipelineConfig {
+        PipelineConfig {
+            normalize: Some(Default::default()),
+            exact_dedup: Some(Default::default()),
+            near_dedup: Some(Default::default()),
+            filters: FilterConfig {
+                length: Some(Default::default()),
+                c4: Some(Default::default()),
+                gopher_quality: Some(Default::default()),
+                gopher_repetition: Some(Default::default()),
+                language: Some(Default::default()),
+                code: Some(Default::default()),
+            },
+            signals: Some(Default::default()),
+            ..PipelineConfig::default()
+        }
+    }
+
+    /// Defaults, then the pipeline file at `path` (if any), then `section.key=value` overrides
+    /// (`near_dedup.threshold=0.7`, `filters.c4.min_words=5`), through anneal's one loader: a
+    /// stage section named in the file or an override switches the stage on; errors name the
+    /// file, the key and the keys its section allows.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<PipelineConfig> {
+        Ok(anneal_config::Loader::new(&PipelineConfig::default())
+            .allow(&PipelineConfig::all_stages())
+            .load(path, overrides)?)
     }
 
     /// The stages that are on, in order.
@@ -626,6 +676,34 @@ pub fn run_with_signals(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn overrides_switch_stages_on_and_name_unknown_keys() {
+        let set = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            PipelineConfig::load(None, &o)
+        };
+        let c = set(&["filters.c4.min_sentences=2", "near_dedup.threshold=0.7"]).unwrap();
+        assert_eq!(c.filters.c4.as_ref().unwrap().min_sentences, 2);
+        assert_eq!(c.near_dedup.as_ref().unwrap().threshold, 0.7);
+        assert_eq!(c.stages(), ["near_dedup", "c4"]);
+        let e = set(&["filters.c4.min_sentence=2"]).unwrap_err().to_string();
+        assert!(
+            e.contains("[filters.c4] allows") && e.contains("min_sentences"),
+            "{e}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.toml");
+        std::fs::write(
+            &path,
+            "[input]\npaths = [\"a\"]\n[output]\ndir = \"o\"\n[exact_dedup]\n",
+        )
+        .unwrap();
+        let c = PipelineConfig::load(Some(&path), &["output.dir=elsewhere".into()]).unwrap();
+        assert_eq!(c.stages(), ["exact_dedup"]);
+        assert_eq!(c.output.dir, PathBuf::from("elsewhere"));
+    }
+
     use super::*;
 
     const PROSE: &str = crate::TEST_PROSE;
@@ -663,7 +741,7 @@ mod tests {
         );
         let path = dir.path().join("pipeline.toml");
         std::fs::write(&path, toml).unwrap();
-        let config = PipelineConfig::load(&path).unwrap();
+        let config = PipelineConfig::load(Some(&path), &[]).unwrap();
         assert_eq!(
             config.stages(),
             [
@@ -747,7 +825,9 @@ mod tests {
             "[input]\npaths = []\n[output]\ndir = \"x\"\n[filters.gopher]\n",
         )
         .unwrap();
-        let err = PipelineConfig::load(&path).unwrap_err().to_string();
+        let err = PipelineConfig::load(Some(&path), &[])
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("gopher") && err.contains("gopher_quality") && err.contains("p.toml"),
             "{err}"

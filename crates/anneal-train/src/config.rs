@@ -1,13 +1,14 @@
 //! The run configuration: three TOML sections, `[data]`, `[model]` and `[train]`, every key with
 //! a default, every key overridable from the command line as `section.key=value`.
 //!
-//! Loading goes default → file → overrides, each key checked against the defaults: an unknown key
-//! is named with the keys its section allows, a value of the wrong type is named with the type
-//! expected, and [`RunConfig::validate`] names values out of range with the allowed range.
+//! Loading goes default → file → overrides through `anneal-config`, each key checked against the
+//! defaults: an unknown key is named with the keys its section allows, a value of the wrong type
+//! is named with the type expected, and [`RunConfig::validate`] names values out of range with
+//! the allowed range.
 
 use anneal_tensor::optim::AdamWConfig;
 use anneal_tensor::DType;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -157,107 +158,21 @@ pub struct RunConfig {
     pub train: TrainConfig,
 }
 
-fn type_name(v: &toml::Value) -> &'static str {
-    match v {
-        toml::Value::String(_) => "a string",
-        toml::Value::Integer(_) => "an integer",
-        toml::Value::Float(_) => "a number",
-        toml::Value::Boolean(_) => "true or false",
-        toml::Value::Datetime(_) => "a date",
-        toml::Value::Array(_) => "an array",
-        toml::Value::Table(_) => "a table",
-    }
-}
-
-/// Puts `value` at `key` (`section.name`) of `table`, which holds the defaults; fails naming the
-/// key when it does not exist or the value's type differs from the default's.
-fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<()> {
-    let sections: Vec<String> = table.keys().cloned().collect();
-    let Some((section, name)) = key.split_once('.') else {
-        bail!(
-            "config key {key:?} must be section.key, with section one of {}",
-            sections.join(", ")
-        );
-    };
-    let Some(toml::Value::Table(sec)) = table.get_mut(section) else {
-        bail!(
-            "unknown config section {section:?} in {key:?}; sections are {}",
-            sections.join(", ")
-        );
-    };
-    let Some(default) = sec.get(name) else {
-        let allowed: Vec<&str> = sec.keys().map(|k| k.as_str()).collect();
-        bail!(
-            "unknown config key {key:?}; [{section}] allows {}",
-            allowed.join(", ")
-        );
-    };
-    let value = match (default, value) {
-        (toml::Value::Float(_), toml::Value::Integer(i)) => toml::Value::Float(i as f64),
-        (toml::Value::String(_), v @ toml::Value::String(_)) => v,
-        // A path or name given bare on the command line parses as something else; keep its text.
-        (toml::Value::String(_), v) if !matches!(v, toml::Value::Table(_)) => {
-            toml::Value::String(match v {
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                other => other.to_string(),
-            })
-        }
-        (d, v) if std::mem::discriminant(d) == std::mem::discriminant(&v) => v,
-        (d, v) => bail!(
-            "config key {key} = {v} is not allowed: expected {}",
-            type_name(d)
-        ),
-    };
-    if let toml::Value::Integer(i) = value {
-        if i < 0 {
-            bail!("config key {key} = {i} is not allowed: expected a non-negative integer");
-        }
-    }
-    sec.insert(name.to_string(), value);
-    Ok(())
-}
-
-/// Parses the right side of `key=value` as a TOML value, or as a bare string when it is not one.
-fn parse_value(text: &str) -> toml::Value {
-    toml::from_str::<toml::Table>(&format!("v = {text}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(text.to_string()))
-}
-
 impl RunConfig {
-    /// Defaults, then the TOML file at `path` (if any), then each `section.key=value` override.
+    /// Defaults, then the TOML file at `path` (if any), then each `section.key=value` override,
+    /// through anneal's one loader ([`anneal_config::Loader`]); then [`RunConfig::validate`].
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
-        let mut table = toml::Table::try_from(RunConfig::default()).expect("defaults serialise");
-        if let Some(path) = path {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading config {}", path.display()))?;
-            let file: toml::Table = toml::from_str(&text)
-                .with_context(|| format!("{}: not valid TOML", path.display()))?;
-            for (section, body) in file {
-                let toml::Value::Table(body) = body else {
-                    bail!(
-                        "{}: {section} must be a [{section}] section",
-                        path.display()
-                    );
-                };
-                for (name, value) in body {
-                    set_key(&mut table, &format!("{section}.{name}"), value)
-                        .with_context(|| format!("in {}", path.display()))?;
-                }
-            }
-        }
-        for o in overrides {
-            let Some((key, value)) = o.split_once('=') else {
-                bail!("override {o:?} must be section.key=value, for example train.lr=3e-4");
-            };
-            set_key(&mut table, key.trim(), parse_value(value.trim()))?;
-        }
-        let config: RunConfig = toml::Value::Table(table)
-            .try_into()
-            .context("config does not fit the expected shape")?;
+        let config: RunConfig =
+            anneal_config::Loader::new(&RunConfig::default()).load(path, overrides)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// As [`RunConfig::load`] with the file's text given (a recipe built into the binary);
+    /// errors name it as `name`.
+    pub fn load_text(text: &str, name: &str, overrides: &[String]) -> Result<RunConfig> {
+        let config: RunConfig = anneal_config::Loader::new(&RunConfig::default())
+            .load_text(Some((text, Path::new(name))), overrides)?;
         config.validate()?;
         Ok(config)
     }
@@ -437,6 +352,32 @@ mod tests {
         assert_eq!(c.model.n_head, 4, "untouched keys keep their defaults");
         let back: RunConfig = toml::from_str(&c.to_toml()).unwrap();
         assert_eq!(back, c);
+    }
+
+    #[test]
+    fn the_quickstart_recipe_is_the_one_it_always_ran() {
+        let recipe = include_str!("../../../configs/quickstart.toml");
+        let from_file = RunConfig::load_text(recipe, "quickstart.toml", &[]).unwrap();
+        let settings: Vec<String> = [
+            "model.n_layer=4",
+            "model.n_head=4",
+            "model.n_embd=192",
+            "model.block_size=128",
+            "model.bias=false",
+            "train.batch_size=16",
+            "train.max_steps=1100",
+            "train.lr=2e-3",
+            "train.min_lr=2e-4",
+            "train.warmup_steps=100",
+            "train.eval_interval=100",
+            "train.eval_batches=16",
+            "train.checkpoint_interval=300",
+            "train.keep_checkpoints=2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert_eq!(from_file, RunConfig::load(None, &settings).unwrap());
     }
 
     #[test]
