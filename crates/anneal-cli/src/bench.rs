@@ -108,8 +108,8 @@ pub struct GptBench {
     /// Untimed steps first.
     #[arg(long, default_value_t = 3)]
     warmup: usize,
-    /// Kernel threads.
-    #[arg(long, default_value_t = 2)]
+    /// Kernel threads: the global --threads, 2 when it is not given.
+    #[arg(skip = 2usize)]
     threads: usize,
     #[arg(long, default_value_t = 8)]
     batch: usize,
@@ -283,12 +283,28 @@ fn print_memory<'a>(results: impl IntoIterator<Item = &'a Measurement>) {
     println!();
 }
 
-pub fn run(cmd: BenchCommand) -> Result<()> {
+/// Runs a benchmark; `threads` (the global --threads) sets the engines' thread count or, for the
+/// data benchmarks, the workers.
+pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
     match cmd {
-        BenchCommand::Gpt(b) => gpt(b),
-        BenchCommand::Pretrain(b) => pretrain(b),
-        BenchCommand::Curate(b) => curate(b),
-        BenchCommand::Dedup(b) => dedup(b),
+        BenchCommand::Gpt(mut b) => {
+            b.threads = threads.unwrap_or(b.threads);
+            gpt(b)
+        }
+        BenchCommand::Pretrain(mut b) => {
+            if let Some(t) = threads {
+                b.overrides.push(format!("train.threads={t}"));
+            }
+            pretrain(b)
+        }
+        BenchCommand::Curate(mut b) => {
+            b.workers = threads.unwrap_or(b.workers);
+            curate(b)
+        }
+        BenchCommand::Dedup(mut b) => {
+            b.workers = threads.unwrap_or(b.workers);
+            dedup(b)
+        }
     }
 }
 

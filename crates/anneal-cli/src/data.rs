@@ -634,8 +634,24 @@ pub fn tokenize_corpus(args: &TokenizeArgs) -> Result<anneal_data::TokenizeSumma
         val_fraction: args.val_fraction,
         split: args.split.parse::<SplitMode>()?,
         seed: args.corpus.seed,
-        show_progress: !args.quiet,
         ..Default::default()
     };
-    Ok(tokenize(&corpus, &tokenizer, &args.out, &options)?)
+    let bar = if args.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} tokenizing {bytes} read, {bytes_per_sec}, {elapsed}",
+            )
+            .expect("valid template"),
+        );
+        bar.enable_steady_tick(std::time::Duration::from_millis(200));
+        bar
+    };
+    let summary = tokenize(&corpus, &tokenizer, &args.out, &options, &mut |read| {
+        bar.set_position(read)
+    })?;
+    bar.finish_and_clear();
+    Ok(summary)
 }

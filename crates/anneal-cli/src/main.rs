@@ -13,6 +13,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Threads for every command (0: every core). For pretrain and quickstart it sets
+    /// train.threads; benchmarks default to 2 so that runs compare across machines.
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -78,14 +82,36 @@ fn main() -> anyhow::Result<()> {
         .with_target(false)
         .init();
     let cli = Cli::parse();
+    let threads = cli.threads;
+    let set_threads = |overrides: &mut Vec<String>| {
+        if let Some(t) = threads {
+            overrides.push(format!("train.threads={t}"));
+        }
+    };
     match cli.command {
-        Command::Data(c) => data::run(c),
-        Command::Pretrain(a) => run::pretrain(a),
-        Command::Generate(a) => run::generate(a),
-        Command::Eval(a) => run::eval(a),
-        Command::Export(a) => run::export(a),
-        Command::Bench(b) => bench::run(b),
-        Command::Plan(a) => plan::run(a),
-        Command::Quickstart(a) => run::quickstart(a),
+        // Training runs read their thread count from the run config, where --threads lands.
+        Command::Pretrain(mut a) => {
+            set_threads(&mut a.overrides);
+            run::pretrain(a)
+        }
+        Command::Quickstart(mut a) => {
+            set_threads(&mut a.overrides);
+            run::quickstart(a)
+        }
+        Command::Bench(b) => bench::run(b, threads),
+        // Everything else runs on one pool of that size, the libraries' parallel loops included.
+        other => {
+            let pool = anneal_train::machine::threads(threads.unwrap_or(0));
+            anneal_tensor::with_threads(pool, || match other {
+                Command::Data(c) => data::run(c),
+                Command::Generate(a) => run::generate(a),
+                Command::Eval(a) => run::eval(a),
+                Command::Export(a) => run::export(a),
+                Command::Plan(a) => plan::run(a),
+                Command::Pretrain(_) | Command::Quickstart(_) | Command::Bench(_) => {
+                    unreachable!("dispatched above")
+                }
+            })?
+        }
     }
 }

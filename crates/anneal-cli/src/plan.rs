@@ -348,7 +348,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             ),
         ];
         let mfu: Vec<f64> = top.iter().map(|e| 100.0 * e.mfu).collect();
-        anneal_data::plot::stacked_bars(
+        anneal_chart::stacked_bars(
             path,
             "memory per device (GB) and MFU (%) of the top layouts (dp/tp/pp, micro-batch, ZeRO stage)",
             &labels,

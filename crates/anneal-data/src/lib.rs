@@ -14,7 +14,6 @@ pub mod minhash;
 pub mod mix;
 pub mod normalize;
 pub mod pipeline;
-pub mod plot;
 pub mod report;
 pub mod shards;
 pub mod signals;
@@ -75,8 +74,8 @@ pub enum Error {
     #[error(transparent)]
     Config(#[from] anneal_config::Error),
     /// Drawing a chart failed.
-    #[error("plot: {0}")]
-    Plot(String),
+    #[error(transparent)]
+    Chart(#[from] anneal_chart::Error),
 }
 
 /// Result with [`Error`].

@@ -234,7 +234,7 @@ pub fn write_report(dir: &Path, out: &Path) -> Result<ReportSummary> {
     html += "</table><h2>Signals of the kept documents</h2>";
     for (name, values) in &signals {
         let png = scratch.join(format!("{name}.png"));
-        crate::plot::histogram(&png, name, name, values, 40)?;
+        anneal_chart::histogram(&png, name, name, values, 40)?;
         let mean = values.iter().sum::<f64>() / values.len().max(1) as f64;
         html += &format!("<h3>{} (mean {mean:.3})</h3>", escape(name));
         if let Some(b64) = encode(&png) {

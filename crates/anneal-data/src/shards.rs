@@ -63,8 +63,6 @@ pub struct TokenizeOptions {
     pub shard_tokens: u64,
     /// Bytes of text encoded per parallel batch.
     pub batch_bytes: usize,
-    /// Show a progress bar on stderr.
-    pub show_progress: bool,
 }
 
 impl Default for TokenizeOptions {
@@ -75,7 +73,6 @@ impl Default for TokenizeOptions {
             seed: 1234,
             shard_tokens: 1 << 27,
             batch_bytes: 4 << 20,
-            show_progress: false,
         }
     }
 }
@@ -264,12 +261,14 @@ fn in_validation(index: u64, seed: u64, fraction: f64) -> bool {
 }
 
 /// Tokenizes `corpus` with `tokenizer` into shards under `out_dir` (created if missing), writing
-/// `tokenizer.json` and `manifest.json` beside them.
+/// `tokenizer.json` and `manifest.json` beside them. `progress` is told the bytes of text read
+/// so far, after each document (the binary draws it).
 pub fn tokenize(
     corpus: &Corpus,
     tokenizer: &Tokenizer,
     out_dir: &Path,
     opts: &TokenizeOptions,
+    progress: &mut dyn FnMut(u64),
 ) -> Result<TokenizeSummary> {
     if !(0.0..1.0).contains(&opts.val_fraction) {
         return Err(Error::Invalid {
@@ -294,7 +293,7 @@ pub fn tokenize(
     let mut train = ShardWriter::new(out_dir, "train", wide, opts.shard_tokens);
     let mut val = ShardWriter::new(out_dir, "val", wide, opts.shard_tokens);
     let (mut train_docs, mut val_docs, mut index) = (0u64, 0u64, 0u64);
-    let bar = progress_bar(opts.show_progress);
+    let mut bytes_read = 0u64;
     let mut batch: Vec<Document> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut failure: Option<Error> = None;
@@ -325,7 +324,8 @@ pub fn tokenize(
     };
     let report = corpus.for_each(|doc| {
         batch_bytes += doc.text.len();
-        bar.inc(doc.text.len() as u64);
+        bytes_read += doc.text.len() as u64;
+        progress(bytes_read);
         batch.push(doc);
         if batch_bytes >= opts.batch_bytes {
             batch_bytes = 0;
@@ -340,7 +340,6 @@ pub fn tokenize(
         return Err(e);
     }
     flush(&mut batch)?;
-    bar.finish_and_clear();
     let mut train_shards = train.finish()?;
     let mut val_shards = val.finish()?;
     if opts.split == SplitMode::Tail {
@@ -376,21 +375,6 @@ pub fn tokenize(
         manifest,
         seconds: start.elapsed().as_secs_f64(),
     })
-}
-
-fn progress_bar(show: bool) -> indicatif::ProgressBar {
-    if !show {
-        return indicatif::ProgressBar::hidden();
-    }
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} tokenizing {bytes} read, {bytes_per_sec}, {elapsed}",
-        )
-        .expect("valid template"),
-    );
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    bar
 }
 
 /// Moves the last `val_fraction` of the training tokens into validation shards (the tail split).
@@ -587,7 +571,7 @@ mod tests {
             batch_bytes: 5,
             ..Default::default()
         };
-        let summary = tokenize(&corpus, &tok, out.path(), &opts).unwrap();
+        let summary = tokenize(&corpus, &tok, out.path(), &opts, &mut |_| {}).unwrap();
         let m = Manifest::load(out.path()).unwrap();
         assert_eq!(m.dtype, "u16");
         assert_eq!(summary.manifest.train_tokens(), 23); // int(26 · 0.9)
@@ -622,7 +606,7 @@ mod tests {
                 batch_bytes: 100,
                 ..Default::default()
             };
-            tokenize(&corpus, &tok, out.path(), &opts).unwrap();
+            tokenize(&corpus, &tok, out.path(), &opts, &mut |_| {}).unwrap();
             let m = Manifest::load(out.path()).unwrap();
             let train = all(&ShardSet::open(out.path(), &m, "train").unwrap());
             let val = all(&ShardSet::open(out.path(), &m, "val").unwrap());
@@ -650,7 +634,7 @@ mod tests {
             val_fraction: 0.0,
             ..Default::default()
         };
-        tokenize(&corpus, &tok, out.path(), &opts).unwrap();
+        tokenize(&corpus, &tok, out.path(), &opts, &mut |_| {}).unwrap();
         let m = Manifest::load(out.path()).unwrap();
         let path = out.path().join("train-00000.bin");
         let mut bytes = std::fs::read(&path).unwrap();

@@ -11,7 +11,11 @@
 //!   whose backward recomputes probabilities, dropout, conv2d and pooling, dtype casts.
 //! * [`autograd`]: `backward` from a loss or from a supplied gradient, `no_grad`, `detach`, leaf
 //!   gradient hooks, custom ops through [`Tensor::from_op`], and activation [`checkpoint`]ing.
-//! * [`params`] and [`optim`]: named parameters flat per dtype, AdamW and SGD, gradient clipping.
+//! * [`params`] and [`optim`]: named parameters flat per dtype, with a gradient buffer (and
+//!   optimizer state) for the trainable ones only and parameter groups; the [`Optimizer`] trait
+//!   with AdamW and SGD taking the learning rate per step; gradient clipping. Reductions split
+//!   across threads add fixed-size chunks in order, so results do not depend on the thread
+//!   count.
 //!
 //! ```
 //! use anneal_tensor::{DType, Tensor};
@@ -32,7 +36,6 @@ mod kernels;
 pub mod ops;
 pub mod optim;
 pub mod params;
-pub mod peak;
 pub mod pool;
 pub mod storage;
 mod tensor;

@@ -17,7 +17,7 @@
 use crate::checkpoint::{self, DataPosition, TrainerState};
 use crate::config::RunConfig;
 use crate::trainer::{pretraining, Trainer};
-use anneal_data::plot::{line_chart, Series};
+use anneal_chart::{line_chart, Series};
 use anneal_data::{Manifest, ShardSet, Tokenizer};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};

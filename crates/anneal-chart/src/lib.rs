@@ -1,9 +1,20 @@
-//! Loss curves as PNG images, drawn with `plotters`.
+//! # anneal-chart
+//!
+//! The charts anneal draws, as PNG images with `plotters`: line charts (loss curves of
+//! `anneal pretrain`), histograms (the signals of `anneal data report`) and stacked bars (the
+//! memory breakdown of `anneal plan --chart`). Data, training and planning all use them, so they
+//! live here rather than in one of those crates.
+//!
+//! ```no_run
+//! use anneal_chart::{line_chart, Series};
+//! let points = [(0.0, 4.2), (100.0, 2.5), (200.0, 1.9)];
+//! let train = Series { label: "train", points: &points };
+//! line_chart("loss.png".as_ref(), "loss", "step", "nats", &[train]).unwrap();
+//! ```
 //!
 //! Text needs a TrueType font, read at run time from the first of a few usual system locations
 //! (or `$ANNEAL_FONT`); on a machine without one the curves are drawn without labels.
 
-use crate::{Error, Result};
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -41,8 +52,27 @@ fn font_available() -> bool {
     })
 }
 
+/// Drawing or writing a chart failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The drawing library failed.
+    #[error("plot: {0}")]
+    Draw(String),
+    /// The image could not be put in place.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
 fn plot_err(e: impl std::fmt::Display) -> Error {
-    Error::Plot(e.to_string())
+    Error::Draw(e.to_string())
 }
 
 /// One named series of (x, y) points.
@@ -78,7 +108,10 @@ fn write_png(
         draw(&root, text)?;
         root.present().map_err(plot_err)?;
     }
-    std::fs::rename(&tmp, path).map_err(crate::io_err(path))?;
+    std::fs::rename(&tmp, path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     Ok(())
 }
 

@@ -1,5 +1,7 @@
 //! What the machine can do and what this process used.
 
+pub mod peak;
+
 /// Peak resident set size of this process, from the kernel's high-water mark.
 pub fn peak_rss_mb() -> f64 {
     status_mb("VmHWM:")
@@ -25,7 +27,7 @@ fn status_mb(field: &str) -> f64 {
 }
 
 /// The f32 peak of `threads` cores in GFLOP/s, and how it was found: measured by
-/// [`anneal_tensor::peak::measured_f32_peak`] where the CPU has a vector FMA loop there (the
+/// [`peak::measured_f32_peak`] where the CPU has a vector FMA loop there (the
 /// nominal figure is named beside it), otherwise nominal. Measured once per process per thread
 /// count.
 pub fn peak_gflops(threads: usize) -> (f64, String) {
@@ -35,7 +37,7 @@ pub fn peak_gflops(threads: usize) -> (f64, String) {
         return (*g, how.clone());
     }
     let (nominal, nominal_how) = nominal_peak_gflops(threads);
-    let found = match anneal_tensor::peak::measured_f32_peak(threads) {
+    let found = match peak::measured_f32_peak(threads) {
         Some((g, how)) if nominal.is_finite() => {
             (g, format!("{how}; nominal {nominal:.0} = {nominal_how}"))
         }
