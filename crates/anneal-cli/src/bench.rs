@@ -392,7 +392,7 @@ impl Stepper {
             },
         );
         let lr = 3e-4;
-        let trainer = Trainer::new(TrainerParts {
+        let mut trainer = Trainer::new(TrainerParts {
             model: Box::new(model),
             objective: Box::new(CausalLm),
             optimizer: Box::new(optimizer),
@@ -412,6 +412,7 @@ impl Stepper {
             grad_accum: 1,
             grad_clip: 0.0,
         });
+        trainer.measure_grad_norm = false;
         Ok(Stepper {
             trainer,
             batch: b.batch,
@@ -451,7 +452,7 @@ impl Stepper {
             peak_tensor_mb: mb(anneal_tensor::memory_stats().peak_bytes),
             base_rss_mb: self.base_rss_mb,
             forward_live_mb: mb(self.forward_live),
-            params_mb: mb(params.data().bytes()),
+            params_mb: mb(params.bytes()),
             grads_mb: mb(params.grads().bytes()),
             optimizer_state_mb: mb(self.trainer.optimizer().state_bytes()),
             final_loss: final_loss as f64,

@@ -1,10 +1,16 @@
 //! Text data for anneal: streaming corpus reading (directories of text files, JSONL, `.gz` and
 //! `.zst`), tokenizers on the Hugging Face `tokenizers` crate (byte-level BPE training,
-//! character vocabularies, GPT-2's own vocabulary), and tokenized corpora stored as
-//! memory-mapped binary shards with a JSON manifest.
+//! character vocabularies, GPT-2's own vocabulary), tokenized corpora stored as memory-mapped
+//! binary shards with a JSON manifest, and the training batches drawn from them ([`batch`]: one
+//! [`Batch`] type for every objective, one [`Sampler`] whose draws depend on the seed and the
+//! step alone). The curation pipeline ([`pipeline`]) normalises, deduplicates ([`dedup`],
+//! [`minhash`]), filters ([`filters`]), attaches quality signals ([`signals`]), mixes sources
+//! ([`mix`]) and reports ([`report`]).
 //!
 //! Bad input never ends a run: invalid UTF-8 and malformed JSON lines are skipped, counted and
-//! reported with their file and line ([`BadInput`]).
+//! reported with their file and line ([`BadInput`]). Errors are this crate's own [`Error`],
+//! naming the file or value at fault. Long work reports progress through callbacks; drawing it is
+//! the binary's job.
 
 pub mod batch;
 pub mod corpus;

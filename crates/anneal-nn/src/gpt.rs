@@ -480,6 +480,52 @@ mod tests {
     }
 
     #[test]
+    fn a_frozen_parameter_in_its_own_dtype_is_widened_at_lookup() {
+        let ids: Vec<u32> = vec![3, 1, 4, 1, 5, 9, 2, 6];
+        let targets: Vec<i64> = ids.iter().map(|&i| ((i + 1) % 11) as i64).collect();
+        let mut m = Gpt::new(tiny(), 6).unwrap();
+        let full_bytes = m.params.bytes();
+        let wte = m.params.id("transformer.wte.weight").unwrap();
+        // The reference: the same model with the embedding rounded to bf16 in place.
+        let reference = Gpt::new(tiny(), 6).unwrap();
+        let rounded = m.params.get(wte).to_dtype(DType::BF16).to_dtype(DType::F32);
+        reference.params.set(wte, &rounded).unwrap();
+        m.params.freeze_as(wte, DType::BF16);
+        assert_eq!(m.params.get(wte).dtype(), DType::BF16);
+        assert_eq!(
+            m.params.bytes(),
+            full_bytes - 11 * 8 * 2,
+            "4 → 2 bytes per value"
+        );
+        assert_eq!(m.params.trainable_numel(), m.params.numel() - 11 * 8);
+        let a = m.forward(&ids, 1, 8, None).unwrap().to_vec_f32();
+        let b = reference.forward(&ids, 1, 8, None).unwrap().to_vec_f32();
+        assert_eq!(a, b);
+        // Training leaves it as it is and moves the rest.
+        let mut opt = AdamW::new(&m.params, AdamWConfig::default());
+        let before: Vec<(String, Vec<f32>)> = m
+            .params
+            .named()
+            .into_iter()
+            .map(|(n, t)| (n, t.to_vec_f32()))
+            .collect();
+        m.loss(&ids, &targets, 1, 8, None)
+            .unwrap()
+            .backward()
+            .unwrap();
+        opt.step(&m.params, 1e-2);
+        for ((name, old), (_, new)) in before.iter().zip(m.params.named()) {
+            let moved = *old != new.to_vec_f32();
+            assert_eq!(moved, name != "transformer.wte.weight", "{name}");
+        }
+        // Loading writes into its own buffer.
+        let all: std::collections::HashMap<String, Tensor> =
+            reference.params.named().into_iter().collect();
+        m.params.load_named(&all).unwrap();
+        assert_eq!(m.params.get(wte).to_vec_f32(), rounded.to_vec_f32());
+    }
+
+    #[test]
     fn rejects_out_of_range_tokens_and_long_sequences() {
         let m = Gpt::new(tiny(), 0).unwrap();
         assert!(m.forward(&[11], 1, 1, None).is_err());

@@ -26,7 +26,8 @@ pub struct ParamInfo {
     pub name: String,
     /// Shape.
     pub shape: Vec<usize>,
-    /// First element in the flat buffers.
+    /// First element in the flat parameter buffer (unused for a parameter held in its own
+    /// dtype, see [`ParamInfo::own_dtype`]).
     pub offset: usize,
     /// Number of elements.
     pub len: usize,
@@ -38,6 +39,9 @@ pub struct ParamInfo {
     pub grad_offset: Option<usize>,
     /// Index of its [`ParamGroup`] in [`ParamStore::groups`].
     pub group: usize,
+    /// The dtype of a frozen parameter held outside the flat buffer ([`ParamStore::freeze_as`]);
+    /// `None` for parameters in the flat buffer.
+    pub own_dtype: Option<DType>,
 }
 
 /// Settings shared by a set of trainable parameters (PyTorch's parameter groups): fine-tuning
@@ -95,6 +99,7 @@ impl ParamStoreBuilder {
             requires_grad: true,
             grad_offset: None,
             group: 0,
+            own_dtype: None,
         });
         Ok(ParamId(self.infos.len() - 1))
     }
@@ -102,6 +107,7 @@ impl ParamStoreBuilder {
     /// Lays the parameters out in one buffer of `dtype`.
     pub fn build(self, dtype: DType) -> ParamStore {
         let total = self.values.len();
+        let count = self.infos.len();
         let data = Arc::new(Storage::new(Buffer::from_f32(self.values, dtype)));
         let mut store = ParamStore {
             version: std::sync::atomic::AtomicU64::new(0),
@@ -116,6 +122,7 @@ impl ParamStoreBuilder {
                 .collect(),
             infos: self.infos,
             groups: vec![ParamGroup::default()],
+            own: vec![None; count],
             tensors: Arc::new(Vec::new()),
             total,
             trainable: 0,
@@ -135,6 +142,8 @@ pub struct ParamStore {
     grads: Arc<Storage>,
     infos: Vec<ParamInfo>,
     groups: Vec<ParamGroup>,
+    /// Storage of each parameter held in its own dtype.
+    own: Vec<Option<Arc<Storage>>>,
     index: HashMap<String, usize>,
     tensors: Arc<Vec<Tensor>>,
     total: usize,
@@ -160,6 +169,9 @@ impl ParamStore {
     fn make_tensor(&self, i: usize) -> Tensor {
         let p = &self.infos[i];
         let strides = contiguous_strides(&p.shape);
+        if let Some(own) = &self.own[i] {
+            return Tensor::from_parts(own.clone(), p.shape.clone(), strides, 0, Autograd::None);
+        }
         let value = Tensor::from_parts(
             self.data.clone(),
             p.shape.clone(),
@@ -271,6 +283,38 @@ impl ParamStore {
         self.lay_out_grads();
     }
 
+    /// Freezes parameter `id` and holds it in its own buffer of `dtype` (a bf16 copy of a
+    /// pretrained base beside f32 adapters, say), taking it out of the flat buffer. Layers widen
+    /// it to the model's dtype when they look it up. Lays the parameter and gradient buffers out
+    /// anew, so call it before creating optimizers.
+    pub fn freeze_as(&mut self, id: ParamId, dtype: DType) {
+        let values = self.tensors[id.0].to_vec_f32();
+        self.infos[id.0].requires_grad = false;
+        self.infos[id.0].own_dtype = Some(dtype);
+        self.own[id.0] = Some(Arc::new(Storage::new(Buffer::from_f32(values, dtype))));
+        // The flat buffer keeps only the parameters held in it.
+        let mut flat = Vec::new();
+        for (i, p) in self.infos.iter_mut().enumerate() {
+            if self.own[i].is_none() {
+                let mut v = vec![0.0f32; p.len];
+                self.data.read().read_range_f32(p.offset, &mut v);
+                p.offset = flat.len();
+                flat.extend(v);
+            } else {
+                p.offset = 0;
+            }
+        }
+        self.data = Arc::new(Storage::new(Buffer::from_f32(flat, self.dtype)));
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.lay_out_grads();
+    }
+
+    /// Bytes of parameter values: the flat buffer and every parameter held in its own dtype.
+    pub fn bytes(&self) -> usize {
+        self.data.bytes() + self.own.iter().flatten().map(|s| s.bytes()).sum::<usize>()
+    }
+
     /// Trains exactly the parameters whose name `train` accepts and freezes the rest, laying the
     /// gradient buffer out once. Returns the number of trainable parameters.
     pub fn train_only(&mut self, train: impl Fn(&str) -> bool) -> usize {
@@ -317,11 +361,15 @@ impl ParamStore {
                 rhs: values.shape().to_vec(),
             });
         }
-        let offset = if std::ptr::eq(buffer, &*self.grads) {
-            p.grad_offset
-                .ok_or_else(|| invalid(op, format!("{} is frozen and has no gradient", p.name)))?
+        let (buffer, offset) = if std::ptr::eq(buffer, &*self.grads) {
+            let offset = p
+                .grad_offset
+                .ok_or_else(|| invalid(op, format!("{} is frozen and has no gradient", p.name)))?;
+            (buffer, offset)
+        } else if let Some(own) = &self.own[id.0] {
+            (&**own, 0)
         } else {
-            p.offset
+            (buffer, p.offset)
         };
         let v = values.to_vec_f32();
         let mut buf = buffer.write();

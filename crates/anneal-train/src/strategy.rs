@@ -17,6 +17,9 @@ pub struct StepSettings {
     pub lr: f32,
     /// Global gradient-norm clip; 0 turns clipping off.
     pub grad_clip: f32,
+    /// Measure the gradient norm even when not clipping (it is logged; a benchmark that does not
+    /// log it skips the pass over the gradients).
+    pub measure_grad_norm: bool,
 }
 
 /// What one optimizer step did.
@@ -24,7 +27,7 @@ pub struct StepSettings {
 pub struct StepOutput {
     /// Mean loss over the micro-batches (objective plus auxiliary losses).
     pub loss: f64,
-    /// Global gradient norm before clipping.
+    /// Global gradient norm before clipping (NaN when neither clipped nor measured).
     pub grad_norm: f64,
     /// The objective's metrics and the layers' auxiliary losses, each averaged over the
     /// micro-batches.
@@ -124,10 +127,12 @@ impl Strategy for SingleDevice {
         }
         let t2 = Instant::now();
         out.grad_norm = if settings.grad_clip > 0.0 {
-            params.clip_grad_norm(settings.grad_clip)
+            params.clip_grad_norm(settings.grad_clip) as f64
+        } else if settings.measure_grad_norm {
+            params.grad_norm() as f64
         } else {
-            params.grad_norm()
-        } as f64;
+            f64::NAN
+        };
         optimizer.step(params, settings.lr);
         out.phases[2] = t2.elapsed().as_secs_f64();
         Ok(out)

@@ -42,6 +42,8 @@ pub struct Trainer {
     pub grad_accum: usize,
     /// Global gradient-norm clip (0: none).
     pub grad_clip: f64,
+    /// Measure the gradient norm of every step even when not clipping (on by default).
+    pub measure_grad_norm: bool,
     step: u64,
     tokens_seen: u64,
 }
@@ -84,6 +86,7 @@ impl Trainer {
             batch_size: p.batch_size,
             grad_accum: p.grad_accum.max(1),
             grad_clip: p.grad_clip,
+            measure_grad_norm: true,
             step: 0,
             tokens_seen: 0,
         }
@@ -135,6 +138,7 @@ impl Trainer {
         let settings = StepSettings {
             lr: self.lr() as f32,
             grad_clip: self.grad_clip as f32,
+            measure_grad_norm: self.measure_grad_norm,
         };
         let out = self
             .strategy

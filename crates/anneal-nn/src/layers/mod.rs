@@ -117,6 +117,7 @@ impl Builder {
 pub struct Weights {
     tensors: Arc<Vec<Tensor>>,
     parallel: Arc<dyn ParallelContext>,
+    dtype: DType,
 }
 
 impl Weights {
@@ -125,12 +126,15 @@ impl Weights {
         Weights {
             tensors: params.tensors(),
             parallel,
+            dtype: params.dtype(),
         }
     }
 
-    /// Parameter `id` as this rank computes with it (where ZeRO-3 gathers its shards).
+    /// Parameter `id` as this rank computes with it (where ZeRO-3 gathers its shards), in the
+    /// model's dtype (a frozen parameter held in another dtype is converted here).
     pub fn get(&self, id: ParamId) -> Result<Tensor> {
-        self.parallel.lookup(id, &self.tensors[id.0])
+        let t = self.parallel.lookup(id, &self.tensors[id.0])?;
+        Ok(t.to_dtype(self.dtype))
     }
 
     /// The parallel context.
