@@ -58,8 +58,12 @@ pub struct TrainerState {
     pub data: DataPosition,
     /// Tokens trained on so far.
     pub tokens_seen: u64,
-    /// The run configuration, as TOML.
+    /// The run configuration (model and training), as TOML.
     pub config: String,
+    /// The objective trained for (`causal_lm`, …); empty in checkpoints from before objectives
+    /// were named.
+    #[serde(default)]
+    pub objective: String,
     /// The tokenizer, as `tokenizer.json` text.
     pub tokenizer: String,
     /// Vocabulary size of the model.

@@ -182,6 +182,7 @@ impl Trainer {
     pub fn save(&self, root: &Path, mut state: TrainerState) -> Result<PathBuf> {
         state.step = self.step;
         state.tokens_seen = self.tokens_seen;
+        state.objective = self.objective.name().to_string();
         state.data.steps_drawn = self.step;
         checkpoint::save(
             root,
@@ -194,6 +195,14 @@ impl Trainer {
 
     /// Restores parameters, optimizer, objective and position from a loaded checkpoint.
     pub fn restore(&mut self, loaded: &checkpoint::Loaded) -> Result<()> {
+        let (saved, ours) = (&loaded.state.objective, self.objective.name());
+        if !saved.is_empty() && saved != ours {
+            anyhow::bail!(
+                "{} was trained for the objective {saved}, not {ours}: a checkpoint resumes only \
+                 the same objective",
+                loaded.dir.display()
+            );
+        }
         let params = self.model.params();
         loaded.restore_params(params)?;
         checkpoint::restore_optimizer(&mut *self.optimizer, params, loaded)?;
@@ -408,6 +417,7 @@ mod tests {
             data: Default::default(),
             tokens_seen: 0,
             config: String::new(),
+            objective: String::new(),
             tokenizer: String::new(),
             vocab_size: 11,
             files: Default::default(),
@@ -415,6 +425,10 @@ mod tests {
         let saved = first.save(dir.path(), state).unwrap();
         let loaded = checkpoint::load(&saved).unwrap();
         assert_eq!(loaded.objective["count"].to_vec_f32(), vec![3.0]);
+        assert_eq!(loaded.state.objective, "counting");
+        let mut other = trainer(Box::new(gpt()), Box::new(CausalLm), 2);
+        let e = other.restore(&loaded).unwrap_err().to_string();
+        assert!(e.contains("objective counting, not causal_lm"), "{e}");
         // A fresh trainer, restored from the checkpoint.
         let mut resumed = trainer(Box::new(gpt()), Box::<Counting>::default(), 2);
         resumed.restore(&loaded).unwrap();
