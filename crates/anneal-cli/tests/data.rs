@@ -124,4 +124,20 @@ fn pipeline_from_flags_keeps_or_rejects_every_document() {
         !bad.status.success() && err.contains("gopher_quality"),
         "{err}"
     );
+    // --set reaches any key of the pipeline, switching its stage on, on the one pool --threads
+    // gives; a wrong key is named with the keys its section allows.
+    let mut args = pipeline("normalize").to_vec();
+    args.extend(["--set", "filters.length.min_chars=10", "--threads", "1", "--quiet"]);
+    let text = anneal(&args);
+    assert!(text.contains("kept 2 of 3 documents"), "{text}");
+    let rejected = std::fs::read_to_string(out.join("rejected-00000.jsonl")).unwrap();
+    assert!(rejected.contains("\"stage\":\"length\""), "{rejected}");
+    let mut args = pipeline("normalize").to_vec();
+    args.extend(["--set", "filters.length.min_char=10"]);
+    let bad = run(&args);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("[filters.length] allows max_chars, min_chars"),
+        "{err}"
+    );
 }
