@@ -127,7 +127,13 @@ fn pipeline_from_flags_keeps_or_rejects_every_document() {
     // --set reaches any key of the pipeline, switching its stage on, on the one pool --threads
     // gives; a wrong key is named with the keys its section allows.
     let mut args = pipeline("normalize").to_vec();
-    args.extend(["--set", "filters.length.min_chars=10", "--threads", "1", "--quiet"]);
+    args.extend([
+        "--set",
+        "filters.length.min_chars=10",
+        "--threads",
+        "1",
+        "--quiet",
+    ]);
     let text = anneal(&args);
     assert!(text.contains("kept 2 of 3 documents"), "{text}");
     let rejected = std::fs::read_to_string(out.join("rejected-00000.jsonl")).unwrap();
