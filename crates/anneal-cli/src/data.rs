@@ -157,9 +157,6 @@ fn pipeline_config(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineCo
 fn pipeline_config_from_flags(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineConfig> {
     use anneal_data::pipeline::*;
     let mut c = PipelineConfig::load(a.config.as_deref(), &a.set)?;
-    if a.config.is_none() && a.out.is_none() {
-        bail!("give --config FILE, or --input and --out");
-    }
     if !a.input.is_empty() {
         c.input.paths = a.input.clone();
     }
@@ -172,16 +169,16 @@ fn pipeline_config_from_flags(a: &PipelineArgs) -> Result<anneal_data::pipeline:
     for stage in &a.stages {
         let f = &mut c.filters;
         match stage.as_str() {
-            "normalize" => c.normalize = Some(Default::default()),
-            "exact_dedup" => c.exact_dedup = Some(Default::default()),
-            "near_dedup" => c.near_dedup = Some(Default::default()),
-            "length" => f.length = Some(Default::default()),
-            "c4" => f.c4 = Some(Default::default()),
-            "gopher_quality" => f.gopher_quality = Some(Default::default()),
-            "gopher_repetition" => f.gopher_repetition = Some(Default::default()),
-            "language" => f.language = Some(Default::default()),
-            "code" => f.code = Some(Default::default()),
-            "signals" => c.signals = Some(Default::default()),
+            "normalize" => _ = c.normalize.get_or_insert_with(Default::default),
+            "exact_dedup" => _ = c.exact_dedup.get_or_insert_with(Default::default),
+            "near_dedup" => _ = c.near_dedup.get_or_insert_with(Default::default),
+            "length" => _ = f.length.get_or_insert_with(Default::default),
+            "c4" => _ = f.c4.get_or_insert_with(Default::default),
+            "gopher_quality" => _ = f.gopher_quality.get_or_insert_with(Default::default),
+            "gopher_repetition" => _ = f.gopher_repetition.get_or_insert_with(Default::default),
+            "language" => _ = f.language.get_or_insert_with(Default::default),
+            "code" => _ = f.code.get_or_insert_with(Default::default),
+            "signals" => _ = c.signals.get_or_insert_with(Default::default),
             other => bail!(
                 "--stages {other:?} is not a stage: normalize, exact_dedup, near_dedup, length, c4, \
                  gopher_quality, gopher_repetition, language, code, signals"
@@ -192,7 +189,7 @@ fn pipeline_config_from_flags(a: &PipelineArgs) -> Result<anneal_data::pipeline:
         bail!("no input: give --input PATH or [input] paths in the pipeline file");
     }
     if c.output.dir.as_os_str().is_empty() {
-        bail!("no output: give --out DIR or [output] dir in the pipeline file");
+        bail!("no output: give --out DIR, or a pipeline file (--config) with [output] dir");
     }
     Ok(c)
 }

@@ -266,7 +266,7 @@ impl Loader {
         if let Some((text, path)) = file {
             let body: toml::Table = toml::from_str(text).map_err(|e| Error::Syntax {
                 path: path.to_path_buf(),
-                reason: e.message().to_string(),
+                reason: e.to_string(),
             })?;
             let mut keys = Vec::new();
             flatten("", body, &mut keys);
@@ -290,7 +290,9 @@ impl Loader {
         }
         toml::Value::Table(table)
             .try_into()
-            .map_err(|e: toml::de::Error| Error::Shape(e.message().to_string()))
+            .map_err(|e: toml::de::Error| {
+                Error::Shape(format!("config does not fit the expected shape: {e}"))
+            })
     }
 }
 

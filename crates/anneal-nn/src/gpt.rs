@@ -498,6 +498,10 @@ mod tests {
             "4 → 2 bytes per value"
         );
         assert_eq!(m.params.trainable_numel(), m.params.numel() - 11 * 8);
+        // It stays frozen: the optimizer steps only the flat buffer.
+        m.params.train_only(|_| true);
+        assert!(!m.params.get(wte).requires_grad());
+        assert_eq!(m.params.trainable_numel(), m.params.numel() - 11 * 8);
         let a = m.forward(&ids, 1, 8, None).unwrap().to_vec_f32();
         let b = reference.forward(&ids, 1, 8, None).unwrap().to_vec_f32();
         assert_eq!(a, b);

@@ -405,7 +405,6 @@ impl Optimizer for AdamW {
         let c = self.config;
         let bc1 = 1.0 - (c.beta1 as f64).powi(self.step as i32);
         let bc2 = 1.0 - (c.beta2 as f64).powi(self.step as i32);
-        let inv_bc1 = (1.0 / bc1) as f32;
         let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
         let runs = runs(store, lr, c.weight_decay);
         let AdamW { m, v, master, .. } = self;
@@ -413,7 +412,7 @@ impl Optimizer for AdamW {
             let (ms, vs) = st.split_at_mut(1);
             let (m, v) = (&mut *ms[0], &mut *vs[0]);
             let decay = 1.0 - run.lr * run.weight_decay;
-            let step_size = run.lr * inv_bc1;
+            let step_size = (run.lr as f64 / bc1) as f32;
             for i in 0..p.len() {
                 let gi = g[i];
                 m[i] = c.beta1 * m[i] + (1.0 - c.beta1) * gi;

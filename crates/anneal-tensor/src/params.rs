@@ -155,7 +155,9 @@ impl ParamStore {
     /// order) and rebuilds the parameter tensors over it.
     fn lay_out_grads(&mut self) {
         let mut next = 0;
-        for p in &mut self.infos {
+        for (p, own) in self.infos.iter_mut().zip(&self.own) {
+            // A parameter held in its own dtype stays frozen: the optimizer steps the flat buffer.
+            p.requires_grad &= own.is_none();
             p.grad_offset = p.requires_grad.then(|| {
                 next += p.len;
                 next - p.len
@@ -277,7 +279,8 @@ impl ParamStore {
 
     /// Freezes (`false`) or unfreezes a parameter. The gradient buffer is laid out anew (and
     /// zeroed) over the trainable parameters, so create optimizers after freezing. Takes effect
-    /// for forwards run after the call.
+    /// for forwards run after the call. A parameter held in its own dtype
+    /// ([`ParamStore::freeze_as`]) stays frozen.
     pub fn set_requires_grad(&mut self, id: ParamId, requires_grad: bool) {
         self.infos[id.0].requires_grad = requires_grad;
         self.lay_out_grads();
@@ -315,8 +318,9 @@ impl ParamStore {
         self.data.bytes() + self.own.iter().flatten().map(|s| s.bytes()).sum::<usize>()
     }
 
-    /// Trains exactly the parameters whose name `train` accepts and freezes the rest, laying the
-    /// gradient buffer out once. Returns the number of trainable parameters.
+    /// Trains exactly the parameters whose name `train` accepts and freezes the rest (those held
+    /// in their own dtype stay frozen), laying the gradient buffer out once. Returns the number
+    /// of trainable parameters.
     pub fn train_only(&mut self, train: impl Fn(&str) -> bool) -> usize {
         for p in &mut self.infos {
             p.requires_grad = train(&p.name);

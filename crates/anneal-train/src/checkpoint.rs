@@ -64,6 +64,11 @@ pub struct TrainerState {
     /// were named.
     #[serde(default)]
     pub objective: String,
+    /// The trainable parameters in the order the optimizer state lays them out (name, elements);
+    /// empty in checkpoints from before it was recorded, whose order is the model's declaration
+    /// order with every parameter trained.
+    #[serde(default)]
+    pub optimizer_layout: Vec<(String, usize)>,
     /// The tokenizer, as `tokenizer.json` text.
     pub tokenizer: String,
     /// Vocabulary size of the model.
@@ -128,6 +133,7 @@ pub fn save(
     }
     std::fs::create_dir_all(&tmp)?;
     let model_bytes = anneal_tensor::io::encode_safetensors(&params.named())?;
+    state.optimizer_layout = state_layout(params);
     let flat = |named: Vec<(String, Vec<f32>)>| -> Result<Vec<u8>> {
         let tensors = named
             .into_iter()
@@ -282,7 +288,19 @@ impl Loaded {
     }
 }
 
-/// Restores an optimizer's state from a loaded checkpoint (after the parameters).
+/// The trainable parameters in optimizer-state order: (name, elements).
+fn state_layout(params: &ParamStore) -> Vec<(String, usize)> {
+    let mut trained: Vec<_> = params
+        .infos()
+        .iter()
+        .filter_map(|p| p.grad_offset.map(|o| (o, p.name.clone(), p.len)))
+        .collect();
+    trained.sort();
+    trained.into_iter().map(|(_, n, len)| (n, len)).collect()
+}
+
+/// Restores an optimizer's state from a loaded checkpoint (after the parameters). Fails, naming
+/// the first parameter that differs, when the state was laid out for other trainable parameters.
 pub fn restore_optimizer(
     opt: &mut dyn Optimizer,
     params: &ParamStore,
@@ -293,6 +311,22 @@ pub fn restore_optimizer(
         .iter()
         .map(|(name, t)| (name.clone(), t.to_vec_f32()))
         .collect();
+    let (saved, ours) = (&loaded.state.optimizer_layout, state_layout(params));
+    if !saved.is_empty() && *saved != ours {
+        let at = saved.iter().zip(&ours).position(|(a, b)| a != b);
+        let (a, b) = match at {
+            Some(i) => (format!("{:?}", saved[i]), format!("{:?}", ours[i])),
+            None => (
+                format!("{} parameters", saved.len()),
+                format!("{} parameters", ours.len()),
+            ),
+        };
+        bail!(
+            "{}: the optimizer state was saved for other trainable parameters (saved {a}, this \
+             model trains {b}); resume with the same model and the same frozen parameters",
+            loaded.dir.display()
+        );
+    }
     opt.load_state(params, loaded.state.step, &state)
         .with_context(|| {
             format!(

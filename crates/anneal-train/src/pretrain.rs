@@ -367,6 +367,7 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
             tokens_seen: 0,
             config: config.to_toml(),
             objective: String::new(),
+            optimizer_layout: Vec::new(),
             tokenizer: tokenizer.to_json()?,
             vocab_size: manifest.vocab_size,
             files: Default::default(),

@@ -59,6 +59,18 @@ pub trait Strategy: Send {
     ) -> Result<StepOutput>;
 }
 
+/// The error of a step whose loss is not finite (the optimizer was not stepped).
+#[derive(Debug, Clone, Copy)]
+pub struct NonFiniteLoss(pub f64);
+
+impl std::fmt::Display for NonFiniteLoss {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the loss became {}", self.0)
+    }
+}
+
+impl std::error::Error for NonFiniteLoss {}
+
 /// Adds `value` to the running sum named `name`.
 fn accumulate(sums: &mut Vec<(String, f64)>, name: &str, value: f64) {
     match sums.iter_mut().find(|(n, _)| n == name) {
@@ -123,7 +135,7 @@ impl Strategy for SingleDevice {
             *v /= n as f64;
         }
         if !out.loss.is_finite() {
-            bail!("the loss became {}", out.loss);
+            return Err(NonFiniteLoss(out.loss).into());
         }
         let t2 = Instant::now();
         out.grad_norm = if settings.grad_clip > 0.0 {

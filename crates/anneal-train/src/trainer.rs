@@ -18,7 +18,7 @@ use crate::config::RunConfig;
 use crate::model::TrainModel;
 use crate::objectives::{CausalLm, Objective};
 use crate::schedule::CosineSchedule;
-use crate::strategy::{SingleDevice, StepOutput, StepSettings, Strategy};
+use crate::strategy::{NonFiniteLoss, SingleDevice, StepOutput, StepSettings, Strategy};
 use anneal_data::{BatchSource, Sampler, ShardSet, Stream, WindowSource};
 use anneal_nn::Gpt;
 use anneal_tensor::optim::{AdamW, AdamWConfig};
@@ -151,12 +151,16 @@ impl Trainer {
                 settings,
                 after_forward,
             )
-            .with_context(|| {
-                format!(
-                    "step {}: lower train.lr (its peak is {}) or resume from an earlier checkpoint",
-                    step + 1,
-                    self.schedule.max_lr
-                )
+            .map_err(|e| {
+                let advice = if e.downcast_ref::<NonFiniteLoss>().is_some() {
+                    format!(
+                        "; lower train.lr (its peak is {}) or resume from an earlier checkpoint",
+                        self.schedule.max_lr
+                    )
+                } else {
+                    String::new()
+                };
+                e.context(format!("step {}{advice}", step + 1))
             })?;
         self.step += 1;
         self.tokens_seen += batches.iter().map(|b| b.tokens() as u64).sum::<u64>();
@@ -418,6 +422,7 @@ mod tests {
             tokens_seen: 0,
             config: String::new(),
             objective: String::new(),
+            optimizer_layout: Vec::new(),
             tokenizer: String::new(),
             vocab_size: 11,
             files: Default::default(),
@@ -429,6 +434,15 @@ mod tests {
         let mut other = trainer(Box::new(gpt()), Box::new(CausalLm), 2);
         let e = other.restore(&loaded).unwrap_err().to_string();
         assert!(e.contains("objective counting, not causal_lm"), "{e}");
+        // Optimizer state laid out for other trainable parameters is refused by name.
+        let mut frozen = gpt();
+        frozen.params.train_only(|n| !n.contains("wpe"));
+        let mut other = trainer(Box::new(frozen), Box::<Counting>::default(), 2);
+        let e = format!("{:#}", other.restore(&loaded).unwrap_err());
+        assert!(
+            e.contains("transformer.wpe.weight") && e.contains("other trainable"),
+            "{e}"
+        );
         // A fresh trainer, restored from the checkpoint.
         let mut resumed = trainer(Box::new(gpt()), Box::<Counting>::default(), 2);
         resumed.restore(&loaded).unwrap();

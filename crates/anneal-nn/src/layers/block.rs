@@ -136,15 +136,18 @@ pub struct Block {
 }
 
 impl Block {
-    /// Declares the block's parameters under `prefix` (e.g. `transformer.h.0`), in the order
-    /// norm, attention, norm, feed-forward.
+    /// Declares the block's parameters under `prefix` (e.g. `transformer.h.0`): both norms,
+    /// then the attention, then the feed-forward network. (The order lays out the flat
+    /// buffers; it is the one GPT checkpoints have always had, so their optimizer state loads.)
     pub fn new(b: &mut Builder, prefix: &str, c: &BlockConfig) -> Result<Block> {
         let (n, a) = (&c.names, &c.attention);
         let d = a.d_model;
+        let norm_1 = Norm::new(b, &join(prefix, n.norm_1), d, c.norm, c.eps)?;
+        let norm_2 = Norm::new(b, &join(prefix, n.norm_2), d, c.norm, c.eps)?;
         Ok(Block {
-            norm_1: Norm::new(b, &join(prefix, n.norm_1), d, c.norm, c.eps)?,
+            norm_1,
             attn: Attention::new(b, &join(prefix, n.attn), a)?,
-            norm_2: Norm::new(b, &join(prefix, n.norm_2), d, c.norm, c.eps)?,
+            norm_2,
             mlp: Mlp::new(
                 b,
                 &join(prefix, n.mlp),

@@ -17,11 +17,11 @@ fn parameters_are_named_under_the_prefix() {
         names,
         [
             "model.layers.3.input_layernorm.weight",
+            "model.layers.3.post_attention_layernorm.weight",
             "model.layers.3.self_attn.q_proj.weight",
             "model.layers.3.self_attn.k_proj.weight",
             "model.layers.3.self_attn.v_proj.weight",
             "model.layers.3.self_attn.o_proj.weight",
-            "model.layers.3.post_attention_layernorm.weight",
             "model.layers.3.mlp.gate_proj.weight",
             "model.layers.3.mlp.up_proj.weight",
             "model.layers.3.mlp.down_proj.weight",
