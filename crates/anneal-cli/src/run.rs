@@ -33,7 +33,8 @@ pub struct PretrainArgs {
     pub quiet: bool,
 }
 
-/// A stop flag that Ctrl-C sets; a second Ctrl-C exits at once.
+/// A stop flag that Ctrl-C (SIGINT) and SIGTERM, what batch schedulers send, set: the run saves
+/// a checkpoint after its current step and exits with 130. A second signal exits at once.
 fn stop_on_ctrl_c() -> Arc<AtomicBool> {
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
@@ -42,7 +43,10 @@ fn stop_on_ctrl_c() -> Arc<AtomicBool> {
             eprintln!("\nsecond interrupt: exiting without a checkpoint");
             std::process::exit(130);
         }
-        eprintln!("\ninterrupt: saving a checkpoint after this step (Ctrl-C again to quit now)");
+        eprintln!(
+            "\ninterrupt or termination: saving a checkpoint after this step (Ctrl-C again to \
+             quit now)"
+        );
     });
     if let Err(e) = installed {
         tracing::warn!("Ctrl-C will not save a checkpoint: {e}");

@@ -199,6 +199,25 @@ fn killed_and_interrupted_runs_resume_bit_for_bit() {
         "SIGINT saved {}",
         ckpt.display()
     );
+    // Resume; SIGTERM (what batch schedulers send) after step 140 saves a checkpoint too.
+    let mut child = pretrain(&data, &resumed, steps, &["--resume"])
+        .spawn()
+        .unwrap();
+    wait_for_step(&mut child, &resumed, 140);
+    signal(&child, "-TERM");
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(130),
+        "SIGTERM exits with 130 after saving"
+    );
+    let stopped = losses(&resumed).0.last().unwrap().0;
+    assert!(
+        resumed
+            .join(format!("checkpoints/step-{stopped:06}/model.safetensors"))
+            .is_file(),
+        "SIGTERM saved step {stopped}"
+    );
     // Resume again to the end.
     ok(pretrain(&data, &resumed, steps, &["--resume"])
         .output()
