@@ -72,6 +72,37 @@ impl GptConfig {
         }
     }
 
+    /// Checks the shape before anything is allocated; the error names the key, its value and
+    /// what is allowed. [`Gpt::new`] calls it, so a configuration read from a file (a checkpoint's,
+    /// a Hugging Face `config.json`) passes the same checks as a run configuration.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, value: String, allowed: String| {
+            Err(anneal_tensor::Error::Invalid {
+                op: "GptConfig",
+                reason: format!("{key} = {value} is not allowed: {allowed}"),
+            })
+        };
+        for (key, value) in [
+            ("vocab_size", self.vocab_size),
+            ("block_size", self.block_size),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+        ] {
+            if value == 0 {
+                return bad(key, value.to_string(), "at least 1".into());
+            }
+        }
+        if self.n_embd == 0 || !self.n_embd.is_multiple_of(self.n_head) {
+            let allowed = format!("a positive multiple of n_head ({})", self.n_head);
+            return bad("n_embd", self.n_embd.to_string(), allowed);
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            let allowed = "a probability in [0, 1)".into();
+            return bad("dropout", self.dropout.to_string(), allowed);
+        }
+        Ok(())
+    }
+
     /// Parameters outside the embeddings: 12·d² + 13·d per block (with biases) plus the final
     /// LayerNorm, and the head when it is not tied (Kaplan et al. 2020 count N this way).
     pub fn non_embedding_params(&self) -> usize {
@@ -153,6 +184,7 @@ impl Gpt {
 
     /// A freshly initialised model whose layers are split as `parallel` says.
     pub fn new_in(config: GptConfig, seed: u64, parallel: Arc<dyn ParallelContext>) -> Result<Gpt> {
+        config.validate()?;
         let c = &config;
         let mut b = Builder::with_parallel(seed, parallel);
         let wte = Embedding::new(&mut b, "transformer.wte", c.vocab_size, c.n_embd, 0.02)?;
@@ -527,6 +559,30 @@ mod tests {
             reference.params.named().into_iter().collect();
         m.params.load_named(&all).unwrap();
         assert_eq!(m.params.get(wte).to_vec_f32(), rounded.to_vec_f32());
+    }
+
+    #[test]
+    fn shapes_from_files_are_checked_before_anything_is_built() {
+        let err = |c: GptConfig| Gpt::new(c, 0).err().expect("refused").to_string();
+        let e = err(GptConfig {
+            n_head: 0,
+            ..tiny()
+        });
+        assert!(e.contains("n_head = 0 is not allowed: at least 1"), "{e}");
+        let e = err(GptConfig {
+            n_head: 3,
+            n_embd: 32,
+            ..tiny()
+        });
+        assert!(
+            e.contains("n_embd = 32") && e.contains("multiple of n_head (3)"),
+            "{e}"
+        );
+        let e = err(GptConfig {
+            vocab_size: 0,
+            ..tiny()
+        });
+        assert!(e.contains("vocab_size = 0"), "{e}");
     }
 
     #[test]

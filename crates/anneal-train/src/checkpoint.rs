@@ -275,9 +275,12 @@ pub fn prune(root: &Path, keep: usize) -> Result<()> {
 
 impl Loaded {
     /// The run configuration the checkpoint was trained with.
+    /// Validated as a run configuration's are.
     pub fn config(&self) -> Result<crate::RunConfig> {
-        toml::from_str(&self.state.config)
-            .with_context(|| format!("{}: config in trainer_state.json", self.dir.display()))
+        let what = || format!("{}: config in trainer_state.json", self.dir.display());
+        let config: crate::RunConfig = toml::from_str(&self.state.config).with_context(what)?;
+        config.validate().with_context(what)?;
+        Ok(config)
     }
 
     /// Writes the checkpoint's parameters into `params`.

@@ -153,7 +153,7 @@ pub fn load_dir(dir: &Path) -> Result<(Gpt, Tokenizer)> {
         }
         tensors.insert(name, t);
     }
-    let model = Gpt::new(config, 0)?;
+    let model = Gpt::new(config, 0).with_context(|| format!("{}", config_path.display()))?;
     model
         .params
         .load_named(&tensors)
@@ -201,6 +201,36 @@ mod tests {
             .unwrap();
             assert_eq!(cfg["n_layer"], 2);
             assert_eq!(cfg["activation_function"], "gelu_new");
+        }
+    }
+
+    #[test]
+    fn impossible_shapes_in_config_json_are_errors_naming_the_file() {
+        let model = Gpt::new(
+            GptConfig {
+                vocab_size: 9,
+                block_size: 8,
+                n_layer: 1,
+                n_head: 2,
+                n_embd: 8,
+                ..GptConfig::gpt2()
+            },
+            3,
+        )
+        .unwrap();
+        let tok = Tokenizer::train_chars(["abcdefghi"].iter()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        export(&model, &tok, dir.path()).unwrap();
+        let path = dir.path().join("config.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        for (heads, want) in [(0, "n_head = 0"), (3, "n_embd = 8")] {
+            std::fs::write(
+                &path,
+                text.replace("\"n_head\": 2", &format!("\"n_head\": {heads}")),
+            )
+            .unwrap();
+            let e = format!("{:#}", load_dir(dir.path()).err().expect("refused"));
+            assert!(e.contains("config.json") && e.contains(want), "{e}");
         }
     }
 }
