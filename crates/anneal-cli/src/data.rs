@@ -191,6 +191,7 @@ fn pipeline_config_from_flags(a: &PipelineArgs) -> Result<anneal_data::pipeline:
     if c.output.dir.as_os_str().is_empty() {
         bail!("no output: give --out DIR, or a pipeline file (--config) with [output] dir");
     }
+    c.validate()?;
     Ok(c)
 }
 
@@ -319,15 +320,12 @@ pub struct LshArgs {
 
 impl LshArgs {
     fn config(&self) -> Result<anneal_data::minhash::MinHashConfig> {
-        if !(self.threshold > 0.0 && self.threshold <= 1.0) {
-            bail!(
-                "--threshold {} is not allowed: a similarity in (0, 1]",
-                self.threshold
-            );
-        }
-        if self.num_perm < 1 || self.ngram < 1 {
-            bail!("--num-perm and --ngram must be at least 1");
-        }
+        anneal_data::minhash::check_settings(
+            self.threshold,
+            self.num_perm,
+            self.ngram,
+            self.bands.zip(self.rows),
+        )?;
         let mut c = anneal_data::minhash::MinHashConfig::new(
             self.threshold,
             self.num_perm,
@@ -335,9 +333,6 @@ impl LshArgs {
             self.hash_seed,
         );
         if let (Some(b), Some(r)) = (self.bands, self.rows) {
-            if b == 0 || r == 0 {
-                bail!("--bands and --rows must be at least 1");
-            }
             (c.bands, c.rows) = (b, r);
         }
         Ok(c)

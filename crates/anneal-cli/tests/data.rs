@@ -138,6 +138,24 @@ fn pipeline_from_flags_keeps_or_rejects_every_document() {
     assert!(text.contains("kept 2 of 3 documents"), "{text}");
     let rejected = std::fs::read_to_string(out.join("rejected-00000.jsonl")).unwrap();
     assert!(rejected.contains("\"stage\":\"length\""), "{rejected}");
+    // Sizes from flags are checked before anything is allocated.
+    let huge = run(&[
+        "data", "minhash", "--input", src_s, "--out", out_s, "--bands", "100000", "--rows",
+        "100000",
+    ]);
+    let err = String::from_utf8_lossy(&huge.stderr);
+    assert!(
+        !huge.status.success() && err.contains("bands × rows = \"100000 × 100000\""),
+        "{err}"
+    );
+    let mut args = pipeline("normalize").to_vec();
+    args.extend(["--set", "near_dedup.num_perm=0"]);
+    let bad = run(&args);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("near_dedup.num_perm"),
+        "{err}"
+    );
     let mut args = pipeline("normalize").to_vec();
     args.extend(["--set", "filters.length.min_char=10"]);
     let bad = run(&args);

@@ -44,6 +44,54 @@ pub struct MinHashConfig {
     pub seed: u64,
 }
 
+/// Most hash functions a signature may hold (bands × rows, or `num_perm`): 65,536, 500 times
+/// what near-duplicate dedup needs, and a bound on what a flag or a file can make anneal allocate.
+pub const MAX_HASHES: usize = 1 << 16;
+
+/// Checks MinHash settings, from flags or a pipeline file alike; the error names the key, its
+/// value and what is allowed.
+pub fn check_settings(
+    threshold: f64,
+    num_perm: usize,
+    ngram: usize,
+    bands_rows: Option<(usize, usize)>,
+) -> crate::Result<()> {
+    let bad = |key: &str, value: String, allowed: String| {
+        Err(crate::Error::Invalid {
+            key: key.into(),
+            value,
+            allowed,
+        })
+    };
+    if !(threshold > 0.0 && threshold <= 1.0) {
+        return bad(
+            "threshold",
+            threshold.to_string(),
+            "a similarity in (0, 1]".into(),
+        );
+    }
+    if !(1..=MAX_HASHES).contains(&num_perm) {
+        return bad(
+            "num_perm",
+            num_perm.to_string(),
+            format!("1 to {MAX_HASHES}"),
+        );
+    }
+    if ngram == 0 {
+        return bad("ngram", "0".into(), "at least 1 word".into());
+    }
+    if let Some((b, r)) = bands_rows {
+        if b == 0 || r == 0 || b.saturating_mul(r) > MAX_HASHES {
+            return bad(
+                "bands × rows",
+                format!("{b} × {r}"),
+                format!("both at least 1, at most {MAX_HASHES} hashes in all"),
+            );
+        }
+    }
+    Ok(())
+}
+
 impl MinHashConfig {
     /// A configuration for `threshold` with at most `num_perm` hash functions, bands and rows
     /// chosen by [`optimal_bands`].

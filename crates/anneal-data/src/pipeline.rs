@@ -36,7 +36,7 @@ use crate::filters::{C4Lines, CodeRules, GopherQuality, GopherRepetition, Length
 use crate::minhash::{cluster, estimated_jaccard, MinHashConfig, MinHasher};
 use crate::normalize::Normalize;
 use crate::signals::{compute, LanguageFilter, NgramDistribution, Signals};
-use crate::{io_err, Result};
+use crate::{io_err, Error, Result};
 use rayon::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -225,11 +225,75 @@ impl PipelineConfig {
     /// Defaults, then the pipeline file at `path` (if any), then `section.key=value` overrides
     /// (`near_dedup.threshold=0.7`, `filters.c4.min_words=5`), through anneal's one loader: a
     /// stage section named in the file or an override switches the stage on; errors name the
-    /// file, the key and the keys its section allows.
+    /// file, the key and the keys its section allows. The caller validates
+    /// ([`PipelineConfig::validate`]) once input and output are filled in; [`run`] refuses an
+    /// invalid configuration.
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<PipelineConfig> {
         Ok(anneal_config::Loader::new(&PipelineConfig::default())
             .allow(&PipelineConfig::all_stages())
             .load(path, overrides)?)
+    }
+
+    /// Checks every setting's range, for a file and for flags alike (the pipeline runs only a
+    /// valid configuration); the error names the key, its value and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |key: &str, value: String, allowed: &str| {
+            Err(Error::Invalid {
+                key: key.into(),
+                value,
+                allowed: allowed.into(),
+            })
+        };
+        if self.output.shard_documents == 0 {
+            return bad("output.shard_documents", "0".into(), "at least 1");
+        }
+        if let Some(n) = &self.near_dedup {
+            crate::minhash::check_settings(n.threshold, n.num_perm, n.ngram, None).map_err(
+                |e| match e {
+                    Error::Invalid {
+                        key,
+                        value,
+                        allowed,
+                    } => Error::Invalid {
+                        key: format!("near_dedup.{key}"),
+                        value,
+                        allowed,
+                    },
+                    other => other,
+                },
+            )?;
+        }
+        let f = &self.filters;
+        if let Some(l) = &f.length {
+            if l.min_chars > l.max_chars {
+                let value = format!("{} > max_chars {}", l.min_chars, l.max_chars);
+                return bad("filters.length.min_chars", value, "at most max_chars");
+            }
+        }
+        if let Some(l) = &f.language {
+            if let Some(code) = l
+                .languages
+                .iter()
+                .find(|c| whatlang::Lang::from_code(c.as_str()).is_none())
+            {
+                let allowed = "ISO 639-3 codes the detector knows (eng, fra, deu, cmn, …)";
+                return bad("filters.language.languages", code.clone(), allowed);
+            }
+            if !(0.0..=1.0).contains(&l.min_confidence) {
+                let value = l.min_confidence.to_string();
+                return bad(
+                    "filters.language.min_confidence",
+                    value,
+                    "a number in [0, 1]",
+                );
+            }
+        }
+        if let Some(s) = &self.signals {
+            if s.ngram == 0 {
+                return bad("signals.ngram", "0".into(), "at least 1");
+            }
+        }
+        Ok(())
     }
 
     /// The stages that are on, in order.
@@ -360,6 +424,7 @@ pub fn run_with_signals(
     extra: &[ExtraSignal],
     mut progress: impl FnMut(&str, u64),
 ) -> Result<PipelineStats> {
+    config.validate()?;
     let started = std::time::Instant::now();
     let corpus = Corpus::new(
         &config.input.paths,
@@ -676,6 +741,41 @@ pub fn run_with_signals(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn one_validation_serves_files_and_flags() {
+        let check = |o: &[&str]| {
+            let o: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+            let mut c = PipelineConfig::load(None, &o).unwrap();
+            c.input.paths = vec!["in".into()];
+            c.output.dir = "out".into();
+            c.validate()
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(check(&["near_dedup.threshold=0.7"]), "");
+        for (set, want) in [
+            ("near_dedup.num_perm=0", "near_dedup.num_perm = \"0\""),
+            ("near_dedup.ngram=0", "near_dedup.ngram"),
+            ("near_dedup.threshold=1.5", "near_dedup.threshold = \"1.5\""),
+            ("filters.length.min_chars=1000", ""),
+            ("filters.language.languages=[\"klingon\"]", "\"klingon\""),
+            ("output.shard_documents=0", "output.shard_documents"),
+            ("signals.ngram=0", "signals.ngram"),
+        ] {
+            let got = check(&[set]);
+            assert!(got.contains(want), "{set}: {got}");
+            if !want.is_empty() {
+                assert!(got.contains("not allowed"), "{set}: {got}");
+            }
+        }
+        let got = check(&["filters.length.min_chars=10", "filters.length.max_chars=5"]);
+        assert!(
+            got.contains("min_chars") && got.contains("at most max_chars"),
+            "{got}"
+        );
+    }
 
     #[test]
     fn overrides_switch_stages_on_and_name_unknown_keys() {
