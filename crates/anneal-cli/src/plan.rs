@@ -165,8 +165,20 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
             Cluster::PRESETS.join(", ")
         );
     };
-    if nodes == 0 || layers == 0 || hidden == 0 || heads == 0 || batch == 0 {
-        bail!("--nodes, --layers, --hidden, --heads and --batch must be at least 1");
+    // Sizes a plan can reason about: at least 1, and far above any model or cluster built, so a
+    // typo cannot send the layout search off for ever.
+    for (flag, value, most) in [
+        ("--nodes", nodes, 1 << 16),
+        ("--layers", layers, 10_000),
+        ("--hidden", hidden, 1 << 20),
+        ("--heads", heads, 1 << 14),
+        ("--batch", batch, 1 << 30),
+        ("--seq", a.seq, 1 << 24),
+        ("--vocab", a.vocab, 1 << 24),
+    ] {
+        if !(1..=most).contains(&value) {
+            bail!("{flag} {value} is not allowed: 1 to {most}");
+        }
     }
     if hidden % heads != 0 {
         bail!("--hidden {hidden} is not a multiple of --heads {heads}");
@@ -177,6 +189,9 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
         model.ffn = (8 * hidden / 3).div_ceil(256) * 256;
     }
     if let Some(f) = a.ffn {
+        if !(1..=1 << 22).contains(&f) {
+            bail!("--ffn {f} is not allowed: 1 to {}", 1 << 22);
+        }
         model.ffn = f;
     }
     model.kv_heads = a.kv_heads.unwrap_or(heads);
@@ -187,11 +202,33 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
         );
     }
     if a.experts > 0 {
+        if a.experts > 1 << 16 {
+            bail!("--experts {} is not allowed: 0 to {}", a.experts, 1 << 16);
+        }
+        if !(1..=a.experts).contains(&a.top_k) {
+            bail!(
+                "--top-k {} is not allowed: 1 to --experts ({})",
+                a.top_k,
+                a.experts
+            );
+        }
+        if !(a.capacity_factor.is_finite() && a.capacity_factor > 0.0) {
+            bail!(
+                "--capacity-factor {} is not allowed: a positive number",
+                a.capacity_factor
+            );
+        }
+        if !(1..=layers).contains(&a.moe_every) {
+            bail!(
+                "--moe-every {} is not allowed: 1 to --layers ({layers})",
+                a.moe_every
+            );
+        }
         model.moe = Some(MoeSpec {
             experts: a.experts,
             top_k: a.top_k,
             capacity_factor: a.capacity_factor,
-            every: a.moe_every.max(1),
+            every: a.moe_every,
         });
     }
     let d = Efficiency::default();

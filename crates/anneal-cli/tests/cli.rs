@@ -170,6 +170,34 @@ fn plan_ranks_layouts_and_explains_the_best() {
         !bad.status.success() && err.contains("a100-80gb") && err.contains("h200"),
         "{err}"
     );
+    // Impossible models are refused, naming the flag, instead of printing nonsense.
+    let base = [
+        "plan", "--layers", "2", "--hidden", "64", "--heads", "4", "--batch", "8", "--nodes", "1",
+    ];
+    for (extra, want) in [
+        (&["--experts", "4", "--top-k", "8"][..], "--top-k 8"),
+        (
+            &["--experts", "4", "--capacity-factor=-1"][..],
+            "--capacity-factor -1",
+        ),
+        (&["--experts", "4", "--moe-every", "0"][..], "--moe-every 0"),
+        (&["--seq", "0"][..], "--seq 0"),
+        (&["--vocab", "0"][..], "--vocab 0"),
+        (&["--layers", "400000000000"][..], "--layers 400000000000"),
+    ] {
+        let mut args = base.to_vec();
+        if extra[0] == "--layers" {
+            args[2] = extra[1];
+        } else {
+            args.extend(extra);
+        }
+        let out = anneal(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(want) && err.contains("not allowed"),
+            "{extra:?}: {err}"
+        );
+    }
 }
 
 #[test]
