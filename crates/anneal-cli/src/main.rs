@@ -83,6 +83,12 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     let threads = cli.threads;
+    if let Some(t) = threads.filter(|&t| t > anneal_train::machine::MAX_THREADS) {
+        anyhow::bail!(
+            "--threads {t} is not allowed: 0 (every core) to {}",
+            anneal_train::machine::MAX_THREADS
+        );
+    }
     let set_threads = |overrides: &mut Vec<String>| {
         if let Some(t) = threads {
             overrides.push(format!("train.threads={t}"));

@@ -281,6 +281,18 @@ impl RunConfig {
             t.keep_checkpoints.to_string(),
             "at least 1",
         )?;
+        check(
+            t.threads <= crate::machine::MAX_THREADS,
+            "train.threads",
+            t.threads.to_string(),
+            &format!("0 (every core) to {}", crate::machine::MAX_THREADS),
+        )?;
+        check(
+            !t.out_dir.as_os_str().is_empty(),
+            "train.out_dir",
+            "\"\"".into(),
+            "a directory (an empty path would write into the current one)",
+        )?;
         Ok(())
     }
 
@@ -408,6 +420,10 @@ mod tests {
         );
         let e = err(None, &["train.lr"]);
         assert!(e.contains("section.key=value"), "{e}");
+        let e = err(None, &["train.threads=10000"]);
+        assert!(e.contains("train.threads = 10000") && e.contains("1024"), "{e}");
+        let e = err(None, &["train.out_dir="]);
+        assert!(e.contains("train.out_dir") && e.contains("current one"), "{e}");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "[train]\nbatch = 3\n").unwrap();

@@ -293,11 +293,15 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
         None => Vec::new(),
     };
     {
-        let mut f = File::create(&files.metrics)
-            .with_context(|| format!("creating {}", files.metrics.display()))?;
+        // Written beside the old file and renamed over it, so a kill now loses no line.
+        let tmp = files.metrics.with_extension("jsonl.tmp");
+        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
         for m in &metrics {
             writeln!(f, "{}", serde_json::to_string(m)?)?;
         }
+        f.sync_all()?;
+        std::fs::rename(&tmp, &files.metrics)
+            .with_context(|| format!("replacing {}", files.metrics.display()))?;
     }
     let mut metrics_file = std::fs::OpenOptions::new()
         .append(true)

@@ -76,6 +76,10 @@ pub fn nominal_peak_gflops(threads: usize) -> (f64, String) {
     }
 }
 
+/// The most threads a `threads` setting may ask for: beyond this, creating the pool alone takes
+/// seconds, and no machine anneal runs on has as many cores.
+pub const MAX_THREADS: usize = 1024;
+
 /// The thread count a `threads` setting means: 0 is every core.
 pub fn threads(setting: usize) -> usize {
     match setting {
