@@ -135,11 +135,14 @@ impl SampleArgs {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("--top-p {} is not allowed: a number in (0, 1]", self.top_p);
         }
-        if self.temperature < 0.0 {
+        if !(self.temperature >= 0.0 && self.temperature.is_finite()) {
             bail!(
-                "--temperature {} is not allowed: zero (greedy) or positive",
+                "--temperature {} is not allowed: zero (greedy) or a positive number",
                 self.temperature
             );
+        }
+        if self.tokens == 0 {
+            bail!("--tokens 0 is not allowed: at least 1");
         }
         Ok(SampleOptions {
             temperature: self.temperature,
@@ -173,8 +176,20 @@ pub struct GenerateArgs {
 
 /// `anneal generate`.
 pub fn generate(a: GenerateArgs) -> Result<()> {
+    if a.samples == 0 {
+        bail!("--samples 0 is not allowed: at least 1");
+    }
     let loaded = load_model(&a.model)?;
     let ids = loaded.tokenizer.encode(&a.prompt)?;
+    // A character vocabulary drops what it has never seen; say so rather than continue a
+    // different prompt.
+    let kept = loaded.tokenizer.decode(&ids)?;
+    if kept != a.prompt {
+        let lost: String = a.prompt.chars().filter(|c| !kept.contains(*c)).collect();
+        tracing::warn!(
+            "the model's vocabulary lacks {lost:?} from the prompt; continuing {kept:?} instead"
+        );
+    }
     if a.show_logits {
         if ids.is_empty() {
             bail!("--show-logits needs a --prompt");

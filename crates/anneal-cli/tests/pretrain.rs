@@ -333,6 +333,29 @@ fn generate_eval_and_export_from_a_run() {
         "generate", run_s, "--prompt", "the ", "--tokens", "40", "--seed", "3",
     ]));
     assert_eq!(text, again, "seeded sampling repeats");
+    // Bad sampling settings are refused; a prompt the vocabulary cannot hold is named.
+    for (flag, value) in [
+        ("--temperature", "nan"),
+        ("--samples", "0"),
+        ("--tokens", "0"),
+    ] {
+        let out = anneal(&["generate", run_s, flag, value]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(flag),
+            "{flag} {value}: {err}"
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_anneal"))
+        .args(["generate", run_s, "--prompt", "the 日本", "--tokens", "5"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.contains("lacks \"日本\""),
+        "{err}"
+    );
 
     let src = dir.path().join("src/part1.txt");
     let eval = ok(anneal(&["eval", run_s, "--input", src.to_str().unwrap()]));

@@ -421,9 +421,15 @@ mod tests {
         let e = err(None, &["train.lr"]);
         assert!(e.contains("section.key=value"), "{e}");
         let e = err(None, &["train.threads=10000"]);
-        assert!(e.contains("train.threads = 10000") && e.contains("1024"), "{e}");
+        assert!(
+            e.contains("train.threads = 10000") && e.contains("1024"),
+            "{e}"
+        );
         let e = err(None, &["train.out_dir="]);
-        assert!(e.contains("train.out_dir") && e.contains("current one"), "{e}");
+        assert!(
+            e.contains("train.out_dir") && e.contains("current one"),
+            "{e}"
+        );
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "[train]\nbatch = 3\n").unwrap();
