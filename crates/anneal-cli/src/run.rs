@@ -313,15 +313,18 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 pub struct ExportArgs {
     /// A checkpoint or a run directory.
     pub model: PathBuf,
-    /// Output directory.
+    /// Output directory (new or empty; written atomically).
     #[arg(long, short)]
     pub out: PathBuf,
+    /// Replace a non-empty output directory (never a checkpoint or run directory).
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `anneal export`.
 pub fn export(a: ExportArgs) -> Result<()> {
     let loaded = load_model(&a.model)?;
-    anneal_train::hf::export(&loaded.model, &loaded.tokenizer, &a.out)?;
+    anneal_train::hf::export(&loaded.model, &loaded.tokenizer, &a.out, a.force)?;
     println!(
         "exported {} to {} (config.json, model.safetensors, tokenizer.json)",
         loaded.dir.display(),

@@ -386,6 +386,19 @@ fn generate_eval_and_export_from_a_run() {
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert!(hf.join(f).is_file(), "{f}");
     }
+    // Never over a run or a non-empty directory without --force.
+    let into_run = anneal(&["export", run_s, "--out", run_s]);
+    assert!(!into_run.status.success(), "exported into the run itself");
+    let again = anneal(&["export", run_s, "--out", hf.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains("--force"), "{err}");
+    ok(anneal(&[
+        "export",
+        run_s,
+        "--out",
+        hf.to_str().unwrap(),
+        "--force",
+    ]));
     let logits = |m: &Path| {
         ok(anneal(&[
             "generate",

@@ -20,8 +20,53 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Writes `model` and `tokenizer` as a Hugging Face GPT-2 directory at `out`.
-pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path) -> Result<()> {
+/// Writes `model` and `tokenizer` as a Hugging Face GPT-2 directory at `out`, atomically: the
+/// files go into a temporary directory beside it, which is renamed into place. An existing,
+/// non-empty `out` is replaced only with `overwrite`; a checkpoint or run directory never is.
+pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path, overwrite: bool) -> Result<()> {
+    if out.join("trainer_state.json").exists() || out.join("checkpoints").is_dir() {
+        bail!(
+            "{} is a checkpoint or a run directory; export to a directory of its own",
+            out.display()
+        );
+    }
+    let occupied = std::fs::read_dir(out).is_ok_and(|mut d| d.next().is_some());
+    if occupied && !overwrite {
+        bail!(
+            "{} is not empty; choose an empty or new directory, or pass --force to replace it",
+            out.display()
+        );
+    }
+    if out.exists() && !out.is_dir() {
+        bail!("{} exists and is not a directory", out.display());
+    }
+    let name = out
+        .file_name()
+        .with_context(|| format!("{}: not a directory name", out.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = parent.unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".{name}.export-tmp"));
+    let _ = std::fs::remove_dir_all(&tmp);
+    write_dir(model, tokenizer, &tmp)?;
+    if out.exists() {
+        let old = parent.join(format!(".{name}.export-old"));
+        let _ = std::fs::remove_dir_all(&old);
+        std::fs::rename(out, &old).with_context(|| format!("moving {} aside", out.display()))?;
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("moving the export to {}", out.display()))?;
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    } else {
+        std::fs::rename(&tmp, out)
+            .with_context(|| format!("moving the export to {}", out.display()))?;
+    }
+    Ok(())
+}
+
+/// The export's files, written into `out`.
+fn write_dir(model: &Gpt, tokenizer: &Tokenizer, out: &Path) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let c = &model.config;
     let mut tensors: Vec<(String, Tensor)> = model
@@ -188,7 +233,7 @@ mod tests {
             .unwrap();
             let tok = Tokenizer::train_chars(["abcdefghi"].iter()).unwrap();
             let dir = tempfile::tempdir().unwrap();
-            export(&model, &tok, dir.path()).unwrap();
+            export(&model, &tok, dir.path(), true).unwrap();
             let (back, tok2) = load_dir(dir.path()).unwrap();
             assert_eq!(tok2.encode("abc").unwrap(), tok.encode("abc").unwrap());
             let ids = [1, 2, 3, 4, 5, 6];
@@ -220,7 +265,7 @@ mod tests {
         .unwrap();
         let tok = Tokenizer::train_chars(["abcdefghi"].iter()).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        export(&model, &tok, dir.path()).unwrap();
+        export(&model, &tok, dir.path(), true).unwrap();
         let path = dir.path().join("config.json");
         let text = std::fs::read_to_string(&path).unwrap();
         for (heads, want) in [(0, "n_head = 0"), (3, "n_embd = 8")] {
@@ -232,5 +277,42 @@ mod tests {
             let e = format!("{:#}", load_dir(dir.path()).err().expect("refused"));
             assert!(e.contains("config.json") && e.contains(want), "{e}");
         }
+    }
+
+    #[test]
+    fn exports_replace_only_what_they_are_allowed_to() {
+        let model = Gpt::new(
+            GptConfig {
+                vocab_size: 9,
+                block_size: 8,
+                n_layer: 1,
+                n_head: 2,
+                n_embd: 8,
+                ..GptConfig::gpt2()
+            },
+            3,
+        )
+        .unwrap();
+        let tok = Tokenizer::train_chars(["abcdefghi"].iter()).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("hf");
+        export(&model, &tok, &out, false).unwrap();
+        assert!(out.join("model.safetensors").is_file());
+        let e = export(&model, &tok, &out, false).unwrap_err().to_string();
+        assert!(e.contains("not empty") && e.contains("--force"), "{e}");
+        std::fs::write(out.join("notes.txt"), "mine").unwrap();
+        export(&model, &tok, &out, true).unwrap();
+        assert!(!out.join("notes.txt").exists() && out.join("config.json").is_file());
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary directory left behind");
+        let ckpt = dir.path().join("ckpt");
+        std::fs::create_dir_all(&ckpt).unwrap();
+        std::fs::write(ckpt.join("trainer_state.json"), "{}").unwrap();
+        let e = export(&model, &tok, &ckpt, true).unwrap_err().to_string();
+        assert!(e.contains("checkpoint"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(ckpt.join("trainer_state.json")).unwrap(),
+            "{}"
+        );
     }
 }
