@@ -236,6 +236,37 @@ fn killed_and_interrupted_runs_resume_bit_for_bit() {
     assert_eq!(kept, 2);
 }
 
+#[cfg(unix)]
+#[test]
+fn a_second_writer_to_a_run_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let run = dir.path().join("run");
+    let mut first = pretrain(&data, &run, 100_000, &[]).spawn().unwrap();
+    wait_for_step(&mut first, &run, 3);
+    for extra in [&[][..], &["--resume"][..]] {
+        let second = pretrain(&data, &run, 100_000, extra).output().unwrap();
+        let err = String::from_utf8_lossy(&second.stderr);
+        assert!(
+            !second.status.success()
+                && err.contains("in use by another anneal process")
+                && err.contains(&format!("pid {}", first.id())),
+            "{extra:?}: {err}"
+        );
+    }
+    // A killed holder leaves no stale lock behind.
+    signal(&first, "-KILL");
+    first.wait().unwrap();
+    ok(pretrain(
+        &data,
+        &run,
+        100_000,
+        &["--resume", "--set", "train.max_steps=5"],
+    )
+    .output()
+    .unwrap());
+}
+
 #[test]
 fn bf16_runs_resume_bit_for_bit() {
     // bf16 parameters keep their exact f32 master copy in a checkpoint (bf16 part in the model

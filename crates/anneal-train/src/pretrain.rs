@@ -225,11 +225,48 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> Result<RunSummary> {
     anneal_tensor::with_threads(threads, || train_on_pool(config, opts, threads))?
 }
 
+/// This process's hold on a run directory: an exclusive lock on its `.lock` file, released when
+/// the process ends however it ends (the kernel drops the lock of a killed process, so no stale
+/// lock outlives its run).
+struct RunLock(#[allow(dead_code)] File);
+
+/// Takes the run directory `out` for this process, or fails naming the process that holds it.
+fn lock_run_dir(out: &Path) -> Result<RunLock> {
+    let path = out.join(".lock");
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => {
+            file.set_len(0)?;
+            write!(file, "{}", std::process::id())?;
+            Ok(RunLock(file))
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            bail!(
+                "{} is in use by another anneal process (pid {}); wait for it to finish, or set \
+                 train.out_dir to another directory",
+                out.display(),
+                holder.trim()
+            )
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Result<RunSummary> {
     let wall = Instant::now();
     let t = &config.train;
     let out = &t.out_dir;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let _lock = lock_run_dir(out)?;
     let files = RunFiles::new(out);
     let (manifest, tokenizer, train_set, val_set) = open_tokenized(&config.data.dir)?;
     let seq = config.model.block_size;
