@@ -268,6 +268,36 @@ fn a_second_writer_to_a_run_directory_is_refused() {
 }
 
 #[test]
+fn resuming_an_older_checkpoint_starts_a_new_branch() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let run = dir.path().join("run");
+    // Checkpoints every 20 steps, the newest two kept: 40 and 60.
+    ok(pretrain(&data, &run, 60, &[]).output().unwrap());
+    let step40 = run.join("checkpoints/step-000040");
+    let resume_40 = step40.to_str().unwrap().to_string();
+    ok(pretrain(
+        &data,
+        &run,
+        60,
+        &["--set", "train.max_steps=50", "--resume", &resume_40],
+    )
+    .output()
+    .unwrap());
+    // The abandoned branch's step 60 is set aside, never pruned into or resumed from.
+    assert!(run.join("abandoned/after-step-000040/step-000060").is_dir());
+    let kept: Vec<String> = std::fs::read_dir(run.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        kept.contains(&"step-000040".to_string()) && kept.contains(&"step-000050".to_string()),
+        "{kept:?}"
+    );
+    assert!(!kept.contains(&"step-000060".to_string()), "{kept:?}");
+}
+
+#[test]
 fn bf16_runs_resume_bit_for_bit() {
     // bf16 parameters keep their exact f32 master copy in a checkpoint (bf16 part in the model
     // file, the whole value in the optimizer file): a run stopped and resumed repeats every loss.

@@ -138,6 +138,7 @@ struct RunFiles {
     metrics: PathBuf,
     plot: PathBuf,
     checkpoints: PathBuf,
+    abandoned: PathBuf,
 }
 
 impl RunFiles {
@@ -146,6 +147,7 @@ impl RunFiles {
             metrics: out.join("metrics.jsonl"),
             plot: out.join("loss.png"),
             checkpoints: out.join("checkpoints"),
+            abandoned: out.join("abandoned"),
         }
     }
 }
@@ -177,6 +179,34 @@ fn open_tokenized(dir: &Path) -> Result<(Manifest, Tokenizer, ShardSet, ShardSet
     let train = ShardSet::open(dir, &manifest, "train")?;
     let val = ShardSet::open(dir, &manifest, "val")?;
     Ok((manifest, tokenizer, train, val))
+}
+
+/// Resuming from an older checkpoint starts a new branch: the checkpoints after it, from the
+/// branch being abandoned, move to `abandoned/` under the run directory, so that neither pruning
+/// nor a later `--resume` ever prefers them over the new branch.
+fn set_aside_newer(files: &RunFiles, step: u64) -> Result<()> {
+    let newer: Vec<_> = checkpoint::list(&files.checkpoints)
+        .into_iter()
+        .filter(|(s, _)| *s > step)
+        .collect();
+    if newer.is_empty() {
+        return Ok(());
+    }
+    let aside = files.abandoned.join(format!("after-step-{step:06}"));
+    std::fs::create_dir_all(&aside).with_context(|| format!("creating {}", aside.display()))?;
+    for (_, dir) in &newer {
+        let to = aside.join(dir.file_name().expect("checkpoint directories have names"));
+        if to.exists() {
+            std::fs::remove_dir_all(&to).with_context(|| format!("removing {}", to.display()))?;
+        }
+        std::fs::rename(dir, &to).with_context(|| format!("moving {} aside", dir.display()))?;
+    }
+    tracing::warn!(
+        "resuming at step {step} starts a new branch: {} newer checkpoint(s) moved to {}",
+        newer.len(),
+        aside.display()
+    );
+    Ok(())
 }
 
 fn plot_losses(path: &Path, metrics: &[Metric]) -> Result<()> {
@@ -310,6 +340,7 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
         }
         trainer.restore(&loaded)?;
         tracing::info!("resumed from {} at step {}", dir.display(), trainer.steps());
+        set_aside_newer(&files, trainer.steps())?;
     } else if matches!(opts.resume, Resume::Latest) {
         tracing::info!(
             "no checkpoint under {}; starting from scratch",
