@@ -366,8 +366,26 @@ fn damaged_checkpoints_are_named_and_not_loaded() {
         "{err}"
     );
 
-    let state = run.join("checkpoints/step-000020/trainer_state.json");
+    // A damaged optimizer file stops a resume but not generation, which needs only the weights.
     std::fs::write(&model, &bytes).unwrap();
+    let optimizer = run.join("checkpoints/step-000020/optimizer.safetensors");
+    let opt_bytes = std::fs::read(&optimizer).unwrap();
+    std::fs::write(&optimizer, &opt_bytes[..opt_bytes.len() / 2]).unwrap();
+    ok(anneal(&[
+        "generate",
+        run.to_str().unwrap(),
+        "--tokens",
+        "5",
+    ]));
+    let out = pretrain(&data, &run, 30, &["--resume"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("optimizer.safetensors"),
+        "{err}"
+    );
+    std::fs::write(&optimizer, &opt_bytes).unwrap();
+
+    let state = run.join("checkpoints/step-000020/trainer_state.json");
     let text = std::fs::read(&state).unwrap();
     std::fs::write(&state, &text[..text.len() / 2]).unwrap();
     let out = anneal(&["generate", run.to_str().unwrap(), "--tokens", "5"]);

@@ -176,8 +176,19 @@ pub fn save(
     Ok(dest)
 }
 
-/// Reads and verifies the checkpoint in `dir`.
+/// Reads and verifies the checkpoint in `dir`: parameters, optimizer and objective state.
 pub fn load(dir: &Path) -> Result<Loaded> {
+    load_parts(dir, true)
+}
+
+/// Reads and verifies only the parameters and the state file of the checkpoint in `dir`, as
+/// generation, evaluation and export need (a damaged optimizer file does not stop them); the
+/// optimizer and objective maps of the result are empty.
+pub fn load_weights(dir: &Path) -> Result<Loaded> {
+    load_parts(dir, false)
+}
+
+fn load_parts(dir: &Path, with_state: bool) -> Result<Loaded> {
     let state_path = dir.join("trainer_state.json");
     let text = std::fs::read(&state_path).with_context(|| {
         format!(
@@ -228,6 +239,15 @@ pub fn load(dir: &Path) -> Result<Loaded> {
         )?)
     };
     let model = read("model.safetensors")?;
+    if !with_state {
+        return Ok(Loaded {
+            dir: dir.to_path_buf(),
+            state,
+            model,
+            optimizer: HashMap::new(),
+            objective: HashMap::new(),
+        });
+    }
     let optimizer = read("optimizer.safetensors")?;
     let objective = if state.files.contains_key("objective.safetensors") {
         read("objective.safetensors")?

@@ -41,7 +41,7 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         );
     };
     if dir.join("trainer_state.json").is_file() {
-        let loaded = checkpoint::load(&dir)?;
+        let loaded = checkpoint::load_weights(&dir)?;
         let config = loaded.config()?;
         let model = Gpt::new(config.gpt_config(loaded.state.vocab_size)?, 0)?;
         loaded.restore_params(&model.params)?;
