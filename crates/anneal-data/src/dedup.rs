@@ -9,10 +9,12 @@
 //!    document that comes first in the corpus. The decision does not depend on n.
 //!
 //! Signature files are binary (little-endian):
-//! `b"ANMH1\n"`, u32 length + JSON [`MinHashConfig`], then per document: u32 file index,
-//! u64 document index, u32 source length + source bytes, u64 text bytes, k × u64 signature.
-//! They are written to a temporary name, fsynced and renamed, so a killed phase 1 leaves no
-//! partial file behind.
+//! `b"ANMH2\n"`, u32 length + JSON [`MinHashConfig`], then per document: u32 file index,
+//! u64 document index, u32 source length + source bytes, u64 text bytes, k × u64 signature;
+//! last, the xxHash3 of everything before it (u64). They are written to a temporary name,
+//! fsynced and renamed, so a killed phase 1 leaves no partial file behind; a reader checks every
+//! length against the bytes the file has before allocating, and the checksum at the end, and
+//! refuses a damaged file by name.
 
 use crate::corpus::Corpus;
 use crate::minhash::{cluster, estimated_jaccard, MinHashConfig, MinHasher};
@@ -22,7 +24,38 @@ use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 
-const MAGIC: &[u8] = b"ANMH1\n";
+const MAGIC: &[u8] = b"ANMH2\n";
+
+/// A writer that hashes what passes through it (the signature file's checksum).
+struct Hashing<W> {
+    inner: W,
+    hash: xxhash_rust::xxh3::Xxh3,
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// A reader that hashes what passes through it.
+struct HashingReader<R> {
+    inner: R,
+    hash: xxhash_rust::xxh3::Xxh3,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hash.update(&buf[..n]);
+        Ok(n)
+    }
+}
 
 /// One document's record in a signature file.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,7 +120,10 @@ pub fn write_signatures(
     let tmp = out_dir.join(format!(".{name}.tmp"));
     let path = out_dir.join(&name);
     let file = File::create(&tmp).map_err(io_err(&tmp))?;
-    let mut w = BufWriter::new(file);
+    let mut w = Hashing {
+        inner: BufWriter::new(file),
+        hash: xxhash_rust::xxh3::Xxh3::new(),
+    };
     let header = serde_json::to_vec(config).expect("configs serialise");
     let mut write = |bytes: &[u8]| w.write_all(bytes).map_err(io_err(&tmp));
     write(MAGIC)?;
@@ -98,7 +134,7 @@ pub fn write_signatures(
     let mut count = 0u64;
     let mut failure = None;
     let mut flush = |batch: &mut Vec<(u32, u64, crate::corpus::Document)>,
-                     w: &mut BufWriter<File>|
+                     w: &mut Hashing<BufWriter<File>>|
      -> Result<()> {
         let signed: Vec<Vec<u64>> = batch
             .par_iter()
@@ -139,53 +175,80 @@ pub fn write_signatures(
         return Err(e);
     }
     flush(&mut batch, &mut w)?;
+    let checksum = w.hash.digest();
+    let mut w = w.inner;
+    w.write_all(&checksum.to_le_bytes()).map_err(io_err(&tmp))?;
     let file = w.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
     file.sync_all().map_err(io_err(&tmp))?;
     std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
     Ok((path, count))
 }
 
-/// Reads one signature file.
+/// Reads one signature file, checking every length against the bytes the file holds before
+/// allocating and the checksum at its end; a damaged file is refused by name.
 pub fn read_signatures(path: &Path) -> Result<(MinHashConfig, Vec<SignedDocument>)> {
     let bad = |reason: String| Error::Format {
         path: path.to_path_buf(),
         reason,
     };
-    let mut r = BufReader::new(File::open(path).map_err(io_err(path))?);
+    let file = File::open(path).map_err(io_err(path))?;
+    let total = file.metadata().map_err(io_err(path))?.len();
+    if total < (MAGIC.len() + 4 + 8) as u64 {
+        return Err(bad("too short for a signature file".into()));
+    }
+    // Everything but the trailing checksum, hashed as it is read.
+    let mut body = total - 8;
+    let mut r = HashingReader {
+        inner: BufReader::new(file).take(body),
+        hash: xxhash_rust::xxh3::Xxh3::new(),
+    };
     let mut magic = [0u8; 6];
     r.read_exact(&mut magic)
         .map_err(|_| bad("too short for a signature file".into()))?;
+    if magic == *b"ANMH1\n" {
+        return Err(bad(
+            "written by an older anneal without a checksum; sign the corpus again".into(),
+        ));
+    }
     if magic != MAGIC {
         return Err(bad("not an anneal signature file (bad magic)".into()));
     }
-    let mut u32b = [0u8; 4];
-    let mut u64b = [0u8; 8];
-    r.read_exact(&mut u32b)
-        .map_err(|_| bad("truncated header".into()))?;
-    let mut header = vec![0u8; u32::from_le_bytes(u32b) as usize];
-    r.read_exact(&mut header)
-        .map_err(|_| bad("truncated header".into()))?;
+    body -= MAGIC.len() as u64;
+    // Reads a length-prefixed field of `len` bytes, refusing a length past the file's end.
+    let take = |r: &mut HashingReader<_>, len: u64, what: &str, left: &mut u64| {
+        if len > *left {
+            return Err(bad(format!(
+                "{what} claims {len} bytes where {left} remain: truncated or damaged, not read"
+            )));
+        }
+        let mut buf = vec![0u8; len as usize];
+        r.read_exact(&mut buf)
+            .map_err(|_| bad(format!("truncated in {what}")))?;
+        *left -= len;
+        Ok(buf)
+    };
+    let u32_of = |b: Vec<u8>| u32::from_le_bytes(b.try_into().expect("4 bytes")) as u64;
+    let u64_of = |b: Vec<u8>| u64::from_le_bytes(b.try_into().expect("8 bytes"));
+    let header_len = u32_of(take(&mut r, 4, "the header length", &mut body)?);
+    let header = take(&mut r, header_len, "the header", &mut body)?;
     let config: MinHashConfig =
         serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
-    let k = config.num_perm();
+    crate::minhash::check_settings(
+        config.threshold,
+        config.num_perm(),
+        config.ngram,
+        Some((config.bands, config.rows)),
+    )
+    .map_err(|e| bad(format!("header: {e}")))?;
+    let k = config.num_perm() as u64;
     let mut docs = Vec::new();
-    loop {
-        match r.read_exact(&mut u32b) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(io_err(path)(e)),
-        }
-        let truncated = |_| bad(format!("truncated after {} documents", docs.len()));
-        let file = u32::from_le_bytes(u32b);
-        r.read_exact(&mut u64b).map_err(truncated)?;
-        let index = u64::from_le_bytes(u64b);
-        r.read_exact(&mut u32b).map_err(truncated)?;
-        let mut source = vec![0u8; u32::from_le_bytes(u32b) as usize];
-        r.read_exact(&mut source).map_err(truncated)?;
-        r.read_exact(&mut u64b).map_err(truncated)?;
-        let bytes = u64::from_le_bytes(u64b);
-        let mut sig = vec![0u8; 8 * k];
-        r.read_exact(&mut sig).map_err(truncated)?;
+    while body > 0 {
+        let file = u32_of(take(&mut r, 4, "a document's file index", &mut body)?) as u32;
+        let index = u64_of(take(&mut r, 8, "a document's index", &mut body)?);
+        let source_len = u32_of(take(&mut r, 4, "a source length", &mut body)?);
+        let source = take(&mut r, source_len, "a source", &mut body)?;
+        let bytes = u64_of(take(&mut r, 8, "a document length", &mut body)?);
+        let sig = take(&mut r, 8 * k, "a signature", &mut body)?;
         docs.push(SignedDocument {
             file,
             index,
@@ -196,6 +259,19 @@ pub fn read_signatures(path: &Path) -> Result<(MinHashConfig, Vec<SignedDocument
                 .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
                 .collect(),
         });
+    }
+    let computed = r.hash.digest();
+    let mut stored = [0u8; 8];
+    r.inner
+        .into_inner()
+        .read_exact(&mut stored)
+        .map_err(io_err(path))?;
+    if u64::from_le_bytes(stored) != computed {
+        return Err(bad(format!(
+            "checksum {:016x} differs from the recorded {:016x}: damaged, not read",
+            computed,
+            u64::from_le_bytes(stored)
+        )));
     }
     Ok((config, docs))
 }
@@ -422,6 +498,53 @@ mod tests {
         assert_eq!(three.shards, 3);
         let first: Removal = serde_json::from_str(removed_one.lines().next().unwrap()).unwrap();
         assert!(first.duplicate_of.ends_with("part0.jsonl:1"), "{first:?}");
+    }
+
+    #[test]
+    fn damaged_signature_files_are_refused_without_allocating() {
+        let src = tempfile::tempdir().unwrap();
+        let corpus = corpus(src.path());
+        let config = MinHashConfig::new(0.7, 64, 3, 11);
+        let sigs = tempfile::tempdir().unwrap();
+        let one = Shard { index: 0, count: 1 };
+        let (path, n) = write_signatures(&corpus, one, &config, sigs.path()).unwrap();
+        let (back, docs) = read_signatures(&path).unwrap();
+        assert_eq!((back, docs.len() as u64), (config.clone(), n));
+        let good = std::fs::read(&path).unwrap();
+        let err = |bytes: &[u8]| {
+            std::fs::write(&path, bytes).unwrap();
+            read_signatures(&path).unwrap_err().to_string()
+        };
+        // Any flipped bit in the records is caught by the checksum.
+        for at in [good.len() / 2, good.len() - 20, good.len() - 1] {
+            let mut b = good.clone();
+            b[at] ^= 0x10;
+            let e = err(&b);
+            assert!(
+                e.contains(&path.display().to_string()) && e.contains("damaged"),
+                "{e}"
+            );
+        }
+        // Lengths past the file's end are refused before anything is allocated.
+        let mut b = good.clone();
+        b[6..10].copy_from_slice(&0xFFFF_FFF0u32.to_le_bytes());
+        assert!(err(&b).contains("claims 4294967280 bytes"), "{}", err(&b));
+        // A header asking for 10⁵ × 10⁵ hashes is refused by its settings.
+        let huge = serde_json::to_vec(&MinHashConfig {
+            bands: 100_000,
+            rows: 100_000,
+            ..config.clone()
+        })
+        .unwrap();
+        let mut b = MAGIC.to_vec();
+        b.extend((huge.len() as u32).to_le_bytes());
+        b.extend(&huge);
+        b.extend(0u64.to_le_bytes());
+        assert!(err(&b).contains("not allowed: 1 to 65536"), "{}", err(&b));
+        assert!(
+            err(&good[..good.len() - 3]).contains("damaged")
+                || err(&good[..good.len() - 3]).contains("truncated")
+        );
     }
 
     #[test]
