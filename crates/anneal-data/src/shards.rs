@@ -278,16 +278,14 @@ pub fn tokenize(
         });
     }
     let start = Instant::now();
-    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
-    for entry in std::fs::read_dir(out_dir)
-        .map_err(io_err(out_dir))?
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if (name.starts_with("train-") || name.starts_with("val-")) && name.ends_with(".bin") {
-            std::fs::remove_file(entry.path()).map_err(io_err(entry.path()))?;
-        }
+    // The new dataset is written beside the old one and swapped in whole at the end, so a run
+    // killed midway (or a full disk) leaves the old dataset as it was.
+    let (final_dir, work) = (out_dir, sibling(out_dir, "tokenize-tmp")?);
+    if work.exists() {
+        std::fs::remove_dir_all(&work).map_err(io_err(&work))?;
     }
+    std::fs::create_dir_all(&work).map_err(io_err(&work))?;
+    let out_dir = work.as_path();
     let vocab_size = tokenizer.vocab_size();
     let wide = vocab_size > 1 << 16;
     let mut train = ShardWriter::new(out_dir, "train", wide, opts.shard_tokens);
@@ -371,10 +369,58 @@ pub fn tokenize(
     let path = out_dir.join("manifest.json");
     let json = serde_json::to_string_pretty(&manifest).expect("manifests serialise");
     std::fs::write(&path, json).map_err(io_err(&path))?;
+    swap_in(&work, final_dir)?;
     Ok(TokenizeSummary {
         manifest,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// `dir`'s hidden sibling `.NAME.SUFFIX`.
+fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
+    let name = dir.file_name().ok_or_else(|| Error::Invalid {
+        key: "output directory".into(),
+        value: dir.display().to_string(),
+        allowed: "a directory with a name".into(),
+    })?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = parent.unwrap_or(Path::new("."));
+    Ok(parent.join(format!(".{}.{suffix}", name.to_string_lossy())))
+}
+
+/// Whether a file name is part of a tokenized dataset (shards, manifest, tokenizer).
+fn dataset_file(name: &str) -> bool {
+    name == "manifest.json"
+        || name == "tokenizer.json"
+        || ((name.starts_with("train-") || name.starts_with("val-")) && name.ends_with(".bin"))
+}
+
+/// Puts the finished dataset in `work` at `dir`: files of `dir` that are not part of a dataset
+/// move across, then the old directory is renamed aside and the new one into place (the pattern
+/// checkpoints use), and the old one is removed.
+fn swap_in(work: &Path, dir: &Path) -> Result<()> {
+    if dir.exists() {
+        for entry in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !dataset_file(&name) {
+                let to = work.join(&name);
+                std::fs::rename(entry.path(), &to).map_err(io_err(&to))?;
+            }
+        }
+        let old = sibling(dir, "tokenize-old")?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        std::fs::rename(dir, &old).map_err(io_err(&old))?;
+        std::fs::rename(work, dir).map_err(io_err(dir))?;
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    } else {
+        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        std::fs::rename(work, dir).map_err(io_err(dir))?;
+    }
+    Ok(())
 }
 
 /// Moves the last `val_fraction` of the training tokens into validation shards (the tail split).
@@ -588,6 +634,53 @@ mod tests {
         assert_eq!(w, expect[5..14]);
         let back = Tokenizer::load(&out.path().join("tokenizer.json")).unwrap();
         assert_eq!(back.decode(&all(&val)).unwrap(), "xyz");
+    }
+
+    #[test]
+    fn a_retokenization_stopped_midway_leaves_the_old_dataset_whole() {
+        let docs = ["abcdefghij", "klmnopqrst", "uvwxyz"];
+        let src = corpus_dir(&docs);
+        let corpus = Corpus::new(&[src.path().to_path_buf()], CorpusOptions::default()).unwrap();
+        let tok = Tokenizer::train_chars(docs.iter()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let opts = TokenizeOptions {
+            val_fraction: 0.1,
+            split: SplitMode::Tail,
+            shard_tokens: 7,
+            batch_bytes: 5,
+            ..Default::default()
+        };
+        tokenize(&corpus, &tok, out.path(), &opts, &mut |_| {}).unwrap();
+        std::fs::write(out.path().join("notes.txt"), "mine").unwrap();
+        let before =
+            all(
+                &ShardSet::open(out.path(), &Manifest::load(out.path()).unwrap(), "train").unwrap(),
+            );
+        // A second run into the same directory dies after its first document (a kill, a full
+        // disk): the old dataset still opens, checksums and all.
+        let other = Tokenizer::train_chars(["0abcdefghijklmnopqrstuvwxyz"].iter()).unwrap();
+        let died = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            tokenize(&corpus, &other, out.path(), &opts, &mut |_| {
+                panic!("killed")
+            })
+        }));
+        assert!(died.is_err());
+        let m = Manifest::load(out.path()).unwrap();
+        assert_eq!(
+            all(&ShardSet::open(out.path(), &m, "train").unwrap()),
+            before
+        );
+        // A run that finishes replaces the dataset whole and keeps the user's other files.
+        tokenize(&corpus, &other, out.path(), &opts, &mut |_| {}).unwrap();
+        let m = Manifest::load(out.path()).unwrap();
+        assert_ne!(
+            all(&ShardSet::open(out.path(), &m, "train").unwrap()),
+            before
+        );
+        assert_eq!(
+            std::fs::read_to_string(out.path().join("notes.txt")).unwrap(),
+            "mine"
+        );
     }
 
     #[test]
