@@ -203,6 +203,22 @@ fn walk(dir: &Path, opts: &CorpusOptions, out: &mut Vec<PathBuf>) -> Result<()> 
     Ok(())
 }
 
+/// Whether `path` is read through a decompressor.
+fn compressed(path: &Path) -> bool {
+    let name = path.to_string_lossy();
+    name.ends_with(".gz") || name.ends_with(".zst")
+}
+
+/// Decompresses all of `path` without keeping anything, so a damaged stream (a failed checksum,
+/// a truncation) is found before any of its documents is handed on: a decompressor reports such
+/// damage only when it reaches it, after the documents before it have been decoded.
+fn check_stream(path: &Path) -> std::result::Result<(), String> {
+    let mut reader = open(path).map_err(|e| e.to_string())?;
+    std::io::copy(&mut reader, &mut std::io::sink())
+        .map(|_| ())
+        .map_err(|e| format!("damaged compressed stream ({e}); none of its documents is used"))
+}
+
 /// Opens a file, decompressing `.gz` and `.zst` transparently.
 pub fn open(path: &Path) -> Result<Box<dyn Read + Send>> {
     let file = File::open(path).map_err(io_err(path))?;
@@ -341,6 +357,12 @@ impl Corpus {
                     break 'files;
                 }
                 continue;
+            }
+            if compressed(path) {
+                if let Err(reason) = check_stream(path) {
+                    report.bad(path, None, reason);
+                    continue;
+                }
             }
             let reader = match open(path) {
                 Ok(r) => r,
@@ -577,6 +599,40 @@ mod tests {
         assert_eq!(texts, ["one", "two", "fn main() {}"]);
         assert_eq!(report.files, 3);
         assert_eq!(report.bad_count, 0);
+    }
+
+    #[test]
+    fn no_document_of_a_damaged_compressed_stream_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let body: String = (0..200)
+            .map(|i| format!("{{\"text\": \"document number {i}\"}}\n"))
+            .collect();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(body.as_bytes()).unwrap();
+        let gz = gz.finish().unwrap();
+        // With a content checksum, as the zstd command line writes by default.
+        let mut enc = zstd::stream::Encoder::new(Vec::new(), 1).unwrap();
+        enc.include_checksum(true).unwrap();
+        enc.write_all(body.as_bytes()).unwrap();
+        let zst = enc.finish().unwrap();
+        let mut flipped_gz = gz.clone();
+        let n = flipped_gz.len();
+        flipped_gz[n - 6] ^= 0x01; // in the CRC trailer: found only at the end of the stream
+        let mut flipped_zst = zst.clone();
+        let n = flipped_zst.len();
+        flipped_zst[n / 2] ^= 0x20;
+        write(&dir.path().join("a.jsonl.gz"), &flipped_gz);
+        write(&dir.path().join("b.jsonl.gz"), &gz[..gz.len() * 2 / 3]);
+        write(&dir.path().join("c.jsonl.zst"), &flipped_zst);
+        write(&dir.path().join("d.jsonl.gz"), &gz);
+        let (docs, report) = read_all(&[dir.path().to_path_buf()], CorpusOptions::default());
+        // Only the intact file's 200 documents; each damaged file is named once.
+        assert_eq!(docs.len(), 200, "{}", report.summary());
+        assert!(docs.iter().all(|d| d.source.contains("d.jsonl.gz")));
+        assert_eq!(report.bad_count, 3, "{}", report.summary());
+        for f in ["a.jsonl.gz", "b.jsonl.gz", "c.jsonl.zst"] {
+            assert!(report.summary().contains(f), "{}", report.summary());
+        }
     }
 
     #[test]
