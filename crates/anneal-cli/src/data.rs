@@ -4,6 +4,7 @@ use anneal_data::{tokenize, Corpus, CorpusOptions, Format, SplitMode, TokenizeOp
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Corpus preparation.
 #[derive(Subcommand)]
@@ -133,17 +134,23 @@ pub struct PipelineArgs {
     pub quiet: bool,
 }
 
-/// Perplexity of the first `max_tokens` tokens of `text` under `m`, over windows of its context
-/// (NaN when the text does not tokenize or holds fewer than two tokens).
-fn perplexity(m: &anneal_train::generate::LoadedModel, text: &str, max_tokens: usize) -> f64 {
-    let Ok(mut ids) = m.tokenizer.encode(text) else {
-        return f64::NAN;
-    };
+/// Perplexity of the first `max_tokens` tokens of `text` under `m`, over windows of its context:
+/// NaN for a text of fewer than two tokens, an error when it cannot be scored.
+fn perplexity(
+    m: &anneal_train::generate::LoadedModel,
+    text: &str,
+    max_tokens: usize,
+) -> Result<f64> {
+    let mut ids = m.tokenizer.encode(text)?;
     ids.truncate(max_tokens + 1);
     if ids.len() < 2 {
-        return f64::NAN;
+        return Ok(f64::NAN);
     }
-    anneal_train::eval::perplexity(&m.model, &ids, m.model.config.block_size).unwrap_or(f64::NAN)
+    Ok(anneal_train::eval::perplexity(
+        &m.model,
+        &ids,
+        m.model.config.block_size,
+    )?)
 }
 
 fn pipeline_config(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineConfig> {
@@ -445,8 +452,22 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 .as_deref()
                 .map(anneal_train::generate::load_model)
                 .transpose()?;
+            // Failures are counted and the first one kept, so they are reported, not silent.
+            let (scored, failed) = (AtomicU64::new(0), AtomicU64::new(0));
+            let first_failure = std::sync::Mutex::new(None::<String>);
             let ppl = |text: &str| match &model {
-                Some(m) => perplexity(m, text, a.perplexity_tokens),
+                Some(m) => match perplexity(m, text, a.perplexity_tokens) {
+                    Ok(p) => {
+                        scored.fetch_add(1, Ordering::Relaxed);
+                        p
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        let mut first = first_failure.lock().unwrap_or_else(|p| p.into_inner());
+                        first.get_or_insert_with(|| format!("{e:#}"));
+                        f64::NAN
+                    }
+                },
                 None => f64::NAN,
             };
             let extra: Vec<anneal_data::pipeline::ExtraSignal> = if model.is_some() {
@@ -481,6 +502,23 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 stats.mb_per_s(),
                 config.output.dir.display()
             );
+            let (ok, bad) = (scored.into_inner(), failed.into_inner());
+            if bad > 0 {
+                let first = first_failure
+                    .into_inner()
+                    .unwrap_or_else(|p| p.into_inner());
+                let first = first.unwrap_or_default();
+                if ok == 0 {
+                    bail!(
+                        "--perplexity-model scored no document ({bad} failed); the first: {first}"
+                    );
+                }
+                tracing::warn!(
+                    "--perplexity-model could not score {bad} of {} documents (their \
+                     model_perplexity is null); the first: {first}",
+                    ok + bad
+                );
+            }
             Ok(())
         }
         DataCommand::Minhash(a) => {
@@ -551,6 +589,15 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 summary.mb_per_s()
             );
             println!("wrote {}", a.out.display());
+            if m.val_tokens() == 0 && a.val_fraction > 0.0 {
+                tracing::warn!(
+                    "the validation split is empty ({} training documents, --val-fraction {}): \
+                     pretraining needs validation tokens; use --split tail, or a larger \
+                     --val-fraction",
+                    m.train_documents,
+                    a.val_fraction
+                );
+            }
             Ok(())
         }
     }

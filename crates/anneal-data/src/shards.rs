@@ -365,6 +365,23 @@ pub fn tokenize(
         seed: opts.seed,
         corpus: report,
     };
+    if manifest.train_tokens() == 0 {
+        // Nothing to train on: keep whatever dataset was there and say why.
+        let _ = std::fs::remove_dir_all(&work);
+        return Err(Error::Invalid {
+            key: "input".into(),
+            value: corpus
+                .files()
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            allowed: format!(
+                "text to tokenize; this input gave no training tokens ({})",
+                manifest.corpus.summary()
+            ),
+        });
+    }
     tokenizer.save(&out_dir.join("tokenizer.json"))?;
     let path = out_dir.join("manifest.json");
     let json = serde_json::to_string_pretty(&manifest).expect("manifests serialise");
@@ -681,6 +698,39 @@ mod tests {
             std::fs::read_to_string(out.path().join("notes.txt")).unwrap(),
             "mine"
         );
+    }
+
+    #[test]
+    fn input_that_gives_no_tokens_is_an_error_and_keeps_the_old_dataset() {
+        let src = tempfile::tempdir().unwrap();
+        std::fs::write(src.path().join("a.jsonl"), "not json\nnor this\n").unwrap();
+        let corpus = Corpus::new(&[src.path().to_path_buf()], CorpusOptions::default()).unwrap();
+        let tok = Tokenizer::train_chars(["abc"].iter()).unwrap();
+        let out = tempfile::tempdir().unwrap();
+        let good = corpus_dir(&["abcabcabc"]);
+        let good = Corpus::new(&[good.path().to_path_buf()], CorpusOptions::default()).unwrap();
+        tokenize(
+            &good,
+            &tok,
+            out.path(),
+            &TokenizeOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap();
+        let e = tokenize(
+            &corpus,
+            &tok,
+            out.path(),
+            &TokenizeOptions::default(),
+            &mut |_| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("no training tokens") && e.contains("a.jsonl"),
+            "{e}"
+        );
+        assert_eq!(Manifest::load(out.path()).unwrap().train_tokens(), 9);
     }
 
     #[test]
