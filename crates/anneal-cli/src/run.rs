@@ -219,16 +219,17 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             println!("--- sample {} ---", i + 1);
         }
         print!("{}", a.prompt);
+        // Tokens not yet printed: held until they decode to whole characters (a multi-byte
+        // character can be split over tokens), then printed and dropped, so each token is
+        // decoded a bounded number of times and printing stays linear in the output.
         let mut pending = Vec::new();
-        let mut shown = String::new();
         let new = sample(&loaded.model, &ids, loaded.tokenizer.eos(), &opts, |t| {
-            // Decode the whole tail so multi-byte characters split over tokens print whole.
             pending.push(t);
             if let Ok(text) = loaded.tokenizer.decode(&pending) {
                 if !text.ends_with('\u{fffd}') {
-                    print!("{}", &text[shown.len().min(text.len())..]);
+                    print!("{text}");
                     let _ = std::io::stdout().flush();
-                    shown = text;
+                    pending.clear();
                 }
             }
         })?;
