@@ -614,6 +614,22 @@ mod tests {
         dir
     }
 
+    /// A corpus of `docs`, their character tokenizer, and a tail split of 10% into shards of 7
+    /// tokens (several shards, and a cut inside one) encoded in batches of 5 bytes.
+    fn three_documents(docs: &[&str]) -> (tempfile::TempDir, Corpus, Tokenizer, TokenizeOptions) {
+        let src = corpus_dir(docs);
+        let corpus = Corpus::new(&[src.path().to_path_buf()], CorpusOptions::default()).unwrap();
+        let tok = Tokenizer::train_chars(docs.iter()).unwrap();
+        let opts = TokenizeOptions {
+            val_fraction: 0.1,
+            split: SplitMode::Tail,
+            shard_tokens: 7,
+            batch_bytes: 5,
+            ..Default::default()
+        };
+        (src, corpus, tok, opts)
+    }
+
     fn all(set: &ShardSet) -> Vec<u32> {
         let mut v = vec![0; set.len() as usize];
         set.read(0, &mut v);
@@ -623,17 +639,8 @@ mod tests {
     #[test]
     fn tail_split_matches_a_cut_of_the_concatenation() {
         let docs = ["abcdefghij", "klmnopqrst", "uvwxyz"];
-        let src = corpus_dir(&docs);
-        let corpus = Corpus::new(&[src.path().to_path_buf()], CorpusOptions::default()).unwrap();
-        let tok = Tokenizer::train_chars(docs.iter()).unwrap();
+        let (_src, corpus, tok, opts) = three_documents(&docs);
         let out = tempfile::tempdir().unwrap();
-        let opts = TokenizeOptions {
-            val_fraction: 0.1,
-            split: SplitMode::Tail,
-            shard_tokens: 7, // several shards, and a cut inside one
-            batch_bytes: 5,
-            ..Default::default()
-        };
         let summary = tokenize(&corpus, &tok, out.path(), &opts, &mut |_| {}).unwrap();
         let m = Manifest::load(out.path()).unwrap();
         assert_eq!(m.dtype, "u16");
@@ -656,17 +663,8 @@ mod tests {
     #[test]
     fn a_retokenization_stopped_midway_leaves_the_old_dataset_whole() {
         let docs = ["abcdefghij", "klmnopqrst", "uvwxyz"];
-        let src = corpus_dir(&docs);
-        let corpus = Corpus::new(&[src.path().to_path_buf()], CorpusOptions::default()).unwrap();
-        let tok = Tokenizer::train_chars(docs.iter()).unwrap();
+        let (_src, corpus, tok, opts) = three_documents(&docs);
         let out = tempfile::tempdir().unwrap();
-        let opts = TokenizeOptions {
-            val_fraction: 0.1,
-            split: SplitMode::Tail,
-            shard_tokens: 7,
-            batch_bytes: 5,
-            ..Default::default()
-        };
         tokenize(&corpus, &tok, out.path(), &opts, &mut |_| {}).unwrap();
         std::fs::write(out.path().join("notes.txt"), "mine").unwrap();
         let before =

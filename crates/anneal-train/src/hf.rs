@@ -249,21 +249,23 @@ mod tests {
         }
     }
 
+    /// A one-block model and a character tokenizer for its nine tokens.
+    fn small() -> (Gpt, Tokenizer) {
+        let config = GptConfig {
+            vocab_size: 9,
+            block_size: 8,
+            n_layer: 1,
+            n_head: 2,
+            n_embd: 8,
+            ..GptConfig::gpt2()
+        };
+        let tok = Tokenizer::train_chars(["abcdefghi"].iter()).unwrap();
+        (Gpt::new(config, 3).unwrap(), tok)
+    }
+
     #[test]
     fn impossible_shapes_in_config_json_are_errors_naming_the_file() {
-        let model = Gpt::new(
-            GptConfig {
-                vocab_size: 9,
-                block_size: 8,
-                n_layer: 1,
-                n_head: 2,
-                n_embd: 8,
-                ..GptConfig::gpt2()
-            },
-            3,
-        )
-        .unwrap();
-        let tok = Tokenizer::train_chars(["abcdefghi"].iter()).unwrap();
+        let (model, tok) = small();
         let dir = tempfile::tempdir().unwrap();
         export(&model, &tok, dir.path(), true).unwrap();
         let path = dir.path().join("config.json");
@@ -281,19 +283,7 @@ mod tests {
 
     #[test]
     fn exports_replace_only_what_they_are_allowed_to() {
-        let model = Gpt::new(
-            GptConfig {
-                vocab_size: 9,
-                block_size: 8,
-                n_layer: 1,
-                n_head: 2,
-                n_embd: 8,
-                ..GptConfig::gpt2()
-            },
-            3,
-        )
-        .unwrap();
-        let tok = Tokenizer::train_chars(["abcdefghi"].iter()).unwrap();
+        let (model, tok) = small();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("hf");
         export(&model, &tok, &out, false).unwrap();
