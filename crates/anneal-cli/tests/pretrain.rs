@@ -394,6 +394,15 @@ fn damaged_checkpoints_are_named_and_not_loaded() {
         err.contains("trainer_state.json") && err.contains("truncated or corrupted"),
         "{err}"
     );
+    // A checkpoint directory without its state file is named as such.
+    std::fs::remove_file(&state).unwrap();
+    let ckpt = run.join("checkpoints/step-000020");
+    let out = anneal(&["generate", ckpt.to_str().unwrap(), "--tokens", "5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("neither trainer_state.json"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -33,6 +33,12 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     } else if path.join("checkpoints").is_dir() {
         checkpoint::latest(&path.join("checkpoints"))
             .with_context(|| format!("{}: the run has no checkpoint yet", path.display()))?
+    } else if path.join("model.safetensors").is_file() {
+        bail!(
+            "{}: holds model.safetensors but neither trainer_state.json (which an anneal \
+             checkpoint needs) nor config.json (which a Hugging Face directory needs)",
+            path.display()
+        );
     } else {
         bail!(
             "{}: not a checkpoint (trainer_state.json), a run directory (checkpoints/), \

@@ -205,8 +205,13 @@ pub fn load_dir(dir: &Path) -> Result<(Gpt, Tokenizer)> {
         .with_context(|| format!("loading {}", st.display()))?;
     let tokenizer = if dir.join("tokenizer.json").is_file() {
         Tokenizer::load(&dir.join("tokenizer.json"))?
-    } else {
+    } else if dir.join("vocab.json").is_file() && dir.join("merges.txt").is_file() {
         Tokenizer::gpt2(&dir.join("vocab.json"), &dir.join("merges.txt"))?
+    } else {
+        bail!(
+            "{}: no tokenizer: neither tokenizer.json nor vocab.json with merges.txt",
+            dir.display()
+        );
     };
     Ok((model, tokenizer))
 }
@@ -279,6 +284,14 @@ mod tests {
             let e = format!("{:#}", load_dir(dir.path()).err().expect("refused"));
             assert!(e.contains("config.json") && e.contains(want), "{e}");
         }
+        // A directory without its tokenizer says so, not that vocab.json is missing.
+        std::fs::write(&path, &text).unwrap();
+        std::fs::remove_file(dir.path().join("tokenizer.json")).unwrap();
+        let e = format!("{:#}", load_dir(dir.path()).err().expect("refused"));
+        assert!(
+            e.contains("no tokenizer") && e.contains("tokenizer.json"),
+            "{e}"
+        );
     }
 
     #[test]
