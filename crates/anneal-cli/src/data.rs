@@ -645,10 +645,16 @@ pub fn make_tokenizer(args: &TokenizeArgs, corpus: &Corpus) -> Result<Tokenizer>
         }
         "chars" => {
             let mut chars = std::collections::BTreeSet::new();
-            corpus.for_each(|d| {
+            let report = corpus.for_each(|d| {
                 chars.extend(d.text.chars());
                 true
             })?;
+            if chars.is_empty() {
+                bail!(
+                    "the input holds no text to build a character vocabulary from: {}",
+                    report.summary()
+                );
+            }
             let all: String = chars.into_iter().collect();
             Ok(Tokenizer::train_chars(std::iter::once(all))?)
         }

@@ -138,6 +138,23 @@ fn pipeline_from_flags_keeps_or_rejects_every_document() {
     assert!(text.contains("kept 2 of 3 documents"), "{text}");
     let rejected = std::fs::read_to_string(out.join("rejected-00000.jsonl")).unwrap();
     assert!(rejected.contains("\"stage\":\"length\""), "{rejected}");
+    // An input with no text says so (not that the tokenizer is not allowed).
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("a.txt"), "").unwrap();
+    let out_tok = dir.path().join("tok");
+    let none = run(&[
+        "data",
+        "tokenize",
+        "--input",
+        empty.to_str().unwrap(),
+        "--tokenizer",
+        "chars",
+        "--out",
+        out_tok.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(!none.status.success() && err.contains("no text"), "{err}");
     // Sizes from flags are checked before anything is allocated.
     let huge = run(&[
         "data", "minhash", "--input", src_s, "--out", out_s, "--bands", "100000", "--rows",
