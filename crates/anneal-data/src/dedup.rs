@@ -356,7 +356,8 @@ pub fn merge_signatures(sig_dir: &Path, out_dir: &Path) -> Result<DedupSummary> 
     }
     let mut config: Option<MinHashConfig> = None;
     let mut docs = Vec::new();
-    let mut expected_shards = None;
+    // (shard index, shard count) of every file named as phase 1 names them.
+    let mut shards: Vec<(PathBuf, usize, usize)> = Vec::new();
     for p in &paths {
         let (c, d) = read_signatures(p)?;
         if let Some(prev) = &config {
@@ -370,23 +371,48 @@ pub fn merge_signatures(sig_dir: &Path, out_dir: &Path) -> Result<DedupSummary> 
             }
         }
         let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-        let of = name
-            .rsplit("-of-")
-            .next()
-            .and_then(|s| s.strip_suffix(".bin"));
-        if let Some(n) = of.and_then(|s| s.parse::<usize>().ok()) {
-            expected_shards = Some(n);
+        let parsed = name
+            .strip_prefix("signatures-")
+            .and_then(|s| s.strip_suffix(".bin"))
+            .and_then(|s| s.split_once("-of-"))
+            .and_then(|(i, n)| Some((i.parse::<usize>().ok()?, n.parse::<usize>().ok()?)));
+        if let Some((i, n)) = parsed {
+            shards.push((p.clone(), i, n));
         }
         config = Some(c);
         docs.extend(d);
     }
     let config = config.expect("at least one file");
-    if let Some(n) = expected_shards {
-        if n != paths.len() {
+    if let Some((first, _, n)) = shards.first() {
+        // Files of two phase-1 runs (different shard counts) are named, as are missing shards.
+        if let Some((other, _, m)) = shards.iter().find(|s| s.2 != *n) {
             return Err(Error::Invalid {
                 key: "signatures".into(),
                 value: format!("{} files in {}", paths.len(), sig_dir.display()),
-                allowed: format!("all {n} shards of phase 1; some are missing"),
+                allowed: format!(
+                    "the shards of one phase-1 run: {} is one of {n}, {} one of {m}; remove \
+                     the other run's files",
+                    first.display(),
+                    other.display()
+                ),
+            });
+        }
+        let missing: Vec<String> = (0..*n)
+            .filter(|i| !shards.iter().any(|s| s.1 == *i))
+            .map(|i| i.to_string())
+            .collect();
+        if !missing.is_empty() || paths.len() != *n {
+            return Err(Error::Invalid {
+                key: "signatures".into(),
+                value: format!("{} files in {}", paths.len(), sig_dir.display()),
+                allowed: format!(
+                    "all {n} shards of phase 1; missing: {}",
+                    if missing.is_empty() {
+                        "none, but other files are there".to_string()
+                    } else {
+                        missing.join(", ")
+                    }
+                ),
             });
         }
     }
@@ -559,7 +585,17 @@ mod tests {
         let err = merge_signatures(sigs.path(), out.path())
             .unwrap_err()
             .to_string();
-        assert!(err.contains("missing"), "{err}");
+        assert!(err.contains("missing: 1"), "{err}");
+        // A file left from a run with another shard count is named as such.
+        write_signatures(&corpus, "0/3".parse().unwrap(), &config, sigs.path()).unwrap();
+        let err = merge_signatures(sigs.path(), out.path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("one of 2") && err.contains("one of 3"),
+            "{err}"
+        );
+        std::fs::remove_file(sigs.path().join("signatures-00000-of-00003.bin")).unwrap();
         let bytes = std::fs::read(&path).unwrap();
         std::fs::write(&path, &bytes[..bytes.len() - 3]).unwrap();
         let err = read_signatures(&path).unwrap_err().to_string();
