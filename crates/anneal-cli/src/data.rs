@@ -628,6 +628,14 @@ pub fn corpus(args: &CorpusArgs) -> Result<Corpus> {
 pub fn make_tokenizer(args: &TokenizeArgs, corpus: &Corpus) -> Result<Tokenizer> {
     match args.tokenizer.as_str() {
         "bpe" => {
+            // Checked before the trainer allocates tables of this size.
+            const MOST: usize = 1 << 22;
+            if !(256..=MOST).contains(&args.vocab_size) {
+                bail!(
+                    "--vocab-size {} is not allowed: 256 (the byte alphabet) to {MOST}",
+                    args.vocab_size
+                );
+            }
             let budget = args.tokenizer_train_mb * 1_000_000;
             let mut texts = Vec::new();
             let mut bytes = 0u64;

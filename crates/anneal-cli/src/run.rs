@@ -28,6 +28,10 @@ pub struct PretrainArgs {
     /// Print the resolved config and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Run even when the memory the run needs at least (parameters, gradients, optimizer
+    /// state, one batch of activations) exceeds the machine's physical memory.
+    #[arg(long)]
+    pub force: bool,
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
@@ -96,6 +100,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         resume,
         progress: progress_bar(a.quiet),
         stop: stop_on_ctrl_c(),
+        force: a.force,
     };
     let summary = train(&config, &opts)?;
     print_summary(&summary);
@@ -448,6 +453,7 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
         resume: Resume::No,
         progress: progress_bar(a.quiet),
         stop: stop_on_ctrl_c(),
+        force: false,
     };
     let summary = train(&config, &opts)?;
     print_summary(&summary);

@@ -155,6 +155,23 @@ fn pipeline_from_flags_keeps_or_rejects_every_document() {
     ]);
     let err = String::from_utf8_lossy(&none.stderr);
     assert!(!none.status.success() && err.contains("no text"), "{err}");
+    let huge = run(&[
+        "data",
+        "tokenize",
+        "--input",
+        src_s,
+        "--tokenizer",
+        "bpe",
+        "--vocab-size",
+        "4000000000",
+        "--out",
+        out_tok.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&huge.stderr);
+    assert!(
+        !huge.status.success() && err.contains("--vocab-size 4000000000"),
+        "{err}"
+    );
     // Sizes from flags are checked before anything is allocated.
     let huge = run(&[
         "data", "minhash", "--input", src_s, "--out", out_s, "--bands", "100000", "--rows",

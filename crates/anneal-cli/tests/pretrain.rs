@@ -524,4 +524,28 @@ fn config_errors_name_the_key_and_the_allowed_values() {
         err.contains("/nonexistent/corpus") && err.contains("anneal data tokenize"),
         "{err}"
     );
+    // A run that cannot fit the machine is refused with its memory bound, before anything is
+    // allocated (no allocation abort).
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    for huge in [
+        &[
+            "--set",
+            "model.n_embd=1000000",
+            "--set",
+            "model.n_head=1000",
+        ][..],
+        &["--set", "train.batch_size=1000000000"][..],
+    ] {
+        let out = pretrain(&data, &dir.path().join("run"), 10, huge)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.code() == Some(1)
+                && err.contains("needs at least")
+                && err.contains("--force"),
+            "{huge:?}: {err}"
+        );
+    }
 }

@@ -17,6 +17,8 @@
 //!   objective's state, written atomically, verified on load, resumed exactly;
 //! * [`generate`]: sampling with temperature, top-k and top-p over the model's KV cache;
 //! * [`hf`]: Hugging Face GPT-2 export and import;
+//! * [`memory`]: the lower bound of a run's memory, checked against the machine's before
+//!   anything is allocated;
 //! * [`machine`]: the machine's f32 peak, thread settings and the process's memory high-water
 //!   mark.
 //!
@@ -29,6 +31,7 @@ pub mod eval;
 pub mod generate;
 pub mod hf;
 pub mod machine;
+pub mod memory;
 pub mod model;
 pub mod objectives;
 pub mod pretrain;

@@ -73,6 +73,8 @@ pub struct RunOptions {
     pub progress: Option<Arc<dyn Progress>>,
     /// Set (by a Ctrl-C handler) to stop after the current step with a checkpoint.
     pub stop: Arc<AtomicBool>,
+    /// Run even when the memory the run needs at least exceeds the machine's physical memory.
+    pub force: bool,
 }
 /// What a run did.
 #[derive(Clone, Debug, Serialize)]
@@ -312,6 +314,17 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
         }
     }
     let train_tokens = train_set.len();
+    let bound = crate::memory::lower_bound(config, manifest.vocab_size)?;
+    if let Some(physical) = crate::memory::physical_memory() {
+        if bound.total() > physical && !opts.force {
+            bail!(
+                "this run needs at least {} but the machine has {:.1} GB; shrink the model or \
+                 train.batch_size, or pass --force to try anyway",
+                bound.describe(),
+                physical / 1e9
+            );
+        }
+    }
     let mut trainer = pretraining(config, manifest.vocab_size, train_set)?;
     let resume_dir = match &opts.resume {
         Resume::No => None,
