@@ -224,3 +224,67 @@ fn plan_reads_a_toml_file_and_flags_override_it() {
         "{err}"
     );
 }
+
+#[test]
+fn quickstart_runs_end_to_end_on_a_tiny_corpus() {
+    // The main job on a corpus and a model small enough for CI: tokenizer training,
+    // tokenization, pretraining, samples and the report folder.
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..400 {
+        let body = format!("fn f{i}(x: u32) -> u32 {{\n    let y = x * {i};\n    y + 1\n}}\n");
+        std::fs::write(src.join(format!("f{i}.rs")), body).unwrap();
+    }
+    let out = dir.path().join("qs");
+    let run = anneal(&[
+        "quickstart",
+        "--data",
+        src.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--max-mb",
+        "1",
+        "--quiet",
+        "--set",
+        "train.max_steps=5",
+        "--set",
+        "model.n_layer=1",
+        "--set",
+        "model.n_embd=32",
+        "--set",
+        "model.n_head=2",
+        "--set",
+        "model.block_size=32",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "train.eval_interval=5",
+        "--set",
+        "train.eval_batches=1",
+        "--set",
+        "train.warmup_steps=1",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let report = out.join("report");
+    for f in [
+        "loss.png",
+        "samples.md",
+        "metrics.jsonl",
+        "config.toml",
+        "summary.json",
+    ] {
+        assert!(report.join(f).is_file(), "{f}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("summary.json")).unwrap())
+            .unwrap();
+    assert_eq!(summary["run"]["steps"], 5);
+    assert_eq!(summary["corpus"]["files"], 400);
+    let samples = std::fs::read_to_string(report.join("samples.md")).unwrap();
+    assert!(samples.contains("fn main() {"), "{samples}");
+}

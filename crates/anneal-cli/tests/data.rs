@@ -118,6 +118,13 @@ fn pipeline_from_flags_keeps_or_rejects_every_document() {
         rejected.contains("\"stage\":\"exact_dedup\"")
             && rejected.contains("\"stage\":\"gopher_quality\"")
     );
+    // The report of that run: one self-contained page.
+    anneal(&["data", "report", out_s]);
+    let page = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        page.contains("exact_dedup") && page.contains("<html"),
+        "{page:.200}"
+    );
     let bad = run(&pipeline("gopher"));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
