@@ -287,4 +287,44 @@ fn quickstart_runs_end_to_end_on_a_tiny_corpus() {
     assert_eq!(summary["corpus"]["files"], 400);
     let samples = std::fs::read_to_string(report.join("samples.md")).unwrap();
     assert!(samples.contains("fn main() {"), "{samples}");
+
+    // `anneal data mix` with the quickstart's tokenizer: two sources by weight, repeats capped.
+    let prose = dir.path().join("prose");
+    std::fs::create_dir_all(&prose).unwrap();
+    for i in 0..20 {
+        let line = format!("prose line number {i} about rivers and towns\n");
+        std::fs::write(prose.join(format!("p{i}.txt")), line).unwrap();
+    }
+    let mix = dir.path().join("mix");
+    let code = format!("code={}:0.7", src.display());
+    let text = format!("prose={}:0.3", prose.display());
+    let tokenizer = out.join("data/tokenizer.json");
+    let run = anneal(&[
+        "data",
+        "mix",
+        "--source",
+        &code,
+        "--source",
+        &text,
+        "--tokens",
+        "2000",
+        "--max-repeat",
+        "2",
+        "--tokenizer",
+        tokenizer.to_str().unwrap(),
+        "--ext",
+        "rs,txt",
+        "--out",
+        mix.to_str().unwrap(),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let mixture: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(mix.join("mixture.json")).unwrap()).unwrap();
+    let text = mixture.to_string();
+    assert!(text.contains("code") && text.contains("prose"), "{text}");
+    assert!(mix.join("mix-code.jsonl").is_file() && mix.join("mix-prose.jsonl").is_file());
 }
