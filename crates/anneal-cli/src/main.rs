@@ -89,35 +89,24 @@ fn main() -> anyhow::Result<()> {
             anneal_train::machine::MAX_THREADS
         );
     }
-    let set_threads = |overrides: &mut Vec<String>| {
-        if let Some(t) = threads {
-            overrides.push(format!("train.threads={t}"));
-        }
-    };
-    match cli.command {
-        // Training runs read their thread count from the run config, where --threads lands.
-        Command::Pretrain(mut a) => {
-            set_threads(&mut a.overrides);
-            run::pretrain(a)
-        }
-        Command::Quickstart(mut a) => {
-            set_threads(&mut a.overrides);
-            run::quickstart(a)
-        }
-        Command::Bench(b) => bench::run(b, threads),
-        // Everything else runs on one pool of that size, the libraries' parallel loops included.
-        other => {
-            let pool = anneal_train::machine::threads(threads.unwrap_or(0));
-            anneal_tensor::with_threads(pool, || match other {
-                Command::Data(c) => data::run(c),
-                Command::Generate(a) => run::generate(a),
-                Command::Eval(a) => run::eval(a),
-                Command::Export(a) => run::export(a),
-                Command::Plan(a) => plan::run(a),
-                Command::Pretrain(_) | Command::Quickstart(_) | Command::Bench(_) => {
-                    unreachable!("dispatched above")
-                }
-            })?
-        }
+    let mut command = cli.command;
+    // Training runs make their own pool from the run config, where --threads lands.
+    if let (Some(t), Command::Pretrain(run::PretrainArgs { overrides, .. }))
+    | (Some(t), Command::Quickstart(run::QuickstartArgs { overrides, .. })) =
+        (threads, &mut command)
+    {
+        overrides.push(format!("train.threads={t}"));
     }
+    // Every command runs on one pool of that size, the libraries' parallel loops included.
+    let pool = anneal_train::machine::threads(threads.unwrap_or(0));
+    anneal_tensor::with_threads(pool, || match command {
+        Command::Data(c) => data::run(c),
+        Command::Pretrain(a) => run::pretrain(a),
+        Command::Generate(a) => run::generate(a),
+        Command::Eval(a) => run::eval(a),
+        Command::Export(a) => run::export(a),
+        Command::Bench(b) => bench::run(b, threads),
+        Command::Plan(a) => plan::run(a),
+        Command::Quickstart(a) => run::quickstart(a),
+    })?
 }

@@ -57,6 +57,58 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
+/// The fields of a signature file after its magic: each length checked against the bytes left
+/// before anything is read or allocated.
+struct Fields<'a, R> {
+    r: R,
+    left: u64,
+    bad: &'a dyn Fn(String) -> Error,
+}
+
+impl<R: Read> Fields<'_, R> {
+    /// Exactly `N` bytes of `what`.
+    fn fixed<const N: usize>(&mut self, what: &str) -> Result<[u8; N]> {
+        let mut buf = [0u8; N];
+        self.fill(&mut buf, what)?;
+        Ok(buf)
+    }
+
+    fn u32(&mut self, what: &str) -> Result<u64> {
+        Ok(u32::from_le_bytes(self.fixed(what)?) as u64)
+    }
+
+    fn u64(&mut self, what: &str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.fixed(what)?))
+    }
+
+    /// A field of `len` bytes, refused when the file holds fewer.
+    fn bytes(&mut self, len: u64, what: &str) -> Result<Vec<u8>> {
+        self.check(len, what)?;
+        let mut buf = vec![0u8; len as usize];
+        self.fill(&mut buf, what)?;
+        Ok(buf)
+    }
+
+    fn check(&self, len: u64, what: &str) -> Result<()> {
+        if len > self.left {
+            return Err((self.bad)(format!(
+                "{what} claims {len} bytes where {} remain: truncated or damaged, not read",
+                self.left
+            )));
+        }
+        Ok(())
+    }
+
+    fn fill(&mut self, buf: &mut [u8], what: &str) -> Result<()> {
+        self.check(buf.len() as u64, what)?;
+        self.r
+            .read_exact(buf)
+            .map_err(|_| (self.bad)(format!("truncated in {what}")))?;
+        self.left -= buf.len() as u64;
+        Ok(())
+    }
+}
+
 /// One document's record in a signature file.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SignedDocument {
@@ -197,7 +249,7 @@ pub fn read_signatures(path: &Path) -> Result<(MinHashConfig, Vec<SignedDocument
         return Err(bad("too short for a signature file".into()));
     }
     // Everything but the trailing checksum, hashed as it is read.
-    let mut body = total - 8;
+    let body = total - 8;
     let mut r = HashingReader {
         inner: BufReader::new(file).take(body),
         hash: xxhash_rust::xxh3::Xxh3::new(),
@@ -213,24 +265,13 @@ pub fn read_signatures(path: &Path) -> Result<(MinHashConfig, Vec<SignedDocument
     if magic != MAGIC {
         return Err(bad("not an anneal signature file (bad magic)".into()));
     }
-    body -= MAGIC.len() as u64;
-    // Reads a length-prefixed field of `len` bytes, refusing a length past the file's end.
-    let take = |r: &mut HashingReader<_>, len: u64, what: &str, left: &mut u64| {
-        if len > *left {
-            return Err(bad(format!(
-                "{what} claims {len} bytes where {left} remain: truncated or damaged, not read"
-            )));
-        }
-        let mut buf = vec![0u8; len as usize];
-        r.read_exact(&mut buf)
-            .map_err(|_| bad(format!("truncated in {what}")))?;
-        *left -= len;
-        Ok(buf)
+    let mut f = Fields {
+        r,
+        left: body - MAGIC.len() as u64,
+        bad: &bad,
     };
-    let u32_of = |b: Vec<u8>| u32::from_le_bytes(b.try_into().expect("4 bytes")) as u64;
-    let u64_of = |b: Vec<u8>| u64::from_le_bytes(b.try_into().expect("8 bytes"));
-    let header_len = u32_of(take(&mut r, 4, "the header length", &mut body)?);
-    let header = take(&mut r, header_len, "the header", &mut body)?;
+    let header_len = f.u32("the header length")?;
+    let header = f.bytes(header_len, "the header")?;
     let config: MinHashConfig =
         serde_json::from_slice(&header).map_err(|e| bad(format!("bad header: {e}")))?;
     crate::minhash::check_settings(
@@ -242,13 +283,13 @@ pub fn read_signatures(path: &Path) -> Result<(MinHashConfig, Vec<SignedDocument
     .map_err(|e| bad(format!("header: {e}")))?;
     let k = config.num_perm() as u64;
     let mut docs = Vec::new();
-    while body > 0 {
-        let file = u32_of(take(&mut r, 4, "a document's file index", &mut body)?) as u32;
-        let index = u64_of(take(&mut r, 8, "a document's index", &mut body)?);
-        let source_len = u32_of(take(&mut r, 4, "a source length", &mut body)?);
-        let source = take(&mut r, source_len, "a source", &mut body)?;
-        let bytes = u64_of(take(&mut r, 8, "a document length", &mut body)?);
-        let sig = take(&mut r, 8 * k, "a signature", &mut body)?;
+    while f.left > 0 {
+        let file = f.u32("a document's file index")? as u32;
+        let index = f.u64("a document's index")?;
+        let source_len = f.u32("a source length")?;
+        let source = f.bytes(source_len, "a source")?;
+        let bytes = f.u64("a document length")?;
+        let sig = f.bytes(8 * k, "a signature")?;
         docs.push(SignedDocument {
             file,
             index,
@@ -260,6 +301,7 @@ pub fn read_signatures(path: &Path) -> Result<(MinHashConfig, Vec<SignedDocument
                 .collect(),
         });
     }
+    let r = f.r;
     let computed = r.hash.digest();
     let mut stored = [0u8; 8];
     r.inner

@@ -275,27 +275,21 @@ impl Gpt {
         let p_drop = dropout_seed.map_or(0.0, |_| c.dropout);
         let seed = dropout_seed.unwrap_or(0);
         let w = self.weights();
-        let mut x = Tensor::zeros(&[0], DType::F32);
-        for layer in self.layers() {
-            x = match layer {
-                GptLayer::Embedding { .. } => self
-                    .embed(&w, ids, [batch, seq], 0)?
-                    .dropout(p_drop, seed)?,
-                GptLayer::Block { index, block } => {
-                    let seed = seed
-                        .wrapping_add(1 + 2 * index as u64)
-                        .wrapping_mul(0x9E37_79B9_7F4A_7C15);
-                    if c.checkpoint_blocks {
-                        let (block, w) = (block.clone(), w.clone());
-                        checkpoint(&[x], move |t| block.forward(&w, &t[0], p_drop, seed))?
-                    } else {
-                        block.forward(&w, &x, p_drop, seed)?
-                    }
-                }
-                GptLayer::Head { .. } => self.head(&w, &x, batch * seq)?,
+        let mut x = self
+            .embed(&w, ids, [batch, seq], 0)?
+            .dropout(p_drop, seed)?;
+        for (index, block) in self.blocks.iter().enumerate() {
+            let seed = seed
+                .wrapping_add(1 + 2 * index as u64)
+                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            x = if c.checkpoint_blocks {
+                let (block, w) = (block.clone(), w.clone());
+                checkpoint(&[x], move |t| block.forward(&w, &t[0], p_drop, seed))?
+            } else {
+                block.forward(&w, &x, p_drop, seed)?
             };
         }
-        Ok(x)
+        self.head(&w, &x, batch * seq)
     }
 
     /// Logits `[n, vocab]` of `ids` (one sequence) following the positions held in `cache`,

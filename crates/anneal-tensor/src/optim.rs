@@ -38,8 +38,7 @@ struct Run {
 /// The trainable runs of the store, cut into blocks, with each group's learning rate and decay.
 fn runs(store: &ParamStore, lr: f32, weight_decay: f32) -> Vec<Run> {
     let mut out = Vec::new();
-    for p in store.infos() {
-        let Some(state) = p.grad_offset else { continue };
+    for (p, data, state) in store.trainable_ranges() {
         let group = &store.groups()[p.group];
         let decay = if p.weight_decay {
             group.weight_decay.unwrap_or(weight_decay)
@@ -50,8 +49,8 @@ fn runs(store: &ParamStore, lr: f32, weight_decay: f32) -> Vec<Run> {
         while s < p.len {
             let len = BLOCK.min(p.len - s);
             out.push(Run {
-                data: p.offset + s,
-                state: state + s,
+                data: data.start + s,
+                state: state.start + s,
                 len,
                 lr: lr * group.lr_scale,
                 weight_decay: decay,
@@ -199,10 +198,8 @@ impl Master {
 fn trainable_values(store: &ParamStore) -> Vec<f32> {
     let mut out = vec![0.0f32; store.trainable_numel()];
     let data = store.data().read();
-    for p in store.infos() {
-        if let Some(s) = p.grad_offset {
-            data.read_range_f32(p.offset, &mut out[s..s + p.len]);
-        }
+    for (_, d, s) in store.trainable_ranges() {
+        data.read_range_f32(d.start, &mut out[s]);
     }
     out
 }
@@ -232,11 +229,8 @@ fn master_values(master: &Master, store: &ParamStore) -> Option<Vec<f32>> {
                 unreachable!("low halves belong to a bf16 store")
             };
             let mut out = vec![0.0f32; lo.len()];
-            for p in store.infos() {
-                if let Some(s) = p.grad_offset {
-                    let (hi, lo) = (&hi[p.offset..p.offset + p.len], &lo[s..s + p.len]);
-                    crate::kernels::join_bf16(hi, lo, &mut out[s..s + p.len]);
-                }
+            for (_, d, s) in store.trainable_ranges() {
+                crate::kernels::join_bf16(&hi[d], &lo[s.clone()], &mut out[s]);
             }
             Some(out)
         }
@@ -252,14 +246,8 @@ fn master_from(store: &ParamStore, values: Option<Vec<f32>>) -> crate::Result<Ma
         (Some(x), DType::BF16) if x.len() == n => {
             let mut lo = vec![0u16; n];
             if let Buffer::BF16(hi) = &mut *store.data().write() {
-                for p in store.infos() {
-                    if let Some(s) = p.grad_offset {
-                        crate::kernels::split_bf16(
-                            &x[s..s + p.len],
-                            &mut hi[p.offset..p.offset + p.len],
-                            &mut lo[s..s + p.len],
-                        );
-                    }
+                for (_, d, s) in store.trainable_ranges() {
+                    crate::kernels::split_bf16(&x[s.clone()], &mut hi[d], &mut lo[s]);
                 }
             }
             MasterValues::Low(lo)
@@ -382,11 +370,6 @@ impl AdamW {
             master: master_copy(store),
             step: 0,
         }
-    }
-
-    /// First and second moments (for checkpoints), in the store's state order.
-    pub fn moments(&self) -> (&[f32], &[f32]) {
-        (&self.m, &self.v)
     }
 
     /// The f32 master copy of a half-precision store's trainable parameters (for checkpoints);

@@ -8,6 +8,7 @@
 //! learning rate and may set its own weight decay.
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::sync::Arc;
 
 use crate::error::{invalid, Error, Result};
@@ -27,7 +28,7 @@ pub struct ParamInfo {
     /// Shape.
     pub shape: Vec<usize>,
     /// First element in the flat parameter buffer (unused for a parameter held in its own
-    /// dtype, see [`ParamInfo::own_dtype`]).
+    /// dtype, see [`ParamStore::freeze_as`]).
     pub offset: usize,
     /// Number of elements.
     pub len: usize,
@@ -39,9 +40,6 @@ pub struct ParamInfo {
     pub grad_offset: Option<usize>,
     /// Index of its [`ParamGroup`] in [`ParamStore::groups`].
     pub group: usize,
-    /// The dtype of a frozen parameter held outside the flat buffer ([`ParamStore::freeze_as`]);
-    /// `None` for parameters in the flat buffer.
-    pub own_dtype: Option<DType>,
 }
 
 /// Settings shared by a set of trainable parameters (PyTorch's parameter groups): fine-tuning
@@ -99,7 +97,6 @@ impl ParamStoreBuilder {
             requires_grad: true,
             grad_offset: None,
             group: 0,
-            own_dtype: None,
         });
         Ok(ParamId(self.infos.len() - 1))
     }
@@ -130,6 +127,15 @@ impl ParamStoreBuilder {
         store.lay_out_grads();
         store
     }
+}
+
+/// What of a parameter a write replaces.
+#[derive(Clone, Copy)]
+enum Region {
+    /// Its value.
+    Value,
+    /// Its accumulated gradient.
+    Grad,
 }
 
 /// Parameters of a model, flat in one buffer of one dtype, with a flat f32 gradient buffer for
@@ -236,6 +242,17 @@ impl ParamStore {
         self.trainable
     }
 
+    /// Each trainable parameter's place in the flat parameter buffer and in the gradient buffer
+    /// (and so in optimizer state), in state order: `(info, data range, state range)`.
+    pub fn trainable_ranges(
+        &self,
+    ) -> impl Iterator<Item = (&ParamInfo, Range<usize>, Range<usize>)> {
+        self.infos.iter().filter_map(|p| {
+            let s = p.grad_offset?;
+            Some((p, p.offset..p.offset + p.len, s..s + p.len))
+        })
+    }
+
     /// The parameter groups; group 0 is the default every parameter starts in.
     pub fn groups(&self) -> &[ParamGroup] {
         &self.groups
@@ -293,7 +310,6 @@ impl ParamStore {
     pub fn freeze_as(&mut self, id: ParamId, dtype: DType) {
         let values = self.tensors[id.0].to_vec_f32();
         self.infos[id.0].requires_grad = false;
-        self.infos[id.0].own_dtype = Some(dtype);
         self.own[id.0] = Some(Arc::new(Storage::new(Buffer::from_f32(values, dtype))));
         // The flat buffer keeps only the parameters held in it.
         let mut flat = Vec::new();
@@ -343,16 +359,16 @@ impl ParamStore {
 
     /// Overwrites a parameter's values (loading a checkpoint, tying, tests).
     pub fn set(&self, id: ParamId, values: &Tensor) -> Result<()> {
-        self.write_region(&self.data, id, values, "ParamStore::set")?;
+        self.write_region(Region::Value, id, values, "ParamStore::set")?;
         self.version
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
-    /// Writes `values` over parameter `id`'s region of a flat buffer.
+    /// Writes `values` over parameter `id`'s value (wherever it is held) or its gradient.
     fn write_region(
         &self,
-        buffer: &Storage,
+        region: Region,
         id: ParamId,
         values: &Tensor,
         op: &'static str,
@@ -365,15 +381,15 @@ impl ParamStore {
                 rhs: values.shape().to_vec(),
             });
         }
-        let (buffer, offset) = if std::ptr::eq(buffer, &*self.grads) {
-            let offset = p
-                .grad_offset
-                .ok_or_else(|| invalid(op, format!("{} is frozen and has no gradient", p.name)))?;
-            (buffer, offset)
-        } else if let Some(own) = &self.own[id.0] {
-            (&**own, 0)
-        } else {
-            (buffer, p.offset)
+        let (buffer, offset) = match (region, &self.own[id.0]) {
+            (Region::Grad, _) => {
+                let offset = p.grad_offset.ok_or_else(|| {
+                    invalid(op, format!("{} is frozen and has no gradient", p.name))
+                })?;
+                (&*self.grads, offset)
+            }
+            (Region::Value, Some(own)) => (&**own, 0),
+            (Region::Value, None) => (&*self.data, p.offset),
         };
         let v = values.to_vec_f32();
         let mut buf = buffer.write();
@@ -426,7 +442,7 @@ impl ParamStore {
         }
         for (i, p) in self.infos.iter().enumerate() {
             self.write_region(
-                &self.data,
+                Region::Value,
                 ParamId(i),
                 &tensors[&p.name],
                 "ParamStore::load_named",
@@ -452,7 +468,7 @@ impl ParamStore {
 
     /// Overwrites a trainable parameter's accumulated gradient (loading a gradient, tests).
     pub fn set_grad(&self, id: ParamId, values: &Tensor) -> Result<()> {
-        self.write_region(&self.grads, id, values, "ParamStore::set_grad")
+        self.write_region(Region::Grad, id, values, "ParamStore::set_grad")
     }
 
     /// Global L2 norm of all gradients, √(Σ g²), accumulated in f64: chunks of 2¹⁶ elements in

@@ -313,13 +313,10 @@ impl Loaded {
 
 /// The trainable parameters in optimizer-state order: (name, elements).
 fn state_layout(params: &ParamStore) -> Vec<(String, usize)> {
-    let mut trained: Vec<_> = params
-        .infos()
-        .iter()
-        .filter_map(|p| p.grad_offset.map(|o| (o, p.name.clone(), p.len)))
-        .collect();
-    trained.sort();
-    trained.into_iter().map(|(_, n, len)| (n, len)).collect()
+    params
+        .trainable_ranges()
+        .map(|(p, _, _)| (p.name.clone(), p.len))
+        .collect()
 }
 
 /// Restores an optimizer's state from a loaded checkpoint (after the parameters). Fails, naming

@@ -257,13 +257,11 @@ pub fn train(config: &RunConfig, opts: &RunOptions) -> Result<RunSummary> {
     anneal_tensor::with_threads(threads, || train_on_pool(config, opts, threads))?
 }
 
-/// This process's hold on a run directory: an exclusive lock on its `.lock` file, released when
-/// the process ends however it ends (the kernel drops the lock of a killed process, so no stale
-/// lock outlives its run).
-struct RunLock(#[allow(dead_code)] File);
-
-/// Takes the run directory `out` for this process, or fails naming the process that holds it.
-fn lock_run_dir(out: &Path) -> Result<RunLock> {
+/// Takes the run directory `out` for this process, or fails naming the process that holds it:
+/// an exclusive lock on its `.lock` file, held while the returned file lives and released when
+/// the process ends however it ends (the kernel drops a killed process's lock, so no stale lock
+/// outlives its run).
+fn lock_run_dir(out: &Path) -> Result<File> {
     let path = out.join(".lock");
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -276,7 +274,7 @@ fn lock_run_dir(out: &Path) -> Result<RunLock> {
         Ok(()) => {
             file.set_len(0)?;
             write!(file, "{}", std::process::id())?;
-            Ok(RunLock(file))
+            Ok(file)
         }
         Err(std::fs::TryLockError::WouldBlock) => {
             let holder = std::fs::read_to_string(&path).unwrap_or_default();
@@ -395,13 +393,14 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
     let (peak_gflops, _) = crate::machine::peak_gflops(threads);
     let params = trainer.model().params();
     tracing::info!(
-        "model: {} parameters ({} trained), vocabulary {}; data: {} training and {} validation tokens; {} tokens per step, {threads} threads",
+        "model: {} parameters ({} trained), vocabulary {}; data: {} training and {} validation tokens; {} tokens per step, {threads} threads, {}",
         params.numel(),
         params.trainable_numel(),
         manifest.vocab_size,
         train_tokens,
         val_set.len(),
-        tokens_per_step
+        tokens_per_step,
+        trainer.strategy().describe()
     );
     let progress: Arc<dyn Progress> = opts.progress.clone().unwrap_or(Arc::new(NoProgress));
     progress.begin(t.max_steps, start_step);

@@ -102,6 +102,11 @@ impl Trainer {
         &*self.optimizer
     }
 
+    /// How steps run on the hardware.
+    pub fn strategy(&self) -> &dyn Strategy {
+        &*self.strategy
+    }
+
     /// Optimizer steps taken.
     pub fn steps(&self) -> u64 {
         self.step

@@ -104,6 +104,12 @@ impl Builder {
         self.params.add(name, &local, weight_decay)
     }
 
+    /// Declares a replicated 1-D parameter of `len` elements without weight decay (a norm's
+    /// weight, a bias), initialised to `init`.
+    pub fn vector(&mut self, name: &str, len: usize, init: Init) -> Result<ParamId> {
+        self.param(name, &[len], init, false, Split::Replicated)
+    }
+
     /// Lays the parameters out flat in `dtype`; returns them with the parallel context.
     pub fn build(self, dtype: DType) -> (ParamStore, Arc<dyn ParallelContext>) {
         (self.params.build(dtype), self.parallel)

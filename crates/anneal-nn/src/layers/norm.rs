@@ -1,7 +1,7 @@
 //! Normalisation layers over the last axis: LayerNorm (Ba et al. 2016; GPT-2, BERT) and RMSNorm
 //! (Zhang & Sennrich 2019; Llama).
 
-use super::{join, Builder, Init, Split, Weights};
+use super::{join, Builder, Init, Weights};
 use anneal_tensor::{ParamId, Result, Tensor};
 
 /// `(x − mean) / √(var + eps) · weight + bias`.
@@ -15,24 +15,10 @@ pub struct LayerNorm {
 impl LayerNorm {
     /// Declares `prefix.weight` (ones) and, with `bias`, `prefix.bias` (zeros); neither decayed.
     pub fn new(b: &mut Builder, prefix: &str, dim: usize, bias: bool, eps: f32) -> Result<Self> {
-        let weight = b.param(
-            &join(prefix, "weight"),
-            &[dim],
-            Init::Ones,
-            false,
-            Split::Replicated,
-        )?;
-        let bias = if bias {
-            Some(b.param(
-                &join(prefix, "bias"),
-                &[dim],
-                Init::Zeros,
-                false,
-                Split::Replicated,
-            )?)
-        } else {
-            None
-        };
+        let weight = b.vector(&join(prefix, "weight"), dim, Init::Ones)?;
+        let bias = bias
+            .then(|| b.vector(&join(prefix, "bias"), dim, Init::Zeros))
+            .transpose()?;
         Ok(LayerNorm { weight, bias, eps })
     }
 
@@ -58,13 +44,7 @@ pub struct RmsNorm {
 impl RmsNorm {
     /// Declares `prefix.weight` (ones, not decayed).
     pub fn new(b: &mut Builder, prefix: &str, dim: usize, eps: f32) -> Result<Self> {
-        let weight = b.param(
-            &join(prefix, "weight"),
-            &[dim],
-            Init::Ones,
-            false,
-            Split::Replicated,
-        )?;
+        let weight = b.vector(&join(prefix, "weight"), dim, Init::Ones)?;
         Ok(RmsNorm { weight, eps })
     }
 

@@ -18,11 +18,6 @@ pub enum Split {
 /// What a layer asks of the parallel layout it runs in. Every method has the single-device
 /// answer as its default.
 pub trait ParallelContext: Send + Sync {
-    /// A short description for logs, e.g. `single device` or `tensor 2 × data 4`.
-    fn describe(&self) -> String {
-        "single device".into()
-    }
-
     /// This rank's index in its tensor-parallel group and the group's size.
     fn tensor_parallel(&self) -> (usize, usize) {
         (0, 1)
@@ -50,11 +45,6 @@ pub trait ParallelContext: Send + Sync {
     /// The output of a row-parallel layer: all-reduce forward, identity backward (Megatron's
     /// `g`).
     fn reduce_parallel(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.clone())
-    }
-
-    /// Outputs split along their last axis, gathered whole on every rank.
-    fn gather_last_axis(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone())
     }
 }
