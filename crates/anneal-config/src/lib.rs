@@ -185,9 +185,9 @@ impl Loader {
         let parts: Vec<&str> = key.split('.').collect();
         let (mut here, mut schema) = (table, &self.schema);
         for (depth, part) in parts.iter().enumerate() {
-            let section = parts[..depth].join(".");
             let allowed = || {
                 let keys: Vec<&str> = schema.keys().map(|k| k.as_str()).collect();
+                let section = parts[..depth].join(".");
                 if section.is_empty() {
                     format!("the top level allows {}", keys.join(", "))
                 } else {
@@ -268,9 +268,8 @@ impl Loader {
                 path: path.to_path_buf(),
                 reason: e.to_string(),
             })?;
-            let mut keys = Vec::new();
-            flatten("", body, &mut keys);
-            for (key, value) in keys {
+            // Each top-level entry; `set` takes a section apart into its keys.
+            for (key, value) in body {
                 self.set(&mut table, &key, value).map_err(|e| match e {
                     Error::Key { message, .. } => Error::Key {
                         location: format!("in {}: ", path.display()),

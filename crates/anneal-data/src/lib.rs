@@ -32,7 +32,7 @@ pub use shards::{
 };
 pub use tokenizer::Tokenizer;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Text shared by the unit tests of the filters, signals and pipeline.
 #[cfg(test)]
@@ -90,6 +90,39 @@ pub type Result<T> = std::result::Result<T, Error>;
 pub(crate) fn io_err(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
     let path = path.into();
     move |source| Error::Io { path, source }
+}
+
+/// `dir`'s hidden sibling `.NAME.SUFFIX`, where a directory's replacement is written.
+pub fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
+    let name = dir.file_name().ok_or_else(|| Error::Invalid {
+        key: "output directory".into(),
+        value: dir.display().to_string(),
+        allowed: "a directory with a name".into(),
+    })?;
+    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
+    let parent = parent.unwrap_or(Path::new("."));
+    Ok(parent.join(format!(".{}.{suffix}", name.to_string_lossy())))
+}
+
+/// Puts the finished directory `new` at `dest`: an existing `dest` is renamed aside (to its
+/// sibling `.NAME.old`), `new` renamed into place, and the old one removed, so `dest` always
+/// holds one whole version. Checkpoints, exports and tokenized datasets are written this way.
+pub fn replace_dir(new: &Path, dest: &Path) -> Result<()> {
+    if dest.exists() {
+        let old = sibling(dest, "old")?;
+        if old.exists() {
+            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+        }
+        std::fs::rename(dest, &old).map_err(io_err(&old))?;
+        std::fs::rename(new, dest).map_err(io_err(dest))?;
+        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
+    } else {
+        if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        std::fs::rename(new, dest).map_err(io_err(dest))?;
+    }
+    Ok(())
 }
 
 /// The data cache that `scripts/fetch-data.sh` fills: `$ANNEAL_DATA`, else `~/.cache/anneal`.

@@ -280,7 +280,7 @@ pub fn tokenize(
     let start = Instant::now();
     // The new dataset is written beside the old one and swapped in whole at the end, so a run
     // killed midway (or a full disk) leaves the old dataset as it was.
-    let (final_dir, work) = (out_dir, sibling(out_dir, "tokenize-tmp")?);
+    let (final_dir, work) = (out_dir, crate::sibling(out_dir, "tokenize-tmp")?);
     if work.exists() {
         std::fs::remove_dir_all(&work).map_err(io_err(&work))?;
     }
@@ -393,18 +393,6 @@ pub fn tokenize(
     })
 }
 
-/// `dir`'s hidden sibling `.NAME.SUFFIX`.
-fn sibling(dir: &Path, suffix: &str) -> Result<PathBuf> {
-    let name = dir.file_name().ok_or_else(|| Error::Invalid {
-        key: "output directory".into(),
-        value: dir.display().to_string(),
-        allowed: "a directory with a name".into(),
-    })?;
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty());
-    let parent = parent.unwrap_or(Path::new("."));
-    Ok(parent.join(format!(".{}.{suffix}", name.to_string_lossy())))
-}
-
 /// Whether a file name is part of a tokenized dataset (shards, manifest, tokenizer).
 fn dataset_file(name: &str) -> bool {
     name == "manifest.json"
@@ -413,8 +401,7 @@ fn dataset_file(name: &str) -> bool {
 }
 
 /// Puts the finished dataset in `work` at `dir`: files of `dir` that are not part of a dataset
-/// move across, then the old directory is renamed aside and the new one into place (the pattern
-/// checkpoints use), and the old one is removed.
+/// move across, then the new directory replaces the old one ([`crate::replace_dir`]).
 fn swap_in(work: &Path, dir: &Path) -> Result<()> {
     if dir.exists() {
         for entry in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
@@ -424,20 +411,8 @@ fn swap_in(work: &Path, dir: &Path) -> Result<()> {
                 std::fs::rename(entry.path(), &to).map_err(io_err(&to))?;
             }
         }
-        let old = sibling(dir, "tokenize-old")?;
-        if old.exists() {
-            std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
-        }
-        std::fs::rename(dir, &old).map_err(io_err(&old))?;
-        std::fs::rename(work, dir).map_err(io_err(dir))?;
-        std::fs::remove_dir_all(&old).map_err(io_err(&old))?;
-    } else {
-        if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(io_err(parent))?;
-        }
-        std::fs::rename(work, dir).map_err(io_err(dir))?;
     }
-    Ok(())
+    crate::replace_dir(work, dir)
 }
 
 /// Moves the last `val_fraction` of the training tokens into validation shards (the tail split).

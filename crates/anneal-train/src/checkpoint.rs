@@ -162,16 +162,8 @@ pub fn save(
     write_synced(&tmp.join("trainer_state.json"), &json)?;
     sync_dir(&tmp);
     let dest = root.join(&name);
-    if dest.exists() {
-        let old = root.join(format!(".{name}.old"));
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(&dest, &old)?;
-        std::fs::rename(&tmp, &dest)?;
-        std::fs::remove_dir_all(&old)?;
-    } else {
-        std::fs::rename(&tmp, &dest)
-            .with_context(|| format!("moving checkpoint into {}", dest.display()))?;
-    }
+    anneal_data::replace_dir(&tmp, &dest)
+        .with_context(|| format!("moving checkpoint into {}", dest.display()))?;
     sync_dir(root);
     Ok(dest)
 }

@@ -40,28 +40,11 @@ pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path, overwrite: bool) -
     if out.exists() && !out.is_dir() {
         bail!("{} exists and is not a directory", out.display());
     }
-    let name = out
-        .file_name()
-        .with_context(|| format!("{}: not a directory name", out.display()))?
-        .to_string_lossy()
-        .into_owned();
-    let parent = out.parent().filter(|p| !p.as_os_str().is_empty());
-    let parent = parent.unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let tmp = parent.join(format!(".{name}.export-tmp"));
+    let tmp = anneal_data::sibling(out, "export-tmp")?;
     let _ = std::fs::remove_dir_all(&tmp);
     write_dir(model, tokenizer, &tmp)?;
-    if out.exists() {
-        let old = parent.join(format!(".{name}.export-old"));
-        let _ = std::fs::remove_dir_all(&old);
-        std::fs::rename(out, &old).with_context(|| format!("moving {} aside", out.display()))?;
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("moving the export to {}", out.display()))?;
-        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
-    } else {
-        std::fs::rename(&tmp, out)
-            .with_context(|| format!("moving the export to {}", out.display()))?;
-    }
+    anneal_data::replace_dir(&tmp, out)
+        .with_context(|| format!("moving the export to {}", out.display()))?;
     Ok(())
 }
 
