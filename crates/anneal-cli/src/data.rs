@@ -162,8 +162,21 @@ fn pipeline_config(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineCo
 }
 
 fn pipeline_config_from_flags(a: &PipelineArgs) -> Result<anneal_data::pipeline::PipelineConfig> {
-    use anneal_data::pipeline::*;
-    let mut c = PipelineConfig::load(a.config.as_deref(), &a.set)?;
+    use anneal_data::pipeline::PipelineConfig;
+    // --stages switches stages on through the loader, as naming their sections would: file,
+    // then stages, then --set.
+    let mut overrides = Vec::with_capacity(a.stages.len() + a.set.len());
+    for stage in &a.stages {
+        let Some(key) = PipelineConfig::stage_key(stage) else {
+            bail!(
+                "--stages {stage:?} is not a stage: normalize, exact_dedup, near_dedup, length, c4, \
+                 gopher_quality, gopher_repetition, language, code, signals"
+            );
+        };
+        overrides.push(format!("{key}={{}}"));
+    }
+    overrides.extend(a.set.iter().cloned());
+    let mut c = PipelineConfig::load(a.config.as_deref(), &overrides)?;
     if !a.input.is_empty() {
         c.input.paths = a.input.clone();
     }
@@ -173,32 +186,12 @@ fn pipeline_config_from_flags(a: &PipelineArgs) -> Result<anneal_data::pipeline:
     if let Some(out) = &a.out {
         c.output.dir = out.clone();
     }
-    for stage in &a.stages {
-        let f = &mut c.filters;
-        match stage.as_str() {
-            "normalize" => _ = c.normalize.get_or_insert_with(Default::default),
-            "exact_dedup" => _ = c.exact_dedup.get_or_insert_with(Default::default),
-            "near_dedup" => _ = c.near_dedup.get_or_insert_with(Default::default),
-            "length" => _ = f.length.get_or_insert_with(Default::default),
-            "c4" => _ = f.c4.get_or_insert_with(Default::default),
-            "gopher_quality" => _ = f.gopher_quality.get_or_insert_with(Default::default),
-            "gopher_repetition" => _ = f.gopher_repetition.get_or_insert_with(Default::default),
-            "language" => _ = f.language.get_or_insert_with(Default::default),
-            "code" => _ = f.code.get_or_insert_with(Default::default),
-            "signals" => _ = c.signals.get_or_insert_with(Default::default),
-            other => bail!(
-                "--stages {other:?} is not a stage: normalize, exact_dedup, near_dedup, length, c4, \
-                 gopher_quality, gopher_repetition, language, code, signals"
-            ),
-        }
-    }
     if c.input.paths.is_empty() {
         bail!("no input: give --input PATH or [input] paths in the pipeline file");
     }
     if c.output.dir.as_os_str().is_empty() {
         bail!("no output: give --out DIR, or a pipeline file (--config) with [output] dir");
     }
-    c.validate()?;
     Ok(c)
 }
 

@@ -296,6 +296,25 @@ impl PipelineConfig {
         Ok(())
     }
 
+    /// The configuration key of stage `name` (`c4` → `filters.c4`), or `None` for a name that
+    /// is not a stage. Naming that key in a file or an override switches the stage on.
+    pub fn stage_key(name: &str) -> Option<String> {
+        let top = ["normalize", "exact_dedup", "near_dedup", "signals"];
+        let filters = [
+            "length",
+            "c4",
+            "gopher_quality",
+            "gopher_repetition",
+            "language",
+            "code",
+        ];
+        if top.contains(&name) {
+            Some(name.to_string())
+        } else {
+            filters.contains(&name).then(|| format!("filters.{name}"))
+        }
+    }
+
     /// The stages that are on, in order.
     pub fn stages(&self) -> Vec<&'static str> {
         let f = &self.filters;
