@@ -36,11 +36,7 @@ pub fn window_nll(
     batch: usize,
     seq: usize,
 ) -> Result<Nll> {
-    let input = ModelInput::Tokens {
-        ids: ids.to_vec(),
-        batch,
-        seq,
-    };
+    let input = ModelInput::Tokens { ids, batch, seq };
     let loss = anneal_tensor::no_grad(|| {
         model
             .forward(&input, None)?

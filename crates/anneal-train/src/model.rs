@@ -5,13 +5,13 @@
 use anneal_nn::Gpt;
 use anneal_tensor::{ParamStore, Result, Tensor};
 
-/// A model's input, built by an objective from a batch.
-#[derive(Clone, Debug)]
-pub enum ModelInput {
+/// A model's input, built by an objective from a batch (borrowing from it: nothing is copied).
+#[derive(Clone, Copy, Debug)]
+pub enum ModelInput<'a> {
     /// Token ids `[batch, seq]`, row-major.
     Tokens {
         /// The ids.
-        ids: Vec<u32>,
+        ids: &'a [u32],
         /// Rows.
         batch: usize,
         /// Positions per row.
@@ -35,7 +35,7 @@ pub trait TrainModel: Send + Sync {
     fn params(&self) -> &ParamStore;
 
     /// The forward pass; `dropout_seed` turns dropout on (training) with masks derived from it.
-    fn forward(&self, input: &ModelInput, dropout_seed: Option<u64>) -> Result<ModelOutput>;
+    fn forward(&self, input: &ModelInput<'_>, dropout_seed: Option<u64>) -> Result<ModelOutput>;
 
     /// Training FLOPs per token at sequence length `seq` (for MFU).
     fn flops_per_token(&self, seq: usize) -> f64;
@@ -46,7 +46,7 @@ impl TrainModel for Gpt {
         &self.params
     }
 
-    fn forward(&self, input: &ModelInput, dropout_seed: Option<u64>) -> Result<ModelOutput> {
+    fn forward(&self, input: &ModelInput<'_>, dropout_seed: Option<u64>) -> Result<ModelOutput> {
         let ModelInput::Tokens { ids, batch, seq } = input;
         Ok(ModelOutput {
             logits: Gpt::forward(self, ids, *batch, *seq, dropout_seed)?,

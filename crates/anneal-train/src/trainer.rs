@@ -309,7 +309,7 @@ mod tests {
         }
         fn forward(
             &self,
-            input: &ModelInput,
+            input: &ModelInput<'_>,
             seed: Option<u64>,
         ) -> anneal_tensor::Result<ModelOutput> {
             let mut out = TrainModel::forward(&self.0, input, seed)?;
@@ -330,7 +330,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "counting"
         }
-        fn inputs(&self, batch: &Batch) -> anneal_tensor::Result<ModelInput> {
+        fn inputs<'a>(&self, batch: &'a Batch) -> anneal_tensor::Result<ModelInput<'a>> {
             CausalLm.inputs(batch)
         }
         fn loss(&self, output: &ModelOutput, batch: &Batch) -> anneal_tensor::Result<Loss> {

@@ -14,10 +14,10 @@ impl Objective for CausalLm {
         "causal_lm"
     }
 
-    fn inputs(&self, batch: &Batch) -> Result<ModelInput> {
+    fn inputs<'a>(&self, batch: &'a Batch) -> Result<ModelInput<'a>> {
         match batch {
             Batch::Tokens(w) => Ok(ModelInput::Tokens {
-                ids: w.ids.clone(),
+                ids: &w.ids,
                 batch: w.batch,
                 seq: w.seq,
             }),

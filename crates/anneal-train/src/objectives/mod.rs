@@ -29,7 +29,7 @@ pub trait Objective: Send {
     fn name(&self) -> &'static str;
 
     /// The model input for `batch`; fails naming the batch kind the objective cannot use.
-    fn inputs(&self, batch: &Batch) -> Result<ModelInput>;
+    fn inputs<'a>(&self, batch: &'a Batch) -> Result<ModelInput<'a>>;
 
     /// The loss from the model's output on `batch`.
     fn loss(&self, output: &ModelOutput, batch: &Batch) -> Result<Loss>;
