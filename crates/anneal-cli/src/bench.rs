@@ -45,6 +45,25 @@ pub enum BenchCommand {
     /// Example: anneal bench dedup --input corpus/ --workers 2
     #[command(verbatim_doc_comment)]
     Dedup(CurateBench),
+    /// Tokenize generated one-line documents of several sizes (`anneal data tokenize`, each in
+    /// its own process) and compare their peak memory: it should not grow with the document.
+    ///
+    /// Example: anneal bench tokenize --mb 20,200 --tokenizer chars
+    #[command(verbatim_doc_comment)]
+    Tokenize(TokenizeBench),
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct TokenizeBench {
+    /// Sizes of the one-line documents, in MB.
+    #[arg(long, value_delimiter = ',', default_values_t = [20u64, 200])]
+    mb: Vec<u64>,
+    /// The tokenizer, as `anneal data tokenize --tokenizer` takes it.
+    #[arg(long, default_value = "chars")]
+    tokenizer: String,
+    /// Scratch directory (each document and its dataset are removed once measured).
+    #[arg(long, default_value = "runs/bench-tokenize")]
+    out: PathBuf,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -305,7 +324,115 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
             b.workers = threads.unwrap_or(b.workers);
             dedup(b)
         }
+        BenchCommand::Tokenize(b) => tokenize(b, threads),
     }
+}
+
+/// Writes `bytes` of seeded pseudo-random lowercase words, separated by single spaces, on one
+/// line without a newline.
+fn write_one_line_document(path: &Path, bytes: u64, seed: u64) -> Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(path).with_context(|| path.display().to_string())?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    let mut state = seed | 1;
+    let mut next = || {
+        // xorshift64 (Marsaglia 2003).
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut chunk = Vec::with_capacity(1 << 16);
+    let mut written = 0u64;
+    while written < bytes {
+        chunk.clear();
+        while chunk.len() < 1 << 16 {
+            let r = next();
+            for i in 0..1 + (r % 9) as usize {
+                chunk.push(b'a' + ((r >> (8 + 5 * i)) % 26) as u8);
+            }
+            chunk.push(b' ');
+        }
+        let take = chunk.len().min((bytes - written) as usize);
+        w.write_all(&chunk[..take])?;
+        written += take as u64;
+    }
+    w.flush()?;
+    Ok(())
+}
+
+fn tokenize(b: TokenizeBench, threads: Option<usize>) -> Result<()> {
+    if b.mb.is_empty() || b.mb.contains(&0) {
+        bail!(
+            "--mb {:?} is not allowed: one or more sizes of at least 1 MB",
+            b.mb
+        );
+    }
+    std::fs::create_dir_all(&b.out).with_context(|| b.out.display().to_string())?;
+    let exe = std::env::current_exe()?;
+    println!(
+        "tokenizer {}, one-line documents of random words",
+        b.tokenizer
+    );
+    println!("| document MB | peak memory MB | MB/s | training tokens |");
+    println!("|---|---|---|---|");
+    let mut peaks = Vec::new();
+    for &mb in &b.mb {
+        let doc = b.out.join(format!("doc-{mb}mb.txt"));
+        let data = b.out.join(format!("data-{mb}mb"));
+        write_one_line_document(&doc, mb * 1_000_000, mb)?;
+        let mut cmd = Command::new(&exe);
+        if let Some(t) = threads {
+            cmd.arg("--threads").arg(t.to_string());
+        }
+        let out = cmd
+            .args([
+                "data",
+                "tokenize",
+                "--quiet",
+                "--split",
+                "tail",
+                "--tokenizer",
+            ])
+            .arg(&b.tokenizer)
+            .arg("--input")
+            .arg(&doc)
+            .arg("--out")
+            .arg(&data)
+            .output()?;
+        let _ = std::fs::remove_file(&doc);
+        let _ = std::fs::remove_dir_all(&data);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "anneal data tokenize failed on the {mb} MB document:\n{stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        // The summary line: "N training tokens (…), … MB/s, peak memory P MB".
+        let line = stdout
+            .lines()
+            .find(|l| l.contains("training tokens") && l.contains("peak memory"))
+            .context("anneal data tokenize printed no summary with its peak memory")?;
+        let word_after = |key: &str| -> Option<f64> {
+            let rest = &line[line.find(key)? + key.len()..];
+            rest.split_whitespace().next()?.parse().ok()
+        };
+        let word_before = |key: &str| -> Option<f64> {
+            let head = &line[..line.find(key)?];
+            head.split_whitespace().last()?.parse().ok()
+        };
+        let peak = word_after("peak memory ").context("unreadable peak memory")?;
+        let tokens = line.split_whitespace().next().unwrap_or("?");
+        let mbs = word_before(" MB/s").unwrap_or(f64::NAN);
+        println!("| {mb} | {peak:.0} | {mbs:.1} | {tokens} |");
+        peaks.push(peak);
+    }
+    let (lo, hi) = peaks
+        .iter()
+        .fold((f64::INFINITY, 0f64), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+    println!("\nlargest peak / smallest: {:.3}", hi / lo);
+    Ok(())
 }
 
 fn config(b: &GptBench, dtype: DType) -> GptConfig {

@@ -141,8 +141,9 @@ fn perplexity(
     text: &str,
     max_tokens: usize,
 ) -> Result<f64> {
-    let mut ids = m.tokenizer.encode(text)?;
-    ids.truncate(max_tokens + 1);
+    let ids = m
+        .tokenizer
+        .encode_prefix(text, max_tokens.saturating_add(1))?;
     if ids.len() < 2 {
         return Ok(f64::NAN);
     }
@@ -571,7 +572,7 @@ pub fn run(cmd: DataCommand) -> Result<()> {
             println!("{}", m.corpus.summary());
             println!(
                 "{} training tokens ({} documents), {} validation tokens ({} documents), \
-                 vocabulary {} ({}), in {:.1} s: {:.1} MB/s",
+                 vocabulary {} ({}), in {:.1} s: {:.1} MB/s, peak memory {:.0} MB",
                 m.train_tokens(),
                 m.train_documents,
                 m.val_tokens(),
@@ -579,7 +580,8 @@ pub fn run(cmd: DataCommand) -> Result<()> {
                 m.vocab_size,
                 m.dtype,
                 summary.seconds,
-                summary.mb_per_s()
+                summary.mb_per_s(),
+                anneal_train::machine::peak_rss_mb()
             );
             println!("wrote {}", a.out.display());
             if m.val_tokens() == 0 && a.val_fraction > 0.0 {
@@ -619,6 +621,8 @@ pub fn corpus(args: &CorpusArgs) -> Result<Corpus> {
 
 /// Builds the tokenizer `args` ask for over `corpus`.
 pub fn make_tokenizer(args: &TokenizeArgs, corpus: &Corpus) -> Result<Tokenizer> {
+    // Parts of bounded size: the trainers' memory follows the text they hold at once.
+    let corpus = &corpus.in_parts_of(anneal_data::TOKENIZE_PART_BYTES);
     match args.tokenizer.as_str() {
         "bpe" => {
             // Checked before the trainer allocates tables of this size.

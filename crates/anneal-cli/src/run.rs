@@ -272,21 +272,36 @@ pub struct EvalArgs {
 /// the perplexity.
 pub fn eval(a: EvalArgs) -> Result<()> {
     let loaded = load_model(&a.model)?;
-    let corpus = Corpus::new(&a.input, a.read.options())?;
+    // Documents come in parts of bounded size and are encoded a piece at a time, so memory
+    // does not grow with the longest document, and encoding stops once enough tokens are in.
+    let corpus =
+        Corpus::new(&a.input, a.read.options())?.in_parts_of(anneal_data::TOKENIZE_PART_BYTES);
     let t = loaded.model.config.block_size;
     let started = std::time::Instant::now();
     let mut scorer =
         StreamNll::new(&loaded.model, t, a.batch_size).with_limit(a.max_tokens.unwrap_or(u64::MAX));
+    let eos = loaded.tokenizer.eos();
     let mut failure = None;
+    let mut first = true;
     let report = corpus.for_each(|doc| {
-        let scored = loaded
-            .tokenizer
-            .encode(&doc.text)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", doc.source))
-            .and_then(|mut ids| {
-                ids.extend(loaded.tokenizer.eos());
-                Ok(scorer.push(&ids)?)
-            });
+        let mut scored = Ok(());
+        // Each document is followed by end-of-text: pushed when the next one begins.
+        if let (false, false, Some(eos)) = (first, doc.continued, eos) {
+            scored = scorer.push(&[eos]).map_err(anyhow::Error::from);
+        }
+        first = false;
+        if scored.is_ok() {
+            scored = loaded
+                .tokenizer
+                .encode_pieces(&doc.text, |ids| {
+                    if let Err(e) = scorer.push(ids) {
+                        scored = Err(e.into());
+                    }
+                    scored.is_ok() && !scorer.done()
+                })
+                .map_err(|e| anyhow::anyhow!("{}: {e}", doc.source))
+                .and(scored);
+        }
         if let Err(e) = scored {
             failure = Some(e);
             return false;
@@ -295,6 +310,11 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     })?;
     if let Some(e) = failure {
         return Err(e);
+    }
+    if let (false, Some(eos)) = (first, eos) {
+        if !scorer.done() {
+            scorer.push(&[eos])?;
+        }
     }
     let nll = scorer.finish(false)?;
     if nll.tokens == 0 {
@@ -305,11 +325,12 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     }
     println!("{}", report.summary());
     println!(
-        "{} tokens in windows of {t}: loss {:.4} nats/token, perplexity {:.3} ({:.1} s)",
+        "{} tokens in windows of {t}: loss {:.4} nats/token, perplexity {:.3} ({:.1} s, peak memory {:.0} MB)",
         nll.tokens,
         nll.mean(),
         nll.perplexity(),
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        anneal_train::machine::peak_rss_mb()
     );
     Ok(())
 }

@@ -448,6 +448,48 @@ fn generate_eval_and_export_from_a_run() {
     let src = dir.path().join("src/part1.txt");
     let eval = ok(anneal(&["eval", run_s, "--input", src.to_str().unwrap()]));
     assert!(eval.contains("perplexity"), "{eval}");
+    // A long one-line document is encoded only as far as --max-tokens needs: the same tokens
+    // and loss as its first kilobytes alone, in about the same memory.
+    let line: String = std::fs::read_to_string(&src)
+        .unwrap()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
+    let long = dir.path().join("long.txt");
+    let short = dir.path().join("short.txt");
+    std::fs::write(&long, line.repeat((8 << 20) / line.len() + 1)).unwrap();
+    std::fs::write(&short, &line.repeat(4096 / line.len() + 1)[..4096]).unwrap();
+    let peak_and_loss = |input: &Path| {
+        let out = ok(anneal(&[
+            "eval",
+            run_s,
+            "--input",
+            input.to_str().unwrap(),
+            "--max-tokens",
+            "500",
+        ]));
+        let line = out
+            .lines()
+            .find(|l| l.contains("peak memory"))
+            .expect("eval summary");
+        let peak: f64 = line
+            .split("peak memory ")
+            .nth(1)
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        (peak, line.split(" (").next().unwrap().to_string())
+    };
+    let (long_peak, long_loss) = peak_and_loss(&long);
+    let (short_peak, short_loss) = peak_and_loss(&short);
+    assert_eq!(long_loss, short_loss);
+    assert!(
+        long_peak < short_peak * 1.1 + 2.0,
+        "eval of the first 500 tokens of an 8 MB line peaked at {long_peak} MB, of 4 kB at {short_peak} MB"
+    );
 
     // The model as a data signal: perplexity of each kept document under it.
     let curated = dir.path().join("curated");

@@ -9,8 +9,12 @@
 //! - A JSONL file (`.jsonl`, `.json`) holds one document per line, its text in a configurable
 //!   field. Lines that are not JSON objects with a string in that field are reported.
 //!
-//! Only one file's content is held at a time (one line, for JSONL), so memory stays bounded
-//! whatever the corpus size.
+//! A document longer than [`CorpusOptions::max_document_bytes`] is handed on in parts of at most
+//! that size, cut before a space where there is one ([`piece_end`]); every part after the first
+//! is marked [`Document::continued`], so a consumer that needs the whole text (tokenization,
+//! which puts no end-of-text token between parts) can join them. A text file is read a bounded
+//! piece at a time, a single line of any length included, so memory stays bounded whatever the
+//! corpus holds; a JSONL line is parsed whole.
 
 use crate::{io_err, Error, Result};
 use std::collections::HashSet;
@@ -59,8 +63,10 @@ pub struct CorpusOptions {
     pub dedup_exact: bool,
     /// Stop after this many bytes of document text (`None`: read everything).
     pub max_bytes: Option<u64>,
-    /// A text file larger than this becomes several documents, cut at line boundaries
-    /// (64 MiB by default), so that no single file has to fit in memory.
+    /// A document larger than this is handed on in parts of at most this size (64 MiB by
+    /// default; at least 64 bytes), so that no single file or line has to fit in memory. Text
+    /// files are cut at line ends where they can be, and otherwise (a line longer than this)
+    /// before a space ([`piece_end`]).
     pub max_document_bytes: usize,
 }
 
@@ -84,6 +90,37 @@ pub struct Document {
     pub source: String,
     /// Its text.
     pub text: String,
+    /// Whether this continues the document before it: a part, after the first, of a document
+    /// longer than [`CorpusOptions::max_document_bytes`].
+    pub continued: bool,
+}
+
+/// Where to end a piece of at most `max` bytes of the text `text`, so that the pieces of a long
+/// text can be processed one at a time: `text.len()` when it fits; else just before the last
+/// ASCII whitespace byte (in the second half of the piece) that a printable ASCII byte follows,
+/// so the next piece begins with that whitespace (GPT-2's pre-tokenisation, Radford et al.
+/// 2019, attaches a space to the word after it, so byte-level BPE encodes the pieces as it
+/// would the whole); failing that, the last UTF-8 character boundary. Never 0 for a non-empty
+/// `text` and `max >= 4`.
+pub fn piece_end(text: &[u8], max: usize) -> usize {
+    if text.len() <= max {
+        return text.len();
+    }
+    let max = max.max(4);
+    for p in (max / 2..max).rev() {
+        if p > 0 && text[p].is_ascii_whitespace() && text[p + 1].is_ascii_graphic() {
+            return p;
+        }
+    }
+    let mut p = max;
+    while p > 0 && (text[p] & 0xC0) == 0x80 {
+        p -= 1;
+    }
+    if p == 0 {
+        max
+    } else {
+        p
+    }
 }
 
 /// One piece of input that was skipped.
@@ -166,6 +203,7 @@ impl CorpusReport {
 }
 
 /// A corpus: the files to read and how to read them.
+#[derive(Clone, Debug)]
 pub struct Corpus {
     files: Vec<PathBuf>,
     options: CorpusOptions,
@@ -282,6 +320,15 @@ impl Corpus {
         });
     }
 
+    /// This corpus with documents handed on in parts of at most `bytes` (or the smaller size it
+    /// already has): for consumers that stream a document's parts and want memory bounded by
+    /// `bytes`, not by the longest document.
+    pub fn in_parts_of(&self, bytes: usize) -> Corpus {
+        let mut c = self.clone();
+        c.options.max_document_bytes = c.options.max_document_bytes.min(bytes);
+        c
+    }
+
     /// Keeps only the files for which `keep` is true.
     pub fn retain_files(&mut self, keep: impl FnMut(&PathBuf) -> bool) {
         self.files.retain(keep);
@@ -304,6 +351,10 @@ impl Corpus {
         let mut report = CorpusReport::default();
         let mut seen = HashSet::new();
         let opts = &self.options;
+        let max_part = opts.max_document_bytes.max(64);
+        // Whether the document before was dropped, so that a part continuing it is not joined
+        // to the one before that.
+        let mut dropped = false;
         let mut emit =
             |file: usize, index: u64, doc: Document, report: &mut CorpusReport| -> bool {
                 if doc.text.is_empty() {
@@ -313,6 +364,7 @@ impl Corpus {
                     && !seen.insert(xxhash_rust::xxh3::xxh3_128(doc.text.as_bytes()))
                 {
                     report.duplicates += 1;
+                    dropped = true;
                     return true;
                 }
                 if let Some(max) = opts.max_bytes {
@@ -320,9 +372,30 @@ impl Corpus {
                         return false;
                     }
                 }
-                report.documents += 1;
+                let continued = doc.continued && !dropped;
+                dropped = false;
+                report.documents += u64::from(!continued);
                 report.bytes += doc.text.len() as u64;
-                f(file, index, doc)
+                if doc.text.len() <= max_part {
+                    return f(file, index, Document { continued, ..doc });
+                }
+                // A JSONL or Parquet document longer than a part.
+                let mut rest = doc.text.as_str();
+                let mut first = true;
+                while !rest.is_empty() {
+                    let end = piece_end(rest.as_bytes(), max_part);
+                    let part = Document {
+                        source: doc.source.clone(),
+                        text: rest[..end].to_string(),
+                        continued: continued || !first,
+                    };
+                    if !f(file, index, part) {
+                        return false;
+                    }
+                    rest = &rest[end..];
+                    first = false;
+                }
+                true
             };
         'files: for (file_index, path) in self.files.iter().enumerate() {
             if !select(file_index) {
@@ -348,6 +421,7 @@ impl Corpus {
                         let doc = Document {
                             source: format!("{}:{number}", path.display()),
                             text,
+                            continued: false,
                         };
                         stop = !emit(file_index, number, doc, report);
                         !stop
@@ -372,64 +446,85 @@ impl Corpus {
                 }
             };
             if jsonl {
-                let read_all = for_each_line(reader, path, &mut report, |number, line, report| {
-                    if line.iter().all(|b| b.is_ascii_whitespace()) {
-                        return true;
-                    }
-                    match json_text(line, &opts.text_field) {
-                        Ok(text) => {
-                            let doc = Document {
-                                source: format!("{}:{number}", path.display()),
-                                text,
-                            };
-                            emit(file_index, number, doc, report)
+                let read_all = for_each_line(
+                    reader,
+                    path,
+                    &mut report,
+                    usize::MAX,
+                    |number, line, report| {
+                        if line.iter().all(|b| b.is_ascii_whitespace()) {
+                            return true;
                         }
-                        Err(reason) => {
-                            report.bad(path, Some(number), reason);
-                            true
+                        match json_text(line, &opts.text_field) {
+                            Ok(text) => {
+                                let doc = Document {
+                                    source: format!("{}:{number}", path.display()),
+                                    text,
+                                    continued: false,
+                                };
+                                emit(file_index, number, doc, report)
+                            }
+                            Err(reason) => {
+                                report.bad(path, Some(number), reason);
+                                true
+                            }
                         }
-                    }
-                });
+                    },
+                );
                 if !read_all {
                     break;
                 }
             } else {
-                // A file up to `max_document_bytes` is one document; a larger one is cut at line
-                // boundaries into parts of about that size, so memory stays bounded whatever one
-                // file holds.
+                // A file up to `max_document_bytes` is one document; a larger one is handed on
+                // in parts of at most that size, cut at line ends (or inside a longer line), so
+                // memory stays bounded whatever one file or line holds.
                 let mut text = String::new();
                 let mut part = 0u64;
-                let source = |part: u64| {
-                    if part == 0 {
+                let mut emit_part = |text: &mut String, report: &mut CorpusReport| {
+                    let source = if part == 0 {
                         path.display().to_string()
                     } else {
                         format!("{}#part{part}", path.display())
-                    }
-                };
-                let read_all = for_each_line(reader, path, &mut report, |number, line, report| {
-                    match std::str::from_utf8(line) {
-                        Ok(l) => text.push_str(l),
-                        Err(e) => report.bad(
-                            path,
-                            Some(number),
-                            format!("invalid UTF-8 at byte {} of the line", e.valid_up_to()),
-                        ),
-                    }
-                    if text.len() < opts.max_document_bytes {
-                        return true;
-                    }
+                    };
                     let doc = Document {
-                        source: source(part),
-                        text: std::mem::take(&mut text),
+                        source,
+                        text: std::mem::take(text),
+                        continued: part > 0,
                     };
                     part += 1;
                     emit(file_index, part - 1, doc, report)
-                });
-                let doc = Document {
-                    source: source(part),
-                    text,
                 };
-                if !read_all || !emit(file_index, part, doc, &mut report) {
+                let read_all = for_each_line(
+                    reader,
+                    path,
+                    &mut report,
+                    max_part,
+                    |number, line, report| {
+                        let line = match std::str::from_utf8(line) {
+                            Ok(l) => l,
+                            Err(e) => {
+                                report.bad(
+                                    path,
+                                    Some(number),
+                                    format!(
+                                        "invalid UTF-8 at byte {} of the line",
+                                        e.valid_up_to()
+                                    ),
+                                );
+                                return true;
+                            }
+                        };
+                        if !text.is_empty()
+                            && text.len() + line.len() > max_part
+                            && !emit_part(&mut text, report)
+                        {
+                            return false;
+                        }
+                        text.push_str(line);
+                        true
+                    },
+                );
+                if !read_all || (!text.is_empty() && !emit_part(&mut text, &mut report)) {
                     break;
                 }
             }
@@ -512,30 +607,64 @@ fn read_parquet(
 }
 
 /// Reads `reader` line by line (newline kept), calling `f(number, line, report)` with 1-based
-/// line numbers until it returns false. A read error is reported at its line and ends the file.
-/// Returns false when `f` stopped the reading.
+/// line numbers until it returns false; a line longer than `max` bytes is handed on in pieces
+/// ([`piece_end`]) under its one number, so no more than `max` bytes are held. A read error is
+/// reported at its line and ends the file. Returns false when `f` stopped the reading.
 fn for_each_line(
     reader: impl Read,
     path: &Path,
     report: &mut CorpusReport,
+    max: usize,
     mut f: impl FnMut(u64, &[u8], &mut CorpusReport) -> bool,
 ) -> bool {
-    let mut reader = BufReader::new(reader);
+    let max = max.max(64);
+    let mut reader = BufReader::with_capacity(1 << 16, reader);
     let mut line = Vec::new();
     let mut number = 0u64;
+    // Whether `line` holds the rest of a line whose first piece was already handed on.
+    let mut counted = false;
     loop {
-        line.clear();
-        match reader.read_until(b'\n', &mut line) {
-            Ok(0) => return true,
-            Ok(_) => {}
+        let buf = match reader.fill_buf() {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 report.bad(path, Some(number + 1), format!("read error: {e}"));
                 return true;
             }
+        };
+        if buf.is_empty() {
+            if line.is_empty() {
+                return true;
+            }
+            number += u64::from(!counted);
+            return f(number, &line, report);
         }
-        number += 1;
-        if !f(number, &line, report) {
-            return false;
+        let take = buf.len().min(max - line.len());
+        match buf[..take].iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                line.extend_from_slice(&buf[..=i]);
+                reader.consume(i + 1);
+                number += u64::from(!counted);
+                counted = false;
+                if !f(number, &line, report) {
+                    return false;
+                }
+                line.clear();
+            }
+            None => {
+                line.extend_from_slice(&buf[..take]);
+                reader.consume(take);
+                if line.len() == max {
+                    // A line longer than `max`: hand on a piece of it, keep the rest.
+                    number += u64::from(!counted);
+                    counted = true;
+                    let end = piece_end(&line, max - 1);
+                    if !f(number, &line[..end], report) {
+                        return false;
+                    }
+                    line.drain(..end);
+                }
+            }
         }
     }
 }
@@ -693,6 +822,76 @@ mod tests {
             body
         );
         assert!(docs[1].source.ends_with("big.txt#part1"));
+    }
+
+    #[test]
+    fn a_line_longer_than_a_part_is_cut_before_spaces_and_its_parts_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let line: String = (0..400).map(|i| format!("word{i} ")).collect();
+        let body = format!("{line}\nshort line\n{line}");
+        write(&dir.path().join("long.txt"), body.as_bytes());
+        let opts = CorpusOptions {
+            max_document_bytes: 100,
+            ..Default::default()
+        };
+        let (docs, report) = read_all(&[dir.path().to_path_buf()], opts);
+        assert!(docs.len() > 2 * line.len() / 100, "{}", docs.len());
+        assert!(docs.iter().all(|d| d.text.len() <= 100));
+        // Cut only before a space (the file's line ends aside): every part but the first begins
+        // with a space or follows a line end.
+        for pair in docs.windows(2) {
+            let b = &pair[1].text;
+            assert!(b.starts_with(' ') || pair[0].text.ends_with('\n'), "{b:?}");
+        }
+        assert!(!docs[0].continued && docs[1..].iter().all(|d| d.continued));
+        assert_eq!(
+            docs.iter().map(|d| d.text.as_str()).collect::<String>(),
+            body
+        );
+        assert_eq!(report.documents, 1, "one file, one document");
+        assert_eq!(report.bytes, body.len() as u64);
+    }
+
+    #[test]
+    fn a_jsonl_document_longer_than_a_part_is_handed_on_in_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "ab ".repeat(100) + "ünï";
+        let lines = format!(
+            "{}\n{}\n",
+            serde_json::json!({ "text": text }),
+            serde_json::json!({ "text": "next" })
+        );
+        write(&dir.path().join("a.jsonl"), lines.as_bytes());
+        let opts = CorpusOptions {
+            max_document_bytes: 64,
+            ..Default::default()
+        };
+        let (docs, report) = read_all(&[dir.path().to_path_buf()], opts);
+        let (last, parts) = docs.split_last().unwrap();
+        assert_eq!(
+            parts.iter().map(|d| d.text.as_str()).collect::<String>(),
+            text
+        );
+        assert!(parts[1..]
+            .iter()
+            .all(|d| d.continued && d.source.ends_with(":1")));
+        assert!(!parts[0].continued && !last.continued && last.text == "next");
+        assert_eq!(report.documents, 2);
+    }
+
+    #[test]
+    fn pieces_end_before_a_space_or_at_a_character_boundary() {
+        assert_eq!(piece_end(b"short", 10), 5);
+        assert_eq!(piece_end(b"aaaa bbbb cccc", 12), 9, "before ' cccc'");
+        // Only whitespace before a printable byte counts: "  x" is cut before its last space.
+        assert_eq!(piece_end(b"aaaaaa  xxxxxx", 12), 7);
+        // No space in the second half: the last character boundary.
+        let text = "ab ".to_string() + &"é".repeat(20);
+        let end = piece_end(text.as_bytes(), 20);
+        assert!(text.is_char_boundary(end) && end > 10 && end <= 20, "{end}");
+        let cjk = "日本語".repeat(10);
+        let end = piece_end(cjk.as_bytes(), 16);
+        assert_eq!(end, 15);
     }
 
     #[test]

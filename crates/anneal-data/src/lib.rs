@@ -29,6 +29,7 @@ pub use batch::{Batch, BatchSource, Sampler, Stream, TokenWindows, WindowSource}
 pub use corpus::{BadInput, Corpus, CorpusOptions, CorpusReport, Document, Format};
 pub use shards::{
     tokenize, Manifest, ShardInfo, ShardSet, SplitMode, TokenizeOptions, TokenizeSummary,
+    TOKENIZE_PART_BYTES,
 };
 pub use tokenizer::Tokenizer;
 

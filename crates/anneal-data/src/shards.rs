@@ -12,9 +12,11 @@
 //! probability `val_fraction`, decided by a seeded hash of its index) or, as nanoGPT does for its
 //! Shakespeare example, by position: the last `val_fraction` of the token stream.
 //!
-//! Tokenisation streams: documents are read in batches of about `batch_bytes`, each batch is
-//! encoded in parallel and written in order, so memory stays bounded by the batch size whatever
-//! the corpus size.
+//! Tokenisation streams: documents are read in parts of at most [`TOKENIZE_PART_BYTES`] (a
+//! long document's parts are joined again: no end-of-text token between them, one split for
+//! all), in batches of about `batch_bytes`; each batch is encoded in parallel and written in
+//! order, so memory stays bounded by the batch size whatever the size of the corpus or of its
+//! longest document.
 
 use crate::corpus::{Corpus, CorpusReport, Document};
 use crate::tokenizer::Tokenizer;
@@ -24,6 +26,9 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+
+/// Documents are read for tokenization in parts of at most this many bytes.
+pub const TOKENIZE_PART_BYTES: usize = 1 << 20;
 
 /// How the validation split is drawn.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -238,6 +243,21 @@ impl ShardWriter {
 }
 
 /// A 64-bit checksum as the manifest writes it.
+/// Reads until `buf` is full or the file ends; the bytes read.
+fn read_full(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    use std::io::Read;
+    let mut n = 0;
+    while n < buf.len() {
+        match file.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 fn hex(digest: u64) -> String {
     format!("{digest:016x}")
 }
@@ -295,31 +315,42 @@ pub fn tokenize(
     let mut batch: Vec<Document> = Vec::new();
     let mut batch_bytes = 0usize;
     let mut failure: Option<Error> = None;
-    let mut flush = |batch: &mut Vec<Document>| -> Result<()> {
+    // Whether the document being written goes to validation; `None` before the first.
+    let mut current: Option<bool> = None;
+    let mut flush = |batch: &mut Vec<Document>, last: bool| -> Result<()> {
         let encoded: Vec<Result<Vec<u32>>> = batch
             .par_iter()
-            .map(|d| {
-                let mut ids = tokenizer.encode(&d.text)?;
-                ids.extend(tokenizer.eos());
-                Ok(ids)
-            })
+            .map(|d| tokenizer.encode(&d.text))
             .collect();
-        for ids in encoded {
+        for (doc, ids) in batch.iter().zip(encoded) {
             let ids = ids?;
-            let to_val = opts.split == SplitMode::Documents
-                && in_validation(index, opts.seed, opts.val_fraction);
-            index += 1;
-            if to_val {
-                val_docs += 1;
-                val.write(&ids)?;
-            } else {
-                train_docs += 1;
-                train.write(&ids)?;
+            if !doc.continued || current.is_none() {
+                // A new document: the one before it ends with end-of-text.
+                if let (Some(to_val), Some(eos)) = (current, tokenizer.eos()) {
+                    if to_val { &mut val } else { &mut train }.write(&[eos])?;
+                }
+                let to_val = opts.split == SplitMode::Documents
+                    && in_validation(index, opts.seed, opts.val_fraction);
+                index += 1;
+                if to_val {
+                    val_docs += 1;
+                } else {
+                    train_docs += 1;
+                }
+                current = Some(to_val);
             }
+            let to_val = current == Some(true);
+            if to_val { &mut val } else { &mut train }.write(&ids)?;
         }
         batch.clear();
+        if last {
+            if let (Some(to_val), Some(eos)) = (current, tokenizer.eos()) {
+                if to_val { &mut val } else { &mut train }.write(&[eos])?;
+            }
+        }
         Ok(())
     };
+    let corpus = corpus.in_parts_of(TOKENIZE_PART_BYTES);
     let report = corpus.for_each(|doc| {
         batch_bytes += doc.text.len();
         bytes_read += doc.text.len() as u64;
@@ -327,7 +358,7 @@ pub fn tokenize(
         batch.push(doc);
         if batch_bytes >= opts.batch_bytes {
             batch_bytes = 0;
-            if let Err(e) = flush(&mut batch) {
+            if let Err(e) = flush(&mut batch, false) {
                 failure = Some(e);
                 return false;
             }
@@ -337,7 +368,7 @@ pub fn tokenize(
     if let Some(e) = failure {
         return Err(e);
     }
-    flush(&mut batch)?;
+    flush(&mut batch, true)?;
     let mut train_shards = train.finish()?;
     let mut val_shards = val.finish()?;
     if opts.split == SplitMode::Tail {
@@ -435,20 +466,47 @@ fn move_tail(
         let path = dir.join(&shard.file);
         let local_keep = keep.saturating_sub(offset).min(shard.tokens);
         if local_keep < shard.tokens {
-            let bytes = std::fs::read(&path).map_err(io_err(&path))?;
-            let tail = &bytes[(local_keep * width) as usize..];
-            let mut ids = vec![0u32; tail.len() / width as usize];
-            decode_ids(tail, wide, &mut ids);
-            writer.write(&ids)?;
+            // Streamed a chunk at a time, so memory does not grow with the shard.
+            use std::io::{Read, Seek, SeekFrom};
+            const CHUNK: usize = 1 << 22;
+            let head_len = local_keep * width;
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .map_err(io_err(&path))?;
+            file.seek(SeekFrom::Start(head_len))
+                .map_err(io_err(&path))?;
+            let mut bytes = vec![0u8; CHUNK];
+            let mut ids = vec![0u32; CHUNK / width as usize];
+            loop {
+                let n = read_full(&mut file, &mut bytes).map_err(io_err(&path))?;
+                if n == 0 {
+                    break;
+                }
+                let count = n / width as usize;
+                decode_ids(&bytes[..n], wide, &mut ids[..count]);
+                writer.write(&ids[..count])?;
+            }
             if local_keep == 0 {
+                drop(file);
                 std::fs::remove_file(&path).map_err(io_err(&path))?;
             } else {
-                let head = &bytes[..(local_keep * width) as usize];
-                std::fs::write(&path, head).map_err(io_err(&path))?;
+                file.set_len(head_len).map_err(io_err(&path))?;
+                file.seek(SeekFrom::Start(0)).map_err(io_err(&path))?;
+                let mut hash = xxhash_rust::xxh3::Xxh3::new();
+                let mut left = head_len as usize;
+                while left > 0 {
+                    let n = left.min(CHUNK);
+                    file.read_exact(&mut bytes[..n]).map_err(io_err(&path))?;
+                    hash.update(&bytes[..n]);
+                    left -= n;
+                }
+                file.sync_all().map_err(io_err(&path))?;
                 kept.push(ShardInfo {
                     file: shard.file.clone(),
                     tokens: local_keep,
-                    xxh3: hex(xxhash_rust::xxh3::xxh3_64(head)),
+                    xxh3: hex(hash.digest()),
                 });
             }
         } else {
@@ -633,6 +691,39 @@ mod tests {
         assert_eq!(w, expect[5..14]);
         let back = Tokenizer::load(&out.path().join("tokenizer.json")).unwrap();
         assert_eq!(back.decode(&all(&val)).unwrap(), "xyz");
+    }
+
+    #[test]
+    fn a_document_longer_than_a_part_is_one_document_of_the_dataset() {
+        let long: String = (0..(TOKENIZE_PART_BYTES * 5 / 2) / 8)
+            .map(|i| format!("{:07} ", i % 9_999_991))
+            .collect();
+        let docs = [long.as_str(), "after"];
+        let src = corpus_dir(&docs);
+        let corpus = Corpus::new(&[src.path().to_path_buf()], CorpusOptions::default()).unwrap();
+        let tok = Tokenizer::train_bpe(docs.iter(), 300, false).unwrap();
+        let eos = tok.eos().unwrap();
+        let opts = TokenizeOptions {
+            val_fraction: 0.0,
+            batch_bytes: TOKENIZE_PART_BYTES,
+            ..Default::default()
+        };
+        let out = tempfile::tempdir().unwrap();
+        let s = tokenize(&corpus, &tok, out.path(), &opts, &mut |_| {}).unwrap();
+        assert_eq!(s.manifest.train_documents, 2);
+        assert_eq!(s.manifest.corpus.documents, 2);
+        let set = ShardSet::open(out.path(), &s.manifest, "train").unwrap();
+        let mut expect = tok.encode(&long).unwrap();
+        expect.push(eos);
+        expect.extend(tok.encode("after").unwrap());
+        expect.push(eos);
+        let mut got = vec![0u32; expect.len()];
+        assert_eq!(set.len(), expect.len() as u64);
+        set.read(0, &mut got);
+        assert_eq!(
+            got, expect,
+            "the parts joined, with no end-of-text between them"
+        );
     }
 
     #[test]

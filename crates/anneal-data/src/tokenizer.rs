@@ -163,15 +163,57 @@ impl Tokenizer {
         self.eos
     }
 
-    /// Token ids of `text` (no special tokens added).
+    /// Token ids of `text` (no special tokens added), encoded in pieces
+    /// ([`Tokenizer::encode_pieces`]).
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        Ok(self
-            .inner
-            .encode_fast(text, false)
-            .map_err(tk_err)?
-            .get_ids()
-            .to_vec())
+        let mut ids = Vec::new();
+        self.encode_pieces(text, |piece| {
+            ids.extend_from_slice(piece);
+            true
+        })?;
+        Ok(ids)
     }
+
+    /// The first `max_tokens` token ids of `text` (or all, if fewer), encoding only as many
+    /// pieces as they need.
+    pub fn encode_prefix(&self, text: &str, max_tokens: usize) -> Result<Vec<u32>> {
+        let mut ids = Vec::new();
+        self.encode_pieces(text, |piece| {
+            ids.extend_from_slice(&piece[..piece.len().min(max_tokens - ids.len())]);
+            ids.len() < max_tokens
+        })?;
+        Ok(ids)
+    }
+
+    /// Encodes `text` a piece of at most [`Tokenizer::PIECE_BYTES`] at a time (cut before a
+    /// space where there is one, [`crate::corpus::piece_end`]), handing each piece's ids to
+    /// `sink` until it returns false. The `tokenizers` crate keeps about a hundred bytes per
+    /// token while it encodes (offsets, token strings, masks), so whole long texts would cost a
+    /// hundred times their size; in pieces the cost is bounded by the piece.
+    ///
+    /// The ids equal those of the whole text for the byte-level and character vocabularies built
+    /// here, and for any vocabulary whose pre-tokenizer splits before whitespace; a text with no
+    /// whitespace within a piece is cut at a character boundary, where a merge across the cut
+    /// is lost. A vocabulary whose normaliser prepends a marker to every input (SentencePiece's
+    /// legacy `▁`) gains one at each cut.
+    pub fn encode_pieces(&self, text: &str, mut sink: impl FnMut(&[u32]) -> bool) -> Result<()> {
+        let mut rest = text;
+        while !rest.is_empty() {
+            let end = crate::corpus::piece_end(rest.as_bytes(), Self::PIECE_BYTES);
+            let encoding = self
+                .inner
+                .encode_fast(&rest[..end], false)
+                .map_err(tk_err)?;
+            if !sink(encoding.get_ids()) {
+                break;
+            }
+            rest = &rest[end..];
+        }
+        Ok(())
+    }
+
+    /// Bytes of text encoded at once by [`Tokenizer::encode_pieces`].
+    pub const PIECE_BYTES: usize = 1 << 14;
 
     /// The text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
@@ -222,6 +264,37 @@ mod tests {
         let back = Tokenizer::from_json(&json).unwrap();
         assert_eq!(back.encode(odd).unwrap(), t.encode(odd).unwrap());
         assert_eq!(back.eos(), Some(eos));
+    }
+
+    #[test]
+    fn long_texts_encode_in_pieces_as_they_would_whole() {
+        let mut text = String::new();
+        let mut i = 0u64;
+        while text.len() < 3 * Tokenizer::PIECE_BYTES {
+            i = i
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let sep = ["  ", " ", "\n", ", ", ".\n\n", "\t"][(i >> 60) as usize % 6];
+            text += &format!("w{}{sep}", i >> 54);
+        }
+        let t = Tokenizer::train_bpe([text.as_str()].into_iter(), 400, false).unwrap();
+        let whole = t.inner.encode_fast(text.as_str(), false).unwrap();
+        let pieces = t.encode(&text).unwrap();
+        assert_eq!(pieces, whole.get_ids());
+        let mut calls = 0;
+        t.encode_pieces(&text, |_| {
+            calls += 1;
+            true
+        })
+        .unwrap();
+        assert!(calls >= 3, "{calls} pieces");
+        let prefix = t.encode_prefix(&text, 1000).unwrap();
+        assert_eq!(prefix, whole.get_ids()[..1000]);
+        assert!(t.encode_prefix(&text, 0).unwrap().is_empty());
+        assert_eq!(
+            t.encode_prefix("w1 w2", 1 << 20).unwrap(),
+            t.encode("w1 w2").unwrap()
+        );
     }
 
     #[test]
