@@ -45,8 +45,14 @@ unsafe impl Sync for Heads {}
 
 impl Heads {
     /// Rows `from..to` of head `h` in batch `b`, as a matrix.
-    fn mat(&self, b: usize, h: usize, from: usize, to: usize, d: usize) -> Mat {
+    ///
+    /// # Safety
+    /// `b`, `h` and `to - 1` must be within the `[B, L, H, D]` tensor whose buffer `ptr` points
+    /// into, `from <= to` and `d <= D`, and the buffer must outlive the returned matrix: the
+    /// offset is computed without bounds checks.
+    unsafe fn mat(&self, b: usize, h: usize, from: usize, to: usize, d: usize) -> Mat {
         Mat {
+            // SAFETY: in bounds of the buffer by the caller's contract.
             ptr: unsafe { self.ptr.add(b * self.sb + from * self.sl + h * self.sh) },
             rows: to - from,
             cols: d,
@@ -448,7 +454,8 @@ impl Backward for PackedAttentionBackward {
             sl: width,
             sh: g.d,
         };
-        let (dqh, dkh, dvh) = packed_parts(base, &g);
+        // SAFETY: `dqkv` holds the packed [B, T, Hq + 2·Hkv, D] gradient and outlives its heads.
+        let (dqh, dkh, dvh) = unsafe { packed_parts(base, &g) };
         with_packed(&self.qkv, &g, |q, k, v| {
             with_heads(&self.out, |o| {
                 let grad = grad.contiguous_data();
@@ -481,13 +488,20 @@ impl Backward for PackedAttentionBackward {
     }
 }
 
-fn packed_parts(base: Heads, g: &Geometry) -> (Heads, Heads, Heads) {
+/// The query, key and value heads of a packed `[B, T, Hq + 2·Hkv, D]` projection.
+///
+/// # Safety
+/// `base` must describe a live buffer of that packed shape for `g`: the key and value heads
+/// start `Hq·D` and `(Hq + Hkv)·D` elements into it, computed without bounds checks.
+unsafe fn packed_parts(base: Heads, g: &Geometry) -> (Heads, Heads, Heads) {
     let q = base;
     let k = Heads {
+        // SAFETY: within the first row of the packed buffer, by the caller's contract.
         ptr: unsafe { base.ptr.add(g.hq * g.d) },
         ..base
     };
     let v = Heads {
+        // SAFETY: as above.
         ptr: unsafe { base.ptr.add((g.hq + g.hkv) * g.d) },
         ..base
     };
@@ -503,7 +517,8 @@ fn with_packed<R>(qkv: &Tensor, g: &Geometry, f: impl FnOnce(Heads, Heads, Heads
         as4.offset(),
     );
     with_heads(&as4, |base| {
-        let (q, k, v) = packed_parts(base, g);
+        // SAFETY: `as4` is the packed [B, T, Hq + 2·Hkv, D] view of `qkv`, alive for `f`.
+        let (q, k, v) = unsafe { packed_parts(base, g) };
         f(q, k, v)
     })
 }
