@@ -96,6 +96,10 @@ pub struct PretrainBench {
     /// The PyTorch script (default: bench/torch_pretrain.py in the source tree).
     #[arg(long)]
     torch_script: Option<PathBuf>,
+    /// Also run nanoGPT's own recipe (bench/nanogpt_shakespeare.py: exact GELU, decayed
+    /// embeddings, its evaluation schedule) on the same data and model size.
+    #[arg(long)]
+    nanogpt: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
@@ -1150,8 +1154,20 @@ fn pretrain(b: PretrainBench) -> Result<()> {
             .with_context(|| format!("reading {}", summary_path.display()))?,
     )?;
     let mut rows = vec![("anneal".to_string(), anneal)];
+    let mut references = Vec::new();
     if with_torch {
-        let script = bench_script(&b.torch_script, "torch_pretrain.py");
+        references.push((
+            bench_script(&b.torch_script, "torch_pretrain.py"),
+            "PyTorch",
+        ));
+        if b.nanogpt {
+            references.push((
+                bench_script(&None, "nanogpt_shakespeare.py"),
+                "nanoGPT's recipe, PyTorch",
+            ));
+        }
+    }
+    for (script, label) in references {
         let out = Command::new("python3")
             .arg(&script)
             .arg("--config")
@@ -1160,7 +1176,7 @@ fn pretrain(b: PretrainBench) -> Result<()> {
             .output()
             .with_context(|| format!("running {}", script.display()))?;
         let v: serde_json::Value = parse_worker(out, &script.display().to_string())?;
-        let name = format!("PyTorch {}", v["torch"].as_str().unwrap_or(""));
+        let name = format!("{label} {}", v["torch"].as_str().unwrap_or(""));
         rows.push((name, v));
     }
     println!(
@@ -1177,10 +1193,10 @@ fn pretrain(b: PretrainBench) -> Result<()> {
             f(v, "peak_rss_mb")
         );
     }
-    if rows.len() == 2 {
-        let (a, t) = (&rows[0].1, &rows[1].1);
+    let a = &rows[0].1;
+    for (name, t) in &rows[1..] {
         println!(
-            "\nanneal vs PyTorch: {:.2}x wall time, {:.2}x step time, {:.2}x peak RSS, validation loss {:+.4}",
+            "\nanneal vs {name}: {:.2}x wall time, {:.2}x step time, {:.2}x peak RSS, validation loss {:+.4}",
             f(a, "wall_seconds") / f(t, "wall_seconds"),
             f(a, "ms_per_step") / f(t, "ms_per_step"),
             f(a, "peak_rss_mb") / f(t, "peak_rss_mb"),

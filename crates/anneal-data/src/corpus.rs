@@ -480,15 +480,20 @@ impl Corpus {
                 // memory stays bounded whatever one file or line holds.
                 let mut text = String::new();
                 let mut part = 0u64;
-                let mut emit_part = |text: &mut String, report: &mut CorpusReport| {
+                let mut emit_part = |text: &mut String, report: &mut CorpusReport, more: bool| {
                     let source = if part == 0 {
                         path.display().to_string()
                     } else {
                         format!("{}#part{part}", path.display())
                     };
+                    // A file that needs a second part is long: its parts are allocated at
+                    // their full size at once, not grown, so memory is reused part after part.
                     let doc = Document {
                         source,
-                        text: std::mem::take(text),
+                        text: std::mem::replace(
+                            text,
+                            String::with_capacity(if more { max_part } else { 0 }),
+                        ),
                         continued: part > 0,
                     };
                     part += 1;
@@ -516,7 +521,7 @@ impl Corpus {
                         };
                         if !text.is_empty()
                             && text.len() + line.len() > max_part
-                            && !emit_part(&mut text, report)
+                            && !emit_part(&mut text, report, true)
                         {
                             return false;
                         }
@@ -524,7 +529,7 @@ impl Corpus {
                         true
                     },
                 );
-                if !read_all || (!text.is_empty() && !emit_part(&mut text, &mut report)) {
+                if !read_all || (!text.is_empty() && !emit_part(&mut text, &mut report, false)) {
                     break;
                 }
             }

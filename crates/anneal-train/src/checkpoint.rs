@@ -289,7 +289,12 @@ impl Loaded {
     /// The run configuration the checkpoint was trained with.
     /// Validated as a run configuration's are.
     pub fn config(&self) -> Result<crate::RunConfig> {
-        let what = || format!("{}: config in trainer_state.json", self.dir.display());
+        let what = || {
+            format!(
+                "{}: the run config in it",
+                self.dir.join("trainer_state.json").display()
+            )
+        };
         let config: crate::RunConfig = toml::from_str(&self.state.config).with_context(what)?;
         config.validate().with_context(what)?;
         Ok(config)

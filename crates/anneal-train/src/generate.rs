@@ -49,7 +49,14 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
     if dir.join("trainer_state.json").is_file() {
         let loaded = checkpoint::load_weights(&dir)?;
         let config = loaded.config()?;
-        let model = Gpt::new(config.gpt_config(loaded.state.vocab_size)?, 0)?;
+        let gpt = config.gpt_config(loaded.state.vocab_size)?;
+        gpt.check_weights(&loaded.model).with_context(|| {
+            format!(
+                "{}: the model it describes is not the one in model.safetensors",
+                dir.join("trainer_state.json").display()
+            )
+        })?;
+        let model = Gpt::new(gpt, 0)?;
         loaded.restore_params(&model.params)?;
         let tokenizer = Tokenizer::from_json(&loaded.state.tokenizer)
             .with_context(|| format!("{}: tokenizer in trainer_state.json", dir.display()))?;

@@ -181,6 +181,13 @@ pub fn load_dir(dir: &Path) -> Result<(Gpt, Tokenizer)> {
         }
         tensors.insert(name, t);
     }
+    config.check_weights(&tensors).with_context(|| {
+        format!(
+            "{}: the model it describes is not the one in {}",
+            config_path.display(),
+            st.display()
+        )
+    })?;
     let model = Gpt::new(config, 0).with_context(|| format!("{}", config_path.display()))?;
     model
         .params
