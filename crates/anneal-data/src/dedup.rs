@@ -232,6 +232,7 @@ pub fn write_signatures(
     w.write_all(&checksum.to_le_bytes()).map_err(io_err(&tmp))?;
     let file = w.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
     file.sync_all().map_err(io_err(&tmp))?;
+    crate::failpoint("signatures");
     std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
     Ok((path, count))
 }
@@ -467,7 +468,11 @@ pub fn merge_signatures(sig_dir: &Path, out_dir: &Path) -> Result<DedupSummary> 
         .map(|d| std::mem::take(&mut d.signature))
         .collect();
     let clusters = cluster(&hasher, &signatures);
-    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    // The outputs replace an earlier run's whole, or not at all.
+    let staged = crate::Staged::new(out_dir, "dedup-tmp", |name| {
+        matches!(name, "removed.jsonl" | "clusters.jsonl" | "dedup.json")
+    })?;
+    let out_dir = staged.path();
     let write_lines = |name: &str, lines: Vec<String>| -> Result<()> {
         let path = out_dir.join(name);
         let mut w = BufWriter::new(File::create(&path).map_err(io_err(&path))?);
@@ -510,6 +515,7 @@ pub fn merge_signatures(sig_dir: &Path, out_dir: &Path) -> Result<DedupSummary> 
         serde_json::to_string_pretty(&summary).expect("serialises"),
     )
     .map_err(io_err(&path))?;
+    staged.commit()?;
     Ok(summary)
 }
 

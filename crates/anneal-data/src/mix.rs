@@ -148,7 +148,11 @@ pub fn mix(
     }
     let weights: Vec<f64> = sources.iter().map(|s| s.weight).collect();
     let planned = plan(&available, &weights, target, max_repeat)?;
-    std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
+    // The outputs replace an earlier mixture's whole, or not at all.
+    let staged = crate::Staged::new(out_dir, "mix-tmp", |name| {
+        name == "mixture.json" || (name.starts_with("mix-") && name.ends_with(".jsonl"))
+    })?;
+    let out_dir = staged.path();
     let total_weight: f64 = weights.iter().sum();
     let mut rows = Vec::new();
     for (i, (source, corpus)) in sources.iter().zip(&corpora).enumerate() {
@@ -213,6 +217,7 @@ pub fn mix(
         serde_json::to_string_pretty(&rows).expect("serialises"),
     )
     .map_err(io_err(&path))?;
+    staged.commit()?;
     Ok(rows)
 }
 

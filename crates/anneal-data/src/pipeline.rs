@@ -24,7 +24,11 @@
 //! - `kept-00000.jsonl` …: `{"text", "source", "signals"}` per kept document, in corpus order;
 //! - `rejected-00000.jsonl` …: `{"text", "source", "stage", "reason"}` per removed document, so
 //!   every decision can be audited and reversed;
-//! - `stats.json`: documents and bytes in, out of each stage, and the count of each reason.
+//! - `stats.json`: documents and bytes in, out of each stage, and the count of each reason;
+//! - `clusters.jsonl`: the near-duplicate clusters, when that stage is on.
+//!
+//! The outputs replace those of an earlier run whole ([`crate::Staged`]): a run killed midway
+//! leaves the earlier outputs as they were; other files in the directory are kept.
 //!
 //! Deduplication needs the whole corpus before it can decide, so the pipeline reads twice: pass 1
 //! hashes and signs every normalised document, pass 2 applies the decisions, then the filters and
@@ -404,6 +408,7 @@ impl ShardedJsonl {
         if self.out.is_none() || self.count == self.per_shard {
             if let Some(mut w) = self.out.take() {
                 w.flush().map_err(io_err(&self.dir))?;
+                crate::failpoint("shard");
             }
             let path = self
                 .dir
@@ -422,6 +427,7 @@ impl ShardedJsonl {
     fn finish(mut self) -> Result<()> {
         if let Some(mut w) = self.out.take() {
             w.flush().map_err(io_err(&self.dir))?;
+            crate::failpoint("shard");
         }
         Ok(())
     }
@@ -453,6 +459,10 @@ pub fn run_with_signals(
             ..Default::default()
         },
     )?;
+    // The outputs replace the previous run's whole, or not at all (a run killed midway leaves
+    // them as they were).
+    let staged = crate::Staged::new(&config.output.dir, "pipeline-tmp", output_file)?;
+    let out = staged.path().to_path_buf();
     let normalize = |t: &str| match &config.normalize {
         Some(n) => n.apply(t),
         None => t.to_string(),
@@ -543,7 +553,7 @@ pub fn run_with_signals(
             let live = signatures;
             let clusters = cluster(hasher, &live);
             // The clusters, largest first, for audits and the report.
-            crate::dedup::write_clusters(&config.output.dir, &clusters.groups(), |i| &sources[i])?;
+            crate::dedup::write_clusters(&out, &clusters.groups(), |i| &sources[i])?;
             let mut st = StageStats {
                 documents_in: alive.iter().filter(|&&a| a).count() as u64,
                 ..Default::default()
@@ -617,23 +627,8 @@ pub fn run_with_signals(
         }
         Fate::Kept(text, signals)
     };
-    std::fs::create_dir_all(&config.output.dir).map_err(io_err(&config.output.dir))?;
-    for entry in std::fs::read_dir(&config.output.dir)
-        .map_err(io_err(&config.output.dir))?
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if (name.starts_with("kept-") || name.starts_with("rejected-")) && name.ends_with(".jsonl")
-        {
-            std::fs::remove_file(entry.path()).map_err(io_err(entry.path()))?;
-        }
-    }
-    let mut kept_out = ShardedJsonl::new(&config.output.dir, "kept", config.output.shard_documents);
-    let mut rejected_out = ShardedJsonl::new(
-        &config.output.dir,
-        "rejected",
-        config.output.shard_documents,
-    );
+    let mut kept_out = ShardedJsonl::new(&out, "kept", config.output.shard_documents);
+    let mut rejected_out = ShardedJsonl::new(&out, "rejected", config.output.shard_documents);
     let mut filter_stats: BTreeMap<&'static str, StageStats> = BTreeMap::new();
     let mut reasons: BTreeMap<String, u64> = BTreeMap::new();
     for (stage, _) in &stages {
@@ -749,13 +744,22 @@ pub fn run_with_signals(
         kept_bytes,
         seconds: started.elapsed().as_secs_f64(),
     };
-    let path = config.output.dir.join("stats.json");
+    let path = out.join("stats.json");
     std::fs::write(
         &path,
         serde_json::to_string_pretty(&stats).expect("serialises"),
     )
     .map_err(io_err(&path))?;
+    staged.commit()?;
     Ok(stats)
+}
+
+/// Whether a file name is one of the pipeline's outputs.
+fn output_file(name: &str) -> bool {
+    name == "stats.json"
+        || name == "clusters.jsonl"
+        || ((name.starts_with("kept-") || name.starts_with("rejected-"))
+            && name.ends_with(".jsonl"))
 }
 
 #[cfg(test)]

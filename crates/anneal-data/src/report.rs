@@ -300,7 +300,10 @@ pub fn write_report(dir: &Path, out: &Path) -> Result<ReportSummary> {
         }
     }
     html += "</body></html>\n";
-    std::fs::write(out, html).map_err(io_err(out))?;
+    // Written beside and renamed into place, so an earlier report is replaced whole or not at all.
+    let tmp = scratch.join("report.html");
+    std::fs::write(&tmp, html).map_err(io_err(&tmp))?;
+    std::fs::rename(&tmp, out).map_err(io_err(out))?;
     let _ = std::fs::remove_dir_all(&scratch);
     Ok(summary)
 }

@@ -125,6 +125,7 @@ pub struct Manifest {
 impl Manifest {
     /// Reads `dir/manifest.json`.
     pub fn load(dir: &Path) -> Result<Manifest> {
+        crate::recover_dir_keeping(dir, dataset_file)?;
         let path = dir.join("manifest.json");
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
         serde_json::from_str(&text).map_err(|e| Error::Format {
@@ -233,6 +234,7 @@ impl ShardWriter {
                 .into_inner()
                 .map_err(|e| io_err(path.as_path())(e.into_error()))?;
             file.sync_all().map_err(io_err(path.as_path()))?;
+            crate::failpoint("shard");
             self.shards.push(ShardInfo {
                 file: path
                     .file_name()
@@ -310,12 +312,8 @@ pub fn tokenize(
     let start = Instant::now();
     // The new dataset is written beside the old one and swapped in whole at the end, so a run
     // killed midway (or a full disk) leaves the old dataset as it was.
-    let (final_dir, work) = (out_dir, crate::sibling(out_dir, "tokenize-tmp")?);
-    if work.exists() {
-        std::fs::remove_dir_all(&work).map_err(io_err(&work))?;
-    }
-    std::fs::create_dir_all(&work).map_err(io_err(&work))?;
-    let out_dir = work.as_path();
+    let staged = crate::Staged::new(out_dir, "tokenize-tmp", dataset_file)?;
+    let out_dir = staged.path();
     let vocab_size = tokenizer.vocab_size();
     let wide = vocab_size > 1 << 16;
     let mut train = ShardWriter::new(out_dir, "train", wide, opts.shard_tokens);
@@ -420,7 +418,7 @@ pub fn tokenize(
     };
     if manifest.train_tokens() == 0 {
         // Nothing to train on: keep whatever dataset was there and say why.
-        let _ = std::fs::remove_dir_all(&work);
+        staged.abandon();
         return Err(Error::Invalid {
             key: "input".into(),
             value: corpus
@@ -439,7 +437,7 @@ pub fn tokenize(
     let path = out_dir.join("manifest.json");
     let json = serde_json::to_string_pretty(&manifest).expect("manifests serialise");
     std::fs::write(&path, json).map_err(io_err(&path))?;
-    swap_in(&work, final_dir)?;
+    staged.commit()?;
     Ok(TokenizeSummary {
         manifest,
         seconds: start.elapsed().as_secs_f64(),
@@ -451,21 +449,6 @@ fn dataset_file(name: &str) -> bool {
     name == "manifest.json"
         || name == "tokenizer.json"
         || ((name.starts_with("train-") || name.starts_with("val-")) && name.ends_with(".bin"))
-}
-
-/// Puts the finished dataset in `work` at `dir`: files of `dir` that are not part of a dataset
-/// move across, then the new directory replaces the old one ([`crate::replace_dir`]).
-fn swap_in(work: &Path, dir: &Path) -> Result<()> {
-    if dir.exists() {
-        for entry in std::fs::read_dir(dir).map_err(io_err(dir))?.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !dataset_file(&name) {
-                let to = work.join(&name);
-                std::fs::rename(entry.path(), &to).map_err(io_err(&to))?;
-            }
-        }
-    }
-    crate::replace_dir(work, dir)
 }
 
 /// Moves the last `val_fraction` of the training tokens into validation shards (the tail split).

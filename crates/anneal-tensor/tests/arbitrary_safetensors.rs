@@ -16,6 +16,14 @@ fn valid() -> Vec<u8> {
     encode_safetensors(&[("a".into(), a), ("b.weight".into(), b)]).unwrap()
 }
 
+/// Tensor memory is counted process-wide: cases hold this while they run, so that one test's
+/// allocations are not counted in another's.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Decodes `bytes`, checking the outcome and that tensor memory stayed within four bytes per
 /// byte of input (u8 tensors widen to f32).
 fn decode_within_bounds(bytes: &[u8]) -> Result<(), TestCaseError> {
@@ -42,6 +50,7 @@ proptest! {
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..6),
         cut in proptest::option::of(any::<prop::sample::Index>()),
     ) {
+        let _serial = serial();
         let mut bytes = valid();
         for (at, value) in &flips {
             let i = at.index(bytes.len());
@@ -62,6 +71,7 @@ proptest! {
         end in prop_oneof![0u64..64, any::<u64>()],
         data_len in 0usize..64,
     ) {
+        let _serial = serial();
         let header = format!(
             "{{\"t\":{{\"dtype\":\"{dtype}\",\"shape\":{shape:?},\"data_offsets\":[{start},{end}]}}}}"
         );

@@ -162,6 +162,7 @@ pub fn save(
     write_synced(&tmp.join("trainer_state.json"), &json)?;
     sync_dir(&tmp);
     let dest = root.join(&name);
+    anneal_data::failpoint("checkpoint");
     anneal_data::replace_dir(&tmp, &dest)
         .with_context(|| format!("moving checkpoint into {}", dest.display()))?;
     sync_dir(root);

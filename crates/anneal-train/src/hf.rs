@@ -24,6 +24,7 @@ use std::path::Path;
 /// files go into a temporary directory beside it, which is renamed into place. An existing,
 /// non-empty `out` is replaced only with `overwrite`; a checkpoint or run directory never is.
 pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path, overwrite: bool) -> Result<()> {
+    anneal_data::recover_dir(out)?;
     if out.join("trainer_state.json").exists() || out.join("checkpoints").is_dir() {
         bail!(
             "{} is a checkpoint or a run directory; export to a directory of its own",
@@ -43,6 +44,7 @@ pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path, overwrite: bool) -
     let tmp = anneal_data::sibling(out, "export-tmp")?;
     let _ = std::fs::remove_dir_all(&tmp);
     write_dir(model, tokenizer, &tmp)?;
+    anneal_data::failpoint("export");
     anneal_data::replace_dir(&tmp, out)
         .with_context(|| format!("moving the export to {}", out.display()))?;
     Ok(())

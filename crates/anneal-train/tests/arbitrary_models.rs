@@ -49,9 +49,23 @@ fn checkpoint_dir(root: &Path) -> PathBuf {
     checkpoint::save(root, &gpt.params, &opt, Vec::new(), state).unwrap()
 }
 
+/// Whether the tiny model's weights (width 8) load under `key = value`: only the original sizes
+/// fit them, but any head count that divides the width gives weights of the same shapes.
+fn fits(key: &str, value: u64, original: u64) -> bool {
+    value == original || (key == "n_head" && value > 0 && 8 % value == 0)
+}
+
 /// Sizes: small ones (0 and mismatches), and ones no machine could allocate.
 fn size() -> impl Strategy<Value = u64> {
     prop_oneof![0u64..70, 1u64 << 20..1u64 << 40, any::<u64>()]
+}
+
+/// Tensor memory is counted process-wide: cases hold this while they run, so that one test's
+/// allocations are not counted in another's.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Runs `load`, requiring an error naming `file` unless it succeeds, and tensor memory within
@@ -85,6 +99,7 @@ proptest! {
         key in prop::sample::select(vec!["n_layer", "n_head", "n_embd", "block_size", "vocab_size"]),
         value in size(),
     ) {
+        let _serial = serial();
         let root = tempfile::tempdir().unwrap();
         let dir = checkpoint_dir(root.path());
         let path = dir.join("trainer_state.json");
@@ -104,13 +119,14 @@ proptest! {
         }
         std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
         let loaded = bounded(&dir.join("model.safetensors"), &path, || generate::load_model(&dir))?;
-        prop_assert_eq!(loaded, value == original, "{} = {}", key, value);
+        prop_assert_eq!(loaded, fits(key, value, original), "{} = {}", key, value);
     }
 
     #[test]
     fn flipped_bytes_in_a_checkpoint_state_end_in_the_model_or_an_error(
         flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
     ) {
+        let _serial = serial();
         let root = tempfile::tempdir().unwrap();
         let dir = checkpoint_dir(root.path());
         let path = dir.join("trainer_state.json");
@@ -129,6 +145,7 @@ proptest! {
         key in prop::sample::select(vec!["n_layer", "n_head", "n_embd", "n_positions", "vocab_size"]),
         value in size(),
     ) {
+        let _serial = serial();
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("hf");
         let (gpt, tok, _) = tiny();
@@ -140,6 +157,6 @@ proptest! {
         config[key] = value.into();
         std::fs::write(&path, serde_json::to_vec(&config).unwrap()).unwrap();
         let loaded = bounded(&out.join("model.safetensors"), &path, || hf::load_dir(&out))?;
-        prop_assert_eq!(loaded, value == original, "{} = {}", key, value);
+        prop_assert_eq!(loaded, fits(key, value, original), "{} = {}", key, value);
     }
 }
