@@ -102,11 +102,19 @@ fn write_png(
         .map_or("plot.png".into(), |n| n.to_string_lossy().into_owned());
     let tmp = path.with_file_name(format!(".{name}.tmp.png"));
     let text = font_available();
-    {
+    let drawn = (|| {
         let root = BitMapBackend::new(&tmp, size).into_drawing_area();
         root.fill(&WHITE).map_err(plot_err)?;
         draw(&root, text)?;
-        root.present().map_err(plot_err)?;
+        root.present().map_err(plot_err)
+    })();
+    if let Err(e) = drawn {
+        // Nothing half-written is left behind (a full disk, say); the error names the image.
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::Io {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(e.to_string()),
+        });
     }
     std::fs::rename(&tmp, path).map_err(|source| Error::Io {
         path: path.to_path_buf(),

@@ -77,6 +77,9 @@ pub struct CurateBench {
     /// Threads for anneal and worker processes for datatrove.
     #[arg(long, default_value_t = 2)]
     workers: usize,
+    /// datatrove side of the comparison.
+    #[arg(long, value_enum, default_value = "auto")]
+    datatrove: Reference,
     /// The datatrove script (default: bench/datatrove_filters.py in the source tree).
     #[arg(long)]
     datatrove_script: Option<PathBuf>,
@@ -92,7 +95,7 @@ pub struct PretrainBench {
     overrides: Vec<String>,
     /// PyTorch side of the comparison.
     #[arg(long, value_enum, default_value = "auto")]
-    torch: TorchChoice,
+    torch: Reference,
     /// The PyTorch script (default: bench/torch_pretrain.py in the source tree).
     #[arg(long)]
     torch_script: Option<PathBuf>,
@@ -110,13 +113,14 @@ pub enum DTypeChoice {
     Both,
 }
 
+/// Whether a benchmark runs its reference side (PyTorch, datatrove).
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum, Debug)]
-pub enum TorchChoice {
-    /// Run PyTorch when `python3 -c "import torch"` works.
+pub enum Reference {
+    /// Run it when it is installed (`python3` imports it).
     Auto,
-    /// Skip PyTorch.
+    /// Skip it: anneal's side alone.
     Off,
-    /// Fail if PyTorch cannot run.
+    /// Fail if it cannot run.
     Require,
 }
 
@@ -148,7 +152,7 @@ pub struct GptBench {
     vocab: usize,
     /// PyTorch side of the comparison.
     #[arg(long, value_enum, default_value = "auto")]
-    torch: TorchChoice,
+    torch: Reference,
     /// The PyTorch script (default: bench/torch_gpt.py in the source tree).
     #[arg(long)]
     torch_script: Option<PathBuf>,
@@ -842,8 +846,8 @@ fn gpt(b: GptBench) -> Result<()> {
         DTypeChoice::Both => &["f32", "bf16"],
     };
     let use_torch = match b.torch {
-        TorchChoice::Off => false,
-        TorchChoice::Auto if !torch_available() => {
+        Reference::Off => false,
+        Reference::Auto if !torch_available() => {
             if !b.json {
                 println!("(PyTorch not importable by python3: comparison skipped; `pip install torch` to add it)\n");
             }
@@ -1097,9 +1101,9 @@ fn lockstep(b: &GptBench, dtypes: &[&str], use_torch: bool, peak: f64) -> Result
 fn pretrain(b: PretrainBench) -> Result<()> {
     let config = anneal_train::RunConfig::load(Some(&b.config), &b.overrides)?;
     let with_torch = match b.torch {
-        TorchChoice::Off => false,
-        TorchChoice::Auto => torch_available(),
-        TorchChoice::Require => {
+        Reference::Off => false,
+        Reference::Auto => torch_available(),
+        Reference::Require => {
             if !torch_available() {
                 bail!("--torch require: python3 cannot import torch (pip install torch numpy)");
             }
@@ -1317,6 +1321,10 @@ fn run_datatrove(
     script: &str,
     packages: &str,
 ) -> Result<Option<serde_json::Value>> {
+    if b.datatrove == Reference::Off {
+        println!("(datatrove side off)");
+        return Ok(None);
+    }
     let script = bench_script(&b.datatrove_script, script);
     let name = script
         .file_stem()
@@ -1333,6 +1341,9 @@ fn run_datatrove(
         .with_context(|| format!("running {}", script.display()))?;
     match parse_worker(out, "datatrove") {
         Ok(v) => Ok(Some(v)),
+        Err(e) if b.datatrove == Reference::Require => {
+            Err(e.context(format!("--datatrove require: pip install {packages}")))
+        }
         Err(e) => {
             let why = format!("{e:#}");
             let tail: Vec<&str> = why.lines().rev().take(3).collect();

@@ -328,3 +328,60 @@ fn quickstart_runs_end_to_end_on_a_tiny_corpus() {
     assert!(text.contains("code") && text.contains("prose"), "{text}");
     assert!(mix.join("mix-code.jsonl").is_file() && mix.join("mix-prose.jsonl").is_file());
 }
+
+/// `bench curate` and `bench dedup` with the datatrove side off: anneal's side runs on a small
+/// JSONL corpus and prints its row.
+#[test]
+fn bench_curate_and_dedup_run_with_the_reference_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = dir.path().join("corpus");
+    std::fs::create_dir_all(&corpus).unwrap();
+    let prose = "The committee met on Tuesday to discuss the budget for the coming year. After a \
+        long debate, the members agreed that the library should receive new funds, and that the \
+        park near the river would be repaired before the summer.";
+    let mut lines = String::new();
+    for i in 0..40 {
+        // Every fourth document repeats an earlier one with its number changed: near-duplicates.
+        let text = format!("{prose} Item {}.", if i % 4 == 3 { i - 1 } else { i });
+        lines += &(serde_json::json!({ "text": text }).to_string() + "\n");
+    }
+    std::fs::write(corpus.join("part.jsonl"), lines).unwrap();
+    for command in ["curate", "dedup"] {
+        let out = anneal(&[
+            "bench",
+            command,
+            "--input",
+            corpus.to_str().unwrap(),
+            "--out",
+            dir.path().join("scratch").to_str().unwrap(),
+            "--workers",
+            "1",
+            "--datatrove",
+            "off",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{command}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Kept, then what each stage removed: every document is accounted for.
+        let row = text
+            .lines()
+            .find(|l| l.starts_with("| anneal"))
+            .unwrap_or("");
+        let counts: Vec<u64> = row
+            .split('|')
+            .skip(4)
+            .filter_map(|c| c.trim().parse().ok())
+            .collect();
+        assert!(
+            counts.len() >= 2 && counts.iter().sum::<u64>() == 40,
+            "{command}: {text}"
+        );
+        if command == "dedup" {
+            assert!(counts[1] > 0, "near-duplicates removed: {text}");
+        }
+        assert!(text.contains("datatrove side off"), "{command}: {text}");
+    }
+}

@@ -447,3 +447,133 @@ fn config_errors_name_the_key_and_the_allowed_values() {
         );
     }
 }
+
+/// `bench pretrain` with the PyTorch side off: anneal's run of the config, and its row.
+#[test]
+fn bench_pretrain_runs_with_the_reference_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, "[train]\nmax_steps = 10\n").unwrap();
+    let mut args = vec![
+        "bench".to_string(),
+        "pretrain".into(),
+        "--config".into(),
+        config.display().to_string(),
+        "--torch".into(),
+        "off".into(),
+    ];
+    args.extend(settings(&data, &dir.path().join("run"), 10));
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let text = ok(anneal(&args));
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("| anneal"))
+        .unwrap_or("");
+    let loss: f64 = row
+        .split('|')
+        .nth(2)
+        .and_then(|c| c.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no anneal row with a validation loss:\n{text}"));
+    assert!(loss.is_finite() && loss > 0.0, "{text}");
+    assert!(!text.contains("PyTorch"), "{text}");
+}
+
+/// Runs `args` with files limited to `kb` kilobytes (as a full disk would stop them: the write
+/// fails with "File too large"), returning standard error.
+#[cfg(unix)]
+fn with_file_limit(kb: u64, args: &[&str]) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f {kb}; exec \"$0\" \"$@\""))
+        .arg(env!("CARGO_BIN_EXE_anneal"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{args:?} succeeded");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Hidden leftovers in `dir`.
+fn hidden(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with('.') && n != ".lock")
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(unix)]
+#[test]
+fn a_full_disk_is_reported_with_the_file_and_leaves_nothing_half_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let run = dir.path().join("run");
+    ok(pretrain(&data, &run, 20, &[]).output().unwrap());
+    let hf = dir.path().join("hf");
+    let err = with_file_limit(
+        8,
+        &[
+            "export",
+            run.to_str().unwrap(),
+            "--out",
+            hf.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("model.safetensors") && err.contains("File too large"),
+        "{err}"
+    );
+    assert!(
+        !hf.exists() && hidden(dir.path()).is_empty(),
+        "{:?}",
+        hidden(dir.path())
+    );
+
+    let src = dir.path().join("src");
+    let again = dir.path().join("again");
+    let err = with_file_limit(
+        8,
+        &[
+            "data",
+            "tokenize",
+            "--input",
+            src.to_str().unwrap(),
+            "--tokenizer",
+            "chars",
+            "--quiet",
+            "--out",
+            again.to_str().unwrap(),
+        ],
+    );
+    assert!(
+        err.contains("train-00000.bin") && err.contains("File too large"),
+        "{err}"
+    );
+    assert!(
+        !again.exists() && hidden(dir.path()).is_empty(),
+        "{:?}",
+        hidden(dir.path())
+    );
+
+    let full = dir.path().join("full");
+    let mut args = vec!["pretrain".to_string(), "--quiet".into()];
+    args.extend(settings(&data, &full, 20));
+    let args: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    let err = with_file_limit(8, &args);
+    assert!(
+        err.contains("model.safetensors") && err.contains("File too large"),
+        "{err}"
+    );
+    let checkpoints = full.join("checkpoints");
+    assert!(
+        hidden(&checkpoints).is_empty() && hidden(&full).is_empty(),
+        "{:?}",
+        hidden(&checkpoints)
+    );
+}

@@ -181,6 +181,16 @@ pub struct Staged {
     work: PathBuf,
     dest: PathBuf,
     owns: fn(&str) -> bool,
+    committed: bool,
+}
+
+impl Drop for Staged {
+    /// A run that ends in an error (a full disk, say) removes its partial outputs.
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_dir_all(&self.work);
+        }
+    }
 }
 
 impl Staged {
@@ -197,6 +207,7 @@ impl Staged {
             work,
             dest: dest.to_path_buf(),
             owns,
+            committed: false,
         })
     }
 
@@ -206,15 +217,16 @@ impl Staged {
     }
 
     /// Puts the new outputs in place of the old ones.
-    pub fn commit(self) -> Result<()> {
+    pub fn commit(mut self) -> Result<()> {
         failpoint("commit");
-        replace_dir_keeping(&self.work, &self.dest, self.owns)
+        replace_dir_keeping(&self.work, &self.dest, self.owns)?;
+        self.committed = true;
+        Ok(())
     }
 
-    /// Gives up: removes the work directory, leaving the old outputs as they are.
-    pub fn abandon(self) {
-        let _ = std::fs::remove_dir_all(&self.work);
-    }
+    /// Gives up: removes the work directory, leaving the old outputs as they are (as dropping
+    /// it uncommitted does).
+    pub fn abandon(self) {}
 }
 
 /// A point where the end-to-end fault tests can kill the process. With the `failpoints` feature

@@ -155,11 +155,17 @@ pub fn save(
         .iter()
         .map(|(name, bytes)| (name.to_string(), check(bytes)))
         .collect();
-    for (name, bytes) in &files {
-        write_synced(&tmp.join(name), bytes)?;
-    }
     let json = serde_json::to_vec_pretty(&state).expect("states serialise");
-    write_synced(&tmp.join("trainer_state.json"), &json)?;
+    let written = files
+        .iter()
+        .map(|(name, bytes)| (*name, bytes.as_slice()))
+        .chain([("trainer_state.json", json.as_slice())])
+        .try_for_each(|(name, bytes)| write_synced(&tmp.join(name), bytes));
+    if let Err(e) = written {
+        // Nothing half-written is left behind (a full disk, say).
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     sync_dir(&tmp);
     let dest = root.join(&name);
     anneal_data::failpoint("checkpoint");

@@ -43,7 +43,11 @@ pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path, overwrite: bool) -
     }
     let tmp = anneal_data::sibling(out, "export-tmp")?;
     let _ = std::fs::remove_dir_all(&tmp);
-    write_dir(model, tokenizer, &tmp)?;
+    if let Err(e) = write_dir(model, tokenizer, &tmp) {
+        // Nothing half-written is left behind (a full disk, say).
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     anneal_data::failpoint("export");
     anneal_data::replace_dir(&tmp, out)
         .with_context(|| format!("moving the export to {}", out.display()))?;
@@ -80,7 +84,11 @@ fn write_dir(model: &Gpt, tokenizer: &Tokenizer, out: &Path) -> Result<()> {
         .collect();
     tensors.extend(missing);
     let bytes = anneal_tensor::io::encode_safetensors(&tensors)?;
-    std::fs::write(out.join("model.safetensors"), bytes)?;
+    let write = |name: &str, bytes: &[u8]| {
+        let path = out.join(name);
+        std::fs::write(&path, bytes).with_context(|| format!("writing {}", path.display()))
+    };
+    write("model.safetensors", &bytes)?;
     let eos = tokenizer.eos().unwrap_or(0);
     let config = json!({
         "architectures": ["GPT2LMHeadModel"],
@@ -103,9 +111,9 @@ fn write_dir(model: &Gpt, tokenizer: &Tokenizer, out: &Path) -> Result<()> {
         "eos_token_id": eos,
         "torch_dtype": "float32",
     });
-    std::fs::write(
-        out.join("config.json"),
-        serde_json::to_string_pretty(&config)?,
+    write(
+        "config.json",
+        serde_json::to_string_pretty(&config)?.as_bytes(),
     )?;
     tokenizer.save(&out.join("tokenizer.json"))?;
     Ok(())

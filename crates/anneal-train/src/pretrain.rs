@@ -428,7 +428,7 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
         writeln!(file, "{}", serde_json::to_string(&m)?)?;
         metrics.push(m);
         if let Err(e) = plot_losses(&files.plot, metrics) {
-            tracing::warn!("loss curve not drawn: {e:#}");
+            tracing::warn!("loss curve not drawn: {e}");
         }
         log(&mut || {
             tracing::info!(
