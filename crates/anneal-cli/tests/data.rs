@@ -238,3 +238,32 @@ fn tokenizing_a_long_line_takes_memory_independent_of_its_length() {
         "the documents and datasets are removed"
     );
 }
+
+/// A corpus too small for the default document split gets no validation documents: tokenize
+/// says so (pretraining would need them) and names the ways out.
+#[test]
+fn an_empty_validation_split_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    std::fs::create_dir_all(&src).unwrap();
+    for i in 0..3 {
+        std::fs::write(src.join(format!("{i}.txt")), format!("document {i}\n")).unwrap();
+    }
+    let out = run(&[
+        "data",
+        "tokenize",
+        "--input",
+        src.to_str().unwrap(),
+        "--tokenizer",
+        "chars",
+        "--quiet",
+        "--out",
+        dir.path().join("data").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("validation split is empty") && err.contains("--split tail"),
+        "{err}"
+    );
+}

@@ -399,6 +399,45 @@ fn generate_eval_and_export_from_a_run() {
         logits(&hf),
         "the exported model computes the same logits"
     );
+
+    // A tokenizer with more ids than the model embeds is refused by name, not discovered as a
+    // perplexity of null on every document.
+    let wide = dir.path().join("wide");
+    std::fs::create_dir_all(&wide).unwrap();
+    std::fs::write(wide.join("all.txt"), ('!'..='~').collect::<String>()).unwrap();
+    let wide_data = dir.path().join("wide-data");
+    ok(anneal(&[
+        "data",
+        "tokenize",
+        "--input",
+        wide.to_str().unwrap(),
+        "--tokenizer",
+        "chars",
+        "--val-fraction",
+        "0",
+        "--quiet",
+        "--out",
+        wide_data.to_str().unwrap(),
+    ]));
+    std::fs::copy(wide_data.join("tokenizer.json"), hf.join("tokenizer.json")).unwrap();
+    let out = anneal(&[
+        "data",
+        "pipeline",
+        "--input",
+        src.to_str().unwrap(),
+        "--out",
+        dir.path().join("scored").to_str().unwrap(),
+        "--stages",
+        "normalize",
+        "--perplexity-model",
+        hf.to_str().unwrap(),
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("tokenizer.json") && err.contains("embeds only"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -444,6 +483,10 @@ fn config_errors_name_the_key_and_the_allowed_values() {
                 && err.contains("needs at least")
                 && err.contains("--force"),
             "{huge:?}: {err}"
+        );
+        assert!(
+            !dir.path().join("run").exists(),
+            "a refused run leaves no directory"
         );
     }
 }

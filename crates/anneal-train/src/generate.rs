@@ -68,6 +68,17 @@ pub fn load_model(path: &Path) -> Result<LoadedModel> {
         })
     } else {
         let (model, tokenizer) = crate::hf::load_dir(&dir)?;
+        // Ids the tokenizer can give must have an embedding: refused here, by name, rather than
+        // failing on the first text that uses them.
+        if tokenizer.vocab_size() > model.config.vocab_size {
+            bail!(
+                "{}: {} tokens, but the model in {} embeds only {}: not this model's tokenizer",
+                dir.join("tokenizer.json").display(),
+                tokenizer.vocab_size(),
+                dir.join("config.json").display(),
+                model.config.vocab_size
+            );
+        }
         Ok(LoadedModel {
             model,
             tokenizer,

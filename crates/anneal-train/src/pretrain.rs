@@ -295,11 +295,9 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
     let wall = Instant::now();
     let t = &config.train;
     let out = &t.out_dir;
-    // The data is checked before the run directory is made, so a wrong data.dir leaves nothing.
+    // The data and the memory bound are checked before the run directory is made, so a run
+    // refused for them leaves nothing behind.
     let (manifest, tokenizer, train_set, val_set) = open_tokenized(&config.data.dir)?;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let _lock = lock_run_dir(out)?;
-    let files = RunFiles::new(out);
     let seq = config.model.block_size;
     for (name, set) in [("training", &train_set), ("validation", &val_set)] {
         if set.len() <= seq as u64 {
@@ -324,6 +322,9 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
             );
         }
     }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let _lock = lock_run_dir(out)?;
+    let files = RunFiles::new(out);
     let mut trainer = pretraining(config, manifest.vocab_size, train_set)?;
     let resume_dir = match &opts.resume {
         Resume::No => None,
