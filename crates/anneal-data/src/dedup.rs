@@ -167,17 +167,32 @@ pub fn write_signatures(
     out_dir: &Path,
 ) -> Result<(PathBuf, u64)> {
     std::fs::create_dir_all(out_dir).map_err(io_err(out_dir))?;
-    let hasher = MinHasher::new(config.clone());
     let name = signature_file_name(shard);
     let tmp = out_dir.join(format!(".{name}.tmp"));
     let path = out_dir.join(&name);
-    let file = File::create(&tmp).map_err(io_err(&tmp))?;
+    let count = match sign_into(corpus, shard, config, &tmp) {
+        Ok(count) => count,
+        Err(e) => {
+            // Nothing half-written is left behind (a full disk, say).
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    crate::failpoint("signatures");
+    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    Ok((path, count))
+}
+
+/// Writes the signature file of [`write_signatures`] to `tmp`, synced; the documents signed.
+fn sign_into(corpus: &Corpus, shard: Shard, config: &MinHashConfig, tmp: &Path) -> Result<u64> {
+    let hasher = MinHasher::new(config.clone());
+    let file = File::create(tmp).map_err(io_err(tmp))?;
     let mut w = Hashing {
         inner: BufWriter::new(file),
         hash: xxhash_rust::xxh3::Xxh3::new(),
     };
     let header = serde_json::to_vec(config).expect("configs serialise");
-    let mut write = |bytes: &[u8]| w.write_all(bytes).map_err(io_err(&tmp));
+    let mut write = |bytes: &[u8]| w.write_all(bytes).map_err(io_err(tmp));
     write(MAGIC)?;
     write(&(header.len() as u32).to_le_bytes())?;
     write(&header)?;
@@ -202,7 +217,7 @@ pub fn write_signatures(
             for v in sig {
                 rec.extend_from_slice(&v.to_le_bytes());
             }
-            w.write_all(&rec).map_err(io_err(&tmp))?;
+            w.write_all(&rec).map_err(io_err(tmp))?;
             count += 1;
         }
         Ok(())
@@ -229,12 +244,10 @@ pub fn write_signatures(
     flush(&mut batch, &mut w)?;
     let checksum = w.hash.digest();
     let mut w = w.inner;
-    w.write_all(&checksum.to_le_bytes()).map_err(io_err(&tmp))?;
-    let file = w.into_inner().map_err(|e| io_err(&tmp)(e.into_error()))?;
-    file.sync_all().map_err(io_err(&tmp))?;
-    crate::failpoint("signatures");
-    std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-    Ok((path, count))
+    w.write_all(&checksum.to_le_bytes()).map_err(io_err(tmp))?;
+    let file = w.into_inner().map_err(|e| io_err(tmp)(e.into_error()))?;
+    file.sync_all().map_err(io_err(tmp))?;
+    Ok(count)
 }
 
 /// Reads one signature file, checking every length against the bytes the file holds before

@@ -1,7 +1,9 @@
 //! Outside input to the data pipeline never panics: arbitrary JSONL lines are documents or
 //! counted bad lines, text of any shape is handed on whole in bounded parts, and mutated shard
-//! manifests end in a dataset or an error naming the file.
+//! manifests end in a dataset or an error naming the file; pipeline settings of any value run or
+//! are refused naming the key.
 
+use anneal_data::pipeline::PipelineConfig;
 use anneal_data::{
     tokenize, Corpus, CorpusOptions, Manifest, ShardSet, TokenizeOptions, Tokenizer,
 };
@@ -113,4 +115,72 @@ proptest! {
             prop_assert!(e.to_string().contains(&dir), "{}", e);
         }
     }
+
+    #[test]
+    fn arbitrary_pipeline_settings_run_or_are_refused_by_key(
+        sets in proptest::collection::vec(
+            (prop::sample::select(PIPELINE_KEYS.to_vec()), setting()),
+            1..4,
+        ),
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        for i in 0..4 {
+            let text = format!("The river town held its spring market, stall {i} of many. ");
+            std::fs::write(src.join(format!("{i}.txt")), text.repeat(30)).unwrap();
+        }
+        let mut overrides: Vec<String> = sets.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        overrides.push(format!("input.paths=[{:?}]", src.display().to_string()));
+        overrides.push(format!("output.dir={:?}", dir.path().join("out").display().to_string()));
+        let file = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../configs/pipeline-web.toml");
+        let result = PipelineConfig::load(Some(&file), &overrides)
+            .and_then(|c| anneal_data::pipeline::run(&c, |_, _| {}).map(|_| ()));
+        if let Err(e) = result {
+            let e = e.to_string();
+            prop_assert!(
+                sets.iter().any(|(k, _)| e.contains(k) || e.contains(k.rsplit('.').next().unwrap()))
+                    || e.contains("pipeline-web.toml"),
+                "{}: {}", overrides.join(" "), e
+            );
+        }
+    }
+}
+
+const PIPELINE_KEYS: [&str; 12] = [
+    "near_dedup.threshold",
+    "near_dedup.num_perm",
+    "near_dedup.ngram",
+    "filters.length.min_chars",
+    "filters.length.max_chars",
+    "filters.language.min_confidence",
+    "filters.language.languages",
+    "filters.gopher_quality.min_words",
+    "filters.gopher_quality.max_symbol_word_ratio",
+    "filters.gopher_repetition.max_duplicate_lines",
+    "signals.ngram",
+    "output.shard_documents",
+];
+
+fn setting() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<i64>().prop_map(|v| v.to_string()),
+        (0i64..20).prop_map(|v| v.to_string()),
+        any::<f64>().prop_map(|v| format!("{v:?}")),
+        prop::sample::select(vec![
+            "nan",
+            "inf",
+            "-1",
+            "0",
+            "1.5",
+            "1e308",
+            "\"xx\"",
+            "[\"eng\"]",
+            "[]",
+            "true",
+            "",
+        ])
+        .prop_map(String::from),
+    ]
 }

@@ -50,7 +50,9 @@ impl MemoryBound {
 pub fn lower_bound(config: &RunConfig, vocab_size: usize) -> Result<MemoryBound> {
     let gpt = config.gpt_config(vocab_size)?;
     let (d, v) = (gpt.n_embd as f64, vocab_size as f64);
-    let params = gpt.non_embedding_params() as f64 + v * d + gpt.block_size as f64 * d;
+    // Counted without overflow: a size no machine holds gives an infinite bound, never a
+    // wrapped small one.
+    let params = gpt.total_params().map_or(f64::INFINITY, |n| n as f64);
     let (store, master) = match gpt.dtype {
         DType::F32 => (4.0, 0.0),
         DType::BF16 => (2.0, 2.0),
