@@ -1,0 +1,152 @@
+//! Communication for anneal's parallel training: the [`Communicator`] trait every parallel
+//! strategy is written against, and its backends.
+//!
+//! - [`local`]: ranks as threads of one process, exchanging owned buffers (never shared
+//!   tensors). The default, used by the tests and by single-machine multi-rank runs.
+//! - `mpi` (to come, behind the cargo feature `mpi`): the `mpi` crate on Open MPI, for jobs
+//!   launched with `mpirun`. The trait leaves room for NCCL later.
+//!
+//! Reductions are deterministic: every backend sums the ranks' contributions in rank order, so
+//! an all-reduce and a reduce-scatter followed by an all-gather give bitwise the same values,
+//! and a run repeats bit for bit. (This is what lets ZeRO's sharded reduction be checked
+//! bitwise against plain data parallelism.)
+//!
+//! Failure is collective: when any rank fails (returns an error or panics), every other rank's
+//! pending or later communication returns [`Error::PeerFailed`] naming that rank and its error,
+//! so a job ends instead of hanging.
+
+pub mod local;
+
+/// Errors of communication. Each names the rank or the sizes at fault.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+pub enum Error {
+    /// Another rank failed; this rank's communication cannot complete.
+    #[error("rank {rank} failed: {reason}")]
+    PeerFailed {
+        /// The global rank that failed first.
+        rank: usize,
+        /// Its error.
+        reason: String,
+    },
+    /// A call's arguments do not fit the group (a rank out of range, a length not divisible
+    /// by the group size, ranks disagreeing on a length).
+    #[error("{op}: {reason}")]
+    Invalid {
+        /// The collective.
+        op: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Result with [`Error`].
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// How an all-reduce or reduce-scatter combines the ranks' values.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reduce {
+    /// The sum, added in rank order.
+    Sum,
+    /// The sum (in rank order) divided by the number of ranks.
+    Mean,
+}
+
+/// A pending non-blocking operation; [`Handle::wait`] completes it.
+#[must_use = "a pending operation completes only when waited on"]
+pub struct Handle<T> {
+    finish: Box<dyn FnOnce() -> Result<T> + Send>,
+}
+
+impl<T> Handle<T> {
+    /// A handle that completes with `finish`.
+    pub fn new(finish: impl FnOnce() -> Result<T> + Send + 'static) -> Handle<T> {
+        Handle {
+            finish: Box::new(finish),
+        }
+    }
+
+    /// Blocks until the operation completes and returns its result.
+    pub fn wait(self) -> Result<T> {
+        (self.finish)()
+    }
+}
+
+/// A group of ranks that communicate: the world, or a sub-group made by
+/// [`Communicator::split`] (a data-parallel or sharding group of a mesh, say). Buffers are
+/// owned `Vec<f32>`s, handed over and given back, so no rank ever sees another's memory.
+///
+/// Every rank of a group must make the same collective calls in the same order (as with MPI);
+/// point-to-point messages are matched by sender and tag, in order.
+pub trait Communicator: Send {
+    /// This rank's index in the group, `0..size()`.
+    fn rank(&self) -> usize;
+
+    /// The number of ranks in the group.
+    fn size(&self) -> usize;
+
+    /// This rank's index in the world (for messages that name it).
+    fn global_rank(&self) -> usize;
+
+    /// Starts an all-reduce of `buf` (the same length on every rank): every rank receives the
+    /// sum (or mean) of all ranks' buffers.
+    fn all_reduce_start(&self, buf: Vec<f32>, op: Reduce) -> Result<Handle<Vec<f32>>>;
+
+    /// Starts a reduce-scatter: `buf`'s length is the same on every rank and divisible by
+    /// `size()`; rank r receives the reduction of every rank's r-th chunk.
+    fn reduce_scatter_start(&self, buf: Vec<f32>, op: Reduce) -> Result<Handle<Vec<f32>>>;
+
+    /// Starts an all-gather: every rank receives the ranks' chunks (of equal length) concatenated
+    /// in rank order.
+    fn all_gather_start(&self, chunk: Vec<f32>) -> Result<Handle<Vec<f32>>>;
+
+    /// Starts a broadcast of the `root` rank's buffer to every rank (the others' `buf` is
+    /// ignored).
+    fn broadcast_start(&self, buf: Vec<f32>, root: usize) -> Result<Handle<Vec<f32>>>;
+
+    /// Starts an all-to-all: `chunks[j]` goes to rank j; rank r receives, in rank order, the
+    /// r-th chunk of every rank.
+    fn all_to_all_start(&self, chunks: Vec<Vec<f32>>) -> Result<Handle<Vec<Vec<f32>>>>;
+
+    /// Sends `buf` to rank `to` with `tag` (never blocks: messages are buffered).
+    fn send(&self, buf: Vec<f32>, to: usize, tag: u32) -> Result<()>;
+
+    /// Starts receiving the next message from rank `from` with `tag`.
+    fn recv_start(&self, from: usize, tag: u32) -> Result<Handle<Vec<f32>>>;
+
+    /// Waits until every rank of the group has reached the barrier.
+    fn barrier(&self) -> Result<()>;
+
+    /// Splits the group (collectively): ranks passing the same `color` form a new group, ordered
+    /// by `key` (then by rank). Process groups of a mesh are made this way.
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>>;
+
+    /// All-reduce, blocking.
+    fn all_reduce(&self, buf: Vec<f32>, op: Reduce) -> Result<Vec<f32>> {
+        self.all_reduce_start(buf, op)?.wait()
+    }
+
+    /// Reduce-scatter, blocking.
+    fn reduce_scatter(&self, buf: Vec<f32>, op: Reduce) -> Result<Vec<f32>> {
+        self.reduce_scatter_start(buf, op)?.wait()
+    }
+
+    /// All-gather, blocking.
+    fn all_gather(&self, chunk: Vec<f32>) -> Result<Vec<f32>> {
+        self.all_gather_start(chunk)?.wait()
+    }
+
+    /// Broadcast, blocking.
+    fn broadcast(&self, buf: Vec<f32>, root: usize) -> Result<Vec<f32>> {
+        self.broadcast_start(buf, root)?.wait()
+    }
+
+    /// All-to-all, blocking.
+    fn all_to_all(&self, chunks: Vec<Vec<f32>>) -> Result<Vec<Vec<f32>>> {
+        self.all_to_all_start(chunks)?.wait()
+    }
+
+    /// Receive, blocking.
+    fn recv(&self, from: usize, tag: u32) -> Result<Vec<f32>> {
+        self.recv_start(from, tag)?.wait()
+    }
+}
