@@ -466,6 +466,16 @@ impl ParamStore {
         out
     }
 
+    /// Runs `f` on the flat gradients of the trainable parameters, in parameter order, for
+    /// writing (a data-parallel strategy averages them across ranks in place).
+    pub fn with_grads_mut<R>(&self, f: impl FnOnce(&mut [f32]) -> R) -> R {
+        let mut buf = self.grads.write();
+        match &mut *buf {
+            Buffer::F32(g) => f(g),
+            _ => unreachable!("gradients are f32"),
+        }
+    }
+
     /// Overwrites a trainable parameter's accumulated gradient (loading a gradient, tests).
     pub fn set_grad(&self, id: ParamId, values: &Tensor) -> Result<()> {
         self.write_region(Region::Grad, id, values, "ParamStore::set_grad")

@@ -98,55 +98,173 @@ impl Strategy for SingleDevice {
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
+        let mut out = forward_backward(
+            model,
+            objective,
+            micro_batches,
+            dropout_seeds,
+            after_forward,
+        )?;
+        if !out.loss.is_finite() {
+            return Err(NonFiniteLoss(out.loss).into());
+        }
+        clip_and_step(model, optimizer, settings, &mut out);
+        Ok(out)
+    }
+}
+
+/// Zeroes the gradients, then runs forward and backward over `micro_batches` (gradients summed,
+/// each micro-batch weighted 1/n): the mean loss and metrics, and the forward and backward
+/// times. The part of a step every strategy shares.
+pub fn forward_backward(
+    model: &dyn TrainModel,
+    objective: &mut dyn Objective,
+    micro_batches: &[Batch],
+    dropout_seeds: &[u64],
+    after_forward: &mut dyn FnMut(),
+) -> Result<StepOutput> {
+    let params = model.params();
+    let n = micro_batches.len();
+    if n == 0 || dropout_seeds.len() != n {
+        bail!("a step needs one or more micro-batches and a dropout seed for each");
+    }
+    let mut out = StepOutput::default();
+    params.zero_grad();
+    let mut loss_sum = 0.0f64;
+    for (batch, &seed) in micro_batches.iter().zip(dropout_seeds) {
+        let t0 = Instant::now();
+        let output = model.forward(&objective.inputs(batch)?, Some(seed))?;
+        let loss = objective.loss(&output, batch)?;
+        let mut total = loss.value;
+        for (name, aux) in &output.aux_losses {
+            accumulate(&mut out.metrics, name, aux.item()? as f64);
+            total = total.add(aux)?;
+        }
+        for (name, value) in &loss.metrics {
+            accumulate(&mut out.metrics, name, *value);
+        }
+        loss_sum += total.item()? as f64;
+        out.phases[0] += t0.elapsed().as_secs_f64();
+        after_forward();
+        let t1 = Instant::now();
+        if n == 1 {
+            total.backward()?;
+        } else {
+            let weight = Tensor::from_f32(vec![1.0 / n as f32], total.shape())?;
+            total.backward_with_grad(&weight)?;
+        }
+        out.phases[1] += t1.elapsed().as_secs_f64();
+    }
+    out.loss = loss_sum / n as f64;
+    for (_, v) in &mut out.metrics {
+        *v /= n as f64;
+    }
+    out.grad_norm = f64::NAN;
+    Ok(out)
+}
+
+/// Clips the gradients (or measures their norm) as `settings` say and steps the optimizer,
+/// adding the time to `out.phases[2]`.
+pub fn clip_and_step(
+    model: &dyn TrainModel,
+    optimizer: &mut dyn Optimizer,
+    settings: StepSettings,
+    out: &mut StepOutput,
+) {
+    let params = model.params();
+    let t2 = Instant::now();
+    out.grad_norm = if settings.grad_clip > 0.0 {
+        params.clip_grad_norm(settings.grad_clip) as f64
+    } else if settings.measure_grad_norm {
+        params.grad_norm() as f64
+    } else {
+        f64::NAN
+    };
+    optimizer.step(params, settings.lr);
+    out.phases[2] += t2.elapsed().as_secs_f64();
+}
+
+/// Data parallelism: each rank holds the whole model and runs its own share of the global batch;
+/// after backward the gradients are averaged across the ranks in buckets (all started, then
+/// waited on, so the buckets' transfers overlap one another), the loss and metrics too, and
+/// every rank takes the same optimizer step, so the replicas stay identical (the communicator's
+/// reductions are the same bits on every rank). Each rank's micro-batches must be the same size,
+/// so that the mean of the ranks' means is the global mean.
+pub struct DataParallel {
+    comm: Box<dyn anneal_dist::Communicator>,
+    bucket_floats: usize,
+}
+
+impl DataParallel {
+    /// Gradient buckets of 25 MB, PyTorch DDP's default.
+    pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
+
+    /// Data parallelism over the ranks of `comm`, reducing gradients in buckets of
+    /// `bucket_bytes` (at least one value).
+    pub fn new(comm: Box<dyn anneal_dist::Communicator>, bucket_bytes: usize) -> DataParallel {
+        DataParallel {
+            comm,
+            bucket_floats: (bucket_bytes / 4).max(1),
+        }
+    }
+
+    /// Averages every trainable gradient across the ranks.
+    fn reduce_gradients(&self, model: &dyn TrainModel) -> Result<()> {
+        use anneal_dist::Reduce;
         let params = model.params();
-        let n = micro_batches.len();
-        if n == 0 || dropout_seeds.len() != n {
-            bail!("a step needs one or more micro-batches and a dropout seed for each");
-        }
-        let mut out = StepOutput::default();
-        params.zero_grad();
-        let mut loss_sum = 0.0f64;
-        for (batch, &seed) in micro_batches.iter().zip(dropout_seeds) {
-            let t0 = Instant::now();
-            let output = model.forward(&objective.inputs(batch)?, Some(seed))?;
-            let loss = objective.loss(&output, batch)?;
-            let mut total = loss.value;
-            for (name, aux) in &output.aux_losses {
-                accumulate(&mut out.metrics, name, aux.item()? as f64);
-                total = total.add(aux)?;
+        let grads = params.grads_to_vec();
+        let pending = grads
+            .chunks(self.bucket_floats)
+            .map(|bucket| self.comm.all_reduce_start(bucket.to_vec(), Reduce::Mean))
+            .collect::<anneal_dist::Result<Vec<_>>>()?;
+        drop(grads);
+        params.with_grads_mut(|g| -> Result<()> {
+            for (bucket, handle) in g.chunks_mut(self.bucket_floats).zip(pending) {
+                bucket.copy_from_slice(&handle.wait()?);
             }
-            for (name, value) in &loss.metrics {
-                accumulate(&mut out.metrics, name, *value);
-            }
-            loss_sum += total.item()? as f64;
-            out.phases[0] += t0.elapsed().as_secs_f64();
-            after_forward();
-            let t1 = Instant::now();
-            if n == 1 {
-                total.backward()?;
-            } else {
-                let weight = Tensor::from_f32(vec![1.0 / n as f32], total.shape())?;
-                total.backward_with_grad(&weight)?;
-            }
-            out.phases[1] += t1.elapsed().as_secs_f64();
-        }
-        out.loss = loss_sum / n as f64;
-        for (_, v) in &mut out.metrics {
-            *v /= n as f64;
+            Ok(())
+        })
+    }
+}
+
+impl Strategy for DataParallel {
+    fn describe(&self) -> String {
+        format!("data parallel over {} ranks", self.comm.size())
+    }
+
+    fn step(
+        &mut self,
+        model: &dyn TrainModel,
+        objective: &mut dyn Objective,
+        optimizer: &mut dyn Optimizer,
+        micro_batches: &[Batch],
+        dropout_seeds: &[u64],
+        settings: StepSettings,
+        after_forward: &mut dyn FnMut(),
+    ) -> Result<StepOutput> {
+        let mut out = forward_backward(
+            model,
+            objective,
+            micro_batches,
+            dropout_seeds,
+            after_forward,
+        )?;
+        let t = Instant::now();
+        // The loss and metrics every rank reports are the global means.
+        let local: Vec<f32> = std::iter::once(out.loss as f32)
+            .chain(out.metrics.iter().map(|(_, v)| *v as f32))
+            .collect();
+        let global = self.comm.all_reduce(local, anneal_dist::Reduce::Mean)?;
+        out.loss = global[0] as f64;
+        for ((_, v), g) in out.metrics.iter_mut().zip(&global[1..]) {
+            *v = *g as f64;
         }
         if !out.loss.is_finite() {
             return Err(NonFiniteLoss(out.loss).into());
         }
-        let t2 = Instant::now();
-        out.grad_norm = if settings.grad_clip > 0.0 {
-            params.clip_grad_norm(settings.grad_clip) as f64
-        } else if settings.measure_grad_norm {
-            params.grad_norm() as f64
-        } else {
-            f64::NAN
-        };
-        optimizer.step(params, settings.lr);
-        out.phases[2] = t2.elapsed().as_secs_f64();
+        self.reduce_gradients(model)?;
+        out.phases[2] += t.elapsed().as_secs_f64();
+        clip_and_step(model, optimizer, settings, &mut out);
         Ok(out)
     }
 }
