@@ -51,6 +51,19 @@ pub enum Reduce {
     Mean,
 }
 
+/// Rank `rank`'s shard of `total` elements split over `size` ranks: chunks of
+/// ⌈total / size⌉ elements, the last ones shorter (or empty). Collectives over shards pad every
+/// chunk to [`shard_len`].
+pub fn shard_range(total: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
+    let chunk = shard_len(total, size);
+    (rank * chunk).min(total)..((rank + 1) * chunk).min(total)
+}
+
+/// The padded length of every shard of `total` elements over `size` ranks.
+pub fn shard_len(total: usize, size: usize) -> usize {
+    total.div_ceil(size.max(1))
+}
+
 /// A pending non-blocking operation; [`Handle::wait`] completes it.
 #[must_use = "a pending operation completes only when waited on"]
 pub struct Handle<T> {

@@ -10,6 +10,7 @@
 //! (Micikevicius et al. 2018, "Mixed Precision Training").
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use rayon::prelude::*;
 
@@ -26,7 +27,9 @@ const BLOCK: usize = 1 << 15;
 struct Run {
     /// First element in the parameter buffer.
     data: usize,
-    /// First element in the gradient buffer and in every state vector.
+    /// First element in the gradient buffer.
+    grad: usize,
+    /// First element in every state vector (the gradient offset less the shard's start).
     state: usize,
     len: usize,
     /// Learning rate for this run (the step's, times its group's scale).
@@ -35,22 +38,28 @@ struct Run {
     weight_decay: f32,
 }
 
-/// The trainable runs of the store, cut into blocks, with each group's learning rate and decay.
-fn runs(store: &ParamStore, lr: f32, weight_decay: f32) -> Vec<Run> {
+/// The trainable runs of the store within `shard` (a range of the gradient buffer), cut into
+/// blocks, with each group's learning rate and decay.
+fn runs(store: &ParamStore, lr: f32, weight_decay: f32, shard: &Range<usize>) -> Vec<Run> {
     let mut out = Vec::new();
-    for (p, data, state) in store.trainable_ranges() {
+    for (p, data, grad) in store.trainable_ranges() {
+        let (lo, hi) = (grad.start.max(shard.start), grad.end.min(shard.end));
+        if lo >= hi {
+            continue;
+        }
         let group = &store.groups()[p.group];
         let decay = if p.weight_decay {
             group.weight_decay.unwrap_or(weight_decay)
         } else {
             0.0
         };
-        let mut s = 0;
-        while s < p.len {
-            let len = BLOCK.min(p.len - s);
+        let mut s = lo - grad.start;
+        while s < hi - grad.start {
+            let len = BLOCK.min(hi - grad.start - s);
             out.push(Run {
                 data: data.start + s,
-                state: state.start + s,
+                grad: grad.start + s,
+                state: grad.start + s - shard.start,
                 len,
                 lr: lr * group.lr_scale,
                 weight_decay: decay,
@@ -102,9 +111,9 @@ fn for_each_block(
     master: &mut Master,
     states: &mut [&mut Vec<f32>],
     runs: &[Run],
+    n: usize,
     update: impl Fn(Run, &mut [f32], &[f32], &mut [&mut [f32]]) + Sync,
 ) {
-    let n = store.trainable_numel();
     assert!(
         states.iter().all(|s| s.len() == n) && master.len_matches(n),
         "optimizer state was built for a store of another size: create the optimizer from the \
@@ -131,7 +140,7 @@ fn for_each_block(
             .iter()
             .map(|s| unsafe { s.range(r.state, r.len) })
             .collect();
-        let g = &g[r.state..r.state + r.len];
+        let g = &g[r.grad..r.grad + r.len];
         crate::kernels::vectorized(|| match target {
             Target::F32(p) => update(r, unsafe { p.range(r.data, r.len) }, g, &mut st),
             Target::Master(m, store) => {
@@ -358,6 +367,11 @@ pub struct AdamW {
     v: Vec<f32>,
     master: Master,
     step: u64,
+    /// The range of the gradient buffer this optimizer updates (all of it, or one rank's shard
+    /// under ZeRO).
+    shard: Range<usize>,
+    /// Trainable elements of the store it was built for.
+    total: usize,
 }
 
 impl AdamW {
@@ -369,7 +383,51 @@ impl AdamW {
             v: vec![0.0; store.trainable_numel()],
             master: master_copy(store),
             step: 0,
+            shard: 0..store.trainable_numel(),
+            total: store.trainable_numel(),
         }
+    }
+
+    /// An optimizer for one shard of the trainable parameters (`shard`, a range of the gradient
+    /// buffer), holding moments for that shard alone: ZeRO stage 1 (Rajbhandari et al. 2020)
+    /// gives each rank one. Each element's update is the one [`AdamW::new`]'s would make, bit for
+    /// bit. The shard's parameters are updated in the store; the rest are left as they are.
+    /// f32 stores only, for now (a half-precision store's master copy is not sharded).
+    pub fn shard(
+        store: &ParamStore,
+        config: AdamWConfig,
+        shard: Range<usize>,
+    ) -> crate::Result<AdamW> {
+        let n = store.trainable_numel();
+        if shard.start > shard.end || shard.end > n {
+            return Err(crate::error::invalid(
+                "AdamW::shard",
+                format!("{shard:?} is not within the {n} trainable elements"),
+            ));
+        }
+        if store.dtype() != DType::F32 {
+            return Err(crate::error::invalid(
+                "AdamW::shard",
+                format!(
+                    "a sharded optimizer needs f32 parameters, not {:?}",
+                    store.dtype()
+                ),
+            ));
+        }
+        Ok(AdamW {
+            config,
+            m: vec![0.0; shard.len()],
+            v: vec![0.0; shard.len()],
+            master: master_copy(store),
+            step: 0,
+            shard,
+            total: n,
+        })
+    }
+
+    /// The range of the gradient buffer this optimizer updates.
+    pub fn shard_range(&self) -> Range<usize> {
+        self.shard.clone()
     }
 
     /// The f32 master copy of a half-precision store's trainable parameters (for checkpoints);
@@ -389,9 +447,15 @@ impl Optimizer for AdamW {
         let bc1 = 1.0 - (c.beta1 as f64).powi(self.step as i32);
         let bc2 = 1.0 - (c.beta2 as f64).powi(self.step as i32);
         let inv_sqrt_bc2 = (1.0 / bc2.sqrt()) as f32;
-        let runs = runs(store, lr, c.weight_decay);
+        assert!(
+            store.trainable_numel() == self.total,
+            "optimizer state was built for a store of another size: create the optimizer from the \
+             store it steps, after freezing"
+        );
+        let runs = runs(store, lr, c.weight_decay, &self.shard);
+        let n = self.shard.len();
         let AdamW { m, v, master, .. } = self;
-        for_each_block(store, master, &mut [m, v], &runs, |run, p, g, st| {
+        for_each_block(store, master, &mut [m, v], &runs, n, |run, p, g, st| {
             let (ms, vs) = st.split_at_mut(1);
             let (m, v) = (&mut *ms[0], &mut *vs[0]);
             let decay = 1.0 - run.lr * run.weight_decay;
@@ -432,7 +496,7 @@ impl Optimizer for AdamW {
         steps: u64,
         state: &HashMap<String, Vec<f32>>,
     ) -> crate::Result<()> {
-        let n = store.trainable_numel();
+        let n = self.shard.len();
         let m = state_vector(state, "adam.m", n)?;
         let v = state_vector(state, "adam.v", n)?;
         let master = master_from(store, state.get("adam.master").cloned())?;
@@ -473,9 +537,10 @@ impl Optimizer for Sgd {
     fn step(&mut self, store: &ParamStore, lr: f32) {
         let (mu, first) = (self.momentum, self.step == 0);
         self.step += 1;
-        let runs = runs(store, lr, self.weight_decay);
+        let n = store.trainable_numel();
+        let runs = runs(store, lr, self.weight_decay, &(0..n));
         let Sgd { buf, master, .. } = self;
-        for_each_block(store, master, &mut [buf], &runs, |run, p, g, st| {
+        for_each_block(store, master, &mut [buf], &runs, n, |run, p, g, st| {
             let b = &mut *st[0];
             for i in 0..p.len() {
                 let gi = g[i] + run.weight_decay * p[i];
@@ -536,6 +601,46 @@ mod tests {
         for (i, &v) in g.iter().enumerate() {
             buf.set_f32(i, v);
         }
+    }
+
+    #[test]
+    fn shards_update_their_elements_as_the_whole_optimizer_does() {
+        let grads = [0.3, -1.5, 2.0];
+        let whole = store(DType::F32);
+        let mut opt = AdamW::new(&whole, AdamWConfig::DEFAULT);
+        set_grads(&whole, &grads);
+        opt.step(&whole, 0.1);
+        let want = whole.trainable_values(0..3);
+        // Shards 0..2 (inside "w") and 2..3 ("bias"), each on its own copy of the store.
+        let mut got = [0.0f32; 3];
+        for shard in [0..2, 2..3] {
+            let s = store(DType::F32);
+            let mut opt = AdamW::shard(&s, AdamWConfig::DEFAULT, shard.clone()).unwrap();
+            assert_eq!(opt.state_bytes(), 8 * shard.len());
+            set_grads(&s, &grads);
+            opt.step(&s, 0.1);
+            let after = s.trainable_values(0..3);
+            got[shard.clone()].copy_from_slice(&after[shard.clone()]);
+            let untouched = store(DType::F32).trainable_values(0..3);
+            for i in (0..3).filter(|i| !shard.contains(i)) {
+                assert_eq!(after[i], untouched[i], "outside the shard");
+            }
+        }
+        assert_eq!(
+            got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+        );
+        let s = store(DType::F32);
+        let e = AdamW::shard(&s, AdamWConfig::DEFAULT, 2..5).err().unwrap();
+        assert!(
+            e.to_string()
+                .contains("not within the 3 trainable elements"),
+            "{e}"
+        );
+        let e = AdamW::shard(&store(DType::BF16), AdamWConfig::DEFAULT, 0..1)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("f32 parameters"), "{e}");
     }
 
     #[test]

@@ -253,6 +253,37 @@ impl ParamStore {
         })
     }
 
+    /// The values of the trainable parameters at `range` of state order (the order of the
+    /// gradient buffer), widened to f32: a rank's shard under ZeRO.
+    pub fn trainable_values(&self, range: Range<usize>) -> Vec<f32> {
+        let mut out = vec![0.0f32; range.len()];
+        let data = self.data.read();
+        for (_, d, s) in self.trainable_ranges() {
+            let (lo, hi) = (s.start.max(range.start), s.end.min(range.end));
+            if lo < hi {
+                let from = d.start + (lo - s.start);
+                data.read_range_f32(from, &mut out[lo - range.start..hi - range.start]);
+            }
+        }
+        out
+    }
+
+    /// Writes `values` over the trainable parameters from `start` of state order (a ZeRO step
+    /// gathers every rank's updated shard this way).
+    pub fn set_trainable_values(&self, start: usize, values: &[f32]) {
+        let range = start..start + values.len();
+        let mut data = self.data.write();
+        for (_, d, s) in self.trainable_ranges() {
+            let (lo, hi) = (s.start.max(range.start), s.end.min(range.end));
+            for i in lo..hi {
+                data.set_f32(d.start + (i - s.start), values[i - start]);
+            }
+        }
+        drop(data);
+        self.version
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// The parameter groups; group 0 is the default every parameter starts in.
     pub fn groups(&self) -> &[ParamGroup] {
         &self.groups

@@ -1,14 +1,16 @@
 //! Data parallelism on the local backend equals single-device training at the same global
 //! batch: the GPT trained for 10 steps on 2 and on 4 ranks (each rank a share of the batch)
 //! against one device on the whole batch; every step's loss within 1e-5 relative, every final
-//! parameter within rtol 1e-5 + atol 1e-6, and the replicas bitwise identical to one another.
+//! parameter within rtol 1e-5 + atol 1e-6, and the replicas bitwise identical to one another;
+//! ZeRO-1 (optimizer state sharded) equal to plain data parallelism bit for bit.
 
 use anneal_data::{Batch, TokenWindows};
 use anneal_dist::{local, Communicator};
 use anneal_nn::{Gpt, GptConfig};
 use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::Optimizer;
 use anneal_train::objectives::CausalLm;
-use anneal_train::strategy::{DataParallel, SingleDevice, StepSettings, Strategy};
+use anneal_train::strategy::{DataParallel, SingleDevice, StepSettings, Strategy, ZeroOne};
 
 const BATCH: usize = 8;
 const SEQ: usize = 8;
@@ -47,13 +49,24 @@ fn batch(step: u64, rows: std::ops::Range<usize>) -> Batch {
     })
 }
 
+/// Losses of every step and the final parameters.
+type Trained = (Vec<f64>, Vec<f32>);
+
 /// Trains with `strategy` on the rows of `rows`, returning the losses and final parameters.
-fn train(
-    mut strategy: Box<dyn Strategy>,
+fn train(strategy: Box<dyn Strategy>, rows: std::ops::Range<usize>) -> anyhow::Result<Trained> {
+    train_with(rows, |gpt| {
+        let opt = AdamW::new(&gpt.params, AdamWConfig::DEFAULT);
+        (strategy, Box::new(opt))
+    })
+}
+
+/// Trains with the strategy and optimizer `make` builds for the model.
+fn train_with(
     rows: std::ops::Range<usize>,
-) -> anyhow::Result<(Vec<f64>, Vec<f32>)> {
+    make: impl FnOnce(&Gpt) -> (Box<dyn Strategy>, Box<dyn Optimizer>),
+) -> anyhow::Result<Trained> {
     let gpt = model();
-    let mut optimizer = AdamW::new(&gpt.params, AdamWConfig::DEFAULT);
+    let (mut strategy, mut optimizer) = make(&gpt);
     let mut objective = CausalLm;
     let settings = StepSettings {
         lr: 1e-2,
@@ -65,7 +78,7 @@ fn train(
         let out = strategy.step(
             &gpt,
             &mut objective,
-            &mut optimizer,
+            optimizer.as_mut(),
             &[batch(step, rows.clone())],
             &[step],
             settings,
@@ -137,4 +150,47 @@ fn a_failing_rank_ends_data_parallel_training_on_every_rank() {
             .contains("rank 1 failed: rank 1 ran out of memory"),
         "{err}"
     );
+}
+
+#[test]
+fn zero_one_equals_data_parallel_bitwise() {
+    for ranks in [2, 4] {
+        let per_rank = BATCH / ranks;
+        let rows = |rank: usize| rank * per_rank..(rank + 1) * per_rank;
+        let plain = local::run(ranks, |comm| {
+            let r = rows(comm.rank());
+            train(Box::new(DataParallel::new(Box::new(comm), 1 << 12)), r)
+        })
+        .unwrap();
+        let sharded = local::run(ranks, |comm| {
+            let r = rows(comm.rank());
+            train_with(r, |gpt| {
+                let zero = ZeroOne::new(Box::new(comm), 1 << 12);
+                let shard = zero.shard(gpt);
+                let opt = AdamW::shard(&gpt.params, AdamWConfig::DEFAULT, shard).unwrap();
+                let all = gpt.params.trainable_numel();
+                assert!(
+                    opt.state_bytes() <= 8 * all.div_ceil(ranks),
+                    "moments of a shard only"
+                );
+                (
+                    Box::new(zero) as Box<dyn Strategy>,
+                    Box::new(opt) as Box<dyn Optimizer>,
+                )
+            })
+        })
+        .unwrap();
+        let bits = |t: &Trained| {
+            (
+                t.0.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+                t.1.iter().map(|p| p.to_bits()).collect::<Vec<_>>(),
+            )
+        };
+        for (rank, (p, z)) in plain.iter().zip(&sharded).enumerate() {
+            assert!(
+                bits(p) == bits(z),
+                "{ranks} ranks, rank {rank}: ZeRO-1 differs from data parallel"
+            );
+        }
+    }
 }
