@@ -51,17 +51,19 @@ pub enum Reduce {
     Mean,
 }
 
-/// Rank `rank`'s shard of `total` elements split over `size` ranks: chunks of
-/// ⌈total / size⌉ elements, the last ones shorter (or empty). Collectives over shards pad every
-/// chunk to [`shard_len`].
-pub fn shard_range(total: usize, rank: usize, size: usize) -> std::ops::Range<usize> {
-    let chunk = shard_len(total, size);
+/// Rank `rank`'s shard of `total` elements split over `size` ranks: chunks of [`shard_len`]
+/// elements, the last ones shorter (or empty). Collectives over shards pad every chunk to that
+/// length.
+pub fn shard_range(total: usize, rank: usize, size: usize, align: usize) -> std::ops::Range<usize> {
+    let chunk = shard_len(total, size, align);
     (rank * chunk).min(total)..((rank + 1) * chunk).min(total)
 }
 
-/// The padded length of every shard of `total` elements over `size` ranks.
-pub fn shard_len(total: usize, size: usize) -> usize {
-    total.div_ceil(size.max(1))
+/// The length of every shard of `total` elements over `size` ranks: ⌈total / size⌉ rounded up
+/// to a multiple of `align` (so a shard holds whole chunks of a chunked reduction).
+pub fn shard_len(total: usize, size: usize, align: usize) -> usize {
+    let align = align.max(1);
+    total.div_ceil(size.max(1)).div_ceil(align) * align
 }
 
 /// A pending non-blocking operation; [`Handle::wait`] completes it.

@@ -42,6 +42,15 @@ pub struct ParamInfo {
     pub group: usize,
 }
 
+/// The factor global-norm clipping scales every gradient by when their norm is `norm`:
+/// `max_norm / (norm + 1e-6)` when the norm exceeds `max_norm` (and is finite), else none.
+pub fn clip_factor(norm: f32, max_norm: f32) -> Option<f32> {
+    (norm > max_norm && norm.is_finite()).then(|| max_norm / (norm + 1e-6))
+}
+
+/// Elements per chunk of the gradient norm's f64 partial sums ([`ParamStore::grad_norm`]).
+pub const NORM_CHUNK: usize = 1 << 10;
+
 /// Settings shared by a set of trainable parameters (PyTorch's parameter groups): fine-tuning
 /// gives a new head a larger learning rate than the pretrained body, for example.
 #[derive(Clone, Debug, PartialEq)]
@@ -512,25 +521,41 @@ impl ParamStore {
         self.write_region(Region::Grad, id, values, "ParamStore::set_grad")
     }
 
-    /// Global L2 norm of all gradients, √(Σ g²), accumulated in f64: chunks of 2¹⁶ elements in
-    /// parallel, then their sums in chunk order, so the norm is the same bits on any thread count.
+    /// Global L2 norm of all gradients, √(Σ g²), accumulated in f64: chunks of [`NORM_CHUNK`]
+    /// elements in parallel ([`ParamStore::grad_norm_partials`]), then their sums in chunk
+    /// order, so the norm is the same bits on any thread count, and the same when the chunks are
+    /// summed on the ranks that hold them (ZeRO-2).
     pub fn grad_norm(&self) -> f32 {
+        let n = self.trainable_numel();
+        self.grad_norm_partials(0..n).iter().sum::<f64>().sqrt() as f32
+    }
+
+    /// Σ g² of each [`NORM_CHUNK`]-element chunk of the gradients in `range` (whose start is a
+    /// multiple of the chunk), in f64, in chunk order.
+    pub fn grad_norm_partials(&self, range: Range<usize>) -> Vec<f64> {
+        debug_assert!(range.start.is_multiple_of(NORM_CHUNK));
         let buf = self.grads.read();
-        let Buffer::F32(g) = &*buf else { return 0.0 };
+        let Buffer::F32(g) = &*buf else {
+            return Vec::new();
+        };
         use rayon::prelude::*;
-        let parts: Vec<f64> = g
-            .par_chunks(1 << 16)
+        let range = range.start.min(g.len())..range.end.min(g.len());
+        g[range]
+            .par_chunks(NORM_CHUNK)
             .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-            .collect();
-        parts.iter().sum::<f64>().sqrt() as f32
+            .collect()
+    }
+
+    /// Multiplies the gradients in `range` by `s` (clipping a shard).
+    pub fn scale_grads(&self, range: Range<usize>, s: f32) {
+        self.with_grads_mut(|g| g[range].iter_mut().for_each(|x| *x *= s));
     }
 
     /// Global-norm gradient clipping (Pascanu et al. 2013): when the norm exceeds `max_norm`, scales
     /// every gradient by max_norm/norm. Returns the norm before clipping.
     pub fn clip_grad_norm(&self, max_norm: f32) -> f32 {
         let norm = self.grad_norm();
-        if norm > max_norm && norm.is_finite() {
-            let s = max_norm / (norm + 1e-6);
+        if let Some(s) = clip_factor(norm, max_norm) {
             if let Buffer::F32(g) = &mut *self.grads.write() {
                 use rayon::prelude::*;
                 g.par_chunks_mut(1 << 16)

@@ -184,6 +184,41 @@ pub fn clip_and_step(
     out.phases[2] += t2.elapsed().as_secs_f64();
 }
 
+/// Replaces this rank's loss and metrics by their means over the ranks of `comm` (what every
+/// rank reports), failing on a non-finite mean loss on every rank alike.
+fn average_loss(comm: &dyn anneal_dist::Communicator, out: &mut StepOutput) -> Result<()> {
+    let local: Vec<f32> = std::iter::once(out.loss as f32)
+        .chain(out.metrics.iter().map(|(_, v)| *v as f32))
+        .collect();
+    let global = comm.all_reduce(local, anneal_dist::Reduce::Mean)?;
+    out.loss = global[0] as f64;
+    for ((_, v), g) in out.metrics.iter_mut().zip(&global[1..]) {
+        *v = *g as f64;
+    }
+    if !out.loss.is_finite() {
+        return Err(NonFiniteLoss(out.loss).into());
+    }
+    Ok(())
+}
+
+/// Gathers every rank's `shard` of the trainable parameters (shards of
+/// [`anneal_dist::shard_len`] elements) so each rank holds the whole model again.
+fn gather_parameters(
+    comm: &dyn anneal_dist::Communicator,
+    model: &dyn TrainModel,
+    shard: std::ops::Range<usize>,
+) -> Result<()> {
+    let params = model.params();
+    let total = params.trainable_numel();
+    let padded = anneal_dist::shard_len(total, comm.size(), SHARD_ALIGN);
+    let mut mine = params.trainable_values(shard);
+    mine.resize(padded, 0.0);
+    let mut all = comm.all_gather(mine)?;
+    all.truncate(total);
+    params.set_trainable_values(0, &all);
+    Ok(())
+}
+
 /// Data parallelism: each rank holds the whole model and runs its own share of the global batch;
 /// after backward the gradients are averaged across the ranks in buckets (all started, then
 /// waited on, so the buckets' transfers overlap one another), the loss and metrics too, and
@@ -250,24 +285,17 @@ impl Strategy for DataParallel {
             after_forward,
         )?;
         let t = Instant::now();
-        // The loss and metrics every rank reports are the global means.
-        let local: Vec<f32> = std::iter::once(out.loss as f32)
-            .chain(out.metrics.iter().map(|(_, v)| *v as f32))
-            .collect();
-        let global = self.comm.all_reduce(local, anneal_dist::Reduce::Mean)?;
-        out.loss = global[0] as f64;
-        for ((_, v), g) in out.metrics.iter_mut().zip(&global[1..]) {
-            *v = *g as f64;
-        }
-        if !out.loss.is_finite() {
-            return Err(NonFiniteLoss(out.loss).into());
-        }
+        average_loss(self.comm.as_ref(), &mut out)?;
         self.reduce_gradients(model)?;
         out.phases[2] += t.elapsed().as_secs_f64();
         clip_and_step(model, optimizer, settings, &mut out);
         Ok(out)
     }
 }
+
+/// Shards of ZeRO hold whole chunks of the gradient norm's partial sums, so a sharded norm is
+/// the same bits as the whole one.
+const SHARD_ALIGN: usize = anneal_tensor::params::NORM_CHUNK;
 
 /// ZeRO stage 1 (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
 /// Parameter Models"): data parallelism whose optimizer state is sharded. Gradients are averaged
@@ -291,7 +319,8 @@ impl ZeroOne {
     /// This rank's shard of `model`'s trainable elements: the range its optimizer owns.
     pub fn shard(&self, model: &dyn TrainModel) -> std::ops::Range<usize> {
         let comm = &self.data_parallel.comm;
-        anneal_dist::shard_range(model.params().trainable_numel(), comm.rank(), comm.size())
+        let total = model.params().trainable_numel();
+        anneal_dist::shard_range(total, comm.rank(), comm.size(), SHARD_ALIGN)
     }
 }
 
@@ -324,15 +353,109 @@ impl Strategy for ZeroOne {
         )?;
         // The optimizer stepped this rank's shard; every rank gathers the others'.
         let t = Instant::now();
+        let comm = self.data_parallel.comm.as_ref();
+        gather_parameters(comm, model, self.shard(model))?;
+        out.phases[2] += t.elapsed().as_secs_f64();
+        Ok(out)
+    }
+}
+
+/// ZeRO stage 2 (Rajbhandari et al. 2020): ZeRO-1 whose gradients are reduce-scattered rather
+/// than all-reduced, so each rank receives only its shard's averaged gradients, then clips with
+/// the global norm (each rank's chunks of the norm's partial sums, gathered and added in order),
+/// steps its shard and all-gathers the parameters. Every value equals plain data parallelism's
+/// bit for bit. (The engine still accumulates the whole gradient during backward; what is
+/// sharded is what is reduced, clipped and stepped.)
+pub struct ZeroTwo {
+    comm: Box<dyn anneal_dist::Communicator>,
+}
+
+impl ZeroTwo {
+    /// ZeRO-2 over the ranks of `comm`.
+    pub fn new(comm: Box<dyn anneal_dist::Communicator>) -> ZeroTwo {
+        ZeroTwo { comm }
+    }
+
+    /// This rank's shard of `model`'s trainable elements: the range its optimizer owns.
+    pub fn shard(&self, model: &dyn TrainModel) -> std::ops::Range<usize> {
+        let total = model.params().trainable_numel();
+        anneal_dist::shard_range(total, self.comm.rank(), self.comm.size(), SHARD_ALIGN)
+    }
+
+    /// The global gradient norm from each rank's partial sums over its shard.
+    fn global_norm(&self, model: &dyn TrainModel, shard: std::ops::Range<usize>) -> Result<f32> {
+        use anneal_tensor::params::NORM_CHUNK;
         let params = model.params();
         let total = params.trainable_numel();
-        let comm = &self.data_parallel.comm;
-        let padded = anneal_dist::shard_len(total, comm.size());
-        let mut mine = params.trainable_values(self.shard(model));
-        mine.resize(padded, 0.0);
-        let mut all = comm.all_gather(mine)?;
-        all.truncate(total);
-        params.set_trainable_values(0, &all);
+        let chunks = anneal_dist::shard_len(total, self.comm.size(), SHARD_ALIGN) / NORM_CHUNK;
+        // f64 partial sums travel as the bit patterns of pairs of f32 values, exactly.
+        let mut mine: Vec<f32> = params
+            .grad_norm_partials(shard)
+            .into_iter()
+            .flat_map(|p| {
+                let b = p.to_bits();
+                [f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32)]
+            })
+            .collect();
+        mine.resize(2 * chunks, 0.0);
+        let all = self.comm.all_gather(mine)?;
+        let sum: f64 = all
+            .chunks(2)
+            .take(total.div_ceil(NORM_CHUNK))
+            .map(|p| f64::from_bits(p[0].to_bits() as u64 | (p[1].to_bits() as u64) << 32))
+            .sum();
+        Ok(sum.sqrt() as f32)
+    }
+}
+
+impl Strategy for ZeroTwo {
+    fn describe(&self) -> String {
+        format!(
+            "ZeRO-2 (optimizer state and gradients sharded) over {} ranks",
+            self.comm.size()
+        )
+    }
+
+    fn step(
+        &mut self,
+        model: &dyn TrainModel,
+        objective: &mut dyn Objective,
+        optimizer: &mut dyn Optimizer,
+        micro_batches: &[Batch],
+        dropout_seeds: &[u64],
+        settings: StepSettings,
+        after_forward: &mut dyn FnMut(),
+    ) -> Result<StepOutput> {
+        let mut out = forward_backward(
+            model,
+            objective,
+            micro_batches,
+            dropout_seeds,
+            after_forward,
+        )?;
+        let t = Instant::now();
+        average_loss(self.comm.as_ref(), &mut out)?;
+        let params = model.params();
+        let size = self.comm.size();
+        let len = anneal_dist::shard_len(params.trainable_numel(), size, SHARD_ALIGN);
+        let shard = self.shard(model);
+        let mut grads = params.grads_to_vec();
+        grads.resize(len * size, 0.0);
+        let mine = self.comm.reduce_scatter(grads, anneal_dist::Reduce::Mean)?;
+        params.with_grads_mut(|g| g[shard.clone()].copy_from_slice(&mine[..shard.len()]));
+        out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
+            let norm = self.global_norm(model, shard.clone())?;
+            if settings.grad_clip > 0.0 {
+                if let Some(s) = anneal_tensor::params::clip_factor(norm, settings.grad_clip) {
+                    params.scale_grads(shard.clone(), s);
+                }
+            }
+            norm as f64
+        } else {
+            f64::NAN
+        };
+        optimizer.step(params, settings.lr);
+        gather_parameters(self.comm.as_ref(), model, shard)?;
         out.phases[2] += t.elapsed().as_secs_f64();
         Ok(out)
     }

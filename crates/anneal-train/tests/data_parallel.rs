@@ -2,7 +2,8 @@
 //! batch: the GPT trained for 10 steps on 2 and on 4 ranks (each rank a share of the batch)
 //! against one device on the whole batch; every step's loss within 1e-5 relative, every final
 //! parameter within rtol 1e-5 + atol 1e-6, and the replicas bitwise identical to one another;
-//! ZeRO-1 (optimizer state sharded) equal to plain data parallelism bit for bit.
+//! ZeRO-1 (optimizer state sharded) and ZeRO-2 (gradients too) equal to plain data parallelism
+//! bit for bit.
 
 use anneal_data::{Batch, TokenWindows};
 use anneal_dist::{local, Communicator};
@@ -10,7 +11,9 @@ use anneal_nn::{Gpt, GptConfig};
 use anneal_tensor::optim::{AdamW, AdamWConfig};
 use anneal_tensor::Optimizer;
 use anneal_train::objectives::CausalLm;
-use anneal_train::strategy::{DataParallel, SingleDevice, StepSettings, Strategy, ZeroOne};
+use anneal_train::strategy::{
+    DataParallel, SingleDevice, StepSettings, Strategy, ZeroOne, ZeroTwo,
+};
 
 const BATCH: usize = 8;
 const SEQ: usize = 8;
@@ -70,10 +73,12 @@ fn train_with(
     let mut objective = CausalLm;
     let settings = StepSettings {
         lr: 1e-2,
-        grad_clip: 1.0,
+        // Low enough that every step clips: the sharded norm must equal the whole one.
+        grad_clip: 0.05,
         measure_grad_norm: false,
     };
     let mut losses = Vec::new();
+    let mut clipped = 0;
     for step in 0..STEPS {
         let out = strategy.step(
             &gpt,
@@ -85,7 +90,9 @@ fn train_with(
             &mut || {},
         )?;
         losses.push(out.loss);
+        clipped += usize::from(out.grad_norm > 0.05);
     }
+    assert_eq!(clipped, STEPS as usize, "every step clipped");
     let params = gpt
         .params
         .named()
@@ -153,7 +160,7 @@ fn a_failing_rank_ends_data_parallel_training_on_every_rank() {
 }
 
 #[test]
-fn zero_one_equals_data_parallel_bitwise() {
+fn zero_one_and_two_equal_data_parallel_bitwise() {
     for ranks in [2, 4] {
         let per_rank = BATCH / ranks;
         let rows = |rank: usize| rank * per_rank..(rank + 1) * per_rank;
@@ -162,35 +169,47 @@ fn zero_one_equals_data_parallel_bitwise() {
             train(Box::new(DataParallel::new(Box::new(comm), 1 << 12)), r)
         })
         .unwrap();
-        let sharded = local::run(ranks, |comm| {
-            let r = rows(comm.rank());
-            train_with(r, |gpt| {
-                let zero = ZeroOne::new(Box::new(comm), 1 << 12);
-                let shard = zero.shard(gpt);
-                let opt = AdamW::shard(&gpt.params, AdamWConfig::DEFAULT, shard).unwrap();
-                let all = gpt.params.trainable_numel();
-                assert!(
-                    opt.state_bytes() <= 8 * all.div_ceil(ranks),
-                    "moments of a shard only"
-                );
-                (
-                    Box::new(zero) as Box<dyn Strategy>,
-                    Box::new(opt) as Box<dyn Optimizer>,
-                )
-            })
-        })
-        .unwrap();
         let bits = |t: &Trained| {
             (
                 t.0.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
                 t.1.iter().map(|p| p.to_bits()).collect::<Vec<_>>(),
             )
         };
-        for (rank, (p, z)) in plain.iter().zip(&sharded).enumerate() {
-            assert!(
-                bits(p) == bits(z),
-                "{ranks} ranks, rank {rank}: ZeRO-1 differs from data parallel"
-            );
+        for stage in [1, 2] {
+            let sharded = local::run(ranks, |comm| {
+                let r = rows(comm.rank());
+                train_with(r, |gpt| {
+                    let (strategy, shard): (Box<dyn Strategy>, _) = if stage == 1 {
+                        let zero = ZeroOne::new(Box::new(comm), 1 << 12);
+                        let shard = zero.shard(gpt);
+                        (Box::new(zero), shard)
+                    } else {
+                        let zero = ZeroTwo::new(Box::new(comm));
+                        let shard = zero.shard(gpt);
+                        (Box::new(zero), shard)
+                    };
+                    let all = gpt.params.trainable_numel();
+                    assert!(
+                        shard.len() < all,
+                        "each rank holds a part: {shard:?} of {all}"
+                    );
+                    let opt =
+                        AdamW::shard(&gpt.params, AdamWConfig::DEFAULT, shard.clone()).unwrap();
+                    assert_eq!(
+                        opt.state_bytes(),
+                        8 * shard.len(),
+                        "moments of the shard only"
+                    );
+                    (strategy, Box::new(opt) as Box<dyn Optimizer>)
+                })
+            })
+            .unwrap();
+            for (rank, (p, z)) in plain.iter().zip(&sharded).enumerate() {
+                assert!(
+                    bits(p) == bits(z),
+                    "{ranks} ranks, rank {rank}: ZeRO-{stage} differs from data parallel"
+                );
+            }
         }
     }
 }
