@@ -66,6 +66,33 @@ pub fn shard_len(total: usize, size: usize, align: usize) -> usize {
     total.div_ceil(size.max(1)).div_ceil(align) * align
 }
 
+/// The process groups of hybrid sharding (PaddlePaddle's sharding axis inside data
+/// parallelism): the world's `dp × sharding` ranks as `dp` replicas of `sharding` ranks each,
+/// rank r being shard `r % sharding` of replica `r / sharding`. Returns this rank's sharding group
+/// (the ranks of its replica, ordered by shard) and its replica group (the ranks holding the same
+/// shard in every replica, ordered by replica). Fails, before any communication, when the world
+/// is not `dp × sharding` ranks.
+pub fn hybrid_groups(
+    world: &dyn Communicator,
+    dp: usize,
+    sharding: usize,
+) -> Result<(Box<dyn Communicator>, Box<dyn Communicator>)> {
+    if dp == 0 || sharding == 0 || dp.checked_mul(sharding) != Some(world.size()) {
+        return Err(Error::Invalid {
+            op: "hybrid_groups",
+            reason: format!(
+                "dp = {dp} × sharding = {sharding} must equal the {} ranks of the job",
+                world.size()
+            ),
+        });
+    }
+    let r = world.rank();
+    let (replica, shard) = (r / sharding, r % sharding);
+    let sharding_group = world.split(replica, shard)?;
+    let replica_group = world.split(shard, replica)?;
+    Ok((sharding_group, replica_group))
+}
+
 /// A pending non-blocking operation; [`Handle::wait`] completes it.
 #[must_use = "a pending operation completes only when waited on"]
 pub struct Handle<T> {

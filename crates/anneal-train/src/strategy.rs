@@ -366,14 +366,35 @@ impl Strategy for ZeroOne {
 /// steps its shard and all-gathers the parameters. Every value equals plain data parallelism's
 /// bit for bit. (The engine still accumulates the whole gradient during backward; what is
 /// sharded is what is reduced, clipped and stepped.)
+///
+/// With a replica group ([`ZeroTwo::hybrid`]) it is hybrid sharding: ZeRO-2 inside each sharding
+/// group, and each shard's averaged gradients averaged again across the replicas holding the
+/// same shard (the mean of equal-sized means is the global mean; the summation order differs
+/// from a flat reduction, so it equals data parallelism to rounding, not bitwise).
 pub struct ZeroTwo {
     comm: Box<dyn anneal_dist::Communicator>,
+    replicas: Option<Box<dyn anneal_dist::Communicator>>,
 }
 
 impl ZeroTwo {
     /// ZeRO-2 over the ranks of `comm`.
     pub fn new(comm: Box<dyn anneal_dist::Communicator>) -> ZeroTwo {
-        ZeroTwo { comm }
+        ZeroTwo {
+            comm,
+            replicas: None,
+        }
+    }
+
+    /// Hybrid sharding: ZeRO-2 over `sharding_group`, gradients also averaged across
+    /// `replica_group` ([`anneal_dist::hybrid_groups`] makes both).
+    pub fn hybrid(
+        sharding_group: Box<dyn anneal_dist::Communicator>,
+        replica_group: Box<dyn anneal_dist::Communicator>,
+    ) -> ZeroTwo {
+        ZeroTwo {
+            comm: sharding_group,
+            replicas: Some(replica_group),
+        }
     }
 
     /// This rank's shard of `model`'s trainable elements: the range its optimizer owns.
@@ -410,10 +431,17 @@ impl ZeroTwo {
 
 impl Strategy for ZeroTwo {
     fn describe(&self) -> String {
-        format!(
-            "ZeRO-2 (optimizer state and gradients sharded) over {} ranks",
-            self.comm.size()
-        )
+        match &self.replicas {
+            None => format!(
+                "ZeRO-2 (optimizer state and gradients sharded) over {} ranks",
+                self.comm.size()
+            ),
+            Some(r) => format!(
+                "hybrid sharding: {} replicas of ZeRO-2 over {} ranks",
+                r.size(),
+                self.comm.size()
+            ),
+        }
     }
 
     fn step(
@@ -435,13 +463,19 @@ impl Strategy for ZeroTwo {
         )?;
         let t = Instant::now();
         average_loss(self.comm.as_ref(), &mut out)?;
+        if let Some(replicas) = &self.replicas {
+            average_loss(replicas.as_ref(), &mut out)?;
+        }
         let params = model.params();
         let size = self.comm.size();
         let len = anneal_dist::shard_len(params.trainable_numel(), size, SHARD_ALIGN);
         let shard = self.shard(model);
         let mut grads = params.grads_to_vec();
         grads.resize(len * size, 0.0);
-        let mine = self.comm.reduce_scatter(grads, anneal_dist::Reduce::Mean)?;
+        let mut mine = self.comm.reduce_scatter(grads, anneal_dist::Reduce::Mean)?;
+        if let Some(replicas) = &self.replicas {
+            mine = replicas.all_reduce(mine, anneal_dist::Reduce::Mean)?;
+        }
         params.with_grads_mut(|g| g[shard.clone()].copy_from_slice(&mine[..shard.len()]));
         out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
             let norm = self.global_norm(model, shard.clone())?;

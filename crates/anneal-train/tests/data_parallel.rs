@@ -57,7 +57,16 @@ type Trained = (Vec<f64>, Vec<f32>);
 
 /// Trains with `strategy` on the rows of `rows`, returning the losses and final parameters.
 fn train(strategy: Box<dyn Strategy>, rows: std::ops::Range<usize>) -> anyhow::Result<Trained> {
-    train_with(rows, |gpt| {
+    train_micro(strategy, rows, 1)
+}
+
+/// [`train`] with the rows cut into `micro` micro-batches (gradient accumulation).
+fn train_micro(
+    strategy: Box<dyn Strategy>,
+    rows: std::ops::Range<usize>,
+    micro: usize,
+) -> anyhow::Result<Trained> {
+    train_with(rows, micro, |gpt| {
         let opt = AdamW::new(&gpt.params, AdamWConfig::DEFAULT);
         (strategy, Box::new(opt))
     })
@@ -66,6 +75,7 @@ fn train(strategy: Box<dyn Strategy>, rows: std::ops::Range<usize>) -> anyhow::R
 /// Trains with the strategy and optimizer `make` builds for the model.
 fn train_with(
     rows: std::ops::Range<usize>,
+    micro: usize,
     make: impl FnOnce(&Gpt) -> (Box<dyn Strategy>, Box<dyn Optimizer>),
 ) -> anyhow::Result<Trained> {
     let gpt = model();
@@ -79,13 +89,18 @@ fn train_with(
     };
     let mut losses = Vec::new();
     let mut clipped = 0;
+    let per = rows.len() / micro;
     for step in 0..STEPS {
+        let batches: Vec<Batch> = (0..micro)
+            .map(|m| batch(step, rows.start + m * per..rows.start + (m + 1) * per))
+            .collect();
+        let seeds: Vec<u64> = (0..micro as u64).map(|m| step * 100 + m).collect();
         let out = strategy.step(
             &gpt,
             &mut objective,
             optimizer.as_mut(),
-            &[batch(step, rows.clone())],
-            &[step],
+            &batches,
+            &seeds,
             settings,
             &mut || {},
         )?;
@@ -144,6 +159,68 @@ fn data_parallel_equals_one_device_at_the_same_global_batch() {
 }
 
 #[test]
+fn accumulating_micro_batches_on_every_rank_equals_one_batch_on_one_device() {
+    // 2 ranks × 2 micro-batches × 2 rows against 1 device × 1 batch × 8 rows (every window has
+    // the same number of tokens, so the mean of micro-batch means is the global mean).
+    let (want_losses, want_params) = train(Box::new(SingleDevice), 0..BATCH).unwrap();
+    let replicas = local::run(2, |comm| {
+        let rows = comm.rank() * 4..(comm.rank() + 1) * 4;
+        train_micro(
+            Box::new(DataParallel::new(Box::new(comm), 1 << 12)),
+            rows,
+            2,
+        )
+    })
+    .unwrap();
+    for (losses, params) in &replicas {
+        for (got, want) in losses.iter().zip(&want_losses) {
+            assert!((got - want).abs() <= 1e-5 * want.abs(), "{got} vs {want}");
+        }
+        for (g, w) in params.iter().zip(&want_params) {
+            assert!((g - w).abs() <= 1e-6 + 1e-5 * w.abs(), "{g} vs {w}");
+        }
+    }
+}
+
+#[test]
+fn hybrid_sharding_equals_one_device_and_refuses_a_wrong_layout() {
+    // dp 2 × sharding 2: each of the 4 ranks runs 2 rows of the batch of 8.
+    let (want_losses, want_params) = train(Box::new(SingleDevice), 0..BATCH).unwrap();
+    let replicas = local::run(4, |comm| {
+        let rows = comm.rank() * 2..(comm.rank() + 1) * 2;
+        let (shards, replicas) = anneal_dist::hybrid_groups(&comm, 2, 2)?;
+        train_with(rows, 1, |gpt| {
+            let zero = ZeroTwo::hybrid(shards, replicas);
+            let shard = zero.shard(gpt);
+            let opt = AdamW::shard(&gpt.params, AdamWConfig::DEFAULT, shard).unwrap();
+            (
+                Box::new(zero) as Box<dyn Strategy>,
+                Box::new(opt) as Box<dyn Optimizer>,
+            )
+        })
+    })
+    .unwrap();
+    for (losses, params) in &replicas {
+        for (got, want) in losses.iter().zip(&want_losses) {
+            assert!((got - want).abs() <= 1e-5 * want.abs(), "{got} vs {want}");
+        }
+        for (g, w) in params.iter().zip(&want_params) {
+            assert!((g - w).abs() <= 1e-6 + 1e-5 * w.abs(), "{g} vs {w}");
+        }
+        assert!(params == &replicas[0].1, "every rank holds the same model");
+    }
+    let err = local::run(4, |comm| {
+        anneal_dist::hybrid_groups(&comm, 3, 2).map(|_| ())
+    })
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("dp = 3 × sharding = 2 must equal the 4 ranks"),
+        "{err}"
+    );
+}
+
+#[test]
 fn a_failing_rank_ends_data_parallel_training_on_every_rank() {
     let err = local::run(2, |comm| {
         if comm.rank() == 1 {
@@ -178,7 +255,7 @@ fn zero_one_and_two_equal_data_parallel_bitwise() {
         for stage in [1, 2] {
             let sharded = local::run(ranks, |comm| {
                 let r = rows(comm.rank());
-                train_with(r, |gpt| {
+                train_with(r, 1, |gpt| {
                     let (strategy, shard): (Box<dyn Strategy>, _) = if stage == 1 {
                         let zero = ZeroOne::new(Box::new(comm), 1 << 12);
                         let shard = zero.shard(gpt);
