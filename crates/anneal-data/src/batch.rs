@@ -103,6 +103,41 @@ impl Batch {
         }
     }
 
+    /// Examples `rows` of the batch, as a batch of its own (a data-parallel rank's share of a
+    /// global batch). `rows` must lie within the batch.
+    pub fn rows(&self, rows: std::ops::Range<usize>) -> Batch {
+        assert!(
+            rows.end <= self.len(),
+            "rows {rows:?} of a batch of {}",
+            self.len()
+        );
+        let n = rows.len();
+        match self {
+            Batch::Tokens(t) => {
+                let r = rows.start * t.seq..rows.end * t.seq;
+                Batch::Tokens(TokenWindows {
+                    ids: t.ids[r.clone()].to_vec(),
+                    targets: t.targets[r].to_vec(),
+                    batch: n,
+                    seq: t.seq,
+                })
+            }
+            Batch::Sequences(s) => Batch::Sequences(sequence_rows(s, rows)),
+            Batch::Images(i) => {
+                let per = i.shape[1] * i.shape[2] * i.shape[3];
+                Batch::Images(LabelledImages {
+                    pixels: i.pixels[rows.start * per..rows.end * per].to_vec(),
+                    shape: [n, i.shape[1], i.shape[2], i.shape[3]],
+                    labels: i.labels[rows].to_vec(),
+                })
+            }
+            Batch::Preferences(p) => Batch::Preferences(PreferencePairs {
+                chosen: sequence_rows(&p.chosen, rows.clone()),
+                rejected: sequence_rows(&p.rejected, rows),
+            }),
+        }
+    }
+
     /// The variant's name, for errors.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -111,6 +146,19 @@ impl Batch {
             Batch::Images(_) => "labelled images",
             Batch::Preferences(_) => "preference pairs",
         }
+    }
+}
+
+/// Rows `rows` of padded sequences.
+fn sequence_rows(s: &TokenSequences, rows: std::ops::Range<usize>) -> TokenSequences {
+    let r = rows.start * s.seq..rows.end * s.seq;
+    TokenSequences {
+        ids: s.ids[r.clone()].to_vec(),
+        targets: s.targets[r.clone()].to_vec(),
+        documents: s.documents[r].to_vec(),
+        lengths: s.lengths[rows.clone()].to_vec(),
+        batch: rows.len(),
+        seq: s.seq,
     }
 }
 
@@ -216,6 +264,48 @@ pub fn token_windows(set: &ShardSet, offsets: &[u64], seq: usize) -> TokenWindow
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rows_of_every_kind_of_batch() {
+        let seqs = TokenSequences {
+            ids: (0..6).collect(),
+            targets: (10..16).collect(),
+            documents: vec![0, 0, 0, 1, 1, 1],
+            lengths: vec![3, 2],
+            batch: 2,
+            seq: 3,
+        };
+        let Batch::Sequences(second) = Batch::Sequences(seqs.clone()).rows(1..2) else {
+            unreachable!()
+        };
+        assert_eq!(
+            (
+                second.ids,
+                second.targets,
+                second.documents,
+                second.lengths,
+                second.batch
+            ),
+            (vec![3, 4, 5], vec![13, 14, 15], vec![1, 1, 1], vec![2], 1)
+        );
+        let images = Batch::Images(LabelledImages {
+            pixels: (0..12).map(|v| v as f32).collect(),
+            shape: [3, 1, 2, 2],
+            labels: vec![7, -1, 2],
+        });
+        let Batch::Images(tail) = images.rows(1..3) else {
+            unreachable!()
+        };
+        assert_eq!(tail.shape, [2, 1, 2, 2]);
+        assert_eq!(tail.pixels[0], 4.0);
+        assert_eq!(tail.labels, [-1, 2]);
+        let pairs = Batch::Preferences(PreferencePairs {
+            chosen: seqs.clone(),
+            rejected: seqs,
+        });
+        assert_eq!(pairs.rows(0..1).len(), 1);
+        assert_eq!(pairs.rows(0..2), pairs, "all rows are the batch itself");
+    }
 
     #[test]
     fn draws_depend_on_seed_step_and_micro_batch_only() {

@@ -46,6 +46,9 @@ pub struct Trainer {
     pub measure_grad_norm: bool,
     step: u64,
     tokens_seen: u64,
+    /// This trainer's data-parallel position `(rank, ranks)`: it runs rows
+    /// `rank·b/ranks .. (rank+1)·b/ranks` of every global micro-batch of b rows.
+    data_rank: (usize, usize),
 }
 
 /// The pieces a [`Trainer`] is made of.
@@ -89,7 +92,24 @@ impl Trainer {
             measure_grad_norm: true,
             step: 0,
             tokens_seen: 0,
+            data_rank: (0, 1),
         }
+    }
+
+    /// This trainer as rank `rank` of `ranks` data-parallel replicas: every step it draws the
+    /// same global micro-batches as a single trainer would and runs its equal share of their
+    /// rows (its strategy reduces the gradients across the replicas). Fails when `batch_size`
+    /// does not split into `ranks` equal shares.
+    pub fn with_data_rank(mut self, rank: usize, ranks: usize) -> Result<Trainer> {
+        if ranks == 0 || rank >= ranks || !self.batch_size.is_multiple_of(ranks) {
+            anyhow::bail!(
+                "train.batch_size = {} does not split into {ranks} equal data-parallel shares \
+                 (rank {rank}); use a multiple of {ranks}",
+                self.batch_size
+            );
+        }
+        self.data_rank = (rank, ranks);
+        Ok(self)
     }
 
     /// The model.
@@ -137,6 +157,19 @@ impl Trainer {
             .clone()
             .map(|m| self.source.draw(&self.sampler, step, m, self.batch_size))
             .collect();
+        // A data-parallel rank runs its share of each global micro-batch.
+        let (rank, ranks) = self.data_rank;
+        let share = self.batch_size / ranks;
+        let shares: Vec<_>;
+        let mine = if ranks == 1 {
+            &batches
+        } else {
+            shares = batches
+                .iter()
+                .map(|b| b.rows(rank * share..(rank + 1) * share))
+                .collect();
+            &shares
+        };
         let seeds: Vec<u64> = micro
             .map(|m| self.sampler.seed_of(Stream::Dropout, &[step, m]))
             .collect();
@@ -151,7 +184,7 @@ impl Trainer {
                 &*self.model,
                 &mut *self.objective,
                 &mut *self.optimizer,
-                &batches,
+                mine,
                 &seeds,
                 settings,
                 after_forward,
@@ -405,6 +438,43 @@ mod tests {
         // A constant adds no gradient: both took the same step.
         assert_eq!(a.grad_norm, b.grad_norm);
         assert_eq!(plain.tokens_seen(), 2 * 4 * 8);
+    }
+
+    #[test]
+    fn data_parallel_trainers_repeat_the_single_one() {
+        // Dropout off: masks are drawn per micro-batch tensor, so a rank's share of the rows
+        // would be masked differently from the same rows of the whole batch.
+        let gpt = || {
+            let mut g = gpt();
+            g.config.dropout = 0.0;
+            Gpt::new(g.config.clone(), 5).unwrap()
+        };
+        let mut single = trainer(Box::new(gpt()), Box::new(CausalLm), 2);
+        let want: Vec<f64> = (0..6).map(|_| single.step().unwrap().loss).collect();
+        let got = anneal_dist::local::run(2, |comm| {
+            let rank = anneal_dist::Communicator::rank(&comm);
+            let mut t = trainer(Box::new(gpt()), Box::new(CausalLm), 2);
+            t.strategy = Box::new(crate::strategy::DataParallel::new(Box::new(comm), 1 << 20));
+            let mut t = t.with_data_rank(rank, 2)?;
+            (0..6)
+                .map(|_| t.step().map(|o| o.loss))
+                .collect::<Result<Vec<f64>>>()
+        })
+        .unwrap();
+        for losses in got {
+            for (g, w) in losses.iter().zip(&want) {
+                assert!((g - w).abs() <= 1e-5 * w.abs(), "{g} vs {w}");
+            }
+        }
+        let e = trainer(Box::new(gpt()), Box::new(CausalLm), 1)
+            .with_data_rank(0, 3)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("train.batch_size = 4 does not split into 3"),
+            "{e}"
+        );
     }
 
     #[test]
