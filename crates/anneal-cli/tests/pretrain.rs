@@ -304,8 +304,9 @@ fn generate_eval_and_export_from_a_run() {
     let src = dir.path().join("src/part1.txt");
     let eval = ok(anneal(&["eval", run_s, "--input", src.to_str().unwrap()]));
     assert!(eval.contains("perplexity"), "{eval}");
-    // A long one-line document is encoded only as far as --max-tokens needs: the same tokens
-    // and loss as its first kilobytes alone, in about the same memory.
+    // A long one-line document is encoded only as far as --max-tokens needs: an 8 MB line and a
+    // 2 MB one (both longer than a part) give the same tokens and loss in about the same memory,
+    // and a few kilobytes of it the same loss.
     let line: String = std::fs::read_to_string(&src)
         .unwrap()
         .split_whitespace()
@@ -314,7 +315,9 @@ fn generate_eval_and_export_from_a_run() {
     let long = dir.path().join("long.txt");
     let short = dir.path().join("short.txt");
     std::fs::write(&long, line.repeat((8 << 20) / line.len() + 1)).unwrap();
-    std::fs::write(&short, &line.repeat(4096 / line.len() + 1)[..4096]).unwrap();
+    std::fs::write(&short, line.repeat((2 << 20) / line.len() + 1)).unwrap();
+    let tiny = dir.path().join("tiny.txt");
+    std::fs::write(&tiny, &line.repeat(4096 / line.len() + 1)[..4096]).unwrap();
     let peak_and_loss = |input: &Path| {
         let out = ok(anneal(&[
             "eval",
@@ -342,9 +345,10 @@ fn generate_eval_and_export_from_a_run() {
     let (long_peak, long_loss) = peak_and_loss(&long);
     let (short_peak, short_loss) = peak_and_loss(&short);
     assert_eq!(long_loss, short_loss);
+    assert_eq!(peak_and_loss(&tiny).1, short_loss);
     assert!(
         long_peak < short_peak * 1.1 + 2.0,
-        "eval of the first 500 tokens of an 8 MB line peaked at {long_peak} MB, of 4 kB at {short_peak} MB"
+        "eval of the first 500 tokens of an 8 MB line peaked at {long_peak} MB, of 2 MB at {short_peak} MB"
     );
 
     // The model as a data signal: perplexity of each kept document under it.

@@ -95,21 +95,30 @@ pub struct Document {
     pub continued: bool,
 }
 
-/// Where to end a piece of at most `max` bytes of the text `text`, so that the pieces of a long
-/// text can be processed one at a time: `text.len()` when it fits; else just before the last
-/// ASCII whitespace byte (in the second half of the piece) that a printable ASCII byte follows,
+/// Where to end a piece of at most `max` bytes (at least 4) of the text `text`, so that the pieces
+/// of a long text can be processed one at a time: `text.len()` when it fits; else just before
+/// the last newline, or failing that the last ASCII whitespace byte (in the second half of the
+/// piece) that a printable ASCII byte follows,
 /// so the next piece begins with that whitespace (GPT-2's pre-tokenisation, Radford et al.
 /// 2019, attaches a space to the word after it, so byte-level BPE encodes the pieces as it
 /// would the whole); failing that, the last UTF-8 character boundary. Never 0 for a non-empty
 /// `text` and `max >= 4`.
 pub fn piece_end(text: &[u8], max: usize) -> usize {
+    let max = max.max(4);
     if text.len() <= max {
         return text.len();
     }
-    let max = max.max(4);
-    for p in (max / 2..max).rev() {
-        if p > 0 && text[p].is_ascii_whitespace() && text[p + 1].is_ascii_graphic() {
-            return p;
+    // A line end first (parts then end where lines do), then any whitespace.
+    for newline_only in [true, false] {
+        for p in (max / 2..max).rev() {
+            let cut = if newline_only {
+                text[p] == b'\n'
+            } else {
+                text[p].is_ascii_whitespace()
+            };
+            if p > 0 && cut && text[p + 1].is_ascii_graphic() {
+                return p;
+            }
         }
     }
     let mut p = max;
@@ -480,20 +489,27 @@ impl Corpus {
                 // memory stays bounded whatever one file or line holds.
                 let mut text = String::new();
                 let mut part = 0u64;
-                let mut emit_part = |text: &mut String, report: &mut CorpusReport, more: bool| {
+                // Emits the first `end` bytes of `text` as the next part (all of it when `end`
+                // is its length) and keeps the rest for the part after.
+                let mut emit_part = |text: &mut String, end: usize, report: &mut CorpusReport| {
                     let source = if part == 0 {
                         path.display().to_string()
                     } else {
                         format!("{}#part{part}", path.display())
                     };
-                    // A file that needs a second part is long: its parts are allocated at
-                    // their full size at once, not grown, so memory is reused part after part.
+                    let rest = text.split_off(end);
+                    // A file that needs a second part is long: the next part is allocated at
+                    // its full size at once, not grown, so memory is reused part after part.
+                    let next = if rest.is_empty() {
+                        String::new()
+                    } else {
+                        let mut next = String::with_capacity(2 * max_part);
+                        next.push_str(&rest);
+                        next
+                    };
                     let doc = Document {
                         source,
-                        text: std::mem::replace(
-                            text,
-                            String::with_capacity(if more { max_part } else { 0 }),
-                        ),
+                        text: std::mem::replace(text, next),
                         continued: part > 0,
                     };
                     part += 1;
@@ -519,17 +535,21 @@ impl Corpus {
                                 return true;
                             }
                         };
-                        if !text.is_empty()
-                            && text.len() + line.len() > max_part
-                            && !emit_part(&mut text, report, true)
-                        {
-                            return false;
-                        }
                         text.push_str(line);
+                        // Cut where byte-level BPE would split the text anyway (before a
+                        // newline or space that a word follows, [`piece_end`]), so the parts,
+                        // joined by tokenization, encode as the whole file would.
+                        while text.len() > max_part {
+                            let end = piece_end(text.as_bytes(), max_part);
+                            if !emit_part(&mut text, end, report) {
+                                return false;
+                            }
+                        }
                         true
                     },
                 );
-                if !read_all || (!text.is_empty() && !emit_part(&mut text, &mut report, false)) {
+                let end = text.len();
+                if !read_all || (!text.is_empty() && !emit_part(&mut text, end, &mut report)) {
                     break;
                 }
             }
@@ -811,7 +831,7 @@ mod tests {
     }
 
     #[test]
-    fn huge_text_files_are_cut_at_line_boundaries() {
+    fn huge_text_files_are_cut_at_line_ends() {
         let dir = tempfile::tempdir().unwrap();
         let body: String = (0..100).map(|i| format!("line {i:03}\n")).collect();
         write(&dir.path().join("big.txt"), body.as_bytes());
@@ -820,8 +840,10 @@ mod tests {
             ..Default::default()
         };
         let (docs, _) = read_all(&[dir.path().to_path_buf()], opts);
-        assert_eq!(docs.len(), 5, "900 bytes in parts of at least 200");
-        assert!(docs.iter().all(|d| d.text.ends_with('\n')));
+        assert_eq!(docs.len(), 5, "900 bytes in parts of at most 200");
+        // Cut before a line end (where byte-level BPE splits too): every later part starts one.
+        assert!(docs.iter().all(|d| d.text.len() <= 200));
+        assert!(docs[1..].iter().all(|d| d.text.starts_with('\n')));
         assert_eq!(
             docs.iter().map(|d| d.text.as_str()).collect::<String>(),
             body

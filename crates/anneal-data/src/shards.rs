@@ -700,8 +700,17 @@ mod tests {
 
     #[test]
     fn a_document_longer_than_a_part_is_one_document_of_the_dataset() {
-        let long: String = (0..(TOKENIZE_PART_BYTES * 5 / 2) / 8)
-            .map(|i| format!("{:07} ", i % 9_999_991))
+        // Lines, indentation and runs of blank lines, where a cut at a line end would change
+        // byte-level BPE's pre-tokens ("\n    x" is "\n   " + " x" whole).
+        let long: String = (0..(TOKENIZE_PART_BYTES * 5 / 2) / 16)
+            .map(|i| {
+                format!(
+                    "{:07}\n{}x{}\n",
+                    i % 9_999_991,
+                    " ".repeat(i % 5),
+                    "\n".repeat(i % 3)
+                )
+            })
             .collect();
         let docs = [long.as_str(), "after"];
         let src = corpus_dir(&docs);

@@ -604,6 +604,22 @@ mod tests {
     }
 
     #[test]
+    fn the_norm_in_chunks_of_a_shard_adds_up_to_the_whole() {
+        let mut b = ParamStoreBuilder::new();
+        b.add("w", &Tensor::zeros(&[2500], DType::F32), true)
+            .unwrap();
+        let s = b.build(DType::F32);
+        let g: Vec<f32> = (0..2500).map(|i| (i % 7) as f32 - 3.0).collect();
+        set_grads(&s, &g);
+        let chunk = crate::params::NORM_CHUNK;
+        let mut parts = s.grad_norm_partials(0..chunk);
+        parts.extend(s.grad_norm_partials(chunk..2500));
+        assert_eq!(parts.iter().sum::<f64>().sqrt() as f32, s.grad_norm());
+        // An empty shard at the end (its start need not be a chunk boundary) has no partials.
+        assert!(s.grad_norm_partials(2500..2500).is_empty());
+    }
+
+    #[test]
     fn shards_update_their_elements_as_the_whole_optimizer_does() {
         let grads = [0.3, -1.5, 2.0];
         let whole = store(DType::F32);

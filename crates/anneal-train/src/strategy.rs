@@ -184,19 +184,32 @@ pub fn clip_and_step(
     out.phases[2] += t2.elapsed().as_secs_f64();
 }
 
-/// Replaces this rank's loss and metrics by their means over the ranks of `comm` (what every
-/// rank reports), failing on a non-finite mean loss on every rank alike.
-fn average_loss(comm: &dyn anneal_dist::Communicator, out: &mut StepOutput) -> Result<()> {
-    let local: Vec<f32> = std::iter::once(out.loss as f32)
-        .chain(out.metrics.iter().map(|(_, v)| *v as f32))
-        .collect();
-    let global = comm.all_reduce(local, anneal_dist::Reduce::Mean)?;
-    out.loss = global[0] as f64;
-    for ((_, v), g) in out.metrics.iter_mut().zip(&global[1..]) {
-        *v = *g as f64;
+/// Replaces this rank's loss and metrics by their means over the ranks of each of `comms` in
+/// turn (what every rank reports), then fails on a non-finite mean loss: after every reduction,
+/// so all ranks fail alike and none is left waiting in a collective.
+fn average_loss(comms: &[&dyn anneal_dist::Communicator], out: &mut StepOutput) -> Result<()> {
+    for comm in comms {
+        let local: Vec<f32> = std::iter::once(out.loss as f32)
+            .chain(out.metrics.iter().map(|(_, v)| *v as f32))
+            .collect();
+        let global = comm.all_reduce(local, anneal_dist::Reduce::Mean)?;
+        out.loss = global[0] as f64;
+        for ((_, v), g) in out.metrics.iter_mut().zip(&global[1..]) {
+            *v = *g as f64;
+        }
     }
     if !out.loss.is_finite() {
         return Err(NonFiniteLoss(out.loss).into());
+    }
+    Ok(())
+}
+
+/// ZeRO gathers parameters as f32 into the store, which would drop a half-precision store's
+/// master copy: refused until the master copy is sharded too.
+fn check_zero_store(model: &dyn TrainModel) -> Result<()> {
+    let dtype = model.params().dtype();
+    if dtype != anneal_tensor::DType::F32 {
+        bail!("ZeRO needs f32 parameters for now, not {dtype:?}: use data parallelism for bf16/f16 models");
     }
     Ok(())
 }
@@ -285,7 +298,7 @@ impl Strategy for DataParallel {
             after_forward,
         )?;
         let t = Instant::now();
-        average_loss(self.comm.as_ref(), &mut out)?;
+        average_loss(&[self.comm.as_ref()], &mut out)?;
         self.reduce_gradients(model)?;
         out.phases[2] += t.elapsed().as_secs_f64();
         clip_and_step(model, optimizer, settings, &mut out);
@@ -342,6 +355,7 @@ impl Strategy for ZeroOne {
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
+        check_zero_store(model)?;
         let mut out = self.data_parallel.step(
             model,
             objective,
@@ -454,6 +468,7 @@ impl Strategy for ZeroTwo {
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
+        check_zero_store(model)?;
         let mut out = forward_backward(
             model,
             objective,
@@ -462,10 +477,9 @@ impl Strategy for ZeroTwo {
             after_forward,
         )?;
         let t = Instant::now();
-        average_loss(self.comm.as_ref(), &mut out)?;
-        if let Some(replicas) = &self.replicas {
-            average_loss(replicas.as_ref(), &mut out)?;
-        }
+        let mut groups = vec![self.comm.as_ref()];
+        groups.extend(self.replicas.as_deref());
+        average_loss(&groups, &mut out)?;
         let params = model.params();
         let size = self.comm.size();
         let len = anneal_dist::shard_len(params.trainable_numel(), size, SHARD_ALIGN);
