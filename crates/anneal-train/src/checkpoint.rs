@@ -264,6 +264,16 @@ fn load_parts(dir: &Path, with_state: bool) -> Result<Loaded> {
 
 /// Checkpoint directories under `root`, oldest first.
 pub fn list(root: &Path) -> Vec<(u64, PathBuf)> {
+    // A checkpoint re-saved under its own step and killed between the two renames of
+    // `replace_dir` waits at `.step-N.old`: put it back first.
+    for entry in std::fs::read_dir(root).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name.strip_prefix('.').and_then(|n| n.strip_suffix(".old")) {
+            if step.starts_with("step-") {
+                let _ = anneal_data::recover_dir(&root.join(step));
+            }
+        }
+    }
     let mut out: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
         .into_iter()
         .flatten()
@@ -358,4 +368,22 @@ pub fn restore_optimizer(
                 loaded.dir.join("optimizer.safetensors").display()
             )
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_left_aside_by_an_interrupted_replacement_is_listed_again() {
+        let root = tempfile::tempdir().unwrap();
+        let aside = root.path().join(".step-000010.old");
+        std::fs::create_dir_all(&aside).unwrap();
+        std::fs::write(aside.join("trainer_state.json"), "{}").unwrap();
+        std::fs::create_dir_all(root.path().join("step-000005")).unwrap();
+        let steps: Vec<u64> = list(root.path()).into_iter().map(|(s, _)| s).collect();
+        assert_eq!(steps, [5, 10]);
+        assert!(root.path().join("step-000010/trainer_state.json").is_file());
+        assert!(!aside.exists());
+    }
 }
