@@ -68,45 +68,19 @@ import resource
 import sys
 import time
 
-try:
-    import tomllib
-except ImportError:  # Python < 3.11
-    import tomli as tomllib
-
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def read_config(path, overrides):
-    """The run config TOML with `section.key=value` overrides, typed like the value they replace."""
-    with open(path, "rb") as fh:
-        cfg = tomllib.load(fh)
-    for item in overrides:
-        dotted, raw = item.split("=", 1)
-        section, key = dotted.split(".", 1)
-        current = cfg[section][key]
-        if isinstance(current, bool):
-            cfg[section][key] = raw == "true"
-        else:
-            cfg[section][key] = type(current)(raw)
-    return cfg
+# The run config and the shards are read as anneal's own PyTorch reference reads them.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from torch_pretrain import load_config, shards  # noqa: E402
 
 
 def load_split(data_dir, split):
     """All of a split's shards, concatenated in manifest order, as one int64 tensor."""
-    with open(os.path.join(data_dir, "manifest.json")) as fh:
-        manifest = json.load(fh)
-    width = {"u16": np.dtype("<u2"), "u32": np.dtype("<u4")}[manifest["dtype"]]
-    pieces = []
-    for shard in manifest[split]:
-        arr = np.fromfile(os.path.join(data_dir, shard["file"]), dtype=width)
-        if "tokens" in shard and len(arr) != shard["tokens"]:
-            raise SystemExit(f"{shard['file']}: {len(arr)} tokens, manifest says {shard['tokens']}")
-        pieces.append(arr)
-    tokens = np.concatenate(pieces).astype(np.int64)
-    return torch.from_numpy(tokens), manifest["vocab_size"]
+    tokens, vocab = shards(data_dir, split)
+    return torch.from_numpy(tokens), vocab
 
 
 class Layer(nn.Module):
@@ -227,7 +201,7 @@ def main():
     ap.add_argument("--log-interval", type=int, default=0, help="print the train loss every N iterations")
     args = ap.parse_args()
 
-    cfg = read_config(args.config, args.set)
+    cfg = load_config(args.config, args.set)
     mc, tc = cfg["model"], cfg["train"]
     if not mc.get("tie_embeddings", True):
         raise SystemExit("nanoGPT always ties the head to the token embedding; set model.tie_embeddings=true")

@@ -46,6 +46,9 @@ def shards(data_dir, split):
         m = json.load(f)
     dtype = np.uint16 if m["dtype"] == "u16" else np.uint32
     parts = [np.fromfile(os.path.join(data_dir, s["file"]), dtype=dtype) for s in m[split]]
+    for s, part in zip(m[split], parts):
+        if len(part) != s["tokens"]:
+            raise SystemExit(f"{s['file']}: {len(part)} tokens, the manifest says {s['tokens']}")
     return np.concatenate(parts).astype(np.int64), m["vocab_size"]
 
 

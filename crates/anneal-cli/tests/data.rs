@@ -1,26 +1,13 @@
 //! `anneal data minhash` and `anneal data dedup` end to end: two shards signed by separate
 //! processes and merged remove exactly what one process removes.
 
-use std::process::Command;
+mod common;
 
-fn run(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_anneal"))
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("the anneal binary runs")
-}
+use common::anneal as run;
 
 /// Runs anneal, asserting success; its standard output.
 fn anneal(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    common::ok(run(args))
 }
 
 #[test]

@@ -223,10 +223,6 @@ impl Staged {
         self.committed = true;
         Ok(())
     }
-
-    /// Gives up: removes the work directory, leaving the old outputs as they are (as dropping
-    /// it uncommitted does).
-    pub fn abandon(self) {}
 }
 
 /// A point where the end-to-end fault tests can kill the process. With the `failpoints` feature

@@ -417,8 +417,9 @@ pub fn tokenize(
         corpus: report,
     };
     if manifest.train_tokens() == 0 {
-        // Nothing to train on: keep whatever dataset was there and say why.
-        staged.abandon();
+        // Nothing to train on: keep whatever dataset was there (dropping the staged outputs
+        // removes them) and say why.
+        drop(staged);
         return Err(Error::Invalid {
             key: "input".into(),
             value: corpus

@@ -66,6 +66,22 @@ pub fn shard_len(total: usize, size: usize, align: usize) -> usize {
     total.div_ceil(size.max(1)).div_ceil(align) * align
 }
 
+/// 64-bit words (f64 bit patterns, ids) as the bit patterns of pairs of f32 values, so they
+/// travel through f32 collectives exactly (no arithmetic touches them).
+pub fn words_to_f32(words: impl IntoIterator<Item = u64>) -> Vec<f32> {
+    words
+        .into_iter()
+        .flat_map(|w| [f32::from_bits(w as u32), f32::from_bits((w >> 32) as u32)])
+        .collect()
+}
+
+/// The words [`words_to_f32`] encoded, back from their pairs.
+pub fn f32_to_words(values: &[f32]) -> impl Iterator<Item = u64> + '_ {
+    values
+        .chunks_exact(2)
+        .map(|p| p[0].to_bits() as u64 | (p[1].to_bits() as u64) << 32)
+}
+
 /// The process groups of hybrid sharding (PaddlePaddle's sharding axis inside data
 /// parallelism): the world's `dp × sharding` ranks as `dp` replicas of `sharding` ranks each,
 /// rank r being shard `r % sharding` of replica `r / sharding`. Returns this rank's sharding group

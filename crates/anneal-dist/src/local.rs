@@ -300,16 +300,10 @@ impl Communicator for LocalComm {
     }
 
     fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
-        // Colors and keys travel as the bit patterns of f32 values, exactly.
-        let bits = |v: u64| [f32::from_bits(v as u32), f32::from_bits((v >> 32) as u32)];
-        let mine: Vec<f32> = [color as u64, key as u64]
-            .into_iter()
-            .flat_map(bits)
-            .collect();
+        let mine = crate::words_to_f32([color as u64, key as u64]);
         let seq = self.seq.load(std::sync::atomic::Ordering::Relaxed);
         let all = self.exchange(vec![mine; self.size()]).wait()?;
-        let word =
-            |p: &[f32], i: usize| p[2 * i].to_bits() as u64 | (p[2 * i + 1].to_bits() as u64) << 32;
+        let word = |p: &[f32], i: usize| crate::f32_to_words(p).nth(i).expect("two words");
         let mut same: Vec<(u64, usize)> = all
             .iter()
             .enumerate()

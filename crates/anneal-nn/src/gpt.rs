@@ -107,35 +107,34 @@ impl GptConfig {
     /// Parameters outside the embeddings: 12·d² + 13·d per block (with biases) plus the final
     /// LayerNorm, and the head when it is not tied (Kaplan et al. 2020 count N this way).
     pub fn non_embedding_params(&self) -> usize {
-        let d = self.n_embd;
-        let b = if self.bias { 1 } else { 0 };
-        let per_block = 12 * d * d + b * (3 * d + d + 4 * d + d) + (2 + 2 * b) * d;
-        let head = if self.tie_embeddings {
-            0
-        } else {
-            self.vocab_size * d
-        };
-        self.n_layer * per_block + (1 + b) * d + head
+        self.checked_non_embedding_params().unwrap_or(usize::MAX)
     }
 
-    /// Every parameter, embeddings and head included, or `None` where the count overflows.
-    pub fn total_params(&self) -> Option<usize> {
-        let (d, l, v, t) = (self.n_embd, self.n_layer, self.vocab_size, self.block_size);
+    /// [`GptConfig::non_embedding_params`], or `None` where the count overflows.
+    fn checked_non_embedding_params(&self) -> Option<usize> {
+        let (d, v) = (self.n_embd, self.vocab_size);
         let b = usize::from(self.bias);
         let per_block = d
             .checked_mul(d)?
             .checked_mul(12)?
-            .checked_add(d.checked_mul(9 * b + 2 + 2 * b)?)?;
+            .checked_add(d.checked_mul(b * (3 + 1 + 4 + 1) + 2 + 2 * b)?)?;
         let head = if self.tie_embeddings {
             0
         } else {
             v.checked_mul(d)?
         };
-        l.checked_mul(per_block)?
+        self.n_layer
+            .checked_mul(per_block)?
             .checked_add(d.checked_mul(1 + b)?)?
-            .checked_add(head)?
-            .checked_add(v.checked_mul(d)?)?
-            .checked_add(t.checked_mul(d)?)
+            .checked_add(head)
+    }
+
+    /// Every parameter, embeddings and head included, or `None` where the count overflows.
+    pub fn total_params(&self) -> Option<usize> {
+        let d = self.n_embd;
+        self.checked_non_embedding_params()?
+            .checked_add(self.vocab_size.checked_mul(d)?)?
+            .checked_add(self.block_size.checked_mul(d)?)
     }
 
     /// Checks this configuration against weights read from a file, before a model is built from

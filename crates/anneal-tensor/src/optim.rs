@@ -203,21 +203,11 @@ impl Master {
     }
 }
 
-/// The stored values of the trainable parameters, in state order.
-fn trainable_values(store: &ParamStore) -> Vec<f32> {
-    let mut out = vec![0.0f32; store.trainable_numel()];
-    let data = store.data().read();
-    for (_, d, s) in store.trainable_ranges() {
-        data.read_range_f32(d.start, &mut out[s]);
-    }
-    out
-}
-
 fn master_copy(store: &ParamStore) -> Master {
     let values = match store.dtype() {
         DType::F32 => MasterValues::None,
         DType::BF16 => MasterValues::Low(vec![0; store.trainable_numel()]),
-        DType::F16 => MasterValues::Full(trainable_values(store)),
+        DType::F16 => MasterValues::Full(store.trainable_values(0..store.trainable_numel())),
     };
     Master {
         values,
@@ -230,7 +220,9 @@ fn master_values(master: &Master, store: &ParamStore) -> Option<Vec<f32>> {
     match &master.values {
         MasterValues::None => None,
         // Values written since the last step win, as the next step will take them.
-        _ if master.version != store.version() => Some(trainable_values(store)),
+        _ if master.version != store.version() => {
+            Some(store.trainable_values(0..store.trainable_numel()))
+        }
         MasterValues::Full(m) => Some(m.clone()),
         MasterValues::Low(lo) => {
             let data = store.data().read();

@@ -284,8 +284,8 @@ impl ParamStore {
         let mut data = self.data.write();
         for (_, d, s) in self.trainable_ranges() {
             let (lo, hi) = (s.start.max(range.start), s.end.min(range.end));
-            for i in lo..hi {
-                data.set_f32(d.start + (i - s.start), values[i - start]);
+            if lo < hi {
+                data.write_range_f32(d.start + (lo - s.start), &values[lo - start..hi - start]);
             }
         }
         drop(data);
@@ -500,10 +500,17 @@ impl ParamStore {
 
     /// Every trainable parameter's gradient, flat in parameter order.
     pub fn grads_to_vec(&self) -> Vec<f32> {
+        self.with_grads(<[f32]>::to_vec)
+    }
+
+    /// Runs `f` on the flat gradients of the trainable parameters, in parameter order, for
+    /// reading (a data-parallel strategy copies its buckets out of them).
+    pub fn with_grads<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
         let buf = self.grads.read();
-        let mut out = vec![0.0; buf.len()];
-        buf.read_range_f32(0, &mut out);
-        out
+        match &*buf {
+            Buffer::F32(g) => f(g),
+            _ => unreachable!("gradients are f32"),
+        }
     }
 
     /// Runs `f` on the flat gradients of the trainable parameters, in parameter order, for
@@ -546,9 +553,14 @@ impl ParamStore {
             .collect()
     }
 
-    /// Multiplies the gradients in `range` by `s` (clipping a shard).
+    /// Multiplies the gradients in `range` by `s` (clipping all of them, or a shard).
     pub fn scale_grads(&self, range: Range<usize>, s: f32) {
-        self.with_grads_mut(|g| g[range].iter_mut().for_each(|x| *x *= s));
+        use rayon::prelude::*;
+        self.with_grads_mut(|g| {
+            g[range]
+                .par_chunks_mut(1 << 16)
+                .for_each(|c| c.iter_mut().for_each(|x| *x *= s))
+        });
     }
 
     /// Global-norm gradient clipping (Pascanu et al. 2013): when the norm exceeds `max_norm`, scales
@@ -556,11 +568,7 @@ impl ParamStore {
     pub fn clip_grad_norm(&self, max_norm: f32) -> f32 {
         let norm = self.grad_norm();
         if let Some(s) = clip_factor(norm, max_norm) {
-            if let Buffer::F32(g) = &mut *self.grads.write() {
-                use rayon::prelude::*;
-                g.par_chunks_mut(1 << 16)
-                    .for_each(|c| c.iter_mut().for_each(|x| *x *= s));
-            }
+            self.scale_grads(0..self.trainable_numel(), s);
         }
         norm
     }

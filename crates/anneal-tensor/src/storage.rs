@@ -121,6 +121,24 @@ impl Buffer {
         }
     }
 
+    /// Writes `values` from element `start`, narrowing from f32.
+    pub fn write_range_f32(&mut self, start: usize, values: &[f32]) {
+        let n = values.len();
+        match self {
+            Buffer::F32(v) => v[start..start + n].copy_from_slice(values),
+            Buffer::BF16(v) => {
+                for (d, &x) in v[start..start + n].iter_mut().zip(values) {
+                    *d = bf16::from_f32(x);
+                }
+            }
+            Buffer::F16(v) => {
+                for (d, &x) in v[start..start + n].iter_mut().zip(values) {
+                    *d = f16::from_f32(x);
+                }
+            }
+        }
+    }
+
     /// Copies elements `range` into `out` as f32.
     pub fn read_range_f32(&self, start: usize, out: &mut [f32]) {
         let n = out.len();

@@ -8,6 +8,7 @@ use crate::objectives::Objective;
 use anneal_data::Batch;
 use anneal_tensor::{Optimizer, Tensor};
 use anyhow::{bail, Result};
+use std::ops::Range;
 use std::time::Instant;
 
 /// Settings of one optimizer step.
@@ -214,12 +215,19 @@ fn check_zero_store(model: &dyn TrainModel) -> Result<()> {
     Ok(())
 }
 
+/// This rank's shard of `model`'s trainable elements under ZeRO over `comm`: the range its
+/// optimizer owns.
+fn zero_shard(comm: &dyn anneal_dist::Communicator, model: &dyn TrainModel) -> Range<usize> {
+    let total = model.params().trainable_numel();
+    anneal_dist::shard_range(total, comm.rank(), comm.size(), SHARD_ALIGN)
+}
+
 /// Gathers every rank's `shard` of the trainable parameters (shards of
 /// [`anneal_dist::shard_len`] elements) so each rank holds the whole model again.
 fn gather_parameters(
     comm: &dyn anneal_dist::Communicator,
     model: &dyn TrainModel,
-    shard: std::ops::Range<usize>,
+    shard: Range<usize>,
 ) -> Result<()> {
     let params = model.params();
     let total = params.trainable_numel();
@@ -260,12 +268,11 @@ impl DataParallel {
     fn reduce_gradients(&self, model: &dyn TrainModel) -> Result<()> {
         use anneal_dist::Reduce;
         let params = model.params();
-        let grads = params.grads_to_vec();
-        let pending = grads
-            .chunks(self.bucket_floats)
-            .map(|bucket| self.comm.all_reduce_start(bucket.to_vec(), Reduce::Mean))
-            .collect::<anneal_dist::Result<Vec<_>>>()?;
-        drop(grads);
+        let pending = params.with_grads(|g| {
+            g.chunks(self.bucket_floats)
+                .map(|bucket| self.comm.all_reduce_start(bucket.to_vec(), Reduce::Mean))
+                .collect::<anneal_dist::Result<Vec<_>>>()
+        })?;
         params.with_grads_mut(|g| -> Result<()> {
             for (bucket, handle) in g.chunks_mut(self.bucket_floats).zip(pending) {
                 bucket.copy_from_slice(&handle.wait()?);
@@ -330,10 +337,8 @@ impl ZeroOne {
     }
 
     /// This rank's shard of `model`'s trainable elements: the range its optimizer owns.
-    pub fn shard(&self, model: &dyn TrainModel) -> std::ops::Range<usize> {
-        let comm = &self.data_parallel.comm;
-        let total = model.params().trainable_numel();
-        anneal_dist::shard_range(total, comm.rank(), comm.size(), SHARD_ALIGN)
+    pub fn shard(&self, model: &dyn TrainModel) -> Range<usize> {
+        zero_shard(self.data_parallel.comm.as_ref(), model)
     }
 }
 
@@ -412,32 +417,24 @@ impl ZeroTwo {
     }
 
     /// This rank's shard of `model`'s trainable elements: the range its optimizer owns.
-    pub fn shard(&self, model: &dyn TrainModel) -> std::ops::Range<usize> {
-        let total = model.params().trainable_numel();
-        anneal_dist::shard_range(total, self.comm.rank(), self.comm.size(), SHARD_ALIGN)
+    pub fn shard(&self, model: &dyn TrainModel) -> Range<usize> {
+        zero_shard(self.comm.as_ref(), model)
     }
 
     /// The global gradient norm from each rank's partial sums over its shard.
-    fn global_norm(&self, model: &dyn TrainModel, shard: std::ops::Range<usize>) -> Result<f32> {
+    fn global_norm(&self, model: &dyn TrainModel, shard: Range<usize>) -> Result<f32> {
         use anneal_tensor::params::NORM_CHUNK;
         let params = model.params();
         let total = params.trainable_numel();
         let chunks = anneal_dist::shard_len(total, self.comm.size(), SHARD_ALIGN) / NORM_CHUNK;
-        // f64 partial sums travel as the bit patterns of pairs of f32 values, exactly.
-        let mut mine: Vec<f32> = params
-            .grad_norm_partials(shard)
-            .into_iter()
-            .flat_map(|p| {
-                let b = p.to_bits();
-                [f32::from_bits(b as u32), f32::from_bits((b >> 32) as u32)]
-            })
-            .collect();
+        // f64 partial sums travel as exact bit patterns.
+        let partials = params.grad_norm_partials(shard);
+        let mut mine = anneal_dist::words_to_f32(partials.into_iter().map(f64::to_bits));
         mine.resize(2 * chunks, 0.0);
         let all = self.comm.all_gather(mine)?;
-        let sum: f64 = all
-            .chunks(2)
+        let sum: f64 = anneal_dist::f32_to_words(&all)
             .take(total.div_ceil(NORM_CHUNK))
-            .map(|p| f64::from_bits(p[0].to_bits() as u64 | (p[1].to_bits() as u64) << 32))
+            .map(f64::from_bits)
             .sum();
         Ok(sum.sqrt() as f32)
     }
@@ -484,8 +481,13 @@ impl Strategy for ZeroTwo {
         let size = self.comm.size();
         let len = anneal_dist::shard_len(params.trainable_numel(), size, SHARD_ALIGN);
         let shard = self.shard(model);
-        let mut grads = params.grads_to_vec();
-        grads.resize(len * size, 0.0);
+        // One copy of the gradients, padded to whole shards.
+        let grads = params.with_grads(|g| {
+            let mut padded = Vec::with_capacity(len * size);
+            padded.extend_from_slice(g);
+            padded.resize(len * size, 0.0);
+            padded
+        });
         let mut mine = self.comm.reduce_scatter(grads, anneal_dist::Reduce::Mean)?;
         if let Some(replicas) = &self.replicas {
             mine = replicas.all_reduce(mine, anneal_dist::Reduce::Mean)?;
