@@ -33,6 +33,41 @@ fn tk_err(e: impl std::fmt::Display) -> Error {
     Error::Tokenizer(e.to_string())
 }
 
+std::thread_local! {
+    /// Set while [`parse`] runs, so that the panic it catches prints nothing.
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Parses `tokenizer.json` text. The `tokenizers` crate panics, rather than failing, on some
+/// malformed sections (a decoder that matches no known shape), so the parse runs under
+/// `catch_unwind` and such a panic becomes an error like any other. The panic hook installed
+/// for this hands every other panic to the hook that was there before.
+fn parse(json: &str) -> std::result::Result<tokenizers::Tokenizer, String> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info)
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let parsed = std::panic::catch_unwind(|| json.parse::<tokenizers::Tokenizer>());
+    QUIET.with(|q| q.set(false));
+    match parsed {
+        Ok(result) => result.map_err(|e| e.to_string()),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "malformed".into());
+            Err(format!("malformed section ({message})"))
+        }
+    }
+}
+
 impl Tokenizer {
     fn wrap(inner: tokenizers::Tokenizer) -> Tokenizer {
         let eos = inner.token_to_id(END_OF_TEXT);
@@ -130,7 +165,8 @@ impl Tokenizer {
 
     /// Loads a `tokenizer.json`.
     pub fn load(path: &Path) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Format {
+        let json = std::fs::read_to_string(path).map_err(crate::io_err(path))?;
+        let inner = parse(&json).map_err(|e| Error::Format {
             path: path.to_path_buf(),
             reason: format!("not a tokenizer.json: {e}"),
         })?;
@@ -139,7 +175,7 @@ impl Tokenizer {
 
     /// Parses a `tokenizer.json` held in memory (checkpoints embed it).
     pub fn from_json(json: &str) -> Result<Tokenizer> {
-        let inner: tokenizers::Tokenizer = json.parse().map_err(tk_err)?;
+        let inner = parse(json).map_err(tk_err)?;
         Ok(Self::wrap(inner))
     }
 
@@ -229,6 +265,30 @@ impl Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_malformed_section_is_an_error_not_a_panic() {
+        // The `tokenizers` crate panics on a syntax error inside the decoder's object.
+        let t = Tokenizer::train_chars(["ab"].iter()).unwrap();
+        let json = t.to_json().unwrap();
+        assert!(json.contains("\"decoder\":{"), "{json}");
+        let broken = json.replacen("\"decoder\":{", "\"decoder\":{\"x\" ", 1);
+        let e = Tokenizer::from_json(&broken)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(e.contains("malformed"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        std::fs::write(&path, &broken).unwrap();
+        let e = Tokenizer::load(&path).err().expect("refused").to_string();
+        assert!(
+            e.contains("tokenizer.json") && e.contains("malformed"),
+            "{e}"
+        );
+        // Panics elsewhere still reach the hook that was installed before.
+        assert!(std::panic::catch_unwind(|| panic!("elsewhere")).is_err());
+    }
 
     #[test]
     fn char_vocabulary_round_trips_and_saves() {
