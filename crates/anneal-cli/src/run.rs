@@ -35,6 +35,12 @@ pub struct PretrainArgs {
     /// Hide the progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Run as this many ranks, threads of this process sharing its cores, laid out by the
+    /// config's [parallel] section (data parallelism over all of them by default; e.g.
+    /// --set parallel.zero=2 for ZeRO-2). Gives the same training as one rank at the same
+    /// train.batch_size, which must divide by the ranks.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    pub ranks: usize,
 }
 
 /// A stop flag that Ctrl-C (SIGINT) and SIGTERM, what batch schedulers send, set: the run saves
@@ -101,6 +107,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         progress: progress_bar(a.quiet),
         stop: stop_on_ctrl_c(),
         force: a.force,
+        ranks: a.ranks,
     };
     let summary = train(&config, &opts)?;
     print_summary(&summary);
@@ -475,6 +482,7 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
         progress: progress_bar(a.quiet),
         stop: stop_on_ctrl_c(),
         force: false,
+        ranks: 1,
     };
     let summary = train(&config, &opts)?;
     print_summary(&summary);

@@ -15,7 +15,7 @@
 //! `trainer_state.json` and names the file that is truncated or corrupted; nothing is loaded
 //! silently.
 
-use anneal_tensor::{Optimizer, ParamStore, Tensor};
+use anneal_tensor::{ParamStore, Tensor};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
@@ -118,10 +118,12 @@ pub fn dir_name(step: u64) -> String {
 }
 
 /// Writes the checkpoint of `state.step` under `root` (created if missing) and returns its path.
+/// `optimizer` is the optimizer's whole state ([`anneal_tensor::Optimizer::state`] of an unsharded optimizer, or
+/// a sharded one's gathered), so the checkpoint loads under any layout.
 pub fn save(
     root: &Path,
     params: &ParamStore,
-    opt: &dyn Optimizer,
+    optimizer: Vec<(String, Vec<f32>)>,
     objective: Vec<(String, Vec<f32>)>,
     mut state: TrainerState,
 ) -> Result<PathBuf> {
@@ -146,7 +148,7 @@ pub fn save(
     };
     let mut files = vec![
         ("model.safetensors", model_bytes),
-        ("optimizer.safetensors", flat(opt.state(params))?),
+        ("optimizer.safetensors", flat(optimizer)?),
     ];
     if !objective.is_empty() {
         files.push(("objective.safetensors", flat(objective)?));
@@ -333,13 +335,9 @@ fn state_layout(params: &ParamStore) -> Vec<(String, usize)> {
         .collect()
 }
 
-/// Restores an optimizer's state from a loaded checkpoint (after the parameters). Fails, naming
-/// the first parameter that differs, when the state was laid out for other trainable parameters.
-pub fn restore_optimizer(
-    opt: &mut dyn Optimizer,
-    params: &ParamStore,
-    loaded: &Loaded,
-) -> Result<()> {
+/// A loaded checkpoint's whole optimizer state, by name, after checking that it was laid out for
+/// `params`' trainable parameters (failing, naming the first parameter that differs, otherwise).
+pub fn optimizer_state(params: &ParamStore, loaded: &Loaded) -> Result<HashMap<String, Vec<f32>>> {
     let state: HashMap<String, Vec<f32>> = loaded
         .optimizer
         .iter()
@@ -361,13 +359,7 @@ pub fn restore_optimizer(
             loaded.dir.display()
         );
     }
-    opt.load_state(params, loaded.state.step, &state)
-        .with_context(|| {
-            format!(
-                "restoring the optimizer from {}",
-                loaded.dir.join("optimizer.safetensors").display()
-            )
-        })
+    Ok(state)
 }
 
 #[cfg(test)]

@@ -143,6 +143,53 @@ impl Default for TrainConfig {
     }
 }
 
+/// How a run is laid out over ranks (`[parallel]`): the data-parallel and sharding axes of
+/// PaddlePaddle's hybrid parallelism. The ranks come from the launch (`anneal pretrain --ranks N`
+/// on one machine, or `mpirun -np N`), and must equal `dp × sharding`; each rank runs
+/// `batch_size / ranks` rows of every micro-batch.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// Data-parallel replicas; 0 takes every rank `sharding` leaves.
+    pub dp: usize,
+    /// Ranks in each ZeRO sharding group; 0 means every rank when `zero` is 1 or 2, else 1.
+    pub sharding: usize,
+    /// ZeRO stage inside each sharding group: 0 (none: plain data parallelism), 1 (optimizer
+    /// state sharded) or 2 (gradients too).
+    pub zero: u8,
+    /// Size of the gradient buckets data parallelism reduces, in MB (PyTorch DDP's 25).
+    pub bucket_mb: f64,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        ParallelConfig {
+            dp: 0,
+            sharding: 0,
+            zero: 0,
+            bucket_mb: 25.0,
+        }
+    }
+}
+
+/// A layout resolved against the job's ranks: `dp × sharding = ranks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Data-parallel replicas.
+    pub dp: usize,
+    /// Ranks in each sharding group.
+    pub sharding: usize,
+    /// ZeRO stage (0, 1, 2).
+    pub zero: u8,
+}
+
+impl Layout {
+    /// Every rank of the job.
+    pub fn ranks(&self) -> usize {
+        self.dp * self.sharding
+    }
+}
+
 /// A whole run configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,6 +203,9 @@ pub struct RunConfig {
     /// The optimisation.
     #[serde(default)]
     pub train: TrainConfig,
+    /// The layout over ranks.
+    #[serde(default)]
+    pub parallel: ParallelConfig,
 }
 
 impl RunConfig {
@@ -287,6 +337,19 @@ impl RunConfig {
             t.threads.to_string(),
             &format!("0 (every core) to {}", crate::machine::MAX_THREADS),
         )?;
+        let p = &self.parallel;
+        check(
+            p.zero <= 2,
+            "parallel.zero",
+            p.zero.to_string(),
+            "0 (none), 1 (optimizer state sharded) or 2 (gradients too)",
+        )?;
+        check(
+            p.bucket_mb > 0.0 && p.bucket_mb.is_finite(),
+            "parallel.bucket_mb",
+            p.bucket_mb.to_string(),
+            "a positive size in MB",
+        )?;
         check(
             !t.out_dir.as_os_str().is_empty(),
             "train.out_dir",
@@ -294,6 +357,59 @@ impl RunConfig {
             "a directory (an empty path would write into the current one)",
         )?;
         Ok(())
+    }
+
+    /// The layout of a job of `ranks` ranks: `[parallel]` with its automatic values filled in.
+    /// Refused, naming the keys and what would fit, when the layout cannot run: ranks that are not
+    /// `dp × sharding`, a sharding group without ZeRO, a batch that does not split into equal
+    /// shares, ZeRO on a bf16 model.
+    pub fn layout(&self, ranks: usize) -> Result<Layout> {
+        let p = &self.parallel;
+        let ranks = ranks.max(1);
+        let sharding = match (p.sharding, p.dp) {
+            (0, 0) if p.zero > 0 => ranks,
+            (0, 0) => 1,
+            (0, dp) if ranks.is_multiple_of(dp) => ranks / dp,
+            (s, _) => s,
+        };
+        let dp = if p.dp == 0 && ranks.is_multiple_of(sharding) {
+            ranks / sharding
+        } else {
+            p.dp
+        };
+        if dp.checked_mul(sharding) != Some(ranks) {
+            bail!(
+                "parallel.dp = {} × parallel.sharding = {} does not match the job's {ranks} \
+                 rank(s); choose values whose product is {ranks} (0 fills one in)",
+                p.dp,
+                p.sharding
+            );
+        }
+        if sharding > 1 && p.zero == 0 {
+            bail!(
+                "parallel.sharding = {sharding} needs parallel.zero = 1 or 2 (a sharding group \
+                 shares the optimizer state); set parallel.zero, or parallel.sharding = 1"
+            );
+        }
+        if p.zero > 0 && self.dtype()? != DType::F32 {
+            bail!(
+                "parallel.zero = {} needs model.dtype = \"f32\" for now (a bf16 model's master \
+                 copy is not sharded yet); use parallel.zero = 0",
+                p.zero
+            );
+        }
+        let b = self.train.batch_size;
+        if !b.is_multiple_of(ranks) {
+            bail!(
+                "train.batch_size = {b} does not split into equal shares over {ranks} ranks; use \
+                 a multiple of {ranks}"
+            );
+        }
+        Ok(Layout {
+            dp,
+            sharding,
+            zero: p.zero,
+        })
     }
 
     /// The model's storage dtype.

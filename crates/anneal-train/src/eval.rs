@@ -60,15 +60,29 @@ pub fn split_loss(
     batch: usize,
     seq: usize,
 ) -> Result<f64> {
+    let losses = batch_losses(model, set, seed, 0..batches, batch, seq)?;
+    Ok(losses.iter().sum::<f64>() / batches as f64)
+}
+
+/// The mean loss of each of the fixed evaluation batches `indices` of [`split_loss`] (ranks of a
+/// job each score some, and the means are put together in batch order).
+pub fn batch_losses(
+    model: &dyn TrainModel,
+    set: &ShardSet,
+    seed: u64,
+    indices: impl Iterator<Item = usize>,
+    batch: usize,
+    seq: usize,
+) -> Result<Vec<f64>> {
     let sampler = Sampler { seed };
     let span = set.len() - seq as u64;
-    let mut total = 0.0;
-    for i in 0..batches {
-        let offsets = sampler.offsets(Stream::Eval, &[i as u64], batch, span);
-        let w = token_windows(set, &offsets, seq);
-        total += window_nll(model, &w.ids, &w.targets, batch, seq)?.mean();
-    }
-    Ok(total / batches as f64)
+    indices
+        .map(|i| {
+            let offsets = sampler.offsets(Stream::Eval, &[i as u64], batch, span);
+            let w = token_windows(set, &offsets, seq);
+            Ok(window_nll(model, &w.ids, &w.targets, batch, seq)?.mean())
+        })
+        .collect()
 }
 
 /// Scores a token stream in consecutive, non-overlapping windows of the model's context,

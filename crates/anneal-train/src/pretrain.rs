@@ -16,7 +16,7 @@
 
 use crate::checkpoint::{self, DataPosition, TrainerState};
 use crate::config::RunConfig;
-use crate::trainer::{pretraining, Trainer};
+use crate::trainer::{pretraining_on, Trainer};
 use anneal_chart::{line_chart, Series};
 use anneal_data::{Manifest, ShardSet, Tokenizer};
 use anyhow::{bail, Context, Result};
@@ -75,6 +75,9 @@ pub struct RunOptions {
     pub stop: Arc<AtomicBool>,
     /// Run even when the memory the run needs at least exceeds the machine's physical memory.
     pub force: bool,
+    /// Ranks to run as threads of this process (the `local` backend); 0 or 1 runs one. The
+    /// layout over them is the run config's `[parallel]` section.
+    pub ranks: usize,
 }
 /// What a run did.
 #[derive(Clone, Debug, Serialize)]
@@ -251,10 +254,54 @@ fn plot_losses(path: &Path, metrics: &[Metric]) -> Result<()> {
     Ok(())
 }
 
-/// Runs (or resumes) the pretraining described by `config`.
+/// Runs (or resumes) the pretraining described by `config`: on one rank, or on `opts.ranks`
+/// ranks as threads of this process (the `local` backend), each with its share of the threads.
+/// With several ranks, rank 0 writes the run directory and reports; the summary is rank 0's.
 pub fn train(config: &RunConfig, opts: &RunOptions) -> Result<RunSummary> {
     let threads = crate::machine::threads(config.train.threads);
-    anneal_tensor::with_threads(threads, || train_on_pool(config, opts, threads))?
+    let ranks = opts.ranks.max(1);
+    if ranks == 1 {
+        return anneal_tensor::with_threads(threads, || {
+            train_on_pool(config, opts, threads, None)
+        })?;
+    }
+    // An impossible layout is refused before any thread starts.
+    config.layout(ranks)?;
+    let per_rank = (threads / ranks).max(1);
+    let mut summaries = anneal_dist::local::run(ranks, |comm| {
+        let world: Box<dyn anneal_dist::Communicator> = Box::new(comm);
+        anneal_tensor::with_threads(per_rank, || {
+            train_on_pool(config, opts, per_rank, Some(world))
+        })
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r)
+        .map_err(|e| format!("{e:#}"))
+    })?;
+    Ok(summaries.swap_remove(0))
+}
+
+/// Runs (or resumes) the pretraining described by `config` as one rank of a job over `world`
+/// (one process of `mpirun`, say), on `config.train.threads` threads. Every rank of the job calls
+/// it; rank 0 writes the run directory and reports.
+pub fn train_rank(
+    config: &RunConfig,
+    opts: &RunOptions,
+    world: Box<dyn anneal_dist::Communicator>,
+) -> Result<RunSummary> {
+    let threads = crate::machine::threads(config.train.threads);
+    anneal_tensor::with_threads(threads, || {
+        train_on_pool(config, opts, threads, Some(world))
+    })?
+}
+
+/// Whether any rank of `group` asks to stop (collective, so every rank stops at the same step).
+fn agree_to_stop(group: Option<&dyn anneal_dist::Communicator>, mine: bool) -> Result<bool> {
+    Ok(match group {
+        None => mine,
+        Some(g) => {
+            g.all_reduce(vec![f32::from(u8::from(mine))], anneal_dist::Reduce::Sum)?[0] > 0.0
+        }
+    })
 }
 
 /// Takes the run directory `out` for this process, or fails naming the process that holds it:
@@ -291,10 +338,26 @@ fn lock_run_dir(out: &Path) -> Result<File> {
     }
 }
 
-fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Result<RunSummary> {
+fn train_on_pool(
+    config: &RunConfig,
+    opts: &RunOptions,
+    threads: usize,
+    world: Option<Box<dyn anneal_dist::Communicator>>,
+) -> Result<RunSummary> {
     let wall = Instant::now();
     let t = &config.train;
     let out = &t.out_dir;
+    let ranks = world.as_ref().map_or(1, |w| w.size());
+    // Rank 0 writes the run directory, the metrics and the checkpoints, and reports.
+    let lead = world.as_ref().is_none_or(|w| w.rank() == 0);
+    config.layout(ranks)?;
+    // The run's own collectives (stopping, evaluation) go on a copy of the world, which the
+    // trainer's strategy takes.
+    let control = match &world {
+        Some(w) => Some(w.split(0, w.rank())?),
+        None => None,
+    };
+    let control = control.as_deref();
     // The data and the memory bound are checked before the run directory is made, so a run
     // refused for them leaves nothing behind.
     let (manifest, tokenizer, train_set, val_set) = open_tokenized(&config.data.dir)?;
@@ -322,15 +385,32 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
             );
         }
     }
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
-    let _lock = lock_run_dir(out)?;
+    let _lock = if lead {
+        std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+        Some(lock_run_dir(out)?)
+    } else {
+        None
+    };
     let files = RunFiles::new(out);
-    let mut trainer = pretraining(config, manifest.vocab_size, train_set)?;
-    let resume_dir = match &opts.resume {
+    let source = anneal_data::WindowSource {
+        set: train_set,
+        seq,
+    };
+    let mut trainer = pretraining_on(config, manifest.vocab_size, Box::new(source), world)?;
+    // Rank 0 lists the checkpoints first (listing finishes an interrupted replacement), then the
+    // others read the same list.
+    let resolve = || match &opts.resume {
         Resume::No => None,
         Resume::Latest => checkpoint::latest(&files.checkpoints),
         Resume::From(dir) => Some(dir.clone()),
     };
+    let mut resume_dir = if lead { resolve() } else { None };
+    if let Some(g) = control {
+        g.barrier()?;
+        if !lead {
+            resume_dir = resolve();
+        }
+    }
     if let Some(dir) = &resume_dir {
         let loaded = checkpoint::load(dir)?;
         let saved = loaded.config()?;
@@ -352,9 +432,12 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
             );
         }
         trainer.restore(&loaded)?;
-        tracing::info!("resumed from {} at step {}", dir.display(), trainer.steps());
-        set_aside_newer(&files, trainer.steps())?;
-    } else if matches!(opts.resume, Resume::Latest) {
+        drop(loaded);
+        if lead {
+            tracing::info!("resumed from {} at step {}", dir.display(), trainer.steps());
+            set_aside_newer(&files, trainer.steps())?;
+        }
+    } else if matches!(opts.resume, Resume::Latest) && lead {
         tracing::info!(
             "no checkpoint under {}; starting from scratch",
             files.checkpoints.display()
@@ -370,10 +453,10 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
     let start_step = trainer.steps();
     // A resumed run keeps the metrics up to its checkpoint; a new one starts the file afresh.
     let mut metrics = match resume_dir {
-        Some(_) => read_metrics(&files.metrics, start_step),
-        None => Vec::new(),
+        Some(_) if lead => read_metrics(&files.metrics, start_step),
+        _ => Vec::new(),
     };
-    {
+    let mut metrics_file = if lead {
         // Written beside the old file and renamed over it, so a kill now loses no line.
         let tmp = files.metrics.with_extension("jsonl.tmp");
         let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
@@ -383,17 +466,24 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
         f.sync_all()?;
         std::fs::rename(&tmp, &files.metrics)
             .with_context(|| format!("replacing {}", files.metrics.display()))?;
-    }
-    let mut metrics_file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&files.metrics)?;
-    std::fs::write(out.join("config.toml"), config.to_toml())?;
+        std::fs::write(out.join("config.toml"), config.to_toml())?;
+        Some(
+            std::fs::OpenOptions::new()
+                .append(true)
+                .open(&files.metrics)?,
+        )
+    } else {
+        None
+    };
 
     let tokens_per_step = (t.batch_size * seq * t.grad_accum) as u64;
     let flops_per_token = trainer.model().flops_per_token(seq);
-    let (peak_gflops, _) = crate::machine::peak_gflops(threads);
+    // Every rank runs on `threads` threads of a machine like this one.
+    let peak_gflops = crate::machine::peak_gflops(threads).0 * ranks as f64;
     let params = trainer.model().params();
-    tracing::info!(
+    let quiet = !lead;
+    if lead {
+        tracing::info!(
         "model: {} parameters ({} trained), vocabulary {}; data: {} training and {} validation tokens; {} tokens per step, {threads} threads, {}",
         params.numel(),
         params.trainable_numel(),
@@ -403,44 +493,59 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
         tokens_per_step,
         trainer.strategy().describe()
     );
-    let progress: Arc<dyn Progress> = opts.progress.clone().unwrap_or(Arc::new(NoProgress));
-    progress.begin(t.max_steps, start_step);
-    let log = |f: &mut dyn FnMut()| progress.suspend(f);
-
-    let eval = |trainer: &Trainer, metrics: &mut Vec<Metric>, file: &mut File| -> Result<f64> {
-        let step = trainer.steps();
-        let val_loss = trainer.evaluate(&val_set, t.seed, t.eval_batches, seq)?;
-        let since: Vec<f64> = metrics
-            .iter()
-            .rev()
-            .map_while(|m| match m {
-                Metric::Step { loss, .. } => Some(*loss),
-                _ => None,
-            })
-            .collect();
-        let train_loss =
-            (!since.is_empty()).then(|| since.iter().sum::<f64>() / since.len() as f64);
-        let m = Metric::Eval {
-            step,
-            val_loss,
-            val_ppl: val_loss.exp(),
-            train_loss,
-        };
-        writeln!(file, "{}", serde_json::to_string(&m)?)?;
-        metrics.push(m);
-        if let Err(e) = plot_losses(&files.plot, metrics) {
-            tracing::warn!("loss curve not drawn: {e}");
-        }
-        log(&mut || {
-            tracing::info!(
-                "step {step}: validation loss {val_loss:.4} (perplexity {:.2}){}",
-                val_loss.exp(),
-                train_loss.map_or(String::new(), |l| format!(", training loss {l:.4}"))
-            )
-        });
-        Ok(val_loss)
+    }
+    let progress: Arc<dyn Progress> = match &opts.progress {
+        Some(p) if lead => p.clone(),
+        _ => Arc::new(NoProgress),
     };
-    let save = |trainer: &Trainer| -> Result<PathBuf> {
+    progress.begin(t.max_steps, start_step);
+    let log = |f: &mut dyn FnMut()| {
+        if !quiet {
+            progress.suspend(f)
+        }
+    };
+
+    let eval =
+        |trainer: &Trainer, metrics: &mut Vec<Metric>, file: &mut Option<File>| -> Result<f64> {
+            let step = trainer.steps();
+            let val_loss = trainer.evaluate_on(&val_set, t.seed, t.eval_batches, seq, control)?;
+            let Some(file) = file else {
+                return Ok(val_loss);
+            };
+            let since: Vec<f64> = metrics
+                .iter()
+                .rev()
+                .map_while(|m| match m {
+                    Metric::Step { loss, .. } => Some(*loss),
+                    _ => None,
+                })
+                .collect();
+            let train_loss =
+                (!since.is_empty()).then(|| since.iter().sum::<f64>() / since.len() as f64);
+            let m = Metric::Eval {
+                step,
+                val_loss,
+                val_ppl: val_loss.exp(),
+                train_loss,
+            };
+            writeln!(file, "{}", serde_json::to_string(&m)?)?;
+            metrics.push(m);
+            if let Err(e) = plot_losses(&files.plot, metrics) {
+                tracing::warn!("loss curve not drawn: {e}");
+            }
+            log(&mut || {
+                tracing::info!(
+                    "step {step}: validation loss {val_loss:.4} (perplexity {:.2}){}",
+                    val_loss.exp(),
+                    train_loss.map_or(String::new(), |l| format!(", training loss {l:.4}"))
+                )
+            });
+            Ok(val_loss)
+        };
+    // Collective: the checkpoint is written by rank 0, and every rank waits until it is in
+    // place (or until rank 0's failure reaches it), so no rank runs on past a checkpoint that
+    // does not exist.
+    let save = |trainer: &Trainer| -> Result<Option<PathBuf>> {
         let state = TrainerState {
             format: 1,
             step: 0,
@@ -459,8 +564,13 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
             files: Default::default(),
         };
         let dir = trainer.save(&files.checkpoints, state)?;
-        checkpoint::prune(&files.checkpoints, t.keep_checkpoints)?;
-        log(&mut || tracing::info!("checkpoint {}", dir.display()));
+        if let Some(dir) = &dir {
+            checkpoint::prune(&files.checkpoints, t.keep_checkpoints)?;
+            log(&mut || tracing::info!("checkpoint {}", dir.display()));
+        }
+        if let Some(g) = control {
+            g.barrier()?;
+        }
         Ok(dir)
     };
 
@@ -500,8 +610,10 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
             tokens_per_s,
             mfu,
         };
-        writeln!(metrics_file, "{}", serde_json::to_string(&m)?)?;
-        metrics.push(m);
+        if let Some(f) = &mut metrics_file {
+            writeln!(f, "{}", serde_json::to_string(&m)?)?;
+            metrics.push(m);
+        }
         progress.advance(
             step,
             &format!(
@@ -516,9 +628,9 @@ fn train_on_pool(config: &RunConfig, opts: &RunOptions, threads: usize) -> Resul
             let v = eval(&trainer, &mut metrics, &mut metrics_file)?;
             val_history.push((step, v));
         }
-        let stop = opts.stop.load(Ordering::SeqCst);
+        let stop = agree_to_stop(control, opts.stop.load(Ordering::SeqCst))?;
         if (t.checkpoint_interval > 0 && step % t.checkpoint_interval == 0) || last || stop {
-            last_checkpoint = Some(save(&trainer)?);
+            last_checkpoint = save(&trainer)?;
         }
         if stop && !last {
             interrupted = true;

@@ -8,6 +8,7 @@ use crate::objectives::Objective;
 use anneal_data::Batch;
 use anneal_tensor::{Optimizer, Tensor};
 use anyhow::{bail, Result};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::time::Instant;
 
@@ -58,7 +59,34 @@ pub trait Strategy: Send {
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput>;
+
+    /// The optimizer's state as one unsharded optimizer would hold it (every trainable element,
+    /// in the store's state order), returned on the rank that writes checkpoints (rank 0 of the
+    /// job) and `None` on the others. Collective: every rank calls it. A checkpoint holds this
+    /// whole state, so it loads under any layout.
+    fn gather_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &dyn Optimizer,
+    ) -> Result<Option<NamedState>> {
+        Ok(Some(optimizer.state(model.params())))
+    }
+
+    /// Loads a whole, unsharded optimizer state ([`Strategy::gather_optimizer_state`]'s) into
+    /// this rank's optimizer, keeping its own shard of it.
+    fn restore_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &mut dyn Optimizer,
+        steps: u64,
+        state: &HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        Ok(optimizer.load_state(model.params(), steps, state)?)
+    }
 }
+
+/// Named flat state vectors, as [`Optimizer::state`] gives them.
+pub type NamedState = Vec<(String, Vec<f32>)>;
 
 /// The error of a step whose loss is not finite (the optimizer was not stepped).
 #[derive(Debug, Clone, Copy)]
@@ -264,15 +292,26 @@ impl DataParallel {
         }
     }
 
-    /// Averages every trainable gradient across the ranks.
-    fn reduce_gradients(&self, model: &dyn TrainModel) -> Result<()> {
+    /// Averages every trainable gradient across the ranks of this group, then (hybrid layouts)
+    /// across `replicas`.
+    fn reduce_gradients(
+        &self,
+        model: &dyn TrainModel,
+        replicas: Option<&dyn anneal_dist::Communicator>,
+    ) -> Result<()> {
         use anneal_dist::Reduce;
         let params = model.params();
-        let pending = params.with_grads(|g| {
+        let mut pending = params.with_grads(|g| {
             g.chunks(self.bucket_floats)
                 .map(|bucket| self.comm.all_reduce_start(bucket.to_vec(), Reduce::Mean))
                 .collect::<anneal_dist::Result<Vec<_>>>()
         })?;
+        if let Some(replicas) = replicas {
+            pending = pending
+                .into_iter()
+                .map(|h| replicas.all_reduce_start(h.wait()?, Reduce::Mean))
+                .collect::<anneal_dist::Result<Vec<_>>>()?;
+        }
         params.with_grads_mut(|g| -> Result<()> {
             for (bucket, handle) in g.chunks_mut(self.bucket_floats).zip(pending) {
                 bucket.copy_from_slice(&handle.wait()?);
@@ -280,6 +319,73 @@ impl DataParallel {
             Ok(())
         })
     }
+}
+
+/// Every rank's shard of a sharded optimizer's state, sent to rank 0 of `group` and put together
+/// there in rank order (the shards are consecutive ranges of the trainable elements): `Some` on
+/// that rank, `None` elsewhere. Ranks outside the lead replica (`lead` false) take no part.
+fn gather_sharded_state(
+    group: &dyn anneal_dist::Communicator,
+    lead: bool,
+    model: &dyn TrainModel,
+    optimizer: &dyn Optimizer,
+) -> Result<Option<NamedState>> {
+    const TAG: u32 = 0x5a5a;
+    if !lead {
+        return Ok(None);
+    }
+    let params = model.params();
+    let state = optimizer.state(params);
+    if group.rank() != 0 {
+        for (_, v) in state {
+            group.send(v, 0, TAG)?;
+        }
+        return Ok(None);
+    }
+    let total = params.trainable_numel();
+    let mut whole = Vec::with_capacity(state.len());
+    for (name, mine) in state {
+        let mut v = Vec::with_capacity(total);
+        v.extend_from_slice(&mine);
+        drop(mine);
+        for from in 1..group.size() {
+            v.extend_from_slice(&group.recv(from, TAG)?);
+        }
+        if v.len() != total {
+            bail!(
+                "gathering the optimizer state {name}: its shards hold {} elements, not the {total} \
+                 trainable ones",
+                v.len()
+            );
+        }
+        whole.push((name, v));
+    }
+    Ok(Some(whole))
+}
+
+/// Loads this rank's `shard` of a whole optimizer state (vectors over every trainable element
+/// are cut to the shard).
+fn restore_sharded_state(
+    shard: Range<usize>,
+    model: &dyn TrainModel,
+    optimizer: &mut dyn Optimizer,
+    steps: u64,
+    state: &HashMap<String, Vec<f32>>,
+) -> Result<()> {
+    let params = model.params();
+    let total = params.trainable_numel();
+    let mine = state
+        .iter()
+        .map(|(name, v)| {
+            let part = if v.len() == total {
+                v[shard.clone()].to_vec()
+            } else {
+                v.clone()
+            };
+            (name.clone(), part)
+        })
+        .collect();
+    Ok(optimizer.load_state(params, steps, &mine)?)
 }
 
 impl Strategy for DataParallel {
@@ -306,10 +412,19 @@ impl Strategy for DataParallel {
         )?;
         let t = Instant::now();
         average_loss(&[self.comm.as_ref()], &mut out)?;
-        self.reduce_gradients(model)?;
+        self.reduce_gradients(model, None)?;
         out.phases[2] += t.elapsed().as_secs_f64();
         clip_and_step(model, optimizer, settings, &mut out);
         Ok(out)
+    }
+
+    fn gather_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &dyn Optimizer,
+    ) -> Result<Option<NamedState>> {
+        // Every replica holds the whole state: rank 0's is the one written.
+        Ok((self.comm.rank() == 0).then(|| optimizer.state(model.params())))
     }
 }
 
@@ -324,8 +439,13 @@ const SHARD_ALIGN: usize = anneal_tensor::params::NORM_CHUNK;
 /// shard of the parameters, and the updated shards are all-gathered so every rank holds the
 /// whole model again. Optimizer memory per rank falls to 1/ranks; every value equals plain data
 /// parallelism's bit for bit.
+///
+/// With a replica group ([`ZeroOne::hybrid`]) it is hybrid sharding: ZeRO-1 inside each sharding
+/// group, each bucket's averaged gradients averaged again across the replicas (equal to data
+/// parallelism to rounding, as [`ZeroTwo::hybrid`]).
 pub struct ZeroOne {
     data_parallel: DataParallel,
+    replicas: Option<Box<dyn anneal_dist::Communicator>>,
 }
 
 impl ZeroOne {
@@ -333,6 +453,20 @@ impl ZeroOne {
     pub fn new(comm: Box<dyn anneal_dist::Communicator>, bucket_bytes: usize) -> ZeroOne {
         ZeroOne {
             data_parallel: DataParallel::new(comm, bucket_bytes),
+            replicas: None,
+        }
+    }
+
+    /// Hybrid sharding: ZeRO-1 over `sharding_group`, gradients also averaged across
+    /// `replica_group` ([`anneal_dist::hybrid_groups`] makes both).
+    pub fn hybrid(
+        sharding_group: Box<dyn anneal_dist::Communicator>,
+        replica_group: Box<dyn anneal_dist::Communicator>,
+        bucket_bytes: usize,
+    ) -> ZeroOne {
+        ZeroOne {
+            data_parallel: DataParallel::new(sharding_group, bucket_bytes),
+            replicas: Some(replica_group),
         }
     }
 
@@ -344,10 +478,14 @@ impl ZeroOne {
 
 impl Strategy for ZeroOne {
     fn describe(&self) -> String {
-        format!(
-            "ZeRO-1 (optimizer state sharded) over {} ranks",
-            self.data_parallel.comm.size()
-        )
+        let group = self.data_parallel.comm.size();
+        match &self.replicas {
+            None => format!("ZeRO-1 (optimizer state sharded) over {group} ranks"),
+            Some(r) => format!(
+                "hybrid sharding: {} replicas of ZeRO-1 over {group} ranks",
+                r.size()
+            ),
+        }
     }
 
     fn step(
@@ -361,21 +499,46 @@ impl Strategy for ZeroOne {
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
         check_zero_store(model)?;
-        let mut out = self.data_parallel.step(
+        let mut out = forward_backward(
             model,
             objective,
-            optimizer,
             micro_batches,
             dropout_seeds,
-            settings,
             after_forward,
         )?;
-        // The optimizer stepped this rank's shard; every rank gathers the others'.
         let t = Instant::now();
         let comm = self.data_parallel.comm.as_ref();
+        let mut groups = vec![comm];
+        groups.extend(self.replicas.as_deref());
+        average_loss(&groups, &mut out)?;
+        self.data_parallel
+            .reduce_gradients(model, self.replicas.as_deref())?;
+        out.phases[2] += t.elapsed().as_secs_f64();
+        clip_and_step(model, optimizer, settings, &mut out);
+        // The optimizer stepped this rank's shard; every rank gathers the others'.
+        let t = Instant::now();
         gather_parameters(comm, model, self.shard(model))?;
         out.phases[2] += t.elapsed().as_secs_f64();
         Ok(out)
+    }
+
+    fn gather_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &dyn Optimizer,
+    ) -> Result<Option<NamedState>> {
+        let lead = self.replicas.as_ref().is_none_or(|r| r.rank() == 0);
+        gather_sharded_state(self.data_parallel.comm.as_ref(), lead, model, optimizer)
+    }
+
+    fn restore_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &mut dyn Optimizer,
+        steps: u64,
+        state: &HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        restore_sharded_state(self.shard(model), model, optimizer, steps, state)
     }
 }
 
@@ -509,4 +672,69 @@ impl Strategy for ZeroTwo {
         out.phases[2] += t.elapsed().as_secs_f64();
         Ok(out)
     }
+
+    fn gather_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &dyn Optimizer,
+    ) -> Result<Option<NamedState>> {
+        let lead = self.replicas.as_ref().is_none_or(|r| r.rank() == 0);
+        gather_sharded_state(self.comm.as_ref(), lead, model, optimizer)
+    }
+
+    fn restore_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &mut dyn Optimizer,
+        steps: u64,
+        state: &HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        restore_sharded_state(self.shard(model), model, optimizer, steps, state)
+    }
+}
+
+/// The strategy that runs `layout` over the job's ranks (`world`), with gradient buckets of
+/// `bucket_bytes`, and the range of `model`'s trainable elements this rank's optimizer owns
+/// (all of them without ZeRO). Sub-groups are split from `world` (collectively) in
+/// [`anneal_dist::hybrid_groups`]' arrangement: rank r is shard `r % sharding` of replica
+/// `r / sharding`.
+pub fn for_layout(
+    layout: crate::config::Layout,
+    world: Box<dyn anneal_dist::Communicator>,
+    bucket_bytes: usize,
+    model: &dyn TrainModel,
+) -> Result<(Box<dyn Strategy>, Range<usize>)> {
+    if world.size() != layout.ranks() {
+        bail!(
+            "the layout dp = {} × sharding = {} needs {} ranks, not the job's {}",
+            layout.dp,
+            layout.sharding,
+            layout.ranks(),
+            world.size()
+        );
+    }
+    let total = model.params().trainable_numel();
+    if layout.zero == 0 {
+        if world.size() == 1 {
+            return Ok((Box::new(SingleDevice), 0..total));
+        }
+        return Ok((Box::new(DataParallel::new(world, bucket_bytes)), 0..total));
+    }
+    check_zero_store(model)?;
+    let shard_rank = world.rank() % layout.sharding;
+    let shard = anneal_dist::shard_range(total, shard_rank, layout.sharding, SHARD_ALIGN);
+    let strategy: Box<dyn Strategy> = if layout.dp == 1 {
+        match layout.zero {
+            1 => Box::new(ZeroOne::new(world, bucket_bytes)),
+            _ => Box::new(ZeroTwo::new(world)),
+        }
+    } else {
+        let (sharding, replicas) =
+            anneal_dist::hybrid_groups(world.as_ref(), layout.dp, layout.sharding)?;
+        match layout.zero {
+            1 => Box::new(ZeroOne::hybrid(sharding, replicas, bucket_bytes)),
+            _ => Box::new(ZeroTwo::hybrid(sharding, replicas)),
+        }
+    };
+    Ok((strategy, shard))
 }

@@ -209,19 +209,58 @@ impl Trainer {
 
     /// Mean next-token loss over `batches` fixed batches of windows of `set`.
     pub fn evaluate(&self, set: &ShardSet, seed: u64, batches: usize, seq: usize) -> Result<f64> {
-        Ok(crate::eval::split_loss(
+        self.evaluate_on(set, seed, batches, seq, None)
+    }
+
+    /// [`Trainer::evaluate`] shared by the ranks of `group` (collective): rank r scores batches
+    /// r, r + ranks, …, and every rank receives every batch's mean and adds them in batch order,
+    /// so the loss is the one a single device computes, bit for bit.
+    pub fn evaluate_on(
+        &self,
+        set: &ShardSet,
+        seed: u64,
+        batches: usize,
+        seq: usize,
+        group: Option<&dyn anneal_dist::Communicator>,
+    ) -> Result<f64> {
+        let (rank, ranks) = group.map_or((0, 1), |g| (g.rank(), g.size()));
+        let mine = crate::eval::batch_losses(
             &*self.model,
             set,
             seed,
-            batches,
+            (rank..batches).step_by(ranks),
             self.batch_size,
             seq,
-        )?)
+        )?;
+        let Some(group) = group else {
+            return Ok(mine.iter().sum::<f64>() / batches as f64);
+        };
+        // f64 means travel as exact bit patterns, each rank's padded to the same count.
+        let per = batches.div_ceil(ranks);
+        let mut words = anneal_dist::words_to_f32(mine.iter().map(|m| m.to_bits()));
+        words.resize(2 * per, 0.0);
+        let all: Vec<f64> = anneal_dist::f32_to_words(&group.all_gather(words)?)
+            .map(f64::from_bits)
+            .collect();
+        // Batch i was rank i % ranks's (i / ranks)-th.
+        let sum: f64 = (0..batches)
+            .map(|i| all[(i % ranks) * per + i / ranks])
+            .sum();
+        Ok(sum / batches as f64)
     }
 
     /// Writes a checkpoint of the parameters, the optimizer's and the objective's state under
-    /// `root`; `state` describes the run (its step is set here).
-    pub fn save(&self, root: &Path, mut state: TrainerState) -> Result<PathBuf> {
+    /// `root`; `state` describes the run (its step is set here). Collective when the strategy
+    /// spans ranks: every rank calls it, the optimizer state is gathered whole, and rank 0 writes
+    /// the checkpoint and returns its path (the others return `None`). The checkpoint is the same
+    /// whatever the layout, so it resumes under any other.
+    pub fn save(&self, root: &Path, mut state: TrainerState) -> Result<Option<PathBuf>> {
+        let optimizer = self
+            .strategy
+            .gather_optimizer_state(&*self.model, &*self.optimizer)?;
+        let Some(optimizer) = optimizer else {
+            return Ok(None);
+        };
         state.step = self.step;
         state.tokens_seen = self.tokens_seen;
         state.objective = self.objective.name().to_string();
@@ -229,10 +268,11 @@ impl Trainer {
         checkpoint::save(
             root,
             self.model.params(),
-            &*self.optimizer,
+            optimizer,
             self.objective.state(),
             state,
         )
+        .map(Some)
     }
 
     /// Restores parameters, optimizer, objective and position from a loaded checkpoint.
@@ -247,7 +287,20 @@ impl Trainer {
         }
         let params = self.model.params();
         loaded.restore_params(params)?;
-        checkpoint::restore_optimizer(&mut *self.optimizer, params, loaded)?;
+        let state = checkpoint::optimizer_state(params, loaded)?;
+        self.strategy
+            .restore_optimizer_state(
+                &*self.model,
+                &mut *self.optimizer,
+                loaded.state.step,
+                &state,
+            )
+            .with_context(|| {
+                format!(
+                    "restoring the optimizer from {}",
+                    loaded.dir.join("optimizer.safetensors").display()
+                )
+            })?;
         let objective = loaded
             .objective
             .iter()
@@ -265,26 +318,64 @@ impl Trainer {
 /// A GPT pretraining trainer as `config` describes it (model, AdamW, causal LM, one device),
 /// drawing from `train` windows.
 pub fn pretraining(config: &RunConfig, vocab_size: usize, train: ShardSet) -> Result<Trainer> {
+    let source = WindowSource {
+        set: train,
+        seq: config.model.block_size,
+    };
+    pretraining_on(config, vocab_size, Box::new(source), None)
+}
+
+/// [`pretraining`] from any batch source, as one rank of a job over `world` (one device when
+/// `None`), laid out as
+/// `config`'s `[parallel]` section says: the strategy of that layout, an optimizer over this
+/// rank's shard under ZeRO, and this rank's share of every batch. Every rank starts from rank
+/// 0's initial parameters (broadcast, so replicas agree even where initialisation would not).
+pub fn pretraining_on(
+    config: &RunConfig,
+    vocab_size: usize,
+    source: Box<dyn BatchSource>,
+    world: Option<Box<dyn anneal_dist::Communicator>>,
+) -> Result<Trainer> {
     let t = &config.train;
     let model = Gpt::new(config.gpt_config(vocab_size)?, t.seed)?;
-    let optimizer = AdamW::new(
-        &model.params,
-        AdamWConfig {
-            beta1: t.beta1 as f32,
-            beta2: t.beta2 as f32,
-            weight_decay: t.weight_decay as f32,
-            ..AdamWConfig::default()
-        },
-    );
-    Ok(Trainer::new(TrainerParts {
+    let adamw = AdamWConfig {
+        beta1: t.beta1 as f32,
+        beta2: t.beta2 as f32,
+        weight_decay: t.weight_decay as f32,
+        ..AdamWConfig::default()
+    };
+    let (strategy, optimizer, data_rank): (Box<dyn crate::strategy::Strategy>, AdamW, _) =
+        match world {
+            None => (
+                Box::new(SingleDevice),
+                AdamW::new(&model.params, adamw),
+                (0, 1),
+            ),
+            Some(world) => {
+                let layout = config.layout(world.size())?;
+                let rank = (world.rank(), world.size());
+                let initial = model
+                    .params
+                    .trainable_values(0..model.params.trainable_numel());
+                model
+                    .params
+                    .set_trainable_values(0, &world.broadcast(initial, 0)?);
+                let bucket = (config.parallel.bucket_mb * 1e6) as usize;
+                let (strategy, shard) = crate::strategy::for_layout(layout, world, bucket, &model)?;
+                let optimizer = if layout.zero > 0 {
+                    AdamW::shard(&model.params, adamw, shard)?
+                } else {
+                    AdamW::new(&model.params, adamw)
+                };
+                (strategy, optimizer, rank)
+            }
+        };
+    let trainer = Trainer::new(TrainerParts {
         model: Box::new(model),
         objective: Box::new(CausalLm),
         optimizer: Box::new(optimizer),
-        strategy: Box::new(SingleDevice),
-        source: Box::new(WindowSource {
-            set: train,
-            seq: config.model.block_size,
-        }),
+        strategy,
+        source,
         seed: t.seed,
         schedule: CosineSchedule {
             max_lr: t.lr,
@@ -295,7 +386,8 @@ pub fn pretraining(config: &RunConfig, vocab_size: usize, train: ShardSet) -> Re
         batch_size: t.batch_size,
         grad_accum: t.grad_accum,
         grad_clip: t.grad_clip,
-    }))
+    });
+    trainer.with_data_rank(data_rank.0, data_rank.1)
 }
 
 #[cfg(test)]
@@ -502,7 +594,10 @@ mod tests {
             vocab_size: 11,
             files: Default::default(),
         };
-        let saved = first.save(dir.path(), state).unwrap();
+        let saved = first
+            .save(dir.path(), state)
+            .unwrap()
+            .expect("one device writes");
         let loaded = checkpoint::load(&saved).unwrap();
         assert_eq!(loaded.objective["count"].to_vec_f32(), vec![3.0]);
         assert_eq!(loaded.state.objective, "counting");

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use anneal_data::Tokenizer;
 use anneal_nn::Gpt;
 use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::Optimizer;
 use anneal_tensor::{memory_stats, reset_peak_memory};
 use anneal_train::checkpoint::{self, TrainerState};
 use anneal_train::{generate, hf, RunConfig};
@@ -46,7 +47,7 @@ fn checkpoint_dir(root: &Path) -> PathBuf {
         vocab_size: tok.vocab_size(),
         files: Default::default(),
     };
-    checkpoint::save(root, &gpt.params, &opt, Vec::new(), state).unwrap()
+    checkpoint::save(root, &gpt.params, opt.state(&gpt.params), Vec::new(), state).unwrap()
 }
 
 /// Whether the tiny model's weights (width 8) load under `key = value`: only the original sizes
