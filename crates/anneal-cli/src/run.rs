@@ -97,6 +97,9 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         print!("{}", config.to_toml());
         return Ok(());
     }
+    if anneal_dist::launched_by_mpi() {
+        return pretrain_mpi(config, a);
+    }
     let resume = match a.resume.as_deref() {
         None => Resume::No,
         Some("latest") => Resume::Latest,
@@ -120,6 +123,74 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         std::process::exit(130);
     }
     Ok(())
+}
+
+/// `anneal pretrain` as one process of an `mpirun` job: every process trains its rank, rank 0
+/// writes the run and reports. A rank that fails reports its error and ends the whole job.
+#[cfg(feature = "mpi")]
+fn pretrain_mpi(config: RunConfig, a: PretrainArgs) -> Result<()> {
+    use anneal_dist::Communicator;
+    if a.ranks > 1 {
+        bail!(
+            "--ranks {} runs ranks as threads of one process; under mpirun the ranks are \
+             mpirun's processes (-np), so leave --ranks out",
+            a.ranks
+        );
+    }
+    anneal_dist::mpi::abort_on_panic();
+    let world = anneal_dist::mpi::init()?;
+    let rank = world.rank();
+    let resume = match a.resume.as_deref() {
+        None => Resume::No,
+        Some("latest") => Resume::Latest,
+        Some(dir) => Resume::From(PathBuf::from(dir)),
+    };
+    let opts = RunOptions {
+        resume,
+        progress: if rank == 0 {
+            progress_bar(a.quiet)
+        } else {
+            None
+        },
+        stop: stop_on_ctrl_c(),
+        force: a.force,
+        ranks: 1,
+    };
+    // This handle keeps MPI alive until the outcome is known: a failed rank aborts the job
+    // rather than finalising while the others wait for it.
+    let keep = world.clone();
+    let outcome =
+        anneal_train::pretrain::train_rank(&config, &opts, Box::new(world)).and_then(|summary| {
+            if rank == 0 {
+                print_summary(&summary);
+                std::fs::write(
+                    config.train.out_dir.join("summary.json"),
+                    serde_json::to_string_pretty(&summary)?,
+                )?;
+            }
+            Ok(summary)
+        });
+    match outcome {
+        Ok(summary) => {
+            drop(keep);
+            if summary.interrupted {
+                std::process::exit(130);
+            }
+            Ok(())
+        }
+        Err(e) => {
+            eprintln!("error: rank {rank} of {}: {e:#}", keep.size());
+            anneal_dist::mpi::abort(1)
+        }
+    }
+}
+
+#[cfg(not(feature = "mpi"))]
+fn pretrain_mpi(_config: RunConfig, _a: PretrainArgs) -> Result<()> {
+    bail!(
+        "anneal was started by mpirun but built without MPI: build it with \
+         `cargo build --release --features mpi` (needs libopenmpi-dev and libclang-dev)"
+    )
 }
 
 /// Sampling flags shared by `generate` and `quickstart`.

@@ -3,8 +3,8 @@
 //!
 //! - [`local`]: ranks as threads of one process, exchanging owned buffers (never shared
 //!   tensors). The default, used by the tests and by single-machine multi-rank runs.
-//! - `mpi` (to come, behind the cargo feature `mpi`): the `mpi` crate on Open MPI, for jobs
-//!   launched with `mpirun`. The trait leaves room for NCCL later.
+//! - `mpi` (behind the cargo feature `mpi`): the `mpi` crate on Open MPI, for jobs launched with
+//!   `mpirun`. The trait leaves room for NCCL later.
 //!
 //! Reductions are deterministic: every backend sums the ranks' contributions in rank order, so
 //! an all-reduce and a reduce-scatter followed by an all-gather give bitwise the same values,
@@ -16,6 +16,8 @@
 //! so a job ends instead of hanging.
 
 pub mod local;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 
 /// Errors of communication. Each names the rank or the sizes at fault.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]
@@ -107,6 +109,50 @@ pub fn hybrid_groups(
     let sharding_group = world.split(replica, shard)?;
     let replica_group = world.split(shard, replica)?;
     Ok((sharding_group, replica_group))
+}
+
+/// The ranks' contributions `parts` (in rank order, of equal length) added in rank order and,
+/// for [`Reduce::Mean`], divided by their number: the one reduction every backend computes, so
+/// backends agree bit for bit.
+pub(crate) fn reduce_in_rank_order(
+    op_name: &'static str,
+    parts: Vec<Vec<f32>>,
+    op: Reduce,
+) -> Result<Vec<f32>> {
+    let n = parts.len();
+    let len = parts.first().map_or(0, Vec::len);
+    if let Some(i) = parts.iter().position(|p| p.len() != len) {
+        return Err(Error::Invalid {
+            op: op_name,
+            reason: format!(
+                "rank {i} contributed {} values, rank 0 {len}",
+                parts[i].len()
+            ),
+        });
+    }
+    let mut parts = parts.into_iter();
+    let mut sum = parts.next().unwrap_or_default();
+    for p in parts {
+        for (s, v) in sum.iter_mut().zip(&p) {
+            *s += v;
+        }
+    }
+    if op == Reduce::Mean {
+        let n = n as f32;
+        sum.iter_mut().for_each(|s| *s /= n);
+    }
+    Ok(sum)
+}
+
+/// Whether this process is one of several ranks started by an MPI launcher (`mpirun` of Open MPI,
+/// or a PMI launcher such as MPICH's), read from the environment the launcher sets.
+pub fn launched_by_mpi() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE"].iter().any(|v| {
+        std::env::var(v)
+            .ok()
+            .and_then(|s| s.trim().parse::<usize>().ok())
+            .is_some_and(|n| n > 1)
+    })
 }
 
 /// A pending non-blocking operation; [`Handle::wait`] completes it.

@@ -163,32 +163,7 @@ impl LocalComm {
     /// A handle reducing the gathered parts of `exchange` in rank order.
     fn reduce(&self, op_name: &'static str, parts: Vec<Vec<f32>>, op: Reduce) -> Handle<Vec<f32>> {
         let gathered = self.exchange(parts);
-        let n = self.size();
-        Handle::new(move || {
-            let parts = gathered.wait()?;
-            let len = parts[0].len();
-            if let Some(i) = parts.iter().position(|p| p.len() != len) {
-                return Err(Error::Invalid {
-                    op: op_name,
-                    reason: format!(
-                        "rank {i} contributed {} values, rank 0 {len}",
-                        parts[i].len()
-                    ),
-                });
-            }
-            let mut parts = parts.into_iter();
-            let mut sum = parts.next().expect("a group has a rank");
-            for p in parts {
-                for (s, v) in sum.iter_mut().zip(&p) {
-                    *s += v;
-                }
-            }
-            if op == Reduce::Mean {
-                let n = n as f32;
-                sum.iter_mut().for_each(|s| *s /= n);
-            }
-            Ok(sum)
-        })
+        Handle::new(move || crate::reduce_in_rank_order(op_name, gathered.wait()?, op))
     }
 }
 

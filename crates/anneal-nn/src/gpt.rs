@@ -14,7 +14,9 @@ use crate::layers::{
     Block, BlockConfig, Builder, Embedding, KvCache, LayerNorm, LmHead, ParallelContext,
     SingleDevice, Weights,
 };
-use anneal_tensor::{checkpoint, CrossEntropyOptions, DType, ParamId, ParamStore, Result, Tensor};
+use anneal_tensor::{
+    checkpoint, CrossEntropyOptions, DType, DropoutKey, ParamId, ParamStore, Result, Tensor,
+};
 use std::collections::HashMap;
 use std::sync::Arc;
 
@@ -329,31 +331,34 @@ impl Gpt {
         self.head.forward(w, &x)
     }
 
-    /// Logits `[B·T, vocab]` for token ids `[B, T]` (row-major). `dropout_seed` turns dropout on
-    /// (training) with masks derived from it; `None` is evaluation.
+    /// Logits `[B·T, vocab]` for token ids `[B, T]` (row-major). `dropout` turns dropout on
+    /// (training) with masks derived from its key (a seed, and where these B rows start in the
+    /// whole batch, so any cut of a batch drops what the whole does); `None` is evaluation.
     pub fn forward(
         &self,
         ids: &[u32],
         batch: usize,
         seq: usize,
-        dropout_seed: Option<u64>,
+        dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let c = &self.config;
-        let p_drop = dropout_seed.map_or(0.0, |_| c.dropout);
-        let seed = dropout_seed.unwrap_or(0);
+        let p_drop = dropout.map_or(0.0, |_| c.dropout);
+        let key = dropout.unwrap_or_default();
         let w = self.weights();
         let mut x = self
             .embed(&w, ids, [batch, seq], 0)?
-            .dropout(p_drop, seed)?;
+            .dropout_at(p_drop, key)?;
         for (index, block) in self.blocks.iter().enumerate() {
-            let seed = seed
-                .wrapping_add(1 + 2 * index as u64)
-                .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let key = key.with_seed(
+                key.seed
+                    .wrapping_add(1 + 2 * index as u64)
+                    .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            );
             x = if c.checkpoint_blocks {
                 let (block, w) = (block.clone(), w.clone());
-                checkpoint(&[x], move |t| block.forward(&w, &t[0], p_drop, seed))?
+                checkpoint(&[x], move |t| block.forward(&w, &t[0], p_drop, key))?
             } else {
-                block.forward(&w, &x, p_drop, seed)?
+                block.forward(&w, &x, p_drop, key)?
             };
         }
         self.head(&w, &x, batch * seq)
@@ -384,9 +389,9 @@ impl Gpt {
         targets: &[i64],
         batch: usize,
         seq: usize,
-        dropout_seed: Option<u64>,
+        dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
-        let logits = self.forward(ids, batch, seq, dropout_seed)?;
+        let logits = self.forward(ids, batch, seq, dropout)?;
         logits.cross_entropy(targets, CrossEntropyOptions::default())
     }
 }
@@ -464,7 +469,7 @@ mod tests {
                 2,
             )
             .unwrap();
-            m.loss(&ids, &targets, 2, 8, Some(5))
+            m.loss(&ids, &targets, 2, 8, Some(5.into()))
                 .unwrap()
                 .backward()
                 .unwrap();

@@ -28,7 +28,7 @@ fn checkpointing_blocks_keeps_gradients_and_lowers_peak_memory() {
         .unwrap();
         reset_peak_memory();
         let before = memory_stats().live_bytes;
-        let loss = m.loss(&ids, &targets, 4, 64, Some(11)).unwrap();
+        let loss = m.loss(&ids, &targets, 4, 64, Some(11.into())).unwrap();
         loss.backward().unwrap();
         let peak = memory_stats().peak_bytes - before;
         (m.params.grads_to_vec(), peak)

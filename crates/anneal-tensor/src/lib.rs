@@ -46,6 +46,7 @@ pub use dtype::DType;
 pub use error::{Error, Result};
 pub use init::Rng;
 pub use ops::attention::AttentionOptions;
+pub use ops::dropout::DropoutKey;
 pub use ops::softmax::CrossEntropyOptions;
 pub use optim::Optimizer;
 pub use params::{ParamGroup, ParamId, ParamStore, ParamStoreBuilder};

@@ -3,7 +3,7 @@
 //! strategies run the forward pass.
 
 use anneal_nn::Gpt;
-use anneal_tensor::{ParamStore, Result, Tensor};
+use anneal_tensor::{DropoutKey, ParamStore, Result, Tensor};
 
 /// A model's input, built by an objective from a batch (borrowing from it: nothing is copied).
 #[derive(Clone, Copy, Debug)]
@@ -34,8 +34,9 @@ pub trait TrainModel: Send + Sync {
     /// Its parameters.
     fn params(&self) -> &ParamStore;
 
-    /// The forward pass; `dropout_seed` turns dropout on (training) with masks derived from it.
-    fn forward(&self, input: &ModelInput<'_>, dropout_seed: Option<u64>) -> Result<ModelOutput>;
+    /// The forward pass; `dropout` turns dropout on (training) with masks derived from its key
+    /// (a seed, and the first row of the whole batch that the input holds).
+    fn forward(&self, input: &ModelInput<'_>, dropout: Option<DropoutKey>) -> Result<ModelOutput>;
 
     /// Training FLOPs per token at sequence length `seq` (for MFU).
     fn flops_per_token(&self, seq: usize) -> f64;
@@ -46,10 +47,10 @@ impl TrainModel for Gpt {
         &self.params
     }
 
-    fn forward(&self, input: &ModelInput<'_>, dropout_seed: Option<u64>) -> Result<ModelOutput> {
+    fn forward(&self, input: &ModelInput<'_>, dropout: Option<DropoutKey>) -> Result<ModelOutput> {
         let ModelInput::Tokens { ids, batch, seq } = input;
         Ok(ModelOutput {
-            logits: Gpt::forward(self, ids, *batch, *seq, dropout_seed)?,
+            logits: Gpt::forward(self, ids, *batch, *seq, dropout)?,
             aux_losses: Vec::new(),
         })
     }

@@ -6,7 +6,7 @@
 use crate::model::TrainModel;
 use crate::objectives::Objective;
 use anneal_data::Batch;
-use anneal_tensor::{Optimizer, Tensor};
+use anneal_tensor::{DropoutKey, Optimizer, Tensor};
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 use std::ops::Range;
@@ -44,8 +44,8 @@ pub trait Strategy: Send {
     fn describe(&self) -> String;
 
     /// Forward and backward over `micro_batches` (gradients summed, each micro-batch weighted
-    /// 1/n), gradient reduction, clipping, and the optimizer step. `dropout_seeds` holds one
-    /// seed per micro-batch. `after_forward` runs after each forward pass, outside the timed
+    /// 1/n), gradient reduction, clipping, and the optimizer step. `dropout` holds each
+    /// micro-batch's dropout key (its seed, and where its rows start in the step's whole batch). `after_forward` runs after each forward pass, outside the timed
     /// phases (profilers and memory probes use it). Fails, without stepping the optimizer, when
     /// the loss is not finite.
     #[allow(clippy::too_many_arguments)]
@@ -55,7 +55,7 @@ pub trait Strategy: Send {
         objective: &mut dyn Objective,
         optimizer: &mut dyn Optimizer,
         micro_batches: &[Batch],
-        dropout_seeds: &[u64],
+        dropout: &[DropoutKey],
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput>;
@@ -123,17 +123,11 @@ impl Strategy for SingleDevice {
         objective: &mut dyn Objective,
         optimizer: &mut dyn Optimizer,
         micro_batches: &[Batch],
-        dropout_seeds: &[u64],
+        dropout: &[DropoutKey],
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
-        let mut out = forward_backward(
-            model,
-            objective,
-            micro_batches,
-            dropout_seeds,
-            after_forward,
-        )?;
+        let mut out = forward_backward(model, objective, micro_batches, dropout, after_forward)?;
         if !out.loss.is_finite() {
             return Err(NonFiniteLoss(out.loss).into());
         }
@@ -142,52 +136,62 @@ impl Strategy for SingleDevice {
     }
 }
 
-/// Zeroes the gradients, then runs forward and backward over `micro_batches` (gradients summed,
-/// each micro-batch weighted 1/n): the mean loss and metrics, and the forward and backward
-/// times. The part of a step every strategy shares.
+/// Zeroes the gradients, then runs forward and backward over `micro_batches` (gradients summed):
+/// the loss and metrics, and the forward and backward times. The part of a step every strategy
+/// shares.
+///
+/// Each micro-batch's mean loss is weighted by its share of the step's tokens, so the loss (and
+/// gradient) is normalised by the step's token count, as one pass over the whole batch would be,
+/// however it is cut into micro-batches (batches without tokens weigh 1/n).
 pub fn forward_backward(
     model: &dyn TrainModel,
     objective: &mut dyn Objective,
     micro_batches: &[Batch],
-    dropout_seeds: &[u64],
+    dropout: &[DropoutKey],
     after_forward: &mut dyn FnMut(),
 ) -> Result<StepOutput> {
     let params = model.params();
     let n = micro_batches.len();
-    if n == 0 || dropout_seeds.len() != n {
-        bail!("a step needs one or more micro-batches and a dropout seed for each");
+    if n == 0 || dropout.len() != n {
+        bail!("a step needs one or more micro-batches and a dropout key for each");
     }
     let mut out = StepOutput::default();
     params.zero_grad();
+    let total_tokens: usize = micro_batches.iter().map(Batch::tokens).sum();
+    let weight_of = |batch: &Batch| {
+        if total_tokens == 0 {
+            1.0 / n as f64
+        } else {
+            batch.tokens() as f64 / total_tokens as f64
+        }
+    };
     let mut loss_sum = 0.0f64;
-    for (batch, &seed) in micro_batches.iter().zip(dropout_seeds) {
+    for (batch, &key) in micro_batches.iter().zip(dropout) {
+        let weight = weight_of(batch);
         let t0 = Instant::now();
-        let output = model.forward(&objective.inputs(batch)?, Some(seed))?;
+        let output = model.forward(&objective.inputs(batch)?, Some(key))?;
         let loss = objective.loss(&output, batch)?;
         let mut total = loss.value;
         for (name, aux) in &output.aux_losses {
-            accumulate(&mut out.metrics, name, aux.item()? as f64);
+            accumulate(&mut out.metrics, name, weight * aux.item()? as f64);
             total = total.add(aux)?;
         }
         for (name, value) in &loss.metrics {
-            accumulate(&mut out.metrics, name, *value);
+            accumulate(&mut out.metrics, name, weight * *value);
         }
-        loss_sum += total.item()? as f64;
+        loss_sum += weight * total.item()? as f64;
         out.phases[0] += t0.elapsed().as_secs_f64();
         after_forward();
         let t1 = Instant::now();
         if n == 1 {
             total.backward()?;
         } else {
-            let weight = Tensor::from_f32(vec![1.0 / n as f32], total.shape())?;
+            let weight = Tensor::from_f32(vec![weight as f32], total.shape())?;
             total.backward_with_grad(&weight)?;
         }
         out.phases[1] += t1.elapsed().as_secs_f64();
     }
-    out.loss = loss_sum / n as f64;
-    for (_, v) in &mut out.metrics {
-        *v /= n as f64;
-    }
+    out.loss = loss_sum;
     out.grad_norm = f64::NAN;
     Ok(out)
 }
@@ -399,17 +403,11 @@ impl Strategy for DataParallel {
         objective: &mut dyn Objective,
         optimizer: &mut dyn Optimizer,
         micro_batches: &[Batch],
-        dropout_seeds: &[u64],
+        dropout: &[DropoutKey],
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
-        let mut out = forward_backward(
-            model,
-            objective,
-            micro_batches,
-            dropout_seeds,
-            after_forward,
-        )?;
+        let mut out = forward_backward(model, objective, micro_batches, dropout, after_forward)?;
         let t = Instant::now();
         average_loss(&[self.comm.as_ref()], &mut out)?;
         self.reduce_gradients(model, None)?;
@@ -494,18 +492,12 @@ impl Strategy for ZeroOne {
         objective: &mut dyn Objective,
         optimizer: &mut dyn Optimizer,
         micro_batches: &[Batch],
-        dropout_seeds: &[u64],
+        dropout: &[DropoutKey],
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
         check_zero_store(model)?;
-        let mut out = forward_backward(
-            model,
-            objective,
-            micro_batches,
-            dropout_seeds,
-            after_forward,
-        )?;
+        let mut out = forward_backward(model, objective, micro_batches, dropout, after_forward)?;
         let t = Instant::now();
         let comm = self.data_parallel.comm.as_ref();
         let mut groups = vec![comm];
@@ -624,18 +616,12 @@ impl Strategy for ZeroTwo {
         objective: &mut dyn Objective,
         optimizer: &mut dyn Optimizer,
         micro_batches: &[Batch],
-        dropout_seeds: &[u64],
+        dropout: &[DropoutKey],
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
         check_zero_store(model)?;
-        let mut out = forward_backward(
-            model,
-            objective,
-            micro_batches,
-            dropout_seeds,
-            after_forward,
-        )?;
+        let mut out = forward_backward(model, objective, micro_batches, dropout, after_forward)?;
         let t = Instant::now();
         let mut groups = vec![self.comm.as_ref()];
         groups.extend(self.replicas.as_deref());

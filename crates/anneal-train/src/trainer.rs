@@ -22,7 +22,7 @@ use crate::strategy::{NonFiniteLoss, SingleDevice, StepOutput, StepSettings, Str
 use anneal_data::{BatchSource, Sampler, ShardSet, Stream, WindowSource};
 use anneal_nn::Gpt;
 use anneal_tensor::optim::{AdamW, AdamWConfig};
-use anneal_tensor::Optimizer;
+use anneal_tensor::{DropoutKey, Optimizer};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -147,31 +147,36 @@ impl Trainer {
         self.step_with(&mut || {})
     }
 
-    /// One optimizer step: the sampler's micro-batches for this step, forward and backward
-    /// through the strategy, the optimizer at the scheduled learning rate. `after_forward` runs
-    /// after each forward pass, outside the timed phases.
+    /// One optimizer step: the sampler's batch for this step, cut into micro-batches (and, on a
+    /// data-parallel rank, into this rank's share of each), forward and backward through the
+    /// strategy, the optimizer at the scheduled learning rate. `after_forward` runs after each
+    /// forward pass, outside the timed phases.
+    ///
+    /// The step's batch is drawn whole (`grad_accum × batch_size` rows) and its dropout masks are
+    /// keyed by each row's place in it, so how it is cut (micro-batches, ranks) changes neither
+    /// the examples nor the elements dropped: every layout trains on the same step.
     pub fn step_with(&mut self, after_forward: &mut dyn FnMut()) -> Result<StepOutput> {
         let step = self.step;
-        let micro = 0..self.grad_accum as u64;
-        let batches: Vec<_> = micro
-            .clone()
-            .map(|m| self.source.draw(&self.sampler, step, m, self.batch_size))
-            .collect();
-        // A data-parallel rank runs its share of each global micro-batch.
+        let b = self.batch_size;
+        let whole = self
+            .source
+            .draw(&self.sampler, step, 0, self.grad_accum * b);
         let (rank, ranks) = self.data_rank;
-        let share = self.batch_size / ranks;
-        let shares: Vec<_>;
-        let mine = if ranks == 1 {
-            &batches
+        let share = b / ranks;
+        let firsts: Vec<usize> = (0..self.grad_accum).map(|m| m * b + rank * share).collect();
+        let tokens = whole.tokens() as u64;
+        let mine: Vec<_> = if firsts.len() == 1 && ranks == 1 {
+            vec![whole]
         } else {
-            shares = batches
-                .iter()
-                .map(|b| b.rows(rank * share..(rank + 1) * share))
-                .collect();
-            &shares
+            firsts.iter().map(|&f| whole.rows(f..f + share)).collect()
         };
-        let seeds: Vec<u64> = micro
-            .map(|m| self.sampler.seed_of(Stream::Dropout, &[step, m]))
+        let seed = self.sampler.seed_of(Stream::Dropout, &[step, 0]);
+        let keys: Vec<DropoutKey> = firsts
+            .iter()
+            .map(|&f| DropoutKey {
+                seed,
+                first_row: f as u64,
+            })
             .collect();
         let settings = StepSettings {
             lr: self.lr() as f32,
@@ -184,8 +189,8 @@ impl Trainer {
                 &*self.model,
                 &mut *self.objective,
                 &mut *self.optimizer,
-                mine,
-                &seeds,
+                &mine,
+                &keys,
                 settings,
                 after_forward,
             )
@@ -201,7 +206,7 @@ impl Trainer {
                 e.context(format!("step {}{advice}", step + 1))
             })?;
         self.step += 1;
-        self.tokens_seen += batches.iter().map(|b| b.tokens() as u64).sum::<u64>();
+        self.tokens_seen += tokens;
         self.objective
             .after_optimizer_step(&*self.model, self.step)?;
         Ok(out)
@@ -435,7 +440,7 @@ mod tests {
         fn forward(
             &self,
             input: &ModelInput<'_>,
-            seed: Option<u64>,
+            seed: Option<DropoutKey>,
         ) -> anneal_tensor::Result<ModelOutput> {
             let mut out = TrainModel::forward(&self.0, input, seed)?;
             out.aux_losses

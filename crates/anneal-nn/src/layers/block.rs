@@ -9,7 +9,7 @@ use super::{
     join, Attention, AttentionConfig, Builder, Mlp, MlpKind, Norm, NormKind, QkvNames,
     WeightLayout, Weights,
 };
-use anneal_tensor::{ParamId, Result, Tensor};
+use anneal_tensor::{DropoutKey, ParamId, Result, Tensor};
 
 /// Names of a block's four parts under its prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,12 +174,12 @@ impl Block {
     }
 
     /// The block on `x` `[B, T, d]`; `p_drop > 0` drops residual-branch outputs with masks
-    /// derived from `seed` (attention's from `seed`, the MLP's from `seed ^ 1`).
-    pub fn forward(&self, w: &Weights, x: &Tensor, p_drop: f32, seed: u64) -> Result<Tensor> {
+    /// derived from `key` (attention's from its seed, the MLP's from the seed ^ 1).
+    pub fn forward(&self, w: &Weights, x: &Tensor, p_drop: f32, key: DropoutKey) -> Result<Tensor> {
         let a = self.attn.forward(w, &self.norm_1.forward(w, x)?)?;
-        let x = x.add(&a.dropout(p_drop, seed)?)?;
+        let x = x.add(&a.dropout_at(p_drop, key)?)?;
         let h = self.mlp.forward(w, &self.norm_2.forward(w, &x)?)?;
-        x.add(&h.dropout(p_drop, seed ^ 1)?)
+        x.add(&h.dropout_at(p_drop, key.with_seed(key.seed ^ 1))?)
     }
 
     /// The block on `x` `[1, n, d]` at positions `start..start + n`, attending to the cached

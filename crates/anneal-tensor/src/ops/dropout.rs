@@ -1,6 +1,11 @@
 //! Seeded dropout (Srivastava et al. 2014). The mask is a pure function of (seed, element index),
 //! so backward regenerates it instead of storing it, results do not depend on thread count, and a
 //! recomputed (checkpointed) segment drops exactly the same elements.
+//!
+//! The index can be global: a tensor holding rows `first_row..` of a larger batch (one rank's
+//! share under data parallelism, one micro-batch of an accumulated step) numbers its elements from
+//! where those rows start in the whole batch ([`Tensor::dropout_at`]), so however a batch is cut
+//! into shares and micro-batches, the same elements are dropped.
 
 use rayon::prelude::*;
 
@@ -28,12 +33,36 @@ fn keep(seed: u64, i: usize, p: f32) -> f32 {
     }
 }
 
-fn apply(x: &[f32], seed: u64, p: f32) -> Vec<f32> {
+/// Where a dropout's masks come from: a seed, and the first row (along the leading dimension) of
+/// the whole batch that the tensor holds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropoutKey {
+    /// The masks' seed.
+    pub seed: u64,
+    /// The tensor's first row in the whole batch.
+    pub first_row: u64,
+}
+
+impl From<u64> for DropoutKey {
+    /// A key for a whole batch.
+    fn from(seed: u64) -> DropoutKey {
+        DropoutKey { seed, first_row: 0 }
+    }
+}
+
+impl DropoutKey {
+    /// The same rows under another seed (each dropout site of a model its own).
+    pub fn with_seed(self, seed: u64) -> DropoutKey {
+        DropoutKey { seed, ..self }
+    }
+}
+
+fn apply(x: &[f32], seed: u64, first: usize, p: f32) -> Vec<f32> {
     let mut out = crate::pool::uninit(x.len());
     out.par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
         let base = c << 14;
         for (j, o) in o.iter_mut().enumerate() {
-            *o = x[base + j] * keep(seed, base + j, p);
+            *o = x[base + j] * keep(seed, first + base + j, p);
         }
     });
     out
@@ -41,6 +70,7 @@ fn apply(x: &[f32], seed: u64, p: f32) -> Vec<f32> {
 
 struct DropoutBackward {
     seed: u64,
+    first: usize,
     p: f32,
 }
 
@@ -49,7 +79,7 @@ impl Backward for DropoutBackward {
         "dropout"
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let dx = grad.with_f32(|g| apply(g, self.seed, self.p));
+        let dx = grad.with_f32(|g| apply(g, self.seed, self.first, self.p));
         Ok(vec![Some(Tensor::from_f32_unchecked(dx, grad.shape()))])
     }
 }
@@ -58,15 +88,28 @@ impl Tensor {
     /// Zeroes each element with probability `p` and scales the rest by 1/(1−p). `p = 0` is the
     /// identity. The same `seed` drops the same elements.
     pub fn dropout(&self, p: f32, seed: u64) -> Result<Tensor> {
+        self.dropout_at(p, seed.into())
+    }
+
+    /// [`Tensor::dropout`] of a tensor holding rows `key.first_row..` of a larger batch: element
+    /// i's mask is that of element `first_row · (numel / rows) + i` of the whole batch.
+    pub fn dropout_at(&self, p: f32, key: DropoutKey) -> Result<Tensor> {
         if !(0.0..1.0).contains(&p) {
             return Err(invalid("dropout", format!("p = {p} must be in [0, 1)")));
         }
         if p == 0.0 {
             return Ok(self.clone());
         }
-        let out = self.with_f32(|x| apply(x, seed, p));
+        let rows = self.shape().first().copied().unwrap_or(1).max(1);
+        let first = (key.first_row as usize).saturating_mul(self.numel() / rows);
+        let seed = key.seed;
+        let out = self.with_f32(|x| apply(x, seed, first, p));
         let value = Tensor::from_f32_as(out, self.shape(), self.dtype());
-        Ok(Tensor::from_op(value, &[self], DropoutBackward { seed, p }))
+        Ok(Tensor::from_op(
+            value,
+            &[self],
+            DropoutBackward { seed, first, p },
+        ))
     }
 }
 
@@ -84,5 +127,26 @@ mod tests {
         assert!((dropped - 0.25).abs() < 0.02, "{dropped}");
         assert!(a.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
         assert_grads(|t| t[0].dropout(0.5, 3), &[randn(&[4, 5], 1)]);
+    }
+
+    #[test]
+    fn rows_of_a_batch_drop_what_the_whole_batch_drops() {
+        let x = randn(&[6, 3, 4], 2);
+        let key = |first_row| super::DropoutKey { seed: 7, first_row };
+        let whole = x.dropout_at(0.3, key(0)).unwrap().to_vec_f32();
+        let values = x.to_vec_f32();
+        for (first, rows) in [(0usize, 2usize), (2, 3), (5, 1)] {
+            let part = crate::Tensor::from_f32(
+                values[first * 12..(first + rows) * 12].to_vec(),
+                &[rows, 3, 4],
+            )
+            .unwrap();
+            let got = part
+                .dropout_at(0.3, key(first as u64))
+                .unwrap()
+                .to_vec_f32();
+            assert_eq!(got, whole[first * 12..(first + rows) * 12]);
+        }
+        assert_grads(|t| t[0].dropout_at(0.5, key(3)), &[randn(&[2, 5], 4)]);
     }
 }

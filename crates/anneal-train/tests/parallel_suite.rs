@@ -1,0 +1,276 @@
+//! The parallel strategies against one device, on any backend: `cargo test` runs this suite on 4
+//! ranks of the `local` backend (threads); built with `--features mpi` and launched as
+//! `mpirun -np 4 <this test binary>`, the same checks run on 4 MPI processes.
+//!
+//! A tiny GPT trains for 10 steps with dropout on and every step clipped, through the trainer
+//! and the layouts of `[parallel]`:
+//! - data parallelism (4 ranks, and 2), ZeRO-1, ZeRO-2 and hybrid dp 2 × sharding 2 (ZeRO-1 and
+//!   ZeRO-2) equal one device at the same global batch: every step's loss within 1e-5 relative,
+//!   every final parameter within rtol 1e-5 + atol 1e-6, and the ranks' models bitwise equal;
+//! - ZeRO-1 and ZeRO-2 equal plain data parallelism bit for bit (the communicator adds in rank
+//!   order, and sharded clipping adds the norm's partial sums as the whole one does);
+//! - 4 micro-batches of 2 equal 1 batch of 8, on one device and on 2 ranks (the loss is normalised
+//!   by the step's token count);
+//! - dropout masks are keyed by each row's place in the step's batch, so all of the above hold
+//!   with dropout on.
+//!
+//! Each check prints a line; a failed check panics (and, under MPI, ends the job).
+
+use anneal_data::{Batch, BatchSource, Sampler, Stream, TokenWindows};
+use anneal_dist::{local, Communicator};
+use anneal_train::trainer::pretraining_on;
+use anneal_train::RunConfig;
+
+const VOCAB: usize = 13;
+const SEQ: usize = 8;
+const STEPS: u64 = 10;
+const CLIP: f64 = 0.05;
+
+/// Windows of a fixed pseudo-random token stream at sampled offsets.
+struct Tokens;
+
+impl BatchSource for Tokens {
+    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
+        let offsets = sampler.offsets(Stream::Sample, &[step, micro], batch, 400);
+        let token = |i: u64| ((i * 7 + i / 5 * 3) % VOCAB as u64) as u32;
+        let ids = offsets
+            .iter()
+            .flat_map(|&o| (o..o + SEQ as u64).map(token))
+            .collect();
+        let targets = offsets
+            .iter()
+            .flat_map(|&o| (o + 1..o + SEQ as u64 + 1).map(|i| token(i) as i64))
+            .collect();
+        Batch::Tokens(TokenWindows {
+            ids,
+            targets,
+            batch,
+            seq: SEQ,
+        })
+    }
+}
+
+fn config(extra: &[&str]) -> RunConfig {
+    let mut sets: Vec<String> = [
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=16",
+        "model.block_size=8",
+        // Without biases: the key bias cannot change a softmax, so its true gradient is zero and
+        // any computation's is rounding noise, which Adam turns into steps of ±lr.
+        "model.bias=false",
+        "model.dropout=0.1",
+        "train.batch_size=8",
+        "train.max_steps=10",
+        "train.warmup_steps=2",
+        "train.lr=1e-2",
+        "train.grad_clip=0.05",
+    ]
+    .map(String::from)
+    .to_vec();
+    sets.extend(extra.iter().map(|s| s.to_string()));
+    RunConfig::load(None, &sets).expect("a valid config")
+}
+
+/// Losses of every step and the final parameters.
+type Trained = (Vec<f64>, Vec<f32>);
+
+/// Trains `config` on one device (`group` `None`) or on the ranks of `group`.
+fn train(config: &RunConfig, group: Option<Box<dyn Communicator>>) -> anyhow::Result<Trained> {
+    let mut trainer = pretraining_on(config, VOCAB, Box::new(Tokens), group)?;
+    let mut losses = Vec::new();
+    for _ in 0..STEPS {
+        let out = trainer.step()?;
+        assert!(out.grad_norm > CLIP, "every step clips: {}", out.grad_norm);
+        losses.push(out.loss);
+    }
+    let params = trainer
+        .model()
+        .params()
+        .named()
+        .iter()
+        .flat_map(|(_, t)| t.to_vec_f32())
+        .collect();
+    Ok((losses, params))
+}
+
+fn bits(t: &Trained) -> (Vec<u64>, Vec<u32>) {
+    (
+        t.0.iter().map(|l| l.to_bits()).collect(),
+        t.1.iter().map(|p| p.to_bits()).collect(),
+    )
+}
+
+/// Fails unless `got` equals `want` within the suite's tolerances.
+fn close(what: &str, got: &Trained, want: &Trained) {
+    for (step, (g, w)) in got.0.iter().zip(&want.0).enumerate() {
+        let rel = (g - w).abs() / w.abs();
+        assert!(rel <= 1e-5, "{what}: step {} loss {g} vs {w}", step + 1);
+    }
+    assert_eq!(got.1.len(), want.1.len(), "{what}: parameter count");
+    for (i, (g, w)) in got.1.iter().zip(&want.1).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-6 + 1e-5 * w.abs(),
+            "{what}: parameter element {i}: {g} vs {w}"
+        );
+    }
+}
+
+/// Fails unless every rank of `group` holds bitwise the same parameters.
+fn replicas_agree(what: &str, group: &dyn Communicator, params: &[f32]) -> anyhow::Result<()> {
+    let all = group.all_gather(params.to_vec())?;
+    for (r, other) in all.chunks(params.len()).enumerate() {
+        let same = other
+            .iter()
+            .zip(params)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same,
+            "{what}: rank {r}'s parameters differ from this rank's"
+        );
+    }
+    Ok(())
+}
+
+/// A copy of `world` for one check (collective).
+fn copy(world: &dyn Communicator) -> anneal_dist::Result<Box<dyn Communicator>> {
+    world.split(0, world.rank())
+}
+
+fn report(world: &dyn Communicator, line: &str) {
+    if world.global_rank() == 0 {
+        println!("{line}");
+    }
+}
+
+fn layouts_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
+    let one = train(&config(&[]), None)?;
+    assert!(
+        one.0[STEPS as usize - 1] < one.0[0],
+        "it learns: {:?}",
+        one.0
+    );
+    let layouts: [(&str, &[&str]); 5] = [
+        ("data parallel ×4", &[]),
+        ("ZeRO-1 ×4", &["parallel.zero=1"]),
+        ("ZeRO-2 ×4", &["parallel.zero=2"]),
+        (
+            "dp 2 × ZeRO-1 sharding 2",
+            &["parallel.zero=1", "parallel.sharding=2"],
+        ),
+        (
+            "dp 2 × ZeRO-2 sharding 2",
+            &["parallel.zero=2", "parallel.sharding=2"],
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (name, sets) in layouts {
+        let got = train(&config(sets), Some(copy(world)?))?;
+        close(name, &got, &one);
+        replicas_agree(name, world, &got.1)?;
+        report(world, &format!("ok: {name} equals one device"));
+        runs.push((name, got));
+    }
+    // The sharded layouts over the same 4 ranks equal plain data parallelism bit for bit.
+    for (name, got) in &runs[1..3] {
+        assert!(
+            bits(got) == bits(&runs[0].1),
+            "{name} differs from data parallelism"
+        );
+        report(
+            world,
+            &format!("ok: {name} equals data parallelism bit for bit"),
+        );
+    }
+    // Two groups of 2 ranks each train the whole model.
+    let pair = world.split(world.rank() / 2, world.rank())?;
+    let dp2 = train(&config(&[]), Some(copy(pair.as_ref())?))?;
+    close("data parallel ×2", &dp2, &one);
+    let zero2 = train(&config(&["parallel.zero=2"]), Some(copy(pair.as_ref())?))?;
+    assert!(
+        bits(&zero2) == bits(&dp2),
+        "ZeRO-2 ×2 differs from data parallelism ×2"
+    );
+    report(
+        world,
+        "ok: data parallel ×2 equals one device; ZeRO-2 ×2 equals it bit for bit",
+    );
+    Ok(())
+}
+
+fn accumulation_equals_one_batch(world: &dyn Communicator) -> anyhow::Result<()> {
+    let whole = train(&config(&[]), None)?;
+    let accumulated = config(&["train.batch_size=2", "train.grad_accum=4"]);
+    close("4 micro-batches of 2", &train(&accumulated, None)?, &whole);
+    let pair = world.split(world.rank() / 2, world.rank())?;
+    let on_two = config(&["train.batch_size=4", "train.grad_accum=2"]);
+    close(
+        "2 ranks × 2 micro-batches of 2",
+        &train(&on_two, Some(pair))?,
+        &whole,
+    );
+    report(
+        world,
+        "ok: 4 micro-batches of 2 (one device, and 2 ranks × 2) equal one batch of 8",
+    );
+    Ok(())
+}
+
+type Check = fn(&dyn Communicator) -> anyhow::Result<()>;
+
+const CHECKS: [(&str, Check); 2] = [
+    ("layouts_equal_one_device", layouts_equal_one_device),
+    (
+        "accumulation_equals_one_batch",
+        accumulation_equals_one_batch,
+    ),
+];
+
+fn suite(world: &dyn Communicator) -> anyhow::Result<()> {
+    assert_eq!(world.size(), 4, "the suite runs on 4 ranks");
+    for (name, check) in CHECKS {
+        check(world).map_err(|e| e.context(name))?;
+    }
+    Ok(())
+}
+
+fn main() {
+    // The harness's arguments (a filter, --list, …): this suite is one test.
+    if std::env::args().any(|a| a == "--list") {
+        println!("parallel_suite: test");
+        return;
+    }
+    if anneal_dist::launched_by_mpi() {
+        #[cfg(feature = "mpi")]
+        {
+            anneal_dist::mpi::abort_on_panic();
+            let world = anneal_dist::mpi::init().expect("MPI starts");
+            if let Err(e) = suite(&world) {
+                eprintln!("rank {}: {e:#}", world.rank());
+                anneal_dist::mpi::abort(1);
+            }
+            report(&world, "parallel suite passed on 4 MPI ranks");
+            return;
+        }
+        #[cfg(not(feature = "mpi"))]
+        panic!("launched by mpirun, but built without the `mpi` feature");
+    }
+    local::run(4, |comm| suite(&comm).map_err(|e| format!("{e:#}"))).unwrap_or_else(|e| {
+        panic!("{e}");
+    });
+    // The failure of one rank ends data parallel training on every rank, naming it.
+    let err = local::run(2, |comm| {
+        if comm.rank() == 1 {
+            anyhow::bail!("rank 1 ran out of memory");
+        }
+        train(&config(&["train.batch_size=8"]), Some(Box::new(comm)))
+    })
+    .expect_err("the job fails");
+    assert!(
+        err.to_string()
+            .contains("rank 1 failed: rank 1 ran out of memory"),
+        "{err}"
+    );
+    println!("ok: a failing rank ends every rank with its error");
+    println!("parallel suite passed on 4 local ranks");
+}
