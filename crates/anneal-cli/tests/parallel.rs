@@ -1,0 +1,95 @@
+//! `anneal pretrain --ranks N`: ranks as threads of one process train what one rank trains, a
+//! run interrupted on several ranks resumes on one, and a layout that cannot run is refused before
+//! anything is written.
+
+mod common;
+
+use common::*;
+
+/// Every step's loss within `rel` of `want`'s, step for step.
+fn assert_close(what: &str, got: &Curve, want: &Curve, rel: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: {got:?}");
+    for (g, w) in got.iter().zip(want) {
+        assert_eq!(g.0, w.0, "{what}");
+        assert!(
+            (g.1 - w.1).abs() <= rel * w.1.abs(),
+            "{what}: step {} loss {} vs {}",
+            g.0,
+            g.1,
+            w.1
+        );
+    }
+}
+
+#[cfg(unix)]
+#[test]
+fn ranks_train_as_one_rank_does_and_resume_on_another_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let steps = 60;
+    // Dropout is on and 2 micro-batches accumulate (common::settings).
+    let one = dir.path().join("one");
+    ok(pretrain(&data, &one, steps, &[]).output().unwrap());
+    let (want_train, want_val) = losses(&one);
+    for (name, extra) in [
+        ("2 ranks", &["--ranks", "2"][..]),
+        (
+            "4 ranks, dp 2 × ZeRO-2 sharding 2",
+            &[
+                "--ranks",
+                "4",
+                "--set",
+                "parallel.zero=2",
+                "--set",
+                "parallel.sharding=2",
+            ][..],
+        ),
+    ] {
+        let out = dir.path().join(name.replace([' ', ','], "_"));
+        ok(pretrain(&data, &out, steps, extra).output().unwrap());
+        let (train, val) = losses(&out);
+        assert_close(name, &train, &want_train, 1e-5);
+        assert_close(name, &val, &want_val, 1e-5);
+    }
+    // Interrupted on 2 ranks under ZeRO-1, resumed on one.
+    let moved = dir.path().join("moved");
+    let mut child = pretrain(
+        &data,
+        &moved,
+        steps,
+        &["--ranks", "2", "--set", "parallel.zero=1"],
+    )
+    .spawn()
+    .unwrap();
+    wait_for_step(&mut child, &moved, 25);
+    signal(&child, "-INT");
+    assert_eq!(child.wait().unwrap().code(), Some(130), "saved and stopped");
+    ok(pretrain(&data, &moved, steps, &["--resume"])
+        .output()
+        .unwrap());
+    let (train, _) = losses(&moved);
+    assert_close("resumed on one rank", &train, &want_train, 1e-4);
+}
+
+#[test]
+fn an_impossible_layout_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let out = dir.path().join("run");
+    for (extra, words) in [
+        (&["--ranks", "3"][..], "train.batch_size = 8"),
+        (
+            &["--ranks", "4", "--set", "parallel.dp=3"][..],
+            "parallel.dp = 3",
+        ),
+        (
+            &["--ranks", "2", "--set", "parallel.sharding=2"][..],
+            "parallel.zero",
+        ),
+    ] {
+        let o = pretrain(&data, &out, 10, extra).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(words), "{err}");
+        assert!(!out.exists(), "nothing written for {extra:?}");
+    }
+}
