@@ -79,6 +79,12 @@ fn print_summary(s: &RunSummary) {
         100.0 * s.mfu,
         s.peak_rss_mb
     );
+    if s.exposed_comm_ms_per_step > 0.0 {
+        println!(
+            "exposed gradient communication {:.2} ms/step",
+            s.exposed_comm_ms_per_step
+        );
+    }
     if let Some(v) = s.val_loss {
         println!("validation loss {v:.4} (perplexity {:.2})", v.exp());
     }

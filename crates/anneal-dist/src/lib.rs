@@ -181,7 +181,7 @@ impl<T> Handle<T> {
 ///
 /// Every rank of a group must make the same collective calls in the same order (as with MPI);
 /// point-to-point messages are matched by sender and tag, in order.
-pub trait Communicator: Send {
+pub trait Communicator: Send + Sync {
     /// This rank's index in the group, `0..size()`.
     fn rank(&self) -> usize;
 

@@ -96,6 +96,9 @@ pub struct RunSummary {
     pub wall_seconds: f64,
     /// Mean time of one optimizer step in this invocation.
     pub ms_per_step: f64,
+    /// Mean time per step spent waiting for gradient communication after backward (what
+    /// overlapping it with backward left exposed); 0 on one rank.
+    pub exposed_comm_ms_per_step: f64,
     /// Training tokens per second (steps only).
     pub tokens_per_second: f64,
     /// Model FLOP utilisation against the machine's f32 peak.
@@ -586,6 +589,7 @@ fn train_on_pool(
         val_history.push((0, v));
     }
     let mut step_seconds = 0.0;
+    let mut exposed_comm = 0.0;
     let mut window = (Instant::now(), 0u64);
     let mut last_checkpoint = None;
     let mut interrupted = false;
@@ -595,6 +599,7 @@ fn train_on_pool(
         let s = trainer.step()?;
         let step = trainer.steps();
         step_seconds += began.elapsed().as_secs_f64();
+        exposed_comm += s.exposed_comm;
         window.1 += 1;
         let dt = window.0.elapsed().as_secs_f64();
         let tokens_per_s = (window.1 * tokens_per_step) as f64 / dt.max(1e-9);
@@ -650,6 +655,7 @@ fn train_on_pool(
         val_history,
         wall_seconds: wall.elapsed().as_secs_f64(),
         ms_per_step,
+        exposed_comm_ms_per_step: 1e3 * exposed_comm / steps_run.max(1) as f64,
         tokens_per_second,
         mfu: tokens_per_second * flops_per_token / (peak_gflops * 1e9),
         checkpoint: last_checkpoint,

@@ -10,6 +10,7 @@ use anneal_tensor::{DropoutKey, Optimizer, Tensor};
 use anyhow::{bail, Result};
 use std::collections::HashMap;
 use std::ops::Range;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// Settings of one optimizer step.
@@ -36,6 +37,9 @@ pub struct StepOutput {
     pub metrics: Vec<(String, f64)>,
     /// Seconds in forward (and loss), backward, and clipping plus the optimizer.
     pub phases: [f64; 3],
+    /// Seconds spent waiting for gradient communication after backward: what overlapping it
+    /// with backward did not hide (counted in `phases[2]` too).
+    pub exposed_comm: f64,
 }
 
 /// Runs one optimizer step of a model.
@@ -127,7 +131,14 @@ impl Strategy for SingleDevice {
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
-        let mut out = forward_backward(model, objective, micro_batches, dropout, after_forward)?;
+        let mut out = forward_backward(
+            model,
+            objective,
+            micro_batches,
+            dropout,
+            after_forward,
+            &mut |_| {},
+        )?;
         if !out.loss.is_finite() {
             return Err(NonFiniteLoss(out.loss).into());
         }
@@ -138,7 +149,8 @@ impl Strategy for SingleDevice {
 
 /// Zeroes the gradients, then runs forward and backward over `micro_batches` (gradients summed):
 /// the loss and metrics, and the forward and backward times. The part of a step every strategy
-/// shares.
+/// shares. `last_backward` is told, before each backward, whether it is the step's last (when
+/// data parallelism's gradient hooks start communicating).
 ///
 /// Each micro-batch's mean loss is weighted by its share of the step's tokens, so the loss (and
 /// gradient) is normalised by the step's token count, as one pass over the whole batch would be,
@@ -149,6 +161,7 @@ pub fn forward_backward(
     micro_batches: &[Batch],
     dropout: &[DropoutKey],
     after_forward: &mut dyn FnMut(),
+    last_backward: &mut dyn FnMut(bool),
 ) -> Result<StepOutput> {
     let params = model.params();
     let n = micro_batches.len();
@@ -166,7 +179,7 @@ pub fn forward_backward(
         }
     };
     let mut loss_sum = 0.0f64;
-    for (batch, &key) in micro_batches.iter().zip(dropout) {
+    for (m, (batch, &key)) in micro_batches.iter().zip(dropout).enumerate() {
         let weight = weight_of(batch);
         let t0 = Instant::now();
         let output = model.forward(&objective.inputs(batch)?, Some(key))?;
@@ -183,6 +196,7 @@ pub fn forward_backward(
         out.phases[0] += t0.elapsed().as_secs_f64();
         after_forward();
         let t1 = Instant::now();
+        last_backward(m + 1 == n);
         if n == 1 {
             total.backward()?;
         } else {
@@ -273,55 +287,208 @@ fn gather_parameters(
 }
 
 /// Data parallelism: each rank holds the whole model and runs its own share of the global batch;
-/// after backward the gradients are averaged across the ranks in buckets (all started, then
-/// waited on, so the buckets' transfers overlap one another), the loss and metrics too, and
-/// every rank takes the same optimizer step, so the replicas stay identical (the communicator's
-/// reductions are the same bits on every rank). Each rank's micro-batches must be the same size,
-/// so that the mean of the ranks' means is the global mean.
+/// the gradients are averaged across the ranks, the loss and metrics too, and every rank takes
+/// the same optimizer step, so the replicas stay identical (the communicator's reductions are the
+/// same bits on every rank). Each rank's micro-batches must be the same size, so that the mean of
+/// the ranks' means is the global mean.
+///
+/// Gradients travel in buckets (PyTorch DDP's scheme, Li et al. 2020, "PyTorch Distributed:
+/// Experiences on Accelerating Data Parallel Training"): the trainable parameters, taken in
+/// reverse order (roughly the order backward finishes them), are grouped into buckets of about
+/// `bucket_bytes`; a gradient hook on each parameter counts down its bucket during the last
+/// micro-batch's backward, and the moment a bucket's gradients are all final its all-reduce
+/// starts, while backward goes on. Earlier micro-batches of an accumulated step communicate
+/// nothing. After backward the strategy waits for the buckets (the exposed communication) and
+/// writes the averages back.
 pub struct DataParallel {
-    comm: Box<dyn anneal_dist::Communicator>,
+    comm: Arc<dyn anneal_dist::Communicator>,
     bucket_floats: usize,
+    overlap: Arc<Mutex<Overlap>>,
+}
+
+/// One bucket of gradients: a range of the gradient buffer, and its all-reduce once started.
+struct Bucket {
+    range: Range<usize>,
+    /// Parameters in the bucket, and those whose gradient is not final yet in this backward.
+    params: usize,
+    pending: usize,
+    /// The bucket's gradients, copied in by the hooks as they become final.
+    staging: Vec<f32>,
+    started: Option<anneal_dist::Handle<Vec<f32>>>,
+}
+
+/// The buckets the gradient hooks fill, and whether they are armed (the last micro-batch).
+#[derive(Default)]
+struct Overlap {
+    armed: bool,
+    /// Buckets whose all-reduce a hook started during the last step's backward.
+    started_in_backward: usize,
+    buckets: Vec<Bucket>,
+    /// The gradient buffer the hooks were registered for (hooks are registered once per model).
+    hooked: Option<usize>,
 }
 
 impl DataParallel {
     /// Gradient buckets of 25 MB, PyTorch DDP's default.
     pub const DEFAULT_BUCKET_BYTES: usize = 25 << 20;
 
-    /// Data parallelism over the ranks of `comm`, reducing gradients in buckets of
-    /// `bucket_bytes` (at least one value).
+    /// Data parallelism over the ranks of `comm`, reducing gradients in buckets of about
+    /// `bucket_bytes` (at least one parameter each).
     pub fn new(comm: Box<dyn anneal_dist::Communicator>, bucket_bytes: usize) -> DataParallel {
         DataParallel {
-            comm,
+            comm: Arc::from(comm),
             bucket_floats: (bucket_bytes / 4).max(1),
+            overlap: Default::default(),
         }
     }
 
-    /// Averages every trainable gradient across the ranks of this group, then (hybrid layouts)
-    /// across `replicas`.
+    /// Lays `model`'s trainable parameters out in buckets and registers the hooks that start
+    /// each bucket's all-reduce (once per model).
+    fn hook(&self, model: &dyn TrainModel) -> Result<()> {
+        let params = model.params();
+        let key = Arc::as_ptr(params.grads()) as usize;
+        let mut overlap = self.overlap.lock().unwrap_or_else(|e| e.into_inner());
+        if overlap.hooked == Some(key) {
+            return Ok(());
+        }
+        let mut buckets: Vec<Bucket> = Vec::new();
+        let mut members = Vec::new();
+        let ranges: Vec<_> = params
+            .infos()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.grad_offset.map(|g| (i, g..g + p.len)))
+            .collect();
+        for (id, range) in ranges.into_iter().rev() {
+            match buckets.last_mut() {
+                Some(b) if b.range.len() < self.bucket_floats && b.range.start == range.end => {
+                    b.range.start = range.start;
+                    b.params += 1;
+                }
+                _ => buckets.push(Bucket {
+                    range: range.clone(),
+                    params: 1,
+                    pending: 1,
+                    staging: Vec::new(),
+                    started: None,
+                }),
+            }
+            members.push((id, buckets.len() - 1, range));
+        }
+        for b in &mut buckets {
+            b.pending = b.params;
+        }
+        for (id, bucket, range) in members {
+            let (state, comm) = (self.overlap.clone(), self.comm.clone());
+            params
+                .get(anneal_tensor::ParamId(id))
+                .register_grad_hook(move |grad| {
+                    let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
+                    if !st.armed {
+                        return;
+                    }
+                    let b = &mut st.buckets[bucket];
+                    if b.staging.len() != b.range.len() {
+                        b.staging = vec![0.0; b.range.len()];
+                    }
+                    let at = range.start - b.range.start;
+                    let g = grad.to_vec_f32();
+                    b.staging[at..at + g.len()].copy_from_slice(&g);
+                    b.pending -= 1;
+                    if b.pending == 0 {
+                        let buf = std::mem::take(&mut b.staging);
+                        // A failed start is met again, and reported, when the bucket is waited on.
+                        b.started = comm.all_reduce_start(buf, anneal_dist::Reduce::Mean).ok();
+                        st.started_in_backward += 1;
+                    }
+                })?;
+        }
+        overlap.buckets = buckets;
+        overlap.hooked = Some(key);
+        Ok(())
+    }
+
+    /// Arms the hooks for the last micro-batch's backward, or disarms them.
+    fn arm(&self, on: bool) {
+        let mut overlap = self.overlap.lock().unwrap_or_else(|e| e.into_inner());
+        overlap.armed = on;
+    }
+
+    /// The gradient buckets, and how many of them started their all-reduce during the last
+    /// step's backward (the rest started after it).
+    pub fn buckets_overlapped(&self) -> (usize, usize) {
+        let overlap = self.overlap.lock().unwrap_or_else(|e| e.into_inner());
+        (overlap.buckets.len(), overlap.started_in_backward)
+    }
+
+    /// Waits for every bucket's all-reduce (starting those whose hooks did not all fire), then
+    /// (hybrid layouts) averages each across `replicas` too, and writes the averages back.
+    /// Returns the seconds spent waiting.
     fn reduce_gradients(
         &self,
         model: &dyn TrainModel,
         replicas: Option<&dyn anneal_dist::Communicator>,
-    ) -> Result<()> {
+    ) -> Result<f64> {
         use anneal_dist::Reduce;
+        let waited = Instant::now();
         let params = model.params();
-        let mut pending = params.with_grads(|g| {
-            g.chunks(self.bucket_floats)
-                .map(|bucket| self.comm.all_reduce_start(bucket.to_vec(), Reduce::Mean))
-                .collect::<anneal_dist::Result<Vec<_>>>()
-        })?;
+        let mut overlap = self.overlap.lock().unwrap_or_else(|e| e.into_inner());
+        overlap.armed = false;
+        let mut pending = Vec::with_capacity(overlap.buckets.len());
+        for b in &mut overlap.buckets {
+            let handle = match b.started.take() {
+                Some(h) => h,
+                None => {
+                    let buf = params.with_grads(|g| g[b.range.clone()].to_vec());
+                    self.comm.all_reduce_start(buf, Reduce::Mean)?
+                }
+            };
+            b.pending = b.params;
+            pending.push((b.range.clone(), handle));
+        }
+        drop(overlap);
         if let Some(replicas) = replicas {
             pending = pending
                 .into_iter()
-                .map(|h| replicas.all_reduce_start(h.wait()?, Reduce::Mean))
-                .collect::<anneal_dist::Result<Vec<_>>>()?;
+                .map(|(r, h)| Ok((r, replicas.all_reduce_start(h.wait()?, Reduce::Mean)?)))
+                .collect::<Result<Vec<_>>>()?;
         }
-        params.with_grads_mut(|g| -> Result<()> {
-            for (bucket, handle) in g.chunks_mut(self.bucket_floats).zip(pending) {
-                bucket.copy_from_slice(&handle.wait()?);
+        let mut averaged = Vec::with_capacity(pending.len());
+        for (range, handle) in pending {
+            averaged.push((range, handle.wait()?));
+        }
+        params.with_grads_mut(|g| {
+            for (range, values) in averaged {
+                g[range].copy_from_slice(&values);
             }
-            Ok(())
-        })
+        });
+        Ok(waited.elapsed().as_secs_f64())
+    }
+
+    /// Forward and backward with the bucket hooks armed for the last micro-batch.
+    fn forward_backward(
+        &self,
+        model: &dyn TrainModel,
+        objective: &mut dyn Objective,
+        micro_batches: &[Batch],
+        dropout: &[DropoutKey],
+        after_forward: &mut dyn FnMut(),
+    ) -> Result<StepOutput> {
+        self.hook(model)?;
+        self.overlap
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .started_in_backward = 0;
+        let out = forward_backward(
+            model,
+            objective,
+            micro_batches,
+            dropout,
+            after_forward,
+            &mut |last| self.arm(last),
+        );
+        self.arm(false);
+        out
     }
 }
 
@@ -407,10 +574,11 @@ impl Strategy for DataParallel {
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
-        let mut out = forward_backward(model, objective, micro_batches, dropout, after_forward)?;
+        let mut out =
+            self.forward_backward(model, objective, micro_batches, dropout, after_forward)?;
         let t = Instant::now();
+        out.exposed_comm += self.reduce_gradients(model, None)?;
         average_loss(&[self.comm.as_ref()], &mut out)?;
-        self.reduce_gradients(model, None)?;
         out.phases[2] += t.elapsed().as_secs_f64();
         clip_and_step(model, optimizer, settings, &mut out);
         Ok(out)
@@ -497,14 +665,21 @@ impl Strategy for ZeroOne {
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
         check_zero_store(model)?;
-        let mut out = forward_backward(model, objective, micro_batches, dropout, after_forward)?;
+        let mut out = self.data_parallel.forward_backward(
+            model,
+            objective,
+            micro_batches,
+            dropout,
+            after_forward,
+        )?;
         let t = Instant::now();
+        out.exposed_comm += self
+            .data_parallel
+            .reduce_gradients(model, self.replicas.as_deref())?;
         let comm = self.data_parallel.comm.as_ref();
         let mut groups = vec![comm];
         groups.extend(self.replicas.as_deref());
         average_loss(&groups, &mut out)?;
-        self.data_parallel
-            .reduce_gradients(model, self.replicas.as_deref())?;
         out.phases[2] += t.elapsed().as_secs_f64();
         clip_and_step(model, optimizer, settings, &mut out);
         // The optimizer stepped this rank's shard; every rank gathers the others'.
@@ -621,7 +796,14 @@ impl Strategy for ZeroTwo {
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
         check_zero_store(model)?;
-        let mut out = forward_backward(model, objective, micro_batches, dropout, after_forward)?;
+        let mut out = forward_backward(
+            model,
+            objective,
+            micro_batches,
+            dropout,
+            after_forward,
+            &mut |_| {},
+        )?;
         let t = Instant::now();
         let mut groups = vec![self.comm.as_ref()];
         groups.extend(self.replicas.as_deref());
@@ -723,4 +905,64 @@ pub fn for_layout(
         }
     };
     Ok((strategy, shard))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::objectives::CausalLm;
+    use anneal_data::TokenWindows;
+    use anneal_nn::{Gpt, GptConfig};
+    use anneal_tensor::optim::{AdamW, AdamWConfig};
+
+    #[test]
+    fn buckets_start_communicating_during_backward_and_only_on_the_last_micro_batch() {
+        let config = GptConfig {
+            vocab_size: 11,
+            block_size: 8,
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 16,
+            ..GptConfig::gpt2()
+        };
+        let batch = |r: usize| {
+            Batch::Tokens(TokenWindows {
+                ids: (0..16).map(|i| ((i + 3 * r) % 11) as u32).collect(),
+                targets: (0..16).map(|i| ((i + 1 + 3 * r) % 11) as i64).collect(),
+                batch: 2,
+                seq: 8,
+            })
+        };
+        let stats = anneal_dist::local::run(2, |comm| -> Result<_> {
+            let gpt = Gpt::new(config.clone(), 1)?;
+            let mut opt = AdamW::new(&gpt.params, AdamWConfig::DEFAULT);
+            // Buckets of 4 KB: the model's gradients fill several.
+            let mut dp = DataParallel::new(Box::new(comm), 4096);
+            let settings = StepSettings {
+                lr: 1e-3,
+                grad_clip: 0.0,
+                measure_grad_norm: false,
+            };
+            let keys = [DropoutKey::default(); 2];
+            let micro = [batch(0), batch(1)];
+            dp.step(
+                &gpt,
+                &mut CausalLm,
+                &mut opt,
+                &micro,
+                &keys,
+                settings,
+                &mut || {},
+            )?;
+            Ok(dp.buckets_overlapped())
+        })
+        .unwrap();
+        for (buckets, started) in stats {
+            assert!(buckets > 3, "{buckets} buckets");
+            assert_eq!(
+                started, buckets,
+                "every bucket started during backward, once"
+            );
+        }
+    }
 }
