@@ -253,4 +253,81 @@ pub trait Communicator: Send + Sync {
     fn recv(&self, from: usize, tag: u32) -> Result<Vec<f32>> {
         self.recv_start(from, tag)?.wait()
     }
+
+    /// [`Communicator::reduce_scatter_start`] with the values sent as bf16 (half the bytes):
+    /// each rank's chunks are rounded to bf16 and exchanged by an all-to-all, and each rank adds
+    /// the ranks' copies of its chunk in f32, in rank order. Values come back in f32, each the
+    /// reduction of bf16-rounded inputs.
+    fn reduce_scatter_bf16_start(&self, buf: Vec<f32>, op: Reduce) -> Result<Handle<Vec<f32>>> {
+        let n = self.size();
+        if !buf.len().is_multiple_of(n) {
+            return Err(Error::Invalid {
+                op: "reduce_scatter_bf16",
+                reason: format!("{} values do not split into {n} equal chunks", buf.len()),
+            });
+        }
+        let chunk = buf.len() / n;
+        let parts = (0..n)
+            .map(|j| bf16::pack(&buf[j * chunk..(j + 1) * chunk]))
+            .collect();
+        let exchanged = self.all_to_all_start(parts)?;
+        Ok(Handle::new(move || {
+            let parts = exchanged
+                .wait()?
+                .iter()
+                .map(|p| bf16::unpack(p, chunk))
+                .collect();
+            reduce_in_rank_order("reduce_scatter_bf16", parts, op)
+        }))
+    }
+}
+
+/// An all-reduce over `group` with the values sent as bf16 (half the bytes of
+/// [`Communicator::all_reduce_start`]): a [`Communicator::reduce_scatter_bf16_start`] of even
+/// chunks, then an all-gather of the reduced chunks rounded to bf16. Every rank receives the same
+/// values. The all-gather is issued when the handle is waited on.
+pub fn all_reduce_bf16_start(
+    group: &std::sync::Arc<dyn Communicator>,
+    mut buf: Vec<f32>,
+    op: Reduce,
+) -> Result<Handle<Vec<f32>>> {
+    let (len, n) = (buf.len(), group.size());
+    // Chunks of an even length, so each packs into whole f32 words.
+    let chunk = len.div_ceil(n).div_ceil(2) * 2;
+    buf.resize(chunk * n, 0.0);
+    let scattered = group.reduce_scatter_bf16_start(buf, op)?;
+    let group = group.clone();
+    Ok(Handle::new(move || {
+        let mine = scattered.wait()?;
+        let all = group.all_gather(bf16::pack(&mine))?;
+        let mut out = bf16::unpack(&all, chunk * n);
+        out.truncate(len);
+        Ok(out)
+    }))
+}
+
+/// bf16 payloads: values rounded to bf16 (round to nearest even), two to an f32 word's bits, so
+/// they travel through the f32 collectives untouched.
+pub mod bf16 {
+    /// `values` rounded to bf16 and packed two per word (an odd count is padded with zero).
+    pub fn pack(values: &[f32]) -> Vec<f32> {
+        let bits = |x: f32| half::bf16::from_f32(x).to_bits() as u32;
+        values
+            .chunks(2)
+            .map(|p| f32::from_bits(bits(p[0]) | bits(p.get(1).copied().unwrap_or(0.0)) << 16))
+            .collect()
+    }
+
+    /// The first `len` values of packed words, widened to f32.
+    pub fn unpack(words: &[f32], len: usize) -> Vec<f32> {
+        let half = |b: u32| half::bf16::from_bits(b as u16).to_f32();
+        words
+            .iter()
+            .flat_map(|w| {
+                let b = w.to_bits();
+                [half(b & 0xffff), half(b >> 16)]
+            })
+            .take(len)
+            .collect()
+    }
 }

@@ -389,6 +389,35 @@ mod tests {
     }
 
     #[test]
+    fn bf16_reductions_move_half_the_bytes_and_round_once_each_way() {
+        let round = |v: &[f32]| crate::bf16::unpack(&crate::bf16::pack(v), v.len());
+        for ranks in 1..=4 {
+            // 11 values: chunks are padded to whole packed words.
+            let out = run(ranks, |c| {
+                let group: Arc<dyn Communicator> = Arc::new(c);
+                crate::all_reduce_bf16_start(&group, values(group.rank(), 11), Reduce::Mean)?.wait()
+            })
+            .unwrap();
+            // The mean in f32 of the bf16-rounded values, rounded to bf16 again.
+            let mut sum = round(&values(0, 11));
+            for r in 1..ranks {
+                for (s, v) in sum.iter_mut().zip(round(&values(r, 11))) {
+                    *s += v;
+                }
+            }
+            let want = round(&sum.iter().map(|s| s / ranks as f32).collect::<Vec<_>>());
+            for got in &out {
+                assert_eq!(got, &want, "{ranks} ranks");
+            }
+        }
+        assert_eq!(crate::bf16::pack(&[1.0, 2.0, 3.0]).len(), 2);
+        assert_eq!(
+            crate::bf16::unpack(&crate::bf16::pack(&[1.5, -2.0, 3.0]), 3),
+            vec![1.5, -2.0, 3.0]
+        );
+    }
+
+    #[test]
     fn all_reduce_adds_in_rank_order_on_every_rank() {
         for ranks in 1..=4 {
             let out = run(ranks, |c| c.all_reduce(values(c.rank(), 10), Reduce::Sum)).unwrap();

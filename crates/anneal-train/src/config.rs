@@ -159,6 +159,8 @@ pub struct ParallelConfig {
     pub zero: u8,
     /// Size of the gradient buckets data parallelism reduces, in MB (PyTorch DDP's 25).
     pub bucket_mb: f64,
+    /// How gradients travel between ranks: `f32`, or `bf16` (half the bytes, bf16's precision).
+    pub grad_dtype: String,
 }
 
 impl Default for ParallelConfig {
@@ -168,6 +170,7 @@ impl Default for ParallelConfig {
             sharding: 0,
             zero: 0,
             bucket_mb: 25.0,
+            grad_dtype: "f32".into(),
         }
     }
 }
@@ -181,6 +184,10 @@ pub struct Layout {
     pub sharding: usize,
     /// ZeRO stage (0, 1, 2).
     pub zero: u8,
+    /// Bytes per gradient bucket.
+    pub bucket_bytes: usize,
+    /// Gradients travel as bf16.
+    pub bf16_gradients: bool,
 }
 
 impl Layout {
@@ -345,6 +352,12 @@ impl RunConfig {
             "0 (none), 1 (optimizer state sharded) or 2 (gradients too)",
         )?;
         check(
+            ["f32", "bf16"].contains(&p.grad_dtype.as_str()),
+            "parallel.grad_dtype",
+            format!("{:?}", p.grad_dtype),
+            "\"f32\" or \"bf16\"",
+        )?;
+        check(
             p.bucket_mb > 0.0 && p.bucket_mb.is_finite(),
             "parallel.bucket_mb",
             p.bucket_mb.to_string(),
@@ -409,6 +422,8 @@ impl RunConfig {
             dp,
             sharding,
             zero: p.zero,
+            bucket_bytes: (p.bucket_mb * 1e6) as usize,
+            bf16_gradients: p.grad_dtype == "bf16",
         })
     }
 

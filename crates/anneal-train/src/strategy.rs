@@ -303,7 +303,22 @@ fn gather_parameters(
 pub struct DataParallel {
     comm: Arc<dyn anneal_dist::Communicator>,
     bucket_floats: usize,
+    bf16: bool,
     overlap: Arc<Mutex<Overlap>>,
+}
+
+/// Starts the mean of `buf` across `group`, sent as f32 or, with `bf16`, as bf16 (half the
+/// bytes; each value then carries bf16's 8 bits of precision).
+fn mean_start(
+    group: &Arc<dyn anneal_dist::Communicator>,
+    buf: Vec<f32>,
+    bf16: bool,
+) -> anneal_dist::Result<anneal_dist::Handle<Vec<f32>>> {
+    if bf16 {
+        anneal_dist::all_reduce_bf16_start(group, buf, anneal_dist::Reduce::Mean)
+    } else {
+        group.all_reduce_start(buf, anneal_dist::Reduce::Mean)
+    }
 }
 
 /// One bucket of gradients: a range of the gradient buffer, and its all-reduce once started.
@@ -338,8 +353,15 @@ impl DataParallel {
         DataParallel {
             comm: Arc::from(comm),
             bucket_floats: (bucket_bytes / 4).max(1),
+            bf16: false,
             overlap: Default::default(),
         }
+    }
+
+    /// Sends gradients as bf16 (half the bytes) when `on`, as f32 otherwise.
+    pub fn with_bf16_gradients(mut self, on: bool) -> DataParallel {
+        self.bf16 = on;
+        self
     }
 
     /// Lays `model`'s trainable parameters out in buckets and registers the hooks that start
@@ -379,7 +401,7 @@ impl DataParallel {
             b.pending = b.params;
         }
         for (id, bucket, range) in members {
-            let (state, comm) = (self.overlap.clone(), self.comm.clone());
+            let (state, comm, bf16) = (self.overlap.clone(), self.comm.clone(), self.bf16);
             params
                 .get(anneal_tensor::ParamId(id))
                 .register_grad_hook(move |grad| {
@@ -398,7 +420,7 @@ impl DataParallel {
                     if b.pending == 0 {
                         let buf = std::mem::take(&mut b.staging);
                         // A failed start is met again, and reported, when the bucket is waited on.
-                        b.started = comm.all_reduce_start(buf, anneal_dist::Reduce::Mean).ok();
+                        b.started = mean_start(&comm, buf, bf16).ok();
                         st.started_in_backward += 1;
                     }
                 })?;
@@ -427,9 +449,8 @@ impl DataParallel {
     fn reduce_gradients(
         &self,
         model: &dyn TrainModel,
-        replicas: Option<&dyn anneal_dist::Communicator>,
+        replicas: Option<&Arc<dyn anneal_dist::Communicator>>,
     ) -> Result<f64> {
-        use anneal_dist::Reduce;
         let waited = Instant::now();
         let params = model.params();
         let mut overlap = self.overlap.lock().unwrap_or_else(|e| e.into_inner());
@@ -440,7 +461,7 @@ impl DataParallel {
                 Some(h) => h,
                 None => {
                     let buf = params.with_grads(|g| g[b.range.clone()].to_vec());
-                    self.comm.all_reduce_start(buf, Reduce::Mean)?
+                    mean_start(&self.comm, buf, self.bf16)?
                 }
             };
             b.pending = b.params;
@@ -450,7 +471,7 @@ impl DataParallel {
         if let Some(replicas) = replicas {
             pending = pending
                 .into_iter()
-                .map(|(r, h)| Ok((r, replicas.all_reduce_start(h.wait()?, Reduce::Mean)?)))
+                .map(|(r, h)| Ok((r, mean_start(replicas, h.wait()?, self.bf16)?)))
                 .collect::<Result<Vec<_>>>()?;
         }
         let mut averaged = Vec::with_capacity(pending.len());
@@ -611,7 +632,7 @@ const SHARD_ALIGN: usize = anneal_tensor::params::NORM_CHUNK;
 /// parallelism to rounding, as [`ZeroTwo::hybrid`]).
 pub struct ZeroOne {
     data_parallel: DataParallel,
-    replicas: Option<Box<dyn anneal_dist::Communicator>>,
+    replicas: Option<Arc<dyn anneal_dist::Communicator>>,
 }
 
 impl ZeroOne {
@@ -632,8 +653,14 @@ impl ZeroOne {
     ) -> ZeroOne {
         ZeroOne {
             data_parallel: DataParallel::new(sharding_group, bucket_bytes),
-            replicas: Some(replica_group),
+            replicas: Some(Arc::from(replica_group)),
         }
+    }
+
+    /// Sends gradients as bf16 (half the bytes) when `on`, as f32 otherwise.
+    pub fn with_bf16_gradients(mut self, on: bool) -> ZeroOne {
+        self.data_parallel = self.data_parallel.with_bf16_gradients(on);
+        self
     }
 
     /// This rank's shard of `model`'s trainable elements: the range its optimizer owns.
@@ -675,7 +702,7 @@ impl Strategy for ZeroOne {
         let t = Instant::now();
         out.exposed_comm += self
             .data_parallel
-            .reduce_gradients(model, self.replicas.as_deref())?;
+            .reduce_gradients(model, self.replicas.as_ref())?;
         let comm = self.data_parallel.comm.as_ref();
         let mut groups = vec![comm];
         groups.extend(self.replicas.as_deref());
@@ -722,7 +749,8 @@ impl Strategy for ZeroOne {
 /// from a flat reduction, so it equals data parallelism to rounding, not bitwise).
 pub struct ZeroTwo {
     comm: Box<dyn anneal_dist::Communicator>,
-    replicas: Option<Box<dyn anneal_dist::Communicator>>,
+    bf16: bool,
+    replicas: Option<Arc<dyn anneal_dist::Communicator>>,
 }
 
 impl ZeroTwo {
@@ -730,6 +758,7 @@ impl ZeroTwo {
     pub fn new(comm: Box<dyn anneal_dist::Communicator>) -> ZeroTwo {
         ZeroTwo {
             comm,
+            bf16: false,
             replicas: None,
         }
     }
@@ -742,8 +771,15 @@ impl ZeroTwo {
     ) -> ZeroTwo {
         ZeroTwo {
             comm: sharding_group,
-            replicas: Some(replica_group),
+            bf16: false,
+            replicas: Some(Arc::from(replica_group)),
         }
+    }
+
+    /// Sends gradients as bf16 (half the bytes) when `on`, as f32 otherwise.
+    pub fn with_bf16_gradients(mut self, on: bool) -> ZeroTwo {
+        self.bf16 = on;
+        self
     }
 
     /// This rank's shard of `model`'s trainable elements: the range its optimizer owns.
@@ -819,9 +855,15 @@ impl Strategy for ZeroTwo {
             padded.resize(len * size, 0.0);
             padded
         });
-        let mut mine = self.comm.reduce_scatter(grads, anneal_dist::Reduce::Mean)?;
+        let mut mine = if self.bf16 {
+            self.comm
+                .reduce_scatter_bf16_start(grads, anneal_dist::Reduce::Mean)?
+                .wait()?
+        } else {
+            self.comm.reduce_scatter(grads, anneal_dist::Reduce::Mean)?
+        };
         if let Some(replicas) = &self.replicas {
-            mine = replicas.all_reduce(mine, anneal_dist::Reduce::Mean)?;
+            mine = mean_start(replicas, mine, self.bf16)?.wait()?;
         }
         params.with_grads_mut(|g| g[shard.clone()].copy_from_slice(&mine[..shard.len()]));
         out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
@@ -861,17 +903,17 @@ impl Strategy for ZeroTwo {
     }
 }
 
-/// The strategy that runs `layout` over the job's ranks (`world`), with gradient buckets of
-/// `bucket_bytes`, and the range of `model`'s trainable elements this rank's optimizer owns
+/// The strategy that runs `layout` over the job's ranks (`world`), with its gradient buckets and
+/// gradient dtype, and the range of `model`'s trainable elements this rank's optimizer owns
 /// (all of them without ZeRO). Sub-groups are split from `world` (collectively) in
 /// [`anneal_dist::hybrid_groups`]' arrangement: rank r is shard `r % sharding` of replica
 /// `r / sharding`.
 pub fn for_layout(
     layout: crate::config::Layout,
     world: Box<dyn anneal_dist::Communicator>,
-    bucket_bytes: usize,
     model: &dyn TrainModel,
 ) -> Result<(Box<dyn Strategy>, Range<usize>)> {
+    let (bucket_bytes, bf16) = (layout.bucket_bytes, layout.bf16_gradients);
     if world.size() != layout.ranks() {
         bail!(
             "the layout dp = {} × sharding = {} needs {} ranks, not the job's {}",
@@ -886,22 +928,25 @@ pub fn for_layout(
         if world.size() == 1 {
             return Ok((Box::new(SingleDevice), 0..total));
         }
-        return Ok((Box::new(DataParallel::new(world, bucket_bytes)), 0..total));
+        let dp = DataParallel::new(world, bucket_bytes).with_bf16_gradients(bf16);
+        return Ok((Box::new(dp), 0..total));
     }
     check_zero_store(model)?;
     let shard_rank = world.rank() % layout.sharding;
     let shard = anneal_dist::shard_range(total, shard_rank, layout.sharding, SHARD_ALIGN);
     let strategy: Box<dyn Strategy> = if layout.dp == 1 {
         match layout.zero {
-            1 => Box::new(ZeroOne::new(world, bucket_bytes)),
-            _ => Box::new(ZeroTwo::new(world)),
+            1 => Box::new(ZeroOne::new(world, bucket_bytes).with_bf16_gradients(bf16)),
+            _ => Box::new(ZeroTwo::new(world).with_bf16_gradients(bf16)),
         }
     } else {
         let (sharding, replicas) =
             anneal_dist::hybrid_groups(world.as_ref(), layout.dp, layout.sharding)?;
         match layout.zero {
-            1 => Box::new(ZeroOne::hybrid(sharding, replicas, bucket_bytes)),
-            _ => Box::new(ZeroTwo::hybrid(sharding, replicas)),
+            1 => Box::new(
+                ZeroOne::hybrid(sharding, replicas, bucket_bytes).with_bf16_gradients(bf16),
+            ),
+            _ => Box::new(ZeroTwo::hybrid(sharding, replicas).with_bf16_gradients(bf16)),
         }
     };
     Ok((strategy, shard))

@@ -365,8 +365,7 @@ pub fn pretraining_on(
                 model
                     .params
                     .set_trainable_values(0, &world.broadcast(initial, 0)?);
-                let bucket = (config.parallel.bucket_mb * 1e6) as usize;
-                let (strategy, shard) = crate::strategy::for_layout(layout, world, bucket, &model)?;
+                let (strategy, shard) = crate::strategy::for_layout(layout, world, &model)?;
                 let optimizer = if layout.zero > 0 {
                     AdamW::shard(&model.params, adamw, shard)?
                 } else {

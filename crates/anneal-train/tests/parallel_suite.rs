@@ -216,13 +216,55 @@ fn accumulation_equals_one_batch(world: &dyn Communicator) -> anyhow::Result<()>
     Ok(())
 }
 
+fn bf16_gradients_train_as_f32_gradients_do(world: &dyn Communicator) -> anyhow::Result<()> {
+    let one = train(&config(&[]), None)?;
+    let near = |what: &str, got: &Trained| {
+        // bf16 keeps 8 bits of each gradient: the losses follow f32's closely, not exactly.
+        for (step, (g, w)) in got.0.iter().zip(&one.0).enumerate() {
+            assert!(
+                (g - w).abs() <= 2e-3 * w.abs(),
+                "{what}: step {} loss {g} vs {w}",
+                step + 1
+            );
+        }
+    };
+    let dp = train(&config(&["parallel.grad_dtype=bf16"]), Some(copy(world)?))?;
+    near("bf16 gradients", &dp);
+    replicas_agree("bf16 gradients", world, &dp.1)?;
+    let f32_dp = train(&config(&[]), Some(copy(world)?))?;
+    assert!(bits(&dp) != bits(&f32_dp), "bf16 gradients change the bits");
+    let zero1 = train(
+        &config(&["parallel.grad_dtype=bf16", "parallel.zero=1"]),
+        Some(copy(world)?),
+    )?;
+    assert!(bits(&zero1) == bits(&dp), "ZeRO-1 with bf16 gradients");
+    let sets = [
+        "parallel.grad_dtype=bf16",
+        "parallel.zero=2",
+        "parallel.sharding=2",
+    ];
+    let zero2 = train(&config(&sets), Some(copy(world)?))?;
+    near("dp 2 × ZeRO-2 with bf16 gradients", &zero2);
+    replicas_agree("dp 2 × ZeRO-2 with bf16 gradients", world, &zero2.1)?;
+    report(
+        world,
+        "ok: bf16 gradients train within 2e-3 of f32 (data parallel; ZeRO-1, bit for bit with \
+         it; dp 2 × ZeRO-2)",
+    );
+    Ok(())
+}
+
 type Check = fn(&dyn Communicator) -> anyhow::Result<()>;
 
-const CHECKS: [(&str, Check); 2] = [
+const CHECKS: [(&str, Check); 3] = [
     ("layouts_equal_one_device", layouts_equal_one_device),
     (
         "accumulation_equals_one_batch",
         accumulation_equals_one_batch,
+    ),
+    (
+        "bf16_gradients_train_as_f32_gradients_do",
+        bf16_gradients_train_as_f32_gradients_do,
     ),
 ];
 
