@@ -10,8 +10,10 @@
 //! * [`memory`]: model states per device under ZeRO stages 0–3 (Rajbhandari et al. 2020) and
 //!   activations per layer with and without recomputation (Korthikanti et al. 2022).
 //! * [`cluster`]: accelerator and interconnect presets with the vendors' figures.
+//! * [`comm`]: the bytes a data-parallel or sharded step hands to each collective.
 
 pub mod cluster;
+pub mod comm;
 pub mod flops;
 pub mod memory;
 pub mod planner;

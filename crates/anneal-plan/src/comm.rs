@@ -1,0 +1,210 @@
+//! What one training step hands to each collective, per rank and process group, under the
+//! data-parallel and sharded layouts `anneal-dist` runs: `dp` replicas of a ZeRO sharding group of
+//! `sharding` ranks (PaddlePaddle's hybrid sharding; `sharding = 1` is plain data parallelism).
+//!
+//! With Ψ trainable parameters, g bytes per gradient value (4 for f32; bf16 is sent as an
+//! all-to-all and an all-gather of packed pairs, see [`step_payload`]) and shards of
+//! s = ⌈⌈Ψ/n⌉/a⌉·a elements (n = `sharding`, a the shard alignment):
+//!
+//! | stage | sharding group | replica group (dp > 1) |
+//! |---|---|---|
+//! | 0 | all-reduce Ψ·g | — |
+//! | 1 | all-reduce Ψ·g; all-gather s·4 | all-reduce Ψ·g |
+//! | 2 | reduce-scatter n·s·g; all-gather s·4 (+ s/a·8 for the gradient norm) | all-reduce s·g |
+//!
+//! plus, on every group, an all-reduce of the step's loss and its k metrics, 4(1 + k) bytes
+//! (ZeRO stages 1 and 2 store parameters in f32, so their all-gathers move 4-byte values). The
+//! volumes match the ZeRO paper's accounting (Rajbhandari et al. 2020, §7.2): stage 1 and 2 move
+//! what an all-reduce moves, a reduce-scatter of the gradients and an all-gather of the
+//! parameters.
+
+use serde::{Deserialize, Serialize};
+
+/// A process group of a data-parallel × sharding layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Group {
+    /// The ranks of one sharding group (every data-parallel rank without ZeRO).
+    Sharding,
+    /// The ranks holding the same shard in each replica (hybrid layouts).
+    Replicas,
+}
+
+/// A collective.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Collective {
+    /// All-reduce.
+    AllReduce,
+    /// Reduce-scatter.
+    ReduceScatter,
+    /// All-gather.
+    AllGather,
+    /// All-to-all.
+    AllToAll,
+}
+
+/// The layout and what travels.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct DataLayout {
+    /// Replicas of the sharding group.
+    pub dp: usize,
+    /// Ranks per sharding group.
+    pub sharding: usize,
+    /// ZeRO stage (0, 1, 2) inside the sharding group.
+    pub zero: u8,
+    /// Gradients sent as bf16 (else f32).
+    pub bf16_gradients: bool,
+    /// Shards hold whole multiples of this many elements.
+    pub align: usize,
+}
+
+/// Bytes one rank hands to `collective` on `group` in one step.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Payload {
+    /// The group.
+    pub group: Group,
+    /// The collective.
+    pub collective: Collective,
+    /// Bytes, summed over the step's calls.
+    pub bytes: f64,
+}
+
+/// A shard's elements: ⌈⌈total/n⌉/align⌉·align.
+pub fn shard_len(total: usize, n: usize, align: usize) -> usize {
+    let align = align.max(1);
+    total.div_ceil(n.max(1)).div_ceil(align) * align
+}
+
+/// Bytes handed to collectives per rank in one step of `layout` for `trainable` parameters,
+/// with `metrics` metrics averaged beside the loss and, with `norm`, the global gradient norm
+/// taken from shards (ZeRO-2). Gradient all-reduces are for f32 gradients in buckets (their sizes
+/// add to the whole); a bf16 all-reduce of `n` ranks is an all-to-all of its values packed two to
+/// a 4-byte word in `n` even chunks and an all-gather of one chunk, so per bucket of v values it
+/// hands 2·n·⌈⌈v/n⌉/2⌉·2 and 2·⌈⌈v/n⌉/2⌉·2 bytes: [`step_payload`] counts one bucket, and a run
+/// of several buckets exceeds it by at most 4·n bytes a bucket.
+pub fn step_payload(
+    trainable: usize,
+    layout: DataLayout,
+    metrics: usize,
+    norm: bool,
+) -> Vec<Payload> {
+    use Collective::*;
+    let n = layout.sharding.max(1);
+    let psi = trainable as f64;
+    let s = shard_len(trainable, n, layout.align);
+    let mut out = Vec::new();
+    let mut add = |group, collective, bytes: f64| match out
+        .iter_mut()
+        .find(|p: &&mut Payload| p.group == group && p.collective == collective)
+    {
+        Some(p) => p.bytes += bytes,
+        None => out.push(Payload {
+            group,
+            collective,
+            bytes,
+        }),
+    };
+    // An all-reduce of v values over m ranks, f32 or bf16.
+    let mut all_reduce = |add: &mut dyn FnMut(Group, Collective, f64), group, v: f64, m: usize| {
+        if layout.bf16_gradients {
+            let chunk = ((v / m as f64).ceil() / 2.0).ceil() * 2.0;
+            add(group, AllToAll, 2.0 * m as f64 * chunk);
+            add(group, AllGather, 2.0 * chunk);
+        } else {
+            add(group, AllReduce, 4.0 * v);
+        }
+    };
+    let replicas = layout.dp > 1 && layout.zero > 0;
+    let ranks_of_sharding = if layout.zero == 0 { layout.dp * n } else { n };
+    match layout.zero {
+        0 | 1 => {
+            all_reduce(&mut add, Group::Sharding, psi, ranks_of_sharding);
+            if replicas {
+                all_reduce(&mut add, Group::Replicas, psi, layout.dp);
+            }
+        }
+        _ => {
+            let padded = (n * s) as f64;
+            if layout.bf16_gradients {
+                add(Group::Sharding, AllToAll, 2.0 * padded);
+            } else {
+                add(Group::Sharding, ReduceScatter, 4.0 * padded);
+            }
+            if replicas {
+                all_reduce(&mut add, Group::Replicas, s as f64, layout.dp);
+            }
+            if norm {
+                add(
+                    Group::Sharding,
+                    AllGather,
+                    8.0 * (s / layout.align.max(1)) as f64,
+                );
+            }
+        }
+    }
+    if layout.zero > 0 {
+        add(Group::Sharding, AllGather, 4.0 * s as f64);
+    }
+    let scalars = 4.0 * (1 + metrics) as f64;
+    add(Group::Sharding, AllReduce, scalars);
+    if replicas {
+        add(Group::Replicas, AllReduce, scalars);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(p: &[Payload], g: Group, c: Collective) -> f64 {
+        p.iter()
+            .find(|x| x.group == g && x.collective == c)
+            .map_or(0.0, |x| x.bytes)
+    }
+
+    #[test]
+    fn zero_moves_what_an_all_reduce_moves() {
+        // ZeRO paper §7.2: stage 1/2 traffic equals data parallelism's (reduce-scatter plus
+        // all-gather of Ψ each, against one all-reduce of Ψ that moves twice a one-way pass).
+        let layout = |zero| DataLayout {
+            dp: 1,
+            sharding: 4,
+            zero,
+            bf16_gradients: false,
+            align: 1,
+        };
+        let psi = 1_000_000;
+        let dp = step_payload(
+            psi,
+            DataLayout {
+                dp: 4,
+                sharding: 1,
+                ..layout(0)
+            },
+            0,
+            false,
+        );
+        assert_eq!(
+            bytes(&dp, Group::Sharding, Collective::AllReduce),
+            4e6 + 4.0
+        );
+        let z2 = step_payload(psi, layout(2), 0, false);
+        assert_eq!(bytes(&z2, Group::Sharding, Collective::ReduceScatter), 4e6);
+        assert_eq!(bytes(&z2, Group::Sharding, Collective::AllGather), 1e6);
+        let z1 = step_payload(psi, layout(1), 2, false);
+        assert_eq!(
+            bytes(&z1, Group::Sharding, Collective::AllReduce),
+            4e6 + 12.0
+        );
+        let bf16 = step_payload(
+            psi,
+            DataLayout {
+                bf16_gradients: true,
+                ..layout(1)
+            },
+            0,
+            false,
+        );
+        assert_eq!(bytes(&bf16, Group::Sharding, Collective::AllToAll), 2e6);
+    }
+}
