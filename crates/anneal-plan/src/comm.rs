@@ -104,7 +104,7 @@ pub fn step_payload(
         }),
     };
     // An all-reduce of v values over m ranks, f32 or bf16.
-    let mut all_reduce = |add: &mut dyn FnMut(Group, Collective, f64), group, v: f64, m: usize| {
+    let all_reduce = |add: &mut dyn FnMut(Group, Collective, f64), group, v: f64, m: usize| {
         if layout.bf16_gradients {
             let chunk = ((v / m as f64).ceil() / 2.0).ceil() * 2.0;
             add(group, AllToAll, 2.0 * m as f64 * chunk);
