@@ -51,6 +51,12 @@ pub enum BenchCommand {
     /// Example: anneal bench tokenize --mb 20,200 --tokenizer chars
     #[command(verbatim_doc_comment)]
     Tokenize(TokenizeBench),
+    /// Each rank's parameter, gradient and optimizer bytes under ZeRO stages 0, 1 and 2 against
+    /// `anneal plan`'s formulas. One process per rank under mpirun (feature mpi), else threads.
+    ///
+    /// Example: mpirun -np 2 anneal bench zero; anneal bench zero --ranks 4
+    #[command(verbatim_doc_comment)]
+    Zero(crate::bench_zero::ZeroBench),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -333,6 +339,10 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
             dedup(b)
         }
         BenchCommand::Tokenize(b) => tokenize(b, threads),
+        BenchCommand::Zero(mut b) => {
+            b.threads = threads.unwrap_or(1);
+            crate::bench_zero::zero(b)
+        }
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `anneal` binary: one subcommand per job.
 
 mod bench;
+mod bench_zero;
 mod data;
 mod plan;
 mod run;

@@ -93,3 +93,26 @@ fn an_impossible_layout_is_refused_before_anything_is_written() {
         assert!(!out.exists(), "nothing written for {extra:?}");
     }
 }
+
+#[test]
+fn bench_zero_measures_each_stage_against_the_plan() {
+    let out = ok(anneal(&[
+        "bench", "zero", "--ranks", "2", "--layers", "1", "--width", "64", "--vocab", "128",
+        "--seq", "8",
+    ]));
+    let rows: Vec<&str> = out
+        .lines()
+        .filter(|l| l.split_whitespace().next().is_some_and(|w| w.len() == 1))
+        .collect();
+    assert_eq!(rows.len(), 6, "3 stages × 2 ranks:\n{out}");
+    let ratio = |row: &str| -> f64 {
+        let x = row.split_whitespace().find(|w| w.ends_with('x')).unwrap();
+        x.trim_end_matches('x').parse().unwrap()
+    };
+    for row in &rows[..4] {
+        // Stages 0 and 1 hold what the plan says (shards are padded to whole 1024-element chunks);
+        // stage 2 keeps the whole gradient buffer, more than the plan's share.
+        assert!((0.95..1.05).contains(&ratio(row)), "{row}\n{out}");
+    }
+    assert!(ratio(rows[4]) > 1.1, "{out}");
+}

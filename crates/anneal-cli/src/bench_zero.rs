@@ -1,0 +1,209 @@
+//! `anneal bench zero`: each rank's parameter, gradient and optimizer bytes under ZeRO stages 0, 1
+//! and 2, against `anneal plan`'s formulas for the same model (`anneal_plan::memory::model_states`),
+//! plus the peak of the engine's tensor storage over two steps (parameters, gradients,
+//! activations and communication copies; the optimizer's moments are plain vectors, counted in
+//! their own column). Run it under `mpirun -np N` (built with `--features mpi`) for
+//! one process per rank, where the allocator's peak is that rank's alone, or with `--ranks N` as
+//! threads of one process (the peak is then the process's).
+
+use anneal_data::{Batch, BatchSource, Sampler, Stream, TokenWindows};
+use anneal_dist::Communicator;
+use anneal_plan::memory::{model_states, DtypePolicy};
+use anneal_train::trainer::pretraining_on;
+use anneal_train::RunConfig;
+use anyhow::Result;
+use clap::Args;
+
+#[derive(Args, Clone, Debug)]
+pub struct ZeroBench {
+    /// Transformer blocks.
+    #[arg(long, default_value_t = 7)]
+    layers: usize,
+    /// Width of the residual stream.
+    #[arg(long, default_value_t = 768)]
+    width: usize,
+    /// Vocabulary (the default model has 56M parameters).
+    #[arg(long, default_value_t = 8192)]
+    vocab: usize,
+    /// Context length (one sequence per rank per step).
+    #[arg(long, default_value_t = 64)]
+    seq: usize,
+    /// Ranks as threads of this process (ignored under mpirun, whose processes are the ranks).
+    #[arg(long, default_value_t = 2)]
+    ranks: usize,
+    /// ZeRO stages to measure.
+    #[arg(long, value_delimiter = ',', default_values_t = [0u8, 1, 2])]
+    stages: Vec<u8>,
+    /// Kernel threads per rank.
+    #[arg(skip = 1usize)]
+    pub threads: usize,
+}
+
+/// Random token windows.
+struct Random {
+    vocab: usize,
+    seq: usize,
+}
+
+impl BatchSource for Random {
+    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
+        let n = batch * (self.seq + 1);
+        let tokens: Vec<u64> =
+            sampler.offsets(Stream::Sample, &[step, micro], n, self.vocab as u64);
+        let (mut ids, mut targets) = (Vec::new(), Vec::new());
+        for row in tokens.chunks(self.seq + 1) {
+            ids.extend(row[..self.seq].iter().map(|&t| t as u32));
+            targets.extend(row[1..].iter().map(|&t| t as i64));
+        }
+        Batch::Tokens(TokenWindows {
+            ids,
+            targets,
+            batch,
+            seq: self.seq,
+        })
+    }
+}
+
+/// One rank's measured bytes: parameters, gradients, optimizer state, tensor-storage peak.
+fn measure(b: &ZeroBench, stage: u8, world: &dyn Communicator) -> Result<[f64; 4]> {
+    let ranks = world.size();
+    let sets = [
+        format!("model.n_layer={}", b.layers),
+        format!("model.n_embd={}", b.width),
+        format!("model.n_head={}", (b.width / 64).max(1)),
+        format!("model.block_size={}", b.seq),
+        format!("train.batch_size={ranks}"),
+        format!("parallel.zero={stage}"),
+        "train.warmup_steps=1".into(),
+    ];
+    let config = RunConfig::load(None, &sets)?;
+    world.barrier()?;
+    anneal_tensor::reset_peak_memory();
+    let before = anneal_tensor::memory_stats().live_bytes;
+    let source = Random {
+        vocab: b.vocab,
+        seq: b.seq,
+    };
+    let mut trainer = pretraining_on(
+        &config,
+        b.vocab,
+        Box::new(source),
+        Some(world.split(0, world.rank())?),
+    )?;
+    for _ in 0..2 {
+        trainer.step()?;
+    }
+    let params = trainer.model().params();
+    let peak = anneal_tensor::memory_stats()
+        .peak_bytes
+        .saturating_sub(before);
+    Ok([
+        params.bytes() as f64,
+        params.grads().bytes() as f64,
+        trainer.optimizer().state_bytes() as f64,
+        peak as f64,
+    ])
+}
+
+/// Measures every stage on `world`; rank 0 prints the table.
+fn bench_on(b: &ZeroBench, world: &dyn Communicator, processes: bool) -> Result<()> {
+    let ranks = world.size();
+    let lead = world.rank() == 0;
+    if lead {
+        println!(
+            "ZeRO memory per rank: GPT {} layers × {} wide, vocabulary {}, {} ranks ({}), batch 1 \
+             per rank, f32",
+            b.layers,
+            b.width,
+            b.vocab,
+            ranks,
+            if processes {
+                "MPI processes: the tensor peak is each rank's"
+            } else {
+                "threads of one process: the tensor peak is the whole process's"
+            }
+        );
+        println!(
+            "{:>5} {:>5} {:>11} {:>11} {:>11} {:>11} {:>11} {:>11} {:>7} {:>11}",
+            "stage",
+            "rank",
+            "params MB",
+            "plan",
+            "grads MB",
+            "plan",
+            "optim MB",
+            "plan",
+            "total",
+            "tensor peak"
+        );
+    }
+    for &stage in &b.stages {
+        let mine = measure(b, stage, world)?;
+        let all = world.all_gather(mine.iter().map(|&v| v as f32).collect())?;
+        if !lead {
+            continue;
+        }
+        for (rank, m) in all.chunks(4).enumerate() {
+            // The parameter count the model really has, from its f32 bytes.
+            let psi = m[0] as f64 / 4.0;
+            let plan = model_states(psi, DtypePolicy::Fp32, stage, ranks);
+            let got = m[0] as f64 + m[1] as f64 + m[2] as f64;
+            println!(
+                "{stage:>5} {rank:>5} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>11.1} {:>6.3}x {:>11.1}",
+                m[0] / 1e6,
+                plan.params / 1e6,
+                m[1] / 1e6,
+                plan.grads / 1e6,
+                m[2] / 1e6,
+                plan.optimizer / 1e6,
+                got / plan.total(),
+                m[3] / 1e6,
+            );
+        }
+    }
+    if lead {
+        println!(
+            "(plan: anneal_plan::memory::model_states, 4Ψ parameters, 4Ψ gradients, 8Ψ Adam \
+             moments, the stage's share divided by the ranks; total = measured / planned model \
+             states)"
+        );
+    }
+    Ok(())
+}
+
+/// `anneal bench zero`.
+pub fn zero(b: ZeroBench) -> Result<()> {
+    if anneal_dist::launched_by_mpi() {
+        return zero_mpi(b);
+    }
+    let threads = b.threads.max(1);
+    anneal_dist::local::run(b.ranks.max(1), |comm| {
+        anneal_tensor::with_threads(threads, || bench_on(&b, &comm, false))
+            .map_err(anyhow::Error::from)
+            .and_then(|r| r)
+            .map_err(|e| format!("{e:#}"))
+    })?;
+    Ok(())
+}
+
+#[cfg(feature = "mpi")]
+fn zero_mpi(b: ZeroBench) -> Result<()> {
+    anneal_dist::mpi::abort_on_panic();
+    let world = anneal_dist::mpi::init()?;
+    if let Err(e) = anneal_tensor::with_threads(b.threads.max(1), || bench_on(&b, &world, true))
+        .map_err(anyhow::Error::from)
+        .and_then(|r| r)
+    {
+        eprintln!("error: rank {}: {e:#}", world.rank());
+        anneal_dist::mpi::abort(1);
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "mpi"))]
+fn zero_mpi(_b: ZeroBench) -> Result<()> {
+    anyhow::bail!(
+        "anneal was started by mpirun but built without MPI: build it with \
+         `cargo build --release --features mpi`"
+    )
+}
