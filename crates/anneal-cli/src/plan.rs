@@ -61,12 +61,17 @@ pub struct PlanArgs {
     /// fp32, bf16 or fp16 (the 16-bit ones with fp32 master weights).
     #[arg(long, default_value = "bf16")]
     pub dtype: String,
-    /// Node preset: a100-40gb, a100-80gb, h100, h200.
+    /// Node preset: a100-40gb, a100-80gb, h100, h200; or `local`, this machine's CPU cores as
+    /// --ranks ranks, with its f32 peak and the all-reduce bandwidth and latency between ranks
+    /// measured when the plan runs.
     #[arg(long, default_value = "a100-80gb")]
     pub cluster: String,
-    /// Nodes of 8 accelerators.
+    /// Nodes of 8 accelerators (not for `local`).
     #[arg(long)]
     pub nodes: Option<usize>,
+    /// Ranks of the `local` cluster (its cores are shared among them).
+    #[arg(long, default_value_t = 2)]
+    pub ranks: usize,
     /// Achievable fraction of peak in large matrix products.
     #[arg(long)]
     pub matmul_efficiency: Option<f64>,
@@ -138,6 +143,60 @@ fn merged(a: PlanArgs) -> Result<PlanArgs> {
     Ok(merged)
 }
 
+/// This machine as `ranks` CPU ranks: each rank's f32 peak on its share of the cores (the FMA
+/// rate [`anneal_train::machine::peak_gflops`] measures), and the all-reduce bus bandwidth and
+/// latency between `ranks` ranks of the local backend, fitted to the ring model the planner uses
+/// (t = 2(n−1)/n · bytes / bandwidth + 2(n−1) · latency) from the median times of all-reduces of
+/// 8 bytes and of 64 MB.
+fn local_cluster(ranks: usize) -> Result<Cluster> {
+    let cores = anneal_train::machine::threads(0);
+    let per_rank = (cores / ranks).max(1);
+    let (gflops, how) = anneal_train::machine::peak_gflops(per_rank);
+    let times = |len: usize, reps: usize| -> Result<f64> {
+        let all = anneal_dist::local::run(ranks, |comm| {
+            use anneal_dist::Communicator;
+            let mut t = Vec::with_capacity(reps);
+            for _ in 0..reps + 1 {
+                comm.barrier()?;
+                let began = std::time::Instant::now();
+                comm.all_reduce(vec![1.0f32; len], anneal_dist::Reduce::Sum)?;
+                t.push(began.elapsed().as_secs_f64());
+            }
+            t.remove(0);
+            t.sort_by(f64::total_cmp);
+            Ok::<_, anneal_dist::Error>(t[t.len() / 2])
+        })?;
+        Ok(all.iter().copied().fold(0.0, f64::max))
+    };
+    let n = ranks as f64;
+    let (latency, bandwidth) = if ranks > 1 {
+        let small = times(2, 200)?;
+        let big_len = 16 << 20;
+        let big = times(big_len, 5)?;
+        let latency = small / (2.0 * (n - 1.0));
+        let bandwidth = 2.0 * (n - 1.0) / n * (4 * big_len) as f64 / (big - small).max(1e-9);
+        (latency, bandwidth)
+    } else {
+        (0.0, f64::INFINITY)
+    };
+    let memory = anneal_train::memory::physical_memory().unwrap_or(0.0);
+    eprintln!(
+        "local: {ranks} ranks of {per_rank} core(s), {gflops:.0} GFLOP/s f32 peak each ({how}); \
+         all-reduce between them {:.2} GB/s bus bandwidth, {:.1} µs latency per step; {:.1} GB \
+         of memory each",
+        bandwidth / 1e9,
+        latency * 1e6,
+        memory / n / 1e9
+    );
+    Ok(Cluster::local(
+        ranks,
+        memory,
+        gflops * 1e9,
+        bandwidth,
+        latency,
+    ))
+}
+
 /// The job the arguments describe.
 pub fn job(a: &PlanArgs) -> Result<Job> {
     let need = |v: Option<usize>, name: &str| {
@@ -145,12 +204,13 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
             anyhow::anyhow!("--{name} is required (on the command line or in --config)")
         })
     };
+    let local = a.cluster == "local";
     let (layers, hidden, heads, batch, nodes) = (
         need(a.layers, "layers")?,
         need(a.hidden, "hidden")?,
         need(a.heads, "heads")?,
         need(a.batch, "batch")?,
-        need(a.nodes, "nodes")?,
+        if local { 1 } else { need(a.nodes, "nodes")? },
     );
     let policy = match a.dtype.as_str() {
         "fp32" => DtypePolicy::Fp32,
@@ -158,12 +218,20 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
         "fp16" => DtypePolicy::Fp16,
         other => bail!("--dtype {other:?} is not allowed: fp32, bf16 or fp16"),
     };
-    let Some(cluster) = Cluster::preset(&a.cluster, nodes) else {
-        bail!(
-            "--cluster {:?} is not a preset: {}",
-            a.cluster,
-            Cluster::PRESETS.join(", ")
-        );
+    let cluster = if local {
+        if !(1..=64).contains(&a.ranks) {
+            bail!("--ranks {} is not allowed: 1 to 64", a.ranks);
+        }
+        local_cluster(a.ranks)?
+    } else {
+        let Some(cluster) = Cluster::preset(&a.cluster, nodes) else {
+            bail!(
+                "--cluster {:?} is not a preset: {}, local",
+                a.cluster,
+                Cluster::PRESETS.join(", ")
+            );
+        };
+        cluster
     };
     // Sizes a plan can reason about: at least 1, and far above any model or cluster built, so a
     // typo cannot send the layout search off for ever.
@@ -280,8 +348,9 @@ pub fn run(a: PlanArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&top)?);
     } else {
         let gb = |x: f64| x / 1e9;
+        let peak = job.cluster.accelerator.peak_half;
         println!(
-            "{:.2}B parameters ({:.2}B active), batch {} × {} tokens, {} × {} ({:.0} GB, {:.0} TFLOP/s), {} layouts",
+            "{:.2}B parameters ({:.2}B active), batch {} × {} tokens, {} × {} ({:.0} GB, {}), {} layouts",
             job.model.params() / 1e9,
             job.model.active_params() / 1e9,
             job.batch,
@@ -289,7 +358,11 @@ pub fn run(a: PlanArgs) -> Result<()> {
             job.cluster.gpus(),
             job.cluster.accelerator.name,
             job.cluster.accelerator.memory / 1e9,
-            job.cluster.accelerator.peak_half / 1e12,
+            if peak < 1e12 {
+                format!("{:.0} GFLOP/s", peak / 1e9)
+            } else {
+                format!("{:.0} TFLOP/s", peak / 1e12)
+            },
             plan.len()
         );
         println!(

@@ -155,6 +155,15 @@ pub fn launched_by_mpi() -> bool {
     })
 }
 
+/// How many ranks of the job the launcher started on this machine (Open MPI's and MPICH's
+/// environment), to share its cores among them.
+pub fn ranks_on_this_node() -> Option<usize> {
+    ["OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"]
+        .iter()
+        .find_map(|v| std::env::var(v).ok()?.trim().parse().ok())
+        .filter(|&n: &usize| n > 0)
+}
+
 /// A pending non-blocking operation; [`Handle::wait`] completes it.
 #[must_use = "a pending operation completes only when waited on"]
 pub struct Handle<T> {

@@ -54,8 +54,18 @@ impl World {
     fn take(&self, address: Address) -> Result<Vec<f32>> {
         let mut mail = self.lock();
         loop {
-            if let Some(buf) = mail.boxes.get_mut(&address).and_then(|q| q.pop_front()) {
-                return Ok(buf);
+            if let std::collections::hash_map::Entry::Occupied(mut queue) =
+                mail.boxes.entry(address)
+            {
+                let buf = queue.get_mut().pop_front();
+                // An emptied queue goes: collectives never reuse an address, so keeping it would
+                // grow the mailbox by every collective a long run makes.
+                if queue.get().is_empty() {
+                    queue.remove();
+                }
+                if let Some(buf) = buf {
+                    return Ok(buf);
+                }
             }
             if let Some((rank, reason)) = &mail.failed {
                 return Err(Error::PeerFailed {
@@ -65,9 +75,16 @@ impl World {
             }
             let from = address.1;
             if mail.exited[from] {
+                // The rank that returned early is the cause: recorded as the job's failure, so
+                // the job's error names it rather than the rank left waiting.
+                let reason = "returned without sending a message another rank waits for";
+                if mail.failed.is_none() {
+                    mail.failed = Some((from, reason.into()));
+                }
+                self.arrived.notify_all();
                 return Err(Error::PeerFailed {
                     rank: from,
-                    reason: "returned without sending a message this rank waits for".into(),
+                    reason: reason.into(),
                 });
             }
             mail = self.arrived.wait(mail).unwrap_or_else(|e| e.into_inner());
@@ -389,6 +406,21 @@ mod tests {
     }
 
     #[test]
+    fn the_mailbox_does_not_grow_with_the_collectives_a_run_makes() {
+        let left = run(3, |c| {
+            for _ in 0..500 {
+                c.all_reduce(vec![1.0; 4], Reduce::Sum)?;
+            }
+            c.barrier()?;
+            c.barrier()?;
+            Ok::<_, Error>(c.world.lock().boxes.len())
+        })
+        .unwrap();
+        // At most the last barrier's messages are still in flight.
+        assert!(left.iter().all(|&n| n <= 6), "{left:?}");
+    }
+
+    #[test]
     fn bf16_reductions_move_half_the_bytes_and_round_once_each_way() {
         let round = |v: &[f32]| crate::bf16::unpack(&crate::bf16::pack(v), v.len());
         for ranks in 1..=4 {
@@ -556,8 +588,11 @@ mod tests {
             c.all_reduce(vec![1.0], Reduce::Sum)
         })
         .unwrap_err();
-        assert!(matches!(err, Error::PeerFailed { rank: 0, .. }), "{err}");
-        assert!(err.to_string().contains("rank 1 failed"), "{err}");
+        // The rank that returned early is the one named, not the one left waiting.
+        assert!(
+            matches!(&err, Error::PeerFailed { rank: 1, reason } if reason.contains("returned")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -153,7 +153,11 @@ fn count(op: &'static str, n: usize) -> Result<Count> {
     Count::try_from(n).map_err(|_| {
         invalid(
             op,
-            format!("{n} values exceed one MPI message; use smaller buckets or shards"),
+            format!(
+                "{n} values are more than one MPI message holds (2^31 - 1); models of over 2 \
+                 billion trained parameters need messages split, which this backend does not do \
+                 yet"
+            ),
         )
     })
 }
@@ -218,12 +222,19 @@ impl PendingSend {
 /// The communication thread: initialises MPI, runs every job in order, finalises MPI when the
 /// queue closes.
 fn serve(queue: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(usize, usize)>>) {
-    let Some((universe, _threading)) = mpi::initialize_with_threading(mpi::Threading::Multiple)
+    let Some((universe, threading)) = mpi::initialize_with_threading(mpi::Threading::Multiple)
     else {
         let _ = ready.send(Err(invalid("init", "MPI is already initialised")));
         return;
     };
     INITIALISED.store(true, Ordering::SeqCst);
+    if threading != mpi::Threading::Multiple {
+        // Every call but `abort` comes from this thread; `abort` may come from another.
+        eprintln!(
+            "warning: MPI grants {threading:?} threading, not Multiple: ending the job from a \
+             failing rank may not work while this rank waits in a collective"
+        );
+    }
     let world = universe.world();
     let _ = ready.send(Ok((world.rank() as usize, world.size() as usize)));
     let mut groups = vec![world];

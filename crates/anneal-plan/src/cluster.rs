@@ -125,6 +125,35 @@ impl Cluster {
         PRESET_TABLE[3].name,
     ];
 
+    /// This machine as a cluster of `ranks` CPU ranks in one node (anneal's `local` backend, or
+    /// `mpirun` on one machine): each rank's share of the memory, its f32 peak in FLOP/s (the
+    /// half-precision peak taken as the same, CPUs without bf16 matrix units run it at about f32's
+    /// rate), and the all-reduce bus bandwidth (bytes/s) and per-step latency (s) measured
+    /// between the ranks. Nothing here is a datasheet figure: the caller measures them.
+    pub fn local(
+        ranks: usize,
+        memory: f64,
+        peak_fp32: f64,
+        bandwidth: f64,
+        latency: f64,
+    ) -> Cluster {
+        let ranks = ranks.max(1);
+        Cluster {
+            accelerator: Accelerator {
+                name: "CPU rank".into(),
+                memory: memory / ranks as f64,
+                peak_half: peak_fp32,
+                peak_fp32,
+            },
+            gpus_per_node: ranks,
+            nodes: 1,
+            intra_bandwidth: bandwidth,
+            intra_latency: latency,
+            inter_bandwidth: bandwidth,
+            inter_latency: latency,
+        }
+    }
+
     /// Accelerators in all.
     pub fn gpus(&self) -> usize {
         self.gpus_per_node * self.nodes

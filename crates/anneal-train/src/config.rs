@@ -399,12 +399,25 @@ impl RunConfig {
             );
         }
         if sharding > 1 && p.zero == 0 {
+            let why = if p.sharding == 0 {
+                format!("parallel.dp = {dp} of {ranks} ranks leaves sharding groups of {sharding}")
+            } else {
+                format!("parallel.sharding = {sharding}")
+            };
             bail!(
-                "parallel.sharding = {sharding} needs parallel.zero = 1 or 2 (a sharding group \
-                 shares the optimizer state); set parallel.zero, or parallel.sharding = 1"
+                "{why}, which needs parallel.zero = 1 or 2 (a sharding group shares the optimizer \
+                 state); set parallel.zero, or parallel.dp = {ranks} for plain data parallelism"
             );
         }
-        if p.zero > 0 && self.dtype()? != DType::F32 {
+        if p.zero > 0 && sharding == 1 && ranks > 1 {
+            bail!(
+                "parallel.zero = {} over sharding groups of 1 rank shards nothing; set \
+                 parallel.sharding (the ranks of each ZeRO group, dividing {ranks}) or \
+                 parallel.zero = 0",
+                p.zero
+            );
+        }
+        if p.zero > 0 && ranks > 1 && self.dtype()? != DType::F32 {
             bail!(
                 "parallel.zero = {} needs model.dtype = \"f32\" for now (a bf16 model's master \
                  copy is not sharded yet); use parallel.zero = 0",

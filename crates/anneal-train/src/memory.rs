@@ -32,6 +32,29 @@ impl MemoryBound {
         self.parameters + self.gradients + self.optimizer + self.activations
     }
 
+    /// One rank's share under `layout`: the whole model and its gradients, the optimizer state
+    /// divided over the ZeRO sharding group, the activations of its share of the batch. (ZeRO-2
+    /// keeps whole gradients here for now: only what it reduces is sharded.)
+    pub fn per_rank(self, layout: &crate::config::Layout) -> MemoryBound {
+        let sharded = if layout.zero > 0 { layout.sharding } else { 1 };
+        MemoryBound {
+            optimizer: self.optimizer / sharded as f64,
+            activations: self.activations / layout.ranks() as f64,
+            ..self
+        }
+    }
+
+    /// `n` ranks' worth (ranks as threads of one process).
+    pub fn times(self, n: usize) -> MemoryBound {
+        let n = n as f64;
+        MemoryBound {
+            parameters: self.parameters * n,
+            gradients: self.gradients * n,
+            optimizer: self.optimizer * n,
+            activations: self.activations * n,
+        }
+    }
+
     /// `12.3 GB (parameters 1.0, gradients 2.0, optimizer 4.0, activations 5.3)`.
     pub fn describe(&self) -> String {
         let gb = |x: f64| x / 1e9;

@@ -291,7 +291,11 @@ pub fn train_rank(
     opts: &RunOptions,
     world: Box<dyn anneal_dist::Communicator>,
 ) -> Result<RunSummary> {
-    let threads = crate::machine::threads(config.train.threads);
+    let mut threads = crate::machine::threads(config.train.threads);
+    if config.train.threads == 0 {
+        // Every core is shared by the ranks the launcher put on this machine.
+        threads = (threads / anneal_dist::ranks_on_this_node().unwrap_or(1)).max(1);
+    }
     anneal_tensor::with_threads(threads, || {
         train_on_pool(config, opts, threads, Some(world))
     })?
@@ -353,7 +357,6 @@ fn train_on_pool(
     let ranks = world.as_ref().map_or(1, |w| w.size());
     // Rank 0 writes the run directory, the metrics and the checkpoints, and reports.
     let lead = world.as_ref().is_none_or(|w| w.rank() == 0);
-    config.layout(ranks)?;
     // The run's own collectives (stopping, evaluation) go on a copy of the world, which the
     // trainer's strategy takes.
     let control = match &world {
@@ -377,7 +380,11 @@ fn train_on_pool(
         }
     }
     let train_tokens = train_set.len();
-    let bound = crate::memory::lower_bound(config, manifest.vocab_size)?;
+    let layout = config.layout(ranks)?;
+    // What this process holds: each of its ranks' share (`opts.ranks` of them as threads).
+    let bound = crate::memory::lower_bound(config, manifest.vocab_size)?
+        .per_rank(&layout)
+        .times(opts.ranks.max(1));
     if let Some(physical) = crate::memory::physical_memory() {
         if bound.total() > physical && !opts.force {
             bail!(
@@ -440,11 +447,13 @@ fn train_on_pool(
             tracing::info!("resumed from {} at step {}", dir.display(), trainer.steps());
             set_aside_newer(&files, trainer.steps())?;
         }
-    } else if matches!(opts.resume, Resume::Latest) && lead {
-        tracing::info!(
-            "no checkpoint under {}; starting from scratch",
-            files.checkpoints.display()
-        );
+    } else if matches!(opts.resume, Resume::Latest) {
+        if lead {
+            tracing::info!(
+                "no checkpoint under {}; starting from scratch",
+                files.checkpoints.display()
+            );
+        }
     } else if let Some(existing) = checkpoint::latest(&files.checkpoints) {
         bail!(
             "{} already holds checkpoints of a run (newest: {}); pass --resume to continue it, \
@@ -452,6 +461,20 @@ fn train_on_pool(
             out.display(),
             existing.display()
         );
+    }
+    // Every rank must start from the same step (a run directory some rank cannot see would
+    // otherwise start it afresh while the others resume).
+    if let Some(g) = control {
+        let all: Vec<u64> =
+            anneal_dist::f32_to_words(&g.all_gather(anneal_dist::words_to_f32([trainer.steps()]))?)
+                .collect();
+        if let Some((r, s)) = all.iter().enumerate().find(|(_, s)| **s != all[0]) {
+            bail!(
+                "rank {r} starts at step {s} but rank 0 at step {}: every rank must see the same \
+                 run directory (train.out_dir on a filesystem all ranks share)",
+                all[0]
+            );
+        }
     }
     let start_step = trainer.steps();
     // A resumed run keeps the metrics up to its checkpoint; a new one starts the file afresh.

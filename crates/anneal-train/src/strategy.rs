@@ -924,10 +924,10 @@ pub fn for_layout(
         );
     }
     let total = model.params().trainable_numel();
+    if world.size() == 1 {
+        return Ok((Box::new(SingleDevice), 0..total));
+    }
     if layout.zero == 0 {
-        if world.size() == 1 {
-            return Ok((Box::new(SingleDevice), 0..total));
-        }
         let dp = DataParallel::new(world, bucket_bytes).with_bf16_gradients(bf16);
         return Ok((Box::new(dp), 0..total));
     }

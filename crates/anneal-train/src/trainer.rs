@@ -366,7 +366,7 @@ pub fn pretraining_on(
                     .params
                     .set_trainable_values(0, &world.broadcast(initial, 0)?);
                 let (strategy, shard) = crate::strategy::for_layout(layout, world, &model)?;
-                let optimizer = if layout.zero > 0 {
+                let optimizer = if layout.zero > 0 && layout.ranks() > 1 {
                     AdamW::shard(&model.params, adamw, shard)?
                 } else {
                     AdamW::new(&model.params, adamw)

@@ -205,6 +205,18 @@ fn an_impossible_layout_is_refused_before_any_step() {
     assert!(e.contains("train.batch_size = 8") && e.contains("3"), "{e}");
     let e = err(2, &["parallel.zero=2", "model.dtype=bf16"]);
     assert!(e.contains("model.dtype"), "{e}");
+    let e = err(4, &["parallel.dp=2"]);
+    assert!(
+        e.contains("parallel.dp = 2 of 4 ranks leaves sharding groups of 2")
+            && e.contains("parallel.zero"),
+        "{e}"
+    );
+    let e = err(4, &["parallel.zero=1", "parallel.dp=4"]);
+    assert!(e.contains("shards nothing"), "{e}");
+    // One rank: ZeRO has nothing to shard, and runs as one device.
+    assert!(config(&["parallel.zero=2", "model.dtype=bf16"])
+        .layout(1)
+        .is_ok());
     let e = format!(
         "{:#}",
         RunConfig::load(None, &["parallel.zero=3".into()]).expect_err("refused")
