@@ -143,15 +143,93 @@ fn merged(a: PlanArgs) -> Result<PlanArgs> {
     Ok(merged)
 }
 
-/// This machine as `ranks` CPU ranks: each rank's f32 peak on its share of the cores (the FMA
-/// rate [`anneal_train::machine::peak_gflops`] measures), and the all-reduce bus bandwidth and
+/// The f32 GFLOP/s a GPT training step of `model` at `batch` sequences sustains on `threads`
+/// threads (forward, backward, AdamW; the median of 3 steps after 1 untimed), its FLOPs counted by
+/// [`anneal_plan::flops::step`] as the planner counts them. Models anneal cannot build as a GPT
+/// (gated, Mixture-of-Experts) or that would need more than a quarter of `memory` are measured
+/// on `anneal bench gpt`'s workload instead (4 layers, 256 wide, 256 tokens, batch 8, vocabulary
+/// 512). Returns the rate and what was measured.
+fn sustained_gflops(
+    threads: usize,
+    model: &ModelSpec,
+    batch: usize,
+    memory: f64,
+) -> Result<(f64, String)> {
+    use anneal_nn::{Gpt, GptConfig};
+    use anneal_tensor::optim::{AdamW, AdamWConfig};
+    use anneal_tensor::Optimizer;
+    // Parameters, gradients and Adam moments, and a generous allowance for activations.
+    let needs =
+        16.0 * model.params() + 40.0 * (batch * model.seq * model.hidden * model.layers) as f64;
+    let own = !model.gated_ffn
+        && model.moe.is_none()
+        && model.kv_heads == model.heads
+        && model.ffn == 4 * model.hidden
+        && needs < memory / 4.0;
+    let (cfg, b) = if own {
+        let cfg = GptConfig {
+            vocab_size: model.vocab,
+            block_size: model.seq,
+            n_layer: model.layers,
+            n_head: model.heads,
+            n_embd: model.hidden,
+            ..GptConfig::bench()
+        };
+        (cfg, batch.max(1))
+    } else {
+        (GptConfig::bench(), 8)
+    };
+    let what = if own {
+        format!("this model at {b} sequence(s)")
+    } else {
+        "anneal bench gpt's workload".to_string()
+    };
+    anneal_tensor::with_threads(threads, || -> Result<(f64, String)> {
+        let gpt = Gpt::new(cfg.clone(), 0)?;
+        let mut opt = AdamW::new(&gpt.params, AdamWConfig::DEFAULT);
+        let (t, v) = (cfg.block_size, cfg.vocab_size);
+        let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % v) as u32).collect();
+        let targets: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 3) % v) as i64).collect();
+        let mut times = Vec::new();
+        for i in 0..4 {
+            let began = std::time::Instant::now();
+            gpt.params.zero_grad();
+            gpt.loss(&ids, &targets, b, t, None)?.backward()?;
+            opt.step(&gpt.params, 1e-4);
+            if i > 0 {
+                times.push(began.elapsed().as_secs_f64());
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        // Counted as the planner counts a step's FLOPs, so its estimates divide like by like.
+        let spec = ModelSpec::gpt(cfg.n_layer, cfg.n_embd, cfg.n_head, v, t);
+        let rate = anneal_plan::flops::step(&spec, b, Recompute::None) / times[1] / 1e9;
+        Ok((rate, what))
+    })?
+}
+
+/// This machine as `ranks` CPU ranks for `model` at a global batch of `batch`: each rank's f32
+/// rate (what a training step of its share of the batch sustains on its share of the cores,
+/// [`sustained_gflops`]; the planner's matrix efficiency is then 1), and the all-reduce bus bandwidth and
 /// latency between `ranks` ranks of the local backend, fitted to the ring model the planner uses
 /// (t = 2(n−1)/n · bytes / bandwidth + 2(n−1) · latency) from the median times of all-reduces of
 /// 8 bytes and of 64 MB.
-fn local_cluster(ranks: usize) -> Result<Cluster> {
+fn local_cluster(ranks: usize, model: &ModelSpec, batch: usize) -> Result<Cluster> {
     let cores = anneal_train::machine::threads(0);
     let per_rank = (cores / ranks).max(1);
-    let (gflops, how) = anneal_train::machine::peak_gflops(per_rank);
+    let memory = anneal_train::memory::physical_memory().unwrap_or(0.0);
+    // More ranks than cores share them.
+    let crowding = (ranks as f64 / cores as f64).max(1.0);
+    let (rate, what) = sustained_gflops(per_rank, model, batch / ranks, memory)?;
+    let gflops = rate / crowding;
+    let how = format!(
+        "a training step of {what} sustained on {per_rank} thread(s){}",
+        if crowding > 1.0 {
+            format!(", shared by {crowding:.1} ranks per core")
+        } else {
+            String::new()
+        }
+    );
     let times = |len: usize, reps: usize| -> Result<f64> {
         let all = anneal_dist::local::run(ranks, |comm| {
             use anneal_dist::Communicator;
@@ -179,9 +257,8 @@ fn local_cluster(ranks: usize) -> Result<Cluster> {
     } else {
         (0.0, f64::INFINITY)
     };
-    let memory = anneal_train::memory::physical_memory().unwrap_or(0.0);
     eprintln!(
-        "local: {ranks} ranks of {per_rank} core(s), {gflops:.0} GFLOP/s f32 peak each ({how}); \
+        "local: {ranks} ranks on {cores} cores, {gflops:.0} GFLOP/s f32 each ({how}); \
          all-reduce between them {:.2} GB/s bus bandwidth, {:.1} µs latency per step; {:.1} GB \
          of memory each",
         bandwidth / 1e9,
@@ -218,11 +295,11 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
         "fp16" => DtypePolicy::Fp16,
         other => bail!("--dtype {other:?} is not allowed: fp32, bf16 or fp16"),
     };
-    let cluster = if local {
+    let preset = if local {
         if !(1..=64).contains(&a.ranks) {
             bail!("--ranks {} is not allowed: 1 to 64", a.ranks);
         }
-        local_cluster(a.ranks)?
+        None
     } else {
         let Some(cluster) = Cluster::preset(&a.cluster, nodes) else {
             bail!(
@@ -231,7 +308,7 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
                 Cluster::PRESETS.join(", ")
             );
         };
-        cluster
+        Some(cluster)
     };
     // Sizes a plan can reason about: at least 1, and far above any model or cluster built, so a
     // typo cannot send the layout search off for ever.
@@ -299,9 +376,16 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
             every: a.moe_every,
         });
     }
+    let cluster = match preset {
+        Some(c) => c,
+        None => local_cluster(a.ranks, &model, batch)?,
+    };
     let d = Efficiency::default();
     let efficiency = Efficiency {
-        matmul: a.matmul_efficiency.unwrap_or(d.matmul),
+        // The local preset's rate is already a sustained training rate.
+        matmul: a
+            .matmul_efficiency
+            .unwrap_or(if local { 1.0 } else { d.matmul }),
         link: a.link_efficiency.unwrap_or(d.link),
         dp_overlap: a.dp_overlap.unwrap_or(d.dp_overlap),
     };

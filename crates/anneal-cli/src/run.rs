@@ -81,7 +81,7 @@ fn print_summary(s: &RunSummary) {
     );
     if s.exposed_comm_ms_per_step > 0.0 {
         println!(
-            "exposed gradient communication {:.2} ms/step",
+            "exposed communication {:.2} ms/step",
             s.exposed_comm_ms_per_step
         );
     }

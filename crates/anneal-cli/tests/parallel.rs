@@ -116,3 +116,60 @@ fn bench_zero_measures_each_stage_against_the_plan() {
     }
     assert!(ratio(rows[4]) > 1.1, "{out}");
 }
+
+#[test]
+fn plan_measures_this_machine_as_a_local_cluster() {
+    let out = anneal(&[
+        "plan",
+        "--cluster",
+        "local",
+        "--ranks",
+        "2",
+        "--layers",
+        "2",
+        "--hidden",
+        "64",
+        "--heads",
+        "4",
+        "--vocab",
+        "64",
+        "--seq",
+        "32",
+        "--batch",
+        "8",
+        "--dtype",
+        "fp32",
+        "--top",
+        "3",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains("local: 2 ranks") && stderr.contains("GB/s bus bandwidth"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("2 × CPU rank"), "{stdout}");
+    let e = String::from_utf8_lossy(
+        &anneal(&[
+            "plan",
+            "--cluster",
+            "local",
+            "--ranks",
+            "0",
+            "--layers",
+            "2",
+            "--hidden",
+            "64",
+            "--heads",
+            "4",
+            "--batch",
+            "8",
+        ])
+        .stderr,
+    )
+    .into_owned();
+    assert!(e.contains("--ranks 0"), "{e}");
+}

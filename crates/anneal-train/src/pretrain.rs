@@ -96,8 +96,8 @@ pub struct RunSummary {
     pub wall_seconds: f64,
     /// Mean time of one optimizer step in this invocation.
     pub ms_per_step: f64,
-    /// Mean time per step spent waiting for gradient communication after backward (what
-    /// overlapping it with backward left exposed); 0 on one rank.
+    /// Mean time per step spent waiting for communication outside backward (gradient reductions
+    /// overlapping did not hide, ZeRO's parameter all-gather); 0 on one rank.
     pub exposed_comm_ms_per_step: f64,
     /// Training tokens per second (steps only).
     pub tokens_per_second: f64,

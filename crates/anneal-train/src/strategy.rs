@@ -37,8 +37,8 @@ pub struct StepOutput {
     pub metrics: Vec<(String, f64)>,
     /// Seconds in forward (and loss), backward, and clipping plus the optimizer.
     pub phases: [f64; 3],
-    /// Seconds spent waiting for gradient communication after backward: what overlapping it
-    /// with backward did not hide (counted in `phases[2]` too).
+    /// Seconds spent waiting for communication outside backward (gradient reductions not hidden
+    /// behind it, and ZeRO's parameter all-gather; counted in `phases[2]` too).
     pub exposed_comm: f64,
 }
 
@@ -712,7 +712,9 @@ impl Strategy for ZeroOne {
         // The optimizer stepped this rank's shard; every rank gathers the others'.
         let t = Instant::now();
         gather_parameters(comm, model, self.shard(model))?;
-        out.phases[2] += t.elapsed().as_secs_f64();
+        let gathered = t.elapsed().as_secs_f64();
+        out.phases[2] += gathered;
+        out.exposed_comm += gathered;
         Ok(out)
     }
 
@@ -855,6 +857,8 @@ impl Strategy for ZeroTwo {
             padded.resize(len * size, 0.0);
             padded
         });
+        // Nothing of this overlaps backward yet: all of it is exposed.
+        let waited = Instant::now();
         let mut mine = if self.bf16 {
             self.comm
                 .reduce_scatter_bf16_start(grads, anneal_dist::Reduce::Mean)?
@@ -865,6 +869,7 @@ impl Strategy for ZeroTwo {
         if let Some(replicas) = &self.replicas {
             mine = mean_start(replicas, mine, self.bf16)?.wait()?;
         }
+        out.exposed_comm += waited.elapsed().as_secs_f64();
         params.with_grads_mut(|g| g[shard.clone()].copy_from_slice(&mine[..shard.len()]));
         out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
             let norm = self.global_norm(model, shard.clone())?;
@@ -878,7 +883,9 @@ impl Strategy for ZeroTwo {
             f64::NAN
         };
         optimizer.step(params, settings.lr);
+        let gathering = Instant::now();
         gather_parameters(self.comm.as_ref(), model, shard)?;
+        out.exposed_comm += gathering.elapsed().as_secs_f64();
         out.phases[2] += t.elapsed().as_secs_f64();
         Ok(out)
     }
