@@ -46,6 +46,8 @@ enum Op {
     Recv(usize, u32),
     Barrier,
     Split(usize, usize),
+    /// The last handle of a split-off group went: free its MPI communicator.
+    Free,
 }
 
 /// What an operation gives back.
@@ -84,10 +86,31 @@ impl Drop for Service {
 #[derive(Clone)]
 pub struct MpiComm {
     service: Arc<Service>,
-    group: usize,
+    group: Arc<Group>,
     rank: usize,
     size: usize,
     global_rank: usize,
+}
+
+/// A group's id on the communication thread; when its last handle goes, a split-off group's MPI
+/// communicator is freed (the world lives until MPI is finalised).
+struct Group {
+    id: usize,
+    service: Arc<Service>,
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if self.id != 0 {
+            if let Some(jobs) = &self.service.jobs {
+                let _ = jobs.send(Job {
+                    group: self.id,
+                    op: Op::Free,
+                    reply: None,
+                });
+            }
+        }
+    }
 }
 
 /// Initialises MPI (on its communication thread) and returns this process's world communicator.
@@ -108,12 +131,16 @@ pub fn init() -> Result<MpiComm> {
     let (rank, size) = started
         .recv()
         .map_err(|_| invalid("init", "the communication thread ended during start-up"))??;
+    let service = Arc::new(Service {
+        jobs: Some(jobs),
+        thread: Some(thread),
+    });
     Ok(MpiComm {
-        service: Arc::new(Service {
-            jobs: Some(jobs),
-            thread: Some(thread),
+        group: Arc::new(Group {
+            id: 0,
+            service: service.clone(),
         }),
-        group: 0,
+        service,
         rank,
         size,
         global_rank: rank,
@@ -237,7 +264,7 @@ fn serve(queue: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(usize, usize)>>
     }
     let world = universe.world();
     let _ = ready.send(Ok((world.rank() as usize, world.size() as usize)));
-    let mut groups = vec![world];
+    let mut groups = vec![Some(world)];
     let mut sends: Vec<PendingSend> = Vec::new();
     while let Ok(job) = queue.recv() {
         let result = execute(&mut groups, &mut sends, job.group, job.op);
@@ -253,12 +280,19 @@ fn serve(queue: mpsc::Receiver<Job>, ready: mpsc::Sender<Result<(usize, usize)>>
 }
 
 fn execute(
-    groups: &mut Vec<SimpleCommunicator>,
+    groups: &mut Vec<Option<SimpleCommunicator>>,
     sends: &mut Vec<PendingSend>,
     group: usize,
     op: Op,
 ) -> Result<Reply> {
-    let comm = &groups[group];
+    if let Op::Free = op {
+        // Dropping a split-off communicator frees it (MPI_Comm_free).
+        groups[group] = None;
+        return Ok(Reply::Done);
+    }
+    let comm = groups[group]
+        .as_ref()
+        .ok_or_else(|| invalid("mpi", "the group was freed"))?;
     let n = comm.size() as usize;
     Ok(match op {
         Op::AllReduce(buf, reduce) => {
@@ -315,13 +349,14 @@ fn execute(
             comm.barrier();
             Reply::Done
         }
+        Op::Free => Reply::Done,
         Op::Split(color, key) => {
             let color = Color::with_value(count("split", color)?);
             let sub = comm
                 .split_by_color_with_key(color, count("split", key)?)
                 .ok_or_else(|| invalid("split", "MPI returned no communicator"))?;
             let (rank, size) = (sub.rank() as usize, sub.size() as usize);
-            groups.push(sub);
+            groups.push(Some(sub));
             Reply::Group {
                 id: groups.len() - 1,
                 rank,
@@ -391,7 +426,7 @@ impl MpiComm {
             .as_ref()
             .ok_or_else(|| invalid("mpi", "MPI is finalised"))?;
         jobs.send(Job {
-            group: self.group,
+            group: self.group.id,
             op,
             reply,
         })
@@ -500,7 +535,10 @@ impl Communicator for MpiComm {
         match self.submit(Op::Split(color, key))?.wait()? {
             Reply::Group { id, rank, size } => Ok(Box::new(MpiComm {
                 service: self.service.clone(),
-                group: id,
+                group: Arc::new(Group {
+                    id,
+                    service: self.service.clone(),
+                }),
                 rank,
                 size,
                 global_rank: self.global_rank,
