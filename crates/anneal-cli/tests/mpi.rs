@@ -1,7 +1,7 @@
 //! `anneal pretrain` under `mpirun` (built with `--features mpi`): MPI processes train what one
 //! process trains; a rank that fails or dies ends the whole job, the failing rank named; SIGTERM
 //! or Ctrl-C on the launcher saves one checkpoint, written once every rank has stopped at the same
-//! step, which resumes in one process. Skipped, saying so, where `mpirun` is missing, unless
+//! step, which resumes in one process, and then on MPI processes again. Skipped, saying so, where `mpirun` is missing, unless
 //! `ANNEAL_REQUIRE_MPI` is set (CI sets it).
 #![cfg(all(feature = "mpi", unix))]
 
@@ -227,4 +227,14 @@ fn sigterm_on_the_launcher_saves_one_checkpoint_that_resumes() {
     .unwrap();
     ok(o);
     assert_eq!(losses(&out).0.last().unwrap().0, more);
+    // And back on 2 MPI processes: rank 0 reads that checkpoint and hands it to rank 1.
+    let again = more + 3;
+    let args = run_args(
+        &data,
+        &out,
+        again,
+        &["--resume", "--set", "train.checkpoint_interval=0"],
+    );
+    ok(mpirun(2).args(&args).output().unwrap());
+    assert_eq!(losses(&out).0.last().unwrap().0, again);
 }

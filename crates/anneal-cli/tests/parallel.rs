@@ -69,6 +69,23 @@ fn ranks_train_as_one_rank_does_and_resume_on_another_layout() {
         .unwrap());
     let (train, _) = losses(&moved);
     assert_close("resumed on one rank", &train, &want_train, 1e-4);
+    // And the other way: a run of one rank, stopped at step 20, resumed on 2 ranks under ZeRO-2
+    // (rank 0 reads the checkpoint and hands it to the other).
+    let grown = dir.path().join("grown");
+    let schedule = format!("train.decay_steps={steps}");
+    ok(pretrain(&data, &grown, 20, &["--set", &schedule])
+        .output()
+        .unwrap());
+    ok(pretrain(
+        &data,
+        &grown,
+        steps,
+        &["--resume", "--ranks", "2", "--set", "parallel.zero=2"],
+    )
+    .output()
+    .unwrap());
+    let (train, _) = losses(&grown);
+    assert_close("resumed on two ranks", &train, &want_train, 1e-4);
 }
 
 #[test]

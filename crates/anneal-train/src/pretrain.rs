@@ -407,73 +407,71 @@ fn train_on_pool(
         seq,
     };
     let mut trainer = pretraining_on(config, manifest.vocab_size, Box::new(source), world)?;
-    // Rank 0 lists the checkpoints first (listing finishes an interrupted replacement), then the
-    // others read the same list.
-    let resolve = || match &opts.resume {
-        Resume::No => None,
-        Resume::Latest => checkpoint::latest(&files.checkpoints),
-        Resume::From(dir) => Some(dir.clone()),
+    // Rank 0 finds, reads and checks the checkpoint; the others receive it from rank 0 (they
+    // need not see the run directory).
+    let resume_dir = if lead {
+        match &opts.resume {
+            Resume::No => None,
+            Resume::Latest => checkpoint::latest(&files.checkpoints),
+            Resume::From(dir) => Some(dir.clone()),
+        }
+    } else {
+        None
     };
-    let mut resume_dir = if lead { resolve() } else { None };
-    if let Some(g) = control {
-        g.barrier()?;
-        if !lead {
-            resume_dir = resolve();
+    let loaded = match &resume_dir {
+        Some(dir) => {
+            let loaded = checkpoint::load(dir)?;
+            let saved = loaded.config()?;
+            if saved.model != config.model {
+                bail!(
+                    "{} was trained with [model] {:?}, not {:?}: a checkpoint resumes only the same model",
+                    dir.display(),
+                    saved.model,
+                    config.model
+                );
+            }
+            if loaded.state.data.train_tokens != train_tokens {
+                bail!(
+                    "{} was trained on {} training tokens but {} holds {}: resume on the same tokenized corpus",
+                    dir.display(),
+                    loaded.state.data.train_tokens,
+                    config.data.dir.display(),
+                    train_tokens
+                );
+            }
+            Some(loaded)
         }
-    }
-    if let Some(dir) = &resume_dir {
-        let loaded = checkpoint::load(dir)?;
-        let saved = loaded.config()?;
-        if saved.model != config.model {
-            bail!(
-                "{} was trained with [model] {:?}, not {:?}: a checkpoint resumes only the same model",
-                dir.display(),
-                saved.model,
-                config.model
-            );
-        }
-        if loaded.state.data.train_tokens != train_tokens {
-            bail!(
-                "{} was trained on {} training tokens but {} holds {}: resume on the same tokenized corpus",
-                dir.display(),
-                loaded.state.data.train_tokens,
-                config.data.dir.display(),
-                train_tokens
-            );
-        }
-        trainer.restore(&loaded)?;
-        drop(loaded);
-        if lead {
-            tracing::info!("resumed from {} at step {}", dir.display(), trainer.steps());
-            set_aside_newer(&files, trainer.steps())?;
-        }
-    } else if matches!(opts.resume, Resume::Latest) {
-        if lead {
+        None => None,
+    };
+    if lead && loaded.is_none() {
+        if matches!(opts.resume, Resume::Latest) {
             tracing::info!(
                 "no checkpoint under {}; starting from scratch",
                 files.checkpoints.display()
             );
-        }
-    } else if let Some(existing) = checkpoint::latest(&files.checkpoints) {
-        bail!(
-            "{} already holds checkpoints of a run (newest: {}); pass --resume to continue it, \
-             or set train.out_dir to another directory to start a new one",
-            out.display(),
-            existing.display()
-        );
-    }
-    // Every rank must start from the same step (a run directory some rank cannot see would
-    // otherwise start it afresh while the others resume).
-    if let Some(g) = control {
-        let all: Vec<u64> =
-            anneal_dist::f32_to_words(&g.all_gather(anneal_dist::words_to_f32([trainer.steps()]))?)
-                .collect();
-        if let Some((r, s)) = all.iter().enumerate().find(|(_, s)| **s != all[0]) {
+        } else if let Some(existing) = checkpoint::latest(&files.checkpoints) {
             bail!(
-                "rank {r} starts at step {s} but rank 0 at step {}: every rank must see the same \
-                 run directory (train.out_dir on a filesystem all ranks share)",
-                all[0]
+                "{} already holds checkpoints of a run (newest: {}); pass --resume to continue \
+                 it, or set train.out_dir to another directory to start a new one",
+                out.display(),
+                existing.display()
             );
+        }
+    }
+    // Whether rank 0 resumes, told to every rank.
+    let resumes = match control {
+        Some(g) => g.broadcast(vec![f32::from(u8::from(loaded.is_some()))], 0)?[0] > 0.0,
+        None => loaded.is_some(),
+    };
+    if resumes {
+        match control {
+            Some(g) => trainer.restore_shared(loaded.as_ref(), g)?,
+            None => trainer.restore(loaded.as_ref().expect("rank 0 read it"))?,
+        }
+        drop(loaded);
+        if let Some(dir) = resume_dir.as_ref().filter(|_| lead) {
+            tracing::info!("resumed from {} at step {}", dir.display(), trainer.steps());
+            set_aside_newer(&files, trainer.steps())?;
         }
     }
     let start_step = trainer.steps();

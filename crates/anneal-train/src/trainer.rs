@@ -318,6 +318,73 @@ impl Trainer {
         self.tokens_seen = loaded.state.tokens_seen;
         Ok(())
     }
+
+    /// [`Trainer::restore`] for every rank of `group` from the checkpoint rank 0 alone has read
+    /// (`loaded` is `Some` there, `None` elsewhere; collective): rank 0 restores it, then
+    /// broadcasts the parameters, the whole optimizer state vector by vector (each rank keeps its
+    /// shard), the objective's state and the position. Only rank 0 reads the checkpoint, so the
+    /// other ranks need not see its filesystem, and a process of several ranks reads it once.
+    pub fn restore_shared(
+        &mut self,
+        loaded: Option<&checkpoint::Loaded>,
+        group: &dyn anneal_dist::Communicator,
+    ) -> Result<()> {
+        use anneal_dist::{f32_to_words, words_to_f32};
+        let lead = group.rank() == 0;
+        if lead != loaded.is_some() {
+            anyhow::bail!("restore_shared: rank 0, and only rank 0, holds the checkpoint");
+        }
+        if let Some(loaded) = loaded {
+            self.restore(loaded)?;
+        }
+        let params = self.model.params();
+        for (name, t) in params.named() {
+            let values = group.broadcast(if lead { t.to_vec_f32() } else { Vec::new() }, 0)?;
+            if !lead {
+                let id = params.id(&name)?;
+                params.set(id, &anneal_tensor::Tensor::from_f32(values, t.shape())?)?;
+            }
+        }
+        let position = group.broadcast(words_to_f32([self.step, self.tokens_seen]), 0)?;
+        let position: Vec<u64> = f32_to_words(&position).collect();
+        // Rank 0's whole optimizer state, one vector at a time, under the names every rank's
+        // optimizer keeps.
+        let whole = match loaded {
+            Some(loaded) => checkpoint::optimizer_state(params, loaded)?,
+            None => Default::default(),
+        };
+        let names: Vec<String> = self
+            .optimizer
+            .state(params)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let mut state = std::collections::HashMap::new();
+        for name in names {
+            let mine = whole.get(&name).cloned().unwrap_or_default();
+            state.insert(name, group.broadcast(mine, 0)?);
+        }
+        drop(whole);
+        if !lead {
+            self.strategy.restore_optimizer_state(
+                &*self.model,
+                &mut *self.optimizer,
+                position[0],
+                &state,
+            )?;
+        }
+        drop(state);
+        let mut objective = std::collections::HashMap::new();
+        for (name, values) in self.objective.state() {
+            objective.insert(name, group.broadcast(values, 0)?);
+        }
+        if !lead {
+            self.objective.load_state(&objective)?;
+            self.step = position[0];
+            self.tokens_seen = position[1];
+        }
+        Ok(())
+    }
 }
 
 /// A GPT pretraining trainer as `config` describes it (model, AdamW, causal LM, one device),

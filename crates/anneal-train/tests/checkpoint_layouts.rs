@@ -3,7 +3,9 @@
 //! uninterrupted run does (losses within 1e-4 relative), and a checkpoint saved under ZeRO-2 on
 //! 4 ranks, loaded under hybrid ZeRO-1 (2 replicas × 2) and saved, then loaded under ZeRO-2 again
 //! and saved, holds parameters and optimizer state bitwise equal to the original (the round trip
-//! of DeepSpeed's universal-checkpoint test).
+//! of DeepSpeed's universal-checkpoint test). The round trip reads each checkpoint on rank 0 only
+//! and hands it to the others (`Trainer::restore_shared`); training on from it matches every rank
+//! reading it (`Trainer::restore`).
 
 use std::path::{Path, PathBuf};
 
@@ -86,12 +88,14 @@ fn state(config: &RunConfig) -> TrainerState {
 fn on_ranks<T: Send>(
     ranks: usize,
     layout: &[&str],
-    f: impl Fn(&mut Trainer) -> anyhow::Result<T> + Sync,
+    f: impl Fn(&mut Trainer, &dyn Communicator) -> anyhow::Result<T> + Sync,
 ) -> T {
     let config = config(layout);
     let mut results = local::run(ranks, |comm| {
+        // A copy of the world for the test's own collectives; the trainer takes the world.
+        let group = comm.split(0, comm.rank()).map_err(|e| e.to_string())?;
         let mut t = trainer(&config, Some(Box::new(comm)));
-        f(&mut t).map_err(|e| format!("{e:#}"))
+        f(&mut t, group.as_ref()).map_err(|e| format!("{e:#}"))
     })
     .unwrap();
     results.swap_remove(0)
@@ -108,8 +112,34 @@ fn reshard(
     from: &Path,
     root: &Path,
     config: &RunConfig,
+    group: &dyn Communicator,
 ) -> anyhow::Result<Option<PathBuf>> {
-    t.restore(&checkpoint::load(from)?)?;
+    // Only rank 0 reads the checkpoint; the others receive it.
+    let loaded = match group.rank() {
+        0 => Some(checkpoint::load(from)?),
+        _ => None,
+    };
+    t.restore_shared(loaded.as_ref(), group)?;
+    // Every rank now holds rank 0's parameters and step.
+    let params: Vec<f32> = t
+        .model()
+        .params()
+        .named()
+        .iter()
+        .flat_map(|(_, p)| p.to_vec_f32())
+        .chain([t.steps() as f32])
+        .collect();
+    let all = group.all_gather(params.clone())?;
+    for (r, theirs) in all.chunks(params.len()).enumerate() {
+        anyhow::ensure!(
+            theirs
+                .iter()
+                .zip(&params)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "rank {r} restored other parameters than rank {}",
+            group.rank()
+        );
+    }
     t.save(root, state(config))
 }
 
@@ -122,7 +152,7 @@ fn a_data_parallel_run_resumes_on_one_device() {
 
     let root = tempfile::tempdir().unwrap();
     let dp = config(&["parallel.dp=2"]);
-    let (first, saved) = on_ranks(2, &["parallel.dp=2"], |t| {
+    let (first, saved) = on_ranks(2, &["parallel.dp=2"], |t, _| {
         let losses = train(t, 20)?;
         Ok((losses, t.save(root.path(), state(&dp))?))
     });
@@ -146,17 +176,17 @@ fn checkpoints_reshard_across_layouts_bit_for_bit() {
     let zero2 = ["parallel.zero=2"];
     let hybrid = ["parallel.zero=1", "parallel.dp=2", "parallel.sharding=2"];
     let (a_config, b_config) = (config(&zero2), config(&hybrid));
-    let a = on_ranks(4, &zero2, |t| {
+    let a = on_ranks(4, &zero2, |t, _| {
         train(t, 3)?;
         t.save(&root.path().join("a"), state(&a_config))
     })
     .unwrap();
-    let b = on_ranks(4, &hybrid, |t| {
-        reshard(t, &a, &root.path().join("b"), &b_config)
+    let b = on_ranks(4, &hybrid, |t, g| {
+        reshard(t, &a, &root.path().join("b"), &b_config, g)
     })
     .unwrap();
-    let a2 = on_ranks(4, &zero2, |t| {
-        reshard(t, &b, &root.path().join("a2"), &a_config)
+    let a2 = on_ranks(4, &zero2, |t, g| {
+        reshard(t, &b, &root.path().join("a2"), &a_config, g)
     })
     .unwrap();
     let original = checkpoint::load(&a).unwrap();
@@ -184,7 +214,7 @@ fn checkpoints_reshard_across_layouts_bit_for_bit() {
     }
     // And training goes on from the round trip as from the original.
     let go_on = |from: &Path| {
-        on_ranks(4, &zero2, |t| {
+        on_ranks(4, &zero2, |t, _| {
             t.restore(&checkpoint::load(from)?)?;
             train(t, 2)
         })
