@@ -476,9 +476,9 @@ fn worker(b: &GptBench) -> Result<Measurement> {
 }
 
 /// Random token windows over the benchmark vocabulary, with a fixed next-token rule as targets.
-struct RandomTokens {
-    vocab: usize,
-    seq: usize,
+pub(crate) struct RandomTokens {
+    pub(crate) vocab: usize,
+    pub(crate) seq: usize,
 }
 
 impl BatchSource for RandomTokens {
@@ -503,7 +503,7 @@ impl BatchSource for RandomTokens {
 
 /// The benchmark model in a [`Trainer`], one training step at a time: the same step
 /// `anneal pretrain` runs.
-struct Stepper {
+pub(crate) struct Stepper {
     trainer: Trainer,
     batch: usize,
     seq: usize,
@@ -524,7 +524,13 @@ impl Stepper {
             DTypeChoice::Bf16 => DType::BF16,
             DTypeChoice::Both => bail!("a worker measures one dtype"),
         };
-        let cfg = config(b, dtype);
+        Stepper::for_model(config(b, dtype), b.batch)
+    }
+
+    /// The benchmark's training step (PyTorch's AdamW settings, a constant learning rate, no
+    /// clipping, random tokens) for the GPT `cfg` at `batch` sequences.
+    pub(crate) fn for_model(cfg: GptConfig, batch: usize) -> Result<Stepper> {
+        let (vocab, seq) = (cfg.vocab_size, cfg.block_size);
         let base_rss_mb = rss_mb();
         let model = Gpt::new(cfg.clone(), 1337)?;
         // As bench/torch_gpt.py: PyTorch's β₂, decay 0.1, a constant learning rate, no clipping.
@@ -542,10 +548,7 @@ impl Stepper {
             objective: Box::new(CausalLm),
             optimizer: Box::new(optimizer),
             strategy: Box::new(SingleDevice),
-            source: Box::new(RandomTokens {
-                vocab: b.vocab,
-                seq: b.seq,
-            }),
+            source: Box::new(RandomTokens { vocab, seq }),
             seed: 0,
             schedule: CosineSchedule {
                 max_lr: lr,
@@ -553,15 +556,15 @@ impl Stepper {
                 warmup_steps: 0,
                 decay_steps: 1,
             },
-            batch_size: b.batch,
+            batch_size: batch,
             grad_accum: 1,
             grad_clip: 0.0,
         });
         trainer.measure_grad_norm = false;
         Ok(Stepper {
             trainer,
-            batch: b.batch,
-            seq: b.seq,
+            batch,
+            seq,
             cfg,
             base_rss_mb,
             forward_live: 0,
@@ -570,7 +573,7 @@ impl Stepper {
 
     /// One [`Trainer::step`] on a fresh random batch; returns its phases and loss.
     /// `after_forward` runs between forward and backward, outside the timed phases.
-    fn step(&mut self, after_forward: &mut dyn FnMut()) -> Result<(Phases, f32)> {
+    pub(crate) fn step(&mut self, after_forward: &mut dyn FnMut()) -> Result<(Phases, f32)> {
         let forward_live = &mut self.forward_live;
         let out = self.trainer.step_with(&mut || {
             *forward_live = (*forward_live).max(anneal_tensor::memory_stats().live_bytes);

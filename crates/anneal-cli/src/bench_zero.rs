@@ -6,7 +6,6 @@
 //! one process per rank, where the allocator's peak is that rank's alone, or with `--ranks N` as
 //! threads of one process (the peak is then the process's).
 
-use anneal_data::{Batch, BatchSource, Sampler, Stream, TokenWindows};
 use anneal_dist::Communicator;
 use anneal_plan::memory::{model_states, DtypePolicy};
 use anneal_train::trainer::pretraining_on;
@@ -39,31 +38,6 @@ pub struct ZeroBench {
     pub threads: usize,
 }
 
-/// Random token windows.
-struct Random {
-    vocab: usize,
-    seq: usize,
-}
-
-impl BatchSource for Random {
-    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
-        let n = batch * (self.seq + 1);
-        let tokens: Vec<u64> =
-            sampler.offsets(Stream::Sample, &[step, micro], n, self.vocab as u64);
-        let (mut ids, mut targets) = (Vec::new(), Vec::new());
-        for row in tokens.chunks(self.seq + 1) {
-            ids.extend(row[..self.seq].iter().map(|&t| t as u32));
-            targets.extend(row[1..].iter().map(|&t| t as i64));
-        }
-        Batch::Tokens(TokenWindows {
-            ids,
-            targets,
-            batch,
-            seq: self.seq,
-        })
-    }
-}
-
 /// One rank's measured bytes: parameters, gradients, optimizer state, tensor-storage peak.
 fn measure(b: &ZeroBench, stage: u8, world: &dyn Communicator) -> Result<[f64; 4]> {
     let ranks = world.size();
@@ -80,7 +54,7 @@ fn measure(b: &ZeroBench, stage: u8, world: &dyn Communicator) -> Result<[f64; 4
     world.barrier()?;
     anneal_tensor::reset_peak_memory();
     let before = anneal_tensor::memory_stats().live_bytes;
-    let source = Random {
+    let source = crate::bench::RandomTokens {
         vocab: b.vocab,
         seq: b.seq,
     };

@@ -155,9 +155,7 @@ fn sustained_gflops(
     batch: usize,
     memory: f64,
 ) -> Result<(f64, String)> {
-    use anneal_nn::{Gpt, GptConfig};
-    use anneal_tensor::optim::{AdamW, AdamWConfig};
-    use anneal_tensor::Optimizer;
+    use anneal_nn::GptConfig;
     // Parameters, gradients and Adam moments, and a generous allowance for activations.
     let needs =
         16.0 * model.params() + 40.0 * (batch * model.seq * model.hidden * model.layers) as f64;
@@ -185,17 +183,12 @@ fn sustained_gflops(
         "anneal bench gpt's workload".to_string()
     };
     anneal_tensor::with_threads(threads, || -> Result<(f64, String)> {
-        let gpt = Gpt::new(cfg.clone(), 0)?;
-        let mut opt = AdamW::new(&gpt.params, AdamWConfig::DEFAULT);
         let (t, v) = (cfg.block_size, cfg.vocab_size);
-        let ids: Vec<u32> = (0..b * t).map(|i| (i * 7 % v) as u32).collect();
-        let targets: Vec<i64> = (0..b * t).map(|i| ((i * 7 + 3) % v) as i64).collect();
+        let mut stepper = crate::bench::Stepper::for_model(cfg.clone(), b)?;
         let mut times = Vec::new();
         for i in 0..4 {
             let began = std::time::Instant::now();
-            gpt.params.zero_grad();
-            gpt.loss(&ids, &targets, b, t, None)?.backward()?;
-            opt.step(&gpt.params, 1e-4);
+            stepper.step(&mut || {})?;
             if i > 0 {
                 times.push(began.elapsed().as_secs_f64());
             }

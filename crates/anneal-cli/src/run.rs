@@ -96,6 +96,25 @@ fn print_summary(s: &RunSummary) {
     }
 }
 
+/// Where `--resume` says to start.
+fn resume_of(a: &PretrainArgs) -> Resume {
+    match a.resume.as_deref() {
+        None => Resume::No,
+        Some("latest") => Resume::Latest,
+        Some(dir) => Resume::From(PathBuf::from(dir)),
+    }
+}
+
+/// Prints a run's summary and writes it beside the run as `summary.json`.
+fn report_run(config: &RunConfig, summary: &RunSummary) -> Result<()> {
+    print_summary(summary);
+    std::fs::write(
+        config.train.out_dir.join("summary.json"),
+        serde_json::to_string_pretty(summary)?,
+    )?;
+    Ok(())
+}
+
 /// `anneal pretrain`.
 pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let config = RunConfig::load(a.config.as_deref(), &a.overrides)?;
@@ -106,11 +125,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     if anneal_dist::launched_by_mpi() {
         return pretrain_mpi(config, a);
     }
-    let resume = match a.resume.as_deref() {
-        None => Resume::No,
-        Some("latest") => Resume::Latest,
-        Some(dir) => Resume::From(PathBuf::from(dir)),
-    };
+    let resume = resume_of(&a);
     let opts = RunOptions {
         resume,
         progress: progress_bar(a.quiet),
@@ -119,12 +134,7 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         ranks: a.ranks,
     };
     let summary = train(&config, &opts)?;
-    print_summary(&summary);
-    let out = &config.train.out_dir;
-    std::fs::write(
-        out.join("summary.json"),
-        serde_json::to_string_pretty(&summary)?,
-    )?;
+    report_run(&config, &summary)?;
     if summary.interrupted {
         std::process::exit(130);
     }
@@ -146,11 +156,7 @@ fn pretrain_mpi(config: RunConfig, a: PretrainArgs) -> Result<()> {
     anneal_dist::mpi::abort_on_panic();
     let world = anneal_dist::mpi::init()?;
     let rank = world.rank();
-    let resume = match a.resume.as_deref() {
-        None => Resume::No,
-        Some("latest") => Resume::Latest,
-        Some(dir) => Resume::From(PathBuf::from(dir)),
-    };
+    let resume = resume_of(&a);
     let opts = RunOptions {
         resume,
         progress: if rank == 0 {
@@ -168,11 +174,7 @@ fn pretrain_mpi(config: RunConfig, a: PretrainArgs) -> Result<()> {
     let outcome =
         anneal_train::pretrain::train_rank(&config, &opts, Box::new(world)).and_then(|summary| {
             if rank == 0 {
-                print_summary(&summary);
-                std::fs::write(
-                    config.train.out_dir.join("summary.json"),
-                    serde_json::to_string_pretty(&summary)?,
-                )?;
+                report_run(&config, &summary)?;
             }
             Ok(summary)
         });

@@ -327,8 +327,6 @@ struct Bucket {
     /// Parameters in the bucket, and those whose gradient is not final yet in this backward.
     params: usize,
     pending: usize,
-    /// The bucket's gradients, copied in by the hooks as they become final.
-    staging: Vec<f32>,
     started: Option<anneal_dist::Handle<Vec<f32>>>,
 }
 
@@ -375,50 +373,40 @@ impl DataParallel {
         }
         let mut buckets: Vec<Bucket> = Vec::new();
         let mut members = Vec::new();
-        let ranges: Vec<_> = params
-            .infos()
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.grad_offset.map(|g| (i, g..g + p.len)))
-            .collect();
-        for (id, range) in ranges.into_iter().rev() {
+        for (id, p) in params.infos().iter().enumerate().rev() {
+            let Some(g) = p.grad_offset else { continue };
+            let range = g..g + p.len;
             match buckets.last_mut() {
                 Some(b) if b.range.len() < self.bucket_floats && b.range.start == range.end => {
                     b.range.start = range.start;
                     b.params += 1;
+                    b.pending += 1;
                 }
                 _ => buckets.push(Bucket {
-                    range: range.clone(),
+                    range,
                     params: 1,
                     pending: 1,
-                    staging: Vec::new(),
                     started: None,
                 }),
             }
-            members.push((id, buckets.len() - 1, range));
+            members.push((id, buckets.len() - 1));
         }
-        for b in &mut buckets {
-            b.pending = b.params;
-        }
-        for (id, bucket, range) in members {
+        for (id, bucket) in members {
             let (state, comm, bf16) = (self.overlap.clone(), self.comm.clone(), self.bf16);
+            let grads = params.grads().clone();
             params
                 .get(anneal_tensor::ParamId(id))
-                .register_grad_hook(move |grad| {
+                .register_grad_hook(move |_| {
                     let mut st = state.lock().unwrap_or_else(|e| e.into_inner());
                     if !st.armed {
                         return;
                     }
                     let b = &mut st.buckets[bucket];
-                    if b.staging.len() != b.range.len() {
-                        b.staging = vec![0.0; b.range.len()];
-                    }
-                    let at = range.start - b.range.start;
-                    let g = grad.to_vec_f32();
-                    b.staging[at..at + g.len()].copy_from_slice(&g);
                     b.pending -= 1;
                     if b.pending == 0 {
-                        let buf = std::mem::take(&mut b.staging);
+                        // Every gradient of the bucket is final: one copy of its range.
+                        let mut buf = vec![0.0; b.range.len()];
+                        grads.read().read_range_f32(b.range.start, &mut buf);
                         // A failed start is met again, and reported, when the bucket is waited on.
                         b.started = mean_start(&comm, buf, bf16).ok();
                         st.started_in_backward += 1;

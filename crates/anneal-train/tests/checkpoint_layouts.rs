@@ -9,59 +9,34 @@
 
 use std::path::{Path, PathBuf};
 
-use anneal_data::{Batch, BatchSource, Sampler, Stream, TokenWindows};
 use anneal_dist::{local, Communicator};
 use anneal_train::checkpoint::{self, TrainerState};
 use anneal_train::trainer::{pretraining_on, Trainer};
 use anneal_train::RunConfig;
 
+mod common;
+
+use common::{tiny_config, TokenStream};
+
 const VOCAB: usize = 11;
-const SEQ: usize = 8;
-
-/// Windows of a fixed pseudo-random token stream at sampled offsets.
-struct Stream11;
-
-impl BatchSource for Stream11 {
-    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
-        let offsets = sampler.offsets(Stream::Sample, &[step, micro], batch, 500);
-        let token = |i: u64| ((i * 7 + i / 5 * 3) % VOCAB as u64) as u32;
-        let ids = offsets
-            .iter()
-            .flat_map(|&o| (o..o + SEQ as u64).map(token))
-            .collect();
-        let targets = offsets
-            .iter()
-            .flat_map(|&o| (o + 1..o + SEQ as u64 + 1).map(|i| token(i) as i64))
-            .collect();
-        Batch::Tokens(TokenWindows {
-            ids,
-            targets,
-            batch,
-            seq: SEQ,
-        })
-    }
-}
 
 /// A tiny GPT's run config under the layout `parallel` (`section.key=value` settings).
 fn config(parallel: &[&str]) -> RunConfig {
-    let mut sets: Vec<String> = [
-        "model.n_layer=2",
-        "model.n_head=2",
-        "model.n_embd=16",
-        "model.block_size=8",
+    let base = [
         "train.batch_size=8",
         "train.max_steps=40",
         "train.warmup_steps=5",
         "train.lr=1e-2",
-    ]
-    .map(String::from)
-    .to_vec();
-    sets.extend(parallel.iter().map(|s| s.to_string()));
-    RunConfig::load(None, &sets).unwrap()
+    ];
+    tiny_config(&base, parallel)
 }
 
 fn trainer(config: &RunConfig, world: Option<Box<dyn Communicator>>) -> Trainer {
-    pretraining_on(config, VOCAB, Box::new(Stream11), world).unwrap()
+    let source = TokenStream {
+        vocab: VOCAB,
+        span: 500,
+    };
+    pretraining_on(config, VOCAB, Box::new(source), world).unwrap()
 }
 
 fn state(config: &RunConfig) -> TrainerState {

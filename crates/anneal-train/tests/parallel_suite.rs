@@ -20,7 +20,6 @@
 //!
 //! Each check prints a line; a failed check panics (and, under MPI, ends the job).
 
-use anneal_data::{Batch, BatchSource, Sampler, Stream, TokenWindows};
 use anneal_dist::{local, Communicator, Handle, Reduce};
 use anneal_plan::comm::{Collective, Group};
 use anneal_train::trainer::pretraining_on;
@@ -29,41 +28,24 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod common;
+
+use common::{tiny_config, TokenStream};
+
 const VOCAB: usize = 13;
-const SEQ: usize = 8;
 const STEPS: u64 = 10;
 const CLIP: f64 = 0.05;
 
-/// Windows of a fixed pseudo-random token stream at sampled offsets.
-struct Tokens;
-
-impl BatchSource for Tokens {
-    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
-        let offsets = sampler.offsets(Stream::Sample, &[step, micro], batch, 400);
-        let token = |i: u64| ((i * 7 + i / 5 * 3) % VOCAB as u64) as u32;
-        let ids = offsets
-            .iter()
-            .flat_map(|&o| (o..o + SEQ as u64).map(token))
-            .collect();
-        let targets = offsets
-            .iter()
-            .flat_map(|&o| (o + 1..o + SEQ as u64 + 1).map(|i| token(i) as i64))
-            .collect();
-        Batch::Tokens(TokenWindows {
-            ids,
-            targets,
-            batch,
-            seq: SEQ,
-        })
-    }
+/// The suite's token stream.
+fn tokens() -> Box<TokenStream> {
+    Box::new(TokenStream {
+        vocab: VOCAB,
+        span: 400,
+    })
 }
 
 fn config(extra: &[&str]) -> RunConfig {
-    let mut sets: Vec<String> = [
-        "model.n_layer=2",
-        "model.n_head=2",
-        "model.n_embd=16",
-        "model.block_size=8",
+    let base = [
         // Without biases: the key bias cannot change a softmax, so its true gradient is zero and
         // any computation's is rounding noise, which Adam turns into steps of ±lr.
         "model.bias=false",
@@ -73,19 +55,31 @@ fn config(extra: &[&str]) -> RunConfig {
         "train.warmup_steps=2",
         "train.lr=1e-2",
         "train.grad_clip=0.05",
-    ]
-    .map(String::from)
-    .to_vec();
-    sets.extend(extra.iter().map(|s| s.to_string()));
-    RunConfig::load(None, &sets).expect("a valid config")
+    ];
+    tiny_config(&base, extra)
 }
+
+/// The 4-rank layouts checked, by name.
+const LAYOUTS: [(&str, &[&str]); 5] = [
+    ("data parallel ×4", &[]),
+    ("ZeRO-1 ×4", &["parallel.zero=1"]),
+    ("ZeRO-2 ×4", &["parallel.zero=2"]),
+    (
+        "dp 2 × ZeRO-1 sharding 2",
+        &["parallel.zero=1", "parallel.sharding=2"],
+    ),
+    (
+        "dp 2 × ZeRO-2 sharding 2",
+        &["parallel.zero=2", "parallel.sharding=2"],
+    ),
+];
 
 /// Losses of every step and the final parameters.
 type Trained = (Vec<f64>, Vec<f32>);
 
 /// Trains `config` on one device (`group` `None`) or on the ranks of `group`.
 fn train(config: &RunConfig, group: Option<Box<dyn Communicator>>) -> anyhow::Result<Trained> {
-    let mut trainer = pretraining_on(config, VOCAB, Box::new(Tokens), group)?;
+    let mut trainer = pretraining_on(config, VOCAB, tokens(), group)?;
     let mut losses = Vec::new();
     for _ in 0..STEPS {
         let out = trainer.step()?;
@@ -158,21 +152,8 @@ fn layouts_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
         "it learns: {:?}",
         one.0
     );
-    let layouts: [(&str, &[&str]); 5] = [
-        ("data parallel ×4", &[]),
-        ("ZeRO-1 ×4", &["parallel.zero=1"]),
-        ("ZeRO-2 ×4", &["parallel.zero=2"]),
-        (
-            "dp 2 × ZeRO-1 sharding 2",
-            &["parallel.zero=1", "parallel.sharding=2"],
-        ),
-        (
-            "dp 2 × ZeRO-2 sharding 2",
-            &["parallel.zero=2", "parallel.sharding=2"],
-        ),
-    ];
     let mut runs = Vec::new();
-    for (name, sets) in layouts {
+    for (name, sets) in LAYOUTS {
         let got = train(&config(sets), Some(copy(world)?))?;
         close(name, &got, &one);
         replicas_agree(name, world, &got.1)?;
@@ -338,18 +319,7 @@ impl Communicator for Counted {
 }
 
 fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Result<()> {
-    let layouts: [(&str, &[&str]); 7] = [
-        ("data parallel ×4", &[]),
-        ("ZeRO-1 ×4", &["parallel.zero=1"]),
-        ("ZeRO-2 ×4", &["parallel.zero=2"]),
-        (
-            "dp 2 × ZeRO-1 sharding 2",
-            &["parallel.zero=1", "parallel.sharding=2"],
-        ),
-        (
-            "dp 2 × ZeRO-2 sharding 2",
-            &["parallel.zero=2", "parallel.sharding=2"],
-        ),
+    let bf16: [(&str, &[&str]); 2] = [
         ("data parallel ×4, bf16", &["parallel.grad_dtype=bf16"]),
         (
             "dp 2 × ZeRO-2 sharding 2, bf16",
@@ -360,7 +330,7 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             ],
         ),
     ];
-    for (name, sets) in layouts {
+    for (name, sets) in LAYOUTS.into_iter().chain(bf16) {
         let config = config(sets);
         let layout = config.layout(world.size())?;
         let tally = Tally::default();
@@ -370,8 +340,7 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             splits: AtomicUsize::new(0),
             tally: tally.clone(),
         };
-        let mut trainer =
-            pretraining_on(&config, VOCAB, Box::new(Tokens), Some(Box::new(counted)))?;
+        let mut trainer = pretraining_on(&config, VOCAB, tokens(), Some(Box::new(counted)))?;
         tally.lock().unwrap().clear();
         let out = trainer.step()?;
         let trainable = trainer.model().params().trainable_numel();

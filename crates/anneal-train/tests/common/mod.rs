@@ -1,0 +1,53 @@
+//! Helpers shared by the parallel-training tests: a token source and a tiny GPT's run config.
+#![allow(dead_code)]
+
+use anneal_data::{Batch, BatchSource, Sampler, Stream, TokenWindows};
+use anneal_train::RunConfig;
+
+/// Context length of the tiny GPT.
+pub const SEQ: usize = 8;
+
+/// Windows of `SEQ` tokens of a fixed pseudo-random stream over `vocab` tokens, at offsets drawn
+/// from `0..span`.
+pub struct TokenStream {
+    pub vocab: usize,
+    pub span: u64,
+}
+
+impl BatchSource for TokenStream {
+    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
+        let offsets = sampler.offsets(Stream::Sample, &[step, micro], batch, self.span);
+        let vocab = self.vocab as u64;
+        let token = |i: u64| ((i * 7 + i / 5 * 3) % vocab) as u32;
+        let ids = offsets
+            .iter()
+            .flat_map(|&o| (o..o + SEQ as u64).map(token))
+            .collect();
+        let targets = offsets
+            .iter()
+            .flat_map(|&o| (o + 1..o + SEQ as u64 + 1).map(|i| token(i) as i64))
+            .collect();
+        Batch::Tokens(TokenWindows {
+            ids,
+            targets,
+            batch,
+            seq: SEQ,
+        })
+    }
+}
+
+/// A 2-layer, 16-wide GPT's run config: `base` settings, then `extra` (`section.key=value`).
+pub fn tiny_config(base: &[&str], extra: &[&str]) -> RunConfig {
+    let sets: Vec<String> = [
+        "model.n_layer=2",
+        "model.n_head=2",
+        "model.n_embd=16",
+        "model.block_size=8",
+    ]
+    .iter()
+    .chain(base)
+    .chain(extra)
+    .map(|s| s.to_string())
+    .collect();
+    RunConfig::load(None, &sets).expect("a valid config")
+}
