@@ -289,6 +289,49 @@ pub trait Communicator: Send + Sync {
             reduce_in_rank_order("reduce_scatter_bf16", parts, op)
         }))
     }
+
+    /// Starts a reduce-scatter of parts of any length: `buf` (the same length on every rank) is
+    /// cut into consecutive parts of `counts[j]` values (the same counts on every rank), and
+    /// rank j receives the reduction of every rank's j-th part, as f32 or, with `bf16`, sent as
+    /// bf16 (half the bytes). Composed as an all-to-all and a sum in rank order, so each value
+    /// is the same bits as an all-reduce's. ZeRO-2 reduces gradient buckets this way: a
+    /// bucket's parts are where it meets each rank's shard.
+    fn reduce_scatter_v_start(
+        &self,
+        mut buf: Vec<f32>,
+        counts: &[usize],
+        op: Reduce,
+        bf16: bool,
+    ) -> Result<Handle<Vec<f32>>> {
+        let n = self.size();
+        if counts.len() != n || counts.iter().sum::<usize>() != buf.len() {
+            return Err(Error::Invalid {
+                op: "reduce_scatter_v",
+                reason: format!(
+                    "{} counts summing to {} for {} values on {n} ranks",
+                    counts.len(),
+                    counts.iter().sum::<usize>(),
+                    buf.len()
+                ),
+            });
+        }
+        let mine = counts[self.rank()];
+        let mut parts = Vec::with_capacity(n);
+        for &c in counts.iter().rev() {
+            let tail = buf.split_off(buf.len() - c);
+            parts.push(if bf16 { bf16::pack(&tail) } else { tail });
+        }
+        drop(buf);
+        parts.reverse();
+        let exchanged = self.all_to_all_start(parts)?;
+        Ok(Handle::new(move || {
+            let mut got = exchanged.wait()?;
+            if bf16 {
+                got = got.iter().map(|p| bf16::unpack(p, mine)).collect();
+            }
+            reduce_in_rank_order("reduce_scatter_v", got, op)
+        }))
+    }
 }
 
 /// An all-reduce over `group` with the values sent as bf16 (half the bytes of

@@ -487,6 +487,40 @@ mod tests {
     }
 
     #[test]
+    fn reduce_scatter_of_uneven_parts_is_the_all_reduce_bitwise() {
+        // Parts of 5, 0, 4 and 3 values: each rank gets its part of the all-reduce, same bits,
+        // sent as f32; sent as bf16, the reduction of the bf16-rounded values.
+        let counts = [5, 0, 4, 3];
+        let out = run(4, |c| {
+            let full = c.all_reduce(values(c.rank(), 12), Reduce::Mean)?;
+            let mine = c
+                .reduce_scatter_v_start(values(c.rank(), 12), &counts, Reduce::Mean, false)?
+                .wait()?;
+            let half = c
+                .reduce_scatter_v_start(values(c.rank(), 12), &counts, Reduce::Sum, true)?
+                .wait()?;
+            let bad = c.reduce_scatter_v_start(values(c.rank(), 12), &[6, 6], Reduce::Sum, false);
+            assert!(matches!(bad, Err(Error::Invalid { .. })));
+            Ok::<_, Error>((c.rank(), full, mine, half))
+        })
+        .unwrap();
+        for (rank, full, mine, half) in out {
+            let start: usize = counts[..rank].iter().sum();
+            let want = &full[start..start + counts[rank]];
+            assert_eq!(
+                mine.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+            );
+            let rounded = |r: usize, i: usize| half::bf16::from_f32(values(r, 12)[i]).to_f32();
+            for (k, got) in half.iter().enumerate() {
+                let i = start + k;
+                let sum = (0..4).fold(0.0f32, |s, r| s + rounded(r, i));
+                assert_eq!(got.to_bits(), sum.to_bits(), "rank {rank} value {k}");
+            }
+        }
+    }
+
+    #[test]
     fn broadcast_all_to_all_and_point_to_point() {
         let out = run(3, |c| {
             let b = c.broadcast(vec![c.rank() as f32; 2], 1)?;

@@ -10,13 +10,17 @@
 //! |---|---|---|
 //! | 0 | all-reduce Ψ·g | — |
 //! | 1 | all-reduce Ψ·g; all-gather s·4 | all-reduce Ψ·g |
-//! | 2 | reduce-scatter n·s·g; all-gather s·4 (+ s/a·8 for the gradient norm) | all-reduce s·g |
+//! | 2 | all-to-all Ψ·g per micro-batch; all-gather s·4 (+ s/a·8 for the gradient norm) | all-reduce s·g |
 //!
 //! plus, on every group, an all-reduce of the step's loss and its k metrics, 4(1 + k) bytes
 //! (ZeRO stages 1 and 2 store parameters in f32, so their all-gathers move 4-byte values). The
 //! volumes match the ZeRO paper's accounting (Rajbhandari et al. 2020, §7.2): stage 1 and 2 move
 //! what an all-reduce moves, a reduce-scatter of the gradients and an all-gather of the
-//! parameters.
+//! parameters. ZeRO-2's reduce-scatter runs bucket by bucket as backward finishes each, every
+//! micro-batch (the rank holds only its shard of the gradients between micro-batches): each
+//! bucket is cut where it meets the ranks' shards and the parts exchanged by an all-to-all, so
+//! it hands Ψ·g bytes per micro-batch, unpadded (bf16 parts of an even length, as every
+//! parameter of an even size gives, pack exactly two values to a word).
 
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +59,13 @@ pub struct DataLayout {
     pub bf16_gradients: bool,
     /// Shards hold whole multiples of this many elements.
     pub align: usize,
+    /// Micro-batches per step (gradient accumulation); ZeRO-2 reduces each.
+    #[serde(default = "one")]
+    pub micro_batches: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Bytes one rank hands to `collective` on `group` in one step.
@@ -123,12 +134,12 @@ pub fn step_payload(
             }
         }
         _ => {
-            let padded = (n * s) as f64;
-            if layout.bf16_gradients {
-                add(Group::Sharding, AllToAll, 2.0 * padded);
-            } else {
-                add(Group::Sharding, ReduceScatter, 4.0 * padded);
-            }
+            let g = if layout.bf16_gradients { 2.0 } else { 4.0 };
+            add(
+                Group::Sharding,
+                AllToAll,
+                g * psi * layout.micro_batches.max(1) as f64,
+            );
             if replicas {
                 all_reduce(&mut add, Group::Replicas, s as f64, layout.dp);
             }
@@ -172,6 +183,7 @@ mod tests {
             zero,
             bf16_gradients: false,
             align: 1,
+            micro_batches: 1,
         };
         let psi = 1_000_000;
         let dp = step_payload(
@@ -189,7 +201,20 @@ mod tests {
             4e6 + 4.0
         );
         let z2 = step_payload(psi, layout(2), 0, false);
-        assert_eq!(bytes(&z2, Group::Sharding, Collective::ReduceScatter), 4e6);
+        assert_eq!(bytes(&z2, Group::Sharding, Collective::AllToAll), 4e6);
+        let accumulated = step_payload(
+            psi,
+            DataLayout {
+                micro_batches: 3,
+                ..layout(2)
+            },
+            0,
+            false,
+        );
+        assert_eq!(
+            bytes(&accumulated, Group::Sharding, Collective::AllToAll),
+            12e6
+        );
         assert_eq!(bytes(&z2, Group::Sharding, Collective::AllGather), 1e6);
         let z1 = step_payload(psi, layout(1), 2, false);
         assert_eq!(

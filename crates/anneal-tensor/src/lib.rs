@@ -49,8 +49,8 @@ pub use ops::attention::AttentionOptions;
 pub use ops::dropout::DropoutKey;
 pub use ops::softmax::CrossEntropyOptions;
 pub use optim::Optimizer;
-pub use params::{ParamGroup, ParamId, ParamStore, ParamStoreBuilder};
-pub use storage::{memory_stats, reset_peak_memory, MemoryStats};
+pub use params::{GradBucket, ParamGroup, ParamId, ParamStore, ParamStoreBuilder};
+pub use storage::{memory_stats, reset_peak_memory, GradientBytes, MemoryStats};
 pub use tensor::Tensor;
 
 /// Where a tensor's storage lives. Only the CPU exists today; a CUDA backend adds a variant and

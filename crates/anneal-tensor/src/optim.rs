@@ -123,6 +123,13 @@ fn for_each_block(
     if master.version != store.version() {
         *master = master_copy(store);
     }
+    let held = store.held_grads();
+    assert!(
+        runs.iter()
+            .all(|r| held.start <= r.grad && r.grad + r.len <= held.end),
+        "the optimizer steps gradients this store does not hold (it holds {held:?}): shard the \
+         optimizer as the gradients are sharded"
+    );
     let grads = store.grads().read();
     let Buffer::F32(g) = &*grads else { return };
     let mut data = store.data().write();
@@ -140,7 +147,7 @@ fn for_each_block(
             .iter()
             .map(|s| unsafe { s.range(r.state, r.len) })
             .collect();
-        let g = &g[r.grad..r.grad + r.len];
+        let g = &g[r.grad - held.start..r.grad - held.start + r.len];
         crate::kernels::vectorized(|| match target {
             Target::F32(p) => update(r, unsafe { p.range(r.data, r.len) }, g, &mut st),
             Target::Master(m, store) => {

@@ -6,6 +6,11 @@
 //! state, which is laid out like it): freezing all but one block of a model cuts gradient and
 //! optimizer bytes in proportion. Trainable parameters belong to a [`ParamGroup`] that scales the
 //! learning rate and may set its own weight decay.
+//!
+//! Under ZeRO-2 a store's gradients are sharded ([`ParamStore::shard_gradients`]): the store
+//! holds one rank's shard of the gradient buffer, and backward accumulates into per-bucket
+//! storages that take memory only from the first gradient written into them until the strategy
+//! reduces them into the shards and releases them.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -46,6 +51,29 @@ pub struct ParamInfo {
 /// `max_norm / (norm + 1e-6)` when the norm exceeds `max_norm` (and is finite), else none.
 pub fn clip_factor(norm: f32, max_norm: f32) -> Option<f32> {
     (norm > max_norm && norm.is_finite()).then(|| max_norm / (norm + 1e-6))
+}
+
+/// A bucket of gradients: consecutive trainable parameters whose gradients are reduced together.
+#[derive(Clone, Debug)]
+pub struct GradBucket {
+    /// Its range of the gradient buffer's (state) order.
+    pub range: Range<usize>,
+    /// Its parameters.
+    pub params: Vec<ParamId>,
+    /// Where backward accumulates its gradients when the store's gradients are sharded (lazy:
+    /// allocated by the first gradient written, given back when reduced); `None` otherwise.
+    pub storage: Option<Arc<Storage>>,
+}
+
+/// Where a store keeps its gradients.
+enum GradHome {
+    /// One flat buffer over every trainable element.
+    Flat,
+    /// One rank's shard of the gradient buffer; backward accumulates into the buckets.
+    Sharded {
+        shard: Range<usize>,
+        buckets: Vec<GradBucket>,
+    },
 }
 
 /// Elements per chunk of the gradient norm's f64 partial sums ([`ParamStore::grad_norm`]).
@@ -119,7 +147,8 @@ impl ParamStoreBuilder {
             version: std::sync::atomic::AtomicU64::new(0),
             dtype,
             data,
-            grads: Arc::new(Storage::new(Buffer::zeros(DType::F32, 0))),
+            grads: Arc::new(Storage::gradient(0)),
+            home: GradHome::Flat,
             index: self
                 .infos
                 .iter()
@@ -154,7 +183,9 @@ pub struct ParamStore {
     version: std::sync::atomic::AtomicU64,
     dtype: DType,
     data: Arc<Storage>,
+    /// The gradients this store holds: all of them, or its shard ([`GradHome`]).
     grads: Arc<Storage>,
+    home: GradHome,
     infos: Vec<ParamInfo>,
     groups: Vec<ParamGroup>,
     /// Storage of each parameter held in its own dtype.
@@ -179,8 +210,87 @@ impl ParamStore {
             });
         }
         self.trainable = next;
-        self.grads = Arc::new(Storage::new(Buffer::zeros(DType::F32, next)));
+        self.grads = Arc::new(Storage::gradient(next));
+        self.home = GradHome::Flat;
         self.tensors = Arc::new((0..self.infos.len()).map(|i| self.make_tensor(i)).collect());
+    }
+
+    /// The trainable parameters grouped into buckets of about `bucket_floats` elements (at
+    /// least one parameter each), taken in reverse declaration order, roughly the order backward
+    /// finishes their gradients (PyTorch DDP's bucketing). Each bucket is a consecutive range of
+    /// the gradient buffer; the buckets are listed in the order they fill.
+    pub fn buckets(&self, bucket_floats: usize) -> Vec<GradBucket> {
+        let mut buckets: Vec<GradBucket> = Vec::new();
+        for (id, p) in self.infos.iter().enumerate().rev() {
+            let Some(g) = p.grad_offset else { continue };
+            let range = g..g + p.len;
+            match buckets.last_mut() {
+                Some(b) if b.range.len() < bucket_floats && b.range.start == range.end => {
+                    b.range.start = range.start;
+                    b.params.push(ParamId(id));
+                }
+                _ => buckets.push(GradBucket {
+                    range,
+                    params: vec![ParamId(id)],
+                    storage: None,
+                }),
+            }
+        }
+        buckets
+    }
+
+    /// Shards the gradients (ZeRO-2): the store keeps only `shard` of the gradient buffer
+    /// (what [`ParamStore::grads`] and the gradient methods then work on), and backward
+    /// accumulates each bucket of [`ParamStore::buckets`]`(bucket_floats)` into a storage of its
+    /// own that holds memory only once written. A strategy reduces each bucket into the ranks'
+    /// shards as backward finishes it ([`ParamStore::gradient_buckets`]). Freezing or unfreezing
+    /// lays the gradients out flat again. Takes effect for forwards run after the call.
+    pub fn shard_gradients(&mut self, shard: Range<usize>, bucket_floats: usize) -> Result<()> {
+        if shard.start > shard.end || shard.end > self.trainable {
+            return Err(invalid(
+                "ParamStore::shard_gradients",
+                format!(
+                    "{shard:?} is not within the {} trainable elements",
+                    self.trainable
+                ),
+            ));
+        }
+        let mut buckets = self.buckets(bucket_floats.max(1));
+        for b in &mut buckets {
+            b.storage = Some(Arc::new(Storage::lazy(b.range.len())));
+        }
+        self.grads = Arc::new(Storage::gradient(shard.len()));
+        self.home = GradHome::Sharded { shard, buckets };
+        self.tensors = Arc::new((0..self.infos.len()).map(|i| self.make_tensor(i)).collect());
+        Ok(())
+    }
+
+    /// The buckets backward accumulates into when the gradients are sharded (empty otherwise).
+    pub fn gradient_buckets(&self) -> &[GradBucket] {
+        match &self.home {
+            GradHome::Flat => &[],
+            GradHome::Sharded { buckets, .. } => buckets,
+        }
+    }
+
+    /// The range of the gradient buffer's order this store holds: every trainable element, or
+    /// its shard when the gradients are sharded.
+    pub fn held_grads(&self) -> Range<usize> {
+        match &self.home {
+            GradHome::Flat => 0..self.trainable,
+            GradHome::Sharded { shard, .. } => shard.clone(),
+        }
+    }
+
+    /// `range` (of the gradient buffer's order) as a range of the held buffer; panics, naming
+    /// both, when it is not held.
+    fn held(&self, range: Range<usize>) -> Range<usize> {
+        let held = self.held_grads();
+        assert!(
+            range.is_empty() || (held.start <= range.start && range.end <= held.end),
+            "gradients {range:?} are not held by this store (it holds {held:?})"
+        );
+        range.start.saturating_sub(held.start)..range.end.saturating_sub(held.start)
     }
 
     fn make_tensor(&self, i: usize) -> Tensor {
@@ -199,13 +309,18 @@ impl ParamStore {
         let Some(grad_offset) = p.grad_offset else {
             return value;
         };
-        let grad = Tensor::from_parts(
-            self.grads.clone(),
-            p.shape.clone(),
-            strides,
-            grad_offset,
-            Autograd::None,
-        );
+        let (storage, offset) = match &self.home {
+            GradHome::Flat => (self.grads.clone(), grad_offset),
+            GradHome::Sharded { buckets, .. } => {
+                let b = buckets
+                    .iter()
+                    .find(|b| b.range.contains(&grad_offset))
+                    .expect("every trainable parameter is in a bucket");
+                let storage = b.storage.clone().expect("sharded buckets have storage");
+                (storage, grad_offset - b.range.start)
+            }
+        };
+        let grad = Tensor::from_parts(storage, p.shape.clone(), strides, offset, Autograd::None);
         value.with_grad_buffer(grad)
     }
 
@@ -329,7 +444,8 @@ impl ParamStore {
         &self.data
     }
 
-    /// The flat f32 gradient buffer.
+    /// The f32 gradient buffer: over every trainable element, or over the shard
+    /// [`ParamStore::held_grads`] when the gradients are sharded.
     pub fn grads(&self) -> &Arc<Storage> {
         &self.grads
     }
@@ -390,10 +506,15 @@ impl ParamStore {
         self.infos[id.0].weight_decay = on;
     }
 
-    /// Zeroes every gradient.
+    /// Zeroes every gradient (sharded: the shard, and the buckets give their memory back).
     pub fn zero_grad(&self) {
         if let Buffer::F32(g) = &mut *self.grads.write() {
             g.fill(0.0);
+        }
+        for b in self.gradient_buckets() {
+            if let Some(s) = &b.storage {
+                s.release();
+            }
         }
     }
 
@@ -426,7 +547,17 @@ impl ParamStore {
                 let offset = p.grad_offset.ok_or_else(|| {
                     invalid(op, format!("{} is frozen and has no gradient", p.name))
                 })?;
-                (&*self.grads, offset)
+                let held = self.held_grads();
+                if offset < held.start || offset + p.len > held.end {
+                    return Err(invalid(
+                        op,
+                        format!(
+                            "the gradient of {} is not in this store's shard {held:?}",
+                            p.name
+                        ),
+                    ));
+                }
+                (&*self.grads, offset - held.start)
             }
             (Region::Value, Some(own)) => (&**own, 0),
             (Region::Value, None) => (&*self.data, p.offset),
@@ -498,13 +629,15 @@ impl ParamStore {
         self.version.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Every trainable parameter's gradient, flat in parameter order.
+    /// Every trainable parameter's gradient, flat in parameter order (the held shard when
+    /// sharded).
     pub fn grads_to_vec(&self) -> Vec<f32> {
         self.with_grads(<[f32]>::to_vec)
     }
 
     /// Runs `f` on the flat gradients of the trainable parameters, in parameter order, for
-    /// reading (a data-parallel strategy copies its buckets out of them).
+    /// reading (a data-parallel strategy copies its buckets out of them); the held shard when
+    /// sharded.
     pub fn with_grads<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
         let buf = self.grads.read();
         match &*buf {
@@ -514,7 +647,8 @@ impl ParamStore {
     }
 
     /// Runs `f` on the flat gradients of the trainable parameters, in parameter order, for
-    /// writing (a data-parallel strategy averages them across ranks in place).
+    /// writing (a data-parallel strategy averages them across ranks in place); the held shard
+    /// when sharded.
     pub fn with_grads_mut<R>(&self, f: impl FnOnce(&mut [f32]) -> R) -> R {
         let mut buf = self.grads.write();
         match &mut *buf {
@@ -531,31 +665,36 @@ impl ParamStore {
     /// Global L2 norm of all gradients, √(Σ g²), accumulated in f64: chunks of [`NORM_CHUNK`]
     /// elements in parallel ([`ParamStore::grad_norm_partials`]), then their sums in chunk
     /// order, so the norm is the same bits on any thread count, and the same when the chunks are
-    /// summed on the ranks that hold them (ZeRO-2).
+    /// summed on the ranks that hold them (ZeRO-2). When the gradients are sharded, the norm of
+    /// the shard.
     pub fn grad_norm(&self) -> f32 {
-        let n = self.trainable_numel();
-        self.grad_norm_partials(0..n).iter().sum::<f64>().sqrt() as f32
+        self.grad_norm_partials(self.held_grads())
+            .iter()
+            .sum::<f64>()
+            .sqrt() as f32
     }
 
     /// Σ g² of each [`NORM_CHUNK`]-element chunk of the gradients in `range` (whose start is a
-    /// multiple of the chunk), in f64, in chunk order.
+    /// multiple of the chunk; held by the store), in f64, in chunk order.
     pub fn grad_norm_partials(&self, range: Range<usize>) -> Vec<f64> {
         debug_assert!(range.is_empty() || range.start.is_multiple_of(NORM_CHUNK));
+        let range = self.held(range);
         let buf = self.grads.read();
         let Buffer::F32(g) = &*buf else {
             return Vec::new();
         };
         use rayon::prelude::*;
-        let range = range.start.min(g.len())..range.end.min(g.len());
         g[range]
             .par_chunks(NORM_CHUNK)
             .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
             .collect()
     }
 
-    /// Multiplies the gradients in `range` by `s` (clipping all of them, or a shard).
+    /// Multiplies the gradients in `range` (held by the store) by `s` (clipping all of them,
+    /// or a shard).
     pub fn scale_grads(&self, range: Range<usize>, s: f32) {
         use rayon::prelude::*;
+        let range = self.held(range);
         self.with_grads_mut(|g| {
             g[range]
                 .par_chunks_mut(1 << 16)
@@ -568,7 +707,7 @@ impl ParamStore {
     pub fn clip_grad_norm(&self, max_norm: f32) -> f32 {
         let norm = self.grad_norm();
         if let Some(s) = clip_factor(norm, max_norm) {
-            self.scale_grads(0..self.trainable_numel(), s);
+            self.scale_grads(self.held_grads(), s);
         }
         norm
     }

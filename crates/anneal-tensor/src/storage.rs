@@ -1,9 +1,11 @@
 //! Reference-counted element buffers, with a live/peak byte count of every buffer the engine holds.
 //!
 //! The byte counters make memory claims testable: activation checkpointing, freeing saved tensors
-//! during backward and bf16 storage are all checked against [`memory_stats`].
+//! during backward and bf16 storage are all checked against [`memory_stats`]. Gradient storage
+//! (a parameter store's gradient buffers, and gradients in flight to other ranks) is also
+//! counted on its own, so a sharded strategy's gradient memory is measured, not inferred.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use half::{bf16, f16};
@@ -12,6 +14,8 @@ use crate::DType;
 
 static LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
 static PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
+static GRAD_LIVE_BYTES: AtomicUsize = AtomicUsize::new(0);
+static GRAD_PEAK_BYTES: AtomicUsize = AtomicUsize::new(0);
 
 /// Bytes of tensor storage alive now, and the most alive at once since the last [`reset_peak_memory`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,6 +24,11 @@ pub struct MemoryStats {
     pub live_bytes: usize,
     /// High-water mark of `live_bytes`.
     pub peak_bytes: usize,
+    /// Bytes of gradient storage alive now (part of `live_bytes`, plus gradients handed to a
+    /// communicator and not yet reduced, which are not tensor storage): see [`GradientBytes`].
+    pub grad_live_bytes: usize,
+    /// High-water mark of `grad_live_bytes`.
+    pub grad_peak_bytes: usize,
 }
 
 /// Current and peak bytes held by tensor buffers in this process.
@@ -27,17 +36,46 @@ pub fn memory_stats() -> MemoryStats {
     MemoryStats {
         live_bytes: LIVE_BYTES.load(Ordering::Relaxed),
         peak_bytes: PEAK_BYTES.load(Ordering::Relaxed),
+        grad_live_bytes: GRAD_LIVE_BYTES.load(Ordering::Relaxed),
+        grad_peak_bytes: GRAD_PEAK_BYTES.load(Ordering::Relaxed),
     }
 }
 
-/// Restarts the peak count from the bytes alive now.
+/// Restarts the peak counts from the bytes alive now.
 pub fn reset_peak_memory() {
     PEAK_BYTES.store(LIVE_BYTES.load(Ordering::Relaxed), Ordering::Relaxed);
+    GRAD_PEAK_BYTES.store(GRAD_LIVE_BYTES.load(Ordering::Relaxed), Ordering::Relaxed);
 }
 
 fn account_alloc(bytes: usize) {
     let live = LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
     PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
+}
+
+fn account_grad(bytes: usize) {
+    let live = GRAD_LIVE_BYTES.fetch_add(bytes, Ordering::Relaxed) + bytes;
+    GRAD_PEAK_BYTES.fetch_max(live, Ordering::Relaxed);
+}
+
+/// Gradient bytes held outside tensor storage, counted in [`MemoryStats::grad_live_bytes`] until
+/// dropped: a strategy takes a gradient bucket out of its storage
+/// ([`Storage::take_f32`]) and hands it to a communicator, and the bytes are still the
+/// gradient's until the reduction completes.
+#[derive(Debug)]
+pub struct GradientBytes(usize);
+
+impl GradientBytes {
+    /// Counts `bytes` of gradients until the returned value is dropped.
+    pub fn hold(bytes: usize) -> GradientBytes {
+        account_grad(bytes);
+        GradientBytes(bytes)
+    }
+}
+
+impl Drop for GradientBytes {
+    fn drop(&mut self) {
+        GRAD_LIVE_BYTES.fetch_sub(self.0, Ordering::Relaxed);
+    }
 }
 
 /// Elements of one dtype, contiguous.
@@ -156,10 +194,19 @@ impl Buffer {
 
 /// A tensor's backing buffer, shared by every view of it. The lock is uncontended in normal use:
 /// kernels take read access, and only optimizers and gradient accumulation write.
+///
+/// A gradient storage counts its bytes as gradient memory too. A lazy one ([`Storage::lazy`])
+/// holds no memory until first touched, when it becomes zeros, and can give its memory back
+/// ([`Storage::release`], [`Storage::take_f32`]): ZeRO-2's gradient buckets live only from the
+/// first gradient written into them until they are reduced.
 #[derive(Debug)]
 pub struct Storage {
     buffer: RwLock<Buffer>,
+    /// Bytes when allocated.
     bytes: usize,
+    gradient: bool,
+    /// `Some(allocated)` for a lazy storage.
+    lazy: Option<AtomicBool>,
 }
 
 impl Storage {
@@ -170,29 +217,129 @@ impl Storage {
         Storage {
             buffer: RwLock::new(buffer),
             bytes,
+            gradient: false,
+            lazy: None,
+        }
+    }
+
+    /// Zeroed f32 gradient storage of `len` elements, counted as gradient memory.
+    pub fn gradient(len: usize) -> Storage {
+        let bytes = len * 4;
+        account_alloc(bytes);
+        account_grad(bytes);
+        Storage {
+            buffer: RwLock::new(Buffer::zeros(DType::F32, len)),
+            bytes,
+            gradient: true,
+            lazy: None,
+        }
+    }
+
+    /// f32 gradient storage of `len` elements that takes no memory until first read or written,
+    /// when it is zeros.
+    pub fn lazy(len: usize) -> Storage {
+        Storage {
+            buffer: RwLock::new(Buffer::F32(Vec::new())),
+            bytes: len * 4,
+            gradient: true,
+            lazy: Some(AtomicBool::new(false)),
+        }
+    }
+
+    /// Allocates a lazy storage's zeros if it holds none.
+    fn materialize(&self) {
+        let Some(allocated) = &self.lazy else { return };
+        if allocated.load(Ordering::Acquire) {
+            return;
+        }
+        let mut buf = self.buffer.write().unwrap_or_else(|e| e.into_inner());
+        if !allocated.load(Ordering::Acquire) {
+            *buf = Buffer::zeros(DType::F32, self.bytes / 4);
+            account_alloc(self.bytes);
+            account_grad(self.bytes);
+            allocated.store(true, Ordering::Release);
+        }
+    }
+
+    /// Takes a lazy storage's values out, leaving it empty (its memory is no longer counted;
+    /// it reads as zeros again if touched). `None` when it held nothing, or is not lazy.
+    pub fn take_f32(&self) -> Option<Vec<f32>> {
+        let allocated = self.lazy.as_ref()?;
+        let mut buf = self.buffer.write().unwrap_or_else(|e| e.into_inner());
+        if !allocated.swap(false, Ordering::AcqRel) {
+            return None;
+        }
+        LIVE_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+        GRAD_LIVE_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+        match std::mem::replace(&mut *buf, Buffer::F32(Vec::new())) {
+            Buffer::F32(v) => Some(v),
+            _ => unreachable!("lazy storage is f32"),
+        }
+    }
+
+    /// Gives a lazy storage's memory back (it reads as zeros if touched again).
+    pub fn release(&self) {
+        if let Some(v) = self.take_f32() {
+            crate::pool::recycle(v);
+        }
+    }
+
+    /// Whether the storage holds its memory now (always, unless lazy).
+    pub fn is_allocated(&self) -> bool {
+        self.lazy.as_ref().is_none_or(|a| a.load(Ordering::Acquire))
+    }
+
+    /// The dtype of the elements (a lazy storage's, f32, without allocating it).
+    pub fn dtype(&self) -> DType {
+        match &self.lazy {
+            Some(_) => DType::F32,
+            None => self
+                .buffer
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .dtype(),
         }
     }
 
     /// Shared access to the elements.
     pub fn read(&self) -> RwLockReadGuard<'_, Buffer> {
+        self.materialize();
         self.buffer.read().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Exclusive access to the elements (crate-internal: replacing the buffer would invalidate
     /// every view's bounds).
     pub(crate) fn write(&self) -> RwLockWriteGuard<'_, Buffer> {
+        self.materialize();
         self.buffer.write().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Size in bytes.
+    /// Runs `f` on the elements of an f32 storage for writing (a strategy adds reduced
+    /// gradients into a gradient shard this way); `None` for another dtype.
+    pub fn with_f32_mut<R>(&self, f: impl FnOnce(&mut [f32]) -> R) -> Option<R> {
+        match &mut *self.write() {
+            Buffer::F32(v) => Some(f(v)),
+            _ => None,
+        }
+    }
+
+    /// Size in bytes (of a lazy storage: what it holds now).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        if self.is_allocated() {
+            self.bytes
+        } else {
+            0
+        }
     }
 }
 
 impl Drop for Storage {
     fn drop(&mut self) {
-        LIVE_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+        let held = self.bytes();
+        LIVE_BYTES.fetch_sub(held, Ordering::Relaxed);
+        if self.gradient {
+            GRAD_LIVE_BYTES.fetch_sub(held, Ordering::Relaxed);
+        }
         let buffer = self.buffer.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Buffer::F32(v) = std::mem::replace(buffer, Buffer::F32(Vec::new())) {
             crate::pool::recycle(v);

@@ -43,7 +43,7 @@ impl Tensor {
         offset: usize,
         autograd: Autograd,
     ) -> Tensor {
-        let dtype = storage.read().dtype();
+        let dtype = storage.dtype();
         Tensor(Arc::new(Inner {
             storage,
             shape,

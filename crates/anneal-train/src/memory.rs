@@ -32,12 +32,14 @@ impl MemoryBound {
         self.parameters + self.gradients + self.optimizer + self.activations
     }
 
-    /// One rank's share under `layout`: the whole model and its gradients, the optimizer state
-    /// divided over the ZeRO sharding group, the activations of its share of the batch. (ZeRO-2
-    /// keeps whole gradients here for now: only what it reduces is sharded.)
+    /// One rank's share under `layout`: the whole model, the optimizer state divided over the
+    /// ZeRO sharding group (and the gradients too under ZeRO-2, whose buckets in flight come on
+    /// top of this lower bound), the activations of its share of the batch.
     pub fn per_rank(self, layout: &crate::config::Layout) -> MemoryBound {
         let sharded = if layout.zero > 0 { layout.sharding } else { 1 };
+        let grads_sharded = if layout.zero >= 2 { layout.sharding } else { 1 };
         MemoryBound {
+            gradients: self.gradients / grads_sharded as f64,
             optimizer: self.optimizer / sharded as f64,
             activations: self.activations / layout.ranks() as f64,
             ..self
@@ -136,5 +138,24 @@ mod tests {
         let mut long = c;
         long.train.batch_size = 1_000_000_000;
         assert!(lower_bound(&long, 65).unwrap().activations > 1e15);
+    }
+
+    #[test]
+    fn a_rank_holds_its_share_of_what_its_zero_stage_shards() {
+        let whole = lower_bound(&RunConfig::default(), 65).unwrap();
+        let layout = |zero| crate::config::Layout {
+            dp: 2,
+            sharding: 4,
+            zero,
+            bucket_bytes: 1 << 20,
+            bf16_gradients: false,
+        };
+        for (zero, grads, optimizer) in [(0, 1.0, 1.0), (1, 1.0, 4.0), (2, 4.0, 4.0)] {
+            let r = whole.per_rank(&layout(zero));
+            assert_eq!(r.parameters, whole.parameters);
+            assert_eq!(r.gradients, whole.gradients / grads, "ZeRO-{zero}");
+            assert_eq!(r.optimizer, whole.optimizer / optimizer, "ZeRO-{zero}");
+            assert_eq!(r.activations, whole.activations / 8.0);
+        }
     }
 }

@@ -34,6 +34,9 @@ pub trait TrainModel: Send + Sync {
     /// Its parameters.
     fn params(&self) -> &ParamStore;
 
+    /// Its parameters, to lay out anew (freezing, sharding the gradients).
+    fn params_mut(&mut self) -> &mut ParamStore;
+
     /// The forward pass; `dropout` turns dropout on (training) with masks derived from its key
     /// (a seed, and the first row of the whole batch that the input holds).
     fn forward(&self, input: &ModelInput<'_>, dropout: Option<DropoutKey>) -> Result<ModelOutput>;
@@ -45,6 +48,10 @@ pub trait TrainModel: Send + Sync {
 impl TrainModel for Gpt {
     fn params(&self) -> &ParamStore {
         &self.params
+    }
+
+    fn params_mut(&mut self) -> &mut ParamStore {
+        &mut self.params
     }
 
     fn forward(&self, input: &ModelInput<'_>, dropout: Option<DropoutKey>) -> Result<ModelOutput> {

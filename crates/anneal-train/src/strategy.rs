@@ -371,25 +371,16 @@ impl DataParallel {
         if overlap.hooked == Some(key) {
             return Ok(());
         }
-        let mut buckets: Vec<Bucket> = Vec::new();
+        let mut buckets = Vec::new();
         let mut members = Vec::new();
-        for (id, p) in params.infos().iter().enumerate().rev() {
-            let Some(g) = p.grad_offset else { continue };
-            let range = g..g + p.len;
-            match buckets.last_mut() {
-                Some(b) if b.range.len() < self.bucket_floats && b.range.start == range.end => {
-                    b.range.start = range.start;
-                    b.params += 1;
-                    b.pending += 1;
-                }
-                _ => buckets.push(Bucket {
-                    range,
-                    params: 1,
-                    pending: 1,
-                    started: None,
-                }),
-            }
-            members.push((id, buckets.len() - 1));
+        for (b, bucket) in params.buckets(self.bucket_floats).into_iter().enumerate() {
+            members.extend(bucket.params.iter().map(|id| (id.0, b)));
+            buckets.push(Bucket {
+                range: bucket.range,
+                params: bucket.params.len(),
+                pending: bucket.params.len(),
+                started: None,
+            });
         }
         for (id, bucket) in members {
             let (state, comm, bf16) = (self.overlap.clone(), self.comm.clone(), self.bf16);
@@ -726,30 +717,146 @@ impl Strategy for ZeroOne {
     }
 }
 
-/// ZeRO stage 2 (Rajbhandari et al. 2020): ZeRO-1 whose gradients are reduce-scattered rather
-/// than all-reduced, so each rank receives only its shard's averaged gradients, then clips with
-/// the global norm (each rank's chunks of the norm's partial sums, gathered and added in order),
-/// steps its shard and all-gathers the parameters. Every value equals plain data parallelism's
-/// bit for bit. (The engine still accumulates the whole gradient during backward; what is
-/// sharded is what is reduced, clipped and stepped.)
+/// ZeRO stage 2 (Rajbhandari et al. 2020): ZeRO-1 whose gradients are sharded too. The store
+/// holds only this rank's shard of the gradients ([`ParamStore::shard_gradients`], which
+/// [`for_layout`] calls); backward accumulates each bucket of parameters into a storage of its
+/// own, and the moment a bucket's gradients are final its gradient hook starts a reduce-scatter
+/// of it ([`anneal_dist::Communicator::reduce_scatter_v_start`]: the bucket cut where it meets
+/// the ranks' shards) and gives the bucket's memory back; each rank adds its part into its
+/// shard when the reduction completes. This happens on every micro-batch, so between
+/// micro-batches a rank holds its shard and the buckets in flight (at most
+/// [`ZeroTwo::MAX_IN_FLIGHT`], besides the one backward is filling), never the whole gradient.
+/// Then it clips with the global norm (each rank's chunks of the norm's partial sums, gathered
+/// and added in order), steps its shard and all-gathers the parameters. With one micro-batch a
+/// step every value equals plain data parallelism's bit for bit; with several, each
+/// micro-batch's mean is added into the shard (DeepSpeed's order), which differs from summing
+/// the micro-batches first by rounding.
 ///
 /// With a replica group ([`ZeroTwo::hybrid`]) it is hybrid sharding: ZeRO-2 inside each sharding
 /// group, and each shard's averaged gradients averaged again across the replicas holding the
 /// same shard (the mean of equal-sized means is the global mean; the summation order differs
 /// from a flat reduction, so it equals data parallelism to rounding, not bitwise).
 pub struct ZeroTwo {
-    comm: Box<dyn anneal_dist::Communicator>,
+    comm: Arc<dyn anneal_dist::Communicator>,
     bf16: bool,
+    bucket_floats: usize,
     replicas: Option<Arc<dyn anneal_dist::Communicator>>,
+    flow: Arc<Mutex<Flow>>,
+}
+
+/// A bucket of ZeRO-2's gradients during a step.
+struct FlowBucket {
+    range: Range<usize>,
+    storage: Arc<anneal_tensor::storage::Storage>,
+    /// Each rank's part: where the bucket meets its shard.
+    counts: Vec<usize>,
+    /// This rank's part (of the gradient buffer's order).
+    part: Range<usize>,
+    params: usize,
+    pending: usize,
+    started: bool,
+}
+
+/// A bucket's reduce-scatter in flight, and the gradient bytes it holds until it completes.
+struct InFlight {
+    handle: anneal_dist::Handle<Vec<f32>>,
+    part: Range<usize>,
+    _held: anneal_tensor::GradientBytes,
+}
+
+/// ZeRO-2's buckets, the reductions in flight, and the shard they are added into.
+#[derive(Default)]
+struct Flow {
+    armed: bool,
+    buckets: Vec<FlowBucket>,
+    in_flight: std::collections::VecDeque<InFlight>,
+    /// The store's gradient shard and its range.
+    shard: Option<(Arc<anneal_tensor::storage::Storage>, Range<usize>)>,
+    /// The first failure of a reduction started or completed in a hook, reported after backward.
+    error: Option<anneal_dist::Error>,
+    started_in_backward: usize,
+    /// The gradient shard the hooks were registered for (hooks are registered once per model).
+    hooked: Option<usize>,
+}
+
+impl Flow {
+    /// Starts bucket `b`'s reduce-scatter, its gradients taken out of its storage (zeros when
+    /// backward wrote none), after waiting for the oldest in flight if there are enough.
+    fn start(&mut self, b: usize, comm: &dyn anneal_dist::Communicator, bf16: bool) {
+        let bucket = &mut self.buckets[b];
+        bucket.started = true;
+        let buf = bucket
+            .storage
+            .take_f32()
+            .unwrap_or_else(|| vec![0.0; bucket.range.len()]);
+        let held = anneal_tensor::GradientBytes::hold(4 * buf.len());
+        let (counts, part) = (bucket.counts.clone(), bucket.part.clone());
+        while self.in_flight.len() >= ZeroTwo::MAX_IN_FLIGHT {
+            self.complete_oldest();
+        }
+        match comm.reduce_scatter_v_start(buf, &counts, anneal_dist::Reduce::Mean, bf16) {
+            Ok(handle) => self.in_flight.push_back(InFlight {
+                handle,
+                part,
+                _held: held,
+            }),
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Waits for the oldest reduction in flight and adds this rank's part into the shard.
+    fn complete_oldest(&mut self) {
+        let Some(f) = self.in_flight.pop_front() else {
+            return;
+        };
+        match f.handle.wait() {
+            Ok(mine) => {
+                if let Some((shard, range)) = &self.shard {
+                    let at = f.part.start - range.start;
+                    shard.with_f32_mut(|g| {
+                        for (s, v) in g[at..at + mine.len()].iter_mut().zip(&mine) {
+                            *s += v;
+                        }
+                    });
+                }
+            }
+            Err(e) => {
+                self.error.get_or_insert(e);
+            }
+        }
+    }
+
+    /// Starts the buckets backward did not finish (parameters without a gradient this pass), in
+    /// bucket order, and readies every bucket for the next backward.
+    fn start_rest(&mut self, comm: &dyn anneal_dist::Communicator, bf16: bool) {
+        for b in 0..self.buckets.len() {
+            if !self.buckets[b].started && self.buckets[b].pending < self.buckets[b].params {
+                self.start(b, comm, bf16);
+            }
+        }
+        // (A bucket no gradient reached holds zeros on every rank: nothing to add.)
+        for b in &mut self.buckets {
+            b.pending = b.params;
+            b.started = false;
+        }
+    }
 }
 
 impl ZeroTwo {
-    /// ZeRO-2 over the ranks of `comm`.
-    pub fn new(comm: Box<dyn anneal_dist::Communicator>) -> ZeroTwo {
+    /// Bucket reductions in flight at once (more wait for the oldest): bounds the gradient
+    /// memory held beyond the shard.
+    pub const MAX_IN_FLIGHT: usize = 2;
+
+    /// ZeRO-2 over the ranks of `comm`, reducing gradients in buckets of about `bucket_bytes`.
+    pub fn new(comm: Box<dyn anneal_dist::Communicator>, bucket_bytes: usize) -> ZeroTwo {
         ZeroTwo {
-            comm,
+            comm: Arc::from(comm),
             bf16: false,
+            bucket_floats: (bucket_bytes / 4).max(1),
             replicas: None,
+            flow: Default::default(),
         }
     }
 
@@ -758,11 +865,11 @@ impl ZeroTwo {
     pub fn hybrid(
         sharding_group: Box<dyn anneal_dist::Communicator>,
         replica_group: Box<dyn anneal_dist::Communicator>,
+        bucket_bytes: usize,
     ) -> ZeroTwo {
         ZeroTwo {
-            comm: sharding_group,
-            bf16: false,
             replicas: Some(Arc::from(replica_group)),
+            ..ZeroTwo::new(sharding_group, bucket_bytes)
         }
     }
 
@@ -775,6 +882,89 @@ impl ZeroTwo {
     /// This rank's shard of `model`'s trainable elements: the range its optimizer owns.
     pub fn shard(&self, model: &dyn TrainModel) -> Range<usize> {
         zero_shard(self.comm.as_ref(), model)
+    }
+
+    /// Shards `params`' gradients as this strategy needs: this rank's shard held, buckets of
+    /// the strategy's size accumulated by backward. Call it before the first step (and again
+    /// after freezing or unfreezing parameters).
+    pub fn shard_gradients(&self, params: &mut anneal_tensor::ParamStore) -> Result<()> {
+        let total = params.trainable_numel();
+        let shard =
+            anneal_dist::shard_range(total, self.comm.rank(), self.comm.size(), SHARD_ALIGN);
+        Ok(params.shard_gradients(shard, self.bucket_floats)?)
+    }
+
+    /// Registers the hooks that start each bucket's reduce-scatter (once per model).
+    fn hook(&self, model: &dyn TrainModel) -> Result<()> {
+        let params = model.params();
+        let shard = self.shard(model);
+        if params.held_grads() != shard || params.gradient_buckets().is_empty() {
+            bail!(
+                "ZeRO-2 needs the model's gradients sharded over this rank's shard {shard:?}: \
+                 call ZeroTwo::shard_gradients on its parameters first"
+            );
+        }
+        let key = Arc::as_ptr(params.grads()) as usize;
+        let mut flow = self.flow.lock().unwrap_or_else(|e| e.into_inner());
+        if flow.hooked == Some(key) {
+            return Ok(());
+        }
+        let (total, size) = (params.trainable_numel(), self.comm.size());
+        let mut buckets = Vec::new();
+        for (b, bucket) in params.gradient_buckets().iter().enumerate() {
+            let counts: Vec<usize> = (0..size)
+                .map(|r| {
+                    let s = anneal_dist::shard_range(total, r, size, SHARD_ALIGN);
+                    s.end
+                        .min(bucket.range.end)
+                        .saturating_sub(s.start.max(bucket.range.start))
+                })
+                .collect();
+            let count = counts[self.comm.rank()];
+            let start = if count == 0 {
+                shard.start
+            } else {
+                bucket.range.start.max(shard.start)
+            };
+            let part = start..start + count;
+            buckets.push(FlowBucket {
+                range: bucket.range.clone(),
+                storage: bucket
+                    .storage
+                    .clone()
+                    .expect("sharded buckets have storage"),
+                counts,
+                part,
+                params: bucket.params.len(),
+                pending: bucket.params.len(),
+                started: false,
+            });
+            for &id in &bucket.params {
+                let (flow, comm, bf16) = (self.flow.clone(), self.comm.clone(), self.bf16);
+                params.get(id).register_grad_hook(move |_| {
+                    let mut f = flow.lock().unwrap_or_else(|e| e.into_inner());
+                    if !f.armed {
+                        return;
+                    }
+                    f.buckets[b].pending -= 1;
+                    if f.buckets[b].pending == 0 {
+                        f.start(b, comm.as_ref(), bf16);
+                        f.started_in_backward += 1;
+                    }
+                })?;
+            }
+        }
+        flow.buckets = buckets;
+        flow.shard = Some((params.grads().clone(), shard));
+        flow.hooked = Some(key);
+        Ok(())
+    }
+
+    /// The gradient buckets, and how many of them started their reduce-scatter during the last
+    /// step's backward passes (summed over its micro-batches).
+    pub fn buckets_overlapped(&self) -> (usize, usize) {
+        let flow = self.flow.lock().unwrap_or_else(|e| e.into_inner());
+        (flow.buckets.len(), flow.started_in_backward)
     }
 
     /// The global gradient norm from each rank's partial sums over its shard.
@@ -822,43 +1012,53 @@ impl Strategy for ZeroTwo {
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
         check_zero_store(model)?;
-        let mut out = forward_backward(
+        self.hook(model)?;
+        let (comm, bf16) = (self.comm.clone(), self.bf16);
+        {
+            let mut flow = self.flow.lock().unwrap_or_else(|e| e.into_inner());
+            flow.armed = true;
+            flow.started_in_backward = 0;
+        }
+        let flow = self.flow.clone();
+        let lock = || flow.lock().unwrap_or_else(|e| e.into_inner());
+        // Before each backward, the buckets the previous one left are started.
+        let out = forward_backward(
             model,
             objective,
             micro_batches,
             dropout,
             after_forward,
-            &mut |_| {},
-        )?;
-        let t = Instant::now();
+            &mut |_| lock().start_rest(comm.as_ref(), bf16),
+        );
+        let waited = Instant::now();
+        let error = {
+            let mut flow = lock();
+            flow.armed = false;
+            flow.start_rest(comm.as_ref(), bf16);
+            while !flow.in_flight.is_empty() {
+                flow.complete_oldest();
+            }
+            flow.error.take()
+        };
+        let mut out = out?;
+        if let Some(e) = error {
+            return Err(e.into());
+        }
+        let params = model.params();
+        let shard = self.shard(model);
+        if let Some(replicas) = &self.replicas {
+            // Padded to whole shards, so every replica group moves the same bytes.
+            let padded =
+                anneal_dist::shard_len(params.trainable_numel(), self.comm.size(), SHARD_ALIGN);
+            let mut mine = params.grads_to_vec();
+            mine.resize(padded, 0.0);
+            let mean = mean_start(replicas, mine, self.bf16)?.wait()?;
+            params.with_grads_mut(|g| g.copy_from_slice(&mean[..g.len()]));
+        }
+        out.exposed_comm += waited.elapsed().as_secs_f64();
         let mut groups = vec![self.comm.as_ref()];
         groups.extend(self.replicas.as_deref());
         average_loss(&groups, &mut out)?;
-        let params = model.params();
-        let size = self.comm.size();
-        let len = anneal_dist::shard_len(params.trainable_numel(), size, SHARD_ALIGN);
-        let shard = self.shard(model);
-        // One copy of the gradients, padded to whole shards.
-        let grads = params.with_grads(|g| {
-            let mut padded = Vec::with_capacity(len * size);
-            padded.extend_from_slice(g);
-            padded.resize(len * size, 0.0);
-            padded
-        });
-        // Nothing of this overlaps backward yet: all of it is exposed.
-        let waited = Instant::now();
-        let mut mine = if self.bf16 {
-            self.comm
-                .reduce_scatter_bf16_start(grads, anneal_dist::Reduce::Mean)?
-                .wait()?
-        } else {
-            self.comm.reduce_scatter(grads, anneal_dist::Reduce::Mean)?
-        };
-        if let Some(replicas) = &self.replicas {
-            mine = mean_start(replicas, mine, self.bf16)?.wait()?;
-        }
-        out.exposed_comm += waited.elapsed().as_secs_f64();
-        params.with_grads_mut(|g| g[shard.clone()].copy_from_slice(&mine[..shard.len()]));
         out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
             let norm = self.global_norm(model, shard.clone())?;
             if settings.grad_clip > 0.0 {
@@ -874,7 +1074,7 @@ impl Strategy for ZeroTwo {
         let gathering = Instant::now();
         gather_parameters(self.comm.as_ref(), model, shard)?;
         out.exposed_comm += gathering.elapsed().as_secs_f64();
-        out.phases[2] += t.elapsed().as_secs_f64();
+        out.phases[2] += waited.elapsed().as_secs_f64();
         Ok(out)
     }
 
@@ -906,7 +1106,7 @@ impl Strategy for ZeroTwo {
 pub fn for_layout(
     layout: crate::config::Layout,
     world: Box<dyn anneal_dist::Communicator>,
-    model: &dyn TrainModel,
+    model: &mut dyn TrainModel,
 ) -> Result<(Box<dyn Strategy>, Range<usize>)> {
     let (bucket_bytes, bf16) = (layout.bucket_bytes, layout.bf16_gradients);
     if world.size() != layout.ranks() {
@@ -932,7 +1132,11 @@ pub fn for_layout(
     let strategy: Box<dyn Strategy> = if layout.dp == 1 {
         match layout.zero {
             1 => Box::new(ZeroOne::new(world, bucket_bytes).with_bf16_gradients(bf16)),
-            _ => Box::new(ZeroTwo::new(world).with_bf16_gradients(bf16)),
+            _ => {
+                let zero = ZeroTwo::new(world, bucket_bytes).with_bf16_gradients(bf16);
+                zero.shard_gradients(model.params_mut())?;
+                Box::new(zero)
+            }
         }
     } else {
         let (sharding, replicas) =
@@ -941,7 +1145,12 @@ pub fn for_layout(
             1 => Box::new(
                 ZeroOne::hybrid(sharding, replicas, bucket_bytes).with_bf16_gradients(bf16),
             ),
-            _ => Box::new(ZeroTwo::hybrid(sharding, replicas).with_bf16_gradients(bf16)),
+            _ => {
+                let zero =
+                    ZeroTwo::hybrid(sharding, replicas, bucket_bytes).with_bf16_gradients(bf16);
+                zero.shard_gradients(model.params_mut())?;
+                Box::new(zero)
+            }
         }
     };
     Ok((strategy, shard))
@@ -1003,6 +1212,85 @@ mod tests {
                 started, buckets,
                 "every bucket started during backward, once"
             );
+        }
+    }
+
+    #[test]
+    fn zero_two_reduces_every_micro_batch_and_holds_only_its_shard() {
+        let config = GptConfig {
+            vocab_size: 11,
+            block_size: 8,
+            n_layer: 2,
+            n_head: 2,
+            n_embd: 16,
+            ..GptConfig::gpt2()
+        };
+        let batch = |r: usize| {
+            Batch::Tokens(TokenWindows {
+                ids: (0..16).map(|i| ((i + 3 * r) % 11) as u32).collect(),
+                targets: (0..16).map(|i| ((i + 1 + 3 * r) % 11) as i64).collect(),
+                batch: 2,
+                seq: 8,
+            })
+        };
+        let out = anneal_dist::local::run(2, |comm| -> Result<_> {
+            let mut gpt = Gpt::new(config.clone(), 1)?;
+            let mut zero = ZeroTwo::new(Box::new(comm), 4096);
+            let step = |zero: &mut ZeroTwo, gpt: &Gpt| -> Result<_> {
+                let shard = zero.shard(gpt);
+                let mut opt = AdamW::shard(&gpt.params, AdamWConfig::DEFAULT, shard.clone())?;
+                let settings = StepSettings {
+                    lr: 1e-3,
+                    grad_clip: 1.0,
+                    measure_grad_norm: true,
+                };
+                let keys = [DropoutKey::default(); 2];
+                let out = zero.step(
+                    gpt,
+                    &mut CausalLm,
+                    &mut opt,
+                    &[batch(0), batch(1)],
+                    &keys,
+                    settings,
+                    &mut || {},
+                )?;
+                Ok((shard, out))
+            };
+            // Without sharded gradients the step is refused, naming the call that shards them.
+            let err = step(&mut zero, &gpt).err().map(|e| e.to_string());
+            zero.shard_gradients(&mut gpt.params)?;
+            let (shard, out) = step(&mut zero, &gpt)?;
+            let params = &gpt.params;
+            let released = params
+                .gradient_buckets()
+                .iter()
+                .all(|b| !b.storage.as_ref().unwrap().is_allocated());
+            Ok((
+                err,
+                zero.buckets_overlapped(),
+                params.grads().bytes() == 4 * shard.len(),
+                released,
+                out.grad_norm,
+            ))
+        })
+        .unwrap();
+        for (err, (buckets, started), shard_only, released, norm) in out {
+            assert!(
+                err.is_some_and(|e| e.contains("shard_gradients")),
+                "an unsharded store is refused"
+            );
+            assert!(buckets > 3, "{buckets} buckets");
+            assert_eq!(
+                started,
+                2 * buckets,
+                "each micro-batch reduced every bucket"
+            );
+            assert!(
+                shard_only,
+                "the store holds its shard of the gradients alone"
+            );
+            assert!(released, "every bucket gave its memory back");
+            assert!(norm.is_finite() && norm > 0.0);
         }
     }
 }

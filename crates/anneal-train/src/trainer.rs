@@ -409,7 +409,7 @@ pub fn pretraining_on(
     world: Option<Box<dyn anneal_dist::Communicator>>,
 ) -> Result<Trainer> {
     let t = &config.train;
-    let model = Gpt::new(config.gpt_config(vocab_size)?, t.seed)?;
+    let mut model = Gpt::new(config.gpt_config(vocab_size)?, t.seed)?;
     let adamw = AdamWConfig {
         beta1: t.beta1 as f32,
         beta2: t.beta2 as f32,
@@ -432,7 +432,7 @@ pub fn pretraining_on(
                 model
                     .params
                     .set_trainable_values(0, &world.broadcast(initial, 0)?);
-                let (strategy, shard) = crate::strategy::for_layout(layout, world, &model)?;
+                let (strategy, shard) = crate::strategy::for_layout(layout, world, &mut model)?;
                 let optimizer = if layout.zero > 0 && layout.ranks() > 1 {
                     AdamW::shard(&model.params, adamw, shard)?
                 } else {
@@ -502,6 +502,9 @@ mod tests {
     impl TrainModel for WithAux {
         fn params(&self) -> &ParamStore {
             &self.0.params
+        }
+        fn params_mut(&mut self) -> &mut ParamStore {
+            &mut self.0.params
         }
         fn forward(
             &self,

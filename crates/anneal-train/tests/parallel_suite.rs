@@ -59,20 +59,24 @@ fn config(extra: &[&str]) -> RunConfig {
     tiny_config(&base, extra)
 }
 
-/// The 4-rank layouts checked, by name.
+/// The 4-rank layouts checked, by name. ZeRO-2 runs with buckets of 4 KB, so the model's
+/// gradients travel in many buckets, reduced as backward finishes each.
 const LAYOUTS: [(&str, &[&str]); 5] = [
     ("data parallel ×4", &[]),
     ("ZeRO-1 ×4", &["parallel.zero=1"]),
-    ("ZeRO-2 ×4", &["parallel.zero=2"]),
+    ("ZeRO-2 ×4", &["parallel.zero=2", SMALL_BUCKETS]),
     (
         "dp 2 × ZeRO-1 sharding 2",
         &["parallel.zero=1", "parallel.sharding=2"],
     ),
     (
         "dp 2 × ZeRO-2 sharding 2",
-        &["parallel.zero=2", "parallel.sharding=2"],
+        &["parallel.zero=2", "parallel.sharding=2", SMALL_BUCKETS],
     ),
 ];
+
+/// Gradient buckets of 4 KB.
+const SMALL_BUCKETS: &str = "parallel.bucket_mb=0.004";
 
 /// Losses of every step and the final parameters.
 type Trained = (Vec<f64>, Vec<f32>);
@@ -195,12 +199,25 @@ fn accumulation_equals_one_batch(world: &dyn Communicator) -> anyhow::Result<()>
     let on_two = config(&["train.batch_size=4", "train.grad_accum=2"]);
     close(
         "2 ranks × 2 micro-batches of 2",
-        &train(&on_two, Some(pair))?,
+        &train(&on_two, Some(copy(pair.as_ref())?))?,
+        &whole,
+    );
+    // ZeRO-2 reduces every micro-batch's gradients into the shards.
+    let zero2 = config(&[
+        "train.batch_size=4",
+        "train.grad_accum=2",
+        "parallel.zero=2",
+        SMALL_BUCKETS,
+    ]);
+    close(
+        "ZeRO-2 on 2 ranks × 2 micro-batches of 2",
+        &train(&zero2, Some(pair))?,
         &whole,
     );
     report(
         world,
-        "ok: 4 micro-batches of 2 (one device, and 2 ranks × 2) equal one batch of 8",
+        "ok: 4 micro-batches of 2 (one device, 2 ranks × 2, and ZeRO-2 on 2 ranks × 2) equal one \
+         batch of 8",
     );
     Ok(())
 }
@@ -352,6 +369,7 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
                 zero: layout.zero,
                 bf16_gradients: layout.bf16_gradients,
                 align: anneal_tensor::params::NORM_CHUNK,
+                micro_batches: config.train.grad_accum,
             },
             out.metrics.len(),
             true,
