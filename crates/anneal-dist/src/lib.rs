@@ -298,40 +298,57 @@ pub trait Communicator: Send + Sync {
     /// bucket's parts are where it meets each rank's shard.
     fn reduce_scatter_v_start(
         &self,
-        mut buf: Vec<f32>,
+        buf: Vec<f32>,
         counts: &[usize],
         op: Reduce,
         bf16: bool,
     ) -> Result<Handle<Vec<f32>>> {
-        let n = self.size();
-        if counts.len() != n || counts.iter().sum::<usize>() != buf.len() {
-            return Err(Error::Invalid {
-                op: "reduce_scatter_v",
-                reason: format!(
-                    "{} counts summing to {} for {} values on {n} ranks",
-                    counts.len(),
-                    counts.iter().sum::<usize>(),
-                    buf.len()
-                ),
-            });
-        }
-        let mine = counts[self.rank()];
-        let mut parts = Vec::with_capacity(n);
-        for &c in counts.iter().rev() {
-            let tail = buf.split_off(buf.len() - c);
-            parts.push(if bf16 { bf16::pack(&tail) } else { tail });
-        }
-        drop(buf);
-        parts.reverse();
-        let exchanged = self.all_to_all_start(parts)?;
-        Ok(Handle::new(move || {
-            let mut got = exchanged.wait()?;
-            if bf16 {
-                got = got.iter().map(|p| bf16::unpack(p, mine)).collect();
-            }
-            reduce_in_rank_order("reduce_scatter_v", got, op)
-        }))
+        reduce_scatter_v_by_all_to_all(self, buf, counts, op, bf16)
     }
+}
+
+/// Fails unless `counts` has one part per rank of a group of `n` and they add up to `len`.
+pub(crate) fn check_counts(counts: &[usize], len: usize, n: usize) -> Result<()> {
+    if counts.len() != n || counts.iter().sum::<usize>() != len {
+        return Err(Error::Invalid {
+            op: "reduce_scatter_v",
+            reason: format!(
+                "{} counts summing to {} for {len} values on {n} ranks",
+                counts.len(),
+                counts.iter().sum::<usize>(),
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// [`Communicator::reduce_scatter_v_start`] from [`Communicator::all_to_all_start`]: the parts
+/// (packed to bf16 with `bf16`) exchanged, then added in rank order.
+pub(crate) fn reduce_scatter_v_by_all_to_all<C: Communicator + ?Sized>(
+    comm: &C,
+    mut buf: Vec<f32>,
+    counts: &[usize],
+    op: Reduce,
+    bf16: bool,
+) -> Result<Handle<Vec<f32>>> {
+    let n = comm.size();
+    check_counts(counts, buf.len(), n)?;
+    let mine = counts[comm.rank()];
+    let mut parts = Vec::with_capacity(n);
+    for &c in counts.iter().rev() {
+        let tail = buf.split_off(buf.len() - c);
+        parts.push(if bf16 { bf16::pack(&tail) } else { tail });
+    }
+    drop(buf);
+    parts.reverse();
+    let exchanged = comm.all_to_all_start(parts)?;
+    Ok(Handle::new(move || {
+        let mut got = exchanged.wait()?;
+        if bf16 {
+            got = got.iter().map(|p| bf16::unpack(p, mine)).collect();
+        }
+        reduce_in_rank_order("reduce_scatter_v", got, op)
+    }))
 }
 
 /// An all-reduce over `group` with the values sent as bf16 (half the bytes of

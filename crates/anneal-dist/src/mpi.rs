@@ -38,7 +38,8 @@ static INITIALISED: AtomicBool = AtomicBool::new(false);
 /// One operation for the communication thread, on a group.
 enum Op {
     AllReduce(Vec<f32>, Reduce),
-    ReduceScatter(Vec<f32>, Reduce),
+    /// The buffer, each rank's part of it, and the reduction.
+    ReduceScatter(Vec<f32>, Vec<usize>, Reduce),
     AllGather(Vec<f32>),
     Broadcast(Vec<f32>, usize),
     AllToAll(Vec<Vec<f32>>),
@@ -302,9 +303,9 @@ fn execute(
             let chunk = crate::reduce_in_rank_order("all_reduce", parts, reduce)?;
             Reply::One(gather(comm, "all_reduce", &chunk, &lens)?)
         }
-        Op::ReduceScatter(buf, reduce) => {
-            let lens = vec![buf.len() / n; n];
-            let parts = exchange(comm, "reduce_scatter", &buf, &lens, &lens)?;
+        Op::ReduceScatter(buf, lens, reduce) => {
+            let mine = vec![lens[comm.rank() as usize]; n];
+            let parts = exchange(comm, "reduce_scatter", &buf, &lens, &mine)?;
             Reply::One(crate::reduce_in_rank_order(
                 "reduce_scatter",
                 parts,
@@ -484,7 +485,24 @@ impl Communicator for MpiComm {
                 ),
             ));
         }
-        self.one(Op::ReduceScatter(buf, op))
+        let lens = vec![buf.len() / self.size; self.size];
+        self.one(Op::ReduceScatter(buf, lens, op))
+    }
+
+    /// Parts of any length in one MPI all-to-all (f32; bf16 payloads are packed and exchanged by
+    /// [`Communicator::all_to_all_start`]).
+    fn reduce_scatter_v_start(
+        &self,
+        buf: Vec<f32>,
+        counts: &[usize],
+        op: Reduce,
+        bf16: bool,
+    ) -> Result<Handle<Vec<f32>>> {
+        if bf16 {
+            return crate::reduce_scatter_v_by_all_to_all(self, buf, counts, op, bf16);
+        }
+        crate::check_counts(counts, buf.len(), self.size)?;
+        self.one(Op::ReduceScatter(buf, counts.to_vec(), op))
     }
 
     fn all_gather_start(&self, chunk: Vec<f32>) -> Result<Handle<Vec<f32>>> {

@@ -725,7 +725,7 @@ impl Strategy for ZeroOne {
 /// the ranks' shards) and gives the bucket's memory back; each rank adds its part into its
 /// shard when the reduction completes. This happens on every micro-batch, so between
 /// micro-batches a rank holds its shard and the buckets in flight (at most
-/// [`ZeroTwo::MAX_IN_FLIGHT`], besides the one backward is filling), never the whole gradient.
+/// [`ZeroTwo::MAX_IN_FLIGHT`], besides the one just finished and the one backward is filling), never the whole gradient.
 /// Then it clips with the global norm (each rank's chunks of the norm's partial sums, gathered
 /// and added in order), steps its shard and all-gathers the parameters. With one micro-batch a
 /// step every value equals plain data parallelism's bit for bit; with several, each
@@ -845,9 +845,12 @@ impl Flow {
 }
 
 impl ZeroTwo {
-    /// Bucket reductions in flight at once (more wait for the oldest): bounds the gradient
-    /// memory held beyond the shard.
-    pub const MAX_IN_FLIGHT: usize = 2;
+    /// Bucket reductions in flight at once (a bucket finished while one is in flight waits for
+    /// it): one bucket is reduced while backward fills the next (DeepSpeed's double buffering
+    /// of `overlap_comm`). Bounds the gradient memory held beyond the shard: measured on the
+    /// 56M-parameter model of `anneal bench zero`, a second bucket in flight added a bucket's
+    /// bytes to the peak.
+    pub const MAX_IN_FLIGHT: usize = 1;
 
     /// ZeRO-2 over the ranks of `comm`, reducing gradients in buckets of about `bucket_bytes`.
     pub fn new(comm: Box<dyn anneal_dist::Communicator>, bucket_bytes: usize) -> ZeroTwo {
