@@ -76,8 +76,15 @@ pub trait Strategy: Send {
         Ok(Some(optimizer.state(model.params())))
     }
 
+    /// The range of the trainable elements (state order) whose optimizer state this rank keeps:
+    /// all of them, or its shard under ZeRO.
+    fn optimizer_shard(&self, model: &dyn TrainModel) -> Range<usize> {
+        0..model.params().trainable_numel()
+    }
+
     /// Loads a whole, unsharded optimizer state ([`Strategy::gather_optimizer_state`]'s) into
-    /// this rank's optimizer, keeping its own shard of it.
+    /// this rank's optimizer, keeping its own shard of it (vectors already cut to the shard are
+    /// taken as they are).
     fn restore_optimizer_state(
         &self,
         model: &dyn TrainModel,
@@ -715,10 +722,14 @@ impl Strategy for ZeroOne {
     ) -> Result<()> {
         restore_sharded_state(self.shard(model), model, optimizer, steps, state)
     }
+
+    fn optimizer_shard(&self, model: &dyn TrainModel) -> Range<usize> {
+        self.shard(model)
+    }
 }
 
 /// ZeRO stage 2 (Rajbhandari et al. 2020): ZeRO-1 whose gradients are sharded too. The store
-/// holds only this rank's shard of the gradients ([`ParamStore::shard_gradients`], which
+/// holds only this rank's shard of the gradients ([`anneal_tensor::ParamStore::shard_gradients`], which
 /// [`for_layout`] calls); backward accumulates each bucket of parameters into a storage of its
 /// own, and the moment a bucket's gradients are final its gradient hook starts a reduce-scatter
 /// of it ([`anneal_dist::Communicator::reduce_scatter_v_start`]: the bucket cut where it meets
@@ -1098,6 +1109,10 @@ impl Strategy for ZeroTwo {
         state: &HashMap<String, Vec<f32>>,
     ) -> Result<()> {
         restore_sharded_state(self.shard(model), model, optimizer, steps, state)
+    }
+
+    fn optimizer_shard(&self, model: &dyn TrainModel) -> Range<usize> {
+        self.shard(model)
     }
 }
 

@@ -321,8 +321,9 @@ impl Trainer {
 
     /// [`Trainer::restore`] for every rank of `group` from the checkpoint rank 0 alone has read
     /// (`loaded` is `Some` there, `None` elsewhere; collective): rank 0 restores it, then
-    /// broadcasts the parameters, the whole optimizer state vector by vector (each rank keeps its
-    /// shard), the objective's state and the position. Only rank 0 reads the checkpoint, so the
+    /// broadcasts the parameters, sends each rank the part of every optimizer state vector it
+    /// keeps ([`Strategy::optimizer_shard`]: its shard under ZeRO), and broadcasts the objective's
+    /// state and the position. Only rank 0 reads the checkpoint, so the
     /// other ranks need not see its filesystem, and a process of several ranks reads it once.
     pub fn restore_shared(
         &mut self,
@@ -348,7 +349,13 @@ impl Trainer {
         let position = group.broadcast(words_to_f32([self.step, self.tokens_seen]), 0)?;
         let position: Vec<u64> = f32_to_words(&position).collect();
         // Rank 0's whole optimizer state, one vector at a time, under the names every rank's
-        // optimizer keeps.
+        // optimizer keeps: each rank receives the part it keeps (its shard under ZeRO), so no
+        // rank but 0 ever holds a whole vector.
+        const TAG: u32 = 0x5e5e;
+        let total = params.trainable_numel();
+        let shard = self.strategy.optimizer_shard(&*self.model);
+        let shards = group.all_gather(words_to_f32([shard.start as u64, shard.end as u64]))?;
+        let shards: Vec<u64> = f32_to_words(&shards).collect();
         let whole = match loaded {
             Some(loaded) => checkpoint::optimizer_state(params, loaded)?,
             None => Default::default(),
@@ -361,8 +368,21 @@ impl Trainer {
             .collect();
         let mut state = std::collections::HashMap::new();
         for name in names {
-            let mine = whole.get(&name).cloned().unwrap_or_default();
-            state.insert(name, group.broadcast(mine, 0)?);
+            let values = if lead {
+                let v = whole.get(&name).map(Vec::as_slice).unwrap_or_default();
+                for (r, range) in shards.chunks(2).enumerate().skip(1) {
+                    // Vectors over every trainable element are cut; others go whole.
+                    let part = match v.len() == total {
+                        true => &v[range[0] as usize..range[1] as usize],
+                        false => v,
+                    };
+                    group.send(part.to_vec(), r, TAG)?;
+                }
+                Vec::new()
+            } else {
+                group.recv(0, TAG)?
+            };
+            state.insert(name, values);
         }
         drop(whole);
         if !lead {
