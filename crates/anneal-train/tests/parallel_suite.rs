@@ -188,6 +188,20 @@ fn layouts_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
         world,
         "ok: data parallel ×2 equals one device; ZeRO-2 ×2 equals it bit for bit",
     );
+    // Blocks recomputed in backward: ZeRO-2's hooks fire once each gradient is final there too.
+    let recomputed = "model.checkpoint_blocks=true";
+    let dp2 = train(&config(&[recomputed]), Some(copy(pair.as_ref())?))?;
+    close("data parallel ×2, blocks recomputed", &dp2, &one);
+    let sets = [recomputed, "parallel.zero=2", SMALL_BUCKETS];
+    let zero2 = train(&config(&sets), Some(copy(pair.as_ref())?))?;
+    assert!(
+        bits(&zero2) == bits(&dp2),
+        "ZeRO-2 ×2 with recomputed blocks differs from data parallelism ×2"
+    );
+    report(
+        world,
+        "ok: with blocks recomputed, ZeRO-2 ×2 (4 KB buckets) equals data parallelism ×2 bit for bit",
+    );
     Ok(())
 }
 
