@@ -3,6 +3,7 @@
 mod bench;
 mod bench_zero;
 mod data;
+mod embed;
 mod plan;
 mod run;
 
@@ -49,6 +50,13 @@ enum Command {
     /// Example: anneal export runs/shakespeare-char --out exported/shakespeare
     #[command(verbatim_doc_comment)]
     Export(run::ExportArgs),
+    /// Sentence embeddings of each line of a text file from a Hugging Face BERT directory
+    /// (sentence-transformers' all-MiniLM-L6-v2, say): mean pooling and L2 normalisation, one
+    /// JSON array per line.
+    ///
+    /// Example: anneal embed ~/.cache/anneal/minilm/all-MiniLM-L6-v2 --input sentences.txt
+    #[command(verbatim_doc_comment)]
+    Embed(embed::EmbedArgs),
     /// Rank every parallel layout (data, tensor, pipeline, expert parallelism, ZeRO stage,
     /// recomputation) of a model on a cluster by estimated step time, with memory per device,
     /// exposed communication and MFU; recommends the fastest that fits.
@@ -106,6 +114,7 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(a) => run::generate(a),
         Command::Eval(a) => run::eval(a),
         Command::Export(a) => run::export(a),
+        Command::Embed(a) => embed::run(a),
         Command::Bench(b) => bench::run(b, threads),
         Command::Plan(a) => plan::run(a),
         Command::Quickstart(a) => run::quickstart(a),

@@ -260,6 +260,47 @@ impl Tokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+
+    /// The id of a token string (`[PAD]`, say), if the vocabulary has it.
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// Token ids of each of `texts` as an encoder reads them: with the special tokens the
+    /// tokenizer's post-processor adds (BERT: `[CLS] … [SEP]`), at most `max_len` of them. A
+    /// longer text loses tokens from its end, the closing special tokens kept (Hugging Face's
+    /// truncation of one sequence). The `tokenizer.json`'s own truncation and padding settings
+    /// are ignored.
+    pub fn encode_for_model<S: AsRef<str>>(
+        &self,
+        texts: &[S],
+        max_len: usize,
+    ) -> Result<Vec<Vec<u32>>> {
+        let mut inner = self.inner.clone();
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(tk_err)?;
+        texts
+            .iter()
+            .map(|text| {
+                let encoding = inner.encode_fast(text.as_ref(), true).map_err(tk_err)?;
+                let mut ids = encoding.get_ids().to_vec();
+                if ids.len() > max_len {
+                    // The special tokens closing the sequence stay at its end.
+                    let closing = encoding
+                        .get_special_tokens_mask()
+                        .iter()
+                        .rev()
+                        .take_while(|&&m| m == 1)
+                        .count()
+                        .min(max_len);
+                    let tail = ids.split_off(ids.len() - closing);
+                    ids.truncate(max_len - closing);
+                    ids.extend(tail);
+                }
+                Ok(ids)
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,10 @@
 //!   `ParallelContext` (single-device by default; where tensor parallelism and ZeRO-3 plug in).
 //! * [`gpt`]: GPT-2 (Radford et al. 2019) composed of those layers: learned positions, pre-norm
 //!   blocks, GELU MLP, tied or untied output head, optional block recomputation, KV cache.
+//! * [`bert`]: BERT (Devlin et al. 2019): learned positions and token types, post-norm layers,
+//!   bidirectional attention with padding masked, erf GELU, mean and `[CLS]` pooling.
 
+pub mod bert;
 pub mod gpt;
 pub mod layers;
 

@@ -30,6 +30,7 @@ pub mod config;
 pub mod eval;
 pub mod generate;
 pub mod hf;
+pub mod hf_bert;
 pub mod machine;
 pub mod memory;
 pub mod model;

@@ -163,6 +163,31 @@ impl Attention {
         }
     }
 
+    /// Attention over `x` `[B, T, d]` where `key_padding_mask` (`[B, T]` flags, `true` for
+    /// real tokens) keeps every query from attending to padding (BERT's attention mask).
+    pub fn forward_masked(
+        &self,
+        w: &Weights,
+        x: &Tensor,
+        key_padding_mask: Option<Vec<bool>>,
+    ) -> Result<Tensor> {
+        if key_padding_mask.is_none() {
+            return self.forward(w, x);
+        }
+        let (b, t) = (x.shape()[0], x.shape()[1]);
+        let options = AttentionOptions {
+            key_padding_mask,
+            ..self.options()
+        };
+        let [q, k, v] = self.project(w, x, 0)?;
+        let a = Tensor::attention(&q, &k, &v, &options)?.reshape(&[
+            b,
+            t,
+            self.n_head * self.head_dim,
+        ])?;
+        self.out.forward(w, &a)
+    }
+
     /// Q `[B, T, H, D]`, K and V `[B, T, Hkv, D]` of `x` `[B, T, d]`, rotated for positions
     /// `start..start + T` when the layer uses RoPE.
     fn project(&self, w: &Weights, x: &Tensor, start: usize) -> Result<[Tensor; 3]> {

@@ -14,6 +14,14 @@ pub enum MlpKind {
         /// The narrowing projection.
         proj: &'static str,
     },
+    /// `proj(gelu(fc(x)))` with the exact, erf-based GELU (BERT: `intermediate.dense`,
+    /// `output.dense`).
+    GeluErf {
+        /// The widening projection.
+        fc: &'static str,
+        /// The narrowing projection.
+        proj: &'static str,
+    },
     /// `down(silu(gate(x)) · up(x))` (Llama: `gate_proj`, `up_proj`, `down_proj`).
     GatedSilu {
         /// The gate projection.
@@ -31,6 +39,8 @@ pub struct Mlp {
     fc: Linear,
     up: Option<Linear>,
     proj: Linear,
+    /// The erf GELU rather than its tanh approximation (ungated networks).
+    exact_gelu: bool,
 }
 
 impl Mlp {
@@ -60,7 +70,7 @@ impl Mlp {
             split,
         };
         let (fc, up, proj) = match kind {
-            MlpKind::Gelu { fc, proj } => (fc, None, proj),
+            MlpKind::Gelu { fc, proj } | MlpKind::GeluErf { fc, proj } => (fc, None, proj),
             MlpKind::GatedSilu { gate, up, down } => (gate, Some(up), down),
         };
         Ok(Mlp {
@@ -69,6 +79,7 @@ impl Mlp {
                 .map(|up| Linear::new(b, &join(prefix, up), d, hidden, opts(std, column)))
                 .transpose()?,
             proj: Linear::new(b, &join(prefix, proj), hidden, d, opts(proj_std, row))?,
+            exact_gelu: matches!(kind, MlpKind::GeluErf { .. }),
         })
     }
 
@@ -85,6 +96,7 @@ impl Mlp {
     /// The network on `x` `[…, d]`.
     pub fn forward(&self, w: &Weights, x: &Tensor) -> Result<Tensor> {
         let h = match &self.up {
+            None if self.exact_gelu => self.fc.forward(w, x)?.gelu(),
             None => self.fc.forward(w, x)?.gelu_tanh(),
             Some(up) => self.fc.forward(w, x)?.silu().mul(&up.forward(w, x)?)?,
         };
