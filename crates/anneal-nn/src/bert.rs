@@ -13,8 +13,8 @@
 //! all-MiniLM-L6-v2, followed by L2 normalisation) or the `[CLS]` position.
 
 use crate::layers::{
-    Attention, AttentionConfig, Builder, Embedding, LayerNorm, Mlp, MlpKind, ParallelContext,
-    QkvNames, SingleDevice, WeightLayout, Weights,
+    Attention, AttentionConfig, Builder, Embedding, LayerNorm, LoraConfig, Mlp, MlpKind,
+    ParallelContext, QkvNames, SingleDevice, WeightLayout, Weights,
 };
 use anneal_tensor::{DType, DropoutKey, Error, ParamId, ParamStore, Result, Tensor};
 use std::collections::HashMap;
@@ -317,10 +317,19 @@ impl Bert {
     /// A freshly initialised encoder on one device: weights Normal(0, 0.02), biases zero,
     /// LayerNorm weights one.
     pub fn new(config: BertConfig, seed: u64) -> Result<Bert> {
+        Bert::with_lora(config, seed, None)
+    }
+
+    /// [`Bert::new`] with LoRA adapters on the linear layers `lora` targets (the attention's
+    /// `query`, `key`, `value`, `dense`, …); fails naming any target that matches none.
+    pub fn with_lora(config: BertConfig, seed: u64, lora: Option<LoraConfig>) -> Result<Bert> {
         config.validate()?;
         let c = &config;
         let d = c.hidden_size;
         let mut b = Builder::new(seed);
+        if let Some(lora) = lora {
+            b = b.with_lora(lora)?;
+        }
         let word = Embedding::new(&mut b, "embeddings.word_embeddings", c.vocab_size, d, 0.02)?;
         let position = Embedding::new(
             &mut b,
@@ -341,6 +350,7 @@ impl Bert {
         let layers = (0..c.num_layers)
             .map(|i| BertLayer::new(&mut b, &format!("encoder.layer.{i}"), c))
             .collect::<Result<Vec<_>>>()?;
+        b.check_lora_targets()?;
         let parallel: Arc<dyn ParallelContext> = Arc::new(SingleDevice);
         let (params, _) = b.build(c.dtype);
         Ok(Bert {
@@ -364,6 +374,16 @@ impl Bert {
     /// these).
     pub fn layer_params(&self) -> Vec<Vec<ParamId>> {
         self.layers.iter().map(BertLayer::params).collect()
+    }
+
+    /// Merges every LoRA adapter's update into its weight (`true`), or takes it out again.
+    pub fn set_lora_merged(&self, merged: bool) -> Result<()> {
+        for l in &self.layers {
+            for linear in l.attention.linears().into_iter().chain(l.mlp.linears()) {
+                linear.set_merged(&self.params, merged)?;
+            }
+        }
+        Ok(())
     }
 
     /// Last hidden states `[B, T, d]`. `dropout` turns dropout on (training) with masks derived

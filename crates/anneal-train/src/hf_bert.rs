@@ -5,6 +5,7 @@
 
 use anneal_data::Tokenizer;
 use anneal_nn::bert::{Bert, BertConfig, BertInput, Pooling};
+use anneal_nn::layers::LoraConfig;
 use anneal_tensor::{DType, Tensor};
 use anyhow::{bail, Context, Result};
 use std::collections::HashMap;
@@ -107,6 +108,12 @@ pub fn bert_config(cfg: &serde_json::Value, path: &Path) -> Result<BertConfig> {
 /// missing file, the key of a bad configuration, or the tensor that does not fit, before
 /// allocating anything a configuration claims beyond the weights on disk.
 pub fn load(dir: &Path) -> Result<SentenceEncoder> {
+    load_with(dir, None)
+}
+
+/// [`load`] with LoRA adapters on the linear layers `lora` targets: the base weights from the
+/// directory, each adapter as initialised (B zero, so the model computes what the base does).
+pub fn load_with(dir: &Path, lora: Option<LoraConfig>) -> Result<SentenceEncoder> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
@@ -135,7 +142,12 @@ pub fn load(dir: &Path) -> Result<SentenceEncoder> {
             weights_path.display()
         )
     })?;
-    let model = Bert::new(config, 0)?;
+    let model = Bert::with_lora(config, 0, lora)?;
+    for (name, t) in model.params.named() {
+        if LoraConfig::is_adapter(&name) {
+            weights.insert(name, t);
+        }
+    }
     model
         .params
         .load_named(&weights)

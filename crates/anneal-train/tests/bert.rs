@@ -3,6 +3,7 @@
 //! embeddings computed in float64 by transformers), and the directory faults a user meets.
 
 use anneal_nn::bert::Pooling;
+use anneal_nn::layers::LoraConfig;
 use anneal_tensor::Tensor;
 use anneal_train::hf_bert;
 use std::collections::HashMap;
@@ -152,4 +153,102 @@ fn faults_in_a_bert_directory_are_named() {
     )
     .unwrap();
     assert!(load_error(dir.path()).contains("llama"));
+}
+
+fn lora(targets: &[&str]) -> LoraConfig {
+    LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: targets.iter().map(|t| t.to_string()).collect(),
+    }
+}
+
+#[test]
+fn lora_adapters_start_as_the_base_merge_into_it_and_alone_are_trained() {
+    let dir = fixtures().join("tiny-bert");
+    let base = hf_bert::load(&dir).unwrap();
+    let mut adapted = hf_bert::load_with(&dir, Some(lora(&["query", "value"]))).unwrap();
+    let texts = sentences();
+    let input = base.input(&texts).unwrap();
+    let hidden = |e: &hf_bert::SentenceEncoder| e.model.forward(&input, None).unwrap().to_vec_f32();
+    // PEFT's names, one adapter per targeted projection of each layer.
+    let names: Vec<String> = adapted
+        .model
+        .params
+        .infos()
+        .iter()
+        .map(|p| p.name.clone())
+        .filter(|n| LoraConfig::is_adapter(n))
+        .collect();
+    assert_eq!(names.len(), 2 * 2 * 2, "{names:?}");
+    assert!(names.contains(&"encoder.layer.1.attention.self.value.lora_B.weight".to_string()));
+    // B starts at zero: the adapted model computes exactly what the base does.
+    let h0 = hidden(&base);
+    assert_eq!(hidden(&adapted), h0);
+    // With B non-zero the output moves; merging gives the same output with plain weights,
+    // and unmerging restores the weights.
+    let params = &adapted.model.params;
+    let mut rng = anneal_tensor::Rng::new(7);
+    for n in names.iter().filter(|n| n.contains("lora_B")) {
+        let id = params.id(n).unwrap();
+        let shape = params.get(id).shape().to_vec();
+        let values = Tensor::randn(&shape, 0.5, anneal_tensor::DType::F32, &mut rng);
+        params.set(id, &values).unwrap();
+    }
+    let unmerged = hidden(&adapted);
+    assert!(
+        max_diff(&unmerged, &h0) > 1e-2,
+        "the adapters change the output"
+    );
+    let weights_before: Vec<f32> = params
+        .by_name("encoder.layer.0.attention.self.query.weight")
+        .unwrap()
+        .to_vec_f32();
+    adapted.model.set_lora_merged(true).unwrap();
+    let merged = hidden(&adapted);
+    let err = max_diff(&merged, &unmerged);
+    assert!(err < 1e-5, "merged differs from unmerged by {err}");
+    adapted.model.set_lora_merged(false).unwrap();
+    let back = adapted
+        .model
+        .params
+        .by_name("encoder.layer.0.attention.self.query.weight")
+        .unwrap()
+        .to_vec_f32();
+    assert!(max_diff(&back, &weights_before) < 1e-6);
+    assert!(max_diff(&hidden(&adapted), &unmerged) < 1e-5);
+    // Training only the adapters: gradients (and so optimizer state) cover them alone.
+    let trained = adapted.model.params.train_only(LoraConfig::is_adapter);
+    assert_eq!(trained, names.len());
+    let params = &adapted.model.params;
+    let adapter_numel: usize = params
+        .infos()
+        .iter()
+        .filter(|p| LoraConfig::is_adapter(&p.name))
+        .map(|p| p.len)
+        .sum();
+    assert_eq!(params.trainable_numel(), adapter_numel);
+    let loss = adapted
+        .model
+        .mean_pooled(&input, None)
+        .unwrap()
+        .sum_all()
+        .unwrap();
+    loss.backward().unwrap();
+    assert!(params.grad_norm() > 0.0, "the adapters get gradients");
+}
+
+#[test]
+fn a_lora_target_that_matches_nothing_is_named() {
+    let err = hf_bert::load_with(
+        &fixtures().join("tiny-bert"),
+        Some(lora(&["query", "q_proj"])),
+    )
+    .err()
+    .map(|e| format!("{e:#}"))
+    .unwrap();
+    assert!(
+        err.contains("q_proj") && !err.contains("\"query\""),
+        "{err}"
+    );
 }

@@ -145,6 +145,16 @@ impl Attention {
         })
     }
 
+    /// Its linear layers: the Q/K/V projection(s), then the output projection.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = match &self.qkv {
+            Qkv::Fused(l) => vec![l],
+            Qkv::Separate(q, k, v) => vec![q, k, v],
+        };
+        out.push(&self.out);
+        out
+    }
+
     /// Every parameter id of the layer.
     pub fn params(&self) -> Vec<ParamId> {
         let mut out = match &self.qkv {

@@ -2,7 +2,88 @@
 //! output columns or input rows (Megatron-LM's column- and row-parallel linear layers).
 
 use super::{join, Builder, Init, Split, Weights};
-use anneal_tensor::{ParamId, Result, Tensor};
+use anneal_tensor::{Error, ParamId, ParamStore, Result, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// LoRA (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models"): beside a frozen
+/// weight W `[out, in]`, a trainable update ΔW = (α/r)·B·A with A `[r, in]` and B `[out, r]`,
+/// B starting at zero so the adapted model starts as the base. Applied to the linear layers whose
+/// name is one of `targets` or ends with `.target` (PEFT's matching: `query` adapts every
+/// `….attention.self.query`). Parameters are named as PEFT names them: `<layer>.lora_A.weight`
+/// and `<layer>.lora_B.weight`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// The rank r.
+    pub rank: usize,
+    /// α: the update is scaled by α/r.
+    pub alpha: f32,
+    /// Names (or name suffixes) of the linear layers to adapt.
+    pub targets: Vec<String>,
+}
+
+impl LoraConfig {
+    /// α/r.
+    pub fn scale(&self) -> f32 {
+        self.alpha / self.rank as f32
+    }
+
+    /// The target that layer `name` matches, if any.
+    pub fn target_of(&self, name: &str) -> Option<usize> {
+        self.targets
+            .iter()
+            .position(|t| name == t || name.ends_with(&format!(".{t}")))
+    }
+
+    /// Whether a parameter name is one of a LoRA adapter's.
+    pub fn is_adapter(name: &str) -> bool {
+        name.contains(".lora_A.") || name.contains(".lora_B.")
+    }
+}
+
+/// A linear layer's LoRA adapter.
+#[derive(Clone, Debug)]
+pub(crate) struct Lora {
+    a: ParamId,
+    b: ParamId,
+    scale: f32,
+    /// Whether ΔW is merged into the weight (forward then skips the adapter).
+    merged: Arc<AtomicBool>,
+}
+
+impl Lora {
+    /// Declares the adapter of a `fan_in → fan_out` layer named `prefix`: A Normal(0, 1/in),
+    /// B zeros.
+    pub(crate) fn new(
+        b: &mut Builder,
+        prefix: &str,
+        fan_in: usize,
+        fan_out: usize,
+        config: &LoraConfig,
+    ) -> Result<Lora> {
+        let r = config.rank;
+        let a = b.param(
+            &join(prefix, "lora_A.weight"),
+            &[r, fan_in],
+            Init::Normal(1.0 / (fan_in as f32).sqrt()),
+            false,
+            Split::Replicated,
+        )?;
+        let bw = b.param(
+            &join(prefix, "lora_B.weight"),
+            &[fan_out, r],
+            Init::Zeros,
+            false,
+            Split::Replicated,
+        )?;
+        Ok(Lora {
+            a,
+            b: bw,
+            scale: config.scale(),
+            merged: Arc::new(AtomicBool::new(false)),
+        })
+    }
+}
 
 /// How a checkpoint stores the weight matrix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -59,6 +140,7 @@ pub struct Linear {
     bias: Option<ParamId>,
     layout: WeightLayout,
     split: LinearSplit,
+    lora: Option<Lora>,
 }
 
 impl Linear {
@@ -98,11 +180,22 @@ impl Linear {
         } else {
             None
         };
+        let lora = match b.lora_target(prefix) {
+            None => None,
+            Some(_) if opts.split != LinearSplit::None => {
+                return Err(Error::Invalid {
+                    op: "Linear::new",
+                    reason: format!("LoRA on {prefix}: a split layer cannot be adapted yet"),
+                })
+            }
+            Some(config) => Some(Lora::new(b, prefix, fan_in, fan_out, &config)?),
+        };
         Ok(Linear {
             weight,
             bias,
             layout: opts.layout,
             split: opts.split,
+            lora,
         })
     }
 
@@ -116,9 +209,47 @@ impl Linear {
         self.bias
     }
 
-    /// Every parameter id of the layer.
+    /// Every parameter id of the layer (its LoRA adapter's too).
     pub fn params(&self) -> Vec<ParamId> {
-        std::iter::once(self.weight).chain(self.bias).collect()
+        let lora = self.lora.iter().flat_map(|l| [l.a, l.b]);
+        std::iter::once(self.weight)
+            .chain(self.bias)
+            .chain(lora)
+            .collect()
+    }
+
+    /// Whether the layer has a LoRA adapter.
+    pub fn is_adapted(&self) -> bool {
+        self.lora.is_some()
+    }
+
+    /// Adds (`merge`) or subtracts the adapter's update (α/r)·B·A into the weight, so the layer
+    /// computes the adapted map with one matrix product (a merged model exports as a plain
+    /// one); forward skips the adapter while it is merged. Does nothing without an adapter or
+    /// when already in the asked state.
+    pub fn set_merged(&self, params: &ParamStore, merge: bool) -> Result<()> {
+        let Some(lora) = &self.lora else {
+            return Ok(());
+        };
+        if lora.merged.load(Ordering::Acquire) == merge {
+            return Ok(());
+        }
+        let t = params.tensors();
+        let delta = anneal_tensor::no_grad(|| -> Result<Tensor> {
+            let ba = t[lora.b.0].matmul(&t[lora.a.0])?.scale(lora.scale);
+            match self.layout {
+                WeightLayout::OutIn => Ok(ba),
+                WeightLayout::InOut => Ok(ba.transpose(0, 1)?.contiguous()),
+            }
+        })?;
+        let w = &t[self.weight.0];
+        let updated = anneal_tensor::no_grad(|| match merge {
+            true => w.detach().add(&delta),
+            false => w.detach().sub(&delta),
+        })?;
+        params.set(self.weight, &updated)?;
+        lora.merged.store(merge, Ordering::Release);
+        Ok(())
     }
 
     /// `x·W + b` for `x` of shape `[…, in]`.
@@ -130,7 +261,17 @@ impl Linear {
         };
         let bias = self.bias.map(|id| w.get(id)).transpose()?;
         match self.split {
-            LinearSplit::None => x.linear(&weight, bias.as_ref()),
+            LinearSplit::None => {
+                let y = x.linear(&weight, bias.as_ref())?;
+                match &self.lora {
+                    Some(l) if !l.merged.load(Ordering::Acquire) => {
+                        let a = w.get(l.a)?.transpose(0, 1)?;
+                        let b = w.get(l.b)?.transpose(0, 1)?;
+                        y.add(&x.linear(&a, None)?.linear(&b, None)?.scale(l.scale))
+                    }
+                    _ => Ok(y),
+                }
+            }
             LinearSplit::Column => w
                 .parallel()
                 .enter_parallel(x)?

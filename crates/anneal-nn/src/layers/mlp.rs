@@ -83,6 +83,14 @@ impl Mlp {
         })
     }
 
+    /// Its linear layers, input side first.
+    pub fn linears(&self) -> Vec<&Linear> {
+        std::iter::once(&self.fc)
+            .chain(self.up.as_ref())
+            .chain(std::iter::once(&self.proj))
+            .collect()
+    }
+
     /// Every parameter id of the layer.
     pub fn params(&self) -> Vec<ParamId> {
         let mut out = self.fc.params();

@@ -28,7 +28,7 @@ pub use attention::{Attention, AttentionConfig, KvCache, QkvNames};
 pub use block::{Block, BlockConfig, BlockNames};
 pub use embedding::Embedding;
 pub use heads::{ClassificationHead, LmHead, ScalarHead};
-pub use linear::{Linear, LinearOptions, LinearSplit, WeightLayout};
+pub use linear::{Linear, LinearOptions, LinearSplit, LoraConfig, WeightLayout};
 pub use mlp::{Mlp, MlpKind};
 pub use norm::{LayerNorm, Norm, NormKind, RmsNorm};
 pub use parallel::{ParallelContext, SingleDevice, Split};
@@ -53,6 +53,8 @@ pub struct Builder {
     params: ParamStoreBuilder,
     rng: Rng,
     parallel: Arc<dyn ParallelContext>,
+    /// LoRA adapters to give the linear layers it names, and which of its targets matched.
+    lora: Option<(LoraConfig, Vec<bool>)>,
 }
 
 /// `prefix.name`, or `name` when the prefix is empty.
@@ -76,7 +78,57 @@ impl Builder {
             params: ParamStoreBuilder::new(),
             rng: Rng::new(seed),
             parallel,
+            lora: None,
         }
+    }
+
+    /// Gives every linear layer that `lora` targets an adapter (declared right after the
+    /// layer's own parameters). Fails unless the rank is at least 1.
+    pub fn with_lora(mut self, lora: LoraConfig) -> Result<Builder> {
+        if lora.rank == 0 || lora.targets.is_empty() {
+            return Err(anneal_tensor::Error::Invalid {
+                op: "LoRA",
+                reason: format!(
+                    "rank {} and targets {:?}: the rank must be at least 1 and one or more \
+                     targets named",
+                    lora.rank, lora.targets
+                ),
+            });
+        }
+        let n = lora.targets.len();
+        self.lora = Some((lora, vec![false; n]));
+        Ok(self)
+    }
+
+    /// The LoRA settings for the linear layer named `prefix`, if it is a target (noting the
+    /// match).
+    pub(crate) fn lora_target(&mut self, prefix: &str) -> Option<LoraConfig> {
+        let (config, matched) = self.lora.as_mut()?;
+        let i = config.target_of(prefix)?;
+        matched[i] = true;
+        Some(config.clone())
+    }
+
+    /// Fails, naming them, when LoRA targets matched no linear layer of the model built so far
+    /// (a misspelt target would otherwise train nothing but the head).
+    pub fn check_lora_targets(&self) -> Result<()> {
+        let Some((config, matched)) = &self.lora else {
+            return Ok(());
+        };
+        let missed: Vec<&String> = config
+            .targets
+            .iter()
+            .zip(matched)
+            .filter(|(_, &m)| !m)
+            .map(|(t, _)| t)
+            .collect();
+        if missed.is_empty() {
+            return Ok(());
+        }
+        Err(anneal_tensor::Error::Invalid {
+            op: "LoRA",
+            reason: format!("the targets {missed:?} match no linear layer of the model"),
+        })
     }
 
     /// The parallel context layers are built in.
