@@ -55,6 +55,44 @@ pub struct LabelledImages {
     pub labels: Vec<i64>,
 }
 
+/// Token sequences padded to one length, each with one class label (sequence classification:
+/// a topic, a sentiment).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LabelledSequences {
+    /// Ids `[batch, seq]`, row-major, padded after each row's real tokens.
+    pub ids: Vec<u32>,
+    /// Real (unpadded) length of each row.
+    pub lengths: Vec<usize>,
+    /// Class of each row.
+    pub labels: Vec<i64>,
+    /// Rows.
+    pub batch: usize,
+    /// Positions per row.
+    pub seq: usize,
+}
+
+impl LabelledSequences {
+    /// `sequences` right-padded with `pad` to the longest, with their labels.
+    pub fn padded(sequences: &[&[u32]], labels: &[i64], pad: u32) -> LabelledSequences {
+        let seq = sequences.iter().map(|s| s.len()).max().unwrap_or(0);
+        let mut ids = Vec::with_capacity(sequences.len() * seq);
+        for s in sequences {
+            ids.extend(
+                s.iter()
+                    .copied()
+                    .chain(std::iter::repeat_n(pad, seq - s.len())),
+            );
+        }
+        LabelledSequences {
+            ids,
+            lengths: sequences.iter().map(|s| s.len()).collect(),
+            labels: labels.to_vec(),
+            batch: sequences.len(),
+            seq,
+        }
+    }
+}
+
 /// Pairs of responses to the same prompts, the first preferred.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct PreferencePairs {
@@ -75,6 +113,8 @@ pub enum Batch {
     Images(LabelledImages),
     /// Preference pairs.
     Preferences(PreferencePairs),
+    /// Labelled token sequences.
+    Classes(LabelledSequences),
 }
 
 impl Batch {
@@ -85,6 +125,7 @@ impl Batch {
             Batch::Sequences(s) => s.batch,
             Batch::Images(i) => i.shape[0],
             Batch::Preferences(p) => p.chosen.batch,
+            Batch::Classes(c) => c.batch,
         }
     }
 
@@ -100,6 +141,8 @@ impl Batch {
             Batch::Sequences(s) => s.batch * s.seq,
             Batch::Images(_) => 0,
             Batch::Preferences(p) => 2 * p.chosen.batch * p.chosen.seq,
+            // One loss per sequence, whatever its length: micro-batches weigh by their rows.
+            Batch::Classes(_) => 0,
         }
     }
 
@@ -135,6 +178,13 @@ impl Batch {
                 chosen: sequence_rows(&p.chosen, rows.clone()),
                 rejected: sequence_rows(&p.rejected, rows),
             }),
+            Batch::Classes(c) => Batch::Classes(LabelledSequences {
+                ids: c.ids[rows.start * c.seq..rows.end * c.seq].to_vec(),
+                lengths: c.lengths[rows.clone()].to_vec(),
+                labels: c.labels[rows].to_vec(),
+                batch: n,
+                seq: c.seq,
+            }),
         }
     }
 
@@ -145,6 +195,7 @@ impl Batch {
             Batch::Sequences(_) => "token sequences",
             Batch::Images(_) => "labelled images",
             Batch::Preferences(_) => "preference pairs",
+            Batch::Classes(_) => "labelled sequences",
         }
     }
 }
@@ -222,6 +273,41 @@ impl Sampler {
     }
 }
 
+/// Labelled token sequences visited once per epoch in the sampler's order: each step's batch
+/// takes the next `batch` examples of that order (an epoch's last batch runs on into the next
+/// epoch's order).
+pub struct LabelledSource {
+    /// Each example's token ids and class.
+    pub examples: Vec<(Vec<u32>, i64)>,
+    /// The padding id.
+    pub pad: u32,
+}
+
+impl BatchSource for LabelledSource {
+    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
+        let n = self.examples.len().max(1);
+        // The trainer draws each step whole (micro-batch 0): step s holds positions
+        // s·batch.. of the epochs' orders; a later micro-batch starts `micro` batches on.
+        let first = (step as usize + micro as usize) * batch;
+        let mut order: Option<(usize, Vec<usize>)> = None;
+        let picked: Vec<usize> = (first..first + batch)
+            .map(|i| {
+                let epoch = i / n;
+                if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                    order = Some((epoch, sampler.epoch_order(epoch as u64, n)));
+                }
+                order.as_ref().expect("set above").1[i % n]
+            })
+            .collect();
+        let seqs: Vec<&[u32]> = picked
+            .iter()
+            .map(|&i| self.examples[i].0.as_slice())
+            .collect();
+        let labels: Vec<i64> = picked.iter().map(|&i| self.examples[i].1).collect();
+        Batch::Classes(LabelledSequences::padded(&seqs, &labels, self.pad))
+    }
+}
+
 /// Where a trainer's micro-batches come from.
 pub trait BatchSource: Send + Sync {
     /// Micro-batch `micro` of training step `step`, `batch` examples, as `sampler` draws it.
@@ -264,6 +350,50 @@ pub fn token_windows(set: &ShardSet, offsets: &[u64], seq: usize) -> TokenWindow
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn labelled_sequences_are_visited_once_per_epoch_and_cut_by_rows() {
+        let source = LabelledSource {
+            examples: (0..7u32)
+                .map(|i| (vec![1; 1 + i as usize], i as i64))
+                .collect(),
+            pad: 0,
+        };
+        let sampler = Sampler { seed: 5 };
+        // Steps of 3 over 7 examples: the first 7 drawn are each example once.
+        let mut seen = Vec::new();
+        for step in 0..3 {
+            let Batch::Classes(c) = source.draw(&sampler, step, 0, 3) else {
+                unreachable!()
+            };
+            assert_eq!(
+                c.seq,
+                *c.lengths.iter().max().unwrap(),
+                "padded to the longest"
+            );
+            for (r, &label) in c.labels.iter().enumerate() {
+                // Each row holds its example's ids, then padding.
+                assert_eq!(c.lengths[r], 1 + label as usize);
+                assert!(c.ids[r * c.seq..][..c.seq]
+                    .iter()
+                    .enumerate()
+                    .all(|(i, &id)| id == (i < c.lengths[r]) as u32));
+            }
+            seen.extend(c.labels);
+        }
+        let mut epoch: Vec<i64> = seen[..7].to_vec();
+        epoch.sort();
+        assert_eq!(epoch, (0..7).collect::<Vec<_>>());
+        let Batch::Classes(c) = source.draw(&sampler, 0, 0, 3) else {
+            unreachable!()
+        };
+        let Batch::Classes(tail) = Batch::Classes(c.clone()).rows(1..3) else {
+            unreachable!()
+        };
+        assert_eq!(tail.labels, c.labels[1..]);
+        assert_eq!(tail.ids, c.ids[c.seq..]);
+        assert_eq!(Batch::Classes(c).tokens(), 0, "weighed by rows, not tokens");
+    }
 
     #[test]
     fn rows_of_every_kind_of_batch() {

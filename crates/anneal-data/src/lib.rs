@@ -25,7 +25,10 @@ pub mod shards;
 pub mod signals;
 pub mod tokenizer;
 
-pub use batch::{Batch, BatchSource, Sampler, Stream, TokenWindows, WindowSource};
+pub use batch::{
+    Batch, BatchSource, LabelledSequences, LabelledSource, Sampler, Stream, TokenWindows,
+    WindowSource,
+};
 pub use corpus::{BadInput, Corpus, CorpusOptions, CorpusReport, Document, Format};
 pub use shards::{
     tokenize, Manifest, ShardInfo, ShardSet, SplitMode, TokenizeOptions, TokenizeSummary,

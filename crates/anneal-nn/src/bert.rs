@@ -13,8 +13,8 @@
 //! all-MiniLM-L6-v2, followed by L2 normalisation) or the `[CLS]` position.
 
 use crate::layers::{
-    Attention, AttentionConfig, Builder, Embedding, LayerNorm, LoraConfig, Mlp, MlpKind,
-    ParallelContext, QkvNames, SingleDevice, WeightLayout, Weights,
+    Attention, AttentionConfig, Builder, ClassificationHead, Embedding, LayerNorm, LoraConfig, Mlp,
+    MlpKind, ParallelContext, QkvNames, SingleDevice, WeightLayout, Weights,
 };
 use anneal_tensor::{DType, DropoutKey, Error, ParamId, ParamStore, Result, Tensor};
 use std::collections::HashMap;
@@ -272,6 +272,7 @@ pub struct Bert {
     token_type: Embedding,
     embeddings_norm: LayerNorm,
     layers: Vec<BertLayer>,
+    classifier: Option<ClassificationHead>,
 }
 
 /// Token ids of a batch of sequences padded to one length, with what a BERT reads beside them.
@@ -323,6 +324,19 @@ impl Bert {
     /// [`Bert::new`] with LoRA adapters on the linear layers `lora` targets (the attention's
     /// `query`, `key`, `value`, `dense`, …); fails naming any target that matches none.
     pub fn with_lora(config: BertConfig, seed: u64, lora: Option<LoraConfig>) -> Result<Bert> {
+        Bert::with_head(config, seed, lora, None)
+    }
+
+    /// [`Bert::with_lora`] with a classification head of `classes` outputs, `classifier.weight`
+    /// and `classifier.bias` (Hugging Face's `BertForSequenceClassification` names), on the mean
+    /// of the last hidden states over real tokens (sentence-transformers' pooling, where
+    /// `BertForSequenceClassification` reads its pooler).
+    pub fn with_head(
+        config: BertConfig,
+        seed: u64,
+        lora: Option<LoraConfig>,
+        classes: Option<usize>,
+    ) -> Result<Bert> {
         config.validate()?;
         let c = &config;
         let d = c.hidden_size;
@@ -351,6 +365,9 @@ impl Bert {
             .map(|i| BertLayer::new(&mut b, &format!("encoder.layer.{i}"), c))
             .collect::<Result<Vec<_>>>()?;
         b.check_lora_targets()?;
+        let classifier = classes
+            .map(|k| ClassificationHead::new(&mut b, "classifier", d, k))
+            .transpose()?;
         let parallel: Arc<dyn ParallelContext> = Arc::new(SingleDevice);
         let (params, _) = b.build(c.dtype);
         Ok(Bert {
@@ -362,6 +379,7 @@ impl Bert {
             token_type,
             embeddings_norm,
             layers,
+            classifier,
         })
     }
 
@@ -442,6 +460,27 @@ impl Bert {
     pub fn mean_pooled(&self, input: &BertInput, dropout: Option<DropoutKey>) -> Result<Tensor> {
         let hidden = self.forward(input, dropout)?;
         mean_pool(&hidden, &input.mask)
+    }
+
+    /// Class logits `[B, classes]` of the mean-pooled last hidden states; fails when the model
+    /// was built without a classification head.
+    pub fn classify(&self, input: &BertInput, dropout: Option<DropoutKey>) -> Result<Tensor> {
+        let Some(head) = &self.classifier else {
+            return Err(Error::Invalid {
+                op: "Bert::classify",
+                reason: "the model has no classification head (build it with Bert::with_head)"
+                    .into(),
+            });
+        };
+        let pooled = self.mean_pooled(input, dropout)?;
+        head.forward(&self.weights(), &pooled)
+    }
+
+    /// The classification head's parameter ids (empty without one).
+    pub fn head_params(&self) -> Vec<ParamId> {
+        self.classifier
+            .as_ref()
+            .map_or_else(Vec::new, ClassificationHead::params)
     }
 
     /// Each sequence's last hidden state at its first position (`[CLS]`), `[B, d]`.

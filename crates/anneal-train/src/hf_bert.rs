@@ -114,6 +114,16 @@ pub fn load(dir: &Path) -> Result<SentenceEncoder> {
 /// [`load`] with LoRA adapters on the linear layers `lora` targets: the base weights from the
 /// directory, each adapter as initialised (B zero, so the model computes what the base does).
 pub fn load_with(dir: &Path, lora: Option<LoraConfig>) -> Result<SentenceEncoder> {
+    load_with_head(dir, lora, None)
+}
+
+/// [`load_with`] with a new classification head of `classes` outputs (Normal(0, 0.02) weights,
+/// zero biases) on the mean-pooled states, for fine-tuning.
+pub fn load_with_head(
+    dir: &Path,
+    lora: Option<LoraConfig>,
+    classes: Option<usize>,
+) -> Result<SentenceEncoder> {
     if !dir.is_dir() {
         bail!("{} is not a directory", dir.display());
     }
@@ -142,9 +152,9 @@ pub fn load_with(dir: &Path, lora: Option<LoraConfig>) -> Result<SentenceEncoder
             weights_path.display()
         )
     })?;
-    let model = Bert::with_lora(config, 0, lora)?;
+    let model = Bert::with_head(config, 0, lora, classes)?;
     for (name, t) in model.params.named() {
-        if LoraConfig::is_adapter(&name) {
+        if LoraConfig::is_adapter(&name) || name.starts_with("classifier.") {
             weights.insert(name, t);
         }
     }

@@ -2,6 +2,7 @@
 //! [`ModelOutput`], and its training FLOPs. Objectives build the input and read the output;
 //! strategies run the forward pass.
 
+use anneal_nn::bert::{Bert, BertInput};
 use anneal_nn::Gpt;
 use anneal_tensor::{DropoutKey, ParamStore, Result, Tensor};
 
@@ -12,6 +13,17 @@ pub enum ModelInput<'a> {
     Tokens {
         /// The ids.
         ids: &'a [u32],
+        /// Rows.
+        batch: usize,
+        /// Positions per row.
+        seq: usize,
+    },
+    /// Token ids `[batch, seq]` of sequences padded after their real tokens.
+    Sequences {
+        /// The ids.
+        ids: &'a [u32],
+        /// Each sequence's real length.
+        lengths: &'a [usize],
         /// Rows.
         batch: usize,
         /// Positions per row.
@@ -55,7 +67,12 @@ impl TrainModel for Gpt {
     }
 
     fn forward(&self, input: &ModelInput<'_>, dropout: Option<DropoutKey>) -> Result<ModelOutput> {
-        let ModelInput::Tokens { ids, batch, seq } = input;
+        let ModelInput::Tokens { ids, batch, seq } = input else {
+            return Err(anneal_tensor::Error::Invalid {
+                op: "Gpt",
+                reason: "a GPT reads token windows".into(),
+            });
+        };
         Ok(ModelOutput {
             logits: Gpt::forward(self, ids, *batch, *seq, dropout)?,
             aux_losses: Vec::new(),
@@ -64,5 +81,51 @@ impl TrainModel for Gpt {
 
     fn flops_per_token(&self, seq: usize) -> f64 {
         self.config.flops_per_token(seq)
+    }
+}
+
+/// A BERT with a classification head: class logits of padded sequences.
+impl TrainModel for Bert {
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    fn params_mut(&mut self) -> &mut ParamStore {
+        &mut self.params
+    }
+
+    fn forward(&self, input: &ModelInput<'_>, dropout: Option<DropoutKey>) -> Result<ModelOutput> {
+        let ModelInput::Sequences {
+            ids,
+            lengths,
+            batch,
+            seq,
+        } = input
+        else {
+            return Err(anneal_tensor::Error::Invalid {
+                op: "Bert",
+                reason: "a BERT classifier reads padded sequences".into(),
+            });
+        };
+        let mask = lengths
+            .iter()
+            .flat_map(|&l| (0..*seq).map(move |i| i < l))
+            .collect();
+        let input = BertInput {
+            ids: ids.to_vec(),
+            token_types: None,
+            mask,
+            batch: *batch,
+            seq: *seq,
+        };
+        Ok(ModelOutput {
+            logits: self.classify(&input, dropout)?,
+            aux_losses: Vec::new(),
+        })
+    }
+
+    /// 6·N per token over the encoder's parameters (the attention term is small at 256 tokens).
+    fn flops_per_token(&self, _seq: usize) -> f64 {
+        6.0 * self.params.numel() as f64
     }
 }

@@ -252,3 +252,112 @@ fn a_lora_target_that_matches_nothing_is_named() {
         "{err}"
     );
 }
+
+/// A toy topic task on the tiny model's vocabulary: animals (0) against sky and time (1).
+fn toy_task(encoder: &hf_bert::SentenceEncoder) -> Vec<(Vec<u32>, i64)> {
+    let animals = [
+        "the cat sat",
+        "a dog ran",
+        "the fox was quick",
+        "a lazy cat",
+        "dogs run",
+    ];
+    let sky = [
+        "the sun",
+        "a night moon",
+        "the day was happy",
+        "sun and moon",
+        "a sad night",
+    ];
+    let texts: Vec<&str> = animals.iter().chain(&sky).copied().collect();
+    let ids = encoder.tokenizer.encode_for_model(&texts, 16).unwrap();
+    ids.into_iter()
+        .enumerate()
+        .map(|(i, ids)| (ids, (i >= animals.len()) as i64))
+        .collect()
+}
+
+/// Trains `encoder` (with its classification head) for `steps` on the toy task; returns the
+/// first and last losses and the last accuracy (at a constant learning rate `lr`).
+fn fine_tune(encoder: hf_bert::SentenceEncoder, steps: u64, lr: f64) -> (f64, f64, f64) {
+    use anneal_train::trainer::{Trainer, TrainerParts};
+    let examples = toy_task(&encoder);
+    let pad = encoder.pad;
+    let model = encoder.model;
+    let optimizer = anneal_tensor::optim::AdamW::new(
+        &model.params,
+        anneal_tensor::optim::AdamWConfig {
+            weight_decay: 0.0,
+            ..anneal_tensor::optim::AdamWConfig::default()
+        },
+    );
+    let mut trainer = Trainer::new(TrainerParts {
+        model: Box::new(model),
+        objective: Box::new(anneal_train::objectives::SequenceClassification),
+        optimizer: Box::new(optimizer),
+        strategy: Box::new(anneal_train::strategy::SingleDevice),
+        source: Box::new(anneal_data::LabelledSource { examples, pad }),
+        seed: 3,
+        schedule: anneal_train::schedule::CosineSchedule {
+            max_lr: lr,
+            min_lr: lr,
+            warmup_steps: 0,
+            decay_steps: steps,
+        },
+        batch_size: 10,
+        grad_accum: 1,
+        grad_clip: 1.0,
+    });
+    let first = trainer.step().unwrap().loss;
+    let mut last = trainer.step().unwrap();
+    for _ in 2..steps {
+        last = trainer.step().unwrap();
+    }
+    let accuracy = last
+        .metrics
+        .iter()
+        .find(|(n, _)| n == "accuracy")
+        .unwrap()
+        .1;
+    (first, last.loss, accuracy)
+}
+
+#[test]
+fn a_bert_classifier_fine_tunes_whole_with_lora_or_with_its_encoder_frozen() {
+    let dir = fixtures().join("tiny-bert");
+    let load = |lora: Option<LoraConfig>| {
+        let mut e = hf_bert::load_with_head(&dir, lora, Some(2)).unwrap();
+        e.model.config.dropout = 0.0;
+        e
+    };
+    // Full fine-tuning: every parameter trains.
+    let full = load(None);
+    let all = full.model.params.trainable_numel();
+    let (first, last, accuracy) = fine_tune(full, 40, 3e-3);
+    assert!(
+        last < 0.5 * first && accuracy == 1.0,
+        "{first} → {last}, {accuracy}"
+    );
+    // LoRA: only the adapters and the head train.
+    let mut lora_model = load(Some(lora(&["query", "value"])));
+    lora_model
+        .model
+        .params
+        .train_only(|n| LoraConfig::is_adapter(n) || n.starts_with("classifier."));
+    let trained = lora_model.model.params.trainable_numel();
+    assert!(trained < all / 10, "{trained} of {all}");
+    let (first, last, accuracy) = fine_tune(lora_model, 40, 2e-2);
+    assert!(
+        last < 0.5 * first && accuracy == 1.0,
+        "LoRA: {first} → {last}, {accuracy}"
+    );
+    // A frozen encoder: the head alone trains.
+    let mut frozen = load(None);
+    frozen
+        .model
+        .params
+        .train_only(|n| n.starts_with("classifier."));
+    assert_eq!(frozen.model.params.trainable_numel(), 2 * 32 + 2);
+    let (first, last, _) = fine_tune(frozen, 40, 2e-2);
+    assert!(last < first, "frozen encoder: {first} → {last}");
+}

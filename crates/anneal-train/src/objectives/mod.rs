@@ -5,10 +5,13 @@
 //! value head), updated after each optimizer step and saved in checkpoints.
 //!
 //! * [`CausalLm`]: next-token cross-entropy (GPT pretraining).
+//! * [`SequenceClassification`]: one class per sequence (BERT fine-tuning), with accuracy.
 
 mod causal_lm;
+mod classification;
 
 pub use causal_lm::CausalLm;
+pub use classification::{argmax_rows, SequenceClassification};
 
 use crate::model::{ModelInput, ModelOutput, TrainModel};
 use anneal_data::Batch;
