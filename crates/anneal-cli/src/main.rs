@@ -4,6 +4,7 @@ mod bench;
 mod bench_zero;
 mod data;
 mod embed;
+mod finetune;
 mod plan;
 mod run;
 
@@ -57,6 +58,13 @@ enum Command {
     /// Example: anneal embed ~/.cache/anneal/minilm/all-MiniLM-L6-v2 --input sentences.txt
     #[command(verbatim_doc_comment)]
     Embed(embed::EmbedArgs),
+    /// Fine-tune a pretrained BERT (a Hugging Face directory) for classification on a corpus of
+    /// one directory per class: the whole model, LoRA adapters, or the head on a frozen encoder.
+    /// Reports test accuracy and the confusion matrix.
+    ///
+    /// Example: anneal finetune --config configs/bbc-minilm.toml --set train.method=lora
+    #[command(verbatim_doc_comment)]
+    Finetune(finetune::FinetuneArgs),
     /// Rank every parallel layout (data, tensor, pipeline, expert parallelism, ZeRO stage,
     /// recomputation) of a model on a cluster by estimated step time, with memory per device,
     /// exposed communication and MFU; recommends the fastest that fits.
@@ -115,6 +123,7 @@ fn main() -> anyhow::Result<()> {
         Command::Eval(a) => run::eval(a),
         Command::Export(a) => run::export(a),
         Command::Embed(a) => embed::run(a),
+        Command::Finetune(a) => finetune::run(a),
         Command::Bench(b) => bench::run(b, threads),
         Command::Plan(a) => plan::run(a),
         Command::Quickstart(a) => run::quickstart(a),

@@ -28,6 +28,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
+pub mod finetune;
 pub mod generate;
 pub mod hf;
 pub mod hf_bert;

@@ -1,0 +1,106 @@
+//! `anneal finetune` end to end on the tiny random BERT of `tests/fixtures/` and a small corpus
+//! of two topics written from its vocabulary: the three methods train, the test set is every
+//! fifth document, and configuration faults name their key.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn anneal(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_anneal"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// `root/animals/NNN.txt` and `root/sky/NNN.txt`, 15 of each, each a few of its topic's words.
+fn corpus(root: &Path) {
+    let animals = ["cat", "dog", "fox"];
+    let sky = ["sun", "moon", "night"];
+    for (class, words) in [("animals", animals), ("sky", sky)] {
+        std::fs::create_dir_all(root.join(class)).unwrap();
+        for i in 0..15 {
+            let text: Vec<&str> = (0..1 + i % 4).map(|k| words[(i + k) % 3]).collect();
+            let text = format!("the {}", text.join(" "));
+            std::fs::write(root.join(class).join(format!("{i:03}.txt")), text).unwrap();
+        }
+    }
+}
+
+#[test]
+fn finetune_trains_each_method_and_reports_test_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let model = fixtures().join("tiny-bert");
+    for (method, lr) in [("full", "1e-2"), ("lora", "2e-2"), ("head", "5e-2")] {
+        let json = dir.path().join(format!("{method}.json"));
+        let sets = [
+            format!("model.dir={}", model.display()),
+            format!("data.dir={}", dir.path().display()),
+            format!("train.method={method}"),
+            format!("train.lr={lr}"),
+            "train.min_lr=0".into(),
+            "train.steps=30".into(),
+            "train.batch_size=8".into(),
+            "train.warmup_steps=0".into(),
+            "train.dropout=0".into(),
+            "data.max_tokens=16".into(),
+            "lora.targets=[\"query\", \"value\"]".into(),
+        ];
+        let mut args = vec!["finetune".to_string()];
+        for s in &sets {
+            args.extend(["--set".to_string(), s.clone()]);
+        }
+        args.extend(["--json".to_string(), json.display().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = anneal(&args);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            o.status.success(),
+            "{method}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(stdout.contains("test accuracy"), "{stdout}");
+        let report: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        // 30 documents: every fifth (6) is the test set, 3 of each class.
+        let confusion: Vec<Vec<u64>> = serde_json::from_value(report["confusion"].clone()).unwrap();
+        assert_eq!(confusion.iter().flatten().sum::<u64>(), 6, "{method}");
+        assert_eq!(confusion[0].iter().sum::<u64>(), 3, "{method}");
+        let losses: Vec<f64> = serde_json::from_value(report["losses"].clone()).unwrap();
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < first, "{method}: loss {first} → {last}");
+        let (trainable, total) = (
+            report["trainable"].as_u64().unwrap(),
+            report["total"].as_u64().unwrap(),
+        );
+        match method {
+            "full" => {
+                assert_eq!(trainable, total);
+                assert_eq!(report["accuracy"].as_f64().unwrap(), 1.0, "{stdout}");
+            }
+            // The head: 2 classes × 32 + 2.
+            "head" => assert_eq!(trainable, 66),
+            _ => assert!(trainable < total / 10, "{trainable} of {total}"),
+        }
+        // Optimizer state: two moments of each trained parameter.
+        assert_eq!(report["optimizer_bytes"].as_u64().unwrap(), 8 * trainable);
+    }
+}
+
+#[test]
+fn finetune_config_faults_name_the_key() {
+    for (set, words) in [
+        ("train.method=adapter", "\"full\", \"lora\" or \"head\""),
+        ("train.batch_size=0", "train.batch_size"),
+        ("lora.rnk=4", "[lora] allows"),
+        ("data.dir=/nonexistent/corpus", "/nonexistent/corpus"),
+    ] {
+        let o = anneal(&["finetune", "--set", set]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(words), "{set}: {err}");
+    }
+}
