@@ -363,27 +363,50 @@ struct MatmulBackward {
     a: Tensor,
     b: Tensor,
     has_bias: bool,
+    /// Which of A, B and the bias need a gradient: a frozen weight (fine-tuning with LoRA or a
+    /// frozen encoder) costs no dB product.
+    needs: [bool; 3],
 }
 
 impl MatmulBackward {
-    /// dA = dC·Bᵀ into `da` and dB = Aᵀ·dC (summed over the batch when B is shared) into `db`.
-    fn products(&self, grad: &Tensor, da: &mut [f32], db: &mut [f32]) {
+    /// dA = dC·Bᵀ into `da` and dB = Aᵀ·dC (summed over the batch when B is shared) into `db`,
+    /// each only when asked for.
+    fn products(&self, grad: &Tensor, da: Option<&mut [f32]>, db: Option<&mut [f32]>) {
         let (a, b) = (&self.a, &self.b);
         let shared_b = b.rank() == 2 && a.rank() > 2;
         let plain = a.rank() == 2 && b.rank() == 2;
+        let threads = rayon::current_num_threads();
         with_mat(grad, |gm| {
             with_mat(b, |bm| {
                 with_mat(a, |am| unsafe {
                     let (af, gf) = (fold_rows(am), fold_rows(gm));
-                    if (shared_b || plain) && af.batch == 1 && gf.batch == 1 {
+                    let (k, n) = (bm.rows as isize, bm.cols as isize);
+                    let fused = (shared_b || plain) && af.batch == 1 && gf.batch == 1;
+                    let (da, db) = match (da, db) {
+                        (Some(da), Some(db)) => (da, db),
+                        // One product alone, on every thread.
+                        (Some(da), None) if fused => {
+                            return gemm_f32(da.as_mut_ptr(), k, 1, false, gf, bm.t(), threads)
+                        }
+                        (None, Some(db)) if fused => {
+                            return gemm_f32(db.as_mut_ptr(), n, 1, false, af.t(), gf, threads)
+                        }
+                        (Some(da), None) => {
+                            let lhs = if shared_b { gf } else { gm };
+                            return bmm(da.as_mut_ptr(), false, false, lhs, bm.t());
+                        }
+                        (None, Some(db)) => {
+                            return bmm(db.as_mut_ptr(), false, shared_b, am.t(), gm)
+                        }
+                        (None, None) => return,
+                    };
+                    if fused {
                         // A weight shared by the whole batch, as in a linear layer, or a plain
                         // 2-D product: two single products of the same size, run side by side on
                         // half the threads each. Fewer, larger products than splitting each over
                         // every thread, so each operand is packed once fewer (measured in
                         // lock-step on the GPT benchmark: 2% off the step).
                         let (pa, pb) = (SendPtr(da.as_mut_ptr()), SendPtr(db.as_mut_ptr()));
-                        let (k, n) = (bm.rows as isize, bm.cols as isize);
-                        let threads = rayon::current_num_threads();
                         let half = (threads / 2).max(1);
                         let rest = (threads - half).max(1);
                         rayon::join(
@@ -418,10 +441,11 @@ impl Backward for MatmulBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let (a, b) = (&self.a, &self.b);
-        let mut da = crate::pool::uninit(a.numel());
-        let mut db = crate::pool::uninit(b.numel());
-        self.products(grad, &mut da, &mut db);
-        let dbias = if self.has_bias {
+        let [need_a, need_b, need_bias] = self.needs;
+        let mut da = need_a.then(|| crate::pool::uninit(a.numel()));
+        let mut db = need_b.then(|| crate::pool::uninit(b.numel()));
+        self.products(grad, da.as_deref_mut(), db.as_deref_mut());
+        let dbias = if self.has_bias && need_bias {
             let n = *grad.shape().last().expect("rank >= 2");
             // Column sums of dC: blocks of a fixed number of rows summed in parallel, then the
             // partial sums in block order (the same bits whatever the thread count).
@@ -445,8 +469,8 @@ impl Backward for MatmulBackward {
             None
         };
         let mut grads = vec![
-            Some(Tensor::from_f32_unchecked(da, a.shape())),
-            Some(Tensor::from_f32_unchecked(db, b.shape())),
+            da.map(|da| Tensor::from_f32_unchecked(da, a.shape())),
+            db.map(|db| Tensor::from_f32_unchecked(db, b.shape())),
         ];
         if self.has_bias {
             grads.push(dbias);
@@ -469,6 +493,7 @@ impl Tensor {
                 a: self.data(),
                 b: rhs.data(),
                 has_bias: false,
+                needs: [self.requires_grad(), rhs.requires_grad(), false],
             },
         ))
     }
@@ -510,6 +535,11 @@ impl Tensor {
                 a: x.data(),
                 b: weight.data(),
                 has_bias: bias.is_some(),
+                needs: [
+                    x.requires_grad(),
+                    weight.requires_grad(),
+                    bias.is_some_and(Tensor::requires_grad),
+                ],
             },
         );
         if self.rank() == 1 {
@@ -562,6 +592,51 @@ mod tests {
             |x| x[0].linear(&x[1], Some(&x[2])),
             &[randn(&[2, 3, 4], 9), randn(&[4, 5], 10), randn(&[5], 11)],
         );
+    }
+
+    #[test]
+    fn a_frozen_operand_gets_no_gradient_and_the_other_the_same_one() {
+        // Linear (shared weight, fused path) and batched products: each operand's gradient
+        // with the other frozen equals its gradient with both trained, bit for bit.
+        let cases: [(Vec<usize>, Vec<usize>, bool); 2] = [
+            (vec![3, 4, 6], vec![6, 5], true),
+            (vec![2, 3, 4], vec![2, 4, 5], false),
+        ];
+        for (sa, sb, linear) in cases {
+            let (a0, b0) = (randn(&sa, 21), randn(&sb, 22));
+            let bias = randn(&[5], 23);
+            let grads = |train_a: bool, train_b: bool| {
+                let a = if train_a {
+                    a0.requires_grad_()
+                } else {
+                    a0.clone()
+                };
+                let b = if train_b {
+                    b0.requires_grad_()
+                } else {
+                    b0.clone()
+                };
+                let bias = bias.requires_grad_();
+                let y = if linear {
+                    a.linear(&b, Some(&bias)).unwrap()
+                } else {
+                    a.matmul(&b).unwrap().add(&bias).unwrap()
+                };
+                y.mul(&y).unwrap().sum_all().unwrap().backward().unwrap();
+                (
+                    a.grad().map(|g| g.to_vec_f32()),
+                    b.grad().map(|g| g.to_vec_f32()),
+                    bias.grad().unwrap().to_vec_f32(),
+                )
+            };
+            let both = grads(true, true);
+            let only_a = grads(true, false);
+            let only_b = grads(false, true);
+            assert_eq!(only_a.0, both.0, "dA with B frozen");
+            assert_eq!(only_b.1, both.1, "dB with A frozen");
+            assert!(only_a.1.is_none() && only_b.0.is_none());
+            assert_eq!(only_a.2, both.2, "the bias");
+        }
     }
 
     #[test]
