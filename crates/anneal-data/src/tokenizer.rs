@@ -266,6 +266,18 @@ impl Tokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// This tokenizer with its `tokenizer.json`'s truncation and padding settings removed (a
+    /// model's loader keeps this form, so [`Tokenizer::encode_for_model`] copies nothing).
+    pub fn without_length_limits(&self) -> Result<Tokenizer> {
+        let mut inner = self.inner.clone();
+        inner.with_padding(None);
+        inner.with_truncation(None).map_err(tk_err)?;
+        Ok(Tokenizer {
+            inner,
+            eos: self.eos,
+        })
+    }
+
     /// Token ids of each of `texts` as an encoder reads them: with the special tokens the
     /// tokenizer's post-processor adds (BERT: `[CLS] … [SEP]`), at most `max_len` of them. A
     /// longer text loses tokens from its end, the closing special tokens kept (Hugging Face's
@@ -276,9 +288,15 @@ impl Tokenizer {
         texts: &[S],
         max_len: usize,
     ) -> Result<Vec<Vec<u32>>> {
-        let mut inner = self.inner.clone();
-        inner.with_padding(None);
-        inner.with_truncation(None).map_err(tk_err)?;
+        // The tokenizer without its own limits: itself when it has none (as
+        // `without_length_limits` leaves it), a copy otherwise.
+        let copy;
+        let inner = if self.inner.get_padding().is_none() && self.inner.get_truncation().is_none() {
+            &self.inner
+        } else {
+            copy = self.without_length_limits()?.inner;
+            &copy
+        };
         texts
             .iter()
             .map(|text| {

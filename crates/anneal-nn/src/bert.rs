@@ -445,11 +445,7 @@ impl Bert {
             .dropout_at(p_drop, key)?;
         let mask = (!input.mask.iter().all(|&m| m)).then(|| input.mask.clone());
         for (index, layer) in self.layers.iter().enumerate() {
-            let key = key.with_seed(
-                key.seed
-                    .wrapping_add(1 + 2 * index as u64)
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
+            let key = crate::layers::layer_key(key, index);
             x = layer.forward(&w, &x, mask.clone(), p_drop, key)?;
         }
         Ok(x)

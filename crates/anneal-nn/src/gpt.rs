@@ -349,11 +349,7 @@ impl Gpt {
             .embed(&w, ids, [batch, seq], 0)?
             .dropout_at(p_drop, key)?;
         for (index, block) in self.blocks.iter().enumerate() {
-            let key = key.with_seed(
-                key.seed
-                    .wrapping_add(1 + 2 * index as u64)
-                    .wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            );
+            let key = crate::layers::layer_key(key, index);
             x = if c.checkpoint_blocks {
                 let (block, w) = (block.clone(), w.clone());
                 checkpoint(&[x], move |t| block.forward(&w, &t[0], p_drop, key))?

@@ -197,6 +197,16 @@ impl Layout {
     }
 }
 
+/// Fails unless `ok`, naming the config key, its value and what is allowed (every config's
+/// `validate` reports a bad value this way).
+pub fn check_key(ok: bool, key: &str, value: String, allowed: &str) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        bail!("config key {key} = {value} is not allowed: {allowed}")
+    }
+}
+
 /// A whole run configuration.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -238,13 +248,7 @@ impl RunConfig {
     pub fn validate(&self) -> Result<()> {
         let m = &self.model;
         let t = &self.train;
-        let check = |ok: bool, key: &str, value: String, allowed: &str| -> Result<()> {
-            if ok {
-                Ok(())
-            } else {
-                bail!("config key {key} = {value} is not allowed: {allowed}")
-            }
-        };
+        let check = check_key;
         check(
             m.n_layer >= 1,
             "model.n_layer",

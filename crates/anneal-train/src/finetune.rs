@@ -153,13 +153,7 @@ impl FinetuneConfig {
     /// Fails naming the key, its value and what is allowed.
     pub fn validate(&self) -> Result<()> {
         let t = &self.train;
-        let check = |ok: bool, key: &str, value: String, allowed: &str| -> Result<()> {
-            if ok {
-                Ok(())
-            } else {
-                bail!("config key {key} = {value} is not allowed: {allowed}")
-            }
-        };
+        let check = crate::config::check_key;
         check(
             ["full", "lora", "head"].contains(&t.method.as_str()),
             "train.method",

@@ -166,7 +166,7 @@ pub fn load_with_head(
     if !tokenizer_path.exists() {
         bail!("{} is missing", tokenizer_path.display());
     }
-    let tokenizer = Tokenizer::load(&tokenizer_path)?;
+    let tokenizer = Tokenizer::load(&tokenizer_path)?.without_length_limits()?;
     if tokenizer.vocab_size() > model.config.vocab_size {
         bail!(
             "{} has {} tokens; the model embeds {}",

@@ -1182,24 +1182,31 @@ mod tests {
     use anneal_nn::{Gpt, GptConfig};
     use anneal_tensor::optim::{AdamW, AdamWConfig};
 
-    #[test]
-    fn buckets_start_communicating_during_backward_and_only_on_the_last_micro_batch() {
-        let config = GptConfig {
+    /// A 2-layer GPT of width 16 over 11 tokens.
+    fn tiny() -> GptConfig {
+        GptConfig {
             vocab_size: 11,
             block_size: 8,
             n_layer: 2,
             n_head: 2,
             n_embd: 16,
             ..GptConfig::gpt2()
-        };
-        let batch = |r: usize| {
-            Batch::Tokens(TokenWindows {
-                ids: (0..16).map(|i| ((i + 3 * r) % 11) as u32).collect(),
-                targets: (0..16).map(|i| ((i + 1 + 3 * r) % 11) as i64).collect(),
-                batch: 2,
-                seq: 8,
-            })
-        };
+        }
+    }
+
+    /// Rank `r`'s micro-batch: 2 windows of 8 tokens.
+    fn batch(r: usize) -> Batch {
+        Batch::Tokens(TokenWindows {
+            ids: (0..16).map(|i| ((i + 3 * r) % 11) as u32).collect(),
+            targets: (0..16).map(|i| ((i + 1 + 3 * r) % 11) as i64).collect(),
+            batch: 2,
+            seq: 8,
+        })
+    }
+
+    #[test]
+    fn buckets_start_communicating_during_backward_and_only_on_the_last_micro_batch() {
+        let config = tiny();
         let stats = anneal_dist::local::run(2, |comm| -> Result<_> {
             let gpt = Gpt::new(config.clone(), 1)?;
             let mut opt = AdamW::new(&gpt.params, AdamWConfig::DEFAULT);
@@ -1235,22 +1242,7 @@ mod tests {
 
     #[test]
     fn zero_two_reduces_every_micro_batch_and_holds_only_its_shard() {
-        let config = GptConfig {
-            vocab_size: 11,
-            block_size: 8,
-            n_layer: 2,
-            n_head: 2,
-            n_embd: 16,
-            ..GptConfig::gpt2()
-        };
-        let batch = |r: usize| {
-            Batch::Tokens(TokenWindows {
-                ids: (0..16).map(|i| ((i + 3 * r) % 11) as u32).collect(),
-                targets: (0..16).map(|i| ((i + 1 + 3 * r) % 11) as i64).collect(),
-                batch: 2,
-                seq: 8,
-            })
-        };
+        let config = tiny();
         let out = anneal_dist::local::run(2, |comm| -> Result<_> {
             let mut gpt = Gpt::new(config.clone(), 1)?;
             let mut zero = ZeroTwo::new(Box::new(comm), 4096);

@@ -33,8 +33,20 @@ pub use mlp::{Mlp, MlpKind};
 pub use norm::{LayerNorm, Norm, NormKind, RmsNorm};
 pub use parallel::{ParallelContext, SingleDevice, Split};
 
-use anneal_tensor::{DType, ParamId, ParamStore, ParamStoreBuilder, Result, Rng, Tensor};
+use anneal_tensor::{
+    DType, DropoutKey, ParamId, ParamStore, ParamStoreBuilder, Result, Rng, Tensor,
+};
 use std::sync::Arc;
+
+/// The dropout key of layer `index` of a stack, derived from the model's key so each layer
+/// draws its own masks.
+pub fn layer_key(key: DropoutKey, index: usize) -> DropoutKey {
+    key.with_seed(
+        key.seed
+            .wrapping_add(1 + 2 * index as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    )
+}
 
 /// How a parameter starts.
 #[derive(Clone, Copy, Debug, PartialEq)]
