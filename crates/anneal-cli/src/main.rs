@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_zero;
+mod chat;
 mod data;
 mod embed;
 mod finetune;
@@ -35,11 +36,18 @@ enum Command {
     /// Example: anneal pretrain --config configs/shakespeare-char.toml --set train.lr=3e-4
     #[command(verbatim_doc_comment)]
     Pretrain(run::PretrainArgs),
-    /// Generate text from a checkpoint (anneal's or a Hugging Face GPT-2 directory).
+    /// Generate text from a checkpoint (anneal's, a Hugging Face GPT-2 directory, or a Llama
+    /// GGUF file).
     ///
     /// Example: anneal generate runs/shakespeare-char --prompt "ROMEO:" --tokens 200 --top-k 40
     #[command(verbatim_doc_comment)]
     Generate(run::GenerateArgs),
+    /// Chat with a chat model (a Llama GGUF file with a chat template, SmolLM2-135M-Instruct
+    /// say): each message is rendered through the model's template and answered.
+    ///
+    /// Example: anneal chat SmolLM2-135M-Instruct.Q4_1.gguf --message "What is 2+2?" --temperature 0
+    #[command(verbatim_doc_comment)]
+    Chat(chat::ChatArgs),
     /// Perplexity of a checkpoint on a corpus (text files, JSONL, .gz, .zst).
     ///
     /// Example: anneal eval runs/shakespeare-char --input notes.txt
@@ -120,6 +128,7 @@ fn main() -> anyhow::Result<()> {
         Command::Data(c) => data::run(c),
         Command::Pretrain(a) => run::pretrain(a),
         Command::Generate(a) => run::generate(a),
+        Command::Chat(a) => chat::run(a),
         Command::Eval(a) => run::eval(a),
         Command::Export(a) => run::export(a),
         Command::Embed(a) => embed::run(a),

@@ -3,7 +3,7 @@
 use crate::data::{tokenize_corpus, CorpusArgs, TokenizeArgs};
 use anneal_data::Corpus;
 use anneal_train::eval::StreamNll;
-use anneal_train::generate::{complete, generate as sample, load_model, SampleOptions};
+use anneal_train::generate::{complete, generate_until, load_model, CausalLm, SampleOptions};
 use anneal_train::pretrain::{train, Progress, Resume, RunOptions, RunSummary};
 use anneal_train::RunConfig;
 use anyhow::{bail, Context, Result};
@@ -201,7 +201,7 @@ fn pretrain_mpi(_config: RunConfig, _a: PretrainArgs) -> Result<()> {
     )
 }
 
-/// Sampling flags shared by `generate` and `quickstart`.
+/// Sampling flags shared by `generate`, `chat` and `quickstart`.
 #[derive(Args, Clone)]
 pub struct SampleArgs {
     /// Tokens to generate.
@@ -222,7 +222,7 @@ pub struct SampleArgs {
 }
 
 impl SampleArgs {
-    fn options(&self) -> Result<SampleOptions> {
+    pub fn options(&self) -> Result<SampleOptions> {
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
             bail!("--top-p {} is not allowed: a number in (0, 1]", self.top_p);
         }
@@ -249,7 +249,8 @@ impl SampleArgs {
 /// Arguments of `anneal generate`.
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// A checkpoint, a run directory (its newest checkpoint), or a Hugging Face GPT-2 directory.
+    /// A checkpoint, a run directory (its newest checkpoint), a Hugging Face GPT-2 directory, or
+    /// a Llama GGUF file.
     pub model: PathBuf,
     /// Text to continue (empty: start from the end-of-text token).
     #[arg(long, short, default_value = "")]
@@ -257,12 +258,88 @@ pub struct GenerateArgs {
     /// Samples to draw (seeds seed, seed+1, …).
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
-    /// Print the last position's first logits for the prompt instead of sampling (to compare
-    /// with another implementation).
+    /// Print the last position's logits for the prompt (the ten largest with their tokens, then
+    /// all) instead of sampling, to compare with another implementation.
     #[arg(long)]
     pub show_logits: bool,
     #[command(flatten)]
     pub sample: SampleArgs,
+}
+
+/// A model to generate from, whatever file it came from.
+pub struct Generator {
+    /// The model.
+    pub model: Box<dyn CausalLm>,
+    /// Its tokenizer.
+    pub tokenizer: anneal_data::Tokenizer,
+    /// Tokens that end a sample.
+    pub stop: Vec<u32>,
+    /// A token put before every prompt, if the model wants one.
+    pub bos: Option<u32>,
+    /// Its chat template, if it has one.
+    pub chat_template: Option<anneal_train::chat::ChatTemplate>,
+}
+
+impl Generator {
+    /// Loads a GGUF file (a Llama), an anneal checkpoint or run, or a Hugging Face GPT-2
+    /// directory.
+    pub fn load(path: &std::path::Path) -> Result<Generator> {
+        if anneal_train::llama_gguf::is_gguf(path) {
+            let m = anneal_train::llama_gguf::load(path, None)?;
+            tracing::info!(
+                "{}: Llama, {} layers, width {}, {} heads over {} key/value heads, {:.1}M \
+                 parameters (dequantised to f32 at load)",
+                path.display(),
+                m.model.config.num_layers,
+                m.model.config.hidden_size,
+                m.model.config.num_heads,
+                m.model.config.num_kv_heads,
+                m.model.params.numel() as f64 / 1e6
+            );
+            return Ok(Generator {
+                model: Box::new(m.model),
+                tokenizer: m.tokenizer,
+                stop: m.stop_tokens,
+                bos: m.bos,
+                chat_template: m.chat_template,
+            });
+        }
+        let loaded = load_model(path)?;
+        Ok(Generator {
+            stop: loaded.tokenizer.eos().into_iter().collect(),
+            model: Box::new(loaded.model),
+            tokenizer: loaded.tokenizer,
+            bos: None,
+            chat_template: None,
+        })
+    }
+
+    /// Token ids of `text` (special tokens written in it matched whole), after the BOS token
+    /// where the model wants one.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids: Vec<u32> = self.bos.into_iter().collect();
+        ids.extend(self.tokenizer.encode(text)?);
+        Ok(ids)
+    }
+
+    /// Samples after `ids`, printing the text as it comes; returns the new tokens.
+    pub fn stream(&self, ids: &[u32], opts: &SampleOptions) -> Result<Vec<u32>> {
+        // Tokens not yet printed: held until they decode to whole characters (a multi-byte
+        // character can be split over tokens), then printed and dropped, so each token is
+        // decoded a bounded number of times and printing stays linear in the output.
+        let mut pending = Vec::new();
+        let new = generate_until(self.model.as_ref(), ids, &self.stop, opts, |t| {
+            pending.push(t);
+            if let Ok(text) = self.tokenizer.decode(&pending) {
+                if !text.ends_with('\u{fffd}') {
+                    print!("{text}");
+                    let _ = std::io::stdout().flush();
+                    pending.clear();
+                }
+            }
+        })?;
+        Ok(new)
+    }
 }
 
 /// `anneal generate`.
@@ -270,11 +347,11 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.samples == 0 {
         bail!("--samples 0 is not allowed: at least 1");
     }
-    let loaded = load_model(&a.model)?;
-    let ids = loaded.tokenizer.encode(&a.prompt)?;
+    let g = Generator::load(&a.model)?;
+    let ids = g.encode(&a.prompt)?;
     // A character vocabulary drops what it has never seen; say so rather than continue a
     // different prompt.
-    let kept = loaded.tokenizer.decode(&ids)?;
+    let kept = g.tokenizer.decode(&ids[usize::from(g.bos.is_some())..])?;
     if kept != a.prompt {
         let lost: String = a.prompt.chars().filter(|c| !kept.contains(*c)).collect();
         tracing::warn!(
@@ -285,17 +362,22 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         if ids.is_empty() {
             bail!("--show-logits needs a --prompt");
         }
-        let n = ids.len().min(loaded.model.config.block_size);
-        let logits = loaded
-            .model
-            .forward(&ids[ids.len() - n..], 1, n, None)?
-            .to_vec_f32();
-        let vocab = loaded.model.config.vocab_size;
-        println!("tokens: {:?}", &ids[ids.len() - n..]);
-        println!(
-            "last logits[..8]: {:?}",
-            &logits[logits.len() - vocab..][..8.min(vocab)]
-        );
+        let n = ids.len().min(g.model.context());
+        let ids = &ids[ids.len() - n..];
+        let mut cache = anneal_nn::KvCache::new();
+        let all = g.model.forward_cached(ids, &mut cache)?.to_vec_f32();
+        let vocab = g.model.vocab_size();
+        let last = &all[all.len() - vocab..];
+        println!("tokens: {ids:?}");
+        println!("last position's logits ({vocab}):");
+        let mut order: Vec<usize> = (0..vocab).collect();
+        order.sort_by(|&x, &y| last[y].total_cmp(&last[x]));
+        println!("top 10:");
+        for &i in order.iter().take(10) {
+            let token = g.tokenizer.id_to_token(i as u32).unwrap_or_default();
+            println!("  {i:>6} {:>12.6}  {token:?}", last[i]);
+        }
+        println!("all: {last:?}");
         return Ok(());
     }
     let base = a.sample.options()?;
@@ -310,21 +392,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
             println!("--- sample {} ---", i + 1);
         }
         print!("{}", a.prompt);
-        // Tokens not yet printed: held until they decode to whole characters (a multi-byte
-        // character can be split over tokens), then printed and dropped, so each token is
-        // decoded a bounded number of times and printing stays linear in the output.
-        let mut pending = Vec::new();
-        let new = sample(&loaded.model, &ids, loaded.tokenizer.eos(), &opts, |t| {
-            pending.push(t);
-            if let Ok(text) = loaded.tokenizer.decode(&pending) {
-                if !text.ends_with('\u{fffd}') {
-                    print!("{text}");
-                    let _ = std::io::stdout().flush();
-                    pending.clear();
-                }
-            }
-        })?;
-        produced += new.len();
+        produced += g.stream(&ids, &opts)?.len();
         println!();
     }
     eprintln!(

@@ -163,6 +163,101 @@ impl Tokenizer {
         Ok(Self::wrap(inner))
     }
 
+    /// A byte-level BPE tokenizer from a vocabulary and merges as GGUF files carry them
+    /// (`tokenizer.ggml.tokens`, `.merges` as `"a b"` strings, `.token_type`): GPT-2's
+    /// pre-tokenizer without a prefix space, the tokens typed control (3) added as special
+    /// tokens and those typed user-defined (4) as plain added tokens, both matched whole in the
+    /// text, as Hugging Face's GGUF tokenizer converter builds it. `split` replaces GPT-2's
+    /// splitting regex where the vocabulary was learned with another (Llama 3's).
+    pub fn from_vocab_and_merges(
+        tokens: &[String],
+        merges: &[String],
+        token_types: &[i64],
+        split: Option<&str>,
+    ) -> Result<Tokenizer> {
+        let bad = |key: &str, value: String, allowed: &str| Error::Invalid {
+            key: key.into(),
+            value,
+            allowed: allowed.into(),
+        };
+        let mut vocab = Vocab::with_capacity(tokens.len());
+        for (i, t) in tokens.iter().enumerate() {
+            if vocab.insert(t.clone(), i as u32).is_some() {
+                return Err(bad(
+                    "tokenizer.ggml.tokens",
+                    format!("{t:?} (twice)"),
+                    "distinct tokens",
+                ));
+            }
+        }
+        let merges = merges
+            .iter()
+            .enumerate()
+            .map(|(i, m)| match m.split_once(' ') {
+                Some((a, b)) if !a.is_empty() && !b.is_empty() && !b.contains(' ') => {
+                    Ok((a.to_string(), b.to_string()))
+                }
+                _ => Err(bad(
+                    "tokenizer.ggml.merges",
+                    format!("entry {i} = {m:?}"),
+                    "two tokens separated by one space",
+                )),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let model = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| {
+                bad(
+                    "tokenizer.ggml.merges",
+                    e.to_string(),
+                    "merges of tokens in the vocabulary",
+                )
+            })?;
+        let mut inner = Self::byte_level(model);
+        if let Some(pattern) = split {
+            use tokenizers::pre_tokenizers::sequence::Sequence;
+            use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+            use tokenizers::SplitDelimiterBehavior;
+            let regex = Split::new(
+                SplitPattern::Regex(pattern.to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| {
+                bad(
+                    "tokenizer.ggml.pre",
+                    e.to_string(),
+                    "a valid splitting regex",
+                )
+            })?;
+            inner.with_pre_tokenizer(Some(Sequence::new(vec![
+                regex.into(),
+                ByteLevel::new(false, true, false).into(),
+            ])));
+        }
+        let alphabet = ByteLevel::alphabet();
+        let typed = |want: i64| -> Vec<&String> {
+            tokens
+                .iter()
+                .zip(token_types)
+                .filter(|(t, &ty)| ty == want && t.chars().all(|c| alphabet.contains(&c)))
+                .map(|(t, _)| t)
+                .collect()
+        };
+        let control: Vec<AddedToken> = typed(3)
+            .into_iter()
+            .map(|t| AddedToken::from(t.clone(), true).normalized(false))
+            .collect();
+        inner.add_special_tokens(&control);
+        let user: Vec<AddedToken> = typed(4)
+            .into_iter()
+            .map(|t| AddedToken::from(t.clone(), false).normalized(false))
+            .collect();
+        inner.add_tokens(&user);
+        Ok(Self::wrap(inner))
+    }
+
     /// Loads a `tokenizer.json`.
     pub fn load(path: &Path) -> Result<Tokenizer> {
         let json = std::fs::read_to_string(path).map_err(crate::io_err(path))?;

@@ -13,10 +13,14 @@
 //!   blocks, GELU MLP, tied or untied output head, optional block recomputation, KV cache.
 //! * [`bert`]: BERT (Devlin et al. 2019): learned positions and token types, post-norm layers,
 //!   bidirectional attention with padding masked, erf GELU, mean and `[CLS]` pooling.
+//! * [`llama`]: Llama (Touvron et al. 2023): RMSNorm, rotary positions, grouped key/value heads,
+//!   gated SiLU MLP, tied or untied head, KV cache.
 
 pub mod bert;
 pub mod gpt;
 pub mod layers;
+pub mod llama;
 
 pub use gpt::{Gpt, GptConfig, GptLayer};
 pub use layers::KvCache;
+pub use llama::{Llama, LlamaConfig};

@@ -50,6 +50,9 @@ pub enum Error {
     /// Reading or writing a safetensors file failed.
     #[error("safetensors: {0}")]
     SafeTensors(String),
+    /// Reading a GGUF file failed: the message names the file and the field or tensor.
+    #[error("gguf: {0}")]
+    Gguf(String),
     /// File-system error with the path it concerned.
     #[error("{path}: {source}")]
     Io {

@@ -30,6 +30,7 @@
 pub mod autograd;
 mod dtype;
 mod error;
+pub mod gguf;
 pub mod init;
 pub mod io;
 mod kernels;

