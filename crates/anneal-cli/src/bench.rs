@@ -57,6 +57,13 @@ pub enum BenchCommand {
     /// Example: mpirun -np 2 anneal bench zero; anneal bench zero --ranks 4
     #[command(verbatim_doc_comment)]
     Zero(crate::bench_zero::ZeroBench),
+    /// Generation speed of a GGUF Llama (SmolLM2-135M-Instruct by default) at batch 1 and 16:
+    /// tokens per second and time to first token, beside transformers on the same file
+    /// (bench/transformers_generate.py, dequantised to f32) and llama.cpp (llama-cpp-python).
+    ///
+    /// Example: anneal bench generate --batch 1,16 --tokens 64
+    #[command(verbatim_doc_comment)]
+    Generate(crate::bench_generate::GenerateBench),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -342,6 +349,10 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
         BenchCommand::Zero(mut b) => {
             b.threads = threads.unwrap_or(1);
             crate::bench_zero::zero(b)
+        }
+        BenchCommand::Generate(mut b) => {
+            b.threads = anneal_train::machine::threads(threads.unwrap_or(0));
+            crate::bench_generate::generate(b)
         }
     }
 }
@@ -794,7 +805,7 @@ fn parse_worker<T: serde::de::DeserializeOwned>(
 
 /// `given`, else `bench/NAME` in the source tree this binary was built from, else in the working
 /// directory.
-fn bench_script(given: &Option<PathBuf>, name: &str) -> PathBuf {
+pub(crate) fn bench_script(given: &Option<PathBuf>, name: &str) -> PathBuf {
     if let Some(p) = given {
         return p.clone();
     }

@@ -1,6 +1,7 @@
 //! The `anneal` binary: one subcommand per job.
 
 mod bench;
+mod bench_generate;
 mod bench_zero;
 mod chat;
 mod data;

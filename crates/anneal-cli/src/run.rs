@@ -252,9 +252,10 @@ pub struct GenerateArgs {
     /// A checkpoint, a run directory (its newest checkpoint), a Hugging Face GPT-2 directory, or
     /// a Llama GGUF file.
     pub model: PathBuf,
-    /// Text to continue (empty: start from the end-of-text token).
-    #[arg(long, short, default_value = "")]
-    pub prompt: String,
+    /// Text to continue (empty: start from the end-of-text token). Repeat it to generate for
+    /// several prompts as one batch (left-padded; Llama models).
+    #[arg(long = "prompt", short, default_value = "")]
+    pub prompts: Vec<String>,
     /// Samples to draw (seeds seed, seed+1, …).
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
@@ -348,12 +349,19 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         bail!("--samples 0 is not allowed: at least 1");
     }
     let g = Generator::load(&a.model)?;
-    let ids = g.encode(&a.prompt)?;
+    if a.prompts.len() > 1 {
+        if a.show_logits || a.samples > 1 {
+            bail!("--show-logits and --samples take one --prompt");
+        }
+        return generate_batched(&g, &a.prompts, &a.sample.options()?);
+    }
+    let prompt = a.prompts.first().cloned().unwrap_or_default();
+    let ids = g.encode(&prompt)?;
     // A character vocabulary drops what it has never seen; say so rather than continue a
     // different prompt.
     let kept = g.tokenizer.decode(&ids[usize::from(g.bos.is_some())..])?;
-    if kept != a.prompt {
-        let lost: String = a.prompt.chars().filter(|c| !kept.contains(*c)).collect();
+    if kept != prompt {
+        let lost: String = prompt.chars().filter(|c| !kept.contains(*c)).collect();
         tracing::warn!(
             "the model's vocabulary lacks {lost:?} from the prompt; continuing {kept:?} instead"
         );
@@ -391,7 +399,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         if a.samples > 1 {
             println!("--- sample {} ---", i + 1);
         }
-        print!("{}", a.prompt);
+        print!("{prompt}");
         produced += g.stream(&ids, &opts)?.len();
         println!();
     }
@@ -399,6 +407,26 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
         "{produced} tokens in {:.2} s ({:.0} tokens/s, KV cache)",
         started.elapsed().as_secs_f64(),
         produced as f64 / started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `anneal generate` with several prompts: one batch, each completion printed after its prompt.
+fn generate_batched(g: &Generator, prompts: &[String], opts: &SampleOptions) -> Result<()> {
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| g.encode(p)).collect::<Result<_>>()?;
+    let pad = g.stop.first().copied().unwrap_or(0);
+    let started = std::time::Instant::now();
+    let out = anneal_train::generate::generate_batch(g.model.as_ref(), &ids, &g.stop, pad, opts)?;
+    let secs = started.elapsed().as_secs_f64();
+    for (i, (p, new)) in prompts.iter().zip(&out).enumerate() {
+        println!("--- prompt {} ---", i + 1);
+        println!("{p}{}", g.tokenizer.decode(new)?);
+    }
+    let produced: usize = out.iter().map(Vec::len).sum();
+    eprintln!(
+        "{produced} tokens for {} prompts in {secs:.2} s ({:.0} tokens/s, one batch, KV cache)",
+        prompts.len(),
+        produced as f64 / secs
     );
     Ok(())
 }

@@ -49,6 +49,38 @@ fn generate_continues_a_prompt_greedily_as_transformers_does() {
     let expected = format!("{prompt}{}\n", m.tokenizer.decode(&want[..stop]).unwrap());
     assert_eq!(text, expected);
 
+    // Two prompts as one left-padded batch: each row continues as it does alone.
+    let other = "Once upon a time, in a land far away,";
+    let want2: Vec<u32> = reference["greedy.2"]
+        .to_vec_f32()
+        .iter()
+        .map(|&v| v as u32)
+        .collect();
+    let stop2 = want2
+        .iter()
+        .position(|t| m.stop_tokens.contains(t))
+        .unwrap_or(want2.len());
+    let o = anneal(&[
+        "generate",
+        model,
+        "--prompt",
+        prompt,
+        "--prompt",
+        other,
+        "--temperature",
+        "0",
+        "--tokens",
+        "50",
+    ]);
+    let text = String::from_utf8(o.stdout).unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "--- prompt 1 ---\n{expected}--- prompt 2 ---\n{other}{}\n",
+            m.tokenizer.decode(&want2[..stop2]).unwrap()
+        )
+    );
+
     let o = anneal(&["generate", model, "--prompt", prompt, "--show-logits"]);
     let shown = String::from_utf8(o.stdout).unwrap();
     let all = shown.lines().find_map(|l| l.strip_prefix("all: ")).unwrap();

@@ -335,6 +335,42 @@ impl Llama {
         })
     }
 
+    /// Logits `[B, vocab]` of each row's last position, for a batch `ids` `[B, n]` (row-major)
+    /// following the positions in `cache` (which grows by `n`): row b's first position is
+    /// `starts[b]` (negative under left padding, so that its first real token is position 0)
+    /// and `key_padding_mask` (`[B, S]` over every position so far, `true` for real tokens)
+    /// keeps attention off the padding. Only the last positions pass through the output head.
+    pub fn forward_rows_cached(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        starts: &[isize],
+        key_padding_mask: Option<Vec<bool>>,
+    ) -> Result<Tensor> {
+        let op = "Llama::forward_rows_cached";
+        let n = ids.len() / batch.max(1);
+        self.check_positions(op, cache.len(), n)?;
+        let w = self.weights();
+        anneal_tensor::no_grad(|| {
+            let mut x = self.embed.forward(&w, ids, &[batch, n], op)?;
+            for (i, block) in self.blocks.iter().enumerate() {
+                let (y, kv) = block.forward_cached_rows(
+                    &w,
+                    &x,
+                    cache.layer(i),
+                    starts,
+                    key_padding_mask.clone(),
+                )?;
+                cache.set_layer(i, kv);
+                x = y;
+            }
+            cache.advance(n);
+            let last = x.narrow(1, n - 1, 1)?.contiguous();
+            self.head(&w, &last, batch)
+        })
+    }
+
     /// Mean next-token cross-entropy of `[B, T]` inputs against `[B, T]` targets (−100 is
     /// ignored, as in Hugging Face's loss).
     pub fn loss(

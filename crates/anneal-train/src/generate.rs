@@ -178,6 +178,21 @@ pub trait CausalLm {
     fn context(&self) -> usize;
     /// Logits `[n, vocab]` of `ids` following the positions in `cache`, which grows by `n`.
     fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> anneal_tensor::Result<Tensor>;
+    /// Logits `[B, vocab]` of each row's last position for a left-padded batch `ids` `[B, n]`
+    /// (see [`Llama::forward_rows_cached`]); models with learned positions do not batch.
+    fn forward_rows_cached(
+        &self,
+        _ids: &[u32],
+        _batch: usize,
+        _cache: &mut KvCache,
+        _starts: &[isize],
+        _key_padding_mask: Vec<bool>,
+    ) -> anneal_tensor::Result<Tensor> {
+        Err(anneal_tensor::Error::Invalid {
+            op: "generate",
+            reason: "batched generation needs a model with rotary positions (Llama)".into(),
+        })
+    }
 }
 
 impl CausalLm for Gpt {
@@ -202,6 +217,93 @@ impl CausalLm for Llama {
     fn forward_cached(&self, ids: &[u32], cache: &mut KvCache) -> anneal_tensor::Result<Tensor> {
         Llama::forward_cached(self, ids, cache)
     }
+    fn forward_rows_cached(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        cache: &mut KvCache,
+        starts: &[isize],
+        key_padding_mask: Vec<bool>,
+    ) -> anneal_tensor::Result<Tensor> {
+        Llama::forward_rows_cached(self, ids, batch, cache, starts, Some(key_padding_mask))
+    }
+}
+
+/// Generates after each of `prompts` at once: the prompts left-padded with `pad` to one length
+/// (the padding masked, each row's positions starting at its first real token), one KV cache
+/// for the batch, each row drawing with its own generator (seed + row, so row i draws as
+/// `generate` does with that seed) and ending at its own first `stop` token. Returns each row's
+/// new tokens. Rows that have ended ride along until every row has.
+pub fn generate_batch<M: CausalLm + ?Sized>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    stop: &[u32],
+    pad: u32,
+    opts: &SampleOptions,
+) -> Result<Vec<Vec<u32>>> {
+    let b = prompts.len();
+    if b == 0 {
+        return Ok(Vec::new());
+    }
+    if let Some(i) = prompts.iter().position(Vec::is_empty) {
+        bail!("prompt {i} of the batch is empty");
+    }
+    let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    if l >= model.context() {
+        bail!(
+            "the longest prompt is {l} tokens; the model's context is {}",
+            model.context()
+        );
+    }
+    let pads: Vec<usize> = prompts.iter().map(|p| l - p.len()).collect();
+    let mut ids = Vec::with_capacity(b * l);
+    let mut mask: Vec<Vec<bool>> = Vec::with_capacity(b);
+    for (p, &np) in prompts.iter().zip(&pads) {
+        ids.extend(std::iter::repeat_n(pad, np));
+        ids.extend_from_slice(p);
+        let mut m = vec![false; np];
+        m.resize(l, true);
+        mask.push(m);
+    }
+    let vocab = model.vocab_size();
+    let mut cache = KvCache::new();
+    let starts =
+        |len: usize| -> Vec<isize> { pads.iter().map(|&p| len as isize - p as isize).collect() };
+    let mut logits = model
+        .forward_rows_cached(&ids, b, &mut cache, &starts(0), mask.concat())?
+        .to_vec_f32();
+    let mut rngs: Vec<Rng> = (0..b).map(|i| Rng::new(opts.seed + i as u64)).collect();
+    let mut out = vec![Vec::new(); b];
+    let mut done = vec![false; b];
+    for step in 0..opts.max_new_tokens {
+        let mut next = vec![pad; b];
+        for r in 0..b {
+            if done[r] {
+                continue;
+            }
+            let tok = pick(&logits[r * vocab..(r + 1) * vocab], opts, &mut rngs[r]);
+            if opts.stop_at_eos && stop.contains(&tok) {
+                done[r] = true;
+                continue;
+            }
+            out[r].push(tok);
+            next[r] = tok;
+        }
+        if done.iter().all(|&d| d)
+            || step + 1 == opts.max_new_tokens
+            || cache.len() + 1 > model.context()
+        {
+            break;
+        }
+        for (m, &d) in mask.iter_mut().zip(&done) {
+            m.push(!d);
+        }
+        let at = starts(cache.len());
+        logits = model
+            .forward_rows_cached(&next, b, &mut cache, &at, mask.concat())?
+            .to_vec_f32();
+    }
+    Ok(out)
 }
 
 /// Generates up to `opts.max_new_tokens` tokens after `prompt`, calling `on_token` with each as it

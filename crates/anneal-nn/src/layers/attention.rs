@@ -189,7 +189,7 @@ impl Attention {
             key_padding_mask,
             ..self.options()
         };
-        let [q, k, v] = self.project(w, x, 0)?;
+        let [q, k, v] = self.project(w, x, &[0])?;
         let a = Tensor::attention(&q, &k, &v, &options)?.reshape(&[
             b,
             t,
@@ -199,8 +199,8 @@ impl Attention {
     }
 
     /// Q `[B, T, H, D]`, K and V `[B, T, Hkv, D]` of `x` `[B, T, d]`, rotated for positions
-    /// `start..start + T` when the layer uses RoPE.
-    fn project(&self, w: &Weights, x: &Tensor, start: usize) -> Result<[Tensor; 3]> {
+    /// `start..start + T` (one start, or one per row) when the layer uses RoPE.
+    fn project(&self, w: &Weights, x: &Tensor, starts: &[isize]) -> Result<[Tensor; 3]> {
         let (b, t) = (x.shape()[0], x.shape()[1]);
         let (h, hkv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         let [q, k, v] = match &self.qkv {
@@ -217,7 +217,7 @@ impl Attention {
         let (q, k) = (q.reshape(&[b, t, h, hd])?, k.reshape(&[b, t, hkv, hd])?);
         let v = v.reshape(&[b, t, hkv, hd])?;
         match self.rope_base {
-            Some(base) => Ok([q.rope(base, start)?, k.rope(base, start)?, v]),
+            Some(base) => Ok([q.rope_rows(base, starts)?, k.rope_rows(base, starts)?, v]),
             None => Ok([q, k, v]),
         }
     }
@@ -232,7 +232,7 @@ impl Attention {
                     .attention_packed(self.n_head, self.n_kv_head, &self.options())?
             }
             _ => {
-                let [q, k, v] = self.project(w, x, 0)?;
+                let [q, k, v] = self.project(w, x, &[0])?;
                 Tensor::attention(&q, &k, &v, &self.options())?.reshape(&[
                     b,
                     t,
@@ -253,14 +253,33 @@ impl Attention {
         past: Option<&(Tensor, Tensor)>,
         start: usize,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let n = x.shape()[1];
-        let [q, mut k, mut v] = self.project(w, x, start)?;
+        self.forward_cached_rows(w, x, past, &[start as isize], None)
+    }
+
+    /// [`Attention::forward_cached`] for a batch `x` `[B, n, d]` of sequences that share the
+    /// cache's time axis: row b's positions start at `starts[b]` (negative under left padding)
+    /// and `key_padding_mask` (`[B, S]` flags over every position so far, `true` for real
+    /// tokens) keeps queries off the padding.
+    pub fn forward_cached_rows(
+        &self,
+        w: &Weights,
+        x: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+        starts: &[isize],
+        key_padding_mask: Option<Vec<bool>>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (b, n) = (x.shape()[0], x.shape()[1]);
+        let [q, mut k, mut v] = self.project(w, x, starts)?;
         if let Some((pk, pv)) = past {
             k = Tensor::concat(&[pk, &k], 1)?;
             v = Tensor::concat(&[pv, &v], 1)?;
         }
-        let a = Tensor::attention(&q, &k, &v, &self.options())?.reshape(&[
-            1,
+        let options = AttentionOptions {
+            key_padding_mask,
+            ..self.options()
+        };
+        let a = Tensor::attention(&q, &k, &v, &options)?.reshape(&[
+            b,
             n,
             self.n_head * self.head_dim,
         ])?;

@@ -206,9 +206,26 @@ impl Block {
         past: Option<&(Tensor, Tensor)>,
         start: usize,
     ) -> Result<(Tensor, (Tensor, Tensor))> {
-        let (a, kv) = self
-            .attn
-            .forward_cached(w, &self.norm_1.forward(w, x)?, past, start)?;
+        self.forward_cached_rows(w, x, past, &[start as isize], None)
+    }
+
+    /// [`Block::forward_cached`] for a batch whose rows start at their own positions, padding
+    /// masked ([`Attention::forward_cached_rows`]).
+    pub fn forward_cached_rows(
+        &self,
+        w: &Weights,
+        x: &Tensor,
+        past: Option<&(Tensor, Tensor)>,
+        starts: &[isize],
+        key_padding_mask: Option<Vec<bool>>,
+    ) -> Result<(Tensor, (Tensor, Tensor))> {
+        let (a, kv) = self.attn.forward_cached_rows(
+            w,
+            &self.norm_1.forward(w, x)?,
+            past,
+            starts,
+            key_padding_mask,
+        )?;
         let x = x.add(&a)?;
         let h = self.mlp.forward(w, &self.norm_2.forward(w, &x)?)?;
         Ok((x.add(&h)?, kv))

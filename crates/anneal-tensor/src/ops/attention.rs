@@ -665,6 +665,13 @@ impl Tensor {
     /// half" pairing of GPT-NeoX and Hugging Face Llama: element i pairs with i + D/2, rotated by
     /// (position)·base^(−2i/D). `start` is the position of the first step (for a KV cache).
     pub fn rope(&self, base: f32, start: usize) -> Result<Tensor> {
+        self.rope_rows(base, &[start as isize])
+    }
+
+    /// [`Tensor::rope`] with each sequence's own first position: `starts` holds one per batch row
+    /// (or one for all). A left-padded row starts below zero so that its first real token sits
+    /// at position 0; its padding gets negative positions, which only padding masks see.
+    pub fn rope_rows(&self, base: f32, starts: &[isize]) -> Result<Tensor> {
         if self.rank() != 4 || !self.shape()[3].is_multiple_of(2) {
             return Err(Error::BadShape {
                 op: "rope",
@@ -672,16 +679,34 @@ impl Tensor {
                 reason: "expected [B, T, H, D] with D even".into(),
             });
         }
-        let (t, h, d) = (self.shape()[1], self.shape()[2], self.shape()[3]);
+        let (bsz, t, h, d) = (
+            self.shape()[0],
+            self.shape()[1],
+            self.shape()[2],
+            self.shape()[3],
+        );
+        if starts.is_empty() || (starts.len() != 1 && starts.len() != bsz) {
+            return Err(Error::Invalid {
+                op: "rope",
+                reason: format!(
+                    "{} first positions for a batch of {bsz}: give one, or one per row",
+                    starts.len()
+                ),
+            });
+        }
         let half = d / 2;
-        let mut cos = crate::pool::zeros(t * half);
-        let mut sin = crate::pool::zeros(t * half);
-        for p in 0..t {
-            for i in 0..half {
-                let inv_freq = 1.0 / (base as f64).powf(2.0 * i as f64 / d as f64);
-                let angle = (start + p) as f64 * inv_freq;
-                cos[p * half + i] = angle.cos() as f32;
-                sin[p * half + i] = angle.sin() as f32;
+        // One table of T positions per distinct row start.
+        let rows = starts.len();
+        let mut cos = crate::pool::zeros(rows * t * half);
+        let mut sin = crate::pool::zeros(rows * t * half);
+        for (r, &start) in starts.iter().enumerate() {
+            for p in 0..t {
+                for i in 0..half {
+                    let inv_freq = 1.0 / (base as f64).powf(2.0 * i as f64 / d as f64);
+                    let angle = (start + p as isize) as f64 * inv_freq;
+                    cos[(r * t + p) * half + i] = angle.cos() as f32;
+                    sin[(r * t + p) * half + i] = angle.sin() as f32;
+                }
             }
         }
         let rotate = move |x: &[f32], sign: f32, cos: &[f32], sin: &[f32]| -> Vec<f32> {
@@ -689,7 +714,8 @@ impl Tensor {
             out.par_chunks_mut((h * d).max(1))
                 .enumerate()
                 .for_each(|(bt, o)| {
-                    let p = bt % t;
+                    // Row bt / t of the batch reads its own table when each row has one.
+                    let p = if rows == 1 { bt % t } else { bt };
                     let (c, s) = (
                         &cos[p * half..(p + 1) * half],
                         &sin[p * half..(p + 1) * half],
@@ -868,5 +894,34 @@ mod tests {
         let n = |t: &Tensor| t.to_vec_f32().iter().map(|v| v * v).sum::<f32>();
         assert!((n(&x) - n(&y)).abs() < 1e-3);
         assert_grads(|t| t[0].rope(10000.0, 0), &[x]);
+    }
+
+    #[test]
+    fn rope_rows_rotates_each_row_from_its_own_start() {
+        let x = randn(&[3, 4, 2, 6], 10);
+        let starts = [-2isize, 0, 5];
+        let y = x.rope_rows(500.0, &starts).unwrap().to_vec_f32();
+        let row = 4 * 2 * 6;
+        for (b, &s) in starts.iter().enumerate() {
+            let xb = x.narrow(0, b, 1).unwrap().contiguous();
+            let got = &y[b * row..(b + 1) * row];
+            let (got, want) = if s >= 0 {
+                (got, xb.rope(500.0, s as usize).unwrap().to_vec_f32())
+            } else {
+                // Positions −s.. of a row starting at s are positions 0.. of its tail.
+                let k = (-s) as usize;
+                let tail = xb.narrow(1, k, 4 - k).unwrap().contiguous();
+                (&got[k * 12..], tail.rope(500.0, 0).unwrap().to_vec_f32())
+            };
+            assert_eq!(got.len(), want.len());
+            for (g, w) in got.iter().zip(&want) {
+                assert!((g - w).abs() < 1e-6, "row {b}: {g} vs {w}");
+            }
+        }
+        assert!(x.rope_rows(500.0, &[0, 1]).is_err());
+        assert_grads(
+            |t| t[0].rope_rows(500.0, &[-1, 2, 0]),
+            &[randn(&[3, 2, 1, 4], 11)],
+        );
     }
 }
