@@ -69,9 +69,12 @@ def llama_cpp_run(args, batches):
             continue
         prompt = PROMPTS[0]
         llm(prompt, max_tokens=2, temperature=0.0)
+        # reset(): llama-cpp-python would otherwise reuse the previous call's prompt cache.
+        llm.reset()
         t0 = time.perf_counter()
         llm(prompt, max_tokens=1, temperature=0.0)
         ttft = time.perf_counter() - t0
+        llm.reset()
         t0 = time.perf_counter()
         out = llm(prompt, max_tokens=args.tokens, temperature=0.0, stop=[])
         total = time.perf_counter() - t0

@@ -285,11 +285,10 @@ impl Generator {
     /// Loads a GGUF file (a Llama), an anneal checkpoint or run, or a Hugging Face GPT-2
     /// directory.
     pub fn load(path: &std::path::Path) -> Result<Generator> {
-        if anneal_train::llama_gguf::is_gguf(path) {
-            let m = anneal_train::llama_gguf::load(path, None)?;
+        if let Some(m) = load_llama(path)? {
             tracing::info!(
                 "{}: Llama, {} layers, width {}, {} heads over {} key/value heads, {:.1}M \
-                 parameters (dequantised to f32 at load)",
+                 parameters (f32)",
                 path.display(),
                 m.model.config.num_layers,
                 m.model.config.hidden_size,
@@ -341,6 +340,17 @@ impl Generator {
         })?;
         Ok(new)
     }
+}
+
+/// A Llama from a GGUF file or a Hugging Face Llama directory; `None` for other models.
+fn load_llama(path: &std::path::Path) -> Result<Option<anneal_train::llama_gguf::LlamaModel>> {
+    Ok(if anneal_train::llama_gguf::is_gguf(path) {
+        Some(anneal_train::llama_gguf::load(path, None)?)
+    } else if anneal_train::hf_llama::is_llama_dir(path) {
+        Some(anneal_train::hf_llama::load_dir(path, None)?)
+    } else {
+        None
+    })
 }
 
 /// `anneal generate`.
@@ -520,7 +530,8 @@ pub fn eval(a: EvalArgs) -> Result<()> {
 /// Arguments of `anneal export`.
 #[derive(Args)]
 pub struct ExportArgs {
-    /// A checkpoint or a run directory.
+    /// A checkpoint or a run directory (exported as GPT-2), or a Llama GGUF file (exported as a
+    /// Llama, its weights dequantised to f32).
     pub model: PathBuf,
     /// Output directory (new or empty; written atomically).
     #[arg(long, short)]
@@ -532,6 +543,23 @@ pub struct ExportArgs {
 
 /// `anneal export`.
 pub fn export(a: ExportArgs) -> Result<()> {
+    if let Some(m) = load_llama(&a.model)? {
+        anneal_train::hf_llama::export(&m, &a.out, a.force)?;
+        println!(
+            "exported {} to {} (config.json, model.safetensors, tokenizer.json, \
+             tokenizer_config.json)",
+            a.model.display(),
+            a.out.display()
+        );
+        println!(
+            "check: anneal generate {0} --prompt \"Hello\" --show-logits, beside python3 -c \"import \
+             transformers as t; m = t.AutoModelForCausalLM.from_pretrained('{0}'); k = \
+             t.AutoTokenizer.from_pretrained('{0}'); print(m(**k('Hello', return_tensors='pt'))\
+             .logits[0, -1, :8])\"",
+            a.out.display()
+        );
+        return Ok(());
+    }
     let loaded = load_model(&a.model)?;
     anneal_train::hf::export(&loaded.model, &loaded.tokenizer, &a.out, a.force)?;
     println!(

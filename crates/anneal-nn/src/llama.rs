@@ -186,6 +186,16 @@ impl Llama {
         Llama::build(config, Builder::new(seed).with_lora(lora)?)
     }
 
+    /// A model whose base weights are zeros, to be overwritten by loaded ones (adapters, if
+    /// `lora` asks for them, are initialised as [`Llama::with_lora`] does).
+    pub fn for_loading(config: LlamaConfig, lora: Option<LoraConfig>) -> Result<Llama> {
+        let b = Builder::new(0).for_loading();
+        match lora {
+            Some(l) => Llama::build(config, b.with_lora(l)?),
+            None => Llama::build(config, b),
+        }
+    }
+
     /// A freshly initialised model whose layers are split as `parallel` says.
     pub fn new_in(
         config: LlamaConfig,

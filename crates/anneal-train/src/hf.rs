@@ -24,6 +24,16 @@ use std::path::Path;
 /// files go into a temporary directory beside it, which is renamed into place. An existing,
 /// non-empty `out` is replaced only with `overwrite`; a checkpoint or run directory never is.
 pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path, overwrite: bool) -> Result<()> {
+    export_dir(out, overwrite, |tmp| write_dir(model, tokenizer, tmp))
+}
+
+/// Writes a directory at `out` atomically with `write` (which fills the temporary directory it
+/// is given): refuses a checkpoint or run directory, and a non-empty `out` unless `overwrite`.
+pub(crate) fn export_dir(
+    out: &Path,
+    overwrite: bool,
+    write: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
     anneal_data::recover_dir(out)?;
     if out.join("trainer_state.json").exists() || out.join("checkpoints").is_dir() {
         bail!(
@@ -43,7 +53,10 @@ pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path, overwrite: bool) -
     }
     let tmp = anneal_data::sibling(out, "export-tmp")?;
     let _ = std::fs::remove_dir_all(&tmp);
-    if let Err(e) = write_dir(model, tokenizer, &tmp) {
+    let written = std::fs::create_dir_all(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))
+        .and_then(|()| write(&tmp));
+    if let Err(e) = written {
         // Nothing half-written is left behind (a full disk, say).
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);

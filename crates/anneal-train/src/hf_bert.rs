@@ -32,7 +32,7 @@ fn ignored(key: &str) -> bool {
 }
 
 /// Reads `dir/name` as JSON, naming the file in errors; `None` when it does not exist.
-fn read_json(dir: &Path, name: &str) -> Result<Option<serde_json::Value>> {
+pub(crate) fn read_json(dir: &Path, name: &str) -> Result<Option<serde_json::Value>> {
     let path = dir.join(name);
     match std::fs::read_to_string(&path) {
         Ok(text) => {

@@ -17,6 +17,7 @@
 //!   objective's state, written atomically, verified on load, resumed exactly;
 //! * [`generate`]: sampling with temperature, top-k and top-p over the model's KV cache;
 //! * [`hf`]: Hugging Face GPT-2 export and import;
+//! * [`hf_llama`]: Hugging Face Llama directories, exported and loaded;
 //! * [`llama_gguf`]: Llama models, their tokenizers and chat templates from GGUF files;
 //! * [`chat`]: chat templates rendered as transformers renders them;
 //! * [`memory`]: the lower bound of a run's memory, checked against the machine's before
@@ -35,6 +36,7 @@ pub mod finetune;
 pub mod generate;
 pub mod hf;
 pub mod hf_bert;
+pub mod hf_llama;
 pub mod llama_gguf;
 pub mod machine;
 pub mod memory;

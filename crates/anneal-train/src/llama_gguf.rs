@@ -239,6 +239,7 @@ pub fn tokenizer(g: &GgufFile) -> Result<Tokenizer> {
 /// Loads a Llama GGUF file, with LoRA adapters where `lora` targets (initialised so the model
 /// computes what the base does).
 pub fn load(path: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
+    let started = std::time::Instant::now();
     let g = GgufFile::open(path)?;
     let config = llama_config(&g)?;
     // Every tensor the configuration needs, in the shape it needs, before any is dequantised.
@@ -271,6 +272,11 @@ pub fn load(path: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
         );
     }
     let tokenizer = tokenizer(&g)?;
+    tracing::debug!(
+        "{}: tokenizer built at {:.2} s",
+        g.file(),
+        started.elapsed().as_secs_f64()
+    );
     if tokenizer.vocab_size() > config.vocab_size {
         bail!(
             "{}: the tokenizer has {} tokens; the model embeds {}",
@@ -279,10 +285,12 @@ pub fn load(path: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
             config.vocab_size
         );
     }
-    let model = match lora {
-        Some(l) => Llama::with_lora(config.clone(), 0, l)?,
-        None => Llama::new(config.clone(), 0)?,
-    };
+    let model = Llama::for_loading(config.clone(), lora)?;
+    tracing::debug!(
+        "{}: model built at {:.2} s",
+        g.file(),
+        started.elapsed().as_secs_f64()
+    );
     let (heads, kv_heads, d) = (config.num_heads, config.num_kv_heads, config.hidden_size);
     let mut weights: HashMap<String, Tensor> = HashMap::new();
     for (hf, shape) in &shapes {
@@ -301,10 +309,20 @@ pub fn load(path: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
             weights.insert(name, t);
         }
     }
+    tracing::debug!(
+        "{}: dequantised at {:.2} s",
+        g.file(),
+        started.elapsed().as_secs_f64()
+    );
     model
         .params
         .load_named(&weights)
         .with_context(|| format!("loading {}", path.display()))?;
+    tracing::debug!(
+        "{}: weights loaded at {:.2} s",
+        g.file(),
+        started.elapsed().as_secs_f64()
+    );
 
     let token = |key: &str| -> Option<u32> {
         g.get(key)

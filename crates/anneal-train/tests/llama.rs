@@ -235,3 +235,94 @@ fn smollm2_matches_transformers() {
         assert_eq!(got, p.greedy, "greedy tokens after prompt {n}");
     }
 }
+
+#[test]
+fn hugging_face_export_loads_back_with_the_same_model() {
+    use anneal_nn::layers::LoraConfig;
+    let gguf = fixtures().join("tiny-llama.gguf");
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        targets: vec!["q_proj".into(), "v_proj".into()],
+    };
+    let m = llama_gguf::load(&gguf, Some(lora)).unwrap();
+    // Move the adapters off zero, so that the export has something to merge.
+    for (name, t) in m.model.params.named() {
+        if name.ends_with("lora_B.weight") {
+            let v: Vec<f32> = (0..t.numel())
+                .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
+                .collect();
+            let id = m.model.params.id(&name).unwrap();
+            let values = anneal_tensor::Tensor::from_f32(v, t.shape()).unwrap();
+            m.model.params.set(id, &values).unwrap();
+        }
+    }
+    let ids = [5u32, 40, 77, 300, 2, 9];
+    let base = llama_gguf::load(&gguf, None).unwrap();
+    let plain = base
+        .model
+        .forward(&ids, 1, ids.len(), None)
+        .unwrap()
+        .to_vec_f32();
+    let adapted = m
+        .model
+        .forward(&ids, 1, ids.len(), None)
+        .unwrap()
+        .to_vec_f32();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("export");
+    anneal_train::hf_llama::export(&m, &out, false).unwrap();
+    // The adapters are out of the weights again after the export.
+    let after = m
+        .model
+        .forward(&ids, 1, ids.len(), None)
+        .unwrap()
+        .to_vec_f32();
+    assert_eq!(adapted, after);
+    assert!(
+        plain
+            .iter()
+            .zip(&adapted)
+            .any(|(p, a)| (p - a).abs() > 1e-3),
+        "adapters matter"
+    );
+    let back = anneal_train::hf_llama::load_dir(&out, None).unwrap();
+    let got = back
+        .model
+        .forward(&ids, 1, ids.len(), None)
+        .unwrap()
+        .to_vec_f32();
+    for (g, w) in got.iter().zip(&adapted) {
+        assert!((g - w).abs() < 1e-5, "{g} vs {w}");
+    }
+    assert_eq!(back.stop_tokens, m.stop_tokens);
+    assert_eq!(back.bos, m.bos);
+    for s in strings() {
+        assert_eq!(back.encode(&s).unwrap(), m.encode(&s).unwrap(), "{s:?}");
+    }
+    let chat = [Message::new("user", "hi")];
+    assert_eq!(
+        back.chat_template
+            .as_ref()
+            .unwrap()
+            .render(&chat, true)
+            .unwrap(),
+        m.chat_template
+            .as_ref()
+            .unwrap()
+            .render(&chat, true)
+            .unwrap()
+    );
+    // An export never lands on a non-empty directory without being asked to.
+    assert!(anneal_train::hf_llama::export(&m, &out, false).is_err());
+    // A config that disagrees with the weights is refused by tensor name.
+    let cfg = out.join("config.json");
+    let text = std::fs::read_to_string(&cfg).unwrap();
+    std::fs::write(
+        &cfg,
+        text.replace("\"intermediate_size\": 96", "\"intermediate_size\": 128"),
+    )
+    .unwrap();
+    let e = anneal_train::hf_llama::load_dir(&out, None).err().unwrap();
+    assert!(format!("{e:#}").contains("mlp.gate_proj.weight"), "{e:#}");
+}

@@ -67,6 +67,9 @@ pub struct Builder {
     parallel: Arc<dyn ParallelContext>,
     /// LoRA adapters to give the linear layers it names, and which of its targets matched.
     lora: Option<(LoraConfig, Vec<bool>)>,
+    /// Declares the base weights as zeros instead of drawing them (their values are about to
+    /// be loaded from a file); adapters are still drawn.
+    skip_base_init: bool,
 }
 
 /// `prefix.name`, or `name` when the prefix is empty.
@@ -91,7 +94,15 @@ impl Builder {
             rng: Rng::new(seed),
             parallel,
             lora: None,
+            skip_base_init: false,
         }
+    }
+
+    /// Leaves every weight but the adapters at zero rather than drawing it: for a model whose
+    /// weights are loaded right after (drawing SmolLM2's 135M weights costs seconds).
+    pub fn for_loading(mut self) -> Builder {
+        self.skip_base_init = true;
+        self
     }
 
     /// Gives every linear layer that `lora` targets an adapter (declared right after the
@@ -160,6 +171,9 @@ impl Builder {
         split: Split,
     ) -> Result<ParamId> {
         let full = match init {
+            Init::Normal(_) if self.skip_base_init && !LoraConfig::is_adapter(name) => {
+                Tensor::zeros(shape, DType::F32)
+            }
             Init::Normal(std) => Tensor::randn(shape, std, DType::F32, &mut self.rng),
             Init::Zeros => Tensor::zeros(shape, DType::F32),
             Init::Ones => Tensor::ones(shape, DType::F32),
