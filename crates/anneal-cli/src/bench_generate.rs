@@ -38,6 +38,9 @@ pub struct GenerateBench {
     /// llama.cpp's side (llama-cpp-python; batch 1 only).
     #[arg(long, value_enum, default_value = "auto")]
     llama_cpp: Reference,
+    /// anneal computes with the f32 weights dequantised at load, not the file's blocks.
+    #[arg(long)]
+    f32_weights: bool,
     /// Threads for every engine (set from the global --threads).
     #[arg(skip)]
     pub threads: usize,
@@ -83,14 +86,32 @@ pub fn generate(b: GenerateBench) -> Result<()> {
         bail!("--tokens 0 is not allowed: at least 1");
     }
     let loaded = Instant::now();
-    let m = anneal_train::llama_gguf::load(&model_path, None)?;
+    let mut m = anneal_train::llama_gguf::load(&model_path, None)?;
+    let packed = if b.f32_weights {
+        0
+    } else {
+        anneal_train::llama_gguf::pack_quantized(&mut m)?
+    };
     println!(
-        "{}: {:.1}M parameters, dequantised to f32 at load ({:.2} s); {} threads; f32 peak {}",
+        "{}: {:.1}M parameters, loaded in {:.2} s; {} threads; f32 peak {}",
         model_path.display(),
         m.model.params.numel() as f64 / 1e6,
         loaded.elapsed().as_secs_f64(),
         b.threads,
         anneal_train::machine::nominal_peak_gflops(b.threads).1
+    );
+    println!(
+        "anneal weights: {}",
+        if packed > 0 {
+            format!(
+                "the file's quantised blocks ({:.1} MB), dequantised inside the matrix products \
+                 at up to {} rows (f32 weights beyond: the prompt)",
+                packed as f64 / 1e6,
+                anneal_nn::layers::PACKED_MAX_ROWS
+            )
+        } else {
+            "dequantised to f32 at load".to_string()
+        }
     );
     let mut rows = Vec::new();
     for &batch in &batches {

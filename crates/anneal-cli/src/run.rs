@@ -345,7 +345,13 @@ impl Generator {
 /// A Llama from a GGUF file or a Hugging Face Llama directory; `None` for other models.
 fn load_llama(path: &std::path::Path) -> Result<Option<anneal_train::llama_gguf::LlamaModel>> {
     Ok(if anneal_train::llama_gguf::is_gguf(path) {
-        Some(anneal_train::llama_gguf::load(path, None)?)
+        let mut m = anneal_train::llama_gguf::load(path, None)?;
+        let bytes = anneal_train::llama_gguf::pack_quantized(&mut m)?;
+        tracing::debug!(
+            "{:.1} MB of quantised blocks kept for generation",
+            bytes as f64 / 1e6
+        );
+        Some(m)
     } else if anneal_train::hf_llama::is_llama_dir(path) {
         Some(anneal_train::hf_llama::load_dir(path, None)?)
     } else {

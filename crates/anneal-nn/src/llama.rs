@@ -14,9 +14,10 @@
 //! loaders of files that store Q and K for the interleaved form (GGUF) un-permute their rows.
 
 use crate::layers::{
-    Block, BlockConfig, Builder, Embedding, KvCache, LmHead, LoraConfig, ParallelContext, RmsNorm,
-    Weights,
+    Block, BlockConfig, Builder, Embedding, KvCache, LmHead, LoraConfig, PackedWeights,
+    ParallelContext, RmsNorm, Weights,
 };
+use anneal_tensor::quant::QuantMatrix;
 use anneal_tensor::{
     checkpoint, CrossEntropyOptions, DType, DropoutKey, Error, ParamId, ParamStore, Result, Tensor,
 };
@@ -173,6 +174,7 @@ pub struct Llama {
     blocks: Vec<Block>,
     norm: RmsNorm,
     head: LmHead,
+    packed: Option<Arc<PackedWeights>>,
 }
 
 impl Llama {
@@ -242,12 +244,45 @@ impl Llama {
             blocks,
             norm,
             head,
+            packed: None,
         })
     }
 
     /// The parameters as layers look them up at forward time.
     pub fn weights(&self) -> Weights {
-        Weights::new(&self.params, self.parallel.clone())
+        Weights::new(&self.params, self.parallel.clone()).with_packed(self.packed.clone())
+    }
+
+    /// Keeps quantised copies of weight matrices (by parameter name) for inference: products
+    /// over a few rows without gradient (generating) read them instead of the f32 weights.
+    /// For a model that is not trained afterwards: the copies do not follow updates. Each
+    /// matrix must have its parameter's `[out, in]` shape.
+    pub fn set_packed(&mut self, packed: Vec<(String, QuantMatrix)>) -> Result<()> {
+        let mut map = PackedWeights::new();
+        for (name, q) in packed {
+            let id = self.params.id(&name)?;
+            let shape = &self.params.infos()[id.0].shape;
+            if shape.as_slice() != [q.rows(), q.cols()] {
+                return Err(Error::Invalid {
+                    op: "Llama::set_packed",
+                    reason: format!(
+                        "{name} is {shape:?}; the packed matrix is [{}, {}]",
+                        q.rows(),
+                        q.cols()
+                    ),
+                });
+            }
+            map.insert(id, q);
+        }
+        self.packed = (!map.is_empty()).then(|| Arc::new(map));
+        Ok(())
+    }
+
+    /// Bytes of the packed copies.
+    pub fn packed_bytes(&self) -> usize {
+        self.packed
+            .as_ref()
+            .map_or(0, |p| p.values().map(QuantMatrix::bytes).sum())
     }
 
     /// The blocks' parameter ids, block by block (for freezing the lower ones).

@@ -38,6 +38,7 @@ pub mod ops;
 pub mod optim;
 pub mod params;
 pub mod pool;
+pub mod quant;
 pub mod storage;
 mod tensor;
 pub mod testing;

@@ -370,6 +370,56 @@ pub fn load(path: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
     })
 }
 
+/// Gives `m` (loaded from the GGUF file at `m.source`) quantised copies of its weight
+/// matrices, for inference: at a few rows a product then reads the file's blocks (Q4_1: 20
+/// bytes per 32 weights) instead of f32 weights, dequantising each block in registers, with the
+/// same values. Q and K rows are reordered as at load. Returns the bytes kept.
+pub fn pack_quantized(m: &mut LlamaModel) -> Result<usize> {
+    use anneal_tensor::quant::QuantMatrix;
+    let g = GgufFile::open(&m.source)?;
+    let c = m.model.config.clone();
+    let mut packed = Vec::new();
+    for (hf, shape) in c.shapes() {
+        let Some(info) = gguf_name(&hf).and_then(|n| g.info(&n)) else {
+            continue;
+        };
+        if shape.len() != 2 || !QuantMatrix::supports(info.ggml_type) {
+            continue;
+        }
+        let q = QuantMatrix::new(info.ggml_type, shape[0], shape[1], g.raw(info).to_vec())?;
+        let heads = if hf.ends_with("q_proj.weight") {
+            Some(c.num_heads)
+        } else if hf.ends_with("k_proj.weight") {
+            Some(c.num_kv_heads)
+        } else {
+            None
+        };
+        let q = match heads {
+            Some(h) => q.permute_rows(&unpermute_order(shape[0], h))?,
+            None => q,
+        };
+        packed.push((hf, q));
+    }
+    m.model.set_packed(packed)?;
+    Ok(m.model.packed_bytes())
+}
+
+/// For each Hugging Face row of a Q or K projection, its row in the GGUF file (the order
+/// [`unpermute_rows`] applies).
+fn unpermute_order(rows: usize, heads: usize) -> Vec<usize> {
+    let d = rows / heads;
+    let half = d / 2;
+    let mut order = vec![0; rows];
+    for h in 0..heads {
+        for i in 0..half {
+            for j in 0..2 {
+                order[h * d + j * half + i] = h * d + 2 * i + j;
+            }
+        }
+    }
+    order
+}
+
 impl LlamaModel {
     /// Token ids of `text`, special tokens written in it (`<|im_start|>`) matched whole, with
     /// the BOS token first when the model wants one.
@@ -403,6 +453,13 @@ mod tests {
         }
         assert_ne!(gguf, hf);
         assert_eq!(unpermute_rows(&gguf, heads, cols), hf);
+        // The row order used for packed blocks is the same permutation.
+        let order = unpermute_order(heads * d, heads);
+        let by_order: Vec<f32> = order
+            .iter()
+            .flat_map(|&r| gguf[r * cols..(r + 1) * cols].to_vec())
+            .collect();
+        assert_eq!(by_order, hf);
     }
 
     #[test]

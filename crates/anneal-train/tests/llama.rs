@@ -110,6 +110,17 @@ fn batched_generation_equals_each_prompt_alone() {
     for (n, row) in got.iter().enumerate() {
         assert_eq!(row, &ints(&format!("greedy.{n}")), "row {n}");
     }
+    // So does the model computing from the file's quantised blocks (three rows at a step).
+    let mut packed = llama_gguf::load(&fixtures().join("tiny-llama.gguf"), None).unwrap();
+    assert!(llama_gguf::pack_quantized(&mut packed).unwrap() > 0);
+    let got = generate_batch(&packed.model, &prompts, &m.stop_tokens, 0, &greedy(50)).unwrap();
+    for (n, row) in got.iter().enumerate() {
+        assert_eq!(
+            row,
+            &ints(&format!("greedy.{n}")),
+            "row {n}, packed weights"
+        );
+    }
     // Sampling: seeded per row, so the same seed draws the same batch again. (The random
     // model's distributions are peaked; a high temperature spreads them.)
     let sample = SampleOptions {
@@ -198,7 +209,7 @@ fn smollm2_matches_transformers() {
         eprintln!("skipped: SmolLM2 not fetched (run scripts/fetch-data.sh smollm2)");
         return;
     };
-    let m = llama_gguf::load(&path, None).unwrap();
+    let mut m = llama_gguf::load(&path, None).unwrap();
     let r: SmolReference = serde_json::from_str(
         &std::fs::read_to_string(fixtures().join("smollm2-reference.json")).unwrap(),
     )
@@ -233,6 +244,15 @@ fn smollm2_matches_transformers() {
         );
         let got = generate_until(&m.model, &p.ids, &m.stop_tokens, &greedy(50), |_| {}).unwrap();
         assert_eq!(got, p.greedy, "greedy tokens after prompt {n}");
+    }
+    // Generating from the file's quantised blocks picks the same tokens.
+    assert!(llama_gguf::pack_quantized(&mut m).unwrap() > 90_000_000);
+    for (n, p) in r.prompts.iter().enumerate() {
+        let got = generate_until(&m.model, &p.ids, &m.stop_tokens, &greedy(50), |_| {}).unwrap();
+        assert_eq!(
+            got, p.greedy,
+            "greedy tokens after prompt {n}, packed weights"
+        );
     }
 }
 

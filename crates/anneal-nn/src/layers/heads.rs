@@ -41,7 +41,10 @@ impl LmHead {
     /// Logits `[rows, vocab]` of hidden states `x` `[rows, d]`.
     pub fn forward(&self, w: &Weights, x: &Tensor) -> Result<Tensor> {
         match self {
-            LmHead::Tied(id) => x.matmul(&w.get(*id)?.transpose(0, 1)?),
+            LmHead::Tied(id) => match w.packed(*id, x.shape()[0]) {
+                Some(q) => q.matmul_t(x),
+                None => x.matmul(&w.get(*id)?.transpose(0, 1)?),
+            },
             LmHead::Untied(l) => l.forward(w, x),
         }
     }

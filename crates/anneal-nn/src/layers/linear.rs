@@ -254,6 +254,28 @@ impl Linear {
 
     /// `x·W + b` for `x` of shape `[…, in]`.
     pub fn forward(&self, w: &Weights, x: &Tensor) -> Result<Tensor> {
+        // A packed copy holds the weight as loaded: not once an adapter is merged into it.
+        let merged = self
+            .lora
+            .as_ref()
+            .is_some_and(|l| l.merged.load(Ordering::Acquire));
+        let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
+        if let (Some(q), LinearSplit::None, WeightLayout::OutIn, false) =
+            (w.packed(self.weight, rows), self.split, self.layout, merged)
+        {
+            let mut y = q.matmul_t(x)?;
+            if let Some(b) = self.bias {
+                y = y.add(&w.get(b)?)?;
+            }
+            return match &self.lora {
+                Some(l) => {
+                    let a = w.get(l.a)?.transpose(0, 1)?;
+                    let b = w.get(l.b)?.transpose(0, 1)?;
+                    y.add(&x.linear(&a, None)?.linear(&b, None)?.scale(l.scale))
+                }
+                None => Ok(y),
+            };
+        }
         let weight = w.get(self.weight)?;
         let weight = match self.layout {
             WeightLayout::InOut => weight,

@@ -202,7 +202,15 @@ pub struct Weights {
     tensors: Arc<Vec<Tensor>>,
     parallel: Arc<dyn ParallelContext>,
     dtype: DType,
+    packed: Option<Arc<PackedWeights>>,
 }
+
+/// Weight matrices also held in quantised blocks, by parameter: an inference model's matrix
+/// products at a few rows (generating) read these instead of the f32 weights.
+pub type PackedWeights = std::collections::HashMap<ParamId, anneal_tensor::quant::QuantMatrix>;
+
+/// Most rows of input a product reads packed weights for: beyond, the f32 weights' GEMM wins.
+pub const PACKED_MAX_ROWS: usize = 8;
 
 impl Weights {
     /// The parameters of `params`, looked up through `parallel`.
@@ -211,7 +219,23 @@ impl Weights {
             tensors: params.tensors(),
             parallel,
             dtype: params.dtype(),
+            packed: None,
         }
+    }
+
+    /// These weights with `packed` copies of some matrices.
+    pub fn with_packed(mut self, packed: Option<Arc<PackedWeights>>) -> Weights {
+        self.packed = packed;
+        self
+    }
+
+    /// The packed copy of `id` for a product over `rows` input rows, when there is one, the
+    /// product is small enough and no gradient is being recorded.
+    pub fn packed(&self, id: ParamId, rows: usize) -> Option<&anneal_tensor::quant::QuantMatrix> {
+        if rows > PACKED_MAX_ROWS || anneal_tensor::is_grad_enabled() {
+            return None;
+        }
+        self.packed.as_ref()?.get(&id)
     }
 
     /// Parameter `id` as this rank computes with it (where ZeRO-3 gathers its shards), in the
