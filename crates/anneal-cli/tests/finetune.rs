@@ -34,6 +34,8 @@ fn corpus(root: &Path) {
 fn finetune_trains_each_method_and_reports_test_accuracy() {
     let dir = tempfile::tempdir().unwrap();
     corpus(dir.path());
+    // Outputs outside the corpus, whose every directory is a class.
+    let outs = tempfile::tempdir().unwrap();
     let model = fixtures().join("tiny-bert");
     for (method, lr) in [("full", "1e-2"), ("lora", "2e-2"), ("head", "5e-2")] {
         let json = dir.path().join(format!("{method}.json"));
@@ -49,6 +51,7 @@ fn finetune_trains_each_method_and_reports_test_accuracy() {
             "train.dropout=0".into(),
             "data.max_tokens=16".into(),
             "lora.targets=[\"query\", \"value\"]".into(),
+            format!("train.out={}", outs.path().join(method).display()),
         ];
         let mut args = vec!["finetune".to_string()];
         for s in &sets {
@@ -88,6 +91,20 @@ fn finetune_trains_each_method_and_reports_test_accuracy() {
         }
         // Optimizer state: two moments of each trained parameter.
         assert_eq!(report["optimizer_bytes"].as_u64().unwrap(), 8 * trainable);
+        // The result: under LoRA a PEFT adapter directory of the adapters and the head alone.
+        let out = outs.path().join(method);
+        if method == "lora" {
+            let saved = anneal_tensor::io::load_safetensors(&out.join("adapter_model.safetensors"))
+                .unwrap();
+            let numel: usize = saved.values().map(|t| t.numel()).sum();
+            assert_eq!(numel as u64, trainable);
+            assert!(out.join("adapter_config.json").is_file());
+        } else {
+            let saved =
+                anneal_tensor::io::load_safetensors(&out.join("model.safetensors")).unwrap();
+            let numel: usize = saved.values().map(|t| t.numel()).sum();
+            assert_eq!(numel as u64, total);
+        }
     }
 }
 

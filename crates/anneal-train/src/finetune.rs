@@ -11,6 +11,7 @@ use crate::trainer::{Trainer, TrainerParts};
 use anneal_data::{LabelledSequences, LabelledSource};
 use anneal_nn::layers::LoraConfig;
 use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::{ParamStore, Tensor};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -85,6 +86,10 @@ pub struct TrainSection {
     pub seed: u64,
     /// Documents per evaluation batch.
     pub eval_batch: usize,
+    /// Where the result is written (empty: nowhere): under `lora`, the adapters and the head
+    /// as a PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`);
+    /// otherwise `model.safetensors` with every parameter, the head included.
+    pub out: String,
 }
 
 impl Default for TrainSection {
@@ -101,6 +106,7 @@ impl Default for TrainSection {
             dropout: 0.1,
             seed: 0,
             eval_batch: 32,
+            out: String::new(),
         }
     }
 }
@@ -125,6 +131,50 @@ impl Default for LoraSection {
             targets: vec!["query".into(), "key".into(), "value".into()],
         }
     }
+}
+
+/// How the classifier sits in the PyTorch model `bench/peft_finetune.py` builds (and PEFT wraps):
+/// the BERT as `encoder`, the head as `classifier`.
+pub fn peft_layout(config: &FinetuneConfig) -> crate::peft::PeftLayout<'_> {
+    crate::peft::PeftLayout {
+        prefix: "encoder.",
+        modules_to_save: &["classifier"],
+        task_type: None,
+        base_model: &config.model.dir,
+    }
+}
+
+/// Writes the fine-tuned parameters to `out` ([`TrainSection::out`]).
+fn save(config: &FinetuneConfig, params: &ParamStore, out: &Path) -> Result<()> {
+    if config.train.method == "lora" {
+        let lora = LoraConfig {
+            rank: config.lora.rank,
+            alpha: config.lora.alpha as f32,
+            targets: config.lora.targets.clone(),
+        };
+        crate::peft::export(params, &lora, &peft_layout(config), out, true)?;
+        tracing::info!(
+            "wrote the adapters and the head to {} (PEFT: adapter_config.json, \
+             adapter_model.safetensors)",
+            out.display()
+        );
+    } else {
+        let tensors: Vec<(String, Tensor)> = params
+            .named()
+            .into_iter()
+            .map(|(n, t)| Ok((n, Tensor::from_f32(t.to_vec_f32(), t.shape())?)))
+            .collect::<Result<_>>()?;
+        crate::hf::export_dir(out, true, |tmp| {
+            let path = tmp.join("model.safetensors");
+            std::fs::write(&path, anneal_tensor::io::encode_safetensors(&tensors)?)
+                .with_context(|| format!("writing {}", path.display()))
+        })?;
+        tracing::info!(
+            "wrote every parameter to {}",
+            out.join("model.safetensors").display()
+        );
+    }
+    Ok(())
 }
 
 /// A fine-tuning run's configuration.
@@ -482,6 +532,9 @@ pub fn run(
         }
     }
     let seconds_per_step = started.elapsed().as_secs_f64() / t.steps as f64;
+    if !t.out.is_empty() {
+        save(config, trainer.model().params(), Path::new(&t.out))?;
+    }
     let predicted = predict(trainer.model(), &test_ids, pad, t.eval_batch)?;
     let k = corpus.classes.len();
     let mut confusion = vec![vec![0usize; k]; k];

@@ -42,6 +42,7 @@ pub mod machine;
 pub mod memory;
 pub mod model;
 pub mod objectives;
+pub mod peft;
 pub mod pretrain;
 pub mod schedule;
 pub mod strategy;

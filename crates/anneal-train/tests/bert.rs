@@ -361,3 +361,66 @@ fn a_bert_classifier_fine_tunes_whole_with_lora_or_with_its_encoder_frozen() {
     let (first, last, _) = fine_tune(frozen, 40, 2e-2);
     assert!(last < first, "frozen encoder: {first} → {last}");
 }
+
+#[test]
+fn lora_adapters_and_head_export_in_peft_format_and_load_back() {
+    use anneal_train::peft::{self, PeftLayout};
+    let dir = fixtures().join("tiny-bert");
+    let config = lora(&["query", "value"]);
+    let trained = hf_bert::load_with_head(&dir, Some(config.clone()), Some(3)).unwrap();
+    // Adapters and head moved off their initial values, as training would.
+    let params = &trained.model.params;
+    let mut rng = anneal_tensor::Rng::new(11);
+    for (name, t) in params.named() {
+        if name.contains("lora_B") || name.starts_with("classifier.") {
+            let values = Tensor::randn(t.shape(), 0.3, anneal_tensor::DType::F32, &mut rng);
+            params.set(params.id(&name).unwrap(), &values).unwrap();
+        }
+    }
+    let layout = PeftLayout {
+        prefix: "encoder.",
+        modules_to_save: &["classifier"],
+        task_type: None,
+        base_model: "tiny-bert",
+    };
+    let out = tempfile::tempdir().unwrap();
+    let adapter = out.path().join("adapter");
+    peft::export(params, &config, &layout, &adapter, false).unwrap();
+    // PEFT's file: the adapters under the wrapped model's module paths, the head whole.
+    let saved =
+        anneal_tensor::io::load_safetensors(&adapter.join("adapter_model.safetensors")).unwrap();
+    assert_eq!(saved.len(), 2 * 2 * 2 + 2, "{:?}", saved.keys());
+    let a = &saved["base_model.model.encoder.encoder.layer.0.attention.self.query.lora_A.weight"];
+    let b = &saved["base_model.model.encoder.encoder.layer.0.attention.self.query.lora_B.weight"];
+    assert_eq!((a.shape(), b.shape()), (&[4, 32][..], &[32, 4][..]));
+    assert!(saved.contains_key("base_model.model.classifier.weight"));
+    let c: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(c["peft_type"], "LORA");
+    assert_eq!(c["r"], 4);
+    assert_eq!(c["modules_to_save"][0], "classifier");
+    // Loaded onto a fresh base, the adapters and the head give the trained model's logits.
+    let (config_back, tensors) = peft::load(&adapter, &layout).unwrap();
+    assert_eq!(config_back, config);
+    let fresh = hf_bert::load_with_head(&dir, Some(config_back), Some(3)).unwrap();
+    for (name, t) in &tensors {
+        let id = fresh.model.params.id(name).unwrap();
+        fresh.model.params.set(id, t).unwrap();
+    }
+    let input = trained.input(&sentences()).unwrap();
+    let want = trained.model.classify(&input, None).unwrap().to_vec_f32();
+    let got = fresh.model.classify(&input, None).unwrap().to_vec_f32();
+    assert_eq!(got, want);
+    // A model without adapters has nothing to export.
+    let plain = hf_bert::load_with_head(&dir, None, Some(3)).unwrap();
+    let e = peft::export(
+        &plain.model.params,
+        &config,
+        &layout,
+        &out.path().join("x"),
+        false,
+    );
+    assert!(e.is_err());
+}
