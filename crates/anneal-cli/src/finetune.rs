@@ -30,6 +30,9 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
         print!("{}", toml::to_string_pretty(&config)?);
         return Ok(());
     }
+    if config.data.format == "chatterbot" {
+        return chat(&a, &config);
+    }
     let corpus = read_class_dirs(&resolve(&config.data.dir), config.data.test_every)?;
     for p in &corpus.not_utf8 {
         tracing::warn!(
@@ -37,11 +40,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             p.display()
         );
     }
-    let bar = indicatif::ProgressBar::new(config.train.steps);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps, {msg}, ETA {eta}")
-            .expect("a valid template"),
-    );
+    let bar = progress(config.train.steps);
     let report = anneal_train::finetune::run(&config, &corpus, &mut |_, loss| {
         bar.set_message(format!("loss {loss:.4}"));
         bar.inc(1);
@@ -91,6 +90,54 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
             "total": report.total,
             "optimizer_bytes": report.optimizer_bytes,
         });
+        std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
+    }
+    Ok(())
+}
+
+fn progress(steps: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(steps);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps, {msg}, ETA {eta}")
+            .expect("a valid template"),
+    );
+    bar
+}
+
+/// `anneal finetune` on a chat corpus: supervised fine-tuning of a Llama chat model.
+fn chat(a: &FinetuneArgs, config: &FinetuneConfig) -> Result<()> {
+    let bar = progress(config.train.steps);
+    let report = anneal_train::chat_sft::run(config, &mut |_, loss| {
+        bar.set_message(format!("loss {loss:.4}"));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{}: held-out assistant-token loss {:.4} → {:.4} ({} held-out, {} training \
+         conversations{}), {:.2} s/step, {} of {} parameters trained",
+        config.train.method,
+        report.heldout_loss_before,
+        report.heldout_loss_after,
+        report.heldout_conversations,
+        report.train_conversations,
+        if report.skipped > 0 {
+            format!(", {} skipped", report.skipped)
+        } else {
+            String::new()
+        },
+        report.seconds_per_step,
+        report.trainable,
+        report.total
+    );
+    for (prompt, reference, before, after) in &report.samples {
+        println!("\nuser:      {prompt}");
+        println!("reference: {reference}");
+        println!("before:    {before}");
+        println!("after:     {after}");
+    }
+    if let Some(path) = &a.json {
+        let mut json = serde_json::to_value(&report)?;
+        json["method"] = serde_json::json!(config.train.method);
         std::fs::write(path, serde_json::to_string_pretty(&json)?)?;
     }
     Ok(())

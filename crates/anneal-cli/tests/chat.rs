@@ -127,3 +127,106 @@ fn chat_answers_each_message_through_the_template() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("no-such-model.gguf"));
 }
+
+/// `root/*.yml`: ChatterBot conversations of two or four turns.
+fn chatterbot(root: &Path) {
+    let mut yml = String::from("categories:\n- test\nconversations:\n");
+    for i in 0..20 {
+        yml.push_str(&format!(
+            "- - What is {i} plus {i}?\n  - It is {}.\n",
+            2 * i
+        ));
+        if i % 4 == 0 {
+            yml.push_str("  - Thanks!\n  - You are welcome.\n");
+        }
+    }
+    std::fs::write(root.join("sums.yml"), yml).unwrap();
+    std::fs::write(root.join("broken.yml"), "conversations: [unclosed\n").unwrap();
+}
+
+#[test]
+fn finetune_trains_a_chat_model_on_its_assistant_turns() {
+    let data = tempfile::tempdir().unwrap();
+    chatterbot(data.path());
+    let outs = tempfile::tempdir().unwrap();
+    let model = fixtures().join("tiny-llama.gguf");
+    for (method, lr) in [("full", "3e-3"), ("lora", "3e-2")] {
+        let json = outs.path().join(format!("{method}.json"));
+        let out = outs.path().join(method);
+        let sets = [
+            format!("model.dir={}", model.display()),
+            "data.format=chatterbot".to_string(),
+            format!("data.dir={}", data.path().display()),
+            "data.max_tokens=128".into(),
+            "data.test_every=5".into(),
+            format!("train.method={method}"),
+            format!("train.lr={lr}"),
+            "train.steps=12".into(),
+            "train.batch_size=4".into(),
+            "train.warmup_steps=0".into(),
+            "train.weight_decay=0".into(),
+            "lora.targets=[\"q_proj\", \"v_proj\"]".into(),
+            format!("train.out={}", out.display()),
+        ];
+        let mut args = vec!["finetune".to_string()];
+        for s in &sets {
+            args.extend(["--set".to_string(), s.clone()]);
+        }
+        args.extend(["--json".to_string(), json.display().to_string()]);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = anneal(&args);
+        let stdout = String::from_utf8_lossy(&o.stdout);
+        assert!(stdout.contains("held-out assistant-token loss"), "{stdout}");
+        let r: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        // 20 conversations: every fifth (4) held out; the broken file is skipped, not fatal.
+        assert_eq!(r["heldout_conversations"], 4, "{method}");
+        assert_eq!(r["train_conversations"], 16, "{method}");
+        let (before, after) = (
+            r["heldout_loss_before"].as_f64().unwrap(),
+            r["heldout_loss_after"].as_f64().unwrap(),
+        );
+        assert!(after < before, "{method}: held-out loss {before} → {after}");
+        assert_eq!(r["samples"].as_array().unwrap().len(), 3);
+        let (trainable, total) = (
+            r["trainable"].as_u64().unwrap(),
+            r["total"].as_u64().unwrap(),
+        );
+        if method == "lora" {
+            assert!(trainable < total / 10);
+            let c: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(out.join("adapter_config.json")).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(c["task_type"], "CAUSAL_LM");
+            let saved = anneal_tensor::io::load_safetensors(&out.join("adapter_model.safetensors"))
+                .unwrap();
+            assert!(saved
+                .contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+        } else {
+            assert_eq!(trainable, total);
+            // A Hugging Face Llama directory that generates.
+            anneal(&[
+                "generate",
+                out.to_str().unwrap(),
+                "--prompt",
+                "What is",
+                "--tokens",
+                "4",
+            ]);
+        }
+    }
+    // A method chat fine-tuning has no use for is named.
+    let o = Command::new(env!("CARGO_BIN_EXE_anneal"))
+        .args([
+            "finetune",
+            "--set",
+            "data.format=chatterbot",
+            "--set",
+            "train.method=head",
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("train.method"));
+}

@@ -283,28 +283,80 @@ pub struct LabelledSource {
     pub pad: u32,
 }
 
+/// The examples (of `n`) that micro-batch `micro` of step `step` takes, `batch` of them, when
+/// examples are visited once per epoch in the sampler's order: step s holds positions
+/// s·batch.. of the epochs' orders (the trainer draws each step whole, as micro-batch 0; a later
+/// micro-batch starts `micro` batches on), an epoch's last batch running on into the next.
+pub fn epoch_picks(sampler: &Sampler, step: u64, micro: u64, batch: usize, n: usize) -> Vec<usize> {
+    let n = n.max(1);
+    let first = (step as usize + micro as usize) * batch;
+    let mut order: Option<(usize, Vec<usize>)> = None;
+    (first..first + batch)
+        .map(|i| {
+            let epoch = i / n;
+            if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                order = Some((epoch, sampler.epoch_order(epoch as u64, n)));
+            }
+            order.as_ref().expect("set above").1[i % n]
+        })
+        .collect()
+}
+
 impl BatchSource for LabelledSource {
     fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
-        let n = self.examples.len().max(1);
-        // The trainer draws each step whole (micro-batch 0): step s holds positions
-        // s·batch.. of the epochs' orders; a later micro-batch starts `micro` batches on.
-        let first = (step as usize + micro as usize) * batch;
-        let mut order: Option<(usize, Vec<usize>)> = None;
-        let picked: Vec<usize> = (first..first + batch)
-            .map(|i| {
-                let epoch = i / n;
-                if order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-                    order = Some((epoch, sampler.epoch_order(epoch as u64, n)));
-                }
-                order.as_ref().expect("set above").1[i % n]
-            })
-            .collect();
+        let picked = epoch_picks(sampler, step, micro, batch, self.examples.len());
         let seqs: Vec<&[u32]> = picked
             .iter()
             .map(|&i| self.examples[i].0.as_slice())
             .collect();
         let labels: Vec<i64> = picked.iter().map(|&i| self.examples[i].1).collect();
         Batch::Classes(LabelledSequences::padded(&seqs, &labels, self.pad))
+    }
+}
+
+/// Token sequences of which only some positions are predicted (a chat model's assistant
+/// turns), visited once per epoch in the sampler's order ([`epoch_picks`]): each batch is right-
+/// padded to its longest sequence, with next-token targets at the predicted positions and −100
+/// elsewhere (the prompt, the padding).
+pub struct MaskedSource {
+    /// Each example's tokens and, per token, whether it is predicted.
+    pub examples: Vec<(Vec<u32>, Vec<bool>)>,
+    /// The padding id.
+    pub pad: u32,
+}
+
+impl MaskedSource {
+    /// The examples `picked` as one batch of inputs and targets.
+    pub fn batch_of(&self, picked: &[usize]) -> TokenWindows {
+        let seq = picked
+            .iter()
+            .map(|&i| self.examples[i].0.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut out = TokenWindows {
+            ids: Vec::with_capacity(picked.len() * seq),
+            targets: Vec::with_capacity(picked.len() * seq),
+            batch: picked.len(),
+            seq,
+        };
+        for &i in picked {
+            let (tokens, predicted) = &self.examples[i];
+            let n = tokens.len().saturating_sub(1);
+            out.ids.extend_from_slice(&tokens[..n]);
+            out.ids.extend(std::iter::repeat_n(self.pad, seq - n));
+            out.targets
+                .extend((1..=n).map(|t| if predicted[t] { tokens[t] as i64 } else { -100 }));
+            out.targets.extend(std::iter::repeat_n(-100, seq - n));
+        }
+        out
+    }
+}
+
+impl BatchSource for MaskedSource {
+    fn draw(&self, sampler: &Sampler, step: u64, micro: u64, batch: usize) -> Batch {
+        let picked = epoch_picks(sampler, step, micro, batch, self.examples.len());
+        Batch::Tokens(self.batch_of(&picked))
     }
 }
 

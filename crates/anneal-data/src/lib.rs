@@ -15,6 +15,7 @@
 pub mod batch;
 pub mod corpus;
 pub mod dedup;
+pub mod dialogue;
 pub mod filters;
 pub mod minhash;
 pub mod mix;
@@ -26,8 +27,8 @@ pub mod signals;
 pub mod tokenizer;
 
 pub use batch::{
-    Batch, BatchSource, LabelledSequences, LabelledSource, Sampler, Stream, TokenWindows,
-    WindowSource,
+    epoch_picks, Batch, BatchSource, LabelledSequences, LabelledSource, MaskedSource, Sampler,
+    Stream, TokenWindows, WindowSource,
 };
 pub use corpus::{BadInput, Corpus, CorpusOptions, CorpusReport, Document, Format};
 pub use shards::{

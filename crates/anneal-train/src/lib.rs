@@ -29,6 +29,7 @@
 //! `anyhow` errors carrying the file, key or value at fault.
 
 pub mod chat;
+pub mod chat_sft;
 pub mod checkpoint;
 pub mod config;
 pub mod eval;

@@ -346,3 +346,35 @@ fn hugging_face_export_loads_back_with_the_same_model() {
     let e = anneal_train::hf_llama::load_dir(&out, None).err().unwrap();
     assert!(format!("{e:#}").contains("mlp.gate_proj.weight"), "{e:#}");
 }
+
+#[test]
+fn chat_fine_tuning_predicts_only_the_assistants_turns() {
+    let m = llama_gguf::load(&fixtures().join("tiny-llama.gguf"), None).unwrap();
+    let template = m.chat_template.clone().unwrap();
+    let turns: Vec<String> = ["What is 2+2?", "Four.", "Thanks", "You are welcome."]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (tokens, predicted) =
+        anneal_train::chat_sft::encode_conversation(&m, &template, &turns).unwrap();
+    assert_eq!(tokens.len(), predicted.len());
+    // The predicted runs are the replies, each with the end of its turn.
+    let mut spans = Vec::new();
+    let mut i = 0;
+    while i < tokens.len() {
+        if predicted[i] {
+            let start = i;
+            while i < tokens.len() && predicted[i] {
+                i += 1;
+            }
+            spans.push(m.tokenizer.decode(&tokens[start..i]).unwrap());
+        } else {
+            i += 1;
+        }
+    }
+    assert_eq!(spans, ["Four.<|im_end|>\n", "You are welcome.<|im_end|>\n"]);
+    // Everything else (system prompt, user turns, markup) is read, not predicted.
+    let text = m.tokenizer.decode(&tokens).unwrap();
+    assert!(text.starts_with("<|im_start|>system\n"));
+    assert!(text.contains("<|im_start|>user\nThanks<|im_end|>\n"));
+}
