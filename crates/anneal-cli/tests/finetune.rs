@@ -115,8 +115,72 @@ fn finetune_config_faults_name_the_key() {
         ("train.batch_size=0", "train.batch_size"),
         ("lora.rnk=4", "[lora] allows"),
         ("data.dir=/nonexistent/corpus", "/nonexistent/corpus"),
+        ("data.format=csv", "data.format"),
     ] {
         let o = anneal(&["finetune", "--set", set]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(words), "{set}: {err}");
+    }
+}
+
+#[test]
+fn finetune_freezes_by_pattern_and_by_lower_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let model = fixtures().join("tiny-bert");
+    let run = |extra: &[&str]| -> (Output, Option<serde_json::Value>) {
+        let json = dir.path().join("freeze.json");
+        let _ = std::fs::remove_file(&json);
+        let mut args = vec![
+            "finetune".to_string(),
+            "--set".into(),
+            format!("model.dir={}", model.display()),
+            "--set".into(),
+            format!("data.dir={}", dir.path().display()),
+            "--set".into(),
+            "train.steps=2".into(),
+            "--set".into(),
+            "data.max_tokens=16".into(),
+            "--json".into(),
+            json.display().to_string(),
+        ];
+        for e in extra {
+            args.extend(["--set".to_string(), e.to_string()]);
+        }
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let o = anneal(&args);
+        let report = std::fs::read_to_string(&json)
+            .ok()
+            .map(|t| serde_json::from_str(&t).unwrap());
+        (o, report)
+    };
+    let (_, all) = run(&[]);
+    let all = all.unwrap();
+    let total = all["total"].as_u64().unwrap();
+    assert_eq!(all["trainable"].as_u64().unwrap(), total);
+    // The tiny BERT: embeddings (word, position and token-type rows of its width, and a
+    // LayerNorm), 2 layers, and the head (2 classes).
+    let c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let k = |key: &str| c[key].as_u64().unwrap();
+    let d = k("hidden_size");
+    let embeddings =
+        (k("vocab_size") + k("max_position_embeddings") + k("type_vocab_size")) * d + 2 * d;
+    let (_, lower) = run(&["train.freeze_lower_blocks=1"]);
+    let lower = lower.unwrap();
+    let layer = (total - 2 * d - 2 - embeddings) / k("num_hidden_layers");
+    assert_eq!(
+        lower["trainable"].as_u64().unwrap(),
+        total - embeddings - layer
+    );
+    let (_, biases) = run(&["train.freeze=[\"*.bias\", \"embeddings.*\"]"]);
+    let biases = biases.unwrap()["trainable"].as_u64().unwrap();
+    assert!(biases < total - embeddings, "{biases}");
+    for (set, words) in [
+        ("train.freeze=[\"decoder.*\"]", "decoder.*"),
+        ("train.freeze_lower_blocks=3", "2 blocks"),
+    ] {
+        let (o, _) = run(&[set]);
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(words), "{set}: {err}");
     }

@@ -232,6 +232,7 @@ pub fn run(config: &FinetuneConfig, on_step: &mut dyn FnMut(u64, f64)) -> Result
         "full" => {}
         other => bail!("train.method = {other:?} is not allowed for chat: \"full\" or \"lora\""),
     }
+    crate::finetune::apply_freezing(t, &mut model.params, "model.layers.", "model.embed_tokens.")?;
     let samples_of = held_convs.iter().take(3).copied().collect::<Vec<_>>();
     let heldout_loss_before = heldout_loss(&model, &held_source, t.eval_batch)?;
     let (llama_config, lora) = (model.config.clone(), lora_of(config));

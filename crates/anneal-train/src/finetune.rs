@@ -92,6 +92,12 @@ pub struct TrainSection {
     pub seed: u64,
     /// Documents per evaluation batch.
     pub eval_batch: usize,
+    /// Parameters kept frozen whatever the method, by name pattern (`*` matches any run of
+    /// characters: `"embeddings.*"`, `"encoder.layer.0.*"`); each must match a parameter.
+    pub freeze: Vec<String>,
+    /// Freezes the embeddings and the lowest this many blocks (BERT's `encoder.layer.i`,
+    /// Llama's `model.layers.i`).
+    pub freeze_lower_blocks: usize,
     /// Where the result is written (empty: nowhere): under `lora`, the adapters and the head
     /// as a PEFT adapter directory (`adapter_config.json`, `adapter_model.safetensors`);
     /// otherwise `model.safetensors` with every parameter, the head included.
@@ -112,6 +118,8 @@ impl Default for TrainSection {
             dropout: 0.1,
             seed: 0,
             eval_batch: 32,
+            freeze: Vec::new(),
+            freeze_lower_blocks: 0,
             out: String::new(),
         }
     }
@@ -137,6 +145,79 @@ impl Default for LoraSection {
             targets: vec!["query".into(), "key".into(), "value".into()],
         }
     }
+}
+
+/// Whether `name` matches `pattern`, in which `*` matches any run of characters.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let parts: Vec<&str> = pattern.split('*').collect();
+    if parts.len() == 1 {
+        return pattern == name;
+    }
+    let (first, last) = (parts[0], parts[parts.len() - 1]);
+    if !name.starts_with(first) || name.len() < first.len() + last.len() || !name.ends_with(last) {
+        return false;
+    }
+    let mut rest = &name[first.len()..name.len() - last.len()];
+    for part in &parts[1..parts.len() - 1] {
+        match rest.find(part) {
+            Some(i) => rest = &rest[i + part.len()..],
+            None => return false,
+        }
+    }
+    true
+}
+
+/// Freezes, on top of what the method trains, the parameters `train.freeze` names and the
+/// embeddings and lowest `train.freeze_lower_blocks` blocks (whose parameters start with
+/// `block_prefix` followed by the block's index, the embeddings' with `embeddings`). Fails
+/// naming a pattern that matches no parameter, or a block count past the model's.
+pub fn apply_freezing(
+    t: &TrainSection,
+    params: &mut ParamStore,
+    block_prefix: &str,
+    embeddings: &str,
+) -> Result<()> {
+    if t.freeze.is_empty() && t.freeze_lower_blocks == 0 {
+        return Ok(());
+    }
+    let names: Vec<String> = params.infos().iter().map(|p| p.name.clone()).collect();
+    for pattern in &t.freeze {
+        if !names.iter().any(|n| glob_match(pattern, n)) {
+            bail!(
+                "train.freeze = {pattern:?} matches no parameter (names look like {:?})",
+                names.iter().take(3).collect::<Vec<_>>()
+            );
+        }
+    }
+    let blocks = (0..)
+        .take_while(|i| {
+            names
+                .iter()
+                .any(|n| n.starts_with(&format!("{block_prefix}{i}.")))
+        })
+        .count();
+    if t.freeze_lower_blocks > blocks {
+        bail!(
+            "train.freeze_lower_blocks = {} is not allowed: the model has {blocks} blocks",
+            t.freeze_lower_blocks
+        );
+    }
+    let lower = |n: &str| {
+        t.freeze_lower_blocks > 0
+            && (n.starts_with(embeddings)
+                || (0..t.freeze_lower_blocks)
+                    .any(|i| n.starts_with(&format!("{block_prefix}{i}."))))
+    };
+    let trained: std::collections::HashSet<String> = params
+        .infos()
+        .iter()
+        .filter(|p| p.requires_grad)
+        .map(|p| p.name.clone())
+        .collect();
+    params.train_only(|n| {
+        trained.contains(n) && !lower(n) && !t.freeze.iter().any(|p| glob_match(p, n))
+    });
+    Ok(())
 }
 
 /// How the classifier sits in the PyTorch model `bench/peft_finetune.py` builds (and PEFT wraps):
@@ -454,6 +535,12 @@ pub fn run(
         }
         _ => {}
     }
+    apply_freezing(
+        t,
+        &mut encoder.model.params,
+        "encoder.layer.",
+        "embeddings.",
+    )?;
     let max = config.data.max_tokens.min(encoder.max_len.max(2));
     let encode = |docs: &[(String, i64)]| -> Result<Vec<Vec<u32>>> {
         let texts: Vec<&str> = docs.iter().map(|(d, _)| d.as_str()).collect();
@@ -573,4 +660,30 @@ pub fn run(
         classes: corpus.classes.clone(),
         seconds_per_step,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn glob_patterns_match_as_written() {
+        assert!(glob_match(
+            "embeddings.*",
+            "embeddings.word_embeddings.weight"
+        ));
+        assert!(glob_match("*.bias", "encoder.layer.0.output.dense.bias"));
+        assert!(glob_match(
+            "encoder.layer.*.attention.*",
+            "encoder.layer.3.attention.self.query.weight"
+        ));
+        assert!(glob_match("classifier.weight", "classifier.weight"));
+        assert!(!glob_match("classifier.weight", "classifier.weight2"));
+        assert!(!glob_match(
+            "encoder.layer.1.*",
+            "encoder.layer.10.output.dense.bias"
+        ));
+        assert!(!glob_match("a*b*c", "acb"));
+        assert!(glob_match("*", ""));
+    }
 }
