@@ -64,6 +64,13 @@ pub enum BenchCommand {
     /// Example: anneal bench generate --batch 1,16 --tokens 64
     #[command(verbatim_doc_comment)]
     Generate(crate::bench_generate::GenerateBench),
+    /// A proxy for "task tuning beats scale" (InstructGPT): MiniLM (22M) fine-tuned on BBC news
+    /// against SmolLM2-135M zero-shot, 5-shot and with LoRA on the same labels, the LM choosing
+    /// the class whose name it finds likeliest.
+    ///
+    /// Example: anneal bench proxy --test-limit 89
+    #[command(verbatim_doc_comment)]
+    Proxy(crate::bench_proxy::ProxyBench),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -350,6 +357,7 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
             b.threads = threads.unwrap_or(1);
             crate::bench_zero::zero(b)
         }
+        BenchCommand::Proxy(b) => crate::bench_proxy::proxy(b),
         BenchCommand::Generate(mut b) => {
             b.threads = anneal_train::machine::threads(threads.unwrap_or(0));
             crate::bench_generate::generate(b)

@@ -185,3 +185,50 @@ fn finetune_freezes_by_pattern_and_by_lower_blocks() {
         assert!(!o.status.success() && err.contains(words), "{set}: {err}");
     }
 }
+
+#[test]
+fn bench_proxy_reports_every_accuracy() {
+    let dir = tempfile::tempdir().unwrap();
+    corpus(dir.path());
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[model]\ndir = {:?}\n[data]\ndir = {:?}\nmax_tokens = 16\n[train]\nsteps = 2\n\
+             batch_size = 4\n",
+            fixtures().join("tiny-bert").display().to_string(),
+            dir.path().display().to_string()
+        ),
+    )
+    .unwrap();
+    let json = dir.path().join("proxy.json");
+    let o = anneal(&[
+        "bench",
+        "proxy",
+        "--config",
+        config.to_str().unwrap(),
+        "--llm",
+        fixtures().join("tiny-llama.gguf").to_str().unwrap(),
+        "--lora-steps",
+        "2",
+        "--article-tokens",
+        "8",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(stdout.contains("A proxy, not a replication"), "{stdout}");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for v in [
+        &r["minilm_accuracy"],
+        &r["smollm2"]["zero_shot"],
+        &r["smollm2"]["five_shot"],
+        &r["smollm2"]["lora"],
+    ] {
+        let a = v.as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&a), "{r}");
+    }
+    assert_eq!(r["smollm2"]["test_articles"], 6);
+}

@@ -175,6 +175,93 @@ fn load(dir: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
     }
 }
 
+/// A run of [`train_masked`].
+pub(crate) struct MaskedRun {
+    pub trainer: Trainer,
+    pub trainable: usize,
+    pub total: usize,
+    pub optimizer_bytes: usize,
+    pub losses: Vec<f64>,
+    pub seconds_per_step: f64,
+}
+
+/// Trains `model` (its trainable parameters as set) for `t.steps` AdamW steps of next-token
+/// loss on the predicted tokens of `examples`, with `t`'s schedule, batch and clipping.
+pub(crate) fn train_masked(
+    model: Llama,
+    examples: Vec<(Vec<u32>, Vec<bool>)>,
+    pad: u32,
+    t: &crate::finetune::TrainSection,
+    on_step: &mut dyn FnMut(u64, f64),
+) -> Result<MaskedRun> {
+    let trainable = model.params.trainable_numel();
+    let total = model.params.numel();
+    let optimizer = AdamW::new(
+        &model.params,
+        AdamWConfig {
+            weight_decay: t.weight_decay as f32,
+            ..AdamWConfig::default()
+        },
+    );
+    let optimizer_bytes = anneal_tensor::Optimizer::state_bytes(&optimizer);
+    tracing::info!(
+        "{}: training {trainable} of {total} parameters ({:.2}%); gradients {:.1} MB, optimizer \
+         state {:.1} MB",
+        t.method,
+        100.0 * trainable as f64 / total.max(1) as f64,
+        4.0 * trainable as f64 / 1e6,
+        optimizer_bytes as f64 / 1e6,
+    );
+    let source: Box<dyn BatchSource> = Box::new(MaskedSource { examples, pad });
+    let mut trainer = Trainer::new(TrainerParts {
+        model: Box::new(model),
+        objective: Box::new(CausalLm),
+        optimizer: Box::new(optimizer),
+        strategy: Box::new(SingleDevice),
+        source,
+        seed: t.seed,
+        schedule: CosineSchedule {
+            max_lr: t.lr,
+            min_lr: t.min_lr,
+            warmup_steps: t.warmup_steps,
+            decay_steps: t.steps,
+        },
+        batch_size: t.batch_size,
+        grad_accum: 1,
+        grad_clip: t.grad_clip,
+    });
+    let started = Instant::now();
+    let mut losses = Vec::with_capacity(t.steps as usize);
+    for step in 0..t.steps {
+        let out = trainer.step()?;
+        losses.push(out.loss);
+        on_step(step + 1, out.loss);
+    }
+    Ok(MaskedRun {
+        trainer,
+        trainable,
+        total,
+        optimizer_bytes,
+        losses,
+        seconds_per_step: started.elapsed().as_secs_f64() / t.steps.max(1) as f64,
+    })
+}
+
+/// A Llama of `config` (with `lora`'s adapters) holding `params`' values: a trained model back
+/// out of the trainer, to generate from.
+pub(crate) fn llama_with(
+    config: anneal_nn::LlamaConfig,
+    lora: Option<LoraConfig>,
+    params: &ParamStore,
+) -> Result<Llama> {
+    let mut model = Llama::for_loading(config, lora)?;
+    model
+        .params
+        .load_named(&params.named().into_iter().collect())?;
+    model.config.dropout = 0.0;
+    Ok(model)
+}
+
 /// Fine-tunes the chat model of `config` on the ChatterBot conversations of `config.data.dir`,
 /// every `data.test_every`-th held out; `on_step(step, loss)` sees each step's loss.
 pub fn run(config: &FinetuneConfig, on_step: &mut dyn FnMut(u64, f64)) -> Result<ChatReport> {
@@ -246,64 +333,25 @@ pub fn run(config: &FinetuneConfig, on_step: &mut dyn FnMut(u64, f64)) -> Result
     };
     let before = replies(&view, &template, &samples_of)?;
     let model = view.model;
-    let trainable = model.params.trainable_numel();
-    let total = model.params.numel();
-    let optimizer = AdamW::new(
-        &model.params,
-        AdamWConfig {
-            weight_decay: t.weight_decay as f32,
-            ..AdamWConfig::default()
-        },
-    );
-    let optimizer_bytes = anneal_tensor::Optimizer::state_bytes(&optimizer);
-    tracing::info!(
-        "{}: training {trainable} of {total} parameters ({:.2}%); gradients {:.1} MB, optimizer \
-         state {:.1} MB; {} training and {} held-out conversations",
-        t.method,
-        100.0 * trainable as f64 / total.max(1) as f64,
-        4.0 * trainable as f64 / 1e6,
-        optimizer_bytes as f64 / 1e6,
-        train.len(),
-        held_source.examples.len(),
-    );
     let train_count = train.len();
-    let source: Box<dyn BatchSource> = Box::new(MaskedSource {
-        examples: train,
-        pad,
-    });
-    let mut trainer = Trainer::new(TrainerParts {
-        model: Box::new(model),
-        objective: Box::new(CausalLm),
-        optimizer: Box::new(optimizer),
-        strategy: Box::new(SingleDevice),
-        source,
-        seed: t.seed,
-        schedule: CosineSchedule {
-            max_lr: t.lr,
-            min_lr: t.min_lr,
-            warmup_steps: t.warmup_steps,
-            decay_steps: t.steps,
-        },
-        batch_size: t.batch_size,
-        grad_accum: 1,
-        grad_clip: t.grad_clip,
-    });
-    let started = Instant::now();
-    let mut losses = Vec::with_capacity(t.steps as usize);
-    for step in 0..t.steps {
-        let out = trainer.step()?;
-        losses.push(out.loss);
-        on_step(step + 1, out.loss);
-    }
-    let seconds_per_step = started.elapsed().as_secs_f64() / t.steps as f64;
+    let trained = train_masked(model, train, pad, t, on_step)?;
+    tracing::info!(
+        "{} training and {} held-out conversations",
+        train_count,
+        held_source.examples.len()
+    );
+    let (trainable, total, optimizer_bytes, losses, seconds_per_step) = (
+        trained.trainable,
+        trained.total,
+        trained.optimizer_bytes,
+        trained.losses,
+        trained.seconds_per_step,
+    );
+    let trainer = trained.trainer;
     let trained = trainer.model();
     let heldout_loss_after = heldout_loss(trained, &held_source, t.eval_batch)?;
     // The trained parameters in a Llama again, to generate from and to write out.
-    view.model = Llama::for_loading(llama_config, lora)?;
-    view.model
-        .params
-        .load_named(&trained.params().named().into_iter().collect())?;
-    view.model.config.dropout = 0.0;
+    view.model = llama_with(llama_config, lora, trained.params())?;
     let after = replies(&view, &template, &samples_of)?;
     if !t.out.is_empty() {
         save(config, &view, Path::new(&t.out))?;

@@ -45,6 +45,7 @@ pub mod model;
 pub mod objectives;
 pub mod peft;
 pub mod pretrain;
+pub mod proxy;
 pub mod schedule;
 pub mod strategy;
 pub mod trainer;

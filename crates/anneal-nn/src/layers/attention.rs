@@ -289,7 +289,7 @@ impl Attention {
 
 /// Keys and values of the positions already run, per layer, so that generating one more token
 /// costs one position's work (O(context) attention) instead of a re-run of the whole context.
-#[derive(Default)]
+#[derive(Clone, Default)]
 pub struct KvCache {
     layers: Vec<(Tensor, Tensor)>,
     len: usize,
