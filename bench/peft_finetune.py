@@ -141,7 +141,7 @@ def main():
         lc = LoraConfig(
             r=config["lora"]["rank"],
             lora_alpha=config["lora"]["alpha"],
-            lora_dropout=0.0,
+            lora_dropout=config["lora"].get("dropout", 0.0),
             target_modules=config["lora"]["targets"],
             modules_to_save=["classifier"],
         )

@@ -79,6 +79,7 @@ pub fn proxy(b: ProxyBench) -> Result<()> {
             targets: ["q_proj", "k_proj", "v_proj", "o_proj"]
                 .map(String::from)
                 .to_vec(),
+            dropout: 0.0,
         },
     };
     let r = proxy::run(&opts, &corpus)?;

@@ -425,7 +425,7 @@ impl Bert {
         }
         let p_drop = dropout.map_or(0.0, |_| c.dropout);
         let key = dropout.unwrap_or_default();
-        let w = self.weights();
+        let w = self.weights().with_dropout(dropout);
         let zeros;
         let types = match &input.token_types {
             Some(types) => types.as_slice(),

@@ -334,7 +334,7 @@ impl Llama {
         let c = &self.config;
         let p_drop = dropout.map_or(0.0, |_| c.dropout);
         let key = dropout.unwrap_or_default();
-        let w = self.weights();
+        let w = self.weights().with_dropout(dropout);
         let mut x = self.embed.forward(&w, ids, &[batch, seq], op)?;
         for (index, block) in self.blocks.iter().enumerate() {
             let key = crate::layers::layer_key(key, index);

@@ -267,7 +267,7 @@ pub(crate) fn llama_with(
 pub fn run(config: &FinetuneConfig, on_step: &mut dyn FnMut(u64, f64)) -> Result<ChatReport> {
     let t = &config.train;
     let path = resolve(&config.model.dir);
-    let m = load(&path, lora_of(config))
+    let m = load(&path, config.lora_config())
         .with_context(|| format!("loading the model of model.dir = {:?}", config.model.dir))?;
     let Some(template) = m.chat_template.clone() else {
         bail!("{}: the model carries no chat template", path.display());
@@ -322,7 +322,7 @@ pub fn run(config: &FinetuneConfig, on_step: &mut dyn FnMut(u64, f64)) -> Result
     crate::finetune::apply_freezing(t, &mut model.params, "model.layers.", "model.embed_tokens.")?;
     let samples_of = held_convs.iter().take(3).copied().collect::<Vec<_>>();
     let heldout_loss_before = heldout_loss(&model, &held_source, t.eval_batch)?;
-    let (llama_config, lora) = (model.config.clone(), lora_of(config));
+    let (llama_config, lora) = (model.config.clone(), config.lora_config());
     let mut view = LlamaModel {
         model,
         tokenizer: m.tokenizer,
@@ -376,18 +376,10 @@ pub fn run(config: &FinetuneConfig, on_step: &mut dyn FnMut(u64, f64)) -> Result
     })
 }
 
-fn lora_of(config: &FinetuneConfig) -> Option<LoraConfig> {
-    (config.train.method == "lora").then(|| LoraConfig {
-        rank: config.lora.rank,
-        alpha: config.lora.alpha as f32,
-        targets: config.lora.targets.clone(),
-    })
-}
-
 /// Writes the fine-tuned chat model: under LoRA its adapters as a PEFT directory for
 /// `LlamaForCausalLM`, otherwise the whole model as a Hugging Face Llama directory.
 fn save(config: &FinetuneConfig, m: &LlamaModel, out: &Path) -> Result<()> {
-    match lora_of(config) {
+    match config.lora_config() {
         Some(lora) => {
             let layout = crate::peft::PeftLayout {
                 prefix: "",

@@ -135,6 +135,8 @@ pub struct LoraSection {
     pub alpha: f64,
     /// Linear layers adapted, by name or name suffix.
     pub targets: Vec<String>,
+    /// Dropout on each adapter's input while training (PEFT's `lora_dropout`).
+    pub dropout: f64,
 }
 
 impl Default for LoraSection {
@@ -143,7 +145,20 @@ impl Default for LoraSection {
             rank: 8,
             alpha: 16.0,
             targets: vec!["query".into(), "key".into(), "value".into()],
+            dropout: 0.0,
         }
+    }
+}
+
+impl FinetuneConfig {
+    /// The adapters `train.method = "lora"` asks for; `None` for the other methods.
+    pub fn lora_config(&self) -> Option<LoraConfig> {
+        (self.train.method == "lora").then(|| LoraConfig {
+            rank: self.lora.rank,
+            alpha: self.lora.alpha as f32,
+            targets: self.lora.targets.clone(),
+            dropout: self.lora.dropout as f32,
+        })
     }
 }
 
@@ -233,12 +248,7 @@ pub fn peft_layout(config: &FinetuneConfig) -> crate::peft::PeftLayout<'_> {
 
 /// Writes the fine-tuned parameters to `out` ([`TrainSection::out`]).
 fn save(config: &FinetuneConfig, params: &ParamStore, out: &Path) -> Result<()> {
-    if config.train.method == "lora" {
-        let lora = LoraConfig {
-            rank: config.lora.rank,
-            alpha: config.lora.alpha as f32,
-            targets: config.lora.targets.clone(),
-        };
+    if let Some(lora) = config.lora_config() {
         crate::peft::export(params, &lora, &peft_layout(config), out, true)?;
         tracing::info!(
             "wrote the adapters and the head to {} (PEFT: adapter_config.json, \
@@ -341,6 +351,12 @@ impl FinetuneConfig {
             "train.min_lr",
             t.min_lr.to_string(),
             "from 0 to train.lr",
+        )?;
+        check(
+            (0.0..1.0).contains(&self.lora.dropout),
+            "lora.dropout",
+            self.lora.dropout.to_string(),
+            "from 0 to below 1",
         )?;
         check(
             (0.0..1.0).contains(&t.dropout),
@@ -511,11 +527,7 @@ pub fn run(
     on_step: &mut dyn FnMut(u64, f64),
 ) -> Result<FinetuneReport> {
     let t = &config.train;
-    let lora = (t.method == "lora").then(|| LoraConfig {
-        rank: config.lora.rank,
-        alpha: config.lora.alpha as f32,
-        targets: config.lora.targets.clone(),
-    });
+    let lora = config.lora_config();
     let dir = resolve(&config.model.dir);
     let mut encoder = hf_bert::load_with_head(&dir, lora, Some(corpus.classes.len()))
         .with_context(|| format!("loading the model of model.dir = {:?}", config.model.dir))?;

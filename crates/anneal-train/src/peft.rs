@@ -70,7 +70,7 @@ pub fn export(
         "base_model_name_or_path": layout.base_model,
         "r": lora.rank,
         "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": lora.dropout,
         "target_modules": lora.targets,
         "modules_to_save": if layout.modules_to_save.is_empty() {
             serde_json::Value::Null
@@ -130,6 +130,10 @@ pub fn load(dir: &Path, layout: &PeftLayout<'_>) -> Result<(LoraConfig, HashMap<
         Some(serde_json::Value::String(s)) => vec![s.clone()],
         _ => bail!("{}: no target_modules", config_path.display()),
     };
+    let dropout = c
+        .get("lora_dropout")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.0) as f32;
     let weights_path = dir.join("adapter_model.safetensors");
     let mut tensors = HashMap::new();
     for (key, t) in anneal_tensor::io::load_safetensors(&weights_path)? {
@@ -147,6 +151,7 @@ pub fn load(dir: &Path, layout: &PeftLayout<'_>) -> Result<(LoraConfig, HashMap<
             rank,
             alpha,
             targets,
+            dropout,
         },
         tensors,
     ))

@@ -160,6 +160,7 @@ fn lora(targets: &[&str]) -> LoraConfig {
         rank: 4,
         alpha: 8.0,
         targets: targets.iter().map(|t| t.to_string()).collect(),
+        dropout: 0.0,
     }
 }
 
@@ -423,4 +424,45 @@ fn lora_adapters_and_head_export_in_peft_format_and_load_back() {
         false,
     );
     assert!(e.is_err());
+}
+
+#[test]
+fn lora_dropout_drops_the_adapters_input_only_while_training() {
+    let dir = fixtures().join("tiny-bert");
+    let config = LoraConfig {
+        dropout: 0.5,
+        ..lora(&["query", "value"])
+    };
+    // Adapters moved off zero, the same way in each model.
+    let randomize_b = |params: &anneal_tensor::ParamStore| {
+        let mut rng = anneal_tensor::Rng::new(5);
+        for (name, t) in params.named() {
+            if name.ends_with("lora_B.weight") {
+                let values = Tensor::randn(t.shape(), 0.5, anneal_tensor::DType::F32, &mut rng);
+                params.set(params.id(&name).unwrap(), &values).unwrap();
+            }
+        }
+    };
+    let mut adapted = hf_bert::load_with(&dir, Some(config)).unwrap();
+    adapted.model.config.dropout = 0.0;
+    randomize_b(&adapted.model.params);
+    let input = adapted.input(&sentences()).unwrap();
+    let run = |key: Option<anneal_tensor::DropoutKey>| {
+        adapted.model.forward(&input, key).unwrap().to_vec_f32()
+    };
+    let key = anneal_tensor::DropoutKey::default().with_seed(3);
+    let eval = run(None);
+    let train = run(Some(key));
+    // Training draws masks (the same ones again for the same key); evaluation draws none.
+    assert!(max_diff(&train, &eval) > 1e-3);
+    assert_eq!(train, run(Some(key)));
+    assert_ne!(train, run(Some(key.with_seed(4))));
+    // Without adapter dropout (and the hidden dropout off) training computes what evaluation does.
+    let mut plain = hf_bert::load_with(&dir, Some(lora(&["query", "value"]))).unwrap();
+    plain.model.config.dropout = 0.0;
+    randomize_b(&plain.model.params);
+    let a = plain.model.forward(&input, Some(key)).unwrap().to_vec_f32();
+    let b = plain.model.forward(&input, None).unwrap().to_vec_f32();
+    assert_eq!(a, b);
+    assert!(max_diff(&a, &eval) > 1e-3 || max_diff(&a, &train) > 1e-3);
 }

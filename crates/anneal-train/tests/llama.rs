@@ -264,6 +264,7 @@ fn hugging_face_export_loads_back_with_the_same_model() {
         rank: 2,
         alpha: 4.0,
         targets: vec!["q_proj".into(), "v_proj".into()],
+        dropout: 0.0,
     };
     let m = llama_gguf::load(&gguf, Some(lora)).unwrap();
     // Move the adapters off zero, so that the export has something to merge.

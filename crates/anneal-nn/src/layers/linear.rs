@@ -20,6 +20,9 @@ pub struct LoraConfig {
     pub alpha: f32,
     /// Names (or name suffixes) of the linear layers to adapt.
     pub targets: Vec<String>,
+    /// Dropout on the adapter's input while training (PEFT's `lora_dropout`; the base
+    /// weight's input is never dropped).
+    pub dropout: f32,
 }
 
 impl LoraConfig {
@@ -47,6 +50,7 @@ pub(crate) struct Lora {
     a: ParamId,
     b: ParamId,
     scale: f32,
+    dropout: f32,
     /// Whether ΔW is merged into the weight (forward then skips the adapter).
     merged: Arc<AtomicBool>,
 }
@@ -80,6 +84,7 @@ impl Lora {
             a,
             b: bw,
             scale: config.scale(),
+            dropout: config.dropout,
             merged: Arc::new(AtomicBool::new(false)),
         })
     }
@@ -252,6 +257,23 @@ impl Linear {
         Ok(())
     }
 
+    /// The adapter's update (α/r)·dropout(x)·Aᵀ·Bᵀ; dropout only while the weights carry a
+    /// training key, with masks drawn from it and this layer's weight id (so a recomputed
+    /// forward drops the same elements).
+    fn adapter(&self, w: &Weights, l: &Lora, x: &Tensor) -> Result<Tensor> {
+        let a = w.get(l.a)?.transpose(0, 1)?;
+        let b = w.get(l.b)?.transpose(0, 1)?;
+        let x = match w.dropout_key() {
+            Some(key) if l.dropout > 0.0 => {
+                let seed =
+                    key.seed ^ (self.weight.0 as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                x.dropout_at(l.dropout, key.with_seed(seed))?
+            }
+            _ => x.clone(),
+        };
+        Ok(x.linear(&a, None)?.linear(&b, None)?.scale(l.scale))
+    }
+
     /// `x·W + b` for `x` of shape `[…, in]`.
     pub fn forward(&self, w: &Weights, x: &Tensor) -> Result<Tensor> {
         // A packed copy holds the weight as loaded: not once an adapter is merged into it.
@@ -268,11 +290,7 @@ impl Linear {
                 y = y.add(&w.get(b)?)?;
             }
             return match &self.lora {
-                Some(l) => {
-                    let a = w.get(l.a)?.transpose(0, 1)?;
-                    let b = w.get(l.b)?.transpose(0, 1)?;
-                    y.add(&x.linear(&a, None)?.linear(&b, None)?.scale(l.scale))
-                }
+                Some(l) => y.add(&self.adapter(w, l, x)?),
                 None => Ok(y),
             };
         }
@@ -286,11 +304,7 @@ impl Linear {
             LinearSplit::None => {
                 let y = x.linear(&weight, bias.as_ref())?;
                 match &self.lora {
-                    Some(l) if !l.merged.load(Ordering::Acquire) => {
-                        let a = w.get(l.a)?.transpose(0, 1)?;
-                        let b = w.get(l.b)?.transpose(0, 1)?;
-                        y.add(&x.linear(&a, None)?.linear(&b, None)?.scale(l.scale))
-                    }
+                    Some(l) if !l.merged.load(Ordering::Acquire) => y.add(&self.adapter(w, l, x)?),
                     _ => Ok(y),
                 }
             }

@@ -203,6 +203,7 @@ pub struct Weights {
     parallel: Arc<dyn ParallelContext>,
     dtype: DType,
     packed: Option<Arc<PackedWeights>>,
+    dropout: Option<DropoutKey>,
 }
 
 /// Weight matrices also held in quantised blocks, by parameter: an inference model's matrix
@@ -220,7 +221,20 @@ impl Weights {
             parallel,
             dtype: params.dtype(),
             packed: None,
+            dropout: None,
         }
+    }
+
+    /// These weights for a training forward whose dropout masks derive from `key` (LoRA
+    /// adapters drop their input with it); `None` is evaluation.
+    pub fn with_dropout(mut self, key: Option<DropoutKey>) -> Weights {
+        self.dropout = key;
+        self
+    }
+
+    /// The training forward's dropout key, if any.
+    pub fn dropout_key(&self) -> Option<DropoutKey> {
+        self.dropout
     }
 
     /// These weights with `packed` copies of some matrices.
