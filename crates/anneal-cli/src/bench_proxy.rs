@@ -116,6 +116,20 @@ pub fn proxy(b: ProxyBench) -> Result<()> {
             100.0 * acc
         );
     }
+    let counts: Vec<String> = ["zero-shot", "5-shot", "LoRA"]
+        .iter()
+        .zip(&r.predicted)
+        .map(|(how, c)| {
+            let per: Vec<String> = corpus
+                .classes
+                .iter()
+                .zip(c)
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            format!("{how}: {}", per.join(", "))
+        })
+        .collect();
+    println!("predicted classes: {}", counts.join("; "));
     if let Some(path) = &b.json {
         let json = serde_json::json!({
             "minilm_accuracy": minilm.as_ref().map(|m| m.accuracy),

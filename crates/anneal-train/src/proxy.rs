@@ -45,6 +45,9 @@ pub struct ProxyReport {
     pub lora: f64,
     /// Seconds per LoRA step.
     pub lora_seconds_per_step: f64,
+    /// How often each class was predicted, per method (zero-shot, 5-shot, LoRA): a
+    /// prompt-biased LM favours one name whatever the article.
+    pub predicted: Vec<Vec<usize>>,
 }
 
 fn prompt_ids(tok: &Tokenizer, article: &str, tokens: usize) -> Result<Vec<u32>> {
@@ -93,7 +96,8 @@ fn classify(model: &Llama, cache: &KvCache, query: &[u32], names: &[Vec<u32>]) -
     Ok(best.0)
 }
 
-/// Accuracy of `model` on `test`, every prompt following the tokens of `prefix`.
+/// Accuracy of `model` on `test`, every prompt following the tokens of `prefix`, and how often
+/// each class was predicted.
 fn accuracy(
     tok: &Tokenizer,
     model: &Llama,
@@ -101,19 +105,21 @@ fn accuracy(
     test: &[(String, i64)],
     names: &[Vec<u32>],
     article_tokens: usize,
-) -> Result<f64> {
+) -> Result<(f64, Vec<usize>)> {
     let mut cache = KvCache::new();
     if !prefix.is_empty() {
         model.forward_cached(prefix, &mut cache)?;
     }
-    let mut right = 0;
+    let (mut right, mut counts) = (0, vec![0; names.len()]);
     for (text, label) in test {
         let query = prompt_ids(tok, text, article_tokens)?;
-        if classify(model, &cache, &query, names)? == *label as usize {
+        let c = classify(model, &cache, &query, names)?;
+        counts[c] += 1;
+        if c == *label as usize {
             right += 1;
         }
     }
-    Ok(right as f64 / test.len().max(1) as f64)
+    Ok((right as f64 / test.len().max(1) as f64, counts))
 }
 
 /// Runs the SmolLM2 side of the experiment on `corpus` (BBC news by `config.data`).
@@ -170,7 +176,8 @@ pub fn run(opts: &ProxyOptions, corpus: &ClassCorpus) -> Result<ProxyReport> {
         shots.extend(name);
         shots.extend(m.tokenizer.encode("\n\n")?);
     }
-    let five_shot = accuracy(&tok, &m.model, &shots, &test, &names, opts.article_tokens)?;
+    let (five_shot, five_counts) =
+        accuracy(&tok, &m.model, &shots, &test, &names, opts.article_tokens)?;
     tracing::info!("5-shot: {:.2}%", 100.0 * five_shot);
     // LoRA on the labels: each training article's prompt, its class name predicted.
     let mut examples = Vec::with_capacity(corpus.train.len());
@@ -212,6 +219,7 @@ pub fn run(opts: &ProxyOptions, corpus: &ClassCorpus) -> Result<ProxyReport> {
         five_shot,
         lora,
         lora_seconds_per_step: run.seconds_per_step,
+        predicted: vec![zero_counts, five_counts, lora_counts],
     })
 }
 
