@@ -155,7 +155,7 @@ pub fn run(opts: &ProxyOptions, corpus: &ClassCorpus) -> Result<ProxyReport> {
         .cloned()
         .collect();
     let tok = m.tokenizer.clone();
-    let zero_shot = accuracy(
+    let (zero_shot, zero_counts) = accuracy(
         &tok,
         &m.model,
         &header_ids,
@@ -204,7 +204,7 @@ pub fn run(opts: &ProxyOptions, corpus: &ClassCorpus) -> Result<ProxyReport> {
         Some(opts.lora.clone()),
         run.trainer.model().params(),
     )?;
-    let lora = accuracy(
+    let (lora, lora_counts) = accuracy(
         &tok,
         &tuned,
         &header_ids,
