@@ -219,7 +219,10 @@ fn bench_proxy_reports_every_accuracy() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(stdout.contains("A proxy, not a replication"), "{stdout}");
-    assert!(stdout.contains("predicted classes: zero-shot: animals"), "{stdout}");
+    assert!(
+        stdout.contains("predicted classes: zero-shot: animals"),
+        "{stdout}"
+    );
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     for v in [
