@@ -12,6 +12,9 @@ use std::path::PathBuf;
 pub struct ChatArgs {
     /// A chat model: a Llama GGUF file with a chat template (SmolLM2-135M-Instruct, say).
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply (as `anneal finetune --set train.out=DIR` writes).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// A system message (default: the template's own, where it has one).
     #[arg(long)]
     pub system: Option<String>,
@@ -29,7 +32,7 @@ pub struct ChatArgs {
 /// `anneal chat`.
 pub fn run(a: ChatArgs) -> Result<()> {
     let opts = a.sample.options()?;
-    let g = Generator::load(&a.model)?;
+    let g = Generator::load(&a.model, a.adapter.as_deref())?;
     let Some(template) = g.chat_template.clone() else {
         bail!(
             "{}: the model carries no chat template (GGUF tokenizer.chat_template); use anneal \

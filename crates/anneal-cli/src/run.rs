@@ -256,6 +256,10 @@ pub struct GenerateArgs {
     /// several prompts as one batch (left-padded; Llama models).
     #[arg(long = "prompt", short, default_value = "")]
     pub prompts: Vec<String>,
+    /// A PEFT LoRA adapter directory (`adapter_config.json`, `adapter_model.safetensors`) to
+    /// apply to a Llama model, as `anneal finetune --set train.out=DIR` writes one.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// Samples to draw (seeds seed, seed+1, …).
     #[arg(long, default_value_t = 1)]
     pub samples: usize,
@@ -284,8 +288,9 @@ pub struct Generator {
 impl Generator {
     /// Loads a GGUF file (a Llama), an anneal checkpoint or run, or a Hugging Face GPT-2
     /// directory.
-    pub fn load(path: &std::path::Path) -> Result<Generator> {
-        if let Some(m) = load_llama(path)? {
+    /// `adapter` names a PEFT LoRA adapter directory to apply to a Llama.
+    pub fn load(path: &std::path::Path, adapter: Option<&std::path::Path>) -> Result<Generator> {
+        if let Some(m) = load_llama(path, adapter)? {
             tracing::info!(
                 "{}: Llama, {} layers, width {}, {} heads over {} key/value heads, {:.1}M \
                  parameters (f32)",
@@ -303,6 +308,14 @@ impl Generator {
                 bos: m.bos,
                 chat_template: m.chat_template,
             });
+        }
+        if let Some(dir) = adapter {
+            bail!(
+                "--adapter {}: adapters apply to Llama models (a GGUF file or Hugging Face Llama \
+                 directory); {} is neither",
+                dir.display(),
+                path.display()
+            );
         }
         let loaded = load_model(path)?;
         Ok(Generator {
@@ -338,25 +351,62 @@ impl Generator {
                 }
             }
         })?;
+        // Bytes that never completed a character print as replacement characters, as the
+        // whole reply decodes.
+        if !pending.is_empty() {
+            print!("{}", self.tokenizer.decode(&pending)?);
+        }
         Ok(new)
     }
 }
 
-/// A Llama from a GGUF file or a Hugging Face Llama directory; `None` for other models.
-fn load_llama(path: &std::path::Path) -> Result<Option<anneal_train::llama_gguf::LlamaModel>> {
-    Ok(if anneal_train::llama_gguf::is_gguf(path) {
-        let mut m = anneal_train::llama_gguf::load(path, None)?;
-        let bytes = anneal_train::llama_gguf::pack_quantized(&mut m)?;
+/// A Llama from a GGUF file or a Hugging Face Llama directory, with the LoRA adapter of a PEFT
+/// directory where `adapter` names one; `None` for other models.
+fn load_llama(
+    path: &std::path::Path,
+    adapter: Option<&std::path::Path>,
+) -> Result<Option<anneal_train::llama_gguf::LlamaModel>> {
+    use anneal_train::{hf_llama, llama_gguf, peft};
+    let (lora, tensors) = match adapter {
+        Some(dir) => {
+            let layout = peft::PeftLayout {
+                prefix: "",
+                modules_to_save: &[],
+                task_type: Some("CAUSAL_LM"),
+                base_model: "",
+            };
+            let (lora, tensors) = peft::load(dir, &layout)?;
+            (Some(lora), tensors)
+        }
+        None => (None, Default::default()),
+    };
+    let mut m = if llama_gguf::is_gguf(path) {
+        let mut m = llama_gguf::load(path, lora)?;
+        let bytes = llama_gguf::pack_quantized(&mut m)?;
         tracing::debug!(
             "{:.1} MB of quantised blocks kept for generation",
             bytes as f64 / 1e6
         );
-        Some(m)
-    } else if anneal_train::hf_llama::is_llama_dir(path) {
-        Some(anneal_train::hf_llama::load_dir(path, None)?)
+        m
+    } else if hf_llama::is_llama_dir(path) {
+        hf_llama::load_dir(path, lora)?
     } else {
-        None
-    })
+        return Ok(None);
+    };
+    for (name, t) in tensors {
+        let params = &mut m.model.params;
+        let id = params.id(&name).map_err(|_| {
+            anyhow::anyhow!(
+                "{}: tensor {name:?} is not a parameter of {}",
+                adapter.map(|d| d.display().to_string()).unwrap_or_default(),
+                path.display()
+            )
+        })?;
+        params
+            .set(id, &t)
+            .with_context(|| format!("loading adapter tensor {name:?}"))?;
+    }
+    Ok(Some(m))
 }
 
 /// `anneal generate`.
@@ -364,7 +414,7 @@ pub fn generate(a: GenerateArgs) -> Result<()> {
     if a.samples == 0 {
         bail!("--samples 0 is not allowed: at least 1");
     }
-    let g = Generator::load(&a.model)?;
+    let g = Generator::load(&a.model, a.adapter.as_deref())?;
     if a.prompts.len() > 1 {
         if a.show_logits || a.samples > 1 {
             bail!("--show-logits and --samples take one --prompt");
@@ -549,7 +599,7 @@ pub struct ExportArgs {
 
 /// `anneal export`.
 pub fn export(a: ExportArgs) -> Result<()> {
-    if let Some(m) = load_llama(&a.model)? {
+    if let Some(m) = load_llama(&a.model, None)? {
         anneal_train::hf_llama::export(&m, &a.out, a.force)?;
         println!(
             "exported {} to {} (config.json, model.safetensors, tokenizer.json, \

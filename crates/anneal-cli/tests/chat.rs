@@ -203,6 +203,24 @@ fn finetune_trains_a_chat_model_on_its_assistant_turns() {
                 .unwrap();
             assert!(saved
                 .contains_key("base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"));
+            // The adapter applied to the base replies as the trained model did.
+            let sample = &r["samples"][0];
+            let (question, after) = (sample[0].as_str().unwrap(), sample[3].as_str().unwrap());
+            let o = anneal(&[
+                "chat",
+                model.to_str().unwrap(),
+                "--adapter",
+                out.to_str().unwrap(),
+                "--message",
+                question,
+                "--temperature",
+                "0",
+                "--tokens",
+                "48",
+            ]);
+            let reply = String::from_utf8(o.stdout).unwrap();
+            let reply = reply.lines().skip(1).collect::<Vec<_>>().join("\n");
+            assert_eq!(reply.trim(), after, "{question}");
         } else {
             assert_eq!(trainable, total);
             // A Hugging Face Llama directory that generates.
