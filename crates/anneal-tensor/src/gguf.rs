@@ -636,7 +636,7 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
 }
 
 /// One block of `t` (a single element for the float types).
-fn dequantize_block(t: GgmlType, b: &[u8], o: &mut [f32]) {
+pub(crate) fn dequantize_block(t: GgmlType, b: &[u8], o: &mut [f32]) {
     match t {
         GgmlType::F32 => o[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
         GgmlType::F16 => o[0] = f16_at(b, 0),

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use rayon::prelude::*;
 
 use crate::error::{invalid, Result};
-use crate::gguf::{dequantize_into, GgmlType};
+use crate::gguf::{dequantize_block, dequantize_into, GgmlType};
 use crate::Tensor;
 
 /// A `[rows, cols]` matrix stored row by row in GGML blocks of 32.
@@ -188,7 +188,7 @@ fn rows_times_x(
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{dequantize_block32, GgmlType};
+    use crate::gguf::{dequantize_block, GgmlType};
     use std::arch::x86_64::*;
 
     /// Eight bytes as eight f32 lanes, unsigned.
@@ -237,7 +237,7 @@ mod x86 {
             }
             _ => {
                 let mut f = [0.0f32; 32];
-                dequantize_block32(t, b, &mut f);
+                dequantize_block(t, b, &mut f);
                 let q = |k: usize| _mm256_loadu_ps(f.as_ptr().add(8 * k));
                 [q(0), q(1), q(2), q(3)]
             }
@@ -321,7 +321,7 @@ fn rows_times_x_any(
     let mut block = [0.0f32; 32];
     for (o, row) in o.chunks_exact_mut(m).zip(w.chunks_exact(rb)) {
         for (j, b) in row.chunks_exact(bb).enumerate() {
-            dequantize_block32(t, b, &mut block);
+            dequantize_block(t, b, &mut block);
             for (i, acc) in o.iter_mut().enumerate() {
                 let at = i * cols + j * 32;
                 let xs: &[f32; 32] = x[at..at + 32].try_into().expect("32 elements");
@@ -344,55 +344,6 @@ fn dot32(a: &[f32; 32], b: &[f32; 32]) -> f32 {
     (lo[0] + hi[0]) + (lo[1] + hi[1]) + (lo[2] + hi[2]) + (lo[3] + hi[3])
 }
 
-/// An IEEE half's value, exactly, without a call or a branch for finite values: its exponent
-/// and mantissa moved into f32's fields, then scaled by 2¹¹² (which also turns a half subnormal,
-/// read as an f32 subnormal, into its value). Inlined into the block loop, where a library
-/// conversion call per scale cost more than the block's arithmetic.
-#[inline(always)]
-fn f16_to_f32(h: u16) -> f32 {
-    let sign = ((h & 0x8000) as u32) << 16;
-    let rest = (h & 0x7fff) as u32;
-    if rest >= 0x7c00 {
-        // Infinity or NaN.
-        return f32::from_bits(sign | 0x7f80_0000 | ((rest & 0x3ff) << 13));
-    }
-    let scaled = f32::from_bits(rest << 13) * f32::from_bits(0x7780_0000);
-    f32::from_bits(sign | scaled.to_bits())
-}
-
-/// One block of 32 widened, the same values [`dequantize_into`] gives.
-#[inline(always)]
-fn dequantize_block32(t: GgmlType, b: &[u8], o: &mut [f32; 32]) {
-    let f16_at = |i: usize| f16_to_f32(u16::from_le_bytes([b[i], b[i + 1]]));
-    match t {
-        GgmlType::Q8_0 => {
-            let d = f16_at(0);
-            for (o, &q) in o.iter_mut().zip(&b[2..34]) {
-                *o = (q as i8) as f32 * d;
-            }
-        }
-        GgmlType::Q4_0 => {
-            let d = f16_at(0);
-            for j in 0..16 {
-                let q = b[2 + j];
-                o[j] = ((q & 0x0f) as i32 - 8) as f32 * d;
-                o[j + 16] = ((q >> 4) as i32 - 8) as f32 * d;
-            }
-        }
-        GgmlType::Q4_1 => {
-            let (d, m) = (f16_at(0), f16_at(2));
-            for j in 0..16 {
-                let q = b[4 + j];
-                o[j] = (q & 0x0f) as f32 * d + m;
-                o[j + 16] = (q >> 4) as f32 * d + m;
-            }
-        }
-        _ => {
-            dequantize_into(t, b, o).expect("a block of a 32-element type");
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,18 +364,6 @@ mod tests {
             data.extend(b);
         }
         data
-    }
-
-    #[test]
-    fn half_conversion_is_exact_for_every_value() {
-        for h in 0..=u16::MAX {
-            let want = half::f16::from_bits(h).to_f32();
-            let got = f16_to_f32(h);
-            assert!(
-                got.to_bits() == want.to_bits() || (got.is_nan() && want.is_nan()),
-                "{h:#06x}: {got} vs {want}"
-            );
-        }
     }
 
     #[test]

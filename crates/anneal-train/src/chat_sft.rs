@@ -4,24 +4,19 @@
 //! predicted. `anneal finetune` runs it for `data.format = "chatterbot"`.
 
 use crate::chat::{ChatTemplate, Message};
-use crate::finetune::{resolve, FinetuneConfig};
+use crate::finetune::{resolve, train_run, FinetuneConfig, TrainRun};
 use crate::generate::{generate_until, SampleOptions};
 use crate::llama_gguf::LlamaModel;
 use crate::model::{ModelInput, ModelOutput, TrainModel};
 use crate::objectives::CausalLm;
-use crate::schedule::CosineSchedule;
-use crate::strategy::SingleDevice;
-use crate::trainer::{Trainer, TrainerParts};
 use anneal_data::dialogue::{read_chatterbot, Conversation};
-use anneal_data::{BatchSource, MaskedSource};
+use anneal_data::MaskedSource;
 use anneal_nn::layers::LoraConfig;
 use anneal_nn::Llama;
-use anneal_tensor::optim::{AdamW, AdamWConfig};
 use anneal_tensor::{CrossEntropyOptions, DropoutKey, ParamStore};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::path::Path;
-use std::time::Instant;
 
 impl TrainModel for Llama {
     fn params(&self) -> &ParamStore {
@@ -175,76 +170,22 @@ fn load(dir: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
     }
 }
 
-/// A run of [`train_masked`].
-pub(crate) struct MaskedRun {
-    pub trainer: Trainer,
-    pub trainable: usize,
-    pub total: usize,
-    pub optimizer_bytes: usize,
-    pub losses: Vec<f64>,
-    pub seconds_per_step: f64,
-}
-
-/// Trains `model` (its trainable parameters as set) for `t.steps` AdamW steps of next-token
-/// loss on the predicted tokens of `examples`, with `t`'s schedule, batch and clipping.
+/// Trains `model` for `t.steps` steps of next-token loss on the predicted tokens of
+/// `examples` ([`crate::finetune::train_run`]).
 pub(crate) fn train_masked(
     model: Llama,
     examples: Vec<(Vec<u32>, Vec<bool>)>,
     pad: u32,
     t: &crate::finetune::TrainSection,
     on_step: &mut dyn FnMut(u64, f64),
-) -> Result<MaskedRun> {
-    let trainable = model.params.trainable_numel();
-    let total = model.params.numel();
-    let optimizer = AdamW::new(
-        &model.params,
-        AdamWConfig {
-            weight_decay: t.weight_decay as f32,
-            ..AdamWConfig::default()
-        },
-    );
-    let optimizer_bytes = anneal_tensor::Optimizer::state_bytes(&optimizer);
-    tracing::info!(
-        "{}: training {trainable} of {total} parameters ({:.2}%); gradients {:.1} MB, optimizer \
-         state {:.1} MB",
-        t.method,
-        100.0 * trainable as f64 / total.max(1) as f64,
-        4.0 * trainable as f64 / 1e6,
-        optimizer_bytes as f64 / 1e6,
-    );
-    let source: Box<dyn BatchSource> = Box::new(MaskedSource { examples, pad });
-    let mut trainer = Trainer::new(TrainerParts {
-        model: Box::new(model),
-        objective: Box::new(CausalLm),
-        optimizer: Box::new(optimizer),
-        strategy: Box::new(SingleDevice),
-        source,
-        seed: t.seed,
-        schedule: CosineSchedule {
-            max_lr: t.lr,
-            min_lr: t.min_lr,
-            warmup_steps: t.warmup_steps,
-            decay_steps: t.steps,
-        },
-        batch_size: t.batch_size,
-        grad_accum: 1,
-        grad_clip: t.grad_clip,
-    });
-    let started = Instant::now();
-    let mut losses = Vec::with_capacity(t.steps as usize);
-    for step in 0..t.steps {
-        let out = trainer.step()?;
-        losses.push(out.loss);
-        on_step(step + 1, out.loss);
-    }
-    Ok(MaskedRun {
-        trainer,
-        trainable,
-        total,
-        optimizer_bytes,
-        losses,
-        seconds_per_step: started.elapsed().as_secs_f64() / t.steps.max(1) as f64,
-    })
+) -> Result<TrainRun> {
+    train_run(
+        Box::new(model),
+        Box::new(CausalLm),
+        Box::new(MaskedSource { examples, pad }),
+        t,
+        on_step,
+    )
 }
 
 /// A Llama of `config` (with `lora`'s adapters) holding `params`' values: a trained model back
@@ -332,22 +273,20 @@ pub fn run(config: &FinetuneConfig, on_step: &mut dyn FnMut(u64, f64)) -> Result
         source: m.source,
     };
     let before = replies(&view, &template, &samples_of)?;
-    let model = view.model;
     let train_count = train.len();
-    let trained = train_masked(model, train, pad, t, on_step)?;
     tracing::info!(
         "{} training and {} held-out conversations",
         train_count,
         held_source.examples.len()
     );
-    let (trainable, total, optimizer_bytes, losses, seconds_per_step) = (
-        trained.trainable,
-        trained.total,
-        trained.optimizer_bytes,
-        trained.losses,
-        trained.seconds_per_step,
-    );
-    let trainer = trained.trainer;
+    let TrainRun {
+        trainer,
+        trainable,
+        total,
+        optimizer_bytes,
+        losses,
+        seconds_per_step,
+    } = train_masked(view.model, train, pad, t, on_step)?;
     let trained = trainer.model();
     let heldout_loss_after = heldout_loss(trained, &held_source, t.eval_batch)?;
     // The trained parameters in a Llama again, to generate from and to write out.

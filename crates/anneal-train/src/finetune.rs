@@ -519,6 +519,117 @@ pub fn predict(
     Ok(out)
 }
 
+/// A fine-tuning run's trainer after its steps, and what it measured.
+pub(crate) struct TrainRun {
+    pub trainer: Trainer,
+    pub trainable: usize,
+    pub total: usize,
+    pub optimizer_bytes: usize,
+    pub losses: Vec<f64>,
+    pub seconds_per_step: f64,
+}
+
+/// Trains `model` (its trainable parameters as set) for `t.steps` AdamW steps of `objective`
+/// on `source`, with `t`'s schedule, batch and clipping, logging what is trained first;
+/// `on_step(step, loss)` sees each step. `ANNEAL_PROFILE=1` times each kind of op, forward and
+/// backward, over the steps after the first, and logs the slowest.
+pub(crate) fn train_run(
+    model: Box<dyn crate::model::TrainModel>,
+    objective: Box<dyn crate::objectives::Objective>,
+    source: Box<dyn anneal_data::BatchSource>,
+    t: &TrainSection,
+    on_step: &mut dyn FnMut(u64, f64),
+) -> Result<TrainRun> {
+    let trainable = model.params().trainable_numel();
+    let total = model.params().numel();
+    let optimizer = AdamW::new(
+        model.params(),
+        AdamWConfig {
+            weight_decay: t.weight_decay as f32,
+            ..AdamWConfig::default()
+        },
+    );
+    let optimizer_bytes = anneal_tensor::Optimizer::state_bytes(&optimizer);
+    tracing::info!(
+        "{}: training {trainable} of {total} parameters ({:.2}%); gradients {:.1} MB, optimizer \
+         state {:.1} MB",
+        t.method,
+        100.0 * trainable as f64 / total.max(1) as f64,
+        4.0 * trainable as f64 / 1e6,
+        optimizer_bytes as f64 / 1e6,
+    );
+    let mut trainer = Trainer::new(TrainerParts {
+        model,
+        objective,
+        optimizer: Box::new(optimizer),
+        strategy: Box::new(SingleDevice),
+        source,
+        seed: t.seed,
+        schedule: CosineSchedule {
+            max_lr: t.lr,
+            min_lr: t.min_lr,
+            warmup_steps: t.warmup_steps,
+            decay_steps: t.steps,
+        },
+        batch_size: t.batch_size,
+        grad_accum: 1,
+        grad_clip: t.grad_clip,
+    });
+    let mut losses = Vec::with_capacity(t.steps as usize);
+    let profile = std::env::var_os("ANNEAL_PROFILE").is_some();
+    let mut times: [std::collections::HashMap<&'static str, (u32, f64)>; 2] = Default::default();
+    let started = Instant::now();
+    for step in 0..t.steps {
+        if profile && step > 0 {
+            anneal_tensor::autograd::start_forward_profile();
+            anneal_tensor::autograd::start_backward_profile();
+        }
+        let out = trainer.step()?;
+        if profile && step > 0 {
+            let taken = [
+                anneal_tensor::autograd::take_forward_profile(),
+                anneal_tensor::autograd::take_backward_profile(),
+            ];
+            for (map, ops) in times.iter_mut().zip(taken) {
+                for (name, calls, seconds) in ops {
+                    let e = map.entry(name).or_default();
+                    e.0 += calls;
+                    e.1 += seconds;
+                }
+            }
+        }
+        losses.push(out.loss);
+        on_step(step + 1, out.loss);
+    }
+    if profile && t.steps > 1 {
+        let per_step = (t.steps - 1) as f64;
+        for (pass, map) in ["forward", "backward"].iter().zip(&times) {
+            let mut ops: Vec<_> = map.iter().collect();
+            ops.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+            let lines: Vec<String> = ops
+                .iter()
+                .take(12)
+                .map(|(name, (calls, s))| {
+                    format!(
+                        "{name} {:.1} ms ({} calls)",
+                        1e3 * s / per_step,
+                        *calls as f64 / per_step
+                    )
+                })
+                .collect();
+            tracing::info!("{pass} per step: {}", lines.join(", "));
+        }
+    }
+    Ok(TrainRun {
+        trainer,
+        trainable,
+        total,
+        optimizer_bytes,
+        losses,
+        seconds_per_step: started.elapsed().as_secs_f64() / t.steps.max(1) as f64,
+    })
+}
+
 /// Fine-tunes the encoder of `config` on `corpus` and evaluates it on the test set;
 /// `on_step(step, loss)` sees each step's loss.
 pub fn run(
@@ -566,92 +677,26 @@ pub fn run(
         .collect();
     let pad = encoder.pad;
     let model = encoder.model;
-    let trainable = model.params.trainable_numel();
-    let total = model.params.numel();
-    let optimizer = AdamW::new(
-        &model.params,
-        AdamWConfig {
-            weight_decay: t.weight_decay as f32,
-            ..AdamWConfig::default()
-        },
-    );
-    let optimizer_bytes = anneal_tensor::Optimizer::state_bytes(&optimizer);
     tracing::info!(
-        "{}: training {trainable} of {total} parameters ({:.2}%); gradients {:.1} MB, optimizer \
-         state {:.1} MB; {} training and {} test documents of up to {max} tokens, {} classes",
-        t.method,
-        100.0 * trainable as f64 / total.max(1) as f64,
-        4.0 * trainable as f64 / 1e6,
-        optimizer_bytes as f64 / 1e6,
+        "{} training and {} test documents of up to {max} tokens, {} classes",
         corpus.train.len(),
         corpus.test.len(),
         corpus.classes.len(),
     );
-    let mut trainer = Trainer::new(TrainerParts {
-        model: Box::new(model),
-        objective: Box::new(SequenceClassification),
-        optimizer: Box::new(optimizer),
-        strategy: Box::new(SingleDevice),
-        source: Box::new(LabelledSource { examples, pad }),
-        seed: t.seed,
-        schedule: CosineSchedule {
-            max_lr: t.lr,
-            min_lr: t.min_lr,
-            warmup_steps: t.warmup_steps,
-            decay_steps: t.steps,
-        },
-        batch_size: t.batch_size,
-        grad_accum: 1,
-        grad_clip: t.grad_clip,
-    });
-    let mut losses = Vec::with_capacity(t.steps as usize);
-    // ANNEAL_PROFILE=1 times each kind of op, forward and backward, over the steps after the
-    // first, and logs the slowest.
-    let profile = std::env::var_os("ANNEAL_PROFILE").is_some();
-    let mut times: [std::collections::HashMap<&'static str, (u32, f64)>; 2] = Default::default();
-    let started = Instant::now();
-    for step in 0..t.steps {
-        if profile && step > 0 {
-            anneal_tensor::autograd::start_forward_profile();
-            anneal_tensor::autograd::start_backward_profile();
-        }
-        let out = trainer.step()?;
-        if profile && step > 0 {
-            let taken = [
-                anneal_tensor::autograd::take_forward_profile(),
-                anneal_tensor::autograd::take_backward_profile(),
-            ];
-            for (map, ops) in times.iter_mut().zip(taken) {
-                for (name, calls, seconds) in ops {
-                    let e = map.entry(name).or_default();
-                    e.0 += calls;
-                    e.1 += seconds;
-                }
-            }
-        }
-        losses.push(out.loss);
-        on_step(step + 1, out.loss);
-    }
-    if profile && t.steps > 1 {
-        let per_step = (t.steps - 1) as f64;
-        for (pass, map) in ["forward", "backward"].iter().zip(&times) {
-            let mut ops: Vec<_> = map.iter().collect();
-            ops.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-            let lines: Vec<String> = ops
-                .iter()
-                .take(12)
-                .map(|(name, (calls, s))| {
-                    format!(
-                        "{name} {:.1} ms ({} calls)",
-                        1e3 * s / per_step,
-                        *calls as f64 / per_step
-                    )
-                })
-                .collect();
-            tracing::info!("{pass} per step: {}", lines.join(", "));
-        }
-    }
-    let seconds_per_step = started.elapsed().as_secs_f64() / t.steps as f64;
+    let TrainRun {
+        trainer,
+        trainable,
+        total,
+        optimizer_bytes,
+        losses,
+        seconds_per_step,
+    } = train_run(
+        Box::new(model),
+        Box::new(SequenceClassification),
+        Box::new(LabelledSource { examples, pad }),
+        t,
+        on_step,
+    )?;
     if !t.out.is_empty() {
         save(config, trainer.model().params(), Path::new(&t.out))?;
     }

@@ -287,19 +287,7 @@ pub fn load_dir(dir: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
             .map(|v| v as u32)
     };
     let eos = named("eos_token").or_else(|| id("eos_token_id"));
-    let mut stop_tokens: Vec<u32> = eos.into_iter().collect();
-    for t in [
-        "<|im_end|>",
-        "<|endoftext|>",
-        "<|eot_id|>",
-        "<|end_of_text|>",
-    ] {
-        if let Some(i) = tokenizer.token_to_id(t) {
-            if !stop_tokens.contains(&i) {
-                stop_tokens.push(i);
-            }
-        }
-    }
+    let stop_tokens = crate::llama_gguf::stop_tokens(&tokenizer, eos);
     let bos = match tc.get("add_bos_token").and_then(|v| v.as_bool()) {
         Some(true) => named("bos_token").or_else(|| id("bos_token_id")),
         _ => None,

@@ -73,24 +73,34 @@ pub fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("blk.{i}.{part}"))
 }
 
-/// Rows of a Q or K projection `[heads·D, cols]` stored for interleaved RoPE (llama.cpp's
-/// converter pairs rows 2i and 2i+1 of each head) put back in Hugging Face's rotate-half order
-/// (row i pairs with i + D/2): GGUF row h·D + 2i + j is HF row h·D + j·D/2 + i.
-pub fn unpermute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
-    let rows = values.len() / cols;
-    let d = rows / heads;
-    let half = d / 2;
-    let mut out = vec![0.0; values.len()];
-    for h in 0..heads {
-        for i in 0..half {
-            for j in 0..2 {
-                let src = (h * d + 2 * i + j) * cols;
-                let dst = (h * d + j * half + i) * cols;
-                out[dst..dst + cols].copy_from_slice(&values[src..src + cols]);
+/// The tokens that end a reply: the model's `eos`, then `<|im_end|>`, `<|endoftext|>`,
+/// `<|eot_id|>` and `<|end_of_text|>` where the vocabulary has them.
+pub fn stop_tokens(tokenizer: &Tokenizer, eos: Option<u32>) -> Vec<u32> {
+    let mut stop: Vec<u32> = eos.into_iter().collect();
+    for t in [
+        "<|im_end|>",
+        "<|endoftext|>",
+        "<|eot_id|>",
+        "<|end_of_text|>",
+    ] {
+        if let Some(id) = tokenizer.token_to_id(t) {
+            if !stop.contains(&id) {
+                stop.push(id);
             }
         }
     }
-    out
+    stop
+}
+
+/// Rows of a Q or K projection `[heads·D, cols]` stored for interleaved RoPE (llama.cpp's
+/// converter pairs rows 2i and 2i+1 of each head) put back in Hugging Face's rotate-half order
+/// (row i pairs with i + D/2), as [`unpermute_order`] orders them.
+pub fn unpermute_rows(values: &[f32], heads: usize, cols: usize) -> Vec<f32> {
+    unpermute_order(values.len() / cols, heads)
+        .iter()
+        .flat_map(|&r| &values[r * cols..(r + 1) * cols])
+        .copied()
+        .collect()
 }
 
 fn meta<'a>(g: &'a GgufFile, key: &str) -> Result<&'a GgufValue> {
@@ -330,19 +340,7 @@ pub fn load(path: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
             .and_then(|v| u32::try_from(v).ok())
             .filter(|&v| (v as usize) < config.vocab_size)
     };
-    let mut stop_tokens: Vec<u32> = token("tokenizer.ggml.eos_token_id").into_iter().collect();
-    for t in [
-        "<|im_end|>",
-        "<|endoftext|>",
-        "<|eot_id|>",
-        "<|end_of_text|>",
-    ] {
-        if let Some(id) = tokenizer.token_to_id(t) {
-            if !stop_tokens.contains(&id) {
-                stop_tokens.push(id);
-            }
-        }
-    }
+    let stop_tokens = stop_tokens(&tokenizer, token("tokenizer.ggml.eos_token_id"));
     // transformers' GGUF tokenizer adds no BOS for byte-level vocabularies; neither do we
     // unless the file both asks for it and names a BOS token distinct from its EOS.
     let bos = match (
@@ -404,8 +402,8 @@ pub fn pack_quantized(m: &mut LlamaModel) -> Result<usize> {
     Ok(m.model.packed_bytes())
 }
 
-/// For each Hugging Face row of a Q or K projection, its row in the GGUF file (the order
-/// [`unpermute_rows`] applies).
+/// For each Hugging Face row of a Q or K projection, its row in the GGUF file: GGUF row
+/// h·D + 2i + j is HF row h·D + j·D/2 + i.
 fn unpermute_order(rows: usize, heads: usize) -> Vec<usize> {
     let d = rows / heads;
     let half = d / 2;
