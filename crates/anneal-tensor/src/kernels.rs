@@ -10,8 +10,7 @@ use rayon::prelude::*;
 pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(target_arch = "x86_64")]
     {
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
+        if has_avx2_fma() {
             #[target_feature(enable = "avx2,fma")]
             unsafe fn run<R>(f: impl FnOnce() -> R) -> R {
                 f()
@@ -21,6 +20,13 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
         }
     }
     f()
+}
+
+/// Whether the CPU has AVX2 and FMA (detected once, then cached by std).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// Elements per rayon task for elementwise loops: below this, splitting costs more than it saves.
@@ -147,7 +153,10 @@ mod tests {
             let exact = 0.5 * (1.0 + erf(x as f64 / std::f64::consts::SQRT_2));
             worst = worst.max((fast_normal_cdf(x) as f64 - exact).abs());
             let pdf = (-0.5 * (x as f64).powi(2)).exp() / (2.0 * std::f64::consts::PI).sqrt();
-            assert!((normal_pdf(x) as f64 - pdf).abs() < 1e-7, "pdf({x})");
+            assert!(
+                (fast_normal_cdf_pdf(x).1 as f64 - pdf).abs() < 1e-7,
+                "pdf({x})"
+            );
         }
         assert!(worst < 3e-7, "worst absolute error {worst}");
         // The lower tail stays a small number near the true one (a 1 − (1 − ε) form would give
@@ -205,6 +214,15 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
 /// the exact Φ over [−10, 10]). The exact GELU is x·Φ(x).
 #[inline(always)]
 pub(crate) fn fast_normal_cdf(x: f32) -> f32 {
+    fast_normal_cdf_pdf(x).0
+}
+
+/// Φ(x) as [`fast_normal_cdf`] and the standard normal density φ(x) = e^(−x²/2)/√(2π), sharing one
+/// exponential (e^−a² with a = |x|/√2 is e^(−x²/2)): the exact GELU's derivative Φ(x) + x·φ(x)
+/// needs both.
+#[inline(always)]
+pub(crate) fn fast_normal_cdf_pdf(x: f32) -> (f32, f32) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
     const P: f32 = 0.327_591_1;
     const A: [f32; 5] = [
         0.254_829_6,
@@ -216,19 +234,10 @@ pub(crate) fn fast_normal_cdf(x: f32) -> f32 {
     let a = x.abs() * std::f32::consts::FRAC_1_SQRT_2;
     let t = 1.0 / (1.0 + P * a);
     let poly = t * (A[0] + t * (A[1] + t * (A[2] + t * (A[3] + t * A[4]))));
-    let half_erfc = 0.5 * poly * fast_exp(-a * a);
-    if x >= 0.0 {
-        1.0 - half_erfc
-    } else {
-        half_erfc
-    }
-}
-
-/// The standard normal density φ(x) = e^(−x²/2)/√(2π) in f32.
-#[inline(always)]
-pub(crate) fn normal_pdf(x: f32) -> f32 {
-    const INV_SQRT_2PI: f32 = 0.398_942_3;
-    INV_SQRT_2PI * fast_exp(-0.5 * x * x)
+    let e = fast_exp(-a * a);
+    let half_erfc = 0.5 * poly * e;
+    let cdf = if x >= 0.0 { 1.0 - half_erfc } else { half_erfc };
+    (cdf, INV_SQRT_2PI * e)
 }
 
 /// tanh in f32 through [`fast_exp`]: 1 − 2/(e²ᵘ + 1). Absolute error about 2e-7.

@@ -620,6 +620,9 @@ pub(crate) fn train_run(
             tracing::info!("{pass} per step: {}", lines.join(", "));
         }
     }
+    // The cached buffers are sized for training batches; evaluation, which follows, allocates
+    // others, and would otherwise hold both (measured on BBC news: 1.45 → 1.15 GB peak RSS).
+    anneal_tensor::pool::empty_cache();
     Ok(TrainRun {
         trainer,
         trainable,

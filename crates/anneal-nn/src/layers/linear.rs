@@ -274,6 +274,27 @@ impl Linear {
         Ok(x.linear(&a, None)?.linear(&b, None)?.scale(l.scale))
     }
 
+    /// `gelu(x)·W + b` (the exact GELU, or its tanh approximation): one fused op that does not
+    /// keep the GELU's output for backward ([`Tensor::gelu_linear`]) where the layer is a plain
+    /// product (no adapter, not split, not multiplied from packed blocks), else the two steps.
+    pub fn forward_gelu(&self, w: &Weights, x: &Tensor, exact: bool) -> Result<Tensor> {
+        let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
+        if self.lora.is_none()
+            && self.split == LinearSplit::None
+            && w.packed(self.weight, rows).is_none()
+        {
+            let weight = w.get(self.weight)?;
+            let weight = match self.layout {
+                WeightLayout::InOut => weight,
+                WeightLayout::OutIn => weight.transpose(0, 1)?,
+            };
+            let bias = self.bias.map(|id| w.get(id)).transpose()?;
+            return x.gelu_linear(&weight, bias.as_ref(), exact);
+        }
+        let h = if exact { x.gelu() } else { x.gelu_tanh() };
+        self.forward(w, &h)
+    }
+
     /// `x·W + b` for `x` of shape `[…, in]`.
     pub fn forward(&self, w: &Weights, x: &Tensor) -> Result<Tensor> {
         // A packed copy holds the weight as loaded: not once an adapter is merged into it.

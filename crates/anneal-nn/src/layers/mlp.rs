@@ -103,11 +103,14 @@ impl Mlp {
 
     /// The network on `x` `[…, d]`.
     pub fn forward(&self, w: &Weights, x: &Tensor) -> Result<Tensor> {
-        let h = match &self.up {
-            None if self.exact_gelu => self.fc.forward(w, x)?.gelu(),
-            None => self.fc.forward(w, x)?.gelu_tanh(),
-            Some(up) => self.fc.forward(w, x)?.silu().mul(&up.forward(w, x)?)?,
-        };
-        self.proj.forward(w, &h)
+        match &self.up {
+            None => self
+                .proj
+                .forward_gelu(w, &self.fc.forward(w, x)?, self.exact_gelu),
+            Some(up) => {
+                let h = self.fc.forward(w, x)?.silu().mul(&up.forward(w, x)?)?;
+                self.proj.forward(w, &h)
+            }
+        }
     }
 }

@@ -14,7 +14,7 @@ use crate::error::{invalid, Result};
 use crate::Tensor;
 
 /// A well-mixed 64-bit hash of (seed, index): SplitMix64's finaliser (Steele et al. 2014).
-#[inline]
+#[inline(always)]
 pub(crate) fn mix(seed: u64, index: u64) -> u64 {
     let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -23,9 +23,10 @@ pub(crate) fn mix(seed: u64, index: u64) -> u64 {
 }
 
 /// Keep-scale of element `i`: 0 if dropped, 1/(1−p) if kept.
-#[inline]
+#[inline(always)]
 fn keep(seed: u64, i: usize, p: f32) -> f32 {
-    let u = (mix(seed, i as u64) >> 40) as f32 / (1u64 << 24) as f32;
+    // The top 24 bits, through i32 (exact below 2²⁴) so that the conversion vectorises.
+    let u = ((mix(seed, i as u64) >> 40) as i32) as f32 / (1u64 << 24) as f32;
     if u < p {
         0.0
     } else {
@@ -58,13 +59,19 @@ impl DropoutKey {
 }
 
 fn apply(x: &[f32], seed: u64, first: usize, p: f32) -> Vec<f32> {
+    const CHUNK: usize = 1 << 14;
     let mut out = crate::pool::uninit(x.len());
-    out.par_chunks_mut(1 << 14).enumerate().for_each(|(c, o)| {
-        let base = c << 14;
-        for (j, o) in o.iter_mut().enumerate() {
-            *o = x[base + j] * keep(seed, first + base + j, p);
-        }
-    });
+    out.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
+        .enumerate()
+        .for_each(|(c, (o, x))| {
+            let base = first + c * CHUNK;
+            crate::kernels::vectorized(|| {
+                for (j, (o, &x)) in o.iter_mut().zip(x).enumerate() {
+                    *o = x * keep(seed, base + j, p);
+                }
+            })
+        });
     out
 }
 

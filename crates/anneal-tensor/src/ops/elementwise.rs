@@ -88,8 +88,16 @@ pub(crate) fn sum_to_shape(grad: Vec<f32>, from: &[usize], to: &[usize]) -> Vec<
     let to_full: Vec<usize> = (0..rank)
         .map(|i| if i < pad { 1 } else { to[i - pad] })
         .collect();
-    let to_strides = contiguous_strides(&to_full);
     let mut out = crate::pool::zeros(to.iter().product());
+    let kept: usize = to.iter().product();
+    if kept > 0 && from[pad..] == *to {
+        // Repeated over leading axes only (a bias): rows summed in order, as the loop below.
+        for row in grad.chunks_exact(kept) {
+            crate::kernels::vectorized(|| out.iter_mut().zip(row).for_each(|(o, g)| *o += g));
+        }
+        return out;
+    }
+    let to_strides = contiguous_strides(&to_full);
     let mut index = vec![0usize; rank];
     for &g in &grad {
         let mut at = 0;
@@ -131,8 +139,12 @@ impl BinaryOp {
 
 struct BinaryBackward {
     op: BinaryOp,
-    /// The operands' values, kept only by the ops whose gradient needs them (mul, div).
-    values: Option<(Tensor, Tensor)>,
+    /// The operands' values, each kept only where a needed gradient reads it (mul: the other
+    /// operand's; div: the divisor, and the dividend for the divisor's gradient).
+    a: Option<Tensor>,
+    b: Option<Tensor>,
+    /// Which operands need a gradient.
+    needs: [bool; 2],
     a_shape: Vec<usize>,
     b_shape: Vec<usize>,
     out_shape: Vec<usize>,
@@ -143,52 +155,67 @@ impl Backward for BinaryBackward {
         self.op.name()
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let [need_a, need_b] = self.needs;
         if self.op == BinaryOp::Add
             && self.a_shape == self.out_shape
             && self.b_shape == self.out_shape
         {
-            return Ok(vec![Some(grad.clone()), Some(grad.clone())]);
+            return Ok(vec![
+                need_a.then(|| grad.clone()),
+                need_b.then(|| grad.clone()),
+            ]);
         }
         let g = grad.to_vec_f32();
         let n = g.len();
-        let operands = || {
-            let (a, b) = self
-                .values
-                .as_ref()
-                .expect("mul and div keep their operands");
-            (expand(a, &self.out_shape), expand(b, &self.out_shape))
+        let kept = |t: &Option<Tensor>| {
+            expand(
+                t.as_ref().expect("kept for the gradient that reads it"),
+                &self.out_shape,
+            )
         };
-        let (ga, gb) = match self.op {
-            BinaryOp::Add => (g.clone(), g),
-            BinaryOp::Sub => {
-                let mut neg = crate::pool::zeros(n);
-                map_into(&mut neg, &g, |x| -x);
-                (g, neg)
-            }
+        let ga = need_a.then(|| match self.op {
+            BinaryOp::Add | BinaryOp::Sub => g.clone(),
             BinaryOp::Mul => {
-                let (a, b) = operands();
-                let mut ga = crate::pool::zeros(n);
-                let mut gb = crate::pool::zeros(n);
-                zip_into(&mut ga, &g, &b, |g, b| g * b);
-                zip_into(&mut gb, &g, &a, |g, a| g * a);
-                (ga, gb)
+                let mut ga = crate::pool::uninit(n);
+                zip_into(&mut ga, &g, &kept(&self.b), |g, b| g * b);
+                ga
             }
             BinaryOp::Div => {
-                let (a, b) = operands();
-                let mut ga = crate::pool::zeros(n);
-                let mut gb = crate::pool::zeros(n);
-                zip_into(&mut ga, &g, &b, |g, b| g / b);
+                let mut ga = crate::pool::uninit(n);
+                zip_into(&mut ga, &g, &kept(&self.b), |g, b| g / b);
+                ga
+            }
+        });
+        let gb = need_b.then(|| match self.op {
+            BinaryOp::Add => g.clone(),
+            BinaryOp::Sub => {
+                let mut neg = crate::pool::uninit(n);
+                map_into(&mut neg, &g, |x| -x);
+                neg
+            }
+            BinaryOp::Mul => {
+                let mut gb = crate::pool::uninit(n);
+                zip_into(&mut gb, &g, &kept(&self.a), |g, a| g * a);
+                gb
+            }
+            BinaryOp::Div => {
+                let (a, b) = (kept(&self.a), kept(&self.b));
+                let mut gb = crate::pool::uninit(n);
                 for i in 0..n {
                     gb[i] = -g[i] * a[i] / (b[i] * b[i]);
                 }
-                (ga, gb)
+                gb
             }
-        };
-        let da = sum_to_shape(ga, &self.out_shape, &self.a_shape);
-        let db = sum_to_shape(gb, &self.out_shape, &self.b_shape);
+        });
         Ok(vec![
-            Some(Tensor::from_f32_unchecked(da, &self.a_shape)),
-            Some(Tensor::from_f32_unchecked(db, &self.b_shape)),
+            ga.map(|ga| {
+                let da = sum_to_shape(ga, &self.out_shape, &self.a_shape);
+                Tensor::from_f32_unchecked(da, &self.a_shape)
+            }),
+            gb.map(|gb| {
+                let db = sum_to_shape(gb, &self.out_shape, &self.b_shape);
+                Tensor::from_f32_unchecked(db, &self.b_shape)
+            }),
         ])
     }
 }
@@ -230,14 +257,26 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         zip_into(&mut out, &av, &bv, f);
     }
     let value = Tensor::from_f32_as(out, &shape, a.dtype());
-    // Add and sub need only the shapes, so their inputs are not kept alive for backward.
-    let values = matches!(op, BinaryOp::Mul | BinaryOp::Div).then(|| (a.data(), b.data()));
+    // Add and sub need only the shapes, so their inputs are not kept alive for backward; mul and
+    // div keep what the needed gradients read.
+    let needs = [a.requires_grad(), b.requires_grad()];
+    let keep_a = match op {
+        BinaryOp::Add | BinaryOp::Sub => false,
+        BinaryOp::Mul | BinaryOp::Div => needs[1],
+    };
+    let keep_b = match op {
+        BinaryOp::Add | BinaryOp::Sub => false,
+        BinaryOp::Mul => needs[0],
+        BinaryOp::Div => needs[0] || needs[1],
+    };
     Ok(Tensor::from_op(
         value,
         &[a, b],
         BinaryBackward {
             op,
-            values,
+            a: keep_a.then(|| a.data()),
+            b: keep_b.then(|| b.data()),
+            needs,
             a_shape: a.shape().to_vec(),
             b_shape: b.shape().to_vec(),
             out_shape: shape,
@@ -308,7 +347,8 @@ impl Unary {
                 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * du
             }
             Unary::GeluErf => {
-                crate::kernels::fast_normal_cdf(x) + x * crate::kernels::normal_pdf(x)
+                let (cdf, pdf) = crate::kernels::fast_normal_cdf_pdf(x);
+                cdf + x * pdf
             }
             Unary::Silu => {
                 let s = 1.0 / (1.0 + crate::kernels::fast_exp(-x));
@@ -377,6 +417,31 @@ fn derivative_all(op: Unary, out: &mut [f32], g: &[f32], x: &[f32]) {
         Unary::Log => zip_into(out, g, x, |g, x| g / x),
         Unary::Scale(_) | Unary::AddScalar(_) => unreachable!("handled in UnaryBackward"),
     }
+}
+
+/// GELU (erf, or the tanh approximation) of every element of `x`, as `Tensor::gelu` and
+/// `Tensor::gelu_tanh` compute it, rounded to `x`'s dtype.
+pub(crate) fn gelu_values(x: &Tensor, exact: bool) -> Tensor {
+    let op = if exact {
+        Unary::GeluErf
+    } else {
+        Unary::GeluTanh
+    };
+    let mut out = crate::pool::uninit(x.numel());
+    x.with_f32(|v| forward_all(op, &mut out, v));
+    Tensor::from_f32_as(out, x.shape(), x.dtype())
+}
+
+/// `g · gelu'(x)`, as the backward of `Tensor::gelu` (or `gelu_tanh`) computes it.
+pub(crate) fn gelu_grad(g: &Tensor, x: &Tensor, exact: bool) -> Tensor {
+    let op = if exact {
+        Unary::GeluErf
+    } else {
+        Unary::GeluTanh
+    };
+    let mut out = crate::pool::uninit(g.numel());
+    g.with_f32(|g| x.with_f32(|x| derivative_all(op, &mut out, g, x)));
+    Tensor::from_f32_unchecked(out, g.shape())
 }
 
 fn unary(x: &Tensor, op: Unary) -> Tensor {
@@ -457,6 +522,40 @@ mod tests {
         let pos = randn(&[3, 1], 4).exp().add_scalar(0.5);
         assert_grads(|x| x[0].div(&x[1]), &[a.clone(), pos]);
         assert_grads(|x| x[0].add(&x[1]), &[randn(&[3, 4], 5), randn(&[3, 4], 6)]);
+    }
+
+    #[test]
+    fn a_frozen_operand_gets_no_gradient_and_the_other_the_same_one() {
+        let (a0, b0) = (randn(&[2, 3, 4], 7), randn(&[3, 1], 8).exp());
+        for op in 0..4 {
+            let grads = |train_a: bool, train_b: bool| {
+                let a = if train_a {
+                    a0.requires_grad_()
+                } else {
+                    a0.clone()
+                };
+                let b = if train_b {
+                    b0.requires_grad_()
+                } else {
+                    b0.clone()
+                };
+                let y = match op {
+                    0 => a.add(&b),
+                    1 => a.sub(&b),
+                    2 => a.mul(&b),
+                    _ => a.div(&b),
+                }
+                .unwrap();
+                y.mul(&y).unwrap().sum_all().unwrap().backward().unwrap();
+                (
+                    a.grad().map(|g| g.to_vec_f32()),
+                    b.grad().map(|g| g.to_vec_f32()),
+                )
+            };
+            let (ga, gb) = grads(true, true);
+            assert_eq!(grads(true, false), (ga, None), "op {op}");
+            assert_eq!(grads(false, true), (None, gb), "op {op}");
+        }
     }
 
     #[test]
