@@ -167,7 +167,14 @@ unsafe fn block_probs(
         };
         row[visible..].fill(0.0);
         let vis = &mut row[..visible];
-        vis.iter_mut().for_each(|x| *x *= g.scale);
+        // A positive scale is applied inside the exponential rather than in a pass of its own:
+        // rounding is monotonic, so max(scale·s) = scale·max(s) and every value is the same.
+        let k = if g.scale > 0.0 {
+            g.scale
+        } else {
+            vis.iter_mut().for_each(|x| *x *= g.scale);
+            1.0
+        };
         if let Some(m) = mask {
             let keys = &m[b * g.s..b * g.s + visible];
             for (x, &keep) in vis.iter_mut().zip(keys) {
@@ -176,11 +183,11 @@ unsafe fn block_probs(
                 }
             }
         }
-        // e = exp(s − shift), with masked (−∞) scores exactly 0, which the clamped fast exp alone
+        // e = exp(k·s − shift), with masked (−∞) scores exactly 0, which the clamped fast exp alone
         // would not give. Written as a select and summed apart so that both loops vectorise.
         let exp_row = |vis: &mut [f32], shift: f32| -> f32 {
             for x in vis.iter_mut() {
-                let e = crate::kernels::fast_exp(*x - shift);
+                let e = crate::kernels::fast_exp(*x * k - shift);
                 *x = if *x == f32::NEG_INFINITY { 0.0 } else { e };
             }
             crate::kernels::sum(vis)
@@ -195,7 +202,7 @@ unsafe fn block_probs(
                 l[r]
             }
             None => {
-                let max = crate::kernels::max(vis);
+                let max = crate::kernels::max(vis) * k;
                 if max == f32::NEG_INFINITY {
                     vis.fill(0.0);
                     f32::NEG_INFINITY
