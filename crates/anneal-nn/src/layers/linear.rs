@@ -274,6 +274,16 @@ impl Linear {
         Ok(x.linear(&a, None)?.linear(&b, None)?.scale(l.scale))
     }
 
+    /// The weight as `[in, out]` (a view when stored `[out, in]`) and the bias.
+    fn weight_and_bias(&self, w: &Weights) -> Result<(Tensor, Option<Tensor>)> {
+        let weight = w.get(self.weight)?;
+        let weight = match self.layout {
+            WeightLayout::InOut => weight,
+            WeightLayout::OutIn => weight.transpose(0, 1)?,
+        };
+        Ok((weight, self.bias.map(|id| w.get(id)).transpose()?))
+    }
+
     /// `gelu(x)·W + b` (the exact GELU, or its tanh approximation): one fused op that does not
     /// keep the GELU's output for backward ([`Tensor::gelu_linear`]) where the layer is a plain
     /// product (no adapter, not split, not multiplied from packed blocks), else the two steps.
@@ -283,12 +293,7 @@ impl Linear {
             && self.split == LinearSplit::None
             && w.packed(self.weight, rows).is_none()
         {
-            let weight = w.get(self.weight)?;
-            let weight = match self.layout {
-                WeightLayout::InOut => weight,
-                WeightLayout::OutIn => weight.transpose(0, 1)?,
-            };
-            let bias = self.bias.map(|id| w.get(id)).transpose()?;
+            let (weight, bias) = self.weight_and_bias(w)?;
             return x.gelu_linear(&weight, bias.as_ref(), exact);
         }
         let h = if exact { x.gelu() } else { x.gelu_tanh() };
@@ -315,12 +320,7 @@ impl Linear {
                 None => Ok(y),
             };
         }
-        let weight = w.get(self.weight)?;
-        let weight = match self.layout {
-            WeightLayout::InOut => weight,
-            WeightLayout::OutIn => weight.transpose(0, 1)?,
-        };
-        let bias = self.bias.map(|id| w.get(id)).transpose()?;
+        let (weight, bias) = self.weight_and_bias(w)?;
         match self.split {
             LinearSplit::None => {
                 let y = x.linear(&weight, bias.as_ref())?;

@@ -282,17 +282,45 @@ fn backward(
     dk: Heads,
     dv: Heads,
 ) {
+    let args = BackwardArgs {
+        g,
+        q,
+        k,
+        v,
+        o,
+        d_o,
+        lse,
+        mask,
+        dq,
+        dk,
+        dv,
+    };
     // One task per (batch, kv head): the query heads sharing it accumulate into the same dK, dV.
     (0..g.b * g.hkv).into_par_iter().for_each(|task| {
         // SAFETY: tasks write disjoint (batch, KV head) slices of the gradients.
         unsafe {
             #[cfg(target_arch = "x86_64")]
             if crate::kernels::has_avx2_fma() {
-                return backward_task_avx2(g, task, q, k, v, o, d_o, lse, mask, dq, dk, dv);
+                return backward_task_avx2(&args, task);
             }
-            backward_task(g, task, q, k, v, o, d_o, lse, mask, dq, dk, dv)
+            backward_task(&args, task)
         }
     });
+}
+
+/// The operands and gradient buffers of one [`backward`] call, shared by its tasks.
+struct BackwardArgs<'a> {
+    g: Geometry,
+    q: Heads,
+    k: Heads,
+    v: Heads,
+    o: Heads,
+    d_o: Heads,
+    lse: &'a [f32],
+    mask: Option<&'a [bool]>,
+    dq: Heads,
+    dk: Heads,
+    dv: Heads,
 }
 
 /// [`backward_task`] compiled for AVX2 and FMA. A closure this large handed to
@@ -302,24 +330,10 @@ fn backward(
 /// # Safety
 /// As [`backward_task`], on a CPU with AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn backward_task_avx2(
-    g: Geometry,
-    task: usize,
-    q: Heads,
-    k: Heads,
-    v: Heads,
-    o: Heads,
-    d_o: Heads,
-    lse: &[f32],
-    mask: Option<&[bool]>,
-    dq: Heads,
-    dk: Heads,
-    dv: Heads,
-) {
+unsafe fn backward_task_avx2(args: &BackwardArgs, task: usize) {
     // SAFETY: the caller's contract.
-    unsafe { backward_task(g, task, q, k, v, o, d_o, lse, mask, dq, dk, dv) }
+    unsafe { backward_task(args, task) }
 }
 
 /// One (batch, KV head) of [`backward`].
@@ -327,22 +341,21 @@ unsafe fn backward_task_avx2(
 /// # Safety
 /// `task` < B·Hkv, and the heads describe live buffers of `g`'s shapes; no other task writes
 /// this task's rows of `dq`, `dk` and `dv`.
-#[allow(clippy::too_many_arguments)]
 #[inline(always)]
-unsafe fn backward_task(
-    g: Geometry,
-    task: usize,
-    q: Heads,
-    k: Heads,
-    v: Heads,
-    o: Heads,
-    d_o: Heads,
-    lse: &[f32],
-    mask: Option<&[bool]>,
-    dq: Heads,
-    dk: Heads,
-    dv: Heads,
-) {
+unsafe fn backward_task(args: &BackwardArgs, task: usize) {
+    let BackwardArgs {
+        g,
+        q,
+        k,
+        v,
+        o,
+        d_o,
+        lse,
+        mask,
+        dq,
+        dk,
+        dv,
+    } = *args;
     let group = g.hq / g.hkv;
     let (b, kvh) = (task / g.hkv, task % g.hkv);
     let mut p = crate::pool::zeros(g.block() * g.s);

@@ -297,6 +297,15 @@ enum Unary {
 }
 
 impl Unary {
+    /// The exact GELU, or its tanh approximation.
+    fn gelu(exact: bool) -> Unary {
+        if exact {
+            Unary::GeluErf
+        } else {
+            Unary::GeluTanh
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Unary::Relu => "relu",
@@ -422,11 +431,7 @@ fn derivative_all(op: Unary, out: &mut [f32], g: &[f32], x: &[f32]) {
 /// GELU (erf, or the tanh approximation) of every element of `x`, as `Tensor::gelu` and
 /// `Tensor::gelu_tanh` compute it, rounded to `x`'s dtype.
 pub(crate) fn gelu_values(x: &Tensor, exact: bool) -> Tensor {
-    let op = if exact {
-        Unary::GeluErf
-    } else {
-        Unary::GeluTanh
-    };
+    let op = Unary::gelu(exact);
     let mut out = crate::pool::uninit(x.numel());
     x.with_f32(|v| forward_all(op, &mut out, v));
     Tensor::from_f32_as(out, x.shape(), x.dtype())
@@ -434,11 +439,7 @@ pub(crate) fn gelu_values(x: &Tensor, exact: bool) -> Tensor {
 
 /// `g · gelu'(x)`, as the backward of `Tensor::gelu` (or `gelu_tanh`) computes it.
 pub(crate) fn gelu_grad(g: &Tensor, x: &Tensor, exact: bool) -> Tensor {
-    let op = if exact {
-        Unary::GeluErf
-    } else {
-        Unary::GeluTanh
-    };
+    let op = Unary::gelu(exact);
     let mut out = crate::pool::uninit(g.numel());
     g.with_f32(|g| x.with_f32(|x| derivative_all(op, &mut out, g, x)));
     Tensor::from_f32_unchecked(out, g.shape())
