@@ -11,8 +11,8 @@
 //! ```
 
 use crate::layers::{
-    Block, BlockConfig, Builder, Embedding, KvCache, LayerNorm, LmHead, ParallelContext,
-    SingleDevice, Weights,
+    Block, BlockConfig, Builder, Embedding, FeedForward, KvCache, LayerNorm, LmHead, MoeAux,
+    MoeConfig, ParallelContext, SingleDevice, Weights,
 };
 use anneal_tensor::{
     checkpoint, CrossEntropyOptions, DType, DropoutKey, ParamId, ParamStore, Result, Tensor,
@@ -43,6 +43,27 @@ pub struct GptConfig {
     pub dtype: DType,
     /// Recompute each block in backward instead of keeping its activations.
     pub checkpoint_blocks: bool,
+    /// Mixture-of-Experts blocks in place of some dense ones.
+    pub moe: Option<GptMoe>,
+}
+
+/// The Mixture-of-Experts blocks of a GPT.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GptMoe {
+    /// How each MoE layer routes.
+    pub layer: MoeConfig,
+    /// Every `every`-th block is MoE: blocks `every − 1`, `2·every − 1`, … (1: all of them; 2:
+    /// every other one, as GShard and Switch Transformers alternate).
+    pub every: usize,
+    /// Hidden width of each expert (a dense GPT-2 block's is 4·n_embd).
+    pub d_ff: usize,
+}
+
+impl GptMoe {
+    /// Whether block `index` is a Mixture of Experts.
+    pub fn is_moe_block(&self, index: usize) -> bool {
+        self.every > 0 && (index + 1).is_multiple_of(self.every)
+    }
 }
 
 impl GptConfig {
@@ -59,6 +80,7 @@ impl GptConfig {
             tie_embeddings: true,
             dtype: DType::F32,
             checkpoint_blocks: false,
+            moe: None,
         }
     }
 
@@ -103,7 +125,25 @@ impl GptConfig {
             let allowed = "a probability in [0, 1)".into();
             return bad("dropout", self.dropout.to_string(), allowed);
         }
+        if let Some(moe) = &self.moe {
+            moe.layer.validate("moe")?;
+            if moe.every == 0 || moe.every > self.n_layer {
+                let allowed = format!("between 1 and n_layer ({})", self.n_layer);
+                return bad("moe.every", moe.every.to_string(), allowed);
+            }
+            if moe.d_ff == 0 {
+                return bad("moe.d_ff", "0".into(), "at least 1".into());
+            }
+        }
         Ok(())
+    }
+
+    /// The blocks that are Mixtures of Experts.
+    pub fn moe_blocks(&self) -> Vec<usize> {
+        match &self.moe {
+            Some(moe) => (0..self.n_layer).filter(|&i| moe.is_moe_block(i)).collect(),
+            None => Vec::new(),
+        }
     }
 
     /// Parameters outside the embeddings: 12·d² + 13·d per block (with biases) plus the final
@@ -112,21 +152,57 @@ impl GptConfig {
         self.checked_non_embedding_params().unwrap_or(usize::MAX)
     }
 
+    /// The non-embedding parameters one token computes with: a Mixture-of-Experts block counts
+    /// its router and `top_k` experts (equal to [`GptConfig::non_embedding_params`] for a dense
+    /// model).
+    pub fn active_non_embedding_params(&self) -> usize {
+        self.counted_non_embedding_params(true)
+            .unwrap_or(usize::MAX)
+    }
+
     /// [`GptConfig::non_embedding_params`], or `None` where the count overflows.
     fn checked_non_embedding_params(&self) -> Option<usize> {
+        self.counted_non_embedding_params(false)
+    }
+
+    /// Parameters outside the embeddings, each MoE block counting all its experts or (`active`)
+    /// the `top_k` a token uses; `None` where the count overflows.
+    fn counted_non_embedding_params(&self, active: bool) -> Option<usize> {
         let (d, v) = (self.n_embd, self.vocab_size);
         let b = usize::from(self.bias);
-        let per_block = d
+        // Attention 4·d² + 4·b·d, two norms 2·d + 2·b·d, dense MLP 8·d² + 5·b·d.
+        let dense_block = d
             .checked_mul(d)?
             .checked_mul(12)?
             .checked_add(d.checked_mul(b * (3 + 1 + 4 + 1) + 2 + 2 * b)?)?;
+        let dense_mlp = d.checked_mul(d)?.checked_mul(8)?.checked_add(5 * b * d)?;
+        let moe_blocks = self.moe_blocks().len();
+        let moe_block = match &self.moe {
+            Some(moe) => {
+                let h = moe.d_ff;
+                let expert = d
+                    .checked_mul(h)?
+                    .checked_mul(2)?
+                    .checked_add(b.checked_mul(h.checked_add(d)?)?)?;
+                let experts = if active {
+                    moe.layer.top_k
+                } else {
+                    moe.layer.experts
+                };
+                (dense_block - dense_mlp)
+                    .checked_add(d.checked_mul(moe.layer.experts)?)?
+                    .checked_add(experts.checked_mul(expert)?)?
+            }
+            None => 0,
+        };
         let head = if self.tie_embeddings {
             0
         } else {
             v.checked_mul(d)?
         };
-        self.n_layer
-            .checked_mul(per_block)?
+        (self.n_layer - moe_blocks)
+            .checked_mul(dense_block)?
+            .checked_add(moe_blocks.checked_mul(moe_block)?)?
             .checked_add(d.checked_mul(1 + b)?)?
             .checked_add(head)
     }
@@ -188,8 +264,10 @@ impl GptConfig {
 
     /// Training FLOPs per token: 6·N + 12·L·T·d (Kaplan et al. 2020; the attention term as in
     /// PaLM's MFU accounting, Chowdhery et al. 2022).
+    /// A Mixture-of-Experts block counts the parameters a token computes with (router and
+    /// `top_k` experts).
     pub fn flops_per_token(&self, seq_len: usize) -> f64 {
-        6.0 * self.non_embedding_params() as f64
+        6.0 * self.active_non_embedding_params() as f64
             + 12.0 * (self.n_layer * seq_len * self.n_embd) as f64
     }
 }
@@ -260,7 +338,17 @@ impl Gpt {
         let wpe = Embedding::new(&mut b, "transformer.wpe", c.block_size, c.n_embd, 0.02)?;
         let block = BlockConfig::gpt2(c.n_embd, c.n_head, c.n_layer, c.bias);
         let blocks = (0..c.n_layer)
-            .map(|i| Block::new(&mut b, &format!("transformer.h.{i}"), &block))
+            .map(|i| {
+                let config = match &c.moe {
+                    Some(moe) if moe.is_moe_block(i) => BlockConfig {
+                        moe: Some(moe.layer),
+                        d_ff: moe.d_ff,
+                        ..block
+                    },
+                    _ => block,
+                };
+                Block::new(&mut b, &format!("transformer.h.{i}"), &config)
+            })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(&mut b, "transformer.ln_f", c.n_embd, c.bias, block.eps)?;
         let head = if c.tie_embeddings {
@@ -341,23 +429,45 @@ impl Gpt {
         seq: usize,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
+        Ok(self.forward_with_aux(ids, batch, seq, dropout)?.0)
+    }
+
+    /// [`Gpt::forward`], with what each Mixture-of-Experts block reports (its block index, its
+    /// weighted balancing and z-losses, its expert load and dropped share).
+    pub fn forward_with_aux(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        dropout: Option<DropoutKey>,
+    ) -> Result<(Tensor, Vec<(usize, MoeAux)>)> {
         let c = &self.config;
-        let p_drop = dropout.map_or(0.0, |_| c.dropout);
-        let key = dropout.unwrap_or_default();
+        let p_drop = c.dropout;
         let w = self.weights();
         let mut x = self
             .embed(&w, ids, [batch, seq], 0)?
-            .dropout_at(p_drop, key)?;
+            .dropout_at(dropout.map_or(0.0, |_| p_drop), dropout.unwrap_or_default())?;
+        let mut moe = Vec::new();
         for (index, block) in self.blocks.iter().enumerate() {
-            let key = crate::layers::layer_key(key, index);
-            x = if c.checkpoint_blocks {
-                let (block, w) = (block.clone(), w.clone());
-                checkpoint(&[x], move |t| block.forward(&w, &t[0], p_drop, key))?
-            } else {
-                block.forward(&w, &x, p_drop, key)?
+            let key = dropout.map(|key| crate::layers::layer_key(key, index));
+            let (y, aux) = match (c.checkpoint_blocks, block.feed_forward()) {
+                (false, _) => block.forward(&w, &x, p_drop, key)?,
+                (true, FeedForward::Dense(_)) => {
+                    let (block, w) = (block.clone(), w.clone());
+                    let y =
+                        checkpoint(&[x], move |t| Ok(block.forward(&w, &t[0], p_drop, key)?.0))?;
+                    (y, None)
+                }
+                (true, FeedForward::Experts(_)) => {
+                    checkpointed_moe_block(block, &w, x, p_drop, key)?
+                }
             };
+            x = y;
+            if let Some(aux) = aux {
+                moe.push((index, aux));
+            }
         }
-        self.head(&w, &x, batch * seq)
+        Ok((self.head(&w, &x, batch * seq)?, moe))
     }
 
     /// Logits `[n, vocab]` of `ids` (one sequence) following the positions held in `cache`,
@@ -390,6 +500,58 @@ impl Gpt {
         let logits = self.forward(ids, batch, seq, dropout)?;
         logits.cross_entropy(targets, CrossEntropyOptions::default())
     }
+}
+
+/// A Mixture-of-Experts block under activation checkpointing. The checkpointed segment returns
+/// one tensor, so the block's output and its two losses travel packed in one (the losses cast to
+/// the output's dtype), and the routing statistics of the first run are kept aside (the
+/// recomputation repeats them exactly).
+fn checkpointed_moe_block(
+    block: &Block,
+    w: &Weights,
+    x: Tensor,
+    p_drop: f32,
+    key: Option<DropoutKey>,
+) -> Result<(Tensor, Option<MoeAux>)> {
+    let shape = x.shape().to_vec();
+    let n = x.numel();
+    let stats = Arc::new(std::sync::Mutex::new(None));
+    let (block, w, kept) = (block.clone(), w.clone(), stats.clone());
+    let packed = checkpoint(&[x], move |t| {
+        let (y, aux) = block.forward(&w, &t[0], p_drop, key)?;
+        let aux = aux.ok_or_else(|| anneal_tensor::Error::Invalid {
+            op: "Gpt::forward",
+            reason: "a Mixture-of-Experts block reported nothing".into(),
+        })?;
+        let dtype = y.dtype();
+        let parts = [
+            y.reshape(&[n])?,
+            aux.balance.to_dtype(dtype).reshape(&[1])?,
+            aux.z.to_dtype(dtype).reshape(&[1])?,
+        ];
+        if let Ok(mut kept) = kept.lock() {
+            *kept = Some((aux.load, aux.dropped));
+        }
+        Tensor::concat(&parts.iter().collect::<Vec<_>>(), 0)
+    })?;
+    let (load, dropped) = stats
+        .lock()
+        .ok()
+        .and_then(|mut s| s.take())
+        .unwrap_or_default();
+    let scalar = |i: usize| -> Result<Tensor> {
+        packed
+            .narrow(0, n + i, 1)?
+            .reshape(&[])
+            .map(|t| t.to_dtype(DType::F32))
+    };
+    let aux = MoeAux {
+        balance: scalar(0)?,
+        z: scalar(1)?,
+        load,
+        dropped,
+    };
+    Ok((packed.narrow(0, 0, n)?.reshape(&shape)?, Some(aux)))
 }
 
 #[cfg(test)]
@@ -472,6 +634,80 @@ mod tests {
             m.params.grads_to_vec()
         };
         assert_eq!(grads(false), grads(true));
+    }
+
+    fn tiny_moe(experts: usize, top_k: usize, every: usize) -> GptConfig {
+        GptConfig {
+            moe: Some(GptMoe {
+                layer: MoeConfig {
+                    top_k,
+                    capacity_factor: Some(1.0),
+                    ..MoeConfig::switch(experts)
+                },
+                every,
+                d_ff: 12,
+            }),
+            ..tiny()
+        }
+    }
+
+    #[test]
+    fn moe_parameter_counts_total_and_active() {
+        let c = tiny_moe(4, 2, 2);
+        assert_eq!(c.moe_blocks(), vec![1]);
+        let m = Gpt::new(c.clone(), 0).unwrap();
+        let embed = c.vocab_size * c.n_embd + c.block_size * c.n_embd;
+        assert_eq!(m.params.numel(), embed + c.non_embedding_params());
+        assert!(m
+            .params
+            .by_name("transformer.h.1.mlp.experts.c_fc.weight")
+            .is_ok_and(|t| t.shape() == [4, 8, 12]));
+        assert!(m.params.by_name("transformer.h.0.mlp.c_fc.weight").is_ok());
+        // Active: the router and two of the four experts (each 2·8·12 + 12 + 8 parameters).
+        let expert = 2 * 8 * 12 + 12 + 8;
+        assert_eq!(
+            c.non_embedding_params() - c.active_non_embedding_params(),
+            2 * expert
+        );
+        let dense = tiny();
+        assert_eq!(
+            dense.non_embedding_params(),
+            dense.active_non_embedding_params()
+        );
+    }
+
+    #[test]
+    fn moe_blocks_train_checkpointed_with_the_same_losses_and_gradients() {
+        let ids: Vec<u32> = (0..16).map(|i| (i * 7 % 11) as u32).collect();
+        let targets: Vec<i64> = ids.iter().map(|&i| ((i + 3) % 11) as i64).collect();
+        let run = |ckpt: bool| {
+            let m = Gpt::new(
+                GptConfig {
+                    checkpoint_blocks: ckpt,
+                    dropout: 0.1,
+                    ..tiny_moe(3, 2, 1)
+                },
+                2,
+            )
+            .unwrap();
+            let (logits, moe) = m.forward_with_aux(&ids, 2, 8, Some(5.into())).unwrap();
+            assert_eq!(moe.len(), 2);
+            let mut loss = logits
+                .cross_entropy(&targets, CrossEntropyOptions::default())
+                .unwrap();
+            let mut stats = Vec::new();
+            for (_, aux) in &moe {
+                loss = loss.add(&aux.balance).unwrap().add(&aux.z).unwrap();
+                stats.push((aux.load.clone(), aux.dropped));
+            }
+            let value = loss.item().unwrap();
+            loss.backward().unwrap();
+            (value, stats, m.params.grads_to_vec())
+        };
+        let (a, b) = (run(false), run(true));
+        assert_eq!(a.0, b.0);
+        assert_eq!(a.1, b.1);
+        assert_eq!(a.2, b.2);
     }
 
     #[test]

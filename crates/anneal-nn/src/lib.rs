@@ -21,6 +21,6 @@ pub mod gpt;
 pub mod layers;
 pub mod llama;
 
-pub use gpt::{Gpt, GptConfig, GptLayer};
+pub use gpt::{Gpt, GptConfig, GptLayer, GptMoe};
 pub use layers::KvCache;
 pub use llama::{Llama, LlamaConfig};

@@ -332,17 +332,16 @@ impl Llama {
         let op = "Llama::forward";
         self.check_positions(op, 0, seq)?;
         let c = &self.config;
-        let p_drop = dropout.map_or(0.0, |_| c.dropout);
-        let key = dropout.unwrap_or_default();
+        let p_drop = c.dropout;
         let w = self.weights().with_dropout(dropout);
         let mut x = self.embed.forward(&w, ids, &[batch, seq], op)?;
         for (index, block) in self.blocks.iter().enumerate() {
-            let key = crate::layers::layer_key(key, index);
+            let key = dropout.map(|key| crate::layers::layer_key(key, index));
             x = if c.checkpoint_blocks {
                 let (block, w) = (block.clone(), w.clone());
-                checkpoint(&[x], move |t| block.forward(&w, &t[0], p_drop, key))?
+                checkpoint(&[x], move |t| Ok(block.forward(&w, &t[0], p_drop, key)?.0))?
             } else {
-                block.forward(&w, &x, p_drop, key)?
+                block.forward(&w, &x, p_drop, key)?.0
             };
         }
         Ok(x)

@@ -49,6 +49,7 @@ pub use error::{Error, Result};
 pub use init::Rng;
 pub use ops::attention::AttentionOptions;
 pub use ops::dropout::DropoutKey;
+pub use ops::moe::{expert_capacity, Routing};
 pub use ops::softmax::CrossEntropyOptions;
 pub use optim::Optimizer;
 pub use params::{GradBucket, ParamGroup, ParamId, ParamStore, ParamStoreBuilder};

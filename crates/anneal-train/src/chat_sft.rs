@@ -38,10 +38,9 @@ impl TrainModel for Llama {
                 reason: "a Llama reads token windows".into(),
             });
         };
-        Ok(ModelOutput {
-            logits: Llama::forward(self, ids, *batch, *seq, dropout)?,
-            aux_losses: Vec::new(),
-        })
+        Ok(ModelOutput::logits(Llama::forward(
+            self, ids, *batch, *seq, dropout,
+        )?))
     }
 
     fn flops_per_token(&self, seq: usize) -> f64 {

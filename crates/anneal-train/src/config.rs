@@ -50,6 +50,166 @@ pub struct ModelConfig {
     pub dtype: String,
     /// Recompute each block in backward instead of storing its activations.
     pub checkpoint_blocks: bool,
+    /// Mixture-of-Experts blocks (`[model.moe]`; absent: a dense model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeSection>,
+}
+
+/// `[model.moe]`: Mixture-of-Experts feed-forward layers in place of some dense ones.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MoeSection {
+    /// Experts per MoE layer.
+    pub experts: usize,
+    /// Experts each token goes to (1: Switch routing; k ≥ 2 renormalises the gates).
+    pub top_k: usize,
+    /// Capacity factor while training: each expert takes ⌈factor · top_k · tokens / experts⌉
+    /// assignments, the rest pass on the residual path; `"none"` routes dropless.
+    pub capacity_factor: String,
+    /// Capacity factor in evaluation and generation, or `"none"`.
+    pub eval_capacity_factor: String,
+    /// Every n-th block is MoE (1: all; 2: every other one, blocks 1, 3, …).
+    pub every: usize,
+    /// Hidden width of each expert; 0 takes the dense network's 4 · n_embd.
+    pub d_ff: usize,
+    /// Weight α of the load-balancing loss α · E · Σ fᵢ · Pᵢ.
+    pub aux_loss: f64,
+    /// Weight β of the router z-loss β · mean(logsumexp(logits)²).
+    pub z_loss: f64,
+    /// Router input noise: each element times Uniform(1 − ε, 1 + ε) while training; 0 is off.
+    pub jitter: f64,
+}
+
+impl Default for MoeSection {
+    fn default() -> Self {
+        let c = anneal_nn::layers::MoeConfig::switch(8);
+        let factor = |f: Option<f64>| f.map_or("none".to_string(), |f| f.to_string());
+        MoeSection {
+            experts: c.experts,
+            top_k: c.top_k,
+            capacity_factor: factor(c.capacity_factor),
+            eval_capacity_factor: factor(c.eval_capacity_factor),
+            every: 2,
+            d_ff: 0,
+            aux_loss: widen(c.aux_loss),
+            z_loss: widen(c.z_loss),
+            jitter: widen(c.jitter),
+        }
+    }
+}
+
+impl MoeSection {
+    /// A capacity factor as written: a positive number, or `"none"` (dropless).
+    fn factor(key: &str, text: &str) -> Result<Option<f64>> {
+        let t = text.trim();
+        if t.eq_ignore_ascii_case("none") {
+            return Ok(None);
+        }
+        match t.parse::<f64>() {
+            Ok(f) if f > 0.0 && f.is_finite() => Ok(Some(f)),
+            _ => bail!(
+                "config key model.moe.{key} = {text:?} is not allowed: a positive number, or \
+                 \"none\" (dropless)"
+            ),
+        }
+    }
+
+    /// The layer settings and the block placement, checked; errors name the key.
+    pub fn resolve(&self, n_layer: usize, n_embd: usize) -> Result<anneal_nn::GptMoe> {
+        let layer = anneal_nn::layers::MoeConfig {
+            experts: self.experts,
+            top_k: self.top_k,
+            capacity_factor: MoeSection::factor("capacity_factor", &self.capacity_factor)?,
+            eval_capacity_factor: MoeSection::factor(
+                "eval_capacity_factor",
+                &self.eval_capacity_factor,
+            )?,
+            aux_loss: self.aux_loss as f32,
+            z_loss: self.z_loss as f32,
+            jitter: self.jitter as f32,
+        };
+        if let Err(e) = layer.validate("model.moe") {
+            match e {
+                anneal_tensor::Error::Invalid { reason, .. } => bail!("config key {reason}"),
+                other => return Err(other.into()),
+            }
+        }
+        check_key(
+            self.every >= 1 && self.every <= n_layer,
+            "model.moe.every",
+            self.every.to_string(),
+            &format!("between 1 and model.n_layer ({n_layer})"),
+        )?;
+        Ok(anneal_nn::GptMoe {
+            layer,
+            every: self.every,
+            d_ff: if self.d_ff == 0 {
+                4 * n_embd
+            } else {
+                self.d_ff
+            },
+        })
+    }
+}
+
+impl ModelConfig {
+    /// How a checkpoint's `[model]` (`saved`) differs from this one, naming the first key that
+    /// differs, or `None` when they are the same model.
+    pub fn difference_from(&self, saved: &ModelConfig) -> Option<String> {
+        if self == saved {
+            return None;
+        }
+        match (&saved.moe, &self.moe) {
+            (Some(m), None) => {
+                return Some(format!(
+                    "it holds a Mixture-of-Experts model ([model.moe] experts = {}, top_k = {}, \
+                     every = {}) and this configuration has no [model.moe] section; add the \
+                     checkpoint's [model.moe] (its config.toml has it) or start a new run",
+                    m.experts, m.top_k, m.every
+                ))
+            }
+            (None, Some(_)) => {
+                return Some(
+                    "it holds a dense model and this configuration has a [model.moe] section \
+                     (a Mixture-of-Experts model); remove model.moe or start a new run"
+                        .into(),
+                )
+            }
+            _ => {}
+        }
+        let (a, b) = (
+            toml::Table::try_from(saved).ok()?,
+            toml::Table::try_from(self).ok()?,
+        );
+        let mut keys = Vec::new();
+        flat_keys("model", &a, &mut keys);
+        flat_keys("model", &b, &mut keys);
+        let lookup = |t: &toml::Table, key: &str| -> Option<toml::Value> {
+            let mut v = toml::Value::Table(t.clone());
+            for part in key.split('.').skip(1) {
+                v = v.as_table()?.get(part)?.clone();
+            }
+            Some(v)
+        };
+        keys.into_iter().find_map(|key| {
+            let (x, y) = (lookup(&a, &key), lookup(&b, &key));
+            (x != y).then(|| {
+                let show = |v: Option<toml::Value>| v.map_or("nothing".into(), |v| v.to_string());
+                format!("{key} = {} in the checkpoint but {} here", show(x), show(y))
+            })
+        })
+    }
+}
+
+/// Every leaf key of `table`, dotted under `prefix`.
+fn flat_keys(prefix: &str, table: &toml::Table, out: &mut Vec<String>) {
+    for (k, v) in table {
+        let key = format!("{prefix}.{k}");
+        match v {
+            toml::Value::Table(t) => flat_keys(&key, t, out),
+            _ => out.push(key),
+        }
+    }
 }
 
 impl Default for ModelConfig {
@@ -64,6 +224,7 @@ impl Default for ModelConfig {
             tie_embeddings: true,
             dtype: "f32".into(),
             checkpoint_blocks: false,
+            moe: None,
         }
     }
 }
@@ -229,8 +390,7 @@ impl RunConfig {
     /// Defaults, then the TOML file at `path` (if any), then each `section.key=value` override,
     /// through anneal's one loader ([`anneal_config::Loader`]); then [`RunConfig::validate`].
     pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<RunConfig> {
-        let config: RunConfig =
-            anneal_config::Loader::new(&RunConfig::default()).load(path, overrides)?;
+        let config: RunConfig = RunConfig::loader().load(path, overrides)?;
         config.validate()?;
         Ok(config)
     }
@@ -238,10 +398,18 @@ impl RunConfig {
     /// As [`RunConfig::load`] with the file's text given (a recipe built into the binary);
     /// errors name it as `name`.
     pub fn load_text(text: &str, name: &str, overrides: &[String]) -> Result<RunConfig> {
-        let config: RunConfig = anneal_config::Loader::new(&RunConfig::default())
-            .load_text(Some((text, Path::new(name))), overrides)?;
+        let config: RunConfig =
+            RunConfig::loader().load_text(Some((text, Path::new(name))), overrides)?;
         config.validate()?;
         Ok(config)
+    }
+
+    /// The loader of run configurations: every key of the defaults, and the optional
+    /// `[model.moe]` section, which a file or `--set model.moe.experts=8` switches on.
+    fn loader() -> anneal_config::Loader {
+        let mut example = RunConfig::default();
+        example.model.moe = Some(MoeSection::default());
+        anneal_config::Loader::new(&RunConfig::default()).allow(&example)
     }
 
     /// Checks every value's range; the error names the key, the value and what is allowed.
@@ -280,6 +448,9 @@ impl RunConfig {
             "a probability in [0, 1)",
         )?;
         self.dtype()?;
+        if let Some(moe) = &m.moe {
+            moe.resolve(m.n_layer, m.n_embd)?;
+        }
         check(
             t.batch_size >= 1,
             "train.batch_size",
@@ -472,6 +643,11 @@ impl RunConfig {
             tie_embeddings: m.tie_embeddings,
             dtype: self.dtype()?,
             checkpoint_blocks: m.checkpoint_blocks,
+            moe: m
+                .moe
+                .as_ref()
+                .map(|moe| moe.resolve(m.n_layer, m.n_embd))
+                .transpose()?,
         })
     }
 

@@ -179,6 +179,7 @@ pub fn load_dir(dir: &Path) -> Result<(Gpt, Tokenizer)> {
         tie_embeddings: tie,
         dtype: DType::F32,
         checkpoint_blocks: false,
+        moe: None,
     };
     let st = dir.join("model.safetensors");
     if !st.is_file() {

@@ -39,6 +39,54 @@ pub struct ModelOutput {
     pub logits: Tensor,
     /// Named auxiliary losses (scalars).
     pub aux_losses: Vec<(String, Tensor)>,
+    /// Named statistics to log and not to train on (a Mixture-of-Experts layer's expert load
+    /// and dropped share).
+    pub stats: Vec<(String, f64)>,
+}
+
+impl ModelOutput {
+    /// An output with no auxiliary losses and no statistics.
+    pub fn logits(logits: Tensor) -> ModelOutput {
+        ModelOutput {
+            logits,
+            aux_losses: Vec::new(),
+            stats: Vec::new(),
+        }
+    }
+
+    /// An output carrying what the Mixture-of-Experts blocks of a model reported: the losses
+    /// summed over the layers as `moe_aux_loss` and `moe_z_loss`, and per layer (by block
+    /// index `i`) each expert's load as `moe.i.load.e` and the dropped share as `moe.i.dropped`.
+    pub fn with_moe(
+        logits: Tensor,
+        moe: Vec<(usize, anneal_nn::layers::MoeAux)>,
+    ) -> Result<ModelOutput> {
+        let mut out = ModelOutput::logits(logits);
+        if moe.is_empty() {
+            return Ok(out);
+        }
+        let (mut balance, mut z) = (None::<Tensor>, None::<Tensor>);
+        for (block, aux) in moe {
+            balance = Some(match balance {
+                Some(b) => b.add(&aux.balance)?,
+                None => aux.balance,
+            });
+            z = Some(match z {
+                Some(s) => s.add(&aux.z)?,
+                None => aux.z,
+            });
+            for (e, load) in aux.load.iter().enumerate() {
+                out.stats.push((format!("moe.{block}.load.{e}"), *load));
+            }
+            out.stats
+                .push((format!("moe.{block}.dropped"), aux.dropped));
+        }
+        out.aux_losses
+            .extend(balance.map(|b| ("moe_aux_loss".to_string(), b)));
+        out.aux_losses
+            .extend(z.map(|z| ("moe_z_loss".to_string(), z)));
+        Ok(out)
+    }
 }
 
 /// A model the trainer can train.
@@ -73,10 +121,8 @@ impl TrainModel for Gpt {
                 reason: "a GPT reads token windows".into(),
             });
         };
-        Ok(ModelOutput {
-            logits: Gpt::forward(self, ids, *batch, *seq, dropout)?,
-            aux_losses: Vec::new(),
-        })
+        let (logits, moe) = self.forward_with_aux(ids, *batch, *seq, dropout)?;
+        ModelOutput::with_moe(logits, moe)
     }
 
     fn flops_per_token(&self, seq: usize) -> f64 {
@@ -118,10 +164,7 @@ impl TrainModel for Bert {
             batch: *batch,
             seq: *seq,
         };
-        Ok(ModelOutput {
-            logits: self.classify(&input, dropout)?,
-            aux_losses: Vec::new(),
-        })
+        Ok(ModelOutput::logits(self.classify(&input, dropout)?))
     }
 
     /// 6·N per token over the encoder's parameters (the attention term is small at 256 tokens).

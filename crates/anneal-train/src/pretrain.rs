@@ -138,13 +138,78 @@ pub enum Metric {
         tokens_per_s: f64,
         /// Model FLOP utilisation.
         mfu: f64,
+        /// What the Mixture-of-Experts layers reported, for an MoE model.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        moe: Option<MoeMetrics>,
     },
+}
+
+/// A training step's Mixture-of-Experts figures in `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MoeMetrics {
+    /// The load-balancing losses, weighted and summed over the layers (part of `loss`'s step
+    /// but not of `loss`).
+    pub aux_loss: f64,
+    /// The router z-losses, weighted and summed over the layers.
+    pub z_loss: f64,
+    /// Each MoE layer's routing.
+    pub layers: Vec<MoeLayerMetrics>,
+}
+
+/// One Mixture-of-Experts layer's routing over a step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MoeLayerMetrics {
+    /// Its block.
+    pub block: usize,
+    /// Each expert's share of the assignments the router made (before capacity).
+    pub load: Vec<f64>,
+    /// The share of assignments dropped for want of capacity.
+    pub dropped: f64,
+}
+
+impl MoeMetrics {
+    /// The figures among a step's named metrics (`moe_aux_loss`, `moe_z_loss`, `moe.i.load.e`,
+    /// `moe.i.dropped`, as the model reports them), or `None` for a dense model.
+    pub fn from_named(metrics: &[(String, f64)]) -> Option<MoeMetrics> {
+        let get = |name: &str| metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
+        let (aux_loss, z_loss) = (get("moe_aux_loss")?, get("moe_z_loss")?);
+        let mut layers: Vec<MoeLayerMetrics> = Vec::new();
+        for (name, v) in metrics {
+            let mut parts = name.split('.');
+            let (Some("moe"), Some(block), Some(what)) = (parts.next(), parts.next(), parts.next())
+            else {
+                continue;
+            };
+            let Ok(block) = block.parse::<usize>() else {
+                continue;
+            };
+            if layers.last().is_none_or(|l| l.block != block) {
+                layers.push(MoeLayerMetrics {
+                    block,
+                    load: Vec::new(),
+                    dropped: 0.0,
+                });
+            }
+            let layer = layers.last_mut().expect("pushed above");
+            match what {
+                "load" => layer.load.push(*v),
+                "dropped" => layer.dropped = *v,
+                _ => {}
+            }
+        }
+        Some(MoeMetrics {
+            aux_loss,
+            z_loss,
+            layers,
+        })
+    }
 }
 
 /// The run directory's files.
 struct RunFiles {
     metrics: PathBuf,
     plot: PathBuf,
+    expert_plot: PathBuf,
     checkpoints: PathBuf,
     abandoned: PathBuf,
 }
@@ -154,6 +219,7 @@ impl RunFiles {
         RunFiles {
             metrics: out.join("metrics.jsonl"),
             plot: out.join("loss.png"),
+            expert_plot: out.join("expert_load.png"),
             checkpoints: out.join("checkpoints"),
             abandoned: out.join("abandoned"),
         }
@@ -253,6 +319,77 @@ fn plot_losses(path: &Path, metrics: &[Metric]) -> Result<()> {
                 points: &val,
             },
         ],
+    )?;
+    Ok(())
+}
+
+/// Draws the Mixture-of-Experts layers' routing over the run: for each layer, the busiest
+/// expert's share of the assignments (a balanced layer sits at 1/experts) and the share dropped,
+/// smoothed over about 1% of the run. Nothing for a dense model.
+fn plot_expert_load(path: &Path, metrics: &[Metric]) -> Result<()> {
+    /// A layer's block, experts, busiest expert's share by step and dropped share by step.
+    type LayerCurves = (usize, usize, Vec<(f64, f64)>, Vec<(f64, f64)>);
+    let mut per_layer: Vec<LayerCurves> = Vec::new();
+    for m in metrics {
+        let Metric::Step {
+            step,
+            moe: Some(moe),
+            ..
+        } = m
+        else {
+            continue;
+        };
+        for (i, l) in moe.layers.iter().enumerate() {
+            if per_layer.len() <= i {
+                per_layer.push((l.block, l.load.len(), Vec::new(), Vec::new()));
+            }
+            let busiest = l.load.iter().cloned().fold(0.0, f64::max);
+            per_layer[i].2.push((*step as f64, busiest));
+            per_layer[i].3.push((*step as f64, l.dropped));
+        }
+    }
+    if per_layer.is_empty() {
+        return Ok(());
+    }
+    let smooth = |points: &[(f64, f64)]| -> Vec<(f64, f64)> {
+        let w = (points.len() / 100).max(1);
+        points
+            .chunks(w)
+            .map(|c| {
+                (
+                    c.last().expect("non-empty").0,
+                    c.iter().map(|p| p.1).sum::<f64>() / c.len() as f64,
+                )
+            })
+            .collect()
+    };
+    let experts = per_layer[0].1.max(1);
+    let first = per_layer[0].2.first().map_or(0.0, |p| p.0);
+    let last = per_layer[0].2.last().map_or(1.0, |p| p.0);
+    let uniform = [(first, 1.0 / experts as f64), (last, 1.0 / experts as f64)];
+    let mut labels = Vec::new();
+    let mut points = Vec::new();
+    for (block, _, busiest, dropped) in &per_layer {
+        labels.push(format!("block {block}: busiest expert"));
+        points.push(smooth(busiest));
+        labels.push(format!("block {block}: dropped"));
+        points.push(smooth(dropped));
+    }
+    let mut series: Vec<Series> = labels
+        .iter()
+        .zip(&points)
+        .map(|(label, points)| Series { label, points })
+        .collect();
+    series.push(Series {
+        label: "balanced share (1/experts)",
+        points: &uniform,
+    });
+    line_chart(
+        path,
+        "anneal pretrain: expert load",
+        "step",
+        "share of assignments",
+        &series,
     )?;
     Ok(())
 }
@@ -422,12 +559,11 @@ fn train_on_pool(
         Some(dir) => {
             let loaded = checkpoint::load(dir)?;
             let saved = loaded.config()?;
-            if saved.model != config.model {
+            if let Some(difference) = config.model.difference_from(&saved.model) {
                 bail!(
-                    "{} was trained with [model] {:?}, not {:?}: a checkpoint resumes only the same model",
+                    "{} cannot resume with this configuration's [model]: {difference} (a \
+                     checkpoint resumes only the same model)",
                     dir.display(),
-                    saved.model,
-                    config.model
                 );
             }
             if loaded.state.data.train_tokens != train_tokens {
@@ -507,8 +643,19 @@ fn train_on_pool(
     let params = trainer.model().params();
     let quiet = !lead;
     if lead {
+        let gpt = config.gpt_config(manifest.vocab_size)?;
+        let active = match &gpt.moe {
+            Some(moe) => format!(
+                ", {} active per token (router and {} of {} experts in {} MoE blocks)",
+                params.numel() - (gpt.non_embedding_params() - gpt.active_non_embedding_params()),
+                moe.layer.top_k,
+                moe.layer.experts,
+                gpt.moe_blocks().len()
+            ),
+            None => String::new(),
+        };
         tracing::info!(
-        "model: {} parameters ({} trained), vocabulary {}; data: {} training and {} validation tokens; {} tokens per step, {threads} threads, {}",
+        "model: {} parameters ({} trained{active}), vocabulary {}; data: {} training and {} validation tokens; {} tokens per step, {threads} threads, {}",
         params.numel(),
         params.trainable_numel(),
         manifest.vocab_size,
@@ -556,6 +703,9 @@ fn train_on_pool(
             metrics.push(m);
             if let Err(e) = plot_losses(&files.plot, metrics) {
                 tracing::warn!("loss curve not drawn: {e}");
+            }
+            if let Err(e) = plot_expert_load(&files.expert_plot, metrics) {
+                tracing::warn!("expert-load chart not drawn: {e}");
             }
             log(&mut || {
                 tracing::info!(
@@ -628,13 +778,16 @@ fn train_on_pool(
         if dt > 2.0 {
             window = (Instant::now(), 0);
         }
+        let moe = MoeMetrics::from_named(&s.metrics);
         let m = Metric::Step {
             step,
-            loss: s.loss,
+            // The objective's loss: the MoE losses are logged on their own.
+            loss: s.loss - moe.as_ref().map_or(0.0, |m| m.aux_loss + m.z_loss),
             lr,
             grad_norm: s.grad_norm,
             tokens_per_s,
             mfu,
+            moe,
         };
         if let Some(f) = &mut metrics_file {
             writeln!(f, "{}", serde_json::to_string(&m)?)?;

@@ -196,7 +196,7 @@ pub fn forward_backward(
             accumulate(&mut out.metrics, name, weight * aux.item()? as f64);
             total = total.add(aux)?;
         }
-        for (name, value) in &loss.metrics {
+        for (name, value) in loss.metrics.iter().chain(&output.stats) {
             accumulate(&mut out.metrics, name, weight * *value);
         }
         loss_sum += weight * total.item()? as f64;

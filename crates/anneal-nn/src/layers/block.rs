@@ -4,10 +4,13 @@
 //! x = x + dropout(attention(norm_1(x)))
 //! x = x + dropout(mlp(norm_2(x)))
 //! ```
+//!
+//! The feed-forward network may be a Mixture of Experts ([`MoeMlp`]), whose auxiliary losses
+//! and routing statistics the block's forward returns beside its output.
 
 use super::{
-    join, Attention, AttentionConfig, Builder, Linear, Mlp, MlpKind, Norm, NormKind, QkvNames,
-    WeightLayout, Weights,
+    join, Attention, AttentionConfig, Builder, Linear, Mlp, MlpKind, MoeAux, MoeConfig, MoeMlp,
+    Norm, NormKind, QkvNames, WeightLayout, Weights,
 };
 use anneal_tensor::{DropoutKey, ParamId, ParamStore, Result, Tensor};
 
@@ -56,6 +59,8 @@ pub struct BlockConfig {
     pub eps: f32,
     /// Names of the parts.
     pub names: BlockNames,
+    /// A Mixture of Experts in place of the dense network, its experts `d_ff` wide.
+    pub moe: Option<MoeConfig>,
 }
 
 impl BlockConfig {
@@ -86,6 +91,7 @@ impl BlockConfig {
             norm: NormKind::Layer { bias },
             eps: 1e-5,
             names: BlockNames::GPT2,
+            moe: None,
         }
     }
 
@@ -122,6 +128,42 @@ impl BlockConfig {
             norm: NormKind::Rms,
             eps,
             names: BlockNames::LLAMA,
+            moe: None,
+        }
+    }
+}
+
+/// A block's feed-forward network.
+#[derive(Clone, Debug)]
+pub enum FeedForward {
+    /// One network for every token.
+    Dense(Mlp),
+    /// A Mixture of Experts.
+    Experts(MoeMlp),
+}
+
+impl FeedForward {
+    /// Every parameter id.
+    pub fn params(&self) -> Vec<ParamId> {
+        match self {
+            FeedForward::Dense(m) => m.params(),
+            FeedForward::Experts(m) => m.params(),
+        }
+    }
+
+    /// The network on `x`; `training` as [`MoeMlp::forward`] takes it.
+    pub fn forward(
+        &self,
+        w: &Weights,
+        x: &Tensor,
+        training: Option<DropoutKey>,
+    ) -> Result<(Tensor, Option<MoeAux>)> {
+        match self {
+            FeedForward::Dense(m) => Ok((m.forward(w, x)?, None)),
+            FeedForward::Experts(m) => {
+                let (y, aux) = m.forward(w, x, training)?;
+                Ok((y, Some(aux)))
+            }
         }
     }
 }
@@ -132,7 +174,7 @@ pub struct Block {
     norm_1: Norm,
     attn: Attention,
     norm_2: Norm,
-    mlp: Mlp,
+    ffn: FeedForward,
 }
 
 impl Block {
@@ -144,11 +186,9 @@ impl Block {
         let d = a.d_model;
         let norm_1 = Norm::new(b, &join(prefix, n.norm_1), d, c.norm, c.eps)?;
         let norm_2 = Norm::new(b, &join(prefix, n.norm_2), d, c.norm, c.eps)?;
-        Ok(Block {
-            norm_1,
-            attn: Attention::new(b, &join(prefix, n.attn), a)?,
-            norm_2,
-            mlp: Mlp::new(
+        let attn = Attention::new(b, &join(prefix, n.attn), a)?;
+        let ffn = match (c.moe, c.mlp) {
+            (None, _) => FeedForward::Dense(Mlp::new(
                 b,
                 &join(prefix, n.mlp),
                 d,
@@ -158,8 +198,45 @@ impl Block {
                 a.layout,
                 a.std,
                 a.proj_std,
-            )?,
+            )?),
+            (Some(moe), MlpKind::Gelu { fc, proj } | MlpKind::GeluErf { fc, proj })
+                if a.layout == WeightLayout::InOut =>
+            {
+                FeedForward::Experts(MoeMlp::new(
+                    b,
+                    &join(prefix, n.mlp),
+                    d,
+                    c.d_ff,
+                    moe,
+                    (fc, proj),
+                    matches!(c.mlp, MlpKind::GeluErf { .. }),
+                    a.bias,
+                    a.std,
+                    a.proj_std,
+                )?)
+            }
+            (Some(_), kind) => {
+                return Err(anneal_tensor::Error::Invalid {
+                    op: "Block",
+                    reason: format!(
+                        "a Mixture of Experts is built of GELU experts with [in, out] weights; \
+                         this block has {kind:?} with {:?} weights",
+                        a.layout
+                    ),
+                })
+            }
+        };
+        Ok(Block {
+            norm_1,
+            attn,
+            norm_2,
+            ffn,
         })
+    }
+
+    /// Its feed-forward network.
+    pub fn feed_forward(&self) -> &FeedForward {
+        &self.ffn
     }
 
     /// Every parameter id of the block.
@@ -168,7 +245,7 @@ impl Block {
             self.norm_1.params(),
             self.attn.params(),
             self.norm_2.params(),
-            self.mlp.params(),
+            self.ffn.params(),
         ]
         .concat()
     }
@@ -176,7 +253,9 @@ impl Block {
     /// Its linear layers: attention's, then the feed-forward network's.
     pub fn linears(&self) -> Vec<&Linear> {
         let mut out = self.attn.linears();
-        out.extend(self.mlp.linears());
+        if let FeedForward::Dense(mlp) = &self.ffn {
+            out.extend(mlp.linears());
+        }
         out
     }
 
@@ -188,13 +267,28 @@ impl Block {
         Ok(())
     }
 
-    /// The block on `x` `[B, T, d]`; `p_drop > 0` drops residual-branch outputs with masks
-    /// derived from `key` (attention's from its seed, the MLP's from the seed ^ 1).
-    pub fn forward(&self, w: &Weights, x: &Tensor, p_drop: f32, key: DropoutKey) -> Result<Tensor> {
+    /// The block on `x` `[B, T, d]`, and what a Mixture of Experts reports; `training` is the
+    /// dropout key of a training forward (`None`: evaluation). In training, `p_drop > 0` drops
+    /// residual-branch outputs with masks derived from the key (attention's from its seed, the
+    /// MLP's from the seed ^ 1).
+    pub fn forward(
+        &self,
+        w: &Weights,
+        x: &Tensor,
+        p_drop: f32,
+        training: Option<DropoutKey>,
+    ) -> Result<(Tensor, Option<MoeAux>)> {
+        let (p_drop, key) = match training {
+            Some(key) => (p_drop, key),
+            None => (0.0, DropoutKey::default()),
+        };
         let a = self.attn.forward(w, &self.norm_1.forward(w, x)?)?;
         let x = x.add(&a.dropout_at(p_drop, key)?)?;
-        let h = self.mlp.forward(w, &self.norm_2.forward(w, &x)?)?;
-        x.add(&h.dropout_at(p_drop, key.with_seed(key.seed ^ 1))?)
+        let (h, aux) = self
+            .ffn
+            .forward(w, &self.norm_2.forward(w, &x)?, training)?;
+        let y = x.add(&h.dropout_at(p_drop, key.with_seed(key.seed ^ 1))?)?;
+        Ok((y, aux))
     }
 
     /// The block on `x` `[1, n, d]` at positions `start..start + n`, attending to the cached
@@ -227,7 +321,7 @@ impl Block {
             key_padding_mask,
         )?;
         let x = x.add(&a)?;
-        let h = self.mlp.forward(w, &self.norm_2.forward(w, &x)?)?;
+        let (h, _) = self.ffn.forward(w, &self.norm_2.forward(w, &x)?, None)?;
         Ok((x.add(&h)?, kv))
     }
 }

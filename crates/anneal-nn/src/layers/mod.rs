@@ -21,15 +21,17 @@ mod embedding;
 mod heads;
 mod linear;
 mod mlp;
+mod moe;
 mod norm;
 mod parallel;
 
 pub use attention::{Attention, AttentionConfig, KvCache, QkvNames};
-pub use block::{Block, BlockConfig, BlockNames};
+pub use block::{Block, BlockConfig, BlockNames, FeedForward};
 pub use embedding::Embedding;
 pub use heads::{ClassificationHead, LmHead, ScalarHead};
 pub use linear::{Linear, LinearOptions, LinearSplit, LoraConfig, WeightLayout};
 pub use mlp::{Mlp, MlpKind};
+pub use moe::{MoeAux, MoeConfig, MoeMlp};
 pub use norm::{LayerNorm, Norm, NormKind, RmsNorm};
 pub use parallel::{ParallelContext, SingleDevice, Split};
 
@@ -257,6 +259,12 @@ impl Weights {
     pub fn get(&self, id: ParamId) -> Result<Tensor> {
         let t = self.parallel.lookup(id, &self.tensors[id.0])?;
         Ok(t.to_dtype(self.dtype))
+    }
+
+    /// Parameter `id` in f32 whatever the model's dtype (a router computes in f32).
+    pub fn get_f32(&self, id: ParamId) -> Result<Tensor> {
+        let t = self.parallel.lookup(id, &self.tensors[id.0])?;
+        Ok(t.to_dtype(DType::F32))
     }
 
     /// The parallel context.

@@ -2,7 +2,8 @@
 //! shard of each parameter this rank holds, looks parameters up at forward time, and runs the
 //! collectives a split layer needs. [`SingleDevice`] is the identity; `anneal-dist` implements
 //! the others (Megatron-LM's column- and row-parallel linear layers and vocabulary-parallel
-//! embedding, Shoeybi et al. 2019; ZeRO-3's gather at the lookup, Rajbhandari et al. 2020).
+//! embedding, Shoeybi et al. 2019; ZeRO-3's gather at the lookup, Rajbhandari et al. 2020;
+//! expert parallelism's all-to-all, Lepikhin et al. 2020, GShard).
 
 use anneal_tensor::{ParamId, Result, Tensor};
 
@@ -13,6 +14,9 @@ pub enum Split {
     Replicated,
     /// Each rank holds an equal slice along this axis.
     Axis(usize),
+    /// A Mixture-of-Experts layer's experts (axis 0): each rank of the expert-parallel group
+    /// holds an equal share of them.
+    Experts,
 }
 
 /// What a layer asks of the parallel layout it runs in. Every method has the single-device
@@ -46,6 +50,30 @@ pub trait ParallelContext: Send + Sync {
     /// `g`).
     fn reduce_parallel(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone())
+    }
+
+    /// This rank's index in its expert-parallel group and the group's size: each rank holds
+    /// `experts / size` consecutive experts of every Mixture-of-Experts layer
+    /// ([`Split::Experts`]).
+    fn expert_parallel(&self) -> (usize, usize) {
+        (0, 1)
+    }
+
+    /// Sends rows grouped by expert (`counts[e]` rows for each expert `e` of the layer, in
+    /// expert order) to the ranks that hold their experts, and returns the rows this rank's
+    /// experts received, grouped by local expert, with their counts. Expert parallelism's
+    /// all-to-all goes here (its backward is the reverse all-to-all); on one device every
+    /// expert is local and the rows stay as they are.
+    fn dispatch_to_experts(&self, rows: &Tensor, counts: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+        Ok((rows.clone(), counts.to_vec()))
+    }
+
+    /// The reverse of [`ParallelContext::dispatch_to_experts`]: this rank's experts' output rows
+    /// go back to the ranks whose tokens they are, which receive them grouped as the `counts`
+    /// they dispatched.
+    fn return_from_experts(&self, rows: &Tensor, counts: &[usize]) -> Result<Tensor> {
+        let _ = counts;
+        Ok(rows.clone())
     }
 }
 

@@ -88,10 +88,7 @@ fn llama_block_with_rope_and_grouped_heads_caches_exactly() {
     }
     let w = Weights::new(&params, parallel);
     let input = x(&[1, 7, 16], 4);
-    let full = block
-        .forward(&w, &input, 0.0, 0.into())
-        .unwrap()
-        .to_vec_f32();
+    let full = block.forward(&w, &input, 0.0, None).unwrap().0.to_vec_f32();
     // Three positions, then one at a time, through the cache.
     let mut past: Option<(Tensor, Tensor)> = None;
     let mut got = Vec::new();
@@ -134,10 +131,7 @@ fn fused_and_separate_projections_give_the_same_attention() {
     let (params, parallel) = b.build(DType::F32);
     let w = Weights::new(&params, parallel);
     let input = x(&[2, 6, 16], 6);
-    let packed = block
-        .forward(&w, &input, 0.0, 0.into())
-        .unwrap()
-        .to_vec_f32();
+    let packed = block.forward(&w, &input, 0.0, None).unwrap().0.to_vec_f32();
     let mut cached = Vec::new();
     for i in 0..2 {
         let row = input.narrow(0, i, 1).unwrap();

@@ -337,9 +337,22 @@ fn fold_rows(a: Mat) -> Mat {
 
 /// Forward product into a fresh f32 buffer; `bias`, if given, pre-fills each output row.
 fn product(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<(Vec<f32>, Vec<usize>)> {
-    let (out_shape, _, n, _) = check_matmul(a, b)?;
+    let (out_shape, _, _, _) = check_matmul(a, b)?;
     let numel: usize = out_shape.iter().product();
     let mut out = crate::pool::uninit(numel);
+    product_into(a, b, bias, &mut out)?;
+    Ok((out, out_shape))
+}
+
+/// [`product`] into `out`, which holds exactly the product's elements.
+pub(super) fn product_into(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&Tensor>,
+    out: &mut [f32],
+) -> Result<()> {
+    let (out_shape, _, n, _) = check_matmul(a, b)?;
+    assert_eq!(out.len(), out_shape.iter().product::<usize>());
     let accumulate = if let Some(bias) = bias {
         bias.with_f32(|bv| {
             for row in out.chunks_mut(n.max(1)) {
@@ -356,22 +369,40 @@ fn product(a: &Tensor, b: &Tensor, bias: Option<&Tensor>) -> Result<(Vec<f32>, V
             bmm(out.as_mut_ptr(), accumulate, false, am, bm);
         })
     });
-    Ok((out, out_shape))
+    Ok(())
 }
 
-struct MatmulBackward {
-    a: Tensor,
-    b: Tensor,
-    has_bias: bool,
+/// Column sums of a row-major `[rows, n]` gradient (a bias's gradient): blocks of a fixed number
+/// of rows summed in parallel, then the partial sums in block order (the same bits whatever the
+/// thread count).
+pub(super) fn column_sums(g: &[f32], n: usize) -> Vec<f32> {
+    let rows_per_task = (1 << 16) / n.max(1) + 1;
+    let parts = g
+        .par_chunks((rows_per_task * n).max(1))
+        .map(|block| {
+            let mut part = crate::pool::zeros(n);
+            for row in block.chunks(n.max(1)) {
+                crate::kernels::vectorized(|| part.iter_mut().zip(row).for_each(|(p, r)| *p += r));
+            }
+            part
+        })
+        .collect::<Vec<_>>();
+    crate::kernels::sum_in_order(parts, n)
+}
+
+pub(super) struct MatmulBackward {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub has_bias: bool,
     /// Which of A, B and the bias need a gradient: a frozen weight (fine-tuning with LoRA or a
     /// frozen encoder) costs no dB product.
-    needs: [bool; 3],
+    pub needs: [bool; 3],
 }
 
 impl MatmulBackward {
     /// dA = dC·Bᵀ into `da` and dB = Aᵀ·dC (summed over the batch when B is shared) into `db`,
     /// each only when asked for.
-    fn products(&self, grad: &Tensor, da: Option<&mut [f32]>, db: Option<&mut [f32]>) {
+    pub(super) fn products(&self, grad: &Tensor, da: Option<&mut [f32]>, db: Option<&mut [f32]>) {
         let (a, b) = (&self.a, &self.b);
         let shared_b = b.rank() == 2 && a.rank() > 2;
         let plain = a.rank() == 2 && b.rank() == 2;
@@ -447,23 +478,7 @@ impl Backward for MatmulBackward {
         self.products(grad, da.as_deref_mut(), db.as_deref_mut());
         let dbias = if self.has_bias && need_bias {
             let n = *grad.shape().last().expect("rank >= 2");
-            // Column sums of dC: blocks of a fixed number of rows summed in parallel, then the
-            // partial sums in block order (the same bits whatever the thread count).
-            let rows_per_task = (1 << 16) / n.max(1) + 1;
-            let acc = grad.with_f32(|g| {
-                g.par_chunks((rows_per_task * n).max(1))
-                    .map(|block| {
-                        let mut part = crate::pool::zeros(n);
-                        for row in block.chunks(n.max(1)) {
-                            crate::kernels::vectorized(|| {
-                                part.iter_mut().zip(row).for_each(|(p, r)| *p += r)
-                            });
-                        }
-                        part
-                    })
-                    .collect::<Vec<_>>()
-            });
-            let acc = crate::kernels::sum_in_order(acc, n);
+            let acc = grad.with_f32(|g| column_sums(g, n));
             Some(Tensor::from_f32_unchecked(acc, &[n]))
         } else {
             None

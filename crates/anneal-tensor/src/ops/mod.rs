@@ -6,6 +6,7 @@ pub mod conv;
 pub mod dropout;
 pub mod elementwise;
 pub(crate) mod matmul;
+pub mod moe;
 pub mod norm;
 pub mod reduce;
 pub(crate) mod shape;

@@ -89,6 +89,37 @@ fn softmax_impl(x: &Tensor, log: bool) -> Result<Tensor> {
     Ok(Tensor::from_op(value, &[x], SoftmaxBackward { y, log }))
 }
 
+/// Backward of the row log-sum-exp: dx = g · softmax(x), from the kept softmax.
+struct LogSumExpBackward {
+    softmax: Tensor,
+}
+
+impl Backward for LogSumExpBackward {
+    fn name(&self) -> &'static str {
+        "logsumexp"
+    }
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let d = *self.softmax.shape().last().unwrap_or(&1);
+        let mut dx = crate::pool::uninit(self.softmax.numel());
+        grad.with_f32(|g| {
+            self.softmax.with_f32(|y| {
+                dx.par_chunks_mut(d.max(1))
+                    .zip(y.par_chunks(d.max(1)))
+                    .zip(g.par_iter())
+                    .for_each(|((dxr, yr), &gr)| {
+                        for (o, &p) in dxr.iter_mut().zip(yr) {
+                            *o = gr * p;
+                        }
+                    })
+            })
+        });
+        Ok(vec![Some(Tensor::from_f32_unchecked(
+            dx,
+            self.softmax.shape(),
+        ))])
+    }
+}
+
 /// Options of [`Tensor::cross_entropy`].
 #[derive(Clone, Copy, Debug)]
 pub struct CrossEntropyOptions {
@@ -157,6 +188,39 @@ impl Tensor {
     /// Log-softmax over the last axis, computed stably as x − logsumexp(x).
     pub fn log_softmax(&self) -> Result<Tensor> {
         softmax_impl(self, true)
+    }
+
+    /// log Σ exp over the last axis, computed stably (max + log Σ exp(x − max)): `[…, n]` →
+    /// `[…]`. The router z-loss of ST-MoE (Zoph et al. 2022, eq. 5) squares it.
+    pub fn logsumexp(&self) -> Result<Tensor> {
+        let d = match self.shape().last() {
+            Some(&d) if d > 0 => d,
+            _ => {
+                return Err(Error::BadShape {
+                    op: "logsumexp",
+                    shape: self.shape().to_vec(),
+                    reason: "needs a last axis of at least one element".into(),
+                })
+            }
+        };
+        let rows = self.numel() / d;
+        let mut softmax = crate::pool::uninit(self.numel());
+        let mut lse = crate::pool::uninit(rows);
+        self.with_f32(|v| {
+            softmax
+                .par_chunks_mut(d)
+                .zip(lse.par_iter_mut())
+                .enumerate()
+                .for_each(|(r, (o, l))| *l = softmax_row(&v[r * d..(r + 1) * d], o))
+        });
+        let shape = &self.shape()[..self.rank() - 1];
+        let value = Tensor::from_f32_as(lse, shape, self.dtype());
+        let softmax = Tensor::from_f32_unchecked(softmax, self.shape());
+        Ok(Tensor::from_op(
+            value,
+            &[self],
+            LogSumExpBackward { softmax },
+        ))
     }
 
     /// Mean cross-entropy of `[N, V]` logits against `N` class targets, fused with the softmax;
@@ -236,6 +300,24 @@ mod tests {
         let x = randn(&[3, 6], 1);
         assert_grads(|t| t[0].softmax(), &[x.clone()]);
         assert_grads(|t| t[0].log_softmax(), &[x.clone()]);
+    }
+
+    #[test]
+    fn logsumexp_value_and_grads() {
+        let x = crate::Tensor::from_f32(vec![0.0, 0.0, 1000.0, 1000.0, 1.0, 2.0], &[3, 2]).unwrap();
+        let got = x.logsumexp().unwrap().to_vec_f32();
+        let want = [
+            2f32.ln(),
+            1000.0 + 2f32.ln(),
+            2.0 + (1.0 + (-1f32).exp()).ln(),
+        ];
+        for (g, w) in got.iter().zip(want) {
+            assert!(
+                (g - w).abs() <= 1e-5 * w.abs().max(1.0),
+                "{got:?} vs {want:?}"
+            );
+        }
+        assert_grads(|t| t[0].logsumexp(), &[randn(&[4, 5], 3)]);
     }
 
     #[test]

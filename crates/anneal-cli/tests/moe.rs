@@ -1,0 +1,131 @@
+//! A Mixture-of-Experts GPT through the whole job: `[model.moe]` from the command line,
+//! pretraining with its routing in `metrics.jsonl` and the expert-load chart, a stopped run
+//! resumed bit for bit, generation from its checkpoint, and the settings refused before any
+//! compute.
+
+mod common;
+
+use common::*;
+
+const MOE: [&str; 10] = [
+    "--set",
+    "model.moe.experts=4",
+    "--set",
+    "model.moe.every=1",
+    "--set",
+    "model.moe.top_k=2",
+    "--set",
+    "model.moe.capacity_factor=1.0",
+    "--set",
+    "train.decay_steps=40",
+];
+
+#[test]
+fn moe_runs_log_routing_resume_bit_for_bit_and_generate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let straight = dir.path().join("straight");
+    ok(pretrain(&data, &straight, 40, &MOE).output().unwrap());
+    assert!(straight.join("expert_load.png").is_file());
+    // Each step logs each MoE layer's expert load (shares summing to one) and dropped share.
+    let text = std::fs::read_to_string(straight.join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v.get("loss").is_some())
+        .collect();
+    assert_eq!(steps.len(), 40);
+    for v in &steps {
+        let moe = &v["moe"];
+        assert!(moe["aux_loss"].as_f64().unwrap() > 0.0, "{v}");
+        assert!(moe["z_loss"].as_f64().unwrap() > 0.0, "{v}");
+        let layers = moe["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 2, "both blocks are MoE: {v}");
+        for l in layers {
+            let load: Vec<f64> = l["load"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect();
+            assert_eq!(load.len(), 4);
+            assert!((load.iter().sum::<f64>() - 1.0).abs() < 1e-6, "{v}");
+            let dropped = l["dropped"].as_f64().unwrap();
+            assert!((0.0..1.0).contains(&dropped), "{v}");
+        }
+    }
+    // Stopped at 20 and resumed: every loss repeats.
+    let resumed = dir.path().join("resumed");
+    ok(pretrain(&data, &resumed, 20, &MOE).output().unwrap());
+    let mut again = MOE.to_vec();
+    again.extend(["--set", "train.max_steps=40", "--resume"]);
+    ok(pretrain(&data, &resumed, 20, &again).output().unwrap());
+    let (want, want_val) = losses(&straight);
+    let (got, got_val) = losses(&resumed);
+    assert_eq!(got.len(), 40);
+    for (a, b) in got.iter().zip(&want) {
+        assert_eq!(a.1.to_bits(), b.1.to_bits(), "loss at step {} differs", a.0);
+    }
+    assert_eq!(got_val.last(), want_val.last());
+    // Generation reads the MoE model back from its checkpoint.
+    let run = straight.to_str().unwrap();
+    let text = ok(anneal(&[
+        "generate", run, "--prompt", "the ", "--tokens", "20", "--seed", "1",
+    ]));
+    assert!(text.starts_with("the ") && text.len() > 10, "{text}");
+    // A dense configuration does not resume the MoE checkpoint: the key is named.
+    let out = pretrain(&data, &resumed, 50, &["--resume"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("model.moe") && err.contains("Mixture-of-Experts"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_moe_settings_are_refused_before_any_compute() {
+    for (set, key, allowed) in [
+        (
+            "model.moe.top_k=5",
+            "model.moe.top_k = 5",
+            "between 1 and model.moe.experts (4)",
+        ),
+        (
+            "model.moe.capacity_factor=0",
+            "model.moe.capacity_factor",
+            "\"none\"",
+        ),
+        (
+            "model.moe.capacity_factor=-2",
+            "model.moe.capacity_factor",
+            "positive",
+        ),
+        ("model.moe.every=9", "model.moe.every = 9", "model.n_layer"),
+        (
+            "model.moe.expert=3",
+            "model.moe.expert",
+            "[model.moe] allows aux_loss",
+        ),
+    ] {
+        let out = anneal(&[
+            "pretrain",
+            "--set",
+            "model.moe.experts=4",
+            "--set",
+            set,
+            "--set",
+            "data.dir=/nonexistent/corpus",
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(key) && err.contains(allowed),
+            "{set}: {err}"
+        );
+        assert!(
+            !err.contains("/nonexistent/corpus"),
+            "refused before reading data: {err}"
+        );
+    }
+}
