@@ -92,7 +92,7 @@ def bench(args):
                 y = dense_forward(x, w1[0], b1[0], w2[0], b2[0])
                 loss = (y * gy).sum()
             else:
-                y, bal, z = moe_forward(x, router, w1, b1, w2, b2, k, 1.25, 1e-2, 1e-3)
+                y, bal, z = moe_forward(x, router, w1, b1, w2, b2, k, args.capacity_factor, 1e-2, 1e-3)
                 loss = (y * gy).sum() + bal + z
             loss.backward()
             for t in (x, w1, b1, w2, b2, router):
@@ -117,4 +117,10 @@ if __name__ == "__main__":
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument(
+        "--capacity-factor",
+        type=lambda v: None if v == "none" else float(v),
+        default=1.25,
+        help='capacity factor in training, or "none" (dropless)',
+    )
     bench(p.parse_args())

@@ -71,6 +71,13 @@ pub enum BenchCommand {
     /// Example: anneal bench proxy --test-limit 89
     #[command(verbatim_doc_comment)]
     Proxy(crate::bench_proxy::ProxyBench),
+    /// A Mixture-of-Experts layer's forward and backward against the dense MLP of the same active
+    /// FLOPs (8 and 16 top-1 experts, 8 top-2 experts of half width), and against the same layer
+    /// in PyTorch, gather/scatter style (bench/torch_moe.py).
+    ///
+    /// Example: anneal bench moe --tokens 4096 --width 256
+    #[command(verbatim_doc_comment)]
+    Moe(crate::bench_moe::MoeBench),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -358,6 +365,10 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
             crate::bench_zero::zero(b)
         }
         BenchCommand::Proxy(b) => crate::bench_proxy::proxy(b),
+        BenchCommand::Moe(mut b) => {
+            b.threads = anneal_train::machine::threads(threads.unwrap_or(0));
+            crate::bench_moe::moe(b)
+        }
         BenchCommand::Generate(mut b) => {
             b.threads = anneal_train::machine::threads(threads.unwrap_or(0));
             crate::bench_generate::generate(b)

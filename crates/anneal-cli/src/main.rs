@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_generate;
+mod bench_moe;
 mod bench_proxy;
 mod bench_zero;
 mod chat;
