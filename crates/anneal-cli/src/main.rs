@@ -8,6 +8,7 @@ mod bench_zero;
 mod chat;
 mod data;
 mod embed;
+mod experiment;
 mod finetune;
 mod plan;
 mod run;
@@ -86,6 +87,10 @@ enum Command {
     /// Benchmarks, each timed beside the reference implementation a user would otherwise pick.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// Experiments: training recipes compared end to end, each run in its own process, with a
+    /// report and a chart.
+    #[command(subcommand)]
+    Experiment(experiment::ExperimentCommand),
     /// The main job on a built-in default: pretrain a small GPT on the Rust sources in the local
     /// cargo registry (about 5 minutes on 2 cores), then complete a few Rust prompts.
     ///
@@ -137,6 +142,7 @@ fn main() -> anyhow::Result<()> {
         Command::Embed(a) => embed::run(a),
         Command::Finetune(a) => finetune::run(a),
         Command::Bench(b) => bench::run(b, threads),
+        Command::Experiment(e) => experiment::run(e, threads),
         Command::Plan(a) => plan::run(a),
         Command::Quickstart(a) => run::quickstart(a),
     })?

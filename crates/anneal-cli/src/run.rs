@@ -657,7 +657,7 @@ pub struct QuickstartArgs {
 }
 
 /// The cargo registry's unpacked sources: `$CARGO_HOME/registry/src`, else `~/.cargo/registry/src`.
-fn cargo_registry_sources() -> Option<PathBuf> {
+pub(crate) fn cargo_registry_sources() -> Option<PathBuf> {
     let home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))?;
@@ -676,6 +676,48 @@ const PROMPTS: &[&str] = &[
     "/// Returns the number of ",
     "#[derive(Debug, Clone)]\npub enum ",
 ];
+
+/// Tokenizes up to `max_mb` of the files under `data` with extensions `ext` (sampled in a seeded
+/// order, exact duplicates dropped) into `out` with a 4,096-token byte-level BPE, 2% of the
+/// documents held out for validation: the quickstart's corpus, and the experiments'.
+pub(crate) fn tokenize_sources(
+    data: &std::path::Path,
+    ext: &[String],
+    max_mb: u64,
+    out: &std::path::Path,
+    quiet: bool,
+) -> Result<anneal_data::Manifest> {
+    let targs = TokenizeArgs {
+        corpus: CorpusArgs {
+            input: vec![data.to_path_buf()],
+            ext: ext.to_vec(),
+            format: "auto".into(),
+            text_field: "text".into(),
+            dedup: true,
+            max_mb: Some(max_mb),
+            shuffle: true,
+            seed: 1234,
+        },
+        out: out.to_path_buf(),
+        tokenizer: "bpe".into(),
+        vocab_size: 4096,
+        tokenizer_train_mb: 8,
+        val_fraction: 0.02,
+        split: "documents".into(),
+        quiet,
+    };
+    let summary = tokenize_corpus(&targs)?;
+    let m = &summary.manifest;
+    println!("corpus: {}", m.corpus.summary());
+    println!(
+        "tokenized: {} training / {} validation tokens, vocabulary {}, {:.1} MB/s",
+        m.train_tokens(),
+        m.val_tokens(),
+        m.vocab_size,
+        summary.mb_per_s()
+    );
+    Ok(summary.manifest)
+}
 
 /// `anneal quickstart`.
 pub fn quickstart(a: QuickstartArgs) -> Result<()> {
@@ -698,35 +740,7 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
     std::fs::create_dir_all(&report)?;
     println!("quickstart: pretraining a small GPT on {}", data.display());
     let data_dir = a.out.join("data");
-    let targs = TokenizeArgs {
-        corpus: CorpusArgs {
-            input: vec![data.clone()],
-            ext: a.ext.clone(),
-            format: "auto".into(),
-            text_field: "text".into(),
-            dedup: true,
-            max_mb: Some(a.max_mb),
-            shuffle: true,
-            seed: 1234,
-        },
-        out: data_dir.clone(),
-        tokenizer: "bpe".into(),
-        vocab_size: 4096,
-        tokenizer_train_mb: 8,
-        val_fraction: 0.02,
-        split: "documents".into(),
-        quiet: a.quiet,
-    };
-    let summary = tokenize_corpus(&targs)?;
-    let m = &summary.manifest;
-    println!("corpus: {}", m.corpus.summary());
-    println!(
-        "tokenized: {} training / {} validation tokens, vocabulary {}, {:.1} MB/s",
-        m.train_tokens(),
-        m.val_tokens(),
-        m.vocab_size,
-        summary.mb_per_s()
-    );
+    let m = &tokenize_sources(&data, &a.ext, a.max_mb, &data_dir, a.quiet)?;
     let mut overrides = vec![
         format!("data.dir={}", data_dir.display()),
         format!("train.out_dir={}", a.out.display()),

@@ -79,8 +79,8 @@ pub struct RunOptions {
     /// layout over them is the run config's `[parallel]` section.
     pub ranks: usize,
 }
-/// What a run did.
-#[derive(Clone, Debug, Serialize)]
+/// What a run did (written to `summary.json` in the run directory).
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunSummary {
     /// Step the run started from (0, or the resumed checkpoint's).
     pub start_step: u64,
@@ -821,7 +821,7 @@ fn train_on_pool(
     let steps_run = trainer.steps() - start_step;
     let ms_per_step = 1e3 * step_seconds / steps_run.max(1) as f64;
     let tokens_per_second = tokens_per_step as f64 * steps_run as f64 / step_seconds.max(1e-9);
-    Ok(RunSummary {
+    let summary = RunSummary {
         start_step,
         steps: trainer.steps(),
         interrupted,
@@ -834,5 +834,13 @@ fn train_on_pool(
         mfu: tokens_per_second * flops_per_token / (peak_gflops * 1e9),
         checkpoint: last_checkpoint,
         peak_rss_mb: crate::machine::peak_rss_mb(),
-    })
+    };
+    if lead {
+        // What the run did, for scripts and experiments that compare runs.
+        let path = config.train.out_dir.join("summary.json");
+        let text = serde_json::to_string_pretty(&summary)?;
+        crate::checkpoint::write_atomic(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(summary)
 }
