@@ -678,12 +678,14 @@ const PROMPTS: &[&str] = &[
 ];
 
 /// Tokenizes up to `max_mb` of the files under `data` with extensions `ext` (sampled in a seeded
-/// order, exact duplicates dropped) into `out` with a 4,096-token byte-level BPE, 2% of the
-/// documents held out for validation: the quickstart's corpus, and the experiments'.
+/// order, exact duplicates dropped) into `out` with a 4,096-token byte-level BPE, the share
+/// `val_fraction` of the documents held out for validation: the quickstart's corpus, and the
+/// experiments'.
 pub(crate) fn tokenize_sources(
     data: &std::path::Path,
     ext: &[String],
     max_mb: u64,
+    val_fraction: f64,
     out: &std::path::Path,
     quiet: bool,
 ) -> Result<anneal_data::Manifest> {
@@ -702,7 +704,7 @@ pub(crate) fn tokenize_sources(
         tokenizer: "bpe".into(),
         vocab_size: 4096,
         tokenizer_train_mb: 8,
-        val_fraction: 0.02,
+        val_fraction,
         split: "documents".into(),
         quiet,
     };
@@ -740,7 +742,7 @@ pub fn quickstart(a: QuickstartArgs) -> Result<()> {
     std::fs::create_dir_all(&report)?;
     println!("quickstart: pretraining a small GPT on {}", data.display());
     let data_dir = a.out.join("data");
-    let m = &tokenize_sources(&data, &a.ext, a.max_mb, &data_dir, a.quiet)?;
+    let m = &tokenize_sources(&data, &a.ext, a.max_mb, 0.02, &data_dir, a.quiet)?;
     let mut overrides = vec![
         format!("data.dir={}", data_dir.display()),
         format!("train.out_dir={}", a.out.display()),

@@ -129,3 +129,89 @@ fn bad_moe_settings_are_refused_before_any_compute() {
         );
     }
 }
+
+#[test]
+fn the_moe_experiment_runs_end_to_end_in_its_quick_form() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let out = dir.path().join("experiment");
+    let text = ok(anneal(&[
+        "experiment",
+        "moe",
+        "--quick",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--variants",
+        "dense,moe4",
+        "--seeds",
+        "1",
+    ]));
+    assert!(
+        text.contains("| dense seed 0") && text.contains("| moe4 seed 0"),
+        "{text}"
+    );
+    assert!(out.join("val_loss.png").is_file());
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    let runs = results.as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert!(runs[1]["params"].as_u64() > runs[1]["active_params"].as_u64());
+    assert_eq!(runs[0]["params"], runs[0]["active_params"]);
+    // A second invocation reuses the finished runs.
+    let again = ok(anneal(&[
+        "experiment",
+        "moe",
+        "--quick",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--variants",
+        "dense,moe4",
+        "--seeds",
+        "1",
+    ]));
+    assert_eq!(again.matches("done earlier").count(), 2, "{again}");
+    // An unknown variant is refused before any run.
+    let bad = anneal(&[
+        "experiment",
+        "moe",
+        "--quick",
+        "--data",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--variants",
+        "moe3",
+    ]);
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        !bad.status.success() && err.contains("moe3") && err.contains("moe8-top2-half"),
+        "{err}"
+    );
+}
+
+#[test]
+fn the_limoe_experiment_runs_in_its_quick_form_when_fashion_mnist_is_fetched() {
+    let cache = anneal_data::data_root();
+    if !anneal_data::images::fashion_mnist_dir(&cache)
+        .join("train-images-idx3-ubyte.gz")
+        .is_file()
+    {
+        eprintln!("skipped: Fashion-MNIST not fetched (scripts/fetch-data.sh fashion-mnist)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("limoe");
+    let text = ok(anneal(&[
+        "experiment",
+        "limoe",
+        "--quick",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(text.contains("zero-shot accuracy"), "{text}");
+    assert!(out.join("expert_modality.png").is_file() && out.join("loss.png").is_file());
+}

@@ -17,6 +17,7 @@ pub mod corpus;
 pub mod dedup;
 pub mod dialogue;
 pub mod filters;
+pub mod images;
 pub mod minhash;
 pub mod mix;
 pub mod normalize;
@@ -31,6 +32,7 @@ pub use batch::{
     Stream, TokenWindows, WindowSource,
 };
 pub use corpus::{BadInput, Corpus, CorpusOptions, CorpusReport, Document, Format};
+pub use images::{ImageSet, FASHION_MNIST_CLASSES};
 pub use shards::{
     tokenize, Manifest, ShardInfo, ShardSet, SplitMode, TokenizeOptions, TokenizeSummary,
     TOKENIZE_PART_BYTES,

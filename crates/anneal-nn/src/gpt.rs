@@ -550,6 +550,7 @@ fn checkpointed_moe_block(
         z: scalar(1)?,
         load,
         dropped,
+        probs: None,
     };
     Ok((packed.narrow(0, 0, n)?.reshape(&shape)?, Some(aux)))
 }

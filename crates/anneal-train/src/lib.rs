@@ -19,6 +19,8 @@
 //! * [`hf`]: Hugging Face GPT-2 export and import;
 //! * [`hf_llama`]: Hugging Face Llama directories, exported and loaded;
 //! * [`llama_gguf`]: Llama models, their tokenizers and chat templates from GGUF files;
+//! * [`limoe`]: a LIMoE-style MoE encoder trained contrastively on Fashion-MNIST images and
+//!   descriptions of their classes, with zero-shot accuracy and routing per modality;
 //! * [`chat`]: chat templates rendered as transformers renders them;
 //! * [`memory`]: the lower bound of a run's memory, checked against the machine's before
 //!   anything is allocated;
@@ -38,6 +40,7 @@ pub mod generate;
 pub mod hf;
 pub mod hf_bert;
 pub mod hf_llama;
+pub mod limoe;
 pub mod llama_gguf;
 pub mod machine;
 pub mod memory;

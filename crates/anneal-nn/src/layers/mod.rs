@@ -31,7 +31,7 @@ pub use embedding::Embedding;
 pub use heads::{ClassificationHead, LmHead, ScalarHead};
 pub use linear::{Linear, LinearOptions, LinearSplit, LoraConfig, WeightLayout};
 pub use mlp::{Mlp, MlpKind};
-pub use moe::{MoeAux, MoeConfig, MoeMlp};
+pub use moe::{router_entropies, MoeAux, MoeConfig, MoeMlp};
 pub use norm::{LayerNorm, Norm, NormKind, RmsNorm};
 pub use parallel::{ParallelContext, SingleDevice, Split};
 

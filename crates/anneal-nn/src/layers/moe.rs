@@ -117,6 +117,23 @@ pub struct MoeAux {
     pub load: Vec<f64>,
     /// The share of assignments dropped for want of capacity.
     pub dropped: f64,
+    /// The router's probabilities `[tokens, experts]` (f32, in the graph), for losses on the
+    /// routing itself ([`router_entropies`]); `None` where the layer ran inside a recomputed
+    /// segment.
+    pub probs: Option<Tensor>,
+}
+
+/// LIMoE's entropy losses on the router probabilities `probs` `[tokens, experts]` of one
+/// modality (Mustafa et al. 2022, "Multimodal Contrastive Learning with LIMoE", §3.1, eqs. 2–3):
+/// the local loss mean_t H(p_t), low when each token is routed confidently, and the global loss
+/// −H(mean_t p_t), low when the modality's tokens spread over many experts. H(p) = −Σ p·ln p.
+pub fn router_entropies(probs: &Tensor) -> Result<(Tensor, Tensor)> {
+    // ln(p + 1e-9): a probability that underflowed to zero adds nothing instead of NaN.
+    let plogp = |p: &Tensor| -> Result<Tensor> { p.mul(&p.add_scalar(1e-9).log()) };
+    let local = plogp(probs)?.sum(1, false)?.mean_all()?.scale(-1.0);
+    let mean = probs.mean(0, false)?;
+    let global = plogp(&mean)?.sum_all()?;
+    Ok((local, global))
 }
 
 /// A Mixture-of-Experts feed-forward layer of GELU experts (GPT-2's or BERT's network, once per
@@ -317,6 +334,7 @@ impl MoeMlp {
                 z,
                 load,
                 dropped: routing.dropped_fraction(),
+                probs: Some(probs),
             },
         ))
     }
