@@ -515,6 +515,9 @@ fn checkpointed_moe_block(
 ) -> Result<(Tensor, Option<MoeAux>)> {
     let shape = x.shape().to_vec();
     let n = x.numel();
+    // Packed in f32, so the losses keep their precision in a bf16 model (the block's output is
+    // held in f32 between forward and backward: twice a bf16 output's bytes).
+    let dtype = x.dtype();
     let stats = Arc::new(std::sync::Mutex::new(None));
     let (block, w, kept) = (block.clone(), w.clone(), stats.clone());
     let packed = checkpoint(&[x], move |t| {
@@ -523,11 +526,10 @@ fn checkpointed_moe_block(
             op: "Gpt::forward",
             reason: "a Mixture-of-Experts block reported nothing".into(),
         })?;
-        let dtype = y.dtype();
         let parts = [
-            y.reshape(&[n])?,
-            aux.balance.to_dtype(dtype).reshape(&[1])?,
-            aux.z.to_dtype(dtype).reshape(&[1])?,
+            y.to_dtype(DType::F32).reshape(&[n])?,
+            aux.balance.to_dtype(DType::F32).reshape(&[1])?,
+            aux.z.to_dtype(DType::F32).reshape(&[1])?,
         ];
         if let Ok(mut kept) = kept.lock() {
             *kept = Some((aux.load, aux.dropped));
@@ -539,12 +541,7 @@ fn checkpointed_moe_block(
         .ok()
         .and_then(|mut s| s.take())
         .unwrap_or_default();
-    let scalar = |i: usize| -> Result<Tensor> {
-        packed
-            .narrow(0, n + i, 1)?
-            .reshape(&[])
-            .map(|t| t.to_dtype(DType::F32))
-    };
+    let scalar = |i: usize| -> Result<Tensor> { packed.narrow(0, n + i, 1)?.reshape(&[]) };
     let aux = MoeAux {
         balance: scalar(0)?,
         z: scalar(1)?,
@@ -552,7 +549,8 @@ fn checkpointed_moe_block(
         dropped,
         probs: None,
     };
-    Ok((packed.narrow(0, 0, n)?.reshape(&shape)?, Some(aux)))
+    let y = packed.narrow(0, 0, n)?.reshape(&shape)?.to_dtype(dtype);
+    Ok((y, Some(aux)))
 }
 
 #[cfg(test)]
@@ -709,6 +707,53 @@ mod tests {
         assert_eq!(a.0, b.0);
         assert_eq!(a.1, b.1);
         assert_eq!(a.2, b.2);
+    }
+
+    #[test]
+    fn bf16_moe_models_route_in_f32_and_keep_their_losses_under_recomputation() {
+        let ids: Vec<u32> = (0..16).map(|i| (i * 5 % 11) as u32).collect();
+        let targets: Vec<i64> = ids.iter().map(|&i| ((i + 2) % 11) as i64).collect();
+        let run = |dtype: DType, ckpt: bool| {
+            let m = Gpt::new(
+                GptConfig {
+                    dtype,
+                    checkpoint_blocks: ckpt,
+                    ..tiny_moe(4, 2, 1)
+                },
+                3,
+            )
+            .unwrap();
+            let (logits, moe) = m.forward_with_aux(&ids, 2, 8, Some(1.into())).unwrap();
+            let ce = logits
+                .cross_entropy(&targets, CrossEntropyOptions::default())
+                .unwrap();
+            let aux: Vec<f32> = moe
+                .iter()
+                .flat_map(|(_, a)| [a.balance.item().unwrap(), a.z.item().unwrap()])
+                .collect();
+            assert!(moe.iter().all(|(_, a)| a.balance.dtype() == DType::F32));
+            let mut total = ce.clone();
+            for (_, a) in &moe {
+                total = total.add(&a.balance).unwrap().add(&a.z).unwrap();
+            }
+            total.backward().unwrap();
+            let grads = m.params.grads_to_vec();
+            assert!(grads.iter().all(|g| g.is_finite()));
+            (ce.item().unwrap(), aux)
+        };
+        let (f32_loss, f32_aux) = run(DType::F32, false);
+        let (bf16_loss, bf16_aux) = run(DType::BF16, false);
+        assert!(
+            (f32_loss - bf16_loss).abs() < 2e-2 * f32_loss,
+            "{f32_loss} vs {bf16_loss}"
+        );
+        for (a, b) in f32_aux.iter().zip(&bf16_aux) {
+            assert!((a - b).abs() < 2e-2 * a.abs().max(1e-3), "{a} vs {b}");
+        }
+        // Recomputed blocks report the same losses in bf16 (packed in f32, not rounded).
+        let (ckpt_loss, ckpt_aux) = run(DType::BF16, true);
+        assert_eq!(ckpt_aux, bf16_aux);
+        assert_eq!(ckpt_loss, bf16_loss);
     }
 
     #[test]

@@ -177,10 +177,10 @@ impl ModelConfig {
             }
             _ => {}
         }
-        let (a, b) = (
-            toml::Table::try_from(saved).ok()?,
-            toml::Table::try_from(self).ok()?,
-        );
+        let differ = || Some("the [model] sections differ".to_string());
+        let (Ok(a), Ok(b)) = (toml::Table::try_from(saved), toml::Table::try_from(self)) else {
+            return differ();
+        };
         let mut keys = Vec::new();
         flat_keys("model", &a, &mut keys);
         flat_keys("model", &b, &mut keys);
@@ -191,13 +191,16 @@ impl ModelConfig {
             }
             Some(v)
         };
-        keys.into_iter().find_map(|key| {
-            let (x, y) = (lookup(&a, &key), lookup(&b, &key));
-            (x != y).then(|| {
-                let show = |v: Option<toml::Value>| v.map_or("nothing".into(), |v| v.to_string());
-                format!("{key} = {} in the checkpoint but {} here", show(x), show(y))
+        keys.into_iter()
+            .find_map(|key| {
+                let (x, y) = (lookup(&a, &key), lookup(&b, &key));
+                (x != y).then(|| {
+                    let show =
+                        |v: Option<toml::Value>| v.map_or("nothing".into(), |v| v.to_string());
+                    format!("{key} = {} in the checkpoint but {} here", show(x), show(y))
+                })
             })
-        })
+            .or_else(differ)
     }
 }
 

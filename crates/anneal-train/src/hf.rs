@@ -24,6 +24,13 @@ use std::path::Path;
 /// files go into a temporary directory beside it, which is renamed into place. An existing,
 /// non-empty `out` is replaced only with `overwrite`; a checkpoint or run directory never is.
 pub fn export(model: &Gpt, tokenizer: &Tokenizer, out: &Path, overwrite: bool) -> Result<()> {
+    if let Some(moe) = &model.config.moe {
+        bail!(
+            "this model has Mixture-of-Experts blocks ([model.moe] experts = {}), which Hugging \
+             Face's GPT-2 has no place for; anneal's own checkpoint is the way to keep it",
+            moe.layer.experts
+        );
+    }
     export_dir(out, overwrite, |tmp| write_dir(model, tokenizer, tmp))
 }
 

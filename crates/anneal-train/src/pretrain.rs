@@ -79,6 +79,21 @@ pub struct RunOptions {
     /// layout over them is the run config's `[parallel]` section.
     pub ranks: usize,
 }
+/// An f64 that JSON wrote as `null` (a NaN or an infinity) reads back as NaN.
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+/// A validation history whose `null` losses (NaN) read back as NaN.
+fn history_nan_if_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<(u64, f64)>, D::Error> {
+    let v: Vec<(u64, Option<f64>)> = Deserialize::deserialize(d)?;
+    Ok(v.into_iter()
+        .map(|(s, l)| (s, l.unwrap_or(f64::NAN)))
+        .collect())
+}
+
 /// What a run did (written to `summary.json` in the run directory).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct RunSummary {
@@ -91,21 +106,28 @@ pub struct RunSummary {
     /// Last validation loss.
     pub val_loss: Option<f64>,
     /// Validation losses by step.
+    #[serde(deserialize_with = "history_nan_if_null")]
     pub val_history: Vec<(u64, f64)>,
     /// Wall time of this invocation, evaluation and checkpoints included.
+    #[serde(deserialize_with = "nan_if_null")]
     pub wall_seconds: f64,
     /// Mean time of one optimizer step in this invocation.
+    #[serde(deserialize_with = "nan_if_null")]
     pub ms_per_step: f64,
     /// Mean time per step spent waiting for communication outside backward (gradient reductions
     /// overlapping did not hide, ZeRO's parameter all-gather); 0 on one rank.
+    #[serde(deserialize_with = "nan_if_null")]
     pub exposed_comm_ms_per_step: f64,
     /// Training tokens per second (steps only).
+    #[serde(deserialize_with = "nan_if_null")]
     pub tokens_per_second: f64,
     /// Model FLOP utilisation against the machine's f32 peak.
+    #[serde(deserialize_with = "nan_if_null")]
     pub mfu: f64,
     /// The last checkpoint written.
     pub checkpoint: Option<PathBuf>,
     /// Peak resident memory of the process in MB.
+    #[serde(deserialize_with = "nan_if_null")]
     pub peak_rss_mb: f64,
 }
 
@@ -173,34 +195,34 @@ impl MoeMetrics {
     pub fn from_named(metrics: &[(String, f64)]) -> Option<MoeMetrics> {
         let get = |name: &str| metrics.iter().find(|(n, _)| n == name).map(|(_, v)| *v);
         let (aux_loss, z_loss) = (get("moe_aux_loss")?, get("moe_z_loss")?);
-        let mut layers: Vec<MoeLayerMetrics> = Vec::new();
+        let mut layers: std::collections::BTreeMap<usize, MoeLayerMetrics> = Default::default();
         for (name, v) in metrics {
-            let mut parts = name.split('.');
-            let (Some("moe"), Some(block), Some(what)) = (parts.next(), parts.next(), parts.next())
-            else {
+            let parts: Vec<&str> = name.split('.').collect();
+            let Some(block) = parts.get(1).and_then(|b| b.parse::<usize>().ok()) else {
                 continue;
             };
-            let Ok(block) = block.parse::<usize>() else {
-                continue;
+            let layer = || MoeLayerMetrics {
+                block,
+                load: Vec::new(),
+                dropped: 0.0,
             };
-            if layers.last().is_none_or(|l| l.block != block) {
-                layers.push(MoeLayerMetrics {
-                    block,
-                    load: Vec::new(),
-                    dropped: 0.0,
-                });
-            }
-            let layer = layers.last_mut().expect("pushed above");
-            match what {
-                "load" => layer.load.push(*v),
-                "dropped" => layer.dropped = *v,
+            match parts[..] {
+                ["moe", _, "load", e] => {
+                    let Ok(e) = e.parse::<usize>() else { continue };
+                    let load = &mut layers.entry(block).or_insert_with(layer).load;
+                    if load.len() <= e {
+                        load.resize(e + 1, 0.0);
+                    }
+                    load[e] = *v;
+                }
+                ["moe", _, "dropped"] => layers.entry(block).or_insert_with(layer).dropped = *v,
                 _ => {}
             }
         }
         Some(MoeMetrics {
             aux_loss,
             z_loss,
-            layers,
+            layers: layers.into_values().collect(),
         })
     }
 }
@@ -779,10 +801,11 @@ fn train_on_pool(
             window = (Instant::now(), 0);
         }
         let moe = MoeMetrics::from_named(&s.metrics);
+        // The objective's loss: the MoE losses are logged on their own.
+        let objective_loss = s.loss - moe.as_ref().map_or(0.0, |m| m.aux_loss + m.z_loss);
         let m = Metric::Step {
             step,
-            // The objective's loss: the MoE losses are logged on their own.
-            loss: s.loss - moe.as_ref().map_or(0.0, |m| m.aux_loss + m.z_loss),
+            loss: objective_loss,
             lr,
             grad_norm: s.grad_norm,
             tokens_per_s,
@@ -797,7 +820,7 @@ fn train_on_pool(
             step,
             &format!(
                 "loss {:.4} lr {lr:.2e} {:.1}k tok/s MFU {:.0}%",
-                s.loss,
+                objective_loss,
                 tokens_per_s / 1e3,
                 100.0 * mfu
             ),
@@ -836,11 +859,15 @@ fn train_on_pool(
         peak_rss_mb: crate::machine::peak_rss_mb(),
     };
     if lead {
-        // What the run did, for scripts and experiments that compare runs.
+        // What the run did, for scripts and experiments that compare runs; the run itself is
+        // done and checkpointed either way.
         let path = config.train.out_dir.join("summary.json");
-        let text = serde_json::to_string_pretty(&summary)?;
-        crate::checkpoint::write_atomic(&path, text.as_bytes())
-            .with_context(|| format!("writing {}", path.display()))?;
+        let written = serde_json::to_string_pretty(&summary)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| crate::checkpoint::write_atomic(&path, text.as_bytes()));
+        if let Err(e) = written {
+            tracing::warn!("{} not written: {e:#}", path.display());
+        }
     }
     Ok(summary)
 }

@@ -321,7 +321,12 @@ impl Block {
             key_padding_mask,
         )?;
         let x = x.add(&a)?;
-        let (h, _) = self.ffn.forward(w, &self.norm_2.forward(w, &x)?, None)?;
+        // Generation routes dropless: a token's experts do not depend on how many came with it.
+        let n = self.norm_2.forward(w, &x)?;
+        let h = match &self.ffn {
+            FeedForward::Dense(m) => m.forward(w, &n)?,
+            FeedForward::Experts(m) => m.forward_dropless(w, &n)?.0,
+        };
         Ok((x.add(&h)?, kv))
     }
 }

@@ -49,15 +49,15 @@ pub struct MoeConfig {
 }
 
 impl MoeConfig {
-    /// Switch routing over `experts`: top-1, capacity factor 1.25 in training and 2.0 in
-    /// evaluation (Switch Transformers Table 1 finds 1.0–1.25 the best trade-off in training),
-    /// α = 1e-2, β = 1e-3, no jitter.
+    /// Switch routing over `experts`: top-1, capacity factor 1.25 in training (Switch
+    /// Transformers Table 1 finds 1.0–1.25 the best trade-off), dropless in evaluation (so a
+    /// token's loss does not depend on the batch it is scored in), α = 1e-2, β = 1e-3, no jitter.
     pub fn switch(experts: usize) -> MoeConfig {
         MoeConfig {
             experts,
             top_k: 1,
             capacity_factor: Some(1.25),
-            eval_capacity_factor: Some(2.0),
+            eval_capacity_factor: None,
             aux_loss: 1e-2,
             z_loss: 1e-3,
             jitter: 0.0,
@@ -128,6 +128,12 @@ pub struct MoeAux {
 /// the local loss mean_t H(p_t), low when each token is routed confidently, and the global loss
 /// −H(mean_t p_t), low when the modality's tokens spread over many experts. H(p) = −Σ p·ln p.
 pub fn router_entropies(probs: &Tensor) -> Result<(Tensor, Tensor)> {
+    if probs.numel() == 0 {
+        return Ok((
+            Tensor::zeros(&[], DType::F32),
+            Tensor::zeros(&[], DType::F32),
+        ));
+    }
     // ln(p + 1e-9): a probability that underflowed to zero adds nothing instead of NaN.
     let plogp = |p: &Tensor| -> Result<Tensor> { p.mul(&p.add_scalar(1e-9).log()) };
     let local = plogp(probs)?.sum(1, false)?.mean_all()?.scale(-1.0);
@@ -262,9 +268,43 @@ impl MoeMlp {
         training: Option<DropoutKey>,
     ) -> Result<(Tensor, MoeAux)> {
         let c = &self.config;
+        let factor = if training.is_some() {
+            c.capacity_factor
+        } else {
+            c.eval_capacity_factor
+        };
+        self.forward_with_capacity(w, x, training, factor)
+    }
+
+    /// The layer in evaluation with no capacity limit: generation routes this way, so a token
+    /// is routed alike whether it comes in a prompt or one at a time.
+    pub fn forward_dropless(&self, w: &Weights, x: &Tensor) -> Result<(Tensor, MoeAux)> {
+        self.forward_with_capacity(w, x, None, None)
+    }
+
+    /// The layer with capacity factor `factor` (`None`: dropless).
+    fn forward_with_capacity(
+        &self,
+        w: &Weights,
+        x: &Tensor,
+        training: Option<DropoutKey>,
+        factor: Option<f64>,
+    ) -> Result<(Tensor, MoeAux)> {
+        let c = &self.config;
         let (d, e, k) = (self.d, c.experts, c.top_k);
         let shape = x.shape().to_vec();
         let tokens = x.numel() / d.max(1);
+        if tokens == 0 {
+            let zero = || Tensor::zeros(&[], DType::F32);
+            let aux = MoeAux {
+                balance: zero(),
+                z: zero(),
+                load: vec![0.0; e],
+                dropped: 0.0,
+                probs: None,
+            };
+            return Ok((Tensor::zeros(&shape, x.dtype()), aux));
+        }
         let x2 = x.reshape(&[tokens, d])?;
         // The router in f32 (Switch Transformers' selective precision).
         let mut xr = x2.to_dtype(DType::F32);
@@ -285,21 +325,16 @@ impl MoeMlp {
         }
         let logits = xr.linear(&w.get_f32(self.router)?, None)?;
         let probs = logits.softmax()?;
-        let factor = if training.is_some() {
-            c.capacity_factor
-        } else {
-            c.eval_capacity_factor
-        };
         let capacity = factor.map(|f| expert_capacity(f, k, tokens, e));
         let routing = Routing::top_k(&probs.to_vec_f32(), e, k, capacity)?;
-        let mut gates = probs.gather(1, &routing.choice, &[tokens, k])?;
+        let mut gates = probs.gather(1, routing.choice(), &[tokens, k])?;
         if k > 1 {
             gates = gates.div(&gates.sum(1, true)?)?;
         }
         // Dispatch: each expert's rows, one product per expert, back to the tokens.
         let rows = x2.index_select(0, &routing.row_tokens())?;
         let parallel = w.parallel();
-        let (rows, local) = parallel.dispatch_to_experts(&rows, &routing.counts)?;
+        let (rows, local) = parallel.dispatch_to_experts(&rows, routing.counts())?;
         let bias = |id: Option<ParamId>| id.map(|id| w.get(id)).transpose();
         let h = rows.grouped_linear(&w.get(self.fc.0)?, bias(self.fc.1)?.as_ref(), &local, None)?;
         let out = h.grouped_linear(
@@ -308,12 +343,12 @@ impl MoeMlp {
             &local,
             Some(self.exact_gelu),
         )?;
-        let out = parallel.return_from_experts(&out, &routing.counts)?;
+        let out = parallel.return_from_experts(&out, routing.counts())?;
         let y = out.moe_combine(&gates, &routing)?.reshape(&shape)?;
         // Balancing: α · E · Σ fᵢ Pᵢ, the gradient reaching the router through Pᵢ only.
         let assignments = (tokens * k).max(1) as f64;
         let load: Vec<f64> = routing
-            .wanted
+            .wanted()
             .iter()
             .map(|&n| n as f64 / assignments)
             .collect();

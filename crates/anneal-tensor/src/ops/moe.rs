@@ -25,7 +25,10 @@ use crate::Tensor;
 /// `tokens` tokens with `k` choices each (GShard §2.2; Switch Transformers §2.2, with k = 1;
 /// DeepSpeed multiplies the factor by k for top-k in the same way).
 pub fn expert_capacity(factor: f64, top_k: usize, tokens: usize, experts: usize) -> usize {
-    (factor * (top_k * tokens) as f64 / experts.max(1) as f64).ceil() as usize
+    let exact = factor * top_k.saturating_mul(tokens) as f64 / experts.max(1) as f64;
+    // A product that lands a rounding error above a whole number (1.1 · 100 / 2 is
+    // 55.00000000000001 in f64) is that number.
+    (exact - 1e-9 * exact.max(1.0)).ceil().max(0.0) as usize
 }
 
 /// Where each token's choices of expert went: the routing of one batch, as indices only.
@@ -34,24 +37,18 @@ pub fn expert_capacity(factor: f64, top_k: usize, tokens: usize, experts: usize)
 /// assignments grouped by expert (expert 0's first); inside an expert, every first choice comes
 /// before any second choice, and each choice's tokens are in position order, so when capacity
 /// runs out the later choices and later positions are dropped (GShard's priority).
+///
+/// Only [`Routing::top_k`] makes one, so its indices are consistent by construction.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Routing {
-    /// Experts routed over.
-    pub experts: usize,
-    /// Choices per token.
-    pub top_k: usize,
-    /// Expert of each assignment, `[tokens · k]`.
-    pub choice: Vec<usize>,
-    /// Row of each assignment, or [`Routing::DROPPED`] when its expert was full.
-    pub row: Vec<usize>,
-    /// Assignment of each row, `[rows]`.
-    pub assignment: Vec<usize>,
-    /// Rows each expert took (kept assignments), `[experts]`.
-    pub counts: Vec<usize>,
-    /// Assignments each expert was chosen for before capacity, `[experts]`.
-    pub wanted: Vec<usize>,
-    /// The capacity applied; `None` routes dropless.
-    pub capacity: Option<usize>,
+    experts: usize,
+    top_k: usize,
+    choice: Vec<usize>,
+    row: Vec<usize>,
+    assignment: Vec<usize>,
+    counts: Vec<usize>,
+    wanted: Vec<usize>,
+    capacity: Option<usize>,
 }
 
 impl Routing {
@@ -84,15 +81,20 @@ impl Routing {
             for _ in 0..top_k {
                 let mut best: Option<usize> = None;
                 for (e, &v) in p.iter().enumerate() {
-                    if choice[first..].contains(&e) {
+                    // A NaN never wins: a diverged row still routes, to its lowest free experts.
+                    if choice[first..].contains(&e) || v.is_nan() {
                         continue;
                     }
-                    // NaN never wins a comparison: a diverged row still routes somewhere.
                     if best.is_none_or(|b| v > p[b]) {
                         best = Some(e);
                     }
                 }
-                choice.push(best.expect("top_k <= experts"));
+                let best = best.unwrap_or_else(|| {
+                    (0..experts)
+                        .find(|e| !choice[first..].contains(e))
+                        .expect("top_k <= experts")
+                });
+                choice.push(best);
             }
         }
         // Slots in priority order: every token's first choice, then every second choice.
@@ -141,6 +143,47 @@ impl Routing {
             wanted,
             capacity,
         })
+    }
+
+    /// Experts routed over.
+    pub fn experts(&self) -> usize {
+        self.experts
+    }
+
+    /// Choices per token.
+    pub fn k(&self) -> usize {
+        self.top_k
+    }
+
+    /// Expert of each assignment, `[tokens · k]` (assignment `t·k + c` is token `t`'s `c`-th
+    /// choice).
+    pub fn choice(&self) -> &[usize] {
+        &self.choice
+    }
+
+    /// Row of each assignment, or [`Routing::DROPPED`] when its expert was full.
+    pub fn row(&self) -> &[usize] {
+        &self.row
+    }
+
+    /// Assignment of each row, `[rows]`.
+    pub fn assignment(&self) -> &[usize] {
+        &self.assignment
+    }
+
+    /// Rows each expert took (kept assignments), `[experts]`.
+    pub fn counts(&self) -> &[usize] {
+        &self.counts
+    }
+
+    /// Assignments each expert was chosen for before capacity, `[experts]`.
+    pub fn wanted(&self) -> &[usize] {
+        &self.wanted
+    }
+
+    /// The capacity applied; `None` routed dropless.
+    pub fn capacity(&self) -> Option<usize> {
+        self.capacity
     }
 
     /// Tokens routed.
@@ -343,7 +386,8 @@ impl Tensor {
             }
         }
         let rows = self.shape()[0];
-        if counts.iter().sum::<usize>() != rows {
+        let total = counts.iter().try_fold(0usize, |acc, &n| acc.checked_add(n));
+        if total != Some(rows) {
             return Err(invalid(
                 "grouped_linear",
                 format!("group sizes {counts:?} do not add up to the {rows} rows"),
@@ -518,6 +562,20 @@ mod tests {
         assert_eq!(r.counts, vec![5, 3, 2]);
         assert_eq!(r.dropped(), 0);
         assert!(Routing::top_k(&probs(), 3, 4, None).is_err());
+    }
+
+    #[test]
+    fn capacity_is_exact_and_nan_rows_still_route() {
+        // 1.1 · 100 / 2 is 55.00000000000001 in f64; the capacity is 55.
+        assert_eq!(expert_capacity(1.1, 1, 100, 2), 55);
+        assert_eq!(expert_capacity(1.25, 2, 5, 3), 5);
+        assert_eq!(expert_capacity(1.0, 1, 0, 4), 0);
+        let probs = [f32::NAN, 0.2, 0.8, f32::NAN, f32::NAN, f32::NAN];
+        let r = Routing::top_k(&probs, 3, 2, None).unwrap();
+        assert_eq!(r.choice(), &[2, 1, 0, 1]);
+        // No tokens: nothing routed, nothing dropped.
+        let r = Routing::top_k(&[], 3, 1, Some(0)).unwrap();
+        assert_eq!((r.tokens(), r.rows(), r.dropped_fraction()), (0, 0, 0.0));
     }
 
     #[test]
