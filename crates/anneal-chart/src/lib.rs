@@ -275,13 +275,14 @@ pub fn histogram(
     })
 }
 
-/// Two panels: stacked bars of `series` per label (left) and bars of `line` per label (right),
-/// as a PNG at `path`. Labels are drawn only when a font is available.
+/// Two panels: stacked bars of `series` per label (left, its axis named `unit`) and bars of
+/// `line` per label (right), as a PNG at `path`. Labels are drawn only when a font is available.
 pub fn stacked_bars(
     path: &Path,
     title: &str,
     labels: &[String],
     series: &[(&str, Vec<f64>)],
+    unit: &str,
     line: (&str, &[f64]),
 ) -> Result<()> {
     if labels.is_empty() {
@@ -300,7 +301,7 @@ pub fn stacked_bars(
         };
         let (left, right) = root.split_horizontally(700);
         let slots = (0.0..n as f64, 0.0..top);
-        let mut chart = axes(&left, text, None, slots, ("", "GB"), Some(labels))?;
+        let mut chart = axes(&left, text, None, slots, ("", unit), Some(labels))?;
         let mut base = vec![0.0; n];
         for (k, (name, values)) in series.iter().enumerate() {
             let color = COLORS[k % COLORS.len()];

@@ -59,6 +59,13 @@ pub struct LimoeExperiment {
     /// Weight of the global entropy loss per modality (0 turns it off).
     #[arg(long, default_value_t = 0.01)]
     pub global_entropy: f32,
+    /// The global entropy loss applies only below ln(this many experts) of entropy per
+    /// modality (0: always), so a modality may settle on a subset of the experts.
+    #[arg(long, default_value_t = 0.0)]
+    pub global_threshold: f32,
+    /// Weight of the Switch balancing loss, computed over both modalities' tokens together.
+    #[arg(long, default_value_t = 0.01)]
+    pub aux_loss: f32,
     /// Peak learning rate.
     #[arg(long, default_value_t = 2e-3)]
     pub lr: f64,
@@ -496,11 +503,13 @@ pub fn limoe(e: LimoeExperiment) -> Result<()> {
             moe: anneal_nn::layers::MoeConfig {
                 capacity_factor: None,
                 eval_capacity_factor: None,
+                aux_loss: e.aux_loss,
                 ..anneal_nn::layers::MoeConfig::switch(e.experts)
             },
             proj_dim: 32,
             local_entropy: e.local_entropy,
             global_entropy: e.global_entropy,
+            global_threshold: e.global_threshold,
             temperature: 0.1,
         },
         steps: e.steps,
@@ -516,14 +525,16 @@ pub fn limoe(e: LimoeExperiment) -> Result<()> {
     println!(
         "LIMoE-style encoder: {} blocks of width {} (every other one {} experts, top-1, dropless), \
          {} steps of 10 image-text pairs, on {} Fashion-MNIST training images; entropy weights \
-         local {} global {}",
+         local {} global {} (threshold {} experts), balancing loss {}",
         run.config.n_layer,
         run.config.d_model,
         e.experts,
         run.steps,
         train.len(),
         e.local_entropy,
-        e.global_entropy
+        e.global_entropy,
+        e.global_threshold,
+        e.aux_loss
     );
     let every = (run.steps / 10).max(1);
     let report = train_limoe(&run, &train, &test, &mut |step, loss| {
@@ -598,6 +609,7 @@ pub fn limoe(e: LimoeExperiment) -> Result<()> {
         "experts by modality: share of image and text tokens (left), text share (right)",
         &labels,
         &[("image tokens", image), ("text tokens", text)],
+        "share of the modality's tokens",
         ("text share of the expert's tokens", &text_share),
     )?;
     std::fs::write(e.out.join("report.md"), &md)?;

@@ -540,6 +540,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             "memory per device (GB) and MFU (%) of the top layouts (dp/tp/pp, micro-batch, ZeRO stage)",
             &labels,
             &series,
+            "GB",
             ("MFU %", &mfu),
         )?;
         eprintln!("chart: {}", path.display());

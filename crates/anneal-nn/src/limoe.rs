@@ -9,7 +9,8 @@
 //! text  [B, L] ids     → token embedding + positions ────────┘   → LayerNorm → mean over positions
 //!                                                                → per-modality projection → unit norm
 //! loss = (CE(image→text) + CE(text→image)) / 2 over the batch's similarity / τ
-//!      + per modality: balancing and z-losses, local entropy, global entropy
+//!      + balancing loss over both modalities' tokens, per modality: z-loss, local entropy,
+//!        global entropy (applied below a threshold)
 //! ```
 
 use crate::layers::{
@@ -45,6 +46,10 @@ pub struct LimoeConfig {
     pub local_entropy: f32,
     /// Weight of the global entropy loss (per modality).
     pub global_entropy: f32,
+    /// The global entropy loss applies only while a modality's routing entropy is below
+    /// ln(this many experts) (LIMoE §3.1's threshold): a modality may settle on a subset of the
+    /// experts rather than be pushed onto all of them; 0 applies it always.
+    pub global_threshold: f32,
     /// Temperature τ of the contrastive loss.
     pub temperature: f32,
 }
@@ -63,7 +68,7 @@ pub struct LimoeLoss {
     pub total: Tensor,
     /// The contrastive part.
     pub contrastive: f32,
-    /// Balancing plus z-losses, both modalities.
+    /// The balancing loss over both modalities' tokens, plus each modality's z-loss.
     pub balance: f32,
     /// Local entropy (weighted), image and text.
     pub local: [f32; 2],
@@ -220,13 +225,45 @@ impl Limoe {
         let contrastive = i2t.add(&t2i)?.scale(0.5);
         let mut total = contrastive.clone();
         let (mut balance, mut local, mut global) = (0.0, [0.0; 2], [0.0; 2]);
+        // The balancing loss over both modalities' tokens together, as LIMoE computes its
+        // auxiliary losses on the whole batch: experts may then serve one modality each, as long
+        // as the batch as a whole spreads over them. (Each modality's own balancing loss would
+        // push both onto every expert.)
+        for ((_, a), (_, b)) in images.moe.iter().zip(&texts.moe) {
+            let (Some(pa), Some(pb)) = (&a.probs, &b.probs) else {
+                continue;
+            };
+            let (na, nb) = (pa.shape()[0] as f64, pb.shape()[0] as f64);
+            let e = a.load.len();
+            let f: Vec<f32> = a
+                .load
+                .iter()
+                .zip(&b.load)
+                .map(|(x, y)| ((x * na + y * nb) / (na + nb) * e as f64) as f32)
+                .collect();
+            let p = pa
+                .sum(0, false)?
+                .add(&pb.sum(0, false)?)?
+                .scale(1.0 / (na + nb) as f32);
+            let joint = p
+                .mul(&Tensor::from_f32(f, &[e])?)?
+                .sum_all()?
+                .scale(c.moe.aux_loss);
+            let z = a.z.add(&b.z)?;
+            let part = joint.add(&z)?;
+            balance += part.item()?;
+            total = total.add(&part)?;
+        }
         for (m, enc) in [images, texts].into_iter().enumerate() {
             for (_, aux) in &enc.moe {
-                let b = aux.balance.add(&aux.z)?;
-                balance += b.item()?;
-                total = total.add(&b)?;
                 if let Some(probs) = &aux.probs {
                     let (l, g) = router_entropies(probs)?;
+                    // −H(p̄) + ln τ > 0 exactly when the entropy is below ln τ.
+                    let g = if c.global_threshold > 0.0 {
+                        g.add_scalar(c.global_threshold.ln()).relu()
+                    } else {
+                        g
+                    };
                     let (l, g) = (l.scale(c.local_entropy), g.scale(c.global_entropy));
                     local[m] += l.item()?;
                     global[m] += g.item()?;
@@ -266,6 +303,7 @@ mod tests {
             proj_dim: 8,
             local_entropy: 0.1,
             global_entropy: 0.1,
+            global_threshold: 0.0,
             temperature: 0.1,
         }
     }

@@ -348,6 +348,7 @@ mod tests {
             proj_dim: 16,
             local_entropy: 0.01,
             global_entropy: 0.01,
+            global_threshold: 0.0,
             temperature: 0.1,
         };
         let run = LimoeRun {
