@@ -87,7 +87,20 @@ type Area<'b> = DrawingArea<BitMapBackend<'b>, Shift>;
 type Chart<'a, 'b> =
     ChartContext<'a, BitMapBackend<'b>, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
 
-const COLORS: [RGBColor; 5] = [BLUE, RED, GREEN, MAGENTA, CYAN];
+/// Ten distinguishable colours (the first five are plotters' primaries), so charts of up to ten
+/// series never repeat one.
+const COLORS: [RGBColor; 10] = [
+    BLUE,
+    RED,
+    GREEN,
+    MAGENTA,
+    CYAN,
+    RGBColor(255, 140, 0),
+    RGBColor(128, 0, 128),
+    RGBColor(139, 69, 19),
+    RGBColor(0, 0, 0),
+    RGBColor(128, 128, 0),
+];
 
 /// Draws into a `size` PNG at `path` with `draw(area, text)`, `text` telling whether a font is
 /// available. The image goes to a temporary file first (whose name ends in .png too: the encoder
