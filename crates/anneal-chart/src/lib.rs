@@ -288,6 +288,19 @@ pub fn histogram(
     })
 }
 
+/// `points` (x increasing) averaged over consecutive windows of about 1% of them, each window
+/// placed at its last x: a noisy per-step curve drawn readably.
+pub fn smooth(points: &[(f64, f64)]) -> Vec<(f64, f64)> {
+    let w = (points.len() / 100).max(1);
+    points
+        .chunks(w)
+        .map(|c| {
+            let last = c.last().expect("chunks are not empty").0;
+            (last, c.iter().map(|p| p.1).sum::<f64>() / c.len() as f64)
+        })
+        .collect()
+}
+
 /// Two panels: stacked bars of `series` per label (left, its axis named `unit`) and bars of
 /// `line` per label (right), as a PNG at `path`. Labels are drawn only when a font is available.
 pub fn stacked_bars(

@@ -542,18 +542,12 @@ pub fn limoe(e: LimoeExperiment) -> Result<()> {
             println!("step {step}: contrastive loss {loss:.4}");
         }
     })?;
-    // The loss curve, smoothed over about 1% of the run.
-    let w = (report.losses.len() / 100).max(1);
-    let smooth: Vec<(f64, f64)> = report
+    let curve: Vec<(f64, f64)> = report
         .losses
-        .chunks(w)
-        .map(|c| {
-            (
-                c.last().expect("non-empty").0 as f64,
-                c.iter().map(|l| l.1 as f64).sum::<f64>() / c.len() as f64,
-            )
-        })
+        .iter()
+        .map(|l| (l.0 as f64, l.1 as f64))
         .collect();
+    let smooth = anneal_chart::smooth(&curve);
     line_chart(
         &e.out.join("loss.png"),
         "LIMoE-style encoder: contrastive loss",

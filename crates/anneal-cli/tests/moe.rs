@@ -135,19 +135,23 @@ fn the_moe_experiment_runs_end_to_end_in_its_quick_form() {
     let dir = tempfile::tempdir().unwrap();
     let data = tokenize(dir.path());
     let out = dir.path().join("experiment");
-    let text = ok(anneal(&[
-        "experiment",
-        "moe",
-        "--quick",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--variants",
-        "dense,moe4",
-        "--seeds",
-        "1",
-    ]));
+    let (data_s, out_s) = (data.to_str().unwrap(), out.to_str().unwrap());
+    let experiment = |variants: &str| {
+        anneal(&[
+            "experiment",
+            "moe",
+            "--quick",
+            "--data",
+            data_s,
+            "--out",
+            out_s,
+            "--variants",
+            variants,
+            "--seeds",
+            "1",
+        ])
+    };
+    let text = ok(experiment("dense,moe4"));
     assert!(
         text.contains("| dense seed 0") && text.contains("| moe4 seed 0"),
         "{text}"
@@ -160,32 +164,10 @@ fn the_moe_experiment_runs_end_to_end_in_its_quick_form() {
     assert!(runs[1]["params"].as_u64() > runs[1]["active_params"].as_u64());
     assert_eq!(runs[0]["params"], runs[0]["active_params"]);
     // A second invocation reuses the finished runs.
-    let again = ok(anneal(&[
-        "experiment",
-        "moe",
-        "--quick",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--variants",
-        "dense,moe4",
-        "--seeds",
-        "1",
-    ]));
+    let again = ok(experiment("dense,moe4"));
     assert_eq!(again.matches("done earlier").count(), 2, "{again}");
     // An unknown variant is refused before any run.
-    let bad = anneal(&[
-        "experiment",
-        "moe",
-        "--quick",
-        "--data",
-        data.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--variants",
-        "moe3",
-    ]);
+    let bad = experiment("moe3");
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
         !bad.status.success() && err.contains("moe3") && err.contains("moe8-top2-half"),

@@ -314,18 +314,7 @@ fn plot_losses(path: &Path, metrics: &[Metric]) -> Result<()> {
             Metric::Eval { step, val_loss, .. } => val.push((*step as f64, *val_loss)),
         }
     }
-    // Smooth the per-step training loss over a window of about 1% of the run.
-    let w = (train.len() / 100).max(1);
-    let smooth: Vec<(f64, f64)> = (0..train.len())
-        .step_by(w)
-        .map(|i| {
-            let part = &train[i..(i + w).min(train.len())];
-            (
-                part.last().expect("non-empty").0,
-                part.iter().map(|p| p.1).sum::<f64>() / part.len() as f64,
-            )
-        })
-        .collect();
+    let smooth = anneal_chart::smooth(&train);
     line_chart(
         path,
         "anneal pretrain: loss",
@@ -373,18 +362,7 @@ fn plot_expert_load(path: &Path, metrics: &[Metric]) -> Result<()> {
     if per_layer.is_empty() {
         return Ok(());
     }
-    let smooth = |points: &[(f64, f64)]| -> Vec<(f64, f64)> {
-        let w = (points.len() / 100).max(1);
-        points
-            .chunks(w)
-            .map(|c| {
-                (
-                    c.last().expect("non-empty").0,
-                    c.iter().map(|p| p.1).sum::<f64>() / c.len() as f64,
-                )
-            })
-            .collect()
-    };
+    let smooth = anneal_chart::smooth;
     let experts = per_layer[0].1.max(1);
     let first = per_layer[0].2.first().map_or(0.0, |p| p.0);
     let last = per_layer[0].2.last().map_or(1.0, |p| p.0);
