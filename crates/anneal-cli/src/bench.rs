@@ -78,6 +78,12 @@ pub enum BenchCommand {
     /// Example: anneal bench moe --tokens 4096 --width 256
     #[command(verbatim_doc_comment)]
     Moe(crate::bench_moe::MoeBench),
+    /// LeNet-5 training steps (forward, backward, AdamW) against the same model in PyTorch
+    /// (bench/torch_lenet.py), as the time of one Fashion-MNIST epoch.
+    ///
+    /// Example: anneal bench lenet --batch 64
+    #[command(verbatim_doc_comment)]
+    Lenet(crate::bench_lenet::LenetBench),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -368,6 +374,10 @@ pub fn run(cmd: BenchCommand, threads: Option<usize>) -> Result<()> {
         BenchCommand::Moe(mut b) => {
             b.threads = anneal_train::machine::threads(threads.unwrap_or(0));
             crate::bench_moe::moe(b)
+        }
+        BenchCommand::Lenet(mut b) => {
+            b.threads = anneal_train::machine::threads(threads.unwrap_or(0));
+            crate::bench_lenet::lenet(b)
         }
         BenchCommand::Generate(mut b) => {
             b.threads = anneal_train::machine::threads(threads.unwrap_or(0));

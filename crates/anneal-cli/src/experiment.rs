@@ -34,6 +34,13 @@ pub enum ExperimentCommand {
     /// Example: anneal experiment limoe --steps 3000 --experts 8
     #[command(verbatim_doc_comment)]
     Limoe(LimoeExperiment),
+    /// Test accuracy by number of labels for each training method on an image data set
+    /// (supervised LeNet-5 so far), each cell's steps, epochs and wall time, as a table and a
+    /// chart (needs scripts/fetch-data.sh fashion-mnist or mnist).
+    ///
+    /// Example: anneal experiment label-efficiency --dataset fashion-mnist --labels 100,600,6000,60000
+    #[command(verbatim_doc_comment)]
+    LabelEfficiency(crate::label_efficiency::LabelEfficiency),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -131,6 +138,7 @@ pub fn run(cmd: ExperimentCommand, threads: Option<usize>) -> Result<()> {
     match cmd {
         ExperimentCommand::Moe(e) => moe(e, threads),
         ExperimentCommand::Limoe(e) => limoe(e),
+        ExperimentCommand::LabelEfficiency(e) => crate::label_efficiency::run(e),
     }
 }
 

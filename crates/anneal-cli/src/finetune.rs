@@ -95,7 +95,7 @@ pub fn run(a: FinetuneArgs) -> Result<()> {
     Ok(())
 }
 
-fn progress(steps: u64) -> indicatif::ProgressBar {
+pub(crate) fn progress(steps: u64) -> indicatif::ProgressBar {
     let bar = indicatif::ProgressBar::new(steps);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps, {msg}, ETA {eta}")

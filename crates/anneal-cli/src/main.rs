@@ -2,6 +2,7 @@
 
 mod bench;
 mod bench_generate;
+mod bench_lenet;
 mod bench_moe;
 mod bench_proxy;
 mod bench_zero;
@@ -10,6 +11,7 @@ mod data;
 mod embed;
 mod experiment;
 mod finetune;
+mod label_efficiency;
 mod plan;
 mod run;
 

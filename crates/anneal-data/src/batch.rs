@@ -43,16 +43,26 @@ pub struct TokenSequences {
     pub seq: usize,
 }
 
-/// Images `[batch, channels, height, width]` with their labels; −1 marks an unlabelled image
-/// (semi-supervised training).
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Examples of one or more images each (augmented views of one image; FixMatch's labelled image
+/// with its unlabelled companions), with a label per example; −1 marks an unlabelled example.
+#[derive(Clone, Debug, PartialEq)]
 pub struct LabelledImages {
-    /// Pixels, row-major, scaled to [0, 1].
+    /// Pixels `[batch, views, channels, height, width]`, row-major, normalised.
     pub pixels: Vec<f32>,
-    /// `[batch, channels, height, width]`.
+    /// `[batch, channels, height, width]` (each view's shape, per example).
     pub shape: [usize; 4],
-    /// Class of each image, or −1.
+    /// Images per example, ≥ 1.
+    pub views: usize,
+    /// Class of each example, or −1.
     pub labels: Vec<i64>,
+}
+
+impl LabelledImages {
+    /// All the batch's images as one `[batch·views, channels, height, width]` shape.
+    pub fn image_shape(&self) -> [usize; 4] {
+        let [b, c, h, w] = self.shape;
+        [b * self.views, c, h, w]
+    }
 }
 
 /// Token sequences padded to one length, each with one class label (sequence classification:
@@ -167,10 +177,11 @@ impl Batch {
             }
             Batch::Sequences(s) => Batch::Sequences(sequence_rows(s, rows)),
             Batch::Images(i) => {
-                let per = i.shape[1] * i.shape[2] * i.shape[3];
+                let per = i.views * i.shape[1] * i.shape[2] * i.shape[3];
                 Batch::Images(LabelledImages {
                     pixels: i.pixels[rows.start * per..rows.end * per].to_vec(),
                     shape: [n, i.shape[1], i.shape[2], i.shape[3]],
+                    views: i.views,
                     labels: i.labels[rows].to_vec(),
                 })
             }
@@ -233,6 +244,10 @@ pub enum Stream {
     Dropout = 2,
     /// The fixed evaluation batches.
     Eval = 3,
+    /// Image augmentations (5: 4 seeds the epoch orders).
+    Augment = 5,
+    /// The order unlabelled examples are visited in, beside the labelled ones.
+    Unlabelled = 6,
 }
 
 /// Decides which examples each step draws, from the seed, the step and the micro-batch alone.
@@ -473,6 +488,7 @@ mod tests {
         let images = Batch::Images(LabelledImages {
             pixels: (0..12).map(|v| v as f32).collect(),
             shape: [3, 1, 2, 2],
+            views: 1,
             labels: vec![7, -1, 2],
         });
         let Batch::Images(tail) = images.rows(1..3) else {

@@ -12,6 +12,7 @@
 //! naming the file or value at fault. Long work reports progress through callbacks; drawing it is
 //! the binary's job.
 
+pub mod augment;
 pub mod batch;
 pub mod corpus;
 pub mod dedup;

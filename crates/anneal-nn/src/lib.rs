@@ -15,6 +15,7 @@
 //!   bidirectional attention with padding masked, erf GELU, mean and `[CLS]` pooling.
 //! * [`llama`]: Llama (Touvron et al. 2023): RMSNorm, rotary positions, grouped key/value heads,
 //!   gated SiLU MLP, tied or untied head, KV cache.
+//! * [`lenet`]: LeNet-5 (LeCun et al. 1998), the supervised convolutional baseline.
 //! * Mixture of Experts: `layers::MoeMlp` (Switch and top-k routing, capacity or dropless,
 //!   balancing and z-losses), in any GPT block through `GptConfig::moe`; [`limoe`]: one MoE
 //!   encoder shared by image patches and text tokens, trained contrastively with LIMoE's
@@ -23,9 +24,11 @@
 pub mod bert;
 pub mod gpt;
 pub mod layers;
+pub mod lenet;
 pub mod limoe;
 pub mod llama;
 
 pub use gpt::{Gpt, GptConfig, GptLayer, GptMoe};
 pub use layers::KvCache;
+pub use lenet::{LeNet, LeNetConfig};
 pub use llama::{Llama, LlamaConfig};

@@ -43,6 +43,33 @@ pub mod storage;
 mod tensor;
 pub mod testing;
 
+/// The CPU kernel path detected at run time, for reports: element-wise loops compiled for AVX2
+/// and FMA or portable code, and whether the CPU has AVX-512 (the `gemm` crate's matrix
+/// products pick their widest vectors themselves).
+pub fn kernel_path() -> String {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let elementwise = if kernels::has_avx2_fma() {
+            "avx2+fma"
+        } else {
+            "portable"
+        };
+        let avx512 = std::arch::is_x86_feature_detected!("avx512f");
+        format!(
+            "element-wise {elementwise}, matmul gemm ({})",
+            if avx512 {
+                "avx512f present"
+            } else {
+                "no avx512"
+            }
+        )
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "element-wise portable, matmul gemm".to_string()
+    }
+}
+
 pub use autograd::{checkpoint, enable_grad, is_grad_enabled, no_grad, Backward};
 pub use dtype::DType;
 pub use error::{Error, Result};

@@ -52,5 +52,6 @@ pub mod proxy;
 pub mod schedule;
 pub mod strategy;
 pub mod trainer;
+pub mod vision;
 
 pub use config::RunConfig;

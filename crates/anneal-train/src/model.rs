@@ -3,7 +3,7 @@
 //! strategies run the forward pass.
 
 use anneal_nn::bert::{Bert, BertInput};
-use anneal_nn::Gpt;
+use anneal_nn::{Gpt, LeNet};
 use anneal_tensor::{DropoutKey, ParamStore, Result, Tensor};
 
 /// A model's input, built by an objective from a batch (borrowing from it: nothing is copied).
@@ -29,6 +29,26 @@ pub enum ModelInput<'a> {
         /// Positions per row.
         seq: usize,
     },
+    /// Images `[n, channels, height, width]`, row-major, normalised.
+    Images {
+        /// The pixels.
+        pixels: &'a [f32],
+        /// Their shape.
+        shape: [usize; 4],
+    },
+}
+
+impl ModelInput<'_> {
+    /// The images of an image input as a tensor; fails, naming `model`, for any other input.
+    pub fn image_tensor(&self, model: &'static str) -> Result<Tensor> {
+        match self {
+            ModelInput::Images { pixels, shape } => Tensor::from_f32(pixels.to_vec(), shape),
+            _ => Err(anneal_tensor::Error::Invalid {
+                op: model,
+                reason: "an image model reads images".into(),
+            }),
+        }
+    }
 }
 
 /// A model's output: its main tensor (logits, embeddings, …) and the named auxiliary losses its
@@ -170,5 +190,28 @@ impl TrainModel for Bert {
     /// 6·N per token over the encoder's parameters (the attention term is small at 256 tokens).
     fn flops_per_token(&self, _seq: usize) -> f64 {
         6.0 * self.params.numel() as f64
+    }
+}
+
+/// LeNet-5: class logits of images.
+impl TrainModel for LeNet {
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    fn params_mut(&mut self) -> &mut ParamStore {
+        &mut self.params
+    }
+
+    fn forward(&self, input: &ModelInput<'_>, _dropout: Option<DropoutKey>) -> Result<ModelOutput> {
+        Ok(ModelOutput::logits(LeNet::forward(
+            self,
+            &input.image_tensor("LeNet")?,
+        )?))
+    }
+
+    /// Per image: the "tokens" of an image model are its images.
+    fn flops_per_token(&self, _seq: usize) -> f64 {
+        self.flops_per_image()
     }
 }

@@ -117,6 +117,11 @@ impl Trainer {
         &*self.model
     }
 
+    /// The model, the trainer given up.
+    pub fn into_model(self) -> Box<dyn TrainModel> {
+        self.model
+    }
+
     /// The optimizer.
     pub fn optimizer(&self) -> &dyn Optimizer {
         &*self.optimizer

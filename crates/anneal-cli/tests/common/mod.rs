@@ -24,6 +24,16 @@ pub fn ok(out: Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The error output of a run that must fail.
+pub fn fails(out: Output) -> String {
+    assert!(
+        !out.status.success(),
+        "succeeded where it should fail:\n{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// A small corpus with enough structure to learn: numbered verses of a few fixed lines.
 pub fn corpus(dir: &Path) -> PathBuf {
     let src = dir.join("src");

@@ -17,6 +17,7 @@
 
 mod attention;
 mod block;
+mod conv;
 mod embedding;
 mod heads;
 mod linear;
@@ -27,6 +28,7 @@ mod parallel;
 
 pub use attention::{Attention, AttentionConfig, KvCache, QkvNames};
 pub use block::{Block, BlockConfig, BlockNames, FeedForward};
+pub use conv::Conv2d;
 pub use embedding::Embedding;
 pub use heads::{ClassificationHead, LmHead, ScalarHead};
 pub use linear::{Linear, LinearOptions, LinearSplit, LoraConfig, WeightLayout};

@@ -5,6 +5,7 @@ use super::matmul::{gemm_f32, Mat};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::Tensor;
+use rayon::prelude::*;
 
 /// Geometry of a sliding window over an image.
 #[derive(Clone, Copy, Debug)]
@@ -64,6 +65,31 @@ impl Window {
         }
     }
 
+    /// The output columns `lo..hi` whose input column `ox·stride + kx − pad` lies inside the
+    /// image, for kernel column `kx`.
+    #[inline]
+    fn valid_columns(&self, kx: usize) -> (usize, usize) {
+        let s = self.stride;
+        let lo = if self.pad > kx {
+            (self.pad - kx).div_ceil(s)
+        } else {
+            0
+        };
+        let hi = if self.w + self.pad > kx {
+            ((self.w - 1 + self.pad - kx) / s + 1).min(self.ow)
+        } else {
+            0
+        };
+        (lo.min(hi), hi)
+    }
+
+    /// The input row of output row `oy` at kernel row `ky`, or None in the padding.
+    #[inline]
+    fn source_row(&self, oy: usize, ky: usize) -> Option<usize> {
+        let y = (oy * self.stride + ky) as isize - self.pad as isize;
+        (y >= 0 && y < self.h as isize).then_some(y as usize)
+    }
+
     /// im2col of one image: `[C·kh·kw, oh·ow]`.
     fn im2col(&self, img: &[f32], cols: &mut [f32]) {
         let plane = self.oh * self.ow;
@@ -71,13 +97,26 @@ impl Window {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
                     let row = (c * self.kh + ky) * self.kw + kx;
+                    let (lo, hi) = self.valid_columns(kx);
                     for oy in 0..self.oh {
-                        for ox in 0..self.ow {
-                            cols[row * plane + oy * self.ow + ox] =
-                                match self.source(oy, ox, ky, kx) {
-                                    Some((y, x)) => img[(c * self.h + y) * self.w + x],
-                                    None => 0.0,
-                                };
+                        let dst = &mut cols[row * plane + oy * self.ow..][..self.ow];
+                        let Some(y) = self.source_row(oy, ky) else {
+                            dst.fill(0.0);
+                            continue;
+                        };
+                        let src = &img[(c * self.h + y) * self.w..][..self.w];
+                        dst[..lo].fill(0.0);
+                        dst[hi..].fill(0.0);
+                        if lo == hi {
+                            continue;
+                        }
+                        let first = lo * self.stride + kx - self.pad;
+                        if self.stride == 1 {
+                            dst[lo..hi].copy_from_slice(&src[first..first + hi - lo]);
+                        } else {
+                            for (i, d) in dst[lo..hi].iter_mut().enumerate() {
+                                *d = src[first + i * self.stride];
+                            }
                         }
                     }
                 }
@@ -92,12 +131,16 @@ impl Window {
             for ky in 0..self.kh {
                 for kx in 0..self.kw {
                     let row = (c * self.kh + ky) * self.kw + kx;
+                    let (lo, hi) = self.valid_columns(kx);
                     for oy in 0..self.oh {
-                        for ox in 0..self.ow {
-                            if let Some((y, x)) = self.source(oy, ox, ky, kx) {
-                                img[(c * self.h + y) * self.w + x] +=
-                                    cols[row * plane + oy * self.ow + ox];
-                            }
+                        let Some(y) = self.source_row(oy, ky).filter(|_| lo < hi) else {
+                            continue;
+                        };
+                        let src = &cols[row * plane + oy * self.ow..][..self.ow];
+                        let dst = &mut img[(c * self.h + y) * self.w..][..self.w];
+                        let first = lo * self.stride + kx - self.pad;
+                        for (i, v) in src[lo..hi].iter().enumerate() {
+                            dst[first + i * self.stride] += v;
                         }
                     }
                 }
@@ -119,49 +162,67 @@ impl Backward for Conv2dBackward {
     }
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let win = self.win;
-        let n = self.x.shape()[0];
         let o = self.weight.shape()[0];
         let k = win.c * win.kh * win.kw;
         let plane = win.oh * win.ow;
         let img = win.c * win.h * win.w;
         let mut dx = crate::pool::zeros(self.x.numel());
-        let mut dw = crate::pool::zeros(o * k);
-        let mut db = crate::pool::zeros(o);
-        let mut cols = crate::pool::zeros(k * plane);
-        let mut dcols = crate::pool::zeros(k * plane);
         let w = self.weight.to_vec_f32();
-        grad.with_f32(|g| {
+        // Images in parallel, each thread summing its own dW and db.
+        let (dw, db) = grad.with_f32(|g| {
             self.x.with_f32(|x| {
-                for i in 0..n {
-                    let gi = &g[i * o * plane..(i + 1) * o * plane];
-                    win.im2col(&x[i * img..(i + 1) * img], &mut cols);
-                    unsafe {
-                        // dW += dY · colsᵀ
-                        gemm_f32(
-                            dw.as_mut_ptr(),
-                            k as isize,
-                            1,
-                            true,
-                            Mat::dense(gi.as_ptr(), o, plane),
-                            Mat::dense(cols.as_ptr(), k, plane).t(),
-                            rayon::current_num_threads(),
-                        );
-                        // dcols = Wᵀ · dY
-                        gemm_f32(
-                            dcols.as_mut_ptr(),
-                            plane as isize,
-                            1,
-                            false,
-                            Mat::dense(w.as_ptr(), o, k).t(),
-                            Mat::dense(gi.as_ptr(), o, plane),
-                            rayon::current_num_threads(),
-                        );
-                    }
-                    win.col2im(&dcols, &mut dx[i * img..(i + 1) * img]);
-                    for (oc, d) in db.iter_mut().enumerate() {
-                        *d += gi[oc * plane..(oc + 1) * plane].iter().sum::<f32>();
-                    }
-                }
+                dx.par_chunks_mut(img)
+                    .zip(g.par_chunks(o * plane))
+                    .zip(x.par_chunks(img))
+                    .fold(
+                        || {
+                            (
+                                vec![0.0f32; o * k],
+                                vec![0.0f32; o],
+                                vec![0.0f32; k * plane],
+                                vec![0.0f32; k * plane],
+                            )
+                        },
+                        |(mut dw, mut db, mut cols, mut dcols), ((dxi, gi), xi)| {
+                            win.im2col(xi, &mut cols);
+                            unsafe {
+                                // dW += dY · colsᵀ
+                                gemm_f32(
+                                    dw.as_mut_ptr(),
+                                    k as isize,
+                                    1,
+                                    true,
+                                    Mat::dense(gi.as_ptr(), o, plane),
+                                    Mat::dense(cols.as_ptr(), k, plane).t(),
+                                    1,
+                                );
+                                // dcols = Wᵀ · dY
+                                gemm_f32(
+                                    dcols.as_mut_ptr(),
+                                    plane as isize,
+                                    1,
+                                    false,
+                                    Mat::dense(w.as_ptr(), o, k).t(),
+                                    Mat::dense(gi.as_ptr(), o, plane),
+                                    1,
+                                );
+                            }
+                            win.col2im(&dcols, dxi);
+                            for (oc, d) in db.iter_mut().enumerate() {
+                                *d += gi[oc * plane..(oc + 1) * plane].iter().sum::<f32>();
+                            }
+                            (dw, db, cols, dcols)
+                        },
+                    )
+                    .map(|(dw, db, _, _)| (dw, db))
+                    .reduce(
+                        || (vec![0.0f32; o * k], vec![0.0f32; o]),
+                        |(mut a, mut b), (c, d)| {
+                            a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
+                            b.iter_mut().zip(&d).for_each(|(b, d)| *b += d);
+                            (a, b)
+                        },
+                    )
             })
         });
         let mut grads = vec![
@@ -198,20 +259,20 @@ impl Backward for PoolBackward {
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
         let win = self.win;
         let mut dx = crate::pool::zeros(self.shape.iter().product());
-        let planes = self.shape[0] * self.shape[1];
         let inv = 1.0 / (win.kh * win.kw) as f32;
+        let in_plane = win.h * win.w;
         grad.with_f32(|g| {
-            for p in 0..planes {
+            dx.par_chunks_mut(in_plane).enumerate().for_each(|(p, dx)| {
                 for oy in 0..win.oh {
                     for ox in 0..win.ow {
                         let r = (p * win.oh + oy) * win.ow + ox;
                         match self.kind {
-                            Pool::Max => dx[self.argmax[r]] += g[r],
+                            Pool::Max => dx[self.argmax[r] - p * in_plane] += g[r],
                             Pool::Avg => {
                                 for ky in 0..win.kh {
                                     for kx in 0..win.kw {
                                         if let Some((y, x)) = win.source(oy, ox, ky, kx) {
-                                            dx[(p * win.h + y) * win.w + x] += g[r] * inv;
+                                            dx[y * win.w + x] += g[r] * inv;
                                         }
                                     }
                                 }
@@ -219,7 +280,7 @@ impl Backward for PoolBackward {
                         }
                     }
                 }
-            }
+            });
         });
         Ok(vec![Some(Tensor::from_f32_unchecked(dx, &self.shape))])
     }
@@ -233,13 +294,18 @@ fn pool(x: &Tensor, kind: Pool, kernel: usize, stride: usize) -> Result<Tensor> 
     let win = Window::new(name, x.shape(), kernel, kernel, stride, 0)?;
     let planes = x.shape()[0] * x.shape()[1];
     let mut out = crate::pool::zeros(planes * win.oh * win.ow);
+
     let mut argmax = vec![0usize; out.len()];
     let inv = 1.0 / (kernel * kernel) as f32;
+    let out_plane = win.oh * win.ow;
     x.with_f32(|v| {
-        for p in 0..planes {
+        let planes_out = out
+            .par_chunks_mut(out_plane)
+            .zip(argmax.par_chunks_mut(out_plane));
+        planes_out.enumerate().for_each(|(p, (out, argmax))| {
             for oy in 0..win.oh {
                 for ox in 0..win.ow {
-                    let r = (p * win.oh + oy) * win.ow + ox;
+                    let r = oy * win.ow + ox;
                     let mut best = f32::NEG_INFINITY;
                     let mut best_at = 0;
                     let mut sum = 0.0;
@@ -263,7 +329,7 @@ fn pool(x: &Tensor, kind: Pool, kernel: usize, stride: usize) -> Result<Tensor> 
                     }
                 }
             }
-        }
+        });
     });
     let shape = [x.shape()[0], x.shape()[1], win.oh, win.ow];
     let value = Tensor::from_f32_as(out, &shape, x.dtype());
@@ -316,30 +382,35 @@ impl Tensor {
         let plane = win.oh * win.ow;
         let img = win.c * win.h * win.w;
         let mut out = crate::pool::zeros(n * o * plane);
-        let mut cols = crate::pool::zeros(k * plane);
         let w = weight.to_vec_f32();
         let b = bias.map(|b| b.to_vec_f32());
+        // Images in parallel, one single-threaded product each: LeNet's products are far too
+        // small to split.
         self.with_f32(|x| {
-            for i in 0..n {
-                win.im2col(&x[i * img..(i + 1) * img], &mut cols);
-                let dst = &mut out[i * o * plane..(i + 1) * o * plane];
-                if let Some(b) = &b {
-                    for (oc, row) in dst.chunks_mut(plane).enumerate() {
-                        row.fill(b[oc]);
-                    }
-                }
-                unsafe {
-                    gemm_f32(
-                        dst.as_mut_ptr(),
-                        plane as isize,
-                        1,
-                        b.is_some(),
-                        Mat::dense(w.as_ptr(), o, k),
-                        Mat::dense(cols.as_ptr(), k, plane),
-                        rayon::current_num_threads(),
-                    );
-                }
-            }
+            out.par_chunks_mut(o * plane)
+                .zip(x.par_chunks(img))
+                .for_each_init(
+                    || vec![0.0f32; k * plane],
+                    |cols, (dst, src)| {
+                        win.im2col(src, cols);
+                        if let Some(b) = &b {
+                            for (oc, row) in dst.chunks_mut(plane).enumerate() {
+                                row.fill(b[oc]);
+                            }
+                        }
+                        unsafe {
+                            gemm_f32(
+                                dst.as_mut_ptr(),
+                                plane as isize,
+                                1,
+                                b.is_some(),
+                                Mat::dense(w.as_ptr(), o, k),
+                                Mat::dense(cols.as_ptr(), k, plane),
+                                1,
+                            );
+                        }
+                    },
+                );
         });
         let value = Tensor::from_f32_as(out, &[n, o, win.oh, win.ow], self.dtype());
         let mut inputs = vec![self, weight];

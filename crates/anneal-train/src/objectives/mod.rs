@@ -6,12 +6,15 @@
 //!
 //! * [`CausalLm`]: next-token cross-entropy (GPT pretraining).
 //! * [`SequenceClassification`]: one class per sequence (BERT fine-tuning), with accuracy.
+//! * [`ImageClassification`]: supervised cross-entropy on labelled images, with accuracy.
 
 mod causal_lm;
 mod classification;
+mod image;
 
 pub use causal_lm::CausalLm;
 pub use classification::{argmax_rows, SequenceClassification};
+pub use image::{accuracy, ImageClassification};
 
 use crate::model::{ModelInput, ModelOutput, TrainModel};
 use anneal_data::Batch;

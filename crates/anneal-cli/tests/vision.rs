@@ -1,0 +1,83 @@
+//! The image objectives through the binary: `anneal experiment label-efficiency --quick` on
+//! Fashion-MNIST and MNIST (when fetched), its table, chart and results, and the settings it
+//! refuses before any training.
+
+mod common;
+
+use common::*;
+
+fn fetched(dataset: &str) -> bool {
+    let cache = anneal_data::data_root();
+    let present = match dataset {
+        "fashion-mnist" => anneal_data::images::fashion_mnist_dir(&cache)
+            .join("train-images-idx3-ubyte.gz")
+            .is_file(),
+        _ => anneal_data::images::mnist_digits_dir(&cache)
+            .join("0.json")
+            .is_file(),
+    };
+    if !present {
+        eprintln!("skipped: {dataset} not fetched (scripts/fetch-data.sh {dataset})");
+    }
+    present
+}
+
+#[test]
+fn the_label_efficiency_experiment_runs_in_its_quick_form() {
+    for dataset in ["fashion-mnist", "mnist"] {
+        if !fetched(dataset) {
+            continue;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("le");
+        let text = ok(anneal(&[
+            "experiment",
+            "label-efficiency",
+            "--quick",
+            "--dataset",
+            dataset,
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        assert!(text.contains("| lenet |"), "{text}");
+        assert!(text.contains("100 labels seed 0: test accuracy"), "{text}");
+        assert!(out.join("accuracy.png").is_file() && out.join("report.md").is_file());
+        let results: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap())
+                .unwrap();
+        let cells = results.as_array().unwrap();
+        assert_eq!(cells.len(), 2);
+        for cell in cells {
+            let acc = cell["accuracy_mean"].as_f64().unwrap();
+            // Thirty steps already lift LeNet-5 well above chance (10%).
+            assert!(acc > 0.3, "{cell}");
+        }
+    }
+}
+
+#[test]
+fn bad_label_efficiency_settings_are_refused_by_name() {
+    let e = fails(anneal(&[
+        "experiment",
+        "label-efficiency",
+        "--dataset",
+        "cifar",
+    ]));
+    assert!(e.contains("fashion-mnist, mnist"), "{e}");
+    let e = fails(anneal(&[
+        "experiment",
+        "label-efficiency",
+        "--methods",
+        "lenet,dbn",
+    ]));
+    assert!(e.contains("\"dbn\"") && e.contains("lenet"), "{e}");
+    if fetched("fashion-mnist") {
+        let e = fails(anneal(&[
+            "experiment",
+            "label-efficiency",
+            "--labels",
+            "70000",
+        ]));
+        assert!(e.contains("--labels 70000"), "{e}");
+    }
+}
