@@ -31,6 +31,9 @@ pub struct LenetBench {
     /// Skip the PyTorch comparison.
     #[arg(long)]
     no_torch: bool,
+    /// Print the time of each kind of op, forward and backward, over 50 extra steps.
+    #[arg(long)]
+    profile: bool,
     /// Kernel threads (the pool's size).
     #[arg(skip = 1usize)]
     pub threads: usize,
@@ -91,6 +94,15 @@ pub fn lenet(b: LenetBench) -> Result<()> {
     let torch = if b.no_torch { None } else { torch_ms(&b) };
     half(b.reps - b.reps / 2)?;
     let ms = median(times);
+    if b.profile {
+        let mut profile = anneal_train::trainer::OpProfile::default();
+        for _ in 0..50 {
+            profile.step(&mut trainer)?;
+        }
+        for (pass, line) in profile.report(10) {
+            println!("{pass} per step: {line}");
+        }
+    }
     let steps_per_epoch = 60_000f64 / b.batch as f64;
     println!(
         "{:<8} {:>12} {:>12}\n{:<8} {:>12.2} {:>12.1}",

@@ -576,48 +576,20 @@ pub(crate) fn train_run(
         grad_clip: t.grad_clip,
     });
     let mut losses = Vec::with_capacity(t.steps as usize);
-    let profile = std::env::var_os("ANNEAL_PROFILE").is_some();
-    let mut times: [std::collections::HashMap<&'static str, (u32, f64)>; 2] = Default::default();
+    let mut profile =
+        std::env::var_os("ANNEAL_PROFILE").map(|_| crate::trainer::OpProfile::default());
     let started = Instant::now();
     for step in 0..t.steps {
-        if profile && step > 0 {
-            anneal_tensor::autograd::start_forward_profile();
-            anneal_tensor::autograd::start_backward_profile();
-        }
-        let out = trainer.step()?;
-        if profile && step > 0 {
-            let taken = [
-                anneal_tensor::autograd::take_forward_profile(),
-                anneal_tensor::autograd::take_backward_profile(),
-            ];
-            for (map, ops) in times.iter_mut().zip(taken) {
-                for (name, calls, seconds) in ops {
-                    let e = map.entry(name).or_default();
-                    e.0 += calls;
-                    e.1 += seconds;
-                }
-            }
-        }
+        let out = match profile.as_mut().filter(|_| step > 0) {
+            Some(p) => p.step(&mut trainer)?,
+            None => trainer.step()?,
+        };
         losses.push(out.loss);
         on_step(step + 1, out.loss);
     }
-    if profile && t.steps > 1 {
-        let per_step = (t.steps - 1) as f64;
-        for (pass, map) in ["forward", "backward"].iter().zip(&times) {
-            let mut ops: Vec<_> = map.iter().collect();
-            ops.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
-            let lines: Vec<String> = ops
-                .iter()
-                .take(12)
-                .map(|(name, (calls, s))| {
-                    format!(
-                        "{name} {:.1} ms ({} calls)",
-                        1e3 * s / per_step,
-                        *calls as f64 / per_step
-                    )
-                })
-                .collect();
-            tracing::info!("{pass} per step: {}", lines.join(", "));
+    if let Some(p) = profile.filter(|_| t.steps > 1) {
+        for (pass, line) in p.report(12) {
+            tracing::info!("{pass} per step: {line}");
         }
     }
     // The cached buffers are sized for training batches; evaluation, which follows, allocates

@@ -412,6 +412,62 @@ impl Trainer {
     }
 }
 
+/// Wall time by kind of op, forward and backward, summed over the steps run through
+/// [`OpProfile::step`] (the engine's per-thread op profiles).
+#[derive(Default)]
+pub struct OpProfile {
+    times: [std::collections::HashMap<&'static str, (u32, f64)>; 2],
+    steps: u64,
+}
+
+impl OpProfile {
+    /// One trainer step with every op's time recorded.
+    pub fn step(&mut self, trainer: &mut Trainer) -> Result<crate::strategy::StepOutput> {
+        use anneal_tensor::autograd;
+        autograd::start_forward_profile();
+        autograd::start_backward_profile();
+        let out = trainer.step();
+        let taken = [
+            autograd::take_forward_profile(),
+            autograd::take_backward_profile(),
+        ];
+        for (map, ops) in self.times.iter_mut().zip(taken) {
+            for (name, calls, seconds) in ops {
+                let e = map.entry(name).or_default();
+                e.0 += calls;
+                e.1 += seconds;
+            }
+        }
+        self.steps += 1;
+        out
+    }
+
+    /// ("forward" / "backward", the `top` slowest ops as "name 1.2 ms (3 calls)" per step).
+    pub fn report(&self, top: usize) -> Vec<(&'static str, String)> {
+        let per_step = self.steps.max(1) as f64;
+        ["forward", "backward"]
+            .into_iter()
+            .zip(&self.times)
+            .map(|(pass, map)| {
+                let mut ops: Vec<_> = map.iter().collect();
+                ops.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+                let lines: Vec<String> = ops
+                    .iter()
+                    .take(top)
+                    .map(|(name, (calls, s))| {
+                        format!(
+                            "{name} {:.2} ms ({} calls)",
+                            1e3 * s / per_step,
+                            *calls as f64 / per_step
+                        )
+                    })
+                    .collect();
+                (pass, lines.join(", "))
+            })
+            .collect()
+    }
+}
+
 /// A GPT pretraining trainer as `config` describes it (model, AdamW, causal LM, one device),
 /// drawing from `train` windows.
 pub fn pretraining(config: &RunConfig, vocab_size: usize, train: ShardSet) -> Result<Trainer> {

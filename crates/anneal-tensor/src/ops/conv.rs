@@ -53,18 +53,6 @@ impl Window {
         })
     }
 
-    /// Input position of output (oy, ox) at kernel offset (ky, kx), or None in the padding.
-    #[inline]
-    fn source(&self, oy: usize, ox: usize, ky: usize, kx: usize) -> Option<(usize, usize)> {
-        let y = (oy * self.stride + ky) as isize - self.pad as isize;
-        let x = (ox * self.stride + kx) as isize - self.pad as isize;
-        if y < 0 || x < 0 || y >= self.h as isize || x >= self.w as isize {
-            None
-        } else {
-            Some((y as usize, x as usize))
-        }
-    }
-
     /// The output columns `lo..hi` whose input column `ox·stride + kx − pad` lies inside the
     /// image, for kernel column `kx`.
     #[inline]
@@ -151,6 +139,8 @@ impl Window {
 
 struct Conv2dBackward {
     x: Tensor,
+    /// Whether the input needs its gradient (not for the images entering a first layer).
+    x_needs_grad: bool,
     weight: Tensor,
     has_bias: bool,
     win: Window,
@@ -166,6 +156,7 @@ impl Backward for Conv2dBackward {
         let k = win.c * win.kh * win.kw;
         let plane = win.oh * win.ow;
         let img = win.c * win.h * win.w;
+        // Allocated either way: its chunks pace the loop over images.
         let mut dx = crate::pool::zeros(self.x.numel());
         let w = self.weight.to_vec_f32();
         // Images in parallel, each thread summing its own dW and db.
@@ -196,18 +187,22 @@ impl Backward for Conv2dBackward {
                                     Mat::dense(cols.as_ptr(), k, plane).t(),
                                     1,
                                 );
-                                // dcols = Wᵀ · dY
-                                gemm_f32(
-                                    dcols.as_mut_ptr(),
-                                    plane as isize,
-                                    1,
-                                    false,
-                                    Mat::dense(w.as_ptr(), o, k).t(),
-                                    Mat::dense(gi.as_ptr(), o, plane),
-                                    1,
-                                );
                             }
-                            win.col2im(&dcols, dxi);
+                            if self.x_needs_grad {
+                                // dcols = Wᵀ · dY
+                                unsafe {
+                                    gemm_f32(
+                                        dcols.as_mut_ptr(),
+                                        plane as isize,
+                                        1,
+                                        false,
+                                        Mat::dense(w.as_ptr(), o, k).t(),
+                                        Mat::dense(gi.as_ptr(), o, plane),
+                                        1,
+                                    );
+                                }
+                                win.col2im(&dcols, dxi);
+                            }
                             for (oc, d) in db.iter_mut().enumerate() {
                                 *d += gi[oc * plane..(oc + 1) * plane].iter().sum::<f32>();
                             }
@@ -226,7 +221,8 @@ impl Backward for Conv2dBackward {
             })
         });
         let mut grads = vec![
-            Some(Tensor::from_f32_unchecked(dx, self.x.shape())),
+            self.x_needs_grad
+                .then(|| Tensor::from_f32_unchecked(dx, self.x.shape())),
             Some(Tensor::from_f32_unchecked(dw, self.weight.shape())),
         ];
         if self.has_bias {
@@ -246,7 +242,8 @@ struct PoolBackward {
     kind: Pool,
     shape: Vec<usize>,
     win: Window,
-    argmax: Vec<usize>,
+    /// For max pooling, each output's source position within its input plane.
+    argmax: Vec<u32>,
 }
 
 impl Backward for PoolBackward {
@@ -260,32 +257,38 @@ impl Backward for PoolBackward {
         let win = self.win;
         let mut dx = crate::pool::zeros(self.shape.iter().product());
         let inv = 1.0 / (win.kh * win.kw) as f32;
-        let in_plane = win.h * win.w;
+        let (in_plane, out_plane) = (win.h * win.w, win.oh * win.ow);
         grad.with_f32(|g| {
-            dx.par_chunks_mut(in_plane).enumerate().for_each(|(p, dx)| {
-                for oy in 0..win.oh {
-                    for ox in 0..win.ow {
-                        let r = (p * win.oh + oy) * win.ow + ox;
-                        match self.kind {
-                            Pool::Max => dx[self.argmax[r] - p * in_plane] += g[r],
-                            Pool::Avg => {
+            dx.par_chunks_mut(in_plane)
+                .zip(g.par_chunks(out_plane))
+                .enumerate()
+                .for_each(|(p, (dx, g))| match self.kind {
+                    Pool::Max => {
+                        let argmax = &self.argmax[p * out_plane..(p + 1) * out_plane];
+                        for (&at, &gr) in argmax.iter().zip(g) {
+                            dx[at as usize] += gr;
+                        }
+                    }
+                    Pool::Avg => {
+                        for oy in 0..win.oh {
+                            for ox in 0..win.ow {
+                                let share = g[oy * win.ow + ox] * inv;
+                                let base = oy * win.stride * win.w + ox * win.stride;
                                 for ky in 0..win.kh {
-                                    for kx in 0..win.kw {
-                                        if let Some((y, x)) = win.source(oy, ox, ky, kx) {
-                                            dx[y * win.w + x] += g[r] * inv;
-                                        }
+                                    for d in &mut dx[base + ky * win.w..][..win.kw] {
+                                        *d += share;
                                     }
                                 }
                             }
                         }
                     }
-                }
-            });
+                });
         });
         Ok(vec![Some(Tensor::from_f32_unchecked(dx, &self.shape))])
     }
 }
 
+/// Max or average pooling without padding: every window lies inside its plane.
 fn pool(x: &Tensor, kind: Pool, kernel: usize, stride: usize) -> Result<Tensor> {
     let name = match kind {
         Pool::Max => "max_pool2d",
@@ -293,43 +296,51 @@ fn pool(x: &Tensor, kind: Pool, kernel: usize, stride: usize) -> Result<Tensor> 
     };
     let win = Window::new(name, x.shape(), kernel, kernel, stride, 0)?;
     let planes = x.shape()[0] * x.shape()[1];
-    let mut out = crate::pool::zeros(planes * win.oh * win.ow);
-
-    let mut argmax = vec![0usize; out.len()];
+    let (in_plane, out_plane) = (win.h * win.w, win.oh * win.ow);
+    let mut out = crate::pool::zeros(planes * out_plane);
+    let mut argmax = match kind {
+        Pool::Max => vec![0u32; out.len()],
+        Pool::Avg => Vec::new(),
+    };
     let inv = 1.0 / (kernel * kernel) as f32;
-    let out_plane = win.oh * win.ow;
     x.with_f32(|v| {
-        let planes_out = out
-            .par_chunks_mut(out_plane)
-            .zip(argmax.par_chunks_mut(out_plane));
-        planes_out.enumerate().for_each(|(p, (out, argmax))| {
-            for oy in 0..win.oh {
-                for ox in 0..win.ow {
-                    let r = oy * win.ow + ox;
-                    let mut best = f32::NEG_INFINITY;
-                    let mut best_at = 0;
-                    let mut sum = 0.0;
-                    for ky in 0..kernel {
-                        for kx in 0..kernel {
-                            let (y, xx) = win.source(oy, ox, ky, kx).expect("no padding");
-                            let at = (p * win.h + y) * win.w + xx;
-                            sum += v[at];
-                            if v[at] > best || (ky == 0 && kx == 0) {
-                                best = v[at];
-                                best_at = at;
+        let planes_in = v.par_chunks(in_plane).zip(out.par_chunks_mut(out_plane));
+        match kind {
+            Pool::Max => {
+                planes_in
+                    .zip(argmax.par_chunks_mut(out_plane))
+                    .for_each(|((src, out), argmax)| {
+                        for oy in 0..win.oh {
+                            for ox in 0..win.ow {
+                                let base = oy * stride * win.w + ox * stride;
+                                let (mut best, mut best_at) = (src[base], base);
+                                for ky in 0..kernel {
+                                    let row = base + ky * win.w;
+                                    for (kx, &val) in src[row..row + kernel].iter().enumerate() {
+                                        if val > best {
+                                            best = val;
+                                            best_at = row + kx;
+                                        }
+                                    }
+                                }
+                                out[oy * win.ow + ox] = best;
+                                argmax[oy * win.ow + ox] = best_at as u32;
                             }
                         }
-                    }
-                    match kind {
-                        Pool::Max => {
-                            out[r] = best;
-                            argmax[r] = best_at;
-                        }
-                        Pool::Avg => out[r] = sum * inv,
+                    })
+            }
+            Pool::Avg => planes_in.for_each(|(src, out)| {
+                for oy in 0..win.oh {
+                    for ox in 0..win.ow {
+                        let base = oy * stride * win.w + ox * stride;
+                        let sum: f32 = (0..kernel)
+                            .map(|ky| src[base + ky * win.w..][..kernel].iter().sum::<f32>())
+                            .sum();
+                        out[oy * win.ow + ox] = sum * inv;
                     }
                 }
-            }
-        });
+            }),
+        }
     });
     let shape = [x.shape()[0], x.shape()[1], win.oh, win.ow];
     let value = Tensor::from_f32_as(out, &shape, x.dtype());
@@ -340,11 +351,7 @@ fn pool(x: &Tensor, kind: Pool, kernel: usize, stride: usize) -> Result<Tensor> 
             kind,
             shape: x.shape().to_vec(),
             win,
-            argmax: if matches!(kind, Pool::Max) {
-                argmax
-            } else {
-                Vec::new()
-            },
+            argmax,
         },
     ))
 }
@@ -422,6 +429,7 @@ impl Tensor {
             &inputs,
             Conv2dBackward {
                 x: self.data(),
+                x_needs_grad: self.requires_grad(),
                 weight: weight.data(),
                 has_bias: bias.is_some(),
                 win,
