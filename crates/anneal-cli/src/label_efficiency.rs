@@ -3,14 +3,40 @@
 //! its steps, epochs and wall time, as a table (report.md, results.json) and a chart.
 
 use anneal_chart::{line_chart, Series};
-use anneal_train::vision::{train_lenet, CellResult, ImageData, TrainSettings};
+use anneal_train::model::TrainModel;
+use anneal_train::objectives::{FixMatch, Mae};
+use anneal_train::strategy::StepOutput;
+use anneal_train::vision::{
+    finetune_vit, pretrain_mae, pretrain_moco, train_fixmatch, train_lenet, train_pseudo_label,
+    train_vit, CellResult, ImageData, TrainSettings,
+};
 use anyhow::{bail, Context, Result};
 use clap::Args;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
 /// The methods a table can hold, in table order.
-pub const METHODS: [&str; 1] = ["lenet"];
+pub const METHODS: [&str; 8] = [
+    "lenet",
+    "fixmatch",
+    "pseudo-label",
+    "vit",
+    "mae",
+    "mae-probe",
+    "moco",
+    "moco-probe",
+];
+
+/// The methods whose cells need unlabelled images (none at all labels).
+const NEEDS_UNLABELLED: [&str; 6] = [
+    "fixmatch",
+    "pseudo-label",
+    "mae",
+    "mae-probe",
+    "moco",
+    "moco-probe",
+];
 
 #[derive(Args, Clone, Debug)]
 pub struct LabelEfficiency {
@@ -20,9 +46,32 @@ pub struct LabelEfficiency {
     /// Labelled training images per run, comma-separated (balanced over the classes).
     #[arg(long, value_delimiter = ',', default_value = "100,600,6000,60000")]
     pub labels: Vec<usize>,
-    /// Methods, comma-separated: lenet (supervised LeNet-5).
-    #[arg(long, value_delimiter = ',', default_value = "lenet")]
+    /// Methods, comma-separated: lenet (supervised LeNet-5), fixmatch (FixMatch on LeNet-5),
+    /// pseudo-label (a supervised LeNet-5 teacher labels the rest; a student trains on its
+    /// confident labels), vit (supervised ViT from scratch), mae (MAE pretraining of the same
+    /// ViT on every training image, then fine-tuning), mae-probe (a linear probe on the MAE
+    /// encoder), moco and moco-probe (the same after MoCo v3 pretraining). Methods that learn
+    /// from unlabelled images skip the all-labels cell.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "lenet,fixmatch,pseudo-label,vit,mae,mae-probe,moco,moco-probe"
+    )]
     pub methods: Vec<String>,
+    /// MAE pretraining steps of 128 images (scaled by --scale), once per seed, shared by the
+    /// mae and mae-probe cells of every label count.
+    #[arg(long, default_value_t = 4000)]
+    pub mae_steps: u64,
+    /// MoCo v3 pretraining steps of 128 images (two views each), once per seed, shared like
+    /// MAE's.
+    #[arg(long, default_value_t = 3000)]
+    pub moco_steps: u64,
+    /// FixMatch's unlabelled images per labelled one (μ).
+    #[arg(long, default_value_t = 7)]
+    pub fixmatch_ratio: usize,
+    /// FixMatch's optimizer steps (scaled by --scale).
+    #[arg(long, default_value_t = 3000)]
+    pub fixmatch_steps: u64,
     /// Label-split seeds per cell (each also seeds initialisation and batches).
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
@@ -32,8 +81,8 @@ pub struct LabelEfficiency {
     /// Scale every cell's steps by this factor (0.1: a tenth of the training).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
-    /// A small version that runs the whole path in seconds: 100 and 600 labels, one seed, a
-    /// few dozen steps per cell, 1,000 test images.
+    /// A small version that runs the whole path in seconds: 100 and 600 labels, one seed, at
+    /// most 30 steps per training run, 1,000 test images.
     #[arg(long)]
     pub quick: bool,
 }
@@ -63,18 +112,100 @@ impl Cell {
     }
 }
 
+/// How much of each recipe's training a run does: its steps times `scale`, at most `cap`.
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    scale: f64,
+    cap: u64,
+}
+
+impl Budget {
+    fn steps(self, steps: u64) -> u64 {
+        ((steps as f64 * self.scale).ceil() as u64).clamp(1, self.cap)
+    }
+}
+
 /// The supervised LeNet-5 recipe for `labels` labelled images: AdamW 2e-3 with weight decay
 /// 5e-4, batch 64, augmentation (crop, flip where allowed, erasing), 15 epochs, at least 600
 /// steps (about 380 epochs at 100 labels).
-fn lenet_settings(labels: usize, seed: u64, scale: f64) -> TrainSettings {
-    let steps = TrainSettings::steps_for(labels, 64, 15.0, 600);
+fn lenet_settings(labels: usize, seed: u64, budget: Budget) -> TrainSettings {
     TrainSettings {
-        steps: ((steps as f64 * scale).ceil() as u64).max(1),
+        steps: budget.steps(TrainSettings::steps_for(labels, 64, 15.0, 600)),
         batch: 64,
         lr: 2e-3,
         weight_decay: 5e-4,
         seed,
     }
+}
+
+/// The supervised ViT recipe (also MAE's fine-tuning): AdamW 1e-3 with weight decay 0.05,
+/// batch 64, 15 epochs, at least 600 steps.
+fn vit_settings(labels: usize, seed: u64, budget: Budget) -> TrainSettings {
+    TrainSettings {
+        lr: 1e-3,
+        weight_decay: 0.05,
+        ..lenet_settings(labels, seed, budget)
+    }
+}
+
+/// A linear probe's recipe: AdamW 1e-2 without weight decay, batch 64, 15 epochs, at least
+/// 600 steps.
+fn probe_settings(labels: usize, seed: u64, budget: Budget) -> TrainSettings {
+    TrainSettings {
+        lr: 1e-2,
+        weight_decay: 0.0,
+        ..lenet_settings(labels, seed, budget)
+    }
+}
+
+/// Pretrains a ViT on every training image with `kind` (`mae` or `moco`), with a progress bar;
+/// the model and the seconds it took.
+fn pretrain(
+    e: &LabelEfficiency,
+    data: &ImageData,
+    kind: &str,
+    seed: u64,
+    budget: Budget,
+) -> Result<(Box<dyn TrainModel>, f64)> {
+    let steps = budget.steps(if kind == "mae" {
+        e.mae_steps
+    } else {
+        e.moco_steps
+    });
+    let name = if kind == "mae" { "MAE" } else { "MoCo v3" };
+    let bar = crate::finetune::progress(steps);
+    bar.set_message(format!("{name} pretraining, seed {seed}"));
+    let t0 = std::time::Instant::now();
+    let settings = TrainSettings {
+        steps,
+        batch: 128,
+        lr: 1.5e-3,
+        weight_decay: 0.05,
+        seed,
+    };
+    let mut tick = |_: u64, _: u64, out: &StepOutput| {
+        bar.inc(1);
+        if bar.position().is_multiple_of(20) {
+            bar.set_message(format!(
+                "{name} pretraining, seed {seed}, loss {:.3}",
+                out.loss
+            ));
+        }
+    };
+    let (model, loss) = if kind == "mae" {
+        pretrain_mae(data, Mae::default(), &settings, &mut tick)?
+    } else {
+        pretrain_moco(data, &settings, &mut tick)?
+    };
+    bar.finish_and_clear();
+    let seconds = t0.elapsed().as_secs_f64();
+    println!(
+        "{:>10} {name} pretraining seed {seed}: {steps} steps of 128 unlabelled images ({:.1} \
+         epochs) in {seconds:.1} s, final loss {loss:.3}",
+        "",
+        (steps * 128) as f64 / data.train.len() as f64
+    );
+    Ok((model, seconds))
 }
 
 pub fn run(e: LabelEfficiency) -> Result<()> {
@@ -87,10 +218,18 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
         }
     }
     let mut data = ImageData::load(&e.dataset, &anneal_data::data_root())?;
-    let (labels, seeds, scale) = if e.quick {
-        (vec![100, 600], 1, 0.05 * e.scale)
+    let (labels, seeds, budget) = if e.quick {
+        let budget = Budget {
+            scale: e.scale,
+            cap: 30,
+        };
+        (vec![100, 600], 1, budget)
     } else {
-        (e.labels.clone(), e.seeds.max(1), e.scale)
+        let budget = Budget {
+            scale: e.scale,
+            cap: u64::MAX,
+        };
+        (e.labels.clone(), e.seeds.max(1), budget)
     };
     if e.quick {
         let mut test = (*data.test).clone();
@@ -120,8 +259,14 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
         anneal_tensor::kernel_path()
     );
     let mut cells = Vec::new();
+    // MAE and MoCo encoders by seed, pretrained once and shared by every label count.
+    let mut pretrained: HashMap<(String, u64), (Box<dyn TrainModel>, f64)> = HashMap::new();
     for method in &e.methods {
         for &n in &labels {
+            if NEEDS_UNLABELLED.contains(&method.as_str()) && n >= data.train.len() {
+                println!("{method:>10} {n:>6} labels: skipped (no unlabelled images left)");
+                continue;
+            }
             let mut cell = Cell {
                 method: method.clone(),
                 labels: n,
@@ -129,33 +274,98 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
             };
             for seed in 0..seeds {
                 let labelled = data.train.balanced_subset(n, seed)?;
+                let settings = lenet_settings(n, seed, budget);
+                let total_steps = match method.as_str() {
+                    "fixmatch" => budget.steps(e.fixmatch_steps),
+                    "pseudo-label" => 0,
+                    _ => settings.steps,
+                };
+                let kind = method.split('-').next().unwrap_or_default().to_string();
+                if (kind == "mae" || kind == "moco")
+                    && !pretrained.contains_key(&(kind.clone(), seed))
+                {
+                    let (model, seconds) = pretrain(&e, &data, &kind, seed, budget)?;
+                    pretrained.insert((kind.clone(), seed), (model, seconds));
+                }
+                let bar = crate::finetune::progress(total_steps);
+                let what = format!("{method}, {n} labels, seed {seed}");
+                bar.set_message(what.clone());
+                let mut tick = |_: u64, _: u64, out: &StepOutput| {
+                    bar.inc(1);
+                    if bar.position().is_multiple_of(20) {
+                        bar.set_message(format!("{what}, loss {:.3}", out.loss));
+                    }
+                };
                 let result = match method.as_str() {
-                    "lenet" => {
-                        let settings = lenet_settings(n, seed, scale);
-                        let bar = crate::finetune::progress(settings.steps);
-                        bar.set_message(format!("{method}, {n} labels, seed {seed}"));
-                        let (_, r) =
-                            train_lenet(&data, &labelled, true, &settings, &mut |_, _, loss| {
-                                bar.inc(1);
-                                if bar.position().is_multiple_of(20) {
-                                    bar.set_message(format!(
-                                        "{method}, {n} labels, seed {seed}, loss {loss:.3}"
-                                    ));
-                                }
-                            })?;
-                        bar.finish_and_clear();
+                    "lenet" => train_lenet(&data, &labelled, true, &settings, &mut tick)?.1,
+                    "fixmatch" => {
+                        let fixmatch_settings = TrainSettings {
+                            steps: total_steps,
+                            batch: 32,
+                            ..settings
+                        };
+                        train_fixmatch(
+                            &data,
+                            &labelled,
+                            FixMatch::default(),
+                            e.fixmatch_ratio,
+                            &fixmatch_settings,
+                            &mut tick,
+                        )?
+                        .1
+                    }
+                    "pseudo-label" => {
+                        let (_, r, pseudo) = train_pseudo_label(
+                            &data,
+                            &labelled,
+                            0.95,
+                            &settings,
+                            15.0 * budget.scale.min(1.0),
+                            budget.cap,
+                            &mut tick,
+                        )?;
+                        println!("{:>10} {n:>6} labels seed {seed}: {pseudo} pseudo-labels of probability >= 0.95", "");
                         r
+                    }
+                    "vit" => {
+                        let settings = vit_settings(n, seed, budget);
+                        train_vit(&data, &labelled, &settings, &mut tick)?.1
+                    }
+                    "mae" | "mae-probe" | "moco" | "moco-probe" => {
+                        let probe = method.ends_with("-probe");
+                        let settings = if probe {
+                            probe_settings(n, seed, budget)
+                        } else {
+                            vit_settings(n, seed, budget)
+                        };
+                        let (encoder, _) = &pretrained[&(kind.clone(), seed)];
+                        finetune_vit(
+                            &data,
+                            encoder.params(),
+                            &labelled,
+                            probe,
+                            &settings,
+                            &mut tick,
+                        )?
+                        .1
                     }
                     other => unreachable!("method {other} was checked above"),
                 };
+                bar.finish_and_clear();
+                let metrics: Vec<String> = result
+                    .metrics
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v:.3}"))
+                    .collect();
                 println!(
                     "{method:>10} {n:>6} labels seed {seed}: test accuracy {:.2}% after {} steps \
-                     ({:.1} epochs) in {:.1} s (final training loss {:.3})",
+                     ({:.1} epochs) in {:.1} s (final training loss {:.3}; {})",
                     100.0 * result.accuracy,
                     result.steps,
                     result.epochs,
                     result.seconds,
-                    result.final_loss
+                    result.final_loss,
+                    metrics.join(", ")
                 );
                 cell.runs.push(result);
             }

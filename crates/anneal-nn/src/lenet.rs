@@ -47,7 +47,7 @@ pub struct LeNet {
     pub config: LeNetConfig,
     /// Its parameters.
     pub params: ParamStore,
-    weights: Weights,
+    parallel: std::sync::Arc<dyn crate::layers::ParallelContext>,
     conv1: Conv2d,
     conv2: Conv2d,
     fc1: Linear,
@@ -78,17 +78,22 @@ impl LeNet {
             he(LENET_FEATURES),
         )?;
         let (params, parallel) = b.build(DType::F32);
-        let weights = Weights::new(&params, parallel);
         Ok(LeNet {
             config,
             params,
-            weights,
+            parallel,
             conv1,
             conv2,
             fc1,
             fc2,
             head,
         })
+    }
+
+    /// What the layers read their parameters from, made anew each pass so it sees the current
+    /// parameter tensors (freezing lays them out afresh).
+    fn weights(&self) -> Weights {
+        Weights::new(&self.params, self.parallel.clone())
     }
 
     /// Values entering fc1: 16 maps of ((side / 2) − 4) / 2 squared.
@@ -108,7 +113,7 @@ impl LeNet {
 
     /// The 84 features of images `[B, channels, side, side]` (the layer before the head).
     pub fn features(&self, images: &Tensor) -> Result<Tensor> {
-        let w = &self.weights;
+        let w = &self.weights();
         let x = self.conv1.forward(w, images)?.relu().max_pool2d(2, 2)?;
         let x = self.conv2.forward(w, &x)?.relu().max_pool2d(2, 2)?;
         let n = x.shape()[0];
@@ -119,7 +124,7 @@ impl LeNet {
 
     /// Class logits `[B, classes]` of images `[B, channels, side, side]`.
     pub fn forward(&self, images: &Tensor) -> Result<Tensor> {
-        self.head.forward(&self.weights, &self.features(images)?)
+        self.head.forward(&self.weights(), &self.features(images)?)
     }
 
     /// The head's parameter names (for a linear probe: everything else frozen).

@@ -16,6 +16,8 @@
 //! * [`llama`]: Llama (Touvron et al. 2023): RMSNorm, rotary positions, grouped key/value heads,
 //!   gated SiLU MLP, tied or untied head, KV cache.
 //! * [`lenet`]: LeNet-5 (LeCun et al. 1998), the supervised convolutional baseline.
+//! * [`vit`]: a small Vision Transformer (Dosovitskiy et al. 2021) with MAE's masked-autoencoder
+//!   decoder (He et al. 2022).
 //! * Mixture of Experts: `layers::MoeMlp` (Switch and top-k routing, capacity or dropless,
 //!   balancing and z-losses), in any GPT block through `GptConfig::moe`; [`limoe`]: one MoE
 //!   encoder shared by image patches and text tokens, trained contrastively with LIMoE's
@@ -27,8 +29,10 @@ pub mod layers;
 pub mod lenet;
 pub mod limoe;
 pub mod llama;
+pub mod vit;
 
 pub use gpt::{Gpt, GptConfig, GptLayer, GptMoe};
 pub use layers::KvCache;
 pub use lenet::{LeNet, LeNetConfig};
 pub use llama::{Llama, LlamaConfig};
+pub use vit::{Vit, VitConfig};

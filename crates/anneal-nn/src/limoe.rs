@@ -82,7 +82,7 @@ pub struct Limoe {
     pub config: LimoeConfig,
     /// Its parameters.
     pub params: ParamStore,
-    weights: Weights,
+    parallel: std::sync::Arc<dyn crate::layers::ParallelContext>,
     patch_embed: Linear,
     image_pos: Embedding,
     token_embed: Embedding,
@@ -130,11 +130,10 @@ impl Limoe {
         let image_proj = Linear::new(&mut b, "vision.proj", c.d_model, c.proj_dim, linear(false))?;
         let text_proj = Linear::new(&mut b, "text.proj", c.d_model, c.proj_dim, linear(false))?;
         let (params, parallel) = b.build(DType::F32);
-        let weights = Weights::new(&params, parallel);
         Ok(Limoe {
             config,
             params,
-            weights,
+            parallel,
             patch_embed,
             image_pos,
             token_embed,
@@ -146,9 +145,15 @@ impl Limoe {
         })
     }
 
+    /// What the layers read their parameters from, made anew each pass so it sees the current
+    /// parameter tensors (freezing lays them out afresh).
+    fn weights(&self) -> Weights {
+        Weights::new(&self.params, self.parallel.clone())
+    }
+
     /// The shared blocks, pooling and `proj` on `x` `[B, S, d]`.
     fn encode(&self, x: Tensor, proj: &Linear, training: Option<DropoutKey>) -> Result<Encoded> {
-        let w = &self.weights;
+        let w = &self.weights();
         let mut x = x;
         let mut moe = Vec::new();
         for (i, block) in self.blocks.iter().enumerate() {
@@ -177,7 +182,7 @@ impl Limoe {
 
     /// Images as patches `[B, patches, patch_dim]` (normalised pixel values).
     pub fn encode_images(&self, patches: &Tensor, training: Option<DropoutKey>) -> Result<Encoded> {
-        let w = &self.weights;
+        let w = &self.weights();
         let x = self
             .patch_embed
             .forward(w, patches)?
@@ -193,7 +198,7 @@ impl Limoe {
         len: usize,
         training: Option<DropoutKey>,
     ) -> Result<Encoded> {
-        let w = &self.weights;
+        let w = &self.weights();
         let x = self
             .token_embed
             .forward(w, ids, &[batch, len], "Limoe::encode_texts")?

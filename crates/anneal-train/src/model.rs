@@ -3,7 +3,7 @@
 //! strategies run the forward pass.
 
 use anneal_nn::bert::{Bert, BertInput};
-use anneal_nn::{Gpt, LeNet};
+use anneal_nn::{Gpt, LeNet, Vit};
 use anneal_tensor::{DropoutKey, ParamStore, Result, Tensor};
 
 /// A model's input, built by an objective from a batch (borrowing from it: nothing is copied).
@@ -36,13 +36,33 @@ pub enum ModelInput<'a> {
         /// Their shape.
         shape: [usize; 4],
     },
+    /// Images in pairs of views, for which the model gives its contrastive queries (MoCo v3).
+    ContrastiveImages {
+        /// The pixels.
+        pixels: &'a [f32],
+        /// Their shape.
+        shape: [usize; 4],
+    },
+    /// Images of which the model hides a random share of patches and predicts them (MAE).
+    MaskedImages {
+        /// The pixels.
+        pixels: &'a [f32],
+        /// Their shape.
+        shape: [usize; 4],
+        /// The share of each image's patches hidden.
+        mask_ratio: f32,
+    },
 }
 
 impl ModelInput<'_> {
     /// The images of an image input as a tensor; fails, naming `model`, for any other input.
     pub fn image_tensor(&self, model: &'static str) -> Result<Tensor> {
         match self {
-            ModelInput::Images { pixels, shape } => Tensor::from_f32(pixels.to_vec(), shape),
+            ModelInput::Images { pixels, shape }
+            | ModelInput::ContrastiveImages { pixels, shape }
+            | ModelInput::MaskedImages { pixels, shape, .. } => {
+                Tensor::from_f32(pixels.to_vec(), shape)
+            }
             _ => Err(anneal_tensor::Error::Invalid {
                 op: model,
                 reason: "an image model reads images".into(),
@@ -62,15 +82,30 @@ pub struct ModelOutput {
     /// Named statistics to log and not to train on (a Mixture-of-Experts layer's expert load
     /// and dropped share).
     pub stats: Vec<(String, f64)>,
+    /// Named tensors an objective reads beside the main one (MAE's mask and target patches).
+    pub extras: Vec<(String, Tensor)>,
 }
 
 impl ModelOutput {
+    /// The extra tensor `name`; fails naming the model output's kind when it is missing.
+    pub fn extra(&self, name: &str) -> Result<&Tensor> {
+        self.extras
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, t)| t)
+            .ok_or_else(|| anneal_tensor::Error::Invalid {
+                op: "ModelOutput::extra",
+                reason: format!("the model gave no {name:?} beside its output"),
+            })
+    }
+
     /// An output with no auxiliary losses and no statistics.
     pub fn logits(logits: Tensor) -> ModelOutput {
         ModelOutput {
             logits,
             aux_losses: Vec::new(),
             stats: Vec::new(),
+            extras: Vec::new(),
         }
     }
 
@@ -211,6 +246,49 @@ impl TrainModel for LeNet {
     }
 
     /// Per image: the "tokens" of an image model are its images.
+    fn flops_per_token(&self, _seq: usize) -> f64 {
+        self.flops_per_image()
+    }
+}
+
+/// A ViT: class logits of images, or, on masked images, MAE's predicted patches with the mask
+/// (`mask`, `[B, P]`, 1 where hidden) and the true patches (`target`, `[B, P, C·p²]`) as extras.
+/// The mask is drawn from the dropout key (its seed and the batch's first row), so it depends on
+/// the step alone; evaluation masks with seed 0.
+impl TrainModel for Vit {
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    fn params_mut(&mut self) -> &mut ParamStore {
+        &mut self.params
+    }
+
+    fn forward(&self, input: &ModelInput<'_>, dropout: Option<DropoutKey>) -> Result<ModelOutput> {
+        let images = input.image_tensor("Vit")?;
+        if let ModelInput::ContrastiveImages { .. } = input {
+            return Ok(ModelOutput::logits(self.predict(&images, dropout)?));
+        }
+        let ModelInput::MaskedImages { mask_ratio, .. } = input else {
+            return Ok(ModelOutput::logits(self.classify(&images, dropout)?));
+        };
+        let seed = dropout.map_or(0, |k| {
+            k.seed
+                ^ k.first_row
+                    .wrapping_add(1)
+                    .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        });
+        let target = self.patches_of(&images)?;
+        let out = self.mae(&images, *mask_ratio, seed, dropout)?;
+        let [b, p] = [target.shape()[0], target.shape()[1]];
+        let mut output = ModelOutput::logits(out.pred);
+        output.extras = vec![
+            ("mask".into(), Tensor::from_f32(out.mask, &[b, p])?),
+            ("target".into(), target),
+        ];
+        Ok(output)
+    }
+
     fn flops_per_token(&self, _seq: usize) -> f64 {
         self.flops_per_image()
     }

@@ -117,6 +117,11 @@ impl Trainer {
         &*self.model
     }
 
+    /// The objective.
+    pub fn objective(&self) -> &dyn Objective {
+        &*self.objective
+    }
+
     /// The model, the trainer given up.
     pub fn into_model(self) -> Box<dyn TrainModel> {
         self.model

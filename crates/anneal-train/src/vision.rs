@@ -4,14 +4,14 @@
 //! from these.
 
 use crate::model::{ModelInput, TrainModel};
-use crate::objectives::{accuracy, ImageClassification, Objective};
+use crate::objectives::{accuracy, FixMatch, ImageClassification, Mae, MocoV3, Objective};
 use crate::schedule::CosineSchedule;
-use crate::strategy::SingleDevice;
+use crate::strategy::{SingleDevice, StepOutput};
 use crate::trainer::{Trainer, TrainerParts};
 use anneal_data::augment::{Dims, Pipeline};
 use anneal_data::images::{fashion_mnist_dir, mnist_digits_dir, ImageSource, Views};
 use anneal_data::ImageSet;
-use anneal_nn::{LeNet, LeNetConfig};
+use anneal_nn::{LeNet, LeNetConfig, Vit, VitConfig};
 use anneal_tensor::optim::{AdamW, AdamWConfig};
 use anyhow::{bail, Result};
 use std::path::Path;
@@ -238,25 +238,96 @@ pub struct CellResult {
     pub seconds: f64,
     /// Mean training loss of the last tenth of the steps.
     pub final_loss: f64,
+    /// The objective's metrics, averaged over the last tenth of the steps.
+    pub metrics: Vec<(String, f64)>,
 }
 
-/// Called every step with (step, steps, loss).
-pub type StepProgress<'a> = &'a mut dyn FnMut(u64, u64, f64);
+/// Called every step with (step, steps, what the step gave).
+pub type StepProgress<'a> = &'a mut dyn FnMut(u64, u64, &StepOutput);
 
-/// Runs `trainer` for its schedule's steps, reporting each step; the mean loss of the last
-/// tenth of them.
-pub fn run_steps(trainer: &mut Trainer, steps: u64, progress: StepProgress<'_>) -> Result<f64> {
+/// Runs `trainer` until step `steps`, reporting each step; the mean loss and metrics of the last
+/// tenth of the steps.
+pub fn run_steps(
+    trainer: &mut Trainer,
+    steps: u64,
+    progress: StepProgress<'_>,
+) -> Result<(f64, Vec<(String, f64)>)> {
     let tail = (steps / 10).max(1);
     let mut sum = 0.0;
+    let mut metrics: Vec<(String, f64)> = Vec::new();
     while trainer.steps() < steps {
         let out = trainer.step()?;
         let done = trainer.steps();
         if done + tail > steps {
             sum += out.loss;
+            for (name, v) in &out.metrics {
+                match metrics.iter_mut().find(|(n, _)| n == name) {
+                    Some(m) => m.1 += v,
+                    None => metrics.push((name.clone(), *v)),
+                }
+            }
         }
-        progress(done, steps, out.loss);
+        progress(done, steps, &out);
     }
-    Ok(sum / tail.min(steps).max(1) as f64)
+    let n = tail.min(steps).max(1) as f64;
+    metrics.iter_mut().for_each(|m| m.1 /= n);
+    Ok((sum / n, metrics))
+}
+
+/// A freshly initialised LeNet-5 for `data`'s images and classes.
+pub fn new_lenet(data: &ImageData, seed: u64) -> Result<LeNet> {
+    Ok(LeNet::new(
+        LeNetConfig {
+            channels: 1,
+            side: data.train.rows,
+            classes: data.classes(),
+        },
+        seed,
+    )?)
+}
+
+/// `examples` of `labelled` with their true labels.
+fn with_labels(data: &ImageData, labelled: &[usize]) -> Vec<(usize, i64)> {
+    labelled
+        .iter()
+        .map(|&i| (i, data.train.labels[i] as i64))
+        .collect()
+}
+
+/// Trains `model` under `objective` on `source` for `settings.steps`, then scores it on the test
+/// set; `labelled` is the number of labelled examples an epoch passes over.
+fn fit(
+    data: &ImageData,
+    model: Box<dyn TrainModel>,
+    objective: Box<dyn Objective>,
+    source: ImageSource,
+    settings: &TrainSettings,
+    labelled: usize,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, CellResult)> {
+    let t0 = Instant::now();
+    let mut trainer = image_trainer(model, objective, Box::new(source), settings);
+    let (final_loss, metrics) = run_steps(&mut trainer, settings.steps, progress)?;
+    // An objective that averages the weights (FixMatch) is scored, and kept, with the average.
+    let average =
+        trainer.objective().state().into_iter().find(|(name, v)| {
+            name == "ema" && v.len() == trainer.model().params().trainable_numel()
+        });
+    if let Some((_, ema)) = average {
+        trainer.model().params().set_trainable_values(0, &ema);
+    }
+    let accuracy = test_accuracy(trainer.model(), &data.test, data.normalise, None, None)?;
+    Ok((
+        trainer.into_model(),
+        CellResult {
+            accuracy,
+            steps: settings.steps,
+            epochs: (settings.steps * settings.batch as u64) as f64 / labelled.max(1) as f64,
+            seconds: t0.elapsed().as_secs_f64(),
+            final_loss,
+            metrics,
+        },
+    ))
 }
 
 /// Supervised LeNet-5 from `labelled` (image indices of the training set, with their labels),
@@ -268,42 +339,256 @@ pub fn train_lenet(
     settings: &TrainSettings,
     progress: StepProgress<'_>,
 ) -> Result<(Box<dyn TrainModel>, CellResult)> {
-    let t0 = Instant::now();
-    let model = LeNet::new(
-        LeNetConfig {
-            channels: 1,
-            side: data.train.rows,
-            classes: data.classes(),
-        },
-        settings.seed,
-    )?;
     let views = Views::One(if augment {
         Pipeline::supervised(data.flip)
     } else {
         Pipeline::none()
     });
-    let examples = labelled
-        .iter()
-        .map(|&i| (i, data.train.labels[i] as i64))
-        .collect();
-    let mut trainer = image_trainer(
+    let source = data.source(with_labels(data, labelled), views);
+    let model = Box::new(new_lenet(data, settings.seed)?);
+    fit(
+        data,
+        model,
+        Box::new(ImageClassification),
+        source,
+        settings,
+        labelled.len(),
+        progress,
+    )
+}
+
+/// FixMatch on LeNet-5: `settings.batch` labelled images per step (weak views) with `ratio`
+/// (μ) unlabelled images each, as weak and strong views; every training image serves as
+/// unlabelled, as in the paper.
+pub fn train_fixmatch(
+    data: &ImageData,
+    labelled: &[usize],
+    fixmatch: FixMatch,
+    ratio: usize,
+    settings: &TrainSettings,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, CellResult)> {
+    let dims = data.dims();
+    let mut source = data.source(
+        with_labels(data, labelled),
+        Views::FixMatch {
+            weak: Pipeline::weak(dims, data.flip),
+            strong: Pipeline::strong(dims, data.flip),
+            ratio,
+        },
+    );
+    source.unlabelled = (0..data.train.len()).collect();
+    let model = Box::new(new_lenet(data, settings.seed)?);
+    fit(
+        data,
+        model,
+        Box::new(fixmatch),
+        source,
+        settings,
+        labelled.len(),
+        progress,
+    )
+}
+
+/// The class and top probability `model` gives each of `indices` of the training set.
+pub fn predict_train(
+    model: &dyn TrainModel,
+    data: &ImageData,
+    indices: &[usize],
+) -> Result<Vec<(usize, f32)>> {
+    let dims = data.dims();
+    let (mean, std) = data.normalise;
+    let mut out = Vec::with_capacity(indices.len());
+    anneal_tensor::no_grad(|| -> Result<()> {
+        for chunk in indices.chunks(500) {
+            let pixels: Vec<f32> = data
+                .train
+                .to_unit(chunk)
+                .iter()
+                .map(|v| (v - mean) / std)
+                .collect();
+            let input = ModelInput::Images {
+                pixels: &pixels,
+                shape: [chunk.len(), 1, dims.h, dims.w],
+            };
+            let probs = model.forward(&input, None)?.logits.softmax()?.to_vec_f32();
+            let classes = probs.len() / chunk.len().max(1);
+            for row in probs.chunks(classes.max(1)) {
+                let best = crate::objectives::argmax_rows(row, classes)[0];
+                out.push((best, row[best]));
+            }
+        }
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// Offline pseudo-labelling (Lee 2013, as self-training): a teacher, supervised LeNet-5 on
+/// `labelled`, labels every other training image; a student LeNet-5 trains on the labelled
+/// images plus those whose pseudo-label has probability ≥ `threshold`, for `student_epochs`
+/// passes (at most `student_max_steps` steps). The result's seconds
+/// cover both; its epochs are the student's passes over its (larger) training set.
+pub fn train_pseudo_label(
+    data: &ImageData,
+    labelled: &[usize],
+    threshold: f32,
+    teacher: &TrainSettings,
+    student_epochs: f64,
+    student_max_steps: u64,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, CellResult, usize)> {
+    let t0 = Instant::now();
+    let (teacher_model, _) = train_lenet(data, labelled, true, teacher, &mut |_, _, _| {})?;
+    let mut is_labelled = vec![false; data.train.len()];
+    for &i in labelled {
+        is_labelled[i] = true;
+    }
+    let rest: Vec<usize> = (0..data.train.len()).filter(|&i| !is_labelled[i]).collect();
+    let predicted = predict_train(&*teacher_model, data, &rest)?;
+    let mut examples = with_labels(data, labelled);
+    let before = examples.len();
+    examples.extend(
+        rest.iter()
+            .zip(&predicted)
+            .filter(|(_, (_, p))| *p >= threshold)
+            .map(|(&i, &(c, _))| (i, c as i64)),
+    );
+    let pseudo = examples.len() - before;
+    let student = TrainSettings {
+        steps: TrainSettings::steps_for(examples.len(), teacher.batch, student_epochs, 1)
+            .min(student_max_steps.max(1)),
+        seed: teacher.seed + 1,
+        ..teacher.clone()
+    };
+    let n = examples.len();
+    let source = data.source(examples, Views::One(Pipeline::supervised(data.flip)));
+    let (model, mut result) = fit(
+        data,
+        Box::new(new_lenet(data, student.seed)?),
+        Box::new(ImageClassification),
+        source,
+        &student,
+        n,
+        progress,
+    )?;
+    result.seconds = t0.elapsed().as_secs_f64();
+    Ok((model, result, pseudo))
+}
+
+/// What a ViT is built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VitRole {
+    /// A classifier over the data set's classes.
+    Classifier,
+    /// MAE pretraining: a decoder, no head.
+    Mae,
+    /// MoCo v3 pretraining: projector and predictor, no head.
+    Contrastive,
+}
+
+/// A freshly initialised ViT (`VitConfig::small`) for `data`'s images in `role`.
+pub fn new_vit(data: &ImageData, role: VitRole, seed: u64) -> Result<Vit> {
+    let mut config = VitConfig::small(data.classes());
+    config.side = data.train.rows;
+    if role != VitRole::Classifier {
+        config.classes = 0;
+    }
+    if role != VitRole::Mae {
+        config.decoder_d = 0;
+    }
+    if role == VitRole::Contrastive {
+        config.proj_dim = 64;
+    }
+    Ok(Vit::new(config, seed)?)
+}
+
+/// MoCo v3 pretraining of a ViT on every training image, labels unused (two contrastive views
+/// of each); returns the pretrained model and its final loss.
+pub fn pretrain_moco(
+    data: &ImageData,
+    settings: &TrainSettings,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, f64)> {
+    let examples = (0..data.train.len()).map(|i| (i, -1)).collect();
+    let source = data.source(examples, Views::Two(Pipeline::contrastive(data.flip)));
+    let model = new_vit(data, VitRole::Contrastive, settings.seed)?;
+    let momentum = new_vit(data, VitRole::Contrastive, settings.seed)?;
+    let moco = MocoV3::new(&model, momentum, settings.steps)?;
+    let mut trainer = image_trainer(Box::new(model), Box::new(moco), Box::new(source), settings);
+    let (loss, _) = run_steps(&mut trainer, settings.steps, progress)?;
+    Ok((trainer.into_model(), loss))
+}
+
+/// Supervised ViT from scratch on `labelled`, with supervised augmentation.
+pub fn train_vit(
+    data: &ImageData,
+    labelled: &[usize],
+    settings: &TrainSettings,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, CellResult)> {
+    let source = data.source(
+        with_labels(data, labelled),
+        Views::One(Pipeline::supervised(data.flip)),
+    );
+    let model = Box::new(new_vit(data, VitRole::Classifier, settings.seed)?);
+    fit(
+        data,
+        model,
+        Box::new(ImageClassification),
+        source,
+        settings,
+        labelled.len(),
+        progress,
+    )
+}
+
+/// MAE pretraining of a ViT on every training image, labels unused (flips and small shifts as
+/// its only augmentation); returns the pretrained model and its final reconstruction loss.
+pub fn pretrain_mae(
+    data: &ImageData,
+    mae: Mae,
+    settings: &TrainSettings,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, f64)> {
+    let examples = (0..data.train.len()).map(|i| (i, -1)).collect();
+    let source = data.source(examples, Views::One(Pipeline::weak(data.dims(), data.flip)));
+    let model = Box::new(new_vit(data, VitRole::Mae, settings.seed)?);
+    let mut trainer = image_trainer(model, Box::new(mae), Box::new(source), settings);
+    let (loss, _) = run_steps(&mut trainer, settings.steps, progress)?;
+    Ok((trainer.into_model(), loss))
+}
+
+/// A ViT classifier whose encoder starts from `pretrained`'s parameters (an MAE's or MoCo's) and trains
+/// on `labelled`: every parameter (fine-tuning), or only the head with the encoder frozen
+/// (`probe`, a linear probe on the `[cls]` features).
+pub fn finetune_vit(
+    data: &ImageData,
+    pretrained: &anneal_tensor::ParamStore,
+    labelled: &[usize],
+    probe: bool,
+    settings: &TrainSettings,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, CellResult)> {
+    let mut model = new_vit(data, VitRole::Classifier, settings.seed)?;
+    model.load_encoder_from(pretrained)?;
+    if probe {
+        model.params.train_only(|name| name.starts_with("head"));
+    }
+    let augment = if probe {
+        Pipeline::none()
+    } else {
+        Pipeline::supervised(data.flip)
+    };
+    let source = data.source(with_labels(data, labelled), Views::One(augment));
+    fit(
+        data,
         Box::new(model),
         Box::new(ImageClassification),
-        Box::new(data.source(examples, views)),
+        source,
         settings,
-    );
-    let final_loss = run_steps(&mut trainer, settings.steps, progress)?;
-    let accuracy = test_accuracy(trainer.model(), &data.test, data.normalise, None, None)?;
-    Ok((
-        trainer.into_model(),
-        CellResult {
-            accuracy,
-            steps: settings.steps,
-            epochs: (settings.steps * settings.batch as u64) as f64 / labelled.len().max(1) as f64,
-            seconds: t0.elapsed().as_secs_f64(),
-            final_loss,
-        },
-    ))
+        labelled.len(),
+        progress,
+    )
 }
 
 #[cfg(test)]
@@ -336,8 +621,114 @@ mod tests {
     }
 
     #[test]
+    fn fixmatch_and_pseudo_labels_train_on_few_labels() {
+        // A mirrored image changes class here: no flips.
+        let data = ImageData::new("quarters", quarters(200, 1), quarters(100, 2), false);
+        let labelled = data.train.balanced_subset(8, 0).unwrap();
+        let settings = TrainSettings {
+            steps: 40,
+            batch: 4,
+            lr: 3e-3,
+            weight_decay: 0.0,
+            seed: 0,
+        };
+        let mut rates = Vec::new();
+        let (_, r) = train_fixmatch(
+            &data,
+            &labelled,
+            FixMatch {
+                threshold: 0.6,
+                ema_decay: 0.9,
+                ..FixMatch::default()
+            },
+            2,
+            &settings,
+            &mut |_, _, out| rates.push(out.loss),
+        )
+        .unwrap();
+        assert_eq!(rates.len(), 40);
+        assert!(r.accuracy > 0.7, "{r:?}");
+        let (_, r, pseudo) = train_pseudo_label(
+            &data,
+            &labelled,
+            0.9,
+            &settings,
+            2.0,
+            1000,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        assert!(pseudo > 0 && r.accuracy > 0.7, "{pseudo} {r:?}");
+    }
+
+    #[test]
+    fn mae_pretrains_a_vit_whose_encoder_fine_tunes() {
+        let mut train = quarters(64, 1);
+        let mut test = quarters(40, 2);
+        // 28×28 images for the small ViT: the 16×16 quarters padded.
+        for set in [&mut train, &mut test] {
+            let mut pixels = Vec::new();
+            for i in 0..set.len() {
+                let img = set.image(i).to_vec();
+                for y in 0..28 {
+                    for x in 0..28 {
+                        pixels.push(if y < 16 && x < 16 { img[y * 16 + x] } else { 0 });
+                    }
+                }
+            }
+            set.pixels = pixels;
+            set.rows = 28;
+            set.cols = 28;
+        }
+        let data = ImageData::new("quarters", train, test, false);
+        let settings = TrainSettings {
+            steps: 12,
+            batch: 16,
+            lr: 2e-3,
+            weight_decay: 0.05,
+            seed: 0,
+        };
+        let mut losses = Vec::new();
+        let (mae, loss) = pretrain_mae(&data, Mae::default(), &settings, &mut |_, _, out| {
+            losses.push(out.loss)
+        })
+        .unwrap();
+        assert!(loss.is_finite() && loss < losses[0], "{losses:?}");
+        let (moco, moco_loss) = pretrain_moco(&data, &settings, &mut |_, _, _| {}).unwrap();
+        assert!(moco_loss.is_finite());
+        let labelled = data.train.balanced_subset(16, 0).unwrap();
+        let (_, r) = finetune_vit(
+            &data,
+            moco.params(),
+            &labelled,
+            true,
+            &settings,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        assert!(r.accuracy > 0.0);
+        for probe in [true, false] {
+            let (model, r) = finetune_vit(
+                &data,
+                mae.params(),
+                &labelled,
+                probe,
+                &settings,
+                &mut |_, _, _| {},
+            )
+            .unwrap();
+            assert!(r.accuracy > 0.0 && r.accuracy <= 1.0);
+            // The encoder came from the MAE; a probe leaves it there.
+            let name = "blocks.0.attn.c_attn.weight";
+            let same = model.params().by_name(name).unwrap().to_vec_f32()
+                == mae.params().by_name(name).unwrap().to_vec_f32();
+            assert_eq!(same, probe);
+        }
+    }
+
+    #[test]
     fn lenet_learns_a_simple_image_task_through_the_trainer() {
-        let data = ImageData::new("quarters", quarters(200, 1), quarters(100, 2), true);
+        let data = ImageData::new("quarters", quarters(200, 1), quarters(100, 2), false);
         let labelled = data.train.balanced_subset(40, 0).unwrap();
         let settings = TrainSettings {
             steps: 60,

@@ -7,14 +7,23 @@
 //! * [`CausalLm`]: next-token cross-entropy (GPT pretraining).
 //! * [`SequenceClassification`]: one class per sequence (BERT fine-tuning), with accuracy.
 //! * [`ImageClassification`]: supervised cross-entropy on labelled images, with accuracy.
+//! * [`FixMatch`]: semi-supervised, pseudo-labels from weak views train strong views.
+//! * [`Mae`]: masked image modelling, reconstruct the hidden 75% of patches.
+//! * [`MocoV3`]: contrastive, each view's query finds the other view's momentum key.
 
 mod causal_lm;
 mod classification;
+mod fixmatch;
 mod image;
+mod mae;
+mod moco;
 
 pub use causal_lm::CausalLm;
 pub use classification::{argmax_rows, SequenceClassification};
+pub use fixmatch::FixMatch;
 pub use image::{accuracy, ImageClassification};
+pub use mae::{mae_loss, normalise_patches, Mae};
+pub use moco::{contrastive_loss, momentum_at, MocoV3};
 
 use crate::model::{ModelInput, ModelOutput, TrainModel};
 use anneal_data::Batch;
