@@ -41,6 +41,12 @@ pub enum ExperimentCommand {
     /// Example: anneal experiment label-efficiency --dataset fashion-mnist --labels 100,600,6000,60000
     #[command(verbatim_doc_comment)]
     LabelEfficiency(crate::label_efficiency::LabelEfficiency),
+    /// Image models scored on rotated (±15°, ±30°), occluded (a blank quarter of the area) and
+    /// re-framed (zoomed and shifted) copies of their test set: each one's drop from clean.
+    ///
+    /// Example: anneal experiment shift --models runs/label-efficiency/models
+    #[command(verbatim_doc_comment)]
+    Shift(crate::shift::ShiftExperiment),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -139,6 +145,7 @@ pub fn run(cmd: ExperimentCommand, threads: Option<usize>) -> Result<()> {
         ExperimentCommand::Moe(e) => moe(e, threads),
         ExperimentCommand::Limoe(e) => limoe(e),
         ExperimentCommand::LabelEfficiency(e) => crate::label_efficiency::run(e),
+        ExperimentCommand::Shift(e) => crate::shift::run(e),
     }
 }
 

@@ -7,8 +7,9 @@ use anneal_train::model::TrainModel;
 use anneal_train::objectives::{FixMatch, Mae};
 use anneal_train::strategy::StepOutput;
 use anneal_train::vision::{
-    finetune_vit, pretrain_mae, pretrain_moco, train_fixmatch, train_lenet, train_pseudo_label,
-    train_vit, CellResult, ImageData, TrainSettings,
+    finetune_mlp, finetune_vit, pretrain_layerwise, pretrain_mae, pretrain_moco, save_image_model,
+    train_fixmatch, train_lenet, train_mlp, train_pseudo_label, train_vit, CellResult, ImageData,
+    ImageModelInfo, TrainSettings, MLP_HIDDEN,
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
@@ -17,7 +18,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 
 /// The methods a table can hold, in table order.
-pub const METHODS: [&str; 8] = [
+pub const METHODS: [&str; 10] = [
     "lenet",
     "fixmatch",
     "pseudo-label",
@@ -26,16 +27,19 @@ pub const METHODS: [&str; 8] = [
     "mae-probe",
     "moco",
     "moco-probe",
+    "mlp",
+    "layerwise",
 ];
 
 /// The methods whose cells need unlabelled images (none at all labels).
-const NEEDS_UNLABELLED: [&str; 6] = [
+const NEEDS_UNLABELLED: [&str; 7] = [
     "fixmatch",
     "pseudo-label",
     "mae",
     "mae-probe",
     "moco",
     "moco-probe",
+    "layerwise",
 ];
 
 #[derive(Args, Clone, Debug)]
@@ -50,12 +54,14 @@ pub struct LabelEfficiency {
     /// pseudo-label (a supervised LeNet-5 teacher labels the rest; a student trains on its
     /// confident labels), vit (supervised ViT from scratch), mae (MAE pretraining of the same
     /// ViT on every training image, then fine-tuning), mae-probe (a linear probe on the MAE
-    /// encoder), moco and moco-probe (the same after MoCo v3 pretraining). Methods that learn
-    /// from unlabelled images skip the all-labels cell.
+    /// encoder), moco and moco-probe (the same after MoCo v3 pretraining), mlp (a fully
+    /// connected 784-500-250-100 sigmoid network from scratch), layerwise (the same network
+    /// pretrained greedily as stacked autoencoders, then fine-tuned). Methods that learn from
+    /// unlabelled images skip the all-labels cell.
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "lenet,fixmatch,pseudo-label,vit,mae,mae-probe,moco,moco-probe"
+        default_value = "lenet,fixmatch,pseudo-label,vit,mae,mae-probe,moco,moco-probe,mlp,layerwise"
     )]
     pub methods: Vec<String>,
     /// MAE pretraining steps of 128 images (scaled by --scale), once per seed, shared by the
@@ -66,6 +72,10 @@ pub struct LabelEfficiency {
     /// MAE's.
     #[arg(long, default_value_t = 3000)]
     pub moco_steps: u64,
+    /// Layer-wise pretraining steps of 128 images per layer (scaled by --scale), once per
+    /// seed, shared by the layerwise cells.
+    #[arg(long, default_value_t = 1500)]
+    pub layerwise_steps: u64,
     /// FixMatch's unlabelled images per labelled one (μ).
     #[arg(long, default_value_t = 7)]
     pub fixmatch_ratio: usize,
@@ -75,7 +85,8 @@ pub struct LabelEfficiency {
     /// Label-split seeds per cell (each also seeds initialisation and batches).
     #[arg(long, default_value_t = 3)]
     pub seeds: u64,
-    /// Output folder: report.md, results.json, accuracy.png.
+    /// Output folder: report.md, results.json, accuracy.png, and each run's model under
+    /// models/METHOD-LABELS-seedSEED (for `anneal experiment shift`).
     #[arg(long, default_value = "runs/label-efficiency")]
     pub out: PathBuf,
     /// Scale every cell's steps by this factor (0.1: a tenth of the training).
@@ -167,13 +178,16 @@ fn pretrain(
     seed: u64,
     budget: Budget,
 ) -> Result<(Box<dyn TrainModel>, f64)> {
-    let steps = budget.steps(if kind == "mae" {
-        e.mae_steps
-    } else {
-        e.moco_steps
-    });
-    let name = if kind == "mae" { "MAE" } else { "MoCo v3" };
-    let bar = crate::finetune::progress(steps);
+    let (steps, name, layers) = match kind {
+        "mae" => (budget.steps(e.mae_steps), "MAE", 1),
+        "moco" => (budget.steps(e.moco_steps), "MoCo v3", 1),
+        _ => (
+            budget.steps(e.layerwise_steps),
+            "layer-wise",
+            MLP_HIDDEN.len() as u64,
+        ),
+    };
+    let bar = crate::finetune::progress(steps * layers);
     bar.set_message(format!("{name} pretraining, seed {seed}"));
     let t0 = std::time::Instant::now();
     let settings = TrainSettings {
@@ -192,18 +206,22 @@ fn pretrain(
             ));
         }
     };
-    let (model, loss) = if kind == "mae" {
-        pretrain_mae(data, Mae::default(), &settings, &mut tick)?
-    } else {
-        pretrain_moco(data, &settings, &mut tick)?
+    let (model, loss) = match kind {
+        "mae" => pretrain_mae(data, Mae::default(), &settings, &mut tick)?,
+        "moco" => pretrain_moco(data, &settings, &mut tick)?,
+        _ => {
+            let (model, losses) = pretrain_layerwise(data, &settings, &mut tick)?;
+            (model, losses.last().copied().unwrap_or(f64::NAN))
+        }
     };
     bar.finish_and_clear();
     let seconds = t0.elapsed().as_secs_f64();
     println!(
-        "{:>10} {name} pretraining seed {seed}: {steps} steps of 128 unlabelled images ({:.1} \
+        "{:>10} {name} pretraining seed {seed}: {} steps of 128 unlabelled images ({:.1} \
          epochs) in {seconds:.1} s, final loss {loss:.3}",
         "",
-        (steps * 128) as f64 / data.train.len() as f64
+        steps * layers,
+        (steps * layers * 128) as f64 / data.train.len() as f64
     );
     Ok((model, seconds))
 }
@@ -281,7 +299,7 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
                     _ => settings.steps,
                 };
                 let kind = method.split('-').next().unwrap_or_default().to_string();
-                if (kind == "mae" || kind == "moco")
+                if (kind == "mae" || kind == "moco" || kind == "layerwise")
                     && !pretrained.contains_key(&(kind.clone(), seed))
                 {
                     let (model, seconds) = pretrain(&e, &data, &kind, seed, budget)?;
@@ -296,8 +314,8 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
                         bar.set_message(format!("{what}, loss {:.3}", out.loss));
                     }
                 };
-                let result = match method.as_str() {
-                    "lenet" => train_lenet(&data, &labelled, true, &settings, &mut tick)?.1,
+                let (model, result) = match method.as_str() {
+                    "lenet" => train_lenet(&data, &labelled, true, &settings, &mut tick)?,
                     "fixmatch" => {
                         let fixmatch_settings = TrainSettings {
                             steps: total_steps,
@@ -312,10 +330,9 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
                             &fixmatch_settings,
                             &mut tick,
                         )?
-                        .1
                     }
                     "pseudo-label" => {
-                        let (_, r, pseudo) = train_pseudo_label(
+                        let (model, r, pseudo) = train_pseudo_label(
                             &data,
                             &labelled,
                             0.95,
@@ -325,11 +342,11 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
                             &mut tick,
                         )?;
                         println!("{:>10} {n:>6} labels seed {seed}: {pseudo} pseudo-labels of probability >= 0.95", "");
-                        r
+                        (model, r)
                     }
                     "vit" => {
                         let settings = vit_settings(n, seed, budget);
-                        train_vit(&data, &labelled, &settings, &mut tick)?.1
+                        train_vit(&data, &labelled, &settings, &mut tick)?
                     }
                     "mae" | "mae-probe" | "moco" | "moco-probe" => {
                         let probe = method.ends_with("-probe");
@@ -347,11 +364,35 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
                             &settings,
                             &mut tick,
                         )?
-                        .1
+                    }
+                    "mlp" => train_mlp(&data, &labelled, &settings, &mut tick)?,
+                    "layerwise" => {
+                        let (pretrained, _) = &pretrained[&(kind.clone(), seed)];
+                        finetune_mlp(&data, pretrained.params(), &labelled, &settings, &mut tick)?
                     }
                     other => unreachable!("method {other} was checked above"),
                 };
                 bar.finish_and_clear();
+                let architecture = match method.as_str() {
+                    "lenet" | "fixmatch" | "pseudo-label" => "lenet",
+                    "mlp" | "layerwise" => "mlp",
+                    _ => "vit",
+                };
+                let info = ImageModelInfo {
+                    kind: architecture.into(),
+                    dataset: data.name.clone(),
+                    side: data.train.rows,
+                    classes: data.classes(),
+                    normalise: data.normalise,
+                    label: format!("{method}, {n} labels, seed {seed}"),
+                };
+                save_image_model(
+                    &e.out
+                        .join("models")
+                        .join(format!("{method}-{n}-seed{seed}")),
+                    &*model,
+                    &info,
+                )?;
                 let metrics: Vec<String> = result
                     .metrics
                     .iter()

@@ -14,6 +14,7 @@ mod finetune;
 mod label_efficiency;
 mod plan;
 mod run;
+mod shift;
 
 use clap::{Parser, Subcommand};
 

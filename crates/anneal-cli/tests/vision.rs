@@ -28,7 +28,7 @@ fn the_label_efficiency_experiment_runs_in_its_quick_form() {
     for (dataset, methods) in [
         (
             "fashion-mnist",
-            "lenet,fixmatch,pseudo-label,vit,mae,mae-probe,moco,moco-probe",
+            "lenet,fixmatch,pseudo-label,vit,mae,mae-probe,moco,moco-probe,mlp,layerwise",
         ),
         ("mnist", "lenet"),
     ] {
@@ -51,6 +51,25 @@ fn the_label_efficiency_experiment_runs_in_its_quick_form() {
         assert!(text.contains("| lenet |"), "{text}");
         assert!(text.contains("100 labels seed 0: test accuracy"), "{text}");
         assert!(out.join("accuracy.png").is_file() && out.join("report.md").is_file());
+        // Every run's model was saved; the shift experiment scores them all.
+        let models = out.join("models");
+        let shift_out = dir.path().join("shift");
+        let text = ok(anneal(&[
+            "experiment",
+            "shift",
+            "--models",
+            models.to_str().unwrap(),
+            "--out",
+            shift_out.to_str().unwrap(),
+            "--limit",
+            "200",
+        ]));
+        assert!(
+            text.contains("rotate +30°") && text.contains("occlude 25%"),
+            "{text}"
+        );
+        assert!(text.contains("lenet-100-seed0"), "{text}");
+        assert!(shift_out.join("results.json").is_file());
         let results: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap())
                 .unwrap();
@@ -65,6 +84,18 @@ fn the_label_efficiency_experiment_runs_in_its_quick_form() {
             }
         }
     }
+}
+
+#[test]
+fn the_shift_experiment_names_a_folder_without_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = fails(anneal(&[
+        "experiment",
+        "shift",
+        "--models",
+        dir.path().to_str().unwrap(),
+    ]));
+    assert!(e.contains("holds no saved image model"), "{e}");
 }
 
 #[test]

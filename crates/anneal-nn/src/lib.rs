@@ -15,6 +15,8 @@
 //!   bidirectional attention with padding masked, erf GELU, mean and `[CLS]` pooling.
 //! * [`llama`]: Llama (Touvron et al. 2023): RMSNorm, rotary positions, grouped key/value heads,
 //!   gated SiLU MLP, tied or untied head, KV cache.
+//! * [`autoencoder`]: a fully connected classifier pretrained greedily as stacked autoencoders
+//!   (the deep-belief-network era's layer-wise pretraining).
 //! * [`lenet`]: LeNet-5 (LeCun et al. 1998), the supervised convolutional baseline.
 //! * [`vit`]: a small Vision Transformer (Dosovitskiy et al. 2021) with MAE's masked-autoencoder
 //!   decoder (He et al. 2022).
@@ -23,6 +25,7 @@
 //!   encoder shared by image patches and text tokens, trained contrastively with LIMoE's
 //!   per-modality entropy losses (Mustafa et al. 2022).
 
+pub mod autoencoder;
 pub mod bert;
 pub mod gpt;
 pub mod layers;
@@ -31,6 +34,7 @@ pub mod limoe;
 pub mod llama;
 pub mod vit;
 
+pub use autoencoder::StackedAutoencoder;
 pub use gpt::{Gpt, GptConfig, GptLayer, GptMoe};
 pub use layers::KvCache;
 pub use lenet::{LeNet, LeNetConfig};

@@ -45,7 +45,7 @@ pub struct DataPosition {
 }
 
 /// Everything besides tensors that a resumed run needs (`trainer_state.json`).
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct TrainerState {
     /// Format version (1).
     pub format: u32,

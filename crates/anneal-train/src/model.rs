@@ -3,7 +3,7 @@
 //! strategies run the forward pass.
 
 use anneal_nn::bert::{Bert, BertInput};
-use anneal_nn::{Gpt, LeNet, Vit};
+use anneal_nn::{Gpt, LeNet, StackedAutoencoder, Vit};
 use anneal_tensor::{DropoutKey, ParamStore, Result, Tensor};
 
 /// A model's input, built by an objective from a batch (borrowing from it: nothing is copied).
@@ -43,6 +43,16 @@ pub enum ModelInput<'a> {
         /// Their shape.
         shape: [usize; 4],
     },
+    /// Images whose codes at hidden layer `layer` (the images themselves at 0) a stacked
+    /// autoencoder reconstructs (one stage of greedy layer-wise pretraining).
+    ReconstructLayer {
+        /// The pixels.
+        pixels: &'a [f32],
+        /// Their shape.
+        shape: [usize; 4],
+        /// The stage.
+        layer: usize,
+    },
     /// Images of which the model hides a random share of patches and predicts them (MAE).
     MaskedImages {
         /// The pixels.
@@ -60,6 +70,7 @@ impl ModelInput<'_> {
         match self {
             ModelInput::Images { pixels, shape }
             | ModelInput::ContrastiveImages { pixels, shape }
+            | ModelInput::ReconstructLayer { pixels, shape, .. }
             | ModelInput::MaskedImages { pixels, shape, .. } => {
                 Tensor::from_f32(pixels.to_vec(), shape)
             }
@@ -291,5 +302,35 @@ impl TrainModel for Vit {
 
     fn flops_per_token(&self, _seq: usize) -> f64 {
         self.flops_per_image()
+    }
+}
+
+/// A stacked-autoencoder classifier: class logits of flattened images, or, for one stage of
+/// layer-wise pretraining, the reconstruction of that layer's input with the input itself
+/// (`target`) as an extra.
+impl TrainModel for StackedAutoencoder {
+    fn params(&self) -> &ParamStore {
+        &self.params
+    }
+
+    fn params_mut(&mut self) -> &mut ParamStore {
+        &mut self.params
+    }
+
+    fn forward(&self, input: &ModelInput<'_>, _dropout: Option<DropoutKey>) -> Result<ModelOutput> {
+        let images = input.image_tensor("StackedAutoencoder")?;
+        let n = images.shape()[0];
+        let flat = images.reshape(&[n, images.numel() / n.max(1)])?;
+        if let ModelInput::ReconstructLayer { layer, .. } = input {
+            let (out, target) = self.reconstruct(&flat, *layer)?;
+            let mut output = ModelOutput::logits(out);
+            output.extras = vec![("target".into(), target)];
+            return Ok(output);
+        }
+        Ok(ModelOutput::logits(self.classify(&flat)?))
+    }
+
+    fn flops_per_token(&self, _seq: usize) -> f64 {
+        self.flops_per_example()
     }
 }

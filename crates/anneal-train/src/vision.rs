@@ -4,16 +4,18 @@
 //! from these.
 
 use crate::model::{ModelInput, TrainModel};
-use crate::objectives::{accuracy, FixMatch, ImageClassification, Mae, MocoV3, Objective};
+use crate::objectives::{
+    accuracy, FixMatch, ImageClassification, LayerwiseAutoencoder, Mae, MocoV3, Objective,
+};
 use crate::schedule::CosineSchedule;
 use crate::strategy::{SingleDevice, StepOutput};
 use crate::trainer::{Trainer, TrainerParts};
 use anneal_data::augment::{Dims, Pipeline};
 use anneal_data::images::{fashion_mnist_dir, mnist_digits_dir, ImageSource, Views};
 use anneal_data::ImageSet;
-use anneal_nn::{LeNet, LeNetConfig, Vit, VitConfig};
+use anneal_nn::{LeNet, LeNetConfig, StackedAutoencoder, Vit, VitConfig};
 use anneal_tensor::optim::{AdamW, AdamWConfig};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
@@ -591,6 +593,230 @@ pub fn finetune_vit(
     )
 }
 
+/// Widths of the hidden layers of the fully connected network of the layer-wise row (the input
+/// is the flattened image).
+pub const MLP_HIDDEN: [usize; 3] = [500, 250, 100];
+
+/// A freshly initialised stacked-autoencoder classifier for `data`.
+pub fn new_mlp(data: &ImageData, seed: u64) -> Result<StackedAutoencoder> {
+    let mut widths = vec![data.dims().len()];
+    widths.extend(MLP_HIDDEN);
+    Ok(StackedAutoencoder::new(&widths, data.classes(), seed)?)
+}
+
+/// The fully connected network trained from scratch on `labelled` (no pretraining).
+pub fn train_mlp(
+    data: &ImageData,
+    labelled: &[usize],
+    settings: &TrainSettings,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, CellResult)> {
+    let mut model = new_mlp(data, settings.seed)?;
+    model.params.train_only(|n| !n.starts_with("decoders"));
+    let source = data.source(
+        with_labels(data, labelled),
+        Views::One(Pipeline::supervised(data.flip)),
+    );
+    fit(
+        data,
+        Box::new(model),
+        Box::new(ImageClassification),
+        source,
+        settings,
+        labelled.len(),
+        progress,
+    )
+}
+
+/// Greedy layer-wise pretraining of the fully connected network on every training image,
+/// labels unused: each hidden layer in turn, the ones below frozen, trains with its decoder to
+/// reconstruct its input for `settings.steps` steps. Returns the model and each stage's final
+/// reconstruction loss.
+pub fn pretrain_layerwise(
+    data: &ImageData,
+    settings: &TrainSettings,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, Vec<f64>)> {
+    let mut model: Box<dyn TrainModel> = Box::new(new_mlp(data, settings.seed)?);
+    let mut losses = Vec::new();
+    for layer in 0..MLP_HIDDEN.len() {
+        let (own, decoder) = (format!("layers.{layer}."), format!("decoders.{layer}."));
+        model
+            .params_mut()
+            .train_only(|n| n.starts_with(&own) || n.starts_with(&decoder));
+        let examples = (0..data.train.len()).map(|i| (i, -1)).collect();
+        let source = data.source(examples, Views::One(Pipeline::none()));
+        let stage = TrainSettings {
+            seed: settings.seed + layer as u64,
+            ..settings.clone()
+        };
+        let mut trainer = image_trainer(
+            model,
+            Box::new(LayerwiseAutoencoder { layer }),
+            Box::new(source),
+            &stage,
+        );
+        let (loss, _) = run_steps(&mut trainer, stage.steps, progress)?;
+        losses.push(loss);
+        model = trainer.into_model();
+    }
+    Ok((model, losses))
+}
+
+/// The fully connected network starting from `pretrained`'s layers (its decoders dropped),
+/// fine-tuned with back-propagation on `labelled`.
+pub fn finetune_mlp(
+    data: &ImageData,
+    pretrained: &anneal_tensor::ParamStore,
+    labelled: &[usize],
+    settings: &TrainSettings,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, CellResult)> {
+    let mut model = new_mlp(data, settings.seed)?;
+    for info in pretrained.infos() {
+        if info.name.starts_with("layers.") {
+            let id = model.params.id(&info.name)?;
+            model.params.set(id, pretrained.by_name(&info.name)?)?;
+        }
+    }
+    model.params.train_only(|n| !n.starts_with("decoders"));
+    let source = data.source(
+        with_labels(data, labelled),
+        Views::One(Pipeline::supervised(data.flip)),
+    );
+    fit(
+        data,
+        Box::new(model),
+        Box::new(ImageClassification),
+        source,
+        settings,
+        labelled.len(),
+        progress,
+    )
+}
+
+/// What a saved image model is, so that it can be rebuilt (`image_model.json`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ImageModelInfo {
+    /// `lenet`, `vit` or `mlp`.
+    pub kind: String,
+    /// The data set it was trained on.
+    pub dataset: String,
+    /// Image side.
+    pub side: usize,
+    /// Classes.
+    pub classes: usize,
+    /// Pixel mean and standard deviation it expects inputs normalised by.
+    pub normalise: (f32, f32),
+    /// How it was trained (method, labels, seed), for reports.
+    pub label: String,
+}
+
+/// Writes `model`'s parameters (`model.safetensors`) and `info` (`image_model.json`) into `dir`,
+/// each atomically.
+pub fn save_image_model(dir: &Path, model: &dyn TrainModel, info: &ImageModelInfo) -> Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let bytes = anneal_tensor::io::encode_safetensors(&model.params().named())?;
+    crate::checkpoint::write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    crate::checkpoint::write_atomic(
+        &dir.join("image_model.json"),
+        serde_json::to_string_pretty(info)?.as_bytes(),
+    )?;
+    Ok(())
+}
+
+/// Rebuilds the image model saved in `dir` by [`save_image_model`]; the error names the file at
+/// fault.
+pub fn load_image_model(dir: &Path) -> Result<(Box<dyn TrainModel>, ImageModelInfo)> {
+    let info_path = dir.join("image_model.json");
+    let text = std::fs::read_to_string(&info_path).with_context(|| {
+        format!(
+            "reading {} (is {} a saved image model?)",
+            info_path.display(),
+            dir.display()
+        )
+    })?;
+    let info: ImageModelInfo = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not an image model description", info_path.display()))?;
+    let model: Box<dyn TrainModel> = match info.kind.as_str() {
+        "lenet" => Box::new(LeNet::new(
+            LeNetConfig {
+                channels: 1,
+                side: info.side,
+                classes: info.classes,
+            },
+            0,
+        )?),
+        "vit" => {
+            let mut config = VitConfig::small(info.classes);
+            config.side = info.side;
+            config.decoder_d = 0;
+            Box::new(Vit::new(config, 0)?)
+        }
+        "mlp" => {
+            let mut widths = vec![info.side * info.side];
+            widths.extend(MLP_HIDDEN);
+            Box::new(StackedAutoencoder::new(&widths, info.classes, 0)?)
+        }
+        other => bail!(
+            "{}: kind {other:?} is not an image model anneal builds (lenet, vit, mlp)",
+            info_path.display()
+        ),
+    };
+    let weights = dir.join("model.safetensors");
+    let tensors = anneal_tensor::io::load_safetensors(&weights)
+        .with_context(|| format!("reading {}", weights.display()))?;
+    model
+        .params()
+        .load_named(&tensors)
+        .with_context(|| format!("loading {}", weights.display()))?;
+    Ok((model, info))
+}
+
+/// A distribution shift of test images (Barbu et al. 2019, ObjectNet: rotated, occluded,
+/// re-framed objects).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Shift {
+    /// Rotated by this many degrees.
+    Rotate(f32),
+    /// A square of this share of the area blanked at a random place (seeded by the image).
+    Occlude(f32),
+    /// Scaled by the first factor about the centre, then shifted by the second share of the
+    /// side, right and down.
+    Reframe(f32, f32),
+}
+
+impl Shift {
+    /// The shifts `anneal experiment shift` reports.
+    pub const ALL: [Shift; 7] = [
+        Shift::Rotate(-15.0),
+        Shift::Rotate(15.0),
+        Shift::Rotate(-30.0),
+        Shift::Rotate(30.0),
+        Shift::Occlude(0.25),
+        Shift::Reframe(0.75, 0.1),
+        Shift::Reframe(1.25, -0.1),
+    ];
+
+    /// A short name for tables.
+    pub fn name(self) -> String {
+        match self {
+            Shift::Rotate(d) => format!("rotate {d:+.0}°"),
+            Shift::Occlude(a) => format!("occlude {:.0}%", 100.0 * a),
+            Shift::Reframe(s, t) => format!("reframe ×{s} {t:+}"),
+        }
+    }
+
+    /// Applies the shift to test image `index`.
+    pub fn apply(self, index: usize, image: &mut [f32], dims: Dims) {
+        match self {
+            Shift::Rotate(d) => anneal_data::augment::rotate(image, dims, d),
+            Shift::Occlude(a) => anneal_data::augment::occlude(image, dims, a, index as u64),
+            Shift::Reframe(s, t) => anneal_data::augment::reframe(image, dims, s, t, t),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -724,6 +950,88 @@ mod tests {
                 == mae.params().by_name(name).unwrap().to_vec_f32();
             assert_eq!(same, probe);
         }
+    }
+
+    #[test]
+    fn layerwise_pretraining_trains_each_layer_in_turn_then_fine_tunes() {
+        let data = ImageData::new("quarters", quarters(64, 1), quarters(40, 2), false);
+        let settings = TrainSettings {
+            steps: 15,
+            batch: 16,
+            lr: 3e-3,
+            weight_decay: 0.0,
+            seed: 0,
+        };
+        let (model, losses) = pretrain_layerwise(&data, &settings, &mut |_, _, _| {}).unwrap();
+        assert_eq!(losses.len(), MLP_HIDDEN.len());
+        assert!(losses.iter().all(|l| l.is_finite()), "{losses:?}");
+        let labelled = data.train.balanced_subset(16, 0).unwrap();
+        let (tuned, r) = finetune_mlp(
+            &data,
+            model.params(),
+            &labelled,
+            &settings,
+            &mut |_, _, _| {},
+        )
+        .unwrap();
+        assert!(r.accuracy > 0.5, "{r:?}");
+        // Pretraining moved every layer away from its initial values.
+        let fresh = new_mlp(&data, 0).unwrap();
+        for l in 0..MLP_HIDDEN.len() {
+            let name = format!("layers.{l}.weight");
+            assert_ne!(
+                model.params().by_name(&name).unwrap().to_vec_f32(),
+                fresh.params.by_name(&name).unwrap().to_vec_f32(),
+                "{name}"
+            );
+        }
+        let (_, scratch) = train_mlp(&data, &labelled, &settings, &mut |_, _, _| {}).unwrap();
+        assert!(scratch.accuracy > 0.0);
+        let _ = tuned;
+    }
+
+    #[test]
+    fn image_models_save_and_load_and_shifts_cost_accuracy() {
+        let data = ImageData::new("quarters", quarters(200, 1), quarters(100, 2), false);
+        let labelled = data.train.balanced_subset(40, 0).unwrap();
+        let settings = TrainSettings {
+            steps: 60,
+            batch: 16,
+            lr: 3e-3,
+            weight_decay: 0.0,
+            seed: 0,
+        };
+        let (model, r) =
+            train_lenet(&data, &labelled, false, &settings, &mut |_, _, _| {}).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let info = ImageModelInfo {
+            kind: "lenet".into(),
+            dataset: "quarters".into(),
+            side: 16,
+            classes: 4,
+            normalise: data.normalise,
+            label: "lenet 40".into(),
+        };
+        save_image_model(dir.path(), &*model, &info).unwrap();
+        let (loaded, back) = load_image_model(dir.path()).unwrap();
+        assert_eq!(back, info);
+        let again = test_accuracy(&*loaded, &data.test, data.normalise, None, None).unwrap();
+        assert_eq!(again, r.accuracy);
+        // Turning the quarters by 90° moves every bright quarter: accuracy falls.
+        let quarter_turn =
+            |_: usize, img: &mut [f32], d: Dims| anneal_data::augment::rotate(img, d, 90.0);
+        let turned = test_accuracy(
+            &*loaded,
+            &data.test,
+            data.normalise,
+            None,
+            Some(&quarter_turn),
+        )
+        .unwrap();
+        assert!(turned < again - 0.3, "{turned} vs {again}");
+        std::fs::write(dir.path().join("image_model.json"), "{").unwrap();
+        let e = format!("{:#}", load_image_model(dir.path()).err().unwrap());
+        assert!(e.contains("image_model.json"), "{e}");
     }
 
     #[test]

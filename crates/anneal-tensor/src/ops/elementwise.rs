@@ -290,6 +290,7 @@ enum Unary {
     GeluTanh,
     GeluErf,
     Silu,
+    Sigmoid,
     Exp,
     Log,
     Scale(f32),
@@ -312,6 +313,7 @@ impl Unary {
             Unary::GeluTanh => "gelu_tanh",
             Unary::GeluErf => "gelu",
             Unary::Silu => "silu",
+            Unary::Sigmoid => "sigmoid",
             Unary::Exp => "exp",
             Unary::Log => "log",
             Unary::Scale(_) => "scale",
@@ -330,6 +332,7 @@ impl Unary {
             // x·Φ(x), Φ to 2.5e-7 (`fast_normal_cdf`).
             Unary::GeluErf => x * crate::kernels::fast_normal_cdf(x),
             Unary::Silu => x / (1.0 + crate::kernels::fast_exp(-x)),
+            Unary::Sigmoid => 1.0 / (1.0 + crate::kernels::fast_exp(-x)),
             Unary::Exp => x.exp(),
             Unary::Log => x.ln(),
             Unary::Scale(c) => x * c,
@@ -362,6 +365,10 @@ impl Unary {
             Unary::Silu => {
                 let s = 1.0 / (1.0 + crate::kernels::fast_exp(-x));
                 s * (1.0 + x * (1.0 - s))
+            }
+            Unary::Sigmoid => {
+                let s = 1.0 / (1.0 + crate::kernels::fast_exp(-x));
+                s * (1.0 - s)
             }
             Unary::Exp => x.exp(),
             Unary::Log => 1.0 / x,
@@ -408,6 +415,7 @@ fn forward_all(op: Unary, out: &mut [f32], v: &[f32]) {
         Unary::GeluTanh => map_into(out, v, |x| Unary::GeluTanh.forward(x)),
         Unary::GeluErf => map_into(out, v, |x| Unary::GeluErf.forward(x)),
         Unary::Silu => map_into(out, v, |x| Unary::Silu.forward(x)),
+        Unary::Sigmoid => map_into(out, v, |x| Unary::Sigmoid.forward(x)),
         Unary::Exp => map_into(out, v, |x| x.exp()),
         Unary::Log => map_into(out, v, |x| x.ln()),
         Unary::Scale(c) => map_into(out, v, move |x| x * c),
@@ -422,6 +430,7 @@ fn derivative_all(op: Unary, out: &mut [f32], g: &[f32], x: &[f32]) {
         Unary::GeluTanh => zip_into(out, g, x, |g, x| g * Unary::GeluTanh.derivative(x)),
         Unary::GeluErf => zip_into(out, g, x, |g, x| g * Unary::GeluErf.derivative(x)),
         Unary::Silu => zip_into(out, g, x, |g, x| g * Unary::Silu.derivative(x)),
+        Unary::Sigmoid => zip_into(out, g, x, |g, x| g * Unary::Sigmoid.derivative(x)),
         Unary::Exp => zip_into(out, g, x, |g, x| g * x.exp()),
         Unary::Log => zip_into(out, g, x, |g, x| g / x),
         Unary::Scale(_) | Unary::AddScalar(_) => unreachable!("handled in UnaryBackward"),
@@ -489,6 +498,10 @@ impl Tensor {
     /// SiLU / swish, x·σ(x) (Elfwing et al. 2018), the Llama MLP activation.
     pub fn silu(&self) -> Tensor {
         unary(self, Unary::Silu)
+    }
+    /// The logistic sigmoid σ(x) = 1/(1 + e⁻ˣ).
+    pub fn sigmoid(&self) -> Tensor {
+        unary(self, Unary::Sigmoid)
     }
     /// eˣ.
     pub fn exp(&self) -> Tensor {
@@ -573,6 +586,14 @@ mod tests {
         assert_grads(|x| Ok(x[0].gelu_tanh()), &[x.clone()]);
         assert_grads(|x| Ok(x[0].gelu()), &[x.clone()]);
         assert_grads(|x| Ok(x[0].silu()), &[x.clone()]);
+        assert_grads(|x| Ok(x[0].sigmoid()), &[x.clone()]);
+        let s = Tensor::from_f32(vec![-30.0, -1.0, 0.0, 2.0, 30.0], &[5])
+            .unwrap()
+            .sigmoid();
+        let want = [0.0, 0.268_941_4, 0.5, 0.880_797_1, 1.0];
+        for (got, want) in s.to_vec_f32().iter().zip(want) {
+            assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+        }
         assert_grads(|x| Ok(x[0].exp()), &[x.clone()]);
         assert_grads(|x| Ok(x[0].scale(-3.0).add_scalar(2.0)), &[x.clone()]);
         assert_grads(|x| Ok(x[0].exp().add_scalar(0.1).log()), &[x.clone()]);

@@ -10,11 +10,13 @@
 //! * [`FixMatch`]: semi-supervised, pseudo-labels from weak views train strong views.
 //! * [`Mae`]: masked image modelling, reconstruct the hidden 75% of patches.
 //! * [`MocoV3`]: contrastive, each view's query finds the other view's momentum key.
+//! * [`LayerwiseAutoencoder`]: one stage of greedy layer-wise autoencoder pretraining.
 
 mod causal_lm;
 mod classification;
 mod fixmatch;
 mod image;
+mod layerwise;
 mod mae;
 mod moco;
 
@@ -22,6 +24,7 @@ pub use causal_lm::CausalLm;
 pub use classification::{argmax_rows, SequenceClassification};
 pub use fixmatch::FixMatch;
 pub use image::{accuracy, ImageClassification};
+pub use layerwise::LayerwiseAutoencoder;
 pub use mae::{mae_loss, normalise_patches, Mae};
 pub use moco::{contrastive_loss, momentum_at, MocoV3};
 
