@@ -137,6 +137,10 @@ impl Window {
     }
 }
 
+/// Images per group in conv2d's backward: each group sums its weight gradient alone, and the
+/// groups' sums are added in order.
+const CONV_GROUP: usize = 8;
+
 struct Conv2dBackward {
     x: Tensor,
     /// Whether the input needs its gradient (not for the images entering a first layer).
@@ -159,22 +163,24 @@ impl Backward for Conv2dBackward {
         // Allocated either way: its chunks pace the loop over images.
         let mut dx = crate::pool::zeros(self.x.numel());
         let w = self.weight.to_vec_f32();
-        // Images in parallel, each thread summing its own dW and db.
-        let (dw, db) = grad.with_f32(|g| {
+        // Fixed groups of images in parallel, each summing its own dW and db; the groups' sums
+        // are then added in group order, so the result does not depend on the thread count or
+        // on which thread ran which group (deterministic, as every reduction here).
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = grad.with_f32(|g| {
             self.x.with_f32(|x| {
-                dx.par_chunks_mut(img)
-                    .zip(g.par_chunks(o * plane))
-                    .zip(x.par_chunks(img))
-                    .fold(
-                        || {
-                            (
-                                vec![0.0f32; o * k],
-                                vec![0.0f32; o],
-                                vec![0.0f32; k * plane],
-                                vec![0.0f32; k * plane],
-                            )
-                        },
-                        |(mut dw, mut db, mut cols, mut dcols), ((dxi, gi), xi)| {
+                dx.par_chunks_mut(img * CONV_GROUP)
+                    .zip(g.par_chunks(o * plane * CONV_GROUP))
+                    .zip(x.par_chunks(img * CONV_GROUP))
+                    .map(|((dxs, gs), xs)| {
+                        let mut dw = vec![0.0f32; o * k];
+                        let mut db = vec![0.0f32; o];
+                        let mut cols = vec![0.0f32; k * plane];
+                        let mut dcols = vec![0.0f32; k * plane];
+                        for ((dxi, gi), xi) in dxs
+                            .chunks_mut(img)
+                            .zip(gs.chunks(o * plane))
+                            .zip(xs.chunks(img))
+                        {
                             win.im2col(xi, &mut cols);
                             unsafe {
                                 // dW += dY · colsᵀ
@@ -206,20 +212,17 @@ impl Backward for Conv2dBackward {
                             for (oc, d) in db.iter_mut().enumerate() {
                                 *d += gi[oc * plane..(oc + 1) * plane].iter().sum::<f32>();
                             }
-                            (dw, db, cols, dcols)
-                        },
-                    )
-                    .map(|(dw, db, _, _)| (dw, db))
-                    .reduce(
-                        || (vec![0.0f32; o * k], vec![0.0f32; o]),
-                        |(mut a, mut b), (c, d)| {
-                            a.iter_mut().zip(&c).for_each(|(a, c)| *a += c);
-                            b.iter_mut().zip(&d).for_each(|(b, d)| *b += d);
-                            (a, b)
-                        },
-                    )
+                        }
+                        (dw, db)
+                    })
+                    .collect()
             })
         });
+        let (mut dw, mut db) = (vec![0.0f32; o * k], vec![0.0f32; o]);
+        for (pw, pb) in &partials {
+            dw.iter_mut().zip(pw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(pb).for_each(|(a, b)| *a += b);
+        }
         let mut grads = vec![
             self.x_needs_grad
                 .then(|| Tensor::from_f32_unchecked(dx, self.x.shape())),
@@ -467,6 +470,34 @@ mod tests {
             |t| t[0].conv2d(&t[1], None, 2, 1),
             &[randn(&[1, 2, 5, 4], 4), randn(&[2, 2, 3, 3], 5)],
         );
+    }
+
+    #[test]
+    fn conv2d_gradients_do_not_depend_on_the_thread_count() {
+        let grads = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let x = randn(&[37, 3, 9, 9], 1).requires_grad_();
+                let w = randn(&[4, 3, 3, 3], 2).requires_grad_();
+                let b = randn(&[4], 3).requires_grad_();
+                let y = x.conv2d(&w, Some(&b), 1, 1).unwrap();
+                y.mul(&y).unwrap().sum_all().unwrap().backward().unwrap();
+                [x, w, b].map(|t| {
+                    t.grad()
+                        .unwrap()
+                        .to_vec_f32()
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .collect::<Vec<u32>>()
+                })
+            })
+        };
+        let one = grads(1);
+        assert_eq!(one, grads(2));
+        assert_eq!(one, grads(3));
     }
 
     #[test]
