@@ -125,6 +125,8 @@ pub enum Batch {
     Preferences(PreferencePairs),
     /// Labelled token sequences.
     Classes(LabelledSequences),
+    /// Sentence pairs with masked tokens and next-sentence labels (BERT pretraining).
+    MaskedPairs(crate::mlm::MaskedPairs),
 }
 
 impl Batch {
@@ -136,6 +138,7 @@ impl Batch {
             Batch::Images(i) => i.shape[0],
             Batch::Preferences(p) => p.chosen.batch,
             Batch::Classes(c) => c.batch,
+            Batch::MaskedPairs(p) => p.batch,
         }
     }
 
@@ -153,6 +156,7 @@ impl Batch {
             Batch::Preferences(p) => 2 * p.chosen.batch * p.chosen.seq,
             // One loss per sequence, whatever its length: micro-batches weigh by their rows.
             Batch::Classes(_) => 0,
+            Batch::MaskedPairs(p) => p.batch * p.seq,
         }
     }
 
@@ -196,6 +200,7 @@ impl Batch {
                 batch: n,
                 seq: c.seq,
             }),
+            Batch::MaskedPairs(p) => Batch::MaskedPairs(p.rows(rows)),
         }
     }
 
@@ -207,6 +212,7 @@ impl Batch {
             Batch::Images(_) => "labelled images",
             Batch::Preferences(_) => "preference pairs",
             Batch::Classes(_) => "labelled sequences",
+            Batch::MaskedPairs(_) => "masked sentence pairs",
         }
     }
 }

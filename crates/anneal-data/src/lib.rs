@@ -21,6 +21,7 @@ pub mod filters;
 pub mod images;
 pub mod minhash;
 pub mod mix;
+pub mod mlm;
 pub mod normalize;
 pub mod pipeline;
 pub mod report;

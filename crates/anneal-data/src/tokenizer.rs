@@ -7,7 +7,8 @@
 //!   vocabulary reaches the chosen size; any input encodes, no token is unknown;
 //! - a character vocabulary (each distinct character one token, as nanoGPT's Shakespeare
 //!   example), written as a BPE model without merges;
-//! - GPT-2's own vocabulary, from its `encoder.json` and `vocab.bpe`.
+//! - GPT-2's own vocabulary, from its `encoder.json` and `vocab.bpe`;
+//! - a WordPiece vocabulary trained on a corpus (BERT's scheme).
 
 use crate::{Error, Result};
 use std::collections::BTreeSet;
@@ -18,6 +19,10 @@ use tokenizers::models::bpe::{BpeTrainerBuilder, Vocab, BPE};
 use tokenizers::models::TrainerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
+
+/// BERT's special tokens, in the order (and so with the ids 0–4) a trained WordPiece vocabulary
+/// gives them.
+pub const WORDPIECE_SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 
 /// The end-of-text token that separates documents in byte-level vocabularies.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
@@ -102,6 +107,50 @@ impl Tokenizer {
             .show_progress(show_progress)
             .special_tokens(vec![AddedToken::from(END_OF_TEXT, true)])
             .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
+            .build()
+            .into();
+        inner.train(&mut trainer, texts).map_err(tk_err)?;
+        Ok(Self::wrap(inner))
+    }
+
+    /// Trains a WordPiece vocabulary of `vocab_size` tokens on `texts` as BERT's tokenizer
+    /// (Devlin et al. 2019; Wu et al. 2016): lower-cased, accents stripped, split on whitespace
+    /// and punctuation, word-continuation pieces marked `##`. Its special tokens come first:
+    /// [`WORDPIECE_SPECIALS`] (`[PAD]` 0, `[UNK]` 1, `[CLS]` 2, `[SEP]` 3, `[MASK]` 4).
+    pub fn train_wordpiece<I, S>(
+        texts: I,
+        vocab_size: usize,
+        show_progress: bool,
+    ) -> Result<Tokenizer>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        use tokenizers::models::wordpiece::{WordPiece, WordPieceTrainerBuilder};
+        if vocab_size < 100 {
+            return Err(Error::Invalid {
+                key: "tokenizer.vocab_size".into(),
+                value: vocab_size.to_string(),
+                allowed: "at least 100 (the special tokens and the characters of the corpus)"
+                    .into(),
+            });
+        }
+        let mut inner = tokenizers::Tokenizer::new(WordPiece::default());
+        inner.with_normalizer(Some(tokenizers::normalizers::bert::BertNormalizer::new(
+            true, true, None, true,
+        )));
+        inner.with_pre_tokenizer(Some(tokenizers::pre_tokenizers::bert::BertPreTokenizer));
+        inner.with_decoder(Some(tokenizers::decoders::wordpiece::WordPiece::default()));
+        let mut trainer: TrainerWrapper = WordPieceTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .show_progress(show_progress)
+            .special_tokens(
+                WORDPIECE_SPECIALS
+                    .iter()
+                    .map(|t| AddedToken::from(*t, true))
+                    .collect(),
+            )
             .build()
             .into();
         inner.train(&mut trainer, texts).map_err(tk_err)?;
@@ -419,6 +468,27 @@ impl Tokenizer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trained_wordpiece_vocabulary_splits_words_into_pieces() {
+        let text = crate::TEST_PROSE.repeat(3);
+        let t = Tokenizer::train_wordpiece([text.as_str()].iter(), 200, false).unwrap();
+        for (i, special) in WORDPIECE_SPECIALS.iter().enumerate() {
+            assert_eq!(t.token_to_id(special), Some(i as u32), "{special}");
+        }
+        assert!(t.vocab_size() <= 200);
+        let ids = t.encode("The Committee MET, unexpectedly. Ω").unwrap();
+        let pieces: Vec<String> = ids.iter().map(|&i| t.id_to_token(i).unwrap()).collect();
+        // Lower-cased, punctuation split off, unseen words cut into known pieces.
+        assert_eq!(pieces[0], "the");
+        assert!(pieces.contains(&",".to_string()) && pieces.contains(&".".to_string()));
+        // A character never seen is the unknown token.
+        assert_eq!(pieces.last().unwrap(), "[UNK]");
+        assert!(pieces.iter().any(|p| p.starts_with("##")), "{pieces:?}");
+        let back = t.decode(&ids).unwrap();
+        assert!(back.starts_with("the committee met,"), "{back}");
+        assert!(Tokenizer::train_wordpiece(["x"].iter(), 10, false).is_err());
+    }
 
     #[test]
     fn a_malformed_section_is_an_error_not_a_panic() {
