@@ -13,8 +13,9 @@
 //! all-MiniLM-L6-v2, followed by L2 normalisation) or the `[CLS]` position.
 
 use crate::layers::{
-    Attention, AttentionConfig, Builder, ClassificationHead, Embedding, LayerNorm, LoraConfig, Mlp,
-    MlpKind, ParallelContext, QkvNames, SingleDevice, WeightLayout, Weights,
+    Attention, AttentionConfig, Builder, ClassificationHead, Embedding, Init, LayerNorm, Linear,
+    LinearOptions, LoraConfig, Mlp, MlpKind, ParallelContext, QkvNames, SingleDevice, WeightLayout,
+    Weights,
 };
 use anneal_tensor::{DType, DropoutKey, Error, ParamId, ParamStore, Result, Tensor};
 use std::collections::HashMap;
@@ -273,6 +274,26 @@ pub struct Bert {
     embeddings_norm: LayerNorm,
     layers: Vec<BertLayer>,
     classifier: Option<ClassificationHead>,
+    pretraining: Option<PretrainingHeads>,
+}
+
+/// BERT's pretraining heads (Hugging Face `BertForPreTraining` names): the masked-LM head
+/// (a dense layer, GELU and LayerNorm, then the word embeddings transposed plus a bias) and the
+/// next-sentence head on the pooler (`[CLS]` through a dense layer and tanh).
+struct PretrainingHeads {
+    pooler: Linear,
+    transform: Linear,
+    transform_norm: LayerNorm,
+    decoder_bias: ParamId,
+    next_sentence: Linear,
+}
+
+/// What BERT's pretraining heads give.
+pub struct PretrainingOutput {
+    /// Masked-LM logits `[M, vocab]` at the positions asked for, in their order.
+    pub mlm: Tensor,
+    /// Next-sentence logits `[B, 2]` (0: B follows A).
+    pub next_sentence: Tensor,
 }
 
 /// Token ids of a batch of sequences padded to one length, with what a BERT reads beside them.
@@ -337,6 +358,22 @@ impl Bert {
         lora: Option<LoraConfig>,
         classes: Option<usize>,
     ) -> Result<Bert> {
+        Bert::build(config, seed, lora, classes, false)
+    }
+
+    /// A freshly initialised BERT with its pretraining heads (masked LM and next-sentence
+    /// prediction), as `BertForPreTraining` (Devlin et al. 2019 §3.1).
+    pub fn for_pretraining(config: BertConfig, seed: u64) -> Result<Bert> {
+        Bert::build(config, seed, None, None, true)
+    }
+
+    fn build(
+        config: BertConfig,
+        seed: u64,
+        lora: Option<LoraConfig>,
+        classes: Option<usize>,
+        pretraining: bool,
+    ) -> Result<Bert> {
         config.validate()?;
         let c = &config;
         let d = c.hidden_size;
@@ -368,6 +405,27 @@ impl Bert {
         let classifier = classes
             .map(|k| ClassificationHead::new(&mut b, "classifier", d, k))
             .transpose()?;
+        let pretraining = if pretraining {
+            let dense = LinearOptions {
+                layout: WeightLayout::OutIn,
+                ..LinearOptions::default()
+            };
+            Some(PretrainingHeads {
+                pooler: Linear::new(&mut b, "pooler.dense", d, d, dense)?,
+                transform: Linear::new(&mut b, "cls.predictions.transform.dense", d, d, dense)?,
+                transform_norm: LayerNorm::new(
+                    &mut b,
+                    "cls.predictions.transform.LayerNorm",
+                    d,
+                    true,
+                    c.layer_norm_eps,
+                )?,
+                decoder_bias: b.vector("cls.predictions.bias", c.vocab_size, Init::Zeros)?,
+                next_sentence: Linear::new(&mut b, "cls.seq_relationship", d, 2, dense)?,
+            })
+        } else {
+            None
+        };
         let parallel: Arc<dyn ParallelContext> = Arc::new(SingleDevice);
         let (params, _) = b.build(c.dtype);
         Ok(Bert {
@@ -380,7 +438,55 @@ impl Bert {
             embeddings_norm,
             layers,
             classifier,
+            pretraining,
         })
+    }
+
+    /// The pretraining heads on `input`: masked-LM logits at the flattened positions `predict`
+    /// (row · seq + position) and next-sentence logits of every row. Fails for a model built
+    /// without them ([`Bert::for_pretraining`]).
+    pub fn pretraining_logits(
+        &self,
+        input: &BertInput,
+        predict: &[usize],
+        dropout: Option<DropoutKey>,
+    ) -> Result<PretrainingOutput> {
+        let Some(h) = &self.pretraining else {
+            return Err(Error::Invalid {
+                op: "Bert::pretraining_logits",
+                reason: "the model has no pretraining heads (build it with Bert::for_pretraining)"
+                    .into(),
+            });
+        };
+        let hidden = self.forward(input, dropout)?;
+        let (b, t, d) = (hidden.shape()[0], hidden.shape()[1], hidden.shape()[2]);
+        let flat = hidden.reshape(&[b * t, d])?;
+        let w = self.weights();
+        let x = h
+            .transform
+            .forward(&w, &flat.index_select(0, predict)?)?
+            .gelu();
+        let x = h.transform_norm.forward(&w, &x)?;
+        let mlm = x
+            .matmul(&w.get(self.word.weight())?.transpose(0, 1)?)?
+            .add(&w.get(h.decoder_bias)?)?;
+        let first: Vec<usize> = (0..b).map(|i| i * t).collect();
+        let pooled = h.pooler.forward(&w, &flat.index_select(0, &first)?)?.tanh();
+        Ok(PretrainingOutput {
+            mlm,
+            next_sentence: h.next_sentence.forward(&w, &pooled)?,
+        })
+    }
+
+    /// Names of the encoder's parameters (embeddings and layers): what a classifier takes from
+    /// a pretrained BERT, leaving its heads behind.
+    pub fn encoder_names(&self) -> Vec<String> {
+        self.params
+            .infos()
+            .iter()
+            .map(|i| i.name.clone())
+            .filter(|n| n.starts_with("embeddings.") || n.starts_with("encoder."))
+            .collect()
     }
 
     /// The parameters as layers look them up at forward time.

@@ -29,6 +29,23 @@ pub enum ModelInput<'a> {
         /// Positions per row.
         seq: usize,
     },
+    /// Sentence pairs for BERT's pretraining heads: ids, token types and each row's length
+    /// `[batch, seq]`, and the masked-LM targets (−100 where nothing is predicted), which say
+    /// where the heads predict.
+    MaskedPairs {
+        /// The ids.
+        ids: &'a [u32],
+        /// Segment of each position.
+        token_types: &'a [u32],
+        /// Each row's real length.
+        lengths: &'a [usize],
+        /// Masked-LM targets.
+        targets: &'a [i64],
+        /// Rows.
+        batch: usize,
+        /// Positions per row.
+        seq: usize,
+    },
     /// Images `[n, channels, height, width]`, row-major, normalised.
     Images {
         /// The pixels.
@@ -196,7 +213,9 @@ impl TrainModel for Gpt {
     }
 }
 
-/// A BERT with a classification head: class logits of padded sequences.
+/// A BERT: class logits of padded sequences (with a classification head), or, on masked sentence
+/// pairs (with pretraining heads), masked-LM logits at the predicted positions with the
+/// next-sentence logits as the extra `next_sentence`.
 impl TrainModel for Bert {
     fn params(&self) -> &ParamStore {
         &self.params
@@ -207,30 +226,59 @@ impl TrainModel for Bert {
     }
 
     fn forward(&self, input: &ModelInput<'_>, dropout: Option<DropoutKey>) -> Result<ModelOutput> {
-        let ModelInput::Sequences {
-            ids,
-            lengths,
-            batch,
-            seq,
-        } = input
-        else {
-            return Err(anneal_tensor::Error::Invalid {
+        let mask_of = |lengths: &[usize], seq: usize| -> Vec<bool> {
+            lengths
+                .iter()
+                .flat_map(|&l| (0..seq).map(move |i| i < l))
+                .collect()
+        };
+        match input {
+            ModelInput::Sequences {
+                ids,
+                lengths,
+                batch,
+                seq,
+            } => {
+                let input = BertInput {
+                    ids: ids.to_vec(),
+                    token_types: None,
+                    mask: mask_of(lengths, *seq),
+                    batch: *batch,
+                    seq: *seq,
+                };
+                Ok(ModelOutput::logits(self.classify(&input, dropout)?))
+            }
+            ModelInput::MaskedPairs {
+                ids,
+                token_types,
+                lengths,
+                targets,
+                batch,
+                seq,
+            } => {
+                let input = BertInput {
+                    ids: ids.to_vec(),
+                    token_types: Some(token_types.to_vec()),
+                    mask: mask_of(lengths, *seq),
+                    batch: *batch,
+                    seq: *seq,
+                };
+                let predict: Vec<usize> = targets
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, &t)| t >= 0)
+                    .map(|(i, _)| i)
+                    .collect();
+                let out = self.pretraining_logits(&input, &predict, dropout)?;
+                let mut output = ModelOutput::logits(out.mlm);
+                output.extras = vec![("next_sentence".into(), out.next_sentence)];
+                Ok(output)
+            }
+            _ => Err(anneal_tensor::Error::Invalid {
                 op: "Bert",
-                reason: "a BERT classifier reads padded sequences".into(),
-            });
-        };
-        let mask = lengths
-            .iter()
-            .flat_map(|&l| (0..*seq).map(move |i| i < l))
-            .collect();
-        let input = BertInput {
-            ids: ids.to_vec(),
-            token_types: None,
-            mask,
-            batch: *batch,
-            seq: *seq,
-        };
-        Ok(ModelOutput::logits(self.classify(&input, dropout)?))
+                reason: "a BERT reads padded sequences or masked sentence pairs".into(),
+            }),
+        }
     }
 
     /// 6·N per token over the encoder's parameters (the attention term is small at 256 tokens).

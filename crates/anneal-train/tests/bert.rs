@@ -466,3 +466,160 @@ fn lora_dropout_drops_the_adapters_input_only_while_training() {
     assert_eq!(a, b);
     assert!(max_diff(&a, &eval) > 1e-3 || max_diff(&a, &train) > 1e-3);
 }
+
+/// BERT's pretraining heads against transformers' `BertForPreTraining`
+/// (`tests/fixtures/make_bert_pretraining_fixture.py`): masked-LM logits at every position and
+/// next-sentence logits of two padded sentence pairs.
+#[test]
+fn bert_pretraining_heads_match_transformers() {
+    use anneal_nn::bert::{Bert, BertConfig, BertInput};
+    let f = anneal_tensor::io::load_safetensors(&fixtures().join("bert-pretraining.safetensors"))
+        .unwrap();
+    let config = BertConfig {
+        vocab_size: 40,
+        hidden_size: 16,
+        num_layers: 2,
+        num_heads: 2,
+        intermediate_size: 32,
+        max_positions: 16,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        dropout: 0.0,
+        dtype: anneal_tensor::DType::F32,
+    };
+    let bert = Bert::for_pretraining(config, 0).unwrap();
+    let weights: HashMap<String, Tensor> = f
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("w.").map(|n| (n.to_string(), v.clone())))
+        .collect();
+    assert_eq!(
+        weights.len(),
+        bert.params.infos().len(),
+        "every parameter named alike"
+    );
+    bert.params.load_named(&weights).unwrap();
+    let as_u32 =
+        |name: &str| -> Vec<u32> { f[name].to_vec_f32().iter().map(|&v| v as u32).collect() };
+    let input = BertInput {
+        ids: as_u32("ids"),
+        token_types: Some(as_u32("types")),
+        mask: f["mask"].to_vec_f32().iter().map(|&m| m == 1.0).collect(),
+        batch: 2,
+        seq: 8,
+    };
+    let all: Vec<usize> = (0..16).collect();
+    let out = bert.pretraining_logits(&input, &all, None).unwrap();
+    let (mlm, want) = (out.mlm.to_vec_f32(), f["mlm"].to_vec_f32());
+    // Padding positions' logits differ only in what the padding attends to; compare real ones.
+    let real: Vec<usize> = (0..16).filter(|&p| input.mask[p]).collect();
+    let pick = |v: &[f32]| -> Vec<f32> {
+        real.iter()
+            .flat_map(|&p| v[p * 40..(p + 1) * 40].to_vec())
+            .collect()
+    };
+    assert!(
+        max_diff(&pick(&mlm), &pick(&want)) < 2e-4,
+        "{}",
+        max_diff(&pick(&mlm), &pick(&want))
+    );
+    assert!(max_diff(&out.next_sentence.to_vec_f32(), &f["nsp"].to_vec_f32()) < 2e-4);
+    // The masked-LM logits at chosen positions are those rows, in order.
+    let some = bert
+        .pretraining_logits(&input, &[9, 3], None)
+        .unwrap()
+        .mlm
+        .to_vec_f32();
+    assert!(max_diff(&some[..40], &mlm[9 * 40..10 * 40]) < 1e-5);
+    assert!(max_diff(&some[40..], &mlm[3 * 40..4 * 40]) < 1e-5);
+    assert!(Bert::new(bert.config.clone(), 0)
+        .unwrap()
+        .pretraining_logits(&input, &all, None)
+        .is_err());
+}
+
+/// BERT pretraining through the trainer: masked-LM plus next-sentence loss falls on documents
+/// with a learnable structure, and a run stopped after a checkpoint resumes bit for bit.
+#[test]
+fn bert_pretraining_learns_and_resumes_exactly() {
+    use anneal_data::mlm::{Masking, PairSource};
+    use anneal_nn::bert::{Bert, BertConfig};
+    use anneal_train::checkpoint::{self, TrainerState};
+    use anneal_train::objectives::MaskedLmNsp;
+    use anneal_train::vision::{image_trainer, TrainSettings};
+    let config = BertConfig {
+        vocab_size: 64,
+        hidden_size: 32,
+        num_layers: 2,
+        num_heads: 2,
+        intermediate_size: 64,
+        max_positions: 32,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        dropout: 0.1,
+        dtype: anneal_tensor::DType::F32,
+    };
+    // Document d: sentences counting up from 5 + 7d in steps that wrap in the vocabulary.
+    let documents: Vec<Vec<Vec<u32>>> = (0..12)
+        .map(|d| {
+            (0..6)
+                .map(|s| {
+                    (0..4)
+                        .map(|t| 5 + ((7 * d + 4 * s + t) % 59) as u32)
+                        .collect()
+                })
+                .collect()
+        })
+        .collect();
+    let source = || PairSource {
+        documents: documents.clone(),
+        seq: 24,
+        masking: Masking {
+            rate: 0.15,
+            mask_id: 4,
+            first_ordinary: 5,
+            vocab_size: 64,
+        },
+        specials: (2, 3, 0),
+    };
+    let settings = TrainSettings {
+        steps: 200,
+        batch: 16,
+        lr: 3e-3,
+        weight_decay: 0.01,
+        seed: 1,
+    };
+    let trainer = || {
+        image_trainer(
+            Box::new(Bert::for_pretraining(config.clone(), 3).unwrap()),
+            Box::new(MaskedLmNsp),
+            Box::new(source()),
+            &settings,
+        )
+    };
+    let mut straight = trainer();
+    let losses: Vec<f64> = (0..200).map(|_| straight.step().unwrap().loss).collect();
+    let early: f64 = losses[..20].iter().sum::<f64>() / 20.0;
+    let late: f64 = losses[180..].iter().sum::<f64>() / 20.0;
+    assert!(late < 0.85 * early, "{early} -> {late}");
+    // Stop after 4 steps, save, resume in a fresh trainer: the same next steps.
+    let mut first = trainer();
+    for _ in 0..4 {
+        first.step().unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = TrainerState {
+        format: 1,
+        seed: 1,
+        ..TrainerState::default()
+    };
+    let saved = first.save(dir.path(), state).unwrap().unwrap();
+    let mut resumed = trainer();
+    resumed.restore(&checkpoint::load(&saved).unwrap()).unwrap();
+    for step in 4..8 {
+        assert_eq!(
+            resumed.step().unwrap().loss.to_bits(),
+            losses[step].to_bits(),
+            "step {step}"
+        );
+    }
+}

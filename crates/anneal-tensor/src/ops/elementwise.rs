@@ -291,6 +291,7 @@ enum Unary {
     GeluErf,
     Silu,
     Sigmoid,
+    Tanh,
     Exp,
     Log,
     Scale(f32),
@@ -314,6 +315,7 @@ impl Unary {
             Unary::GeluErf => "gelu",
             Unary::Silu => "silu",
             Unary::Sigmoid => "sigmoid",
+            Unary::Tanh => "tanh",
             Unary::Exp => "exp",
             Unary::Log => "log",
             Unary::Scale(_) => "scale",
@@ -333,6 +335,7 @@ impl Unary {
             Unary::GeluErf => x * crate::kernels::fast_normal_cdf(x),
             Unary::Silu => x / (1.0 + crate::kernels::fast_exp(-x)),
             Unary::Sigmoid => 1.0 / (1.0 + crate::kernels::fast_exp(-x)),
+            Unary::Tanh => crate::kernels::fast_tanh(x),
             Unary::Exp => x.exp(),
             Unary::Log => x.ln(),
             Unary::Scale(c) => x * c,
@@ -369,6 +372,10 @@ impl Unary {
             Unary::Sigmoid => {
                 let s = 1.0 / (1.0 + crate::kernels::fast_exp(-x));
                 s * (1.0 - s)
+            }
+            Unary::Tanh => {
+                let t = crate::kernels::fast_tanh(x);
+                1.0 - t * t
             }
             Unary::Exp => x.exp(),
             Unary::Log => 1.0 / x,
@@ -416,6 +423,7 @@ fn forward_all(op: Unary, out: &mut [f32], v: &[f32]) {
         Unary::GeluErf => map_into(out, v, |x| Unary::GeluErf.forward(x)),
         Unary::Silu => map_into(out, v, |x| Unary::Silu.forward(x)),
         Unary::Sigmoid => map_into(out, v, |x| Unary::Sigmoid.forward(x)),
+        Unary::Tanh => map_into(out, v, |x| Unary::Tanh.forward(x)),
         Unary::Exp => map_into(out, v, |x| x.exp()),
         Unary::Log => map_into(out, v, |x| x.ln()),
         Unary::Scale(c) => map_into(out, v, move |x| x * c),
@@ -431,6 +439,7 @@ fn derivative_all(op: Unary, out: &mut [f32], g: &[f32], x: &[f32]) {
         Unary::GeluErf => zip_into(out, g, x, |g, x| g * Unary::GeluErf.derivative(x)),
         Unary::Silu => zip_into(out, g, x, |g, x| g * Unary::Silu.derivative(x)),
         Unary::Sigmoid => zip_into(out, g, x, |g, x| g * Unary::Sigmoid.derivative(x)),
+        Unary::Tanh => zip_into(out, g, x, |g, x| g * Unary::Tanh.derivative(x)),
         Unary::Exp => zip_into(out, g, x, |g, x| g * x.exp()),
         Unary::Log => zip_into(out, g, x, |g, x| g / x),
         Unary::Scale(_) | Unary::AddScalar(_) => unreachable!("handled in UnaryBackward"),
@@ -502,6 +511,10 @@ impl Tensor {
     /// The logistic sigmoid σ(x) = 1/(1 + e⁻ˣ).
     pub fn sigmoid(&self) -> Tensor {
         unary(self, Unary::Sigmoid)
+    }
+    /// The hyperbolic tangent (BERT's pooler).
+    pub fn tanh(&self) -> Tensor {
+        unary(self, Unary::Tanh)
     }
     /// eˣ.
     pub fn exp(&self) -> Tensor {
@@ -587,6 +600,17 @@ mod tests {
         assert_grads(|x| Ok(x[0].gelu()), &[x.clone()]);
         assert_grads(|x| Ok(x[0].silu()), &[x.clone()]);
         assert_grads(|x| Ok(x[0].sigmoid()), &[x.clone()]);
+        assert_grads(|x| Ok(x[0].tanh()), &[x.clone()]);
+        let t = Tensor::from_f32(vec![-20.0, -0.5, 0.0, 1.0], &[4])
+            .unwrap()
+            .tanh();
+        for (got, want) in t
+            .to_vec_f32()
+            .iter()
+            .zip([-1.0f32, -0.462_117_2, 0.0, 0.761_594_2])
+        {
+            assert!((got - want).abs() < 1e-5, "{got} vs {want}");
+        }
         let s = Tensor::from_f32(vec![-30.0, -1.0, 0.0, 2.0, 30.0], &[5])
             .unwrap()
             .sigmoid();

@@ -11,6 +11,7 @@
 //! * [`Mae`]: masked image modelling, reconstruct the hidden 75% of patches.
 //! * [`MocoV3`]: contrastive, each view's query finds the other view's momentum key.
 //! * [`LayerwiseAutoencoder`]: one stage of greedy layer-wise autoencoder pretraining.
+//! * [`MaskedLmNsp`]: BERT's masked language modelling plus next-sentence prediction.
 
 mod causal_lm;
 mod classification;
@@ -18,6 +19,7 @@ mod fixmatch;
 mod image;
 mod layerwise;
 mod mae;
+mod mlm;
 mod moco;
 
 pub use causal_lm::CausalLm;
@@ -26,6 +28,7 @@ pub use fixmatch::FixMatch;
 pub use image::{accuracy, ImageClassification};
 pub use layerwise::LayerwiseAutoencoder;
 pub use mae::{mae_loss, normalise_patches, Mae};
+pub use mlm::MaskedLmNsp;
 pub use moco::{contrastive_loss, momentum_at, MocoV3};
 
 use crate::model::{ModelInput, ModelOutput, TrainModel};
