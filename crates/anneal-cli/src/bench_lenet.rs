@@ -11,7 +11,7 @@ use anneal_data::{Batch, BatchSource, Sampler};
 use anneal_nn::{LeNet, LeNetConfig};
 use anneal_tensor::{DType, Rng, Tensor};
 use anneal_train::objectives::ImageClassification;
-use anneal_train::vision::{image_trainer, TrainSettings};
+use anneal_train::vision::{simple_trainer, TrainSettings};
 use anyhow::Result;
 use clap::Args;
 use std::process::Command;
@@ -64,7 +64,7 @@ pub fn lenet(b: LenetBench) -> Result<()> {
         weight_decay: 5e-4,
         seed: 0,
     };
-    let mut trainer = image_trainer(
+    let mut trainer = simple_trainer(
         Box::new(LeNet::new(LeNetConfig::default(), 0)?),
         Box::new(ImageClassification),
         Box::new(Fixed(batch)),

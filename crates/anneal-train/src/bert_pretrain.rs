@@ -14,7 +14,7 @@ use crate::finetune::ClassCorpus;
 use crate::model::TrainModel;
 use crate::objectives::{argmax_rows, MaskedLmNsp, SequenceClassification};
 use crate::strategy::StepOutput;
-use crate::vision::{image_trainer, run_steps, TrainSettings};
+use crate::vision::{run_steps, simple_trainer, TrainSettings};
 use anneal_data::mlm::{Masking, PairSource};
 use anneal_data::tokenizer::WORDPIECE_SPECIALS;
 use anneal_data::{LabelledSource, Tokenizer};
@@ -110,7 +110,7 @@ pub fn pretrain_bert(
         specials: (2, 3, 0),
     };
     let model = Bert::for_pretraining(config.clone(), settings.seed)?;
-    let mut trainer = image_trainer(
+    let mut trainer = simple_trainer(
         Box::new(model),
         Box::new(MaskedLmNsp),
         Box::new(source),
@@ -191,7 +191,7 @@ pub fn finetune_bert(
         .map(|(ids, &i)| (ids, corpus.train[i].1))
         .collect();
     let source = LabelledSource { examples, pad: 0 };
-    let mut trainer = image_trainer(
+    let mut trainer = simple_trainer(
         Box::new(model),
         Box::new(SequenceClassification),
         Box::new(source),

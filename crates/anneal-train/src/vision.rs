@@ -199,8 +199,9 @@ impl TrainSettings {
     }
 }
 
-/// A trainer for `model` under `objective` on `source` with AdamW and `settings`' schedule.
-pub fn image_trainer(
+/// A one-device trainer for `model` under `objective` on `source`, with AdamW and `settings`'
+/// schedule (the image objectives and BERT pretraining use it).
+pub fn simple_trainer(
     model: Box<dyn TrainModel>,
     objective: Box<dyn Objective>,
     source: Box<dyn anneal_data::BatchSource>,
@@ -308,7 +309,7 @@ fn fit(
     progress: StepProgress<'_>,
 ) -> Result<(Box<dyn TrainModel>, CellResult)> {
     let t0 = Instant::now();
-    let mut trainer = image_trainer(model, objective, Box::new(source), settings);
+    let mut trainer = simple_trainer(model, objective, Box::new(source), settings);
     let (final_loss, metrics) = run_steps(&mut trainer, settings.steps, progress)?;
     // An objective that averages the weights (FixMatch) is scored, and kept, with the average.
     let average =
@@ -516,7 +517,7 @@ pub fn pretrain_moco(
     let model = new_vit(data, VitRole::Contrastive, settings.seed)?;
     let momentum = new_vit(data, VitRole::Contrastive, settings.seed)?;
     let moco = MocoV3::new(&model, momentum, settings.steps)?;
-    let mut trainer = image_trainer(Box::new(model), Box::new(moco), Box::new(source), settings);
+    let mut trainer = simple_trainer(Box::new(model), Box::new(moco), Box::new(source), settings);
     let (loss, _) = run_steps(&mut trainer, settings.steps, progress)?;
     Ok((trainer.into_model(), loss))
 }
@@ -555,7 +556,7 @@ pub fn pretrain_mae(
     let examples = (0..data.train.len()).map(|i| (i, -1)).collect();
     let source = data.source(examples, Views::One(Pipeline::weak(data.dims(), data.flip)));
     let model = Box::new(new_vit(data, VitRole::Mae, settings.seed)?);
-    let mut trainer = image_trainer(model, Box::new(mae), Box::new(source), settings);
+    let mut trainer = simple_trainer(model, Box::new(mae), Box::new(source), settings);
     let (loss, _) = run_steps(&mut trainer, settings.steps, progress)?;
     Ok((trainer.into_model(), loss))
 }
@@ -650,7 +651,7 @@ pub fn pretrain_layerwise(
             seed: settings.seed + layer as u64,
             ..settings.clone()
         };
-        let mut trainer = image_trainer(
+        let mut trainer = simple_trainer(
             model,
             Box::new(LayerwiseAutoencoder { layer }),
             Box::new(source),

@@ -545,7 +545,7 @@ fn bert_pretraining_learns_and_resumes_exactly() {
     use anneal_nn::bert::{Bert, BertConfig};
     use anneal_train::checkpoint::{self, TrainerState};
     use anneal_train::objectives::MaskedLmNsp;
-    use anneal_train::vision::{image_trainer, TrainSettings};
+    use anneal_train::vision::{simple_trainer, TrainSettings};
     let config = BertConfig {
         vocab_size: 64,
         hidden_size: 32,
@@ -589,7 +589,7 @@ fn bert_pretraining_learns_and_resumes_exactly() {
         seed: 1,
     };
     let trainer = || {
-        image_trainer(
+        simple_trainer(
             Box::new(Bert::for_pretraining(config.clone(), 3).unwrap()),
             Box::new(MaskedLmNsp),
             Box::new(source()),

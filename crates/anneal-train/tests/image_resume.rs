@@ -14,7 +14,7 @@ use anneal_train::objectives::{
 };
 use anneal_train::trainer::Trainer;
 use anneal_train::vision::{
-    image_trainer, new_lenet, new_mlp, new_vit, ImageData, TrainSettings, VitRole,
+    new_lenet, new_mlp, new_vit, simple_trainer, ImageData, TrainSettings, VitRole,
 };
 
 /// 40 images of 28×28 whose class (of 4) is the bright quarter.
@@ -111,7 +111,7 @@ fn trainer(kind: &str, data: &ImageData) -> Trainer {
         }
         other => panic!("no objective {other}"),
     };
-    image_trainer(model, objective, Box::new(source), &SETTINGS)
+    simple_trainer(model, objective, Box::new(source), &SETTINGS)
 }
 
 fn bits(t: &Trainer) -> Vec<u32> {
