@@ -79,8 +79,9 @@ pub struct LabelEfficiency {
     /// FixMatch's unlabelled images per labelled one (μ).
     #[arg(long, default_value_t = 7)]
     pub fixmatch_ratio: usize,
-    /// FixMatch's optimizer steps (scaled by --scale).
-    #[arg(long, default_value_t = 3000)]
+    /// FixMatch's optimizer steps (scaled by --scale). At 600 Fashion-MNIST labels its gain
+    /// over supervised LeNet-5 grew from +2.7 points at 3,000 steps to +3.8 at 8,000.
+    #[arg(long, default_value_t = 8000)]
     pub fixmatch_steps: u64,
     /// Label-split seeds per cell (each also seeds initialisation and batches).
     #[arg(long, default_value_t = 3)]
@@ -92,8 +93,8 @@ pub struct LabelEfficiency {
     /// Scale every cell's steps by this factor (0.1: a tenth of the training).
     #[arg(long, default_value_t = 1.0)]
     pub scale: f64,
-    /// A small version that runs the whole path in seconds: 100 and 600 labels, one seed, at
-    /// most 30 steps per training run, 1,000 test images.
+    /// A small version that runs the whole path in seconds: 600 labels, one seed, at most 30
+    /// steps per training run, 1,000 test images.
     #[arg(long)]
     pub quick: bool,
 }
@@ -241,7 +242,7 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
             scale: e.scale,
             cap: 30,
         };
-        (vec![100, 600], 1, budget)
+        (vec![600], 1, budget)
     } else {
         let budget = Budget {
             scale: e.scale,
