@@ -226,7 +226,6 @@ pub fn run(e: BertExperiment) -> Result<()> {
         100.0 * scratch,
         100.0 * (pre - scratch)
     )?;
-    std::fs::write(e.out.join("report.md"), &md)?;
     let json = serde_json::json!({
         "pretrain_steps": pretrain_steps,
         "pretrain_seconds": pretrain_seconds,
@@ -239,11 +238,5 @@ pub fn run(e: BertExperiment) -> Result<()> {
         "pretrained_mean": pre,
         "scratch_mean": scratch,
     });
-    std::fs::write(
-        e.out.join("results.json"),
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    print!("\n{md}");
-    println!("wrote {}", e.out.join("report.md").display());
-    Ok(())
+    crate::experiment::write_report(&e.out, &md, &json)
 }

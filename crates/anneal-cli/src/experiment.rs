@@ -148,6 +148,23 @@ pub struct MoeExperiment {
     pub quick: bool,
 }
 
+/// Writes an experiment's table (`report.md`) and results (`results.json`) into `out`, then
+/// prints the table and where it went.
+pub(crate) fn write_report(
+    out: &std::path::Path,
+    md: &str,
+    results: &serde_json::Value,
+) -> Result<()> {
+    std::fs::write(out.join("report.md"), md)?;
+    std::fs::write(
+        out.join("results.json"),
+        serde_json::to_string_pretty(results)?,
+    )?;
+    print!("\n{md}");
+    println!("wrote {}", out.join("report.md").display());
+    Ok(())
+}
+
 pub fn run(cmd: ExperimentCommand, threads: Option<usize>) -> Result<()> {
     match cmd {
         ExperimentCommand::Moe(e) => moe(e, threads),

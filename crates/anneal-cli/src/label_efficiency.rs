@@ -170,6 +170,20 @@ fn probe_settings(labels: usize, seed: u64, budget: Budget) -> TrainSettings {
     }
 }
 
+/// A step callback that advances `bar`, labelled `what`, and every 20 steps shows the loss.
+fn ticker<'a>(
+    bar: &'a indicatif::ProgressBar,
+    what: String,
+) -> impl FnMut(u64, u64, &StepOutput) + 'a {
+    bar.set_message(what.clone());
+    move |_, _, out| {
+        bar.inc(1);
+        if bar.position().is_multiple_of(20) {
+            bar.set_message(format!("{what}, loss {:.3}", out.loss));
+        }
+    }
+}
+
 /// Pretrains a ViT on every training image with `kind` (`mae` or `moco`), with a progress bar;
 /// the model and the seconds it took.
 fn pretrain(
@@ -189,7 +203,6 @@ fn pretrain(
         ),
     };
     let bar = crate::finetune::progress(steps * layers);
-    bar.set_message(format!("{name} pretraining, seed {seed}"));
     let t0 = std::time::Instant::now();
     let settings = TrainSettings {
         steps,
@@ -198,15 +211,7 @@ fn pretrain(
         weight_decay: 0.05,
         seed,
     };
-    let mut tick = |_: u64, _: u64, out: &StepOutput| {
-        bar.inc(1);
-        if bar.position().is_multiple_of(20) {
-            bar.set_message(format!(
-                "{name} pretraining, seed {seed}, loss {:.3}",
-                out.loss
-            ));
-        }
-    };
+    let mut tick = ticker(&bar, format!("{name} pretraining, seed {seed}"));
     let (model, loss) = match kind {
         "mae" => pretrain_mae(data, Mae::default(), &settings, &mut tick)?,
         "moco" => pretrain_moco(data, &settings, &mut tick)?,
@@ -237,25 +242,19 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
         }
     }
     let mut data = ImageData::load(&e.dataset, &anneal_data::data_root())?;
-    let (labels, seeds, budget) = if e.quick {
-        let budget = Budget {
-            scale: e.scale,
-            cap: 30,
-        };
-        (vec![600], 1, budget)
-    } else {
-        let budget = Budget {
-            scale: e.scale,
-            cap: u64::MAX,
-        };
-        (e.labels.clone(), e.seeds.max(1), budget)
+    let budget = Budget {
+        scale: e.scale,
+        cap: if e.quick { 30 } else { u64::MAX },
     };
-    if e.quick {
+    let (labels, seeds) = if e.quick {
         let mut test = (*data.test).clone();
         test.pixels.truncate(1000 * test.rows * test.cols);
         test.labels.truncate(1000);
         data.test = std::sync::Arc::new(test);
-    }
+        (vec![600], 1)
+    } else {
+        (e.labels.clone(), e.seeds.max(1))
+    };
     for &n in &labels {
         if n == 0 || n > data.train.len() {
             bail!(
@@ -307,14 +306,7 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
                     pretrained.insert((kind.clone(), seed), (model, seconds));
                 }
                 let bar = crate::finetune::progress(total_steps);
-                let what = format!("{method}, {n} labels, seed {seed}");
-                bar.set_message(what.clone());
-                let mut tick = |_: u64, _: u64, out: &StepOutput| {
-                    bar.inc(1);
-                    if bar.position().is_multiple_of(20) {
-                        bar.set_message(format!("{what}, loss {:.3}", out.loss));
-                    }
-                };
+                let mut tick = ticker(&bar, format!("{method}, {n} labels, seed {seed}"));
                 let (model, result) = match method.as_str() {
                     "lenet" => train_lenet(&data, &labelled, true, &settings, &mut tick)?,
                     "fixmatch" => {
@@ -461,7 +453,6 @@ fn write_report(
     }
     let total: f64 = cells.iter().map(Cell::seconds).sum();
     writeln!(md, "\nTotal wall time: {total:.0} s.")?;
-    std::fs::write(e.out.join("report.md"), &md)?;
     let series: Vec<Series> = series_points
         .iter()
         .map(|(label, points)| Series { label, points })
@@ -492,11 +483,5 @@ fn write_report(
             })
         })
         .collect();
-    std::fs::write(
-        e.out.join("results.json"),
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    print!("\n{md}");
-    println!("wrote {}", e.out.join("report.md").display());
-    Ok(())
+    crate::experiment::write_report(&e.out, &md, &serde_json::Value::Array(json))
 }

@@ -112,12 +112,5 @@ pub fn run(e: ShiftExperiment) -> Result<()> {
         }));
     }
     std::fs::create_dir_all(&e.out).with_context(|| format!("creating {}", e.out.display()))?;
-    std::fs::write(e.out.join("report.md"), &md)?;
-    std::fs::write(
-        e.out.join("results.json"),
-        serde_json::to_string_pretty(&json)?,
-    )?;
-    print!("\n{md}");
-    println!("wrote {}", e.out.join("report.md").display());
-    Ok(())
+    crate::experiment::write_report(&e.out, &md, &serde_json::Value::Array(json))
 }

@@ -294,6 +294,47 @@ impl Sampler {
     }
 }
 
+/// `n` example indices balanced over `classes` (`n / classes` of each, the first
+/// `n % classes` classes one more), each class's drawn without replacement in the order
+/// `seed` gives it; class by class. `labels` holds each example's class. Fails when `n` is 0
+/// or a class has too few examples.
+pub fn balanced_picks(
+    labels: impl Iterator<Item = usize>,
+    classes: usize,
+    n: usize,
+    seed: u64,
+) -> crate::Result<Vec<usize>> {
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
+    let mut total = 0;
+    for (i, l) in labels.enumerate() {
+        by_class[l].push(i);
+        total += 1;
+    }
+    let invalid = |allowed: String| crate::Error::Invalid {
+        key: "labels".into(),
+        value: n.to_string(),
+        allowed,
+    };
+    if n == 0 || classes == 0 {
+        return Err(invalid(format!("1 to {total} labelled examples")));
+    }
+    let sampler = Sampler { seed };
+    let mut picked = Vec::with_capacity(n);
+    for (c, members) in by_class.iter().enumerate() {
+        let want = n / classes + usize::from(c < n % classes);
+        if want > members.len() {
+            return Err(invalid(format!(
+                "at most {} per class: class {c} has {} examples",
+                members.len(),
+                members.len()
+            )));
+        }
+        let order = sampler.epoch_order(c as u64, members.len());
+        picked.extend(order[..want].iter().map(|&k| members[k]));
+    }
+    Ok(picked)
+}
+
 /// Labelled token sequences visited once per epoch in the sampler's order: each step's batch
 /// takes the next `batch` examples of that order (an epoch's last batch runs on into the next
 /// epoch's order).

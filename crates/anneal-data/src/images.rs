@@ -137,14 +137,6 @@ impl ImageSet {
         Ok((train, test))
     }
 
-    /// Images `indices` as f32 values in [0, 1], `[n, 1, rows, cols]` row-major.
-    pub fn to_unit(&self, indices: &[usize]) -> Vec<f32> {
-        indices
-            .iter()
-            .flat_map(|&i| self.image(i).iter().map(|&p| p as f32 / 255.0))
-            .collect()
-    }
-
     /// The number of classes (the largest label + 1).
     pub fn classes(&self) -> usize {
         self.labels.iter().max().map_or(0, |&m| m as usize + 1)
@@ -154,34 +146,9 @@ impl ImageSet {
     /// `n % classes` classes one more), drawn without replacement by `seed`, in a seeded order.
     /// Fails when `n` is 0 or a class has too few images.
     pub fn balanced_subset(&self, n: usize, seed: u64) -> Result<Vec<usize>> {
-        let classes = self.classes();
-        let invalid = |allowed: String| Error::Invalid {
-            key: "labels".into(),
-            value: n.to_string(),
-            allowed,
-        };
-        if n == 0 || classes == 0 {
-            return Err(invalid(format!("1 to {} labelled images", self.len())));
-        }
-        let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
-        for (i, &l) in self.labels.iter().enumerate() {
-            by_class[l as usize].push(i);
-        }
-        let sampler = crate::Sampler { seed };
-        let mut picked = Vec::with_capacity(n);
-        for (c, members) in by_class.iter().enumerate() {
-            let want = n / classes + usize::from(c < n % classes);
-            if want > members.len() {
-                return Err(invalid(format!(
-                    "at most {} per class: class {c} has {} images",
-                    members.len(),
-                    members.len()
-                )));
-            }
-            let order = sampler.epoch_order(c as u64, members.len());
-            picked.extend(order[..want].iter().map(|&k| members[k]));
-        }
-        let order = sampler.epoch_order(classes as u64, picked.len());
+        let labels = self.labels.iter().map(|&l| l as usize);
+        let picked = crate::batch::balanced_picks(labels, self.classes(), n, seed)?;
+        let order = crate::Sampler { seed }.epoch_order(self.classes() as u64, picked.len());
         Ok(order.into_iter().map(|k| picked[k]).collect())
     }
 }
@@ -250,16 +217,12 @@ impl ImageSource {
 
     /// Image `index` through `pipeline` with seed `seed`, normalised, appended to `out`.
     fn push_view(&self, out: &mut Vec<f32>, index: usize, pipeline: &Pipeline, seed: u64) {
-        let dims = self.dims();
-        let mut image: Vec<f32> = self
-            .set
-            .image(index)
-            .iter()
-            .map(|&p| p as f32 / 255.0)
-            .collect();
-        pipeline.apply(&mut image, dims, &mut AugmentRng::new(seed));
+        let start = out.len();
+        out.extend(self.set.image(index).iter().map(|&p| p as f32 / 255.0));
+        let image = &mut out[start..];
+        pipeline.apply(image, self.dims(), &mut AugmentRng::new(seed));
         let (mean, std) = self.normalise;
-        out.extend(image.iter().map(|v| (v - mean) / std));
+        image.iter_mut().for_each(|v| *v = (*v - mean) / std);
     }
 }
 

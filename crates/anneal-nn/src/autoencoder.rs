@@ -109,7 +109,7 @@ impl StackedAutoencoder {
             });
         }
         let w = &self.weights();
-        let input = anneal_tensor::no_grad(|| self.codes(x, layer))?.detach();
+        let input = anneal_tensor::no_grad(|| self.codes(x, layer))?;
         let code = self.layers[layer].forward(w, &input)?.sigmoid();
         let out = self.decoders[layer].forward(w, &code)?;
         Ok((out, input))

@@ -478,15 +478,10 @@ impl Bert {
         })
     }
 
-    /// Names of the encoder's parameters (embeddings and layers): what a classifier takes from
-    /// a pretrained BERT, leaving its heads behind.
-    pub fn encoder_names(&self) -> Vec<String> {
-        self.params
-            .infos()
-            .iter()
-            .map(|i| i.name.clone())
-            .filter(|n| n.starts_with("embeddings.") || n.starts_with("encoder."))
-            .collect()
+    /// Whether parameter `name` belongs to the encoder (embeddings and layers): what a
+    /// classifier takes from a pretrained BERT, leaving its heads behind.
+    pub fn is_encoder_param(name: &str) -> bool {
+        name.starts_with("embeddings.") || name.starts_with("encoder.")
     }
 
     /// The parameters as layers look them up at forward time.

@@ -127,11 +127,6 @@ impl LeNet {
         self.head.forward(&self.weights(), &self.features(images)?)
     }
 
-    /// The head's parameter names (for a linear probe: everything else frozen).
-    pub fn head_params(&self) -> Vec<String> {
-        vec!["head.weight".into(), "head.bias".into()]
-    }
-
     /// Training FLOPs per image (forward + backward ≈ 3 × forward's multiply-adds × 2).
     pub fn flops_per_image(&self) -> f64 {
         let c = &self.config;

@@ -187,6 +187,8 @@ struct Decoder {
 pub struct MaeOutput {
     /// Predicted values of every patch `[B, P, C·p²]`.
     pub pred: Tensor,
+    /// The true patches `[B, P, C·p²]` (what the prediction is scored against).
+    pub patches: Tensor,
     /// 1 for each masked patch, 0 for a kept one, `[B, P]` row-major.
     pub mask: Vec<f32>,
 }
@@ -402,7 +404,8 @@ impl Vit {
         let (b, p) = (images.shape()[0], c.patches());
         let kept = ((p as f32 * (1.0 - mask_ratio)).round() as usize).clamp(1, p);
         let keep = random_keep(b, p, kept, seed);
-        let encoded = self.encode(&self.patches_of(images)?, Some(&keep), training)?;
+        let patches = self.patches_of(images)?;
+        let encoded = self.encode(&patches, Some(&keep), training)?;
         let x = d.embed.forward(w, &encoded)?; // [B, 1 + kept, dd]
         let dd = c.decoder_d;
         // Rows of [kept tokens of every image; mask tokens], put back in patch order.
@@ -435,7 +438,11 @@ impl Vit {
             .stack
             .forward(w, y, training.map(|k| k.with_seed(k.seed ^ 0xdec0)))?;
         let pred = d.pred.forward(w, &y.narrow(1, 1, p)?)?;
-        Ok(MaeOutput { pred, mask })
+        Ok(MaeOutput {
+            pred,
+            patches,
+            mask,
+        })
     }
 
     /// The projector's output `[B, proj_dim]` of images `[B, C, S, S]` (MoCo v3's momentum
@@ -468,28 +475,19 @@ impl Vit {
         out.forward(w, &fc.forward(w, &z)?.relu())
     }
 
-    /// Names of the encoder's parameters (what a fine-tuned classifier takes from a pretrained
-    /// MAE): everything but the head and the decoder.
-    pub fn encoder_names(&self) -> Vec<String> {
-        self.params
-            .infos()
+    /// Whether parameter `name` belongs to the encoder (what a fine-tuned classifier takes from
+    /// a pretrained MAE or MoCo model): everything but the head, the decoder and the
+    /// contrastive heads.
+    pub fn is_encoder_param(name: &str) -> bool {
+        !["head", "decoder", "mask_token", "projector", "predictor"]
             .iter()
-            .map(|i| i.name.clone())
-            .filter(|n| {
-                !["head", "decoder", "mask_token", "projector", "predictor"]
-                    .iter()
-                    .any(|p| n.starts_with(p))
-            })
-            .collect()
+            .any(|p| name.starts_with(p))
     }
 
     /// Copies every encoder parameter of `other` (the parameters of a ViT with the same encoder
     /// shape, an MAE's say) into this model.
     pub fn load_encoder_from(&self, other: &ParamStore) -> Result<()> {
-        for name in self.encoder_names() {
-            let id = self.params.id(&name)?;
-            self.params.set(id, other.by_name(&name)?)?;
-        }
+        self.params.copy_from(other, Vit::is_encoder_param)?;
         Ok(())
     }
 

@@ -526,6 +526,18 @@ impl ParamStore {
         Ok(())
     }
 
+    /// Copies into this store, by name, every parameter of `from` whose name `take` accepts (a
+    /// pretrained encoder into a classifier, a momentum encoder's start); returns how many.
+    /// Fails naming a taken parameter this store lacks or holds in another shape.
+    pub fn copy_from(&self, from: &ParamStore, take: impl Fn(&str) -> bool) -> Result<usize> {
+        let mut copied = 0;
+        for info in from.infos.iter().filter(|i| take(&i.name)) {
+            self.set(self.id(&info.name)?, from.by_name(&info.name)?)?;
+            copied += 1;
+        }
+        Ok(copied)
+    }
+
     /// Writes `values` over parameter `id`'s value (wherever it is held) or its gradient.
     fn write_region(
         &self,

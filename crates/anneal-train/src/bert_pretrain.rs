@@ -13,14 +13,13 @@
 use crate::finetune::ClassCorpus;
 use crate::model::TrainModel;
 use crate::objectives::{argmax_rows, MaskedLmNsp, SequenceClassification};
-use crate::strategy::StepOutput;
-use crate::vision::{run_steps, simple_trainer, TrainSettings};
+use crate::vision::{pretrain, run_steps, simple_trainer, StepProgress, TrainSettings};
 use anneal_data::mlm::{Masking, PairSource};
 use anneal_data::tokenizer::WORDPIECE_SPECIALS;
 use anneal_data::{LabelledSource, Tokenizer};
 use anneal_nn::bert::{Bert, BertConfig};
 use anneal_tensor::ParamStore;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::time::Instant;
 
 /// The encoder this experiment pretrains: 4 layers of width 128, 4 heads, 128 positions.
@@ -96,7 +95,7 @@ pub fn pretrain_bert(
     documents: Vec<Vec<Vec<u32>>>,
     seq: usize,
     settings: &TrainSettings,
-    progress: &mut dyn FnMut(u64, u64, &StepOutput),
+    progress: StepProgress<'_>,
 ) -> Result<(Box<dyn TrainModel>, f64)> {
     let source = PairSource {
         documents,
@@ -110,14 +109,13 @@ pub fn pretrain_bert(
         specials: (2, 3, 0),
     };
     let model = Bert::for_pretraining(config.clone(), settings.seed)?;
-    let mut trainer = simple_trainer(
+    pretrain(
         Box::new(model),
         Box::new(MaskedLmNsp),
         Box::new(source),
         settings,
-    );
-    let (loss, _) = run_steps(&mut trainer, settings.steps, progress)?;
-    Ok((trainer.into_model(), loss))
+        progress,
+    )
 }
 
 /// What one fine-tuning run gave.
@@ -137,25 +135,10 @@ pub struct TextCell {
 pub fn labelled_share(corpus: &ClassCorpus, share: f64, seed: u64) -> Result<Vec<usize>> {
     let classes = corpus.classes.len();
     let n = ((corpus.train.len() as f64 * share).round() as usize).max(classes);
-    let sampler = anneal_data::Sampler { seed };
-    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
-    for (i, (_, l)) in corpus.train.iter().enumerate() {
-        by_class[*l as usize].push(i);
-    }
-    let mut out = Vec::new();
-    for (c, members) in by_class.iter().enumerate() {
-        let want = n / classes + usize::from(c < n % classes);
-        if want > members.len() {
-            bail!(
-                "class {} has {} training documents, fewer than {want}",
-                corpus.classes[c],
-                members.len()
-            );
-        }
-        let order = sampler.epoch_order(c as u64, members.len());
-        out.extend(order[..want].iter().map(|&k| members[k]));
-    }
-    Ok(out)
+    let labels = corpus.train.iter().map(|(_, l)| *l as usize);
+    Ok(anneal_data::batch::balanced_picks(
+        labels, classes, n, seed,
+    )?)
 }
 
 /// A BERT classifier on `labelled` training documents of `corpus` (each cut to `seq` tokens),
@@ -169,16 +152,13 @@ pub fn finetune_bert(
     labelled: &[usize],
     seq: usize,
     settings: &TrainSettings,
-    progress: &mut dyn FnMut(u64, u64, &StepOutput),
+    progress: StepProgress<'_>,
 ) -> Result<TextCell> {
     let t0 = Instant::now();
     let classes = corpus.classes.len();
     let model = Bert::with_head(config.clone(), settings.seed, None, Some(classes))?;
     if let Some(p) = pretrained {
-        for name in model.encoder_names() {
-            let id = model.params.id(&name)?;
-            model.params.set(id, p.by_name(&name)?)?;
-        }
+        model.params.copy_from(p, Bert::is_encoder_param)?;
     }
     let texts: Vec<&str> = labelled
         .iter()

@@ -337,13 +337,12 @@ impl TrainModel for Vit {
                     .wrapping_add(1)
                     .wrapping_mul(0x9e37_79b9_7f4a_7c15)
         });
-        let target = self.patches_of(&images)?;
         let out = self.mae(&images, *mask_ratio, seed, dropout)?;
-        let [b, p] = [target.shape()[0], target.shape()[1]];
+        let [b, p] = [out.patches.shape()[0], out.patches.shape()[1]];
         let mut output = ModelOutput::logits(out.pred);
         output.extras = vec![
             ("mask".into(), Tensor::from_f32(out.mask, &[b, p])?),
-            ("target".into(), target),
+            ("target".into(), out.patches),
         ];
         Ok(output)
     }

@@ -11,10 +11,11 @@ use crate::schedule::CosineSchedule;
 use crate::strategy::{SingleDevice, StepOutput};
 use crate::trainer::{Trainer, TrainerParts};
 use anneal_data::augment::{Dims, Pipeline};
-use anneal_data::images::{fashion_mnist_dir, mnist_digits_dir, ImageSource, Views};
+use anneal_data::images::{mnist_digits_dir, ImageSource, Views};
 use anneal_data::ImageSet;
 use anneal_nn::{LeNet, LeNetConfig, StackedAutoencoder, Vit, VitConfig};
 use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::Tensor;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
 use std::sync::Arc;
@@ -44,19 +45,8 @@ impl ImageData {
     pub fn load(name: &str, cache: &Path) -> Result<ImageData> {
         let (train, test, flip) = match name {
             "fashion-mnist" => {
-                let dir = fashion_mnist_dir(cache);
-                if !dir.join("train-images-idx3-ubyte.gz").is_file() {
-                    bail!(
-                        "Fashion-MNIST is not in {} (fetch it with scripts/fetch-data.sh \
-                         fashion-mnist)",
-                        dir.display()
-                    );
-                }
-                (
-                    ImageSet::fashion_mnist(&dir, true)?,
-                    ImageSet::fashion_mnist(&dir, false)?,
-                    true,
-                )
+                let (train, test) = crate::limoe::load_fashion_mnist(cache)?;
+                (train, test, true)
             }
             "mnist" => {
                 let dir = mnist_digits_dir(cache);
@@ -125,6 +115,43 @@ impl ImageData {
 /// A transform of test images (a distribution shift), applied before normalisation.
 pub type ImageTransform<'a> = &'a (dyn Fn(usize, &mut [f32], Dims) + Sync);
 
+/// `each(chunk, logits)` for the images `indices` of `set`, 500 at a time, without gradients:
+/// each image scaled to [0, 1], passed through `transform(i, …)` when given, then normalised by
+/// `normalise`.
+fn logits_in_batches(
+    model: &dyn TrainModel,
+    set: &ImageSet,
+    indices: &[usize],
+    normalise: (f32, f32),
+    transform: Option<ImageTransform<'_>>,
+    each: &mut dyn FnMut(&[usize], &Tensor) -> Result<()>,
+) -> Result<()> {
+    let dims = Dims {
+        c: 1,
+        h: set.rows,
+        w: set.cols,
+    };
+    let (mean, std) = normalise;
+    anneal_tensor::no_grad(|| -> Result<()> {
+        for chunk in indices.chunks(500) {
+            let mut pixels = Vec::with_capacity(chunk.len() * dims.len());
+            for &i in chunk {
+                let mut image: Vec<f32> = set.image(i).iter().map(|&p| p as f32 / 255.0).collect();
+                if let Some(t) = transform {
+                    t(i, &mut image, dims);
+                }
+                pixels.extend(image.iter().map(|v| (v - mean) / std));
+            }
+            let input = ModelInput::Images {
+                pixels: &pixels,
+                shape: [chunk.len(), 1, dims.h, dims.w],
+            };
+            each(chunk, &model.forward(&input, None)?.logits)?;
+        }
+        Ok(())
+    })
+}
+
 /// The accuracy of `model` on the first `limit` images of `set` (all when `None`), each image
 /// `i` first passed through `transform(i, …)` when given; no gradients, batches of 500.
 pub fn test_accuracy(
@@ -135,34 +162,20 @@ pub fn test_accuracy(
     transform: Option<ImageTransform<'_>>,
 ) -> Result<f64> {
     let n = limit.unwrap_or(set.len()).min(set.len());
-    let dims = Dims {
-        c: 1,
-        h: set.rows,
-        w: set.cols,
-    };
-    let (mean, std) = normalise;
+    let indices: Vec<usize> = (0..n).collect();
     let mut right = 0.0;
-    anneal_tensor::no_grad(|| -> Result<()> {
-        for start in (0..n).step_by(500) {
-            let end = (start + 500).min(n);
-            let mut pixels = Vec::with_capacity((end - start) * dims.len());
-            for i in start..end {
-                let mut image: Vec<f32> = set.image(i).iter().map(|&p| p as f32 / 255.0).collect();
-                if let Some(t) = transform {
-                    t(i, &mut image, dims);
-                }
-                pixels.extend(image.iter().map(|v| (v - mean) / std));
-            }
-            let input = ModelInput::Images {
-                pixels: &pixels,
-                shape: [end - start, 1, dims.h, dims.w],
-            };
-            let logits = model.forward(&input, None)?.logits;
-            let labels: Vec<i64> = set.labels[start..end].iter().map(|&l| l as i64).collect();
-            right += accuracy(&logits, &labels) * (end - start) as f64;
-        }
-        Ok(())
-    })?;
+    logits_in_batches(
+        model,
+        set,
+        &indices,
+        normalise,
+        transform,
+        &mut |chunk, logits| {
+            let labels: Vec<i64> = chunk.iter().map(|&i| set.labels[i] as i64).collect();
+            right += accuracy(logits, &labels) * chunk.len() as f64;
+            Ok(())
+        },
+    )?;
     Ok(right / n.max(1) as f64)
 }
 
@@ -312,12 +325,11 @@ fn fit(
     let mut trainer = simple_trainer(model, objective, Box::new(source), settings);
     let (final_loss, metrics) = run_steps(&mut trainer, settings.steps, progress)?;
     // An objective that averages the weights (FixMatch) is scored, and kept, with the average.
-    let average =
-        trainer.objective().state().into_iter().find(|(name, v)| {
-            name == "ema" && v.len() == trainer.model().params().trainable_numel()
-        });
-    if let Some((_, ema)) = average {
-        trainer.model().params().set_trainable_values(0, &ema);
+    let params = trainer.model().params();
+    if let Some(average) = trainer.objective().averaged_weights() {
+        if average.len() == params.trainable_numel() {
+            params.set_trainable_values(0, average);
+        }
     }
     let accuracy = test_accuracy(trainer.model(), &data.test, data.normalise, None, None)?;
     Ok((
@@ -333,6 +345,43 @@ fn fit(
     ))
 }
 
+/// [`fit`] of `model` with supervised cross-entropy on the images `labelled`, each through
+/// `augment`.
+fn fit_labelled(
+    data: &ImageData,
+    model: Box<dyn TrainModel>,
+    labelled: &[usize],
+    augment: Pipeline,
+    settings: &TrainSettings,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, CellResult)> {
+    let source = data.source(with_labels(data, labelled), Views::One(augment));
+    let objective = Box::new(ImageClassification);
+    fit(
+        data,
+        model,
+        objective,
+        source,
+        settings,
+        labelled.len(),
+        progress,
+    )
+}
+
+/// Trains `model` under `objective` on `source` for `settings.steps` (pretraining, scored by
+/// its loss alone); the model and the mean loss of the last tenth of the steps.
+pub fn pretrain(
+    model: Box<dyn TrainModel>,
+    objective: Box<dyn Objective>,
+    source: Box<dyn anneal_data::BatchSource>,
+    settings: &TrainSettings,
+    progress: StepProgress<'_>,
+) -> Result<(Box<dyn TrainModel>, f64)> {
+    let mut trainer = simple_trainer(model, objective, source, settings);
+    let (loss, _) = run_steps(&mut trainer, settings.steps, progress)?;
+    Ok((trainer.into_model(), loss))
+}
+
 /// Supervised LeNet-5 from `labelled` (image indices of the training set, with their labels),
 /// with supervised augmentation when `augment`; scored on the whole test set.
 pub fn train_lenet(
@@ -342,22 +391,13 @@ pub fn train_lenet(
     settings: &TrainSettings,
     progress: StepProgress<'_>,
 ) -> Result<(Box<dyn TrainModel>, CellResult)> {
-    let views = Views::One(if augment {
+    let augment = if augment {
         Pipeline::supervised(data.flip)
     } else {
         Pipeline::none()
-    });
-    let source = data.source(with_labels(data, labelled), views);
+    };
     let model = Box::new(new_lenet(data, settings.seed)?);
-    fit(
-        data,
-        model,
-        Box::new(ImageClassification),
-        source,
-        settings,
-        labelled.len(),
-        progress,
-    )
+    fit_labelled(data, model, labelled, augment, settings, progress)
 }
 
 /// FixMatch on LeNet-5: `settings.batch` labelled images per step (weak views) with `ratio`
@@ -399,30 +439,22 @@ pub fn predict_train(
     data: &ImageData,
     indices: &[usize],
 ) -> Result<Vec<(usize, f32)>> {
-    let dims = data.dims();
-    let (mean, std) = data.normalise;
     let mut out = Vec::with_capacity(indices.len());
-    anneal_tensor::no_grad(|| -> Result<()> {
-        for chunk in indices.chunks(500) {
-            let pixels: Vec<f32> = data
-                .train
-                .to_unit(chunk)
-                .iter()
-                .map(|v| (v - mean) / std)
-                .collect();
-            let input = ModelInput::Images {
-                pixels: &pixels,
-                shape: [chunk.len(), 1, dims.h, dims.w],
-            };
-            let probs = model.forward(&input, None)?.logits.softmax()?.to_vec_f32();
-            let classes = probs.len() / chunk.len().max(1);
-            for row in probs.chunks(classes.max(1)) {
+    logits_in_batches(
+        model,
+        &data.train,
+        indices,
+        data.normalise,
+        None,
+        &mut |_, logits| {
+            let classes = logits.shape().last().copied().unwrap_or(1).max(1);
+            for row in logits.softmax()?.to_vec_f32().chunks(classes) {
                 let best = crate::objectives::argmax_rows(row, classes)[0];
                 out.push((best, row[best]));
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     Ok(out)
 }
 
@@ -517,9 +549,13 @@ pub fn pretrain_moco(
     let model = new_vit(data, VitRole::Contrastive, settings.seed)?;
     let momentum = new_vit(data, VitRole::Contrastive, settings.seed)?;
     let moco = MocoV3::new(&model, momentum, settings.steps)?;
-    let mut trainer = simple_trainer(Box::new(model), Box::new(moco), Box::new(source), settings);
-    let (loss, _) = run_steps(&mut trainer, settings.steps, progress)?;
-    Ok((trainer.into_model(), loss))
+    pretrain(
+        Box::new(model),
+        Box::new(moco),
+        Box::new(source),
+        settings,
+        progress,
+    )
 }
 
 /// Supervised ViT from scratch on `labelled`, with supervised augmentation.
@@ -529,20 +565,9 @@ pub fn train_vit(
     settings: &TrainSettings,
     progress: StepProgress<'_>,
 ) -> Result<(Box<dyn TrainModel>, CellResult)> {
-    let source = data.source(
-        with_labels(data, labelled),
-        Views::One(Pipeline::supervised(data.flip)),
-    );
     let model = Box::new(new_vit(data, VitRole::Classifier, settings.seed)?);
-    fit(
-        data,
-        model,
-        Box::new(ImageClassification),
-        source,
-        settings,
-        labelled.len(),
-        progress,
-    )
+    let augment = Pipeline::supervised(data.flip);
+    fit_labelled(data, model, labelled, augment, settings, progress)
 }
 
 /// MAE pretraining of a ViT on every training image, labels unused (flips and small shifts as
@@ -556,9 +581,7 @@ pub fn pretrain_mae(
     let examples = (0..data.train.len()).map(|i| (i, -1)).collect();
     let source = data.source(examples, Views::One(Pipeline::weak(data.dims(), data.flip)));
     let model = Box::new(new_vit(data, VitRole::Mae, settings.seed)?);
-    let mut trainer = simple_trainer(model, Box::new(mae), Box::new(source), settings);
-    let (loss, _) = run_steps(&mut trainer, settings.steps, progress)?;
-    Ok((trainer.into_model(), loss))
+    pretrain(model, Box::new(mae), Box::new(source), settings, progress)
 }
 
 /// A ViT classifier whose encoder starts from `pretrained`'s parameters (an MAE's or MoCo's) and trains
@@ -582,16 +605,7 @@ pub fn finetune_vit(
     } else {
         Pipeline::supervised(data.flip)
     };
-    let source = data.source(with_labels(data, labelled), Views::One(augment));
-    fit(
-        data,
-        Box::new(model),
-        Box::new(ImageClassification),
-        source,
-        settings,
-        labelled.len(),
-        progress,
-    )
+    fit_labelled(data, Box::new(model), labelled, augment, settings, progress)
 }
 
 /// Widths of the hidden layers of the fully connected network of the layer-wise row (the input
@@ -614,19 +628,8 @@ pub fn train_mlp(
 ) -> Result<(Box<dyn TrainModel>, CellResult)> {
     let mut model = new_mlp(data, settings.seed)?;
     model.params.train_only(|n| !n.starts_with("decoders"));
-    let source = data.source(
-        with_labels(data, labelled),
-        Views::One(Pipeline::supervised(data.flip)),
-    );
-    fit(
-        data,
-        Box::new(model),
-        Box::new(ImageClassification),
-        source,
-        settings,
-        labelled.len(),
-        progress,
-    )
+    let augment = Pipeline::supervised(data.flip);
+    fit_labelled(data, Box::new(model), labelled, augment, settings, progress)
 }
 
 /// Greedy layer-wise pretraining of the fully connected network on every training image,
@@ -651,15 +654,10 @@ pub fn pretrain_layerwise(
             seed: settings.seed + layer as u64,
             ..settings.clone()
         };
-        let mut trainer = simple_trainer(
-            model,
-            Box::new(LayerwiseAutoencoder { layer }),
-            Box::new(source),
-            &stage,
-        );
-        let (loss, _) = run_steps(&mut trainer, stage.steps, progress)?;
+        let objective = Box::new(LayerwiseAutoencoder { layer });
+        let (trained, loss) = pretrain(model, objective, Box::new(source), &stage, progress)?;
         losses.push(loss);
-        model = trainer.into_model();
+        model = trained;
     }
     Ok((model, losses))
 }
@@ -674,26 +672,12 @@ pub fn finetune_mlp(
     progress: StepProgress<'_>,
 ) -> Result<(Box<dyn TrainModel>, CellResult)> {
     let mut model = new_mlp(data, settings.seed)?;
-    for info in pretrained.infos() {
-        if info.name.starts_with("layers.") {
-            let id = model.params.id(&info.name)?;
-            model.params.set(id, pretrained.by_name(&info.name)?)?;
-        }
-    }
+    model
+        .params
+        .copy_from(pretrained, |n| n.starts_with("layers."))?;
     model.params.train_only(|n| !n.starts_with("decoders"));
-    let source = data.source(
-        with_labels(data, labelled),
-        Views::One(Pipeline::supervised(data.flip)),
-    );
-    fit(
-        data,
-        Box::new(model),
-        Box::new(ImageClassification),
-        source,
-        settings,
-        labelled.len(),
-        progress,
-    )
+    let augment = Pipeline::supervised(data.flip);
+    fit_labelled(data, Box::new(model), labelled, augment, settings, progress)
 }
 
 /// What a saved image model is, so that it can be rebuilt (`image_model.json`).

@@ -12,10 +12,11 @@
 //! Batches come from an `ImageSource` with FixMatch views: per example, the labelled weak view
 //! then μ (weak, strong) unlabelled pairs. The paper's values: τ = 0.95, μ = 7, λ_u = 1.
 
+use super::image::SKIP_UNLABELLED;
 use super::{argmax_rows, wrong_batch, Loss, Objective};
 use crate::model::{ModelInput, ModelOutput};
 use anneal_data::Batch;
-use anneal_tensor::{CrossEntropyOptions, Result};
+use anneal_tensor::Result;
 
 /// FixMatch's settings, and the moving average of the model's weights it keeps.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,6 +84,10 @@ impl Objective for FixMatch {
         Ok(())
     }
 
+    fn averaged_weights(&self) -> Option<&[f32]> {
+        (!self.ema.is_empty()).then_some(self.ema.as_slice())
+    }
+
     fn state(&self) -> Vec<(String, Vec<f32>)> {
         vec![("ema".into(), self.ema.clone())]
     }
@@ -109,13 +114,8 @@ impl Objective for FixMatch {
         let logits = &output.logits;
         let classes = logits.shape().last().copied().unwrap_or(1);
         let (labelled, weak, strong) = rows(i.shape[0], i.views);
-        let supervised = logits.index_select(0, &labelled)?.cross_entropy(
-            &i.labels,
-            CrossEntropyOptions {
-                ignore_index: -1,
-                ..CrossEntropyOptions::default()
-            },
-        )?;
+        let labelled_logits = logits.index_select(0, &labelled)?;
+        let supervised = labelled_logits.cross_entropy(&i.labels, SKIP_UNLABELLED)?;
         // Pseudo-labels from the weak views' probabilities, which carry no gradient.
         let values = logits.to_vec_f32();
         let mut targets = Vec::with_capacity(weak.len());
@@ -136,18 +136,13 @@ impl Objective for FixMatch {
         let mut unlabelled_loss = 0.0;
         if confident > 0 {
             // Cross-entropy averaged over the confident rows, rescaled to the mean over all μB.
-            let ce = logits.index_select(0, &strong)?.cross_entropy(
-                &targets,
-                CrossEntropyOptions {
-                    ignore_index: -1,
-                    ..CrossEntropyOptions::default()
-                },
-            )?;
+            let ce = logits
+                .index_select(0, &strong)?
+                .cross_entropy(&targets, SKIP_UNLABELLED)?;
             let lu = ce.scale(confident as f32 / weak.len() as f32);
             unlabelled_loss = lu.item()? as f64;
             value = value.add(&lu.scale(self.unlabelled_weight))?;
         }
-        let labelled_logits = logits.index_select(0, &labelled)?;
         Ok(Loss {
             metrics: vec![
                 (
@@ -173,9 +168,7 @@ mod tests {
 
     #[test]
     fn loss_and_gradient_match_pytorch() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/objectives.safetensors");
-        let f = anneal_tensor::io::load_safetensors(&path).expect("fixtures load");
+        let f = crate::objectives::fixtures();
         let logits = f["fixmatch.logits"].requires_grad_();
         let labels: Vec<i64> = f["fixmatch.labels"]
             .to_vec_f32()

@@ -6,6 +6,12 @@ use crate::model::{ModelInput, ModelOutput};
 use anneal_data::Batch;
 use anneal_tensor::{CrossEntropyOptions, Result, Tensor};
 
+/// Cross-entropy that skips unlabelled examples (label −1).
+pub(crate) const SKIP_UNLABELLED: CrossEntropyOptions = CrossEntropyOptions {
+    ignore_index: -1,
+    label_smoothing: 0.0,
+};
+
 /// One class per labelled image (one view per example; unlabelled examples, −1, are skipped).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ImageClassification;
@@ -43,13 +49,7 @@ impl Objective for ImageClassification {
         let Batch::Images(i) = batch else {
             return Err(wrong_batch("image_classification", batch));
         };
-        let value = output.logits.cross_entropy(
-            &i.labels,
-            CrossEntropyOptions {
-                ignore_index: -1,
-                ..CrossEntropyOptions::default()
-            },
-        )?;
+        let value = output.logits.cross_entropy(&i.labels, SKIP_UNLABELLED)?;
         Ok(Loss {
             value,
             metrics: vec![("accuracy".into(), accuracy(&output.logits, &i.labels))],

@@ -96,9 +96,7 @@ mod tests {
 
     #[test]
     fn loss_and_gradient_match_pytorch() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/objectives.safetensors");
-        let f = anneal_tensor::io::load_safetensors(&path).expect("fixtures load");
+        let f = crate::objectives::fixtures();
         let pred = f["mae.pred"].requires_grad_();
         let mut out = ModelOutput::logits(pred.clone());
         out.extras = vec![

@@ -64,12 +64,25 @@ pub struct MocoV3 {
 
 impl MocoV3 {
     /// MoCo v3 whose momentum encoder starts as a copy of `model`'s parameters (a ViT of the
-    /// same configuration, built by `momentum`).
+    /// same configuration, built by `momentum`). Both must hold the same parameters, every one
+    /// trainable, so that their flat trainable values line up.
     pub fn new(model: &Vit, momentum: Vit, total_steps: u64) -> Result<MocoV3> {
-        for info in model.params.infos() {
-            let id = momentum.params.id(&info.name)?;
-            momentum.params.set(id, model.params.by_name(&info.name)?)?;
+        let (a, b) = (&model.params, &momentum.params);
+        let aligned = a.infos().len() == b.infos().len()
+            && a.infos()
+                .iter()
+                .zip(b.infos())
+                .all(|(x, y)| x.name == y.name && x.shape == y.shape)
+            && a.trainable_numel() == a.numel()
+            && b.trainable_numel() == b.numel();
+        if !aligned {
+            return Err(anneal_tensor::Error::Invalid {
+                op: "MocoV3::new",
+                reason: "the momentum encoder needs the model's parameters, every one trainable"
+                    .into(),
+            });
         }
+        momentum.params.copy_from(&model.params, |_| true)?;
         Ok(MocoV3 {
             momentum,
             m0: 0.99,
@@ -128,56 +141,51 @@ impl Objective for MocoV3 {
 
     fn after_optimizer_step(&mut self, model: &dyn TrainModel, step: u64) -> Result<()> {
         let m = momentum_at(self.m0, step, self.total_steps);
+        let params = &self.momentum.params;
+        let n = params.trainable_numel();
         let online = model.params();
-        for info in self.momentum.params.infos() {
-            let id = self.momentum.params.id(&info.name)?;
-            let k = self.momentum.params.get(id).to_vec_f32();
-            let q = online.by_name(&info.name)?.to_vec_f32();
-            let mixed: Vec<f32> = k
-                .iter()
-                .zip(&q)
-                .map(|(k, q)| m * k + (1.0 - m) * q)
-                .collect();
-            let shape = self.momentum.params.get(id).shape().to_vec();
-            self.momentum
-                .params
-                .set(id, &Tensor::from_f32(mixed, &shape)?)?;
+        if online.trainable_numel() != n {
+            return Err(anneal_tensor::Error::Invalid {
+                op: "moco_v3",
+                reason: format!(
+                    "the model trains {} values, its momentum encoder holds {n}",
+                    online.trainable_numel()
+                ),
+            });
         }
+        let q = online.trainable_values(0..n);
+        let mut k = params.trainable_values(0..n);
+        for (k, q) in k.iter_mut().zip(q) {
+            *k = m * *k + (1.0 - m) * q;
+        }
+        params.set_trainable_values(0, &k);
         Ok(())
     }
 
     fn state(&self) -> Vec<(String, Vec<f32>)> {
-        self.momentum
-            .params
-            .infos()
-            .iter()
-            .map(|info| {
-                let values = self
-                    .momentum
-                    .params
-                    .by_name(&info.name)
-                    .map(|t| t.to_vec_f32())
-                    .unwrap_or_default();
-                (format!("momentum.{}", info.name), values)
-            })
-            .collect()
+        let params = &self.momentum.params;
+        vec![(
+            "momentum".into(),
+            params.trainable_values(0..params.trainable_numel()),
+        )]
     }
 
     fn load_state(&mut self, state: &HashMap<String, Vec<f32>>) -> Result<()> {
-        for info in self.momentum.params.infos().to_vec() {
-            let Some(values) = state.get(&format!("momentum.{}", info.name)) else {
-                return Err(anneal_tensor::Error::Invalid {
-                    op: "moco_v3",
-                    reason: format!("the checkpoint holds no momentum.{}", info.name),
-                });
-            };
-            let id = self.momentum.params.id(&info.name)?;
-            let shape = self.momentum.params.get(id).shape().to_vec();
-            self.momentum
-                .params
-                .set(id, &Tensor::from_f32(values.clone(), &shape)?)?;
+        let params = &self.momentum.params;
+        match state.get("momentum") {
+            Some(values) if values.len() == params.trainable_numel() => {
+                params.set_trainable_values(0, values);
+                Ok(())
+            }
+            other => Err(anneal_tensor::Error::Invalid {
+                op: "moco_v3",
+                reason: format!(
+                    "the checkpoint's momentum encoder holds {} values, this one {}",
+                    other.map_or(0, Vec::len),
+                    params.trainable_numel()
+                ),
+            }),
         }
-        Ok(())
     }
 }
 
@@ -187,9 +195,7 @@ mod tests {
 
     #[test]
     fn infonce_matches_pytorch() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../../tests/fixtures/objectives.safetensors");
-        let f = anneal_tensor::io::load_safetensors(&path).expect("fixtures load");
+        let f = crate::objectives::fixtures();
         let (q1, q2) = (
             f["infonce.q1"].requires_grad_(),
             f["infonce.q2"].requires_grad_(),

@@ -61,6 +61,13 @@ pub trait Objective: Send {
         Ok(())
     }
 
+    /// Weights to score and keep the model with at the end of training in place of its last
+    /// ones (an average of them, as FixMatch evaluates), in the order of the trainable
+    /// parameters; `None` keeps the last.
+    fn averaged_weights(&self) -> Option<&[f32]> {
+        None
+    }
+
     /// State the objective owns, as named flat vectors saved with each checkpoint.
     fn state(&self) -> Vec<(String, Vec<f32>)> {
         Vec::new()
@@ -79,4 +86,13 @@ pub(crate) fn wrong_batch(objective: &'static str, batch: &Batch) -> anneal_tens
         op: objective,
         reason: format!("cannot train on {}", batch.kind()),
     }
+}
+
+/// The golden losses and gradients of `tests/fixtures/objectives.safetensors` (made by
+/// `tests/fixtures/make_objective_fixtures.py`), by name.
+#[cfg(test)]
+pub(crate) fn fixtures() -> HashMap<String, Tensor> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/objectives.safetensors");
+    anneal_tensor::io::load_safetensors(&path).expect("fixtures load")
 }
