@@ -11,7 +11,7 @@ use anneal_data::{Batch, BatchSource, Sampler};
 use anneal_nn::{LeNet, LeNetConfig};
 use anneal_tensor::{DType, Rng, Tensor};
 use anneal_train::objectives::ImageClassification;
-use anneal_train::vision::{simple_trainer, TrainSettings};
+use anneal_train::vision::{simple_trainer, Optim, TrainSettings};
 use anyhow::Result;
 use clap::Args;
 use std::process::Command;
@@ -62,6 +62,7 @@ pub fn lenet(b: LenetBench) -> Result<()> {
         batch: b.batch,
         lr: 1e-3,
         weight_decay: 5e-4,
+        optimizer: Optim::AdamW,
         seed: 0,
     };
     let mut trainer = simple_trainer(

@@ -7,7 +7,7 @@ use anneal_train::bert_pretrain::{
     finetune_bert, labelled_share, pretrain_bert, small_bert, tokenize_documents, TextCell,
 };
 use anneal_train::strategy::StepOutput;
-use anneal_train::vision::TrainSettings;
+use anneal_train::vision::{Optim, TrainSettings};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::fmt::Write as _;
@@ -15,9 +15,14 @@ use std::path::PathBuf;
 
 #[derive(Args, Clone, Debug)]
 pub struct BertExperiment {
-    /// Output folder: report.md, results.json, tokenizer.json.
+    /// Output folder: report.md, results.json, and the pretrained encoder (tokenizer.json,
+    /// pretrained.safetensors) that `--from` reuses.
     #[arg(long, default_value = "runs/bert")]
     pub out: PathBuf,
+    /// Reuse the vocabulary and pretrained model an earlier run wrote to this folder instead of
+    /// pretraining again (fine-tuning settings can then be compared at the cost of fine-tuning).
+    #[arg(long)]
+    pub from: Option<PathBuf>,
     /// WordPiece vocabulary size.
     #[arg(long, default_value_t = 8000)]
     pub vocab: usize,
@@ -27,6 +32,22 @@ pub struct BertExperiment {
     /// Pretraining steps of 32 pairs.
     #[arg(long, default_value_t = 2000)]
     pub pretrain_steps: u64,
+    /// Pre-norm encoder layers (with a final LayerNorm) instead of BERT's post-norm: faster and
+    /// steadier from scratch (Xiong et al. 2020).
+    #[arg(long)]
+    pub pre_norm: bool,
+    /// Dropout while pretraining (fine-tuning keeps BERT's 0.1).
+    #[arg(long, default_value_t = 0.1)]
+    pub pretrain_dropout: f32,
+    /// Peak learning rate of pretraining (AdamW, 3% warm-up, cosine to a tenth).
+    #[arg(long, default_value_t = 1e-3)]
+    pub pretrain_lr: f64,
+    /// Peak learning rate of fine-tuning from the pretrained encoder.
+    #[arg(long, default_value_t = 5e-4)]
+    pub finetune_lr: f64,
+    /// Peak learning rate of the same classifier trained from scratch.
+    #[arg(long, default_value_t = 5e-4)]
+    pub scratch_lr: f64,
     /// Share of BBC news's training documents whose labels fine-tuning sees.
     #[arg(long, default_value_t = 0.1)]
     pub label_share: f64,
@@ -111,62 +132,27 @@ pub fn run(e: BertExperiment) -> Result<()> {
         corpus.test.len(),
         anneal_tensor::kernel_path()
     );
-    let t0 = std::time::Instant::now();
-    let tokenizer = anneal_data::Tokenizer::train_wordpiece(texts.iter(), vocab, false)?;
-    tokenizer.save(&e.out.join("tokenizer.json"))?;
-    let documents = tokenize_documents(&tokenizer, &texts, seq)?;
-    let sentences: usize = documents.iter().map(Vec::len).sum();
-    println!(
-        "WordPiece vocabulary of {} tokens; {} documents, {sentences} sentences ({:.0} s)",
-        tokenizer.vocab_size(),
-        documents.len(),
-        t0.elapsed().as_secs_f64()
-    );
-    let config = small_bert(tokenizer.vocab_size());
-    let settings = TrainSettings {
-        steps: pretrain_steps,
-        batch: 32,
-        lr: 1e-3,
-        weight_decay: 0.01,
-        seed: 0,
+    let (tokenizer, config, pretrained, pretrain_steps, pretrain_seconds, loss) = match &e.from {
+        Some(dir) => reuse_pretrained(dir)?,
+        None => pretrain_encoder(&e, &texts, vocab, seq, pretrain_steps)?,
     };
-    let pb = bar(pretrain_steps, "MLM + NSP pretraining".into());
-    let t1 = std::time::Instant::now();
-    let mut last = Vec::new();
-    let (pretrained, loss) = pretrain_bert(
-        &config,
-        documents,
-        seq,
-        &settings,
-        &mut |_, _, out: &StepOutput| {
-            pb.inc(1);
-            last = out.metrics.clone();
-            if pb.position().is_multiple_of(10) {
-                pb.set_message(format!("MLM + NSP pretraining, loss {:.3}", out.loss));
-            }
-        },
-    )?;
-    pb.finish_and_clear();
-    let pretrain_seconds = t1.elapsed().as_secs_f64();
-    let metrics: Vec<String> = last.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
-    println!(
-        "pretraining: {pretrain_steps} steps of 32 pairs of {} tokens in {pretrain_seconds:.0} s, \
-         final loss {loss:.3} ({})",
-        seq,
-        metrics.join(", ")
-    );
-    let tune = |seed: u64| TrainSettings {
+    let tune = |seed: u64, lr: f64| TrainSettings {
         steps: finetune_steps,
         batch: 16,
-        lr: 5e-4,
+        lr,
         weight_decay: 0.01,
+        optimizer: Optim::AdamW,
         seed,
     };
     let mut rows: Vec<(u64, TextCell, TextCell)> = Vec::new();
     for seed in 0..seeds {
         let labelled = labelled_share(&corpus, e.label_share, seed)?;
         let mut cells = Vec::new();
-        for (name, from) in [("pretrained", Some(pretrained.params())), ("scratch", None)] {
+        let sides = [
+            ("pretrained", Some(pretrained.params()), e.finetune_lr),
+            ("scratch", None, e.scratch_lr),
+        ];
+        for (name, from, lr) in sides {
             let pb = bar(finetune_steps, format!("fine-tuning ({name}), seed {seed}"));
             let cell = finetune_bert(
                 &corpus,
@@ -175,7 +161,7 @@ pub fn run(e: BertExperiment) -> Result<()> {
                 from,
                 &labelled,
                 seq,
-                &tune(seed),
+                &tune(seed, lr),
                 &mut |_, _, _| pb.inc(1),
             )?;
             pb.finish_and_clear();
@@ -239,4 +225,147 @@ pub fn run(e: BertExperiment) -> Result<()> {
         "scratch_mean": scratch,
     });
     crate::experiment::write_report(&e.out, &md, &json)
+}
+
+/// Trains the WordPiece vocabulary and pretrains the encoder on `texts`, saving both to `e.out`;
+/// (tokenizer, config, model, steps, seconds, final loss).
+fn pretrain_encoder(
+    e: &BertExperiment,
+    texts: &[String],
+    vocab: usize,
+    seq: usize,
+    pretrain_steps: u64,
+) -> Result<Pretrained> {
+    let t0 = std::time::Instant::now();
+    let tokenizer = anneal_data::Tokenizer::train_wordpiece(texts.iter(), vocab, false)?;
+    tokenizer.save(&e.out.join("tokenizer.json"))?;
+    let documents = tokenize_documents(&tokenizer, texts, seq)?;
+    let sentences: usize = documents.iter().map(Vec::len).sum();
+    println!(
+        "WordPiece vocabulary of {} tokens; {} documents, {sentences} sentences ({:.0} s)",
+        tokenizer.vocab_size(),
+        documents.len(),
+        t0.elapsed().as_secs_f64()
+    );
+    let config = anneal_nn::bert::BertConfig {
+        pre_norm: e.pre_norm,
+        ..small_bert(tokenizer.vocab_size())
+    };
+    let settings = TrainSettings {
+        steps: pretrain_steps,
+        batch: 32,
+        lr: e.pretrain_lr,
+        weight_decay: 0.01,
+        optimizer: Optim::AdamW,
+        seed: 0,
+    };
+    let pb = bar(pretrain_steps, "MLM + NSP pretraining".into());
+    let t1 = std::time::Instant::now();
+    let mut last = Vec::new();
+    let (pretrained, loss) = pretrain_bert(
+        &anneal_nn::bert::BertConfig {
+            dropout: e.pretrain_dropout,
+            ..config.clone()
+        },
+        documents,
+        seq,
+        &settings,
+        &mut |_, _, out: &StepOutput| {
+            pb.inc(1);
+            last = out.metrics.clone();
+            if pb.position().is_multiple_of(10) {
+                pb.set_message(format!("MLM + NSP pretraining, loss {:.3}", out.loss));
+            }
+        },
+    )?;
+    pb.finish_and_clear();
+    let pretrain_seconds = t1.elapsed().as_secs_f64();
+    let metrics: Vec<String> = last.iter().map(|(k, v)| format!("{k} {v:.3}")).collect();
+    println!(
+        "pretraining: {pretrain_steps} steps of 32 pairs of {} tokens in {pretrain_seconds:.0} s, \
+         final loss {loss:.3} ({})",
+        seq,
+        metrics.join(", ")
+    );
+    let bytes = anneal_tensor::io::encode_safetensors(&pretrained.params().named())?;
+    anneal_train::checkpoint::write_atomic(&e.out.join(PRETRAINED), &bytes)?;
+    let summary = serde_json::json!({
+        "pretrain_steps": pretrain_steps,
+        "pretrain_seconds": pretrain_seconds,
+        "pretrain_loss": loss,
+        "pretrain_lr": e.pretrain_lr,
+        "seq": seq,
+        "pre_norm": e.pre_norm,
+        "pretrain_dropout": e.pretrain_dropout,
+    });
+    anneal_train::checkpoint::write_atomic(
+        &e.out.join(PRETRAINING_JSON),
+        serde_json::to_string_pretty(&summary)?.as_bytes(),
+    )?;
+    Ok((
+        tokenizer,
+        config,
+        pretrained,
+        pretrain_steps,
+        pretrain_seconds,
+        loss,
+    ))
+}
+
+/// The pretrained model's weights, beside tokenizer.json.
+const PRETRAINED: &str = "pretrained.safetensors";
+/// How the pretrained model was made.
+const PRETRAINING_JSON: &str = "pretraining.json";
+
+/// (tokenizer, config, model, pretraining steps, seconds, final loss).
+type Pretrained = (
+    anneal_data::Tokenizer,
+    anneal_nn::bert::BertConfig,
+    Box<dyn anneal_train::model::TrainModel>,
+    u64,
+    f64,
+    f64,
+);
+
+/// The vocabulary and pretrained model an earlier run wrote to `dir`.
+fn reuse_pretrained(dir: &std::path::Path) -> Result<Pretrained> {
+    let tokenizer = anneal_data::Tokenizer::load(&dir.join("tokenizer.json"))
+        .with_context(|| format!("reading the vocabulary of {}", dir.display()))?;
+    let info_path = dir.join(PRETRAINING_JSON);
+    let info: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(&info_path)
+            .with_context(|| format!("reading {}", info_path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", info_path.display()))?;
+    let config = anneal_nn::bert::BertConfig {
+        pre_norm: info["pre_norm"].as_bool().unwrap_or(false),
+        ..small_bert(tokenizer.vocab_size())
+    };
+    let model = anneal_nn::bert::Bert::for_pretraining(config.clone(), 0)?;
+    let weights = dir.join(PRETRAINED);
+    let tensors = anneal_tensor::io::load_safetensors(&weights).with_context(|| {
+        format!(
+            "reading {} (written by a run without --from)",
+            weights.display()
+        )
+    })?;
+    model
+        .params
+        .load_named(&tensors)
+        .with_context(|| format!("loading {}", weights.display()))?;
+    let number = |key: &str| info[key].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "reusing the encoder pretrained in {} ({} steps, final loss {:.3})",
+        dir.display(),
+        number("pretrain_steps"),
+        number("pretrain_loss")
+    );
+    Ok((
+        tokenizer,
+        config,
+        Box::new(model),
+        number("pretrain_steps") as u64,
+        number("pretrain_seconds"),
+        number("pretrain_loss"),
+    ))
 }

@@ -38,7 +38,7 @@ fn the_label_efficiency_experiment_runs_in_its_quick_form() {
         }
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("le");
-        let text = ok(anneal(&[
+        let text_before = ok(anneal(&[
             "experiment",
             "label-efficiency",
             "--quick",
@@ -49,6 +49,7 @@ fn the_label_efficiency_experiment_runs_in_its_quick_form() {
             "--out",
             out.to_str().unwrap(),
         ]));
+        let text = &text_before;
         assert!(text.contains("| lenet |"), "{text}");
         assert!(text.contains("600 labels seed 0: test accuracy"), "{text}");
         assert!(out.join("accuracy.png").is_file() && out.join("report.md").is_file());
@@ -84,6 +85,50 @@ fn the_label_efficiency_experiment_runs_in_its_quick_form() {
                 assert!(acc > 0.3, "{cell}");
             }
         }
+        if dataset == "fashion-mnist" {
+            // --resume keeps finished runs, and a pretrained encoder whose fine-tuning is lost.
+            std::fs::remove_file(models.join("mae-600-seed0/result.json")).unwrap();
+            let again = ok(anneal(&[
+                "experiment",
+                "label-efficiency",
+                "--quick",
+                "--resume",
+                "--methods",
+                "lenet,mae",
+                "--out",
+                out.to_str().unwrap(),
+            ]));
+            assert!(again.contains("(kept from an earlier run)"), "{again}");
+            assert!(
+                again.contains("mae pretraining seed 0: kept from"),
+                "{again}"
+            );
+            let accuracy = |text: &str, method: &str| -> String {
+                let line = text
+                    .lines()
+                    .find(|l| l.trim_start().starts_with(method) && l.contains("seed 0: test"))
+                    .unwrap_or_else(|| panic!("{method} in {text}"))
+                    .to_string();
+                line.split("test accuracy ").nth(1).unwrap()[..6].to_string()
+            };
+            for method in ["lenet ", "mae "] {
+                assert_eq!(accuracy(&text_before, method), accuracy(&again, method));
+            }
+            // A changed recipe trains afresh.
+            let other = ok(anneal(&[
+                "experiment",
+                "label-efficiency",
+                "--quick",
+                "--resume",
+                "--methods",
+                "lenet",
+                "--scale",
+                "0.5",
+                "--out",
+                out.to_str().unwrap(),
+            ]));
+            assert!(!other.contains("kept from"), "{other}");
+        }
     }
 }
 
@@ -115,6 +160,13 @@ fn bad_label_efficiency_settings_are_refused_by_name() {
         "lenet,dbn",
     ]));
     assert!(e.contains("\"dbn\"") && e.contains("lenet"), "{e}");
+    let e = fails(anneal(&[
+        "experiment",
+        "label-efficiency",
+        "--fixmatch-cutout",
+        "1.5",
+    ]));
+    assert!(e.contains("--fixmatch-cutout 1.5"), "{e}");
     if fetched("fashion-mnist") {
         let e = fails(anneal(&[
             "experiment",

@@ -197,22 +197,36 @@ impl Pipeline {
     /// FixMatch's weak view: a flip (when `flip`; a mirrored digit is another glyph) and a
     /// translation by up to 12.5% of the side.
     pub fn weak(dims: Dims, flip: bool) -> Pipeline {
+        Pipeline::weak_padded(Pipeline::paper_pad(dims), flip)
+    }
+
+    /// The paper's crop padding for a weak view: 12.5% of the side (4 pixels on CIFAR's 32).
+    pub fn paper_pad(dims: Dims) -> usize {
+        (dims.h.max(dims.w) as f32 * 0.125).round() as usize
+    }
+
+    /// A weak view with crop padding `pad`: flip where allowed, then the shifted crop.
+    pub fn weak_padded(pad: usize, flip: bool) -> Pipeline {
         let mut ops = Vec::new();
         if flip {
             ops.push(Augment::Flip { p: 0.5 });
         }
-        ops.push(Augment::CropPad {
-            pad: (dims.h.max(dims.w) as f32 * 0.125).round() as usize,
-        });
+        ops.push(Augment::CropPad { pad });
         Pipeline { ops }
     }
 
     /// FixMatch's strong view: the weak view, RandAugment with two operations, Cutout of up to
     /// half the side.
     pub fn strong(dims: Dims, flip: bool) -> Pipeline {
-        let mut p = Pipeline::weak(dims, flip);
+        Pipeline::strong_from(Pipeline::weak(dims, flip), 0.5)
+    }
+
+    /// A strong view built on `weak`: RandAugment with two operations, then Cutout of up to
+    /// `cutout` × the side.
+    pub fn strong_from(weak: Pipeline, cutout: f32) -> Pipeline {
+        let mut p = weak;
         p.ops.push(Augment::RandAugment { n: 2 });
-        p.ops.push(Augment::Cutout { max_side: 0.5 });
+        p.ops.push(Augment::Cutout { max_side: cutout });
         p
     }
 

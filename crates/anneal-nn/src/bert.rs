@@ -44,6 +44,12 @@ pub struct BertConfig {
     pub dropout: f32,
     /// Storage dtype of parameters and activations.
     pub dtype: DType,
+    /// Pre-norm layers (Xiong et al. 2020, "On Layer Normalization in the Transformer
+    /// Architecture": each sub-layer reads a normalised copy of the residual stream, and a final
+    /// LayerNorm, `encoder.final_norm`, follows the last layer), which train stably at higher
+    /// learning rates and converge faster from scratch; `false` is BERT's post-norm, as every
+    /// Hugging Face checkpoint has it.
+    pub pre_norm: bool,
 }
 
 impl BertConfig {
@@ -60,6 +66,7 @@ impl BertConfig {
             layer_norm_eps: 1e-12,
             dropout: 0.1,
             dtype: DType::F32,
+            pre_norm: false,
         }
     }
 
@@ -112,7 +119,10 @@ impl BertConfig {
             .checked_add(4 * d)?
             .checked_add(d.checked_mul(f)?.checked_mul(2)?)?
             .checked_add(f + d)?;
-        embeddings.checked_add(layer.checked_mul(self.num_layers)?)
+        let final_norm = if self.pre_norm { 2 * d } else { 0 };
+        embeddings
+            .checked_add(layer.checked_mul(self.num_layers)?)?
+            .checked_add(final_norm)
     }
 
     /// Checks this configuration against weights read from a file before a model is built from
@@ -171,13 +181,16 @@ impl BertConfig {
     }
 }
 
-/// One post-norm encoder layer.
+/// One encoder layer, post-norm (BERT's) or pre-norm; both keep BERT's parameter names, the
+/// attention's LayerNorm normalising before attention in pre-norm and the output's before the
+/// feed-forward network.
 #[derive(Clone, Debug)]
 struct BertLayer {
     attention: Attention,
     attention_norm: LayerNorm,
     mlp: Mlp,
     output_norm: LayerNorm,
+    pre_norm: bool,
 }
 
 impl BertLayer {
@@ -221,6 +234,7 @@ impl BertLayer {
                 0.02,
             )?,
             output_norm: LayerNorm::new(b, &format!("{prefix}.output.LayerNorm"), d, true, eps)?,
+            pre_norm: c.pre_norm,
         })
     }
 
@@ -242,12 +256,21 @@ impl BertLayer {
         p_drop: f32,
         key: DropoutKey,
     ) -> Result<Tensor> {
+        let mlp_key = key.with_seed(key.seed ^ 1);
+        if self.pre_norm {
+            let a = self
+                .attention
+                .forward_masked(w, &self.attention_norm.forward(w, x)?, mask)?;
+            let x = x.add(&a.dropout_at(p_drop, key)?)?;
+            let h = self.mlp.forward(w, &self.output_norm.forward(w, &x)?)?;
+            return x.add(&h.dropout_at(p_drop, mlp_key)?);
+        }
         let a = self.attention.forward_masked(w, x, mask)?;
         let x = self
             .attention_norm
             .forward(w, &x.add(&a.dropout_at(p_drop, key)?)?)?;
         let h = self.mlp.forward(w, &x)?;
-        let h = h.dropout_at(p_drop, key.with_seed(key.seed ^ 1))?;
+        let h = h.dropout_at(p_drop, mlp_key)?;
         self.output_norm.forward(w, &x.add(&h)?)
     }
 }
@@ -273,6 +296,7 @@ pub struct Bert {
     token_type: Embedding,
     embeddings_norm: LayerNorm,
     layers: Vec<BertLayer>,
+    final_norm: Option<LayerNorm>,
     classifier: Option<ClassificationHead>,
     pretraining: Option<PretrainingHeads>,
 }
@@ -401,6 +425,10 @@ impl Bert {
         let layers = (0..c.num_layers)
             .map(|i| BertLayer::new(&mut b, &format!("encoder.layer.{i}"), c))
             .collect::<Result<Vec<_>>>()?;
+        let final_norm = c
+            .pre_norm
+            .then(|| LayerNorm::new(&mut b, "encoder.final_norm", d, true, c.layer_norm_eps))
+            .transpose()?;
         b.check_lora_targets()?;
         let classifier = classes
             .map(|k| ClassificationHead::new(&mut b, "classifier", d, k))
@@ -437,6 +465,7 @@ impl Bert {
             token_type,
             embeddings_norm,
             layers,
+            final_norm,
             classifier,
             pretraining,
         })
@@ -549,7 +578,10 @@ impl Bert {
             let key = crate::layers::layer_key(key, index);
             x = layer.forward(&w, &x, mask.clone(), p_drop, key)?;
         }
-        Ok(x)
+        match &self.final_norm {
+            Some(norm) => norm.forward(&w, &x),
+            None => Ok(x),
+        }
     }
 
     /// Sentence embeddings `[B, d]`: the mean of the last hidden states over each sequence's real

@@ -508,10 +508,12 @@ impl Optimizer for AdamW {
 }
 
 /// SGD with momentum and (coupled, L2) weight decay, matching `torch.optim.SGD`:
-/// g ← g + λp, b ← μb + g, p ← p − lr·b.
+/// g ← g + λp, b ← μb + g, p ← p − lr·b; with Nesterov momentum p ← p − lr·(g + μb).
 pub struct Sgd {
     /// Momentum μ (0 for plain SGD).
     pub momentum: f32,
+    /// Nesterov momentum (Sutskever et al. 2013, in PyTorch's form).
+    pub nesterov: bool,
     /// L2 penalty λ for parameters with decay on.
     pub weight_decay: f32,
     buf: Vec<f32>,
@@ -524,6 +526,7 @@ impl Sgd {
     pub fn new(store: &ParamStore, momentum: f32, weight_decay: f32) -> Sgd {
         Sgd {
             momentum,
+            nesterov: false,
             weight_decay,
             buf: vec![0.0; store.trainable_numel()],
             master: master_copy(store),
@@ -534,7 +537,7 @@ impl Sgd {
 
 impl Optimizer for Sgd {
     fn step(&mut self, store: &ParamStore, lr: f32) {
-        let (mu, first) = (self.momentum, self.step == 0);
+        let (mu, first, nesterov) = (self.momentum, self.step == 0, self.nesterov);
         self.step += 1;
         let n = store.trainable_numel();
         let runs = runs(store, lr, self.weight_decay, &(0..n));
@@ -545,7 +548,14 @@ impl Optimizer for Sgd {
                 let gi = g[i] + run.weight_decay * p[i];
                 // PyTorch initialises the momentum buffer with the first gradient.
                 b[i] = if first { gi } else { mu * b[i] + gi };
-                p[i] -= run.lr * if mu == 0.0 { gi } else { b[i] };
+                p[i] -= run.lr
+                    * if mu == 0.0 {
+                        gi
+                    } else if nesterov {
+                        gi + mu * b[i]
+                    } else {
+                        b[i]
+                    };
             }
         });
     }
@@ -682,6 +692,22 @@ mod tests {
             got.iter().zip(&w2).all(|(a, b)| (a - b).abs() < 1e-6),
             "{got:?} vs {w2:?}"
         );
+    }
+
+    #[test]
+    fn sgd_nesterov_steps_by_the_gradient_plus_momentum_times_the_buffer() {
+        let s = store(DType::F32);
+        let mut opt = Sgd::new(&s, 0.9, 0.0);
+        opt.nesterov = true;
+        // Step 1: b = g = 1, update g + 0.9·b = 1.9. Step 2 with g = 2: b = 0.9 + 2 = 2.9,
+        // update 2 + 0.9·2.9 = 4.61 (torch.optim.SGD(nesterov=True) gives the same).
+        set_grads(&s, &[1.0, 1.0, 1.0]);
+        opt.step(&s, 0.1);
+        assert_eq!(s.by_name("bias").unwrap().to_vec_f32(), vec![0.5 - 0.19]);
+        set_grads(&s, &[2.0, 2.0, 2.0]);
+        opt.step(&s, 0.1);
+        let got = s.by_name("bias").unwrap().to_vec_f32()[0];
+        assert!((got - (0.5 - 0.19 - 0.461)).abs() < 1e-6, "{got}");
     }
 
     #[test]

@@ -35,6 +35,7 @@ pub fn small_bert(vocab_size: usize) -> BertConfig {
         layer_norm_eps: 1e-12,
         dropout: 0.1,
         dtype: anneal_tensor::DType::F32,
+        pre_norm: false,
     }
 }
 
@@ -215,6 +216,7 @@ pub fn finetune_bert(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vision::Optim;
 
     #[test]
     fn sentences_split_at_stops_and_lines() {
@@ -262,6 +264,7 @@ mod tests {
             batch: 8,
             lr: 1e-3,
             weight_decay: 0.01,
+            optimizer: Optim::AdamW,
             seed: 0,
         };
         let (pretrained, loss) =

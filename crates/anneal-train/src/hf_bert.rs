@@ -96,6 +96,7 @@ pub fn bert_config(cfg: &serde_json::Value, path: &Path) -> Result<BertConfig> {
         layer_norm_eps: number("layer_norm_eps", 1e-12)? as f32,
         dropout: number("hidden_dropout_prob", 0.1)? as f32,
         dtype: DType::F32,
+        pre_norm: false,
     };
     config
         .validate()

@@ -14,7 +14,7 @@ use anneal_data::augment::{Dims, Pipeline};
 use anneal_data::images::{mnist_digits_dir, ImageSource, Views};
 use anneal_data::ImageSet;
 use anneal_nn::{LeNet, LeNetConfig, StackedAutoencoder, Vit, VitConfig};
-use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::optim::{AdamW, AdamWConfig, Sgd};
 use anneal_tensor::Tensor;
 use anyhow::{bail, Context, Result};
 use std::path::Path;
@@ -186,12 +186,24 @@ pub struct TrainSettings {
     pub steps: u64,
     /// Examples per step.
     pub batch: usize,
-    /// Peak learning rate (AdamW, cosine decay to a tenth after 3% warm-up).
+    /// Peak learning rate (cosine decay to a tenth after 3% warm-up).
     pub lr: f64,
-    /// Decoupled weight decay.
+    /// Weight decay: decoupled for AdamW, an L2 penalty for SGD.
     pub weight_decay: f64,
+    /// The optimizer.
+    pub optimizer: Optim,
     /// Seed of initialisation, sampling and augmentation.
     pub seed: u64,
+}
+
+/// The optimizer a run trains with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Optim {
+    /// AdamW (β 0.9, 0.999, ε 1e-8) with decoupled weight decay.
+    AdamW,
+    /// SGD with Nesterov momentum 0.9 and an L2 penalty: FixMatch's optimizer (Sohn et al.
+    /// 2020, §4: lr 0.03, weight decay 5e-4).
+    SgdNesterov,
 }
 
 impl TrainSettings {
@@ -212,25 +224,32 @@ impl TrainSettings {
     }
 }
 
-/// A one-device trainer for `model` under `objective` on `source`, with AdamW and `settings`'
-/// schedule (the image objectives and BERT pretraining use it).
+/// A one-device trainer for `model` under `objective` on `source`, with `settings`' optimizer
+/// and schedule (the image objectives and BERT pretraining use it).
 pub fn simple_trainer(
     model: Box<dyn TrainModel>,
     objective: Box<dyn Objective>,
     source: Box<dyn anneal_data::BatchSource>,
     settings: &TrainSettings,
 ) -> Trainer {
-    let optimizer = AdamW::new(
-        model.params(),
-        AdamWConfig {
-            weight_decay: settings.weight_decay as f32,
-            ..AdamWConfig::default()
-        },
-    );
+    let optimizer: Box<dyn anneal_tensor::optim::Optimizer> = match settings.optimizer {
+        Optim::AdamW => Box::new(AdamW::new(
+            model.params(),
+            AdamWConfig {
+                weight_decay: settings.weight_decay as f32,
+                ..AdamWConfig::default()
+            },
+        )),
+        Optim::SgdNesterov => {
+            let mut sgd = Sgd::new(model.params(), 0.9, settings.weight_decay as f32);
+            sgd.nesterov = true;
+            Box::new(sgd)
+        }
+    };
     Trainer::new(TrainerParts {
         model,
         objective,
-        optimizer: Box::new(optimizer),
+        optimizer,
         strategy: Box::new(SingleDevice),
         source,
         seed: settings.seed,
@@ -242,7 +261,7 @@ pub fn simple_trainer(
 }
 
 /// What training one cell gave.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CellResult {
     /// Test accuracy.
     pub accuracy: f64,
@@ -400,6 +419,28 @@ pub fn train_lenet(
     fit_labelled(data, model, labelled, augment, settings, progress)
 }
 
+/// What FixMatch's batches hold besides the labelled images.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct FixMatchViews {
+    /// Unlabelled images per labelled one (μ).
+    pub ratio: usize,
+    /// Crop padding of the weak view, in pixels.
+    pub weak_pad: usize,
+    /// Largest Cutout square of the strong view, as a share of the side.
+    pub cutout: f32,
+}
+
+impl FixMatchViews {
+    /// The paper's: μ = 7, padding 12.5% of the side, Cutout up to half the side.
+    pub fn paper(dims: Dims) -> FixMatchViews {
+        FixMatchViews {
+            ratio: 7,
+            weak_pad: Pipeline::paper_pad(dims),
+            cutout: 0.5,
+        }
+    }
+}
+
 /// FixMatch on LeNet-5: `settings.batch` labelled images per step (weak views) with `ratio`
 /// (μ) unlabelled images each, as weak and strong views; every training image serves as
 /// unlabelled, as in the paper.
@@ -407,17 +448,17 @@ pub fn train_fixmatch(
     data: &ImageData,
     labelled: &[usize],
     fixmatch: FixMatch,
-    ratio: usize,
+    views: FixMatchViews,
     settings: &TrainSettings,
     progress: StepProgress<'_>,
 ) -> Result<(Box<dyn TrainModel>, CellResult)> {
-    let dims = data.dims();
+    let weak = Pipeline::weak_padded(views.weak_pad, data.flip);
     let mut source = data.source(
         with_labels(data, labelled),
         Views::FixMatch {
-            weak: Pipeline::weak(dims, data.flip),
-            strong: Pipeline::strong(dims, data.flip),
-            ratio,
+            strong: Pipeline::strong_from(weak.clone(), views.cutout),
+            weak,
+            ratio: views.ratio,
         },
     );
     source.unlabelled = (0..data.train.len()).collect();
@@ -841,6 +882,7 @@ mod tests {
             batch: 4,
             lr: 3e-3,
             weight_decay: 0.0,
+            optimizer: Optim::AdamW,
             seed: 0,
         };
         let mut rates = Vec::new();
@@ -852,7 +894,10 @@ mod tests {
                 ema_decay: 0.9,
                 ..FixMatch::default()
             },
-            2,
+            FixMatchViews {
+                ratio: 2,
+                ..FixMatchViews::paper(data.dims())
+            },
             &settings,
             &mut |_, _, out| rates.push(out.loss),
         )
@@ -897,6 +942,7 @@ mod tests {
             batch: 16,
             lr: 2e-3,
             weight_decay: 0.05,
+            optimizer: Optim::AdamW,
             seed: 0,
         };
         let mut losses = Vec::new();
@@ -945,6 +991,7 @@ mod tests {
             batch: 16,
             lr: 3e-3,
             weight_decay: 0.0,
+            optimizer: Optim::AdamW,
             seed: 0,
         };
         let (model, losses) = pretrain_layerwise(&data, &settings, &mut |_, _, _| {}).unwrap();
@@ -984,6 +1031,7 @@ mod tests {
             batch: 16,
             lr: 3e-3,
             weight_decay: 0.0,
+            optimizer: Optim::AdamW,
             seed: 0,
         };
         let (model, r) =
@@ -1028,6 +1076,7 @@ mod tests {
             batch: 16,
             lr: 3e-3,
             weight_decay: 0.0,
+            optimizer: Optim::AdamW,
             seed: 0,
         };
         let (_, result) =

@@ -486,6 +486,7 @@ fn bert_pretraining_heads_match_transformers() {
         layer_norm_eps: 1e-12,
         dropout: 0.0,
         dtype: anneal_tensor::DType::F32,
+        pre_norm: false,
     };
     let bert = Bert::for_pretraining(config, 0).unwrap();
     let weights: HashMap<String, Tensor> = f
@@ -535,6 +536,42 @@ fn bert_pretraining_heads_match_transformers() {
         .unwrap()
         .pretraining_logits(&input, &all, None)
         .is_err());
+
+    // The same weights as a pre-norm encoder, with the fixture's final LayerNorm.
+    let pre = Bert::for_pretraining(
+        BertConfig {
+            pre_norm: true,
+            ..bert.config.clone()
+        },
+        0,
+    )
+    .unwrap();
+    let mut weights = weights;
+    for part in ["weight", "bias"] {
+        weights.insert(
+            format!("encoder.final_norm.{part}"),
+            f[&format!("pre.final_norm.{part}")].clone(),
+        );
+    }
+    assert_eq!(weights.len(), pre.params.infos().len());
+    assert_eq!(
+        pre.config.total_params().unwrap(),
+        bert.config.total_params().unwrap() + 32,
+        "the final norm's weight and bias"
+    );
+    pre.params.load_named(&weights).unwrap();
+    let out = pre.pretraining_logits(&input, &all, None).unwrap();
+    let d = max_diff(
+        &pick(&out.mlm.to_vec_f32()),
+        &pick(&f["pre.mlm"].to_vec_f32()),
+    );
+    assert!(d < 2e-4, "{d}");
+    let d = max_diff(&out.next_sentence.to_vec_f32(), &f["pre.nsp"].to_vec_f32());
+    assert!(d < 2e-4, "{d}");
+    assert!(
+        max_diff(&out.mlm.to_vec_f32(), &mlm) > 0.1,
+        "pre-norm differs"
+    );
 }
 
 /// BERT pretraining through the trainer: masked-LM plus next-sentence loss falls on documents
@@ -545,7 +582,7 @@ fn bert_pretraining_learns_and_resumes_exactly() {
     use anneal_nn::bert::{Bert, BertConfig};
     use anneal_train::checkpoint::{self, TrainerState};
     use anneal_train::objectives::MaskedLmNsp;
-    use anneal_train::vision::{simple_trainer, TrainSettings};
+    use anneal_train::vision::{simple_trainer, Optim, TrainSettings};
     let config = BertConfig {
         vocab_size: 64,
         hidden_size: 32,
@@ -557,6 +594,7 @@ fn bert_pretraining_learns_and_resumes_exactly() {
         layer_norm_eps: 1e-12,
         dropout: 0.1,
         dtype: anneal_tensor::DType::F32,
+        pre_norm: false,
     };
     // Document d: sentences counting up from 5 + 7d in steps that wrap in the vocabulary.
     let documents: Vec<Vec<Vec<u32>>> = (0..12)
@@ -586,6 +624,7 @@ fn bert_pretraining_learns_and_resumes_exactly() {
         batch: 16,
         lr: 3e-3,
         weight_decay: 0.01,
+        optimizer: Optim::AdamW,
         seed: 1,
     };
     let trainer = || {

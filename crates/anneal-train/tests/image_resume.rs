@@ -14,7 +14,7 @@ use anneal_train::objectives::{
 };
 use anneal_train::trainer::Trainer;
 use anneal_train::vision::{
-    new_lenet, new_mlp, new_vit, simple_trainer, ImageData, TrainSettings, VitRole,
+    new_lenet, new_mlp, new_vit, simple_trainer, ImageData, Optim, TrainSettings, VitRole,
 };
 
 /// 40 images of 28×28 whose class (of 4) is the bright quarter.
@@ -48,6 +48,7 @@ const SETTINGS: TrainSettings = TrainSettings {
     batch: 4,
     lr: 1e-3,
     weight_decay: 0.01,
+    optimizer: Optim::AdamW,
     seed: 3,
 };
 
