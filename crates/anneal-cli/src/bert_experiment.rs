@@ -36,6 +36,10 @@ pub struct BertExperiment {
     /// steadier from scratch (Xiong et al. 2020).
     #[arg(long)]
     pub pre_norm: bool,
+    /// A masked-LM decoder of its own instead of the word embeddings (which the softmax then no
+    /// longer pulls towards one direction).
+    #[arg(long)]
+    pub untied_decoder: bool,
     /// Dropout while pretraining (fine-tuning keeps BERT's 0.1).
     #[arg(long, default_value_t = 0.1)]
     pub pretrain_dropout: f32,
@@ -249,6 +253,7 @@ fn pretrain_encoder(
     );
     let config = anneal_nn::bert::BertConfig {
         pre_norm: e.pre_norm,
+        tie_word_embeddings: !e.untied_decoder,
         ..small_bert(tokenizer.vocab_size())
     };
     let settings = TrainSettings {
@@ -296,6 +301,7 @@ fn pretrain_encoder(
         "pretrain_lr": e.pretrain_lr,
         "seq": seq,
         "pre_norm": e.pre_norm,
+        "untied_decoder": e.untied_decoder,
         "pretrain_dropout": e.pretrain_dropout,
     });
     anneal_train::checkpoint::write_atomic(
@@ -339,6 +345,7 @@ fn reuse_pretrained(dir: &std::path::Path) -> Result<Pretrained> {
     .with_context(|| format!("{} is not JSON", info_path.display()))?;
     let config = anneal_nn::bert::BertConfig {
         pre_norm: info["pre_norm"].as_bool().unwrap_or(false),
+        tie_word_embeddings: !info["untied_decoder"].as_bool().unwrap_or(false),
         ..small_bert(tokenizer.vocab_size())
     };
     let model = anneal_nn::bert::Bert::for_pretraining(config.clone(), 0)?;

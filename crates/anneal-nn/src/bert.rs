@@ -50,6 +50,11 @@ pub struct BertConfig {
     /// learning rates and converge faster from scratch; `false` is BERT's post-norm, as every
     /// Hugging Face checkpoint has it.
     pub pre_norm: bool,
+    /// `tie_word_embeddings`: the masked-LM decoder reads the word embeddings (BERT's choice).
+    /// Untied, it has its own `cls.predictions.decoder.weight`, and the softmax no longer pulls
+    /// every rare token's input embedding towards one direction (Gao et al. 2019, "Representation
+    /// Degeneration Problem in Training Natural Language Generation Models").
+    pub tie_word_embeddings: bool,
 }
 
 impl BertConfig {
@@ -67,6 +72,7 @@ impl BertConfig {
             dropout: 0.1,
             dtype: DType::F32,
             pre_norm: false,
+            tie_word_embeddings: true,
         }
     }
 
@@ -309,6 +315,8 @@ struct PretrainingHeads {
     transform: Linear,
     transform_norm: LayerNorm,
     decoder_bias: ParamId,
+    /// The decoder's own weight `[vocab, d]` when untied from the word embeddings.
+    decoder: Option<ParamId>,
     next_sentence: Linear,
 }
 
@@ -449,6 +457,17 @@ impl Bert {
                     c.layer_norm_eps,
                 )?,
                 decoder_bias: b.vector("cls.predictions.bias", c.vocab_size, Init::Zeros)?,
+                decoder: if c.tie_word_embeddings {
+                    None
+                } else {
+                    Some(b.param(
+                        "cls.predictions.decoder.weight",
+                        &[c.vocab_size, d],
+                        Init::Normal(0.02),
+                        false,
+                        crate::layers::Split::Replicated,
+                    )?)
+                },
                 next_sentence: Linear::new(&mut b, "cls.seq_relationship", d, 2, dense)?,
             })
         } else {
@@ -497,7 +516,10 @@ impl Bert {
             .gelu();
         let x = h.transform_norm.forward(&w, &x)?;
         let mlm = x
-            .matmul(&w.get(self.word.weight())?.transpose(0, 1)?)?
+            .matmul(
+                &w.get(h.decoder.unwrap_or(self.word.weight()))?
+                    .transpose(0, 1)?,
+            )?
             .add(&w.get(h.decoder_bias)?)?;
         let first: Vec<usize> = (0..b).map(|i| i * t).collect();
         let pooled = h.pooler.forward(&w, &flat.index_select(0, &first)?)?.tanh();

@@ -36,6 +36,7 @@ pub fn small_bert(vocab_size: usize) -> BertConfig {
         dropout: 0.1,
         dtype: anneal_tensor::DType::F32,
         pre_norm: false,
+        tie_word_embeddings: true,
     }
 }
 

@@ -97,6 +97,7 @@ pub fn bert_config(cfg: &serde_json::Value, path: &Path) -> Result<BertConfig> {
         dropout: number("hidden_dropout_prob", 0.1)? as f32,
         dtype: DType::F32,
         pre_norm: false,
+        tie_word_embeddings: true,
     };
     config
         .validate()

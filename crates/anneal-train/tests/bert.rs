@@ -487,6 +487,7 @@ fn bert_pretraining_heads_match_transformers() {
         dropout: 0.0,
         dtype: anneal_tensor::DType::F32,
         pre_norm: false,
+        tie_word_embeddings: true,
     };
     let bert = Bert::for_pretraining(config, 0).unwrap();
     let weights: HashMap<String, Tensor> = f
@@ -572,6 +573,31 @@ fn bert_pretraining_heads_match_transformers() {
         max_diff(&out.mlm.to_vec_f32(), &mlm) > 0.1,
         "pre-norm differs"
     );
+
+    // An untied decoder holding the word embeddings' values gives the tied model's logits; its
+    // own values give others.
+    let untied = Bert::for_pretraining(
+        BertConfig {
+            tie_word_embeddings: false,
+            ..bert.config.clone()
+        },
+        0,
+    )
+    .unwrap();
+    assert_eq!(untied.params.infos().len(), bert.params.infos().len() + 1);
+    let fresh = untied.pretraining_logits(&input, &all, None).unwrap().mlm;
+    let mut weights: HashMap<String, Tensor> = f
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("w.").map(|n| (n.to_string(), v.clone())))
+        .collect();
+    weights.insert(
+        "cls.predictions.decoder.weight".into(),
+        weights["embeddings.word_embeddings.weight"].clone(),
+    );
+    untied.params.load_named(&weights).unwrap();
+    let out = untied.pretraining_logits(&input, &all, None).unwrap();
+    assert!(max_diff(&out.mlm.to_vec_f32(), &mlm) < 1e-6);
+    assert!(max_diff(&fresh.to_vec_f32(), &mlm) > 0.1);
 }
 
 /// BERT pretraining through the trainer: masked-LM plus next-sentence loss falls on documents
@@ -595,6 +621,7 @@ fn bert_pretraining_learns_and_resumes_exactly() {
         dropout: 0.1,
         dtype: anneal_tensor::DType::F32,
         pre_norm: false,
+        tie_word_embeddings: true,
     };
     // Document d: sentences counting up from 5 + 7d in steps that wrap in the vocabulary.
     let documents: Vec<Vec<Vec<u32>>> = (0..12)
