@@ -3,9 +3,11 @@
 //! Shakespeare's prose), then fine-tuned on a share of BBC news's training labels, against the
 //! same encoder trained on those labels alone; test accuracy for each over several seeds.
 
+use anneal_nn::bert::{Bert, BertConfig};
 use anneal_train::bert_pretrain::{
     finetune_bert, labelled_share, pretrain_bert, small_bert, tokenize_documents, TextCell,
 };
+use anneal_train::checkpoint::{read_params, write_atomic, write_params};
 use anneal_train::strategy::StepOutput;
 use anneal_train::vision::{Optim, TrainSettings};
 use anyhow::{bail, Context, Result};
@@ -141,10 +143,21 @@ pub fn run(e: BertExperiment) -> Result<()> {
         corpus.test.len(),
         anneal_tensor::kernel_path()
     );
-    let (tokenizer, config, pretrained, pretrain_steps, pretrain_seconds, loss) = match &e.from {
+    let Pretrained {
+        tokenizer,
+        config,
+        model: pretrained,
+        record,
+    } = match &e.from {
         Some(dir) => reuse_pretrained(dir)?,
         None => pretrain_encoder(&e, &texts, vocab, seq, pretrain_steps)?,
     };
+    let PretrainingRecord {
+        pretrain_steps,
+        pretrain_seconds,
+        pretrain_loss: loss,
+        ..
+    } = record;
     let tune = |seed: u64, lr: f64| TrainSettings {
         steps: finetune_steps,
         batch: 16,
@@ -236,8 +249,8 @@ pub fn run(e: BertExperiment) -> Result<()> {
     crate::experiment::write_report(&e.out, &md, &json)
 }
 
-/// Trains the WordPiece vocabulary and pretrains the encoder on `texts`, saving both to `e.out`;
-/// (tokenizer, config, model, steps, seconds, final loss).
+/// Trains the WordPiece vocabulary and pretrains the encoder on `texts`, saving both, with the
+/// record of how, to `e.out`.
 fn pretrain_encoder(
     e: &BertExperiment,
     texts: &[String],
@@ -256,11 +269,7 @@ fn pretrain_encoder(
         documents.len(),
         t0.elapsed().as_secs_f64()
     );
-    let config = anneal_nn::bert::BertConfig {
-        pre_norm: !e.post_norm,
-        tie_word_embeddings: e.tied_decoder,
-        ..small_bert(tokenizer.vocab_size())
-    };
+    let config = encoder_config(tokenizer.vocab_size(), !e.post_norm, !e.tied_decoder);
     let settings = TrainSettings {
         steps: pretrain_steps,
         batch: 32,
@@ -273,7 +282,7 @@ fn pretrain_encoder(
     let t1 = std::time::Instant::now();
     let mut last = Vec::new();
     let (pretrained, loss) = pretrain_bert(
-        &anneal_nn::bert::BertConfig {
+        &BertConfig {
             dropout: e.pretrain_dropout,
             ..config.clone()
         },
@@ -297,87 +306,97 @@ fn pretrain_encoder(
         seq,
         metrics.join(", ")
     );
-    let bytes = anneal_tensor::io::encode_safetensors(&pretrained.params().named())?;
-    anneal_train::checkpoint::write_atomic(&e.out.join(PRETRAINED), &bytes)?;
-    let summary = serde_json::json!({
-        "pretrain_steps": pretrain_steps,
-        "pretrain_seconds": pretrain_seconds,
-        "pretrain_loss": loss,
-        "pretrain_lr": e.pretrain_lr,
-        "seq": seq,
-        "pre_norm": !e.post_norm,
-        "untied_decoder": !e.tied_decoder,
-        "pretrain_dropout": e.pretrain_dropout,
-    });
-    anneal_train::checkpoint::write_atomic(
-        &e.out.join(PRETRAINING_JSON),
-        serde_json::to_string_pretty(&summary)?.as_bytes(),
-    )?;
-    Ok((
-        tokenizer,
-        config,
-        pretrained,
+    write_params(&e.out.join(PRETRAINED), pretrained.params())?;
+    let record = PretrainingRecord {
         pretrain_steps,
         pretrain_seconds,
-        loss,
-    ))
+        pretrain_loss: loss,
+        pretrain_lr: e.pretrain_lr,
+        seq,
+        pre_norm: !e.post_norm,
+        untied_decoder: !e.tied_decoder,
+        pretrain_dropout: e.pretrain_dropout,
+    };
+    write_atomic(
+        &e.out.join(PRETRAINING_JSON),
+        serde_json::to_string_pretty(&record)?.as_bytes(),
+    )?;
+    Ok(Pretrained {
+        tokenizer,
+        config,
+        model: pretrained,
+        record,
+    })
+}
+
+/// The encoder's shape ([`small_bert`]) with pre-norm or post-norm layers, and a masked-LM
+/// decoder of its own or tied to the word embeddings.
+fn encoder_config(vocab_size: usize, pre_norm: bool, untied_decoder: bool) -> BertConfig {
+    BertConfig {
+        pre_norm,
+        tie_word_embeddings: !untied_decoder,
+        ..small_bert(vocab_size)
+    }
 }
 
 /// The pretrained model's weights, beside tokenizer.json.
 const PRETRAINED: &str = "pretrained.safetensors";
-/// How the pretrained model was made.
+/// The file of its [`PretrainingRecord`].
 const PRETRAINING_JSON: &str = "pretraining.json";
 
-/// (tokenizer, config, model, pretraining steps, seconds, final loss).
-type Pretrained = (
-    anneal_data::Tokenizer,
-    anneal_nn::bert::BertConfig,
-    Box<dyn anneal_train::model::TrainModel>,
-    u64,
-    f64,
-    f64,
-);
+/// How the pretrained encoder was made (`pretraining.json` beside it).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct PretrainingRecord {
+    pretrain_steps: u64,
+    pretrain_seconds: f64,
+    pretrain_loss: f64,
+    pretrain_lr: f64,
+    seq: usize,
+    pre_norm: bool,
+    untied_decoder: bool,
+    pretrain_dropout: f32,
+}
+
+/// A pretrained encoder, its vocabulary, its shape and how it was made.
+struct Pretrained {
+    tokenizer: anneal_data::Tokenizer,
+    config: BertConfig,
+    model: Box<dyn anneal_train::model::TrainModel>,
+    record: PretrainingRecord,
+}
 
 /// The vocabulary and pretrained model an earlier run wrote to `dir`.
 fn reuse_pretrained(dir: &std::path::Path) -> Result<Pretrained> {
     let tokenizer = anneal_data::Tokenizer::load(&dir.join("tokenizer.json"))
         .with_context(|| format!("reading the vocabulary of {}", dir.display()))?;
-    let info_path = dir.join(PRETRAINING_JSON);
-    let info: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(&info_path)
-            .with_context(|| format!("reading {}", info_path.display()))?,
+    let record_path = dir.join(PRETRAINING_JSON);
+    let record: PretrainingRecord = serde_json::from_str(
+        &std::fs::read_to_string(&record_path)
+            .with_context(|| format!("reading {}", record_path.display()))?,
     )
-    .with_context(|| format!("{} is not JSON", info_path.display()))?;
-    let config = anneal_nn::bert::BertConfig {
-        pre_norm: info["pre_norm"].as_bool().unwrap_or(false),
-        tie_word_embeddings: !info["untied_decoder"].as_bool().unwrap_or(false),
-        ..small_bert(tokenizer.vocab_size())
-    };
-    let model = anneal_nn::bert::Bert::for_pretraining(config.clone(), 0)?;
-    let weights = dir.join(PRETRAINED);
-    let tensors = anneal_tensor::io::load_safetensors(&weights).with_context(|| {
+    .with_context(|| format!("{} is not a pretraining record", record_path.display()))?;
+    let config = encoder_config(
+        tokenizer.vocab_size(),
+        record.pre_norm,
+        record.untied_decoder,
+    );
+    let model = Bert::for_pretraining(config.clone(), 0)?;
+    read_params(&dir.join(PRETRAINED), &model.params).with_context(|| {
         format!(
-            "reading {} (written by a run without --from)",
-            weights.display()
+            "{} should hold the encoder a run without --from pretrained",
+            dir.display()
         )
     })?;
-    model
-        .params
-        .load_named(&tensors)
-        .with_context(|| format!("loading {}", weights.display()))?;
-    let number = |key: &str| info[key].as_f64().unwrap_or(f64::NAN);
     println!(
         "reusing the encoder pretrained in {} ({} steps, final loss {:.3})",
         dir.display(),
-        number("pretrain_steps"),
-        number("pretrain_loss")
+        record.pretrain_steps,
+        record.pretrain_loss
     );
-    Ok((
+    Ok(Pretrained {
         tokenizer,
         config,
-        Box::new(model),
-        number("pretrain_steps") as u64,
-        number("pretrain_seconds"),
-        number("pretrain_loss"),
-    ))
+        model: Box::new(model),
+        record,
+    })
 }

@@ -3,6 +3,7 @@
 //! its steps, epochs and wall time, as a table (report.md, results.json) and a chart.
 
 use anneal_chart::{line_chart, Series};
+use anneal_train::checkpoint::{read_params, write_atomic, write_params};
 use anneal_train::model::TrainModel;
 use anneal_train::objectives::{FixMatch, Mae};
 use anneal_train::strategy::StepOutput;
@@ -14,7 +15,8 @@ use anneal_train::vision::{
 };
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use std::collections::HashMap;
+use std::collections::btree_map::Entry;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 
@@ -173,7 +175,7 @@ fn save_run<T: serde::Serialize>(dir: &std::path::Path, recipe: &str, result: T)
         recipe: recipe.to_string(),
         result,
     };
-    anneal_train::checkpoint::write_atomic(
+    write_atomic(
         &dir.join("result.json"),
         serde_json::to_string_pretty(&saved)?.as_bytes(),
     )?;
@@ -244,6 +246,37 @@ fn vit_settings(labels: usize, seed: u64, budget: Budget) -> TrainSettings {
     }
 }
 
+/// FixMatch's recipe on top of the supervised one (`settings`): batches of 32 labelled images
+/// for `--fixmatch-steps`, AdamW at the supervised rate or the paper's SGD at 0.03, weight decay
+/// 5e-4 unless set; and its views.
+fn fixmatch_recipe(
+    e: &LabelEfficiency,
+    settings: &TrainSettings,
+    budget: Budget,
+) -> (TrainSettings, FixMatchViews) {
+    let sgd = e.fixmatch_optimizer == "sgd";
+    let settings = TrainSettings {
+        steps: budget.steps(e.fixmatch_steps),
+        batch: 32,
+        lr: e
+            .fixmatch_lr
+            .unwrap_or(if sgd { 0.03 } else { settings.lr }),
+        weight_decay: e.fixmatch_wd.unwrap_or(5e-4),
+        optimizer: if sgd {
+            Optim::SgdNesterov
+        } else {
+            Optim::AdamW
+        },
+        ..settings.clone()
+    };
+    let views = FixMatchViews {
+        ratio: e.fixmatch_ratio,
+        weak_pad: e.fixmatch_weak_pad,
+        cutout: e.fixmatch_cutout,
+    };
+    (settings, views)
+}
+
 /// The ViT's step cap: 5,000 steps of 64 (5.3 epochs at 60,000 labels, where 15 epochs would
 /// take 14,063 steps, about 23 minutes a seed on two cores, a third of the table's time).
 const VIT_MAX_STEPS: u64 = 5000;
@@ -272,6 +305,13 @@ fn ticker<'a>(
     }
 }
 
+/// The pretraining `method` starts from (`mae`, `moco` or `layerwise`: one encoder per seed,
+/// shared by every label count), if any.
+fn pretraining_kind(method: &str) -> Option<&str> {
+    let kind = method.split('-').next().unwrap_or_default();
+    ["mae", "moco", "layerwise"].contains(&kind).then_some(kind)
+}
+
 /// Where the encoder `kind` pretrained for `seed` is kept.
 fn pretrained_dir(e: &LabelEfficiency, kind: &str, seed: u64) -> PathBuf {
     e.out
@@ -297,13 +337,7 @@ fn pretrain(
                 "moco" => Box::new(new_vit(data, VitRole::Contrastive, seed)?),
                 _ => Box::new(new_mlp(data, seed)?),
             };
-            let weights = dir.join("model.safetensors");
-            let tensors = anneal_tensor::io::load_safetensors(&weights)
-                .with_context(|| format!("reading {}", weights.display()))?;
-            model
-                .params()
-                .load_named(&tensors)
-                .with_context(|| format!("loading {}", weights.display()))?;
+            read_params(&dir.join("model.safetensors"), model.params())?;
             println!(
                 "{:>10} {kind} pretraining seed {seed}: kept from {} ({seconds:.1} s)",
                 "",
@@ -350,8 +384,7 @@ fn pretrain(
         (steps * layers * 128) as f64 / data.train.len() as f64
     );
     std::fs::create_dir_all(&dir)?;
-    let bytes = anneal_tensor::io::encode_safetensors(&model.params().named())?;
-    anneal_train::checkpoint::write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    write_params(&dir.join("model.safetensors"), model.params())?;
     save_run(&dir, &recipe, seconds)?;
     Ok((model, seconds))
 }
@@ -441,15 +474,14 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
                 }
                 let labelled = data.train.balanced_subset(n, seed)?;
                 let settings = lenet_settings(n, seed, budget);
+                let (fixmatch_settings, fixmatch_views) = fixmatch_recipe(&e, &settings, budget);
                 let total_steps = match method.as_str() {
-                    "fixmatch" => budget.steps(e.fixmatch_steps),
+                    "fixmatch" => fixmatch_settings.steps,
                     "pseudo-label" => 0,
                     _ => settings.steps,
                 };
-                let kind = method.split('-').next().unwrap_or_default().to_string();
-                if (kind == "mae" || kind == "moco" || kind == "layerwise")
-                    && !pretrained.contains_key(&(kind.clone(), seed))
-                {
+                let kind = pretraining_kind(method).unwrap_or_default().to_string();
+                if !kind.is_empty() && !pretrained.contains_key(&(kind.clone(), seed)) {
                     let (model, seconds) = pretrain(&e, &data, &kind, seed, budget)?;
                     pretrained.insert((kind.clone(), seed), (model, seconds));
                 }
@@ -457,35 +489,14 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
                 let mut tick = ticker(&bar, format!("{method}, {n} labels, seed {seed}"));
                 let (model, result) = match method.as_str() {
                     "lenet" => train_lenet(&data, &labelled, true, &settings, &mut tick)?,
-                    "fixmatch" => {
-                        let sgd = e.fixmatch_optimizer == "sgd";
-                        let fixmatch_settings = TrainSettings {
-                            steps: total_steps,
-                            batch: 32,
-                            lr: e
-                                .fixmatch_lr
-                                .unwrap_or(if sgd { 0.03 } else { settings.lr }),
-                            weight_decay: e.fixmatch_wd.unwrap_or(5e-4),
-                            optimizer: if sgd {
-                                Optim::SgdNesterov
-                            } else {
-                                Optim::AdamW
-                            },
-                            ..settings
-                        };
-                        train_fixmatch(
-                            &data,
-                            &labelled,
-                            FixMatch::default(),
-                            FixMatchViews {
-                                ratio: e.fixmatch_ratio,
-                                weak_pad: e.fixmatch_weak_pad,
-                                cutout: e.fixmatch_cutout,
-                            },
-                            &fixmatch_settings,
-                            &mut tick,
-                        )?
-                    }
+                    "fixmatch" => train_fixmatch(
+                        &data,
+                        &labelled,
+                        FixMatch::default(),
+                        fixmatch_views,
+                        &fixmatch_settings,
+                        &mut tick,
+                    )?,
                     "pseudo-label" => {
                         let (model, r, pseudo) = train_pseudo_label(
                             &data,
@@ -563,24 +574,20 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
             cells.push(cell);
         }
     }
-    let mut pretraining: Vec<(String, u64, f64)> = pretrained
+    let mut pretraining: BTreeMap<(String, u64), f64> = pretrained
         .iter()
-        .map(|((kind, seed), (_, seconds))| (kind.clone(), *seed, *seconds))
+        .map(|(key, (_, seconds))| (key.clone(), *seconds))
         .collect();
     // Encoders whose every run was kept were not loaded: their time comes from their record.
-    for method in &e.methods {
-        let kind = method.split('-').next().unwrap_or_default();
+    for kind in e.methods.iter().filter_map(|m| pretraining_kind(m)) {
         for seed in 0..seeds {
-            let known = pretraining.iter().any(|p| p.0 == kind && p.1 == seed);
-            if ["mae", "moco", "layerwise"].contains(&kind) && !known {
-                let dir = pretrained_dir(&e, kind, seed);
-                if let Some(seconds) = saved_run::<f64>(&dir, &recipe) {
-                    pretraining.push((kind.to_string(), seed, seconds));
+            if let Entry::Vacant(slot) = pretraining.entry((kind.to_string(), seed)) {
+                if let Some(seconds) = saved_run::<f64>(&pretrained_dir(&e, kind, seed), &recipe) {
+                    slot.insert(seconds);
                 }
             }
         }
     }
-    pretraining.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
     write_report(&e, &data, &labels, &cells, &pretraining)
 }
 
@@ -589,7 +596,7 @@ fn write_report(
     data: &ImageData,
     labels: &[usize],
     cells: &[Cell],
-    pretraining: &[(String, u64, f64)],
+    pretraining: &BTreeMap<(String, u64), f64>,
 ) -> Result<()> {
     let mut md = String::new();
     writeln!(
@@ -631,11 +638,11 @@ fn write_report(
         series_points.push((method.clone(), points));
     }
     let trained: f64 = cells.iter().map(Cell::seconds).sum();
-    let pretrained: f64 = pretraining.iter().map(|p| p.2).sum();
+    let pretrained: f64 = pretraining.values().sum();
     if !pretraining.is_empty() {
         let each: Vec<String> = pretraining
             .iter()
-            .map(|(kind, seed, seconds)| format!("{kind} seed {seed} {seconds:.0} s"))
+            .map(|((kind, seed), seconds)| format!("{kind} seed {seed} {seconds:.0} s"))
             .collect();
         writeln!(
             md,

@@ -120,6 +120,25 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Writes every parameter of `params` to `path` as safetensors, under its name, atomically.
+pub fn write_params(path: &Path, params: &ParamStore) -> Result<()> {
+    write_atomic(
+        path,
+        &anneal_tensor::io::encode_safetensors(&params.named())?,
+    )
+}
+
+/// Reads the safetensors file `path` into `params` by name (as [`write_params`] wrote it); the
+/// error names the file.
+pub fn read_params(path: &Path, params: &ParamStore) -> Result<()> {
+    let tensors = anneal_tensor::io::load_safetensors(path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    params
+        .load_named(&tensors)
+        .with_context(|| format!("loading {}", path.display()))?;
+    Ok(())
+}
+
 fn sync_dir(dir: &Path) {
     // Directory fsync makes the rename durable; not every platform allows opening a directory.
     if let Ok(d) = File::open(dir) {

@@ -742,8 +742,7 @@ pub struct ImageModelInfo {
 /// each atomically.
 pub fn save_image_model(dir: &Path, model: &dyn TrainModel, info: &ImageModelInfo) -> Result<()> {
     std::fs::create_dir_all(dir)?;
-    let bytes = anneal_tensor::io::encode_safetensors(&model.params().named())?;
-    crate::checkpoint::write_atomic(&dir.join("model.safetensors"), &bytes)?;
+    crate::checkpoint::write_params(&dir.join("model.safetensors"), model.params())?;
     crate::checkpoint::write_atomic(
         &dir.join("image_model.json"),
         serde_json::to_string_pretty(info)?.as_bytes(),
@@ -789,13 +788,7 @@ pub fn load_image_model(dir: &Path) -> Result<(Box<dyn TrainModel>, ImageModelIn
             info_path.display()
         ),
     };
-    let weights = dir.join("model.safetensors");
-    let tensors = anneal_tensor::io::load_safetensors(&weights)
-        .with_context(|| format!("reading {}", weights.display()))?;
-    model
-        .params()
-        .load_named(&tensors)
-        .with_context(|| format!("loading {}", weights.display()))?;
+    crate::checkpoint::read_params(&dir.join("model.safetensors"), model.params())?;
     Ok((model, info))
 }
 
