@@ -146,8 +146,12 @@ fn parse_seeds_for(text: &str) -> std::result::Result<(usize, u64), String> {
 }
 
 impl LabelEfficiency {
-    /// The seeds a cell of `labels` labelled images runs: --seeds-for's, else --seeds.
+    /// The seeds a cell of `labels` labelled images runs: one with --quick, else --seeds-for's,
+    /// else --seeds.
     fn seeds_at(&self, labels: usize) -> u64 {
+        if self.quick {
+            return 1;
+        }
         self.seeds_for
             .iter()
             .rev()
@@ -447,7 +451,7 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
     } else {
         e.labels.clone()
     };
-    let seeds_at = |n: usize| if e.quick { 1 } else { e.seeds_at(n) };
+    let seeds: Vec<u64> = labels.iter().map(|&n| e.seeds_at(n)).collect();
     for &n in &labels {
         if n == 0 || n > data.train.len() {
             bail!(
@@ -466,7 +470,7 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
         data.test.len(),
         data.classes(),
         labels,
-        labels.iter().map(|&n| seeds_at(n)).collect::<Vec<_>>(),
+        seeds,
         anneal_tensor::kernel_path()
     );
     let recipe = recipe(&e);
@@ -484,7 +488,7 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
                 labels: n,
                 runs: Vec::new(),
             };
-            for seed in 0..seeds_at(n) {
+            for seed in 0..e.seeds_at(n) {
                 let dir = e
                     .out
                     .join("models")
@@ -609,9 +613,9 @@ pub fn run(e: LabelEfficiency) -> Result<()> {
         .map(|(key, (_, seconds))| (key.clone(), *seconds))
         .collect();
     // Encoders whose every run was kept were not loaded: their time comes from their record.
-    let seeds = labels.iter().map(|&n| seeds_at(n)).max().unwrap_or(1);
+    let most_seeds = seeds.iter().copied().max().unwrap_or(1);
     for kind in e.methods.iter().filter_map(|m| pretraining_kind(m)) {
-        for seed in 0..seeds {
+        for seed in 0..most_seeds {
             if let Entry::Vacant(slot) = pretraining.entry((kind.to_string(), seed)) {
                 if let Some(seconds) = saved_run::<f64>(&pretrained_dir(&e, kind, seed), &recipe) {
                     slot.insert(seconds);

@@ -58,29 +58,51 @@ fn cell_of(model: &str) -> &str {
     }
 }
 
-/// Each cell's models averaged, in first-seen order: (cell, models, mean clean accuracy, mean
-/// change under each shift).
-fn summary_by_cell(scored: &[(String, f64, Vec<f64>)]) -> Vec<(String, usize, f64, Vec<f64>)> {
-    let mut out: Vec<(String, usize, f64, Vec<f64>)> = Vec::new();
-    for (model, clean, shifted) in scored {
-        let cell = cell_of(model);
-        let at = match out.iter().position(|c| c.0 == cell) {
+/// One model's scores: clean accuracy and accuracy under each shift of [`Shift::ALL`].
+struct Scored {
+    model: String,
+    clean: f64,
+    shifted: Vec<f64>,
+}
+
+/// A cell's models averaged over their seeds.
+struct CellSummary {
+    cell: String,
+    models: usize,
+    /// Mean clean accuracy.
+    clean: f64,
+    /// Mean change under each shift (negative: a drop).
+    drops: Vec<f64>,
+}
+
+/// Each cell's models averaged, in first-seen order.
+fn summary_by_cell(scored: &[Scored]) -> Vec<CellSummary> {
+    let mut out: Vec<CellSummary> = Vec::new();
+    for s in scored {
+        let cell = cell_of(&s.model);
+        let at = match out.iter().position(|c| c.cell == cell) {
             Some(at) => at,
             None => {
-                out.push((cell.to_string(), 0, 0.0, vec![0.0; shifted.len()]));
+                out.push(CellSummary {
+                    cell: cell.to_string(),
+                    models: 0,
+                    clean: 0.0,
+                    drops: vec![0.0; s.shifted.len()],
+                });
                 out.len() - 1
             }
         };
         let entry = &mut out[at];
-        entry.1 += 1;
-        entry.2 += clean;
-        for (sum, acc) in entry.3.iter_mut().zip(shifted) {
-            *sum += acc - clean;
+        entry.models += 1;
+        entry.clean += s.clean;
+        for (sum, acc) in entry.drops.iter_mut().zip(&s.shifted) {
+            *sum += acc - s.clean;
         }
     }
-    for (_, n, clean, drops) in &mut out {
-        *clean /= *n as f64;
-        drops.iter_mut().for_each(|d| *d /= *n as f64);
+    for c in &mut out {
+        let n = c.models as f64;
+        c.clean /= n;
+        c.drops.iter_mut().for_each(|d| *d /= n);
     }
     out
 }
@@ -99,8 +121,7 @@ pub fn run(e: ShiftExperiment) -> Result<()> {
     writeln!(md, "| model | clean | {} |", names.join(" | "))?;
     writeln!(md, "|---|---|{}", "---|".repeat(shifts.len()))?;
     let mut json = Vec::new();
-    // (model, clean accuracy, accuracy under each shift) for the summary by cell.
-    let mut scored: Vec<(String, f64, Vec<f64>)> = Vec::new();
+    let mut scored: Vec<Scored> = Vec::new();
     for dir in &dirs {
         let (model, info) = load_image_model(dir)?;
         if !datasets.contains_key(&info.dataset) {
@@ -110,7 +131,6 @@ pub fn run(e: ShiftExperiment) -> Result<()> {
         let data = &datasets[&info.dataset];
         let clean = test_accuracy(&*model, &data.test, info.normalise, e.limit, None)?;
         let mut cells = Vec::new();
-        let mut shifted = Vec::new();
         let mut accuracies = Vec::new();
         for shift in shifts {
             let apply = move |i: usize, img: &mut [f32], d| shift.apply(i, img, d);
@@ -120,7 +140,6 @@ pub fn run(e: ShiftExperiment) -> Result<()> {
                 100.0 * acc,
                 100.0 * (acc - clean)
             ));
-            shifted.push(serde_json::json!({"shift": shift.name(), "accuracy": acc}));
             accuracies.push(acc);
         }
         let name = dir.file_name().map_or_else(
@@ -147,9 +166,15 @@ pub fn run(e: ShiftExperiment) -> Result<()> {
             "model": name,
             "trained": info.label,
             "clean": clean,
-            "shifted": shifted,
+            "shifted": shifts.iter().zip(&accuracies).map(|(shift, acc)| {
+                serde_json::json!({"shift": shift.name(), "accuracy": acc})
+            }).collect::<Vec<_>>(),
         }));
-        scored.push((name, clean, accuracies));
+        scored.push(Scored {
+            model: name,
+            clean,
+            shifted: accuracies,
+        });
     }
     let by_cell = summary_by_cell(&scored);
     if by_cell.len() < scored.len() {
@@ -160,12 +185,18 @@ pub fn run(e: ShiftExperiment) -> Result<()> {
         )?;
         writeln!(md, "| cell | models | clean | {} |", names.join(" | "))?;
         writeln!(md, "|---|---|---|{}", "---|".repeat(shifts.len()))?;
-        for (cell, n, clean, drops) in &by_cell {
-            let drops: Vec<String> = drops.iter().map(|d| format!("{:+.1}", 100.0 * d)).collect();
+        for c in &by_cell {
+            let drops: Vec<String> = c
+                .drops
+                .iter()
+                .map(|d| format!("{:+.1}", 100.0 * d))
+                .collect();
             writeln!(
                 md,
-                "| {cell} | {n} | {:.1} | {} |",
-                100.0 * clean,
+                "| {} | {} | {:.1} | {} |",
+                c.cell,
+                c.models,
+                100.0 * c.clean,
                 drops.join(" | ")
             )?;
         }
@@ -184,18 +215,28 @@ mod tests {
         assert_eq!(cell_of("mae-probe-100-seed10"), "mae-probe-100");
         assert_eq!(cell_of("my-model"), "my-model");
         assert_eq!(cell_of("odd-seedx"), "odd-seedx");
+        let scored = |model: &str, clean: f64, shifted: [f64; 2]| Scored {
+            model: model.to_string(),
+            clean,
+            shifted: shifted.to_vec(),
+        };
         let scored = vec![
-            ("lenet-600-seed0".to_string(), 0.8, vec![0.7, 0.4]),
-            ("vit-600-seed0".to_string(), 0.6, vec![0.6, 0.3]),
-            ("lenet-600-seed1".to_string(), 0.6, vec![0.3, 0.6]),
+            scored("lenet-600-seed0", 0.8, [0.7, 0.4]),
+            scored("vit-600-seed0", 0.6, [0.6, 0.3]),
+            scored("lenet-600-seed1", 0.6, [0.3, 0.6]),
         ];
         let cells = summary_by_cell(&scored);
         assert_eq!(cells.len(), 2);
-        let (cell, n, clean, drops) = &cells[0];
+        let CellSummary {
+            cell,
+            models: n,
+            clean,
+            drops,
+        } = &cells[0];
         assert_eq!((cell.as_str(), *n), ("lenet-600", 2));
         assert!((clean - 0.7).abs() < 1e-12);
         assert!((drops[0] + 0.2).abs() < 1e-12 && (drops[1] + 0.2).abs() < 1e-12);
-        assert_eq!(cells[1].0, "vit-600");
-        assert!(cells[1].3[0].abs() < 1e-12);
+        assert_eq!(cells[1].cell, "vit-600");
+        assert!(cells[1].drops[0].abs() < 1e-12);
     }
 }
