@@ -18,6 +18,9 @@
 pub mod local;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod tensor_parallel;
+
+pub use tensor_parallel::TensorParallel;
 
 /// Errors of communication. Each names the rank or the sizes at fault.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]

@@ -334,7 +334,8 @@ impl Gpt {
         config.validate()?;
         let c = &config;
         let mut b = Builder::with_parallel(seed, parallel);
-        let wte = Embedding::new(&mut b, "transformer.wte", c.vocab_size, c.n_embd, 0.02)?;
+        let wte =
+            Embedding::vocab_parallel(&mut b, "transformer.wte", c.vocab_size, c.n_embd, 0.02)?;
         let wpe = Embedding::new(&mut b, "transformer.wpe", c.block_size, c.n_embd, 0.02)?;
         let block = BlockConfig::gpt2(c.n_embd, c.n_head, c.n_layer, c.bias);
         let blocks = (0..c.n_layer)
@@ -352,7 +353,7 @@ impl Gpt {
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(&mut b, "transformer.ln_f", c.n_embd, c.bias, block.eps)?;
         let head = if c.tie_embeddings {
-            LmHead::tied(wte.weight())
+            LmHead::tied(&wte)
         } else {
             LmHead::untied(&mut b, "lm_head", c.n_embd, c.vocab_size, 0.02)?
         };
@@ -367,6 +368,11 @@ impl Gpt {
             ln_f,
             head,
         })
+    }
+
+    /// The parallel context the layers were built in.
+    pub fn parallel(&self) -> &Arc<dyn ParallelContext> {
+        &self.parallel
     }
 
     /// The parameters as layers look them up at forward time.
@@ -498,7 +504,8 @@ impl Gpt {
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let logits = self.forward(ids, batch, seq, dropout)?;
-        logits.cross_entropy(targets, CrossEntropyOptions::default())
+        self.parallel
+            .cross_entropy(&logits, targets, CrossEntropyOptions::default())
     }
 }
 

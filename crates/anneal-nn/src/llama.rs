@@ -230,7 +230,7 @@ impl Llama {
             .collect::<Result<Vec<_>>>()?;
         let norm = RmsNorm::new(&mut b, "model.norm", c.hidden_size, c.rms_norm_eps)?;
         let head = if c.tie_embeddings {
-            LmHead::tied(embed.weight())
+            LmHead::tied(&embed)
         } else {
             LmHead::untied(&mut b, "lm_head", c.hidden_size, c.vocab_size, 0.02)?
         };

@@ -159,6 +159,26 @@ pub fn save(
     params: &ParamStore,
     optimizer: Vec<(String, Vec<f32>)>,
     objective: Vec<(String, Vec<f32>)>,
+    state: TrainerState,
+) -> Result<PathBuf> {
+    save_whole(
+        root,
+        &params.named(),
+        state_layout(params),
+        optimizer,
+        objective,
+        state,
+    )
+}
+
+/// [`save`] of a model held in slices across ranks, from its whole parameters `named` and the
+/// whole trainable parameters' state layout `(name, elements)` in state order.
+pub fn save_whole(
+    root: &Path,
+    named: &[(String, Tensor)],
+    layout: Vec<(String, usize)>,
+    optimizer: Vec<(String, Vec<f32>)>,
+    objective: Vec<(String, Vec<f32>)>,
     mut state: TrainerState,
 ) -> Result<PathBuf> {
     std::fs::create_dir_all(root).with_context(|| format!("creating {}", root.display()))?;
@@ -168,8 +188,8 @@ pub fn save(
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let model_bytes = anneal_tensor::io::encode_safetensors(&params.named())?;
-    state.optimizer_layout = state_layout(params);
+    let model_bytes = anneal_tensor::io::encode_safetensors(named)?;
+    state.optimizer_layout = layout;
     let flat = |named: Vec<(String, Vec<f32>)>| -> Result<Vec<u8>> {
         let tensors = named
             .into_iter()
@@ -369,15 +389,39 @@ fn state_layout(params: &ParamStore) -> Vec<(String, usize)> {
         .collect()
 }
 
+/// [`state_layout`] of the whole model whose slices `params` holds under `parallel` (each
+/// parameter's whole element count).
+pub fn whole_state_layout(
+    params: &ParamStore,
+    parallel: &dyn anneal_nn::layers::ParallelContext,
+) -> Vec<(String, usize)> {
+    params
+        .trainable_ranges()
+        .map(|(p, _, _)| {
+            let n = parallel.whole_shape(&p.name, &p.shape).iter().product();
+            (p.name.clone(), n)
+        })
+        .collect()
+}
+
 /// A loaded checkpoint's whole optimizer state, by name, after checking that it was laid out for
 /// `params`' trainable parameters (failing, naming the first parameter that differs, otherwise).
 pub fn optimizer_state(params: &ParamStore, loaded: &Loaded) -> Result<HashMap<String, Vec<f32>>> {
+    optimizer_state_for(state_layout(params), loaded)
+}
+
+/// [`optimizer_state`] checked against the state layout `ours` (a split model's whole one,
+/// [`whole_state_layout`]).
+pub fn optimizer_state_for(
+    ours: Vec<(String, usize)>,
+    loaded: &Loaded,
+) -> Result<HashMap<String, Vec<f32>>> {
     let state: HashMap<String, Vec<f32>> = loaded
         .optimizer
         .iter()
         .map(|(name, t)| (name.clone(), t.to_vec_f32()))
         .collect();
-    let (saved, ours) = (&loaded.state.optimizer_layout, state_layout(params));
+    let saved = &loaded.state.optimizer_layout;
     if !saved.is_empty() && *saved != ours {
         let at = saved.iter().zip(&ours).position(|(a, b)| a != b);
         let (a, b) = match at {

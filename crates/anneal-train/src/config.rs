@@ -314,8 +314,11 @@ impl Default for TrainConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ParallelConfig {
-    /// Data-parallel replicas; 0 takes every rank `sharding` leaves.
+    /// Data-parallel replicas; 0 takes every rank `sharding` and `tp` leave.
     pub dp: usize,
+    /// Tensor-parallel ranks that split every layer between them (Megatron-LM's: heads, MLP
+    /// hidden units and the vocabulary); 1 is none. Neighbouring ranks form a group.
+    pub tp: usize,
     /// Ranks in each ZeRO sharding group; 0 means every rank when `zero` is 1 or 2, else 1.
     pub sharding: usize,
     /// ZeRO stage inside each sharding group: 0 (none: plain data parallelism), 1 (optimizer
@@ -331,6 +334,7 @@ impl Default for ParallelConfig {
     fn default() -> Self {
         ParallelConfig {
             dp: 0,
+            tp: 1,
             sharding: 0,
             zero: 0,
             bucket_mb: 25.0,
@@ -339,11 +343,16 @@ impl Default for ParallelConfig {
     }
 }
 
-/// A layout resolved against the job's ranks: `dp × sharding = ranks`.
+/// A layout resolved against the job's ranks: `dp × sharding × tp = ranks`. Rank r is
+/// tensor-parallel rank `r % tp` of data rank `r / tp` (a tensor-parallel group is `tp`
+/// neighbouring ranks, as Megatron-LM orders them), and data rank d is shard `d % sharding` of
+/// replica `d / sharding`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
     /// Data-parallel replicas.
     pub dp: usize,
+    /// Tensor-parallel ranks per group.
+    pub tp: usize,
     /// Ranks in each sharding group.
     pub sharding: usize,
     /// ZeRO stage (0, 1, 2).
@@ -357,6 +366,11 @@ pub struct Layout {
 impl Layout {
     /// Every rank of the job.
     pub fn ranks(&self) -> usize {
+        self.data_ranks() * self.tp
+    }
+
+    /// The ranks that run different rows of the batch: `dp × sharding`.
+    pub fn data_ranks(&self) -> usize {
         self.dp * self.sharding
     }
 }
@@ -524,6 +538,12 @@ impl RunConfig {
         )?;
         let p = &self.parallel;
         check(
+            p.tp >= 1,
+            "parallel.tp",
+            p.tp.to_string(),
+            "1 (no tensor parallelism) or more ranks per tensor-parallel group",
+        )?;
+        check(
             p.zero <= 2,
             "parallel.zero",
             p.zero.to_string(),
@@ -556,7 +576,18 @@ impl RunConfig {
     /// shares, ZeRO on a bf16 model.
     pub fn layout(&self, ranks: usize) -> Result<Layout> {
         let p = &self.parallel;
-        let ranks = ranks.max(1);
+        let job = ranks.max(1);
+        let tp = p.tp;
+        if !job.is_multiple_of(tp) {
+            bail!(
+                "parallel.tp = {tp} does not divide the job's {job} rank(s); choose a divisor of \
+                 {job}"
+            );
+        }
+        if tp > 1 {
+            self.check_tensor_parallel(tp)?;
+        }
+        let ranks = job / tp;
         let sharding = match (p.sharding, p.dp) {
             (0, 0) if p.zero > 0 => ranks,
             (0, 0) => 1,
@@ -569,9 +600,14 @@ impl RunConfig {
             p.dp
         };
         if dp.checked_mul(sharding) != Some(ranks) {
+            let of = if tp > 1 {
+                format!("{ranks} data ranks (the job's {job} over parallel.tp = {tp})")
+            } else {
+                format!("{ranks} rank(s)")
+            };
             bail!(
-                "parallel.dp = {} × parallel.sharding = {} does not match the job's {ranks} \
-                 rank(s); choose values whose product is {ranks} (0 fills one in)",
+                "parallel.dp = {} × parallel.sharding = {} does not match the job's {of}; choose \
+                 values whose product is {ranks} (0 fills one in)",
                 p.dp,
                 p.sharding
             );
@@ -604,13 +640,15 @@ impl RunConfig {
         }
         let b = self.train.batch_size;
         if !b.is_multiple_of(ranks) {
+            let who = if tp > 1 { "data ranks" } else { "ranks" };
             bail!(
-                "train.batch_size = {b} does not split into equal shares over {ranks} ranks; use \
+                "train.batch_size = {b} does not split into equal shares over {ranks} {who}; use \
                  a multiple of {ranks}"
             );
         }
         Ok(Layout {
             dp,
+            tp,
             sharding,
             zero: p.zero,
             bucket_bytes: (p.bucket_mb * 1e6) as usize,
@@ -652,6 +690,41 @@ impl RunConfig {
                 .map(|moe| moe.resolve(m.n_layer, m.n_embd))
                 .transpose()?,
         })
+    }
+
+    /// Fails, naming the keys, unless the model splits over `tp` tensor-parallel ranks: heads
+    /// and MLP hidden units divide evenly, the vocabulary has a row for every rank, and the
+    /// layout is one this version runs (no ZeRO or Mixture of Experts beside it yet).
+    fn check_tensor_parallel(&self, tp: usize) -> Result<()> {
+        let m = &self.model;
+        if !m.n_head.is_multiple_of(tp) {
+            bail!(
+                "parallel.tp = {tp} does not divide model.n_head = {}: each rank takes whole \
+                 heads; choose a divisor of {}",
+                m.n_head,
+                m.n_head
+            );
+        }
+        if !(4 * m.n_embd).is_multiple_of(tp) {
+            bail!(
+                "parallel.tp = {tp} does not divide the MLP's {} hidden units (4 × model.n_embd)",
+                4 * m.n_embd
+            );
+        }
+        if self.parallel.zero > 0 {
+            bail!(
+                "parallel.zero = {} with parallel.tp = {tp} is not supported yet; use \
+                 parallel.zero = 0 with tensor parallelism",
+                self.parallel.zero
+            );
+        }
+        if m.moe.is_some() {
+            bail!(
+                "a Mixture-of-Experts model ([model.moe]) with parallel.tp = {tp} is not \
+                 supported yet; use parallel.tp = 1"
+            );
+        }
+        Ok(())
     }
 
     /// Steps of the cosine decay.

@@ -40,7 +40,6 @@ pub fn window_nll(
     let loss = anneal_tensor::no_grad(|| {
         model
             .forward(&input, None)?
-            .logits
             .cross_entropy(targets, CrossEntropyOptions::default())
     })?;
     let tokens = (batch * seq) as u64;

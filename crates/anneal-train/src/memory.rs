@@ -32,17 +32,20 @@ impl MemoryBound {
         self.parameters + self.gradients + self.optimizer + self.activations
     }
 
-    /// One rank's share under `layout`: the whole model, the optimizer state divided over the
-    /// ZeRO sharding group (and the gradients too under ZeRO-2, whose buckets in flight come on
-    /// top of this lower bound), the activations of its share of the batch.
+    /// One rank's share under `layout`: the whole model (its 1/tp under tensor parallelism,
+    /// which keeps norms whole on every rank: a lower bound), the optimizer state divided over
+    /// the ZeRO sharding group (and the gradients too under ZeRO-2, whose buckets in flight come
+    /// on top of this lower bound), the activations of its share of the batch (and of its
+    /// tensor-parallel slice, though the residual stream is whole on every rank).
     pub fn per_rank(self, layout: &crate::config::Layout) -> MemoryBound {
+        let tp = layout.tp as f64;
         let sharded = if layout.zero > 0 { layout.sharding } else { 1 };
         let grads_sharded = if layout.zero >= 2 { layout.sharding } else { 1 };
         MemoryBound {
-            gradients: self.gradients / grads_sharded as f64,
-            optimizer: self.optimizer / sharded as f64,
+            parameters: self.parameters / tp,
+            gradients: self.gradients / grads_sharded as f64 / tp,
+            optimizer: self.optimizer / sharded as f64 / tp,
             activations: self.activations / layout.ranks() as f64,
-            ..self
         }
     }
 
@@ -145,6 +148,7 @@ mod tests {
         let whole = lower_bound(&RunConfig::default(), 65).unwrap();
         let layout = |zero| crate::config::Layout {
             dp: 2,
+            tp: 1,
             sharding: 4,
             zero,
             bucket_bytes: 1 << 20,

@@ -3,8 +3,10 @@
 //! strategies run the forward pass.
 
 use anneal_nn::bert::{Bert, BertInput};
+use anneal_nn::layers::ParallelContext;
 use anneal_nn::{Gpt, LeNet, StackedAutoencoder, Vit};
-use anneal_tensor::{DropoutKey, ParamStore, Result, Tensor};
+use anneal_tensor::{CrossEntropyOptions, DropoutKey, ParamStore, Result, Tensor};
+use std::sync::Arc;
 
 /// A model's input, built by an objective from a batch (borrowing from it: nothing is copied).
 #[derive(Clone, Copy, Debug)]
@@ -112,6 +114,9 @@ pub struct ModelOutput {
     pub stats: Vec<(String, f64)>,
     /// Named tensors an objective reads beside the main one (MAE's mask and target patches).
     pub extras: Vec<(String, Tensor)>,
+    /// The parallel context of a model whose logits hold only this rank's slice of the
+    /// vocabulary (tensor parallelism); [`ModelOutput::cross_entropy`] goes through it.
+    pub parallel: Option<Arc<dyn ParallelContext>>,
 }
 
 impl ModelOutput {
@@ -134,6 +139,16 @@ impl ModelOutput {
             aux_losses: Vec::new(),
             stats: Vec::new(),
             extras: Vec::new(),
+            parallel: None,
+        }
+    }
+
+    /// The mean cross-entropy of the logits against `targets`: the vocabulary-parallel one when
+    /// the logits are a slice of the vocabulary.
+    pub fn cross_entropy(&self, targets: &[i64], opts: CrossEntropyOptions) -> Result<Tensor> {
+        match &self.parallel {
+            Some(p) => p.cross_entropy(&self.logits, targets, opts),
+            None => self.logits.cross_entropy(targets, opts),
         }
     }
 
@@ -186,6 +201,12 @@ pub trait TrainModel: Send + Sync {
 
     /// Training FLOPs per token at sequence length `seq` (for MFU).
     fn flops_per_token(&self, seq: usize) -> f64;
+
+    /// The parallel context its layers were built in, for a model that can be split across
+    /// ranks (`None`: always whole).
+    fn parallel(&self) -> Option<&Arc<dyn ParallelContext>> {
+        None
+    }
 }
 
 impl TrainModel for Gpt {
@@ -205,7 +226,13 @@ impl TrainModel for Gpt {
             });
         };
         let (logits, moe) = self.forward_with_aux(ids, *batch, *seq, dropout)?;
-        ModelOutput::with_moe(logits, moe)
+        let mut out = ModelOutput::with_moe(logits, moe)?;
+        out.parallel = (self.parallel().tensor_parallel().1 > 1).then(|| self.parallel().clone());
+        Ok(out)
+    }
+
+    fn parallel(&self) -> Option<&Arc<dyn ParallelContext>> {
+        Some(Gpt::parallel(self))
     }
 
     fn flops_per_token(&self, seq: usize) -> f64 {

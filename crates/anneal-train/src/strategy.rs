@@ -6,6 +6,7 @@
 use crate::model::TrainModel;
 use crate::objectives::Objective;
 use anneal_data::Batch;
+use anneal_nn::layers::Split;
 use anneal_tensor::{DropoutKey, Optimizer, Tensor};
 use anyhow::{bail, Result};
 use std::collections::HashMap;
@@ -74,6 +75,14 @@ pub trait Strategy: Send {
         optimizer: &dyn Optimizer,
     ) -> Result<Option<NamedState>> {
         Ok(Some(optimizer.state(model.params())))
+    }
+
+    /// The model's whole parameters by name, as a checkpoint holds them, returned where
+    /// [`Strategy::gather_optimizer_state`] returns the state (every rank of a model that is
+    /// whole on each; the first of each tensor-parallel group, which gathers the slices).
+    /// Collective.
+    fn gather_parameters(&self, model: &dyn TrainModel) -> Result<Option<Vec<(String, Tensor)>>> {
+        Ok(Some(model.params().named()))
     }
 
     /// The range of the trainable elements (state order) whose optimizer state this rank keeps:
@@ -149,7 +158,7 @@ impl Strategy for SingleDevice {
         if !out.loss.is_finite() {
             return Err(NonFiniteLoss(out.loss).into());
         }
-        clip_and_step(model, optimizer, settings, &mut out);
+        clip_and_step(model, optimizer, settings, &mut out)?;
         Ok(out)
     }
 }
@@ -224,18 +233,47 @@ pub fn clip_and_step(
     optimizer: &mut dyn Optimizer,
     settings: StepSettings,
     out: &mut StepOutput,
-) {
+) -> Result<()> {
     let params = model.params();
     let t2 = Instant::now();
-    out.grad_norm = if settings.grad_clip > 0.0 {
-        params.clip_grad_norm(settings.grad_clip) as f64
-    } else if settings.measure_grad_norm {
-        params.grad_norm() as f64
+    out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
+        global_grad_norm(model)? as f64
     } else {
         f64::NAN
     };
+    if settings.grad_clip > 0.0 {
+        if let Some(s) =
+            anneal_tensor::params::clip_factor(out.grad_norm as f32, settings.grad_clip)
+        {
+            params.scale_grads(params.held_grads(), s);
+        }
+    }
     optimizer.step(params, settings.lr);
     out.phases[2] += t2.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// The global norm of the model's gradients. Under tensor parallelism each rank holds a slice of
+/// the split parameters' gradients and a whole copy of the others': the slices' sums of squares
+/// are added over the group, the copies counted once.
+pub fn global_grad_norm(model: &dyn TrainModel) -> Result<f32> {
+    let params = model.params();
+    let parallel = match model.parallel() {
+        Some(p) if p.tensor_parallel().1 > 1 => p,
+        _ => return Ok(params.grad_norm()),
+    };
+    let (mut split, mut whole) = (0.0f64, 0.0f64);
+    params.with_grads(|g| {
+        for (info, _, state) in params.trainable_ranges() {
+            let sq: f64 = g[state].iter().map(|&x| x as f64 * x as f64).sum();
+            match parallel.split_of(&info.name) {
+                Split::Axis(_) | Split::Interleaved { .. } => split += sq,
+                Split::Replicated | Split::Experts => whole += sq,
+            }
+        }
+    });
+    let split = parallel.sum_over_group(vec![split as f32])?[0] as f64;
+    Ok((split + whole).sqrt() as f32)
 }
 
 /// Replaces this rank's loss and metrics by their means over the ranks of each of `comms` in
@@ -587,7 +625,7 @@ impl Strategy for DataParallel {
         out.exposed_comm += self.reduce_gradients(model, None)?;
         average_loss(&[self.comm.as_ref()], &mut out)?;
         out.phases[2] += t.elapsed().as_secs_f64();
-        clip_and_step(model, optimizer, settings, &mut out);
+        clip_and_step(model, optimizer, settings, &mut out)?;
         Ok(out)
     }
 
@@ -694,7 +732,7 @@ impl Strategy for ZeroOne {
         groups.extend(self.replicas.as_deref());
         average_loss(&groups, &mut out)?;
         out.phases[2] += t.elapsed().as_secs_f64();
-        clip_and_step(model, optimizer, settings, &mut out);
+        clip_and_step(model, optimizer, settings, &mut out)?;
         // The optimizer stepped this rank's shard; every rank gathers the others'.
         let t = Instant::now();
         gather_parameters(comm, model, self.shard(model))?;
@@ -1113,6 +1151,183 @@ impl Strategy for ZeroTwo {
 
     fn optimizer_shard(&self, model: &dyn TrainModel) -> Range<usize> {
         self.shard(model)
+    }
+}
+
+/// The ranks that hold the same slices of a model and run different rows of the batch.
+pub type DataGroup = Box<dyn anneal_dist::Communicator>;
+
+/// Splits the job's `world` as `layout` lays it out: with tensor parallelism, rank r joins the
+/// tensor-parallel group of ranks `r / tp · tp ..` (by `r % tp`) and the data group of the ranks
+/// holding the same slices (by `r / tp`); returns the data group and this rank's tensor-parallel
+/// context. Without it, the world is the data group. Collective.
+pub fn split_tensor_parallel(
+    world: Box<dyn anneal_dist::Communicator>,
+    layout: &crate::config::Layout,
+) -> Result<(DataGroup, Option<Arc<anneal_dist::TensorParallel>>)> {
+    let tp = layout.tp;
+    if tp <= 1 {
+        return Ok((world, None));
+    }
+    if world.size() != layout.ranks() {
+        bail!(
+            "the layout dp = {} × sharding = {} × tp = {tp} needs {} ranks, not the job's {}",
+            layout.dp,
+            layout.sharding,
+            layout.ranks(),
+            world.size()
+        );
+    }
+    let r = world.rank();
+    let group: Arc<dyn anneal_dist::Communicator> = Arc::from(world.split(r / tp, r % tp)?);
+    let data = world.split(r % tp, r / tp)?;
+    Ok((
+        data,
+        Some(Arc::new(anneal_dist::TensorParallel::new(group))),
+    ))
+}
+
+/// Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) around the strategy of the data ranks:
+/// the model's layers were built split across a tensor-parallel group
+/// ([`anneal_dist::TensorParallel`]), so forward and backward already run the group's
+/// collectives, and the global gradient norm adds the split parameters' slices over the group
+/// ([`global_grad_norm`]). What this adds is the optimizer state of checkpoints, gathered whole
+/// from the group's slices and cut back into them on restore, so a checkpoint is the same
+/// whatever the layout.
+pub struct WithTensorParallel {
+    inner: Box<dyn Strategy>,
+    parallel: Arc<anneal_dist::TensorParallel>,
+}
+
+impl WithTensorParallel {
+    /// `inner` (the data ranks' strategy) on a model split by `parallel`.
+    pub fn new(inner: Box<dyn Strategy>, parallel: Arc<anneal_dist::TensorParallel>) -> Self {
+        WithTensorParallel { inner, parallel }
+    }
+}
+
+/// Each trainable parameter's name, shape and place in state order.
+fn state_parts(model: &dyn TrainModel) -> Vec<(String, Vec<usize>, Range<usize>)> {
+    let params = model.params();
+    params
+        .trainable_ranges()
+        .map(|(info, _, state)| (info.name.clone(), info.shape.clone(), state))
+        .collect()
+}
+
+impl Strategy for WithTensorParallel {
+    fn describe(&self) -> String {
+        format!(
+            "tensor parallel over {} ranks × {}",
+            self.parallel.group().size(),
+            self.inner.describe()
+        )
+    }
+
+    fn step(
+        &mut self,
+        model: &dyn TrainModel,
+        objective: &mut dyn Objective,
+        optimizer: &mut dyn Optimizer,
+        micro_batches: &[Batch],
+        dropout: &[DropoutKey],
+        settings: StepSettings,
+        after_forward: &mut dyn FnMut(),
+    ) -> Result<StepOutput> {
+        self.inner.step(
+            model,
+            objective,
+            optimizer,
+            micro_batches,
+            dropout,
+            settings,
+            after_forward,
+        )
+    }
+
+    /// The inner strategy's state on each rank of the first data rank's group (its slices),
+    /// gathered parameter by parameter into the whole model's state order.
+    fn gather_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &dyn Optimizer,
+    ) -> Result<Option<NamedState>> {
+        use anneal_nn::layers::ParallelContext;
+        let Some(state) = self.inner.gather_optimizer_state(model, optimizer)? else {
+            return Ok(None);
+        };
+        let (parts, total) = (state_parts(model), model.params().trainable_numel());
+        let mut whole = Vec::with_capacity(state.len());
+        for (name, values) in state {
+            if values.len() != total {
+                whole.push((name, values));
+                continue;
+            }
+            let mut out = Vec::new();
+            for (param, shape, range) in &parts {
+                let local = Tensor::from_f32(values[range.clone()].to_vec(), shape)?;
+                out.extend(self.parallel.gather(param, &local)?.to_vec_f32());
+            }
+            whole.push((name, out));
+        }
+        Ok((self.parallel.group().rank() == 0).then_some(whole))
+    }
+
+    fn optimizer_shard(&self, model: &dyn TrainModel) -> Range<usize> {
+        self.inner.optimizer_shard(model)
+    }
+
+    fn gather_parameters(&self, model: &dyn TrainModel) -> Result<Option<Vec<(String, Tensor)>>> {
+        use anneal_nn::layers::ParallelContext;
+        let whole = model
+            .params()
+            .named()
+            .into_iter()
+            .map(|(name, t)| Ok((name.clone(), self.parallel.gather(&name, &t)?)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok((self.parallel.group().rank() == 0).then_some(whole))
+    }
+
+    /// Cuts each whole state vector (the whole model's state order) into this rank's slices,
+    /// then hands them to the inner strategy.
+    fn restore_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &mut dyn Optimizer,
+        steps: u64,
+        state: &HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        use anneal_nn::layers::ParallelContext;
+        let parts = state_parts(model);
+        let whole_len: usize = parts
+            .iter()
+            .map(|(name, shape, _)| {
+                self.parallel
+                    .whole_shape(name, shape)
+                    .iter()
+                    .product::<usize>()
+            })
+            .sum();
+        let mut mine = HashMap::new();
+        for (name, values) in state {
+            if values.len() != whole_len {
+                mine.insert(name.clone(), values.clone());
+                continue;
+            }
+            let mut out = Vec::with_capacity(model.params().trainable_numel());
+            let mut at = 0;
+            for (param, local, _) in &parts {
+                let shape = self.parallel.whole_shape(param, local);
+                let n: usize = shape.iter().product();
+                let whole = Tensor::from_f32(values[at..at + n].to_vec(), &shape)?;
+                at += n;
+                let split = self.parallel.split_of(param);
+                out.extend(self.parallel.shard(param, &whole, split)?.to_vec_f32());
+            }
+            mine.insert(name.clone(), out);
+        }
+        self.inner
+            .restore_optimizer_state(model, optimizer, steps, &mine)
     }
 }
 

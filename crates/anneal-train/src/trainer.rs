@@ -20,11 +20,13 @@ use crate::objectives::{CausalLm, Objective};
 use crate::schedule::CosineSchedule;
 use crate::strategy::{NonFiniteLoss, SingleDevice, StepOutput, StepSettings, Strategy};
 use anneal_data::{BatchSource, Sampler, ShardSet, Stream, WindowSource};
+use anneal_nn::layers::ParallelContext;
 use anneal_nn::Gpt;
 use anneal_tensor::optim::{AdamW, AdamWConfig};
 use anneal_tensor::{DropoutKey, Optimizer};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 /// The training state of one model: its objective, optimizer and strategy, where its batches
 /// come from, its learning-rate schedule and the steps taken.
@@ -229,7 +231,8 @@ impl Trainer {
 
     /// [`Trainer::evaluate`] shared by the ranks of `group` (collective): rank r scores batches
     /// r, r + ranks, …, and every rank receives every batch's mean and adds them in batch order,
-    /// so the loss is the one a single device computes, bit for bit.
+    /// so the loss is the one a single device computes, bit for bit. Under tensor parallelism
+    /// `group` is the whole job: the `tp` ranks of a data rank score its batches together.
     pub fn evaluate_on(
         &self,
         set: &ShardSet,
@@ -238,7 +241,13 @@ impl Trainer {
         seq: usize,
         group: Option<&dyn anneal_dist::Communicator>,
     ) -> Result<f64> {
-        let (rank, ranks) = group.map_or((0, 1), |g| (g.rank(), g.size()));
+        let (rank, ranks) = match group {
+            Some(g) if g.size() > self.data_rank.1 => self.data_rank,
+            Some(g) => (g.rank(), g.size()),
+            None => (0, 1),
+        };
+        // Ranks of the group per data rank (its tensor-parallel group, neighbouring ranks).
+        let tp = group.map_or(1, |g| g.size() / ranks);
         let mine = crate::eval::batch_losses(
             &*self.model,
             set,
@@ -257,9 +266,10 @@ impl Trainer {
         let all: Vec<f64> = anneal_dist::f32_to_words(&group.all_gather(words)?)
             .map(f64::from_bits)
             .collect();
-        // Batch i was rank i % ranks's (i / ranks)-th.
+        // Batch i was data rank i % ranks's (i / ranks)-th (read from the first rank of its
+        // tensor-parallel group).
         let sum: f64 = (0..batches)
-            .map(|i| all[(i % ranks) * per + i / ranks])
+            .map(|i| all[(i % ranks) * tp * per + i / ranks])
             .sum();
         Ok(sum / batches as f64)
     }
@@ -273,21 +283,42 @@ impl Trainer {
         let optimizer = self
             .strategy
             .gather_optimizer_state(&*self.model, &*self.optimizer)?;
-        let Some(optimizer) = optimizer else {
+        let named = self.strategy.gather_parameters(&*self.model)?;
+        let (Some(optimizer), Some(named)) = (optimizer, named) else {
             return Ok(None);
         };
         state.step = self.step;
         state.tokens_seen = self.tokens_seen;
         state.objective = self.objective.name().to_string();
         state.data.steps_drawn = self.step;
-        checkpoint::save(
+        let layout = match self.tensor_parallel() {
+            Some(parallel) => {
+                checkpoint::whole_state_layout(self.model.params(), parallel.as_ref())
+            }
+            None => self
+                .model
+                .params()
+                .trainable_ranges()
+                .map(|(p, _, _)| (p.name.clone(), p.len))
+                .collect(),
+        };
+        checkpoint::save_whole(
             root,
-            self.model.params(),
+            &named,
+            layout,
             optimizer,
             self.objective.state(),
             state,
         )
         .map(Some)
+    }
+
+    /// The model's parallel context when its layers are split across a tensor-parallel group.
+    fn tensor_parallel(&self) -> Option<Arc<dyn ParallelContext>> {
+        self.model
+            .parallel()
+            .filter(|p| p.tensor_parallel().1 > 1)
+            .cloned()
     }
 
     /// Restores parameters, optimizer, objective and position from a loaded checkpoint.
@@ -344,6 +375,9 @@ impl Trainer {
         let lead = group.rank() == 0;
         if lead != loaded.is_some() {
             anyhow::bail!("restore_shared: rank 0, and only rank 0, holds the checkpoint");
+        }
+        if let Some(parallel) = self.tensor_parallel() {
+            return self.restore_split(loaded, group, parallel.as_ref());
         }
         if let Some(loaded) = loaded {
             self.restore(loaded)?;
@@ -413,6 +447,97 @@ impl Trainer {
             self.step = position[0];
             self.tokens_seen = position[1];
         }
+        Ok(())
+    }
+
+    /// [`Trainer::restore_shared`] for a model split across tensor-parallel groups: rank 0
+    /// broadcasts each whole parameter and optimizer state vector, and every rank keeps its
+    /// slices (so a checkpoint written under any layout resumes under this one).
+    fn restore_split(
+        &mut self,
+        loaded: Option<&checkpoint::Loaded>,
+        group: &dyn anneal_dist::Communicator,
+        parallel: &dyn ParallelContext,
+    ) -> Result<()> {
+        use anneal_dist::{f32_to_words, words_to_f32};
+        let params = self.model.params();
+        let layout = checkpoint::whole_state_layout(params, parallel);
+        let whole_state = match loaded {
+            Some(loaded) => {
+                let (saved, ours) = (&loaded.state.objective, self.objective.name());
+                if !saved.is_empty() && saved != ours {
+                    anyhow::bail!(
+                        "{} was trained for the objective {saved}, not {ours}: a checkpoint \
+                         resumes only the same objective",
+                        loaded.dir.display()
+                    );
+                }
+                checkpoint::optimizer_state_for(layout, loaded)?
+            }
+            None => Default::default(),
+        };
+        for (name, local) in params.named() {
+            let shape = parallel.whole_shape(&name, local.shape());
+            let values = match loaded {
+                Some(loaded) => {
+                    let t = loaded.model.get(&name).ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "{}: no parameter {name} in the checkpoint",
+                            loaded.dir.display()
+                        )
+                    })?;
+                    if t.shape() != shape.as_slice() {
+                        anyhow::bail!(
+                            "{}: {name} has shape {:?} in the checkpoint, {shape:?} in this model",
+                            loaded.dir.display(),
+                            t.shape()
+                        );
+                    }
+                    group.broadcast(t.to_vec_f32(), 0)?
+                }
+                None => group.broadcast(Vec::new(), 0)?,
+            };
+            let whole = anneal_tensor::Tensor::from_f32(values, &shape)?;
+            let mine = parallel.shard(&name, &whole, parallel.split_of(&name))?;
+            params.set(params.id(&name)?, &mine)?;
+        }
+        let lead_position = loaded.map_or([0, 0], |l| [l.state.step, l.state.tokens_seen]);
+        let position = group.broadcast(words_to_f32(lead_position), 0)?;
+        let position: Vec<u64> = f32_to_words(&position).collect();
+        let names: Vec<String> = self
+            .optimizer
+            .state(params)
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let mut state = std::collections::HashMap::new();
+        for name in names {
+            let mine = whole_state.get(&name).cloned().unwrap_or_default();
+            state.insert(name, group.broadcast(mine, 0)?);
+        }
+        drop(whole_state);
+        self.strategy.restore_optimizer_state(
+            &*self.model,
+            &mut *self.optimizer,
+            position[0],
+            &state,
+        )?;
+        let saved_objective: std::collections::HashMap<String, Vec<f32>> = loaded
+            .map(|l| {
+                l.objective
+                    .iter()
+                    .map(|(k, t)| (k.clone(), t.to_vec_f32()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut objective = std::collections::HashMap::new();
+        for (name, values) in self.objective.state() {
+            let mine = saved_objective.get(&name).cloned().unwrap_or(values);
+            objective.insert(name, group.broadcast(mine, 0)?);
+        }
+        self.objective.load_state(&objective)?;
+        self.step = position[0];
+        self.tokens_seen = position[1];
         Ok(())
     }
 }
@@ -495,36 +620,49 @@ pub fn pretraining_on(
     world: Option<Box<dyn anneal_dist::Communicator>>,
 ) -> Result<Trainer> {
     let t = &config.train;
-    let mut model = Gpt::new(config.gpt_config(vocab_size)?, t.seed)?;
     let adamw = AdamWConfig {
         beta1: t.beta1 as f32,
         beta2: t.beta2 as f32,
         weight_decay: t.weight_decay as f32,
         ..AdamWConfig::default()
     };
-    let (strategy, optimizer, data_rank): (Box<dyn crate::strategy::Strategy>, AdamW, _) =
+    let gpt = config.gpt_config(vocab_size)?;
+    let (model, strategy, optimizer, data_rank): (_, Box<dyn crate::strategy::Strategy>, _, _) =
         match world {
-            None => (
-                Box::new(SingleDevice),
-                AdamW::new(&model.params, adamw),
-                (0, 1),
-            ),
+            None => {
+                let model = Gpt::new(gpt, t.seed)?;
+                let optimizer = AdamW::new(&model.params, adamw);
+                (model, Box::new(SingleDevice), optimizer, (0, 1))
+            }
             Some(world) => {
                 let layout = config.layout(world.size())?;
-                let rank = (world.rank(), world.size());
+                // The ranks that hold the same slices and run different rows (every rank
+                // without tensor parallelism), and this rank's tensor-parallel context.
+                let (data_world, tensor) = crate::strategy::split_tensor_parallel(world, &layout)?;
+                let mut model = match &tensor {
+                    Some(tp) => Gpt::new_in(gpt, t.seed, tp.clone())?,
+                    None => Gpt::new(gpt, t.seed)?,
+                };
+                let rank = (data_world.rank(), data_world.size());
                 let initial = model
                     .params
                     .trainable_values(0..model.params.trainable_numel());
                 model
                     .params
-                    .set_trainable_values(0, &world.broadcast(initial, 0)?);
-                let (strategy, shard) = crate::strategy::for_layout(layout, world, &mut model)?;
-                let optimizer = if layout.zero > 0 && layout.ranks() > 1 {
+                    .set_trainable_values(0, &data_world.broadcast(initial, 0)?);
+                let data_layout = crate::config::Layout { tp: 1, ..layout };
+                let (strategy, shard) =
+                    crate::strategy::for_layout(data_layout, data_world, &mut model)?;
+                let optimizer = if layout.zero > 0 && layout.data_ranks() > 1 {
                     AdamW::shard(&model.params, adamw, shard)?
                 } else {
                     AdamW::new(&model.params, adamw)
                 };
-                (strategy, optimizer, rank)
+                let strategy: Box<dyn crate::strategy::Strategy> = match tensor {
+                    Some(tp) => Box::new(crate::strategy::WithTensorParallel::new(strategy, tp)),
+                    None => strategy,
+                };
+                (model, strategy, optimizer, rank)
             }
         };
     let trainer = Trainer::new(TrainerParts {

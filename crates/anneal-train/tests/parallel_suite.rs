@@ -90,14 +90,21 @@ fn train(config: &RunConfig, group: Option<Box<dyn Communicator>>) -> anyhow::Re
         assert!(out.grad_norm > CLIP, "every step clips: {}", out.grad_norm);
         losses.push(out.loss);
     }
-    let params = trainer
-        .model()
-        .params()
-        .named()
-        .iter()
-        .flat_map(|(_, t)| t.to_vec_f32())
-        .collect();
-    Ok((losses, params))
+    Ok((losses, whole_parameters(trainer.model())?))
+}
+
+/// Every parameter, whole (gathered from the tensor-parallel group's slices when the model is
+/// split; collective over that group), flat in declaration order.
+fn whole_parameters(model: &dyn anneal_train::model::TrainModel) -> anyhow::Result<Vec<f32>> {
+    let mut out = Vec::new();
+    for (name, t) in model.params().named() {
+        let whole = match model.parallel() {
+            Some(p) => p.gather(&name, &t)?,
+            None => t,
+        };
+        out.extend(whole.to_vec_f32());
+    }
+    Ok(out)
 }
 
 fn bits(t: &Trained) -> (Vec<u64>, Vec<u32>) {
@@ -418,9 +425,46 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
     Ok(())
 }
 
+fn tensor_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
+    let one = train(&config(&[]), None)?;
+    let pair = world.split(world.rank() / 2, world.rank())?;
+    let tp2 = train(&config(&["parallel.tp=2"]), Some(copy(pair.as_ref())?))?;
+    close("tensor parallel ×2", &tp2, &one);
+    report(world, "ok: tensor parallel ×2 equals one device");
+    let recomputed = ["parallel.tp=2", "model.checkpoint_blocks=true"];
+    let tp2r = train(&config(&recomputed), Some(copy(pair.as_ref())?))?;
+    close("tensor parallel ×2, blocks recomputed", &tp2r, &one);
+    report(
+        world,
+        "ok: tensor parallel ×2 with blocks recomputed equals one device",
+    );
+    // Two data ranks of two tensor-parallel ranks each.
+    let mesh = train(&config(&["parallel.tp=2"]), Some(copy(world)?))?;
+    close("dp 2 × tp 2", &mesh, &one);
+    replicas_agree("dp 2 × tp 2", world, &mesh.1)?;
+    report(world, "ok: dp 2 × tp 2 equals one device");
+    // Four ranks split 4 heads and the 13-token vocabulary (4 + 4 + 4 + 1 rows).
+    let heads = config(&["model.n_head=4"]);
+    let one4 = train(&heads, None)?;
+    let tp4 = train(
+        &config(&["model.n_head=4", "parallel.tp=4"]),
+        Some(copy(world)?),
+    )?;
+    close("tensor parallel ×4", &tp4, &one4);
+    report(
+        world,
+        "ok: tensor parallel ×4 (an uneven vocabulary split) equals one device",
+    );
+    Ok(())
+}
+
 type Check = fn(&dyn Communicator) -> anyhow::Result<()>;
 
-const CHECKS: [(&str, Check); 4] = [
+const CHECKS: [(&str, Check); 5] = [
+    (
+        "tensor_parallel_equals_one_device",
+        tensor_parallel_equals_one_device,
+    ),
     (
         "payload_equals_the_planners_formula",
         payload_equals_the_planners_formula,

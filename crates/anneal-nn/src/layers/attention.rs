@@ -95,21 +95,29 @@ impl Attention {
         };
         let qkv = match c.qkv {
             QkvNames::Fused(name) => {
-                if tp > 1 {
+                if tp > 1 && c.n_kv_head != c.n_head {
                     return Err(Error::Invalid {
                         op: "Attention::new",
-                        reason: "a fused QKV projection cannot be split across ranks yet; use \
-                                 separate projections"
-                            .into(),
+                        reason: format!(
+                            "a fused QKV projection with grouped key/value heads ({} of {}) \
+                             cannot be split across ranks; use separate projections",
+                            c.n_kv_head, c.n_head
+                        ),
                     });
                 }
                 let width = (c.n_head + 2 * c.n_kv_head) * hd;
+                // Each rank takes its heads' queries, keys and values.
+                let split = if tp > 1 {
+                    LinearSplit::ColumnBlocks(3)
+                } else {
+                    column
+                };
                 Qkv::Fused(Linear::new(
                     b,
                     &join(prefix, name),
                     c.d_model,
                     width,
-                    opts(c.std, column),
+                    opts(c.std, split),
                 )?)
             }
             QkvNames::Separate(q, k, v) => {

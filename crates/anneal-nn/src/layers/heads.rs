@@ -8,24 +8,39 @@ use anneal_tensor::{Error, ParamId, Result, Tensor};
 #[derive(Clone, Debug)]
 pub enum LmHead {
     /// `x · Eᵀ` with the token embedding E (GPT-2; Press & Wolf 2017).
-    Tied(ParamId),
+    Tied {
+        /// The embedding table.
+        table: ParamId,
+        /// Whether the table is vocabulary-parallel (the logits are then this rank's slice).
+        split: bool,
+    },
     /// Its own `[vocab, d]` matrix, `lm_head.weight`.
     Untied(Linear),
 }
 
 impl LmHead {
-    /// A head tied to the embedding table `embedding`.
-    pub fn tied(embedding: ParamId) -> LmHead {
-        LmHead::Tied(embedding)
+    /// A head tied to the embedding table `embedding` (vocabulary-parallel when it is).
+    pub fn tied(embedding: &super::Embedding) -> LmHead {
+        LmHead::Tied {
+            table: embedding.weight(),
+            split: embedding.is_split(),
+        }
     }
 
-    /// A head with its own `[vocab, d]` weight `prefix.weight` (no bias, decayed).
+    /// A head with its own `[vocab, d]` weight `prefix.weight` (no bias, decayed); under
+    /// tensor parallelism its rows are split like a vocabulary-parallel embedding's (a
+    /// column-parallel layer whose logits are this rank's slice of the vocabulary).
     pub fn untied(b: &mut Builder, prefix: &str, d: usize, vocab: usize, std: f32) -> Result<Self> {
+        let split = if b.parallel().tensor_parallel().1 > 1 {
+            super::LinearSplit::Column
+        } else {
+            super::LinearSplit::None
+        };
         let opts = LinearOptions {
             bias: false,
             std,
             layout: WeightLayout::OutIn,
-            ..LinearOptions::default()
+            split,
         };
         Ok(LmHead::Untied(Linear::new(b, prefix, d, vocab, opts)?))
     }
@@ -33,7 +48,7 @@ impl LmHead {
     /// Parameter ids the head owns (none when tied).
     pub fn params(&self) -> Vec<ParamId> {
         match self {
-            LmHead::Tied(_) => Vec::new(),
+            LmHead::Tied { .. } => Vec::new(),
             LmHead::Untied(l) => l.params(),
         }
     }
@@ -41,9 +56,15 @@ impl LmHead {
     /// Logits `[rows, vocab]` of hidden states `x` `[rows, d]`.
     pub fn forward(&self, w: &Weights, x: &Tensor) -> Result<Tensor> {
         match self {
-            LmHead::Tied(id) => match w.packed(*id, x.shape()[0]) {
+            LmHead::Tied { table, split } => match w.packed(*table, x.shape()[0]) {
                 Some(q) => q.matmul_t(x),
-                None => x.matmul(&w.get(*id)?.transpose(0, 1)?),
+                // A vocabulary-parallel table gives this rank's slice of the logits, and the
+                // input's gradient is the sum over the ranks' slices.
+                None if *split => w
+                    .parallel()
+                    .enter_parallel(x)?
+                    .matmul(&w.get(*table)?.transpose(0, 1)?),
+                None => x.matmul(&w.get(*table)?.transpose(0, 1)?),
             },
             LmHead::Untied(l) => l.forward(w, x),
         }

@@ -109,6 +109,9 @@ pub enum LinearSplit {
     /// Each rank holds a slice of the output columns (and of the bias); its output is that
     /// slice.
     Column,
+    /// A column-parallel layer whose outputs are this many equal blocks side by side (GPT-2's
+    /// fused Q, K, V): each rank holds its slice of every block ([`Split::Interleaved`]).
+    ColumnBlocks(usize),
     /// Each rank holds a slice of the input rows and takes the matching slice of the input; the
     /// partial outputs are summed across ranks before the (whole) bias is added.
     Row,
@@ -165,6 +168,13 @@ impl Linear {
         let (weight_split, bias_split) = match opts.split {
             LinearSplit::None => (Split::Replicated, Split::Replicated),
             LinearSplit::Column => (Split::Axis(out_axis), Split::Axis(0)),
+            LinearSplit::ColumnBlocks(parts) => (
+                Split::Interleaved {
+                    axis: out_axis,
+                    parts,
+                },
+                Split::Interleaved { axis: 0, parts },
+            ),
             LinearSplit::Row => (Split::Axis(1 - out_axis), Split::Replicated),
         };
         let weight = b.param(
@@ -329,7 +339,7 @@ impl Linear {
                     _ => Ok(y),
                 }
             }
-            LinearSplit::Column => w
+            LinearSplit::Column | LinearSplit::ColumnBlocks(_) => w
                 .parallel()
                 .enter_parallel(x)?
                 .linear(&weight, bias.as_ref()),

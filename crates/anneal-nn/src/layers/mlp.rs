@@ -58,6 +58,15 @@ impl Mlp {
         proj_std: f32,
     ) -> Result<Mlp> {
         let (_, tp) = b.parallel().tensor_parallel();
+        if !hidden.is_multiple_of(tp) {
+            return Err(anneal_tensor::Error::Invalid {
+                op: "Mlp::new",
+                reason: format!(
+                    "{hidden} hidden units do not split over {tp} tensor-parallel ranks; use a \
+                     multiple of {tp}"
+                ),
+            });
+        }
         let (column, row) = if tp > 1 {
             (LinearSplit::Column, LinearSplit::Row)
         } else {

@@ -182,7 +182,7 @@ impl Builder {
             Init::Zeros => Tensor::zeros(shape, DType::F32),
             Init::Ones => Tensor::ones(shape, DType::F32),
         };
-        let local = self.parallel.shard(&full, split)?;
+        let local = self.parallel.shard(name, &full, split)?;
         self.params.add(name, &local, weight_decay)
     }
 

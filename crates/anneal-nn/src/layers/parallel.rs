@@ -5,15 +5,27 @@
 //! embedding, Shoeybi et al. 2019; ZeRO-3's gather at the lookup, Rajbhandari et al. 2020;
 //! expert parallelism's all-to-all, Lepikhin et al. 2020, GShard).
 
-use anneal_tensor::{ParamId, Result, Tensor};
+use anneal_tensor::{CrossEntropyOptions, ParamId, Result, Tensor};
+use std::ops::Range;
 
 /// How a parameter is divided across the tensor-parallel group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Split {
     /// Every rank holds all of it.
     Replicated,
-    /// Each rank holds an equal slice along this axis.
+    /// Each rank holds a slice along this axis: ⌈n/size⌉ elements of it, the last ranks' slices
+    /// shorter when the size does not divide n ([`ParallelContext::axis_range`]; a vocabulary
+    /// splits unevenly, heads and hidden units evenly).
     Axis(usize),
+    /// The axis is `parts` equal blocks side by side (GPT-2's fused Q, K and V projection) and
+    /// each rank holds its slice of every block, concatenated: its heads' queries, keys and
+    /// values.
+    Interleaved {
+        /// The axis.
+        axis: usize,
+        /// Blocks along it.
+        parts: usize,
+    },
     /// A Mixture-of-Experts layer's experts (axis 0): each rank of the expert-parallel group
     /// holds an equal share of them.
     Experts,
@@ -27,10 +39,44 @@ pub trait ParallelContext: Send + Sync {
         (0, 1)
     }
 
-    /// This rank's shard of a freshly initialised full parameter.
-    fn shard(&self, full: &Tensor, split: Split) -> Result<Tensor> {
-        let _ = split;
+    /// This rank's shard of the full parameter `name` (freshly initialised, or loaded from a
+    /// checkpoint). The context remembers each name's split, to gather the whole again
+    /// ([`ParallelContext::gather`]).
+    fn shard(&self, name: &str, full: &Tensor, split: Split) -> Result<Tensor> {
+        let _ = (name, split);
         Ok(full.clone())
+    }
+
+    /// The whole parameter `name` from this rank's shard `local` (collective over the
+    /// tensor-parallel group: every rank of it calls this for the same names in the same order).
+    /// A checkpoint holds whole parameters, so it loads under any layout.
+    fn gather(&self, name: &str, local: &Tensor) -> Result<Tensor> {
+        let _ = name;
+        Ok(local.clone())
+    }
+
+    /// The whole shape of parameter `name`, whose slice on this rank has shape `local`.
+    fn whole_shape(&self, name: &str, local: &[usize]) -> Vec<usize> {
+        let _ = name;
+        local.to_vec()
+    }
+
+    /// How parameter `name` is split (recorded when it was sharded).
+    fn split_of(&self, name: &str) -> Split {
+        let _ = name;
+        Split::Replicated
+    }
+
+    /// `values` summed over the tensor-parallel group (the split parameters' share of a global
+    /// gradient norm); collective over the group.
+    fn sum_over_group(&self, values: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(values)
+    }
+
+    /// The part of an axis of `len` elements this rank holds under [`Split::Axis`] (a
+    /// vocabulary-parallel embedding's rows).
+    fn axis_range(&self, len: usize) -> Range<usize> {
+        0..len
     }
 
     /// Parameter `id` as forward computes with it, from this rank's stored tensor (ZeRO-3
@@ -50,6 +96,19 @@ pub trait ParallelContext: Send + Sync {
     /// `g`).
     fn reduce_parallel(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.clone())
+    }
+
+    /// The mean cross-entropy of `logits` `[rows, vocab]` against `targets`, where the logits
+    /// may hold only this rank's slice of the vocabulary ([`ParallelContext::axis_range`] of it):
+    /// Megatron-LM's vocabulary-parallel cross-entropy combines the slices' maxima, sums of
+    /// exponentials and target logits across the group, so no rank ever holds the whole row.
+    fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        targets: &[i64],
+        opts: CrossEntropyOptions,
+    ) -> Result<Tensor> {
+        logits.cross_entropy(targets, opts)
     }
 
     /// This rank's index in its expert-parallel group and the group's size: each rank holds

@@ -29,9 +29,7 @@ impl Objective for CausalLm {
         let Batch::Tokens(w) = batch else {
             return Err(wrong_batch("causal_lm", batch));
         };
-        let value = output
-            .logits
-            .cross_entropy(&w.targets, CrossEntropyOptions::default())?;
+        let value = output.cross_entropy(&w.targets, CrossEntropyOptions::default())?;
         Ok(Loss {
             value,
             metrics: Vec::new(),

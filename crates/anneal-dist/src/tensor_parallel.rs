@@ -1,0 +1,414 @@
+//! Megatron-LM tensor parallelism (Shoeybi et al. 2019, "Megatron-LM: Training Multi-Billion
+//! Parameter Language Models Using Model Parallelism", §3): the [`ParallelContext`] that splits a
+//! model's layers across the ranks of a tensor-parallel group.
+//!
+//! - A column-parallel linear layer holds a slice of the output features; its input passes
+//!   through `f` (identity forward, all-reduce of the gradient in backward).
+//! - A row-parallel linear layer holds the matching slice of the input features; its partial
+//!   outputs are summed by `g` (all-reduce forward, identity backward).
+//! - Attention splits by heads (the query, key and value projections are column-parallel, the
+//!   output projection row-parallel); the MLP's first layer is column-parallel, its second
+//!   row-parallel. Each transformer block so costs two all-reduces of `B·T·d` values forward and
+//!   two backward, and nothing else.
+//! - The token embedding splits the vocabulary: each rank looks up the ids in its rows and the
+//!   lookups are summed; the tied output head gives each rank its slice of the logits, and the
+//!   vocabulary-parallel cross-entropy combines the slices' maxima, sums of exponentials and
+//!   target logits, so no rank holds a whole row of logits (Megatron's `VocabParallelEmbedding`
+//!   and `vocab_parallel_cross_entropy`). A vocabulary the group does not divide splits unevenly.
+//!
+//! Every rank draws each whole parameter from the same seed and keeps its slice, so a split
+//! model starts from the single-device model's weights; [`ParallelContext::gather`] gives a
+//! parameter back whole (checkpoints hold whole parameters and load under any layout).
+
+use crate::{Communicator, Reduce};
+use anneal_nn::layers::{ParallelContext, Split};
+use anneal_tensor::autograd::Backward;
+use anneal_tensor::{CrossEntropyOptions, DType, Error, Result, Tensor};
+use std::collections::HashMap;
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+
+/// A communication failure as an engine error (the op names the collective's purpose).
+fn comm_error(op: &'static str) -> impl Fn(crate::Error) -> Error {
+    move |e| Error::Invalid {
+        op,
+        reason: e.to_string(),
+    }
+}
+
+/// The tensor-parallel context of one rank: its group, and how each parameter it sharded was
+/// split (by name, with the whole shape).
+pub struct TensorParallel {
+    group: Arc<dyn Communicator>,
+    splits: Mutex<HashMap<String, (Split, Vec<usize>)>>,
+}
+
+impl TensorParallel {
+    /// The context of this rank of `group` (the ranks that split each layer between them).
+    pub fn new(group: Arc<dyn Communicator>) -> TensorParallel {
+        TensorParallel {
+            group,
+            splits: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The tensor-parallel group.
+    pub fn group(&self) -> &Arc<dyn Communicator> {
+        &self.group
+    }
+
+    /// Rank `rank`'s part of an axis of `len` elements.
+    fn part(&self, len: usize, rank: usize) -> Range<usize> {
+        crate::shard_range(len, rank, self.group.size(), 1)
+    }
+
+    /// The recorded split and whole shape of `name`.
+    fn recorded(&self, name: &str) -> Option<(Split, Vec<usize>)> {
+        self.splits.lock().ok()?.get(name).cloned()
+    }
+
+    /// Every rank's slice along `axis` gathered into the whole (`len` along the axis), slices
+    /// being [`TensorParallel::part`]s (padded to equal lengths for the all-gather).
+    fn gather_axis(&self, local: &Tensor, axis: usize, len: usize) -> Result<Tensor> {
+        let n = self.group.size();
+        // The axis first, so a slice is a run of whole rows.
+        let front = if axis == 0 {
+            local.contiguous()
+        } else {
+            local.transpose(0, axis as isize)?.contiguous()
+        };
+        let row: usize = front.shape()[1..].iter().product();
+        let chunk = crate::shard_len(len, n, 1) * row;
+        let mut mine = front.to_vec_f32();
+        mine.resize(chunk, 0.0);
+        let all = self
+            .group
+            .all_gather(mine)
+            .map_err(comm_error("tensor-parallel gather"))?;
+        let mut whole = Vec::with_capacity(len * row);
+        for (j, c) in all.chunks(chunk.max(1)).enumerate().take(n) {
+            whole.extend_from_slice(&c[..self.part(len, j).len() * row]);
+        }
+        let mut shape = front.shape().to_vec();
+        shape[0] = len;
+        let whole = Tensor::from_f32(whole, &shape)?;
+        let whole = if axis == 0 {
+            whole
+        } else {
+            whole.transpose(0, axis as isize)?.contiguous()
+        };
+        Ok(whole.to_dtype(local.dtype()))
+    }
+}
+
+impl ParallelContext for TensorParallel {
+    fn tensor_parallel(&self) -> (usize, usize) {
+        (self.group.rank(), self.group.size())
+    }
+
+    fn shard(&self, name: &str, full: &Tensor, split: Split) -> Result<Tensor> {
+        let (r, n) = (self.group.rank(), self.group.size());
+        let bad = |reason: String| Error::Invalid {
+            op: "tensor-parallel shard",
+            reason: format!("{name} of shape {:?}: {reason}", full.shape()),
+        };
+        let local = match split {
+            Split::Replicated | Split::Experts => full.clone(),
+            Split::Axis(axis) => {
+                let len = *full
+                    .shape()
+                    .get(axis)
+                    .ok_or_else(|| bad("no such axis".into()))?;
+                if len < n {
+                    return Err(bad(format!(
+                        "{len} elements cannot be split over {n} ranks"
+                    )));
+                }
+                let part = self.part(len, r);
+                full.narrow(axis as isize, part.start, part.len())?
+                    .contiguous()
+            }
+            Split::Interleaved { axis, parts } => {
+                let len = *full
+                    .shape()
+                    .get(axis)
+                    .ok_or_else(|| bad("no such axis".into()))?;
+                if parts == 0 || !len.is_multiple_of(parts) || !(len / parts).is_multiple_of(n) {
+                    return Err(bad(format!(
+                        "{parts} blocks along an axis of {len} do not split over {n} ranks"
+                    )));
+                }
+                let (block, slice) = (len / parts, len / parts / n);
+                let pieces = (0..parts)
+                    .map(|p| full.narrow(axis as isize, p * block + r * slice, slice))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::concat(&pieces.iter().collect::<Vec<_>>(), axis as isize)?.contiguous()
+            }
+        };
+        if let Ok(mut splits) = self.splits.lock() {
+            splits.insert(name.to_string(), (split, full.shape().to_vec()));
+        }
+        Ok(local)
+    }
+
+    fn gather(&self, name: &str, local: &Tensor) -> Result<Tensor> {
+        let Some((split, shape)) = self.recorded(name) else {
+            return Ok(local.clone());
+        };
+        match split {
+            Split::Replicated | Split::Experts => Ok(local.clone()),
+            Split::Axis(axis) => self.gather_axis(local, axis, shape[axis]),
+            Split::Interleaved { axis, parts } => {
+                // Rank-major after the gather ([q₀ k₀ v₀][q₁ k₁ v₁]…): reorder to block-major.
+                let n = self.group.size();
+                let whole = self.gather_axis(local, axis, shape[axis])?;
+                let slice = shape[axis] / parts / n;
+                let mut pieces = Vec::with_capacity(parts * n);
+                for p in 0..parts {
+                    for j in 0..n {
+                        pieces.push(whole.narrow(axis as isize, (j * parts + p) * slice, slice)?);
+                    }
+                }
+                Tensor::concat(&pieces.iter().collect::<Vec<_>>(), axis as isize)
+                    .map(|t| t.contiguous())
+            }
+        }
+    }
+
+    fn whole_shape(&self, name: &str, local: &[usize]) -> Vec<usize> {
+        self.recorded(name)
+            .map_or_else(|| local.to_vec(), |(_, shape)| shape)
+    }
+
+    fn split_of(&self, name: &str) -> Split {
+        self.recorded(name)
+            .map_or(Split::Replicated, |(split, _)| split)
+    }
+
+    fn sum_over_group(&self, values: Vec<f32>) -> Result<Vec<f32>> {
+        self.group
+            .all_reduce(values, Reduce::Sum)
+            .map_err(comm_error("tensor-parallel all-reduce"))
+    }
+
+    fn axis_range(&self, len: usize) -> Range<usize> {
+        self.part(len, self.group.rank())
+    }
+
+    fn enter_parallel(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::from_op(
+            x.detach(),
+            &[x],
+            AllReduceGradient {
+                group: self.group.clone(),
+            },
+        ))
+    }
+
+    fn reduce_parallel(&self, x: &Tensor) -> Result<Tensor> {
+        let summed = self
+            .group
+            .all_reduce(x.to_vec_f32(), Reduce::Sum)
+            .map_err(comm_error("tensor-parallel all-reduce"))?;
+        let value = Tensor::from_f32(summed, x.shape())?.to_dtype(x.dtype());
+        Ok(Tensor::from_op(value, &[x], PassGradient))
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &Tensor,
+        targets: &[i64],
+        opts: CrossEntropyOptions,
+    ) -> Result<Tensor> {
+        vocab_parallel_cross_entropy(self.group.as_ref(), logits, targets, opts)
+    }
+}
+
+/// Megatron's `f` in backward: the gradient summed over the group.
+struct AllReduceGradient {
+    group: Arc<dyn Communicator>,
+}
+
+impl Backward for AllReduceGradient {
+    fn name(&self) -> &'static str {
+        "tensor_parallel_enter"
+    }
+
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let summed = self
+            .group
+            .all_reduce(grad.to_vec_f32(), Reduce::Sum)
+            .map_err(comm_error("tensor-parallel all-reduce"))?;
+        Ok(vec![Some(
+            Tensor::from_f32(summed, grad.shape())?.to_dtype(grad.dtype()),
+        )])
+    }
+}
+
+/// Megatron's `g` in backward: the gradient as it is.
+struct PassGradient;
+
+impl Backward for PassGradient {
+    fn name(&self) -> &'static str {
+        "tensor_parallel_reduce"
+    }
+
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(grad.clone())])
+    }
+}
+
+/// The mean cross-entropy of logits split by vocabulary across `group` (Megatron-LM's
+/// `vocab_parallel_cross_entropy`): `logits` `[N, V_r]` is this rank's slice, the ranks' slices
+/// in rank order making up the vocabulary. One all-gather of each rank's row maxima (with its
+/// slice's width) and one all-reduce of the sums of exponentials and the target logits (and, with
+/// label smoothing, the logits' sums): 4·(N+1)·ranks and 8·N (12·N) bytes. The loss is
+/// `lse − z_t` per row (with smoothing ε, `(1−ε)(lse − z_t) + ε(lse − mean z)`, Szegedy et al.
+/// 2016), averaged over the rows whose target is not `ignore_index`.
+pub fn vocab_parallel_cross_entropy(
+    group: &dyn Communicator,
+    logits: &Tensor,
+    targets: &[i64],
+    opts: CrossEntropyOptions,
+) -> Result<Tensor> {
+    let op = "vocab-parallel cross-entropy";
+    if logits.rank() != 2 || logits.shape()[0] != targets.len() {
+        return Err(Error::BadShape {
+            op: "vocab_parallel_cross_entropy",
+            shape: logits.shape().to_vec(),
+            reason: format!("logits must be [N, V] with N = {} targets", targets.len()),
+        });
+    }
+    let (rows, width) = (logits.shape()[0], logits.shape()[1]);
+    let r = group.rank();
+    let x = logits.to_vec_f32();
+    let row = |i: usize| &x[i * width..(i + 1) * width];
+    // Row maxima and this slice's width, gathered: every rank learns the global maxima, the
+    // vocabulary's size and where its slice starts.
+    let mut local: Vec<f32> = (0..rows)
+        .map(|i| row(i).iter().copied().fold(f32::NEG_INFINITY, f32::max))
+        .collect();
+    local.push(width as f32);
+    let gathered = group.all_gather(local).map_err(comm_error(op))?;
+    let per_rank: Vec<&[f32]> = gathered.chunks(rows + 1).collect();
+    let widths: Vec<usize> = per_rank.iter().map(|p| p[rows] as usize).collect();
+    let (vocab, start) = (
+        widths.iter().sum::<usize>(),
+        widths[..r].iter().sum::<usize>(),
+    );
+    let max: Vec<f32> = (0..rows)
+        .map(|i| {
+            per_rank
+                .iter()
+                .map(|p| p[i])
+                .fold(f32::NEG_INFINITY, f32::max)
+        })
+        .collect();
+    if let Some(&bad) = targets
+        .iter()
+        .find(|&&t| t != opts.ignore_index && (t < 0 || t as usize >= vocab))
+    {
+        return Err(Error::IndexOutOfRange {
+            op: "vocab_parallel_cross_entropy",
+            index: bad,
+            limit: vocab,
+        });
+    }
+    let smoothing = opts.label_smoothing != 0.0;
+    let terms = if smoothing { 3 } else { 2 };
+    let mut sums = vec![0.0f32; terms * rows];
+    for i in 0..rows {
+        let z = row(i);
+        sums[i] = z.iter().map(|&v| (v - max[i]).exp()).sum();
+        let t = targets[i];
+        if t != opts.ignore_index && (start..start + width).contains(&(t as usize)) {
+            sums[rows + i] = z[t as usize - start];
+        }
+        if smoothing {
+            sums[2 * rows + i] = z.iter().sum();
+        }
+    }
+    let sums = group
+        .all_reduce(sums, Reduce::Sum)
+        .map_err(comm_error(op))?;
+    let eps = opts.label_smoothing as f64;
+    let lse: Vec<f32> = (0..rows).map(|i| max[i] + sums[i].ln()).collect();
+    let mut total = 0.0f64;
+    for i in 0..rows {
+        if targets[i] == opts.ignore_index {
+            continue;
+        }
+        let nll = (lse[i] - sums[rows + i]) as f64;
+        total += if smoothing {
+            let mean_nll = lse[i] as f64 - sums[2 * rows + i] as f64 / vocab as f64;
+            (1.0 - eps) * nll + eps * mean_nll
+        } else {
+            nll
+        };
+    }
+    let count = targets.iter().filter(|&&t| t != opts.ignore_index).count();
+    let value = Tensor::scalar((total / count.max(1) as f64) as f32);
+    Ok(Tensor::from_op(
+        value,
+        &[logits],
+        VocabParallelCrossEntropyBackward {
+            logits: x,
+            shape: [rows, width],
+            dtype: logits.dtype(),
+            lse,
+            targets: targets.to_vec(),
+            opts,
+            start,
+            vocab,
+            count,
+        },
+    ))
+}
+
+/// What the vocabulary-parallel cross-entropy's gradient needs: the slice's logits and the rows'
+/// log-sum-exps over the whole vocabulary.
+struct VocabParallelCrossEntropyBackward {
+    logits: Vec<f32>,
+    shape: [usize; 2],
+    dtype: DType,
+    lse: Vec<f32>,
+    targets: Vec<i64>,
+    opts: CrossEntropyOptions,
+    start: usize,
+    vocab: usize,
+    count: usize,
+}
+
+impl Backward for VocabParallelCrossEntropyBackward {
+    fn name(&self) -> &'static str {
+        "vocab_parallel_cross_entropy"
+    }
+
+    /// dL/dz = (softmax(z) − (1−ε)·onehot(t) − ε/V)·g/count on every kept row, zero on ignored
+    /// ones; each rank computes its slice's columns.
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let [rows, width] = self.shape;
+        let scale = grad.item()? / self.count.max(1) as f32;
+        let eps = self.opts.label_smoothing;
+        let smooth = eps / self.vocab as f32;
+        let mut dz = vec![0.0f32; rows * width];
+        for i in 0..rows {
+            let t = self.targets[i];
+            if t == self.opts.ignore_index {
+                continue;
+            }
+            let z = &self.logits[i * width..(i + 1) * width];
+            let d = &mut dz[i * width..(i + 1) * width];
+            for (o, &v) in d.iter_mut().zip(z) {
+                *o = ((v - self.lse[i]).exp() - smooth) * scale;
+            }
+            let t = t as usize;
+            if (self.start..self.start + width).contains(&t) {
+                d[t - self.start] -= (1.0 - eps) * scale;
+            }
+        }
+        Ok(vec![Some(
+            Tensor::from_f32(dz, &self.shape)?.to_dtype(self.dtype),
+        )])
+    }
+}

@@ -1,0 +1,152 @@
+//! Tensor parallelism against one device, on the `local` backend: a GPT split over 2 and 4 ranks
+//! (heads, MLP hidden units and an unevenly split vocabulary) gives the single-device model's
+//! logits, loss and gradients, as Megatron-LM's tests hold a tensor-parallel layer to its
+//! single-device layer (to 1e-6, `tests/unit_tests/tensor_parallel`).
+
+use anneal_dist::{local, Communicator, TensorParallel};
+use anneal_nn::layers::ParallelContext;
+use anneal_nn::{Gpt, GptConfig};
+use anneal_tensor::{CrossEntropyOptions, DropoutKey, Tensor};
+use std::sync::Arc;
+
+fn config() -> GptConfig {
+    GptConfig {
+        // 13 tokens: over 2 ranks 7 + 6 rows, over 4 ranks 4 + 4 + 4 + 1.
+        vocab_size: 13,
+        block_size: 8,
+        n_layer: 2,
+        n_head: 4,
+        n_embd: 16,
+        dropout: 0.1,
+        ..GptConfig::gpt2()
+    }
+}
+
+const BATCH: usize = 2;
+const SEQ: usize = 6;
+
+fn ids() -> (Vec<u32>, Vec<i64>) {
+    let ids: Vec<u32> = (0..BATCH * SEQ).map(|i| (i * 5 % 13) as u32).collect();
+    let mut targets: Vec<i64> = (0..BATCH * SEQ).map(|i| (i * 7 % 13) as i64).collect();
+    targets[3] = -100;
+    (ids, targets)
+}
+
+/// The loss, the whole logits and every parameter's whole gradient, by name.
+struct Run {
+    loss: f32,
+    logits: Vec<f32>,
+    grads: Vec<(String, Vec<f32>)>,
+}
+
+fn run(model: &Gpt, smoothing: f32) -> Run {
+    let (ids, targets) = ids();
+    let key = Some(DropoutKey::default().with_seed(7));
+    let logits = model.forward(&ids, BATCH, SEQ, key).unwrap();
+    let opts = CrossEntropyOptions {
+        label_smoothing: smoothing,
+        ..CrossEntropyOptions::default()
+    };
+    let loss = model
+        .parallel()
+        .cross_entropy(&logits, &targets, opts)
+        .unwrap();
+    loss.backward().unwrap();
+    let parallel = model.parallel();
+    let whole_logits = {
+        // The logits are a slice of the vocabulary: gather it as the vocabulary axis is.
+        let t = logits.detach().transpose(0, 1).unwrap().contiguous();
+        gather_rows(parallel.as_ref(), &t, model.config.vocab_size)
+    };
+    let grads = model
+        .params
+        .infos()
+        .iter()
+        .map(|info| {
+            let g = model
+                .params
+                .get(model.params.id(&info.name).unwrap())
+                .grad()
+                .unwrap();
+            let whole = parallel.gather(&info.name, &g).unwrap();
+            (info.name.clone(), whole.to_vec_f32())
+        })
+        .collect();
+    Run {
+        loss: loss.item().unwrap(),
+        logits: whole_logits,
+        grads,
+    }
+}
+
+/// Rows of `t` split as the vocabulary is, gathered whole and transposed back to `[N, V]`.
+fn gather_rows(parallel: &dyn ParallelContext, t: &Tensor, vocab: usize) -> Vec<f32> {
+    let (_, tp) = parallel.tensor_parallel();
+    if tp == 1 {
+        return t.transpose(0, 1).unwrap().contiguous().to_vec_f32();
+    }
+    // Borrow the head's recorded split: the tied table is split by rows exactly so.
+    let whole = parallel.gather("transformer.wte.weight", t).unwrap();
+    assert_eq!(whole.shape()[0], vocab);
+    whole.transpose(0, 1).unwrap().contiguous().to_vec_f32()
+}
+
+fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-12);
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= tol * scale,
+            "{what}[{i}]: {g} vs {w} (scale {scale})"
+        );
+    }
+}
+
+fn check(tp: usize, smoothing: f32) {
+    let one = run(&Gpt::new(config(), 3).unwrap(), smoothing);
+    let runs = local::run(tp, |comm| {
+        let group: Arc<dyn Communicator> = Arc::new(comm);
+        let parallel = Arc::new(TensorParallel::new(group));
+        let model = Gpt::new_in(config(), 3, parallel).map_err(|e| e.to_string())?;
+        Ok::<_, String>(run(&model, smoothing))
+    })
+    .unwrap();
+    for (rank, got) in runs.iter().enumerate() {
+        let what = format!("tp {tp}, rank {rank}, smoothing {smoothing}");
+        assert!(
+            (got.loss - one.loss).abs() <= 1e-6 * one.loss.abs(),
+            "{what}: loss {} vs {}",
+            got.loss,
+            one.loss
+        );
+        assert_close(&format!("{what}: logits"), &got.logits, &one.logits, 1e-6);
+        assert_eq!(got.grads.len(), one.grads.len());
+        for ((name, g), (_, w)) in got.grads.iter().zip(&one.grads) {
+            assert_close(&format!("{what}: gradient of {name}"), g, w, 1e-5);
+        }
+    }
+}
+
+#[test]
+fn a_gpt_split_over_two_ranks_equals_one_device() {
+    check(2, 0.0);
+}
+
+#[test]
+fn a_gpt_split_over_four_ranks_with_an_uneven_vocabulary_equals_one_device() {
+    check(4, 0.0);
+    check(4, 0.1);
+}
+
+#[test]
+fn layouts_the_model_cannot_take_are_refused_naming_the_sizes() {
+    let err = local::run(3, |comm| {
+        let group: Arc<dyn Communicator> = Arc::new(comm);
+        match Gpt::new_in(config(), 3, Arc::new(TensorParallel::new(group))) {
+            Ok(_) => Err("built".to_string()),
+            Err(e) => Ok::<_, String>(e.to_string()),
+        }
+    })
+    .unwrap();
+    assert!(err[0].contains("3 tensor-parallel ranks"), "{}", err[0]);
+}
