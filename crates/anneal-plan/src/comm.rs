@@ -31,6 +31,8 @@ pub enum Group {
     Sharding,
     /// The ranks holding the same shard in each replica (hybrid layouts).
     Replicas,
+    /// The ranks of a tensor-parallel group, which split every layer between them.
+    Tensor,
 }
 
 /// A collective.
@@ -232,4 +234,59 @@ mod tests {
         );
         assert_eq!(bytes(&bf16, Group::Sharding, Collective::AllToAll), 2e6);
     }
+}
+
+/// What a tensor-parallel group's collectives carry: `rows` tokens per micro-batch on each data
+/// rank (its sequences × their length), a residual stream `d_model` wide, `layers` transformer
+/// blocks.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TensorLayout {
+    /// Ranks of the group.
+    pub tp: usize,
+    /// Tokens per micro-batch on a data rank, N = b·T.
+    pub rows: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Transformer blocks.
+    pub layers: usize,
+    /// Micro-batches per step.
+    pub micro_batches: usize,
+    /// Blocks recomputed in backward (their forward all-reduces run twice).
+    pub recomputed: bool,
+    /// Cross-entropy with label smoothing (one more sum per row).
+    pub label_smoothing: bool,
+}
+
+/// Bytes one rank of a tensor-parallel group hands to each collective in one step of a GPT split
+/// as Megatron-LM splits it (Shoeybi et al. 2019, §3): per micro-batch, every block all-reduces
+/// N·d values twice in forward (attention's and the MLP's row-parallel outputs) and twice in
+/// backward (the gradients of their column-parallel inputs), twice more in a recomputed forward;
+/// the vocabulary-parallel embedding all-reduces its lookup (N·d) and the tied head the gradient
+/// of its input (N·d); the vocabulary-parallel cross-entropy all-gathers each row's maximum with
+/// the slice's width (N + 1) and all-reduces the rows' sums of exponentials and target logits (2N,
+/// 3N with label smoothing). Once per step, the split parameters' share of the gradient norm (1
+/// value). Values are f32.
+pub fn tensor_parallel_payload(layout: TensorLayout) -> Vec<Payload> {
+    let (n, d, l) = (
+        layout.rows as f64,
+        layout.d_model as f64,
+        layout.layers as f64,
+    );
+    let per_block = if layout.recomputed { 6.0 } else { 4.0 };
+    let sums = if layout.label_smoothing { 3.0 } else { 2.0 };
+    let m = layout.micro_batches.max(1) as f64;
+    let all_reduce = m * 4.0 * (n * d * (per_block * l + 2.0) + sums * n) + 4.0;
+    let all_gather = m * 4.0 * (n + 1.0);
+    vec![
+        Payload {
+            group: Group::Tensor,
+            collective: Collective::AllReduce,
+            bytes: all_reduce,
+        },
+        Payload {
+            group: Group::Tensor,
+            collective: Collective::AllGather,
+            bytes: all_gather,
+        },
+    ]
 }

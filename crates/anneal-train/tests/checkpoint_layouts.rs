@@ -5,7 +5,9 @@
 //! and saved, holds parameters and optimizer state bitwise equal to the original (the round trip
 //! of DeepSpeed's universal-checkpoint test). The round trip reads each checkpoint on rank 0 only
 //! and hands it to the others (`Trainer::restore_shared`); training on from it matches every rank
-//! reading it (`Trainer::restore`).
+//! reading it (`Trainer::restore`). A data-parallel checkpoint resumes under tensor parallelism
+//! (each rank keeping its slices) and trains on as the uninterrupted single-device run, and saved
+//! again from the slices it is the checkpoint it was, bit for bit.
 
 use std::path::{Path, PathBuf};
 
@@ -198,6 +200,56 @@ fn checkpoints_reshard_across_layouts_bit_for_bit() {
 }
 
 #[test]
+fn a_data_parallel_checkpoint_resumes_under_tensor_parallelism() {
+    let one = config(&[]);
+    let mut whole = trainer(&one, None);
+    let want = train(&mut whole, 40).unwrap();
+
+    let root = tempfile::tempdir().unwrap();
+    let dp = config(&["parallel.dp=2"]);
+    let (first, saved) = on_ranks(2, &["parallel.dp=2"], |t, _| {
+        let losses = train(t, 20)?;
+        Ok((losses, t.save(&root.path().join("dp"), state(&dp))?))
+    });
+    let saved = saved.expect("rank 0 writes the checkpoint");
+    let tp = config(&["parallel.tp=2"]);
+    let (second, again) = on_ranks(2, &["parallel.tp=2"], |t, g| {
+        let loaded = match g.rank() {
+            0 => Some(checkpoint::load(&saved)?),
+            _ => None,
+        };
+        t.restore_shared(loaded.as_ref(), g)?;
+        anyhow::ensure!(t.steps() == 20, "resumed at step {}", t.steps());
+        // Saved again at once, from the slices: the checkpoint it was.
+        let again = t.save(&root.path().join("tp"), state(&tp))?;
+        Ok((train(t, 20)?, again))
+    });
+    for (step, (got, want)) in first.iter().chain(&second).zip(&want).enumerate() {
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs(),
+            "step {}: {got} against {want}",
+            step + 1
+        );
+    }
+    let (original, back) = (
+        checkpoint::load(&saved).unwrap(),
+        checkpoint::load(&again.expect("rank 0 writes the checkpoint")).unwrap(),
+    );
+    for (what, want, got) in [
+        ("parameters", &original.model, &back.model),
+        ("optimizer state", &original.optimizer, &back.optimizer),
+    ] {
+        assert_eq!(want.len(), got.len(), "{what}");
+        for (name, t) in want {
+            let bits = |t: &anneal_tensor::Tensor| -> Vec<u32> {
+                t.to_vec_f32().iter().map(|v| v.to_bits()).collect()
+            };
+            assert_eq!(bits(t), bits(&got[name]), "{what} {name}");
+        }
+    }
+}
+
+#[test]
 fn an_impossible_layout_is_refused_before_any_step() {
     let err = |ranks: usize, sets: &[&str]| -> String {
         format!("{:#}", config(sets).layout(ranks).expect_err("refused"))
@@ -230,6 +282,23 @@ fn an_impossible_layout_is_refused_before_any_step() {
         e.contains("parallel.zero = 3") && e.contains("1 (optimizer"),
         "{e}"
     );
+    // Tensor parallelism: whole heads and hidden units per rank, a divisor of the job.
+    let e = err(4, &["parallel.tp=3"]);
+    assert!(e.contains("parallel.tp = 3") && e.contains("4 rank"), "{e}");
+    let e = err(4, &["parallel.tp=4"]);
+    assert!(
+        e.contains("parallel.tp = 4") && e.contains("model.n_head = 2"),
+        "{e}"
+    );
+    let e = err(4, &["parallel.tp=2", "parallel.zero=1"]);
+    assert!(e.contains("parallel.zero = 1 with parallel.tp = 2"), "{e}");
+    let e = err(4, &["parallel.tp=2", "parallel.dp=4"]);
+    assert!(
+        e.contains("parallel.dp = 4") && e.contains("2 data ranks"),
+        "{e}"
+    );
+    let layout = config(&["parallel.tp=2"]).layout(4).unwrap();
+    assert_eq!((layout.dp, layout.tp, layout.ranks()), (2, 2, 4));
     // Automatic values: ZeRO over every rank, or data parallelism over every rank.
     let layout = config(&["parallel.zero=2"]).layout(4).unwrap();
     assert_eq!((layout.dp, layout.sharding), (1, 4));

@@ -401,6 +401,7 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             (Group::Sharding, false) => "w",
             (Group::Sharding, true) => "w/0",
             (Group::Replicas, _) => "w/1",
+            (Group::Tensor, _) => unreachable!("no tensor parallelism in these layouts"),
         };
         let mut got = tally.lock().unwrap().clone();
         for p in &want {
@@ -414,6 +415,81 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
                 p.collective,
                 p.group,
                 label(p.group)
+            );
+        }
+        assert!(got.is_empty(), "{name}: unplanned collectives {got:?}");
+        report(
+            world,
+            &format!("ok: {name}: payload equals anneal-plan's formula"),
+        );
+    }
+    // Tensor parallelism: the group's activations (4 all-reduces of B·T·d per block, 6 with
+    // recomputed blocks), and data parallelism over the slices.
+    let tensor: [(&str, &[&str]); 3] = [
+        ("tensor parallel ×4", &["model.n_head=4", "parallel.tp=4"]),
+        ("dp 2 × tp 2", &["parallel.tp=2"]),
+        (
+            "dp 2 × tp 2, blocks recomputed, 2 micro-batches",
+            &[
+                "parallel.tp=2",
+                "model.checkpoint_blocks=true",
+                "train.grad_accum=2",
+            ],
+        ),
+    ];
+    for (name, sets) in tensor {
+        let config = config(sets);
+        let layout = config.layout(world.size())?;
+        let tally = Tally::default();
+        let counted = Counted {
+            inner: copy(world)?,
+            label: "w".into(),
+            splits: AtomicUsize::new(0),
+            tally: tally.clone(),
+        };
+        let mut trainer = pretraining_on(&config, VOCAB, tokens(), Some(Box::new(counted)))?;
+        tally.lock().unwrap().clear();
+        let out = trainer.step()?;
+        let m = &config.model;
+        let mut want: Vec<(&str, anneal_plan::comm::Payload)> =
+            anneal_plan::comm::tensor_parallel_payload(anneal_plan::comm::TensorLayout {
+                tp: layout.tp,
+                rows: config.train.batch_size / layout.data_ranks() * m.block_size,
+                d_model: m.n_embd,
+                layers: m.n_layer,
+                micro_batches: config.train.grad_accum,
+                recomputed: m.checkpoint_blocks,
+                label_smoothing: false,
+            })
+            .into_iter()
+            .map(|p| ("w/0", p))
+            .collect();
+        if layout.dp > 1 {
+            let trainable = trainer.model().params().trainable_numel();
+            let data = anneal_plan::comm::step_payload(
+                trainable,
+                anneal_plan::comm::DataLayout {
+                    dp: layout.dp,
+                    sharding: 1,
+                    zero: 0,
+                    bf16_gradients: false,
+                    align: anneal_tensor::params::NORM_CHUNK,
+                    micro_batches: config.train.grad_accum,
+                },
+                out.metrics.len(),
+                true,
+            );
+            want.extend(data.into_iter().map(|p| ("w/1", p)));
+        }
+        let mut got = tally.lock().unwrap().clone();
+        for (label, p) in &want {
+            let bytes = got
+                .remove(&(label.to_string(), p.collective))
+                .unwrap_or(0.0);
+            assert_eq!(
+                bytes, p.bytes,
+                "{name}: {:?} {:?} on {label}",
+                p.collective, p.group
             );
         }
         assert!(got.is_empty(), "{name}: unplanned collectives {got:?}");
