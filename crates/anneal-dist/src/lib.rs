@@ -16,11 +16,11 @@
 //! so a job ends instead of hanging.
 
 pub mod local;
+pub mod model_parallel;
 #[cfg(feature = "mpi")]
 pub mod mpi;
-pub mod tensor_parallel;
 
-pub use tensor_parallel::TensorParallel;
+pub use model_parallel::ModelParallel;
 
 /// Errors of communication. Each names the rank or the sizes at fault.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]

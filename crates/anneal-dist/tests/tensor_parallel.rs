@@ -3,7 +3,7 @@
 //! logits, loss and gradients, as Megatron-LM's tests hold a tensor-parallel layer to its
 //! single-device layer (to 1e-6, `tests/unit_tests/tensor_parallel`).
 
-use anneal_dist::{local, Communicator, TensorParallel};
+use anneal_dist::{local, Communicator, ModelParallel};
 use anneal_nn::layers::ParallelContext;
 use anneal_nn::{Gpt, GptConfig};
 use anneal_tensor::{CrossEntropyOptions, DropoutKey, Tensor};
@@ -106,7 +106,7 @@ fn check(tp: usize, smoothing: f32) {
     let one = run(&Gpt::new(config(), 3).unwrap(), smoothing);
     let runs = local::run(tp, |comm| {
         let group: Arc<dyn Communicator> = Arc::new(comm);
-        let parallel = Arc::new(TensorParallel::new(group));
+        let parallel = Arc::new(ModelParallel::new(group));
         let model = Gpt::new_in(config(), 3, parallel).map_err(|e| e.to_string())?;
         Ok::<_, String>(run(&model, smoothing))
     })
@@ -142,7 +142,7 @@ fn a_gpt_split_over_four_ranks_with_an_uneven_vocabulary_equals_one_device() {
 fn layouts_the_model_cannot_take_are_refused_naming_the_sizes() {
     let err = local::run(3, |comm| {
         let group: Arc<dyn Communicator> = Arc::new(comm);
-        match Gpt::new_in(config(), 3, Arc::new(TensorParallel::new(group))) {
+        match Gpt::new_in(config(), 3, Arc::new(ModelParallel::new(group))) {
             Ok(_) => Err("built".to_string()),
             Err(e) => Ok::<_, String>(e.to_string()),
         }

@@ -272,6 +272,21 @@ impl GptConfig {
     }
 }
 
+/// Where [`Gpt::forward_part`] starts.
+pub enum PartInput<'a> {
+    /// Token ids `[batch, seq]` (row-major), for a range that starts with the embedding.
+    Tokens {
+        /// The ids.
+        ids: &'a [u32],
+        /// Sequences.
+        batch: usize,
+        /// Their length.
+        seq: usize,
+    },
+    /// Hidden states `[B, T, d]` from the layer before the range.
+    Hidden(Tensor),
+}
+
 /// One of a GPT's layers in forward order, as a pipeline cuts them into stages.
 pub enum GptLayer<'a> {
     /// Token and position embeddings.
@@ -447,14 +462,58 @@ impl Gpt {
         seq: usize,
         dropout: Option<DropoutKey>,
     ) -> Result<(Tensor, Vec<(usize, MoeAux)>)> {
+        let all = 0..self.config.n_layer + 2;
+        self.forward_part(PartInput::Tokens { ids, batch, seq }, all, dropout)
+    }
+
+    /// The layers `layers` of [`Gpt::layers`] (0 the embedding, 1..=n_layer the blocks,
+    /// n_layer + 1 the head) on `input`: token ids when the range starts with the embedding, else
+    /// the hidden states `[B, T, d]` the layer before it gave. Returns hidden states, or the
+    /// logits when the range ends with the head, and what the Mixture-of-Experts blocks among
+    /// them reported. A pipeline stage runs its range of layers this way; the whole range is
+    /// [`Gpt::forward_with_aux`].
+    pub fn forward_part(
+        &self,
+        input: PartInput<'_>,
+        layers: std::ops::Range<usize>,
+        dropout: Option<DropoutKey>,
+    ) -> Result<(Tensor, Vec<(usize, MoeAux)>)> {
         let c = &self.config;
+        let head = c.n_layer + 1;
         let p_drop = c.dropout;
         let w = self.weights();
-        let mut x = self
-            .embed(&w, ids, [batch, seq], 0)?
-            .dropout_at(dropout.map_or(0.0, |_| p_drop), dropout.unwrap_or_default())?;
+        let bad = |reason: String| anneal_tensor::Error::Invalid {
+            op: "Gpt::forward_part",
+            reason,
+        };
+        if layers.is_empty() || layers.end > head + 1 {
+            return Err(bad(format!(
+                "layers {layers:?} of a model of {} layers",
+                head + 1
+            )));
+        }
+        let mut x = match (input, layers.start) {
+            (PartInput::Tokens { ids, batch, seq }, 0) => self
+                .embed(&w, ids, [batch, seq], 0)?
+                .dropout_at(dropout.map_or(0.0, |_| p_drop), dropout.unwrap_or_default())?,
+            (PartInput::Hidden(x), start) if start > 0 => x,
+            (_, start) => {
+                return Err(bad(format!(
+                    "layers from {start} take {}",
+                    if start == 0 {
+                        "token ids"
+                    } else {
+                        "hidden states"
+                    }
+                )))
+            }
+        };
         let mut moe = Vec::new();
+        let blocks = layers.start.max(1) - 1..layers.end.min(head) - 1;
         for (index, block) in self.blocks.iter().enumerate() {
+            if !blocks.contains(&index) {
+                continue;
+            }
             let key = dropout.map(|key| crate::layers::layer_key(key, index));
             let (y, aux) = match (c.checkpoint_blocks, block.feed_forward()) {
                 (false, _) => block.forward(&w, &x, p_drop, key)?,
@@ -473,7 +532,33 @@ impl Gpt {
                 moe.push((index, aux));
             }
         }
-        Ok((self.head(&w, &x, batch * seq)?, moe))
+        if layers.end <= head {
+            return Ok((x, moe));
+        }
+        let rows = x.shape()[..x.rank() - 1].iter().product();
+        Ok((self.head(&w, &x, rows)?, moe))
+    }
+
+    /// The layers of [`Gpt::layers`] that use parameter `name` (the tied token embedding is the
+    /// embedding's and the head's): a pipeline stage holds the parameters of its layers.
+    pub fn layers_of(config: &GptConfig, name: &str) -> Vec<usize> {
+        let head = config.n_layer + 1;
+        if name == "transformer.wte.weight" {
+            return if config.tie_embeddings {
+                vec![0, head]
+            } else {
+                vec![0]
+            };
+        }
+        if name.starts_with("transformer.wpe.") {
+            return vec![0];
+        }
+        if let Some(rest) = name.strip_prefix("transformer.h.") {
+            if let Some(i) = rest.split('.').next().and_then(|i| i.parse::<usize>().ok()) {
+                return vec![1 + i];
+            }
+        }
+        vec![head]
     }
 
     /// Logits `[n, vocab]` of `ids` (one sequence) following the positions held in `cache`,

@@ -35,7 +35,7 @@ pub mod llama;
 pub mod vit;
 
 pub use autoencoder::StackedAutoencoder;
-pub use gpt::{Gpt, GptConfig, GptLayer, GptMoe};
+pub use gpt::{Gpt, GptConfig, GptLayer, GptMoe, PartInput};
 pub use layers::KvCache;
 pub use lenet::{LeNet, LeNetConfig};
 pub use llama::{Llama, LlamaConfig};

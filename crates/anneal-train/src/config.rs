@@ -319,6 +319,19 @@ pub struct ParallelConfig {
     /// Tensor-parallel ranks that split every layer between them (Megatron-LM's: heads, MLP
     /// hidden units and the vocabulary); 1 is none. Neighbouring ranks form a group.
     pub tp: usize,
+    /// Pipeline stages the model's layers are cut into (GPipe, Huang et al. 2019; 1F1B,
+    /// Narayanan et al. 2021); 1 is none. The first stage holds the embedding, the last the head.
+    pub pp: usize,
+    /// Blocks of each pipeline stage, in order (uneven stages allowed; the first and last may
+    /// hold none beside the embedding and the head); empty cuts the blocks evenly, earlier
+    /// stages taking the remainder.
+    pub pp_blocks: Vec<usize>,
+    /// Pipeline schedule: `1f1b` (one forward, one backward: at most `pp` micro-batches of
+    /// activations in flight) or `gpipe` (every forward, then every backward).
+    pub schedule: String,
+    /// Pipeline micro-batches each of the step's batches (`train.grad_accum` of them) is cut
+    /// into; 1F1B needs at least `pp` in a step.
+    pub micro_batches: usize,
     /// Ranks in each ZeRO sharding group; 0 means every rank when `zero` is 1 or 2, else 1.
     pub sharding: usize,
     /// ZeRO stage inside each sharding group: 0 (none: plain data parallelism), 1 (optimizer
@@ -335,6 +348,10 @@ impl Default for ParallelConfig {
         ParallelConfig {
             dp: 0,
             tp: 1,
+            pp: 1,
+            pp_blocks: Vec::new(),
+            schedule: "1f1b".into(),
+            micro_batches: 1,
             sharding: 0,
             zero: 0,
             bucket_mb: 25.0,
@@ -343,9 +360,10 @@ impl Default for ParallelConfig {
     }
 }
 
-/// A layout resolved against the job's ranks: `dp × sharding × tp = ranks`. Rank r is
-/// tensor-parallel rank `r % tp` of data rank `r / tp` (a tensor-parallel group is `tp`
-/// neighbouring ranks, as Megatron-LM orders them), and data rank d is shard `d % sharding` of
+/// A layout resolved against the job's ranks: `dp × sharding × tp × pp = ranks`, ordered as
+/// Megatron-LM orders them, tensor parallelism fastest: rank r is tensor-parallel rank `r % tp`
+/// of data rank `r / tp % (dp·sharding)` in pipeline stage `r / (tp·dp·sharding)` (a
+/// tensor-parallel group is `tp` neighbouring ranks), and data rank d is shard `d % sharding` of
 /// replica `d / sharding`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Layout {
@@ -353,6 +371,12 @@ pub struct Layout {
     pub dp: usize,
     /// Tensor-parallel ranks per group.
     pub tp: usize,
+    /// Pipeline stages.
+    pub pp: usize,
+    /// Pipeline micro-batches per batch of the step.
+    pub micro_batches: usize,
+    /// 1F1B (else GPipe).
+    pub one_f_one_b: bool,
     /// Ranks in each sharding group.
     pub sharding: usize,
     /// ZeRO stage (0, 1, 2).
@@ -366,7 +390,12 @@ pub struct Layout {
 impl Layout {
     /// Every rank of the job.
     pub fn ranks(&self) -> usize {
-        self.data_ranks() * self.tp
+        self.data_ranks() * self.tp * self.pp
+    }
+
+    /// The ranks of one model replica: `tp × pp`.
+    pub fn model_ranks(&self) -> usize {
+        self.tp * self.pp
     }
 
     /// The ranks that run different rows of the batch: `dp × sharding`.
@@ -544,6 +573,24 @@ impl RunConfig {
             "1 (no tensor parallelism) or more ranks per tensor-parallel group",
         )?;
         check(
+            p.pp >= 1,
+            "parallel.pp",
+            p.pp.to_string(),
+            "1 (no pipeline) or more stages",
+        )?;
+        check(
+            ["1f1b", "gpipe"].contains(&p.schedule.as_str()),
+            "parallel.schedule",
+            format!("{:?}", p.schedule),
+            "\"1f1b\" or \"gpipe\"",
+        )?;
+        check(
+            p.micro_batches >= 1,
+            "parallel.micro_batches",
+            p.micro_batches.to_string(),
+            "1 or more pipeline micro-batches per batch",
+        )?;
+        check(
             p.zero <= 2,
             "parallel.zero",
             p.zero.to_string(),
@@ -577,17 +624,21 @@ impl RunConfig {
     pub fn layout(&self, ranks: usize) -> Result<Layout> {
         let p = &self.parallel;
         let job = ranks.max(1);
-        let tp = p.tp;
-        if !job.is_multiple_of(tp) {
+        let (tp, pp) = (p.tp, p.pp);
+        if !job.is_multiple_of(tp * pp) {
             bail!(
-                "parallel.tp = {tp} does not divide the job's {job} rank(s); choose a divisor of \
-                 {job}"
+                "parallel.tp = {tp} × parallel.pp = {pp} does not divide the job's {job} rank(s); \
+                 choose values whose product divides {job}"
             );
         }
         if tp > 1 {
             self.check_tensor_parallel(tp)?;
         }
-        let ranks = job / tp;
+        if pp > 1 {
+            self.stage_blocks(pp)?;
+            self.check_pipeline(pp)?;
+        }
+        let ranks = job / (tp * pp);
         let sharding = match (p.sharding, p.dp) {
             (0, 0) if p.zero > 0 => ranks,
             (0, 0) => 1,
@@ -600,8 +651,11 @@ impl RunConfig {
             p.dp
         };
         if dp.checked_mul(sharding) != Some(ranks) {
-            let of = if tp > 1 {
-                format!("{ranks} data ranks (the job's {job} over parallel.tp = {tp})")
+            let of = if tp * pp > 1 {
+                format!(
+                    "{ranks} data ranks (the job's {job} over parallel.tp = {tp} × parallel.pp = \
+                     {pp})"
+                )
             } else {
                 format!("{ranks} rank(s)")
             };
@@ -640,15 +694,34 @@ impl RunConfig {
         }
         let b = self.train.batch_size;
         if !b.is_multiple_of(ranks) {
-            let who = if tp > 1 { "data ranks" } else { "ranks" };
+            let who = if tp * pp > 1 { "data ranks" } else { "ranks" };
             bail!(
                 "train.batch_size = {b} does not split into equal shares over {ranks} {who}; use \
                  a multiple of {ranks}"
             );
         }
+        let share = b / ranks;
+        if pp == 1 && p.micro_batches > 1 {
+            bail!(
+                "parallel.micro_batches = {} cuts batches for a pipeline, and parallel.pp = 1; \
+                 use train.grad_accum to accumulate micro-batches without one",
+                p.micro_batches
+            );
+        }
+        if !share.is_multiple_of(p.micro_batches) {
+            bail!(
+                "parallel.micro_batches = {} does not cut each data rank's {share} rows \
+                 (train.batch_size = {b} over {ranks}) into equal micro-batches; use a divisor of \
+                 {share}",
+                p.micro_batches
+            );
+        }
         Ok(Layout {
             dp,
             tp,
+            pp,
+            micro_batches: p.micro_batches,
+            one_f_one_b: p.schedule == "1f1b",
             sharding,
             zero: p.zero,
             bucket_bytes: (p.bucket_mb * 1e6) as usize,
@@ -722,6 +795,67 @@ impl RunConfig {
             bail!(
                 "a Mixture-of-Experts model ([model.moe]) with parallel.tp = {tp} is not \
                  supported yet; use parallel.tp = 1"
+            );
+        }
+        Ok(())
+    }
+
+    /// The blocks of each of `pp` pipeline stages: `parallel.pp_blocks`, or the blocks cut
+    /// evenly (earlier stages taking the remainder). Fails, naming the key, unless they are `pp`
+    /// counts adding up to `model.n_layer` with a block in every stage between the first and the
+    /// last.
+    pub fn stage_blocks(&self, pp: usize) -> Result<Vec<usize>> {
+        let n = self.model.n_layer;
+        let blocks = if self.parallel.pp_blocks.is_empty() {
+            (0..pp).map(|s| n / pp + usize::from(s < n % pp)).collect()
+        } else {
+            self.parallel.pp_blocks.clone()
+        };
+        let inner_empty = pp > 2 && blocks[1..pp - 1].contains(&0);
+        if blocks.len() != pp || blocks.iter().sum::<usize>() != n || inner_empty {
+            bail!(
+                "parallel.pp_blocks = {:?} does not cut model.n_layer = {n} blocks into \
+                 parallel.pp = {pp} stages: give {pp} counts adding up to {n}, every stage but the \
+                 first and last holding at least one",
+                self.parallel.pp_blocks
+            );
+        }
+        if pp > n + 2 {
+            bail!(
+                "parallel.pp = {pp} stages for model.n_layer = {n} blocks: at most {}",
+                n + 2
+            );
+        }
+        Ok(blocks)
+    }
+
+    /// Fails, naming the keys, unless the pipeline can run: enough micro-batches for 1F1B, and
+    /// no ZeRO or Mixture of Experts beside it yet.
+    fn check_pipeline(&self, pp: usize) -> Result<()> {
+        let p = &self.parallel;
+        let m = self.train.grad_accum * p.micro_batches;
+        if p.schedule == "1f1b" && m < pp {
+            bail!(
+                "parallel.schedule = \"1f1b\" with {m} micro-batch(es) a step \
+                 (train.grad_accum = {} × parallel.micro_batches = {}) and parallel.pp = {pp} \
+                 stages: 1F1B needs at least one micro-batch per stage; raise \
+                 parallel.micro_batches to {} or use parallel.schedule = \"gpipe\"",
+                self.train.grad_accum,
+                p.micro_batches,
+                pp.div_ceil(self.train.grad_accum)
+            );
+        }
+        if p.zero > 0 {
+            bail!(
+                "parallel.zero = {} with parallel.pp = {pp} is not supported yet; use \
+                 parallel.zero = 0 with pipeline parallelism",
+                p.zero
+            );
+        }
+        if self.model.moe.is_some() {
+            bail!(
+                "a Mixture-of-Experts model ([model.moe]) with parallel.pp = {pp} is not \
+                 supported yet; use parallel.pp = 1"
             );
         }
         Ok(())

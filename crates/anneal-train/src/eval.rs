@@ -73,13 +73,27 @@ pub fn batch_losses(
     batch: usize,
     seq: usize,
 ) -> Result<Vec<f64>> {
+    batch_losses_by(set, seed, indices, batch, seq, &mut |w| {
+        Ok(window_nll(model, &w.ids, &w.targets, w.batch, w.seq)?.mean())
+    })
+}
+
+/// [`batch_losses`] with each batch's windows scored by `score` (a pipeline runs them through
+/// its stages).
+pub fn batch_losses_by(
+    set: &ShardSet,
+    seed: u64,
+    indices: impl Iterator<Item = usize>,
+    batch: usize,
+    seq: usize,
+    score: &mut dyn FnMut(&anneal_data::TokenWindows) -> Result<f64>,
+) -> Result<Vec<f64>> {
     let sampler = Sampler { seed };
     let span = set.len() - seq as u64;
     indices
         .map(|i| {
             let offsets = sampler.offsets(Stream::Eval, &[i as u64], batch, span);
-            let w = token_windows(set, &offsets, seq);
-            Ok(window_nll(model, &w.ids, &w.targets, batch, seq)?.mean())
+            score(&token_windows(set, &offsets, seq))
         })
         .collect()
 }

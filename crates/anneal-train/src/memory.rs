@@ -38,7 +38,7 @@ impl MemoryBound {
     /// on top of this lower bound), the activations of its share of the batch (and of its
     /// tensor-parallel slice, though the residual stream is whole on every rank).
     pub fn per_rank(self, layout: &crate::config::Layout) -> MemoryBound {
-        let tp = layout.tp as f64;
+        let tp = layout.model_ranks() as f64;
         let sharded = if layout.zero > 0 { layout.sharding } else { 1 };
         let grads_sharded = if layout.zero >= 2 { layout.sharding } else { 1 };
         MemoryBound {
@@ -149,6 +149,9 @@ mod tests {
         let layout = |zero| crate::config::Layout {
             dp: 2,
             tp: 1,
+            pp: 1,
+            micro_batches: 1,
+            one_f_one_b: true,
             sharding: 4,
             zero,
             bucket_bytes: 1 << 20,

@@ -207,6 +207,37 @@ pub trait TrainModel: Send + Sync {
     fn parallel(&self) -> Option<&Arc<dyn ParallelContext>> {
         None
     }
+
+    /// How many layers a pipeline can cut the model into stages of (in forward order: the
+    /// embedding, the blocks, the head); 0 for a model that cannot be cut.
+    fn pipeline_layers(&self) -> usize {
+        0
+    }
+
+    /// The layers `layers` (of [`TrainModel::pipeline_layers`]) on `input`: the model's input
+    /// when they start with the first layer, else the hidden states the layer before gave.
+    /// Gives the model's output when they end with the last layer, else hidden states (as the
+    /// output's `logits`).
+    fn forward_layers(
+        &self,
+        input: StageInput<'_>,
+        layers: std::ops::Range<usize>,
+        dropout: Option<DropoutKey>,
+    ) -> Result<ModelOutput> {
+        let _ = (input, layers, dropout);
+        Err(anneal_tensor::Error::Invalid {
+            op: "TrainModel::forward_layers",
+            reason: "this model cannot be cut into pipeline stages".into(),
+        })
+    }
+}
+
+/// What a pipeline stage's layers start from.
+pub enum StageInput<'a> {
+    /// The model's input (the first stage).
+    Model(&'a ModelInput<'a>),
+    /// Hidden states received from the stage before.
+    Hidden(Tensor),
 }
 
 impl TrainModel for Gpt {
@@ -233,6 +264,42 @@ impl TrainModel for Gpt {
 
     fn parallel(&self) -> Option<&Arc<dyn ParallelContext>> {
         Some(Gpt::parallel(self))
+    }
+
+    fn pipeline_layers(&self) -> usize {
+        self.config.n_layer + 2
+    }
+
+    fn forward_layers(
+        &self,
+        input: StageInput<'_>,
+        layers: std::ops::Range<usize>,
+        dropout: Option<DropoutKey>,
+    ) -> Result<ModelOutput> {
+        let input = match input {
+            StageInput::Model(ModelInput::Tokens { ids, batch, seq }) => {
+                anneal_nn::PartInput::Tokens {
+                    ids,
+                    batch: *batch,
+                    seq: *seq,
+                }
+            }
+            StageInput::Model(_) => {
+                return Err(anneal_tensor::Error::Invalid {
+                    op: "Gpt",
+                    reason: "a GPT reads token windows".into(),
+                })
+            }
+            StageInput::Hidden(x) => anneal_nn::PartInput::Hidden(x),
+        };
+        let last = layers.end == self.pipeline_layers();
+        let (out, moe) = self.forward_part(input, layers, dropout)?;
+        let mut out = ModelOutput::with_moe(out, moe)?;
+        if last {
+            out.parallel =
+                (self.parallel().tensor_parallel().1 > 1).then(|| self.parallel().clone());
+        }
+        Ok(out)
     }
 
     fn flops_per_token(&self, seq: usize) -> f64 {

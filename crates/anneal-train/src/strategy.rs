@@ -77,6 +77,18 @@ pub trait Strategy: Send {
         Ok(Some(optimizer.state(model.params())))
     }
 
+    /// The mean next-token loss of `windows` without gradients, where the strategy must run the
+    /// model itself (a pipeline's stages, collective over them): `Some` on every rank; `None`
+    /// where the trainer runs the model whole.
+    fn evaluate(
+        &self,
+        model: &dyn TrainModel,
+        windows: &anneal_data::TokenWindows,
+    ) -> Result<Option<f64>> {
+        let _ = (model, windows);
+        Ok(None)
+    }
+
     /// The model's whole parameters by name, as a checkpoint holds them, returned where
     /// [`Strategy::gather_optimizer_state`] returns the state (every rank of a model that is
     /// whole on each; the first of each tensor-parallel group, which gathers the slices).
@@ -1151,183 +1163,6 @@ impl Strategy for ZeroTwo {
 
     fn optimizer_shard(&self, model: &dyn TrainModel) -> Range<usize> {
         self.shard(model)
-    }
-}
-
-/// The ranks that hold the same slices of a model and run different rows of the batch.
-pub type DataGroup = Box<dyn anneal_dist::Communicator>;
-
-/// Splits the job's `world` as `layout` lays it out: with tensor parallelism, rank r joins the
-/// tensor-parallel group of ranks `r / tp · tp ..` (by `r % tp`) and the data group of the ranks
-/// holding the same slices (by `r / tp`); returns the data group and this rank's tensor-parallel
-/// context. Without it, the world is the data group. Collective.
-pub fn split_tensor_parallel(
-    world: Box<dyn anneal_dist::Communicator>,
-    layout: &crate::config::Layout,
-) -> Result<(DataGroup, Option<Arc<anneal_dist::TensorParallel>>)> {
-    let tp = layout.tp;
-    if tp <= 1 {
-        return Ok((world, None));
-    }
-    if world.size() != layout.ranks() {
-        bail!(
-            "the layout dp = {} × sharding = {} × tp = {tp} needs {} ranks, not the job's {}",
-            layout.dp,
-            layout.sharding,
-            layout.ranks(),
-            world.size()
-        );
-    }
-    let r = world.rank();
-    let group: Arc<dyn anneal_dist::Communicator> = Arc::from(world.split(r / tp, r % tp)?);
-    let data = world.split(r % tp, r / tp)?;
-    Ok((
-        data,
-        Some(Arc::new(anneal_dist::TensorParallel::new(group))),
-    ))
-}
-
-/// Tensor parallelism (Megatron-LM, Shoeybi et al. 2019) around the strategy of the data ranks:
-/// the model's layers were built split across a tensor-parallel group
-/// ([`anneal_dist::TensorParallel`]), so forward and backward already run the group's
-/// collectives, and the global gradient norm adds the split parameters' slices over the group
-/// ([`global_grad_norm`]). What this adds is the optimizer state of checkpoints, gathered whole
-/// from the group's slices and cut back into them on restore, so a checkpoint is the same
-/// whatever the layout.
-pub struct WithTensorParallel {
-    inner: Box<dyn Strategy>,
-    parallel: Arc<anneal_dist::TensorParallel>,
-}
-
-impl WithTensorParallel {
-    /// `inner` (the data ranks' strategy) on a model split by `parallel`.
-    pub fn new(inner: Box<dyn Strategy>, parallel: Arc<anneal_dist::TensorParallel>) -> Self {
-        WithTensorParallel { inner, parallel }
-    }
-}
-
-/// Each trainable parameter's name, shape and place in state order.
-fn state_parts(model: &dyn TrainModel) -> Vec<(String, Vec<usize>, Range<usize>)> {
-    let params = model.params();
-    params
-        .trainable_ranges()
-        .map(|(info, _, state)| (info.name.clone(), info.shape.clone(), state))
-        .collect()
-}
-
-impl Strategy for WithTensorParallel {
-    fn describe(&self) -> String {
-        format!(
-            "tensor parallel over {} ranks × {}",
-            self.parallel.group().size(),
-            self.inner.describe()
-        )
-    }
-
-    fn step(
-        &mut self,
-        model: &dyn TrainModel,
-        objective: &mut dyn Objective,
-        optimizer: &mut dyn Optimizer,
-        micro_batches: &[Batch],
-        dropout: &[DropoutKey],
-        settings: StepSettings,
-        after_forward: &mut dyn FnMut(),
-    ) -> Result<StepOutput> {
-        self.inner.step(
-            model,
-            objective,
-            optimizer,
-            micro_batches,
-            dropout,
-            settings,
-            after_forward,
-        )
-    }
-
-    /// The inner strategy's state on each rank of the first data rank's group (its slices),
-    /// gathered parameter by parameter into the whole model's state order.
-    fn gather_optimizer_state(
-        &self,
-        model: &dyn TrainModel,
-        optimizer: &dyn Optimizer,
-    ) -> Result<Option<NamedState>> {
-        use anneal_nn::layers::ParallelContext;
-        let Some(state) = self.inner.gather_optimizer_state(model, optimizer)? else {
-            return Ok(None);
-        };
-        let (parts, total) = (state_parts(model), model.params().trainable_numel());
-        let mut whole = Vec::with_capacity(state.len());
-        for (name, values) in state {
-            if values.len() != total {
-                whole.push((name, values));
-                continue;
-            }
-            let mut out = Vec::new();
-            for (param, shape, range) in &parts {
-                let local = Tensor::from_f32(values[range.clone()].to_vec(), shape)?;
-                out.extend(self.parallel.gather(param, &local)?.to_vec_f32());
-            }
-            whole.push((name, out));
-        }
-        Ok((self.parallel.group().rank() == 0).then_some(whole))
-    }
-
-    fn optimizer_shard(&self, model: &dyn TrainModel) -> Range<usize> {
-        self.inner.optimizer_shard(model)
-    }
-
-    fn gather_parameters(&self, model: &dyn TrainModel) -> Result<Option<Vec<(String, Tensor)>>> {
-        use anneal_nn::layers::ParallelContext;
-        let whole = model
-            .params()
-            .named()
-            .into_iter()
-            .map(|(name, t)| Ok((name.clone(), self.parallel.gather(&name, &t)?)))
-            .collect::<Result<Vec<_>>>()?;
-        Ok((self.parallel.group().rank() == 0).then_some(whole))
-    }
-
-    /// Cuts each whole state vector (the whole model's state order) into this rank's slices,
-    /// then hands them to the inner strategy.
-    fn restore_optimizer_state(
-        &self,
-        model: &dyn TrainModel,
-        optimizer: &mut dyn Optimizer,
-        steps: u64,
-        state: &HashMap<String, Vec<f32>>,
-    ) -> Result<()> {
-        use anneal_nn::layers::ParallelContext;
-        let parts = state_parts(model);
-        let whole_len: usize = parts
-            .iter()
-            .map(|(name, shape, _)| {
-                self.parallel
-                    .whole_shape(name, shape)
-                    .iter()
-                    .product::<usize>()
-            })
-            .sum();
-        let mut mine = HashMap::new();
-        for (name, values) in state {
-            if values.len() != whole_len {
-                mine.insert(name.clone(), values.clone());
-                continue;
-            }
-            let mut out = Vec::with_capacity(model.params().trainable_numel());
-            let mut at = 0;
-            for (param, local, _) in &parts {
-                let shape = self.parallel.whole_shape(param, local);
-                let n: usize = shape.iter().product();
-                let whole = Tensor::from_f32(values[at..at + n].to_vec(), &shape)?;
-                at += n;
-                let split = self.parallel.split_of(param);
-                out.extend(self.parallel.shard(param, &whole, split)?.to_vec_f32());
-            }
-            mine.insert(name.clone(), out);
-        }
-        self.inner
-            .restore_optimizer_state(model, optimizer, steps, &mine)
     }
 }
 

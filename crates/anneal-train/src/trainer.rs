@@ -246,15 +246,26 @@ impl Trainer {
             Some(g) => (g.rank(), g.size()),
             None => (0, 1),
         };
-        // Ranks of the group per data rank (its tensor-parallel group, neighbouring ranks).
-        let tp = group.map_or(1, |g| g.size() / ranks);
-        let mine = crate::eval::batch_losses(
-            &*self.model,
+        // The world ranks of data rank d start at d·tp (tensor-parallel ranks are neighbours).
+        let tp = self.model.parallel().map_or(1, |p| p.tensor_parallel().1);
+        let (model, strategy) = (&*self.model, &*self.strategy);
+        let mine = crate::eval::batch_losses_by(
             set,
             seed,
             (rank..batches).step_by(ranks),
             self.batch_size,
             seq,
+            &mut |w| match strategy.evaluate(model, w).map_err(|e| {
+                anneal_tensor::Error::Invalid {
+                    op: "evaluate",
+                    reason: format!("{e:#}"),
+                }
+            })? {
+                Some(loss) => Ok(loss),
+                None => {
+                    Ok(crate::eval::window_nll(model, &w.ids, &w.targets, w.batch, w.seq)?.mean())
+                }
+            },
         )?;
         let Some(group) = group else {
             return Ok(mine.iter().sum::<f64>() / batches as f64);
@@ -636,30 +647,82 @@ pub fn pretraining_on(
             }
             Some(world) => {
                 let layout = config.layout(world.size())?;
-                // The ranks that hold the same slices and run different rows (every rank
-                // without tensor parallelism), and this rank's tensor-parallel context.
-                let (data_world, tensor) = crate::strategy::split_tensor_parallel(world, &layout)?;
-                let mut model = match &tensor {
-                    Some(tp) => Gpt::new_in(gpt, t.seed, tp.clone())?,
-                    None => Gpt::new(gpt, t.seed)?,
+                let mesh = crate::mesh::Mesh::split(world, &layout)?;
+                let layers = match mesh.pipeline {
+                    Some(_) => crate::mesh::stage_layers(&config.stage_blocks(layout.pp)?)
+                        [mesh.stage()]
+                    .clone(),
+                    None => 0..gpt.n_layer + 2,
                 };
-                let rank = (data_world.rank(), data_world.size());
+                // This rank's part of the model: its tensor-parallel slices of its stage's
+                // layers.
+                let parallel = mesh.tensor.clone().map(|group| {
+                    let context = anneal_dist::ModelParallel::new(group);
+                    let context = match mesh.pipeline {
+                        Some(_) => {
+                            let (config, layers) = (gpt.clone(), layers.clone());
+                            context.holding(Arc::new(move |name: &str| {
+                                Gpt::layers_of(&config, name)
+                                    .iter()
+                                    .any(|l| layers.contains(l))
+                            }))
+                        }
+                        None => context,
+                    };
+                    Arc::new(context)
+                });
+                let mut model = match &parallel {
+                    Some(p) => Gpt::new_in(gpt.clone(), t.seed, p.clone())?,
+                    None => Gpt::new(gpt.clone(), t.seed)?,
+                };
+                let crate::mesh::Mesh {
+                    data,
+                    pipeline,
+                    embedding,
+                    ..
+                } = mesh;
+                let rank = (data.rank(), data.size());
                 let initial = model
                     .params
                     .trainable_values(0..model.params.trainable_numel());
                 model
                     .params
-                    .set_trainable_values(0, &data_world.broadcast(initial, 0)?);
-                let data_layout = crate::config::Layout { tp: 1, ..layout };
-                let (strategy, shard) =
-                    crate::strategy::for_layout(data_layout, data_world, &mut model)?;
-                let optimizer = if layout.zero > 0 && layout.data_ranks() > 1 {
-                    AdamW::shard(&model.params, adamw, shard)?
-                } else {
-                    AdamW::new(&model.params, adamw)
+                    .set_trainable_values(0, &data.broadcast(initial, 0)?);
+                let (strategy, optimizer): (Box<dyn crate::strategy::Strategy>, _) = match &pipeline
+                {
+                    Some(pipe) => {
+                        let tied = embedding
+                            .filter(|_| gpt.tie_embeddings)
+                            .map(|g| (g, "transformer.wte.weight".to_string()));
+                        let data = (data.size() > 1).then_some(data);
+                        let pipeline = crate::pipeline::Pipeline::new(
+                            pipe.clone(),
+                            layers,
+                            layout.one_f_one_b,
+                            layout.micro_batches,
+                            tied,
+                            data,
+                        );
+                        (Box::new(pipeline), AdamW::new(&model.params, adamw))
+                    }
+                    None => {
+                        let data_layout = crate::config::Layout {
+                            tp: 1,
+                            pp: 1,
+                            ..layout
+                        };
+                        let (strategy, shard) =
+                            crate::strategy::for_layout(data_layout, data, &mut model)?;
+                        let optimizer = if layout.zero > 0 && layout.data_ranks() > 1 {
+                            AdamW::shard(&model.params, adamw, shard)?
+                        } else {
+                            AdamW::new(&model.params, adamw)
+                        };
+                        (strategy, optimizer)
+                    }
                 };
-                let strategy: Box<dyn crate::strategy::Strategy> = match tensor {
-                    Some(tp) => Box::new(crate::strategy::WithTensorParallel::new(strategy, tp)),
+                let strategy: Box<dyn crate::strategy::Strategy> = match parallel {
+                    Some(p) => Box::new(crate::mesh::WithModelParallel::new(strategy, p, pipeline)),
                     None => strategy,
                 };
                 (model, strategy, optimizer, rank)

@@ -534,9 +534,81 @@ fn tensor_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result
     Ok(())
 }
 
+/// Trains `config` on the ranks of `group`, a pipeline among them: every step's loss, and the
+/// whole final parameters where the strategy gathers them (the first stage's first
+/// tensor-parallel rank of each replica), else none.
+fn train_pipeline(config: &RunConfig, group: Box<dyn Communicator>) -> anyhow::Result<Trained> {
+    let mut trainer = pretraining_on(config, VOCAB, tokens(), Some(group))?;
+    let mut losses = Vec::new();
+    for _ in 0..STEPS {
+        let out = trainer.step()?;
+        assert!(out.grad_norm > CLIP, "every step clips: {}", out.grad_norm);
+        losses.push(out.loss);
+    }
+    let params = match trainer.strategy().gather_parameters(trainer.model())? {
+        Some(named) => named.iter().flat_map(|(_, t)| t.to_vec_f32()).collect(),
+        None => Vec::new(),
+    };
+    Ok((losses, params))
+}
+
+fn pipelines_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
+    let one = train(&config(&[]), None)?;
+    let layouts: [(&str, &[&str]); 5] = [
+        (
+            "GPipe, pp 2 × dp 2, 2 micro-batches",
+            &[
+                "parallel.pp=2",
+                "parallel.schedule=gpipe",
+                "parallel.micro_batches=2",
+            ],
+        ),
+        (
+            "1F1B, pp 2 × dp 2, 4 micro-batches",
+            &["parallel.pp=2", "parallel.micro_batches=4"],
+        ),
+        (
+            "1F1B, pp 4 with stages of 0, 1, 1, 0 blocks, 4 micro-batches",
+            &[
+                "parallel.pp=4",
+                "parallel.pp_blocks=[0, 1, 1, 0]",
+                "parallel.micro_batches=4",
+            ],
+        ),
+        (
+            "1F1B, pp 2 × dp 2, blocks recomputed, 2 micro-batches",
+            &[
+                "parallel.pp=2",
+                "parallel.micro_batches=2",
+                "model.checkpoint_blocks=true",
+            ],
+        ),
+        (
+            "tp 2 × pp 2, 1F1B, 2 micro-batches",
+            &["parallel.tp=2", "parallel.pp=2", "parallel.micro_batches=2"],
+        ),
+    ];
+    for (name, sets) in layouts {
+        let got = train_pipeline(&config(sets), copy(world)?)?;
+        let writer = !got.1.is_empty();
+        if writer {
+            close(name, &got, &one);
+        } else {
+            close(name, &(got.0.clone(), one.1.clone()), &one);
+        }
+        // Every replica's writer gathered the whole model.
+        let writers = world.all_reduce(vec![f32::from(u8::from(writer))], Reduce::Sum)?[0];
+        let layout = config(sets).layout(world.size())?;
+        assert_eq!(writers as usize, layout.data_ranks(), "{name}: writers");
+        report(world, &format!("ok: {name} equals one device"));
+    }
+    Ok(())
+}
+
 type Check = fn(&dyn Communicator) -> anyhow::Result<()>;
 
-const CHECKS: [(&str, Check); 5] = [
+const CHECKS: [(&str, Check); 6] = [
+    ("pipelines_equal_one_device", pipelines_equal_one_device),
     (
         "tensor_parallel_equals_one_device",
         tensor_parallel_equals_one_device,

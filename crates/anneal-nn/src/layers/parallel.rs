@@ -55,6 +55,13 @@ pub trait ParallelContext: Send + Sync {
         Ok(local.clone())
     }
 
+    /// Whether this rank holds parameter `name` (a pipeline stage holds only its layers';
+    /// the others are empty on it).
+    fn holds(&self, name: &str) -> bool {
+        let _ = name;
+        true
+    }
+
     /// The whole shape of parameter `name`, whose slice on this rank has shape `local`.
     fn whole_shape(&self, name: &str, local: &[usize]) -> Vec<usize> {
         let _ = name;

@@ -36,20 +36,39 @@ fn comm_error(op: &'static str) -> impl Fn(crate::Error) -> Error {
     }
 }
 
-/// The tensor-parallel context of one rank: its group, and how each parameter it sharded was
-/// split (by name, with the whole shape).
-pub struct TensorParallel {
+/// Which parameters a rank holds, by name: a pipeline stage's.
+pub type Holds = Arc<dyn Fn(&str) -> bool + Send + Sync>;
+
+/// The model-parallel context of one rank: its tensor-parallel group (of one rank without
+/// tensor parallelism), the parameters it holds (a pipeline stage's, or all), and how each
+/// parameter was split (by name, with the whole shape).
+pub struct ModelParallel {
     group: Arc<dyn Communicator>,
+    holds: Option<Holds>,
     splits: Mutex<HashMap<String, (Split, Vec<usize>)>>,
 }
 
-impl TensorParallel {
+impl ModelParallel {
     /// The context of this rank of `group` (the ranks that split each layer between them).
-    pub fn new(group: Arc<dyn Communicator>) -> TensorParallel {
-        TensorParallel {
+    pub fn new(group: Arc<dyn Communicator>) -> ModelParallel {
+        ModelParallel {
             group,
+            holds: None,
             splits: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// This context holding only the parameters `holds` names (a pipeline stage's layers'); the
+    /// others are declared empty (`[0]`), their values drawn and dropped so every stage draws
+    /// the whole model's initial values in the same order.
+    pub fn holding(mut self, holds: Holds) -> ModelParallel {
+        self.holds = Some(holds);
+        self
+    }
+
+    /// Whether this rank holds parameter `name`.
+    pub fn holds(&self, name: &str) -> bool {
+        self.holds.as_ref().is_none_or(|h| h(name))
     }
 
     /// The tensor-parallel group.
@@ -68,7 +87,7 @@ impl TensorParallel {
     }
 
     /// Every rank's slice along `axis` gathered into the whole (`len` along the axis), slices
-    /// being [`TensorParallel::part`]s (padded to equal lengths for the all-gather).
+    /// being [`ModelParallel::part`]s (padded to equal lengths for the all-gather).
     fn gather_axis(&self, local: &Tensor, axis: usize, len: usize) -> Result<Tensor> {
         let n = self.group.size();
         // The axis first, so a slice is a run of whole rows.
@@ -101,7 +120,7 @@ impl TensorParallel {
     }
 }
 
-impl ParallelContext for TensorParallel {
+impl ParallelContext for ModelParallel {
     fn tensor_parallel(&self) -> (usize, usize) {
         (self.group.rank(), self.group.size())
     }
@@ -112,6 +131,12 @@ impl ParallelContext for TensorParallel {
             op: "tensor-parallel shard",
             reason: format!("{name} of shape {:?}: {reason}", full.shape()),
         };
+        if !self.holds(name) {
+            if let Ok(mut splits) = self.splits.lock() {
+                splits.insert(name.to_string(), (split, full.shape().to_vec()));
+            }
+            return Ok(Tensor::zeros(&[0], full.dtype()));
+        }
         let local = match split {
             Split::Replicated | Split::Experts => full.clone(),
             Split::Axis(axis) => {
@@ -155,6 +180,9 @@ impl ParallelContext for TensorParallel {
         let Some((split, shape)) = self.recorded(name) else {
             return Ok(local.clone());
         };
+        if !self.holds(name) || self.group.size() == 1 {
+            return Ok(local.clone());
+        }
         match split {
             Split::Replicated | Split::Experts => Ok(local.clone()),
             Split::Axis(axis) => self.gather_axis(local, axis, shape[axis]),
@@ -181,8 +209,15 @@ impl ParallelContext for TensorParallel {
     }
 
     fn split_of(&self, name: &str) -> Split {
+        if self.group.size() == 1 {
+            return Split::Replicated;
+        }
         self.recorded(name)
             .map_or(Split::Replicated, |(split, _)| split)
+    }
+
+    fn holds(&self, name: &str) -> bool {
+        ModelParallel::holds(self, name)
     }
 
     fn sum_over_group(&self, values: Vec<f32>) -> Result<Vec<f32>> {

@@ -1,0 +1,407 @@
+//! Pipeline parallelism: the model's ordered layers (embedding, blocks, head) cut into stages, one
+//! per rank of a pipeline group, each step's batches cut into micro-batches that flow through
+//! the stages, activations forward and their gradients backward, the loss on the last stage.
+//!
+//! Two schedules (Narayanan et al. 2021, "Efficient Large-Scale Language Model Training on GPU
+//! Clusters Using Megatron-LM", §2.2):
+//! - **GPipe** (Huang et al. 2019): every micro-batch's forward, then every backward; m
+//!   micro-batches of activations in flight.
+//! - **1F1B** (PipeDream-Flush): stage s runs `p − s − 1` warm-up forwards, then alternates one
+//!   forward and one backward, then drains the remaining backwards; at most `p − s` micro-batches
+//!   in flight. Both have the bubble (p − 1)/m.
+//!
+//! A tied token embedding lives on the first stage (the embedding) and the last (the head); the
+//! two copies start equal and stay equal because their gradients are summed across the
+//! embedding group (the first and last stage) before the optimizer step, as Megatron-LM does.
+//! Sends never block (messages are buffered), so both schedules run without deadlock on
+//! blocking receives.
+
+use crate::model::{StageInput, TrainModel};
+use crate::objectives::Objective;
+use crate::strategy::{NonFiniteLoss, StepOutput, StepSettings, Strategy};
+use anneal_data::Batch;
+use anneal_dist::{Communicator, Reduce};
+use anneal_nn::layers::Split;
+use anneal_tensor::{DropoutKey, Optimizer, Tensor};
+use anyhow::{bail, Result};
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Message tags of the activations sent forward and their gradients sent back.
+const TAG_ACTIVATION: u32 = 0xac71;
+const TAG_GRADIENT: u32 = 0x96ad;
+
+/// One stage of a pipeline.
+pub struct Pipeline {
+    /// The pipeline group: stage s is rank s.
+    group: Arc<dyn Communicator>,
+    /// This stage's layers of the model.
+    layers: Range<usize>,
+    /// 1F1B (else GPipe).
+    one_f_one_b: bool,
+    /// Pipeline micro-batches each of the step's batches is cut into.
+    chunks: usize,
+    /// The first and last stage, which both hold the tied embedding `(group, parameter name)`.
+    embedding: Option<(Box<dyn Communicator>, String)>,
+    /// The data-parallel group whose replicas' gradients are averaged (none with one replica).
+    data: Option<Box<dyn Communicator>>,
+}
+
+/// What a forward leaves for its backward.
+struct InFlight {
+    /// The received activation (a leaf whose gradient goes back), on every stage but the first.
+    input: Option<Tensor>,
+    /// The stage's output, or on the last stage the weighted loss.
+    output: Tensor,
+}
+
+impl Pipeline {
+    /// Stage `group.rank()` of `group.size()`, running `layers` of the model, with `chunks`
+    /// micro-batches per batch under 1F1B (`one_f_one_b`) or GPipe. `embedding` is the group of
+    /// the first and last stage when they share a tied embedding (with its parameter's name),
+    /// `data` the data-parallel group (more than one replica).
+    pub fn new(
+        group: Arc<dyn Communicator>,
+        layers: Range<usize>,
+        one_f_one_b: bool,
+        chunks: usize,
+        embedding: Option<(Box<dyn Communicator>, String)>,
+        data: Option<Box<dyn Communicator>>,
+    ) -> Pipeline {
+        Pipeline {
+            group,
+            layers,
+            one_f_one_b,
+            chunks: chunks.max(1),
+            embedding,
+            data,
+        }
+    }
+
+    /// The pipeline group.
+    pub fn group(&self) -> &Arc<dyn Communicator> {
+        &self.group
+    }
+
+    fn stage(&self) -> usize {
+        self.group.rank()
+    }
+
+    fn is_first(&self) -> bool {
+        self.stage() == 0
+    }
+
+    fn is_last(&self) -> bool {
+        self.stage() + 1 == self.group.size()
+    }
+
+    /// The order of one step's forwards (`true`) and backwards over `m` micro-batches.
+    fn order(&self, m: usize) -> Vec<bool> {
+        let (p, s) = (self.group.size(), self.stage());
+        let warmup = if self.one_f_one_b {
+            (p - s - 1).min(m)
+        } else {
+            m
+        };
+        let mut order = vec![true; warmup];
+        for _ in warmup..m {
+            order.push(true);
+            order.push(false);
+        }
+        order.extend(std::iter::repeat_n(false, warmup));
+        order
+    }
+
+    /// Micro-batch `i`'s forward on this stage; on the last stage, its loss (times its weight)
+    /// is added to `out`.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        model: &dyn TrainModel,
+        objective: &mut dyn Objective,
+        batch: &Batch,
+        key: DropoutKey,
+        weight: f64,
+        out: &mut StepOutput,
+    ) -> Result<InFlight> {
+        let input = if self.is_first() {
+            None
+        } else {
+            Some(self.receive_activation(batch)?.requires_grad_())
+        };
+        let model_input = objective.inputs(batch)?;
+        let stage_input = match &input {
+            None => StageInput::Model(&model_input),
+            Some(x) => StageInput::Hidden(x.clone()),
+        };
+        let output = model.forward_layers(stage_input, self.layers.clone(), Some(key))?;
+        if !self.is_last() {
+            self.group
+                .send(output.logits.to_vec_f32(), self.stage() + 1, TAG_ACTIVATION)?;
+            return Ok(InFlight {
+                input,
+                output: output.logits,
+            });
+        }
+        let loss = objective.loss(&output, batch)?;
+        let mut total = loss.value;
+        for (_, aux) in &output.aux_losses {
+            total = total.add(aux)?;
+        }
+        out.loss += weight * total.item()? as f64;
+        let weight = Tensor::from_f32(vec![weight as f32], total.shape())?;
+        Ok(InFlight {
+            input,
+            output: total.mul(&weight)?,
+        })
+    }
+
+    /// A micro-batch's backward: from its weighted loss on the last stage, from the gradient the
+    /// next stage sends elsewhere; the gradient of its input goes back to the stage before.
+    fn backward(&self, flight: InFlight) -> Result<()> {
+        if self.is_last() {
+            flight.output.backward()?;
+        } else {
+            let values = self.group.recv(self.stage() + 1, TAG_GRADIENT)?;
+            let grad = Tensor::from_f32(values, flight.output.shape())?;
+            flight.output.backward_with_grad(&grad)?;
+        }
+        if let Some(input) = flight.input {
+            let grad = input
+                .grad()
+                .map(|g| g.to_vec_f32())
+                .unwrap_or_else(|| vec![0.0; input.numel()]);
+            self.group.send(grad, self.stage() - 1, TAG_GRADIENT)?;
+        }
+        Ok(())
+    }
+
+    /// The activation of `batch` from the stage before, as `[B, T, d]`.
+    fn receive_activation(&self, batch: &Batch) -> Result<Tensor> {
+        let values = self.group.recv(self.stage() - 1, TAG_ACTIVATION)?;
+        let (b, t) = match batch {
+            Batch::Tokens(w) => (w.batch, w.seq),
+            other => bail!("a pipeline runs token windows, not {}", other.kind()),
+        };
+        let d = values.len() / (b * t).max(1);
+        Ok(Tensor::from_f32(values, &[b, t, d])?)
+    }
+
+    /// The global gradient norm: each stage's sum of squares (the split parameters' slices added
+    /// over the tensor-parallel group, the tied embedding counted on the first stage only) added
+    /// over the pipeline.
+    fn grad_norm(&self, model: &dyn TrainModel) -> Result<f32> {
+        let params = model.params();
+        let parallel = model.parallel();
+        let tied = self
+            .embedding
+            .as_ref()
+            .filter(|_| !self.is_first())
+            .map(|(_, name)| name.as_str());
+        let (mut split, mut whole) = (0.0f64, 0.0f64);
+        params.with_grads(|g| {
+            for (info, _, state) in params.trainable_ranges() {
+                if Some(info.name.as_str()) == tied {
+                    continue;
+                }
+                let sq: f64 = g[state].iter().map(|&x| x as f64 * x as f64).sum();
+                let is_split = parallel.is_some_and(|p| {
+                    p.tensor_parallel().1 > 1
+                        && matches!(
+                            p.split_of(&info.name),
+                            Split::Axis(_) | Split::Interleaved { .. }
+                        )
+                });
+                if is_split {
+                    split += sq;
+                } else {
+                    whole += sq;
+                }
+            }
+        });
+        let split = match parallel {
+            Some(p) => p.sum_over_group(vec![split as f32])?[0] as f64,
+            None => split,
+        };
+        let stage = (split + whole) as f32;
+        let total = self.group.all_reduce(vec![stage], Reduce::Sum)?[0];
+        Ok(total.sqrt())
+    }
+}
+
+impl Strategy for Pipeline {
+    fn describe(&self) -> String {
+        format!(
+            "pipeline stage {} of {} (layers {:?}, {}, {} micro-batch(es) a batch){}",
+            self.stage(),
+            self.group.size(),
+            self.layers,
+            if self.one_f_one_b { "1F1B" } else { "GPipe" },
+            self.chunks,
+            self.data.as_ref().map_or(String::new(), |d| format!(
+                " × data parallel over {}",
+                d.size()
+            ))
+        )
+    }
+
+    fn step(
+        &mut self,
+        model: &dyn TrainModel,
+        objective: &mut dyn Objective,
+        optimizer: &mut dyn Optimizer,
+        micro_batches: &[Batch],
+        dropout: &[DropoutKey],
+        settings: StepSettings,
+        after_forward: &mut dyn FnMut(),
+    ) -> Result<StepOutput> {
+        if micro_batches.is_empty() || dropout.len() != micro_batches.len() {
+            bail!("a step needs one or more micro-batches and a dropout key for each");
+        }
+        // Each batch cut into `chunks` pieces of rows, each keyed by where its rows start.
+        let mut pieces = Vec::new();
+        for (batch, key) in micro_batches.iter().zip(dropout) {
+            let rows = match batch {
+                Batch::Tokens(w) => w.batch,
+                other => bail!("a pipeline runs token windows, not {}", other.kind()),
+            };
+            if !rows.is_multiple_of(self.chunks) {
+                bail!(
+                    "{rows} rows do not cut into {} pipeline micro-batches",
+                    self.chunks
+                );
+            }
+            let share = rows / self.chunks;
+            for c in 0..self.chunks {
+                let piece_key = DropoutKey {
+                    first_row: key.first_row + (c * share) as u64,
+                    ..*key
+                };
+                pieces.push((batch.rows(c * share..(c + 1) * share), piece_key));
+            }
+        }
+        let total_tokens: usize = pieces.iter().map(|(b, _)| b.tokens()).sum();
+        let n = pieces.len();
+        let weight_of = |b: &Batch| match total_tokens {
+            0 => 1.0 / n as f64,
+            t => b.tokens() as f64 / t as f64,
+        };
+        let params = model.params();
+        params.zero_grad();
+        let mut out = StepOutput::default();
+        let mut flights = std::collections::VecDeque::new();
+        let (mut next_forward, mut next_backward) = (0, 0);
+        for forward in self.order(n) {
+            if forward {
+                let (batch, key) = &pieces[next_forward];
+                let t = Instant::now();
+                let flight =
+                    self.forward(model, objective, batch, *key, weight_of(batch), &mut out)?;
+                out.phases[0] += t.elapsed().as_secs_f64();
+                after_forward();
+                flights.push_back(flight);
+                next_forward += 1;
+            } else {
+                let t = Instant::now();
+                let flight = flights
+                    .pop_front()
+                    .ok_or_else(|| anyhow::anyhow!("pipeline schedule: backward before forward"))?;
+                self.backward(flight)?;
+                out.phases[1] += t.elapsed().as_secs_f64();
+                next_backward += 1;
+            }
+        }
+        debug_assert_eq!((next_forward, next_backward), (n, n));
+        let t = Instant::now();
+        // The tied embedding's two copies receive the sum of their gradients.
+        if let Some((group, name)) = &self.embedding {
+            let id = params.id(name)?;
+            let grad = params
+                .get(id)
+                .grad()
+                .ok_or_else(|| anyhow::anyhow!("{name} has no gradient"))?;
+            let summed = group.all_reduce(grad.to_vec_f32(), Reduce::Sum)?;
+            params.set_grad(id, &Tensor::from_f32(summed, grad.shape())?)?;
+        }
+        if let Some(data) = &self.data {
+            let grads = params.grads_to_vec();
+            let mean = data.all_reduce(grads, Reduce::Mean)?;
+            params.with_grads_mut(|g| g.copy_from_slice(&mean));
+        }
+        // Every stage reports the last stage's loss, averaged over the replicas.
+        let last = self.group.size() - 1;
+        out.loss = self.group.broadcast(vec![out.loss as f32], last)?[0] as f64;
+        if let Some(data) = &self.data {
+            out.loss = data.all_reduce(vec![out.loss as f32], Reduce::Mean)?[0] as f64;
+        }
+        out.exposed_comm += t.elapsed().as_secs_f64();
+        if !out.loss.is_finite() {
+            return Err(NonFiniteLoss(out.loss).into());
+        }
+        out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
+            self.grad_norm(model)? as f64
+        } else {
+            f64::NAN
+        };
+        if settings.grad_clip > 0.0 {
+            if let Some(s) =
+                anneal_tensor::params::clip_factor(out.grad_norm as f32, settings.grad_clip)
+            {
+                params.scale_grads(params.held_grads(), s);
+            }
+        }
+        optimizer.step(params, settings.lr);
+        out.phases[2] += t.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    /// The windows through the stages without gradients; the last stage's mean cross-entropy,
+    /// broadcast to every stage.
+    fn evaluate(
+        &self,
+        model: &dyn TrainModel,
+        windows: &anneal_data::TokenWindows,
+    ) -> Result<Option<f64>> {
+        let batch = Batch::Tokens(windows.clone());
+        let loss = anneal_tensor::no_grad(|| -> Result<f32> {
+            let input = if self.is_first() {
+                None
+            } else {
+                Some(self.receive_activation(&batch)?)
+            };
+            let model_input = crate::model::ModelInput::Tokens {
+                ids: &windows.ids,
+                batch: windows.batch,
+                seq: windows.seq,
+            };
+            let stage_input = match input {
+                None => StageInput::Model(&model_input),
+                Some(x) => StageInput::Hidden(x),
+            };
+            let output = model.forward_layers(stage_input, self.layers.clone(), None)?;
+            if !self.is_last() {
+                self.group
+                    .send(output.logits.to_vec_f32(), self.stage() + 1, TAG_ACTIVATION)?;
+                return Ok(0.0);
+            }
+            let ce = output.cross_entropy(
+                &windows.targets,
+                anneal_tensor::CrossEntropyOptions::default(),
+            )?;
+            Ok(ce.item()?)
+        })?;
+        let last = self.group.size() - 1;
+        Ok(Some(self.group.broadcast(vec![loss], last)?[0] as f64))
+    }
+
+    fn gather_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &dyn Optimizer,
+    ) -> Result<Option<crate::strategy::NamedState>> {
+        // Each replica holds the whole state of its stage: the first replica's is gathered.
+        let first = self.data.as_ref().is_none_or(|d| d.rank() == 0);
+        Ok(first.then(|| optimizer.state(model.params())))
+    }
+}
