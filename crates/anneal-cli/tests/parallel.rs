@@ -1,6 +1,7 @@
 //! `anneal pretrain --ranks N`: ranks as threads of one process train what one rank trains (data
-//! parallel, ZeRO, and tensor parallel beside data parallel), a run interrupted on several ranks
-//! resumes on one, and a layout that cannot run is refused before anything is written.
+//! parallel, ZeRO, tensor parallel beside data parallel, and a pipeline), a run interrupted on
+//! several ranks resumes on one, and a layout that cannot run is refused before anything is
+//! written.
 
 mod common;
 
@@ -47,6 +48,17 @@ fn ranks_train_as_one_rank_does_and_resume_on_another_layout() {
         (
             "4 ranks, dp 2 × tp 2",
             &["--ranks", "4", "--set", "parallel.tp=2"][..],
+        ),
+        (
+            "4 ranks, tp 2 × pp 2, 1F1B",
+            &[
+                "--ranks",
+                "4",
+                "--set",
+                "parallel.tp=2",
+                "--set",
+                "parallel.pp=2",
+            ][..],
         ),
     ] {
         let out = dir.path().join(name.replace([' ', ','], "_"));

@@ -5,9 +5,10 @@
 //! and saved, holds parameters and optimizer state bitwise equal to the original (the round trip
 //! of DeepSpeed's universal-checkpoint test). The round trip reads each checkpoint on rank 0 only
 //! and hands it to the others (`Trainer::restore_shared`); training on from it matches every rank
-//! reading it (`Trainer::restore`). A data-parallel checkpoint resumes under tensor parallelism
-//! (each rank keeping its slices) and trains on as the uninterrupted single-device run, and saved
-//! again from the slices it is the checkpoint it was, bit for bit.
+//! reading it (`Trainer::restore`). A data-parallel checkpoint resumes under tensor parallelism,
+//! and under tensor × pipeline parallelism (each rank keeping its slices of its stage), and trains
+//! on as the uninterrupted single-device run; saved again from the slices it is the checkpoint it
+//! was, bit for bit.
 
 use std::path::{Path, PathBuf};
 
@@ -200,7 +201,7 @@ fn checkpoints_reshard_across_layouts_bit_for_bit() {
 }
 
 #[test]
-fn a_data_parallel_checkpoint_resumes_under_tensor_parallelism() {
+fn a_data_parallel_checkpoint_resumes_under_tensor_and_pipeline_parallelism() {
     let one = config(&[]);
     let mut whole = trainer(&one, None);
     let want = train(&mut whole, 40).unwrap();
@@ -212,6 +213,25 @@ fn a_data_parallel_checkpoint_resumes_under_tensor_parallelism() {
         Ok((losses, t.save(&root.path().join("dp"), state(&dp))?))
     });
     let saved = saved.expect("rank 0 writes the checkpoint");
+    // The same 20 steps resumed under tp 2 × pp 2 (1F1B, 2 micro-batches), on 4 ranks.
+    let mesh = ["parallel.tp=2", "parallel.pp=2", "parallel.micro_batches=2"];
+    let mesh_config = config(&mesh);
+    let (second_mesh, again_mesh) = on_ranks(4, &mesh, |t, g| {
+        let loaded = match g.rank() {
+            0 => Some(checkpoint::load(&saved)?),
+            _ => None,
+        };
+        t.restore_shared(loaded.as_ref(), g)?;
+        let again = t.save(&root.path().join("mesh"), state(&mesh_config))?;
+        Ok((train(t, 20)?, again))
+    });
+    for (step, (got, want)) in second_mesh.iter().zip(&want[20..]).enumerate() {
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs(),
+            "tp 2 × pp 2, step {}: {got} against {want}",
+            step + 21
+        );
+    }
     let tp = config(&["parallel.tp=2"]);
     let (second, again) = on_ranks(2, &["parallel.tp=2"], |t, g| {
         let loaded = match g.rank() {
@@ -231,20 +251,20 @@ fn a_data_parallel_checkpoint_resumes_under_tensor_parallelism() {
             step + 1
         );
     }
-    let (original, back) = (
-        checkpoint::load(&saved).unwrap(),
-        checkpoint::load(&again.expect("rank 0 writes the checkpoint")).unwrap(),
-    );
-    for (what, want, got) in [
-        ("parameters", &original.model, &back.model),
-        ("optimizer state", &original.optimizer, &back.optimizer),
-    ] {
-        assert_eq!(want.len(), got.len(), "{what}");
-        for (name, t) in want {
-            let bits = |t: &anneal_tensor::Tensor| -> Vec<u32> {
-                t.to_vec_f32().iter().map(|v| v.to_bits()).collect()
-            };
-            assert_eq!(bits(t), bits(&got[name]), "{what} {name}");
+    let original = checkpoint::load(&saved).unwrap();
+    for dir in [again, again_mesh] {
+        let back = checkpoint::load(&dir.expect("rank 0 writes the checkpoint")).unwrap();
+        for (what, want, got) in [
+            ("parameters", &original.model, &back.model),
+            ("optimizer state", &original.optimizer, &back.optimizer),
+        ] {
+            assert_eq!(want.len(), got.len(), "{what}");
+            for (name, t) in want {
+                let bits = |t: &anneal_tensor::Tensor| -> Vec<u32> {
+                    t.to_vec_f32().iter().map(|v| v.to_bits()).collect()
+                };
+                assert_eq!(bits(t), bits(&got[name]), "{what} {name}");
+            }
         }
     }
 }
@@ -299,6 +319,41 @@ fn an_impossible_layout_is_refused_before_any_step() {
     );
     let layout = config(&["parallel.tp=2"]).layout(4).unwrap();
     assert_eq!((layout.dp, layout.tp, layout.ranks()), (2, 2, 4));
+    // Pipelines: 1F1B needs a micro-batch per stage, stages cut the blocks.
+    let e = err(4, &["parallel.pp=2"]);
+    assert!(
+        e.contains("1F1B needs at least one micro-batch per stage")
+            && e.contains("parallel.micro_batches"),
+        "{e}"
+    );
+    assert!(config(&["parallel.pp=2", "parallel.schedule=gpipe"])
+        .layout(4)
+        .is_ok());
+    let e = err(
+        4,
+        &[
+            "parallel.pp=2",
+            "parallel.micro_batches=2",
+            "parallel.pp_blocks=[2, 1]",
+        ],
+    );
+    assert!(e.contains("parallel.pp_blocks = [2, 1]"), "{e}");
+    let e = err(
+        4,
+        &[
+            "parallel.pp=4",
+            "parallel.micro_batches=4",
+            "parallel.pp_blocks=[1, 0, 0, 1]",
+        ],
+    );
+    assert!(e.contains("every stage but the first and last"), "{e}");
+    let e = err(4, &["parallel.pp=2", "parallel.micro_batches=3"]);
+    assert!(e.contains("parallel.micro_batches = 3"), "{e}");
+    let e = err(
+        4,
+        &["parallel.tp=2", "parallel.pp=4", "parallel.micro_batches=4"],
+    );
+    assert!(e.contains("parallel.tp = 2 × parallel.pp = 4"), "{e}");
     // Automatic values: ZeRO over every rank, or data parallelism over every rank.
     let layout = config(&["parallel.zero=2"]).layout(4).unwrap();
     assert_eq!((layout.dp, layout.sharding), (1, 4));
