@@ -167,6 +167,11 @@ pub fn ranks_on_this_node() -> Option<usize> {
         .filter(|&n: &usize| n > 0)
 }
 
+/// The largest message tag every backend takes: MPI guarantees tags up to 32,767 (the
+/// standard's least upper bound), and the `local` backend refuses larger ones too, so a tag that
+/// works in tests works under `mpirun`.
+pub const MAX_TAG: u32 = 32767;
+
 /// A pending non-blocking operation; [`Handle::wait`] completes it.
 #[must_use = "a pending operation completes only when waited on"]
 pub struct Handle<T> {
@@ -223,7 +228,8 @@ pub trait Communicator: Send + Sync {
     /// r-th chunk of every rank.
     fn all_to_all_start(&self, chunks: Vec<Vec<f32>>) -> Result<Handle<Vec<Vec<f32>>>>;
 
-    /// Sends `buf` to rank `to` with `tag` (never blocks: messages are buffered).
+    /// Sends `buf` to rank `to` with `tag` (at most [`MAX_TAG`]; never blocks: messages are
+    /// buffered).
     fn send(&self, buf: Vec<f32>, to: usize, tag: u32) -> Result<()>;
 
     /// Starts receiving the next message from rank `from` with `tag`.

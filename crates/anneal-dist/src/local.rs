@@ -268,6 +268,7 @@ impl Communicator for LocalComm {
 
     fn send(&self, buf: Vec<f32>, to: usize, tag: u32) -> Result<()> {
         self.check_rank("send", to)?;
+        check_tag("send", tag)?;
         let channel = Channel::Direct {
             group: self.group,
             tag,
@@ -278,6 +279,7 @@ impl Communicator for LocalComm {
 
     fn recv_start(&self, from: usize, tag: u32) -> Result<Handle<Vec<f32>>> {
         self.check_rank("recv", from)?;
+        check_tag("recv", tag)?;
         let channel = Channel::Direct {
             group: self.group,
             tag,
@@ -391,6 +393,17 @@ where
         .into_iter()
         .map(|r| r.expect("every rank returned"))
         .collect())
+}
+
+/// Fails for a tag above [`crate::MAX_TAG`], as MPI would.
+fn check_tag(op: &'static str, tag: u32) -> Result<()> {
+    if tag > crate::MAX_TAG {
+        return Err(Error::Invalid {
+            op,
+            reason: format!("tag {tag} is above {}", crate::MAX_TAG),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

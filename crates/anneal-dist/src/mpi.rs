@@ -454,8 +454,7 @@ impl MpiComm {
     }
 }
 
-/// Tags MPI guarantees (the standard's least upper bound, 32767).
-const MAX_TAG: u32 = 32767;
+use crate::MAX_TAG;
 
 impl Communicator for MpiComm {
     fn rank(&self) -> usize {

@@ -33,6 +33,12 @@ pub enum Group {
     Replicas,
     /// The ranks of a tensor-parallel group, which split every layer between them.
     Tensor,
+    /// The stages of a pipeline.
+    Pipeline,
+    /// A pipeline's first and last stage, which both hold a tied token embedding.
+    Embedding,
+    /// The ranks holding the same part of a model-parallel model (one per replica).
+    Data,
 }
 
 /// A collective.
@@ -46,6 +52,10 @@ pub enum Collective {
     AllGather,
     /// All-to-all.
     AllToAll,
+    /// Point-to-point sends (a pipeline's activations and gradients).
+    Send,
+    /// Broadcast (counted on the root).
+    Broadcast,
 }
 
 /// The layout and what travels.
@@ -289,4 +299,72 @@ pub fn tensor_parallel_payload(layout: TensorLayout) -> Vec<Payload> {
             bytes: all_gather,
         },
     ]
+}
+
+/// What a pipeline stage's collectives carry (tensor parallelism aside).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PipelineLayout {
+    /// This stage.
+    pub stage: usize,
+    /// Stages.
+    pub stages: usize,
+    /// Tokens per pipeline micro-batch, N = b·T.
+    pub rows: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Pipeline micro-batches per step.
+    pub micro_batches: usize,
+    /// Trainable parameters this stage holds.
+    pub stage_params: usize,
+    /// Elements of the tied token embedding, which the first and last stage both hold (0 when
+    /// untied).
+    pub tied_embedding: usize,
+    /// Data-parallel replicas of the pipeline.
+    pub dp: usize,
+}
+
+/// Bytes one pipeline stage hands to each collective in one step (f32 values). Per micro-batch,
+/// every stage but the last sends its output activation (N·d) to the next and every stage but the
+/// first sends the gradient of its input (N·d) to the one before (Narayanan et al. 2021, §2.2;
+/// without the scatter/gather of §4.1, so each tensor-parallel rank sends the whole activation).
+/// Once per step: the last stage broadcasts the loss (1 value) and the stages all-reduce their
+/// share of the gradient norm (1 value); the first and last stage all-reduce the tied
+/// embedding's gradient; with replicas, each stage's gradients and the loss are averaged over
+/// its data group.
+pub fn pipeline_payload(layout: PipelineLayout) -> Vec<Payload> {
+    let (s, p) = (layout.stage, layout.stages);
+    let activation = 4.0 * (layout.rows * layout.d_model * layout.micro_batches) as f64;
+    let mut out = Vec::new();
+    let mut add = |group, collective, bytes: f64| {
+        if bytes > 0.0 {
+            out.push(Payload {
+                group,
+                collective,
+                bytes,
+            })
+        }
+    };
+    let sends = usize::from(s + 1 < p) + usize::from(s > 0);
+    add(Group::Pipeline, Collective::Send, sends as f64 * activation);
+    add(
+        Group::Pipeline,
+        Collective::Broadcast,
+        if s + 1 == p { 4.0 } else { 0.0 },
+    );
+    add(Group::Pipeline, Collective::AllReduce, 4.0);
+    if (s == 0 || s + 1 == p) && p > 1 {
+        add(
+            Group::Embedding,
+            Collective::AllReduce,
+            4.0 * layout.tied_embedding as f64,
+        );
+    }
+    if layout.dp > 1 {
+        add(
+            Group::Data,
+            Collective::AllReduce,
+            4.0 * (layout.stage_params + 1) as f64,
+        );
+    }
+    out
 }

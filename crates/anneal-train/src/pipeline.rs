@@ -28,9 +28,10 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Instant;
 
-/// Message tags of the activations sent forward and their gradients sent back.
-const TAG_ACTIVATION: u32 = 0xac71;
-const TAG_GRADIENT: u32 = 0x96ad;
+/// Message tags of the activations sent forward and their gradients sent back (MPI allows tags
+/// up to 32,767).
+const TAG_ACTIVATION: u32 = 0x1ac7;
+const TAG_GRADIENT: u32 = 0x196d;
 
 /// One stage of a pipeline.
 pub struct Pipeline {
@@ -221,8 +222,8 @@ impl Pipeline {
             }
         });
         let split = match parallel {
-            Some(p) => p.sum_over_group(vec![split as f32])?[0] as f64,
-            None => split,
+            Some(p) if p.tensor_parallel().1 > 1 => p.sum_over_group(vec![split as f32])?[0] as f64,
+            _ => split,
         };
         let stage = (split + whole) as f32;
         let total = self.group.all_reduce(vec![stage], Reduce::Sum)?[0];

@@ -13,10 +13,13 @@
 //!   by the step's token count);
 //! - dropout masks are keyed by each row's place in the step's batch, so all of the above hold
 //!   with dropout on;
+//! - tensor parallelism (×2, ×4 over an unevenly split vocabulary, with recomputed blocks, and
+//!   dp 2 × tp 2) and pipelines (GPipe and 1F1B, stages of uneven blocks down to none beside the
+//!   embedding or the head, recomputed blocks, and tp 2 × pp 2) equal one device too;
 //! - bf16 gradients train within 2e-3 of f32's;
 //! - the bytes each layout hands to each collective, per process group and step, equal
-//!   `anneal_plan::comm::step_payload` (this checks the strategies and the planner, not the
-//!   backend).
+//!   `anneal_plan::comm`'s formulas (`step_payload`, `tensor_parallel_payload`,
+//!   `pipeline_payload`; this checks the strategies and the planner, not the backend).
 //!
 //! Each check prints a line; a failed check panics (and, under MPI, ends the job).
 
@@ -327,6 +330,9 @@ impl Communicator for Counted {
         self.inner.all_gather_start(chunk)
     }
     fn broadcast_start(&self, buf: Vec<f32>, root: usize) -> anneal_dist::Result<Handle<Vec<f32>>> {
+        if self.rank() == root {
+            self.count(Collective::Broadcast, buf.len());
+        }
         self.inner.broadcast_start(buf, root)
     }
     fn all_to_all_start(
@@ -337,6 +343,7 @@ impl Communicator for Counted {
         self.inner.all_to_all_start(chunks)
     }
     fn send(&self, buf: Vec<f32>, to: usize, tag: u32) -> anneal_dist::Result<()> {
+        self.count(Collective::Send, buf.len());
         self.inner.send(buf, to, tag)
     }
     fn recv_start(&self, from: usize, tag: u32) -> anneal_dist::Result<Handle<Vec<f32>>> {
@@ -401,7 +408,7 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             (Group::Sharding, false) => "w",
             (Group::Sharding, true) => "w/0",
             (Group::Replicas, _) => "w/1",
-            (Group::Tensor, _) => unreachable!("no tensor parallelism in these layouts"),
+            (g, _) => unreachable!("no {g:?} group in these layouts"),
         };
         let mut got = tally.lock().unwrap().clone();
         for p in &want {
@@ -496,6 +503,77 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
         report(
             world,
             &format!("ok: {name}: payload equals anneal-plan's formula"),
+        );
+    }
+    // Pipelines: each stage's sends, the loss, the norm, the tied embedding and the replicas.
+    let pipelines: [(&str, &[&str]); 2] = [
+        (
+            "pp 2 × dp 2, 1F1B, 2 micro-batches",
+            &["parallel.pp=2", "parallel.micro_batches=2"],
+        ),
+        (
+            "pp 4 with stages of 0, 1, 1, 0 blocks, GPipe, 4 micro-batches",
+            &[
+                "parallel.pp=4",
+                "parallel.pp_blocks=[0, 1, 1, 0]",
+                "parallel.schedule=gpipe",
+                "parallel.micro_batches=4",
+            ],
+        ),
+    ];
+    for (name, sets) in pipelines {
+        let config = config(sets);
+        let layout = config.layout(world.size())?;
+        let tally = Tally::default();
+        let counted = Counted {
+            inner: copy(world)?,
+            label: "w".into(),
+            splits: AtomicUsize::new(0),
+            tally: tally.clone(),
+        };
+        let mut trainer = pretraining_on(&config, VOCAB, tokens(), Some(Box::new(counted)))?;
+        tally.lock().unwrap().clear();
+        trainer.step()?;
+        let stage = world.rank() / layout.data_ranks();
+        let params = trainer.model().params();
+        let wte = params.by_name("transformer.wte.weight")?.numel();
+        let want = anneal_plan::comm::pipeline_payload(anneal_plan::comm::PipelineLayout {
+            stage,
+            stages: layout.pp,
+            rows: config.train.batch_size / layout.data_ranks() / layout.micro_batches
+                * config.model.block_size,
+            d_model: config.model.n_embd,
+            micro_batches: config.train.grad_accum * layout.micro_batches,
+            stage_params: params.trainable_numel(),
+            tied_embedding: wte,
+            dp: layout.dp,
+        });
+        // The mesh's groups, split in this order: tensor, data, pipeline, then the embedding
+        // group off the pipeline group.
+        let label = |g: Group| match g {
+            Group::Data => "w/1",
+            Group::Pipeline => "w/2",
+            Group::Embedding => "w/2/0",
+            other => unreachable!("no {other:?} group in a pipeline"),
+        };
+        let mut got = tally.lock().unwrap().clone();
+        for p in &want {
+            let bytes = got
+                .remove(&(label(p.group).to_string(), p.collective))
+                .unwrap_or(0.0);
+            assert_eq!(
+                bytes, p.bytes,
+                "{name}, stage {stage}: {:?} on {:?}",
+                p.collective, p.group
+            );
+        }
+        assert!(
+            got.is_empty(),
+            "{name}, stage {stage}: unplanned collectives {got:?}"
+        );
+        report(
+            world,
+            &format!("ok: {name}: every stage's payload equals anneal-plan's formula"),
         );
     }
     Ok(())
