@@ -1,5 +1,5 @@
 //! `anneal pretrain --ranks N`: ranks as threads of one process train what one rank trains (data
-//! parallel, ZeRO, tensor parallel beside data parallel, and a pipeline), a run interrupted on
+//! parallel, ZeRO 1 to 3, tensor parallel beside data parallel, and a pipeline), a run interrupted on
 //! several ranks resumes on one, and a layout that cannot run is refused before anything is
 //! written.
 
@@ -44,6 +44,10 @@ fn ranks_train_as_one_rank_does_and_resume_on_another_layout() {
                 "--set",
                 "parallel.sharding=2",
             ][..],
+        ),
+        (
+            "4 ranks, ZeRO-3",
+            &["--ranks", "4", "--set", "parallel.zero=3"][..],
         ),
         (
             "4 ranks, dp 2 × tp 2",

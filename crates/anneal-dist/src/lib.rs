@@ -19,8 +19,10 @@ pub mod local;
 pub mod model_parallel;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod zero3;
 
 pub use model_parallel::ModelParallel;
+pub use zero3::ZeroThree;
 
 /// Errors of communication. Each names the rank or the sizes at fault.
 #[derive(Debug, thiserror::Error, Clone, PartialEq)]

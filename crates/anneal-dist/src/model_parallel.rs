@@ -220,6 +220,10 @@ impl ParallelContext for ModelParallel {
         ModelParallel::holds(self, name)
     }
 
+    fn splits_parameters(&self) -> bool {
+        self.group.size() > 1 || self.holds.is_some()
+    }
+
     fn sum_over_group(&self, values: Vec<f32>) -> Result<Vec<f32>> {
         self.group
             .all_reduce(values, Reduce::Sum)

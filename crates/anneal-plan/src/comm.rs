@@ -368,3 +368,65 @@ pub fn pipeline_payload(layout: PipelineLayout) -> Vec<Payload> {
     }
     out
 }
+
+/// What ZeRO-3's collectives carry in one step, per rank: the shard lengths of the parameters a
+/// forward looks up (each lookup's, so a tied embedding counts twice) and of those a recomputed
+/// forward looks up again.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Zero3Layout {
+    /// Ranks sharing the parameters.
+    pub ranks: usize,
+    /// Σ of the shard lengths over a forward's lookups.
+    pub gathered: usize,
+    /// Σ of the shard lengths over the lookups a recomputed forward repeats.
+    pub recomputed: usize,
+    /// Micro-batches per step.
+    pub micro_batches: usize,
+    /// Metrics averaged beside the loss.
+    pub metrics: usize,
+}
+
+/// Bytes one rank hands to each collective in a ZeRO-3 step (Rajbhandari et al. 2020, §7.2.2):
+/// per micro-batch, every lookup all-gathers its shard (in forward, and again in a recomputed
+/// forward), and the backward of every lookup that records gradients reduce-scatters the whole
+/// (padded) gradient; once per step, the loss and metrics and the gradient norm are all-reduced.
+/// Through a ring ([`ring_bytes`]) that is about Ψ per all-gather pass and Ψ per reduce-scatter
+/// against data parallelism's 2Ψ all-reduce: 1.5× its volume with recomputed blocks (the ZeRO
+/// paper's figure, whose backward gathers again), 1× without (the gathered parameters live on
+/// until their layer's backward).
+pub fn zero3_payload(layout: Zero3Layout) -> Vec<Payload> {
+    let m = layout.micro_batches.max(1) as f64;
+    let n = layout.ranks as f64;
+    let gathered = layout.gathered as f64;
+    vec![
+        Payload {
+            group: Group::Sharding,
+            collective: Collective::AllGather,
+            bytes: 4.0 * m * (gathered + layout.recomputed as f64),
+        },
+        Payload {
+            group: Group::Sharding,
+            collective: Collective::ReduceScatter,
+            bytes: 4.0 * m * n * gathered,
+        },
+        Payload {
+            group: Group::Sharding,
+            collective: Collective::AllReduce,
+            bytes: 4.0 * (1 + layout.metrics) as f64 + 4.0,
+        },
+    ]
+}
+
+/// Bytes a payload moves through each rank's link under ring algorithms over `ranks` ranks
+/// (Patarasuk & Yuan 2009): an all-reduce 2(n−1)/n of its buffer, a reduce-scatter (n−1)/n, an
+/// all-gather (n−1) of the chunk handed, an all-to-all (n−1)/n; a send or broadcast its bytes.
+pub fn ring_bytes(payload: &Payload, ranks: usize) -> f64 {
+    let n = ranks.max(1) as f64;
+    let b = payload.bytes;
+    match payload.collective {
+        Collective::AllReduce => 2.0 * (n - 1.0) / n * b,
+        Collective::ReduceScatter | Collective::AllToAll => (n - 1.0) / n * b,
+        Collective::AllGather => (n - 1.0) * b,
+        Collective::Send | Collective::Broadcast => b,
+    }
+}

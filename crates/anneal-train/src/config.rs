@@ -335,7 +335,7 @@ pub struct ParallelConfig {
     /// Ranks in each ZeRO sharding group; 0 means every rank when `zero` is 1 or 2, else 1.
     pub sharding: usize,
     /// ZeRO stage inside each sharding group: 0 (none: plain data parallelism), 1 (optimizer
-    /// state sharded) or 2 (gradients too).
+    /// state sharded), 2 (gradients too) or 3 (parameters too, gathered per layer).
     pub zero: u8,
     /// Size of the gradient buckets data parallelism reduces, in MB (PyTorch DDP's 25).
     pub bucket_mb: f64,
@@ -379,7 +379,7 @@ pub struct Layout {
     pub one_f_one_b: bool,
     /// Ranks in each sharding group.
     pub sharding: usize,
-    /// ZeRO stage (0, 1, 2).
+    /// ZeRO stage (0, 1, 2, 3).
     pub zero: u8,
     /// Bytes per gradient bucket.
     pub bucket_bytes: usize,
@@ -591,10 +591,10 @@ impl RunConfig {
             "1 or more pipeline micro-batches per batch",
         )?;
         check(
-            p.zero <= 2,
+            p.zero <= 3,
             "parallel.zero",
             p.zero.to_string(),
-            "0 (none), 1 (optimizer state sharded) or 2 (gradients too)",
+            "0 (none), 1 (optimizer state sharded), 2 (gradients too) or 3 (parameters too)",
         )?;
         check(
             ["f32", "bf16"].contains(&p.grad_dtype.as_str()),
@@ -675,6 +675,12 @@ impl RunConfig {
             bail!(
                 "{why}, which needs parallel.zero = 1 or 2 (a sharding group shares the optimizer \
                  state); set parallel.zero, or parallel.dp = {ranks} for plain data parallelism"
+            );
+        }
+        if p.zero == 3 && dp > 1 {
+            bail!(
+                "parallel.zero = 3 shards over every data rank for now: parallel.dp = {dp} with \
+                 parallel.sharding = {sharding} is not supported; set parallel.dp = 1 (or 0)"
             );
         }
         if p.zero > 0 && sharding == 1 && ranks > 1 {

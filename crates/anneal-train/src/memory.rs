@@ -41,8 +41,9 @@ impl MemoryBound {
         let tp = layout.model_ranks() as f64;
         let sharded = if layout.zero > 0 { layout.sharding } else { 1 };
         let grads_sharded = if layout.zero >= 2 { layout.sharding } else { 1 };
+        let params_sharded = if layout.zero >= 3 { layout.sharding } else { 1 };
         MemoryBound {
-            parameters: self.parameters / tp,
+            parameters: self.parameters / tp / params_sharded as f64,
             gradients: self.gradients / grads_sharded as f64 / tp,
             optimizer: self.optimizer / sharded as f64 / tp,
             activations: self.activations / layout.ranks() as f64,

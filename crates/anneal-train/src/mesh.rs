@@ -111,28 +111,44 @@ pub fn stage_layers(blocks: &[usize]) -> Vec<Range<usize>> {
 /// A split model's strategy: `inner` runs the steps; this gathers and cuts checkpoints.
 pub struct WithModelParallel {
     inner: Box<dyn Strategy>,
-    parallel: Arc<ModelParallel>,
+    parallel: Arc<dyn ParallelContext>,
+    /// The group whose first rank gathers the parameters whole (the tensor-parallel group, the
+    /// ZeRO-3 sharding group).
+    group: Arc<dyn Communicator>,
     pipeline: Option<Arc<dyn Communicator>>,
 }
 
 impl WithModelParallel {
-    /// `inner` on a model split by `parallel` (and cut into the stages of `pipeline`).
+    /// `inner` on a model split by `parallel` across `group` (and cut into the stages of
+    /// `pipeline`).
     pub fn new(
         inner: Box<dyn Strategy>,
-        parallel: Arc<ModelParallel>,
+        parallel: Arc<dyn ParallelContext>,
+        group: Arc<dyn Communicator>,
         pipeline: Option<Arc<dyn Communicator>>,
     ) -> Self {
         WithModelParallel {
             inner,
             parallel,
+            group,
             pipeline,
         }
     }
 
-    /// Whether this rank writes checkpoints for its model replica: the first rank of its
-    /// tensor-parallel group in the first stage.
+    /// `inner` on a model split by a [`ModelParallel`] context.
+    pub fn model_parallel(
+        inner: Box<dyn Strategy>,
+        parallel: Arc<ModelParallel>,
+        pipeline: Option<Arc<dyn Communicator>>,
+    ) -> Self {
+        let group = parallel.group().clone();
+        WithModelParallel::new(inner, parallel, group, pipeline)
+    }
+
+    /// Whether this rank writes checkpoints for its model replica: the first rank of its group
+    /// in the first stage.
     fn is_writer(&self) -> bool {
-        self.parallel.group().rank() == 0 && self.pipeline.as_ref().is_none_or(|p| p.rank() == 0)
+        self.group.rank() == 0 && self.pipeline.as_ref().is_none_or(|p| p.rank() == 0)
     }
 
     /// For every name of `names`, the first pipeline stage that holds it (collective over the
@@ -192,7 +208,7 @@ fn state_parts(model: &dyn TrainModel) -> Vec<(String, Vec<usize>, Range<usize>)
 
 impl Strategy for WithModelParallel {
     fn describe(&self) -> String {
-        let tp = self.parallel.group().size();
+        let tp = self.parallel.tensor_parallel().1;
         if tp > 1 {
             format!(
                 "tensor parallel over {tp} ranks × {}",

@@ -1166,6 +1166,77 @@ impl Strategy for ZeroTwo {
     }
 }
 
+/// ZeRO stage 3 (Rajbhandari et al. 2020, §5.3): the model was built with its parameters sharded
+/// over the ranks ([`anneal_dist::ZeroThree`]): each lookup gathers a parameter whole and the
+/// gather's backward reduce-scatters its gradient, averaged, into the shard. What is left for the
+/// step: the loss averaged over the ranks, the gradient norm summed from the shards, clipping,
+/// and each rank's optimizer stepping its shards.
+pub struct ZeroThree {
+    comm: Arc<dyn anneal_dist::Communicator>,
+    zero: Arc<anneal_dist::ZeroThree>,
+}
+
+impl ZeroThree {
+    /// ZeRO-3 over the ranks of `comm`, the model's parameters sharded by `zero`.
+    pub fn new(
+        comm: Arc<dyn anneal_dist::Communicator>,
+        zero: Arc<anneal_dist::ZeroThree>,
+    ) -> Self {
+        ZeroThree { comm, zero }
+    }
+}
+
+impl Strategy for ZeroThree {
+    fn describe(&self) -> String {
+        format!("ZeRO-3 over {} ranks", self.comm.size())
+    }
+
+    fn step(
+        &mut self,
+        model: &dyn TrainModel,
+        objective: &mut dyn Objective,
+        optimizer: &mut dyn Optimizer,
+        micro_batches: &[Batch],
+        dropout: &[DropoutKey],
+        settings: StepSettings,
+        after_forward: &mut dyn FnMut(),
+    ) -> Result<StepOutput> {
+        let params = model.params();
+        self.zero.begin_step(params.tensors())?;
+        let ran = forward_backward(
+            model,
+            objective,
+            micro_batches,
+            dropout,
+            after_forward,
+            &mut |_| {},
+        );
+        self.zero.end_step()?;
+        let mut out = ran?;
+        let t = Instant::now();
+        average_loss(&[self.comm.as_ref()], &mut out)?;
+        out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
+            let mine: f64 = params.grad_norm_partials(params.held_grads()).iter().sum();
+            let all = self
+                .comm
+                .all_reduce(vec![mine as f32], anneal_dist::Reduce::Sum)?;
+            all[0].sqrt() as f64
+        } else {
+            f64::NAN
+        };
+        if settings.grad_clip > 0.0 {
+            if let Some(s) =
+                anneal_tensor::params::clip_factor(out.grad_norm as f32, settings.grad_clip)
+            {
+                params.scale_grads(params.held_grads(), s);
+            }
+        }
+        optimizer.step(params, settings.lr);
+        out.phases[2] += t.elapsed().as_secs_f64();
+        Ok(out)
+    }
+}
+
 /// The strategy that runs `layout` over the job's ranks (`world`), with its gradient buckets and
 /// gradient dtype, and the range of `model`'s trainable elements this rank's optimizer owns
 /// (all of them without ZeRO). Sub-groups are split from `world` (collectively) in

@@ -249,10 +249,23 @@ impl Trainer {
         // The world ranks of data rank d start at d·tp (tensor-parallel ranks are neighbours).
         let tp = self.model.parallel().map_or(1, |p| p.tensor_parallel().1);
         let (model, strategy) = (&*self.model, &*self.strategy);
-        let mine = crate::eval::batch_losses_by(
+        // Where a forward is itself collective across the data ranks (ZeRO-3 gathers each
+        // parameter), every rank runs as many forwards: those short of a batch repeat one and
+        // drop its loss.
+        let per = batches.div_ceil(ranks);
+        let collective = group.is_some() && model.parallel().is_some_and(|p| p.splits_parameters());
+        let indices: Vec<usize> = if collective {
+            (0..per)
+                .map(|j| (rank + j * ranks) % batches.max(1))
+                .collect()
+        } else {
+            (rank..batches).step_by(ranks).collect()
+        };
+        let kept = (rank..batches).step_by(ranks).count();
+        let mut mine = crate::eval::batch_losses_by(
             set,
             seed,
-            (rank..batches).step_by(ranks),
+            indices.into_iter(),
             self.batch_size,
             seq,
             &mut |w| match strategy.evaluate(model, w).map_err(|e| {
@@ -267,11 +280,11 @@ impl Trainer {
                 }
             },
         )?;
+        mine.truncate(kept);
         let Some(group) = group else {
             return Ok(mine.iter().sum::<f64>() / batches as f64);
         };
         // f64 means travel as exact bit patterns, each rank's padded to the same count.
-        let per = batches.div_ceil(ranks);
         let mut words = anneal_dist::words_to_f32(mine.iter().map(|m| m.to_bits()));
         words.resize(2 * per, 0.0);
         let all: Vec<f64> = anneal_dist::f32_to_words(&group.all_gather(words)?)
@@ -302,7 +315,7 @@ impl Trainer {
         state.tokens_seen = self.tokens_seen;
         state.objective = self.objective.name().to_string();
         state.data.steps_drawn = self.step;
-        let layout = match self.tensor_parallel() {
+        let layout = match self.split_context() {
             Some(parallel) => {
                 checkpoint::whole_state_layout(self.model.params(), parallel.as_ref())
             }
@@ -324,11 +337,12 @@ impl Trainer {
         .map(Some)
     }
 
-    /// The model's parallel context when its layers are split across a tensor-parallel group.
-    fn tensor_parallel(&self) -> Option<Arc<dyn ParallelContext>> {
+    /// The model's parallel context when this rank holds parts of its parameters (tensor
+    /// parallel slices, a pipeline stage's layers, ZeRO-3 shards).
+    fn split_context(&self) -> Option<Arc<dyn ParallelContext>> {
         self.model
             .parallel()
-            .filter(|p| p.tensor_parallel().1 > 1)
+            .filter(|p| p.splits_parameters())
             .cloned()
     }
 
@@ -387,7 +401,7 @@ impl Trainer {
         if lead != loaded.is_some() {
             anyhow::bail!("restore_shared: rank 0, and only rank 0, holds the checkpoint");
         }
-        if let Some(parallel) = self.tensor_parallel() {
+        if let Some(parallel) = self.split_context() {
             return self.restore_split(loaded, group, parallel.as_ref());
         }
         if let Some(loaded) = loaded {
@@ -645,6 +659,19 @@ pub fn pretraining_on(
                 let optimizer = AdamW::new(&model.params, adamw);
                 (model, Box::new(SingleDevice), optimizer, (0, 1))
             }
+            Some(world) if world.size() > 1 && config.layout(world.size())?.zero == 3 => {
+                let group: Arc<dyn anneal_dist::Communicator> = Arc::from(world);
+                let zero = Arc::new(anneal_dist::ZeroThree::new(group.clone()));
+                // Every rank draws the whole model from the seed and keeps its shards.
+                let model = Gpt::new_in(gpt, t.seed, zero.clone())?;
+                let optimizer = AdamW::new(&model.params, adamw);
+                let inner = Box::new(crate::strategy::ZeroThree::new(group.clone(), zero.clone()));
+                let rank = (group.rank(), group.size());
+                let strategy: Box<dyn crate::strategy::Strategy> = Box::new(
+                    crate::mesh::WithModelParallel::new(inner, zero, group, None),
+                );
+                (model, strategy, optimizer, rank)
+            }
             Some(world) => {
                 let layout = config.layout(world.size())?;
                 let mesh = crate::mesh::Mesh::split(world, &layout)?;
@@ -722,7 +749,9 @@ pub fn pretraining_on(
                     }
                 };
                 let strategy: Box<dyn crate::strategy::Strategy> = match parallel {
-                    Some(p) => Box::new(crate::mesh::WithModelParallel::new(strategy, p, pipeline)),
+                    Some(p) => Box::new(crate::mesh::WithModelParallel::model_parallel(
+                        strategy, p, pipeline,
+                    )),
                     None => strategy,
                 };
                 (model, strategy, optimizer, rank)

@@ -6,9 +6,9 @@
 //! of DeepSpeed's universal-checkpoint test). The round trip reads each checkpoint on rank 0 only
 //! and hands it to the others (`Trainer::restore_shared`); training on from it matches every rank
 //! reading it (`Trainer::restore`). A data-parallel checkpoint resumes under tensor parallelism,
-//! and under tensor × pipeline parallelism (each rank keeping its slices of its stage), and trains
-//! on as the uninterrupted single-device run; saved again from the slices it is the checkpoint it
-//! was, bit for bit.
+//! under tensor × pipeline parallelism (each rank keeping its slices of its stage) and under
+//! ZeRO-3 (each keeping its shards), and trains on as the uninterrupted single-device run; saved
+//! again from the slices it is the checkpoint it was, bit for bit.
 
 use std::path::{Path, PathBuf};
 
@@ -201,7 +201,7 @@ fn checkpoints_reshard_across_layouts_bit_for_bit() {
 }
 
 #[test]
-fn a_data_parallel_checkpoint_resumes_under_tensor_and_pipeline_parallelism() {
+fn a_data_parallel_checkpoint_resumes_split_across_ranks() {
     let one = config(&[]);
     let mut whole = trainer(&one, None);
     let want = train(&mut whole, 40).unwrap();
@@ -232,6 +232,24 @@ fn a_data_parallel_checkpoint_resumes_under_tensor_and_pipeline_parallelism() {
             step + 21
         );
     }
+    // And under ZeRO-3 on 2 ranks (each holding its shards of every parameter).
+    let zero3 = config(&["parallel.zero=3"]);
+    let (second_zero3, again_zero3) = on_ranks(2, &["parallel.zero=3"], |t, g| {
+        let loaded = match g.rank() {
+            0 => Some(checkpoint::load(&saved)?),
+            _ => None,
+        };
+        t.restore_shared(loaded.as_ref(), g)?;
+        let again = t.save(&root.path().join("zero3"), state(&zero3))?;
+        Ok((train(t, 20)?, again))
+    });
+    for (step, (got, want)) in second_zero3.iter().zip(&want[20..]).enumerate() {
+        assert!(
+            (got - want).abs() <= 1e-4 * want.abs(),
+            "ZeRO-3 ×2, step {}: {got} against {want}",
+            step + 21
+        );
+    }
     let tp = config(&["parallel.tp=2"]);
     let (second, again) = on_ranks(2, &["parallel.tp=2"], |t, g| {
         let loaded = match g.rank() {
@@ -252,7 +270,7 @@ fn a_data_parallel_checkpoint_resumes_under_tensor_and_pipeline_parallelism() {
         );
     }
     let original = checkpoint::load(&saved).unwrap();
-    for dir in [again, again_mesh] {
+    for dir in [again, again_mesh, again_zero3] {
         let back = checkpoint::load(&dir.expect("rank 0 writes the checkpoint")).unwrap();
         for (what, want, got) in [
             ("parameters", &original.model, &back.model),
@@ -296,10 +314,10 @@ fn an_impossible_layout_is_refused_before_any_step() {
         .is_ok());
     let e = format!(
         "{:#}",
-        RunConfig::load(None, &["parallel.zero=3".into()]).expect_err("refused")
+        RunConfig::load(None, &["parallel.zero=4".into()]).expect_err("refused")
     );
     assert!(
-        e.contains("parallel.zero = 3") && e.contains("1 (optimizer"),
+        e.contains("parallel.zero = 4") && e.contains("3 (parameters"),
         "{e}"
     );
     // Tensor parallelism: whole heads and hidden units per rank, a divisor of the job.
@@ -349,6 +367,14 @@ fn an_impossible_layout_is_refused_before_any_step() {
     assert!(e.contains("every stage but the first and last"), "{e}");
     let e = err(4, &["parallel.pp=2", "parallel.micro_batches=3"]);
     assert!(e.contains("parallel.micro_batches = 3"), "{e}");
+    let e = err(
+        4,
+        &["parallel.zero=3", "parallel.dp=2", "parallel.sharding=2"],
+    );
+    assert!(
+        e.contains("parallel.zero = 3 shards over every data rank"),
+        "{e}"
+    );
     let e = err(
         4,
         &["parallel.tp=2", "parallel.pp=4", "parallel.micro_batches=4"],

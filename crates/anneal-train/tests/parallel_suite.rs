@@ -505,6 +505,79 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             &format!("ok: {name}: payload equals anneal-plan's formula"),
         );
     }
+    // ZeRO-3: every lookup gathers its shard and reduce-scatters its gradient.
+    let mut volumes = Vec::new();
+    for recomputed in [false, true] {
+        let mut sets = vec!["parallel.zero=3"];
+        if recomputed {
+            sets.push("model.checkpoint_blocks=true");
+        }
+        let config = config(&sets);
+        let tally = Tally::default();
+        let counted = Counted {
+            inner: copy(world)?,
+            label: "w".into(),
+            splits: AtomicUsize::new(0),
+            tally: tally.clone(),
+        };
+        let mut trainer = pretraining_on(&config, VOCAB, tokens(), Some(Box::new(counted)))?;
+        tally.lock().unwrap().clear();
+        let out = trainer.step()?;
+        let params = trainer.model().params();
+        let (mut gathered, mut again) = (0, 0);
+        for info in params.infos() {
+            let s = info.len;
+            let uses = if info.name == "transformer.wte.weight" {
+                2
+            } else {
+                1
+            };
+            gathered += uses * s;
+            if recomputed && info.name.starts_with("transformer.h.") {
+                again += s;
+            }
+        }
+        let want = anneal_plan::comm::zero3_payload(anneal_plan::comm::Zero3Layout {
+            ranks: world.size(),
+            gathered,
+            recomputed: again,
+            micro_batches: config.train.grad_accum,
+            metrics: out.metrics.len(),
+        });
+        let mut got = tally.lock().unwrap().clone();
+        for p in &want {
+            let bytes = got.remove(&("w".to_string(), p.collective)).unwrap_or(0.0);
+            assert_eq!(bytes, p.bytes, "ZeRO-3: {:?}", p.collective);
+        }
+        assert!(got.is_empty(), "ZeRO-3: unplanned collectives {got:?}");
+        let ring: f64 = want
+            .iter()
+            .map(|p| anneal_plan::comm::ring_bytes(p, world.size()))
+            .sum();
+        volumes.push(ring);
+    }
+    // Against data parallelism's all-reduce of the gradients (ring volume).
+    let whole = train(&config(&[]), None).map(|t| t.1.len())?;
+    let dp = anneal_plan::comm::ring_bytes(
+        &anneal_plan::comm::Payload {
+            group: Group::Sharding,
+            collective: Collective::AllReduce,
+            bytes: 4.0 * whole as f64,
+        },
+        world.size(),
+    );
+    let (plain, recomputed) = (volumes[0] / dp, volumes[1] / dp);
+    assert!(
+        (1.45..1.6).contains(&recomputed) && (0.95..1.1).contains(&plain),
+        "ZeRO-3 moves {plain:.3}× data parallelism's volume, {recomputed:.3}× with recomputed blocks"
+    );
+    report(
+        world,
+        &format!(
+            "ok: ZeRO-3 ×4: payload equals anneal-plan's formula; {plain:.2}× data parallelism's \
+             volume, {recomputed:.2}× with recomputed blocks"
+        ),
+    );
     // Pipelines: each stage's sends, the loss, the norm, the tied embedding and the replicas.
     let pipelines: [(&str, &[&str]); 2] = [
         (
@@ -630,6 +703,37 @@ fn train_pipeline(config: &RunConfig, group: Box<dyn Communicator>) -> anyhow::R
     Ok((losses, params))
 }
 
+fn zero3_equals_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
+    let one = train(&config(&[]), None)?;
+    let pair = world.split(world.rank() / 2, world.rank())?;
+    let recomputed = ["parallel.zero=3", "model.checkpoint_blocks=true"];
+    let runs: [(&str, &[&str], Box<dyn Communicator>); 4] = [
+        ("ZeRO-3 ×4", &["parallel.zero=3"], copy(world)?),
+        ("ZeRO-3 ×2", &["parallel.zero=3"], copy(pair.as_ref())?),
+        ("ZeRO-3 ×4, blocks recomputed", &recomputed, copy(world)?),
+        (
+            "ZeRO-3 ×2, blocks recomputed, 2 micro-batches",
+            &[
+                "parallel.zero=3",
+                "model.checkpoint_blocks=true",
+                "train.batch_size=4",
+                "train.grad_accum=2",
+            ],
+            copy(pair.as_ref())?,
+        ),
+    ];
+    for (name, sets, group) in runs {
+        let got = train_pipeline(&config(sets), group)?;
+        if got.1.is_empty() {
+            close(name, &(got.0.clone(), one.1.clone()), &one);
+        } else {
+            close(name, &got, &one);
+        }
+        report(world, &format!("ok: {name} equals one device"));
+    }
+    Ok(())
+}
+
 fn pipelines_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
     let one = train(&config(&[]), None)?;
     let layouts: [(&str, &[&str]); 5] = [
@@ -685,7 +789,8 @@ fn pipelines_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
 
 type Check = fn(&dyn Communicator) -> anyhow::Result<()>;
 
-const CHECKS: [(&str, Check); 6] = [
+const CHECKS: [(&str, Check); 7] = [
+    ("zero3_equals_one_device", zero3_equals_one_device),
     ("pipelines_equal_one_device", pipelines_equal_one_device),
     (
         "tensor_parallel_equals_one_device",

@@ -55,6 +55,12 @@ pub trait ParallelContext: Send + Sync {
         Ok(local.clone())
     }
 
+    /// Whether this rank's parameters are parts of the whole model's (slices, shards, or a
+    /// pipeline stage's layers): checkpoints then gather them whole and cut them back.
+    fn splits_parameters(&self) -> bool {
+        false
+    }
+
     /// Whether this rank holds parameter `name` (a pipeline stage holds only its layers';
     /// the others are empty on it).
     fn holds(&self, name: &str) -> bool {

@@ -1,0 +1,264 @@
+//! ZeRO stage 3 (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
+//! Parameter Models", §5.3): the parameters themselves sharded over the data-parallel ranks. Each
+//! rank stores an equal flat shard of every parameter (⌈numel/n⌉ elements, the last padded with
+//! zeros); a layer's lookup of a parameter all-gathers the shards into the whole tensor, which
+//! forward computes with and autograd keeps only until that layer's backward; the backward of
+//! the gather reduce-scatters the whole gradient (averaged over the ranks) into the shard's. The
+//! optimizer then updates each rank's shards alone, so parameters, gradients and optimizer state
+//! all take 1/n of the memory, for about 1.5× data parallelism's traffic (an all-gather in
+//! forward, one more in a recomputed forward, and a reduce-scatter in backward, against an
+//! all-reduce's reduce-scatter and all-gather).
+//!
+//! With the model's blocks recomputed in backward (`model.checkpoint_blocks`) a block's gathered
+//! parameters are dropped when its forward ends and gathered again for its backward, so a rank
+//! holds one block's whole parameters at a time. The gather of the next parameter in lookup order
+//! starts as soon as the current one has arrived (prefetch), overlapping it with the layer's
+//! compute.
+
+use crate::{Communicator, Handle, Reduce};
+use anneal_nn::layers::{ParallelContext, Split};
+use anneal_tensor::autograd::Backward;
+use anneal_tensor::{Error, ParamId, Result, Tensor};
+use std::sync::{Arc, Mutex};
+
+/// A communication failure as an engine error.
+fn comm_error(op: &'static str) -> impl Fn(crate::Error) -> Error {
+    move |e| Error::Invalid {
+        op,
+        reason: e.to_string(),
+    }
+}
+
+/// Parameters sharded over a group of ranks, gathered at each lookup.
+pub struct ZeroThree {
+    group: Arc<dyn Communicator>,
+    /// Each parameter's name and whole shape, in declaration order (its [`ParamId`]).
+    params: Mutex<Vec<(String, Vec<usize>)>>,
+    /// The gather started ahead for the parameter that was looked up after the current one the
+    /// last time (lookups repeat their order every forward).
+    prefetch: Mutex<Prefetch>,
+}
+
+#[derive(Default)]
+struct Prefetch {
+    /// The parameters the last step looked up, in order.
+    previous: Vec<usize>,
+    /// The parameters this step has looked up so far, in order.
+    current: Vec<usize>,
+    /// Whether this step has followed the last one's order so far (gathers are started ahead
+    /// only while it does).
+    on_track: bool,
+    /// A gather in flight: the parameter and the pending all-gather.
+    pending: Option<(usize, Handle<Vec<f32>>)>,
+    /// The store's tensors (this rank's shards), to start a gather ahead from.
+    shards: Option<Arc<Vec<Tensor>>>,
+    /// Lookups in steps, and those whose gather had been started ahead.
+    lookups: usize,
+    hits: usize,
+}
+
+impl ZeroThree {
+    /// Parameters sharded over the ranks of `group`.
+    pub fn new(group: Arc<dyn Communicator>) -> ZeroThree {
+        ZeroThree {
+            group,
+            params: Mutex::new(Vec::new()),
+            prefetch: Mutex::new(Prefetch::default()),
+        }
+    }
+
+    /// The sharding group.
+    pub fn group(&self) -> &Arc<dyn Communicator> {
+        &self.group
+    }
+
+    /// The length of every shard of a parameter of `numel` elements.
+    fn shard_len(&self, numel: usize) -> usize {
+        numel.div_ceil(self.group.size())
+    }
+
+    fn shape_of(&self, index: usize) -> Result<Vec<usize>> {
+        let params = self.params.lock().map_err(|_| poisoned())?;
+        params
+            .get(index)
+            .map(|(_, s)| s.clone())
+            .ok_or_else(|| Error::Invalid {
+                op: "ZeRO-3 lookup",
+                reason: format!("parameter {index} was never declared"),
+            })
+    }
+
+    /// The whole values of a parameter from every rank's shard (padding dropped).
+    fn gathered(&self, all: Vec<f32>, shape: &[usize]) -> Result<Tensor> {
+        let numel: usize = shape.iter().product();
+        let mut all = all;
+        all.truncate(numel);
+        Tensor::from_f32(all, shape)
+    }
+
+    /// The whole parameter `index` from this rank's shard `stored`: the gather started ahead
+    /// for it, or a gather now. Then, while this step looks parameters up in the last step's
+    /// order, starts the gather of the next one in that order. The decisions depend on the order
+    /// of lookups alone, the same on every rank, so the ranks' collectives stay matched; a step
+    /// that repeats the last one's order (every step of a run but the first) gathers each
+    /// parameter once per lookup, as without prefetching.
+    fn gather_whole(&self, index: usize, stored: &Tensor) -> Result<Vec<f32>> {
+        let mut pf = self.prefetch.lock().map_err(|_| poisoned())?;
+        let ready = match pf.pending.take() {
+            Some((i, handle)) if i == index => {
+                pf.hits += 1;
+                Some(handle.wait().map_err(comm_error("ZeRO-3 gather"))?)
+            }
+            // A miss (the order of lookups changed) is completed and dropped.
+            Some((_, handle)) => {
+                handle.wait().map_err(comm_error("ZeRO-3 gather"))?;
+                None
+            }
+            None => None,
+        };
+        let all = match ready {
+            Some(all) => all,
+            None => self
+                .group
+                .all_gather(stored.to_vec_f32())
+                .map_err(comm_error("ZeRO-3 gather"))?,
+        };
+        if pf.shards.is_none() {
+            // Outside a step (evaluation): nothing is recorded or started ahead.
+            return Ok(all);
+        }
+        pf.lookups += 1;
+        let j = pf.current.len();
+        pf.current.push(index);
+        pf.on_track = pf.on_track && pf.previous.get(j) == Some(&index);
+        let ahead = match pf.previous.get(j + 1) {
+            Some(&next) if pf.on_track => pf
+                .shards
+                .as_ref()
+                .and_then(|s| s.get(next))
+                .map(|t| (next, t.to_vec_f32())),
+            _ => None,
+        };
+        if let Some((next, values)) = ahead {
+            let handle = self
+                .group
+                .all_gather_start(values)
+                .map_err(comm_error("ZeRO-3 prefetch"))?;
+            pf.pending = Some((next, handle));
+        }
+        Ok(all)
+    }
+
+    /// Starts a step whose lookups read this rank's shards from `shards` (the store's tensors):
+    /// from here gathers are started ahead of their lookups.
+    pub fn begin_step(&self, shards: Arc<Vec<Tensor>>) -> Result<()> {
+        let mut pf = self.prefetch.lock().map_err(|_| poisoned())?;
+        pf.shards = Some(shards);
+        pf.previous = std::mem::take(&mut pf.current);
+        pf.on_track = true;
+        Ok(())
+    }
+
+    /// Lookups made in steps so far, and how many of them found their gather started ahead.
+    pub fn prefetched(&self) -> (usize, usize) {
+        self.prefetch
+            .lock()
+            .map_or((0, 0), |pf| (pf.lookups, pf.hits))
+    }
+
+    /// Ends a step before the optimizer changes the shards: completes and drops any gather
+    /// started ahead (every rank started it, so every rank completes it).
+    pub fn end_step(&self) -> Result<()> {
+        let pending = {
+            let mut pf = self.prefetch.lock().map_err(|_| poisoned())?;
+            pf.shards = None;
+            pf.pending.take()
+        };
+        if let Some((_, handle)) = pending {
+            handle.wait().map_err(comm_error("ZeRO-3 prefetch"))?;
+        }
+        Ok(())
+    }
+}
+
+fn poisoned() -> Error {
+    Error::Invalid {
+        op: "ZeRO-3",
+        reason: "a rank's thread panicked while holding the parameter table".into(),
+    }
+}
+
+impl ParallelContext for ZeroThree {
+    fn shard(&self, name: &str, full: &Tensor, split: Split) -> Result<Tensor> {
+        let _ = split;
+        let (r, len) = (self.group.rank(), self.shard_len(full.numel()));
+        let values = full.to_vec_f32();
+        let from = (r * len).min(values.len());
+        let to = ((r + 1) * len).min(values.len());
+        let mut mine = values[from..to].to_vec();
+        mine.resize(len, 0.0);
+        let mut params = self.params.lock().map_err(|_| poisoned())?;
+        match params.iter().position(|(n, _)| n == name) {
+            Some(i) => params[i].1 = full.shape().to_vec(),
+            None => params.push((name.to_string(), full.shape().to_vec())),
+        }
+        Ok(Tensor::from_f32(mine, &[len])?.to_dtype(full.dtype()))
+    }
+
+    fn gather(&self, name: &str, local: &Tensor) -> Result<Tensor> {
+        let shape = self.whole_shape(name, local.shape());
+        let all = self
+            .group
+            .all_gather(local.to_vec_f32())
+            .map_err(comm_error("ZeRO-3 gather"))?;
+        Ok(self.gathered(all, &shape)?.to_dtype(local.dtype()))
+    }
+
+    fn splits_parameters(&self) -> bool {
+        true
+    }
+
+    fn whole_shape(&self, name: &str, local: &[usize]) -> Vec<usize> {
+        self.params
+            .lock()
+            .ok()
+            .and_then(|p| p.iter().find(|(n, _)| n == name).map(|(_, s)| s.clone()))
+            .unwrap_or_else(|| local.to_vec())
+    }
+
+    fn lookup(&self, id: ParamId, stored: &Tensor) -> Result<Tensor> {
+        let shape = self.shape_of(id.0)?;
+        let all = self.gather_whole(id.0, stored)?;
+        let value = self.gathered(all, &shape)?.to_dtype(stored.dtype());
+        Ok(Tensor::from_op(
+            value,
+            &[stored],
+            ReduceScatterGradient {
+                group: self.group.clone(),
+                shard: stored.numel(),
+            },
+        ))
+    }
+}
+
+/// The gather's backward: the whole gradient, averaged over the ranks, cut into their shards.
+struct ReduceScatterGradient {
+    group: Arc<dyn Communicator>,
+    shard: usize,
+}
+
+impl Backward for ReduceScatterGradient {
+    fn name(&self) -> &'static str {
+        "zero3_gather"
+    }
+
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut values = grad.to_vec_f32();
+        values.resize(self.shard * self.group.size(), 0.0);
+        let mine = self
+            .group
+            .reduce_scatter(values, Reduce::Mean)
+            .map_err(comm_error("ZeRO-3 reduce-scatter"))?;
+        Ok(vec![Some(Tensor::from_f32(mine, &[self.shard])?)])
+    }
+}
