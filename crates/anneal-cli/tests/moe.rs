@@ -1,7 +1,7 @@
 //! A Mixture-of-Experts GPT through the whole job: `[model.moe]` from the command line,
 //! pretraining with its routing in `metrics.jsonl` and the expert-load chart, a stopped run
-//! resumed bit for bit, generation from its checkpoint, and the settings refused before any
-//! compute.
+//! resumed bit for bit, generation from its checkpoint, its experts split over 2 ranks (expert
+//! parallelism) training as one device does, and the settings refused before any compute.
 
 mod common;
 
@@ -82,6 +82,42 @@ fn moe_runs_log_routing_resume_bit_for_bit_and_generate() {
         !out.status.success() && err.contains("model.moe") && err.contains("Mixture-of-Experts"),
         "{err}"
     );
+}
+
+#[cfg(unix)]
+#[test]
+fn experts_split_over_ranks_train_as_one_device_running_each_ranks_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = tokenize(dir.path());
+    let steps = 20;
+    // Each rank routes its own rows: one device running each rank's share of a batch as a
+    // micro-batch (batches of 4 rows, 4 micro-batches) trains the same model.
+    let one = dir.path().join("one");
+    let mut sets = MOE.to_vec();
+    sets.extend(["--set", "train.batch_size=4", "--set", "train.grad_accum=4"]);
+    ok(pretrain(&data, &one, steps, &sets).output().unwrap());
+    let split = dir.path().join("split");
+    let mut sets = MOE.to_vec();
+    sets.extend(["--ranks", "2", "--set", "parallel.ep=2"]);
+    ok(pretrain(&data, &split, steps, &sets).output().unwrap());
+    let (want, _) = losses(&one);
+    let (got, _) = losses(&split);
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g.1 - w.1).abs() <= 1e-5 * w.1.abs(),
+            "step {}: {} vs {}",
+            g.0,
+            g.1,
+            w.1
+        );
+    }
+    // The checkpoint holds every expert whole, and loads on one device.
+    let run = split.to_str().unwrap();
+    let text = ok(anneal(&[
+        "generate", run, "--prompt", "the ", "--tokens", "20", "--seed", "1",
+    ]));
+    assert!(text.starts_with("the "), "{text}");
 }
 
 #[test]

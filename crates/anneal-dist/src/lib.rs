@@ -15,12 +15,14 @@
 //! pending or later communication returns [`Error::PeerFailed`] naming that rank and its error,
 //! so a job ends instead of hanging.
 
+pub mod expert_parallel;
 pub mod local;
 pub mod model_parallel;
 #[cfg(feature = "mpi")]
 pub mod mpi;
 pub mod zero3;
 
+pub use expert_parallel::ExpertParallel;
 pub use model_parallel::ModelParallel;
 pub use zero3::ZeroThree;
 

@@ -332,6 +332,9 @@ pub struct ParallelConfig {
     /// Pipeline micro-batches each of the step's batches (`train.grad_accum` of them) is cut
     /// into; 1F1B needs at least `pp` in a step.
     pub micro_batches: usize,
+    /// Expert-parallel ranks: each Mixture-of-Experts layer's experts split over groups of `ep`
+    /// neighbouring data ranks, tokens exchanged by all-to-all (GShard); 1 is none.
+    pub ep: usize,
     /// Ranks in each ZeRO sharding group; 0 means every rank when `zero` is 1 or 2, else 1.
     pub sharding: usize,
     /// ZeRO stage inside each sharding group: 0 (none: plain data parallelism), 1 (optimizer
@@ -352,6 +355,7 @@ impl Default for ParallelConfig {
             pp_blocks: Vec::new(),
             schedule: "1f1b".into(),
             micro_batches: 1,
+            ep: 1,
             sharding: 0,
             zero: 0,
             bucket_mb: 25.0,
@@ -377,6 +381,8 @@ pub struct Layout {
     pub micro_batches: usize,
     /// 1F1B (else GPipe).
     pub one_f_one_b: bool,
+    /// Expert-parallel ranks per group (dividing the data ranks).
+    pub ep: usize,
     /// Ranks in each sharding group.
     pub sharding: usize,
     /// ZeRO stage (0, 1, 2, 3).
@@ -591,6 +597,12 @@ impl RunConfig {
             "1 or more pipeline micro-batches per batch",
         )?;
         check(
+            p.ep >= 1,
+            "parallel.ep",
+            p.ep.to_string(),
+            "1 (no expert parallelism) or more ranks per expert-parallel group",
+        )?;
+        check(
             p.zero <= 3,
             "parallel.zero",
             p.zero.to_string(),
@@ -706,6 +718,9 @@ impl RunConfig {
                  a multiple of {ranks}"
             );
         }
+        if p.ep > 1 {
+            self.check_expert_parallel(p.ep, ranks, dp, sharding)?;
+        }
         let share = b / ranks;
         if pp == 1 && p.micro_batches > 1 {
             bail!(
@@ -728,6 +743,7 @@ impl RunConfig {
             pp,
             micro_batches: p.micro_batches,
             one_f_one_b: p.schedule == "1f1b",
+            ep: p.ep,
             sharding,
             zero: p.zero,
             bucket_bytes: (p.bucket_mb * 1e6) as usize,
@@ -833,6 +849,39 @@ impl RunConfig {
             );
         }
         Ok(blocks)
+    }
+
+    /// Fails, naming the keys, unless `ep` expert-parallel ranks can split the model's experts
+    /// over the `ranks` data ranks: a Mixture-of-Experts model whose experts and data ranks `ep`
+    /// divides, with plain data parallelism beside it (no ZeRO or model parallelism yet).
+    fn check_expert_parallel(
+        &self,
+        ep: usize,
+        ranks: usize,
+        dp: usize,
+        sharding: usize,
+    ) -> Result<()> {
+        let Some(moe) = &self.model.moe else {
+            bail!("parallel.ep = {ep} splits a Mixture of Experts, and the model has none; add [model.moe] or set parallel.ep = 1");
+        };
+        if !moe.experts.is_multiple_of(ep) {
+            bail!(
+                "parallel.ep = {ep} does not divide model.moe.experts = {}; choose a divisor of {}",
+                moe.experts,
+                moe.experts
+            );
+        }
+        if !ranks.is_multiple_of(ep) {
+            bail!("parallel.ep = {ep} does not divide the {ranks} data ranks; choose a divisor of {ranks}");
+        }
+        if self.parallel.zero > 0 || sharding > 1 || dp != ranks {
+            bail!(
+                "parallel.ep = {ep} with parallel.zero = {} is not supported yet; use \
+                 parallel.zero = 0 with expert parallelism",
+                self.parallel.zero
+            );
+        }
+        Ok(())
     }
 
     /// Fails, naming the keys, unless the pipeline can run: enough micro-batches for 1F1B, and

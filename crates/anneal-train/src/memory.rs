@@ -153,6 +153,7 @@ mod tests {
             pp: 1,
             micro_batches: 1,
             one_f_one_b: true,
+            ep: 1,
             sharding: 4,
             zero,
             bucket_bytes: 1 << 20,

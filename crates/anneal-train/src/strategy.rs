@@ -1237,6 +1237,138 @@ impl Strategy for ZeroThree {
     }
 }
 
+/// Expert parallelism beside data parallelism (GShard, Lepikhin et al. 2020): the model's
+/// Mixture-of-Experts layers hold `experts / ep` experts on each rank of an expert-parallel group
+/// ([`anneal_dist::ExpertParallel`]) and exchange tokens with its other ranks; every other
+/// parameter is replicated on every data rank. After backward the replicated parameters'
+/// gradients are averaged over the data ranks, and each expert's gradient (already summed over its
+/// expert-parallel group's tokens) is summed over the ranks holding the same experts and divided
+/// by the data ranks, which is the gradient of the mean loss over the global batch. The gradient
+/// norm adds the expert-parallel group's experts to the replicated part.
+pub struct ExpertDataParallel {
+    data: Box<dyn anneal_dist::Communicator>,
+    experts: Box<dyn anneal_dist::Communicator>,
+    ep: Arc<dyn anneal_dist::Communicator>,
+}
+
+impl ExpertDataParallel {
+    /// Over the data ranks `data`, the expert-data-parallel group `experts` (the ranks holding
+    /// this rank's experts) and the expert-parallel group `ep`.
+    pub fn new(
+        data: Box<dyn anneal_dist::Communicator>,
+        experts: Box<dyn anneal_dist::Communicator>,
+        ep: Arc<dyn anneal_dist::Communicator>,
+    ) -> Self {
+        ExpertDataParallel { data, experts, ep }
+    }
+}
+
+/// Each trainable parameter's place in state order, and whether it is an expert's (split over
+/// the expert-parallel group).
+fn expert_ranges(model: &dyn TrainModel) -> Vec<(Range<usize>, bool)> {
+    let params = model.params();
+    params
+        .trainable_ranges()
+        .map(|(info, _, state)| {
+            let expert = model
+                .parallel()
+                .is_some_and(|p| p.split_of(&info.name) == Split::Experts);
+            (state, expert)
+        })
+        .collect()
+}
+
+impl Strategy for ExpertDataParallel {
+    fn describe(&self) -> String {
+        format!(
+            "data parallel over {} ranks, experts split over {}",
+            self.data.size(),
+            self.ep.size()
+        )
+    }
+
+    fn step(
+        &mut self,
+        model: &dyn TrainModel,
+        objective: &mut dyn Objective,
+        optimizer: &mut dyn Optimizer,
+        micro_batches: &[Batch],
+        dropout: &[DropoutKey],
+        settings: StepSettings,
+        after_forward: &mut dyn FnMut(),
+    ) -> Result<StepOutput> {
+        let mut out = forward_backward(
+            model,
+            objective,
+            micro_batches,
+            dropout,
+            after_forward,
+            &mut |_| {},
+        )?;
+        let t = Instant::now();
+        let params = model.params();
+        let ranges = expert_ranges(model);
+        let (mut shared, mut expert) = (Vec::new(), Vec::new());
+        params.with_grads(|g| {
+            for (range, is_expert) in &ranges {
+                let into = if *is_expert { &mut expert } else { &mut shared };
+                into.extend_from_slice(&g[range.clone()]);
+            }
+        });
+        let shared = self.data.all_reduce(shared, anneal_dist::Reduce::Mean)?;
+        let dp = self.data.size() as f32;
+        let expert: Vec<f32> = self
+            .experts
+            .all_reduce(expert, anneal_dist::Reduce::Sum)?
+            .into_iter()
+            .map(|v| v / dp)
+            .collect();
+        let (mut at_shared, mut at_expert) = (0, 0);
+        params.with_grads_mut(|g| {
+            for (range, is_expert) in &ranges {
+                let (from, at) = if *is_expert {
+                    (&expert, &mut at_expert)
+                } else {
+                    (&shared, &mut at_shared)
+                };
+                g[range.clone()].copy_from_slice(&from[*at..*at + range.len()]);
+                *at += range.len();
+            }
+        });
+        average_loss(&[self.data.as_ref()], &mut out)?;
+        out.exposed_comm += t.elapsed().as_secs_f64();
+        out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
+            let sq = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
+            let experts = self
+                .ep
+                .all_reduce(vec![sq(&expert) as f32], anneal_dist::Reduce::Sum)?[0];
+            (sq(&shared) + experts as f64).sqrt()
+        } else {
+            f64::NAN
+        };
+        if settings.grad_clip > 0.0 {
+            if let Some(s) =
+                anneal_tensor::params::clip_factor(out.grad_norm as f32, settings.grad_clip)
+            {
+                params.scale_grads(params.held_grads(), s);
+            }
+        }
+        optimizer.step(params, settings.lr);
+        out.phases[2] += t.elapsed().as_secs_f64();
+        Ok(out)
+    }
+
+    fn gather_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &dyn Optimizer,
+    ) -> Result<Option<NamedState>> {
+        // The first expert-parallel group holds every expert once: its ranks' states are
+        // gathered whole.
+        Ok((self.experts.rank() == 0).then(|| optimizer.state(model.params())))
+    }
+}
+
 /// The strategy that runs `layout` over the job's ranks (`world`), with its gradient buckets and
 /// gradient dtype, and the range of `model`'s trainable elements this rank's optimizer owns
 /// (all of them without ZeRO). Sub-groups are split from `world` (collectively) in

@@ -672,6 +672,28 @@ pub fn pretraining_on(
                 );
                 (model, strategy, optimizer, rank)
             }
+            Some(world) if world.size() > 1 && config.layout(world.size())?.ep > 1 => {
+                let ep = config.layout(world.size())?.ep;
+                let r = world.rank();
+                // Groups of `ep` neighbouring ranks split the experts; the ranks holding the
+                // same experts form the expert-data-parallel group.
+                let group: Arc<dyn anneal_dist::Communicator> =
+                    Arc::from(world.split(r / ep, r % ep)?);
+                let experts = world.split(r % ep, r / ep)?;
+                let context = Arc::new(anneal_dist::ExpertParallel::new(group.clone()));
+                let model = Gpt::new_in(gpt, t.seed, context.clone())?;
+                let optimizer = AdamW::new(&model.params, adamw);
+                let rank = (world.rank(), world.size());
+                let inner = Box::new(crate::strategy::ExpertDataParallel::new(
+                    world,
+                    experts,
+                    group.clone(),
+                ));
+                let strategy: Box<dyn crate::strategy::Strategy> = Box::new(
+                    crate::mesh::WithModelParallel::new(inner, context, group, None),
+                );
+                (model, strategy, optimizer, rank)
+            }
             Some(world) => {
                 let layout = config.layout(world.size())?;
                 let mesh = crate::mesh::Mesh::split(world, &layout)?;

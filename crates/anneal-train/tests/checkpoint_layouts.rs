@@ -380,6 +380,26 @@ fn an_impossible_layout_is_refused_before_any_step() {
         &["parallel.tp=2", "parallel.pp=4", "parallel.micro_batches=4"],
     );
     assert!(e.contains("parallel.tp = 2 × parallel.pp = 4"), "{e}");
+    // Expert parallelism: a Mixture of Experts whose experts and data ranks it divides.
+    let e = err(4, &["parallel.ep=2"]);
+    assert!(
+        e.contains("parallel.ep = 2") && e.contains("[model.moe]"),
+        "{e}"
+    );
+    let moe = ["model.moe.experts=6", "model.moe.every=1"];
+    let e = err(4, &[moe[0], moe[1], "parallel.ep=4"]);
+    assert!(e.contains("model.moe.experts = 6"), "{e}");
+    let e = err(4, &[moe[0], moe[1], "parallel.ep=3"]);
+    assert!(e.contains("4 data ranks"), "{e}");
+    let e = err(4, &[moe[0], moe[1], "parallel.ep=2", "parallel.zero=1"]);
+    assert!(e.contains("parallel.ep = 2 with parallel.zero = 1"), "{e}");
+    assert_eq!(
+        config(&[moe[0], moe[1], "parallel.ep=2"])
+            .layout(4)
+            .unwrap()
+            .ep,
+        2
+    );
     // Automatic values: ZeRO over every rank, or data parallelism over every rank.
     let layout = config(&["parallel.zero=2"]).layout(4).unwrap();
     assert_eq!((layout.dp, layout.sharding), (1, 4));

@@ -14,8 +14,11 @@
 //! - dropout masks are keyed by each row's place in the step's batch, so all of the above hold
 //!   with dropout on;
 //! - tensor parallelism (×2, ×4 over an unevenly split vocabulary, with recomputed blocks, and
-//!   dp 2 × tp 2) and pipelines (GPipe and 1F1B, stages of uneven blocks down to none beside the
-//!   embedding or the head, recomputed blocks, and tp 2 × pp 2) equal one device too;
+//!   dp 2 × tp 2), pipelines (GPipe and 1F1B, stages of uneven blocks down to none beside the
+//!   embedding or the head, recomputed blocks, and tp 2 × pp 2) and ZeRO-3 (×2, ×4, with
+//!   recomputed blocks and accumulation) equal one device too, and a Mixture-of-Experts GPT
+//!   with its experts split over 2 and 4 ranks (each rank routing its own rows, balancing loss
+//!   included) equals one device running the same global batch as one micro-batch per rank;
 //! - bf16 gradients train within 2e-3 of f32's;
 //! - the bytes each layout hands to each collective, per process group and step, equal
 //!   `anneal_plan::comm`'s formulas (`step_payload`, `tensor_parallel_payload`,
@@ -734,6 +737,41 @@ fn zero3_equals_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn expert_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
+    // A Mixture-of-Experts GPT: 4 experts, top-2, capacity-limited, in every block. Each rank
+    // routes its own rows, so one device runs the same global batch as 4 micro-batches of 2.
+    let moe = [
+        "model.moe.experts=4",
+        "model.moe.top_k=2",
+        "model.moe.every=1",
+        "model.moe.d_ff=32",
+    ];
+    fn with<'a>(moe: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        moe.iter().chain(extra).copied().collect()
+    }
+    let one = train(
+        &config(&with(&moe, &["train.batch_size=2", "train.grad_accum=4"])),
+        None,
+    )?;
+    let dp = train(&config(&with(&moe, &[])), Some(copy(world)?))?;
+    close("MoE GPT, data parallel ×4", &dp, &one);
+    report(
+        world,
+        "ok: MoE GPT, data parallel ×4 equals one device running the batch as 4 micro-batches",
+    );
+    for ep in ["parallel.ep=2", "parallel.ep=4"] {
+        let name = format!("MoE GPT, {ep} over 4 data ranks");
+        let got = train_pipeline(&config(&with(&moe, &[ep])), copy(world)?)?;
+        if got.1.is_empty() {
+            close(&name, &(got.0.clone(), one.1.clone()), &one);
+        } else {
+            close(&name, &got, &one);
+        }
+        report(world, &format!("ok: {name} equals one device"));
+    }
+    Ok(())
+}
+
 fn pipelines_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
     let one = train(&config(&[]), None)?;
     let layouts: [(&str, &[&str]); 5] = [
@@ -789,7 +827,11 @@ fn pipelines_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
 
 type Check = fn(&dyn Communicator) -> anyhow::Result<()>;
 
-const CHECKS: [(&str, Check); 7] = [
+const CHECKS: [(&str, Check); 8] = [
+    (
+        "expert_parallel_equals_one_device",
+        expert_parallel_equals_one_device,
+    ),
     ("zero3_equals_one_device", zero3_equals_one_device),
     ("pipelines_equal_one_device", pipelines_equal_one_device),
     (
