@@ -23,7 +23,7 @@
 use crate::{Communicator, Reduce};
 use anneal_nn::layers::{ParallelContext, Split};
 use anneal_tensor::autograd::Backward;
-use anneal_tensor::{CrossEntropyOptions, DType, Error, Result, Tensor};
+use anneal_tensor::{CrossEntropyOptions, DType, Error, ParamId, Result, Tensor};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
@@ -46,6 +46,10 @@ pub struct ModelParallel {
     group: Arc<dyn Communicator>,
     holds: Option<Holds>,
     splits: Mutex<HashMap<String, (Split, Vec<usize>)>>,
+    /// Sequence parallelism: activations outside the split layers are split by rows.
+    sequence: bool,
+    /// Each parameter's split, in declaration order (its id), for lookups.
+    by_id: Mutex<Vec<Split>>,
 }
 
 impl ModelParallel {
@@ -55,7 +59,21 @@ impl ModelParallel {
             group,
             holds: None,
             splits: Mutex::new(HashMap::new()),
+            sequence: false,
+            by_id: Mutex::new(Vec::new()),
         }
+    }
+
+    /// This context with sequence parallelism (Korthikanti et al. 2022, "Reducing Activation
+    /// Recomputation in Large Transformer Models", §4.2.2): the activations between the split
+    /// layers (the residual stream, norms, dropout) are split by rows over the group; a split
+    /// region's input is all-gathered (its gradient reduce-scattered) and its output
+    /// reduce-scattered (its gradient all-gathered), which moves what the all-reduces moved. The
+    /// replicated parameters then see only this rank's rows, so their gradients are summed over
+    /// the group as they are looked up.
+    pub fn with_sequence_parallel(mut self, on: bool) -> ModelParallel {
+        self.sequence = on && self.group.size() > 1;
+        self
     }
 
     /// This context holding only the parameters `holds` names (a pipeline stage's layers'); the
@@ -131,6 +149,12 @@ impl ParallelContext for ModelParallel {
             op: "tensor-parallel shard",
             reason: format!("{name} of shape {:?}: {reason}", full.shape()),
         };
+        let declared = self.splits.lock().is_ok_and(|s| s.contains_key(name));
+        if !declared {
+            if let Ok(mut by_id) = self.by_id.lock() {
+                by_id.push(split);
+            }
+        }
         if !self.holds(name) {
             if let Ok(mut splits) = self.splits.lock() {
                 splits.insert(name.to_string(), (split, full.shape().to_vec()));
@@ -234,7 +258,56 @@ impl ParallelContext for ModelParallel {
         self.part(len, self.group.rank())
     }
 
+    fn sequence_parallel(&self) -> bool {
+        self.sequence
+    }
+
+    fn gather_sequence(&self, x: &Tensor) -> Result<Tensor> {
+        if !self.sequence {
+            return Ok(x.clone());
+        }
+        let rows = x.shape()[0];
+        let mut shape = x.shape().to_vec();
+        shape[0] = rows * self.group.size();
+        let all = self
+            .group
+            .all_gather(x.to_vec_f32())
+            .map_err(comm_error("sequence-parallel all-gather"))?;
+        let value = Tensor::from_f32(all, &shape)?.to_dtype(x.dtype());
+        Ok(Tensor::from_op(
+            value,
+            &[x],
+            ReduceScatterRows {
+                group: self.group.clone(),
+            },
+        ))
+    }
+
+    fn lookup(&self, id: ParamId, stored: &Tensor) -> Result<Tensor> {
+        let replicated = self.sequence
+            && self
+                .by_id
+                .lock()
+                .is_ok_and(|s| s.get(id.0) == Some(&Split::Replicated));
+        if !replicated {
+            return Ok(stored.clone());
+        }
+        // Applied to this rank's rows only: the gradient is summed over the group.
+        Ok(Tensor::from_op(
+            stored.detach(),
+            &[stored],
+            AllReduceGradient {
+                group: self.group.clone(),
+            },
+        ))
+    }
+
     fn enter_parallel(&self, x: &Tensor) -> Result<Tensor> {
+        if self.sequence {
+            // The region's input was gathered whole (`gather_sequence`), whose backward sums the
+            // ranks' gradients.
+            return Ok(x.clone());
+        }
         Ok(Tensor::from_op(
             x.detach(),
             &[x],
@@ -245,6 +318,31 @@ impl ParallelContext for ModelParallel {
     }
 
     fn reduce_parallel(&self, x: &Tensor) -> Result<Tensor> {
+        if self.sequence {
+            // Sum the partial outputs and keep this rank's rows: `[n, …]` → `[n/tp, d]`.
+            let d = x.shape().last().copied().unwrap_or(1);
+            let n = x.numel() / d.max(1);
+            let tp = self.group.size();
+            if !n.is_multiple_of(tp) {
+                return Err(Error::Invalid {
+                    op: "sequence parallelism",
+                    reason: format!("{n} rows do not split over {tp} tensor-parallel ranks"),
+                });
+            }
+            let mine = self
+                .group
+                .reduce_scatter(x.to_vec_f32(), Reduce::Sum)
+                .map_err(comm_error("sequence-parallel reduce-scatter"))?;
+            let value = Tensor::from_f32(mine, &[n / tp, d])?.to_dtype(x.dtype());
+            return Ok(Tensor::from_op(
+                value,
+                &[x],
+                AllGatherRows {
+                    group: self.group.clone(),
+                    shape: x.shape().to_vec(),
+                },
+            ));
+        }
         let summed = self
             .group
             .all_reduce(x.to_vec_f32(), Reduce::Sum)
@@ -280,6 +378,52 @@ impl Backward for AllReduceGradient {
             .map_err(comm_error("tensor-parallel all-reduce"))?;
         Ok(vec![Some(
             Tensor::from_f32(summed, grad.shape())?.to_dtype(grad.dtype()),
+        )])
+    }
+}
+
+/// The backward of a gather of rows: the whole gradient summed over the group, each rank keeping
+/// its rows.
+struct ReduceScatterRows {
+    group: Arc<dyn Communicator>,
+}
+
+impl Backward for ReduceScatterRows {
+    fn name(&self) -> &'static str {
+        "sequence_parallel_gather"
+    }
+
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let mut shape = grad.shape().to_vec();
+        shape[0] /= self.group.size();
+        let mine = self
+            .group
+            .reduce_scatter(grad.to_vec_f32(), Reduce::Sum)
+            .map_err(comm_error("sequence-parallel reduce-scatter"))?;
+        Ok(vec![Some(
+            Tensor::from_f32(mine, &shape)?.to_dtype(grad.dtype()),
+        )])
+    }
+}
+
+/// The backward of a reduce-scatter of rows: every rank's rows of the gradient gathered whole.
+struct AllGatherRows {
+    group: Arc<dyn Communicator>,
+    shape: Vec<usize>,
+}
+
+impl Backward for AllGatherRows {
+    fn name(&self) -> &'static str {
+        "sequence_parallel_scatter"
+    }
+
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let all = self
+            .group
+            .all_gather(grad.to_vec_f32())
+            .map_err(comm_error("sequence-parallel all-gather"))?;
+        Ok(vec![Some(
+            Tensor::from_f32(all, &self.shape)?.to_dtype(grad.dtype()),
         )])
     }
 }

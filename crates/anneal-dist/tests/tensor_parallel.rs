@@ -1,6 +1,7 @@
 //! Tensor parallelism against one device, on the `local` backend: a GPT split over 2 and 4 ranks
-//! (heads, MLP hidden units and an unevenly split vocabulary) gives the single-device model's
-//! logits, loss and gradients, as Megatron-LM's tests hold a tensor-parallel layer to its
+//! (heads, MLP hidden units and an unevenly split vocabulary), with or without sequence
+//! parallelism (the residual stream split by rows), gives the single-device model's logits, loss
+//! and gradients, as Megatron-LM's tests hold a tensor-parallel layer to its
 //! single-device layer (to 1e-6, `tests/unit_tests/tensor_parallel`).
 
 use anneal_dist::{local, Communicator, ModelParallel};
@@ -103,16 +104,27 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
 }
 
 fn check(tp: usize, smoothing: f32) {
+    check_with(tp, smoothing, false, false);
+}
+
+fn check_with(tp: usize, smoothing: f32, sequence: bool, recomputed: bool) {
+    let config = || GptConfig {
+        checkpoint_blocks: recomputed,
+        ..config()
+    };
     let one = run(&Gpt::new(config(), 3).unwrap(), smoothing);
     let runs = local::run(tp, |comm| {
         let group: Arc<dyn Communicator> = Arc::new(comm);
-        let parallel = Arc::new(ModelParallel::new(group));
+        let parallel = Arc::new(ModelParallel::new(group).with_sequence_parallel(sequence));
         let model = Gpt::new_in(config(), 3, parallel).map_err(|e| e.to_string())?;
         Ok::<_, String>(run(&model, smoothing))
     })
     .unwrap();
     for (rank, got) in runs.iter().enumerate() {
-        let what = format!("tp {tp}, rank {rank}, smoothing {smoothing}");
+        let what = format!(
+            "tp {tp}, rank {rank}, smoothing {smoothing}, sequence parallel {sequence}, \
+             recomputed {recomputed}"
+        );
         assert!(
             (got.loss - one.loss).abs() <= 1e-6 * one.loss.abs(),
             "{what}: loss {} vs {}",
@@ -136,6 +148,13 @@ fn a_gpt_split_over_two_ranks_equals_one_device() {
 fn a_gpt_split_over_four_ranks_with_an_uneven_vocabulary_equals_one_device() {
     check(4, 0.0);
     check(4, 0.1);
+}
+
+#[test]
+fn sequence_parallelism_equals_one_device() {
+    check_with(2, 0.0, true, false);
+    check_with(4, 0.1, true, false);
+    check_with(2, 0.0, true, true);
 }
 
 #[test]

@@ -492,6 +492,16 @@ impl Gpt {
                 head + 1
             )));
         }
+        if w.parallel().sequence_parallel() {
+            return match (input, layers) {
+                (PartInput::Tokens { ids, batch, seq }, l) if l == (0..head + 1) => {
+                    self.forward_rows(&w, ids, [batch, seq], dropout)
+                }
+                _ => Err(bad(
+                    "under sequence parallelism a GPT runs whole (no pipeline stages)".into(),
+                )),
+            };
+        }
         let mut x = match (input, layers.start) {
             (PartInput::Tokens { ids, batch, seq }, 0) => self
                 .embed(&w, ids, [batch, seq], 0)?
@@ -537,6 +547,62 @@ impl Gpt {
         }
         let rows = x.shape()[..x.rank() - 1].iter().product();
         Ok((self.head(&w, &x, rows)?, moe))
+    }
+
+    /// The whole model under sequence parallelism (Korthikanti et al. 2022): the residual stream
+    /// is this rank's rows of the `[B·T, d]` activations, rows `r·B·T/tp ..` of its tensor-parallel
+    /// rank r, from the vocabulary-parallel embedding's reduce-scatter to the final norm, whose
+    /// output is gathered whole for the head. Dropout masks are the single-device ones: each
+    /// row's key counts rows of the whole batch.
+    fn forward_rows(
+        &self,
+        w: &Weights,
+        ids: &[u32],
+        shape: [usize; 2],
+        dropout: Option<DropoutKey>,
+    ) -> Result<(Tensor, Vec<(usize, MoeAux)>)> {
+        let c = &self.config;
+        let [b, t] = shape;
+        let (r, tp) = w.parallel().tensor_parallel();
+        let n = b * t;
+        if t == 0 || t > c.block_size || !n.is_multiple_of(tp) {
+            return Err(anneal_tensor::Error::Invalid {
+                op: "Gpt::forward",
+                reason: format!(
+                    "{b} × {t} tokens under sequence parallelism: at most block_size {} \
+                     positions, and a multiple of the {tp} tensor-parallel ranks in all",
+                    c.block_size
+                ),
+            });
+        }
+        let rows = n / tp;
+        let first = r * rows;
+        // This rank's rows' keys: the whole batch's, counted in rows of [B·T, d].
+        let rows_key = |key: DropoutKey| DropoutKey {
+            first_row: key.first_row * t as u64 + first as u64,
+            ..key
+        };
+        let tok = self.wte.forward(w, ids, &shape, "Gpt::forward")?;
+        let positions: Vec<u32> = (first..first + rows).map(|i| (i % t) as u32).collect();
+        let pos = self.wpe.forward(w, &positions, &[rows], "Gpt::forward")?;
+        let p_drop = c.dropout;
+        let mut x = tok.add(&pos)?.dropout_at(
+            dropout.map_or(0.0, |_| p_drop),
+            rows_key(dropout.unwrap_or_default()),
+        )?;
+        for (index, block) in self.blocks.iter().enumerate() {
+            let key = dropout.map(|key| rows_key(crate::layers::layer_key(key, index)));
+            x = if c.checkpoint_blocks {
+                let (block, w) = (block.clone(), w.clone());
+                checkpoint(&[x], move |v| {
+                    block.forward_rows(&w, &v[0], shape, p_drop, key)
+                })?
+            } else {
+                block.forward_rows(w, &x, shape, p_drop, key)?
+            };
+        }
+        let x = w.parallel().gather_sequence(&self.ln_f.forward(w, &x)?)?;
+        Ok((self.head.forward(w, &x)?, Vec::new()))
     }
 
     /// The layers of [`Gpt::layers`] that use parameter `name` (the tied token embedding is the

@@ -265,6 +265,14 @@ pub struct TensorLayout {
     pub recomputed: bool,
     /// Cross-entropy with label smoothing (one more sum per row).
     pub label_smoothing: bool,
+    /// Sequence parallelism: the residual stream split by rows between the split regions.
+    #[serde(default)]
+    pub sequence_parallel: bool,
+    /// Under sequence parallelism, the elements of the replicated parameters a forward looks up
+    /// (norms, row-parallel biases, learned positions), whose gradients are summed over the
+    /// group.
+    #[serde(default)]
+    pub replicated: usize,
 }
 
 /// Bytes one rank of a tensor-parallel group hands to each collective in one step of a GPT split
@@ -277,6 +285,9 @@ pub struct TensorLayout {
 /// 3N with label smoothing). Once per step, the split parameters' share of the gradient norm (1
 /// value). Values are f32.
 pub fn tensor_parallel_payload(layout: TensorLayout) -> Vec<Payload> {
+    if layout.sequence_parallel {
+        return sequence_parallel_payload(layout);
+    }
     let (n, d, l) = (
         layout.rows as f64,
         layout.d_model as f64,
@@ -367,6 +378,45 @@ pub fn pipeline_payload(layout: PipelineLayout) -> Vec<Payload> {
         );
     }
     out
+}
+
+/// [`tensor_parallel_payload`] under sequence parallelism (Korthikanti et al. 2022, §4.2.2):
+/// each of a block's two split regions all-gathers its input rows (N/t·d handed) and
+/// reduce-scatters its output (N·d handed) in forward, the reverse in backward (both again in a
+/// recomputed forward); the embedding reduce-scatters its lookup, the final norm's rows are
+/// all-gathered for the head; the replicated parameters' gradients are all-reduced per lookup;
+/// the cross-entropy and the norm as without.
+fn sequence_parallel_payload(layout: TensorLayout) -> Vec<Payload> {
+    let t = layout.tp.max(1) as f64;
+    let (n, d, l) = (
+        layout.rows as f64,
+        layout.d_model as f64,
+        layout.layers as f64,
+    );
+    let passes = if layout.recomputed { 3.0 } else { 2.0 };
+    let m = layout.micro_batches.max(1) as f64;
+    let sums = if layout.label_smoothing { 3.0 } else { 2.0 };
+    // Per block and pass, two regions; the embedding scatters forward and gathers back, the
+    // final norm the other way round.
+    let gathers = 2.0 * passes * l + 2.0;
+    let scatters = 2.0 * passes * l + 2.0;
+    vec![
+        Payload {
+            group: Group::Tensor,
+            collective: Collective::AllGather,
+            bytes: m * 4.0 * (gathers * n / t * d + n + 1.0),
+        },
+        Payload {
+            group: Group::Tensor,
+            collective: Collective::ReduceScatter,
+            bytes: m * 4.0 * scatters * n * d,
+        },
+        Payload {
+            group: Group::Tensor,
+            collective: Collective::AllReduce,
+            bytes: m * 4.0 * (sums * n + layout.replicated as f64) + 4.0,
+        },
+    ]
 }
 
 /// What ZeRO-3's collectives carry in one step, per rank: the shard lengths of the parameters a

@@ -319,6 +319,9 @@ pub struct ParallelConfig {
     /// Tensor-parallel ranks that split every layer between them (Megatron-LM's: heads, MLP
     /// hidden units and the vocabulary); 1 is none. Neighbouring ranks form a group.
     pub tp: usize,
+    /// Sequence parallelism beside tensor parallelism (Korthikanti et al. 2022): the residual
+    /// stream, norms and dropout split by tokens over the tensor-parallel group.
+    pub sequence_parallel: bool,
     /// Pipeline stages the model's layers are cut into (GPipe, Huang et al. 2019; 1F1B,
     /// Narayanan et al. 2021); 1 is none. The first stage holds the embedding, the last the head.
     pub pp: usize,
@@ -351,6 +354,7 @@ impl Default for ParallelConfig {
         ParallelConfig {
             dp: 0,
             tp: 1,
+            sequence_parallel: false,
             pp: 1,
             pp_blocks: Vec::new(),
             schedule: "1f1b".into(),
@@ -375,6 +379,8 @@ pub struct Layout {
     pub dp: usize,
     /// Tensor-parallel ranks per group.
     pub tp: usize,
+    /// Sequence parallelism beside tensor parallelism.
+    pub sequence_parallel: bool,
     /// Pipeline stages.
     pub pp: usize,
     /// Pipeline micro-batches per batch of the step.
@@ -737,9 +743,20 @@ impl RunConfig {
                 p.micro_batches
             );
         }
+        if p.sequence_parallel {
+            let tokens = share / p.micro_batches * self.model.block_size;
+            if tp == 1 || pp > 1 || !tokens.is_multiple_of(tp) {
+                bail!(
+                    "parallel.sequence_parallel = true splits the {tokens} tokens of each \
+                     micro-batch over the tensor-parallel group: it needs parallel.tp > 1 \
+                     dividing them (parallel.tp = {tp}) and no pipeline (parallel.pp = {pp})"
+                );
+            }
+        }
         Ok(Layout {
             dp,
             tp,
+            sequence_parallel: p.sequence_parallel,
             pp,
             micro_batches: p.micro_batches,
             one_f_one_b: p.schedule == "1f1b",

@@ -150,6 +150,7 @@ mod tests {
         let layout = |zero| crate::config::Layout {
             dp: 2,
             tp: 1,
+            sequence_parallel: false,
             pp: 1,
             micro_batches: 1,
             one_f_one_b: true,

@@ -706,7 +706,8 @@ pub fn pretraining_on(
                 // This rank's part of the model: its tensor-parallel slices of its stage's
                 // layers.
                 let parallel = mesh.tensor.clone().map(|group| {
-                    let context = anneal_dist::ModelParallel::new(group);
+                    let context = anneal_dist::ModelParallel::new(group)
+                        .with_sequence_parallel(layout.sequence_parallel);
                     let context = match mesh.pipeline {
                         Some(_) => {
                             let (config, layers) = (gpt.clone(), layers.clone());

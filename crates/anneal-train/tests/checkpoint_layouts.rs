@@ -380,6 +380,8 @@ fn an_impossible_layout_is_refused_before_any_step() {
         &["parallel.tp=2", "parallel.pp=4", "parallel.micro_batches=4"],
     );
     assert!(e.contains("parallel.tp = 2 × parallel.pp = 4"), "{e}");
+    let e = err(4, &["parallel.sequence_parallel=true"]);
+    assert!(e.contains("parallel.tp > 1"), "{e}");
     // Expert parallelism: a Mixture of Experts whose experts and data ranks it divides.
     let e = err(4, &["parallel.ep=2"]);
     assert!(

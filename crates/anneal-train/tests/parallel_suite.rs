@@ -366,6 +366,21 @@ impl Communicator for Counted {
     }
 }
 
+/// The elements of the parameters a split model keeps whole on every rank of its group (each
+/// looked up once a forward).
+fn replicated_elements(model: &dyn anneal_train::model::TrainModel) -> usize {
+    let Some(parallel) = model.parallel() else {
+        return 0;
+    };
+    model
+        .params()
+        .infos()
+        .iter()
+        .filter(|i| parallel.split_of(&i.name) == anneal_nn::layers::Split::Replicated)
+        .map(|i| i.len)
+        .sum()
+}
+
 fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Result<()> {
     let bf16: [(&str, &[&str]); 2] = [
         ("data parallel ×4, bf16", &["parallel.grad_dtype=bf16"]),
@@ -435,7 +450,23 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
     }
     // Tensor parallelism: the group's activations (4 all-reduces of B·T·d per block, 6 with
     // recomputed blocks), and data parallelism over the slices.
-    let tensor: [(&str, &[&str]); 3] = [
+    let tensor: [(&str, &[&str]); 5] = [
+        (
+            "tensor + sequence parallel ×4",
+            &[
+                "model.n_head=4",
+                "parallel.tp=4",
+                "parallel.sequence_parallel=true",
+            ],
+        ),
+        (
+            "dp 2 × tensor + sequence parallel ×2, blocks recomputed",
+            &[
+                "parallel.tp=2",
+                "parallel.sequence_parallel=true",
+                "model.checkpoint_blocks=true",
+            ],
+        ),
         ("tensor parallel ×4", &["model.n_head=4", "parallel.tp=4"]),
         ("dp 2 × tp 2", &["parallel.tp=2"]),
         (
@@ -470,6 +501,8 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
                 micro_batches: config.train.grad_accum,
                 recomputed: m.checkpoint_blocks,
                 label_smoothing: false,
+                sequence_parallel: layout.sequence_parallel,
+                replicated: replicated_elements(trainer.model()),
             })
             .into_iter()
             .map(|p| ("w/0", p))
@@ -667,6 +700,27 @@ fn tensor_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result
     report(
         world,
         "ok: tensor parallel ×2 with blocks recomputed equals one device",
+    );
+    // Sequence parallelism: the residual stream split by tokens too.
+    let sequence = [
+        "parallel.tp=2",
+        "parallel.sequence_parallel=true",
+        "model.checkpoint_blocks=true",
+    ];
+    let sp = train(&config(&sequence), Some(copy(pair.as_ref())?))?;
+    close(
+        "tensor + sequence parallel ×2, blocks recomputed",
+        &sp,
+        &one,
+    );
+    let sp = train(
+        &config(&["parallel.tp=2", "parallel.sequence_parallel=true"]),
+        Some(copy(world)?),
+    )?;
+    close("dp 2 × tensor + sequence parallel ×2", &sp, &one);
+    report(
+        world,
+        "ok: tensor + sequence parallel ×2 (blocks recomputed, and beside dp 2) equals one device",
     );
     // Two data ranks of two tensor-parallel ranks each.
     let mesh = train(&config(&["parallel.tp=2"]), Some(copy(world)?))?;

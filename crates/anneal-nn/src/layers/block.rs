@@ -291,6 +291,37 @@ impl Block {
         Ok((y, aux))
     }
 
+    /// The block under sequence parallelism: `x` `[n/tp, d]` is this rank's rows of the batch's
+    /// `[B, T, d]` (`shape` = `[B, T]`), and so is the output. The norms, dropout and residual
+    /// additions run on the rows; attention's and the feed-forward network's input is gathered
+    /// whole, their row-parallel outputs reduce-scattered back into rows. `training` is the
+    /// dropout key of these rows (its `first_row` counting rows of `[n, d]`).
+    pub fn forward_rows(
+        &self,
+        w: &Weights,
+        x: &Tensor,
+        shape: [usize; 2],
+        p_drop: f32,
+        training: Option<DropoutKey>,
+    ) -> Result<Tensor> {
+        let (p_drop, key) = match training {
+            Some(key) => (p_drop, key),
+            None => (0.0, DropoutKey::default()),
+        };
+        let d = x.shape()[1];
+        let [b, t] = shape;
+        let parallel = w.parallel();
+        let whole =
+            |h: &Tensor| -> Result<Tensor> { parallel.gather_sequence(h)?.reshape(&[b, t, d]) };
+        let a = self.attn.forward(w, &whole(&self.norm_1.forward(w, x)?)?)?;
+        let x = x.add(&a.dropout_at(p_drop, key)?)?;
+        let (h, _) = self
+            .ffn
+            .forward(w, &whole(&self.norm_2.forward(w, &x)?)?, training)?;
+        let h = h.reshape(&[x.shape()[0], d])?;
+        x.add(&h.dropout_at(p_drop, key.with_seed(key.seed ^ 1))?)
+    }
+
     /// The block on `x` `[1, n, d]` at positions `start..start + n`, attending to the cached
     /// `past`; returns the output and this layer's keys and values so far. No dropout.
     pub fn forward_cached(

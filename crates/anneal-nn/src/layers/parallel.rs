@@ -80,6 +80,20 @@ pub trait ParallelContext: Send + Sync {
         Split::Replicated
     }
 
+    /// Whether activations between the tensor-parallel regions are split by rows (tokens) across
+    /// the group (Megatron-LM's sequence parallelism, Korthikanti et al. 2022): norms, dropout and
+    /// residual additions then run on each rank's rows only.
+    fn sequence_parallel(&self) -> bool {
+        false
+    }
+
+    /// Under sequence parallelism, every rank's rows `[n/tp, d]` gathered into the whole
+    /// `[n, d]` (backward: the whole gradient reduce-scattered back into rows): Megatron's `g`
+    /// before a column-parallel region. The identity otherwise.
+    fn gather_sequence(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+
     /// `values` summed over the tensor-parallel group (the split parameters' share of a global
     /// gradient norm); collective over the group.
     fn sum_over_group(&self, values: Vec<f32>) -> Result<Vec<f32>> {
