@@ -87,6 +87,11 @@ pub struct PlanArgs {
     /// Layouts shown.
     #[arg(long, default_value_t = 10)]
     pub top: usize,
+    /// Show only the layouts that match, each `key=value` of dp, tp, pp, ep, zero, mb (sequences
+    /// per micro-batch), schedule (gpipe or 1f1b) and recompute (none, selective or full):
+    /// `--only tp=2,pp=2,mb=4,recompute=none` gives the estimate of the layout a run uses.
+    #[arg(long, value_delimiter = ',')]
+    pub only: Vec<String>,
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -406,6 +411,58 @@ pub fn job(a: &PlanArgs) -> Result<Job> {
     })
 }
 
+/// The estimates whose layouts match every `key=value` of `filters` (`--only`); fails naming a
+/// key or value it does not know, or when none matches.
+fn only(
+    plan: Vec<anneal_plan::planner::Estimate>,
+    filters: &[String],
+) -> Result<Vec<anneal_plan::planner::Estimate>> {
+    use anneal_plan::planner::Schedule;
+    let mut kept = plan;
+    for f in filters {
+        let Some((key, value)) = f.split_once('=') else {
+            bail!("--only {f:?} is not key=value (keys: dp, tp, pp, ep, zero, mb, schedule, recompute)");
+        };
+        let number = || -> Result<usize> {
+            value
+                .trim()
+                .parse()
+                .map_err(|_| anyhow::anyhow!("--only {key}={value:?}: not a whole number"))
+        };
+        let keep: Box<dyn Fn(&anneal_plan::planner::Layout) -> bool> = match key.trim() {
+            "dp" => { let n = number()?; Box::new(move |l| l.dp == n) }
+            "tp" => { let n = number()?; Box::new(move |l| l.tp == n) }
+            "pp" => { let n = number()?; Box::new(move |l| l.pp == n) }
+            "ep" => { let n = number()?; Box::new(move |l| l.ep == n) }
+            "zero" => { let n = number()?; Box::new(move |l| l.zero_stage as usize == n) }
+            "mb" => { let n = number()?; Box::new(move |l| l.micro_batch == n) }
+            "schedule" => {
+                let s = match value.trim() {
+                    "gpipe" => Schedule::GPipe,
+                    "1f1b" => Schedule::OneFOneB,
+                    other => bail!("--only schedule={other:?} is not allowed: gpipe or 1f1b"),
+                };
+                Box::new(move |l| l.schedule == s)
+            }
+            "recompute" => {
+                let r = value.trim().to_string();
+                if !["none", "selective", "full"].contains(&r.as_str()) {
+                    bail!("--only recompute={r:?} is not allowed: none, selective or full");
+                }
+                Box::new(move |l| recompute_name(l.recompute) == r)
+            }
+            other => bail!(
+                "--only {other:?} is not a layout key: dp, tp, pp, ep, zero, mb, schedule, recompute"
+            ),
+        };
+        kept.retain(|e| keep(&e.layout));
+    }
+    if kept.is_empty() {
+        bail!("no layout of this job matches --only {}", filters.join(","));
+    }
+    Ok(kept)
+}
+
 /// `anneal plan`.
 pub fn run(a: PlanArgs) -> Result<()> {
     let a = merged(a)?;
@@ -420,6 +477,7 @@ pub fn run(a: PlanArgs) -> Result<()> {
             job.batch
         );
     }
+    let plan = only(plan, &a.only)?;
     let top: Vec<_> = plan.iter().take(a.top).collect();
     if a.json {
         println!("{}", serde_json::to_string_pretty(&top)?);

@@ -157,6 +157,104 @@ fn sequence_parallelism_equals_one_device() {
     check_with(2, 0.0, true, true);
 }
 
+/// A Llama (separate Q/K/V projections, grouped key/value heads, gated MLP, untied head) with
+/// LoRA adapters on column- and row-parallel projections, their B matrices drawn non-zero: the
+/// loss and every gradient over 2 ranks equal one device's.
+#[test]
+fn lora_adapters_on_split_projections_equal_one_device() {
+    use anneal_nn::layers::LoraConfig;
+    use anneal_nn::{Llama, LlamaConfig};
+    let config = || LlamaConfig {
+        vocab_size: 13,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        max_positions: 32,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-6,
+        tie_embeddings: false,
+        dropout: 0.0,
+        dtype: anneal_tensor::DType::F32,
+        checkpoint_blocks: false,
+    };
+    let lora = || LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        targets: ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
+            .map(String::from)
+            .to_vec(),
+        dropout: 0.0,
+    };
+    // Non-zero B matrices, whole, drawn once: each rank keeps its slice.
+    let b_values = |model: &Llama| -> Vec<(String, Tensor)> {
+        let mut rng = anneal_tensor::Rng::new(9);
+        model
+            .params
+            .infos()
+            .iter()
+            .filter(|i| i.name.contains("lora_B"))
+            .map(|i| {
+                let shape = model.weights().parallel().whole_shape(&i.name, &i.shape);
+                let t = Tensor::randn(&shape, 0.1, anneal_tensor::DType::F32, &mut rng);
+                (i.name.clone(), t)
+            })
+            .collect()
+    };
+    let (ids, targets) = ids();
+    let run = |model: &Llama| -> (f32, Vec<Vec<f32>>) {
+        for (name, whole) in b_values(model) {
+            let parallel = model.weights();
+            let parallel = parallel.parallel();
+            let mine = parallel
+                .shard(&name, &whole, parallel.split_of(&name))
+                .unwrap();
+            model
+                .params
+                .set(model.params.id(&name).unwrap(), &mine)
+                .unwrap();
+        }
+        let loss = model.loss(&ids, &targets, BATCH, SEQ, None).unwrap();
+        loss.backward().unwrap();
+        let w = model.weights();
+        let grads = model
+            .params
+            .infos()
+            .iter()
+            .filter_map(|i| {
+                let g = model.params.by_name(&i.name).unwrap().grad()?;
+                Some(w.parallel().gather(&i.name, &g).unwrap().to_vec_f32())
+            })
+            .collect();
+        (loss.item().unwrap(), grads)
+    };
+    let one = run(&Llama::with_lora(config(), 4, lora()).unwrap());
+    let runs = local::run(2, |comm| {
+        let group: Arc<dyn Communicator> = Arc::new(comm);
+        let parallel = Arc::new(ModelParallel::new(group));
+        let model =
+            Llama::with_lora_in(config(), 4, parallel, lora()).map_err(|e| e.to_string())?;
+        Ok::<_, String>(run(&model))
+    })
+    .unwrap();
+    for (rank, (loss, grads)) in runs.iter().enumerate() {
+        assert!(
+            (loss - one.0).abs() <= 1e-6 * one.0.abs(),
+            "rank {rank}: loss {loss} vs {}",
+            one.0
+        );
+        assert_eq!(grads.len(), one.1.len());
+        assert!(
+            grads.len() > 20,
+            "the adapters and the base weights have gradients"
+        );
+        for (i, (g, w)) in grads.iter().zip(&one.1).enumerate() {
+            assert_close(&format!("rank {rank}: gradient {i}"), g, w, 1e-5);
+        }
+    }
+}
+
 #[test]
 fn layouts_the_model_cannot_take_are_refused_naming_the_sizes() {
     let err = local::run(3, |comm| {

@@ -207,6 +207,19 @@ impl Llama {
         Llama::build(config, Builder::with_parallel(seed, parallel))
     }
 
+    /// [`Llama::with_lora`] with its layers (and their adapters) split as `parallel` says.
+    pub fn with_lora_in(
+        config: LlamaConfig,
+        seed: u64,
+        parallel: Arc<dyn ParallelContext>,
+        lora: LoraConfig,
+    ) -> Result<Llama> {
+        Llama::build(
+            config,
+            Builder::with_parallel(seed, parallel).with_lora(lora)?,
+        )
+    }
+
     fn build(config: LlamaConfig, mut b: Builder) -> Result<Llama> {
         config.validate()?;
         let c = &config;
@@ -426,7 +439,9 @@ impl Llama {
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
         let logits = self.forward(ids, batch, seq, dropout)?;
-        logits.cross_entropy(targets, CrossEntropyOptions::default())
+        self.weights()
+            .parallel()
+            .cross_entropy(&logits, targets, CrossEntropyOptions::default())
     }
 }
 

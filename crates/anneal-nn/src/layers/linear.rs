@@ -58,27 +58,51 @@ pub(crate) struct Lora {
 impl Lora {
     /// Declares the adapter of a `fan_in → fan_out` layer named `prefix`: A Normal(0, 1/in),
     /// B zeros.
+    /// Under tensor parallelism the adapter is split as its layer is: a column-parallel layer's
+    /// B by output rows (A whole), a row-parallel layer's A by input columns (B whole), so each
+    /// rank's ΔW = B·A is the slice of the layer's weight it holds.
     pub(crate) fn new(
         b: &mut Builder,
         prefix: &str,
         fan_in: usize,
         fan_out: usize,
         config: &LoraConfig,
+        split: LinearSplit,
     ) -> Result<Lora> {
         let r = config.rank;
+        let (a_split, b_split) = match split {
+            LinearSplit::None => (Split::Replicated, Split::Replicated),
+            LinearSplit::Column => (Split::Replicated, Split::Axis(0)),
+            LinearSplit::ColumnBlocks(parts) => {
+                (Split::Replicated, Split::Interleaved { axis: 0, parts })
+            }
+            LinearSplit::Row => {
+                if config.dropout > 0.0 {
+                    return Err(Error::Invalid {
+                        op: "LoRA",
+                        reason: format!(
+                            "{prefix} is split by input features across tensor-parallel ranks; \
+                             its adapter cannot drop its input yet (lora dropout {}): use 0",
+                            config.dropout
+                        ),
+                    });
+                }
+                (Split::Axis(1), Split::Replicated)
+            }
+        };
         let a = b.param(
             &join(prefix, "lora_A.weight"),
             &[r, fan_in],
             Init::Normal(1.0 / (fan_in as f32).sqrt()),
             false,
-            Split::Replicated,
+            a_split,
         )?;
         let bw = b.param(
             &join(prefix, "lora_B.weight"),
             &[fan_out, r],
             Init::Zeros,
             false,
-            Split::Replicated,
+            b_split,
         )?;
         Ok(Lora {
             a,
@@ -197,13 +221,7 @@ impl Linear {
         };
         let lora = match b.lora_target(prefix) {
             None => None,
-            Some(_) if opts.split != LinearSplit::None => {
-                return Err(Error::Invalid {
-                    op: "Linear::new",
-                    reason: format!("LoRA on {prefix}: a split layer cannot be adapted yet"),
-                })
-            }
-            Some(config) => Some(Lora::new(b, prefix, fan_in, fan_out, &config)?),
+            Some(config) => Some(Lora::new(b, prefix, fan_in, fan_out, &config, opts.split)?),
         };
         Ok(Linear {
             weight,
@@ -284,6 +302,29 @@ impl Linear {
         Ok(x.linear(&a, None)?.linear(&b, None)?.scale(l.scale))
     }
 
+    /// The adapter of a split layer. Column-parallel (A whole, B's rows split): x·Aᵀ is the
+    /// same on every rank and its gradient the sum of the ranks' (Megatron's `f` on it), each
+    /// rank then adding its output slice. Row-parallel (A's columns split, B whole): each rank's
+    /// x·Aᵀ from its input slice is summed over the ranks (Megatron's `g`) before B.
+    fn split_adapter(&self, w: &Weights, l: &Lora, x: &Tensor) -> Result<Tensor> {
+        let a = w.get(l.a)?.transpose(0, 1)?;
+        let b = w.get(l.b)?.transpose(0, 1)?;
+        let x = match (w.dropout_key(), self.split) {
+            (Some(key), LinearSplit::Column | LinearSplit::ColumnBlocks(_)) if l.dropout > 0.0 => {
+                let seed =
+                    key.seed ^ (self.weight.0 as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+                x.dropout_at(l.dropout, key.with_seed(seed))?
+            }
+            _ => x.clone(),
+        };
+        let parallel = w.parallel();
+        let h = match self.split {
+            LinearSplit::Row => parallel.reduce_parallel(&x.linear(&a, None)?)?,
+            _ => parallel.enter_parallel(&x.linear(&a, None)?)?,
+        };
+        Ok(h.linear(&b, None)?.scale(l.scale))
+    }
+
     /// The weight as `[in, out]` (a view when stored `[out, in]`) and the bias.
     fn weight_and_bias(&self, w: &Weights) -> Result<(Tensor, Option<Tensor>)> {
         let weight = w.get(self.weight)?;
@@ -339,15 +380,29 @@ impl Linear {
                     _ => Ok(y),
                 }
             }
-            LinearSplit::Column | LinearSplit::ColumnBlocks(_) => w
-                .parallel()
-                .enter_parallel(x)?
-                .linear(&weight, bias.as_ref()),
+            LinearSplit::Column | LinearSplit::ColumnBlocks(_) => {
+                let y = w
+                    .parallel()
+                    .enter_parallel(x)?
+                    .linear(&weight, bias.as_ref())?;
+                match &self.lora {
+                    Some(l) if !l.merged.load(Ordering::Acquire) => {
+                        y.add(&self.split_adapter(w, l, x)?)
+                    }
+                    _ => Ok(y),
+                }
+            }
             LinearSplit::Row => {
                 let y = w.parallel().reduce_parallel(&x.linear(&weight, None)?)?;
-                match bias {
-                    Some(b) => y.add(&b),
-                    None => Ok(y),
+                let y = match bias {
+                    Some(b) => y.add(&b)?,
+                    None => y,
+                };
+                match &self.lora {
+                    Some(l) if !l.merged.load(Ordering::Acquire) => {
+                        y.add(&self.split_adapter(w, l, x)?)
+                    }
+                    _ => Ok(y),
                 }
             }
         }
