@@ -96,21 +96,28 @@ fn experts_split_over_ranks_train_as_one_device_running_each_ranks_rows() {
     let mut sets = MOE.to_vec();
     sets.extend(["--set", "train.batch_size=4", "--set", "train.grad_accum=4"]);
     ok(pretrain(&data, &one, steps, &sets).output().unwrap());
-    let split = dir.path().join("split");
-    let mut sets = MOE.to_vec();
-    sets.extend(["--ranks", "2", "--set", "parallel.ep=2"]);
-    ok(pretrain(&data, &split, steps, &sets).output().unwrap());
     let (want, _) = losses(&one);
-    let (got, _) = losses(&split);
-    assert_eq!(got.len(), want.len());
-    for (g, w) in got.iter().zip(&want) {
-        assert!(
-            (g.1 - w.1).abs() <= 1e-5 * w.1.abs(),
-            "step {}: {} vs {}",
-            g.0,
-            g.1,
-            w.1
-        );
+    let split = dir.path().join("split");
+    // Expert parallelism alone, and with ZeRO-1 (the optimizer state sharded over the ranks
+    // holding the same experts, gathered whole into the checkpoint).
+    for (out, zero) in [
+        (&split, "parallel.zero=0"),
+        (&dir.path().join("zero1"), "parallel.zero=1"),
+    ] {
+        let mut sets = MOE.to_vec();
+        sets.extend(["--ranks", "2", "--set", "parallel.ep=2", "--set", zero]);
+        ok(pretrain(&data, out, steps, &sets).output().unwrap());
+        let (got, _) = losses(out);
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert!(
+                (g.1 - w.1).abs() <= 1e-5 * w.1.abs(),
+                "{zero}, step {}: {} vs {}",
+                g.0,
+                g.1,
+                w.1
+            );
+        }
     }
     // The checkpoint holds every expert whole, and loads on one device.
     let run = split.to_str().unwrap();

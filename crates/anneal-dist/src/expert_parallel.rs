@@ -121,7 +121,7 @@ impl ExpertParallel {
     /// The context of this rank of `group` (the ranks that split each layer's experts).
     pub fn new(group: Arc<dyn Communicator>) -> ExpertParallel {
         ExpertParallel {
-            group,
+            group: crate::Timed::wrap(group),
             experts: Mutex::new(HashMap::new()),
         }
     }

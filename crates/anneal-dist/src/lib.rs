@@ -176,6 +176,83 @@ pub fn ranks_on_this_node() -> Option<usize> {
 /// works in tests works under `mpirun`.
 pub const MAX_TAG: u32 = 32767;
 
+thread_local! {
+    static WAITED: std::cell::Cell<f64> = const { std::cell::Cell::new(0.0) };
+}
+
+/// Runs `f`, a blocking communication inside forward or backward (a tensor-parallel all-reduce,
+/// a pipeline's receive, a ZeRO-3 gather, an expert all-to-all), adding its wall time to this
+/// thread's communication clock ([`waited`]): the communication a strategy could not hide.
+pub fn timed<T>(f: impl FnOnce() -> T) -> T {
+    let t = std::time::Instant::now();
+    let out = f();
+    WAITED.with(|w| w.set(w.get() + t.elapsed().as_secs_f64()));
+    out
+}
+
+/// Seconds this thread has spent in communication run through [`timed`].
+pub fn waited() -> f64 {
+    WAITED.with(|w| w.get())
+}
+
+/// A communicator whose every call, and every wait on what it started, runs through [`timed`]:
+/// the groups of the strategies that communicate inside forward and backward are wrapped in it,
+/// so a step can report the communication it waited for.
+pub struct Timed(pub std::sync::Arc<dyn Communicator>);
+
+impl Timed {
+    /// `group`, timed.
+    pub fn wrap(group: std::sync::Arc<dyn Communicator>) -> std::sync::Arc<dyn Communicator> {
+        std::sync::Arc::new(Timed(group))
+    }
+
+    fn handle<T: Send + 'static>(h: Result<Handle<T>>) -> Result<Handle<T>> {
+        let h = h?;
+        Ok(Handle::new(move || timed(|| h.wait())))
+    }
+}
+
+impl Communicator for Timed {
+    fn rank(&self) -> usize {
+        self.0.rank()
+    }
+    fn size(&self) -> usize {
+        self.0.size()
+    }
+    fn global_rank(&self) -> usize {
+        self.0.global_rank()
+    }
+    fn all_reduce_start(&self, buf: Vec<f32>, op: Reduce) -> Result<Handle<Vec<f32>>> {
+        Timed::handle(timed(|| self.0.all_reduce_start(buf, op)))
+    }
+    fn reduce_scatter_start(&self, buf: Vec<f32>, op: Reduce) -> Result<Handle<Vec<f32>>> {
+        Timed::handle(timed(|| self.0.reduce_scatter_start(buf, op)))
+    }
+    fn all_gather_start(&self, chunk: Vec<f32>) -> Result<Handle<Vec<f32>>> {
+        Timed::handle(timed(|| self.0.all_gather_start(chunk)))
+    }
+    fn broadcast_start(&self, buf: Vec<f32>, root: usize) -> Result<Handle<Vec<f32>>> {
+        Timed::handle(timed(|| self.0.broadcast_start(buf, root)))
+    }
+    fn all_to_all_start(&self, chunks: Vec<Vec<f32>>) -> Result<Handle<Vec<Vec<f32>>>> {
+        Timed::handle(timed(|| self.0.all_to_all_start(chunks)))
+    }
+    fn send(&self, buf: Vec<f32>, to: usize, tag: u32) -> Result<()> {
+        timed(|| self.0.send(buf, to, tag))
+    }
+    fn recv_start(&self, from: usize, tag: u32) -> Result<Handle<Vec<f32>>> {
+        Timed::handle(timed(|| self.0.recv_start(from, tag)))
+    }
+    fn barrier(&self) -> Result<()> {
+        timed(|| self.0.barrier())
+    }
+    fn split(&self, color: usize, key: usize) -> Result<Box<dyn Communicator>> {
+        Ok(Box::new(Timed(std::sync::Arc::from(
+            self.0.split(color, key)?,
+        ))))
+    }
+}
+
 /// A pending non-blocking operation; [`Handle::wait`] completes it.
 #[must_use = "a pending operation completes only when waited on"]
 pub struct Handle<T> {

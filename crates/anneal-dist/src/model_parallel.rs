@@ -56,7 +56,7 @@ impl ModelParallel {
     /// The context of this rank of `group` (the ranks that split each layer between them).
     pub fn new(group: Arc<dyn Communicator>) -> ModelParallel {
         ModelParallel {
-            group,
+            group: crate::Timed::wrap(group),
             holds: None,
             splits: Mutex::new(HashMap::new()),
             sequence: false,

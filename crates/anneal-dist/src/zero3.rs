@@ -61,7 +61,7 @@ impl ZeroThree {
     /// Parameters sharded over the ranks of `group`.
     pub fn new(group: Arc<dyn Communicator>) -> ZeroThree {
         ZeroThree {
-            group,
+            group: crate::Timed::wrap(group),
             params: Mutex::new(Vec::new()),
             prefetch: Mutex::new(Prefetch::default()),
         }

@@ -891,10 +891,13 @@ impl RunConfig {
         if !ranks.is_multiple_of(ep) {
             bail!("parallel.ep = {ep} does not divide the {ranks} data ranks; choose a divisor of {ranks}");
         }
-        if self.parallel.zero > 0 || sharding > 1 || dp != ranks {
+        let zero_one_over_all = self.parallel.zero == 1 && dp == 1 && sharding == ranks;
+        let plain = self.parallel.zero == 0 && sharding == 1 && dp == ranks;
+        if !(plain || zero_one_over_all) {
             bail!(
-                "parallel.ep = {ep} with parallel.zero = {} is not supported yet; use \
-                 parallel.zero = 0 with expert parallelism",
+                "parallel.ep = {ep} with parallel.zero = {} (dp = {dp}, sharding = {sharding}) is \
+                 not supported yet; use parallel.zero = 0, or parallel.zero = 1 over every rank \
+                 (its optimizer state is then sharded over the ranks holding the same experts)",
                 self.parallel.zero
             );
         }

@@ -229,7 +229,11 @@ impl Strategy for WithModelParallel {
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
-        self.inner.step(
+        // The communication inside forward and backward (split layers' collectives, a
+        // pipeline's receives, ZeRO-3's gathers, experts' all-to-alls) is exposed: nothing hides
+        // it yet.
+        let before = anneal_dist::waited();
+        let mut out = self.inner.step(
             model,
             objective,
             optimizer,
@@ -237,7 +241,9 @@ impl Strategy for WithModelParallel {
             dropout,
             settings,
             after_forward,
-        )
+        )?;
+        out.exposed_comm += anneal_dist::waited() - before;
+        Ok(out)
     }
 
     fn evaluate(

@@ -115,7 +115,9 @@ pub struct RunSummary {
     #[serde(deserialize_with = "nan_if_null")]
     pub ms_per_step: f64,
     /// Mean time per step spent waiting for communication outside backward (gradient reductions
-    /// overlapping did not hide, ZeRO's parameter all-gather); 0 on one rank.
+    /// overlapping did not hide, ZeRO's parameter all-gather) and, with model parallelism, inside
+    /// forward and backward (tensor-parallel collectives, a pipeline stage's receives with its
+    /// bubble, ZeRO-3's gathers, experts' all-to-alls); 0 on one rank.
     #[serde(deserialize_with = "nan_if_null")]
     pub exposed_comm_ms_per_step: f64,
     /// Training tokens per second (steps only).

@@ -1245,10 +1245,16 @@ impl Strategy for ZeroThree {
 /// expert-parallel group's tokens) is summed over the ranks holding the same experts and divided
 /// by the data ranks, which is the gradient of the mean loss over the global batch. The gradient
 /// norm adds the expert-parallel group's experts to the replicated part.
+///
+/// With ZeRO-1 ([`ExpertDataParallel::with_zero_one`]) the optimizer state is sharded over the
+/// expert-data-parallel group, the ranks whose parameters are all the same (the replicated ones
+/// and the same experts): each updates its shard and the group all-gathers the parameters.
 pub struct ExpertDataParallel {
     data: Box<dyn anneal_dist::Communicator>,
     experts: Box<dyn anneal_dist::Communicator>,
     ep: Arc<dyn anneal_dist::Communicator>,
+    /// ZeRO-1's shard of the trainable elements over `experts`.
+    zero: Option<Range<usize>>,
 }
 
 impl ExpertDataParallel {
@@ -1259,7 +1265,20 @@ impl ExpertDataParallel {
         experts: Box<dyn anneal_dist::Communicator>,
         ep: Arc<dyn anneal_dist::Communicator>,
     ) -> Self {
-        ExpertDataParallel { data, experts, ep }
+        ExpertDataParallel {
+            data,
+            experts,
+            ep,
+            zero: None,
+        }
+    }
+
+    /// With the optimizer state of `model` sharded over the expert-data-parallel group
+    /// (ZeRO-1); the range of the trainable elements this rank's optimizer keeps.
+    pub fn with_zero_one(mut self, model: &dyn TrainModel) -> (Self, Range<usize>) {
+        let shard = zero_shard(self.experts.as_ref(), model);
+        self.zero = Some(shard.clone());
+        (self, shard)
     }
 }
 
@@ -1354,6 +1373,11 @@ impl Strategy for ExpertDataParallel {
             }
         }
         optimizer.step(params, settings.lr);
+        if let Some(shard) = &self.zero {
+            let t = Instant::now();
+            gather_parameters(self.experts.as_ref(), model, shard.clone())?;
+            out.exposed_comm += t.elapsed().as_secs_f64();
+        }
         out.phases[2] += t.elapsed().as_secs_f64();
         Ok(out)
     }
@@ -1364,8 +1388,30 @@ impl Strategy for ExpertDataParallel {
         optimizer: &dyn Optimizer,
     ) -> Result<Option<NamedState>> {
         // The first expert-parallel group holds every expert once: its ranks' states are
-        // gathered whole.
+        // gathered whole (from their group's shards under ZeRO-1).
+        if self.zero.is_some() {
+            return gather_sharded_state(self.experts.as_ref(), true, model, optimizer);
+        }
         Ok((self.experts.rank() == 0).then(|| optimizer.state(model.params())))
+    }
+
+    fn optimizer_shard(&self, model: &dyn TrainModel) -> Range<usize> {
+        self.zero
+            .clone()
+            .unwrap_or(0..model.params().trainable_numel())
+    }
+
+    fn restore_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &mut dyn Optimizer,
+        steps: u64,
+        state: &HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        match &self.zero {
+            Some(shard) => restore_sharded_state(shard.clone(), model, optimizer, steps, state),
+            None => Ok(optimizer.load_state(model.params(), steps, state)?),
+        }
     }
 }
 

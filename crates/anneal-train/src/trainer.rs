@@ -682,13 +682,15 @@ pub fn pretraining_on(
                 let experts = world.split(r % ep, r / ep)?;
                 let context = Arc::new(anneal_dist::ExpertParallel::new(group.clone()));
                 let model = Gpt::new_in(gpt, t.seed, context.clone())?;
-                let optimizer = AdamW::new(&model.params, adamw);
                 let rank = (world.rank(), world.size());
-                let inner = Box::new(crate::strategy::ExpertDataParallel::new(
-                    world,
-                    experts,
-                    group.clone(),
-                ));
+                let inner = crate::strategy::ExpertDataParallel::new(world, experts, group.clone());
+                let (inner, optimizer) = if config.parallel.zero == 1 {
+                    let (inner, shard) = inner.with_zero_one(&model);
+                    (inner, AdamW::shard(&model.params, adamw, shard)?)
+                } else {
+                    (inner, AdamW::new(&model.params, adamw))
+                };
+                let inner = Box::new(inner);
                 let strategy: Box<dyn crate::strategy::Strategy> = Box::new(
                     crate::mesh::WithModelParallel::new(inner, context, group, None),
                 );

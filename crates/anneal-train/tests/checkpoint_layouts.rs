@@ -393,8 +393,13 @@ fn an_impossible_layout_is_refused_before_any_step() {
     assert!(e.contains("model.moe.experts = 6"), "{e}");
     let e = err(4, &[moe[0], moe[1], "parallel.ep=3"]);
     assert!(e.contains("4 data ranks"), "{e}");
-    let e = err(4, &[moe[0], moe[1], "parallel.ep=2", "parallel.zero=1"]);
-    assert!(e.contains("parallel.ep = 2 with parallel.zero = 1"), "{e}");
+    let e = err(4, &[moe[0], moe[1], "parallel.ep=2", "parallel.zero=2"]);
+    assert!(e.contains("parallel.ep = 2 with parallel.zero = 2"), "{e}");
+    assert!(
+        config(&[moe[0], moe[1], "parallel.ep=2", "parallel.zero=1"])
+            .layout(4)
+            .is_ok()
+    );
     assert_eq!(
         config(&[moe[0], moe[1], "parallel.ep=2"])
             .layout(4)

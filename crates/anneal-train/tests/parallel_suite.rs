@@ -813,9 +813,15 @@ fn expert_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result
         world,
         "ok: MoE GPT, data parallel ×4 equals one device running the batch as 4 micro-batches",
     );
-    for ep in ["parallel.ep=2", "parallel.ep=4"] {
+    let layouts: [(&str, &[&str]); 4] = [
+        ("EP 2", &["parallel.ep=2"]),
+        ("EP 4", &["parallel.ep=4"]),
+        ("EP 2 with ZeRO-1", &["parallel.ep=2", "parallel.zero=1"]),
+        ("EP 4 with ZeRO-1", &["parallel.ep=4", "parallel.zero=1"]),
+    ];
+    for (ep, sets) in layouts {
         let name = format!("MoE GPT, {ep} over 4 data ranks");
-        let got = train_pipeline(&config(&with(&moe, &[ep])), copy(world)?)?;
+        let got = train_pipeline(&config(&with(&moe, sets)), copy(world)?)?;
         if got.1.is_empty() {
             close(&name, &(got.0.clone(), one.1.clone()), &one);
         } else {
