@@ -29,6 +29,9 @@ pub struct ExpertParallel {
     group: Arc<dyn Communicator>,
     /// Whole shapes of the expert parameters this rank holds a share of, by name.
     experts: Mutex<HashMap<String, Vec<usize>>>,
+    /// The plan of the last dispatch, which the return that follows it reuses (every rank
+    /// makes the same calls in the same order, so every rank reuses it alike).
+    dispatched: Mutex<Option<Plan>>,
 }
 
 /// How rows move in one direction of an exchange: for each rank of the group, how many rows of
@@ -123,6 +126,7 @@ impl ExpertParallel {
         ExpertParallel {
             group: crate::Timed::wrap(group),
             experts: Mutex::new(HashMap::new()),
+            dispatched: Mutex::new(None),
         }
     }
 
@@ -235,6 +239,9 @@ impl ParallelContext for ExpertParallel {
     fn dispatch_to_experts(&self, rows: &Tensor, counts: &[usize]) -> Result<(Tensor, Vec<usize>)> {
         let width = rows.shape().get(1).copied().unwrap_or(0);
         let plan = self.plan(counts, width)?;
+        if let Ok(mut last) = self.dispatched.lock() {
+            *last = Some(plan.clone());
+        }
         let out = self.forward_exchange(&plan, &rows.to_vec_f32())?;
         let value = Tensor::from_f32(out, &[plan.received_rows(), width])?.to_dtype(rows.dtype());
         let local = plan.local_counts();
@@ -250,7 +257,13 @@ impl ParallelContext for ExpertParallel {
 
     fn return_from_experts(&self, rows: &Tensor, counts: &[usize]) -> Result<Tensor> {
         let width = rows.shape().get(1).copied().unwrap_or(0);
-        let plan = self.plan(counts, width)?;
+        // The dispatch just before, with this rank's same counts: its plan, without gathering
+        // the counts again.
+        let last = self.dispatched.lock().ok().and_then(|mut l| l.take());
+        let plan = match last {
+            Some(p) if p.counts.get(p.me).map(Vec::as_slice) == Some(counts) => Plan { width, ..p },
+            _ => self.plan(counts, width)?,
+        };
         let mine: usize = counts.iter().sum();
         let out = self.reverse_exchange(&plan, &rows.to_vec_f32())?;
         let value = Tensor::from_f32(out, &[mine, width])?.to_dtype(rows.dtype());

@@ -389,8 +389,8 @@ fn state_layout(params: &ParamStore) -> Vec<(String, usize)> {
         .collect()
 }
 
-/// [`state_layout`] of the whole model whose slices `params` holds under `parallel` (each
-/// parameter's whole element count).
+/// The trainable parameters in state order (name, elements) of the whole model whose slices
+/// `params` holds under `parallel` (each parameter's whole element count).
 pub fn whole_state_layout(
     params: &ParamStore,
     parallel: &dyn anneal_nn::layers::ParallelContext,

@@ -4,8 +4,11 @@
 //!   objective, an optimizer, a strategy and a batch source;
 //! * [`model`]: what the trainer asks of a model (`TrainModel`: parameters, forward, FLOPs);
 //! * [`objectives`]: what a model is trained for (`Objective`; causal language modelling);
-//! * [`strategy`]: how a step runs on the hardware (`Strategy`; one device here, where data,
-//!   tensor and pipeline parallelism plug in);
+//! * [`strategy`]: how a step runs on the hardware (`Strategy`: one device, data parallelism,
+//!   ZeRO-1/2/3, hybrid sharding, experts split beside data parallelism);
+//! * [`mesh`]: the dp × tp × pp process groups of a job and the strategy wrapper that gathers a
+//!   split model's checkpoints whole and cuts them back;
+//! * [`pipeline`]: pipeline stages under GPipe and 1F1B;
 //! * [`pretrain`]: a pretraining run over token shards: metrics, validation, loss-curve plot,
 //!   checkpoint cadence, progress reported through a callback;
 //! * [`eval`]: next-token negative log-likelihood over windows, the one evaluation behind the

@@ -131,6 +131,11 @@ pub struct RunSummary {
     /// Peak resident memory of the process in MB.
     #[serde(deserialize_with = "nan_if_null")]
     pub peak_rss_mb: f64,
+    /// The engine's peak of tensor storage in the process (parameters, gradients, activations,
+    /// communication copies) plus the optimizer's state, in MB: what `anneal plan` estimates
+    /// per rank (under `--ranks`, every rank of the process together).
+    #[serde(default, deserialize_with = "nan_if_null")]
+    pub peak_tensor_mb: f64,
 }
 
 /// One line of `metrics.jsonl`: a training step, or a validation pass.
@@ -837,6 +842,9 @@ fn train_on_pool(
         mfu: tokens_per_second * flops_per_token / (peak_gflops * 1e9),
         checkpoint: last_checkpoint,
         peak_rss_mb: crate::machine::peak_rss_mb(),
+        peak_tensor_mb: (anneal_tensor::memory_stats().peak_bytes
+            + trainer.optimizer().state_bytes()) as f64
+            / 1e6,
     };
     if lead {
         // What the run did, for scripts and experiments that compare runs; the run itself is

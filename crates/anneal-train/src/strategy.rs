@@ -1,7 +1,10 @@
 //! How a training step runs on the hardware: forward and backward over the micro-batches,
 //! gradient reduction, clipping and the optimizer step, behind one [`Strategy`] trait (the shape
-//! of Megatron-core's `get_forward_backward_func`). [`SingleDevice`] is the one implementation
-//! here; data, sharded, tensor and pipeline parallelism plug in as others.
+//! of Megatron-core's `get_forward_backward_func`): [`SingleDevice`], [`DataParallel`],
+//! [`ZeroOne`], [`ZeroTwo`], [`ZeroThree`] and [`ExpertDataParallel`] here; pipelines in
+//! [`crate::pipeline`]; tensor parallelism lives in the model's layers (built in
+//! `anneal_dist::ModelParallel`) with [`crate::mesh::WithModelParallel`] around the data ranks'
+//! strategy.
 
 use crate::model::TrainModel;
 use crate::objectives::Objective;
