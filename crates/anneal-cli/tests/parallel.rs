@@ -50,8 +50,15 @@ fn ranks_train_as_one_rank_does_and_resume_on_another_layout() {
             &["--ranks", "4", "--set", "parallel.zero=3"][..],
         ),
         (
-            "4 ranks, dp 2 × tp 2",
-            &["--ranks", "4", "--set", "parallel.tp=2"][..],
+            "4 ranks, dp 2 × tp 2, ZeRO-1",
+            &[
+                "--ranks",
+                "4",
+                "--set",
+                "parallel.tp=2",
+                "--set",
+                "parallel.zero=1",
+            ][..],
         ),
         (
             "4 ranks, tp 2 × pp 2, 1F1B",

@@ -823,10 +823,10 @@ impl RunConfig {
                 4 * m.n_embd
             );
         }
-        if self.parallel.zero > 0 {
+        if self.parallel.zero > 1 {
             bail!(
                 "parallel.zero = {} with parallel.tp = {tp} is not supported yet; use \
-                 parallel.zero = 0 with tensor parallelism",
+                 parallel.zero = 0 or 1 with tensor parallelism",
                 self.parallel.zero
             );
         }

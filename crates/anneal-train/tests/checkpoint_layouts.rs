@@ -328,8 +328,11 @@ fn an_impossible_layout_is_refused_before_any_step() {
         e.contains("parallel.tp = 4") && e.contains("model.n_head = 2"),
         "{e}"
     );
-    let e = err(4, &["parallel.tp=2", "parallel.zero=1"]);
-    assert!(e.contains("parallel.zero = 1 with parallel.tp = 2"), "{e}");
+    let e = err(4, &["parallel.tp=2", "parallel.zero=2"]);
+    assert!(e.contains("parallel.zero = 2 with parallel.tp = 2"), "{e}");
+    assert!(config(&["parallel.tp=2", "parallel.zero=1"])
+        .layout(4)
+        .is_ok());
     let e = err(4, &["parallel.tp=2", "parallel.dp=4"]);
     assert!(
         e.contains("parallel.dp = 4") && e.contains("2 data ranks"),
