@@ -348,14 +348,7 @@ impl Strategy for Pipeline {
         } else {
             f64::NAN
         };
-        if settings.grad_clip > 0.0 {
-            if let Some(s) =
-                anneal_tensor::params::clip_factor(out.grad_norm as f32, settings.grad_clip)
-            {
-                params.scale_grads(params.held_grads(), s);
-            }
-        }
-        optimizer.step(params, settings.lr);
+        crate::strategy::clip_with_and_step(model, optimizer, settings, out.grad_norm);
         out.phases[2] += t.elapsed().as_secs_f64();
         Ok(out)
     }

@@ -249,23 +249,33 @@ pub fn clip_and_step(
     settings: StepSettings,
     out: &mut StepOutput,
 ) -> Result<()> {
-    let params = model.params();
     let t2 = Instant::now();
     out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
         global_grad_norm(model)? as f64
     } else {
         f64::NAN
     };
+    clip_with_and_step(model, optimizer, settings, out.grad_norm);
+    out.phases[2] += t2.elapsed().as_secs_f64();
+    Ok(())
+}
+
+/// Scales the gradients this rank holds so their global norm `norm` (however the strategy summed
+/// it over the ranks) is at most `settings.grad_clip`, when clipping is on, and steps the
+/// optimizer.
+pub fn clip_with_and_step(
+    model: &dyn TrainModel,
+    optimizer: &mut dyn Optimizer,
+    settings: StepSettings,
+    norm: f64,
+) {
+    let params = model.params();
     if settings.grad_clip > 0.0 {
-        if let Some(s) =
-            anneal_tensor::params::clip_factor(out.grad_norm as f32, settings.grad_clip)
-        {
+        if let Some(s) = anneal_tensor::params::clip_factor(norm as f32, settings.grad_clip) {
             params.scale_grads(params.held_grads(), s);
         }
     }
     optimizer.step(params, settings.lr);
-    out.phases[2] += t2.elapsed().as_secs_f64();
-    Ok(())
 }
 
 /// The global norm of the model's gradients. Under tensor parallelism each rank holds a slice of
@@ -1227,14 +1237,7 @@ impl Strategy for ZeroThree {
         } else {
             f64::NAN
         };
-        if settings.grad_clip > 0.0 {
-            if let Some(s) =
-                anneal_tensor::params::clip_factor(out.grad_norm as f32, settings.grad_clip)
-            {
-                params.scale_grads(params.held_grads(), s);
-            }
-        }
-        optimizer.step(params, settings.lr);
+        crate::strategy::clip_with_and_step(model, optimizer, settings, out.grad_norm);
         out.phases[2] += t.elapsed().as_secs_f64();
         Ok(out)
     }
@@ -1368,14 +1371,7 @@ impl Strategy for ExpertDataParallel {
         } else {
             f64::NAN
         };
-        if settings.grad_clip > 0.0 {
-            if let Some(s) =
-                anneal_tensor::params::clip_factor(out.grad_norm as f32, settings.grad_clip)
-            {
-                params.scale_grads(params.held_grads(), s);
-            }
-        }
-        optimizer.step(params, settings.lr);
+        crate::strategy::clip_with_and_step(model, optimizer, settings, out.grad_norm);
         if let Some(shard) = &self.zero {
             let t = Instant::now();
             gather_parameters(self.experts.as_ref(), model, shard.clone())?;
