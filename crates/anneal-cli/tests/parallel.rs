@@ -61,6 +61,17 @@ fn ranks_train_as_one_rank_does_and_resume_on_another_layout() {
             ][..],
         ),
         (
+            "4 ranks, dp 2 × pp 2, 1F1B, ZeRO-1",
+            &[
+                "--ranks",
+                "4",
+                "--set",
+                "parallel.pp=2",
+                "--set",
+                "parallel.zero=1",
+            ][..],
+        ),
+        (
             "4 ranks, tp 2 × pp 2, 1F1B",
             &[
                 "--ranks",

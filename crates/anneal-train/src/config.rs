@@ -806,7 +806,8 @@ impl RunConfig {
 
     /// Fails, naming the keys, unless the model splits over `tp` tensor-parallel ranks: heads
     /// and MLP hidden units divide evenly, the vocabulary has a row for every rank, and the
-    /// layout is one this version runs (no ZeRO or Mixture of Experts beside it yet).
+    /// layout is one this version runs (no ZeRO beyond stage 1 or Mixture of Experts beside it
+    /// yet).
     fn check_tensor_parallel(&self, tp: usize) -> Result<()> {
         let m = &self.model;
         if !m.n_head.is_multiple_of(tp) {
@@ -905,7 +906,7 @@ impl RunConfig {
     }
 
     /// Fails, naming the keys, unless the pipeline can run: enough micro-batches for 1F1B, and
-    /// no ZeRO or Mixture of Experts beside it yet.
+    /// no ZeRO beyond stage 1 or Mixture of Experts beside it yet.
     fn check_pipeline(&self, pp: usize) -> Result<()> {
         let p = &self.parallel;
         let m = self.train.grad_accum * p.micro_batches;
@@ -920,10 +921,10 @@ impl RunConfig {
                 pp.div_ceil(self.train.grad_accum)
             );
         }
-        if p.zero > 0 {
+        if p.zero > 1 {
             bail!(
                 "parallel.zero = {} with parallel.pp = {pp} is not supported yet; use \
-                 parallel.zero = 0 with pipeline parallelism",
+                 parallel.zero = 0 or 1 with pipeline parallelism",
                 p.zero
             );
         }

@@ -47,6 +47,8 @@ pub struct Pipeline {
     embedding: Option<(Box<dyn Communicator>, String)>,
     /// The data-parallel group whose replicas' gradients are averaged (none with one replica).
     data: Option<Box<dyn Communicator>>,
+    /// ZeRO-1's shard of this stage's trainable elements over the data group.
+    zero: Option<Range<usize>>,
 }
 
 /// What a forward leaves for its backward.
@@ -77,7 +79,23 @@ impl Pipeline {
             chunks: chunks.max(1),
             embedding,
             data,
+            zero: None,
         }
+    }
+
+    /// With this stage's optimizer state sharded over its data group (ZeRO-1, Megatron-LM's
+    /// distributed optimizer): each replica's rank updates its shard of the stage's parameters
+    /// and the group all-gathers them. Returns the range of the trainable elements its optimizer
+    /// keeps (all of them with one replica).
+    pub fn with_zero_one(mut self, model: &dyn TrainModel) -> (Pipeline, Range<usize>) {
+        let shard = match &self.data {
+            Some(data) => crate::strategy::zero_shard(data.as_ref(), model),
+            None => 0..model.params().trainable_numel(),
+        };
+        if self.data.is_some() {
+            self.zero = Some(shard.clone());
+        }
+        (self, shard)
     }
 
     /// The pipeline group.
@@ -349,6 +367,11 @@ impl Strategy for Pipeline {
             f64::NAN
         };
         crate::strategy::clip_with_and_step(model, optimizer, settings, out.grad_norm);
+        if let (Some(shard), Some(data)) = (&self.zero, &self.data) {
+            let t = Instant::now();
+            crate::strategy::gather_parameters(data.as_ref(), model, shard.clone())?;
+            out.exposed_comm += t.elapsed().as_secs_f64();
+        }
         out.phases[2] += t.elapsed().as_secs_f64();
         Ok(out)
     }
@@ -397,8 +420,37 @@ impl Strategy for Pipeline {
         model: &dyn TrainModel,
         optimizer: &dyn Optimizer,
     ) -> Result<Option<crate::strategy::NamedState>> {
-        // Each replica holds the whole state of its stage: the first replica's is gathered.
+        // Each replica holds the whole state of its stage (gathered from the replicas' shards
+        // under ZeRO-1): the first replica's is gathered.
+        if let (Some(_), Some(data)) = (&self.zero, &self.data) {
+            return crate::strategy::gather_sharded_state(data.as_ref(), true, model, optimizer);
+        }
         let first = self.data.as_ref().is_none_or(|d| d.rank() == 0);
         Ok(first.then(|| optimizer.state(model.params())))
+    }
+
+    fn optimizer_shard(&self, model: &dyn TrainModel) -> Range<usize> {
+        self.zero
+            .clone()
+            .unwrap_or(0..model.params().trainable_numel())
+    }
+
+    fn restore_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &mut dyn Optimizer,
+        steps: u64,
+        state: &std::collections::HashMap<String, Vec<f32>>,
+    ) -> Result<()> {
+        match &self.zero {
+            Some(shard) => crate::strategy::restore_sharded_state(
+                shard.clone(),
+                model,
+                optimizer,
+                steps,
+                state,
+            ),
+            None => Ok(optimizer.load_state(model.params(), steps, state)?),
+        }
     }
 }

@@ -333,14 +333,17 @@ fn check_zero_store(model: &dyn TrainModel) -> Result<()> {
 
 /// This rank's shard of `model`'s trainable elements under ZeRO over `comm`: the range its
 /// optimizer owns.
-fn zero_shard(comm: &dyn anneal_dist::Communicator, model: &dyn TrainModel) -> Range<usize> {
+pub(crate) fn zero_shard(
+    comm: &dyn anneal_dist::Communicator,
+    model: &dyn TrainModel,
+) -> Range<usize> {
     let total = model.params().trainable_numel();
     anneal_dist::shard_range(total, comm.rank(), comm.size(), SHARD_ALIGN)
 }
 
 /// Gathers every rank's `shard` of the trainable parameters (shards of
 /// [`anneal_dist::shard_len`] elements) so each rank holds the whole model again.
-fn gather_parameters(
+pub(crate) fn gather_parameters(
     comm: &dyn anneal_dist::Communicator,
     model: &dyn TrainModel,
     shard: Range<usize>,
@@ -565,7 +568,7 @@ impl DataParallel {
 /// Every rank's shard of a sharded optimizer's state, sent to rank 0 of `group` and put together
 /// there in rank order (the shards are consecutive ranges of the trainable elements): `Some` on
 /// that rank, `None` elsewhere. Ranks outside the lead replica (`lead` false) take no part.
-fn gather_sharded_state(
+pub(crate) fn gather_sharded_state(
     group: &dyn anneal_dist::Communicator,
     lead: bool,
     model: &dyn TrainModel,
@@ -606,7 +609,7 @@ fn gather_sharded_state(
 
 /// Loads this rank's `shard` of a whole optimizer state (vectors over every trainable element
 /// are cut to the shard).
-fn restore_sharded_state(
+pub(crate) fn restore_sharded_state(
     shard: Range<usize>,
     model: &dyn TrainModel,
     optimizer: &mut dyn Optimizer,

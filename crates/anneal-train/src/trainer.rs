@@ -755,7 +755,13 @@ pub fn pretraining_on(
                             tied,
                             data,
                         );
-                        (Box::new(pipeline), AdamW::new(&model.params, adamw))
+                        if layout.zero == 1 {
+                            let (pipeline, shard) = pipeline.with_zero_one(&model);
+                            let optimizer = AdamW::shard(&model.params, adamw, shard)?;
+                            (Box::new(pipeline), optimizer)
+                        } else {
+                            (Box::new(pipeline), AdamW::new(&model.params, adamw))
+                        }
                     }
                     None => {
                         let data_layout = crate::config::Layout {

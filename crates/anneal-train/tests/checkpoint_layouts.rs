@@ -368,6 +368,15 @@ fn an_impossible_layout_is_refused_before_any_step() {
         ],
     );
     assert!(e.contains("every stage but the first and last"), "{e}");
+    let e = err(
+        4,
+        &[
+            "parallel.pp=2",
+            "parallel.micro_batches=2",
+            "parallel.zero=2",
+        ],
+    );
+    assert!(e.contains("parallel.zero = 2 with parallel.pp = 2"), "{e}");
     let e = err(4, &["parallel.pp=2", "parallel.micro_batches=3"]);
     assert!(e.contains("parallel.micro_batches = 3"), "{e}");
     let e = err(

@@ -842,7 +842,15 @@ fn expert_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result
 
 fn pipelines_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
     let one = train(&config(&[]), None)?;
-    let layouts: [(&str, &[&str]); 5] = [
+    let layouts: [(&str, &[&str]); 6] = [
+        (
+            "1F1B, pp 2 × dp 2 with ZeRO-1, 2 micro-batches",
+            &[
+                "parallel.pp=2",
+                "parallel.micro_batches=2",
+                "parallel.zero=1",
+            ],
+        ),
         (
             "GPipe, pp 2 × dp 2, 2 micro-batches",
             &[
