@@ -9,20 +9,12 @@
 //! sums over the group; a strategy then reduces them over the expert-data-parallel group (the
 //! ranks holding the same experts), the replicated parameters' over every data rank.
 
-use crate::Communicator;
+use crate::{comm_error, Communicator};
 use anneal_nn::layers::{ParallelContext, Split};
 use anneal_tensor::autograd::Backward;
 use anneal_tensor::{DType, Error, Result, Tensor};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-
-/// A communication failure as an engine error.
-fn comm_error(op: &'static str) -> impl Fn(crate::Error) -> Error {
-    move |e| Error::Invalid {
-        op,
-        reason: e.to_string(),
-    }
-}
 
 /// The expert-parallel context of one rank.
 pub struct ExpertParallel {

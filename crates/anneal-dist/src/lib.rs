@@ -151,6 +151,15 @@ pub(crate) fn reduce_in_rank_order(
     Ok(sum)
 }
 
+/// A communication failure inside a layer's op as an engine error, `op` naming the collective's
+/// purpose (the parallel contexts' ops report through `anneal_tensor`'s errors).
+pub(crate) fn comm_error(op: &'static str) -> impl Fn(Error) -> anneal_tensor::Error {
+    move |e| anneal_tensor::Error::Invalid {
+        op,
+        reason: e.to_string(),
+    }
+}
+
 /// Whether this process is one of several ranks started by an MPI launcher (`mpirun` of Open MPI,
 /// or a PMI launcher such as MPICH's), read from the environment the launcher sets.
 pub fn launched_by_mpi() -> bool {

@@ -20,21 +20,13 @@
 //! model starts from the single-device model's weights; [`ParallelContext::gather`] gives a
 //! parameter back whole (checkpoints hold whole parameters and load under any layout).
 
-use crate::{Communicator, Reduce};
+use crate::{comm_error, Communicator, Reduce};
 use anneal_nn::layers::{ParallelContext, Split};
 use anneal_tensor::autograd::Backward;
 use anneal_tensor::{CrossEntropyOptions, DType, Error, ParamId, Result, Tensor};
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::{Arc, Mutex};
-
-/// A communication failure as an engine error (the op names the collective's purpose).
-fn comm_error(op: &'static str) -> impl Fn(crate::Error) -> Error {
-    move |e| Error::Invalid {
-        op,
-        reason: e.to_string(),
-    }
-}
 
 /// Which parameters a rank holds, by name: a pipeline stage's.
 pub type Holds = Arc<dyn Fn(&str) -> bool + Send + Sync>;

@@ -15,19 +15,11 @@
 //! starts as soon as the current one has arrived (prefetch), overlapping it with the layer's
 //! compute.
 
-use crate::{Communicator, Handle, Reduce};
+use crate::{comm_error, Communicator, Handle, Reduce};
 use anneal_nn::layers::{ParallelContext, Split};
 use anneal_tensor::autograd::Backward;
 use anneal_tensor::{Error, ParamId, Result, Tensor};
 use std::sync::{Arc, Mutex};
-
-/// A communication failure as an engine error.
-fn comm_error(op: &'static str) -> impl Fn(crate::Error) -> Error {
-    move |e| Error::Invalid {
-        op,
-        reason: e.to_string(),
-    }
-}
 
 /// Parameters sharded over a group of ranks, gathered at each lookup.
 pub struct ZeroThree {

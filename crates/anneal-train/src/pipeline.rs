@@ -21,7 +21,6 @@ use crate::objectives::Objective;
 use crate::strategy::{NonFiniteLoss, StepOutput, StepSettings, Strategy};
 use anneal_data::Batch;
 use anneal_dist::{Communicator, Reduce};
-use anneal_nn::layers::Split;
 use anneal_tensor::{DropoutKey, Optimizer, Tensor};
 use anyhow::{bail, Result};
 use std::ops::Range;
@@ -211,39 +210,12 @@ impl Pipeline {
     /// over the tensor-parallel group, the tied embedding counted on the first stage only) added
     /// over the pipeline.
     fn grad_norm(&self, model: &dyn TrainModel) -> Result<f32> {
-        let params = model.params();
-        let parallel = model.parallel();
         let tied = self
             .embedding
             .as_ref()
             .filter(|_| !self.is_first())
             .map(|(_, name)| name.as_str());
-        let (mut split, mut whole) = (0.0f64, 0.0f64);
-        params.with_grads(|g| {
-            for (info, _, state) in params.trainable_ranges() {
-                if Some(info.name.as_str()) == tied {
-                    continue;
-                }
-                let sq: f64 = g[state].iter().map(|&x| x as f64 * x as f64).sum();
-                let is_split = parallel.is_some_and(|p| {
-                    p.tensor_parallel().1 > 1
-                        && matches!(
-                            p.split_of(&info.name),
-                            Split::Axis(_) | Split::Interleaved { .. }
-                        )
-                });
-                if is_split {
-                    split += sq;
-                } else {
-                    whole += sq;
-                }
-            }
-        });
-        let split = match parallel {
-            Some(p) if p.tensor_parallel().1 > 1 => p.sum_over_group(vec![split as f32])?[0] as f64,
-            _ => split,
-        };
-        let stage = (split + whole) as f32;
+        let stage = crate::strategy::split_model_grad_norm_sq(model, tied)? as f32;
         let total = self.group.all_reduce(vec![stage], Reduce::Sum)?[0];
         Ok(total.sqrt())
     }
@@ -442,15 +414,6 @@ impl Strategy for Pipeline {
         steps: u64,
         state: &std::collections::HashMap<String, Vec<f32>>,
     ) -> Result<()> {
-        match &self.zero {
-            Some(shard) => crate::strategy::restore_sharded_state(
-                shard.clone(),
-                model,
-                optimizer,
-                steps,
-                state,
-            ),
-            None => Ok(optimizer.load_state(model.params(), steps, state)?),
-        }
+        crate::strategy::restore_state_in(self.zero.as_ref(), model, optimizer, steps, state)
     }
 }

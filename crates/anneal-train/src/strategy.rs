@@ -282,23 +282,44 @@ pub fn clip_with_and_step(
 /// the split parameters' gradients and a whole copy of the others': the slices' sums of squares
 /// are added over the group, the copies counted once.
 pub fn global_grad_norm(model: &dyn TrainModel) -> Result<f32> {
+    let tensor_parallel = model.parallel().is_some_and(|p| p.tensor_parallel().1 > 1);
+    if !tensor_parallel {
+        return Ok(model.params().grad_norm());
+    }
+    Ok(split_model_grad_norm_sq(model, None)?.sqrt() as f32)
+}
+
+/// The sum of squares of the gradients of the model this rank holds part of, leaving out the
+/// parameter `skip` (a tied copy another rank counts): the tensor-parallel slices' sums added over
+/// the group, the parameters every rank of the group holds whole counted once.
+pub(crate) fn split_model_grad_norm_sq(model: &dyn TrainModel, skip: Option<&str>) -> Result<f64> {
     let params = model.params();
-    let parallel = match model.parallel() {
-        Some(p) if p.tensor_parallel().1 > 1 => p,
-        _ => return Ok(params.grad_norm()),
-    };
+    let parallel = model.parallel().filter(|p| p.tensor_parallel().1 > 1);
     let (mut split, mut whole) = (0.0f64, 0.0f64);
     params.with_grads(|g| {
         for (info, _, state) in params.trainable_ranges() {
+            if Some(info.name.as_str()) == skip {
+                continue;
+            }
             let sq: f64 = g[state].iter().map(|&x| x as f64 * x as f64).sum();
-            match parallel.split_of(&info.name) {
-                Split::Axis(_) | Split::Interleaved { .. } => split += sq,
-                Split::Replicated | Split::Experts => whole += sq,
+            let is_split = parallel.is_some_and(|p| {
+                matches!(
+                    p.split_of(&info.name),
+                    Split::Axis(_) | Split::Interleaved { .. }
+                )
+            });
+            if is_split {
+                split += sq;
+            } else {
+                whole += sq;
             }
         }
     });
-    let split = parallel.sum_over_group(vec![split as f32])?[0] as f64;
-    Ok((split + whole).sqrt() as f32)
+    let split = match parallel {
+        Some(p) => p.sum_over_group(vec![split as f32])?[0] as f64,
+        None => split,
+    };
+    Ok(split + whole)
 }
 
 /// Replaces this rank's loss and metrics by their means over the ranks of each of `comms` in
@@ -605,6 +626,21 @@ pub(crate) fn gather_sharded_state(
         whole.push((name, v));
     }
     Ok(Some(whole))
+}
+
+/// Loads a whole optimizer state into this rank's optimizer: its ZeRO-1 `shard` when it keeps
+/// one, else all of it.
+pub(crate) fn restore_state_in(
+    shard: Option<&Range<usize>>,
+    model: &dyn TrainModel,
+    optimizer: &mut dyn Optimizer,
+    steps: u64,
+    state: &HashMap<String, Vec<f32>>,
+) -> Result<()> {
+    match shard {
+        Some(shard) => restore_sharded_state(shard.clone(), model, optimizer, steps, state),
+        None => Ok(optimizer.load_state(model.params(), steps, state)?),
+    }
 }
 
 /// Loads this rank's `shard` of a whole optimizer state (vectors over every trainable element
@@ -1410,10 +1446,7 @@ impl Strategy for ExpertDataParallel {
         steps: u64,
         state: &HashMap<String, Vec<f32>>,
     ) -> Result<()> {
-        match &self.zero {
-            Some(shard) => restore_sharded_state(shard.clone(), model, optimizer, steps, state),
-            None => Ok(optimizer.load_state(model.params(), steps, state)?),
-        }
+        restore_state_in(self.zero.as_ref(), model, optimizer, steps, state)
     }
 }
 

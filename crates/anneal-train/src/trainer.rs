@@ -315,17 +315,11 @@ impl Trainer {
         state.tokens_seen = self.tokens_seen;
         state.objective = self.objective.name().to_string();
         state.data.steps_drawn = self.step;
-        let layout = match self.split_context() {
-            Some(parallel) => {
-                checkpoint::whole_state_layout(self.model.params(), parallel.as_ref())
-            }
-            None => self
-                .model
-                .params()
-                .trainable_ranges()
-                .map(|(p, _, _)| (p.name.clone(), p.len))
-                .collect(),
-        };
+        // One device's layout is its own whole one.
+        let whole: Arc<dyn ParallelContext> = self
+            .split_context()
+            .unwrap_or_else(|| Arc::new(anneal_nn::layers::SingleDevice));
+        let layout = checkpoint::whole_state_layout(self.model.params(), whole.as_ref());
         checkpoint::save_whole(
             root,
             &named,
@@ -346,8 +340,8 @@ impl Trainer {
             .cloned()
     }
 
-    /// Restores parameters, optimizer, objective and position from a loaded checkpoint.
-    pub fn restore(&mut self, loaded: &checkpoint::Loaded) -> Result<()> {
+    /// Fails unless `loaded` was trained for this trainer's objective (or names none).
+    fn check_objective(&self, loaded: &checkpoint::Loaded) -> Result<()> {
         let (saved, ours) = (&loaded.state.objective, self.objective.name());
         if !saved.is_empty() && saved != ours {
             anyhow::bail!(
@@ -356,6 +350,12 @@ impl Trainer {
                 loaded.dir.display()
             );
         }
+        Ok(())
+    }
+
+    /// Restores parameters, optimizer, objective and position from a loaded checkpoint.
+    pub fn restore(&mut self, loaded: &checkpoint::Loaded) -> Result<()> {
+        self.check_objective(loaded)?;
         let params = self.model.params();
         loaded.restore_params(params)?;
         let state = checkpoint::optimizer_state(params, loaded)?;
@@ -489,14 +489,7 @@ impl Trainer {
         let layout = checkpoint::whole_state_layout(params, parallel);
         let whole_state = match loaded {
             Some(loaded) => {
-                let (saved, ours) = (&loaded.state.objective, self.objective.name());
-                if !saved.is_empty() && saved != ours {
-                    anyhow::bail!(
-                        "{} was trained for the objective {saved}, not {ours}: a checkpoint \
-                         resumes only the same objective",
-                        loaded.dir.display()
-                    );
-                }
+                self.check_objective(loaded)?;
                 checkpoint::optimizer_state_for(layout, loaded)?
             }
             None => Default::default(),

@@ -172,23 +172,7 @@ fn checkpoints_reshard_across_layouts_bit_for_bit() {
     for dir in [&b, &a2] {
         let back = checkpoint::load(dir).unwrap();
         assert_eq!(back.state.step, 3);
-        for (what, want, got) in [
-            ("parameters", &original.model, &back.model),
-            ("optimizer state", &original.optimizer, &back.optimizer),
-        ] {
-            assert_eq!(want.len(), got.len(), "{what}");
-            for (name, t) in want {
-                let bits = |t: &anneal_tensor::Tensor| -> Vec<u32> {
-                    t.to_vec_f32().iter().map(|v| v.to_bits()).collect()
-                };
-                assert_eq!(
-                    bits(t),
-                    bits(&got[name]),
-                    "{what} {name} in {}",
-                    dir.display()
-                );
-            }
-        }
+        assert_same_state(&dir.display().to_string(), &original, &back);
     }
     // And training goes on from the round trip as from the original.
     let go_on = |from: &Path| {
@@ -213,76 +197,60 @@ fn a_data_parallel_checkpoint_resumes_split_across_ranks() {
         Ok((losses, t.save(&root.path().join("dp"), state(&dp))?))
     });
     let saved = saved.expect("rank 0 writes the checkpoint");
-    // The same 20 steps resumed under tp 2 × pp 2 (1F1B, 2 micro-batches), on 4 ranks.
-    let mesh = ["parallel.tp=2", "parallel.pp=2", "parallel.micro_batches=2"];
-    let mesh_config = config(&mesh);
-    let (second_mesh, again_mesh) = on_ranks(4, &mesh, |t, g| {
-        let loaded = match g.rank() {
-            0 => Some(checkpoint::load(&saved)?),
-            _ => None,
-        };
-        t.restore_shared(loaded.as_ref(), g)?;
-        let again = t.save(&root.path().join("mesh"), state(&mesh_config))?;
-        Ok((train(t, 20)?, again))
-    });
-    for (step, (got, want)) in second_mesh.iter().zip(&want[20..]).enumerate() {
-        assert!(
-            (got - want).abs() <= 1e-4 * want.abs(),
-            "tp 2 × pp 2, step {}: {got} against {want}",
-            step + 21
-        );
-    }
-    // And under ZeRO-3 on 2 ranks (each holding its shards of every parameter).
-    let zero3 = config(&["parallel.zero=3"]);
-    let (second_zero3, again_zero3) = on_ranks(2, &["parallel.zero=3"], |t, g| {
-        let loaded = match g.rank() {
-            0 => Some(checkpoint::load(&saved)?),
-            _ => None,
-        };
-        t.restore_shared(loaded.as_ref(), g)?;
-        let again = t.save(&root.path().join("zero3"), state(&zero3))?;
-        Ok((train(t, 20)?, again))
-    });
-    for (step, (got, want)) in second_zero3.iter().zip(&want[20..]).enumerate() {
-        assert!(
-            (got - want).abs() <= 1e-4 * want.abs(),
-            "ZeRO-3 ×2, step {}: {got} against {want}",
-            step + 21
-        );
-    }
-    let tp = config(&["parallel.tp=2"]);
-    let (second, again) = on_ranks(2, &["parallel.tp=2"], |t, g| {
-        let loaded = match g.rank() {
-            0 => Some(checkpoint::load(&saved)?),
-            _ => None,
-        };
-        t.restore_shared(loaded.as_ref(), g)?;
-        anyhow::ensure!(t.steps() == 20, "resumed at step {}", t.steps());
-        // Saved again at once, from the slices: the checkpoint it was.
-        let again = t.save(&root.path().join("tp"), state(&tp))?;
-        Ok((train(t, 20)?, again))
-    });
-    for (step, (got, want)) in first.iter().chain(&second).zip(&want).enumerate() {
-        assert!(
-            (got - want).abs() <= 1e-4 * want.abs(),
-            "step {}: {got} against {want}",
-            step + 1
-        );
-    }
+    let continues = |what: &str, from: usize, got: &[f64]| {
+        for (step, (got, want)) in got.iter().zip(&want[from..]).enumerate() {
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs(),
+                "{what}, step {}: {got} against {want}",
+                from + step + 1
+            );
+        }
+    };
+    continues("data parallel ×2", 0, &first);
     let original = checkpoint::load(&saved).unwrap();
-    for dir in [again, again_mesh, again_zero3] {
-        let back = checkpoint::load(&dir.expect("rank 0 writes the checkpoint")).unwrap();
-        for (what, want, got) in [
-            ("parameters", &original.model, &back.model),
-            ("optimizer state", &original.optimizer, &back.optimizer),
-        ] {
-            assert_eq!(want.len(), got.len(), "{what}");
-            for (name, t) in want {
-                let bits = |t: &anneal_tensor::Tensor| -> Vec<u32> {
-                    t.to_vec_f32().iter().map(|v| v.to_bits()).collect()
-                };
-                assert_eq!(bits(t), bits(&got[name]), "{what} {name}");
-            }
+    // The next 20 steps under tensor parallelism, tp 2 × pp 2 (1F1B, 2 micro-batches) and ZeRO-3
+    // (each rank keeping its slices, its stage's or its shards); saved again at once, from the
+    // parts, the checkpoint is the one it was.
+    let layouts: [(&str, usize, &[&str]); 3] = [
+        ("tp 2", 2, &["parallel.tp=2"]),
+        (
+            "tp 2 × pp 2",
+            4,
+            &["parallel.tp=2", "parallel.pp=2", "parallel.micro_batches=2"],
+        ),
+        ("ZeRO-3 ×2", 2, &["parallel.zero=3"]),
+    ];
+    for (i, (what, ranks, sets)) in layouts.into_iter().enumerate() {
+        let split = config(sets);
+        let (second, again) = on_ranks(ranks, sets, |t, g| {
+            let loaded = match g.rank() {
+                0 => Some(checkpoint::load(&saved)?),
+                _ => None,
+            };
+            t.restore_shared(loaded.as_ref(), g)?;
+            anyhow::ensure!(t.steps() == 20, "resumed at step {}", t.steps());
+            let again = t.save(&root.path().join(i.to_string()), state(&split))?;
+            Ok((train(t, 20)?, again))
+        });
+        continues(what, 20, &second);
+        let back = checkpoint::load(&again.expect("rank 0 writes the checkpoint")).unwrap();
+        assert_same_state(what, &original, &back);
+    }
+}
+
+/// Fails unless checkpoints `want` and `got` hold bitwise the same parameters and optimizer
+/// state.
+fn assert_same_state(what: &str, want: &checkpoint::Loaded, got: &checkpoint::Loaded) {
+    let bits = |t: &anneal_tensor::Tensor| -> Vec<u32> {
+        t.to_vec_f32().iter().map(|v| v.to_bits()).collect()
+    };
+    for (part, want, got) in [
+        ("parameters", &want.model, &got.model),
+        ("optimizer state", &want.optimizer, &got.optimizer),
+    ] {
+        assert_eq!(want.len(), got.len(), "{what}: {part}");
+        for (name, t) in want {
+            assert_eq!(bits(t), bits(&got[name]), "{what}: {part} {name}");
         }
     }
 }

@@ -135,6 +135,16 @@ fn close(what: &str, got: &Trained, want: &Trained) {
     }
 }
 
+/// [`close`] for a run whose parameters only the ranks that gather them hold ([`train_pipeline`]):
+/// every rank's losses, and the parameters where they were gathered.
+fn close_where_gathered(what: &str, got: &Trained, want: &Trained) {
+    if got.1.is_empty() {
+        close(what, &(got.0.clone(), want.1.clone()), want);
+    } else {
+        close(what, got, want);
+    }
+}
+
 /// Fails unless every rank of `group` holds bitwise the same parameters.
 fn replicas_agree(what: &str, group: &dyn Communicator, params: &[f32]) -> anyhow::Result<()> {
     let all = group.all_gather(params.to_vec())?;
@@ -288,7 +298,10 @@ fn bf16_gradients_train_as_f32_gradients_do(world: &dyn Communicator) -> anyhow:
 }
 
 /// Bytes handed to each collective, by group label and collective.
-type Tally = Arc<Mutex<HashMap<(String, Collective), f64>>>;
+type Bytes = HashMap<(String, Collective), f64>;
+
+/// [`Bytes`] counted by every group of a job as it runs.
+type Tally = Arc<Mutex<Bytes>>;
 
 /// A communicator that counts the bytes handed to each collective; groups split off it count
 /// under `label/k` for the k-th split.
@@ -381,6 +394,30 @@ fn replicated_elements(model: &dyn anneal_train::model::TrainModel) -> usize {
         .sum()
 }
 
+/// One step of `config` on a copy of `world` whose groups count what each collective is handed:
+/// the trainer, the step's output, and the bytes by group label and collective during the step.
+fn counted_step(
+    world: &dyn Communicator,
+    config: &RunConfig,
+) -> anyhow::Result<(
+    anneal_train::trainer::Trainer,
+    anneal_train::strategy::StepOutput,
+    Bytes,
+)> {
+    let tally = Tally::default();
+    let counted = Counted {
+        inner: copy(world)?,
+        label: "w".into(),
+        splits: AtomicUsize::new(0),
+        tally: tally.clone(),
+    };
+    let mut trainer = pretraining_on(config, VOCAB, tokens(), Some(Box::new(counted)))?;
+    tally.lock().unwrap().clear();
+    let out = trainer.step()?;
+    let got = tally.lock().unwrap().clone();
+    Ok((trainer, out, got))
+}
+
 fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Result<()> {
     let bf16: [(&str, &[&str]); 2] = [
         ("data parallel ×4, bf16", &["parallel.grad_dtype=bf16"]),
@@ -396,16 +433,7 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
     for (name, sets) in LAYOUTS.into_iter().chain(bf16) {
         let config = config(sets);
         let layout = config.layout(world.size())?;
-        let tally = Tally::default();
-        let counted = Counted {
-            inner: copy(world)?,
-            label: "w".into(),
-            splits: AtomicUsize::new(0),
-            tally: tally.clone(),
-        };
-        let mut trainer = pretraining_on(&config, VOCAB, tokens(), Some(Box::new(counted)))?;
-        tally.lock().unwrap().clear();
-        let out = trainer.step()?;
+        let (trainer, out, mut got) = counted_step(world, &config)?;
         let trainable = trainer.model().params().trainable_numel();
         let want = anneal_plan::comm::step_payload(
             trainable,
@@ -428,7 +456,6 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             (Group::Replicas, _) => "w/1",
             (g, _) => unreachable!("no {g:?} group in these layouts"),
         };
-        let mut got = tally.lock().unwrap().clone();
         for p in &want {
             let bytes = got
                 .remove(&(label(p.group).to_string(), p.collective))
@@ -481,16 +508,7 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
     for (name, sets) in tensor {
         let config = config(sets);
         let layout = config.layout(world.size())?;
-        let tally = Tally::default();
-        let counted = Counted {
-            inner: copy(world)?,
-            label: "w".into(),
-            splits: AtomicUsize::new(0),
-            tally: tally.clone(),
-        };
-        let mut trainer = pretraining_on(&config, VOCAB, tokens(), Some(Box::new(counted)))?;
-        tally.lock().unwrap().clear();
-        let out = trainer.step()?;
+        let (trainer, out, mut got) = counted_step(world, &config)?;
         let m = &config.model;
         let mut want: Vec<(&str, anneal_plan::comm::Payload)> =
             anneal_plan::comm::tensor_parallel_payload(anneal_plan::comm::TensorLayout {
@@ -524,7 +542,6 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             );
             want.extend(data.into_iter().map(|p| ("w/1", p)));
         }
-        let mut got = tally.lock().unwrap().clone();
         for (label, p) in &want {
             let bytes = got
                 .remove(&(label.to_string(), p.collective))
@@ -549,16 +566,7 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             sets.push("model.checkpoint_blocks=true");
         }
         let config = config(&sets);
-        let tally = Tally::default();
-        let counted = Counted {
-            inner: copy(world)?,
-            label: "w".into(),
-            splits: AtomicUsize::new(0),
-            tally: tally.clone(),
-        };
-        let mut trainer = pretraining_on(&config, VOCAB, tokens(), Some(Box::new(counted)))?;
-        tally.lock().unwrap().clear();
-        let out = trainer.step()?;
+        let (trainer, out, mut got) = counted_step(world, &config)?;
         let params = trainer.model().params();
         let (mut gathered, mut again) = (0, 0);
         for info in params.infos() {
@@ -580,7 +588,6 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             micro_batches: config.train.grad_accum,
             metrics: out.metrics.len(),
         });
-        let mut got = tally.lock().unwrap().clone();
         for p in &want {
             let bytes = got.remove(&("w".to_string(), p.collective)).unwrap_or(0.0);
             assert_eq!(bytes, p.bytes, "ZeRO-3: {:?}", p.collective);
@@ -633,16 +640,7 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
     for (name, sets) in pipelines {
         let config = config(sets);
         let layout = config.layout(world.size())?;
-        let tally = Tally::default();
-        let counted = Counted {
-            inner: copy(world)?,
-            label: "w".into(),
-            splits: AtomicUsize::new(0),
-            tally: tally.clone(),
-        };
-        let mut trainer = pretraining_on(&config, VOCAB, tokens(), Some(Box::new(counted)))?;
-        tally.lock().unwrap().clear();
-        trainer.step()?;
+        let (trainer, _, mut got) = counted_step(world, &config)?;
         let stage = world.rank() / layout.data_ranks();
         let params = trainer.model().params();
         let wte = params.by_name("transformer.wte.weight")?.numel();
@@ -665,7 +663,6 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             Group::Embedding => "w/2/0",
             other => unreachable!("no {other:?} group in a pipeline"),
         };
-        let mut got = tally.lock().unwrap().clone();
         for p in &want {
             let bytes = got
                 .remove(&(label(p.group).to_string(), p.collective))
@@ -789,11 +786,7 @@ fn zero3_equals_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
     ];
     for (name, sets, group) in runs {
         let got = train_pipeline(&config(sets), group)?;
-        if got.1.is_empty() {
-            close(name, &(got.0.clone(), one.1.clone()), &one);
-        } else {
-            close(name, &got, &one);
-        }
+        close_where_gathered(name, &got, &one);
         report(world, &format!("ok: {name} equals one device"));
     }
     Ok(())
@@ -830,11 +823,7 @@ fn expert_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result
     for (ep, sets) in layouts {
         let name = format!("MoE GPT, {ep} over 4 data ranks");
         let got = train_pipeline(&config(&with(&moe, sets)), copy(world)?)?;
-        if got.1.is_empty() {
-            close(&name, &(got.0.clone(), one.1.clone()), &one);
-        } else {
-            close(&name, &got, &one);
-        }
+        close_where_gathered(&name, &got, &one);
         report(world, &format!("ok: {name} equals one device"));
     }
     Ok(())
@@ -887,11 +876,7 @@ fn pipelines_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
     for (name, sets) in layouts {
         let got = train_pipeline(&config(sets), copy(world)?)?;
         let writer = !got.1.is_empty();
-        if writer {
-            close(name, &got, &one);
-        } else {
-            close(name, &(got.0.clone(), one.1.clone()), &one);
-        }
+        close_where_gathered(name, &got, &one);
         // Every replica's writer gathered the whole model.
         let writers = world.all_reduce(vec![f32::from(u8::from(writer))], Reduce::Sum)?[0];
         let layout = config(sets).layout(world.size())?;
