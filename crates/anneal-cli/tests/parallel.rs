@@ -1,7 +1,7 @@
 //! `anneal pretrain --ranks N`: ranks as threads of one process train what one rank trains (data
-//! parallel, ZeRO 1 to 3, tensor parallel beside data parallel, and a pipeline), a run interrupted on
-//! several ranks resumes on one, and a layout that cannot run is refused before anything is
-//! written.
+//! parallel, ZeRO 1 to 3, hybrid ZeRO-3, tensor parallel beside data parallel, and a pipeline), a
+//! run interrupted on several ranks resumes on one, and a layout that cannot run is refused before
+//! anything is written.
 
 mod common;
 
@@ -46,8 +46,15 @@ fn ranks_train_as_one_rank_does_and_resume_on_another_layout() {
             ][..],
         ),
         (
-            "4 ranks, ZeRO-3",
-            &["--ranks", "4", "--set", "parallel.zero=3"][..],
+            "4 ranks, dp 2 × ZeRO-3 sharding 2",
+            &[
+                "--ranks",
+                "4",
+                "--set",
+                "parallel.zero=3",
+                "--set",
+                "parallel.dp=2",
+            ][..],
         ),
         (
             "4 ranks, dp 2 × tp 2, ZeRO-1",

@@ -434,6 +434,10 @@ pub struct Zero3Layout {
     pub micro_batches: usize,
     /// Metrics averaged beside the loss.
     pub metrics: usize,
+    /// Replicas of the sharded model (hybrid sharding; 1 is plain ZeRO-3).
+    pub replicas: usize,
+    /// Σ of the shard lengths of the trainable parameters (what a rank's gradients hold).
+    pub shard: usize,
 }
 
 /// Bytes one rank hands to each collective in a ZeRO-3 step (Rajbhandari et al. 2020, §7.2.2):
@@ -444,11 +448,22 @@ pub struct Zero3Layout {
 /// against data parallelism's 2Ψ all-reduce: 1.5× its volume with recomputed blocks (the ZeRO
 /// paper's figure, whose backward gathers again), 1× without (the gathered parameters live on
 /// until their layer's backward).
+///
+/// With hybrid sharding (`replicas` > 1) the ranks holding the same shard in every replica then
+/// average their shards' gradients, and the loss and metrics once more.
 pub fn zero3_payload(layout: Zero3Layout) -> Vec<Payload> {
     let m = layout.micro_batches.max(1) as f64;
     let n = layout.ranks as f64;
     let gathered = layout.gathered as f64;
-    vec![
+    let mut replicas = Vec::new();
+    if layout.replicas > 1 {
+        replicas.push(Payload {
+            group: Group::Replicas,
+            collective: Collective::AllReduce,
+            bytes: 4.0 * (layout.shard + 1 + layout.metrics) as f64,
+        });
+    }
+    let sharded = vec![
         Payload {
             group: Group::Sharding,
             collective: Collective::AllGather,
@@ -464,7 +479,8 @@ pub fn zero3_payload(layout: Zero3Layout) -> Vec<Payload> {
             collective: Collective::AllReduce,
             bytes: 4.0 * (1 + layout.metrics) as f64 + 4.0,
         },
-    ]
+    ];
+    sharded.into_iter().chain(replicas).collect()
 }
 
 /// Bytes a payload moves through each rank's link under ring algorithms over `ranks` ranks

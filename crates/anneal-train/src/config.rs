@@ -691,14 +691,8 @@ impl RunConfig {
                 format!("parallel.sharding = {sharding}")
             };
             bail!(
-                "{why}, which needs parallel.zero = 1 or 2 (a sharding group shares the optimizer \
+                "{why}, which needs parallel.zero = 1, 2 or 3 (a sharding group shares the optimizer \
                  state); set parallel.zero, or parallel.dp = {ranks} for plain data parallelism"
-            );
-        }
-        if p.zero == 3 && dp > 1 {
-            bail!(
-                "parallel.zero = 3 shards over every data rank for now: parallel.dp = {dp} with \
-                 parallel.sharding = {sharding} is not supported; set parallel.dp = 1 (or 0)"
             );
         }
         if p.zero > 0 && sharding == 1 && ranks > 1 {

@@ -1223,9 +1223,16 @@ impl Strategy for ZeroTwo {
 /// gather's backward reduce-scatters its gradient, averaged, into the shard. What is left for the
 /// step: the loss averaged over the ranks, the gradient norm summed from the shards, clipping,
 /// and each rank's optimizer stepping its shards.
+///
+/// Hybrid sharding ([`ZeroThree::hybrid`], PyTorch's HSDP, PaddlePaddle's `sharding` axis beside
+/// `dp`): the shards span one sharding group, which holds a whole replica; the groups of ranks
+/// holding the same shard average their shards' gradients after backward, so the parameters'
+/// traffic stays inside a sharding group and only one all-reduce of a shard crosses replicas.
 pub struct ZeroThree {
     comm: Arc<dyn anneal_dist::Communicator>,
     zero: Arc<anneal_dist::ZeroThree>,
+    /// The ranks holding the same shard in the other replicas, with hybrid sharding.
+    replicas: Option<Box<dyn anneal_dist::Communicator>>,
 }
 
 impl ZeroThree {
@@ -1234,13 +1241,31 @@ impl ZeroThree {
         comm: Arc<dyn anneal_dist::Communicator>,
         zero: Arc<anneal_dist::ZeroThree>,
     ) -> Self {
-        ZeroThree { comm, zero }
+        ZeroThree {
+            comm,
+            zero,
+            replicas: None,
+        }
+    }
+
+    /// Hybrid sharding: `comm` is one replica's sharding group and `replicas` the ranks of the
+    /// other replicas holding this rank's shard (rank i of it in replica i).
+    pub fn hybrid(mut self, replicas: Box<dyn anneal_dist::Communicator>) -> Self {
+        self.replicas = (replicas.size() > 1).then_some(replicas);
+        self
     }
 }
 
 impl Strategy for ZeroThree {
     fn describe(&self) -> String {
-        format!("ZeRO-3 over {} ranks", self.comm.size())
+        match &self.replicas {
+            Some(r) => format!(
+                "{} replicas × ZeRO-3 over {} ranks",
+                r.size(),
+                self.comm.size()
+            ),
+            None => format!("ZeRO-3 over {} ranks", self.comm.size()),
+        }
     }
 
     fn step(
@@ -1266,7 +1291,17 @@ impl Strategy for ZeroThree {
         self.zero.end_step()?;
         let mut out = ran?;
         let t = Instant::now();
-        average_loss(&[self.comm.as_ref()], &mut out)?;
+        let mut comms = vec![self.comm.as_ref()];
+        if let Some(replicas) = &self.replicas {
+            // Each shard's gradient is the mean over its sharding group's rows; the replicas'
+            // mean makes it the global batch's.
+            let grads = params.with_grads(|g| g.to_vec());
+            let mean = replicas.all_reduce(grads, anneal_dist::Reduce::Mean)?;
+            params.with_grads_mut(|g| g.copy_from_slice(&mean));
+            out.exposed_comm += t.elapsed().as_secs_f64();
+            comms.push(replicas.as_ref());
+        }
+        average_loss(&comms, &mut out)?;
         out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
             let mine: f64 = params.grad_norm_partials(params.held_grads()).iter().sum();
             let all = self
@@ -1279,6 +1314,16 @@ impl Strategy for ZeroThree {
         crate::strategy::clip_with_and_step(model, optimizer, settings, out.grad_norm);
         out.phases[2] += t.elapsed().as_secs_f64();
         Ok(out)
+    }
+
+    /// The first replica's state (every replica's is the same); `None` on the others.
+    fn gather_optimizer_state(
+        &self,
+        model: &dyn TrainModel,
+        optimizer: &dyn Optimizer,
+    ) -> Result<Option<NamedState>> {
+        let first = self.replicas.as_ref().is_none_or(|r| r.rank() == 0);
+        Ok(first.then(|| optimizer.state(model.params())))
     }
 }
 

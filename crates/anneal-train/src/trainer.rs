@@ -653,13 +653,28 @@ pub fn pretraining_on(
                 (model, Box::new(SingleDevice), optimizer, (0, 1))
             }
             Some(world) if world.size() > 1 && config.layout(world.size())?.zero == 3 => {
-                let group: Arc<dyn anneal_dist::Communicator> = Arc::from(world);
+                // Data rank d is shard d % sharding of replica d / sharding.
+                let (r, sharding) = (world.rank(), config.layout(world.size())?.sharding);
+                let rank = (r, world.size());
+                let (group, replicas): (Arc<dyn anneal_dist::Communicator>, _) =
+                    if sharding == world.size() {
+                        (Arc::from(world), None)
+                    } else {
+                        let replicas = world.split(r % sharding, r / sharding)?;
+                        (
+                            Arc::from(world.split(r / sharding, r % sharding)?),
+                            Some(replicas),
+                        )
+                    };
                 let zero = Arc::new(anneal_dist::ZeroThree::new(group.clone()));
                 // Every rank draws the whole model from the seed and keeps its shards.
                 let model = Gpt::new_in(gpt, t.seed, zero.clone())?;
                 let optimizer = AdamW::new(&model.params, adamw);
-                let inner = Box::new(crate::strategy::ZeroThree::new(group.clone(), zero.clone()));
-                let rank = (group.rank(), group.size());
+                let mut inner = crate::strategy::ZeroThree::new(group.clone(), zero.clone());
+                if let Some(replicas) = replicas {
+                    inner = inner.hybrid(replicas);
+                }
+                let inner = Box::new(inner);
                 let strategy: Box<dyn crate::strategy::Strategy> = Box::new(
                     crate::mesh::WithModelParallel::new(inner, zero, group, None),
                 );

@@ -347,14 +347,11 @@ fn an_impossible_layout_is_refused_before_any_step() {
     assert!(e.contains("parallel.zero = 2 with parallel.pp = 2"), "{e}");
     let e = err(4, &["parallel.pp=2", "parallel.micro_batches=3"]);
     assert!(e.contains("parallel.micro_batches = 3"), "{e}");
-    let e = err(
-        4,
-        &["parallel.zero=3", "parallel.dp=2", "parallel.sharding=2"],
-    );
-    assert!(
-        e.contains("parallel.zero = 3 shards over every data rank"),
-        "{e}"
-    );
+    // Hybrid ZeRO-3: two replicas, each sharded over two ranks.
+    let hybrid = config(&["parallel.zero=3", "parallel.dp=2"])
+        .layout(4)
+        .unwrap();
+    assert_eq!((hybrid.dp, hybrid.sharding), (2, 2));
     let e = err(
         4,
         &["parallel.tp=2", "parallel.pp=4", "parallel.micro_batches=4"],

@@ -560,13 +560,24 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
     }
     // ZeRO-3: every lookup gathers its shard and reduce-scatters its gradient.
     let mut volumes = Vec::new();
-    for recomputed in [false, true] {
+    for (recomputed, hybrid) in [(false, false), (true, false), (false, true)] {
         let mut sets = vec!["parallel.zero=3"];
         if recomputed {
             sets.push("model.checkpoint_blocks=true");
         }
+        if hybrid {
+            sets.push("parallel.dp=2");
+        }
         let config = config(&sets);
         let (trainer, out, mut got) = counted_step(world, &config)?;
+        // A hybrid layout splits the replicas' groups off the world first, then the sharding
+        // groups.
+        let (ranks, replicas) = if hybrid { (2, 2) } else { (world.size(), 1) };
+        let label = |group| match (hybrid, group) {
+            (false, _) => "w",
+            (true, Group::Replicas) => "w/0",
+            (true, _) => "w/1",
+        };
         let params = trainer.model().params();
         let (mut gathered, mut again) = (0, 0);
         for info in params.infos() {
@@ -582,17 +593,27 @@ fn payload_equals_the_planners_formula(world: &dyn Communicator) -> anyhow::Resu
             }
         }
         let want = anneal_plan::comm::zero3_payload(anneal_plan::comm::Zero3Layout {
-            ranks: world.size(),
+            ranks,
             gathered,
             recomputed: again,
             micro_batches: config.train.grad_accum,
             metrics: out.metrics.len(),
+            replicas,
+            shard: params.trainable_numel(),
         });
         for p in &want {
-            let bytes = got.remove(&("w".to_string(), p.collective)).unwrap_or(0.0);
-            assert_eq!(bytes, p.bytes, "ZeRO-3: {:?}", p.collective);
+            let key = (label(p.group).to_string(), p.collective);
+            let bytes = got.remove(&key).unwrap_or(0.0);
+            assert_eq!(bytes, p.bytes, "ZeRO-3: {:?} {:?}", p.collective, p.group);
         }
         assert!(got.is_empty(), "ZeRO-3: unplanned collectives {got:?}");
+        if hybrid {
+            report(
+                world,
+                "ok: dp 2 × ZeRO-3 sharding 2: payload equals anneal-plan's formula",
+            );
+            continue;
+        }
         let ring: f64 = want
             .iter()
             .map(|p| anneal_plan::comm::ring_bytes(p, world.size()))
@@ -769,8 +790,13 @@ fn zero3_equals_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
     let one = train(&config(&[]), None)?;
     let pair = world.split(world.rank() / 2, world.rank())?;
     let recomputed = ["parallel.zero=3", "model.checkpoint_blocks=true"];
-    let runs: [(&str, &[&str], Box<dyn Communicator>); 4] = [
+    let runs: [(&str, &[&str], Box<dyn Communicator>); 5] = [
         ("ZeRO-3 ×4", &["parallel.zero=3"], copy(world)?),
+        (
+            "dp 2 × ZeRO-3 sharding 2 (hybrid)",
+            &["parallel.zero=3", "parallel.dp=2"],
+            copy(world)?,
+        ),
         ("ZeRO-3 ×2", &["parallel.zero=3"], copy(pair.as_ref())?),
         ("ZeRO-3 ×4, blocks recomputed", &recomputed, copy(world)?),
         (
