@@ -1,7 +1,7 @@
 //! A Mixture-of-Experts GPT through the whole job: `[model.moe]` from the command line,
 //! pretraining with its routing in `metrics.jsonl` and the expert-load chart, a stopped run
 //! resumed bit for bit, generation from its checkpoint, its experts split over 2 ranks (expert
-//! parallelism) training as one device does, and the settings refused before any compute.
+//! parallelism) or its blocks over 2 pipeline stages training as one device does, and the settings refused before any compute.
 
 mod common;
 
@@ -100,24 +100,44 @@ fn experts_split_over_ranks_train_as_one_device_running_each_ranks_rows() {
     let split = dir.path().join("split");
     // Expert parallelism alone, and with ZeRO-1 (the optimizer state sharded over the ranks
     // holding the same experts, gathered whole into the checkpoint).
-    for (out, zero) in [
-        (&split, "parallel.zero=0"),
-        (&dir.path().join("zero1"), "parallel.zero=1"),
+    // And a pipeline of 2 stages, one MoE block each, 4 rows a pipeline micro-batch: each stage
+    // backpropagates its balancing losses, and the log holds both stages' layers.
+    let piped = dir.path().join("piped");
+    for (out, layout) in [
+        (&split, ["parallel.ep=2", "parallel.zero=0"]),
+        (
+            &dir.path().join("zero1"),
+            ["parallel.ep=2", "parallel.zero=1"],
+        ),
+        (&piped, ["parallel.pp=2", "parallel.micro_batches=2"]),
     ] {
         let mut sets = MOE.to_vec();
-        sets.extend(["--ranks", "2", "--set", "parallel.ep=2", "--set", zero]);
+        sets.extend(["--ranks", "2", "--set", layout[0], "--set", layout[1]]);
         ok(pretrain(&data, out, steps, &sets).output().unwrap());
         let (got, _) = losses(out);
         assert_eq!(got.len(), want.len());
         for (g, w) in got.iter().zip(&want) {
             assert!(
                 (g.1 - w.1).abs() <= 1e-5 * w.1.abs(),
-                "{zero}, step {}: {} vs {}",
+                "{layout:?}, step {}: {} vs {}",
                 g.0,
                 g.1,
                 w.1
             );
         }
+    }
+    let text = std::fs::read_to_string(piped.join("metrics.jsonl")).unwrap();
+    let last = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .rfind(|v| v.get("loss").is_some())
+        .unwrap();
+    let layers = last["moe"]["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2, "both stages' MoE blocks: {last}");
+    for l in layers {
+        let load = l["load"].as_array().unwrap().iter();
+        let sum: f64 = load.map(|x| x.as_f64().unwrap()).sum();
+        assert!((sum - 1.0).abs() < 1e-5, "{last}");
     }
     // The checkpoint holds every expert whole, and loads on one device.
     let run = split.to_str().unwrap();

@@ -900,7 +900,7 @@ impl RunConfig {
     }
 
     /// Fails, naming the keys, unless the pipeline can run: enough micro-batches for 1F1B, and
-    /// no ZeRO beyond stage 1 or Mixture of Experts beside it yet.
+    /// no ZeRO beyond stage 1 beside it yet.
     fn check_pipeline(&self, pp: usize) -> Result<()> {
         let p = &self.parallel;
         let m = self.train.grad_accum * p.micro_batches;
@@ -920,12 +920,6 @@ impl RunConfig {
                 "parallel.zero = {} with parallel.pp = {pp} is not supported yet; use \
                  parallel.zero = 0 or 1 with pipeline parallelism",
                 p.zero
-            );
-        }
-        if self.model.moe.is_some() {
-            bail!(
-                "a Mixture-of-Experts model ([model.moe]) with parallel.pp = {pp} is not \
-                 supported yet; use parallel.pp = 1"
             );
         }
         Ok(())

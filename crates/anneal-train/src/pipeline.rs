@@ -48,6 +48,10 @@ pub struct Pipeline {
     data: Option<Box<dyn Communicator>>,
     /// ZeRO-1's shard of this stage's trainable elements over the data group.
     zero: Option<Range<usize>>,
+    /// Whether every stage may add losses and metrics (a Mixture-of-Experts layer's balancing
+    /// loss and expert loads): the stages then add their parts up, else the last stage's loss is
+    /// the step's.
+    stage_losses: bool,
 }
 
 /// What a forward leaves for its backward.
@@ -56,6 +60,8 @@ struct InFlight {
     input: Option<Tensor>,
     /// The stage's output, or on the last stage the weighted loss.
     output: Tensor,
+    /// The weighted auxiliary losses of a stage before the last (its Mixture-of-Experts layers').
+    aux: Option<Tensor>,
 }
 
 impl Pipeline {
@@ -79,7 +85,16 @@ impl Pipeline {
             embedding,
             data,
             zero: None,
+            stage_losses: false,
         }
+    }
+
+    /// With losses and metrics on every stage (a model with Mixture-of-Experts layers): each
+    /// stage backpropagates its layers' auxiliary losses beside the gradient the next stage
+    /// sends, and the step's loss and metrics are the stages' parts added up.
+    pub fn with_stage_losses(mut self) -> Pipeline {
+        self.stage_losses = true;
+        self
     }
 
     /// With this stage's optimizer state sharded over its data group (ZeRO-1, Megatron-LM's
@@ -154,24 +169,43 @@ impl Pipeline {
             Some(x) => StageInput::Hidden(x.clone()),
         };
         let output = model.forward_layers(stage_input, self.layers.clone(), Some(key))?;
-        if !self.is_last() {
+        let (mut total, metrics) = if self.is_last() {
+            let loss = objective.loss(&output, batch)?;
+            (Some(loss.value), loss.metrics)
+        } else {
             self.group
                 .send(output.logits.to_vec_f32(), self.stage() + 1, TAG_ACTIVATION)?;
-            return Ok(InFlight {
-                input,
-                output: output.logits,
+            (None, Vec::new())
+        };
+        for (name, aux) in &output.aux_losses {
+            crate::strategy::accumulate(&mut out.metrics, name, weight * aux.item()? as f64);
+            total = Some(match total {
+                Some(t) => t.add(aux)?,
+                None => aux.clone(),
             });
         }
-        let loss = objective.loss(&output, batch)?;
-        let mut total = loss.value;
-        for (_, aux) in &output.aux_losses {
-            total = total.add(aux)?;
+        for (name, value) in metrics.iter().chain(&output.stats) {
+            crate::strategy::accumulate(&mut out.metrics, name, weight * *value);
         }
-        out.loss += weight * total.item()? as f64;
-        let weight = Tensor::from_f32(vec![weight as f32], total.shape())?;
-        Ok(InFlight {
-            input,
-            output: total.mul(&weight)?,
+        let weighted = match total {
+            Some(total) => {
+                out.loss += weight * total.item()? as f64;
+                let weight = Tensor::from_f32(vec![weight as f32], total.shape())?;
+                Some(total.mul(&weight)?)
+            }
+            None => None,
+        };
+        Ok(match (self.is_last(), weighted) {
+            (true, Some(loss)) => InFlight {
+                input,
+                output: loss,
+                aux: None,
+            },
+            (_, aux) => InFlight {
+                input,
+                output: output.logits,
+                aux,
+            },
         })
     }
 
@@ -183,7 +217,12 @@ impl Pipeline {
         } else {
             let values = self.group.recv(self.stage() + 1, TAG_GRADIENT)?;
             let grad = Tensor::from_f32(values, flight.output.shape())?;
-            flight.output.backward_with_grad(&grad)?;
+            match flight.aux {
+                // One backward from ⟨output, grad⟩ + aux: the output's gradient is `grad`, and
+                // the auxiliary losses add theirs.
+                Some(aux) => flight.output.mul(&grad)?.sum_all()?.add(&aux)?.backward()?,
+                None => flight.output.backward_with_grad(&grad)?,
+            }
         }
         if let Some(input) = flight.input {
             let grad = input
@@ -219,6 +258,42 @@ impl Pipeline {
         let total = self.group.all_reduce(vec![stage], Reduce::Sum)?[0];
         Ok(total.sqrt())
     }
+}
+
+/// The loss parts and named metrics of every rank of `group`, each added up over the ranks that
+/// report it: the loss first (as `loss`), then the metrics in the order of the ranks that report
+/// them. Collective; names travel as their bytes.
+fn add_over(
+    group: &dyn Communicator,
+    loss: f64,
+    metrics: Vec<(String, f64)>,
+) -> Result<Vec<(String, f64)>> {
+    let mut mine = vec![loss as f32, metrics.len() as f32];
+    for (name, value) in &metrics {
+        mine.push(name.len() as f32);
+        mine.extend(name.bytes().map(f32::from));
+        mine.push(*value as f32);
+    }
+    let lengths = group.all_gather(vec![mine.len() as f32])?;
+    let longest = lengths.iter().fold(0.0f32, |a, &b| a.max(b)) as usize;
+    mine.resize(longest, 0.0);
+    let all = group.all_gather(mine)?;
+    let mut sums = vec![("loss".to_string(), 0.0)];
+    for rank in all.chunks(longest) {
+        sums[0].1 += rank[0] as f64;
+        let mut at = 2;
+        for _ in 0..rank[1] as usize {
+            let len = rank[at] as usize;
+            let bytes: Vec<u8> = rank[at + 1..at + 1 + len]
+                .iter()
+                .map(|&b| b as u8)
+                .collect();
+            let name = String::from_utf8_lossy(&bytes);
+            crate::strategy::accumulate(&mut sums, &name, rank[at + 1 + len] as f64);
+            at += len + 2;
+        }
+    }
+    Ok(sums)
 }
 
 impl Strategy for Pipeline {
@@ -321,11 +396,27 @@ impl Strategy for Pipeline {
             let mean = data.all_reduce(grads, Reduce::Mean)?;
             params.with_grads_mut(|g| g.copy_from_slice(&mean));
         }
-        // Every stage reports the last stage's loss, averaged over the replicas.
-        let last = self.group.size() - 1;
-        out.loss = self.group.broadcast(vec![out.loss as f32], last)?[0] as f64;
+        // Every stage reports the last stage's loss (or the stages' parts added up), averaged
+        // over the replicas.
+        if self.stage_losses {
+            let parts = std::mem::take(&mut out.metrics);
+            let mut all = add_over(self.group.as_ref(), out.loss, parts)?;
+            out.loss = all.remove(0).1;
+            out.metrics = all;
+        } else {
+            let last = self.group.size() - 1;
+            out.loss = self.group.broadcast(vec![out.loss as f32], last)?[0] as f64;
+        }
         if let Some(data) = &self.data {
-            out.loss = data.all_reduce(vec![out.loss as f32], Reduce::Mean)?[0] as f64;
+            let local: Vec<f32> = std::iter::once(out.loss)
+                .chain(out.metrics.iter().map(|(_, v)| *v))
+                .map(|v| v as f32)
+                .collect();
+            let mean = data.all_reduce(local, Reduce::Mean)?;
+            out.loss = mean[0] as f64;
+            for ((_, v), m) in out.metrics.iter_mut().zip(&mean[1..]) {
+                *v = *m as f64;
+            }
         }
         // The reductions after backward (the receives inside it are on the timed pipeline
         // group, counted by the caller through `anneal_dist::waited`).

@@ -136,7 +136,7 @@ impl std::fmt::Display for NonFiniteLoss {
 impl std::error::Error for NonFiniteLoss {}
 
 /// Adds `value` to the running sum named `name`.
-fn accumulate(sums: &mut Vec<(String, f64)>, name: &str, value: f64) {
+pub(crate) fn accumulate(sums: &mut Vec<(String, f64)>, name: &str, value: f64) {
     match sums.iter_mut().find(|(n, _)| n == name) {
         Some((_, s)) => *s += value,
         None => sums.push((name.to_string(), value)),

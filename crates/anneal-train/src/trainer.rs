@@ -755,7 +755,7 @@ pub fn pretraining_on(
                             .filter(|_| gpt.tie_embeddings)
                             .map(|g| (g, "transformer.wte.weight".to_string()));
                         let data = (data.size() > 1).then_some(data);
-                        let pipeline = crate::pipeline::Pipeline::new(
+                        let mut pipeline = crate::pipeline::Pipeline::new(
                             pipe.clone(),
                             layers,
                             layout.one_f_one_b,
@@ -763,6 +763,9 @@ pub fn pretraining_on(
                             tied,
                             data,
                         );
+                        if gpt.moe.is_some() {
+                            pipeline = pipeline.with_stage_losses();
+                        }
                         if layout.zero == 1 {
                             let (pipeline, shard) = pipeline.with_zero_one(&model);
                             let optimizer = AdamW::shard(&model.params, adamw, shard)?;

@@ -840,6 +840,30 @@ fn expert_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result
         world,
         "ok: MoE GPT, data parallel ×4 equals one device running the batch as 4 micro-batches",
     );
+    // Pipelines: each stage's MoE layers add their balancing losses in its backward. The 2 rows
+    // of each pipeline micro-batch are what one device routes together.
+    let pipelines: [(&str, &[&str]); 2] = [
+        (
+            "1F1B pp 2 × dp 2",
+            &["parallel.pp=2", "parallel.micro_batches=2"],
+        ),
+        (
+            "GPipe pp 4, stages of 0, 1, 1, 0 blocks",
+            &[
+                "parallel.pp=4",
+                "parallel.pp_blocks=[0, 1, 1, 0]",
+                "parallel.schedule=gpipe",
+                "parallel.micro_batches=4",
+                "train.batch_size=8",
+            ],
+        ),
+    ];
+    for (name, sets) in pipelines {
+        let name = format!("MoE GPT, {name}");
+        let got = train_pipeline(&config(&with(&moe, sets)), copy(world)?)?;
+        close_where_gathered(&name, &got, &one);
+        report(world, &format!("ok: {name} equals one device"));
+    }
     let layouts: [(&str, &[&str]); 4] = [
         ("EP 2", &["parallel.ep=2"]),
         ("EP 4", &["parallel.ep=4"]),
