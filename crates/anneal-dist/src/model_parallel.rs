@@ -154,7 +154,14 @@ impl ParallelContext for ModelParallel {
             return Ok(Tensor::zeros(&[0], full.dtype()));
         }
         let local = match split {
-            Split::Replicated | Split::Experts => full.clone(),
+            Split::Replicated => full.clone(),
+            Split::Experts => {
+                let e = full.shape()[0];
+                if !e.is_multiple_of(n) {
+                    return Err(bad(format!("{e} experts do not divide over {n} ranks")));
+                }
+                full.narrow(0, r * e / n, e / n)?.contiguous()
+            }
             Split::Axis(axis) => {
                 let len = *full
                     .shape()
@@ -200,7 +207,8 @@ impl ParallelContext for ModelParallel {
             return Ok(local.clone());
         }
         match split {
-            Split::Replicated | Split::Experts => Ok(local.clone()),
+            Split::Replicated => Ok(local.clone()),
+            Split::Experts => self.gather_axis(local, 0, shape[0]),
             Split::Axis(axis) => self.gather_axis(local, axis, shape[axis]),
             Split::Interleaved { axis, parts } => {
                 // Rank-major after the gather ([q₀ k₀ v₀][q₁ k₁ v₁]…): reorder to block-major.
@@ -350,6 +358,72 @@ impl ParallelContext for ModelParallel {
         opts: CrossEntropyOptions,
     ) -> Result<Tensor> {
         vocab_parallel_cross_entropy(self.group.as_ref(), logits, targets, opts)
+    }
+
+    /// A Mixture-of-Experts layer's experts split over the tensor-parallel group, the way a
+    /// row-parallel layer splits its inputs: every rank routes the same tokens, runs the rows of
+    /// its own experts, and the experts' outputs are summed over the group
+    /// ([`ParallelContext::return_from_experts`]).
+    fn expert_parallel(&self) -> (usize, usize) {
+        (self.group.rank(), self.group.size())
+    }
+
+    /// This rank's experts' rows (`f`: the gradient of the whole rows summed over the group, each
+    /// rank having given its experts' rows theirs).
+    fn dispatch_to_experts(&self, rows: &Tensor, counts: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+        if self.group.size() == 1 {
+            return Ok((rows.clone(), counts.to_vec()));
+        }
+        let (experts, offset, len) = self.my_experts(counts);
+        let rows = Tensor::from_op(
+            rows.detach(),
+            &[rows],
+            AllReduceGradient {
+                group: self.group.clone(),
+            },
+        );
+        Ok((rows.narrow(0, offset, len)?, counts[experts].to_vec()))
+    }
+
+    /// This rank's experts' output rows in their places among every expert's (zeros elsewhere),
+    /// summed over the group (`g`).
+    fn return_from_experts(&self, rows: &Tensor, counts: &[usize]) -> Result<Tensor> {
+        if self.group.size() == 1 {
+            return Ok(rows.clone());
+        }
+        let (_, offset, len) = self.my_experts(counts);
+        let total: usize = counts.iter().sum();
+        let d = rows.shape().get(1).copied().unwrap_or(0);
+        let before = Tensor::zeros(&[offset, d], rows.dtype());
+        let after = Tensor::zeros(&[total - offset - len, d], rows.dtype());
+        let parts: Vec<&Tensor> = [&before, rows, &after]
+            .into_iter()
+            .filter(|t| t.shape()[0] > 0)
+            .collect();
+        let placed = match parts.as_slice() {
+            [] => Tensor::zeros(&[0, d], rows.dtype()),
+            [one] => (*one).clone(),
+            _ => Tensor::concat(&parts, 0)?,
+        };
+        let summed = self
+            .group
+            .all_reduce(placed.to_vec_f32(), Reduce::Sum)
+            .map_err(comm_error("expert all-reduce"))?;
+        let value = Tensor::from_f32(summed, placed.shape())?.to_dtype(rows.dtype());
+        Ok(Tensor::from_op(value, &[&placed], PassGradient))
+    }
+}
+
+impl ModelParallel {
+    /// This rank's experts of a layer whose rows come grouped by expert, `counts[e]` for expert
+    /// `e`: their indices, and where their rows start and how many there are.
+    fn my_experts(&self, counts: &[usize]) -> (Range<usize>, usize, usize) {
+        let (r, n) = (self.group.rank(), self.group.size());
+        let e = counts.len();
+        let experts = r * e / n..(r + 1) * e / n;
+        let offset = counts[..experts.start].iter().sum();
+        let len = counts[experts.clone()].iter().sum();
+        (experts, offset, len)
     }
 }
 

@@ -1,7 +1,7 @@
 //! Tensor parallelism against one device, on the `local` backend: a GPT split over 2 and 4 ranks
 //! (heads, MLP hidden units and an unevenly split vocabulary), with or without sequence
-//! parallelism (the residual stream split by rows), gives the single-device model's logits, loss
-//! and gradients, as Megatron-LM's tests hold a tensor-parallel layer to its
+//! parallelism (the residual stream split by rows), with its Mixture-of-Experts layers' experts
+//! split, gives the single-device model's logits, loss and gradients, as Megatron-LM's tests hold a tensor-parallel layer to its
 //! single-device layer (to 1e-6, `tests/unit_tests/tensor_parallel`).
 
 use anneal_dist::{local, Communicator, ModelParallel};
@@ -43,15 +43,19 @@ struct Run {
 fn run(model: &Gpt, smoothing: f32) -> Run {
     let (ids, targets) = ids();
     let key = Some(DropoutKey::default().with_seed(7));
-    let logits = model.forward(&ids, BATCH, SEQ, key).unwrap();
+    let (logits, moe) = model.forward_with_aux(&ids, BATCH, SEQ, key).unwrap();
     let opts = CrossEntropyOptions {
         label_smoothing: smoothing,
         ..CrossEntropyOptions::default()
     };
-    let loss = model
+    let mut loss = model
         .parallel()
         .cross_entropy(&logits, &targets, opts)
         .unwrap();
+    // A Mixture of Experts' balancing and z-losses train the router.
+    for (_, aux) in moe {
+        loss = loss.add(&aux.balance).unwrap().add(&aux.z).unwrap();
+    }
     loss.backward().unwrap();
     let parallel = model.parallel();
     let whole_logits = {
@@ -108,8 +112,19 @@ fn check(tp: usize, smoothing: f32) {
 }
 
 fn check_with(tp: usize, smoothing: f32, sequence: bool, recomputed: bool) {
+    check_model(tp, smoothing, sequence, recomputed, None);
+}
+
+fn check_model(
+    tp: usize,
+    smoothing: f32,
+    sequence: bool,
+    recomputed: bool,
+    moe: Option<anneal_nn::GptMoe>,
+) {
     let config = || GptConfig {
         checkpoint_blocks: recomputed,
+        moe: moe.clone(),
         ..config()
     };
     let one = run(&Gpt::new(config(), 3).unwrap(), smoothing);
@@ -155,6 +170,23 @@ fn sequence_parallelism_equals_one_device() {
     check_with(2, 0.0, true, false);
     check_with(4, 0.1, true, false);
     check_with(2, 0.0, true, true);
+}
+
+/// A Mixture-of-Experts GPT (4 experts, top-2, capacity-limited, in every block): the experts
+/// split over the tensor-parallel group, every rank routing the same tokens to its own experts.
+#[test]
+fn experts_split_over_the_tensor_parallel_group_equal_one_device() {
+    let moe = anneal_nn::GptMoe {
+        layer: anneal_nn::layers::MoeConfig {
+            top_k: 2,
+            capacity_factor: Some(1.0),
+            ..anneal_nn::layers::MoeConfig::switch(4)
+        },
+        every: 1,
+        d_ff: 24,
+    };
+    check_model(2, 0.0, false, false, Some(moe.clone()));
+    check_model(4, 0.0, false, true, Some(moe));
 }
 
 /// A Llama (separate Q/K/V projections, grouped key/value heads, gated MLP, untied head) with

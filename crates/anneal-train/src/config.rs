@@ -799,9 +799,9 @@ impl RunConfig {
     }
 
     /// Fails, naming the keys, unless the model splits over `tp` tensor-parallel ranks: heads
-    /// and MLP hidden units divide evenly, the vocabulary has a row for every rank, and the
-    /// layout is one this version runs (no ZeRO beyond stage 1 or Mixture of Experts beside it
-    /// yet).
+    /// and MLP hidden units (or a Mixture of Experts' experts) divide evenly, the vocabulary has a
+    /// row for every rank, and the layout is one this version runs (no ZeRO beyond stage 1, and
+    /// no sequence parallelism beside a Mixture of Experts, yet).
     fn check_tensor_parallel(&self, tp: usize) -> Result<()> {
         let m = &self.model;
         if !m.n_head.is_multiple_of(tp) {
@@ -825,11 +825,21 @@ impl RunConfig {
                 self.parallel.zero
             );
         }
-        if m.moe.is_some() {
-            bail!(
-                "a Mixture-of-Experts model ([model.moe]) with parallel.tp = {tp} is not \
-                 supported yet; use parallel.tp = 1"
-            );
+        if let Some(moe) = &m.moe {
+            if !moe.experts.is_multiple_of(tp) {
+                bail!(
+                    "parallel.tp = {tp} does not divide model.moe.experts = {}: the experts split \
+                     over the tensor-parallel group; choose a divisor of {}",
+                    moe.experts,
+                    moe.experts
+                );
+            }
+            if self.parallel.sequence_parallel {
+                bail!(
+                    "parallel.sequence_parallel = true with a Mixture-of-Experts model \
+                     ([model.moe]) is not supported yet; set parallel.sequence_parallel = false"
+                );
+            }
         }
         Ok(())
     }

@@ -290,8 +290,8 @@ pub fn global_grad_norm(model: &dyn TrainModel) -> Result<f32> {
 }
 
 /// The sum of squares of the gradients of the model this rank holds part of, leaving out the
-/// parameter `skip` (a tied copy another rank counts): the tensor-parallel slices' sums added over
-/// the group, the parameters every rank of the group holds whole counted once.
+/// parameter `skip` (a tied copy another rank counts): the tensor-parallel slices' (and experts')
+/// sums added over the group, the parameters every rank of the group holds whole counted once.
 pub(crate) fn split_model_grad_norm_sq(model: &dyn TrainModel, skip: Option<&str>) -> Result<f64> {
     let params = model.params();
     let parallel = model.parallel().filter(|p| p.tensor_parallel().1 > 1);
@@ -305,7 +305,7 @@ pub(crate) fn split_model_grad_norm_sq(model: &dyn TrainModel, skip: Option<&str
             let is_split = parallel.is_some_and(|p| {
                 matches!(
                     p.split_of(&info.name),
-                    Split::Axis(_) | Split::Interleaved { .. }
+                    Split::Axis(_) | Split::Interleaved { .. } | Split::Experts
                 )
             });
             if is_split {
