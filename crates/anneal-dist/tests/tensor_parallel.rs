@@ -124,7 +124,7 @@ fn check_model(
 ) {
     let config = || GptConfig {
         checkpoint_blocks: recomputed,
-        moe: moe.clone(),
+        moe,
         ..config()
     };
     let one = run(&Gpt::new(config(), 3).unwrap(), smoothing);
@@ -185,7 +185,7 @@ fn experts_split_over_the_tensor_parallel_group_equal_one_device() {
         every: 1,
         d_ff: 24,
     };
-    check_model(2, 0.0, false, false, Some(moe.clone()));
+    check_model(2, 0.0, false, false, Some(moe));
     check_model(4, 0.0, false, true, Some(moe));
 }
 
