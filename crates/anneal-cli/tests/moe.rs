@@ -102,17 +102,21 @@ fn experts_split_over_ranks_train_as_one_device_running_each_ranks_rows() {
     // holding the same experts, gathered whole into the checkpoint).
     // And a pipeline of 2 stages, one MoE block each, 4 rows a pipeline micro-batch: each stage
     // backpropagates its balancing losses, and the log holds both stages' layers.
+    // Then experts split over the 2 data ranks of each of 2 pipeline stages, on 4 ranks.
     let piped = dir.path().join("piped");
-    for (out, layout) in [
-        (&split, ["parallel.ep=2", "parallel.zero=0"]),
+    let mesh = dir.path().join("mesh");
+    for (out, ranks, layout) in [
+        (&split, "2", ["parallel.ep=2", "parallel.zero=0"]),
         (
             &dir.path().join("zero1"),
+            "2",
             ["parallel.ep=2", "parallel.zero=1"],
         ),
-        (&piped, ["parallel.pp=2", "parallel.micro_batches=2"]),
+        (&piped, "2", ["parallel.pp=2", "parallel.micro_batches=2"]),
+        (&mesh, "4", ["parallel.ep=2", "parallel.pp=2"]),
     ] {
         let mut sets = MOE.to_vec();
-        sets.extend(["--ranks", "2", "--set", layout[0], "--set", layout[1]]);
+        sets.extend(["--ranks", ranks, "--set", layout[0], "--set", layout[1]]);
         ok(pretrain(&data, out, steps, &sets).output().unwrap());
         let (got, _) = losses(out);
         assert_eq!(got.len(), want.len());
@@ -139,12 +143,14 @@ fn experts_split_over_ranks_train_as_one_device_running_each_ranks_rows() {
         let sum: f64 = load.map(|x| x.as_f64().unwrap()).sum();
         assert!((sum - 1.0).abs() < 1e-5, "{last}");
     }
-    // The checkpoint holds every expert whole, and loads on one device.
-    let run = split.to_str().unwrap();
-    let text = ok(anneal(&[
-        "generate", run, "--prompt", "the ", "--tokens", "20", "--seed", "1",
-    ]));
-    assert!(text.starts_with("the "), "{text}");
+    // The checkpoints hold every expert whole, and load on one device.
+    for run in [&split, &mesh] {
+        let run = run.to_str().unwrap();
+        let text = ok(anneal(&[
+            "generate", run, "--prompt", "the ", "--tokens", "20", "--seed", "1",
+        ]));
+        assert!(text.starts_with("the "), "{text}");
+    }
 }
 
 #[test]

@@ -228,6 +228,12 @@ impl ParallelContext for ExpertParallel {
         true
     }
 
+    fn sum_over_experts(&self, values: Vec<f32>) -> Result<Vec<f32>> {
+        self.group
+            .all_reduce(values, crate::Reduce::Sum)
+            .map_err(comm_error("expert-parallel all-reduce"))
+    }
+
     fn dispatch_to_experts(&self, rows: &Tensor, counts: &[usize]) -> Result<(Tensor, Vec<usize>)> {
         let width = rows.shape().get(1).copied().unwrap_or(0);
         let plan = self.plan(counts, width)?;

@@ -20,7 +20,7 @@
 //! model starts from the single-device model's weights; [`ParallelContext::gather`] gives a
 //! parameter back whole (checkpoints hold whole parameters and load under any layout).
 
-use crate::{comm_error, Communicator, Reduce};
+use crate::{comm_error, Communicator, ExpertParallel, Reduce};
 use anneal_nn::layers::{ParallelContext, Split};
 use anneal_tensor::autograd::Backward;
 use anneal_tensor::{CrossEntropyOptions, DType, Error, ParamId, Result, Tensor};
@@ -42,6 +42,11 @@ pub struct ModelParallel {
     sequence: bool,
     /// Each parameter's split, in declaration order (its id), for lookups.
     by_id: Mutex<Vec<Split>>,
+    /// Expert parallelism beside: the Mixture-of-Experts layers' experts split over an
+    /// expert-parallel group of data ranks first, then over the tensor-parallel group.
+    experts: Option<Arc<ExpertParallel>>,
+    /// The rows per local expert of the last dispatch, for the return that follows it.
+    dispatched: Mutex<Option<Vec<usize>>>,
 }
 
 impl ModelParallel {
@@ -53,7 +58,17 @@ impl ModelParallel {
             splits: Mutex::new(HashMap::new()),
             sequence: false,
             by_id: Mutex::new(Vec::new()),
+            experts: None,
+            dispatched: Mutex::new(None),
         }
+    }
+
+    /// This context with expert parallelism beside it (GShard's, over data ranks): each
+    /// Mixture-of-Experts layer's experts are split over the ranks of `experts` (tokens
+    /// exchanged by all-to-all), and each rank's share of them over the tensor-parallel group.
+    pub fn with_experts(mut self, experts: Arc<ExpertParallel>) -> ModelParallel {
+        self.experts = (experts.group().size() > 1).then_some(experts);
+        self
     }
 
     /// This context with sequence parallelism (Korthikanti et al. 2022, "Reducing Activation
@@ -156,11 +171,15 @@ impl ParallelContext for ModelParallel {
         let local = match split {
             Split::Replicated => full.clone(),
             Split::Experts => {
-                let e = full.shape()[0];
+                let mine = match &self.experts {
+                    Some(experts) => experts.shard(name, full, split)?,
+                    None => full.clone(),
+                };
+                let e = mine.shape()[0];
                 if !e.is_multiple_of(n) {
                     return Err(bad(format!("{e} experts do not divide over {n} ranks")));
                 }
-                full.narrow(0, r * e / n, e / n)?.contiguous()
+                mine.narrow(0, r * e / n, e / n)?.contiguous()
             }
             Split::Axis(axis) => {
                 let len = *full
@@ -203,12 +222,23 @@ impl ParallelContext for ModelParallel {
         let Some((split, shape)) = self.recorded(name) else {
             return Ok(local.clone());
         };
-        if !self.holds(name) || self.group.size() == 1 {
+        if !self.holds(name) || self.split_of(name) == Split::Replicated {
             return Ok(local.clone());
         }
         match split {
             Split::Replicated => Ok(local.clone()),
-            Split::Experts => self.gather_axis(local, 0, shape[0]),
+            Split::Experts => {
+                let ep = self.experts.as_ref().map_or(1, |e| e.group().size());
+                let mine = if self.group.size() > 1 {
+                    self.gather_axis(local, 0, shape[0] / ep)?
+                } else {
+                    local.clone()
+                };
+                match &self.experts {
+                    Some(experts) => experts.gather(name, &mine),
+                    None => Ok(mine),
+                }
+            }
             Split::Axis(axis) => self.gather_axis(local, axis, shape[axis]),
             Split::Interleaved { axis, parts } => {
                 // Rank-major after the gather ([q₀ k₀ v₀][q₁ k₁ v₁]…): reorder to block-major.
@@ -233,11 +263,11 @@ impl ParallelContext for ModelParallel {
     }
 
     fn split_of(&self, name: &str) -> Split {
-        if self.group.size() == 1 {
-            return Split::Replicated;
+        match self.recorded(name) {
+            Some((Split::Experts, _)) if self.experts.is_some() => Split::Experts,
+            _ if self.group.size() == 1 => Split::Replicated,
+            recorded => recorded.map_or(Split::Replicated, |(split, _)| split),
         }
-        self.recorded(name)
-            .map_or(Split::Replicated, |(split, _)| split)
     }
 
     fn holds(&self, name: &str) -> bool {
@@ -245,13 +275,25 @@ impl ParallelContext for ModelParallel {
     }
 
     fn splits_parameters(&self) -> bool {
-        self.group.size() > 1 || self.holds.is_some()
+        self.group.size() > 1 || self.holds.is_some() || self.experts.is_some()
     }
 
     fn sum_over_group(&self, values: Vec<f32>) -> Result<Vec<f32>> {
         self.group
             .all_reduce(values, Reduce::Sum)
             .map_err(comm_error("tensor-parallel all-reduce"))
+    }
+
+    fn sum_over_experts(&self, values: Vec<f32>) -> Result<Vec<f32>> {
+        let values = if self.group.size() > 1 {
+            self.sum_over_group(values)?
+        } else {
+            values
+        };
+        match &self.experts {
+            Some(experts) => experts.sum_over_experts(values),
+            None => Ok(values),
+        }
     }
 
     fn axis_range(&self, len: usize) -> Range<usize> {
@@ -363,18 +405,34 @@ impl ParallelContext for ModelParallel {
     /// A Mixture-of-Experts layer's experts split over the tensor-parallel group, the way a
     /// row-parallel layer splits its inputs: every rank routes the same tokens, runs the rows of
     /// its own experts, and the experts' outputs are summed over the group
-    /// ([`ParallelContext::return_from_experts`]).
+    /// ([`ParallelContext::return_from_experts`]). With expert parallelism beside, the experts
+    /// are first split over the expert-parallel group: rank t of the tensor-parallel group in
+    /// expert-parallel rank j holds share `j·tp + t`.
     fn expert_parallel(&self) -> (usize, usize) {
-        (self.group.rank(), self.group.size())
+        let (j, ep) = self
+            .experts
+            .as_ref()
+            .map_or((0, 1), |e| (e.group().rank(), e.group().size()));
+        let (t, tp) = (self.group.rank(), self.group.size());
+        (j * tp + t, ep * tp)
     }
 
-    /// This rank's experts' rows (`f`: the gradient of the whole rows summed over the group, each
-    /// rank having given its experts' rows theirs).
+    /// The rows of this rank's expert-parallel share of the experts (exchanged by all-to-all),
+    /// then of its own experts among those (`f`: the gradient of the whole rows summed over the
+    /// tensor-parallel group, each rank having given its experts' rows theirs).
     fn dispatch_to_experts(&self, rows: &Tensor, counts: &[usize]) -> Result<(Tensor, Vec<usize>)> {
+        let (rows, counts) = match &self.experts {
+            Some(experts) => experts.dispatch_to_experts(rows, counts)?,
+            None => (rows.clone(), counts.to_vec()),
+        };
         if self.group.size() == 1 {
-            return Ok((rows.clone(), counts.to_vec()));
+            return Ok((rows, counts));
         }
-        let (experts, offset, len) = self.my_experts(counts);
+        if let Ok(mut last) = self.dispatched.lock() {
+            *last = Some(counts.clone());
+        }
+        let rows = &rows;
+        let (experts, offset, len) = self.my_experts(&counts);
         let rows = Tensor::from_op(
             rows.detach(),
             &[rows],
@@ -386,11 +444,26 @@ impl ParallelContext for ModelParallel {
     }
 
     /// This rank's experts' output rows in their places among every expert's (zeros elsewhere),
-    /// summed over the group (`g`).
+    /// summed over the tensor-parallel group (`g`); then sent back to the ranks whose tokens
+    /// they are, with expert parallelism.
     fn return_from_experts(&self, rows: &Tensor, counts: &[usize]) -> Result<Tensor> {
-        if self.group.size() == 1 {
-            return Ok(rows.clone());
+        let summed = if self.group.size() == 1 {
+            rows.clone()
+        } else {
+            let dispatched = self.dispatched.lock().ok().and_then(|mut d| d.take());
+            self.sum_experts(rows, dispatched.as_deref().unwrap_or(counts))?
+        };
+        match &self.experts {
+            Some(experts) => experts.return_from_experts(&summed, counts),
+            None => Ok(summed),
         }
+    }
+}
+
+impl ModelParallel {
+    /// This rank's experts' output rows placed among the rows of every expert of `counts` (zeros
+    /// elsewhere) and summed over the tensor-parallel group (`g`: identity backward).
+    fn sum_experts(&self, rows: &Tensor, counts: &[usize]) -> Result<Tensor> {
         let (_, offset, len) = self.my_experts(counts);
         let total: usize = counts.iter().sum();
         let d = rows.shape().get(1).copied().unwrap_or(0);
@@ -412,9 +485,7 @@ impl ParallelContext for ModelParallel {
         let value = Tensor::from_f32(summed, placed.shape())?.to_dtype(rows.dtype());
         Ok(Tensor::from_op(value, &[&placed], PassGradient))
     }
-}
 
-impl ModelParallel {
     /// This rank's experts of a layer whose rows come grouped by expert, `counts[e]` for expert
     /// `e`: their indices, and where their rows start and how many there are.
     fn my_experts(&self, counts: &[usize]) -> (Range<usize>, usize, usize) {

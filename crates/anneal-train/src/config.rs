@@ -720,6 +720,24 @@ impl RunConfig {
         }
         if p.ep > 1 {
             self.check_expert_parallel(p.ep, ranks, dp, sharding)?;
+            let experts = self.model.moe.as_ref().map_or(0, |m| m.experts);
+            if !experts.is_multiple_of(p.ep * tp) {
+                bail!(
+                    "parallel.ep = {} × parallel.tp = {tp} does not divide model.moe.experts = \
+                     {experts}: the experts split over both; choose values whose product divides \
+                     {experts}",
+                    p.ep
+                );
+            }
+            if tp * pp > 1 && p.zero > 0 {
+                bail!(
+                    "parallel.ep = {} with parallel.zero = {} beside tensor or pipeline \
+                     parallelism (parallel.tp = {tp}, parallel.pp = {pp}) is not supported yet; \
+                     use parallel.zero = 0",
+                    p.ep,
+                    p.zero
+                );
+            }
         }
         let share = b / ranks;
         if pp == 1 && p.micro_batches > 1 {
@@ -875,7 +893,7 @@ impl RunConfig {
 
     /// Fails, naming the keys, unless `ep` expert-parallel ranks can split the model's experts
     /// over the `ranks` data ranks: a Mixture-of-Experts model whose experts and data ranks `ep`
-    /// divides, with plain data parallelism beside it (no ZeRO or model parallelism yet).
+    /// divides, with plain data parallelism or ZeRO-1 over every rank beside it.
     fn check_expert_parallel(
         &self,
         ep: usize,

@@ -48,6 +48,9 @@ pub struct Pipeline {
     data: Option<Box<dyn Communicator>>,
     /// ZeRO-1's shard of this stage's trainable elements over the data group.
     zero: Option<Range<usize>>,
+    /// With expert parallelism: the data ranks holding this rank's experts (its
+    /// expert-data-parallel group).
+    experts: Option<Box<dyn Communicator>>,
     /// Whether every stage may add losses and metrics (a Mixture-of-Experts layer's balancing
     /// loss and expert loads): the stages then add their parts up, else the last stage's loss is
     /// the step's.
@@ -86,7 +89,16 @@ impl Pipeline {
             data,
             zero: None,
             stage_losses: false,
+            experts: None,
         }
+    }
+
+    /// With the Mixture-of-Experts layers' experts split over expert-parallel groups of the data
+    /// ranks: `experts` is the group of data ranks holding this rank's experts, over which their
+    /// gradients are summed (the others' averaged over every data rank).
+    pub fn with_expert_data(mut self, experts: Box<dyn Communicator>) -> Pipeline {
+        self.experts = Some(experts);
+        self
     }
 
     /// With losses and metrics on every stage (a model with Mixture-of-Experts layers): each
@@ -391,10 +403,16 @@ impl Strategy for Pipeline {
             let summed = group.all_reduce(grad.to_vec_f32(), Reduce::Sum)?;
             params.set_grad(id, &Tensor::from_f32(summed, grad.shape())?)?;
         }
-        if let Some(data) = &self.data {
-            let grads = params.grads_to_vec();
-            let mean = data.all_reduce(grads, Reduce::Mean)?;
-            params.with_grads_mut(|g| g.copy_from_slice(&mean));
+        match (&self.data, &self.experts) {
+            (Some(data), Some(experts)) => {
+                crate::strategy::reduce_expert_gradients(model, data.as_ref(), experts.as_ref())?
+            }
+            (Some(data), None) => {
+                let grads = params.grads_to_vec();
+                let mean = data.all_reduce(grads, Reduce::Mean)?;
+                params.with_grads_mut(|g| g.copy_from_slice(&mean));
+            }
+            (None, _) => {}
         }
         // Every stage reports the last stage's loss (or the stages' parts added up), averaged
         // over the replicas.
@@ -488,7 +506,11 @@ impl Strategy for Pipeline {
         if let (Some(_), Some(data)) = (&self.zero, &self.data) {
             return crate::strategy::gather_sharded_state(data.as_ref(), true, model, optimizer);
         }
-        let first = self.data.as_ref().is_none_or(|d| d.rank() == 0);
+        // With experts split over data ranks, the first expert-data replica: every expert once.
+        let first = match &self.experts {
+            Some(experts) => experts.rank() == 0,
+            None => self.data.as_ref().is_none_or(|d| d.rank() == 0),
+        };
         Ok(first.then(|| optimizer.state(model.params())))
     }
 

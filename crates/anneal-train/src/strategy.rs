@@ -282,44 +282,53 @@ pub fn clip_with_and_step(
 /// the split parameters' gradients and a whole copy of the others': the slices' sums of squares
 /// are added over the group, the copies counted once.
 pub fn global_grad_norm(model: &dyn TrainModel) -> Result<f32> {
-    let tensor_parallel = model.parallel().is_some_and(|p| p.tensor_parallel().1 > 1);
-    if !tensor_parallel {
+    let split = model
+        .parallel()
+        .is_some_and(|p| p.tensor_parallel().1 > 1 || p.expert_parallel().1 > 1);
+    if !split {
         return Ok(model.params().grad_norm());
     }
     Ok(split_model_grad_norm_sq(model, None)?.sqrt() as f32)
 }
 
 /// The sum of squares of the gradients of the model this rank holds part of, leaving out the
-/// parameter `skip` (a tied copy another rank counts): the tensor-parallel slices' (and experts')
-/// sums added over the group, the parameters every rank of the group holds whole counted once.
+/// parameter `skip` (a tied copy another rank counts): the tensor-parallel slices' sums added
+/// over the tensor-parallel group, the experts' over the ranks splitting them, the parameters
+/// every rank of those groups holds whole counted once.
 pub(crate) fn split_model_grad_norm_sq(model: &dyn TrainModel, skip: Option<&str>) -> Result<f64> {
     let params = model.params();
-    let parallel = model.parallel().filter(|p| p.tensor_parallel().1 > 1);
-    let (mut split, mut whole) = (0.0f64, 0.0f64);
+    let parallel = model.parallel();
+    let tp = parallel.map_or(1, |p| p.tensor_parallel().1);
+    let ep = parallel.map_or(1, |p| p.expert_parallel().1);
+    let (mut split, mut experts, mut whole) = (0.0f64, 0.0f64, 0.0f64);
+    // Whether this rank holds experts (as every rank of its tensor- and expert-parallel groups
+    // does alike, holding the same layers).
+    let mut has_experts = false;
     params.with_grads(|g| {
         for (info, _, state) in params.trainable_ranges() {
             if Some(info.name.as_str()) == skip {
                 continue;
             }
             let sq: f64 = g[state].iter().map(|&x| x as f64 * x as f64).sum();
-            let is_split = parallel.is_some_and(|p| {
-                matches!(
-                    p.split_of(&info.name),
-                    Split::Axis(_) | Split::Interleaved { .. } | Split::Experts
-                )
-            });
-            if is_split {
-                split += sq;
-            } else {
-                whole += sq;
+            match parallel.map(|p| p.split_of(&info.name)) {
+                Some(Split::Axis(_) | Split::Interleaved { .. }) if tp > 1 => split += sq,
+                Some(Split::Experts) if ep > 1 => {
+                    has_experts = true;
+                    experts += sq
+                }
+                _ => whole += sq,
             }
         }
     });
-    let split = match parallel {
-        Some(p) => p.sum_over_group(vec![split as f32])?[0] as f64,
-        None => split,
-    };
-    Ok(split + whole)
+    if let Some(p) = parallel {
+        if tp > 1 {
+            split = p.sum_over_group(vec![split as f32])?[0] as f64;
+        }
+        if has_experts {
+            experts = p.sum_over_experts(vec![experts as f32])?[0] as f64;
+        }
+    }
+    Ok(split + experts + whole)
 }
 
 /// Replaces this rank's loss and metrics by their means over the ranks of each of `comms` in
@@ -1387,6 +1396,47 @@ fn expert_ranges(model: &dyn TrainModel) -> Vec<(Range<usize>, bool)> {
         .collect()
 }
 
+/// Averages the gradients of a model whose Mixture-of-Experts layers split their experts over
+/// expert-parallel groups of the data ranks `data`: the replicated parameters' over `data`; each
+/// expert's (already summed over its expert-parallel group's tokens) summed over `experts`, the
+/// ranks holding the same experts, and divided by the data ranks. That is the gradient of the
+/// mean loss over the global batch.
+pub(crate) fn reduce_expert_gradients(
+    model: &dyn TrainModel,
+    data: &dyn anneal_dist::Communicator,
+    experts: &dyn anneal_dist::Communicator,
+) -> Result<()> {
+    let params = model.params();
+    let ranges = expert_ranges(model);
+    let (mut shared, mut expert) = (Vec::new(), Vec::new());
+    params.with_grads(|g| {
+        for (range, is_expert) in &ranges {
+            let into = if *is_expert { &mut expert } else { &mut shared };
+            into.extend_from_slice(&g[range.clone()]);
+        }
+    });
+    let shared = data.all_reduce(shared, anneal_dist::Reduce::Mean)?;
+    let dp = data.size() as f32;
+    let expert: Vec<f32> = experts
+        .all_reduce(expert, anneal_dist::Reduce::Sum)?
+        .into_iter()
+        .map(|v| v / dp)
+        .collect();
+    let (mut at_shared, mut at_expert) = (0, 0);
+    params.with_grads_mut(|g| {
+        for (range, is_expert) in &ranges {
+            let (from, at) = if *is_expert {
+                (&expert, &mut at_expert)
+            } else {
+                (&shared, &mut at_shared)
+            };
+            g[range.clone()].copy_from_slice(&from[*at..*at + range.len()]);
+            *at += range.len();
+        }
+    });
+    Ok(())
+}
+
 impl Strategy for ExpertDataParallel {
     fn describe(&self) -> String {
         format!(
@@ -1415,43 +1465,11 @@ impl Strategy for ExpertDataParallel {
             &mut |_| {},
         )?;
         let t = Instant::now();
-        let params = model.params();
-        let ranges = expert_ranges(model);
-        let (mut shared, mut expert) = (Vec::new(), Vec::new());
-        params.with_grads(|g| {
-            for (range, is_expert) in &ranges {
-                let into = if *is_expert { &mut expert } else { &mut shared };
-                into.extend_from_slice(&g[range.clone()]);
-            }
-        });
-        let shared = self.data.all_reduce(shared, anneal_dist::Reduce::Mean)?;
-        let dp = self.data.size() as f32;
-        let expert: Vec<f32> = self
-            .experts
-            .all_reduce(expert, anneal_dist::Reduce::Sum)?
-            .into_iter()
-            .map(|v| v / dp)
-            .collect();
-        let (mut at_shared, mut at_expert) = (0, 0);
-        params.with_grads_mut(|g| {
-            for (range, is_expert) in &ranges {
-                let (from, at) = if *is_expert {
-                    (&expert, &mut at_expert)
-                } else {
-                    (&shared, &mut at_shared)
-                };
-                g[range.clone()].copy_from_slice(&from[*at..*at + range.len()]);
-                *at += range.len();
-            }
-        });
+        reduce_expert_gradients(model, self.data.as_ref(), self.experts.as_ref())?;
         average_loss(&[self.data.as_ref()], &mut out)?;
         out.exposed_comm += t.elapsed().as_secs_f64();
         out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
-            let sq = |v: &[f32]| v.iter().map(|&x| x as f64 * x as f64).sum::<f64>();
-            let experts = self
-                .ep
-                .all_reduce(vec![sq(&expert) as f32], anneal_dist::Reduce::Sum)?[0];
-            (sq(&shared) + experts as f64).sqrt()
+            split_model_grad_norm_sq(model, None)?.sqrt()
         } else {
             f64::NAN
         };

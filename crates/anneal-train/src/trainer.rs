@@ -680,7 +680,11 @@ pub fn pretraining_on(
                 );
                 (model, strategy, optimizer, rank)
             }
-            Some(world) if world.size() > 1 && config.layout(world.size())?.ep > 1 => {
+            Some(world)
+                if world.size() > 1
+                    && config.layout(world.size())?.ep > 1
+                    && config.layout(world.size())?.model_ranks() == 1 =>
+            {
                 let ep = config.layout(world.size())?.ep;
                 let r = world.rank();
                 // Groups of `ep` neighbouring ranks split the experts; the ranks holding the
@@ -713,11 +717,27 @@ pub fn pretraining_on(
                     .clone(),
                     None => 0..gpt.n_layer + 2,
                 };
+                // With expert parallelism, groups of `ep` neighbouring data ranks split the
+                // experts; the data ranks holding the same experts form the
+                // expert-data-parallel group.
+                let experts = match layout.ep {
+                    1 => None,
+                    ep => {
+                        let d = mesh.data.rank();
+                        let group: Arc<dyn anneal_dist::Communicator> =
+                            Arc::from(mesh.data.split(d / ep, d % ep)?);
+                        Some((group, mesh.data.split(d % ep, d / ep)?))
+                    }
+                };
                 // This rank's part of the model: its tensor-parallel slices of its stage's
-                // layers.
+                // layers (and its share of the experts).
                 let parallel = mesh.tensor.clone().map(|group| {
-                    let context = anneal_dist::ModelParallel::new(group)
+                    let mut context = anneal_dist::ModelParallel::new(group)
                         .with_sequence_parallel(layout.sequence_parallel);
+                    if let Some((ep, _)) = &experts {
+                        context = context
+                            .with_experts(Arc::new(anneal_dist::ExpertParallel::new(ep.clone())));
+                    }
                     let context = match mesh.pipeline {
                         Some(_) => {
                             let (config, layers) = (gpt.clone(), layers.clone());
@@ -745,9 +765,11 @@ pub fn pretraining_on(
                 let initial = model
                     .params
                     .trainable_values(0..model.params.trainable_numel());
-                model
-                    .params
-                    .set_trainable_values(0, &data.broadcast(initial, 0)?);
+                // The ranks holding the same parameters start from the first one's values.
+                let same = experts.as_ref().map_or(data.as_ref(), |(_, e)| e.as_ref());
+                let initial = same.broadcast(initial, 0)?;
+                model.params.set_trainable_values(0, &initial);
+                let (ep_group, expert_data) = experts.unzip();
                 let (strategy, optimizer): (Box<dyn crate::strategy::Strategy>, _) = match &pipeline
                 {
                     Some(pipe) => {
@@ -766,6 +788,9 @@ pub fn pretraining_on(
                         if gpt.moe.is_some() {
                             pipeline = pipeline.with_stage_losses();
                         }
+                        if let Some(experts) = expert_data {
+                            pipeline = pipeline.with_expert_data(experts);
+                        }
                         if layout.zero == 1 {
                             let (pipeline, shard) = pipeline.with_zero_one(&model);
                             let optimizer = AdamW::shard(&model.params, adamw, shard)?;
@@ -773,6 +798,12 @@ pub fn pretraining_on(
                         } else {
                             (Box::new(pipeline), AdamW::new(&model.params, adamw))
                         }
+                    }
+                    None if expert_data.is_some() => {
+                        let ep = ep_group.clone().expect("an expert-parallel group");
+                        let experts = expert_data.expect("an expert-data-parallel group");
+                        let inner = crate::strategy::ExpertDataParallel::new(data, experts, ep);
+                        (Box::new(inner), AdamW::new(&model.params, adamw))
                     }
                     None => {
                         let data_layout = crate::config::Layout {
@@ -791,9 +822,14 @@ pub fn pretraining_on(
                     }
                 };
                 let strategy: Box<dyn crate::strategy::Strategy> = match parallel {
-                    Some(p) => Box::new(crate::mesh::WithModelParallel::model_parallel(
-                        strategy, p, pipeline,
-                    )),
+                    Some(p) => {
+                        let split =
+                            crate::mesh::WithModelParallel::model_parallel(strategy, p, pipeline);
+                        Box::new(match ep_group {
+                            Some(ep) => split.with_expert_group(ep),
+                            None => split,
+                        })
+                    }
                     None => strategy,
                 };
                 (model, strategy, optimizer, rank)

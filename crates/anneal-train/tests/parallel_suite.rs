@@ -897,6 +897,29 @@ fn expert_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result
         close_where_gathered(&name, &got, &one);
         report(world, &format!("ok: {name} equals one device"));
     }
+    // Expert parallelism inside the mesh: over the data ranks of each pipeline stage, and beside
+    // tensor parallelism (each of a data rank's tp ranks exchanging with its counterparts).
+    let meshes: [(&str, &[&str], usize); 2] = [
+        (
+            "EP 2 × pp 2, 1F1B",
+            &["parallel.ep=2", "parallel.pp=2", "parallel.micro_batches=2"],
+            2,
+        ),
+        ("EP 2 × tp 2", &["parallel.ep=2", "parallel.tp=2"], 4),
+    ];
+    for (name, sets, rows) in meshes {
+        let (b, accum) = (
+            format!("train.batch_size={rows}"),
+            format!("train.grad_accum={}", 8 / rows),
+        );
+        let lr = "train.lr=3e-3";
+        let one = train(&config(&with(&moe, &[&b, &accum, lr])), None)?;
+        let name = format!("MoE GPT, {name}");
+        let sets: Vec<&str> = sets.iter().copied().chain([lr]).collect();
+        let got = train_pipeline(&config(&with(&moe, &sets)), copy(world)?)?;
+        close_where_gathered(&name, &got, &one);
+        report(world, &format!("ok: {name} equals one device"));
+    }
     let layouts: [(&str, &[&str]); 4] = [
         ("EP 2", &["parallel.ep=2"]),
         ("EP 4", &["parallel.ep=4"]),

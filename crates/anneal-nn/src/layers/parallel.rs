@@ -100,6 +100,12 @@ pub trait ParallelContext: Send + Sync {
         Ok(values)
     }
 
+    /// `values` summed over the ranks that split the experts of the Mixture-of-Experts layers
+    /// between them (the experts' share of a global gradient norm); collective over them.
+    fn sum_over_experts(&self, values: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(values)
+    }
+
     /// The part of an axis of `len` elements this rank holds under [`Split::Axis`] (a
     /// vocabulary-parallel embedding's rows).
     fn axis_range(&self, len: usize) -> Range<usize> {
