@@ -6,20 +6,24 @@
 //! the gather reduce-scatters the whole gradient (averaged over the ranks) into the shard's. The
 //! optimizer then updates each rank's shards alone, so parameters, gradients and optimizer state
 //! all take 1/n of the memory, for about 1.5× data parallelism's traffic (an all-gather in
-//! forward, one more in a recomputed forward, and a reduce-scatter in backward, against an
-//! all-reduce's reduce-scatter and all-gather).
+//! forward, one more for backward, and a reduce-scatter in backward, against an all-reduce's
+//! reduce-scatter and all-gather).
 //!
-//! With the model's blocks recomputed in backward (`model.checkpoint_blocks`) a block's gathered
-//! parameters are dropped when its forward ends and gathered again for its backward, so a rank
-//! holds one block's whole parameters at a time. The gather of the next parameter in lookup order
-//! starts as soon as the current one has arrived (prefetch), overlapping it with the layer's
-//! compute.
+//! A block's gathered parameters are freed when its forward ends and gathered again for its
+//! backward, so a rank holds one block's whole parameters at a time (PyTorch FSDP's
+//! reshard-after-forward). With the blocks recomputed in backward (`model.checkpoint_blocks`)
+//! the recomputation gathers them; otherwise autograd still holds the gathered tensors for the
+//! block's backward, and [`ParallelContext::end_layer`] gives their memory back and gathers them
+//! into the same tensors (one all-gather per block) when backward reaches the block's end. The
+//! gather of the next parameter in lookup order starts as soon as the current one has arrived
+//! (prefetch), overlapping it with the layer's compute.
 
 use crate::{comm_error, Communicator, Handle, Reduce};
 use anneal_nn::layers::{ParallelContext, Split};
 use anneal_tensor::autograd::Backward;
+use anneal_tensor::storage::Storage;
 use anneal_tensor::{Error, ParamId, Result, Tensor};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 /// Parameters sharded over a group of ranks, gathered at each lookup.
 pub struct ZeroThree {
@@ -29,6 +33,9 @@ pub struct ZeroThree {
     /// The gather started ahead for the parameter that was looked up after the current one the
     /// last time (lookups repeat their order every forward).
     prefetch: Mutex<Prefetch>,
+    /// The parameters gathered in a step since the last layer ended: each one's index and the
+    /// storage of its whole value, which the end of the layer frees.
+    layer: Mutex<Vec<(usize, Weak<Storage>)>>,
 }
 
 #[derive(Default)]
@@ -56,6 +63,7 @@ impl ZeroThree {
             group: crate::Timed::wrap(group),
             params: Mutex::new(Vec::new()),
             prefetch: Mutex::new(Prefetch::default()),
+            layer: Mutex::new(Vec::new()),
         }
     }
 
@@ -144,6 +152,7 @@ impl ZeroThree {
     /// Starts a step whose lookups read this rank's shards from `shards` (the store's tensors):
     /// from here gathers are started ahead of their lookups.
     pub fn begin_step(&self, shards: Arc<Vec<Tensor>>) -> Result<()> {
+        self.layer.lock().map_err(|_| poisoned())?.clear();
         let mut pf = self.prefetch.lock().map_err(|_| poisoned())?;
         pf.shards = Some(shards);
         pf.previous = std::mem::take(&mut pf.current);
@@ -161,6 +170,7 @@ impl ZeroThree {
     /// Ends a step before the optimizer changes the shards: completes and drops any gather
     /// started ahead (every rank started it, so every rank completes it).
     pub fn end_step(&self) -> Result<()> {
+        self.layer.lock().map_err(|_| poisoned())?.clear();
         let pending = {
             let mut pf = self.prefetch.lock().map_err(|_| poisoned())?;
             pf.shards = None;
@@ -222,6 +232,16 @@ impl ParallelContext for ZeroThree {
         let shape = self.shape_of(id.0)?;
         let all = self.gather_whole(id.0, stored)?;
         let value = self.gathered(all, &shape)?.to_dtype(stored.dtype());
+        let in_step = self
+            .prefetch
+            .lock()
+            .map_err(|_| poisoned())?
+            .shards
+            .is_some();
+        if in_step && anneal_tensor::is_grad_enabled() {
+            let mut layer = self.layer.lock().map_err(|_| poisoned())?;
+            layer.push((id.0, Arc::downgrade(value.storage())));
+        }
         Ok(Tensor::from_op(
             value,
             &[stored],
@@ -231,6 +251,84 @@ impl ParallelContext for ZeroThree {
             },
         ))
     }
+
+    /// Frees the whole values the layer gathered that autograd still holds for its backward,
+    /// and returns `x` through an op whose backward gathers them again (one all-gather of the
+    /// layer's shards together) before the layer's backward runs.
+    fn end_layer(&self, x: &Tensor) -> Result<Tensor> {
+        let gathered = std::mem::take(&mut *self.layer.lock().map_err(|_| poisoned())?);
+        let shards = self.prefetch.lock().map_err(|_| poisoned())?.shards.clone();
+        let (Some(shards), true) = (shards, x.requires_grad()) else {
+            return Ok(x.clone());
+        };
+        let released: Vec<(usize, Weak<Storage>)> = gathered
+            .into_iter()
+            .filter(|(_, s)| s.upgrade().is_some_and(|s| s.release_values()))
+            .collect();
+        if released.is_empty() {
+            return Ok(x.clone());
+        }
+        Ok(Tensor::from_op(
+            x.detach(),
+            &[x],
+            Regather {
+                group: self.group.clone(),
+                released,
+                shards,
+            },
+        ))
+    }
+}
+
+/// The backward of a layer's end: the parameters freed after its forward, gathered again (while
+/// autograd still holds them, as every rank does alike) before the layer's backward; the
+/// gradient passes through.
+struct Regather {
+    group: Arc<dyn Communicator>,
+    released: Vec<(usize, Weak<Storage>)>,
+    shards: Arc<Vec<Tensor>>,
+}
+
+impl Backward for Regather {
+    fn name(&self) -> &'static str {
+        "zero3_regather"
+    }
+
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let alive: Vec<(usize, Arc<Storage>)> = self
+            .released
+            .iter()
+            .filter_map(|(i, s)| s.upgrade().map(|s| (*i, s)))
+            .collect();
+        let lens: Vec<usize> = alive.iter().map(|(i, _)| self.shards[*i].numel()).collect();
+        let mine: Vec<f32> = alive
+            .iter()
+            .flat_map(|(i, _)| self.shards[*i].to_vec_f32())
+            .collect();
+        let chunk = mine.len();
+        let all = self
+            .group
+            .all_gather(mine)
+            .map_err(comm_error("ZeRO-3 gather in backward"))?;
+        let mut at = 0;
+        for ((_, storage), len) in alive.iter().zip(&lens) {
+            let numel = storage_len(storage);
+            let mut whole: Vec<f32> = all
+                .chunks(chunk.max(1))
+                .take(self.group.size())
+                .flat_map(|c| c[at..at + len].iter().copied())
+                .collect();
+            whole.truncate(numel);
+            storage.restore_values(whole)?;
+            at += len;
+        }
+        Ok(vec![Some(grad.clone())])
+    }
+}
+
+/// Elements of a storage (released or not).
+fn storage_len(storage: &Storage) -> usize {
+    storage.capacity_bytes() / storage.dtype().size_in_bytes()
 }
 
 /// The gather's backward: the whole gradient, averaged over the ranks, cut into their shards.

@@ -121,3 +121,65 @@ fn a_gpt_sharded_over_two_ranks_equals_one_device() {
 fn shards_padded_over_three_ranks_equal_one_device() {
     check(3, false);
 }
+
+/// Without recomputation a layer's gathered parameters are freed when the layer ends (while
+/// autograd still holds them for backward) and gathered again at that point of backward: the
+/// value is released after `end_layer`, whole again after backward, and the gradient through it
+/// is the one-device gradient.
+#[test]
+fn a_layers_gathered_parameters_are_freed_at_its_end_and_gathered_again_for_backward() {
+    let name = "transformer.h.0.attn.c_attn.weight";
+    let whole = Gpt::new(config(false), 5).unwrap();
+    let w_whole = whole.params.by_name(name).unwrap().to_vec_f32();
+    let results = local::run(2, |comm| {
+        let group: Arc<dyn Communicator> = Arc::new(comm);
+        let zero = Arc::new(ZeroThree::new(group));
+        let model = Gpt::new_in(config(false), 5, zero.clone()).map_err(|e| e.to_string())?;
+        let id = model.params.id(name).map_err(|e| e.to_string())?;
+        zero.begin_step(model.params.tensors())
+            .map_err(|e| e.to_string())?;
+        let w = zero
+            .lookup(id, model.params.get(id))
+            .map_err(|e| e.to_string())?;
+        let x =
+            anneal_tensor::Tensor::from_f32((0..20).map(|i| i as f32 / 7.0).collect(), &[2, 10])
+                .map_err(|e| e.to_string())?
+                .requires_grad_();
+        let h = x.linear(&w, None).map_err(|e| e.to_string())?;
+        let out = zero.end_layer(&h).map_err(|e| e.to_string())?;
+        let freed = w.storage().is_released();
+        let live_freed = !w.storage().is_allocated();
+        out.sum_all()
+            .and_then(|s| s.backward())
+            .map_err(|e| e.to_string())?;
+        let again = w.storage().is_released();
+        zero.end_step().map_err(|e| e.to_string())?;
+        let x_grad = x.grad().map(|g| g.to_vec_f32()).unwrap_or_default();
+        Ok::<_, String>((freed, live_freed, again, w.to_vec_f32(), x_grad))
+    })
+    .unwrap();
+    // One device, the same product with the whole parameter.
+    let x = anneal_tensor::Tensor::from_f32((0..20).map(|i| i as f32 / 7.0).collect(), &[2, 10])
+        .unwrap()
+        .requires_grad_();
+    let w = whole.params.by_name(name).unwrap().detach();
+    x.linear(&w, None)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .backward()
+        .unwrap();
+    let want = x.grad().unwrap().to_vec_f32();
+    for (rank, (freed, live_freed, again, w, x_grad)) in results.into_iter().enumerate() {
+        assert!(freed && live_freed, "rank {rank}: freed at the layer's end");
+        assert!(!again, "rank {rank}: gathered again for backward");
+        assert_eq!(w, w_whole, "rank {rank}: the whole parameter again");
+        for (g, e) in x_grad.iter().zip(&want) {
+            assert!(
+                (g - e).abs() <= 1e-5 * e.abs().max(1.0),
+                "rank {rank}: {g} vs {e}"
+            );
+        }
+        assert_eq!(x_grad.len(), want.len());
+    }
+}

@@ -503,9 +503,11 @@ impl Gpt {
             };
         }
         let mut x = match (input, layers.start) {
-            (PartInput::Tokens { ids, batch, seq }, 0) => self
-                .embed(&w, ids, [batch, seq], 0)?
-                .dropout_at(dropout.map_or(0.0, |_| p_drop), dropout.unwrap_or_default())?,
+            (PartInput::Tokens { ids, batch, seq }, 0) => w.parallel().end_layer(
+                &self
+                    .embed(&w, ids, [batch, seq], 0)?
+                    .dropout_at(dropout.map_or(0.0, |_| p_drop), dropout.unwrap_or_default())?,
+            )?,
             (PartInput::Hidden(x), start) if start > 0 => x,
             (_, start) => {
                 return Err(bad(format!(
@@ -537,7 +539,7 @@ impl Gpt {
                     checkpointed_moe_block(block, &w, x, p_drop, key)?
                 }
             };
-            x = y;
+            x = w.parallel().end_layer(&y)?;
             if let Some(aux) = aux {
                 moe.push((index, aux));
             }

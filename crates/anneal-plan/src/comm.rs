@@ -420,15 +420,16 @@ fn sequence_parallel_payload(layout: TensorLayout) -> Vec<Payload> {
 }
 
 /// What ZeRO-3's collectives carry in one step, per rank: the shard lengths of the parameters a
-/// forward looks up (each lookup's, so a tied embedding counts twice) and of those a recomputed
-/// forward looks up again.
+/// forward looks up (each lookup's, so a tied embedding counts twice) and of those gathered again
+/// for backward.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Zero3Layout {
     /// Ranks sharing the parameters.
     pub ranks: usize,
     /// Σ of the shard lengths over a forward's lookups.
     pub gathered: usize,
-    /// Σ of the shard lengths over the lookups a recomputed forward repeats.
+    /// Σ of the shard lengths gathered again for backward (a recomputed forward's lookups, or
+    /// the parameters freed at their layer's end).
     pub recomputed: usize,
     /// Micro-batches per step.
     pub micro_batches: usize,
@@ -441,13 +442,13 @@ pub struct Zero3Layout {
 }
 
 /// Bytes one rank hands to each collective in a ZeRO-3 step (Rajbhandari et al. 2020, §7.2.2):
-/// per micro-batch, every lookup all-gathers its shard (in forward, and again in a recomputed
-/// forward), and the backward of every lookup that records gradients reduce-scatters the whole
-/// (padded) gradient; once per step, the loss and metrics and the gradient norm are all-reduced.
-/// Through a ring ([`ring_bytes`]) that is about Ψ per all-gather pass and Ψ per reduce-scatter
-/// against data parallelism's 2Ψ all-reduce: 1.5× its volume with recomputed blocks (the ZeRO
-/// paper's figure, whose backward gathers again), 1× without (the gathered parameters live on
-/// until their layer's backward).
+/// per micro-batch, every lookup all-gathers its shard in forward, the parameters a layer keeps
+/// for its backward are gathered again (`recomputed`: in a recomputed forward, or after being
+/// freed at the layer's end), and the backward of every lookup that records gradients
+/// reduce-scatters the whole (padded) gradient; once per step, the loss and metrics and the
+/// gradient norm are all-reduced. Through a ring ([`ring_bytes`]) that is about Ψ per all-gather
+/// pass and Ψ per reduce-scatter against data parallelism's 2Ψ all-reduce: 1.5× its volume, the
+/// ZeRO paper's figure.
 ///
 /// With hybrid sharding (`replicas` > 1) the ranks holding the same shard in every replica then
 /// average their shards' gradients, and the loss and metrics once more.

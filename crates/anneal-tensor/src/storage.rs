@@ -207,6 +207,8 @@ pub struct Storage {
     gradient: bool,
     /// `Some(allocated)` for a lazy storage.
     lazy: Option<AtomicBool>,
+    /// Whether the values were given back ([`Storage::release_values`]) and not restored yet.
+    released: AtomicBool,
 }
 
 impl Storage {
@@ -219,6 +221,7 @@ impl Storage {
             bytes,
             gradient: false,
             lazy: None,
+            released: AtomicBool::new(false),
         }
     }
 
@@ -232,6 +235,7 @@ impl Storage {
             bytes,
             gradient: true,
             lazy: None,
+            released: AtomicBool::new(false),
         }
     }
 
@@ -243,6 +247,7 @@ impl Storage {
             bytes: len * 4,
             gradient: true,
             lazy: Some(AtomicBool::new(false)),
+            released: AtomicBool::new(false),
         }
     }
 
@@ -284,9 +289,68 @@ impl Storage {
         }
     }
 
-    /// Whether the storage holds its memory now (always, unless lazy).
+    /// Whether the storage holds its memory now (always, unless lazy or released).
     pub fn is_allocated(&self) -> bool {
         self.lazy.as_ref().is_none_or(|a| a.load(Ordering::Acquire))
+            && !self.released.load(Ordering::Acquire)
+    }
+
+    /// Gives the values' memory back while the storage lives on (a value the autograd graph
+    /// keeps for backward, which can be computed again before it is needed: ZeRO-3 frees the
+    /// parameters a layer gathered when the layer's forward ends). Reading it before
+    /// [`Storage::restore_values`] panics. False when there was nothing to release (already
+    /// released, or a lazy storage, which has [`Storage::release`]).
+    pub fn release_values(&self) -> bool {
+        if self.lazy.is_some() {
+            return false;
+        }
+        let mut buf = self.buffer.write().unwrap_or_else(|e| e.into_inner());
+        if self.released.swap(true, Ordering::AcqRel) {
+            return false;
+        }
+        let dtype = buf.dtype();
+        let old = std::mem::replace(&mut *buf, Buffer::from_f32(Vec::new(), dtype));
+        if let Buffer::F32(v) = old {
+            crate::pool::recycle(v);
+        }
+        LIVE_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+        true
+    }
+
+    /// Puts released values back ([`Storage::release_values`]), converted to the storage's
+    /// dtype; fails unless the storage was released and `values` has its length.
+    pub fn restore_values(&self, values: Vec<f32>) -> crate::Result<()> {
+        let mut buf = self.buffer.write().unwrap_or_else(|e| e.into_inner());
+        let dtype = buf.dtype();
+        let len = self.bytes / dtype.size_in_bytes();
+        if !self.released.load(Ordering::Acquire) || values.len() != len {
+            return Err(crate::Error::Invalid {
+                op: "Storage::restore_values",
+                reason: format!(
+                    "{} values for a storage of {len} that {}",
+                    values.len(),
+                    if self.released.load(Ordering::Acquire) {
+                        "was released"
+                    } else {
+                        "holds its values"
+                    }
+                ),
+            });
+        }
+        *buf = Buffer::from_f32(values, dtype);
+        account_alloc(self.bytes);
+        self.released.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Bytes of the values when held (whether held now or not).
+    pub fn capacity_bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Whether the values were released and not restored.
+    pub fn is_released(&self) -> bool {
+        self.released.load(Ordering::Acquire)
     }
 
     /// The dtype of the elements (a lazy storage's, f32, without allocating it).
@@ -303,6 +367,11 @@ impl Storage {
 
     /// Shared access to the elements.
     pub fn read(&self) -> RwLockReadGuard<'_, Buffer> {
+        assert!(
+            !self.released.load(Ordering::Acquire),
+            "a tensor's values were released (ZeRO-3 frees a layer's gathered parameters after \
+             its forward) and read before they were restored"
+        );
         self.materialize();
         self.buffer.read().unwrap_or_else(|e| e.into_inner())
     }

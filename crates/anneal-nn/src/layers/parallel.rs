@@ -119,6 +119,13 @@ pub trait ParallelContext: Send + Sync {
         Ok(stored.clone())
     }
 
+    /// The output `x` of a layer whose forward has ended (the embedding, a transformer block):
+    /// ZeRO-3 frees the parameters the layer gathered here and gathers them again at this point
+    /// of backward, before the layer's own backward needs them. The identity otherwise.
+    fn end_layer(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.clone())
+    }
+
     /// The input of a column-parallel layer: identity forward, all-reduce of its gradient in
     /// backward (Megatron's `f`).
     fn enter_parallel(&self, x: &Tensor) -> Result<Tensor> {
