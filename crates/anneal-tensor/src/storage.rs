@@ -309,10 +309,8 @@ impl Storage {
             return false;
         }
         let dtype = buf.dtype();
-        let old = std::mem::replace(&mut *buf, Buffer::from_f32(Vec::new(), dtype));
-        if let Buffer::F32(v) = old {
-            crate::pool::recycle(v);
-        }
+        // Freed, not kept in the engine's cache of buffers: the point is to give the memory back.
+        *buf = Buffer::from_f32(Vec::new(), dtype);
         LIVE_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
         true
     }
