@@ -651,19 +651,32 @@ fn train_on_pool(
     let quiet = !lead;
     if lead {
         let gpt = config.gpt_config(manifest.vocab_size)?;
+        // The whole model's count, where this rank holds part of it.
+        let whole: usize = match trainer.model().parallel() {
+            Some(p) => params
+                .infos()
+                .iter()
+                .map(|i| p.whole_shape(&i.name, &i.shape).iter().product::<usize>())
+                .sum(),
+            None => params.numel(),
+        };
         let active = match &gpt.moe {
             Some(moe) => format!(
                 ", {} active per token (router and {} of {} experts in {} MoE blocks)",
-                params.numel() - (gpt.non_embedding_params() - gpt.active_non_embedding_params()),
+                whole - (gpt.non_embedding_params() - gpt.active_non_embedding_params()),
                 moe.layer.top_k,
                 moe.layer.experts,
                 gpt.moe_blocks().len()
             ),
             None => String::new(),
         };
+        let held = if whole == params.numel() {
+            String::new()
+        } else {
+            format!("{} on this rank, ", params.numel())
+        };
         tracing::info!(
-        "model: {} parameters ({} trained{active}), vocabulary {}; data: {} training and {} validation tokens; {} tokens per step, {threads} threads, {}",
-        params.numel(),
+        "model: {whole} parameters ({held}{} trained{active}), vocabulary {}; data: {} training and {} validation tokens; {} tokens per step, {threads} threads, {}",
         params.trainable_numel(),
         manifest.vocab_size,
         train_tokens,
