@@ -299,3 +299,174 @@ fn layouts_the_model_cannot_take_are_refused_naming_the_sizes() {
     .unwrap();
     assert!(err[0].contains("3 tensor-parallel ranks"), "{}", err[0]);
 }
+
+/// A loss and every parameter's whole gradient, by name.
+type LossAndGrads = (f32, Vec<(String, Vec<f32>)>);
+
+/// Every parameter's whole gradient (gathered from the tensor-parallel slices), by name.
+fn whole_grads(
+    params: &anneal_tensor::ParamStore,
+    parallel: &dyn ParallelContext,
+) -> Vec<(String, Vec<f32>)> {
+    params
+        .infos()
+        .iter()
+        .map(|info| {
+            let g = params
+                .get(params.id(&info.name).unwrap())
+                .grad()
+                .unwrap_or_else(|| panic!("{} has no gradient", info.name));
+            (
+                info.name.clone(),
+                parallel.gather(&info.name, &g).unwrap().to_vec_f32(),
+            )
+        })
+        .collect()
+}
+
+/// Fails unless every rank's loss and gradients equal one device's (`one`).
+fn assert_runs_equal(what: &str, runs: &[LossAndGrads], one: &LossAndGrads) {
+    for (rank, (loss, grads)) in runs.iter().enumerate() {
+        assert!(
+            (loss - one.0).abs() <= 1e-6 * one.0.abs(),
+            "{what}, rank {rank}: loss {loss} vs {}",
+            one.0
+        );
+        assert_eq!(grads.len(), one.1.len(), "{what}: parameters");
+        for ((name, g), (_, w)) in grads.iter().zip(&one.1) {
+            // The key bias cannot change a softmax: its true gradient is zero, and what either
+            // computation gives is rounding noise (about 1e-13 here).
+            if name.ends_with("key.bias") {
+                assert!(g.iter().chain(w).all(|v| v.abs() < 1e-9), "{what}: {name}");
+                continue;
+            }
+            assert_close(
+                &format!("{what}, rank {rank}: gradient of {name}"),
+                g,
+                w,
+                1e-5,
+            );
+        }
+    }
+}
+
+/// A BERT (separate query, key and value projections, post-norm, GELU with erf) with its
+/// classification head and pretraining heads, split over 2 and 4 ranks by heads and intermediate
+/// units: its classification, masked-LM and next-sentence losses and every gradient equal one
+/// device's.
+#[test]
+fn a_bert_split_over_the_tensor_parallel_group_equals_one_device() {
+    use anneal_nn::bert::{Bert, BertConfig, BertInput};
+    let config = BertConfig {
+        vocab_size: 13,
+        hidden_size: 16,
+        num_layers: 2,
+        num_heads: 4,
+        intermediate_size: 24,
+        max_positions: 8,
+        dropout: 0.1,
+        ..BertConfig::minilm_l6()
+    };
+    let input = BertInput::padded(&[vec![2, 5, 7, 1, 9], vec![3, 4, 11]], 0);
+    let run = |model: &Bert| -> LossAndGrads {
+        let key = Some(DropoutKey::default().with_seed(5));
+        let opts = CrossEntropyOptions::default();
+        let classes = model.classify(&input, key).unwrap();
+        let heads = model.pretraining_logits(&input, &[1, 3, 6], key).unwrap();
+        let loss = classes
+            .cross_entropy(&[2, 0], opts)
+            .unwrap()
+            .add(&heads.mlm.cross_entropy(&[4, 8, 12], opts).unwrap())
+            .unwrap()
+            .add(&heads.next_sentence.cross_entropy(&[1, 0], opts).unwrap())
+            .unwrap();
+        loss.backward().unwrap();
+        let grads = whole_grads(&model.params, model.weights().parallel());
+        (loss.item().unwrap(), grads)
+    };
+    let one = run(&Bert::new_in(
+        config.clone(),
+        3,
+        Some(3),
+        true,
+        Arc::new(anneal_nn::layers::SingleDevice),
+    )
+    .unwrap());
+    for tp in [2, 4] {
+        let runs = local::run(tp, |comm| {
+            let group: Arc<dyn Communicator> = Arc::new(comm);
+            let parallel = Arc::new(ModelParallel::new(group));
+            let model = Bert::new_in(config.clone(), 3, Some(3), true, parallel)
+                .map_err(|e| e.to_string())?;
+            // Split, not replicated: each rank holds its heads' queries.
+            let query = "encoder.layer.0.attention.self.query.weight";
+            let held = model.params.get(model.params.id(query).unwrap()).shape()[0];
+            assert_eq!(held, 16 / tp, "{query} on a rank");
+            Ok::<_, String>(run(&model))
+        })
+        .unwrap();
+        assert_runs_equal(&format!("BERT, tp {tp}"), &runs, &one);
+    }
+}
+
+/// A ViT with a classification head and an MAE decoder, split over 2 ranks: the classification
+/// and reconstruction losses and every gradient equal one device's.
+#[test]
+fn a_vit_split_over_the_tensor_parallel_group_equals_one_device() {
+    use anneal_nn::{Vit, VitConfig};
+    let config = VitConfig {
+        side: 8,
+        patch: 4,
+        d_model: 16,
+        n_layer: 2,
+        decoder_d: 8,
+        decoder_layers: 1,
+        decoder_heads: 2,
+        ..VitConfig::small(3)
+    };
+    let images = Tensor::from_f32(
+        (0..128).map(|i| (i % 17) as f32 / 17.0).collect(),
+        &[2, 1, 8, 8],
+    )
+    .unwrap();
+    let run = |model: &Vit| -> LossAndGrads {
+        let key = Some(DropoutKey::default().with_seed(5));
+        let classes = model.classify(&images, key).unwrap();
+        let mae = model.mae(&images, 0.5, 9, key).unwrap();
+        let reconstruction = mae.pred.sub(&mae.patches).unwrap();
+        let loss = classes
+            .cross_entropy(&[2, 0], CrossEntropyOptions::default())
+            .unwrap()
+            .add(
+                &reconstruction
+                    .mul(&reconstruction)
+                    .unwrap()
+                    .mean_all()
+                    .unwrap(),
+            )
+            .unwrap();
+        loss.backward().unwrap();
+        let grads = whole_grads(&model.params, model.weights().parallel());
+        (loss.item().unwrap(), grads)
+    };
+    let one = run(&Vit::new(config.clone(), 3).unwrap());
+    let runs = local::run(2, |comm| {
+        let group: Arc<dyn Communicator> = Arc::new(comm);
+        let model = Vit::new_in(config.clone(), 3, Arc::new(ModelParallel::new(group)))
+            .map_err(|e| e.to_string())?;
+        // Split, not replicated: each rank holds half of every block's parameters.
+        let whole = Vit::new(config.clone(), 3).map_err(|e| e.to_string())?;
+        let blocks = |p: &anneal_tensor::ParamStore| -> usize {
+            p.infos()
+                .iter()
+                .filter(|i| i.name.starts_with("blocks.0.mlp"))
+                .map(|i| i.len)
+                .sum()
+        };
+        let (mine, all) = (blocks(&model.params), blocks(&whole.params));
+        assert!(mine > 0 && 2 * mine <= all + 64, "{mine} of {all}");
+        Ok::<_, String>(run(&model))
+    })
+    .unwrap();
+    assert_runs_equal("ViT, tp 2", &runs, &one);
+}

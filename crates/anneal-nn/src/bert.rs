@@ -14,8 +14,7 @@
 
 use crate::layers::{
     Attention, AttentionConfig, Builder, ClassificationHead, Embedding, Init, LayerNorm, Linear,
-    LinearOptions, LoraConfig, Mlp, MlpKind, ParallelContext, QkvNames, SingleDevice, WeightLayout,
-    Weights,
+    LinearOptions, LoraConfig, Mlp, MlpKind, ParallelContext, QkvNames, WeightLayout, Weights,
 };
 use anneal_tensor::{DType, DropoutKey, Error, ParamId, ParamStore, Result, Tensor};
 use std::collections::HashMap;
@@ -399,6 +398,25 @@ impl Bert {
         Bert::build(config, seed, None, None, true)
     }
 
+    /// [`Bert::with_head`] (with the pretraining heads when `pretraining`) with its layers split
+    /// as `parallel` says: under tensor parallelism each layer's attention heads and
+    /// intermediate units; the embeddings and heads are replicated.
+    pub fn new_in(
+        config: BertConfig,
+        seed: u64,
+        classes: Option<usize>,
+        pretraining: bool,
+        parallel: Arc<dyn ParallelContext>,
+    ) -> Result<Bert> {
+        Bert::build_with(
+            config,
+            Builder::with_parallel(seed, parallel),
+            None,
+            classes,
+            pretraining,
+        )
+    }
+
     fn build(
         config: BertConfig,
         seed: u64,
@@ -406,10 +424,19 @@ impl Bert {
         classes: Option<usize>,
         pretraining: bool,
     ) -> Result<Bert> {
+        Bert::build_with(config, Builder::new(seed), lora, classes, pretraining)
+    }
+
+    fn build_with(
+        config: BertConfig,
+        mut b: Builder,
+        lora: Option<LoraConfig>,
+        classes: Option<usize>,
+        pretraining: bool,
+    ) -> Result<Bert> {
         config.validate()?;
         let c = &config;
         let d = c.hidden_size;
-        let mut b = Builder::new(seed);
         if let Some(lora) = lora {
             b = b.with_lora(lora)?;
         }
@@ -473,8 +500,7 @@ impl Bert {
         } else {
             None
         };
-        let parallel: Arc<dyn ParallelContext> = Arc::new(SingleDevice);
-        let (params, _) = b.build(c.dtype);
+        let (params, parallel) = b.build(c.dtype);
         Ok(Bert {
             config,
             params,

@@ -216,9 +216,23 @@ const CONTRASTIVE_HIDDEN: usize = 256;
 impl Vit {
     /// A freshly initialised ViT (Normal(0, 0.02) weights, as MAE's truncated normal).
     pub fn new(config: VitConfig, seed: u64) -> Result<Vit> {
+        Vit::build(config, Builder::new(seed))
+    }
+
+    /// [`Vit::new`] with its layers split as `parallel` says: under tensor parallelism each
+    /// block's attention heads and MLP hidden units; the patch embedding and heads are
+    /// replicated.
+    pub fn new_in(
+        config: VitConfig,
+        seed: u64,
+        parallel: std::sync::Arc<dyn crate::layers::ParallelContext>,
+    ) -> Result<Vit> {
+        Vit::build(config, Builder::with_parallel(seed, parallel))
+    }
+
+    fn build(config: VitConfig, mut b: Builder) -> Result<Vit> {
         config.check()?;
         let c = &config;
-        let mut b = Builder::new(seed);
         let plain = LinearOptions {
             layout: crate::layers::WeightLayout::OutIn,
             ..LinearOptions::default()
@@ -309,7 +323,7 @@ impl Vit {
 
     /// What the layers read their parameters from, made anew each pass so it sees the current
     /// parameter tensors (freezing lays them out afresh).
-    fn weights(&self) -> Weights {
+    pub fn weights(&self) -> Weights {
         Weights::new(&self.params, self.parallel.clone())
     }
 
