@@ -818,8 +818,8 @@ impl RunConfig {
 
     /// Fails, naming the keys, unless the model splits over `tp` tensor-parallel ranks: heads
     /// and MLP hidden units (or a Mixture of Experts' experts) divide evenly, the vocabulary has a
-    /// row for every rank, and the layout is one this version runs (no ZeRO beyond stage 1, and
-    /// no sequence parallelism beside a Mixture of Experts, yet).
+    /// row for every rank, and the layout is one this version runs (no ZeRO-3, and no sequence
+    /// parallelism beside a Mixture of Experts, yet).
     fn check_tensor_parallel(&self, tp: usize) -> Result<()> {
         let m = &self.model;
         if !m.n_head.is_multiple_of(tp) {
@@ -836,10 +836,10 @@ impl RunConfig {
                 4 * m.n_embd
             );
         }
-        if self.parallel.zero > 1 {
+        if self.parallel.zero > 2 || (self.parallel.zero == 2 && self.parallel.pp > 1) {
             bail!(
                 "parallel.zero = {} with parallel.tp = {tp} is not supported yet; use \
-                 parallel.zero = 0 or 1 with tensor parallelism",
+                 parallel.zero = 0, 1 or 2 with tensor parallelism (0 or 1 beside a pipeline)",
                 self.parallel.zero
             );
         }

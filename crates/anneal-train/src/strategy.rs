@@ -1095,6 +1095,9 @@ impl ZeroTwo {
     /// The global gradient norm from each rank's partial sums over its shard.
     fn global_norm(&self, model: &dyn TrainModel, shard: Range<usize>) -> Result<f32> {
         use anneal_tensor::params::NORM_CHUNK;
+        if let Some(p) = model.parallel().filter(|p| p.tensor_parallel().1 > 1) {
+            return self.split_model_norm(model, shard, p.as_ref());
+        }
         let params = model.params();
         let total = params.trainable_numel();
         let chunks = anneal_dist::shard_len(total, self.comm.size(), SHARD_ALIGN) / NORM_CHUNK;
@@ -1108,6 +1111,43 @@ impl ZeroTwo {
             .map(f64::from_bits)
             .sum();
         Ok(sum.sqrt() as f32)
+    }
+
+    /// The global gradient norm of a model split by tensor parallelism beside: each rank's shard
+    /// of its slice's gradients, squares summed apart for the split parameters and the ones every
+    /// rank of the tensor-parallel group holds whole, added over the sharding group; the split
+    /// parameters' sum then added over the tensor-parallel group.
+    fn split_model_norm(
+        &self,
+        model: &dyn TrainModel,
+        shard: Range<usize>,
+        parallel: &dyn anneal_nn::layers::ParallelContext,
+    ) -> Result<f32> {
+        let params = model.params();
+        // The gradients this rank holds: its shard (the whole buffer before it is sharded).
+        let held = params.held_grads();
+        let shard = shard.start.max(held.start)..shard.end.min(held.end);
+        let (mut split, mut whole) = (0.0f64, 0.0f64);
+        params.with_grads(|g| {
+            for (info, _, state) in params.trainable_ranges() {
+                let from = state.start.max(shard.start);
+                let to = state.end.min(shard.end);
+                if from >= to {
+                    continue;
+                }
+                let local = from - held.start..to - held.start;
+                let sq: f64 = g[local].iter().map(|&x| x as f64 * x as f64).sum();
+                match parallel.split_of(&info.name) {
+                    Split::Axis(_) | Split::Interleaved { .. } | Split::Experts => split += sq,
+                    Split::Replicated => whole += sq,
+                }
+            }
+        });
+        let sums = self
+            .comm
+            .all_reduce(vec![split as f32, whole as f32], anneal_dist::Reduce::Sum)?;
+        let split = parallel.sum_over_group(vec![sums[0]])?[0];
+        Ok((split as f64 + sums[1] as f64).sqrt() as f32)
     }
 }
 

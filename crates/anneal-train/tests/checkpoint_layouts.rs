@@ -296,7 +296,17 @@ fn an_impossible_layout_is_refused_before_any_step() {
         e.contains("parallel.tp = 4") && e.contains("model.n_head = 2"),
         "{e}"
     );
-    let e = err(4, &["parallel.tp=2", "parallel.zero=2"]);
+    let e = err(4, &["parallel.tp=2", "parallel.zero=3"]);
+    assert!(e.contains("parallel.zero = 3 with parallel.tp = 2"), "{e}");
+    let e = err(
+        4,
+        &[
+            "parallel.tp=2",
+            "parallel.pp=2",
+            "parallel.micro_batches=2",
+            "parallel.zero=2",
+        ],
+    );
     assert!(e.contains("parallel.zero = 2 with parallel.tp = 2"), "{e}");
     assert!(config(&["parallel.tp=2", "parallel.zero=1"])
         .layout(4)

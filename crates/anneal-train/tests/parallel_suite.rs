@@ -758,6 +758,14 @@ fn tensor_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result
     close("dp 2 × tp 2, ZeRO-1", &sharded, &one);
     replicas_agree("dp 2 × tp 2, ZeRO-1", world, &sharded.1)?;
     report(world, "ok: dp 2 × tp 2 with ZeRO-1 equals one device");
+    // ZeRO-2: each slice's gradients too, in 4 KB buckets reduce-scattered during backward.
+    let sharded = train(
+        &config(&["parallel.tp=2", "parallel.zero=2", SMALL_BUCKETS]),
+        Some(copy(world)?),
+    )?;
+    close("dp 2 × tp 2, ZeRO-2", &sharded, &one);
+    replicas_agree("dp 2 × tp 2, ZeRO-2", world, &sharded.1)?;
+    report(world, "ok: dp 2 × tp 2 with ZeRO-2 equals one device");
     // Four ranks split 4 heads and the 13-token vocabulary (4 + 4 + 4 + 1 rows).
     let heads = config(&["model.n_head=4"]);
     let one4 = train(&heads, None)?;
