@@ -100,6 +100,19 @@ fn ranks_train_as_one_rank_does_and_resume_on_another_layout() {
                 "parallel.pp=2",
             ][..],
         ),
+        (
+            "4 ranks, tp 2 with sequence parallelism × pp 2, 1F1B",
+            &[
+                "--ranks",
+                "4",
+                "--set",
+                "parallel.tp=2",
+                "--set",
+                "parallel.sequence_parallel=true",
+                "--set",
+                "parallel.pp=2",
+            ][..],
+        ),
     ] {
         let out = dir.path().join(name.replace([' ', ','], "_"));
         ok(pretrain(&data, &out, steps, extra).output().unwrap());

@@ -283,8 +283,16 @@ pub enum PartInput<'a> {
         /// Their length.
         seq: usize,
     },
-    /// Hidden states `[B, T, d]` from the layer before the range.
-    Hidden(Tensor),
+    /// Hidden states from the layer before the range: `[B, T, d]`, or under sequence parallelism
+    /// this rank's rows of `[B·T, d]`.
+    Hidden {
+        /// The hidden states.
+        x: Tensor,
+        /// Sequences.
+        batch: usize,
+        /// Their length.
+        seq: usize,
+    },
 }
 
 /// One of a GPT's layers in forward order, as a pipeline cuts them into stages.
@@ -493,14 +501,7 @@ impl Gpt {
             )));
         }
         if w.parallel().sequence_parallel() {
-            return match (input, layers) {
-                (PartInput::Tokens { ids, batch, seq }, l) if l == (0..head + 1) => {
-                    self.forward_rows(&w, ids, [batch, seq], dropout)
-                }
-                _ => Err(bad(
-                    "under sequence parallelism a GPT runs whole (no pipeline stages)".into(),
-                )),
-            };
+            return self.forward_rows(&w, input, layers, dropout);
         }
         let mut x = match (input, layers.start) {
             (PartInput::Tokens { ids, batch, seq }, 0) => w.parallel().end_layer(
@@ -508,7 +509,7 @@ impl Gpt {
                     .embed(&w, ids, [batch, seq], 0)?
                     .dropout_at(dropout.map_or(0.0, |_| p_drop), dropout.unwrap_or_default())?,
             )?,
-            (PartInput::Hidden(x), start) if start > 0 => x,
+            (PartInput::Hidden { x, .. }, start) if start > 0 => x,
             (_, start) => {
                 return Err(bad(format!(
                     "layers from {start} take {}",
@@ -551,20 +552,27 @@ impl Gpt {
         Ok((self.head(&w, &x, rows)?, moe))
     }
 
-    /// The whole model under sequence parallelism (Korthikanti et al. 2022): the residual stream
-    /// is this rank's rows of the `[B·T, d]` activations, rows `r·B·T/tp ..` of its tensor-parallel
+    /// The layers `layers` under sequence parallelism (Korthikanti et al. 2022): the residual
+    /// stream (and a pipeline stage's input and output) is this rank's rows of the `[B·T, d]`
+    /// activations, rows `r·B·T/tp ..` of its tensor-parallel
     /// rank r, from the vocabulary-parallel embedding's reduce-scatter to the final norm, whose
     /// output is gathered whole for the head. Dropout masks are the single-device ones: each
     /// row's key counts rows of the whole batch.
     fn forward_rows(
         &self,
         w: &Weights,
-        ids: &[u32],
-        shape: [usize; 2],
+        input: PartInput<'_>,
+        layers: std::ops::Range<usize>,
         dropout: Option<DropoutKey>,
     ) -> Result<(Tensor, Vec<(usize, MoeAux)>)> {
         let c = &self.config;
-        let [b, t] = shape;
+        let head = c.n_layer + 1;
+        let (b, t) = match &input {
+            PartInput::Tokens { batch, seq, .. } | PartInput::Hidden { batch, seq, .. } => {
+                (*batch, *seq)
+            }
+        };
+        let shape = [b, t];
         let (r, tp) = w.parallel().tensor_parallel();
         let n = b * t;
         if t == 0 || t > c.block_size || !n.is_multiple_of(tp) {
@@ -584,15 +592,37 @@ impl Gpt {
             first_row: key.first_row * t as u64 + first as u64,
             ..key
         };
-        let tok = self.wte.forward(w, ids, &shape, "Gpt::forward")?;
-        let positions: Vec<u32> = (first..first + rows).map(|i| (i % t) as u32).collect();
-        let pos = self.wpe.forward(w, &positions, &[rows], "Gpt::forward")?;
         let p_drop = c.dropout;
-        let mut x = tok.add(&pos)?.dropout_at(
-            dropout.map_or(0.0, |_| p_drop),
-            rows_key(dropout.unwrap_or_default()),
-        )?;
+        let mut x = match (input, layers.start) {
+            (PartInput::Tokens { ids, .. }, 0) => {
+                let tok = self.wte.forward(w, ids, &shape, "Gpt::forward")?;
+                let positions: Vec<u32> = (first..first + rows).map(|i| (i % t) as u32).collect();
+                let pos = self.wpe.forward(w, &positions, &[rows], "Gpt::forward")?;
+                tok.add(&pos)?.dropout_at(
+                    dropout.map_or(0.0, |_| p_drop),
+                    rows_key(dropout.unwrap_or_default()),
+                )?
+            }
+            (PartInput::Hidden { x, .. }, start) if start > 0 => x,
+            (_, start) => {
+                return Err(anneal_tensor::Error::Invalid {
+                    op: "Gpt::forward_part",
+                    reason: format!(
+                        "layers from {start} take {}",
+                        if start == 0 {
+                            "token ids"
+                        } else {
+                            "hidden states"
+                        }
+                    ),
+                })
+            }
+        };
+        let blocks = layers.start.max(1) - 1..layers.end.min(head) - 1;
         for (index, block) in self.blocks.iter().enumerate() {
+            if !blocks.contains(&index) {
+                continue;
+            }
             let key = dropout.map(|key| rows_key(crate::layers::layer_key(key, index)));
             x = if c.checkpoint_blocks {
                 let (block, w) = (block.clone(), w.clone());
@@ -602,6 +632,9 @@ impl Gpt {
             } else {
                 block.forward_rows(w, &x, shape, p_drop, key)?
             };
+        }
+        if layers.end <= head {
+            return Ok((x, Vec::new()));
         }
         let x = w.parallel().gather_sequence(&self.ln_f.forward(w, &x)?)?;
         Ok((self.head.forward(w, &x)?, Vec::new()))

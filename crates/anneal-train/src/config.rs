@@ -757,11 +757,11 @@ impl RunConfig {
         }
         if p.sequence_parallel {
             let tokens = share / p.micro_batches * self.model.block_size;
-            if tp == 1 || pp > 1 || !tokens.is_multiple_of(tp) {
+            if tp == 1 || !tokens.is_multiple_of(tp) {
                 bail!(
                     "parallel.sequence_parallel = true splits the {tokens} tokens of each \
                      micro-batch over the tensor-parallel group: it needs parallel.tp > 1 \
-                     dividing them (parallel.tp = {tp}) and no pipeline (parallel.pp = {pp})"
+                     dividing them (parallel.tp = {tp})"
                 );
             }
         }

@@ -236,8 +236,17 @@ pub trait TrainModel: Send + Sync {
 pub enum StageInput<'a> {
     /// The model's input (the first stage).
     Model(&'a ModelInput<'a>),
-    /// Hidden states received from the stage before.
-    Hidden(Tensor),
+    /// Hidden states received from the stage before (`[B, T, d]`, or under sequence
+    /// parallelism this rank's rows of `[B·T, d]`), of a batch of `batch` sequences of `seq`
+    /// tokens.
+    Hidden {
+        /// The hidden states.
+        x: Tensor,
+        /// Sequences.
+        batch: usize,
+        /// Their length.
+        seq: usize,
+    },
 }
 
 impl TrainModel for Gpt {
@@ -290,7 +299,7 @@ impl TrainModel for Gpt {
                     reason: "a GPT reads token windows".into(),
                 })
             }
-            StageInput::Hidden(x) => anneal_nn::PartInput::Hidden(x),
+            StageInput::Hidden { x, batch, seq } => anneal_nn::PartInput::Hidden { x, batch, seq },
         };
         let last = layers.end == self.pipeline_layers();
         let (out, moe) = self.forward_part(input, layers, dropout)?;

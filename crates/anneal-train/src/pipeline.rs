@@ -173,12 +173,12 @@ impl Pipeline {
         let input = if self.is_first() {
             None
         } else {
-            Some(self.receive_activation(batch)?.requires_grad_())
+            Some(self.receive_activation(model, batch)?.requires_grad_())
         };
         let model_input = objective.inputs(batch)?;
         let stage_input = match &input {
             None => StageInput::Model(&model_input),
-            Some(x) => StageInput::Hidden(x.clone()),
+            Some(x) => hidden(x.clone(), batch)?,
         };
         let output = model.forward_layers(stage_input, self.layers.clone(), Some(key))?;
         let (mut total, metrics) = if self.is_last() {
@@ -246,15 +246,20 @@ impl Pipeline {
         Ok(())
     }
 
-    /// The activation of `batch` from the stage before, as `[B, T, d]`.
-    fn receive_activation(&self, batch: &Batch) -> Result<Tensor> {
+    /// The activation of `batch` from the stage before, as `[B, T, d]`; under sequence
+    /// parallelism this rank's rows of it, `[B·T/tp, d]`.
+    fn receive_activation(&self, model: &dyn TrainModel, batch: &Batch) -> Result<Tensor> {
         let values = self.group.recv(self.stage() - 1, TAG_ACTIVATION)?;
-        let (b, t) = match batch {
-            Batch::Tokens(w) => (w.batch, w.seq),
-            other => bail!("a pipeline runs token windows, not {}", other.kind()),
+        let (b, t) = batch_shape(batch)?;
+        let split = model.parallel().filter(|p| p.sequence_parallel());
+        let shape = match split {
+            Some(p) => {
+                let rows = b * t / p.tensor_parallel().1;
+                vec![rows, values.len() / rows.max(1)]
+            }
+            None => vec![b, t, values.len() / (b * t).max(1)],
         };
-        let d = values.len() / (b * t).max(1);
-        Ok(Tensor::from_f32(values, &[b, t, d])?)
+        Ok(Tensor::from_f32(values, &shape)?)
     }
 
     /// The global gradient norm: each stage's sum of squares (the split parameters' slices added
@@ -270,6 +275,20 @@ impl Pipeline {
         let total = self.group.all_reduce(vec![stage], Reduce::Sum)?[0];
         Ok(total.sqrt())
     }
+}
+
+/// The sequences and their length of a pipeline's batch (token windows).
+fn batch_shape(batch: &Batch) -> Result<(usize, usize)> {
+    match batch {
+        Batch::Tokens(w) => Ok((w.batch, w.seq)),
+        other => bail!("a pipeline runs token windows, not {}", other.kind()),
+    }
+}
+
+/// Hidden states `x` received for `batch`, as a stage's input.
+fn hidden(x: Tensor, batch: &Batch) -> Result<StageInput<'static>> {
+    let (batch, seq) = batch_shape(batch)?;
+    Ok(StageInput::Hidden { x, batch, seq })
 }
 
 /// The loss parts and named metrics of every rank of `group`, each added up over the ranks that
@@ -469,7 +488,7 @@ impl Strategy for Pipeline {
             let input = if self.is_first() {
                 None
             } else {
-                Some(self.receive_activation(&batch)?)
+                Some(self.receive_activation(model, &batch)?)
             };
             let model_input = crate::model::ModelInput::Tokens {
                 ids: &windows.ids,
@@ -478,7 +497,7 @@ impl Strategy for Pipeline {
             };
             let stage_input = match input {
                 None => StageInput::Model(&model_input),
-                Some(x) => StageInput::Hidden(x),
+                Some(x) => hidden(x, &batch)?,
             };
             let output = model.forward_layers(stage_input, self.layers.clone(), None)?;
             if !self.is_last() {

@@ -950,7 +950,7 @@ fn expert_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result
 
 fn pipelines_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
     let one = train(&config(&[]), None)?;
-    let layouts: [(&str, &[&str]); 6] = [
+    let layouts: [(&str, &[&str]); 7] = [
         (
             "1F1B, pp 2 × dp 2 with ZeRO-1, 2 micro-batches",
             &[
@@ -990,6 +990,15 @@ fn pipelines_equal_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
         (
             "tp 2 × pp 2, 1F1B, 2 micro-batches",
             &["parallel.tp=2", "parallel.pp=2", "parallel.micro_batches=2"],
+        ),
+        (
+            "tp 2 with sequence parallelism × pp 2, 1F1B, 2 micro-batches",
+            &[
+                "parallel.tp=2",
+                "parallel.sequence_parallel=true",
+                "parallel.pp=2",
+                "parallel.micro_batches=2",
+            ],
         ),
     ];
     for (name, sets) in layouts {
