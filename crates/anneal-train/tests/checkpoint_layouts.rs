@@ -8,7 +8,8 @@
 //! reading it (`Trainer::restore`). A data-parallel checkpoint resumes under tensor parallelism,
 //! under tensor × pipeline parallelism (each rank keeping its slices of its stage) and under
 //! ZeRO-3 (each keeping its shards), and trains on as the uninterrupted single-device run; saved
-//! again from the slices it is the checkpoint it was, bit for bit.
+//! again from the slices it is the checkpoint it was, bit for bit. So does a Mixture-of-Experts
+//! GPT's, with its experts split inside the mesh (ep × tp, ep × pp).
 
 use std::path::{Path, PathBuf};
 
@@ -403,4 +404,64 @@ fn an_impossible_layout_is_refused_before_any_step() {
         .layout(4)
         .unwrap();
     assert_eq!((layout.dp, layout.sharding), (2, 2));
+}
+
+/// A Mixture-of-Experts GPT's data-parallel checkpoint resumes with its experts split inside the
+/// mesh: over 2 data ranks beside 2 tensor-parallel ranks (each rank holding a quarter of the
+/// experts), and over the 2 data ranks of each of 2 pipeline stages. Each data rank routes the
+/// same 4 rows as under data parallelism, so the next 20 losses are the uninterrupted run's
+/// (1e-4); saved again from the shares, the checkpoint is the one it was, bit for bit.
+#[test]
+fn a_moe_checkpoint_resumes_with_its_experts_split_inside_the_mesh() {
+    let moe = [
+        "model.moe.experts=4",
+        "model.moe.top_k=2",
+        "model.moe.every=1",
+        "model.moe.d_ff=32",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        moe.iter().chain(extra).copied().collect()
+    };
+    let dp = with(&["parallel.dp=2"]);
+    let root = tempfile::tempdir().unwrap();
+    let dp_config = config(&dp);
+    let (want, saved) = on_ranks(2, &dp, |t, _| {
+        let first = train(t, 20)?;
+        let saved = t.save(&root.path().join("dp"), state(&dp_config))?;
+        Ok((
+            first.into_iter().chain(train(t, 20)?).collect::<Vec<_>>(),
+            saved,
+        ))
+    });
+    let saved = saved.expect("rank 0 writes the checkpoint");
+    let original = checkpoint::load(&saved).unwrap();
+    let layouts: [(&str, Vec<&str>); 2] = [
+        ("ep 2 × tp 2", with(&["parallel.ep=2", "parallel.tp=2"])),
+        (
+            "ep 2 × pp 2, GPipe",
+            with(&["parallel.ep=2", "parallel.pp=2", "parallel.schedule=gpipe"]),
+        ),
+    ];
+    for (i, (what, sets)) in layouts.iter().enumerate() {
+        let split = config(sets);
+        let (second, again) = on_ranks(4, sets, |t, g| {
+            let loaded = match g.rank() {
+                0 => Some(checkpoint::load(&saved)?),
+                _ => None,
+            };
+            t.restore_shared(loaded.as_ref(), g)?;
+            anyhow::ensure!(t.steps() == 20, "resumed at step {}", t.steps());
+            let again = t.save(&root.path().join(i.to_string()), state(&split))?;
+            Ok((train(t, 20)?, again))
+        });
+        for (step, (got, want)) in second.iter().zip(&want[20..]).enumerate() {
+            assert!(
+                (got - want).abs() <= 1e-4 * want.abs(),
+                "{what}, step {}: {got} against {want}",
+                21 + step
+            );
+        }
+        let back = checkpoint::load(&again.expect("rank 0 writes the checkpoint")).unwrap();
+        assert_same_state(what, &original, &back);
+    }
 }
