@@ -729,11 +729,11 @@ impl RunConfig {
                     p.ep
                 );
             }
-            if tp * pp > 1 && p.zero > 0 {
+            if tp * pp > 1 && p.zero > 1 {
                 bail!(
                     "parallel.ep = {} with parallel.zero = {} beside tensor or pipeline \
                      parallelism (parallel.tp = {tp}, parallel.pp = {pp}) is not supported yet; \
-                     use parallel.zero = 0",
+                     use parallel.zero = 0 or 1",
                     p.ep,
                     p.zero
                 );

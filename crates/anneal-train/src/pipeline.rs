@@ -111,17 +111,26 @@ impl Pipeline {
 
     /// With this stage's optimizer state sharded over its data group (ZeRO-1, Megatron-LM's
     /// distributed optimizer): each replica's rank updates its shard of the stage's parameters
-    /// and the group all-gathers them. Returns the range of the trainable elements its optimizer
-    /// keeps (all of them with one replica).
+    /// and the group all-gathers them. With experts split over the data ranks
+    /// ([`Pipeline::with_expert_data`], called first) the shards span the ranks holding the same
+    /// experts. Returns the range of the trainable elements its optimizer keeps (all of them with
+    /// one replica).
     pub fn with_zero_one(mut self, model: &dyn TrainModel) -> (Pipeline, Range<usize>) {
-        let shard = match &self.data {
-            Some(data) => crate::strategy::zero_shard(data.as_ref(), model),
+        let shard = match self.replicas() {
+            Some(group) => crate::strategy::zero_shard(group, model),
             None => 0..model.params().trainable_numel(),
         };
-        if self.data.is_some() {
+        if self.replicas().is_some() {
             self.zero = Some(shard.clone());
         }
         (self, shard)
+    }
+
+    /// The ranks holding the same parameters as this one in the other replicas (the data group,
+    /// or with experts split the expert-data-parallel group), when there are any.
+    fn replicas(&self) -> Option<&dyn Communicator> {
+        self.data.as_ref()?;
+        self.experts.as_deref().or(self.data.as_deref())
     }
 
     /// The pipeline group.
@@ -467,9 +476,9 @@ impl Strategy for Pipeline {
             f64::NAN
         };
         crate::strategy::clip_with_and_step(model, optimizer, settings, out.grad_norm);
-        if let (Some(shard), Some(data)) = (&self.zero, &self.data) {
+        if let (Some(shard), Some(group)) = (&self.zero, self.replicas()) {
             let t = Instant::now();
-            crate::strategy::gather_parameters(data.as_ref(), model, shard.clone())?;
+            crate::strategy::gather_parameters(group, model, shard.clone())?;
             out.exposed_comm += t.elapsed().as_secs_f64();
         }
         out.phases[2] += t.elapsed().as_secs_f64();
@@ -522,8 +531,8 @@ impl Strategy for Pipeline {
     ) -> Result<Option<crate::strategy::NamedState>> {
         // Each replica holds the whole state of its stage (gathered from the replicas' shards
         // under ZeRO-1): the first replica's is gathered.
-        if let (Some(_), Some(data)) = (&self.zero, &self.data) {
-            return crate::strategy::gather_sharded_state(data.as_ref(), true, model, optimizer);
+        if let (Some(_), Some(group)) = (&self.zero, self.replicas()) {
+            return crate::strategy::gather_sharded_state(group, true, model, optimizer);
         }
         // With experts split over data ranks, the first expert-data replica: every expert once.
         let first = match &self.experts {

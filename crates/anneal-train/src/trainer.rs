@@ -803,7 +803,13 @@ pub fn pretraining_on(
                         let ep = ep_group.clone().expect("an expert-parallel group");
                         let experts = expert_data.expect("an expert-data-parallel group");
                         let inner = crate::strategy::ExpertDataParallel::new(data, experts, ep);
-                        (Box::new(inner), AdamW::new(&model.params, adamw))
+                        if layout.zero == 1 {
+                            let (inner, shard) = inner.with_zero_one(&model);
+                            let optimizer = AdamW::shard(&model.params, adamw, shard)?;
+                            (Box::new(inner), optimizer)
+                        } else {
+                            (Box::new(inner), AdamW::new(&model.params, adamw))
+                        }
                     }
                     None => {
                         let data_layout = crate::config::Layout {

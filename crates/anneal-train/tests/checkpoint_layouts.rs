@@ -9,7 +9,8 @@
 //! under tensor × pipeline parallelism (each rank keeping its slices of its stage) and under
 //! ZeRO-3 (each keeping its shards), and trains on as the uninterrupted single-device run; saved
 //! again from the slices it is the checkpoint it was, bit for bit. So does a Mixture-of-Experts
-//! GPT's, with its experts split inside the mesh (ep × tp, ep × pp).
+//! GPT's, with its experts split inside the mesh (ep × tp, ep × pp); and on 8 ranks, ZeRO-1
+//! beside experts split in a pipeline trains as one device and gathers its checkpoint whole.
 
 use std::path::{Path, PathBuf};
 
@@ -464,4 +465,61 @@ fn a_moe_checkpoint_resumes_with_its_experts_split_inside_the_mesh() {
         let back = checkpoint::load(&again.expect("rank 0 writes the checkpoint")).unwrap();
         assert_same_state(what, &original, &back);
     }
+}
+
+/// ZeRO-1 beside experts split inside the mesh, on 8 ranks: 2 pipeline stages of 4 data ranks,
+/// each expert held by 2 of them, which share its optimizer state. Ten steps equal one device
+/// running each data rank's 2 rows as a micro-batch, and the checkpoint gathers the whole model
+/// and optimizer state: it loads on one device and equals that run's parameters.
+#[test]
+fn zero_one_beside_experts_split_in_a_pipeline_equals_one_device() {
+    let moe = [
+        "model.moe.experts=4",
+        "model.moe.top_k=2",
+        "model.moe.every=1",
+        "model.moe.d_ff=32",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        moe.iter().chain(extra).copied().collect()
+    };
+    let one = config(&with(&["train.batch_size=2", "train.grad_accum=4"]));
+    let mut single = trainer(&one, None);
+    let want = train(&mut single, 10).unwrap();
+    let sets = with(&[
+        "parallel.ep=2",
+        "parallel.pp=2",
+        "parallel.schedule=gpipe",
+        "parallel.zero=1",
+    ]);
+    let split = config(&sets);
+    let root = tempfile::tempdir().unwrap();
+    let (got, saved) = on_ranks(8, &sets, |t, _| {
+        // Each rank keeps its shard of its stage's optimizer state (shards aligned to 1,024
+        // elements split this tiny stage 2,048 + 1,424).
+        let shard = t.strategy().optimizer_shard(t.model()).len();
+        let held = t.model().params().trainable_numel();
+        anyhow::ensure!(shard < held, "a shard of {shard} of {held}");
+        let losses = train(t, 10)?;
+        Ok((losses, t.save(root.path(), state(&split))?))
+    });
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * w.abs(),
+            "step {}: {g} vs {w}",
+            step + 1
+        );
+    }
+    let loaded = checkpoint::load(&saved.expect("rank 0 writes the checkpoint")).unwrap();
+    for (name, t) in single.model().params().named() {
+        let saved = loaded.model[&name].to_vec_f32();
+        for (a, b) in saved.iter().zip(t.to_vec_f32()) {
+            assert!((a - b).abs() <= 1e-6 + 1e-5 * b.abs(), "{name}: {a} vs {b}");
+        }
+    }
+    let total = single.model().params().trainable_numel();
+    assert_eq!(
+        loaded.optimizer["adam.m"].numel(),
+        total,
+        "the whole optimizer state"
+    );
 }

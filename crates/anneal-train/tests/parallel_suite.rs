@@ -912,6 +912,7 @@ fn expert_parallel_equals_one_device(world: &dyn Communicator) -> anyhow::Result
     }
     // Expert parallelism inside the mesh: over the data ranks of each pipeline stage, and beside
     // tensor parallelism (each of a data rank's tp ranks exchanging with its counterparts).
+    // (ZeRO-1 beside them needs 8 ranks to shard anything: checkpoint_layouts.rs runs it.)
     let meshes: [(&str, &[&str], usize); 2] = [
         (
             "EP 2 × pp 2, 1F1B",
