@@ -68,6 +68,17 @@ fn ranks_train_as_one_rank_does_and_resume_on_another_layout() {
             ][..],
         ),
         (
+            "4 ranks, ZeRO-3 over 2 × tp 2",
+            &[
+                "--ranks",
+                "4",
+                "--set",
+                "parallel.tp=2",
+                "--set",
+                "parallel.zero=3",
+            ][..],
+        ),
+        (
             "4 ranks, dp 2 × tp 2, ZeRO-2",
             &[
                 "--ranks",

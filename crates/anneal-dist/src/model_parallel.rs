@@ -20,7 +20,7 @@
 //! model starts from the single-device model's weights; [`ParallelContext::gather`] gives a
 //! parameter back whole (checkpoints hold whole parameters and load under any layout).
 
-use crate::{comm_error, Communicator, ExpertParallel, Reduce};
+use crate::{comm_error, Communicator, ExpertParallel, Reduce, ZeroThree};
 use anneal_nn::layers::{ParallelContext, Split};
 use anneal_tensor::autograd::Backward;
 use anneal_tensor::{CrossEntropyOptions, DType, Error, ParamId, Result, Tensor};
@@ -47,6 +47,8 @@ pub struct ModelParallel {
     experts: Option<Arc<ExpertParallel>>,
     /// The rows per local expert of the last dispatch, for the return that follows it.
     dispatched: Mutex<Option<Vec<usize>>>,
+    /// ZeRO-3 beside: each tensor-parallel slice sharded over the data ranks.
+    zero: Option<Arc<ZeroThree>>,
 }
 
 impl ModelParallel {
@@ -60,7 +62,16 @@ impl ModelParallel {
             by_id: Mutex::new(Vec::new()),
             experts: None,
             dispatched: Mutex::new(None),
+            zero: None,
         }
+    }
+
+    /// This context with ZeRO-3 beside it (PyTorch's FSDP with tensor parallelism): each rank's
+    /// tensor-parallel slice of every parameter is sharded over the data ranks of `zero`,
+    /// gathered at its lookup (the gradient reduce-scattered back) and freed after its layer.
+    pub fn with_zero_three(mut self, zero: Arc<ZeroThree>) -> ModelParallel {
+        self.zero = Some(zero);
+        self
     }
 
     /// This context with expert parallelism beside it (GShard's, over data ranks): each
@@ -215,10 +226,21 @@ impl ParallelContext for ModelParallel {
         if let Ok(mut splits) = self.splits.lock() {
             splits.insert(name.to_string(), (split, full.shape().to_vec()));
         }
-        Ok(local)
+        match &self.zero {
+            Some(zero) => zero.shard(name, &local, split),
+            None => Ok(local),
+        }
     }
 
     fn gather(&self, name: &str, local: &Tensor) -> Result<Tensor> {
+        let slice;
+        let local = match &self.zero {
+            Some(zero) => {
+                slice = zero.gather(name, local)?;
+                &slice
+            }
+            None => local,
+        };
         let Some((split, shape)) = self.recorded(name) else {
             return Ok(local.clone());
         };
@@ -275,7 +297,10 @@ impl ParallelContext for ModelParallel {
     }
 
     fn splits_parameters(&self) -> bool {
-        self.group.size() > 1 || self.holds.is_some() || self.experts.is_some()
+        self.group.size() > 1
+            || self.holds.is_some()
+            || self.experts.is_some()
+            || self.zero.is_some()
     }
 
     fn sum_over_group(&self, values: Vec<f32>) -> Result<Vec<f32>> {
@@ -326,6 +351,14 @@ impl ParallelContext for ModelParallel {
     }
 
     fn lookup(&self, id: ParamId, stored: &Tensor) -> Result<Tensor> {
+        let gathered;
+        let stored = match &self.zero {
+            Some(zero) => {
+                gathered = zero.lookup(id, stored)?;
+                &gathered
+            }
+            None => stored,
+        };
         let replicated = self.sequence
             && self
                 .by_id
@@ -342,6 +375,13 @@ impl ParallelContext for ModelParallel {
                 group: self.group.clone(),
             },
         ))
+    }
+
+    fn end_layer(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.zero {
+            Some(zero) => zero.end_layer(x),
+            None => Ok(x.clone()),
+        }
     }
 
     fn enter_parallel(&self, x: &Tensor) -> Result<Tensor> {

@@ -695,6 +695,14 @@ impl RunConfig {
                  state); set parallel.zero, or parallel.dp = {ranks} for plain data parallelism"
             );
         }
+        if p.zero == 3 && tp > 1 && (dp > 1 || p.ep > 1) {
+            bail!(
+                "parallel.zero = 3 with parallel.tp = {tp} shards over every data rank for now: \
+                 parallel.dp = {dp} and parallel.ep = {} are not supported beside it; use \
+                 parallel.dp = 1 and parallel.ep = 1",
+                p.ep
+            );
+        }
         if p.zero > 0 && sharding == 1 && ranks > 1 {
             bail!(
                 "parallel.zero = {} over sharding groups of 1 rank shards nothing; set \
@@ -818,8 +826,8 @@ impl RunConfig {
 
     /// Fails, naming the keys, unless the model splits over `tp` tensor-parallel ranks: heads
     /// and MLP hidden units (or a Mixture of Experts' experts) divide evenly, the vocabulary has a
-    /// row for every rank, and the layout is one this version runs (no ZeRO-3, and no sequence
-    /// parallelism beside a Mixture of Experts, yet).
+    /// row for every rank, and the layout is one this version runs (no ZeRO-2 or ZeRO-3 beside a
+    /// pipeline, and no sequence parallelism beside a Mixture of Experts, yet).
     fn check_tensor_parallel(&self, tp: usize) -> Result<()> {
         let m = &self.model;
         if !m.n_head.is_multiple_of(tp) {
@@ -836,11 +844,12 @@ impl RunConfig {
                 4 * m.n_embd
             );
         }
-        if self.parallel.zero > 2 || (self.parallel.zero == 2 && self.parallel.pp > 1) {
+        if self.parallel.zero >= 2 && self.parallel.pp > 1 {
             bail!(
-                "parallel.zero = {} with parallel.tp = {tp} is not supported yet; use \
-                 parallel.zero = 0, 1 or 2 with tensor parallelism (0 or 1 beside a pipeline)",
-                self.parallel.zero
+                "parallel.zero = {} with parallel.tp = {tp} and parallel.pp = {} is not \
+                 supported yet; use parallel.zero = 0 or 1 beside a pipeline",
+                self.parallel.zero,
+                self.parallel.pp
             );
         }
         if let Some(moe) = &m.moe {

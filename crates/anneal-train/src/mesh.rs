@@ -116,9 +116,9 @@ pub struct WithModelParallel {
     /// ZeRO-3 sharding group).
     group: Arc<dyn Communicator>,
     pipeline: Option<Arc<dyn Communicator>>,
-    /// The expert-parallel group, when experts are split over data ranks beside: its first
-    /// rank's replica writes.
-    experts: Option<Arc<dyn Communicator>>,
+    /// A group of data ranks whose first rank's replica writes, when `parallel`'s gathers span
+    /// data ranks too (experts split over them, ZeRO-3 shards).
+    lead: Option<Arc<dyn Communicator>>,
 }
 
 impl WithModelParallel {
@@ -135,14 +135,14 @@ impl WithModelParallel {
             parallel,
             group,
             pipeline,
-            experts: None,
+            lead: None,
         }
     }
 
-    /// With the experts split over the data ranks of `experts` beside (whose first rank writes
-    /// the checkpoints its group gathers).
-    pub fn with_expert_group(mut self, experts: Arc<dyn Communicator>) -> Self {
-        self.experts = Some(experts);
+    /// With `parallel` gathering over the data ranks of `lead` too (experts split over them,
+    /// ZeRO-3 shards): its first rank writes the checkpoints the group gathers.
+    pub fn with_lead_group(mut self, lead: Arc<dyn Communicator>) -> Self {
+        self.lead = Some(lead);
         self
     }
 
@@ -157,11 +157,11 @@ impl WithModelParallel {
     }
 
     /// Whether this rank writes checkpoints for its model replica: the first rank of its group
-    /// in the first stage (and of its expert-parallel group).
+    /// in the first stage (and of its lead group).
     fn is_writer(&self) -> bool {
         self.group.rank() == 0
             && self.pipeline.as_ref().is_none_or(|p| p.rank() == 0)
-            && self.experts.as_ref().is_none_or(|e| e.rank() == 0)
+            && self.lead.as_ref().is_none_or(|e| e.rank() == 0)
     }
 
     /// For every name of `names`, the first pipeline stage that holds it (collective over the

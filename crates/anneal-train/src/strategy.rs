@@ -1096,7 +1096,7 @@ impl ZeroTwo {
     fn global_norm(&self, model: &dyn TrainModel, shard: Range<usize>) -> Result<f32> {
         use anneal_tensor::params::NORM_CHUNK;
         if let Some(p) = model.parallel().filter(|p| p.tensor_parallel().1 > 1) {
-            return self.split_model_norm(model, shard, p.as_ref());
+            return sharded_split_model_norm(model, self.comm.as_ref(), shard, p.as_ref());
         }
         let params = model.params();
         let total = params.trainable_numel();
@@ -1112,43 +1112,42 @@ impl ZeroTwo {
             .sum();
         Ok(sum.sqrt() as f32)
     }
+}
 
-    /// The global gradient norm of a model split by tensor parallelism beside: each rank's shard
-    /// of its slice's gradients, squares summed apart for the split parameters and the ones every
-    /// rank of the tensor-parallel group holds whole, added over the sharding group; the split
-    /// parameters' sum then added over the tensor-parallel group.
-    fn split_model_norm(
-        &self,
-        model: &dyn TrainModel,
-        shard: Range<usize>,
-        parallel: &dyn anneal_nn::layers::ParallelContext,
-    ) -> Result<f32> {
-        let params = model.params();
-        // The gradients this rank holds: its shard (the whole buffer before it is sharded).
-        let held = params.held_grads();
-        let shard = shard.start.max(held.start)..shard.end.min(held.end);
-        let (mut split, mut whole) = (0.0f64, 0.0f64);
-        params.with_grads(|g| {
-            for (info, _, state) in params.trainable_ranges() {
-                let from = state.start.max(shard.start);
-                let to = state.end.min(shard.end);
-                if from >= to {
-                    continue;
-                }
-                let local = from - held.start..to - held.start;
-                let sq: f64 = g[local].iter().map(|&x| x as f64 * x as f64).sum();
-                match parallel.split_of(&info.name) {
-                    Split::Axis(_) | Split::Interleaved { .. } | Split::Experts => split += sq,
-                    Split::Replicated => whole += sq,
-                }
+/// The global gradient norm of a model split by tensor parallelism whose gradients are sharded
+/// over `comm` (ZeRO-2's and ZeRO-3's data ranks): each rank's `shard` of its slice's gradients,
+/// squares summed apart for the split parameters and the ones every rank of the tensor-parallel
+/// group holds whole, added over `comm`; the split parameters' sum then added over the
+/// tensor-parallel group.
+fn sharded_split_model_norm(
+    model: &dyn TrainModel,
+    comm: &dyn anneal_dist::Communicator,
+    shard: Range<usize>,
+    parallel: &dyn anneal_nn::layers::ParallelContext,
+) -> Result<f32> {
+    let params = model.params();
+    // The gradients this rank holds: its shard (the whole buffer before it is sharded).
+    let held = params.held_grads();
+    let shard = shard.start.max(held.start)..shard.end.min(held.end);
+    let (mut split, mut whole) = (0.0f64, 0.0f64);
+    params.with_grads(|g| {
+        for (info, _, state) in params.trainable_ranges() {
+            let from = state.start.max(shard.start);
+            let to = state.end.min(shard.end);
+            if from >= to {
+                continue;
             }
-        });
-        let sums = self
-            .comm
-            .all_reduce(vec![split as f32, whole as f32], anneal_dist::Reduce::Sum)?;
-        let split = parallel.sum_over_group(vec![sums[0]])?[0];
-        Ok((split as f64 + sums[1] as f64).sqrt() as f32)
-    }
+            let local = from - held.start..to - held.start;
+            let sq: f64 = g[local].iter().map(|&x| x as f64 * x as f64).sum();
+            match parallel.split_of(&info.name) {
+                Split::Axis(_) | Split::Interleaved { .. } | Split::Experts => split += sq,
+                Split::Replicated => whole += sq,
+            }
+        }
+    });
+    let sums = comm.all_reduce(vec![split as f32, whole as f32], anneal_dist::Reduce::Sum)?;
+    let split = parallel.sum_over_group(vec![sums[0]])?[0];
+    Ok((split as f64 + sums[1] as f64).sqrt() as f32)
 }
 
 impl Strategy for ZeroTwo {
@@ -1351,14 +1350,18 @@ impl Strategy for ZeroThree {
             comms.push(replicas.as_ref());
         }
         average_loss(&comms, &mut out)?;
-        out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
+        let tensor = model.parallel().filter(|p| p.tensor_parallel().1 > 1);
+        out.grad_norm = if !(settings.grad_clip > 0.0 || settings.measure_grad_norm) {
+            f64::NAN
+        } else if let Some(p) = tensor {
+            let all = 0..params.trainable_numel();
+            sharded_split_model_norm(model, self.comm.as_ref(), all, p.as_ref())? as f64
+        } else {
             let mine: f64 = params.grad_norm_partials(params.held_grads()).iter().sum();
             let all = self
                 .comm
                 .all_reduce(vec![mine as f32], anneal_dist::Reduce::Sum)?;
             all[0].sqrt() as f64
-        } else {
-            f64::NAN
         };
         crate::strategy::clip_with_and_step(model, optimizer, settings, out.grad_norm);
         out.phases[2] += t.elapsed().as_secs_f64();

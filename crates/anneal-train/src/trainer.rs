@@ -652,6 +652,36 @@ pub fn pretraining_on(
                 let optimizer = AdamW::new(&model.params, adamw);
                 (model, Box::new(SingleDevice), optimizer, (0, 1))
             }
+            Some(world)
+                if world.size() > 1
+                    && config.layout(world.size())?.zero == 3
+                    && config.layout(world.size())?.tp > 1 =>
+            {
+                // ZeRO-3 beside tensor parallelism: each tensor-parallel slice sharded over the
+                // data ranks holding the same slice.
+                let layout = config.layout(world.size())?;
+                let mesh = crate::mesh::Mesh::split(world, &layout)?;
+                let tensor = mesh
+                    .tensor
+                    .clone()
+                    .ok_or_else(|| anyhow::anyhow!("tensor parallelism without its group"))?;
+                let data: Arc<dyn anneal_dist::Communicator> = Arc::from(mesh.data);
+                let rank = (data.rank(), data.size());
+                let zero = Arc::new(anneal_dist::ZeroThree::new(data.clone()));
+                let parallel = Arc::new(
+                    anneal_dist::ModelParallel::new(tensor)
+                        .with_sequence_parallel(layout.sequence_parallel)
+                        .with_zero_three(zero.clone()),
+                );
+                let model = Gpt::new_in(gpt, t.seed, parallel.clone())?;
+                let optimizer = AdamW::new(&model.params, adamw);
+                let inner = Box::new(crate::strategy::ZeroThree::new(data.clone(), zero));
+                let strategy: Box<dyn crate::strategy::Strategy> = Box::new(
+                    crate::mesh::WithModelParallel::model_parallel(inner, parallel, None)
+                        .with_lead_group(data),
+                );
+                (model, strategy, optimizer, rank)
+            }
             Some(world) if world.size() > 1 && config.layout(world.size())?.zero == 3 => {
                 // Data rank d is shard d % sharding of replica d / sharding.
                 let (r, sharding) = (world.rank(), config.layout(world.size())?.sharding);
@@ -832,7 +862,7 @@ pub fn pretraining_on(
                         let split =
                             crate::mesh::WithModelParallel::model_parallel(strategy, p, pipeline);
                         Box::new(match ep_group {
-                            Some(ep) => split.with_expert_group(ep),
+                            Some(ep) => split.with_lead_group(ep),
                             None => split,
                         })
                     }

@@ -213,8 +213,9 @@ fn a_data_parallel_checkpoint_resumes_split_across_ranks() {
     // The next 20 steps under tensor parallelism, tp 2 × pp 2 (1F1B, 2 micro-batches) and ZeRO-3
     // (each rank keeping its slices, its stage's or its shards); saved again at once, from the
     // parts, the checkpoint is the one it was.
-    let layouts: [(&str, usize, &[&str]); 3] = [
+    let layouts: [(&str, usize, &[&str]); 4] = [
         ("tp 2", 2, &["parallel.tp=2"]),
+        ("ZeRO-3 ×2 × tp 2", 4, &["parallel.zero=3", "parallel.tp=2"]),
         (
             "tp 2 × pp 2",
             4,
@@ -298,7 +299,7 @@ fn an_impossible_layout_is_refused_before_any_step() {
         e.contains("parallel.tp = 4") && e.contains("model.n_head = 2"),
         "{e}"
     );
-    let e = err(4, &["parallel.tp=2", "parallel.zero=3"]);
+    let e = err(4, &["parallel.tp=2", "parallel.zero=3", "parallel.dp=2"]);
     assert!(e.contains("parallel.zero = 3 with parallel.tp = 2"), "{e}");
     let e = err(
         4,
@@ -309,7 +310,10 @@ fn an_impossible_layout_is_refused_before_any_step() {
             "parallel.zero=2",
         ],
     );
-    assert!(e.contains("parallel.zero = 2 with parallel.tp = 2"), "{e}");
+    assert!(
+        e.contains("parallel.zero = 2 with parallel.tp = 2 and parallel.pp = 2"),
+        "{e}"
+    );
     assert!(config(&["parallel.tp=2", "parallel.zero=1"])
         .layout(4)
         .is_ok());

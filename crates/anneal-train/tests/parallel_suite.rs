@@ -803,8 +803,23 @@ fn zero3_equals_one_device(world: &dyn Communicator) -> anyhow::Result<()> {
     let one = train(&config(&[]), None)?;
     let pair = world.split(world.rank() / 2, world.rank())?;
     let recomputed = ["parallel.zero=3", "model.checkpoint_blocks=true"];
-    let runs: [(&str, &[&str], Box<dyn Communicator>); 5] = [
+    let runs: [(&str, &[&str], Box<dyn Communicator>); 7] = [
         ("ZeRO-3 ×4", &["parallel.zero=3"], copy(world)?),
+        (
+            "ZeRO-3 ×2 × tp 2",
+            &["parallel.zero=3", "parallel.tp=2"],
+            copy(world)?,
+        ),
+        (
+            "ZeRO-3 ×2 × tp 2 with sequence parallelism, blocks recomputed",
+            &[
+                "parallel.zero=3",
+                "parallel.tp=2",
+                "parallel.sequence_parallel=true",
+                "model.checkpoint_blocks=true",
+            ],
+            copy(world)?,
+        ),
         (
             "dp 2 × ZeRO-3 sharding 2 (hybrid)",
             &["parallel.zero=3", "parallel.dp=2"],
