@@ -39,6 +39,7 @@ pub mod optim;
 pub mod params;
 pub mod pool;
 pub mod quant;
+pub mod quant8;
 pub mod storage;
 mod tensor;
 pub mod testing;
