@@ -34,6 +34,7 @@ pub mod gguf;
 pub mod init;
 pub mod io;
 mod kernels;
+pub mod loss_scale;
 pub mod ops;
 pub mod optim;
 pub mod params;
