@@ -61,7 +61,7 @@ impl LossScaler {
                 ),
             ));
         }
-        if !(config.min_scale > 0.0) || config.growth_interval == 0 {
+        if config.min_scale.is_nan() || config.min_scale <= 0.0 || config.growth_interval == 0 {
             return Err(invalid(
                 "LossScaler",
                 format!(
