@@ -233,13 +233,10 @@ impl ParallelContext for ModelParallel {
     }
 
     fn gather(&self, name: &str, local: &Tensor) -> Result<Tensor> {
-        let slice;
-        let local = match &self.zero {
-            Some(zero) => {
-                slice = zero.gather(name, local)?;
-                &slice
-            }
-            None => local,
+        // Under ZeRO-3 this rank's slice, gathered from the data ranks' shards first.
+        let local = &match &self.zero {
+            Some(zero) => zero.gather(name, local)?,
+            None => local.clone(),
         };
         let Some((split, shape)) = self.recorded(name) else {
             return Ok(local.clone());
@@ -351,13 +348,9 @@ impl ParallelContext for ModelParallel {
     }
 
     fn lookup(&self, id: ParamId, stored: &Tensor) -> Result<Tensor> {
-        let gathered;
-        let stored = match &self.zero {
-            Some(zero) => {
-                gathered = zero.lookup(id, stored)?;
-                &gathered
-            }
-            None => stored,
+        let stored = &match &self.zero {
+            Some(zero) => zero.lookup(id, stored)?,
+            None => stored.clone(),
         };
         let replicated = self.sequence
             && self

@@ -25,6 +25,14 @@ use anneal_tensor::storage::Storage;
 use anneal_tensor::{Error, ParamId, Result, Tensor};
 use std::sync::{Arc, Mutex, Weak};
 
+/// A parameter's whole value gathered in a step: the parameter, its elements, and the storage
+/// its value lives in (while autograd holds it).
+struct Gathered {
+    index: usize,
+    numel: usize,
+    storage: Weak<Storage>,
+}
+
 /// Parameters sharded over a group of ranks, gathered at each lookup.
 pub struct ZeroThree {
     group: Arc<dyn Communicator>,
@@ -33,9 +41,9 @@ pub struct ZeroThree {
     /// The gather started ahead for the parameter that was looked up after the current one the
     /// last time (lookups repeat their order every forward).
     prefetch: Mutex<Prefetch>,
-    /// The parameters gathered in a step since the last layer ended: each one's index and the
-    /// storage of its whole value, which the end of the layer frees.
-    layer: Mutex<Vec<(usize, Weak<Storage>)>>,
+    /// The parameters gathered in a step since the last layer ended, which the end of the layer
+    /// frees.
+    layer: Mutex<Vec<Gathered>>,
 }
 
 #[derive(Default)]
@@ -101,8 +109,8 @@ impl ZeroThree {
     /// order, starts the gather of the next one in that order. The decisions depend on the order
     /// of lookups alone, the same on every rank, so the ranks' collectives stay matched; a step
     /// that repeats the last one's order (every step of a run but the first) gathers each
-    /// parameter once per lookup, as without prefetching.
-    fn gather_whole(&self, index: usize, stored: &Tensor) -> Result<Vec<f32>> {
+    /// parameter once per lookup, as without prefetching. Also says whether a step is under way.
+    fn gather_whole(&self, index: usize, stored: &Tensor) -> Result<(Vec<f32>, bool)> {
         let mut pf = self.prefetch.lock().map_err(|_| poisoned())?;
         let ready = match pf.pending.take() {
             Some((i, handle)) if i == index => {
@@ -125,7 +133,7 @@ impl ZeroThree {
         };
         if pf.shards.is_none() {
             // Outside a step (evaluation): nothing is recorded or started ahead.
-            return Ok(all);
+            return Ok((all, false));
         }
         pf.lookups += 1;
         let j = pf.current.len();
@@ -146,7 +154,7 @@ impl ZeroThree {
                 .map_err(comm_error("ZeRO-3 prefetch"))?;
             pf.pending = Some((next, handle));
         }
-        Ok(all)
+        Ok((all, true))
     }
 
     /// Starts a step whose lookups read this rank's shards from `shards` (the store's tensors):
@@ -230,17 +238,15 @@ impl ParallelContext for ZeroThree {
 
     fn lookup(&self, id: ParamId, stored: &Tensor) -> Result<Tensor> {
         let shape = self.shape_of(id.0)?;
-        let all = self.gather_whole(id.0, stored)?;
+        let (all, in_step) = self.gather_whole(id.0, stored)?;
         let value = self.gathered(all, &shape)?.to_dtype(stored.dtype());
-        let in_step = self
-            .prefetch
-            .lock()
-            .map_err(|_| poisoned())?
-            .shards
-            .is_some();
         if in_step && anneal_tensor::is_grad_enabled() {
             let mut layer = self.layer.lock().map_err(|_| poisoned())?;
-            layer.push((id.0, Arc::downgrade(value.storage())));
+            layer.push(Gathered {
+                index: id.0,
+                numel: value.numel(),
+                storage: Arc::downgrade(value.storage()),
+            });
         }
         Ok(Tensor::from_op(
             value,
@@ -261,9 +267,9 @@ impl ParallelContext for ZeroThree {
         let (Some(shards), true) = (shards, x.requires_grad()) else {
             return Ok(x.clone());
         };
-        let released: Vec<(usize, Weak<Storage>)> = gathered
+        let released: Vec<Gathered> = gathered
             .into_iter()
-            .filter(|(_, s)| s.upgrade().is_some_and(|s| s.release_values()))
+            .filter(|g| g.storage.upgrade().is_some_and(|s| s.release_values()))
             .collect();
         if released.is_empty() {
             return Ok(x.clone());
@@ -285,7 +291,7 @@ impl ParallelContext for ZeroThree {
 /// gradient passes through.
 struct Regather {
     group: Arc<dyn Communicator>,
-    released: Vec<(usize, Weak<Storage>)>,
+    released: Vec<Gathered>,
     shards: Arc<Vec<Tensor>>,
 }
 
@@ -295,15 +301,14 @@ impl Backward for Regather {
     }
 
     fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
-        let alive: Vec<(usize, Arc<Storage>)> = self
+        let alive: Vec<(&Gathered, Arc<Storage>)> = self
             .released
             .iter()
-            .filter_map(|(i, s)| s.upgrade().map(|s| (*i, s)))
+            .filter_map(|g| g.storage.upgrade().map(|s| (g, s)))
             .collect();
-        let lens: Vec<usize> = alive.iter().map(|(i, _)| self.shards[*i].numel()).collect();
         let mine: Vec<f32> = alive
             .iter()
-            .flat_map(|(i, _)| self.shards[*i].to_vec_f32())
+            .flat_map(|(g, _)| self.shards[g.index].to_vec_f32())
             .collect();
         let chunk = mine.len();
         let all = self
@@ -311,24 +316,19 @@ impl Backward for Regather {
             .all_gather(mine)
             .map_err(comm_error("ZeRO-3 gather in backward"))?;
         let mut at = 0;
-        for ((_, storage), len) in alive.iter().zip(&lens) {
-            let numel = storage_len(storage);
+        for (g, storage) in &alive {
+            let len = self.shards[g.index].numel();
             let mut whole: Vec<f32> = all
                 .chunks(chunk.max(1))
                 .take(self.group.size())
                 .flat_map(|c| c[at..at + len].iter().copied())
                 .collect();
-            whole.truncate(numel);
+            whole.truncate(g.numel);
             storage.restore_values(whole)?;
             at += len;
         }
         Ok(vec![Some(grad.clone())])
     }
-}
-
-/// Elements of a storage (released or not).
-fn storage_len(storage: &Storage) -> usize {
-    storage.capacity_bytes() / storage.dtype().size_in_bytes()
 }
 
 /// The gather's backward: the whole gradient, averaged over the ranks, cut into their shards.

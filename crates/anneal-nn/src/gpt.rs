@@ -295,6 +295,20 @@ pub enum PartInput<'a> {
     },
 }
 
+/// The error of a part of the layers given the wrong input: the first layer takes token ids, the
+/// others hidden states.
+fn wrong_input(start: usize) -> anneal_tensor::Error {
+    let wants = if start == 0 {
+        "token ids"
+    } else {
+        "hidden states"
+    };
+    anneal_tensor::Error::Invalid {
+        op: "Gpt::forward_part",
+        reason: format!("layers from {start} take {wants}"),
+    }
+}
+
 /// One of a GPT's layers in forward order, as a pipeline cuts them into stages.
 pub enum GptLayer<'a> {
     /// Token and position embeddings.
@@ -510,16 +524,7 @@ impl Gpt {
                     .dropout_at(dropout.map_or(0.0, |_| p_drop), dropout.unwrap_or_default())?,
             )?,
             (PartInput::Hidden { x, .. }, start) if start > 0 => x,
-            (_, start) => {
-                return Err(bad(format!(
-                    "layers from {start} take {}",
-                    if start == 0 {
-                        "token ids"
-                    } else {
-                        "hidden states"
-                    }
-                )))
-            }
+            (_, start) => return Err(wrong_input(start)),
         };
         let mut moe = Vec::new();
         let blocks = layers.start.max(1) - 1..layers.end.min(head) - 1;
@@ -604,19 +609,7 @@ impl Gpt {
                 )?
             }
             (PartInput::Hidden { x, .. }, start) if start > 0 => x,
-            (_, start) => {
-                return Err(anneal_tensor::Error::Invalid {
-                    op: "Gpt::forward_part",
-                    reason: format!(
-                        "layers from {start} take {}",
-                        if start == 0 {
-                            "token ids"
-                        } else {
-                            "hidden states"
-                        }
-                    ),
-                })
-            }
+            (_, start) => return Err(wrong_input(start)),
         };
         let blocks = layers.start.max(1) - 1..layers.end.min(head) - 1;
         for (index, block) in self.blocks.iter().enumerate() {

@@ -341,11 +341,6 @@ impl Storage {
         Ok(())
     }
 
-    /// Bytes of the values when held (whether held now or not).
-    pub fn capacity_bytes(&self) -> usize {
-        self.bytes
-    }
-
     /// Whether the values were released and not restored.
     pub fn is_released(&self) -> bool {
         self.released.load(Ordering::Acquire)

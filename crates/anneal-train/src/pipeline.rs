@@ -109,23 +109,6 @@ impl Pipeline {
         self
     }
 
-    /// With this stage's optimizer state sharded over its data group (ZeRO-1, Megatron-LM's
-    /// distributed optimizer): each replica's rank updates its shard of the stage's parameters
-    /// and the group all-gathers them. With experts split over the data ranks
-    /// ([`Pipeline::with_expert_data`], called first) the shards span the ranks holding the same
-    /// experts. Returns the range of the trainable elements its optimizer keeps (all of them with
-    /// one replica).
-    pub fn with_zero_one(mut self, model: &dyn TrainModel) -> (Pipeline, Range<usize>) {
-        let shard = match self.replicas() {
-            Some(group) => crate::strategy::zero_shard(group, model),
-            None => 0..model.params().trainable_numel(),
-        };
-        if self.replicas().is_some() {
-            self.zero = Some(shard.clone());
-        }
-        (self, shard)
-    }
-
     /// The ranks holding the same parameters as this one in the other replicas (the data group,
     /// or with experts split the expert-data-parallel group), when there are any.
     fn replicas(&self) -> Option<&dyn Communicator> {
@@ -283,6 +266,25 @@ impl Pipeline {
         let stage = crate::strategy::split_model_grad_norm_sq(model, tied)? as f32;
         let total = self.group.all_reduce(vec![stage], Reduce::Sum)?[0];
         Ok(total.sqrt())
+    }
+}
+
+impl crate::strategy::ZeroOneBeside for Pipeline {
+    /// With this stage's optimizer state sharded over its data group (ZeRO-1, Megatron-LM's
+    /// distributed optimizer): each replica's rank updates its shard of the stage's parameters
+    /// and the group all-gathers them. With experts split over the data ranks
+    /// ([`Pipeline::with_expert_data`], called first) the shards span the ranks holding the same
+    /// experts. Returns the range of the trainable elements its optimizer keeps (all of them with
+    /// one replica).
+    fn with_zero_one(mut self, model: &dyn TrainModel) -> (Pipeline, Range<usize>) {
+        let shard = match self.replicas() {
+            Some(group) => crate::strategy::zero_shard(group, model),
+            None => 0..model.params().trainable_numel(),
+        };
+        if self.replicas().is_some() {
+            self.zero = Some(shard.clone());
+        }
+        (self, shard)
     }
 }
 
@@ -454,15 +456,7 @@ impl Strategy for Pipeline {
             out.loss = self.group.broadcast(vec![out.loss as f32], last)?[0] as f64;
         }
         if let Some(data) = &self.data {
-            let local: Vec<f32> = std::iter::once(out.loss)
-                .chain(out.metrics.iter().map(|(_, v)| *v))
-                .map(|v| v as f32)
-                .collect();
-            let mean = data.all_reduce(local, Reduce::Mean)?;
-            out.loss = mean[0] as f64;
-            for ((_, v), m) in out.metrics.iter_mut().zip(&mean[1..]) {
-                *v = *m as f64;
-            }
+            crate::strategy::average_loss(&[data.as_ref()], &mut out)?;
         }
         // The reductions after backward (the receives inside it are on the timed pipeline
         // group, counted by the caller through `anneal_dist::waited`).

@@ -296,45 +296,82 @@ pub fn global_grad_norm(model: &dyn TrainModel) -> Result<f32> {
 /// over the tensor-parallel group, the experts' over the ranks splitting them, the parameters
 /// every rank of those groups holds whole counted once.
 pub(crate) fn split_model_grad_norm_sq(model: &dyn TrainModel, skip: Option<&str>) -> Result<f64> {
-    let params = model.params();
-    let parallel = model.parallel();
-    let tp = parallel.map_or(1, |p| p.tensor_parallel().1);
-    let ep = parallel.map_or(1, |p| p.expert_parallel().1);
-    let (mut split, mut experts, mut whole) = (0.0f64, 0.0f64, 0.0f64);
-    // Whether this rank holds experts (as every rank of its tensor- and expert-parallel groups
-    // does alike, holding the same layers).
-    let mut has_experts = false;
-    params.with_grads(|g| {
-        for (info, _, state) in params.trainable_ranges() {
-            if Some(info.name.as_str()) == skip {
-                continue;
-            }
-            let sq: f64 = g[state].iter().map(|&x| x as f64 * x as f64).sum();
-            match parallel.map(|p| p.split_of(&info.name)) {
-                Some(Split::Axis(_) | Split::Interleaved { .. }) if tp > 1 => split += sq,
-                Some(Split::Experts) if ep > 1 => {
-                    has_experts = true;
-                    experts += sq
+    NormParts::of(model, model.params().held_grads(), skip).added_over_splits(model)
+}
+
+/// A split model's squared gradients summed apart by how their parameters are split: slices of
+/// the tensor-parallel group's, experts, and parameters held whole.
+struct NormParts {
+    split: f64,
+    experts: f64,
+    whole: f64,
+}
+
+impl NormParts {
+    /// The parts over the elements `range` (of the trainable elements) this rank holds, leaving
+    /// out the parameter `skip`.
+    fn of(model: &dyn TrainModel, range: Range<usize>, skip: Option<&str>) -> NormParts {
+        let params = model.params();
+        let parallel = model.parallel();
+        let tp = parallel.map_or(1, |p| p.tensor_parallel().1);
+        let ep = parallel.map_or(1, |p| p.expert_parallel().1);
+        // The gradients this rank holds: its shard under ZeRO, else all of them.
+        let held = params.held_grads();
+        let range = range.start.max(held.start)..range.end.min(held.end);
+        let mut parts = NormParts {
+            split: 0.0,
+            experts: 0.0,
+            whole: 0.0,
+        };
+        params.with_grads(|g| {
+            for (info, _, state) in params.trainable_ranges() {
+                let (from, to) = (state.start.max(range.start), state.end.min(range.end));
+                if from >= to || Some(info.name.as_str()) == skip {
+                    continue;
                 }
-                _ => whole += sq,
+                let local = &g[from - held.start..to - held.start];
+                let sq: f64 = local.iter().map(|&x| x as f64 * x as f64).sum();
+                match parallel.map(|p| p.split_of(&info.name)) {
+                    Some(Split::Axis(_) | Split::Interleaved { .. }) if tp > 1 => parts.split += sq,
+                    Some(Split::Experts) if ep > 1 => parts.experts += sq,
+                    _ => parts.whole += sq,
+                }
             }
-        }
-    });
-    if let Some(p) = parallel {
-        if tp > 1 {
+        });
+        parts
+    }
+
+    /// The global sum of squares: the split parameters' part added over the tensor-parallel
+    /// group, the experts' over the ranks splitting them (when the model has experts split: every
+    /// rank of those groups holds the same layers, so they all call alike).
+    fn added_over_splits(self, model: &dyn TrainModel) -> Result<f64> {
+        let Some(p) = model.parallel() else {
+            return Ok(self.split + self.experts + self.whole);
+        };
+        let mut split = self.split;
+        if p.tensor_parallel().1 > 1 {
             split = p.sum_over_group(vec![split as f32])?[0] as f64;
         }
+        let mut experts = self.experts;
+        let has_experts = p.expert_parallel().1 > 1
+            && model
+                .params()
+                .trainable_ranges()
+                .any(|(info, _, _)| p.split_of(&info.name) == Split::Experts);
         if has_experts {
             experts = p.sum_over_experts(vec![experts as f32])?[0] as f64;
         }
+        Ok(split + experts + self.whole)
     }
-    Ok(split + experts + whole)
 }
 
 /// Replaces this rank's loss and metrics by their means over the ranks of each of `comms` in
 /// turn (what every rank reports), then fails on a non-finite mean loss: after every reduction,
 /// so all ranks fail alike and none is left waiting in a collective.
-fn average_loss(comms: &[&dyn anneal_dist::Communicator], out: &mut StepOutput) -> Result<()> {
+pub(crate) fn average_loss(
+    comms: &[&dyn anneal_dist::Communicator],
+    out: &mut StepOutput,
+) -> Result<()> {
     for comm in comms {
         let local: Vec<f32> = std::iter::once(out.loss as f32)
             .chain(out.metrics.iter().map(|(_, v)| *v as f32))
@@ -1095,8 +1132,8 @@ impl ZeroTwo {
     /// The global gradient norm from each rank's partial sums over its shard.
     fn global_norm(&self, model: &dyn TrainModel, shard: Range<usize>) -> Result<f32> {
         use anneal_tensor::params::NORM_CHUNK;
-        if let Some(p) = model.parallel().filter(|p| p.tensor_parallel().1 > 1) {
-            return sharded_split_model_norm(model, self.comm.as_ref(), shard, p.as_ref());
+        if model.parallel().is_some_and(|p| p.tensor_parallel().1 > 1) {
+            return sharded_split_model_norm(model, self.comm.as_ref(), shard);
         }
         let params = model.params();
         let total = params.trainable_numel();
@@ -1116,38 +1153,23 @@ impl ZeroTwo {
 
 /// The global gradient norm of a model split by tensor parallelism whose gradients are sharded
 /// over `comm` (ZeRO-2's and ZeRO-3's data ranks): each rank's `shard` of its slice's gradients,
-/// squares summed apart for the split parameters and the ones every rank of the tensor-parallel
-/// group holds whole, added over `comm`; the split parameters' sum then added over the
-/// tensor-parallel group.
+/// summed apart by split ([`NormParts`]) and added over `comm`, then over the splits.
 fn sharded_split_model_norm(
     model: &dyn TrainModel,
     comm: &dyn anneal_dist::Communicator,
     shard: Range<usize>,
-    parallel: &dyn anneal_nn::layers::ParallelContext,
 ) -> Result<f32> {
-    let params = model.params();
-    // The gradients this rank holds: its shard (the whole buffer before it is sharded).
-    let held = params.held_grads();
-    let shard = shard.start.max(held.start)..shard.end.min(held.end);
-    let (mut split, mut whole) = (0.0f64, 0.0f64);
-    params.with_grads(|g| {
-        for (info, _, state) in params.trainable_ranges() {
-            let from = state.start.max(shard.start);
-            let to = state.end.min(shard.end);
-            if from >= to {
-                continue;
-            }
-            let local = from - held.start..to - held.start;
-            let sq: f64 = g[local].iter().map(|&x| x as f64 * x as f64).sum();
-            match parallel.split_of(&info.name) {
-                Split::Axis(_) | Split::Interleaved { .. } | Split::Experts => split += sq,
-                Split::Replicated => whole += sq,
-            }
-        }
-    });
-    let sums = comm.all_reduce(vec![split as f32, whole as f32], anneal_dist::Reduce::Sum)?;
-    let split = parallel.sum_over_group(vec![sums[0]])?[0];
-    Ok((split as f64 + sums[1] as f64).sqrt() as f32)
+    let mine = NormParts::of(model, shard, None);
+    let sums = comm.all_reduce(
+        vec![mine.split as f32, mine.experts as f32, mine.whole as f32],
+        anneal_dist::Reduce::Sum,
+    )?;
+    let all = NormParts {
+        split: sums[0] as f64,
+        experts: sums[1] as f64,
+        whole: sums[2] as f64,
+    };
+    Ok(all.added_over_splits(model)?.sqrt() as f32)
 }
 
 impl Strategy for ZeroTwo {
@@ -1350,12 +1372,12 @@ impl Strategy for ZeroThree {
             comms.push(replicas.as_ref());
         }
         average_loss(&comms, &mut out)?;
-        let tensor = model.parallel().filter(|p| p.tensor_parallel().1 > 1);
+        let tensor = model.parallel().is_some_and(|p| p.tensor_parallel().1 > 1);
         out.grad_norm = if !(settings.grad_clip > 0.0 || settings.measure_grad_norm) {
             f64::NAN
-        } else if let Some(p) = tensor {
+        } else if tensor {
             let all = 0..params.trainable_numel();
-            sharded_split_model_norm(model, self.comm.as_ref(), all, p.as_ref())? as f64
+            sharded_split_model_norm(model, self.comm.as_ref(), all)? as f64
         } else {
             let mine: f64 = params.grad_norm_partials(params.held_grads()).iter().sum();
             let all = self
@@ -1388,7 +1410,7 @@ impl Strategy for ZeroThree {
 /// by the data ranks, which is the gradient of the mean loss over the global batch. The gradient
 /// norm adds the expert-parallel group's experts to the replicated part.
 ///
-/// With ZeRO-1 ([`ExpertDataParallel::with_zero_one`]) the optimizer state is sharded over the
+/// With ZeRO-1 ([`ZeroOneBeside::with_zero_one`]) the optimizer state is sharded over the
 /// expert-data-parallel group, the ranks whose parameters are all the same (the replicated ones
 /// and the same experts): each updates its shard and the group all-gathers the parameters.
 pub struct ExpertDataParallel {
@@ -1414,14 +1436,43 @@ impl ExpertDataParallel {
             zero: None,
         }
     }
+}
 
-    /// With the optimizer state of `model` sharded over the expert-data-parallel group
-    /// (ZeRO-1); the range of the trainable elements this rank's optimizer keeps.
-    pub fn with_zero_one(mut self, model: &dyn TrainModel) -> (Self, Range<usize>) {
+impl ZeroOneBeside for ExpertDataParallel {
+    /// With the optimizer state of `model` sharded over the expert-data-parallel group.
+    fn with_zero_one(mut self, model: &dyn TrainModel) -> (Self, Range<usize>) {
         let shard = zero_shard(self.experts.as_ref(), model);
         self.zero = Some(shard.clone());
         (self, shard)
     }
+}
+
+/// A strategy that can shard its optimizer state (ZeRO-1) over the ranks holding the same
+/// parameters as this one.
+pub trait ZeroOneBeside: Strategy + Sized + 'static {
+    /// This strategy with `model`'s optimizer state sharded; the range of the trainable elements
+    /// this rank's optimizer keeps.
+    fn with_zero_one(self, model: &dyn TrainModel) -> (Self, Range<usize>);
+}
+
+/// `strategy` (with ZeRO-1 when `zero_one`) and the AdamW of this rank: over its shard of the
+/// trainable elements, or all of them.
+pub fn with_adamw<S: ZeroOneBeside>(
+    strategy: S,
+    zero_one: bool,
+    model: &dyn TrainModel,
+    config: anneal_tensor::optim::AdamWConfig,
+) -> Result<(Box<dyn Strategy>, anneal_tensor::optim::AdamW)> {
+    let params = model.params();
+    if !zero_one {
+        return Ok((
+            Box::new(strategy),
+            anneal_tensor::optim::AdamW::new(params, config),
+        ));
+    }
+    let (strategy, shard) = strategy.with_zero_one(model);
+    let optimizer = anneal_tensor::optim::AdamW::shard(params, config, shard)?;
+    Ok((Box::new(strategy), optimizer))
 }
 
 /// Each trainable parameter's place in state order, and whether it is an expert's (split over

@@ -684,18 +684,15 @@ pub fn pretraining_on(
             }
             Some(world) if world.size() > 1 && config.layout(world.size())?.zero == 3 => {
                 // Data rank d is shard d % sharding of replica d / sharding.
-                let (r, sharding) = (world.rank(), config.layout(world.size())?.sharding);
-                let rank = (r, world.size());
-                let (group, replicas): (Arc<dyn anneal_dist::Communicator>, _) =
-                    if sharding == world.size() {
-                        (Arc::from(world), None)
-                    } else {
-                        let replicas = world.split(r % sharding, r / sharding)?;
-                        (
-                            Arc::from(world.split(r / sharding, r % sharding)?),
-                            Some(replicas),
-                        )
-                    };
+                let layout = config.layout(world.size())?;
+                let rank = (world.rank(), world.size());
+                let (group, replicas): (Arc<dyn anneal_dist::Communicator>, _) = if layout.dp == 1 {
+                    (Arc::from(world), None)
+                } else {
+                    let (sharding, replicas) =
+                        anneal_dist::hybrid_groups(world.as_ref(), layout.dp, layout.sharding)?;
+                    (Arc::from(sharding), Some(replicas))
+                };
                 let zero = Arc::new(anneal_dist::ZeroThree::new(group.clone()));
                 // Every rank draws the whole model from the seed and keeps its shards.
                 let model = Gpt::new_in(gpt, t.seed, zero.clone())?;
@@ -716,23 +713,18 @@ pub fn pretraining_on(
                     && config.layout(world.size())?.model_ranks() == 1 =>
             {
                 let ep = config.layout(world.size())?.ep;
-                let r = world.rank();
                 // Groups of `ep` neighbouring ranks split the experts; the ranks holding the
                 // same experts form the expert-data-parallel group.
-                let group: Arc<dyn anneal_dist::Communicator> =
-                    Arc::from(world.split(r / ep, r % ep)?);
-                let experts = world.split(r % ep, r / ep)?;
+                let (group, experts) =
+                    anneal_dist::hybrid_groups(world.as_ref(), world.size() / ep, ep)?;
+                let group: Arc<dyn anneal_dist::Communicator> = Arc::from(group);
                 let context = Arc::new(anneal_dist::ExpertParallel::new(group.clone()));
                 let model = Gpt::new_in(gpt, t.seed, context.clone())?;
                 let rank = (world.rank(), world.size());
                 let inner = crate::strategy::ExpertDataParallel::new(world, experts, group.clone());
-                let (inner, optimizer) = if config.parallel.zero == 1 {
-                    let (inner, shard) = inner.with_zero_one(&model);
-                    (inner, AdamW::shard(&model.params, adamw, shard)?)
-                } else {
-                    (inner, AdamW::new(&model.params, adamw))
-                };
-                let inner = Box::new(inner);
+                let zero_one = config.parallel.zero == 1;
+                let (inner, optimizer) =
+                    crate::strategy::with_adamw(inner, zero_one, &model, adamw)?;
                 let strategy: Box<dyn crate::strategy::Strategy> = Box::new(
                     crate::mesh::WithModelParallel::new(inner, context, group, None),
                 );
@@ -753,10 +745,11 @@ pub fn pretraining_on(
                 let experts = match layout.ep {
                     1 => None,
                     ep => {
-                        let d = mesh.data.rank();
-                        let group: Arc<dyn anneal_dist::Communicator> =
-                            Arc::from(mesh.data.split(d / ep, d % ep)?);
-                        Some((group, mesh.data.split(d % ep, d / ep)?))
+                        let data = mesh.data.as_ref();
+                        let (group, experts) =
+                            anneal_dist::hybrid_groups(data, data.size() / ep, ep)?;
+                        let group: Arc<dyn anneal_dist::Communicator> = Arc::from(group);
+                        Some((group, experts))
                     }
                 };
                 // This rank's part of the model: its tensor-parallel slices of its stage's
@@ -821,25 +814,13 @@ pub fn pretraining_on(
                         if let Some(experts) = expert_data {
                             pipeline = pipeline.with_expert_data(experts);
                         }
-                        if layout.zero == 1 {
-                            let (pipeline, shard) = pipeline.with_zero_one(&model);
-                            let optimizer = AdamW::shard(&model.params, adamw, shard)?;
-                            (Box::new(pipeline), optimizer)
-                        } else {
-                            (Box::new(pipeline), AdamW::new(&model.params, adamw))
-                        }
+                        crate::strategy::with_adamw(pipeline, layout.zero == 1, &model, adamw)?
                     }
                     None if expert_data.is_some() => {
                         let ep = ep_group.clone().expect("an expert-parallel group");
                         let experts = expert_data.expect("an expert-data-parallel group");
                         let inner = crate::strategy::ExpertDataParallel::new(data, experts, ep);
-                        if layout.zero == 1 {
-                            let (inner, shard) = inner.with_zero_one(&model);
-                            let optimizer = AdamW::shard(&model.params, adamw, shard)?;
-                            (Box::new(inner), optimizer)
-                        } else {
-                            (Box::new(inner), AdamW::new(&model.params, adamw))
-                        }
+                        crate::strategy::with_adamw(inner, layout.zero == 1, &model, adamw)?
                     }
                     None => {
                         let data_layout = crate::config::Layout {

@@ -81,6 +81,19 @@ fn on_ranks<T: Send>(
     results.swap_remove(0)
 }
 
+/// A Mixture-of-Experts GPT's settings (4 experts, top-2, in every block), then `extra`.
+fn with_moe(extra: &[&'static str]) -> Vec<&'static str> {
+    [
+        "model.moe.experts=4",
+        "model.moe.top_k=2",
+        "model.moe.every=1",
+        "model.moe.d_ff=32",
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .collect()
+}
+
 /// Trains `steps` steps, returning their losses.
 fn train(t: &mut Trainer, steps: u64) -> anyhow::Result<Vec<f64>> {
     (0..steps).map(|_| Ok(t.step()?.loss)).collect()
@@ -418,16 +431,7 @@ fn an_impossible_layout_is_refused_before_any_step() {
 /// (1e-4); saved again from the shares, the checkpoint is the one it was, bit for bit.
 #[test]
 fn a_moe_checkpoint_resumes_with_its_experts_split_inside_the_mesh() {
-    let moe = [
-        "model.moe.experts=4",
-        "model.moe.top_k=2",
-        "model.moe.every=1",
-        "model.moe.d_ff=32",
-    ];
-    let with = |extra: &[&'static str]| -> Vec<&'static str> {
-        moe.iter().chain(extra).copied().collect()
-    };
-    let dp = with(&["parallel.dp=2"]);
+    let dp = with_moe(&["parallel.dp=2"]);
     let root = tempfile::tempdir().unwrap();
     let dp_config = config(&dp);
     let (want, saved) = on_ranks(2, &dp, |t, _| {
@@ -441,10 +445,10 @@ fn a_moe_checkpoint_resumes_with_its_experts_split_inside_the_mesh() {
     let saved = saved.expect("rank 0 writes the checkpoint");
     let original = checkpoint::load(&saved).unwrap();
     let layouts: [(&str, Vec<&str>); 2] = [
-        ("ep 2 × tp 2", with(&["parallel.ep=2", "parallel.tp=2"])),
+        ("ep 2 × tp 2", with_moe(&["parallel.ep=2", "parallel.tp=2"])),
         (
             "ep 2 × pp 2, GPipe",
-            with(&["parallel.ep=2", "parallel.pp=2", "parallel.schedule=gpipe"]),
+            with_moe(&["parallel.ep=2", "parallel.pp=2", "parallel.schedule=gpipe"]),
         ),
     ];
     for (i, (what, sets)) in layouts.iter().enumerate() {
@@ -477,19 +481,10 @@ fn a_moe_checkpoint_resumes_with_its_experts_split_inside_the_mesh() {
 /// and optimizer state: it loads on one device and equals that run's parameters.
 #[test]
 fn zero_one_beside_experts_split_in_a_pipeline_equals_one_device() {
-    let moe = [
-        "model.moe.experts=4",
-        "model.moe.top_k=2",
-        "model.moe.every=1",
-        "model.moe.d_ff=32",
-    ];
-    let with = |extra: &[&'static str]| -> Vec<&'static str> {
-        moe.iter().chain(extra).copied().collect()
-    };
-    let one = config(&with(&["train.batch_size=2", "train.grad_accum=4"]));
+    let one = config(&with_moe(&["train.batch_size=2", "train.grad_accum=4"]));
     let mut single = trainer(&one, None);
     let want = train(&mut single, 10).unwrap();
-    let sets = with(&[
+    let sets = with_moe(&[
         "parallel.ep=2",
         "parallel.pp=2",
         "parallel.schedule=gpipe",
