@@ -85,6 +85,7 @@ fn f32_forward_backward_and_adamw_step_match_pytorch() {
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
+            ..AdamWConfig::DEFAULT
         },
     );
     opt.step(&m.params, 1e-3);

@@ -6,8 +6,9 @@
 //! not overflow. The defaults are the ones PyTorch's `GradScaler` and Megatron-LM use: start at
 //! 2¹⁶, double after 2,000 clean steps, halve on overflow.
 //!
-//! Overflow is found in the same pass that unscales the gradients and sums their squares for the
-//! gradient norm ([`unscale_and_norm`]): a non-finite gradient makes the sum non-finite.
+//! Overflow is found in the pass that sums the gradients' squares for the gradient norm, however
+//! a training strategy splits it over ranks: a non-finite gradient makes the norm non-finite. The
+//! gradients are then unscaled in the same pass that clips them.
 
 use crate::error::{invalid, Result};
 
@@ -77,6 +78,11 @@ impl LossScaler {
             skipped_in_a_row: 0,
             skipped: 0,
         })
+    }
+
+    /// Its settings.
+    pub fn config(&self) -> LossScaleConfig {
+        self.config
     }
 
     /// The scale the loss is multiplied by this step.
@@ -154,19 +160,6 @@ impl LossScaler {
         s.skipped = state[3] as u64;
         Ok(s)
     }
-}
-
-/// Divides `grads` by `scale` in place and returns the sum of their squares (after unscaling)
-/// in f64: non-finite when any gradient overflowed, so one pass gives both the gradient norm and
-/// the overflow check.
-pub fn unscale_and_norm(grads: &mut [f32], scale: f32) -> f64 {
-    let inv = 1.0 / scale;
-    let mut sum = 0.0f64;
-    for g in grads.iter_mut() {
-        *g *= inv;
-        sum += *g as f64 * *g as f64;
-    }
-    sum
 }
 
 #[cfg(test)]
@@ -255,17 +248,5 @@ mod tests {
         ] {
             assert!(LossScaler::new(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn one_pass_unscales_gives_the_norm_and_finds_an_overflow() {
-        let mut g = vec![1024.0f32, -2048.0, 0.0];
-        let sq = unscale_and_norm(&mut g, 1024.0);
-        assert_eq!(g, vec![1.0, -2.0, 0.0]);
-        assert_eq!(sq, 5.0);
-        let mut g = vec![1.0f32, f32::INFINITY, 3.0];
-        assert!(!unscale_and_norm(&mut g, 2.0).is_finite());
-        let mut g = vec![f32::NAN];
-        assert!(!unscale_and_norm(&mut g, 2.0).is_finite());
     }
 }

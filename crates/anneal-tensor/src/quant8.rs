@@ -104,9 +104,191 @@ pub fn dequantize_blockwise(codes: &[u8], absmax: &[f32], block: usize) -> Vec<f
         .collect()
 }
 
+/// The 8-bit format of AdamW's moments ([`crate::optim::MomentDType::Int8`]): the dynamic map
+/// over blocks of [`BLOCK`], with two changes from [`quantize_blockwise`] that make it a lossless
+/// store for a checkpoint and safe for a second moment:
+///
+/// - each block's scale is its largest-magnitude value *with its sign*, so that value is the code
+///   1.0 exactly (the map has no −1.0) and quantising a block's decoded values gives back the same
+///   codes and scale: a checkpoint holds the decoded f32 values and a resumed run re-quantises
+///   them into the very state it saved;
+/// - with `keep_nonzero` (the second moment), a non-zero value never takes the zero code but the
+///   smallest one of its sign, as a second moment read back as 0 beside a non-zero first moment
+///   would turn an update into m/ε.
+///
+/// The nearest code is found from a table indexed by the value's top 16 bits (the map's codes are
+/// at least 1% apart, a bf16 bucket 0.4% wide, so at most one code falls in a bucket) instead of
+/// a binary search.
+pub struct Quantizer {
+    map: [f32; 256],
+    /// Per top-16-bit pattern of a scaled value, the first code at or above the least value with
+    /// that pattern.
+    first: Vec<u8>,
+    zero: u8,
+}
+
+/// The one [`Quantizer`], built on first use.
+pub fn quantizer() -> &'static Quantizer {
+    static Q: std::sync::OnceLock<Quantizer> = std::sync::OnceLock::new();
+    Q.get_or_init(Quantizer::new)
+}
+
+impl Default for Quantizer {
+    fn default() -> Self {
+        Quantizer::new()
+    }
+}
+
+impl Quantizer {
+    /// The signed dynamic map and its lookup table.
+    pub fn new() -> Quantizer {
+        let map = dynamic_map();
+        let first = (0..=u16::MAX)
+            .map(|h| {
+                // The least value whose top 16 bits are `h`: the pattern itself when positive,
+                // the next pattern's magnitude when negative.
+                let least = if h & 0x8000 == 0 {
+                    f32::from_bits((h as u32) << 16)
+                } else {
+                    -f32::from_bits(((h as u32 & 0x7fff) + 1) << 16)
+                };
+                if least.is_nan() {
+                    return 255;
+                }
+                map.partition_point(|&c| c < least).min(255) as u8
+            })
+            .collect();
+        let zero = map
+            .iter()
+            .position(|&c| c == 0.0)
+            .expect("the map holds zero") as u8;
+        Quantizer { map, first, zero }
+    }
+
+    /// The code nearest `x` in [-1, 1] (halfway takes the lower), as a binary search would find.
+    #[inline]
+    fn nearest(&self, x: f32) -> u8 {
+        let mut upper = self.first[(x.to_bits() >> 16) as usize] as usize;
+        while upper < 255 && self.map[upper] < x {
+            upper += 1;
+        }
+        if upper == 0 {
+            return 0;
+        }
+        let lower = upper - 1;
+        if x - self.map[lower] <= self.map[upper] - x {
+            lower as u8
+        } else {
+            upper as u8
+        }
+    }
+
+    /// Quantises one block of `values` into `codes` and returns its scale.
+    pub fn encode(&self, values: &[f32], codes: &mut [u8], keep_nonzero: bool) -> f32 {
+        let scale = values
+            .iter()
+            .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+        if scale == 0.0 {
+            codes.fill(self.zero);
+            return 0.0;
+        }
+        let (below, above) = (self.zero - 1, self.zero + 1);
+        for (q, &v) in codes.iter_mut().zip(values) {
+            let c = self.nearest((v / scale).clamp(-1.0, 1.0));
+            *q = if keep_nonzero && c == self.zero && v != 0.0 {
+                if (v > 0.0) == (scale > 0.0) {
+                    above
+                } else {
+                    below
+                }
+            } else {
+                c
+            };
+        }
+        scale
+    }
+
+    /// The values one block's `codes` stand for at `scale`.
+    pub fn decode(&self, codes: &[u8], scale: f32, out: &mut [f32]) {
+        for (o, &q) in out.iter_mut().zip(codes) {
+            *o = self.map[q as usize] * scale;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_finds_the_code_a_binary_search_finds() {
+        let q = Quantizer::new();
+        let map = dynamic_map();
+        let mut x = 0x1234_5678u32;
+        for i in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            let v = match i % 3 {
+                0 => (x as f32 / u32::MAX as f32) * 2.0 - 1.0,
+                1 => ((x as f32 / u32::MAX as f32) - 0.5) * 1e-4,
+                _ => map[(x % 256) as usize] + ((x >> 8) as f32 / u32::MAX as f32 - 0.5) * 1e-7,
+            }
+            .clamp(-1.0, 1.0);
+            let upper = map.partition_point(|&c| c < v).min(255);
+            let want = if upper == 0 {
+                0
+            } else if v - map[upper - 1] <= map[upper] - v {
+                upper - 1
+            } else {
+                upper
+            };
+            assert_eq!(q.nearest(v) as usize, want, "{v}");
+        }
+    }
+
+    #[test]
+    fn decoded_blocks_quantise_back_to_the_same_codes_and_scale() {
+        let q = Quantizer::new();
+        let mut x = 99u32;
+        for keep in [false, true] {
+            let values: Vec<f32> = (0..BLOCK)
+                .map(|i| {
+                    x = x.wrapping_mul(1664525).wrapping_add(1013904223);
+                    let u = (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5;
+                    let v = u * 10f32.powi(-((i % 9) as i32));
+                    if keep {
+                        v * v
+                    } else if i == 7 {
+                        -3.0
+                    } else {
+                        v
+                    }
+                })
+                .collect();
+            let mut codes = vec![0u8; BLOCK];
+            let scale = q.encode(&values, &mut codes, keep);
+            assert_eq!(
+                scale,
+                if keep {
+                    values.iter().fold(0.0, |m: f32, &v| m.max(v))
+                } else {
+                    -3.0
+                }
+            );
+            let mut back = vec![0.0; BLOCK];
+            q.decode(&codes, scale, &mut back);
+            if keep {
+                assert!(values
+                    .iter()
+                    .zip(&back)
+                    .all(|(&v, &b)| (v == 0.0) == (b == 0.0)));
+            }
+            let mut again = vec![0u8; BLOCK];
+            assert_eq!(q.encode(&back, &mut again, keep), scale);
+            assert_eq!(again, codes);
+        }
+    }
 
     #[test]
     fn the_map_ascends_through_zero_to_one() {

@@ -75,6 +75,17 @@ pub struct TrainerState {
     pub vocab_size: usize,
     /// Checksums of the tensor files.
     pub files: BTreeMap<String, FileCheck>,
+    /// The dynamic loss scale of an f16 run ([`anneal_tensor::loss_scale::LossScaler::to_state`]:
+    /// scale, clean steps, overflows in a row, overflows in all); empty without one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loss_scale: Vec<f64>,
+}
+
+impl TrainerState {
+    /// Steps the optimizer took: the trainer's, less those a loss scale skipped.
+    pub fn optimizer_steps(&self) -> u64 {
+        self.step - self.loss_scale.get(3).map_or(0, |&s| s as u64)
+    }
 }
 
 /// A checkpoint read back and verified.
@@ -406,8 +417,32 @@ pub fn whole_state_layout(
 
 /// A loaded checkpoint's whole optimizer state, by name, after checking that it was laid out for
 /// `params`' trainable parameters (failing, naming the first parameter that differs, otherwise).
+///
+/// A checkpoint of f32 weights resumed into a half-precision store has no master copy: its f32
+/// weights become one (under the optimizer's name for it), so no precision is lost in the
+/// conversion.
 pub fn optimizer_state(params: &ParamStore, loaded: &Loaded) -> Result<HashMap<String, Vec<f32>>> {
-    optimizer_state_for(state_layout(params), loaded)
+    let layout = state_layout(params);
+    let mut state = optimizer_state_for(layout.clone(), loaded)?;
+    let name = if state.contains_key("adam.m") {
+        "adam.master"
+    } else {
+        "sgd.master"
+    };
+    let f32_weights = layout.iter().all(|(n, _)| {
+        loaded
+            .model
+            .get(n)
+            .is_some_and(|t| t.dtype() == anneal_tensor::DType::F32)
+    });
+    if params.dtype() != anneal_tensor::DType::F32 && !state.contains_key(name) && f32_weights {
+        let mut master = Vec::with_capacity(params.trainable_numel());
+        for (n, _) in &layout {
+            master.extend(loaded.model[n].to_vec_f32());
+        }
+        state.insert(name.to_string(), master);
+    }
+    Ok(state)
 }
 
 /// [`optimizer_state`] checked against the state layout `ours` (a split model's whole one,

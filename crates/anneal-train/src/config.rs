@@ -6,7 +6,7 @@
 //! is named with the type expected, and [`RunConfig::validate`] names values out of range with
 //! the allowed range.
 
-use anneal_tensor::optim::AdamWConfig;
+use anneal_tensor::optim::{AdamWConfig, MomentDType};
 use anneal_tensor::DType;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -46,7 +46,7 @@ pub struct ModelConfig {
     pub bias: bool,
     /// Output head shares the token embedding.
     pub tie_embeddings: bool,
-    /// Parameter and activation storage: `f32` or `bf16`.
+    /// Parameter and activation storage: `f32`, `bf16` or `f16` (with dynamic loss scaling).
     pub dtype: String,
     /// Recompute each block in backward instead of storing its activations.
     pub checkpoint_blocks: bool,
@@ -154,8 +154,13 @@ impl MoeSection {
 
 impl ModelConfig {
     /// How a checkpoint's `[model]` (`saved`) differs from this one, naming the first key that
-    /// differs, or `None` when they are the same model.
+    /// differs, or `None` when they are the same model. The storage dtype is not part of the
+    /// model: a checkpoint converts between precisions ([`RunConfig::precision_change`]).
     pub fn difference_from(&self, saved: &ModelConfig) -> Option<String> {
+        let saved = &ModelConfig {
+            dtype: self.dtype.clone(),
+            ..saved.clone()
+        };
         if self == saved {
             return None;
         }
@@ -272,6 +277,22 @@ pub struct TrainConfig {
     pub threads: usize,
     /// Where checkpoints, metrics, the loss curve and logs go.
     pub out_dir: PathBuf,
+    /// How AdamW keeps its two moments: "f32", "bf16" (stochastic rounding, 2 bytes each) or
+    /// "8bit" (block-wise dynamic quantisation, about 1 byte each).
+    #[serde(default = "default_moments")]
+    pub moments: String,
+    /// Whether a bf16 model keeps an f32 master copy of its weights (2 more bytes per
+    /// parameter); without one every update is rounded into the bf16 weights stochastically.
+    #[serde(default = "default_master_weights")]
+    pub master_weights: bool,
+}
+
+fn default_moments() -> String {
+    "f32".into()
+}
+
+fn default_master_weights() -> bool {
+    true
 }
 
 /// The optimizer defaults every command takes ([`AdamWConfig::default`], written once).
@@ -303,6 +324,8 @@ impl Default for TrainConfig {
             seed: 1337,
             threads: 0,
             out_dir: PathBuf::from("runs/shakespeare-char"),
+            moments: default_moments(),
+            master_weights: default_master_weights(),
         }
     }
 }
@@ -547,6 +570,7 @@ impl RunConfig {
                 "a number in [0, 1)",
             )?;
         }
+        self.adamw()?;
         check(
             t.weight_decay >= 0.0,
             "train.weight_decay",
@@ -711,6 +735,14 @@ impl RunConfig {
                 p.zero
             );
         }
+        if self.dtype()? == DType::F16 && (pp > 1 || tp > 1 || p.ep > 1) {
+            bail!(
+                "model.dtype = \"f16\" (with dynamic loss scaling) trains on one device or data \
+                 parallel for now, not split by parallel.tp = {tp}, parallel.pp = {pp} or \
+                 parallel.ep = {}; use model.dtype = \"bf16\", which needs no loss scale",
+                p.ep
+            );
+        }
         if p.zero > 0 && ranks > 1 && self.dtype()? != DType::F32 {
             bail!(
                 "parallel.zero = {} needs model.dtype = \"f32\" for now (a bf16 model's master \
@@ -788,12 +820,80 @@ impl RunConfig {
         })
     }
 
+    /// The run's AdamW settings: `[train]`'s β₁, β₂, weight decay, moment storage and master
+    /// copy over anneal's defaults.
+    pub fn adamw(&self) -> Result<AdamWConfig> {
+        let t = &self.train;
+        let Some(moments) = MomentDType::parse(&t.moments) else {
+            let names: Vec<&str> = MomentDType::NAMES.iter().map(|(n, _)| *n).collect();
+            bail!(
+                "config key train.moments = {:?} is not allowed: {}",
+                t.moments,
+                names.join(", ")
+            );
+        };
+        Ok(AdamWConfig {
+            beta1: t.beta1 as f32,
+            beta2: t.beta2 as f32,
+            weight_decay: t.weight_decay as f32,
+            moments,
+            master_weights: t.master_weights,
+            ..AdamWConfig::default()
+        })
+    }
+
+    /// How resuming a checkpoint written under `saved` converts its precision to this run's:
+    /// one line per change of model dtype, moment storage or master copy, or `None` when both
+    /// keep the same. Every change converts: 16-bit weights resume in f32 from their master
+    /// copy, f32 weights are rounded into 16 bits with the f32 values as the master copy,
+    /// moments are rounded or quantised into the new storage.
+    pub fn precision_change(&self, saved: &RunConfig) -> Option<String> {
+        let mut lines = Vec::new();
+        let (a, b) = (&saved.model.dtype, &self.model.dtype);
+        if a != b {
+            let how = if b == "f32" {
+                "the weights are read from the checkpoint's f32 master copy"
+            } else if a == "f32" {
+                "the weights are rounded, their f32 values kept as the master copy"
+            } else {
+                "the weights are rounded from the checkpoint's f32 master copy"
+            };
+            lines.push(format!("model.dtype {a} → {b}: {how}"));
+        }
+        let (a, b) = (&saved.train.moments, &self.train.moments);
+        if a != b {
+            lines.push(format!(
+                "train.moments {a} → {b}: the AdamW moments are {}",
+                if b == "f32" {
+                    "widened exactly"
+                } else if b == "8bit" {
+                    "quantised in blocks of 2,048"
+                } else {
+                    "rounded to nearest"
+                }
+            ));
+        }
+        let (a, b) = (saved.train.master_weights, self.train.master_weights);
+        if a != b && self.model.dtype == "bf16" {
+            lines.push(format!(
+                "train.master_weights {a} → {b}: {}",
+                if b {
+                    "the master copy starts from the bf16 weights"
+                } else {
+                    "the master copy is rounded into the bf16 weights and dropped"
+                }
+            ));
+        }
+        (!lines.is_empty()).then(|| lines.join("; "))
+    }
+
     /// The model's storage dtype.
     pub fn dtype(&self) -> Result<DType> {
         match self.model.dtype.as_str() {
             "f32" => Ok(DType::F32),
             "bf16" => Ok(DType::BF16),
-            other => bail!("config key model.dtype = {other:?} is not allowed: f32 or bf16"),
+            "f16" => Ok(DType::F16),
+            other => bail!("config key model.dtype = {other:?} is not allowed: f32, bf16 or f16"),
         }
     }
 

@@ -464,12 +464,12 @@ impl Strategy for Pipeline {
         if !out.loss.is_finite() {
             return Err(NonFiniteLoss(out.loss).into());
         }
-        out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
+        out.grad_norm = if settings.needs_norm() {
             self.grad_norm(model)? as f64
         } else {
             f64::NAN
         };
-        crate::strategy::clip_with_and_step(model, optimizer, settings, out.grad_norm);
+        crate::strategy::clip_with_and_step(model, optimizer, settings, &mut out);
         if let (Some(shard), Some(group)) = (&self.zero, self.replicas()) {
             let t = Instant::now();
             crate::strategy::gather_parameters(group, model, shard.clone())?;

@@ -170,6 +170,12 @@ pub enum Metric {
         /// What the Mixture-of-Experts layers reported, for an MoE model.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         moe: Option<MoeMetrics>,
+        /// The loss scale this step ran under, for an f16 run (dynamic loss scaling).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        loss_scale: Option<f64>,
+        /// Steps skipped so far because their loss-scaled gradients overflowed (f16 runs).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        skipped_steps: Option<u64>,
     },
 }
 
@@ -573,6 +579,12 @@ fn train_on_pool(
                     dir.display(),
                 );
             }
+            if let Some(change) = config.precision_change(&saved) {
+                tracing::info!(
+                    "{} converts to this run's precision: {change}",
+                    dir.display()
+                );
+            }
             if loaded.state.data.train_tokens != train_tokens {
                 bail!(
                     "{} was trained on {} training tokens but {} holds {}: resume on the same tokenized corpus",
@@ -756,6 +768,7 @@ fn train_on_pool(
             tokenizer: tokenizer.to_json()?,
             vocab_size: manifest.vocab_size,
             files: Default::default(),
+            loss_scale: Vec::new(),
         };
         let dir = trainer.save(&files.checkpoints, state)?;
         if let Some(dir) = &dir {
@@ -787,7 +800,19 @@ fn train_on_pool(
     while trainer.steps() < t.max_steps {
         let began = Instant::now();
         let lr = trainer.lr();
-        let s = trainer.step()?;
+        let s = match trainer.step() {
+            Ok(s) => s,
+            Err(e)
+                if e.downcast_ref::<crate::trainer::LossScaleDiverged>()
+                    .is_some() =>
+            {
+                // A diverged f16 run stops with a checkpoint of where it was, not spinning.
+                let dir = save(&trainer)?;
+                let at = dir.map_or(String::new(), |d| format!("; checkpoint {}", d.display()));
+                return Err(e.context(format!("the run stopped at step {}{at}", trainer.steps())));
+            }
+            Err(e) => return Err(e),
+        };
         let step = trainer.steps();
         step_seconds += began.elapsed().as_secs_f64();
         exposed_comm += s.exposed_comm;
@@ -799,6 +824,7 @@ fn train_on_pool(
             window = (Instant::now(), 0);
         }
         let moe = MoeMetrics::from_named(&s.metrics);
+        let named = |name: &str| s.metrics.iter().find(|(n, _)| n == name).map(|m| m.1);
         // The objective's loss: the MoE losses are logged on their own.
         let objective_loss = s.loss - moe.as_ref().map_or(0.0, |m| m.aux_loss + m.z_loss);
         let m = Metric::Step {
@@ -809,6 +835,8 @@ fn train_on_pool(
             tokens_per_s,
             mfu,
             moe,
+            loss_scale: named("loss_scale"),
+            skipped_steps: named("skipped_steps").map(|n| n as u64),
         };
         if let Some(f) = &mut metrics_file {
             writeln!(f, "{}", serde_json::to_string(&m)?)?;

@@ -27,6 +27,18 @@ pub struct StepSettings {
     /// Measure the gradient norm even when not clipping (it is logged; a benchmark that does not
     /// log it skips the pass over the gradients).
     pub measure_grad_norm: bool,
+    /// The loss is multiplied by this before backward and the gradients divided by it before the
+    /// optimizer (dynamic loss scaling, [`anneal_tensor::loss_scale`]); 1 is none. Under a
+    /// scale, a step whose gradients overflow is skipped ([`StepOutput::skipped`]).
+    pub loss_scale: f32,
+}
+
+impl StepSettings {
+    /// Whether the step needs the gradient norm: to clip, to log it, or to find an overflow of
+    /// loss-scaled gradients (a non-finite norm).
+    pub fn needs_norm(&self) -> bool {
+        self.grad_clip > 0.0 || self.measure_grad_norm || self.loss_scale != 1.0
+    }
 }
 
 /// What one optimizer step did.
@@ -44,6 +56,8 @@ pub struct StepOutput {
     /// Seconds spent waiting for communication outside backward (gradient reductions not hidden
     /// behind it, and ZeRO's parameter all-gather; counted in `phases[2]` too).
     pub exposed_comm: f64,
+    /// The loss-scaled gradients overflowed: the optimizer did not step.
+    pub skipped: bool,
 }
 
 /// Runs one optimizer step of a model.
@@ -167,6 +181,7 @@ impl Strategy for SingleDevice {
             objective,
             micro_batches,
             dropout,
+            settings.loss_scale,
             after_forward,
             &mut |_| {},
         )?;
@@ -178,8 +193,8 @@ impl Strategy for SingleDevice {
     }
 }
 
-/// Zeroes the gradients, then runs forward and backward over `micro_batches` (gradients summed):
-/// the loss and metrics, and the forward and backward times. The part of a step every strategy
+/// Zeroes the gradients, then runs forward and backward over `micro_batches` (gradients summed,
+/// times `loss_scale`): the loss and metrics, and the forward and backward times. The part of a step every strategy
 /// shares. `last_backward` is told, before each backward, whether it is the step's last (when
 /// data parallelism's gradient hooks start communicating).
 ///
@@ -191,6 +206,7 @@ pub fn forward_backward(
     objective: &mut dyn Objective,
     micro_batches: &[Batch],
     dropout: &[DropoutKey],
+    loss_scale: f32,
     after_forward: &mut dyn FnMut(),
     last_backward: &mut dyn FnMut(bool),
 ) -> Result<StepOutput> {
@@ -228,11 +244,11 @@ pub fn forward_backward(
         after_forward();
         let t1 = Instant::now();
         last_backward(m + 1 == n);
-        if n == 1 {
+        if n == 1 && loss_scale == 1.0 {
             total.backward()?;
         } else {
-            let weight = Tensor::from_f32(vec![weight as f32], total.shape())?;
-            total.backward_with_grad(&weight)?;
+            let seed = Tensor::from_f32(vec![weight as f32 * loss_scale], total.shape())?;
+            total.backward_with_grad(&seed)?;
         }
         out.phases[1] += t1.elapsed().as_secs_f64();
     }
@@ -250,32 +266,58 @@ pub fn clip_and_step(
     out: &mut StepOutput,
 ) -> Result<()> {
     let t2 = Instant::now();
-    out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
+    out.grad_norm = if settings.needs_norm() {
         global_grad_norm(model)? as f64
     } else {
         f64::NAN
     };
-    clip_with_and_step(model, optimizer, settings, out.grad_norm);
+    clip_with_and_step(model, optimizer, settings, out);
     out.phases[2] += t2.elapsed().as_secs_f64();
     Ok(())
 }
 
-/// Scales the gradients this rank holds so their global norm `norm` (however the strategy summed
-/// it over the ranks) is at most `settings.grad_clip`, when clipping is on, and steps the
-/// optimizer.
+/// Steps the optimizer after [`unscale_and_clip`] over the gradients this rank holds.
 pub fn clip_with_and_step(
     model: &dyn TrainModel,
     optimizer: &mut dyn Optimizer,
     settings: StepSettings,
-    norm: f64,
+    out: &mut StepOutput,
 ) {
     let params = model.params();
+    if unscale_and_clip(params, params.held_grads(), settings, out) {
+        optimizer.step(params, settings.lr);
+    }
+}
+
+/// Given `out.grad_norm`, the global norm of the (loss-scaled) gradients however the strategy
+/// summed it over the ranks: under a loss scale, a non-finite norm is an overflow (the same pass
+/// that measured the norm found it), so the step is marked skipped and `false` returned;
+/// otherwise the norm is unscaled and the gradients in `range` multiplied, in one pass, by the
+/// inverse scale and the factor that clips their norm to `settings.grad_clip`.
+pub fn unscale_and_clip(
+    params: &anneal_tensor::ParamStore,
+    range: Range<usize>,
+    settings: StepSettings,
+    out: &mut StepOutput,
+) -> bool {
+    let scale = settings.loss_scale;
+    if scale != 1.0 && !out.grad_norm.is_finite() {
+        out.skipped = true;
+        return false;
+    }
+    out.grad_norm /= scale as f64;
+    let mut factor = 1.0 / scale;
     if settings.grad_clip > 0.0 {
-        if let Some(s) = anneal_tensor::params::clip_factor(norm as f32, settings.grad_clip) {
-            params.scale_grads(params.held_grads(), s);
+        if let Some(s) =
+            anneal_tensor::params::clip_factor(out.grad_norm as f32, settings.grad_clip)
+        {
+            factor *= s;
         }
     }
-    optimizer.step(params, settings.lr);
+    if factor != 1.0 {
+        params.scale_grads(range, factor);
+    }
+    true
 }
 
 /// The global norm of the model's gradients. Under tensor parallelism each rank holds a slice of
@@ -612,6 +654,7 @@ impl DataParallel {
         objective: &mut dyn Objective,
         micro_batches: &[Batch],
         dropout: &[DropoutKey],
+        loss_scale: f32,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
         self.hook(model)?;
@@ -624,6 +667,7 @@ impl DataParallel {
             objective,
             micro_batches,
             dropout,
+            loss_scale,
             after_forward,
             &mut |last| self.arm(last),
         );
@@ -729,8 +773,14 @@ impl Strategy for DataParallel {
         settings: StepSettings,
         after_forward: &mut dyn FnMut(),
     ) -> Result<StepOutput> {
-        let mut out =
-            self.forward_backward(model, objective, micro_batches, dropout, after_forward)?;
+        let mut out = self.forward_backward(
+            model,
+            objective,
+            micro_batches,
+            dropout,
+            settings.loss_scale,
+            after_forward,
+        )?;
         let t = Instant::now();
         out.exposed_comm += self.reduce_gradients(model, None)?;
         average_loss(&[self.comm.as_ref()], &mut out)?;
@@ -750,8 +800,20 @@ impl Strategy for DataParallel {
 }
 
 /// Shards of ZeRO hold whole chunks of the gradient norm's partial sums, so a sharded norm is
-/// the same bits as the whole one.
-const SHARD_ALIGN: usize = anneal_tensor::params::NORM_CHUNK;
+/// the same bits as the whole one, and whole blocks of 8-bit optimizer moments, so no block
+/// straddles two ranks and a sharded optimizer quantises as the whole one does.
+const SHARD_ALIGN: usize = {
+    let (a, b) = (
+        anneal_tensor::params::NORM_CHUNK,
+        anneal_tensor::quant8::BLOCK,
+    );
+    assert!(a.is_multiple_of(b) || b.is_multiple_of(a));
+    if a > b {
+        a
+    } else {
+        b
+    }
+};
 
 /// ZeRO stage 1 (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
 /// Parameter Models"): data parallelism whose optimizer state is sharded. Gradients are averaged
@@ -831,6 +893,7 @@ impl Strategy for ZeroOne {
             objective,
             micro_batches,
             dropout,
+            settings.loss_scale,
             after_forward,
         )?;
         let t = Instant::now();
@@ -1213,6 +1276,7 @@ impl Strategy for ZeroTwo {
             objective,
             micro_batches,
             dropout,
+            settings.loss_scale,
             after_forward,
             &mut |_| lock().start_rest(comm.as_ref(), bf16),
         );
@@ -1245,18 +1309,14 @@ impl Strategy for ZeroTwo {
         let mut groups = vec![self.comm.as_ref()];
         groups.extend(self.replicas.as_deref());
         average_loss(&groups, &mut out)?;
-        out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
-            let norm = self.global_norm(model, shard.clone())?;
-            if settings.grad_clip > 0.0 {
-                if let Some(s) = anneal_tensor::params::clip_factor(norm, settings.grad_clip) {
-                    params.scale_grads(shard.clone(), s);
-                }
-            }
-            norm as f64
+        out.grad_norm = if settings.needs_norm() {
+            self.global_norm(model, shard.clone())? as f64
         } else {
             f64::NAN
         };
-        optimizer.step(params, settings.lr);
+        if unscale_and_clip(params, shard.clone(), settings, &mut out) {
+            optimizer.step(params, settings.lr);
+        }
         let gathering = Instant::now();
         gather_parameters(self.comm.as_ref(), model, shard)?;
         out.exposed_comm += gathering.elapsed().as_secs_f64();
@@ -1355,6 +1415,7 @@ impl Strategy for ZeroThree {
             objective,
             micro_batches,
             dropout,
+            settings.loss_scale,
             after_forward,
             &mut |_| {},
         );
@@ -1373,7 +1434,7 @@ impl Strategy for ZeroThree {
         }
         average_loss(&comms, &mut out)?;
         let tensor = model.parallel().is_some_and(|p| p.tensor_parallel().1 > 1);
-        out.grad_norm = if !(settings.grad_clip > 0.0 || settings.measure_grad_norm) {
+        out.grad_norm = if !settings.needs_norm() {
             f64::NAN
         } else if tensor {
             let all = 0..params.trainable_numel();
@@ -1385,7 +1446,7 @@ impl Strategy for ZeroThree {
                 .all_reduce(vec![mine as f32], anneal_dist::Reduce::Sum)?;
             all[0].sqrt() as f64
         };
-        crate::strategy::clip_with_and_step(model, optimizer, settings, out.grad_norm);
+        crate::strategy::clip_with_and_step(model, optimizer, settings, &mut out);
         out.phases[2] += t.elapsed().as_secs_f64();
         Ok(out)
     }
@@ -1555,6 +1616,7 @@ impl Strategy for ExpertDataParallel {
             objective,
             micro_batches,
             dropout,
+            settings.loss_scale,
             after_forward,
             &mut |_| {},
         )?;
@@ -1562,12 +1624,12 @@ impl Strategy for ExpertDataParallel {
         reduce_expert_gradients(model, self.data.as_ref(), self.experts.as_ref())?;
         average_loss(&[self.data.as_ref()], &mut out)?;
         out.exposed_comm += t.elapsed().as_secs_f64();
-        out.grad_norm = if settings.grad_clip > 0.0 || settings.measure_grad_norm {
+        out.grad_norm = if settings.needs_norm() {
             split_model_grad_norm_sq(model, None)?.sqrt()
         } else {
             f64::NAN
         };
-        crate::strategy::clip_with_and_step(model, optimizer, settings, out.grad_norm);
+        crate::strategy::clip_with_and_step(model, optimizer, settings, &mut out);
         if let Some(shard) = &self.zero {
             let t = Instant::now();
             gather_parameters(self.experts.as_ref(), model, shard.clone())?;
@@ -1707,6 +1769,7 @@ mod tests {
                 lr: 1e-3,
                 grad_clip: 0.0,
                 measure_grad_norm: false,
+                loss_scale: 1.0,
             };
             let keys = [DropoutKey::default(); 2];
             let micro = [batch(0), batch(1)];
@@ -1744,6 +1807,7 @@ mod tests {
                     lr: 1e-3,
                     grad_clip: 1.0,
                     measure_grad_norm: true,
+                    loss_scale: 1.0,
                 };
                 let keys = [DropoutKey::default(); 2];
                 let out = zero.step(

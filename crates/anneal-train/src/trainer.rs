@@ -22,11 +22,25 @@ use crate::strategy::{NonFiniteLoss, SingleDevice, StepOutput, StepSettings, Str
 use anneal_data::{BatchSource, Sampler, ShardSet, Stream, WindowSource};
 use anneal_nn::layers::ParallelContext;
 use anneal_nn::Gpt;
-use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::loss_scale::{LossScaleConfig, LossScaler};
+use anneal_tensor::optim::AdamW;
 use anneal_tensor::{DropoutKey, Optimizer};
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+
+/// The error of a step whose loss scale cannot go lower (or that overflowed too many steps in a
+/// row): the run has diverged. The step was not taken; the run writes a checkpoint and stops.
+#[derive(Debug, Clone)]
+pub struct LossScaleDiverged(pub String);
+
+impl std::fmt::Display for LossScaleDiverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LossScaleDiverged {}
 
 /// The training state of one model: its objective, optimizer and strategy, where its batches
 /// come from, its learning-rate schedule and the steps taken.
@@ -48,6 +62,8 @@ pub struct Trainer {
     pub measure_grad_norm: bool,
     step: u64,
     tokens_seen: u64,
+    /// Dynamic loss scaling (f16 runs).
+    loss_scaler: Option<LossScaler>,
     /// This trainer's data-parallel position `(rank, ranks)`: it runs rows
     /// `rank·b/ranks .. (rank+1)·b/ranks` of every global micro-batch of b rows.
     data_rank: (usize, usize),
@@ -94,8 +110,58 @@ impl Trainer {
             measure_grad_norm: true,
             step: 0,
             tokens_seen: 0,
+            loss_scaler: None,
             data_rank: (0, 1),
         }
+    }
+
+    /// This trainer with dynamic loss scaling: each step's loss is multiplied by the scale
+    /// before backward, a step whose gradients overflow is skipped, and the scale and the skipped
+    /// steps are reported in every step's metrics (`loss_scale`, `skipped_steps`).
+    pub fn with_loss_scaling(mut self, config: LossScaleConfig) -> Result<Trainer> {
+        self.loss_scaler = Some(LossScaler::new(config)?);
+        Ok(self)
+    }
+
+    /// The loss scale's state as words for a broadcast: present, then
+    /// [`LossScaler::to_state`]'s numbers as bits.
+    fn loss_scale_words(state: &[f64]) -> [u64; 5] {
+        let mut w = [0u64; 5];
+        if state.len() == 4 {
+            w[0] = 1;
+            for (w, x) in w[1..].iter_mut().zip(state) {
+                *w = x.to_bits();
+            }
+        }
+        w
+    }
+
+    /// [`Trainer::loss_scale_words`] read back: the state's numbers, or none.
+    fn loss_scale_of_words(w: &[u64]) -> Vec<f64> {
+        match w {
+            [1, rest @ ..] => rest.iter().map(|&b| f64::from_bits(b)).collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Takes a checkpoint's loss-scale state (`saved`, empty when it had none): resumed exactly
+    /// when this run scales its loss, a fresh scale when the checkpoint had none, dropped when
+    /// this run does not scale.
+    fn restore_loss_scale(&mut self, saved: &[f64]) -> Result<()> {
+        if let Some(scaler) = &mut self.loss_scaler {
+            let config = scaler.config();
+            *scaler = match saved {
+                [a, b, c, d] => LossScaler::from_state(config, [*a, *b, *c, *d])?,
+                _ => LossScaler::new(config)?,
+            };
+        }
+        Ok(())
+    }
+
+    /// The loss scale's state for a checkpoint (empty without one).
+    fn loss_scale_state(&self) -> Vec<f64> {
+        self.loss_scaler
+            .map_or_else(Vec::new, |s| s.to_state().to_vec())
     }
 
     /// This trainer as rank `rank` of `ranks` data-parallel replicas: every step it draws the
@@ -190,12 +256,14 @@ impl Trainer {
                 first_row: f as u64,
             })
             .collect();
+        let loss_scale = self.loss_scaler.map_or(1.0, |s| s.scale());
         let settings = StepSettings {
             lr: self.lr() as f32,
             grad_clip: self.grad_clip as f32,
             measure_grad_norm: self.measure_grad_norm,
+            loss_scale,
         };
-        let out = self
+        let mut out = self
             .strategy
             .step(
                 &*self.model,
@@ -217,6 +285,15 @@ impl Trainer {
                 };
                 e.context(format!("step {}{advice}", step + 1))
             })?;
+        if let Some(scaler) = &mut self.loss_scaler {
+            scaler
+                .update(!out.skipped)
+                .map_err(|e| anyhow::Error::new(LossScaleDiverged(e.to_string())))
+                .with_context(|| format!("step {}", step + 1))?;
+            out.metrics.push(("loss_scale".into(), loss_scale as f64));
+            out.metrics
+                .push(("skipped_steps".into(), scaler.skipped() as f64));
+        }
         self.step += 1;
         self.tokens_seen += tokens;
         self.objective
@@ -313,6 +390,7 @@ impl Trainer {
         };
         state.step = self.step;
         state.tokens_seen = self.tokens_seen;
+        state.loss_scale = self.loss_scale_state();
         state.objective = self.objective.name().to_string();
         state.data.steps_drawn = self.step;
         // One device's layout is its own whole one.
@@ -363,7 +441,7 @@ impl Trainer {
             .restore_optimizer_state(
                 &*self.model,
                 &mut *self.optimizer,
-                loaded.state.step,
+                loaded.state.optimizer_steps(),
                 &state,
             )
             .with_context(|| {
@@ -382,6 +460,7 @@ impl Trainer {
             .with_context(|| format!("restoring the objective from {}", loaded.dir.display()))?;
         self.step = loaded.state.step;
         self.tokens_seen = loaded.state.tokens_seen;
+        self.restore_loss_scale(&loaded.state.loss_scale)?;
         Ok(())
     }
 
@@ -415,8 +494,12 @@ impl Trainer {
                 params.set(id, &anneal_tensor::Tensor::from_f32(values, t.shape())?)?;
             }
         }
-        let position = group.broadcast(words_to_f32([self.step, self.tokens_seen]), 0)?;
+        let mut words = vec![self.step, self.tokens_seen];
+        words.extend(Self::loss_scale_words(&self.loss_scale_state()));
+        let position = group.broadcast(words_to_f32(words), 0)?;
         let position: Vec<u64> = f32_to_words(&position).collect();
+        let saved_scale = Self::loss_scale_of_words(&position[2..]);
+        let optimizer_steps = position[0] - saved_scale.get(3).map_or(0, |&s| s as u64);
         // Rank 0's whole optimizer state, one vector at a time, under the names every rank's
         // optimizer keeps: each rank receives the part it keeps (its shard under ZeRO), so no
         // rank but 0 ever holds a whole vector.
@@ -458,7 +541,7 @@ impl Trainer {
             self.strategy.restore_optimizer_state(
                 &*self.model,
                 &mut *self.optimizer,
-                position[0],
+                optimizer_steps,
                 &state,
             )?;
         }
@@ -471,6 +554,7 @@ impl Trainer {
             self.objective.load_state(&objective)?;
             self.step = position[0];
             self.tokens_seen = position[1];
+            self.restore_loss_scale(&saved_scale)?;
         }
         Ok(())
     }
@@ -519,9 +603,18 @@ impl Trainer {
             let mine = parallel.shard(&name, &whole, parallel.split_of(&name))?;
             params.set(params.id(&name)?, &mine)?;
         }
-        let lead_position = loaded.map_or([0, 0], |l| [l.state.step, l.state.tokens_seen]);
+        let lead_position = loaded.map_or_else(
+            || vec![0; 7],
+            |l| {
+                let mut w = vec![l.state.step, l.state.tokens_seen];
+                w.extend(Self::loss_scale_words(&l.state.loss_scale));
+                w
+            },
+        );
         let position = group.broadcast(words_to_f32(lead_position), 0)?;
         let position: Vec<u64> = f32_to_words(&position).collect();
+        let saved_scale = Self::loss_scale_of_words(&position[2..]);
+        let optimizer_steps = position[0] - saved_scale.get(3).map_or(0, |&s| s as u64);
         let names: Vec<String> = self
             .optimizer
             .state(params)
@@ -537,7 +630,7 @@ impl Trainer {
         self.strategy.restore_optimizer_state(
             &*self.model,
             &mut *self.optimizer,
-            position[0],
+            optimizer_steps,
             &state,
         )?;
         let saved_objective: std::collections::HashMap<String, Vec<f32>> = loaded
@@ -556,6 +649,7 @@ impl Trainer {
         self.objective.load_state(&objective)?;
         self.step = position[0];
         self.tokens_seen = position[1];
+        self.restore_loss_scale(&saved_scale)?;
         Ok(())
     }
 }
@@ -638,12 +732,7 @@ pub fn pretraining_on(
     world: Option<Box<dyn anneal_dist::Communicator>>,
 ) -> Result<Trainer> {
     let t = &config.train;
-    let adamw = AdamWConfig {
-        beta1: t.beta1 as f32,
-        beta2: t.beta2 as f32,
-        weight_decay: t.weight_decay as f32,
-        ..AdamWConfig::default()
-    };
+    let adamw = config.adamw()?;
     let gpt = config.gpt_config(vocab_size)?;
     let (model, strategy, optimizer, data_rank): (_, Box<dyn crate::strategy::Strategy>, _, _) =
         match world {
@@ -869,6 +958,11 @@ pub fn pretraining_on(
         grad_accum: t.grad_accum,
         grad_clip: t.grad_clip,
     });
+    let trainer = if config.dtype()? == anneal_tensor::DType::F16 {
+        trainer.with_loss_scaling(LossScaleConfig::default())?
+    } else {
+        trainer
+    };
     trainer.with_data_rank(data_rank.0, data_rank.1)
 }
 
@@ -932,6 +1026,117 @@ mod tests {
         }
     }
 
+    /// A GPT with an auxiliary loss of value 0 whose gradient is 1e30 on each of the token
+    /// embedding's 176 elements (c·(w − w̄) with w̄ a detached copy): under a loss scale above
+    /// 2^24.6 the scaled gradients' norm, 1e30·scale·√176, overflows f32.
+    struct Spiky(Gpt);
+
+    impl TrainModel for Spiky {
+        fn params(&self) -> &ParamStore {
+            &self.0.params
+        }
+        fn params_mut(&mut self) -> &mut ParamStore {
+            &mut self.0.params
+        }
+        fn forward(
+            &self,
+            input: &ModelInput<'_>,
+            seed: Option<DropoutKey>,
+        ) -> anneal_tensor::Result<ModelOutput> {
+            let mut out = TrainModel::forward(&self.0, input, seed)?;
+            let w = self.0.params.by_name("transformer.wte.weight")?;
+            let spike = w.sub(&w.detach())?.scale(1e30).sum_all()?;
+            out.aux_losses.push(("spike".into(), spike));
+            Ok(out)
+        }
+        fn flops_per_token(&self, seq: usize) -> f64 {
+            self.0.config.flops_per_token(seq)
+        }
+    }
+
+    fn spiky(scaling: LossScaleConfig) -> Trainer {
+        trainer(Box::new(Spiky(gpt())), Box::new(CausalLm), 1)
+            .with_loss_scaling(scaling)
+            .unwrap()
+    }
+
+    #[test]
+    fn overflowing_steps_are_skipped_the_scale_halved_and_a_resume_after_them_is_exact() {
+        // From 2⁴⁰ the scale halves on each overflow to 2²⁴, where the norm fits in f32.
+        let scaling = LossScaleConfig {
+            initial: 2f32.powi(40),
+            growth_interval: 3,
+            ..LossScaleConfig::default()
+        };
+        let metric =
+            |o: &StepOutput, name: &str| o.metrics.iter().find(|(n, _)| n == name).unwrap().1;
+        let mut t = spiky(scaling);
+        let before = t.model().params().trainable_values(0..64);
+        let outs: Vec<StepOutput> = (0..21).map(|_| t.step().unwrap()).collect();
+        let skipped = outs.iter().take_while(|o| o.skipped).count();
+        assert_eq!(skipped, 16, "2⁴⁰ down to 2²⁴");
+        assert_eq!(metric(&outs[0], "loss_scale"), 2f64.powi(40));
+        assert_eq!(metric(&outs[16], "loss_scale"), 2f64.powi(24));
+        assert!(outs[16..19]
+            .iter()
+            .all(|o| o.grad_norm > 1e30 && o.grad_norm < 2e31));
+        // Three clean steps double the scale, which overflows again and halves.
+        assert!(outs[19].skipped && metric(&outs[19], "loss_scale") == 2f64.powi(25));
+        assert!(!outs[20].skipped && metric(&outs[20], "skipped_steps") == 17.0);
+        assert_ne!(t.model().params().trainable_values(0..64), before);
+        let want: Vec<u64> = outs.iter().map(|o| o.loss.to_bits()).collect();
+        for stop in [5, 17] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut first = spiky(scaling);
+            let mut got: Vec<u64> = (0..stop)
+                .map(|_| first.step().unwrap().loss.to_bits())
+                .collect();
+            let state = TrainerState {
+                format: 1,
+                ..TrainerState::default()
+            };
+            let saved = first.save(dir.path(), state).unwrap().unwrap();
+            let loaded = checkpoint::load(&saved).unwrap();
+            assert_eq!(loaded.state.loss_scale.len(), 4);
+            let mut resumed = spiky(scaling);
+            resumed.restore(&loaded).unwrap();
+            got.extend((stop..21).map(|_| resumed.step().unwrap().loss.to_bits()));
+            assert_eq!(got, want, "stopped after {stop}");
+            assert_eq!(
+                bits(resumed.model().params()),
+                bits(t.model().params()),
+                "stopped after {stop}"
+            );
+        }
+    }
+
+    fn bits(p: &ParamStore) -> Vec<u32> {
+        p.trainable_values(0..p.trainable_numel())
+            .iter()
+            .map(|v| v.to_bits())
+            .collect()
+    }
+
+    #[test]
+    fn a_run_that_overflows_too_many_steps_in_a_row_stops_untaken() {
+        let mut t = spiky(LossScaleConfig {
+            initial: 2f32.powi(40),
+            max_skipped_in_a_row: 4,
+            ..LossScaleConfig::default()
+        });
+        for _ in 0..4 {
+            assert!(t.step().unwrap().skipped);
+        }
+        let e = t.step().unwrap_err();
+        assert!(e.downcast_ref::<LossScaleDiverged>().is_some(), "{e:#}");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("step 5") && text.contains("5 steps in a row overflowed"),
+            "{text}"
+        );
+        assert_eq!(t.steps(), 4, "the failed step was not taken");
+    }
+
     /// Causal LM that counts its optimizer steps as state it owns.
     #[derive(Default)]
     struct Counting(u64);
@@ -967,7 +1172,10 @@ mod tests {
     }
 
     fn trainer(model: Box<dyn TrainModel>, objective: Box<dyn Objective>, accum: usize) -> Trainer {
-        let optimizer = Box::new(AdamW::new(model.params(), AdamWConfig::default()));
+        let optimizer = Box::new(AdamW::new(
+            model.params(),
+            anneal_tensor::optim::AdamWConfig::default(),
+        ));
         Trainer::new(TrainerParts {
             model,
             objective,
@@ -1078,6 +1286,7 @@ mod tests {
             tokenizer: String::new(),
             vocab_size: 11,
             files: Default::default(),
+            loss_scale: Vec::new(),
         };
         let saved = first
             .save(dir.path(), state)

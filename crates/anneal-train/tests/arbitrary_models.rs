@@ -46,6 +46,7 @@ fn checkpoint_dir(root: &Path) -> PathBuf {
         tokenizer: tok.to_json().unwrap(),
         vocab_size: tok.vocab_size(),
         files: Default::default(),
+        loss_scale: Vec::new(),
     };
     checkpoint::save(root, &gpt.params, opt.state(&gpt.params), Vec::new(), state).unwrap()
 }

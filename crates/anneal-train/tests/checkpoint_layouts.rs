@@ -60,6 +60,7 @@ fn state(config: &RunConfig) -> TrainerState {
             .unwrap(),
         vocab_size: VOCAB,
         files: Default::default(),
+        loss_scale: Vec::new(),
     }
 }
 

@@ -1,0 +1,161 @@
+//! Precision modes in training: AdamW's moments in bf16 or 8 bits, bf16 weights without a
+//! master copy and f16 with dynamic loss scaling train, checkpoint and resume bit for bit; ZeRO-1 shards 8-bit moments on block
+//! edges and trains as one device; a checkpoint converts between precisions without losing the
+//! f32 values (f32 weights become a bf16 run's master copy, and a bf16 run's master copy the f32
+//! run's weights).
+
+use anneal_train::checkpoint::{self, TrainerState};
+use anneal_train::trainer::{pretraining_on, Trainer};
+use anneal_train::RunConfig;
+
+mod common;
+
+use common::{tiny_config, TokenStream};
+
+const VOCAB: usize = 11;
+
+fn config(extra: &[&str]) -> RunConfig {
+    let base = [
+        "train.batch_size=8",
+        "train.max_steps=40",
+        "train.warmup_steps=2",
+        "train.lr=1e-2",
+    ];
+    tiny_config(&base, extra)
+}
+
+fn trainer(config: &RunConfig, world: Option<Box<dyn anneal_dist::Communicator>>) -> Trainer {
+    let source = TokenStream {
+        vocab: VOCAB,
+        span: 500,
+    };
+    pretraining_on(config, VOCAB, Box::new(source), world).unwrap()
+}
+
+fn state(config: &RunConfig) -> TrainerState {
+    TrainerState {
+        format: 1,
+        step: 0,
+        seed: config.train.seed,
+        data: Default::default(),
+        tokens_seen: 0,
+        config: config.to_toml(),
+        objective: String::new(),
+        optimizer_layout: Vec::new(),
+        tokenizer: anneal_data::Tokenizer::train_chars(["abcdefghij "].iter())
+            .unwrap()
+            .to_json()
+            .unwrap(),
+        vocab_size: VOCAB,
+        files: Default::default(),
+        loss_scale: Vec::new(),
+    }
+}
+
+fn train(t: &mut Trainer, steps: u64) -> Vec<f64> {
+    (0..steps).map(|_| t.step().unwrap().loss).collect()
+}
+
+#[test]
+fn every_precision_mode_learns_and_resumes_bit_for_bit() {
+    for mode in [
+        &["train.moments=8bit"][..],
+        &["model.dtype=bf16", "train.moments=8bit"],
+        &["model.dtype=f16"],
+        &[
+            "model.dtype=bf16",
+            "train.moments=bf16",
+            "train.master_weights=false",
+        ],
+    ] {
+        let c = config(mode);
+        let want = train(&mut trainer(&c, None), 12);
+        assert!(want[11] < want[0] * 0.9, "{mode:?} learns: {want:?}");
+        let root = tempfile::tempdir().unwrap();
+        let mut first = trainer(&c, None);
+        let mut got = train(&mut first, 6);
+        let saved = first.save(root.path(), state(&c)).unwrap().unwrap();
+        drop(first);
+        let mut resumed = trainer(&c, None);
+        resumed.restore(&checkpoint::load(&saved).unwrap()).unwrap();
+        got.extend(train(&mut resumed, 6));
+        assert_eq!(
+            got.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+            want.iter().map(|l| l.to_bits()).collect::<Vec<_>>(),
+            "{mode:?}"
+        );
+    }
+}
+
+#[test]
+fn zero_one_with_eight_bit_moments_trains_as_one_device() {
+    let mode = ["train.moments=8bit", "parallel.zero=1"];
+    let want = train(&mut trainer(&config(&mode[..1]), None), 10);
+    let c = config(&mode);
+    let got = anneal_dist::local::run(2, |comm| {
+        Ok::<_, String>(train(&mut trainer(&c, Some(Box::new(comm))), 10))
+    })
+    .unwrap()
+    .swap_remove(0);
+    for (step, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-4 * w.abs(),
+            "step {}: {g} against {w}",
+            step + 1
+        );
+    }
+}
+
+#[test]
+fn checkpoints_convert_between_precisions_keeping_the_f32_values() {
+    let root = tempfile::tempdir().unwrap();
+    let f32_run = config(&[]);
+    let bf16_run = config(&["model.dtype=bf16", "train.moments=8bit"]);
+    assert_eq!(bf16_run.precision_change(&bf16_run), None);
+    let change = bf16_run.precision_change(&f32_run).unwrap();
+    assert!(
+        change.contains("model.dtype f32 → bf16") && change.contains("train.moments f32 → 8bit"),
+        "{change}"
+    );
+    // f32 → bf16: the f32 weights become the master copy, exactly.
+    let mut a = trainer(&f32_run, None);
+    train(&mut a, 4);
+    let saved = a
+        .save(&root.path().join("a"), state(&f32_run))
+        .unwrap()
+        .unwrap();
+    let weights = checkpoint::load(&saved).unwrap();
+    let mut b = trainer(&bf16_run, None);
+    b.restore(&weights).unwrap();
+    let again = b
+        .save(&root.path().join("b"), state(&bf16_run))
+        .unwrap()
+        .unwrap();
+    let again = checkpoint::load(&again).unwrap();
+    let master = again.optimizer["adam.master"].to_vec_f32();
+    let layout = &again.state.optimizer_layout;
+    let mut want = Vec::new();
+    for (name, _) in layout {
+        want.extend(weights.model[name].to_vec_f32());
+    }
+    assert!(
+        master == want,
+        "the master copy is the f32 checkpoint's weights"
+    );
+    // bf16 → f32: the master copy becomes the weights, exactly, and training goes on.
+    train(&mut b, 3);
+    let saved = b
+        .save(&root.path().join("c"), state(&bf16_run))
+        .unwrap()
+        .unwrap();
+    let loaded = checkpoint::load(&saved).unwrap();
+    let mut c = trainer(&f32_run, None);
+    c.restore(&loaded).unwrap();
+    let mut got = Vec::new();
+    for (name, _) in &loaded.state.optimizer_layout {
+        got.extend(c.model().params().by_name(name).unwrap().to_vec_f32());
+    }
+    assert!(got == loaded.optimizer["adam.master"].to_vec_f32());
+    let losses = train(&mut c, 3);
+    assert!(losses.iter().all(|l| l.is_finite()));
+}
