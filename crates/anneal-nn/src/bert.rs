@@ -208,6 +208,7 @@ impl BertLayer {
             bias: true,
             causal: false,
             rope_base: None,
+            save_probs: false,
             layout: WeightLayout::OutIn,
             std: 0.02,
             proj_std: 0.02,

@@ -41,8 +41,13 @@ pub struct GptConfig {
     pub tie_embeddings: bool,
     /// Storage dtype of parameters and activations (arithmetic is f32).
     pub dtype: DType,
-    /// Recompute each block in backward instead of keeping its activations.
+    /// Recompute each block in backward instead of keeping its activations (recomputation
+    /// policy "full").
     pub checkpoint_blocks: bool,
+    /// Keep each block's attention probabilities for backward instead of recomputing them
+    /// from the log-sum-exp (recomputation policy "none"; by default only the attention scores
+    /// are recomputed, FlashAttention's and Korthikanti et al.'s "selective" recomputation).
+    pub save_attention_probs: bool,
     /// Mixture-of-Experts blocks in place of some dense ones.
     pub moe: Option<GptMoe>,
 }
@@ -80,6 +85,7 @@ impl GptConfig {
             tie_embeddings: true,
             dtype: DType::F32,
             checkpoint_blocks: false,
+            save_attention_probs: false,
             moe: None,
         }
     }
@@ -374,7 +380,8 @@ impl Gpt {
         let wte =
             Embedding::vocab_parallel(&mut b, "transformer.wte", c.vocab_size, c.n_embd, 0.02)?;
         let wpe = Embedding::new(&mut b, "transformer.wpe", c.block_size, c.n_embd, 0.02)?;
-        let block = BlockConfig::gpt2(c.n_embd, c.n_head, c.n_layer, c.bias);
+        let mut block = BlockConfig::gpt2(c.n_embd, c.n_head, c.n_layer, c.bias);
+        block.attention.save_probs = c.save_attention_probs;
         let blocks = (0..c.n_layer)
             .map(|i| {
                 let config = match &c.moe {

@@ -48,8 +48,15 @@ pub struct ModelConfig {
     pub tie_embeddings: bool,
     /// Parameter and activation storage: `f32`, `bf16` or `f16` (with dynamic loss scaling).
     pub dtype: String,
-    /// Recompute each block in backward instead of storing its activations.
+    /// Recompute each block in backward instead of storing its activations: the older spelling
+    /// of `recompute = "full"`.
     pub checkpoint_blocks: bool,
+    /// What backward recomputes instead of keeping from forward, per block: "none" (keep the
+    /// attention probabilities too), "selective" (recompute the attention scores from a
+    /// log-sum-exp per row, as FlashAttention does; the default) or "full" (recompute each block
+    /// from its input).
+    #[serde(default = "default_recompute")]
+    pub recompute: String,
     /// Mixture-of-Experts blocks (`[model.moe]`; absent: a dense model).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeSection>,
@@ -155,10 +162,13 @@ impl MoeSection {
 impl ModelConfig {
     /// How a checkpoint's `[model]` (`saved`) differs from this one, naming the first key that
     /// differs, or `None` when they are the same model. The storage dtype is not part of the
-    /// model: a checkpoint converts between precisions ([`RunConfig::precision_change`]).
+    /// model (a checkpoint converts between precisions, [`RunConfig::precision_change`]), nor
+    /// is what backward recomputes.
     pub fn difference_from(&self, saved: &ModelConfig) -> Option<String> {
         let saved = &ModelConfig {
             dtype: self.dtype.clone(),
+            checkpoint_blocks: self.checkpoint_blocks,
+            recompute: self.recompute.clone(),
             ..saved.clone()
         };
         if self == saved {
@@ -232,6 +242,7 @@ impl Default for ModelConfig {
             tie_embeddings: true,
             dtype: "f32".into(),
             checkpoint_blocks: false,
+            recompute: default_recompute(),
             moe: None,
         }
     }
@@ -285,6 +296,10 @@ pub struct TrainConfig {
     /// parameter); without one every update is rounded into the bf16 weights stochastically.
     #[serde(default = "default_master_weights")]
     pub master_weights: bool,
+}
+
+fn default_recompute() -> String {
+    "selective".into()
 }
 
 fn default_moments() -> String {
@@ -529,6 +544,7 @@ impl RunConfig {
             "a probability in [0, 1)",
         )?;
         self.dtype()?;
+        self.recompute()?;
         if let Some(moe) = &m.moe {
             moe.resolve(m.n_layer, m.n_embd)?;
         }
@@ -887,6 +903,29 @@ impl RunConfig {
         (!lines.is_empty()).then(|| lines.join("; "))
     }
 
+    /// The recomputation policy, `model.recompute` with `model.checkpoint_blocks = true` read
+    /// as "full".
+    pub fn recompute(&self) -> Result<&'static str> {
+        let m = &self.model;
+        let policy = ["none", "selective", "full"]
+            .into_iter()
+            .find(|p| *p == m.recompute)
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "config key model.recompute = {:?} is not allowed: none, selective or full",
+                    m.recompute
+                )
+            })?;
+        match (m.checkpoint_blocks, policy) {
+            (false, p) => Ok(p),
+            (true, "none") => bail!(
+                "model.checkpoint_blocks = true recomputes every block, and model.recompute = \
+                 \"none\" recomputes nothing; set model.recompute = \"full\" alone"
+            ),
+            (true, _) => Ok("full"),
+        }
+    }
+
     /// The model's storage dtype.
     pub fn dtype(&self) -> Result<DType> {
         match self.model.dtype.as_str() {
@@ -915,7 +954,8 @@ impl RunConfig {
             bias: m.bias,
             tie_embeddings: m.tie_embeddings,
             dtype: self.dtype()?,
-            checkpoint_blocks: m.checkpoint_blocks,
+            checkpoint_blocks: self.recompute()? == "full",
+            save_attention_probs: self.recompute()? == "none",
             moe: m
                 .moe
                 .as_ref()

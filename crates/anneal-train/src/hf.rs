@@ -186,6 +186,7 @@ pub fn load_dir(dir: &Path) -> Result<(Gpt, Tokenizer)> {
         tie_embeddings: tie,
         dtype: DType::F32,
         checkpoint_blocks: false,
+        save_attention_probs: false,
         moe: None,
     };
     let st = dir.join("model.safetensors");

@@ -159,3 +159,30 @@ fn checkpoints_convert_between_precisions_keeping_the_f32_values() {
     let losses = train(&mut c, 3);
     assert!(losses.iter().all(|l| l.is_finite()));
 }
+
+#[test]
+fn every_recomputation_policy_trains_the_same_model() {
+    let want = train(&mut trainer(&config(&[]), None), 5);
+    for policy in [
+        "model.recompute=none",
+        "model.recompute=full",
+        "model.checkpoint_blocks=true",
+    ] {
+        let got = train(&mut trainer(&config(&[policy]), None), 5);
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g - w).abs() <= 1e-5 * w.abs(), "{policy}: {g} against {w}");
+        }
+    }
+    let bad = RunConfig::load(None, &["model.recompute=some".to_string()]).unwrap_err();
+    assert!(
+        format!("{bad:#}")
+            .contains("model.recompute = \"some\" is not allowed: none, selective or full"),
+        "{bad:#}"
+    );
+    let both = ["model.recompute=none", "model.checkpoint_blocks=true"].map(String::from);
+    let bad = RunConfig::load(None, &both).unwrap_err();
+    assert!(
+        format!("{bad:#}").contains("model.checkpoint_blocks = true"),
+        "{bad:#}"
+    );
+}

@@ -30,6 +30,9 @@ pub struct AttentionConfig {
     pub causal: bool,
     /// Rotary position embedding base (Llama: 10,000), or none (learned positions elsewhere).
     pub rope_base: Option<f32>,
+    /// Keep the attention probabilities for backward instead of recomputing them
+    /// ([`AttentionOptions::save_probs`]): the recomputation policy "none".
+    pub save_probs: bool,
     /// Weight layout of the checkpoint.
     pub layout: WeightLayout,
     /// Initial standard deviation of the Q/K/V weights.
@@ -59,6 +62,7 @@ pub struct Attention {
     head_dim: usize,
     causal: bool,
     rope_base: Option<f32>,
+    save_probs: bool,
 }
 
 impl Attention {
@@ -150,6 +154,7 @@ impl Attention {
             head_dim: hd,
             causal: c.causal,
             rope_base: c.rope_base,
+            save_probs: c.save_probs,
         })
     }
 
@@ -178,6 +183,7 @@ impl Attention {
             causal: self.causal,
             key_padding_mask: None,
             scale: None,
+            save_probs: self.save_probs,
         }
     }
 

@@ -36,6 +36,9 @@ pub struct AttentionOptions {
     pub key_padding_mask: Option<Vec<bool>>,
     /// Multiplies the scores; defaults to 1/√D.
     pub scale: Option<f32>,
+    /// Keep the probabilities for backward (B·H·T·S values) instead of recomputing them from
+    /// the log-sum-exp: no recomputation, at the memory FlashAttention saves.
+    pub save_probs: bool,
 }
 
 /// How one tensor's `[B, L, H, D]` elements sit in memory (element strides; D is unit-stride).
@@ -221,16 +224,27 @@ unsafe fn block_probs(
     }
 }
 
-/// Forward: writes `out` (`[B, T, Hq, D]` contiguous) and `lse` (`[B, Hq, T]`).
+/// Forward: writes `out` (`[B, T, Hq, D]` contiguous) and `lse` (`[B, Hq, T]`), and with `save`
+/// the probabilities (`[B, Hq, T, S]`, each row's visible keys).
 fn forward(
     g: Geometry,
     q: Heads,
     k: Heads,
     v: Heads,
     mask: Option<&[bool]>,
-) -> (Vec<f32>, Vec<f32>) {
+    save: bool,
+) -> (Vec<f32>, Vec<f32>, Option<Vec<f32>>) {
     let mut out = crate::pool::uninit(g.b * g.t * g.hq * g.d);
     let mut lse = crate::pool::zeros(g.b * g.hq * g.t);
+    let mut probs = save.then(|| crate::pool::uninit(g.b * g.hq * g.t * g.s));
+    let plane = g.t * g.s;
+    let planes: Vec<Option<Ptr>> = match &mut probs {
+        Some(all) => all
+            .chunks_mut(plane.max(1))
+            .map(|c| Some(Ptr(c.as_mut_ptr())))
+            .collect(),
+        None => vec![None; g.b * g.hq],
+    };
     let o = Heads {
         ptr: out.as_mut_ptr(),
         sb: g.t * g.hq * g.d,
@@ -249,6 +263,13 @@ fn forward(
                     let p = &mut p[..blk.rows() * kend];
                     unsafe {
                         block_probs(&g, &q, &k, mask, blk, p, None, Some(&mut lse_bh[from..to]));
+                        if let Some(plane) = planes[bh] {
+                            // SAFETY: each (batch, head) writes its own plane of `probs`.
+                            for (r, row) in p.chunks_exact(kend.max(1)).enumerate() {
+                                let dst = plane.0.add((from + r) * g.s);
+                                std::ptr::copy_nonoverlapping(row.as_ptr(), dst, row.len());
+                            }
+                        }
                         let pm = Mat::dense(p.as_ptr(), blk.rows(), kend);
                         let om = o.mat(b, h, from, to, g.d);
                         gemm_f32(
@@ -264,8 +285,14 @@ fn forward(
                 }
             })
         });
-    (out, lse)
+    (out, lse, probs)
 }
+
+/// A plane of saved probabilities, written by one task.
+#[derive(Clone, Copy)]
+struct Ptr(*mut f32);
+unsafe impl Send for Ptr {}
+unsafe impl Sync for Ptr {}
 
 /// Backward: accumulates dQ, dK, dV into the given (zeroed) strided buffers.
 #[allow(clippy::too_many_arguments)]
@@ -277,6 +304,7 @@ fn backward(
     o: Heads,
     d_o: Heads,
     lse: &[f32],
+    probs: Option<&[f32]>,
     mask: Option<&[bool]>,
     dq: Heads,
     dk: Heads,
@@ -290,6 +318,7 @@ fn backward(
         o,
         d_o,
         lse,
+        probs,
         mask,
         dq,
         dk,
@@ -317,6 +346,7 @@ struct BackwardArgs<'a> {
     o: Heads,
     d_o: Heads,
     lse: &'a [f32],
+    probs: Option<&'a [f32]>,
     mask: Option<&'a [bool]>,
     dq: Heads,
     dk: Heads,
@@ -351,6 +381,7 @@ unsafe fn backward_task(args: &BackwardArgs, task: usize) {
         o,
         d_o,
         lse,
+        probs,
         mask,
         dq,
         dk,
@@ -370,7 +401,16 @@ unsafe fn backward_task(args: &BackwardArgs, task: usize) {
             let p = &mut p[..rows * kend];
             let dp = &mut dp[..rows * kend];
             unsafe {
-                block_probs(&g, &q, &k, mask, blk, p, Some(&lse_bh[from..to]), None);
+                match probs {
+                    Some(all) => {
+                        let plane = &all[(b * g.hq + h) * g.t * g.s..];
+                        for (r, row) in p.chunks_exact_mut(kend.max(1)).enumerate() {
+                            let at = (from + r) * g.s;
+                            row.copy_from_slice(&plane[at..at + row.len()]);
+                        }
+                    }
+                    None => block_probs(&g, &q, &k, mask, blk, p, Some(&lse_bh[from..to]), None),
+                }
                 let dom = d_o.mat(b, h, from, to, g.d);
                 // dP = dO · Vᵀ
                 gemm_f32(
@@ -470,6 +510,7 @@ struct AttentionBackward {
     v: Tensor,
     out: Tensor,
     lse: Vec<f32>,
+    probs: Option<Vec<f32>>,
     mask: Option<Vec<bool>>,
     geometry: Geometry,
 }
@@ -501,6 +542,7 @@ impl Backward for AttentionBackward {
                                 o,
                                 d_o,
                                 &self.lse,
+                                self.probs.as_deref(),
                                 self.mask.as_deref(),
                                 dqh,
                                 dkh,
@@ -523,6 +565,7 @@ struct PackedAttentionBackward {
     qkv: Tensor,
     out: Tensor,
     lse: Vec<f32>,
+    probs: Option<Vec<f32>>,
     mask: Option<Vec<bool>>,
     geometry: Geometry,
 }
@@ -560,6 +603,7 @@ impl Backward for PackedAttentionBackward {
                         o,
                         d_o,
                         &self.lse,
+                        self.probs.as_deref(),
                         self.mask.as_deref(),
                         dqh,
                         dkh,
@@ -673,8 +717,10 @@ impl Tensor {
             causal: opts.causal,
         };
         let mask = opts.key_padding_mask.as_deref();
-        let (out, lse) = with_heads(q, |qh| {
-            with_heads(k, |kh| with_heads(v, |vh| forward(g, qh, kh, vh, mask)))
+        let (out, lse, probs) = with_heads(q, |qh| {
+            with_heads(k, |kh| {
+                with_heads(v, |vh| forward(g, qh, kh, vh, mask, opts.save_probs))
+            })
         });
         let value = Tensor::from_f32_as(out, q.shape(), q.dtype());
         let saved_out = value.data();
@@ -687,6 +733,7 @@ impl Tensor {
                 v: v.data(),
                 out: saved_out,
                 lse,
+                probs,
                 mask: opts.key_padding_mask.clone(),
                 geometry: g,
             },
@@ -728,7 +775,9 @@ impl Tensor {
             causal: opts.causal,
         };
         let mask = opts.key_padding_mask.as_deref();
-        let (out, lse) = with_packed(self, &g, |q, k, v| forward(g, q, k, v, mask));
+        let (out, lse, probs) = with_packed(self, &g, |q, k, v| {
+            forward(g, q, k, v, mask, opts.save_probs)
+        });
         let value = Tensor::from_f32_as(out, &[b, t, n_head * d], self.dtype());
         let saved_out = value.view_raw(
             vec![b, t, n_head, d],
@@ -742,6 +791,7 @@ impl Tensor {
                 qkv: self.data(),
                 out: saved_out,
                 lse,
+                probs,
                 mask: opts.key_padding_mask.clone(),
                 geometry: g,
             },
@@ -947,6 +997,50 @@ mod tests {
             |t| Tensor::attention(&t[0], &t[1], &t[2], &padded),
             &[q, k, v],
         );
+    }
+
+    #[test]
+    fn saved_probabilities_give_the_gradients_recomputed_ones_do() {
+        // Causal over 3 blocks of rows with grouped heads, and padded without a mask of time.
+        let (b, t, h, d) = (2, 150, 4, 8);
+        let mask: Vec<bool> = (0..b * t).map(|i| i % 7 != 3).collect();
+        for (causal, mask) in [(true, None), (false, Some(mask))] {
+            let base = AttentionOptions {
+                causal,
+                key_padding_mask: mask,
+                ..Default::default()
+            };
+            let saved = AttentionOptions {
+                save_probs: true,
+                ..base.clone()
+            };
+            let run = |opts: &AttentionOptions| {
+                let q = randn(&[b, t, h, d], 1).requires_grad_();
+                let k = randn(&[b, t, 2, d], 2).requires_grad_();
+                let v = randn(&[b, t, 2, d], 3).requires_grad_();
+                let y = Tensor::attention(&q, &k, &v, opts).unwrap();
+                y.mul(&randn(&[b, t, h, d], 4))
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                (y, [q.grad().unwrap(), k.grad().unwrap(), v.grad().unwrap()])
+            };
+            let (y0, g0) = run(&base);
+            let (y1, g1) = run(&saved);
+            assert_eq!(y0.to_vec_f32(), y1.to_vec_f32(), "the same forward");
+            for (a, b) in g0.iter().zip(&g1) {
+                close(a, b);
+            }
+        }
+        let qkv = randn(&[1, 70, 3 * 2 * 4], 9);
+        let opts = AttentionOptions {
+            causal: true,
+            save_probs: true,
+            ..Default::default()
+        };
+        assert_grads(|x| x[0].attention_packed(2, 2, &opts), &[qkv]);
     }
 
     #[test]
