@@ -9,7 +9,7 @@ use std::process::Command;
 
 use anneal_data::{Batch, BatchSource, Sampler, Stream, TokenWindows};
 use anneal_nn::{Gpt, GptConfig};
-use anneal_tensor::optim::{AdamW, AdamWConfig};
+use anneal_tensor::optim::{AdamW, AdamWConfig, MomentDType};
 use anneal_tensor::{DType, Rng};
 use anneal_train::objectives::CausalLm;
 use anneal_train::schedule::CosineSchedule;
@@ -208,9 +208,95 @@ pub struct GptBench {
     /// median of per-step ratios. Without it, each engine runs all its steps in a row.
     #[arg(long, conflicts_with = "profile")]
     lockstep: bool,
+    /// Every precision mode (f32; bf16 with f32, bf16 or 8-bit AdamW moments; f16 with loss
+    /// scaling; the leanest, bf16 without a master copy and 8-bit moments), each with the
+    /// attention scores recomputed and with whole blocks recomputed, one process each: step
+    /// time, peak RSS against f32's, and bytes per parameter against the arithmetic.
+    #[arg(long, conflicts_with_all = ["lockstep", "profile"])]
+    precision: bool,
+    /// Internal: the precision mode of a worker (a name of `--precision`'s table).
+    #[arg(long, hide = true)]
+    mode: Option<String>,
+    /// What backward recomputes: none, selective (the attention scores) or full (each block).
+    #[arg(long, default_value = "selective")]
+    recompute: String,
     /// Internal: run one measurement in this process and print it as JSON.
     #[arg(long, hide = true)]
     worker: bool,
+}
+
+/// A precision mode of the training step: storage dtype, AdamW's moments, master copy.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PrecisionMode {
+    pub name: &'static str,
+    pub dtype: DType,
+    pub moments: MomentDType,
+    pub master_weights: bool,
+}
+
+impl PrecisionMode {
+    /// Bytes per parameter the arithmetic gives for parameters, f32 gradients and optimizer
+    /// state (activations aside).
+    pub fn bytes_per_param(&self) -> f64 {
+        let store = if self.dtype == DType::F32 { 4.0 } else { 2.0 };
+        let master = match (self.dtype, self.master_weights) {
+            (DType::F32, _) | (DType::BF16, false) => 0.0,
+            (DType::BF16, true) => 2.0,
+            (DType::F16, _) => 4.0,
+        };
+        store + 4.0 + master + 2.0 * self.moments.bytes_per_element()
+    }
+}
+
+/// The modes `anneal bench gpt --precision` compares, f32 first.
+pub(crate) const PRECISION_MODES: [PrecisionMode; 6] = [
+    PrecisionMode {
+        name: "f32",
+        dtype: DType::F32,
+        moments: MomentDType::F32,
+        master_weights: true,
+    },
+    PrecisionMode {
+        name: "bf16",
+        dtype: DType::BF16,
+        moments: MomentDType::F32,
+        master_weights: true,
+    },
+    PrecisionMode {
+        name: "bf16+bf16-states",
+        dtype: DType::BF16,
+        moments: MomentDType::BF16,
+        master_weights: true,
+    },
+    PrecisionMode {
+        name: "bf16+8bit-states",
+        dtype: DType::BF16,
+        moments: MomentDType::Int8,
+        master_weights: true,
+    },
+    PrecisionMode {
+        name: "f16+loss-scale",
+        dtype: DType::F16,
+        moments: MomentDType::F32,
+        master_weights: true,
+    },
+    PrecisionMode {
+        name: "lean",
+        dtype: DType::BF16,
+        moments: MomentDType::Int8,
+        master_weights: false,
+    },
+];
+
+fn precision_mode(name: &str) -> Result<PrecisionMode> {
+    PRECISION_MODES
+        .iter()
+        .find(|m| m.name == name)
+        .copied()
+        .ok_or_else(|| {
+            let names: Vec<&str> = PRECISION_MODES.iter().map(|m| m.name).collect();
+            anyhow::anyhow!("no precision mode {name:?}: {}", names.join(", "))
+        })
 }
 
 /// One measured configuration.
@@ -248,6 +334,14 @@ pub struct Measurement {
     #[serde(default)]
     pub optimizer_state_mb: f64,
     pub final_loss: f64,
+    /// The precision mode (`--precision`'s name) and recomputation policy of an anneal run.
+    #[serde(default)]
+    pub mode: String,
+    #[serde(default)]
+    pub recompute: String,
+    /// Parameters of the model.
+    #[serde(default)]
+    pub params: usize,
     /// Every timed step in ms, in order (lock-step runs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub step_ms: Vec<f64>,
@@ -501,6 +595,8 @@ fn config(b: &GptBench, dtype: DType) -> GptConfig {
         n_head: b.heads,
         n_embd: b.width,
         dtype,
+        checkpoint_blocks: b.recompute == "full",
+        save_attention_probs: b.recompute == "none",
         ..GptConfig::bench()
     }
 }
@@ -548,6 +644,8 @@ pub(crate) struct Stepper {
     batch: usize,
     seq: usize,
     cfg: GptConfig,
+    mode: PrecisionMode,
+    recompute: String,
     /// RSS before the model was built, MB.
     base_rss_mb: f64,
     /// Most tensor bytes alive at the end of a forward pass.
@@ -559,17 +657,32 @@ type Phases = [f64; 3];
 
 impl Stepper {
     fn new(b: &GptBench) -> Result<Stepper> {
-        let dtype = match b.dtype {
-            DTypeChoice::F32 => DType::F32,
-            DTypeChoice::Bf16 => DType::BF16,
-            DTypeChoice::Both => bail!("a worker measures one dtype"),
+        if !["none", "selective", "full"].contains(&b.recompute.as_str()) {
+            bail!(
+                "--recompute {} is not allowed: none, selective or full",
+                b.recompute
+            );
+        }
+        let mode = match (&b.mode, b.dtype) {
+            (Some(name), _) => precision_mode(name)?,
+            (None, DTypeChoice::F32) => PRECISION_MODES[0],
+            (None, DTypeChoice::Bf16) => PRECISION_MODES[1],
+            (None, DTypeChoice::Both) => bail!("a worker measures one dtype"),
         };
-        Stepper::for_model(config(b, dtype), b.batch)
+        let mut stepper = Stepper::for_mode(config(b, mode.dtype), b.batch, mode)?;
+        stepper.recompute = b.recompute.clone();
+        Ok(stepper)
     }
 
     /// The benchmark's training step (PyTorch's AdamW settings, a constant learning rate, no
-    /// clipping, random tokens) for the GPT `cfg` at `batch` sequences.
+    /// clipping, random tokens) for the GPT `cfg` at `batch` sequences, f32 AdamW state.
     pub(crate) fn for_model(cfg: GptConfig, batch: usize) -> Result<Stepper> {
+        Stepper::for_mode(cfg, batch, PRECISION_MODES[0])
+    }
+
+    /// [`Stepper::for_model`] with the optimizer state and loss scaling of `mode` (its dtype is
+    /// `cfg`'s).
+    pub(crate) fn for_mode(cfg: GptConfig, batch: usize, mode: PrecisionMode) -> Result<Stepper> {
         let (vocab, seq) = (cfg.vocab_size, cfg.block_size);
         let base_rss_mb = rss_mb();
         let model = Gpt::new(cfg.clone(), 1337)?;
@@ -579,6 +692,8 @@ impl Stepper {
             AdamWConfig {
                 beta2: 0.999,
                 weight_decay: 0.1,
+                moments: mode.moments,
+                master_weights: mode.master_weights,
                 ..Default::default()
             },
         );
@@ -601,11 +716,16 @@ impl Stepper {
             grad_clip: 0.0,
         });
         trainer.measure_grad_norm = false;
+        if cfg.dtype == DType::F16 {
+            trainer = trainer.with_loss_scaling(Default::default())?;
+        }
         Ok(Stepper {
             trainer,
             batch,
             seq,
             cfg,
+            mode,
+            recompute: "selective".into(),
             base_rss_mb,
             forward_live: 0,
         })
@@ -644,6 +764,9 @@ impl Stepper {
             grads_mb: mb(params.grads().bytes()),
             optimizer_state_mb: mb(self.trainer.optimizer().state_bytes()),
             final_loss: final_loss as f64,
+            mode: self.mode.name.into(),
+            recompute: self.recompute.clone(),
+            params: params.numel(),
             step_ms: Vec::new(),
         }
     }
@@ -795,6 +918,67 @@ fn spawn_self(b: &GptBench, dtype: &str) -> Result<Measurement> {
     parse_worker(out, "anneal worker")
 }
 
+/// `anneal bench gpt --precision`: every mode × recomputation policy in its own process.
+fn precision(b: &GptBench) -> Result<()> {
+    let mut runs = Vec::new();
+    for recompute in ["selective", "full"] {
+        for mode in PRECISION_MODES {
+            let exe = std::env::current_exe().context("locating the anneal binary")?;
+            let out = Command::new(exe)
+                .args(["bench", "gpt", "--worker", "--json", "--mode", mode.name])
+                .args(["--recompute", recompute])
+                .args(shape_args(b))
+                .args(["--threads", &b.threads.to_string()])
+                .output()
+                .context("running a benchmark worker")?;
+            let m: Measurement = parse_worker(out, "anneal worker")?;
+            if b.json {
+                println!("{}", serde_json::to_string(&m)?);
+            } else {
+                eprintln!(
+                    "  {} / {recompute}: {:.1} ms/step",
+                    mode.name, m.ms_per_step
+                );
+            }
+            runs.push((mode, m));
+        }
+    }
+    if b.json {
+        return Ok(());
+    }
+    let params = runs[0].1.params as f64;
+    println!(
+        "\n{} parameters; bytes per parameter: (peak RSS − process) / parameters, beside \
+         parameters + f32 gradients + optimizer state by arithmetic",
+        runs[0].1.params
+    );
+    println!(
+        "| mode | recompute | ms/step | peak RSS MB | × f32 peak | × f32 time | bytes/param | arithmetic | final loss |"
+    );
+    println!("|---|---|---:|---:|---:|---:|---:|---:|---:|");
+    let f32_of = |recompute: &str| {
+        runs.iter()
+            .find(|(m, r)| m.name == "f32" && r.recompute == recompute)
+            .map(|(_, r)| r.clone())
+    };
+    for (mode, m) in &runs {
+        let base = f32_of(&m.recompute).expect("f32 runs first");
+        println!(
+            "| {} | {} | {:.1} | {:.0} | {:.2} | {:.2} | {:.1} | {:.1} | {:.4} |",
+            mode.name,
+            m.recompute,
+            m.ms_per_step,
+            m.peak_rss_mb,
+            m.peak_rss_mb / base.peak_rss_mb,
+            m.ms_per_step / base.ms_per_step,
+            (m.peak_rss_mb - m.base_rss_mb) * 1024.0 * 1024.0 / params,
+            mode.bytes_per_param(),
+            m.final_loss
+        );
+    }
+    Ok(())
+}
+
 fn shape_args(b: &GptBench) -> Vec<String> {
     [
         ("--steps", b.steps),
@@ -892,6 +1076,9 @@ fn gpt(b: GptBench) -> Result<()> {
         if !b.lockstep {
             println!("median of {} steps after {} warm-up\n", b.steps, b.warmup);
         }
+    }
+    if b.precision {
+        return precision(&b);
     }
     let dtypes: &[&str] = match b.dtype {
         DTypeChoice::F32 => &["f32"],

@@ -307,6 +307,23 @@ pub(crate) fn bf16_to_f32(src: &[half::bf16], dst: &mut [f32]) {
         });
 }
 
+/// `dst[i] = f16(src[i])` (to nearest, ties to even), in parallel, with the CPU's F16C
+/// conversions where it has them (`half` detects them at run time).
+pub(crate) fn f32_to_f16(src: &[f32], dst: &mut [half::f16]) {
+    use half::slice::HalfFloatSliceExt;
+    dst.par_chunks_mut(PAR_CHUNK)
+        .zip(src.par_chunks(PAR_CHUNK))
+        .for_each(|(d, s)| d.convert_from_f32_slice(s));
+}
+
+/// `dst[i] = f32(src[i])` (exact), in parallel, as [`f32_to_f16`].
+pub(crate) fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    dst.par_chunks_mut(PAR_CHUNK)
+        .zip(src.par_chunks(PAR_CHUNK))
+        .for_each(|(d, s)| s.convert_to_f32_slice(d));
+}
+
 /// Splits f32 values into a bf16 part `hi` and the 16 bits it drops, `lo`, so that
 /// [`join_bf16`] gives back every value bit for bit: an exact f32 master copy stored beside a
 /// bf16 model in 2 extra bytes per element instead of 4.

@@ -309,12 +309,8 @@ fn for_each_block(
                     Target::Master(m, store) => {
                         let m = unsafe { m.range(r.state, r.len) };
                         update(r, m, g, &mut st);
-                        for (d, &x) in unsafe { store.range(r.data, r.len) }
-                            .iter_mut()
-                            .zip(m.iter())
-                        {
-                            *d = half::f16::from_f32(x);
-                        }
+                        use half::slice::HalfFloatSliceExt;
+                        unsafe { store.range(r.data, r.len) }.convert_from_f32_slice(m);
                     }
                     Target::Split(hi, lo) => {
                         let (hi, lo) =

@@ -116,14 +116,17 @@ pub fn dequantize_blockwise(codes: &[u8], absmax: &[f32], block: usize) -> Vec<f
 ///   smallest one of its sign, as a second moment read back as 0 beside a non-zero first moment
 ///   would turn an update into m/ε.
 ///
-/// The nearest code is found from a table indexed by the value's top 16 bits (the map's codes are
-/// at least 1% apart, a bf16 bucket 0.4% wide, so at most one code falls in a bucket) instead of
-/// a binary search.
+/// The nearest code is the number of midpoints between neighbouring codes that lie below the
+/// value. A table indexed by the value's top 16 bits holds that count for the least value with
+/// those bits; the midpoints are at least 1% apart and such a bucket 0.4% wide, so at most one
+/// more midpoint lies below the value: one comparison, no search.
 pub struct Quantizer {
     map: [f32; 256],
-    /// Per top-16-bit pattern of a scaled value, the first code at or above the least value with
-    /// that pattern.
-    first: Vec<u8>,
+    /// The largest value taking each code rather than the next (+∞ for the last).
+    mids: [f32; 256],
+    /// Per top-16-bit pattern of a scaled value, the midpoints below the least value with that
+    /// pattern.
+    below: Vec<u8>,
     zero: u8,
 }
 
@@ -143,7 +146,22 @@ impl Quantizer {
     /// The signed dynamic map and its lookup table.
     pub fn new() -> Quantizer {
         let map = dynamic_map();
-        let first = (0..=u16::MAX)
+        let mut mids = [f32::INFINITY; 256];
+        for (m, pair) in mids.iter_mut().zip(map.windows(2)) {
+            // Halfway takes the lower code: the largest x with x − lower <= upper − x in f32 (a
+            // monotone test, so a step or two from the computed middle finds it).
+            let (lo, hi) = (pair[0], pair[1]);
+            let lower_wins = |x: f32| x - lo <= hi - x;
+            let mut mid = lo + (hi - lo) / 2.0;
+            while !lower_wins(mid) {
+                mid = mid.next_down();
+            }
+            while lower_wins(mid.next_up()) {
+                mid = mid.next_up();
+            }
+            *m = mid;
+        }
+        let below = (0..=u16::MAX)
             .map(|h| {
                 // The least value whose top 16 bits are `h`: the pattern itself when positive,
                 // the next pattern's magnitude when negative.
@@ -155,55 +173,68 @@ impl Quantizer {
                 if least.is_nan() {
                     return 255;
                 }
-                map.partition_point(|&c| c < least).min(255) as u8
+                mids.partition_point(|&m| m < least).min(255) as u8
             })
             .collect();
         let zero = map
             .iter()
             .position(|&c| c == 0.0)
             .expect("the map holds zero") as u8;
-        Quantizer { map, first, zero }
+        Quantizer {
+            map,
+            mids,
+            below,
+            zero,
+        }
     }
 
     /// The code nearest `x` in [-1, 1] (halfway takes the lower), as a binary search would find.
-    #[inline]
+    #[inline(always)]
     fn nearest(&self, x: f32) -> u8 {
-        let mut upper = self.first[(x.to_bits() >> 16) as usize] as usize;
-        while upper < 255 && self.map[upper] < x {
-            upper += 1;
-        }
-        if upper == 0 {
-            return 0;
-        }
-        let lower = upper - 1;
-        if x - self.map[lower] <= self.map[upper] - x {
-            lower as u8
-        } else {
-            upper as u8
+        // SAFETY: the table has an entry for every 16-bit pattern, each at most 255.
+        unsafe {
+            let c = *self.below.get_unchecked((x.to_bits() >> 16) as usize);
+            c + u8::from(*self.mids.get_unchecked(c as usize) < x)
         }
     }
 
     /// Quantises one block of `values` into `codes` and returns its scale.
     pub fn encode(&self, values: &[f32], codes: &mut [u8], keep_nonzero: bool) -> f32 {
+        // The largest magnitude in a pass that vectorises, then the first value holding it.
+        let max = values
+            .iter()
+            .fold(0.0f32, |m, &v| if v.abs() > m { v.abs() } else { m });
         let scale = values
             .iter()
-            .fold(0.0f32, |m, &v| if v.abs() > m.abs() { v } else { m });
+            .copied()
+            .find(|v| v.abs() == max)
+            .unwrap_or(0.0);
         if scale == 0.0 {
             codes.fill(self.zero);
             return 0.0;
         }
-        let (below, above) = (self.zero - 1, self.zero + 1);
-        for (q, &v) in codes.iter_mut().zip(values) {
-            let c = self.nearest((v / scale).clamp(-1.0, 1.0));
-            *q = if keep_nonzero && c == self.zero && v != 0.0 {
-                if (v > 0.0) == (scale > 0.0) {
-                    above
-                } else {
-                    below
+        let inv = 1.0 / scale;
+        if inv.is_finite() {
+            for (q, &v) in codes.iter_mut().zip(values) {
+                *q = self.nearest((v * inv).clamp(-1.0, 1.0));
+            }
+        } else {
+            // A subnormal scale: divide instead.
+            for (q, &v) in codes.iter_mut().zip(values) {
+                *q = self.nearest((v / scale).clamp(-1.0, 1.0));
+            }
+        }
+        if keep_nonzero {
+            let (below, above) = (self.zero - 1, self.zero + 1);
+            for (q, &v) in codes.iter_mut().zip(values) {
+                if *q == self.zero && v != 0.0 {
+                    *q = if (v > 0.0) == (scale > 0.0) {
+                        above
+                    } else {
+                        below
+                    };
                 }
-            } else {
-                c
-            };
+            }
         }
         scale
     }

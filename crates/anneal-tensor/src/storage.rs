@@ -133,7 +133,8 @@ impl Buffer {
                 Buffer::BF16(out)
             }
             DType::F16 => {
-                let out = values.iter().map(|&x| f16::from_f32(x)).collect();
+                let mut out = vec![f16::ZERO; values.len()];
+                crate::kernels::f32_to_f16(&values, &mut out);
                 Buffer::F16(out)
             }
         }
@@ -169,11 +170,7 @@ impl Buffer {
                     *d = bf16::from_f32(x);
                 }
             }
-            Buffer::F16(v) => {
-                for (d, &x) in v[start..start + n].iter_mut().zip(values) {
-                    *d = f16::from_f32(x);
-                }
-            }
+            Buffer::F16(v) => crate::kernels::f32_to_f16(values, &mut v[start..start + n]),
         }
     }
 
@@ -183,11 +180,7 @@ impl Buffer {
         match self {
             Buffer::F32(v) => out.copy_from_slice(&v[start..start + out.len()]),
             Buffer::BF16(v) => crate::kernels::bf16_to_f32(&v[start..start + n], out),
-            Buffer::F16(v) => {
-                for (o, x) in out.iter_mut().zip(&v[start..start + n]) {
-                    *o = x.to_f32();
-                }
-            }
+            Buffer::F16(v) => crate::kernels::f16_to_f32(&v[start..start + n], out),
         }
     }
 }
