@@ -28,6 +28,10 @@ pub struct PretrainArgs {
     /// Print the resolved config and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Print the memory the run will need (parameters, gradients, optimizer state, activations,
+    /// caches, and the peak RSS they come to) for this config and exit.
+    #[arg(long)]
+    pub estimate_memory: bool,
     /// Run even when the memory the run needs at least (parameters, gradients, optimizer
     /// state, one batch of activations) exceeds the machine's physical memory.
     #[arg(long)]
@@ -66,7 +70,8 @@ fn stop_on_ctrl_c() -> Arc<AtomicBool> {
 
 fn print_summary(s: &RunSummary) {
     println!(
-        "{} steps{} in {:.1} s: {:.1} ms/step, {:.0} tokens/s, MFU {:.1}%, peak RSS {:.0} MB",
+        "{} steps{} in {:.1} s: {:.1} ms/step, {:.0} tokens/s, MFU {:.1}%, peak RSS {:.0} MB \
+         (estimated {:.0} MB)",
         s.steps - s.start_step,
         if s.start_step > 0 {
             format!(" (from step {})", s.start_step)
@@ -77,7 +82,8 @@ fn print_summary(s: &RunSummary) {
         s.ms_per_step,
         s.tokens_per_second,
         100.0 * s.mfu,
-        s.peak_rss_mb
+        s.peak_rss_mb,
+        s.estimated_peak_mb
     );
     if s.exposed_comm_ms_per_step > 0.0 {
         println!(
@@ -120,6 +126,27 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
     let config = RunConfig::load(a.config.as_deref(), &a.overrides)?;
     if a.print_config {
         print!("{}", config.to_toml());
+        return Ok(());
+    }
+    if a.estimate_memory {
+        let m = anneal_train::pretrain::estimate_memory(&config, a.ranks)?;
+        println!(
+            "GPT of {} layers, width {}, batch {} × {}, model.dtype {}, train.moments {}, \
+             model.recompute {}{}",
+            config.model.n_layer,
+            config.model.n_embd,
+            config.train.batch_size,
+            config.model.block_size,
+            config.model.dtype,
+            config.train.moments,
+            config.recompute()?,
+            if a.ranks > 1 {
+                format!(", {} ranks in this process", a.ranks)
+            } else {
+                String::new()
+            }
+        );
+        println!("{}", m.table());
         return Ok(());
     }
     if anneal_dist::launched_by_mpi() {

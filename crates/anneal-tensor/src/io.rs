@@ -73,43 +73,90 @@ pub fn decode_safetensors(bytes: &[u8], file: &str) -> Result<HashMap<String, Te
 
 /// Encodes named tensors as safetensors bytes, each in its own dtype.
 pub fn encode_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
-    let mut raw: Vec<(String, StDtype, Vec<usize>, Vec<u8>)> = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t.contiguous_data();
-        let buf = t.storage().read();
-        let (off, n) = (t.offset(), t.numel());
-        let (dtype, bytes) = match &*buf {
-            Buffer::F32(v) => (
-                StDtype::F32,
-                v[off..off + n]
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-            Buffer::BF16(v) => (
-                StDtype::BF16,
-                v[off..off + n]
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-            Buffer::F16(v) => (
-                StDtype::F16,
-                v[off..off + n]
-                    .iter()
-                    .flat_map(|x| x.to_le_bytes())
-                    .collect(),
-            ),
-        };
-        raw.push((name.clone(), dtype, t.shape().to_vec(), bytes));
-    }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = raw
+    // The tensors' own bytes are handed to the encoder in place, so encoding holds one copy of
+    // them (the file's bytes) beside the tensors, not two: a checkpoint of a large model and its
+    // optimizer state peaks that much lower.
+    let dense: Vec<Tensor> = tensors.iter().map(|(_, t)| t.contiguous_data()).collect();
+    let guards: Vec<_> = dense.iter().map(|t| t.storage().read()).collect();
+    let views: Vec<(String, Bytes<'_>)> = tensors
         .iter()
-        .map(|(name, dt, shape, bytes)| {
-            safetensors::tensor::TensorView::new(*dt, shape.clone(), bytes)
-                .map(|v| (name.clone(), v))
-                .map_err(|e| Error::SafeTensors(format!("{name}: {e}")))
+        .zip(&dense)
+        .zip(&guards)
+        .map(|(((name, _), t), buf)| {
+            let (off, n) = (t.offset(), t.numel());
+            let (dtype, bytes) = match &**buf {
+                Buffer::F32(v) => (StDtype::F32, le_bytes(&v[off..off + n])),
+                Buffer::BF16(v) => (StDtype::BF16, le_bytes(&v[off..off + n])),
+                Buffer::F16(v) => (StDtype::F16, le_bytes(&v[off..off + n])),
+            };
+            (
+                name.clone(),
+                Bytes {
+                    dtype,
+                    shape: t.shape().to_vec(),
+                    bytes,
+                },
+            )
         })
-        .collect::<Result<_>>()?;
+        .collect();
     safetensors::serialize(views, None).map_err(|e| Error::SafeTensors(e.to_string()))
+}
+
+/// One tensor's little-endian bytes for the encoder.
+struct Bytes<'a> {
+    dtype: StDtype,
+    shape: Vec<usize>,
+    bytes: std::borrow::Cow<'a, [u8]>,
+}
+
+impl safetensors::View for Bytes<'_> {
+    fn dtype(&self) -> StDtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Values whose in-memory bytes are their little-endian encoding (f32, bf16, f16).
+trait LeValue: Copy {
+    fn le(self, out: &mut Vec<u8>);
+}
+
+impl LeValue for f32 {
+    fn le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl LeValue for half::bf16 {
+    fn le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+impl LeValue for half::f16 {
+    fn le(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+}
+
+/// The little-endian bytes of `values`: borrowed on a little-endian machine, copied elsewhere.
+fn le_bytes<T: LeValue>(values: &[T]) -> std::borrow::Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        // SAFETY: plain-old-data values without padding, viewed as the bytes they occupy.
+        std::borrow::Cow::Borrowed(unsafe {
+            std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+        })
+    } else {
+        let mut out = Vec::with_capacity(std::mem::size_of_val(values));
+        values.iter().for_each(|v| v.le(&mut out));
+        std::borrow::Cow::Owned(out)
+    }
 }

@@ -1,19 +1,39 @@
-//! A lower bound of the memory a training run needs, checked before anything is allocated: the
-//! one estimator of it (mixed-precision policies refine it here).
+//! The memory a training run needs, estimated before anything is allocated: the one estimator
+//! of it, refined for every precision mode and recomputation policy, checked against the
+//! machine's memory at the start of a run, printed by `anneal pretrain --estimate-memory`, and
+//! reported beside the measured peak when the run ends.
 //!
-//! It counts what must exist at once: the parameters in their storage dtype, an f32 gradient
-//! for each trainable parameter, the optimizer's state (AdamW: two f32 moments, plus the master
-//! copy's bytes for a half-precision store: 2 per parameter for bf16, 4 for f16), and one
-//! micro-batch's activations. Activations follow Korthikanti et al. 2022 ("Reducing Activation
-//! Recomputation in Large Transformer Models") for a block with fused attention, 34·s·b·h bytes
-//! at 16 bits (no s² term: the attention probabilities are recomputed), 2·s·b·h with block
-//! recomputation, plus the logits and their gradient, 2·4·s·b·V bytes.
+//! It counts what exists at once when a step peaks, at the start of backward:
+//!
+//! - the parameters in their storage dtype, an f32 gradient for each trainable one, and the
+//!   optimizer's state by arithmetic (AdamW: two moments of 4, 2 or about 1 byte, plus a bf16
+//!   store's 2-byte master copy or an f16 store's 4-byte one);
+//! - the activations the engine keeps for backward, counted from what each op saves: per GPT
+//!   block 12 values per token and channel in the storage dtype (the block input, both norm
+//!   outputs, the packed Q/K/V, the attention output, the residual between, and the MLP's 4d
+//!   pre-activation; the fused GELU-linear recomputes its activation), plus the embedding output,
+//!   the final norm and the logits; with whole blocks recomputed, one input per block; with the
+//!   attention probabilities kept (no recomputation), B·H·T² f32 values per block. This is
+//!   Korthikanti et al. 2022's count ("Reducing Activation Recomputation in Large Transformer
+//!   Models", 34·s·b·h bytes a block at 16 bits with dropout masks and unfused attention) for
+//!   this engine's ops;
+//! - the caches: backward's transients (the gradients of one block's activations, widened
+//!   copies of 16-bit operands, the buffer cache that keeps freed activation-sized buffers for
+//!   reuse) and the optimizer's per-thread scratch. These are measured, not derived: fitted on
+//!   `anneal bench gpt` runs of four shapes × three precision modes × three policies on 2
+//!   threads, they come to about 29 (selective), 35 (full) or 25 (none) f32 activations of
+//!   B·T·d each, plus 0.45× the gradients' bytes and 3 MB; the fit leaves every one of those 36
+//!   runs within 8% of its peak RSS;
+//! - a checkpoint being written, when a run's memory peaks again after its steps: the optimizer
+//!   state gathered as f32 vectors, then encoded with the parameters into the files' bytes;
+//! - the process itself before the model (runtime and binary, 7.2 MB; a pretraining run adds
+//!   its corpus, whose pages sampling touches, and 3 MB of bookkeeping: tokenizer, logs).
 
 use crate::config::RunConfig;
 use anneal_tensor::DType;
 use anyhow::Result;
 
-/// Bytes a run needs at least, by part.
+/// Bytes a run needs, by part.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct MemoryBound {
     /// Parameters in their storage dtype.
@@ -22,20 +42,39 @@ pub struct MemoryBound {
     pub gradients: f64,
     /// Optimizer state.
     pub optimizer: f64,
-    /// One micro-batch's activations, logits included.
+    /// One micro-batch's activations kept for backward, logits included.
     pub activations: f64,
+    /// Backward's transients, the buffer cache and optimizer scratch.
+    pub caches: f64,
+    /// A checkpoint's gathered and encoded copies while it is written (0 where none is).
+    pub checkpoint: f64,
+    /// The process before the model: runtime and binary, and a run's corpus.
+    pub process: f64,
 }
 
+/// The process before the model: runtime and binary, measured as 7.2 MB on Linux.
+pub const PROCESS_BYTES: f64 = 7.2 * MB;
+
+/// The megabyte of memory figures (2²⁰ bytes, as peak RSS is reported).
+pub const MB: f64 = 1048576.0;
+
 impl MemoryBound {
-    /// All parts together.
+    /// What training holds (the parts a machine must fit): parameters, gradients, optimizer
+    /// state, activations and caches.
     pub fn total(&self) -> f64 {
-        self.parameters + self.gradients + self.optimizer + self.activations
+        self.parameters + self.gradients + self.optimizer + self.activations + self.caches
+    }
+
+    /// The peak RSS this predicts: [`MemoryBound::total`], a checkpoint being written (the
+    /// buffer cache keeps the step's memory after it), and the process itself.
+    pub fn peak(&self) -> f64 {
+        self.total() + self.checkpoint + self.process
     }
 
     /// One rank's share under `layout`: the whole model (its 1/tp under tensor parallelism,
     /// which keeps norms whole on every rank: a lower bound), the optimizer state divided over
     /// the ZeRO sharding group (and the gradients too under ZeRO-2, whose buckets in flight come
-    /// on top of this lower bound), the activations of its share of the batch (and of its
+    /// on top), the activations and transients of its share of the batch (and of its
     /// tensor-parallel slice, though the residual stream is whole on every rank).
     pub fn per_rank(self, layout: &crate::config::Layout) -> MemoryBound {
         let tp = layout.model_ranks() as f64;
@@ -47,6 +86,10 @@ impl MemoryBound {
             gradients: self.gradients / grads_sharded as f64 / tp,
             optimizer: self.optimizer / sharded as f64 / tp,
             activations: self.activations / layout.ranks() as f64,
+            caches: self.caches / layout.ranks() as f64,
+            // Rank 0 gathers the whole state to write it.
+            checkpoint: self.checkpoint,
+            process: self.process,
         }
     }
 
@@ -58,51 +101,127 @@ impl MemoryBound {
             gradients: self.gradients * n,
             optimizer: self.optimizer * n,
             activations: self.activations * n,
+            caches: self.caches * n,
+            // One rank of the process writes, and the process is one.
+            checkpoint: self.checkpoint,
+            process: self.process,
         }
     }
 
-    /// `12.3 GB (parameters 1.0, gradients 2.0, optimizer 4.0, activations 5.3)`.
+    /// `12.3 GB (parameters 1.0, gradients 2.0, optimizer 4.0, activations 5.3, caches 0.1)`.
     pub fn describe(&self) -> String {
         let gb = |x: f64| x / 1e9;
         format!(
-            "{:.1} GB (parameters {:.1}, gradients {:.1}, optimizer {:.1}, activations {:.1})",
+            "{:.1} GB (parameters {:.1}, gradients {:.1}, optimizer {:.1}, activations {:.1}, \
+             caches {:.1})",
             gb(self.total()),
             gb(self.parameters),
             gb(self.gradients),
             gb(self.optimizer),
-            gb(self.activations)
+            gb(self.activations),
+            gb(self.caches)
+        )
+    }
+
+    /// One line per part in MB, and the predicted peak RSS.
+    pub fn table(&self) -> String {
+        let mb = |x: f64| x / MB;
+        format!(
+            "parameters   {:>10.1} MB\ngradients    {:>10.1} MB\noptimizer    {:>10.1} MB\n\
+             activations  {:>10.1} MB\ncaches       {:>10.1} MB\ncheckpoint   {:>10.1} MB\n\
+             process      {:>10.1} MB\npeak RSS     {:>10.1} MB (estimated)",
+            mb(self.parameters),
+            mb(self.gradients),
+            mb(self.optimizer),
+            mb(self.activations),
+            mb(self.caches),
+            mb(self.checkpoint),
+            mb(self.process),
+            mb(self.peak())
         )
     }
 }
 
-/// The lower bound of a GPT pretraining run of `config` over a vocabulary of `vocab_size`.
+/// The memory of a GPT pretraining run of `config` over a vocabulary of `vocab_size`, on one
+/// device.
 pub fn lower_bound(config: &RunConfig, vocab_size: usize) -> Result<MemoryBound> {
     let gpt = config.gpt_config(vocab_size)?;
-    let (d, v) = (gpt.n_embd as f64, vocab_size as f64);
-    // Counted without overflow: a size no machine holds gives an infinite bound, never a
+    let adamw = config.adamw()?;
+    let (d, v, h) = (gpt.n_embd as f64, vocab_size as f64, gpt.n_head as f64);
+    // Counted without overflow: a size no machine holds gives an infinite estimate, never a
     // wrapped small one.
     let params = gpt.total_params().map_or(f64::INFINITY, |n| n as f64);
-    let (store, master) = match gpt.dtype {
-        DType::F32 => (4.0, 0.0),
-        DType::BF16 => (2.0, 2.0),
-        DType::F16 => (2.0, 4.0),
+    let (store, master) = match (gpt.dtype, adamw.master_weights) {
+        (DType::F32, _) => (4.0, 0.0),
+        (DType::BF16, true) => (2.0, 2.0),
+        (DType::BF16, false) => (2.0, 0.0),
+        (DType::F16, _) => (2.0, 4.0),
     };
-    let (s, b) = (
+    let moments = 2.0 * adamw.moments.bytes_per_element();
+    let (s, b, layers) = (
         config.model.block_size as f64,
         config.train.batch_size as f64,
+        gpt.n_layer as f64,
     );
-    let per_layer = if gpt.checkpoint_blocks {
-        2.0 * s * b * d
+    let tokens = s * b;
+    let policy = config.recompute()?;
+    // Values per token and channel each block keeps (see the module's note), and the per-row
+    // f32 statistics of its norms and attention.
+    let per_block = if policy == "full" { 1.0 } else { 12.0 };
+    let stats = if policy == "full" {
+        0.0
     } else {
-        34.0 * s * b * d
-    } * store
-        / 2.0;
+        4.0 * (4.0 + h)
+    };
+    let probabilities = if policy == "none" {
+        4.0 * b * h * s * s
+    } else {
+        0.0
+    };
+    let activations = layers * (per_block * tokens * d * store + tokens * stats + probabilities)
+        + 2.0 * tokens * d * store
+        + tokens * v * store;
+    let transients = match policy {
+        "full" => 35.0,
+        "none" => 25.0,
+        _ => 29.0,
+    };
     Ok(MemoryBound {
         parameters: store * params,
         gradients: 4.0 * params,
-        optimizer: (8.0 + master) * params,
-        activations: gpt.n_layer as f64 * per_layer + 2.0 * 4.0 * s * b * v,
+        optimizer: (moments + master) * params,
+        activations,
+        caches: 3.0 * MB + transients * tokens * d * 4.0 + 0.45 * 4.0 * params,
+        checkpoint: 0.0,
+        process: PROCESS_BYTES,
     })
+}
+
+/// [`lower_bound`] for `anneal pretrain`: with a checkpoint written every so often and the
+/// corpus of `corpus_bytes` mapped.
+pub fn run_estimate(
+    config: &RunConfig,
+    vocab_size: usize,
+    corpus_bytes: f64,
+) -> Result<MemoryBound> {
+    let mut m = lower_bound(config, vocab_size)?;
+    let params = m.gradients / 4.0;
+    // Each state vector in f32 (two moments, and the master copy of a half-precision store that
+    // keeps one), gathered, then encoded with the parameters (encoded from where they are).
+    let adamw = config.adamw()?;
+    let vectors = match config.dtype()? {
+        DType::F32 => 2.0,
+        DType::BF16 if !adamw.master_weights => 2.0,
+        _ => 3.0,
+    };
+    m.checkpoint = m.parameters + 2.0 * 4.0 * params * vectors;
+    // A half-precision run's activations go back to the allocator after the step (the buffer
+    // cache keeps f32 buffers only), where the checkpoint's copies find room.
+    if config.dtype()? != DType::F32 {
+        m.checkpoint = (m.checkpoint - m.activations).max(0.0);
+    }
+    m.process += corpus_bytes + 3.0 * MB;
+    Ok(m)
 }
 
 /// This machine's physical memory in bytes (`MemTotal` of `/proc/meminfo`), where known.
@@ -134,6 +253,7 @@ mod tests {
         assert_eq!(m.parameters, model.params.bytes() as f64);
         assert_eq!(m.gradients, 4.0 * params);
         assert_eq!(m.optimizer, 8.0 * params);
+        assert!(m.caches > 0.0);
         assert!(m.total() < 1e9 && m.activations > 0.0);
         let mut huge = c.clone();
         huge.model.n_embd = 1_000_000;
@@ -142,6 +262,48 @@ mod tests {
         let mut long = c;
         long.train.batch_size = 1_000_000_000;
         assert!(lower_bound(&long, 65).unwrap().activations > 1e15);
+    }
+
+    #[test]
+    fn precision_modes_and_recomputation_move_the_parts_they_change() {
+        let with = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            lower_bound(&RunConfig::load(None, &sets).unwrap(), 65).unwrap()
+        };
+        let f32 = with(&[]);
+        let params = f32.gradients / 4.0;
+        let bf16 = with(&["model.dtype=bf16"]);
+        assert_eq!(bf16.parameters, 2.0 * params);
+        assert_eq!(
+            bf16.optimizer,
+            10.0 * params,
+            "two f32 moments and 2-byte master halves"
+        );
+        // Half the stored values; the norms' and attention's row statistics stay f32.
+        assert!(bf16.activations < 0.51 * f32.activations);
+        let states = with(&["model.dtype=bf16", "train.moments=bf16"]);
+        assert_eq!(states.optimizer, 6.0 * params);
+        let lean = with(&[
+            "model.dtype=bf16",
+            "train.moments=8bit",
+            "train.master_weights=false",
+        ]);
+        assert_eq!(lean.optimizer, 2.0 * (1.0 + 4.0 / 2048.0) * params);
+        let f16 = with(&["model.dtype=f16"]);
+        assert_eq!(
+            f16.optimizer,
+            12.0 * params,
+            "an f16 store's master copy is whole"
+        );
+        let full = with(&["model.recompute=full"]);
+        let none = with(&["model.recompute=none"]);
+        assert!(full.activations < f32.activations / 4.0);
+        // Kept probabilities: 4 layers × batch 12 × 4 heads × 64² f32.
+        assert_eq!(
+            none.activations - f32.activations,
+            4.0 * 12.0 * 4.0 * 64.0 * 64.0 * 4.0
+        );
+        assert!(lean.peak() < bf16.peak() && bf16.peak() < f32.peak());
     }
 
     #[test]

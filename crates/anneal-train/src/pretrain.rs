@@ -131,6 +131,9 @@ pub struct RunSummary {
     /// Peak resident memory of the process in MB.
     #[serde(deserialize_with = "nan_if_null")]
     pub peak_rss_mb: f64,
+    /// The peak RSS the memory estimate predicted before the run ([`crate::memory`]), MB.
+    #[serde(default)]
+    pub estimated_peak_mb: f64,
     /// The engine's peak of tensor storage in the process (parameters, gradients, activations,
     /// communication copies) plus the optimizer's state, in MB: what `anneal plan` estimates
     /// per rank (under `--ranks`, every rank of the process together).
@@ -495,6 +498,35 @@ fn lock_run_dir(out: &Path) -> Result<File> {
     }
 }
 
+/// Bytes of the tokenized corpus's splits.
+fn corpus_bytes(manifest: &Manifest, train: &ShardSet, val: &ShardSet) -> f64 {
+    let width = if manifest.dtype == "u16" { 2.0 } else { 4.0 };
+    (train.len() + val.len()) as f64 * width
+}
+
+/// The memory estimate of what one process of a run holds: each of its ranks' share (`threads`
+/// ranks of the job's `ranks` as threads of this process).
+fn process_memory(
+    config: &RunConfig,
+    vocab_size: usize,
+    corpus: f64,
+    ranks: usize,
+    threads: usize,
+) -> Result<crate::memory::MemoryBound> {
+    let layout = config.layout(ranks)?;
+    Ok(crate::memory::run_estimate(config, vocab_size, corpus)?
+        .per_rank(&layout)
+        .times(threads.max(1)))
+}
+
+/// The memory estimate of a run of `config` as one process of `ranks` ranks (threads), from the
+/// vocabulary and size of its tokenized corpus: what `anneal pretrain --estimate-memory` prints.
+pub fn estimate_memory(config: &RunConfig, ranks: usize) -> Result<crate::memory::MemoryBound> {
+    let (manifest, _, train, val) = open_tokenized(&config.data.dir)?;
+    let corpus = corpus_bytes(&manifest, &train, &val);
+    process_memory(config, manifest.vocab_size, corpus, ranks.max(1), ranks)
+}
+
 fn train_on_pool(
     config: &RunConfig,
     opts: &RunOptions,
@@ -530,11 +562,8 @@ fn train_on_pool(
         }
     }
     let train_tokens = train_set.len();
-    let layout = config.layout(ranks)?;
-    // What this process holds: each of its ranks' share (`opts.ranks` of them as threads).
-    let bound = crate::memory::lower_bound(config, manifest.vocab_size)?
-        .per_rank(&layout)
-        .times(opts.ranks.max(1));
+    let corpus = corpus_bytes(&manifest, &train_set, &val_set);
+    let bound = process_memory(config, manifest.vocab_size, corpus, ranks, opts.ranks)?;
     if let Some(physical) = crate::memory::physical_memory() {
         if bound.total() > physical && !opts.force {
             bail!(
@@ -883,6 +912,7 @@ fn train_on_pool(
         mfu: tokens_per_second * flops_per_token / (peak_gflops * 1e9),
         checkpoint: last_checkpoint,
         peak_rss_mb: crate::machine::peak_rss_mb(),
+        estimated_peak_mb: bound.peak() / crate::memory::MB,
         peak_tensor_mb: (anneal_tensor::memory_stats().peak_bytes
             + trainer.optimizer().state_bytes()) as f64
             / 1e6,
