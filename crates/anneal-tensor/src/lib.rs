@@ -27,6 +27,7 @@
 //! # let _ = DType::F32;
 //! ```
 
+pub mod autocast;
 pub mod autograd;
 mod dtype;
 mod error;

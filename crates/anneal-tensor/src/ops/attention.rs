@@ -13,6 +13,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{gemm_f32, Mat};
+use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
 use crate::error::{invalid, Error, Result};
 use crate::storage::Buffer;
@@ -722,7 +723,7 @@ impl Tensor {
                 with_heads(v, |vh| forward(g, qh, kh, vh, mask, opts.save_probs))
             })
         });
-        let value = Tensor::from_f32_as(out, q.shape(), q.dtype());
+        let value = Tensor::from_f32_as(out, q.shape(), output_dtype(Kind::Attention, q.dtype()));
         let saved_out = value.data();
         Ok(Tensor::from_op(
             value,
@@ -778,7 +779,11 @@ impl Tensor {
         let (out, lse, probs) = with_packed(self, &g, |q, k, v| {
             forward(g, q, k, v, mask, opts.save_probs)
         });
-        let value = Tensor::from_f32_as(out, &[b, t, n_head * d], self.dtype());
+        let value = Tensor::from_f32_as(
+            out,
+            &[b, t, n_head * d],
+            output_dtype(Kind::Attention, self.dtype()),
+        );
         let saved_out = value.view_raw(
             vec![b, t, n_head, d],
             vec![t * n_head * d, n_head * d, d, 1],
@@ -885,7 +890,11 @@ impl Tensor {
                 Ok(vec![Some(Tensor::from_f32_unchecked(dx, grad.shape()))])
             }
         }
-        let value = Tensor::from_f32_as(out, self.shape(), self.dtype());
+        let value = Tensor::from_f32_as(
+            out,
+            self.shape(),
+            output_dtype(Kind::Elementwise, self.dtype()),
+        );
         Ok(Tensor::from_op(
             value,
             &[self],

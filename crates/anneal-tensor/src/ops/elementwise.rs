@@ -3,6 +3,7 @@
 //! Broadcasting follows NumPy: shapes align from the last axis, and an axis of extent 1 stretches.
 //! The backward of a broadcast operand sums the gradient over the axes it was stretched along.
 
+use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::kernels::{map_into, zip_into};
@@ -256,7 +257,7 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         let bv = expand(b, &shape);
         zip_into(&mut out, &av, &bv, f);
     }
-    let value = Tensor::from_f32_as(out, &shape, a.dtype());
+    let value = Tensor::from_f32_as(out, &shape, output_dtype(Kind::Elementwise, a.dtype()));
     // Add and sub need only the shapes, so their inputs are not kept alive for backward; mul and
     // div keep what the needed gradients read.
     let needs = [a.requires_grad(), b.requires_grad()];
@@ -452,7 +453,7 @@ pub(crate) fn gelu_values(x: &Tensor, exact: bool) -> Tensor {
     let op = Unary::gelu(exact);
     let mut out = crate::pool::uninit(x.numel());
     x.with_f32(|v| forward_all(op, &mut out, v));
-    Tensor::from_f32_as(out, x.shape(), x.dtype())
+    Tensor::from_f32_as(out, x.shape(), output_dtype(Kind::Elementwise, x.dtype()))
 }
 
 /// `g · gelu'(x)`, as the backward of `Tensor::gelu` (or `gelu_tanh`) computes it.
@@ -466,7 +467,7 @@ pub(crate) fn gelu_grad(g: &Tensor, x: &Tensor, exact: bool) -> Tensor {
 fn unary(x: &Tensor, op: Unary) -> Tensor {
     let mut out = crate::pool::uninit(x.numel());
     x.with_f32(|v| forward_all(op, &mut out, v));
-    let value = Tensor::from_f32_as(out, x.shape(), x.dtype());
+    let value = Tensor::from_f32_as(out, x.shape(), output_dtype(Kind::Elementwise, x.dtype()));
     let saved = match op {
         Unary::Scale(_) | Unary::AddScalar(_) => None,
         _ => Some(x.data()),

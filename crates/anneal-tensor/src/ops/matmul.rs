@@ -8,6 +8,7 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
+use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::storage::Buffer;
@@ -565,7 +566,7 @@ impl Tensor {
             let h = super::elementwise::gelu_values(self, exact);
             product(&h, weight, bias)?
         };
-        let value = Tensor::from_f32_as(out, &shape, self.dtype());
+        let value = Tensor::from_f32_as(out, &shape, output_dtype(Kind::Product, self.dtype()));
         let mut inputs = vec![self, weight];
         if let Some(b) = bias {
             inputs.push(b);
@@ -592,7 +593,7 @@ impl Tensor {
     /// dtype of `self`; the product accumulates in f32.
     pub fn matmul(&self, rhs: &Tensor) -> Result<Tensor> {
         let (out, shape) = product(self, rhs, None)?;
-        let value = Tensor::from_f32_as(out, &shape, self.dtype());
+        let value = Tensor::from_f32_as(out, &shape, output_dtype(Kind::Product, self.dtype()));
         Ok(Tensor::from_op(
             value,
             &[self, rhs],
@@ -615,7 +616,7 @@ impl Tensor {
             self.clone()
         };
         let (out, shape) = product(&x, weight, bias)?;
-        let value = Tensor::from_f32_as(out, &shape, self.dtype());
+        let value = Tensor::from_f32_as(out, &shape, output_dtype(Kind::Product, self.dtype()));
         let mut inputs = vec![&x, weight];
         if let Some(b) = bias {
             inputs.push(b);

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use super::elementwise::{gelu_grad, gelu_values};
 use super::matmul::{column_sums, product_into, MatmulBackward};
+use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
 use crate::error::{invalid, Error, Result};
 use crate::Tensor;
@@ -420,7 +421,11 @@ impl Tensor {
                 off += n;
             }
         }
-        let value = Tensor::from_f32_as(out, &[rows, d_out], self.dtype());
+        let value = Tensor::from_f32_as(
+            out,
+            &[rows, d_out],
+            output_dtype(Kind::Product, self.dtype()),
+        );
         let mut inputs = vec![self, weight];
         if let Some(b) = bias {
             inputs.push(b);
@@ -492,7 +497,8 @@ impl Tensor {
                 })
             })
         });
-        let value = Tensor::from_f32_as(out, &[tokens, d], self.dtype());
+        let value =
+            Tensor::from_f32_as(out, &[tokens, d], output_dtype(Kind::Product, self.dtype()));
         let gates_flat = gates.reshape(&[tokens * k])?;
         Ok(Tensor::from_op(
             value,

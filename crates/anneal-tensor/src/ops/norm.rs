@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::Tensor;
@@ -198,7 +199,7 @@ impl Tensor {
                     })
                 });
         });
-        let value = Tensor::from_f32_as(out, self.shape(), self.dtype());
+        let value = Tensor::from_f32_as(out, self.shape(), output_dtype(Kind::Norm, self.dtype()));
         let mut inputs = vec![self, weight];
         if let Some(b) = bias {
             inputs.push(b);
@@ -241,7 +242,7 @@ impl Tensor {
                     })
                 });
         });
-        let value = Tensor::from_f32_as(out, self.shape(), self.dtype());
+        let value = Tensor::from_f32_as(out, self.shape(), output_dtype(Kind::Norm, self.dtype()));
         Ok(Tensor::from_op(
             value,
             &[self, weight],

@@ -1,5 +1,6 @@
 //! Reductions over one axis (`sum`, `mean`, `max`) and over all elements.
 
+use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
 use crate::error::Result;
 use crate::Tensor;
@@ -91,7 +92,7 @@ impl Tensor {
             }
         });
         let shape = reduced_shape(self.shape(), ax, keepdim);
-        let value = Tensor::from_f32_as(out, &shape, self.dtype());
+        let value = Tensor::from_f32_as(out, &shape, output_dtype(Kind::Reduction, self.dtype()));
         Ok(Tensor::from_op(
             value,
             &[self],

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
 use crate::Tensor;
@@ -84,7 +85,7 @@ fn softmax_impl(x: &Tensor, log: bool) -> Result<Tensor> {
             })
         })
     });
-    let value = Tensor::from_f32_as(out, x.shape(), x.dtype());
+    let value = Tensor::from_f32_as(out, x.shape(), output_dtype(Kind::Softmax, x.dtype()));
     let y = value.data();
     Ok(Tensor::from_op(value, &[x], SoftmaxBackward { y, log }))
 }
@@ -214,7 +215,7 @@ impl Tensor {
                 .for_each(|(r, (o, l))| *l = softmax_row(&v[r * d..(r + 1) * d], o))
         });
         let shape = &self.shape()[..self.rank() - 1];
-        let value = Tensor::from_f32_as(lse, shape, self.dtype());
+        let value = Tensor::from_f32_as(lse, shape, output_dtype(Kind::Softmax, self.dtype()));
         let softmax = Tensor::from_f32_unchecked(softmax, self.shape());
         Ok(Tensor::from_op(
             value,
