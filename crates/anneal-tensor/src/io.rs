@@ -74,8 +74,27 @@ pub fn decode_safetensors(bytes: &[u8], file: &str) -> Result<HashMap<String, Te
 /// Encodes named tensors as safetensors bytes, each in its own dtype.
 pub fn encode_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
     // The tensors' own bytes are handed to the encoder in place, so encoding holds one copy of
-    // them (the file's bytes) beside the tensors, not two: a checkpoint of a large model and its
-    // optimizer state peaks that much lower.
+    // them (the file's bytes) beside the tensors, not two.
+    with_views(tensors, |views| {
+        safetensors::serialize(views, None).map_err(|e| Error::SafeTensors(e.to_string()))
+    })
+}
+
+/// Writes `tensors` to `path` in the safetensors format straight from their buffers, holding no
+/// copy of their bytes (a checkpoint of a large model and its optimizer state then needs no
+/// more memory than the state itself).
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    with_views(tensors, |views| {
+        safetensors::serialize_to_file(views, None, path)
+            .map_err(|e| Error::SafeTensors(format!("{}: {e}", path.display())))
+    })
+}
+
+/// Runs `f` with the encoder's views of `tensors`' bytes, borrowed from their buffers.
+fn with_views<R>(
+    tensors: &[(String, Tensor)],
+    f: impl FnOnce(Vec<(String, Bytes<'_>)>) -> Result<R>,
+) -> Result<R> {
     let dense: Vec<Tensor> = tensors.iter().map(|(_, t)| t.contiguous_data()).collect();
     let guards: Vec<_> = dense.iter().map(|t| t.storage().read()).collect();
     let views: Vec<(String, Bytes<'_>)> = tensors
@@ -99,7 +118,7 @@ pub fn encode_safetensors(tensors: &[(String, Tensor)]) -> Result<Vec<u8>> {
             )
         })
         .collect();
-    safetensors::serialize(views, None).map_err(|e| Error::SafeTensors(e.to_string()))
+    f(views)
 }
 
 /// One tensor's little-endian bytes for the encoder.

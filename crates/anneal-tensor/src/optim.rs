@@ -123,16 +123,24 @@ struct Rounding {
 }
 
 impl Rounding {
-    /// 32 random bits for element `index` of the shard's state `salt` (a counter-based hash,
-    /// SplitMix64's finaliser: the same bits on a resumed run).
+    /// 32 random bits for element `index` of the shard's state `salt`: a counter-based hash (the
+    /// step and salt mixed into a key, then MurmurHash3's 32-bit finaliser of the element's place
+    /// under it), so a resumed run draws the same bits, and in 32-bit arithmetic so the loops
+    /// vectorise.
     #[inline(always)]
     fn bits(self, salt: u64, index: usize) -> u32 {
-        let mut z = ((self.offset + index) as u64)
-            .wrapping_add(self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        let key = self.step.wrapping_mul(0x9e37_79b9_7f4a_7c15)
             ^ salt.wrapping_mul(0xd1b5_4a32_d192_ed03);
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        (z ^ (z >> 31)) as u32
+        let i = (self.offset + index) as u64;
+        let mut h = (i as u32)
+            ^ ((i >> 32) as u32).wrapping_mul(0x85eb_ca6b)
+            ^ (key as u32)
+            ^ ((key >> 32) as u32).wrapping_mul(0xc2b2_ae35);
+        h ^= h >> 16;
+        h = h.wrapping_mul(0x85eb_ca6b);
+        h ^= h >> 13;
+        h = h.wrapping_mul(0xc2b2_ae35);
+        h ^ (h >> 16)
     }
 }
 
@@ -141,11 +149,15 @@ impl Rounding {
 /// a value on average (Gupta et al. 2015, "Deep Learning with Limited Numerical Precision").
 #[inline(always)]
 fn round_stochastic(x: f32, r: u32) -> u16 {
+    let bits = x.to_bits();
+    // Finite values carry at most into the exponent (to infinity past bf16's largest); a NaN
+    // keeps its top bits with the quiet bit set. A select, so the loop vectorises.
+    let rounded = ((bits + (r & 0xffff)) >> 16) as u16;
     if x.is_nan() {
-        return half::bf16::from_f32(x).to_bits();
+        (bits >> 16) as u16 | 0x0040
+    } else {
+        rounded
     }
-    // Finite values carry at most into the exponent (to infinity past bf16's largest).
-    ((x.to_bits() + (r & 0xffff)) >> 16) as u16
 }
 
 /// A view of one state vector for the parallel blocks of a step.
@@ -293,7 +305,7 @@ fn for_each_block(
                     StatePtr::F32(p) => unsafe { p.range(span.start, span.len()) },
                     other => {
                         buf.resize(span.len(), 0.0);
-                        unsafe { other.decode(span.clone(), buf) };
+                        crate::kernels::vectorized(|| unsafe { other.decode(span.clone(), buf) });
                         &mut buf[..]
                     }
                 })
@@ -340,7 +352,9 @@ fn for_each_block(
             }
             for ((p, view), _) in state_ptrs.iter().zip(views).zip(0..) {
                 if !matches!(p, StatePtr::F32(_)) {
-                    unsafe { p.encode(span.clone(), view, rounding) };
+                    crate::kernels::vectorized(|| unsafe {
+                        p.encode(span.clone(), view, rounding)
+                    });
                 }
             }
         });

@@ -102,6 +102,29 @@ pub struct Loaded {
     pub objective: HashMap<String, Tensor>,
 }
 
+/// [`check`] of the file at `path`, read in pieces.
+fn check_file(path: &Path) -> Result<FileCheck> {
+    use std::io::Read;
+    let mut f = File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileCheck {
+        bytes,
+        xxh3: format!("{:016x}", hasher.digest()),
+    })
+}
+
 fn check(bytes: &[u8]) -> FileCheck {
     FileCheck {
         bytes: bytes.len() as u64,
@@ -199,35 +222,41 @@ pub fn save_whole(
         std::fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
     }
     std::fs::create_dir_all(&tmp)?;
-    let model_bytes = anneal_tensor::io::encode_safetensors(named)?;
     state.optimizer_layout = layout;
-    let flat = |named: Vec<(String, Vec<f32>)>| -> Result<Vec<u8>> {
-        let tensors = named
+    let flat = |named: Vec<(String, Vec<f32>)>| -> Result<Vec<(String, Tensor)>> {
+        named
             .into_iter()
             .map(|(name, v)| {
                 let n = v.len();
                 Ok((name, Tensor::from_f32(v, &[n])?))
             })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(anneal_tensor::io::encode_safetensors(&tensors)?)
+            .collect()
     };
-    let mut files = vec![
-        ("model.safetensors", model_bytes),
-        ("optimizer.safetensors", flat(optimizer)?),
+    let optimizer = flat(optimizer)?;
+    let objective = flat(objective)?;
+    let mut files: Vec<(&str, &[(String, Tensor)])> = vec![
+        ("model.safetensors", named),
+        ("optimizer.safetensors", &optimizer),
     ];
     if !objective.is_empty() {
-        files.push(("objective.safetensors", flat(objective)?));
+        files.push(("objective.safetensors", &objective));
     }
-    state.files = files
-        .iter()
-        .map(|(name, bytes)| (name.to_string(), check(bytes)))
-        .collect();
-    let json = serde_json::to_vec_pretty(&state).expect("states serialise");
-    let written = files
-        .iter()
-        .map(|(name, bytes)| (*name, bytes.as_slice()))
-        .chain([("trainer_state.json", json.as_slice())])
-        .try_for_each(|(name, bytes)| write_synced(&tmp.join(name), bytes));
+    // Each file is written from the tensors' buffers, synced, then read back for its checksum,
+    // so no copy of a file's bytes is ever held.
+    state.files.clear();
+    let written = files.iter().try_for_each(|(name, tensors)| -> Result<()> {
+        let path = tmp.join(name);
+        anneal_tensor::io::write_safetensors(&path, tensors)?;
+        File::open(&path)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("syncing {}", path.display()))?;
+        state.files.insert(name.to_string(), check_file(&path)?);
+        Ok(())
+    });
+    let written = written.and_then(|()| {
+        let json = serde_json::to_vec_pretty(&state).expect("states serialise");
+        write_synced(&tmp.join("trainer_state.json"), &json)
+    });
     if let Err(e) = written {
         // Nothing half-written is left behind (a full disk, say).
         let _ = std::fs::remove_dir_all(&tmp);
