@@ -90,6 +90,28 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
     })
 }
 
+/// [`write_safetensors`] of flat f32 vectors (optimizer state), each a 1-D tensor, written from
+/// the vectors themselves: no tensor is made of them, so their buffers go back to the allocator
+/// when the caller drops them rather than into the engine's buffer cache, where vectors of the
+/// model's size would never be asked for again.
+pub fn write_f32_safetensors(path: &Path, vectors: &[(String, Vec<f32>)]) -> Result<()> {
+    let views: Vec<(String, Bytes<'_>)> = vectors
+        .iter()
+        .map(|(name, v)| {
+            (
+                name.clone(),
+                Bytes {
+                    dtype: StDtype::F32,
+                    shape: vec![v.len()],
+                    bytes: le_bytes(v),
+                },
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path)
+        .map_err(|e| Error::SafeTensors(format!("{}: {e}", path.display())))
+}
+
 /// Runs `f` with the encoder's views of `tensors`' bytes, borrowed from their buffers.
 fn with_views<R>(
     tensors: &[(String, Tensor)],

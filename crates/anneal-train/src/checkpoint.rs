@@ -223,36 +223,31 @@ pub fn save_whole(
     }
     std::fs::create_dir_all(&tmp)?;
     state.optimizer_layout = layout;
-    let flat = |named: Vec<(String, Vec<f32>)>| -> Result<Vec<(String, Tensor)>> {
-        named
-            .into_iter()
-            .map(|(name, v)| {
-                let n = v.len();
-                Ok((name, Tensor::from_f32(v, &[n])?))
-            })
-            .collect()
-    };
-    let optimizer = flat(optimizer)?;
-    let objective = flat(objective)?;
-    let mut files: Vec<(&str, &[(String, Tensor)])> = vec![
-        ("model.safetensors", named),
-        ("optimizer.safetensors", &optimizer),
-    ];
-    if !objective.is_empty() {
-        files.push(("objective.safetensors", &objective));
-    }
-    // Each file is written from the tensors' buffers, synced, then read back for its checksum,
+    // Each file is written from the buffers it holds, synced, then read back for its checksum,
     // so no copy of a file's bytes is ever held.
     state.files.clear();
-    let written = files.iter().try_for_each(|(name, tensors)| -> Result<()> {
-        let path = tmp.join(name);
-        anneal_tensor::io::write_safetensors(&path, tensors)?;
-        File::open(&path)
+    let mut finish = |name: &str, path: &Path| -> Result<()> {
+        File::open(path)
             .and_then(|f| f.sync_all())
             .with_context(|| format!("syncing {}", path.display()))?;
-        state.files.insert(name.to_string(), check_file(&path)?);
+        state.files.insert(name.to_string(), check_file(path)?);
         Ok(())
-    });
+    };
+    let mut vectors = vec![("optimizer.safetensors", optimizer)];
+    if !objective.is_empty() {
+        vectors.push(("objective.safetensors", objective));
+    }
+    let written = (|| -> Result<()> {
+        let path = tmp.join("model.safetensors");
+        anneal_tensor::io::write_safetensors(&path, named)?;
+        finish("model.safetensors", &path)?;
+        for (name, state) in &vectors {
+            let path = tmp.join(name);
+            anneal_tensor::io::write_f32_safetensors(&path, state)?;
+            finish(name, &path)?;
+        }
+        Ok(())
+    })();
     let written = written.and_then(|()| {
         let json = serde_json::to_vec_pretty(&state).expect("states serialise");
         write_synced(&tmp.join("trainer_state.json"), &json)

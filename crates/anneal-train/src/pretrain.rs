@@ -653,6 +653,8 @@ fn train_on_pool(
             None => trainer.restore(loaded.as_ref().expect("rank 0 read it"))?,
         }
         drop(loaded);
+        // The checkpoint's tensors, of sizes training never asks for, leave the buffer cache.
+        anneal_tensor::pool::empty_cache();
         if let Some(dir) = resume_dir.as_ref().filter(|_| lead) {
             tracing::info!("resumed from {} at step {}", dir.display(), trainer.steps());
             set_aside_newer(&files, trainer.steps())?;
