@@ -238,13 +238,20 @@ impl PrecisionMode {
     /// Bytes per parameter the arithmetic gives for parameters, f32 gradients and optimizer
     /// state (activations aside).
     pub fn bytes_per_param(&self) -> f64 {
-        let store = if self.dtype == DType::F32 { 4.0 } else { 2.0 };
-        let master = match (self.dtype, self.master_weights) {
-            (DType::F32, _) | (DType::BF16, false) => 0.0,
-            (DType::BF16, true) => 2.0,
-            (DType::F16, _) => 4.0,
-        };
-        store + 4.0 + master + 2.0 * self.moments.bytes_per_element()
+        let state = self.adamw().state_bytes_per_param(self.dtype);
+        self.dtype.size_in_bytes() as f64 + 4.0 + state
+    }
+
+    /// The benchmark's AdamW settings (PyTorch's β₂, decay 0.1, as `bench/torch_gpt.py`) with
+    /// this mode's state.
+    fn adamw(&self) -> AdamWConfig {
+        AdamWConfig {
+            beta2: 0.999,
+            weight_decay: 0.1,
+            moments: self.moments,
+            master_weights: self.master_weights,
+            ..Default::default()
+        }
     }
 }
 
@@ -645,7 +652,6 @@ pub(crate) struct Stepper {
     seq: usize,
     cfg: GptConfig,
     mode: PrecisionMode,
-    recompute: String,
     /// RSS before the model was built, MB.
     base_rss_mb: f64,
     /// Most tensor bytes alive at the end of a forward pass.
@@ -657,10 +663,11 @@ type Phases = [f64; 3];
 
 impl Stepper {
     fn new(b: &GptBench) -> Result<Stepper> {
-        if !["none", "selective", "full"].contains(&b.recompute.as_str()) {
+        if !anneal_train::config::RECOMPUTE.contains(&b.recompute.as_str()) {
             bail!(
-                "--recompute {} is not allowed: none, selective or full",
-                b.recompute
+                "--recompute {} is not allowed: {}",
+                b.recompute,
+                anneal_train::config::RECOMPUTE.join(", ")
             );
         }
         let mode = match (&b.mode, b.dtype) {
@@ -669,9 +676,7 @@ impl Stepper {
             (None, DTypeChoice::Bf16) => PRECISION_MODES[1],
             (None, DTypeChoice::Both) => bail!("a worker measures one dtype"),
         };
-        let mut stepper = Stepper::for_mode(config(b, mode.dtype), b.batch, mode)?;
-        stepper.recompute = b.recompute.clone();
-        Ok(stepper)
+        Stepper::for_mode(config(b, mode.dtype), b.batch, mode)
     }
 
     /// The benchmark's training step (PyTorch's AdamW settings, a constant learning rate, no
@@ -687,16 +692,7 @@ impl Stepper {
         let base_rss_mb = rss_mb();
         let model = Gpt::new(cfg.clone(), 1337)?;
         // As bench/torch_gpt.py: PyTorch's β₂, decay 0.1, a constant learning rate, no clipping.
-        let optimizer = AdamW::new(
-            &model.params,
-            AdamWConfig {
-                beta2: 0.999,
-                weight_decay: 0.1,
-                moments: mode.moments,
-                master_weights: mode.master_weights,
-                ..Default::default()
-            },
-        );
+        let optimizer = AdamW::new(&model.params, mode.adamw());
         let lr = 3e-4;
         let mut trainer = Trainer::new(TrainerParts {
             model: Box::new(model),
@@ -725,7 +721,6 @@ impl Stepper {
             seq,
             cfg,
             mode,
-            recompute: "selective".into(),
             base_rss_mb,
             forward_live: 0,
         })
@@ -765,7 +760,12 @@ impl Stepper {
             optimizer_state_mb: mb(self.trainer.optimizer().state_bytes()),
             final_loss: final_loss as f64,
             mode: self.mode.name.into(),
-            recompute: self.recompute.clone(),
+            recompute: match (self.cfg.checkpoint_blocks, self.cfg.save_attention_probs) {
+                (true, _) => "full",
+                (_, true) => "none",
+                _ => "selective",
+            }
+            .into(),
             params: params.numel(),
             step_ms: Vec::new(),
         }
@@ -907,10 +907,13 @@ fn print_op_times(phase: &str, times: OpTimes, steps: f64) {
     }
 }
 
-fn spawn_self(b: &GptBench, dtype: &str) -> Result<Measurement> {
+/// One measurement in a worker process of this binary, run with `args` (its dtype or precision
+/// mode) and `b`'s shape and threads.
+fn spawn_self(b: &GptBench, args: &[&str]) -> Result<Measurement> {
     let exe = std::env::current_exe().context("locating the anneal binary")?;
     let out = Command::new(exe)
-        .args(["bench", "gpt", "--worker", "--json", "--dtype", dtype])
+        .args(["bench", "gpt", "--worker", "--json"])
+        .args(args)
         .args(shape_args(b))
         .args(["--threads", &b.threads.to_string()])
         .output()
@@ -923,15 +926,7 @@ fn precision(b: &GptBench) -> Result<()> {
     let mut runs = Vec::new();
     for recompute in ["selective", "full"] {
         for mode in PRECISION_MODES {
-            let exe = std::env::current_exe().context("locating the anneal binary")?;
-            let out = Command::new(exe)
-                .args(["bench", "gpt", "--worker", "--json", "--mode", mode.name])
-                .args(["--recompute", recompute])
-                .args(shape_args(b))
-                .args(["--threads", &b.threads.to_string()])
-                .output()
-                .context("running a benchmark worker")?;
-            let m: Measurement = parse_worker(out, "anneal worker")?;
+            let m = spawn_self(b, &["--mode", mode.name, "--recompute", recompute])?;
             if b.json {
                 println!("{}", serde_json::to_string(&m)?);
             } else {
@@ -959,7 +954,7 @@ fn precision(b: &GptBench) -> Result<()> {
     let f32_of = |recompute: &str| {
         runs.iter()
             .find(|(m, r)| m.name == "f32" && r.recompute == recompute)
-            .map(|(_, r)| r.clone())
+            .map(|(_, r)| r)
     };
     for (mode, m) in &runs {
         let base = f32_of(&m.recompute).expect("f32 runs first");
@@ -1102,7 +1097,7 @@ fn gpt(b: GptBench) -> Result<()> {
     let mut all: Vec<(usize, Measurement)> = Vec::new();
     for round in 1..=rounds {
         for d in dtypes {
-            all.push((round, spawn_self(&b, d)?));
+            all.push((round, spawn_self(&b, &["--dtype", d])?));
         }
         if use_torch {
             all.push((round, run_torch(&b)?));

@@ -94,8 +94,6 @@ impl<T> Ptr<T> {
 thread_local! {
     /// Each thread's f32 view of a bf16 block during an update (at most [`BLOCK`] elements).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// Each thread's square roots of a second moment being quantised.
-    static ROOTS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Each thread's decoded 16- and 8-bit moments during an update (at most [`BLOCK`] each).
     static DECODED: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -181,19 +179,8 @@ impl StatePtr {
                 }
             }
             StatePtr::Int8(codes, scales, root) => {
-                let q = crate::quant8::quantizer();
-                let codes = codes.range(range.start, range.len());
-                let first = range.start / crate::quant8::BLOCK;
-                for (i, (c, o)) in codes
-                    .chunks(crate::quant8::BLOCK)
-                    .zip(out.chunks_mut(crate::quant8::BLOCK))
-                    .enumerate()
-                {
-                    q.decode(c, *scales.range(first + i, 1).first().unwrap(), o);
-                }
-                if root {
-                    out.iter_mut().for_each(|x| *x *= *x);
-                }
+                let (codes, scales) = int8_range(codes, scales, &range);
+                int8_decode(codes, scales, root, out);
             }
         }
     }
@@ -215,28 +202,54 @@ impl StatePtr {
                 }
             }
             StatePtr::Int8(codes, scales, root) => {
-                let q = crate::quant8::quantizer();
-                let codes = codes.range(range.start, range.len());
-                let first = range.start / crate::quant8::BLOCK;
-                ROOTS.with(|r| {
-                    let mut r = r.borrow_mut();
-                    let values = if root {
-                        r.clear();
-                        r.extend(values.iter().map(|x| x.sqrt()));
-                        &r[..]
-                    } else {
-                        values
-                    };
-                    for (i, (c, v)) in codes
-                        .chunks_mut(crate::quant8::BLOCK)
-                        .zip(values.chunks(crate::quant8::BLOCK))
-                        .enumerate()
-                    {
-                        scales.range(first + i, 1)[0] = q.encode(v, c, root);
-                    }
-                });
+                let (codes, scales) = int8_range(codes, scales, &range);
+                int8_encode(values, codes, scales, root);
             }
         }
+    }
+}
+
+/// The codes of state elements `range` (whole 8-bit blocks) and their blocks' scales.
+///
+/// SAFETY: as [`Ptr::range`].
+unsafe fn int8_range<'a>(
+    codes: Ptr<u8>,
+    scales: Ptr<f32>,
+    range: &Range<usize>,
+) -> (&'a mut [u8], &'a mut [f32]) {
+    let b = crate::quant8::BLOCK;
+    (
+        codes.range(range.start, range.len()),
+        scales.range(range.start / b, range.len().div_ceil(b)),
+    )
+}
+
+/// The values of 8-bit moments: each block's codes at its scale, squared where the moment is
+/// stored as its square root (`root`, [`Moments::Int8`]).
+fn int8_decode(codes: &[u8], scales: &[f32], root: bool, out: &mut [f32]) {
+    let (q, b) = (crate::quant8::quantizer(), crate::quant8::BLOCK);
+    for ((c, &s), o) in codes.chunks(b).zip(scales).zip(out.chunks_mut(b)) {
+        q.decode(c, s, o);
+    }
+    if root {
+        out.iter_mut().for_each(|x| *x *= *x);
+    }
+}
+
+/// [`int8_decode`]'s inverse: `values` quantised block by block (their square roots with `root`,
+/// never to zero where not zero).
+fn int8_encode(values: &[f32], codes: &mut [u8], scales: &mut [f32], root: bool) {
+    let (q, b) = (crate::quant8::quantizer(), crate::quant8::BLOCK);
+    let mut roots = [0.0f32; crate::quant8::BLOCK];
+    for ((v, c), s) in values.chunks(b).zip(codes.chunks_mut(b)).zip(scales) {
+        let v = if root {
+            let r = &mut roots[..v.len()];
+            r.iter_mut().zip(v).for_each(|(r, x)| *r = x.sqrt());
+            &*r
+        } else {
+            v
+        };
+        *s = q.encode(v, c, root);
     }
 }
 
@@ -350,7 +363,7 @@ fn for_each_block(
                     }
                 });
             }
-            for ((p, view), _) in state_ptrs.iter().zip(views).zip(0..) {
+            for (p, view) in state_ptrs.iter().zip(views) {
                 if !matches!(p, StatePtr::F32(_)) {
                     crate::kernels::vectorized(|| unsafe {
                         p.encode(span.clone(), view, rounding)
@@ -390,15 +403,6 @@ impl MomentDType {
             .map(|&(_, k)| k)
     }
 
-    /// Its configuration name.
-    pub fn name(self) -> &'static str {
-        Self::NAMES
-            .iter()
-            .find(|(_, k)| *k == self)
-            .expect("named")
-            .0
-    }
-
     /// Bytes per moment element (the 8-bit scales spread over their blocks).
     pub fn bytes_per_element(self) -> f64 {
         match self {
@@ -434,22 +438,6 @@ impl Moments {
         }
     }
 
-    fn encode_all(codes: &mut [u8], scales: &mut [f32], values: &[f32], root: bool) {
-        let q = crate::quant8::quantizer();
-        let b = crate::quant8::BLOCK;
-        codes
-            .par_chunks_mut(b)
-            .zip(scales.par_iter_mut())
-            .zip(values.par_chunks(b))
-            .for_each(|((c, s), v)| {
-                *s = if root {
-                    q.encode(&v.iter().map(|x| x.sqrt()).collect::<Vec<_>>(), c, true)
-                } else {
-                    q.encode(v, c, false)
-                }
-            });
-    }
-
     /// The state in `kind` from f32 `values`: exact for values this kind wrote
     /// ([`Moments::values`]); rounded to nearest (bf16) or quantised (8-bit) otherwise.
     fn from_values(kind: MomentDType, values: Vec<f32>, root: bool) -> Moments {
@@ -462,9 +450,14 @@ impl Moments {
                     .collect(),
             ),
             MomentDType::Int8 => {
+                let b = crate::quant8::BLOCK;
                 let mut codes = vec![0u8; values.len()];
-                let mut scales = vec![0.0; values.len().div_ceil(crate::quant8::BLOCK)];
-                Moments::encode_all(&mut codes, &mut scales, &values, root);
+                let mut scales = vec![0.0; values.len().div_ceil(b)];
+                codes
+                    .par_chunks_mut(b)
+                    .zip(scales.par_iter_mut())
+                    .zip(values.par_chunks(b))
+                    .for_each(|((c, s), v)| int8_encode(v, c, std::slice::from_mut(s), root));
                 Moments::Int8 {
                     codes,
                     scales,
@@ -487,19 +480,9 @@ impl Moments {
                 scales,
                 root,
             } => {
-                let q = crate::quant8::quantizer();
-                let mut out = vec![0.0; codes.len()];
-                for ((c, &s), o) in codes
-                    .chunks(crate::quant8::BLOCK)
-                    .zip(scales)
-                    .zip(out.chunks_mut(crate::quant8::BLOCK))
-                {
-                    q.decode(c, s, o);
-                }
                 // √(r²) is r again in f32 (above squares that underflow, below 1e-19).
-                if *root {
-                    out.iter_mut().for_each(|x| *x *= *x);
-                }
+                let mut out = vec![0.0; codes.len()];
+                int8_decode(codes, scales, *root, &mut out);
                 out
             }
         }
@@ -580,7 +563,7 @@ impl Master {
 }
 
 /// The master copy of `store` (none for f32); a bf16 store without `keep` rounds stochastically
-/// instead.
+/// instead (an f16 store always keeps one).
 fn master_copy(store: &ParamStore, keep: bool) -> Master {
     let values = match store.dtype() {
         DType::F32 => MasterValues::None,
@@ -635,9 +618,7 @@ fn master_from(
         (Some(x), DType::BF16) if x.len() == n && !keep => {
             if let Buffer::BF16(hi) = &mut *store.data().write() {
                 for (_, d, s) in store.trainable_ranges() {
-                    for (h, &v) in hi[d].iter_mut().zip(&x[s]) {
-                        *h = half::bf16::from_f32(v);
-                    }
+                    crate::kernels::f32_to_bf16(&x[s], &mut hi[d]);
                 }
             }
             MasterValues::Rounded
@@ -745,6 +726,27 @@ pub struct AdamWConfig {
 }
 
 impl AdamWConfig {
+    /// Whether a store of `dtype` gets an f32 master copy: f16 always, bf16 unless
+    /// `master_weights` is off, f32 never (it is its own).
+    pub fn keeps_master(&self, dtype: DType) -> bool {
+        match dtype {
+            DType::F32 => false,
+            DType::BF16 => self.master_weights,
+            DType::F16 => true,
+        }
+    }
+
+    /// Bytes of optimizer state per trainable parameter of a store of `dtype`: the two moments
+    /// and the master copy (2 bytes for bf16, which keeps only the 16 bits it drops; 4 for f16).
+    pub fn state_bytes_per_param(&self, dtype: DType) -> f64 {
+        let master = match (self.keeps_master(dtype), dtype) {
+            (false, _) => 0.0,
+            (true, DType::BF16) => 2.0,
+            (true, _) => 4.0,
+        };
+        2.0 * self.moments.bytes_per_element() + master
+    }
+
     /// The defaults, usable in constants.
     pub const DEFAULT: AdamWConfig = AdamWConfig {
         beta1: 0.9,
@@ -785,7 +787,7 @@ impl AdamW {
             config,
             m: Moments::zeros(config.moments, n, false),
             v: Moments::zeros(config.moments, n, true),
-            master: master_copy(store, config.master_weights || store.dtype() == DType::F16),
+            master: master_copy(store, config.master_weights),
             step: 0,
             shard: 0..n,
             total: n,
@@ -822,7 +824,7 @@ impl AdamW {
             config,
             m: Moments::zeros(config.moments, shard.len(), false),
             v: Moments::zeros(config.moments, shard.len(), true),
-            master: master_copy(store, true),
+            master: master_copy(store, config.master_weights),
             step: 0,
             shard,
             total: n,

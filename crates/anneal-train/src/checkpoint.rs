@@ -84,8 +84,14 @@ pub struct TrainerState {
 impl TrainerState {
     /// Steps the optimizer took: the trainer's, less those a loss scale skipped.
     pub fn optimizer_steps(&self) -> u64 {
-        self.step - self.loss_scale.get(3).map_or(0, |&s| s as u64)
+        optimizer_steps(self.step, &self.loss_scale)
     }
+}
+
+/// Steps the optimizer took after `step` trainer steps under the loss scale `loss_scale`
+/// ([`TrainerState::loss_scale`]'s form): those it skipped are left out.
+pub fn optimizer_steps(step: u64, loss_scale: &[f64]) -> u64 {
+    step - loss_scale.get(3).map_or(0, |&s| s as u64)
 }
 
 /// A checkpoint read back and verified.

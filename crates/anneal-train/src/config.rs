@@ -298,6 +298,10 @@ pub struct TrainConfig {
     pub master_weights: bool,
 }
 
+/// The recomputation policies (`model.recompute`): keep everything, recompute the attention
+/// scores, recompute whole blocks.
+pub const RECOMPUTE: [&str; 3] = ["none", "selective", "full"];
+
 fn default_recompute() -> String {
     "selective".into()
 }
@@ -907,7 +911,7 @@ impl RunConfig {
     /// as "full".
     pub fn recompute(&self) -> Result<&'static str> {
         let m = &self.model;
-        let policy = ["none", "selective", "full"]
+        let policy = RECOMPUTE
             .into_iter()
             .find(|p| *p == m.recompute)
             .ok_or_else(|| {

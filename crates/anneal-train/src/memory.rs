@@ -152,13 +152,7 @@ pub fn lower_bound(config: &RunConfig, vocab_size: usize) -> Result<MemoryBound>
     // Counted without overflow: a size no machine holds gives an infinite estimate, never a
     // wrapped small one.
     let params = gpt.total_params().map_or(f64::INFINITY, |n| n as f64);
-    let (store, master) = match (gpt.dtype, adamw.master_weights) {
-        (DType::F32, _) => (4.0, 0.0),
-        (DType::BF16, true) => (2.0, 2.0),
-        (DType::BF16, false) => (2.0, 0.0),
-        (DType::F16, _) => (2.0, 4.0),
-    };
-    let moments = 2.0 * adamw.moments.bytes_per_element();
+    let store = gpt.dtype.size_in_bytes() as f64;
     let (s, b, layers) = (
         config.model.block_size as f64,
         config.train.batch_size as f64,
@@ -190,7 +184,7 @@ pub fn lower_bound(config: &RunConfig, vocab_size: usize) -> Result<MemoryBound>
     Ok(MemoryBound {
         parameters: store * params,
         gradients: 4.0 * params,
-        optimizer: (moments + master) * params,
+        optimizer: adamw.state_bytes_per_param(gpt.dtype) * params,
         activations,
         // The buffer cache also keeps the f32 copies 16-bit weights are widened into for the
         // products (measured: 3 bytes a parameter on GPTs of 14M and 57M parameters).
@@ -214,13 +208,8 @@ pub fn run_estimate(
     let params = m.gradients / 4.0;
     // Each state vector in f32 (two moments, and the master copy of a half-precision store that
     // keeps one), gathered; the files are written from the buffers, with no copy of their bytes.
-    let adamw = config.adamw()?;
-    let vectors = match config.dtype()? {
-        DType::F32 => 2.0,
-        DType::BF16 if !adamw.master_weights => 2.0,
-        _ => 3.0,
-    };
-    m.checkpoint = 4.0 * params * vectors;
+    let master = config.adamw()?.keeps_master(config.dtype()?);
+    m.checkpoint = 4.0 * params * if master { 3.0 } else { 2.0 };
     // A half-precision run's activations go back to the allocator after the step (the buffer
     // cache keeps f32 buffers only), where the checkpoint's copies find room.
     if config.dtype()? != DType::F32 {

@@ -194,8 +194,8 @@ impl Strategy for SingleDevice {
 }
 
 /// Zeroes the gradients, then runs forward and backward over `micro_batches` (gradients summed,
-/// times `loss_scale`): the loss and metrics, and the forward and backward times. The part of a step every strategy
-/// shares. `last_backward` is told, before each backward, whether it is the step's last (when
+/// times `loss_scale`): the loss and metrics, and the forward and backward times. The part of a
+/// step every strategy shares. `last_backward` is told, before each backward, whether it is the step's last (when
 /// data parallelism's gradient hooks start communicating).
 ///
 /// Each micro-batch's mean loss is weighted by its share of the step's tokens, so the loss (and
@@ -802,18 +802,8 @@ impl Strategy for DataParallel {
 /// Shards of ZeRO hold whole chunks of the gradient norm's partial sums, so a sharded norm is
 /// the same bits as the whole one, and whole blocks of 8-bit optimizer moments, so no block
 /// straddles two ranks and a sharded optimizer quantises as the whole one does.
-const SHARD_ALIGN: usize = {
-    let (a, b) = (
-        anneal_tensor::params::NORM_CHUNK,
-        anneal_tensor::quant8::BLOCK,
-    );
-    assert!(a.is_multiple_of(b) || b.is_multiple_of(a));
-    if a > b {
-        a
-    } else {
-        b
-    }
-};
+const SHARD_ALIGN: usize = anneal_tensor::quant8::BLOCK;
+const _: () = assert!(SHARD_ALIGN.is_multiple_of(anneal_tensor::params::NORM_CHUNK));
 
 /// ZeRO stage 1 (Rajbhandari et al. 2020, "ZeRO: Memory Optimizations Toward Training Trillion
 /// Parameter Models"): data parallelism whose optimizer state is sharded. Gradients are averaged

@@ -499,7 +499,7 @@ impl Trainer {
         let position = group.broadcast(words_to_f32(words), 0)?;
         let position: Vec<u64> = f32_to_words(&position).collect();
         let saved_scale = Self::loss_scale_of_words(&position[2..]);
-        let optimizer_steps = position[0] - saved_scale.get(3).map_or(0, |&s| s as u64);
+        let optimizer_steps = checkpoint::optimizer_steps(position[0], &saved_scale);
         // Rank 0's whole optimizer state, one vector at a time, under the names every rank's
         // optimizer keeps: each rank receives the part it keeps (its shard under ZeRO), so no
         // rank but 0 ever holds a whole vector.
@@ -614,7 +614,7 @@ impl Trainer {
         let position = group.broadcast(words_to_f32(lead_position), 0)?;
         let position: Vec<u64> = f32_to_words(&position).collect();
         let saved_scale = Self::loss_scale_of_words(&position[2..]);
-        let optimizer_steps = position[0] - saved_scale.get(3).map_or(0, |&s| s as u64);
+        let optimizer_steps = checkpoint::optimizer_steps(position[0], &saved_scale);
         let names: Vec<String> = self
             .optimizer
             .state(params)

@@ -16,14 +16,12 @@ use std::path::{Path, PathBuf};
 
 use anneal_dist::{local, Communicator};
 use anneal_train::checkpoint::{self, TrainerState};
-use anneal_train::trainer::{pretraining_on, Trainer};
+use anneal_train::trainer::Trainer;
 use anneal_train::RunConfig;
 
 mod common;
 
-use common::{tiny_config, TokenStream};
-
-const VOCAB: usize = 11;
+use common::{tiny_config, tiny_state, tiny_trainer};
 
 /// A tiny GPT's run config under the layout `parallel` (`section.key=value` settings).
 fn config(parallel: &[&str]) -> RunConfig {
@@ -36,32 +34,12 @@ fn config(parallel: &[&str]) -> RunConfig {
     tiny_config(&base, parallel)
 }
 
-fn trainer(config: &RunConfig, world: Option<Box<dyn Communicator>>) -> Trainer {
-    let source = TokenStream {
-        vocab: VOCAB,
-        span: 500,
-    };
-    pretraining_on(config, VOCAB, Box::new(source), world).unwrap()
+fn trainer(config: &RunConfig, world: Option<Box<dyn anneal_dist::Communicator>>) -> Trainer {
+    tiny_trainer(config, world)
 }
 
 fn state(config: &RunConfig) -> TrainerState {
-    TrainerState {
-        format: 1,
-        step: 0,
-        seed: config.train.seed,
-        data: Default::default(),
-        tokens_seen: 0,
-        config: config.to_toml(),
-        objective: String::new(),
-        optimizer_layout: Vec::new(),
-        tokenizer: anneal_data::Tokenizer::train_chars(["abcdefghij "].iter())
-            .unwrap()
-            .to_json()
-            .unwrap(),
-        vocab_size: VOCAB,
-        files: Default::default(),
-        loss_scale: Vec::new(),
-    }
+    tiny_state(config)
 }
 
 /// Runs `f` on every rank of a `ranks`-rank job under `layout`, each with its trainer, and returns

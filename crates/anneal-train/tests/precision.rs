@@ -1,18 +1,16 @@
 //! Precision modes in training: AdamW's moments in bf16 or 8 bits, bf16 weights without a
-//! master copy and f16 with dynamic loss scaling train, checkpoint and resume bit for bit; ZeRO-1 shards 8-bit moments on block
-//! edges and trains as one device; a checkpoint converts between precisions without losing the
+//! master copy and f16 with dynamic loss scaling train, checkpoint and resume bit for bit; ZeRO-1
+//! shards 8-bit moments on block edges and trains as one device; a checkpoint converts between precisions without losing the
 //! f32 values (f32 weights become a bf16 run's master copy, and a bf16 run's master copy the f32
 //! run's weights).
 
 use anneal_train::checkpoint::{self, TrainerState};
-use anneal_train::trainer::{pretraining_on, Trainer};
+use anneal_train::trainer::Trainer;
 use anneal_train::RunConfig;
 
 mod common;
 
-use common::{tiny_config, TokenStream};
-
-const VOCAB: usize = 11;
+use common::{tiny_config, tiny_state, tiny_trainer};
 
 fn config(extra: &[&str]) -> RunConfig {
     let base = [
@@ -25,31 +23,21 @@ fn config(extra: &[&str]) -> RunConfig {
 }
 
 fn trainer(config: &RunConfig, world: Option<Box<dyn anneal_dist::Communicator>>) -> Trainer {
-    let source = TokenStream {
-        vocab: VOCAB,
-        span: 500,
-    };
-    pretraining_on(config, VOCAB, Box::new(source), world).unwrap()
+    tiny_trainer(config, world)
 }
 
 fn state(config: &RunConfig) -> TrainerState {
-    TrainerState {
-        format: 1,
-        step: 0,
-        seed: config.train.seed,
-        data: Default::default(),
-        tokens_seen: 0,
-        config: config.to_toml(),
-        objective: String::new(),
-        optimizer_layout: Vec::new(),
-        tokenizer: anneal_data::Tokenizer::train_chars(["abcdefghij "].iter())
-            .unwrap()
-            .to_json()
-            .unwrap(),
-        vocab_size: VOCAB,
-        files: Default::default(),
-        loss_scale: Vec::new(),
-    }
+    tiny_state(config)
+}
+
+/// The values `of` each trainable parameter gives, concatenated in `loaded`'s state order.
+fn in_state_order(loaded: &checkpoint::Loaded, of: impl Fn(&str) -> Vec<f32>) -> Vec<f32> {
+    loaded
+        .state
+        .optimizer_layout
+        .iter()
+        .flat_map(|(name, _)| of(name))
+        .collect()
 }
 
 fn train(t: &mut Trainer, steps: u64) -> Vec<f64> {
@@ -133,11 +121,7 @@ fn checkpoints_convert_between_precisions_keeping_the_f32_values() {
         .unwrap();
     let again = checkpoint::load(&again).unwrap();
     let master = again.optimizer["adam.master"].to_vec_f32();
-    let layout = &again.state.optimizer_layout;
-    let mut want = Vec::new();
-    for (name, _) in layout {
-        want.extend(weights.model[name].to_vec_f32());
-    }
+    let want = in_state_order(&again, |name| weights.model[name].to_vec_f32());
     assert!(
         master == want,
         "the master copy is the f32 checkpoint's weights"
@@ -151,10 +135,9 @@ fn checkpoints_convert_between_precisions_keeping_the_f32_values() {
     let loaded = checkpoint::load(&saved).unwrap();
     let mut c = trainer(&f32_run, None);
     c.restore(&loaded).unwrap();
-    let mut got = Vec::new();
-    for (name, _) in &loaded.state.optimizer_layout {
-        got.extend(c.model().params().by_name(name).unwrap().to_vec_f32());
-    }
+    let got = in_state_order(&loaded, |name| {
+        c.model().params().by_name(name).unwrap().to_vec_f32()
+    });
     assert!(got == loaded.optimizer["adam.master"].to_vec_f32());
     let losses = train(&mut c, 3);
     assert!(losses.iter().all(|l| l.is_finite()));

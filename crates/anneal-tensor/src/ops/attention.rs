@@ -12,7 +12,7 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm_f32, Mat};
+use super::matmul::{gemm_f32, Mat, SendPtr};
 use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
 use crate::error::{invalid, Error, Result};
@@ -238,14 +238,7 @@ fn forward(
     let mut out = crate::pool::uninit(g.b * g.t * g.hq * g.d);
     let mut lse = crate::pool::zeros(g.b * g.hq * g.t);
     let mut probs = save.then(|| crate::pool::uninit(g.b * g.hq * g.t * g.s));
-    let plane = g.t * g.s;
-    let planes: Vec<Option<Ptr>> = match &mut probs {
-        Some(all) => all
-            .chunks_mut(plane.max(1))
-            .map(|c| Some(Ptr(c.as_mut_ptr())))
-            .collect(),
-        None => vec![None; g.b * g.hq],
-    };
+    let saved = probs.as_mut().map(|p| SendPtr(p.as_mut_ptr()));
     let o = Heads {
         ptr: out.as_mut_ptr(),
         sb: g.t * g.hq * g.d,
@@ -264,10 +257,10 @@ fn forward(
                     let p = &mut p[..blk.rows() * kend];
                     unsafe {
                         block_probs(&g, &q, &k, mask, blk, p, None, Some(&mut lse_bh[from..to]));
-                        if let Some(plane) = planes[bh] {
-                            // SAFETY: each (batch, head) writes its own plane of `probs`.
+                        if let Some(base) = &saved {
+                            // SAFETY: each (batch, head) writes its own [T, S] plane of `probs`.
                             for (r, row) in p.chunks_exact(kend.max(1)).enumerate() {
-                                let dst = plane.0.add((from + r) * g.s);
+                                let dst = base.0.add((bh * g.t + from + r) * g.s);
                                 std::ptr::copy_nonoverlapping(row.as_ptr(), dst, row.len());
                             }
                         }
@@ -288,12 +281,6 @@ fn forward(
         });
     (out, lse, probs)
 }
-
-/// A plane of saved probabilities, written by one task.
-#[derive(Clone, Copy)]
-struct Ptr(*mut f32);
-unsafe impl Send for Ptr {}
-unsafe impl Sync for Ptr {}
 
 /// Backward: accumulates dQ, dK, dV into the given (zeroed) strided buffers.
 #[allow(clippy::too_many_arguments)]

@@ -82,7 +82,7 @@ impl Mat {
 }
 
 #[derive(Clone, Copy)]
-struct SendPtr<T>(T);
+pub(super) struct SendPtr<T>(pub(super) T);
 unsafe impl<T> Send for SendPtr<T> {}
 unsafe impl<T> Sync for SendPtr<T> {}
 

@@ -2,7 +2,12 @@
 #![allow(dead_code)]
 
 use anneal_data::{Batch, BatchSource, Sampler, Stream, TokenWindows};
+use anneal_train::checkpoint::TrainerState;
+use anneal_train::trainer::{pretraining_on, Trainer};
 use anneal_train::RunConfig;
+
+/// Vocabulary of the tiny GPT's token stream.
+pub const VOCAB: usize = 11;
 
 /// Context length of the tiny GPT.
 pub const SEQ: usize = 8;
@@ -50,4 +55,38 @@ pub fn tiny_config(base: &[&str], extra: &[&str]) -> RunConfig {
     .map(|s| s.to_string())
     .collect();
     RunConfig::load(None, &sets).expect("a valid config")
+}
+
+/// The tiny GPT of `config` pretraining on a [`TokenStream`] over [`VOCAB`] tokens, as one rank of
+/// `world` (one device when `None`).
+pub fn tiny_trainer(
+    config: &RunConfig,
+    world: Option<Box<dyn anneal_dist::Communicator>>,
+) -> Trainer {
+    let source = TokenStream {
+        vocab: VOCAB,
+        span: 500,
+    };
+    pretraining_on(config, VOCAB, Box::new(source), world).unwrap()
+}
+
+/// The state a checkpoint of the tiny GPT's run under `config` describes it with.
+pub fn tiny_state(config: &RunConfig) -> TrainerState {
+    TrainerState {
+        format: 1,
+        step: 0,
+        seed: config.train.seed,
+        data: Default::default(),
+        tokens_seen: 0,
+        config: config.to_toml(),
+        objective: String::new(),
+        optimizer_layout: Vec::new(),
+        tokenizer: anneal_data::Tokenizer::train_chars(["abcdefghij "].iter())
+            .unwrap()
+            .to_json()
+            .unwrap(),
+        vocab_size: VOCAB,
+        files: Default::default(),
+        loss_scale: Vec::new(),
+    }
 }
