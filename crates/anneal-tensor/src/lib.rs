@@ -29,6 +29,7 @@
 
 pub mod autocast;
 pub mod autograd;
+pub mod backend;
 mod dtype;
 mod error;
 pub mod gguf;

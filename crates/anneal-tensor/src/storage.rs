@@ -205,6 +205,11 @@ pub struct Storage {
 }
 
 impl Storage {
+    /// Where the buffer lives: host memory, for every buffer today.
+    pub fn device(&self) -> crate::Device {
+        crate::Device::Cpu
+    }
+
     /// Wraps a buffer, counting its bytes.
     pub fn new(buffer: Buffer) -> Storage {
         let bytes = buffer.len() * buffer.dtype().size_in_bytes();

@@ -178,6 +178,11 @@ impl Tensor {
         true
     }
 
+    /// Where the tensor's storage lives; ops pick their kernels by it ([`crate::backend`]).
+    pub fn device(&self) -> crate::Device {
+        self.0.storage.device()
+    }
+
     /// The shared storage.
     pub fn storage(&self) -> &Arc<Storage> {
         &self.0.storage

@@ -10,14 +10,15 @@ use rayon::prelude::*;
 
 use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
+use crate::backend::ProductKernel;
 use crate::error::{Error, Result};
 use crate::storage::Buffer;
 use crate::{DType, Tensor};
 
-/// A batch of strided f32 matrices.
+/// A batch of strided matrices (of f32 unless said otherwise; bf16 as its `u16` bits).
 #[derive(Clone, Copy)]
-pub(crate) struct Mat {
-    pub ptr: *const f32,
+pub(crate) struct Mat<T = f32> {
+    pub ptr: *const T,
     pub rows: usize,
     pub cols: usize,
     pub rs: isize,
@@ -29,12 +30,12 @@ pub(crate) struct Mat {
 
 // SAFETY: a `Mat` only describes memory; every function that reads or writes through it is
 // `unsafe` and its caller guarantees the memory is valid and not written concurrently.
-unsafe impl Send for Mat {}
-unsafe impl Sync for Mat {}
+unsafe impl<T> Send for Mat<T> {}
+unsafe impl<T> Sync for Mat<T> {}
 
-impl Mat {
+impl<T> Mat<T> {
     /// One row-major `rows × cols` matrix.
-    pub fn dense(ptr: *const f32, rows: usize, cols: usize) -> Mat {
+    pub fn dense(ptr: *const T, rows: usize, cols: usize) -> Mat<T> {
         Mat {
             ptr,
             rows,
@@ -50,7 +51,7 @@ impl Mat {
     ///
     /// # Safety
     /// `i` must be within the batch.
-    pub unsafe fn item(self, i: usize) -> Mat {
+    pub unsafe fn item(self, i: usize) -> Mat<T> {
         Mat {
             ptr: self.ptr.offset(i as isize * self.bs),
             ..self
@@ -61,7 +62,7 @@ impl Mat {
     ///
     /// # Safety
     /// The range must be within the matrix.
-    unsafe fn row_range(self, lo: usize, hi: usize) -> Mat {
+    pub(crate) unsafe fn row_range(self, lo: usize, hi: usize) -> Mat<T> {
         Mat {
             ptr: self.ptr.offset(lo as isize * self.rs),
             rows: hi - lo,
@@ -70,7 +71,7 @@ impl Mat {
     }
 
     /// The transposed view.
-    pub fn t(self) -> Mat {
+    pub fn t(self) -> Mat<T> {
         Mat {
             rows: self.cols,
             cols: self.rows,
@@ -164,19 +165,87 @@ pub(crate) unsafe fn gemm_f32(
     );
 }
 
+/// One operand of a product as its kernel reads it: f32, or bf16 bits for the bf16 kernel (only
+/// made when [`crate::backend`] chose that kernel, so only on a CPU that has it).
+#[derive(Clone, Copy)]
+pub(crate) enum Operand {
+    F32(Mat),
+    Bf16(Mat<u16>),
+}
+
+/// Applies a layout change to whichever matrix an [`Operand`] holds.
+macro_rules! each {
+    ($o:expr, $m:ident => $e:expr) => {
+        match $o {
+            Operand::F32($m) => Operand::F32($e),
+            Operand::Bf16($m) => Operand::Bf16($e),
+        }
+    };
+}
+
+impl Operand {
+    /// (rows, cols, batch, batch stride, row stride, column stride).
+    fn geometry(&self) -> (usize, usize, usize, isize, isize, isize) {
+        match self {
+            Operand::F32(m) => (m.rows, m.cols, m.batch, m.bs, m.rs, m.cs),
+            Operand::Bf16(m) => (m.rows, m.cols, m.batch, m.bs, m.rs, m.cs),
+        }
+    }
+    pub fn rows(&self) -> usize {
+        self.geometry().0
+    }
+    pub fn cols(&self) -> usize {
+        self.geometry().1
+    }
+    pub fn t(self) -> Operand {
+        each!(self, m => m.t())
+    }
+    /// # Safety
+    /// As [`Mat::item`].
+    pub unsafe fn item(self, i: usize) -> Operand {
+        each!(self, m => m.item(i))
+    }
+    /// # Safety
+    /// As [`Mat::row_range`].
+    pub unsafe fn row_range(self, lo: usize, hi: usize) -> Operand {
+        each!(self, m => m.row_range(lo, hi))
+    }
+}
+
+/// `dst (+)= a·b` on the kernel the operands were read for: f32 on `gemm`, else bf16 pairs.
+///
+/// # Safety
+/// As [`gemm_f32`].
+pub(crate) unsafe fn gemm_any(
+    dst: *mut f32,
+    drs: isize,
+    dcs: isize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    threads: usize,
+) {
+    match (a, b) {
+        (Operand::F32(a), Operand::F32(b)) => gemm_f32(dst, drs, dcs, accumulate, a, b, threads),
+        // SAFETY: a bf16 operand exists only where the bf16 kernel was selected for this CPU.
+        _ => super::gemm_bf16::gemm(dst, drs, dcs, accumulate, a, b, threads),
+    }
+}
+
 /// `dst[i] (+)= a[i]·b[i]` for each matrix of the batch; `dst` is row-major `[batch, m, n]`, or a
 /// single `[m, n]` that sums the whole batch when `reduce` is set.
 ///
 /// # Safety
 /// As [`gemm_f32`].
-pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, b: Mat) {
+pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Operand, b: Operand) {
+    let (m, k, a_batch, a_bs, _, _) = a.geometry();
+    let (_, n, b_batch, _, _, _) = b.geometry();
     // A shared operand has batch 1 and stride 0; the batch is the other's, which may be 0.
-    let batch = if a.bs == 0 && a.batch <= 1 {
-        b.batch
+    let batch = if a_bs == 0 && a_batch <= 1 {
+        b_batch
     } else {
-        a.batch
+        a_batch
     };
-    let (m, n, k) = (a.rows, b.cols, a.cols);
     if m == 0 || n == 0 {
         return;
     }
@@ -192,14 +261,14 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, 
     let threads = rayon::current_num_threads();
     if reduce {
         for i in 0..batch {
-            gemm_f32(
+            gemm_any(
                 dst,
                 n as isize,
                 1,
                 accumulate || i > 0,
                 a.item(i),
                 b.item(i),
-                rayon::current_num_threads(),
+                threads,
             );
         }
         return;
@@ -208,7 +277,7 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, 
         let d = SendPtr(dst);
         (0..batch).into_par_iter().for_each(move |i| {
             let d = d;
-            gemm_f32(
+            gemm_any(
                 d.0.offset(i as isize * dst_bs),
                 n as isize,
                 1,
@@ -222,7 +291,7 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, 
     }
     let threads = if m * n * k <= SMALL_GEMM { 1 } else { threads };
     for i in 0..batch {
-        gemm_f32(
+        gemm_any(
             dst.offset(i as isize * dst_bs),
             n as isize,
             1,
@@ -234,9 +303,10 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Mat, 
     }
 }
 
-/// Describes the last two axes of an f32 tensor as a batch of matrices, or `None` when its batch
-/// axes cannot be folded into one stride (the caller then makes it contiguous).
-fn as_mat(t: &Tensor, base: *const f32) -> Option<Mat> {
+/// Describes the last two axes of a tensor (whose buffer starts at `base`) as a batch of matrices,
+/// or `None` when its batch axes cannot be folded into one stride (the caller then makes it
+/// contiguous).
+fn as_mat<T>(t: &Tensor, base: *const T) -> Option<Mat<T>> {
     let r = t.rank();
     let shape = t.shape();
     let strides = t.strides();
@@ -296,6 +366,37 @@ pub(crate) fn with_mat<R>(t: &Tensor, f: impl FnOnce(Mat) -> R) -> R {
     }
 }
 
+/// Runs `f` with the tensor as an operand of `kernel`: a bf16 tensor as its own bits for the bf16
+/// kernel (gathered into a contiguous copy only when its layout does not fold), anything else as
+/// [`with_mat`] gives it.
+pub(crate) fn with_operand<R>(
+    t: &Tensor,
+    kernel: ProductKernel,
+    f: impl FnOnce(Operand) -> R,
+) -> R {
+    if kernel == ProductKernel::Bf16 && t.dtype() == DType::BF16 {
+        let gathered;
+        let src = if as_mat(t, std::ptr::null::<u16>()).is_some() {
+            t
+        } else {
+            gathered = t.contiguous();
+            &gathered
+        };
+        let buf = src.storage().read();
+        if let Buffer::BF16(v) = &*buf {
+            let m = as_mat(src, v.as_ptr() as *const u16).expect("contiguous tensors fold");
+            return f(Operand::Bf16(m));
+        }
+        unreachable!("a bf16 tensor holds a bf16 buffer");
+    }
+    with_mat(t, |m| f(Operand::F32(m)))
+}
+
+/// The kernel of a product of `a` and `b`.
+fn kernel_for(a: &Tensor, b: &Tensor) -> ProductKernel {
+    crate::backend::product_kernel(a.device(), a.dtype(), b.dtype())
+}
+
 fn check_matmul(a: &Tensor, b: &Tensor) -> Result<(Vec<usize>, usize, usize, usize)> {
     if a.rank() < 2 || b.rank() < 2 {
         return Err(Error::BadShape {
@@ -323,8 +424,8 @@ fn check_matmul(a: &Tensor, b: &Tensor) -> Result<(Vec<usize>, usize, usize, usi
 
 /// Folds a batch of matrices whose rows follow each other in memory into one tall matrix, so a
 /// product with a shared right operand is a single large `gemm`.
-fn fold_rows(a: Mat) -> Mat {
-    if a.batch > 1 && a.bs == a.rows as isize * a.rs && a.cs == 1 {
+fn fold_rows(a: Operand) -> Operand {
+    each!(a, a => if a.batch > 1 && a.bs == a.rows as isize * a.rs && a.cs == 1 {
         Mat {
             rows: a.rows * a.batch,
             batch: 1,
@@ -333,7 +434,7 @@ fn fold_rows(a: Mat) -> Mat {
         }
     } else {
         a
-    }
+    })
 }
 
 /// Forward product into a fresh f32 buffer; `bias`, if given, pre-fills each output row.
@@ -364,8 +465,9 @@ pub(super) fn product_into(
     } else {
         false
     };
-    with_mat(a, |am| {
-        with_mat(b, |bm| unsafe {
+    let kernel = kernel_for(a, b);
+    with_operand(a, kernel, |am| {
+        with_operand(b, kernel, |bm| unsafe {
             let am = if b.rank() == 2 { fold_rows(am) } else { am };
             bmm(out.as_mut_ptr(), accumulate, false, am, bm);
         })
@@ -408,20 +510,22 @@ impl MatmulBackward {
         let shared_b = b.rank() == 2 && a.rank() > 2;
         let plain = a.rank() == 2 && b.rank() == 2;
         let threads = rayon::current_num_threads();
-        with_mat(grad, |gm| {
-            with_mat(b, |bm| {
-                with_mat(a, |am| unsafe {
+        let kernel = kernel_for(a, b);
+        with_operand(grad, kernel, |gm| {
+            with_operand(b, kernel, |bm| {
+                with_operand(a, kernel, |am| unsafe {
                     let (af, gf) = (fold_rows(am), fold_rows(gm));
-                    let (k, n) = (bm.rows as isize, bm.cols as isize);
-                    let fused = (shared_b || plain) && af.batch == 1 && gf.batch == 1;
+                    let (k, n) = (bm.rows() as isize, bm.cols() as isize);
+                    let unbatched = |o: &Operand| o.geometry().2 == 1;
+                    let fused = (shared_b || plain) && unbatched(&af) && unbatched(&gf);
                     let (da, db) = match (da, db) {
                         (Some(da), Some(db)) => (da, db),
                         // One product alone, on every thread.
                         (Some(da), None) if fused => {
-                            return gemm_f32(da.as_mut_ptr(), k, 1, false, gf, bm.t(), threads)
+                            return gemm_any(da.as_mut_ptr(), k, 1, false, gf, bm.t(), threads)
                         }
                         (None, Some(db)) if fused => {
-                            return gemm_f32(db.as_mut_ptr(), n, 1, false, af.t(), gf, threads)
+                            return gemm_any(db.as_mut_ptr(), n, 1, false, af.t(), gf, threads)
                         }
                         (Some(da), None) => {
                             let lhs = if shared_b { gf } else { gm };
@@ -444,11 +548,11 @@ impl MatmulBackward {
                         rayon::join(
                             move || {
                                 let pa = pa;
-                                gemm_f32(pa.0, k, 1, false, gf, bm.t(), half)
+                                gemm_any(pa.0, k, 1, false, gf, bm.t(), half)
                             },
                             move || {
                                 let pb = pb;
-                                gemm_f32(pb.0, n, 1, false, af.t(), gf, rest)
+                                gemm_any(pb.0, n, 1, false, af.t(), gf, rest)
                             },
                         );
                     } else {

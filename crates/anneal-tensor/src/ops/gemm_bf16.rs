@@ -1,0 +1,638 @@
+//! bf16 matrix products on AVX512-BF16: `C (+)= A·B` with A and B read as bf16 and C in f32.
+//!
+//! `vdpbf16ps acc, a, b` adds to each of 16 f32 lanes the two products of a pair of bf16 values:
+//! `acc[i] += a[2i+1]·b[2i+1]`, then `+= a[2i]·b[2i]`, each addition rounded to nearest even,
+//! with bf16 denormals read as zero and denormal sums flushed to zero (Intel's description of the
+//! instruction, checked on hardware by this module's tests through [`dpbf16_emulated`]). Pairs run
+//! along k, so operands are packed BLIS-style: B into panels of [`NR`] columns holding, for each
+//! pair of k, the two rows' values side by side in a 32-bit word per column; A into panels of
+//! [`MR`] rows holding each row's pair of k as one 32-bit word, broadcast to all lanes. A
+//! [`MR`] × [`NR`] tile keeps 24 of the 32 vector registers as accumulators and issues two
+//! `vdpbf16ps` per row per pair: 32 multiply-adds per instruction against f32 FMA's 16.
+//!
+//! Packing also converts: an f32 operand (a gradient) is rounded to bf16 to nearest even as it is
+//! packed, so the bf16 operand beside it is never widened and no widened copy is kept.
+//!
+//! Every output element is `init` followed by its k pairs in order through the instruction, whatever
+//! the blocking and threads: the result is a function of the data alone, and [`reference`] (the
+//! same loop on [`dpbf16_emulated`]) reproduces it bit for bit.
+
+use rayon::prelude::*;
+
+use super::matmul::{Mat, Operand, SendPtr};
+
+/// Rows of a micro-tile.
+pub(crate) const MR: usize = 12;
+/// Columns of a micro-tile (two 16-lane registers).
+pub(crate) const NR: usize = 32;
+/// k per packed block (even, so pairs never straddle blocks): a B micro-panel of KC × NR bf16
+/// (24 KiB) stays in L1 while the A panels stream past it.
+const KC: usize = 384;
+/// Rows of A packed at once (a multiple of MR): 96 × 384 bf16 = 72 KiB, in L2.
+const MC: usize = 96;
+/// Columns of B packed at once: 384 × 1536 bf16 = 1.1 MiB.
+const NC: usize = 1536;
+
+/// Work (m·n·k) below which a product runs on one thread.
+const SMALL: usize = 64 * 64 * 64;
+
+/// An element a product can read as bf16.
+pub(crate) trait Bf16Source: Copy + Send + Sync + 'static {
+    /// The value's bf16 bits (rounded to nearest even for f32).
+    fn bf16_bits(self) -> u16;
+}
+
+impl Bf16Source for f32 {
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        half::bf16::from_f32(self).to_bits()
+    }
+}
+
+impl Bf16Source for u16 {
+    #[inline(always)]
+    fn bf16_bits(self) -> u16 {
+        self
+    }
+}
+
+/// Element `(i, j)` of `m` as bf16 bits, 0 outside the matrix (the padding of edge panels).
+#[inline(always)]
+unsafe fn at<T: Bf16Source>(m: &Mat<T>, i: usize, j: usize) -> u32 {
+    if i < m.rows && j < m.cols {
+        (*m.ptr.offset(i as isize * m.rs + j as isize * m.cs)).bf16_bits() as u32
+    } else {
+        0
+    }
+}
+
+/// Packs rows `i0..i0+MR` and k `k0..k0+kc` of `a` as `[kc/2][MR]` words, each a row's pair of
+/// k (the lower k in the low half).
+unsafe fn pack_a<T: Bf16Source>(a: &Mat<T>, i0: usize, k0: usize, kc: usize, out: &mut [u32]) {
+    let kp = kc.div_ceil(2);
+    let full = i0 + MR <= a.rows && k0 + 2 * kp <= a.cols;
+    if full && a.cs == 1 {
+        for r in 0..MR {
+            let row = a.ptr.offset((i0 + r) as isize * a.rs + k0 as isize);
+            for p in 0..kp {
+                let lo = (*row.add(2 * p)).bf16_bits() as u32;
+                let hi = (*row.add(2 * p + 1)).bf16_bits() as u32;
+                *out.get_unchecked_mut(p * MR + r) = lo | hi << 16;
+            }
+        }
+        return;
+    }
+    for p in 0..kp {
+        for r in 0..MR {
+            let (i, k) = (i0 + r, k0 + 2 * p);
+            out[p * MR + r] = at(a, i, k) | at(a, i, k + 1) << 16;
+        }
+    }
+}
+
+/// Packs k `k0..k0+kc` and columns `j0..j0+NR` of `b` as `[kc/2][NR]` words, each a column's
+/// pair of k.
+unsafe fn pack_b<T: Bf16Source>(b: &Mat<T>, k0: usize, j0: usize, kc: usize, out: &mut [u32]) {
+    let kp = kc.div_ceil(2);
+    let full = j0 + NR <= b.cols && k0 + 2 * kp <= b.rows;
+    if full && b.cs == 1 {
+        for p in 0..kp {
+            let r0 = b.ptr.offset((k0 + 2 * p) as isize * b.rs + j0 as isize);
+            let r1 = r0.offset(b.rs);
+            let o = &mut out[p * NR..(p + 1) * NR];
+            for (j, w) in o.iter_mut().enumerate() {
+                *w = (*r0.add(j)).bf16_bits() as u32 | ((*r1.add(j)).bf16_bits() as u32) << 16;
+            }
+        }
+        return;
+    }
+    if full && b.rs == 1 {
+        // A transposed operand: each column's k run is contiguous.
+        for j in 0..NR {
+            let col = b.ptr.offset((j0 + j) as isize * b.cs + k0 as isize);
+            for p in 0..kp {
+                let lo = (*col.add(2 * p)).bf16_bits() as u32;
+                let hi = (*col.add(2 * p + 1)).bf16_bits() as u32;
+                *out.get_unchecked_mut(p * NR + j) = lo | hi << 16;
+            }
+        }
+        return;
+    }
+    for p in 0..kp {
+        for j in 0..NR {
+            let (k, c) = (k0 + 2 * p, j0 + j);
+            out[p * NR + j] = at(b, k, c) | at(b, k + 1, c) << 16;
+        }
+    }
+}
+
+/// The micro-kernel: `c[r][j] (= or +=) Σ_p a[p][r] · b[p][j]` over `kp` pairs for an MR × NR
+/// tile of `c` with row stride `ldc`, loading `c` first when `load` is set.
+///
+/// # Safety
+/// AVX512-F and AVX512-BF16 present; `a` holds `kp·MR` words, `b` `kp·NR`, `c` the tile.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+unsafe fn micro(kp: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize, load: bool) {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    if load {
+        for (r, row) in acc.iter_mut().enumerate() {
+            row[0] = _mm512_loadu_ps(c.add(r * ldc));
+            row[1] = _mm512_loadu_ps(c.add(r * ldc + 16));
+        }
+    }
+    for p in 0..kp {
+        let bp = b.add(p * NR);
+        let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp as *const _));
+        let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(bp.add(16) as *const _));
+        let ap = a.add(p * MR);
+        for (r, row) in acc.iter_mut().enumerate() {
+            let av: __m512bh = std::mem::transmute(_mm512_set1_epi32(*ap.add(r) as i32));
+            row[0] = _mm512_dpbf16_ps(row[0], av, b0);
+            row[1] = _mm512_dpbf16_ps(row[1], av, b1);
+        }
+    }
+    for (r, row) in acc.iter().enumerate() {
+        _mm512_storeu_ps(c.add(r * ldc), row[0]);
+        _mm512_storeu_ps(c.add(r * ldc + 16), row[1]);
+    }
+}
+
+/// One MR × NR tile of C at (i0, j0), of which `mr × nr` lie inside C: straight into C when
+/// whole and row-major, else through a scratch tile.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+unsafe fn tile(
+    kp: usize,
+    a: *const u32,
+    b: *const u32,
+    dst: *mut f32,
+    drs: isize,
+    dcs: isize,
+    (mr, nr): (usize, usize),
+    load: bool,
+) {
+    if mr == MR && nr == NR && dcs == 1 {
+        return micro(kp, a, b, dst, drs as usize, load);
+    }
+    let mut t = [0f32; MR * NR];
+    if load {
+        for r in 0..mr {
+            for j in 0..nr {
+                t[r * NR + j] = *dst.offset(r as isize * drs + j as isize * dcs);
+            }
+        }
+    }
+    micro(kp, a, b, t.as_mut_ptr(), NR, load);
+    for r in 0..mr {
+        for j in 0..nr {
+            *dst.offset(r as isize * drs + j as isize * dcs) = t[r * NR + j];
+        }
+    }
+}
+
+thread_local! {
+    /// Packing buffers, kept per thread between products.
+    static PACKED: std::cell::RefCell<(Vec<u32>, Vec<u32>)> = const {
+        std::cell::RefCell::new((Vec::new(), Vec::new()))
+    };
+}
+
+/// `dst (+)= a·b` on this thread.
+#[cfg(target_arch = "x86_64")]
+unsafe fn product_1<TA: Bf16Source, TB: Bf16Source>(
+    dst: *mut f32,
+    drs: isize,
+    dcs: isize,
+    accumulate: bool,
+    a: &Mat<TA>,
+    b: &Mat<TB>,
+) {
+    let (m, n, k) = (a.rows, b.cols, a.cols);
+    PACKED.with(|bufs| {
+        let mut bufs = bufs.borrow_mut();
+        let (pa, pb) = &mut *bufs;
+        for jc in (0..n).step_by(NC) {
+            let nc = NC.min(n - jc);
+            let panels = nc.div_ceil(NR);
+            for pc in (0..k).step_by(KC) {
+                let kc = KC.min(k - pc);
+                let kp = kc.div_ceil(2);
+                pb.resize(panels * kp * NR, 0);
+                for q in 0..panels {
+                    pack_b(
+                        b,
+                        pc,
+                        jc + q * NR,
+                        kc,
+                        &mut pb[q * kp * NR..(q + 1) * kp * NR],
+                    );
+                }
+                let load = accumulate || pc > 0;
+                for ic in (0..m).step_by(MC) {
+                    let mc = MC.min(m - ic);
+                    let strips = mc.div_ceil(MR);
+                    pa.resize(strips * kp * MR, 0);
+                    for s in 0..strips {
+                        pack_a(
+                            a,
+                            ic + s * MR,
+                            pc,
+                            kc,
+                            &mut pa[s * kp * MR..(s + 1) * kp * MR],
+                        );
+                    }
+                    for q in 0..panels {
+                        let j0 = jc + q * NR;
+                        let nr = NR.min(n - j0);
+                        for s in 0..strips {
+                            let i0 = ic + s * MR;
+                            let mr = MR.min(m - i0);
+                            tile(
+                                kp,
+                                pa.as_ptr().add(s * kp * MR),
+                                pb.as_ptr().add(q * kp * NR),
+                                dst.offset(i0 as isize * drs + j0 as isize * dcs),
+                                drs,
+                                dcs,
+                                (mr, nr),
+                                load,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// `dst (+)= a·b` with bf16 arithmetic and f32 accumulation, `dst` strided (`drs`, `dcs`), on up
+/// to `threads` threads (the output split along its longer side into independent products).
+///
+/// # Safety
+/// The CPU has AVX512-F and AVX512-BF16 (see [`crate::backend`]); pointers are valid for the
+/// given extents and strides; `dst` aliases neither operand.
+pub(crate) unsafe fn gemm(
+    dst: *mut f32,
+    drs: isize,
+    dcs: isize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    threads: usize,
+) {
+    debug_assert_eq!(a.cols(), b.rows());
+    let (m, n, k) = (a.rows(), b.cols(), a.cols());
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.offset(i as isize * drs + j as isize * dcs) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    if threads > 1 && m * n * k >= SMALL {
+        let split_m = m >= n;
+        let len = if split_m { m } else { n };
+        let tile = if split_m { MR } else { NR };
+        let parts = threads.min(len / (2 * tile)).max(1);
+        if parts > 1 {
+            let d = SendPtr(dst);
+            let bound = |i: usize| ((len * i / parts).div_ceil(tile) * tile).min(len);
+            (0..parts).into_par_iter().for_each(move |i| {
+                let d = d;
+                let (lo, hi) = (bound(i), bound(i + 1));
+                if lo >= hi {
+                    return;
+                }
+                let (ap, bp, dp) = if split_m {
+                    (a.row_range(lo, hi), b, d.0.offset(lo as isize * drs))
+                } else {
+                    (
+                        a,
+                        b.t().row_range(lo, hi).t(),
+                        d.0.offset(lo as isize * dcs),
+                    )
+                };
+                gemm(dp, drs, dcs, accumulate, ap, bp, 1);
+            });
+            return;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    match (a, b) {
+        (Operand::F32(a), Operand::F32(b)) => product_1(dst, drs, dcs, accumulate, &a, &b),
+        (Operand::F32(a), Operand::Bf16(b)) => product_1(dst, drs, dcs, accumulate, &a, &b),
+        (Operand::Bf16(a), Operand::F32(b)) => product_1(dst, drs, dcs, accumulate, &a, &b),
+        (Operand::Bf16(a), Operand::Bf16(b)) => product_1(dst, drs, dcs, accumulate, &a, &b),
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("the bf16 kernel path is only selected on x86-64 with AVX512-BF16");
+}
+
+/// `vdpbf16ps` on one lane, in portable code: `acc`, then the products of the high halves of `a`
+/// and `b` (as bf16), then of the low halves, each product exact and each sum rounded to nearest
+/// even; bf16 inputs and the accumulator read with denormals as zero, and denormal sums flushed to
+/// zero. Sums are taken in f64, where a bf16 product is exact, and rounded once to f32.
+#[cfg(test)]
+pub(crate) fn dpbf16_emulated(acc: f32, a: u32, b: u32) -> f32 {
+    let ftz = |v: f32| {
+        if v.is_subnormal() {
+            0f32.copysign(v)
+        } else {
+            v
+        }
+    };
+    let h = |bits: u32| ftz(f32::from_bits((bits & 0xffff) << 16)) as f64;
+    let acc = ftz(acc);
+    let t = ftz((acc as f64 + h(a >> 16) * h(b >> 16)) as f32);
+    ftz((t as f64 + h(a) * h(b)) as f32)
+}
+
+/// The bf16 product in portable code, element by element on [`dpbf16_emulated`]: what [`gemm`]
+/// computes, bit for bit (the test oracle of the kernel, and of any port of it).
+///
+/// # Safety
+/// As [`gemm`], without the CPU requirement.
+#[cfg(test)]
+pub(crate) unsafe fn reference(
+    dst: *mut f32,
+    drs: isize,
+    dcs: isize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+) {
+    let (m, n, k) = (a.rows(), b.cols(), a.cols());
+    let get = |o: &Operand, i: usize, j: usize| match o {
+        Operand::F32(x) => at(x, i, j),
+        Operand::Bf16(x) => at(x, i, j),
+    };
+    for i in 0..m {
+        for j in 0..n {
+            let d = dst.offset(i as isize * drs + j as isize * dcs);
+            let mut acc = if accumulate { *d } else { 0.0 };
+            for p in 0..k.div_ceil(2) {
+                let aw = get(&a, i, 2 * p) | get(&a, i, 2 * p + 1) << 16;
+                let bw = get(&b, 2 * p, j) | get(&b, 2 * p + 1, j) << 16;
+                acc = dpbf16_emulated(acc, aw, bw);
+            }
+            *d = acc;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::{has_avx512_bf16, with_kernel_path, KernelPath};
+    use crate::testing::randn;
+    use crate::DType;
+
+    fn bits(x: f32) -> u32 {
+        (x.to_bits() >> 16) & 0xffff
+    }
+
+    /// A one-lane `vdpbf16ps` through the product: a 1×2 by 2×1 product.
+    fn lane(acc: f32, a: [f32; 2], b: [f32; 2], hardware: bool) -> f32 {
+        let (a, b) = ([a[0], a[1]], [b[0], b[1]]);
+        let (am, bm) = (Mat::dense(a.as_ptr(), 1, 2), Mat::dense(b.as_ptr(), 2, 1));
+        let mut c = [acc];
+        unsafe {
+            if hardware {
+                gemm(
+                    c.as_mut_ptr(),
+                    1,
+                    1,
+                    true,
+                    Operand::F32(am),
+                    Operand::F32(bm),
+                    1,
+                );
+            } else {
+                reference(
+                    c.as_mut_ptr(),
+                    1,
+                    1,
+                    true,
+                    Operand::F32(am),
+                    Operand::F32(bm),
+                );
+            }
+        }
+        c[0]
+    }
+
+    #[test]
+    fn the_emulation_rounds_flushes_and_orders_as_the_instruction_does() {
+        let p = |e: i32| 2f32.powi(e);
+        // (acc, a, b, what AVX512-BF16 hardware gives).
+        let cases = [
+            // Two sums, each rounded: 1 + 2⁻²⁴ + 2⁻²⁴ stays 1 (a fused sum would give 1 + 2⁻²³).
+            (1.0, [p(-12), p(-12)], [p(-12), p(-12)], 1.0),
+            // The high pair is added first: (2⁻²⁴ + 1) rounds to 1, then − 1 gives 0 ...
+            (p(-24), [-1.0, 1.0], [1.0, 1.0], 0.0),
+            // ... and with the signs swapped, 2⁻²⁴ − 1 is exact, so 2⁻²⁴ survives.
+            (p(-24), [1.0, -1.0], [1.0, 1.0], p(-24)),
+            // Denormal bf16 inputs read as zero.
+            (0.0, [f32::from_bits(1 << 16), 0.0], [p(100), 0.0], 0.0),
+            // A product below the normal range is exact until the sum, which is flushed.
+            (p(-126), [0.0, p(-63)], [0.0, -p(-64)], 0.0),
+            // A denormal intermediate sum is flushed before the second product is added.
+            (1.5 * p(-126), [p(-63), p(-63)], [p(-63), -p(-63)], p(-126)),
+            // Products are not rounded to f32 first: −2²⁰⁰ overflows the sum to −∞, and the
+            // second product (+2²⁰⁰, not +∞) leaves it there instead of making NaN.
+            (0.0, [p(100), p(100)], [p(100), -p(100)], f32::NEG_INFINITY),
+            // A denormal accumulator reads as zero.
+            (f32::from_bits(5), [0.0, 0.0], [0.0, 0.0], 0.0),
+        ];
+        let hardware = has_avx512_bf16();
+        if !hardware {
+            eprintln!(
+                "no AVX512-BF16 on this CPU: the emulation is checked against recorded values only"
+            );
+        }
+        for (acc, a, b, want) in cases {
+            let got = lane(acc, a, b, false);
+            assert_eq!(
+                got.to_bits(),
+                want.to_bits(),
+                "emulation: {acc:e} + {a:?}·{b:?}"
+            );
+            if hardware {
+                let hw = lane(acc, a, b, true);
+                assert_eq!(
+                    hw.to_bits(),
+                    want.to_bits(),
+                    "hardware: {acc:e} + {a:?}·{b:?}"
+                );
+            }
+        }
+        assert_eq!(
+            dpbf16_emulated(
+                0.0,
+                bits(2.0) << 16 | bits(3.0),
+                bits(5.0) << 16 | bits(7.0)
+            ),
+            31.0
+        );
+    }
+
+    /// Random values over a wide exponent range, some denormal, zero or special.
+    fn wild(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = crate::Rng::new(seed);
+        (0..n)
+            .map(|i| match i % 17 {
+                0 => 0.0,
+                1 => f32::from_bits(rng.next_u64() as u32 & 0x007f_ffff),
+                2 => rng.normal() * 2f32.powi((rng.next_u64() % 60) as i32 - 30),
+                _ => rng.normal(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_kernel_equals_its_emulation_bit_for_bit() {
+        if !has_avx512_bf16() {
+            eprintln!("no AVX512-BF16 on this CPU: the kernel is not run here (nor dispatched to)");
+            return;
+        }
+        // Edge tiles, odd k, k across blocks, n across column blocks, transposed and mixed
+        // operands, accumulation, one and two threads.
+        let shapes = [
+            (1, 1, 1),
+            (5, 3, 7),
+            (13, 33, 31),
+            (40, 70, 800),
+            (100, 1600, 20),
+            (37, 45, 390),
+        ];
+        for (case, &(m, n, k)) in shapes.iter().enumerate() {
+            let a32 = wild(m * k, case as u64 * 2 + 1);
+            let b32 = wild(k * n, case as u64 * 2 + 2);
+            let a16: Vec<u16> = a32.iter().map(|x| x.bf16_bits()).collect();
+            let b16: Vec<u16> = b32.iter().map(|x| x.bf16_bits()).collect();
+            let c0 = wild(m * n, 99);
+            for variant in 0..4 {
+                let a = match variant {
+                    0 => Operand::Bf16(Mat::dense(a16.as_ptr(), m, k)),
+                    1 => Operand::F32(Mat::dense(a32.as_ptr(), m, k)),
+                    // The same values seen through a transposed layout.
+                    _ => Operand::Bf16(Mat::dense(a16.as_ptr(), k, m).t()),
+                };
+                let b = match variant {
+                    0 | 2 => Operand::Bf16(Mat::dense(b16.as_ptr(), k, n)),
+                    1 => Operand::Bf16(Mat::dense(b16.as_ptr(), n, k).t()),
+                    _ => Operand::F32(Mat::dense(b32.as_ptr(), n, k).t()),
+                };
+                for (accumulate, threads) in [(false, 1), (true, 1), (false, 2), (true, 2)] {
+                    let mut want = c0.clone();
+                    let mut got = c0.clone();
+                    unsafe {
+                        reference(want.as_mut_ptr(), n as isize, 1, accumulate, a, b);
+                        gemm(got.as_mut_ptr(), n as isize, 1, accumulate, a, b, threads);
+                    }
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!(
+                            g.to_bits() == w.to_bits() || (g.is_nan() && w.is_nan()),
+                            "{m}×{k}·{k}×{n} variant {variant} acc {accumulate} threads {threads}: \
+                             element {i}: {g:e} vs {w:e}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_emulated_product_is_the_f32_product_of_the_rounded_operands() {
+        let (m, n, k) = (7, 9, 33);
+        let a: Vec<f32> = randn(&[m, k], 3).to_vec_f32();
+        let b: Vec<f32> = randn(&[k, n], 4).to_vec_f32();
+        let r = |x: f32| half::bf16::from_f32(x).to_f32() as f64;
+        let mut c = vec![0f32; m * n];
+        unsafe {
+            reference(
+                c.as_mut_ptr(),
+                n as isize,
+                1,
+                false,
+                Operand::F32(Mat::dense(a.as_ptr(), m, k)),
+                Operand::F32(Mat::dense(b.as_ptr(), k, n)),
+            );
+        }
+        for i in 0..m {
+            for j in 0..n {
+                let exact: f64 = (0..k).map(|p| r(a[i * k + p]) * r(b[p * n + j])).sum();
+                assert!((c[i * n + j] as f64 - exact).abs() < 1e-5 * (1.0 + exact.abs()));
+            }
+        }
+    }
+
+    #[test]
+    fn bf16_products_on_either_path_agree_and_the_fallback_can_be_forced() {
+        let x = randn(&[3, 40, 64], 5)
+            .to_dtype(DType::BF16)
+            .requires_grad_();
+        let w = randn(&[64, 48], 6).to_dtype(DType::BF16).requires_grad_();
+        let run = |path| {
+            with_kernel_path(path, || {
+                assert!(path == KernelPath::Widening || crate::backend::kernel_path() == path);
+                let y = x.linear(&w, None).unwrap();
+                let g = randn(&[3, 40, 48], 7);
+                y.backward_with_grad(&g).unwrap();
+                let out = (
+                    y.to_vec_f32(),
+                    x.grad().unwrap().to_vec_f32(),
+                    w.grad().unwrap().to_vec_f32(),
+                );
+                x.zero_grad();
+                w.zero_grad();
+                out
+            })
+        };
+        let widened = run(KernelPath::Widening);
+        assert_eq!(
+            with_kernel_path(KernelPath::Widening, crate::backend::kernel_path),
+            KernelPath::Widening
+        );
+        if !has_avx512_bf16() {
+            eprintln!("no AVX512-BF16 on this CPU: only the widening path runs");
+            return;
+        }
+        let paired = run(KernelPath::Avx512Bf16);
+        // The forward reads the same bf16 values on both paths and differs only in summation
+        // order; backward rounds the f32 gradient to bf16 on the paired path.
+        for (name, a, b, tol) in [
+            ("y", &widened.0, &paired.0, 2e-2),
+            ("dx", &widened.1, &paired.1, 5e-2),
+            ("dw", &widened.2, &paired.2, 5e-2),
+        ] {
+            let scale = a.iter().map(|v| v.abs()).fold(0f32, f32::max);
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                worst <= tol * scale,
+                "{name}: {worst} against scale {scale}"
+            );
+        }
+        use crate::backend::{product_kernel, ProductKernel};
+        let kernel = |path| {
+            with_kernel_path(path, || {
+                product_kernel(crate::Device::Cpu, DType::BF16, DType::F32)
+            })
+        };
+        assert_eq!(kernel(KernelPath::Avx512Bf16), ProductKernel::Bf16);
+        assert_eq!(kernel(KernelPath::Widening), ProductKernel::F32);
+    }
+}
