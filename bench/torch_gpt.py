@@ -11,6 +11,9 @@ JSON result at `done`.
 With --profile it times the steps under torch.profiler and prints, per step, the time in matrix
 products, in fused attention and in everything else, then the ten costliest ops (on standard
 error), to set beside `anneal bench gpt --profile`.
+
+With --dtype bf16 the forward runs under CPU autocast to bfloat16 (PyTorch's mixed precision: f32
+weights and optimizer, bf16 matrix products and their backward), the reference for anneal's bf16.
 """
 
 import argparse
@@ -90,6 +93,7 @@ def main():
     for name, default in [("steps", 10), ("warmup", 3), ("threads", 2), ("batch", 8), ("seq", 256),
                           ("layers", 4), ("width", 256), ("heads", 4), ("vocab", 512)]:
         p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--dtype", choices=["f32", "bf16"], default="f32")
     p.add_argument("--json", action="store_true")
     p.add_argument("--lockstep", action="store_true")
     p.add_argument("--profile", action="store_true")
@@ -106,7 +110,8 @@ def main():
         targets = (idx * 7 + 3) % a.vocab
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = model(idx, targets)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=a.dtype == "bf16"):
+            loss = model(idx, targets)
         loss.backward()
         opt.step()
         return time.perf_counter() - t0, loss
@@ -142,7 +147,7 @@ def main():
     med = statistics.median(times)
     n = sum(p.numel() for p in model.parameters()) - model.wte.weight.numel() - model.wpe.weight.numel()
     flops = a.batch * a.seq * (6 * n + 12 * a.layers * a.seq * a.width)
-    out = dict(engine="pytorch", dtype="f32", ms_per_step=med * 1e3, ms_min=min(times) * 1e3, ms_max=max(times) * 1e3, tokens_per_s=a.batch * a.seq / med,
+    out = dict(engine="pytorch", dtype=a.dtype, ms_per_step=med * 1e3, ms_min=min(times) * 1e3, ms_max=max(times) * 1e3, tokens_per_s=a.batch * a.seq / med,
                gflops=flops / med / 1e9, peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                final_loss=loss.item())
     if a.lockstep:

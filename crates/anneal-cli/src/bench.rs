@@ -1035,12 +1035,18 @@ fn torch_available() -> bool {
         .unwrap_or(false)
 }
 
-fn run_torch(b: &GptBench) -> Result<Measurement> {
+fn run_torch(b: &GptBench, dtype: &str) -> Result<Measurement> {
     let script = bench_script(&b.torch_script, "torch_gpt.py");
     let out = Command::new("python3")
         .arg(&script)
         .args(shape_args(b))
-        .args(["--threads", &b.threads.to_string(), "--json"])
+        .args([
+            "--threads",
+            &b.threads.to_string(),
+            "--dtype",
+            dtype,
+            "--json",
+        ])
         .output()
         .with_context(|| format!("running {}", script.display()))?;
     parse_worker(out, "PyTorch benchmark")
@@ -1068,6 +1074,7 @@ fn gpt(b: GptBench) -> Result<()> {
             cfg.flops_per_token(b.seq) * (b.batch * b.seq) as f64 / 1e9
         );
         println!("f32 peak: {peak:.0} GFLOP/s ({how})");
+        println!("kernels: {}", anneal_tensor::kernel_path());
         if !b.lockstep {
             println!("median of {} steps after {} warm-up\n", b.steps, b.warmup);
         }
@@ -1100,7 +1107,9 @@ fn gpt(b: GptBench) -> Result<()> {
             all.push((round, spawn_self(&b, &["--dtype", d])?));
         }
         if use_torch {
-            all.push((round, run_torch(&b)?));
+            for d in dtypes {
+                all.push((round, run_torch(&b, d)?));
+            }
         }
     }
     if b.json {
@@ -1149,14 +1158,14 @@ fn gpt(b: GptBench) -> Result<()> {
         String::new()
     };
     for d in dtypes {
-        if let Some((speed, rss)) = ratios(("anneal", d), ("pytorch", "f32"), &|a, t| {
+        if let Some((speed, rss)) = ratios(("anneal", d), ("pytorch", d), &|a, t| {
             (
                 a.tokens_per_s / t.tokens_per_s,
                 a.peak_rss_mb / t.peak_rss_mb,
             )
         }) {
             println!(
-                "anneal {d} vs PyTorch f32: {speed:.2}x tokens/s, {rss:.2}x peak RSS{of_rounds}"
+                "anneal {d} vs PyTorch {d}: {speed:.2}x tokens/s, {rss:.2}x peak RSS{of_rounds}"
             );
         }
     }
@@ -1248,14 +1257,19 @@ fn lockstep(b: &GptBench, dtypes: &[&str], use_torch: bool, peak: f64) -> Result
         workers.push(Stepping::start(format!("anneal {d}"), cmd)?);
     }
     if use_torch {
+        // PyTorch in each dtype anneal runs: f32 eager, and bf16 under its CPU autocast.
         let script = bench_script(&b.torch_script, "torch_gpt.py");
-        let mut cmd = Command::new("python3");
-        cmd.arg(&script).args(shape_args(b)).args([
-            "--threads",
-            &b.threads.to_string(),
-            "--lockstep",
-        ]);
-        workers.push(Stepping::start("pytorch f32".into(), cmd)?);
+        for d in dtypes {
+            let mut cmd = Command::new("python3");
+            cmd.arg(&script).args(shape_args(b)).args([
+                "--threads",
+                &b.threads.to_string(),
+                "--dtype",
+                d,
+                "--lockstep",
+            ]);
+            workers.push(Stepping::start(format!("pytorch {d}"), cmd)?);
+        }
     }
     let steps = b.steps * b.rounds.max(1);
     let pb = indicatif::ProgressBar::new(steps as u64);
@@ -1311,17 +1325,19 @@ fn lockstep(b: &GptBench, dtypes: &[&str], use_torch: bool, peak: f64) -> Result
             .iter()
             .find(|r| r.engine == engine && r.dtype == dtype)
     };
-    if let Some(t) = find("pytorch", "f32") {
-        for d in dtypes {
-            if let Some(a) = find("anneal", d) {
-                let (m, lo, hi) = per_step(t, a);
-                println!(
-                    "anneal {d} vs PyTorch f32: {m:.2}x tokens/s (median of per-step ratios; \
-                     quartiles {lo:.2}–{hi:.2}), {:.2}x peak RSS",
-                    a.peak_rss_mb / t.peak_rss_mb
-                );
-            }
+    for d in dtypes {
+        if let (Some(t), Some(a)) = (find("pytorch", d), find("anneal", d)) {
+            let (m, lo, hi) = per_step(t, a);
+            println!(
+                "anneal {d} vs PyTorch {d}: {m:.2}x tokens/s (median of per-step ratios; \
+                 quartiles {lo:.2}–{hi:.2}), {:.2}x peak RSS",
+                a.peak_rss_mb / t.peak_rss_mb
+            );
         }
+    }
+    if let (Some(h), Some(f)) = (find("pytorch", "bf16"), find("pytorch", "f32")) {
+        let (m, lo, hi) = per_step(h, f);
+        println!("PyTorch bf16 vs f32: {m:.2}x step time (quartiles {lo:.2}–{hi:.2})");
     }
     if let (Some(h), Some(f)) = (find("anneal", "bf16"), find("anneal", "f32")) {
         let (m, lo, hi) = per_step(h, f);

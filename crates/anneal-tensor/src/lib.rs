@@ -48,8 +48,9 @@ mod tensor;
 pub mod testing;
 
 /// The CPU kernel path detected at run time, for reports: element-wise loops compiled for AVX2
-/// and FMA or portable code, and whether the CPU has AVX-512 (the `gemm` crate's matrix
-/// products pick their widest vectors themselves).
+/// and FMA or portable code, whether the CPU has AVX-512 (the `gemm` crate's f32 matrix
+/// products pick their widest vectors themselves), and how bf16 products run
+/// ([`backend::KernelPath`]: on `vdpbf16ps` or widened to f32).
 pub fn kernel_path() -> String {
     #[cfg(target_arch = "x86_64")]
     {
@@ -60,17 +61,21 @@ pub fn kernel_path() -> String {
         };
         let avx512 = std::arch::is_x86_feature_detected!("avx512f");
         format!(
-            "element-wise {elementwise}, matmul gemm ({})",
+            "element-wise {elementwise}, f32 matmul gemm ({}), bf16 matmul {}",
             if avx512 {
                 "avx512f present"
             } else {
                 "no avx512"
-            }
+            },
+            backend::kernel_path().name()
         )
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        "element-wise portable, matmul gemm".to_string()
+        format!(
+            "element-wise portable, f32 matmul gemm, bf16 matmul {}",
+            backend::kernel_path().name()
+        )
     }
 }
 

@@ -20,6 +20,7 @@
 use rayon::prelude::*;
 
 use super::matmul::{Mat, Operand, SendPtr};
+use crate::backend::KernelPath;
 
 /// Rows of a micro-tile.
 pub(crate) const MR: usize = 12;
@@ -40,12 +41,69 @@ const SMALL: usize = 64 * 64 * 64;
 pub(crate) trait Bf16Source: Copy + Send + Sync + 'static {
     /// The value's bf16 bits (rounded to nearest even for f32).
     fn bf16_bits(self) -> u16;
+
+    /// 16 consecutive elements from `p` as bf16 bits in the low halves of 32-bit lanes.
+    ///
+    /// # Safety
+    /// AVX-512 F present (inlined into a function that enables it); `p` valid for 16 elements.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512i;
+
+    /// 16 pairs of consecutive elements, the pair of lane `l` at `base + idx[l]` (in elements),
+    /// as words with the first element's bf16 bits in the low half.
+    ///
+    /// # Safety
+    /// As [`Bf16Source::load16`], with every pair inside its allocation.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn gather_pairs16(
+        base: *const Self,
+        idx: std::arch::x86_64::__m512i,
+    ) -> std::arch::x86_64::__m512i;
+}
+
+/// f32 bit patterns in 16 lanes rounded to bf16 in the low halves: [`Bf16Source::bf16_bits`] on
+/// AVX-512 (round to nearest even, NaN kept quiet).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn round16(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
+    use std::arch::x86_64::*;
+    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(1));
+    let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff));
+    let rounded = _mm512_srli_epi32::<16>(_mm512_add_epi32(v, bias));
+    let abs = _mm512_and_si512(v, _mm512_set1_epi32(0x7fff_ffff));
+    let nan = _mm512_cmpgt_epu32_mask(abs, _mm512_set1_epi32(0x7f80_0000));
+    let quiet = _mm512_or_si512(_mm512_srli_epi32::<16>(v), _mm512_set1_epi32(0x40));
+    _mm512_mask_blend_epi32(nan, rounded, quiet)
 }
 
 impl Bf16Source for f32 {
+    /// Round to nearest even, NaN kept quiet: `half::bf16::from_f32`'s result, without its
+    /// branches, so packing loops vectorise.
     #[inline(always)]
     fn bf16_bits(self) -> u16 {
-        half::bf16::from_f32(self).to_bits()
+        let b = self.to_bits();
+        let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
+        let nan = (b >> 16) | 0x40;
+        (if self.is_nan() { nan } else { rounded }) as u16
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const f32) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        round16(_mm512_loadu_si512(p as *const _))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn gather_pairs16(
+        base: *const f32,
+        idx: std::arch::x86_64::__m512i,
+    ) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        let lo = round16(_mm512_i32gather_epi32::<4>(idx, base as *const i32));
+        let hi = round16(_mm512_i32gather_epi32::<4>(idx, base.add(1) as *const i32));
+        _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi))
     }
 }
 
@@ -53,6 +111,82 @@ impl Bf16Source for u16 {
     #[inline(always)]
     fn bf16_bits(self) -> u16 {
         self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const u16) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(p as *const __m256i))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn gather_pairs16(
+        base: *const u16,
+        idx: std::arch::x86_64::__m512i,
+    ) -> std::arch::x86_64::__m512i {
+        use std::arch::x86_64::*;
+        _mm512_i32gather_epi32::<2>(idx, base as *const i32)
+    }
+}
+
+/// Whether the packing loops can use AVX-512 F (every CPU with a bf16 kernel path has it).
+#[inline]
+pub(crate) fn packs_avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// The whole pairs of [`pack_b`] (`whole` of them, all `NR` columns inside the matrix) on
+/// AVX-512: two rows side by side for a row-major B, a gather of each column's pair for a
+/// transposed one.
+///
+/// # Safety
+/// AVX-512 F present; as [`pack_b`], with `b.cs == 1` or `b.rs == 1`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn pack_b_pairs_avx512<T: Bf16Source>(
+    b: &Mat<T>,
+    k0: usize,
+    j0: usize,
+    whole: usize,
+    out: &mut [u32],
+) {
+    use std::arch::x86_64::*;
+    let o = out.as_mut_ptr() as *mut __m512i;
+    if b.cs == 1 {
+        for p in 0..whole {
+            let r0 = b.ptr.offset((k0 + 2 * p) as isize * b.rs + j0 as isize);
+            let r1 = r0.offset(b.rs);
+            for h in 0..NR / 16 {
+                let lo = T::load16(r0.add(16 * h));
+                let hi = T::load16(r1.add(16 * h));
+                let w = _mm512_or_si512(lo, _mm512_slli_epi32::<16>(hi));
+                _mm512_storeu_si512(o.add(p * NR / 16 + h), w);
+            }
+        }
+    } else {
+        // Column j's pair p at column start + 2p: one gather per 16 columns.
+        let base = b.ptr.offset(j0 as isize * b.cs + k0 as isize);
+        let cs = b.cs as i32;
+        let lanes = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(cs),
+        );
+        for p in 0..whole {
+            for h in 0..NR / 16 {
+                let idx = _mm512_add_epi32(lanes, _mm512_set1_epi32(16 * h as i32 * cs));
+                let w = T::gather_pairs16(base.add(2 * p), idx);
+                _mm512_storeu_si512(o.add(p * NR / 16 + h), w);
+            }
+        }
     }
 }
 
@@ -90,13 +224,32 @@ unsafe fn pack_a<T: Bf16Source>(a: &Mat<T>, i0: usize, k0: usize, kc: usize, out
     }
 }
 
-/// Packs k `k0..k0+kc` and columns `j0..j0+NR` of `b` as `[kc/2][NR]` words, each a column's
-/// pair of k.
-unsafe fn pack_b<T: Bf16Source>(b: &Mat<T>, k0: usize, j0: usize, kc: usize, out: &mut [u32]) {
-    let kp = kc.div_ceil(2);
-    let full = j0 + NR <= b.cols && k0 + 2 * kp <= b.rows;
-    if full && b.cs == 1 {
-        for p in 0..kp {
+/// Packs k `k0..k0+kc` and columns `j0..j0+NR` of `b` as `[kp][NR]` words, each a column's
+/// pair of k (zero past the matrix and past `kc`; `kp` ≥ `kc/2` rounded up).
+pub(crate) unsafe fn pack_b<T: Bf16Source>(
+    b: &Mat<T>,
+    k0: usize,
+    j0: usize,
+    kc: usize,
+    kp: usize,
+    out: &mut [u32],
+) {
+    // Pairs whose both k lie inside the block and the matrix, for whole panels.
+    let whole = if j0 + NR <= b.cols {
+        kc.min(b.rows.saturating_sub(k0)) / 2
+    } else {
+        0
+    };
+    #[cfg(target_arch = "x86_64")]
+    let vector = (b.cs == 1 || (b.rs == 1 && b.cs.unsigned_abs() * b.cols < i32::MAX as usize / 4))
+        && packs_avx512();
+    #[cfg(not(target_arch = "x86_64"))]
+    let vector = false;
+    if vector {
+        #[cfg(target_arch = "x86_64")]
+        pack_b_pairs_avx512(b, k0, j0, whole, out);
+    } else if b.cs == 1 {
+        for p in 0..whole {
             let r0 = b.ptr.offset((k0 + 2 * p) as isize * b.rs + j0 as isize);
             let r1 = r0.offset(b.rs);
             let o = &mut out[p * NR..(p + 1) * NR];
@@ -104,24 +257,28 @@ unsafe fn pack_b<T: Bf16Source>(b: &Mat<T>, k0: usize, j0: usize, kc: usize, out
                 *w = (*r0.add(j)).bf16_bits() as u32 | ((*r1.add(j)).bf16_bits() as u32) << 16;
             }
         }
-        return;
-    }
-    if full && b.rs == 1 {
+    } else if b.rs == 1 {
         // A transposed operand: each column's k run is contiguous.
-        for j in 0..NR {
+        for j in 0..NR.min(b.cols.saturating_sub(j0)) {
+            if whole == 0 {
+                break;
+            }
             let col = b.ptr.offset((j0 + j) as isize * b.cs + k0 as isize);
-            for p in 0..kp {
+            for p in 0..whole {
                 let lo = (*col.add(2 * p)).bf16_bits() as u32;
                 let hi = (*col.add(2 * p + 1)).bf16_bits() as u32;
                 *out.get_unchecked_mut(p * NR + j) = lo | hi << 16;
             }
         }
-        return;
     }
-    for p in 0..kp {
+    let done = if b.cs == 1 || b.rs == 1 { whole } else { 0 };
+    let kend = k0 + kc;
+    for p in done..kp {
         for j in 0..NR {
             let (k, c) = (k0 + 2 * p, j0 + j);
-            out[p * NR + j] = at(b, k, c) | at(b, k + 1, c) << 16;
+            let lo = if k < kend { at(b, k, c) } else { 0 };
+            let hi = if k + 1 < kend { at(b, k + 1, c) } else { 0 };
+            out[p * NR + j] = lo | hi << 16;
         }
     }
 }
@@ -227,6 +384,7 @@ unsafe fn product_1<TA: Bf16Source, TB: Bf16Source>(
                         pc,
                         jc + q * NR,
                         kc,
+                        kp,
                         &mut pb[q * kp * NR..(q + 1) * kp * NR],
                     );
                 }
@@ -269,12 +427,45 @@ unsafe fn product_1<TA: Bf16Source, TB: Bf16Source>(
 }
 
 /// `dst (+)= a·b` with bf16 arithmetic and f32 accumulation, `dst` strided (`drs`, `dcs`), on up
-/// to `threads` threads (the output split along its longer side into independent products).
+/// to `threads` threads (the output split along its longer side into independent products), on
+/// AMX tiles where the kernel path is [`KernelPath::Amx`], else on `vdpbf16ps`.
 ///
 /// # Safety
-/// The CPU has AVX512-F and AVX512-BF16 (see [`crate::backend`]); pointers are valid for the
-/// given extents and strides; `dst` aliases neither operand.
+/// The CPU has what the kernel path needs (see [`crate::backend`], which selects this function
+/// only then); pointers are valid for the given extents and strides; `dst` aliases neither
+/// operand.
 pub(crate) unsafe fn gemm(
+    dst: *mut f32,
+    drs: isize,
+    dcs: isize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+    threads: usize,
+) {
+    let unit = match crate::backend::kernel_path() {
+        KernelPath::Amx => Unit::Tiles,
+        _ => Unit::Pairs,
+    };
+    gemm_on(unit, dst, drs, dcs, accumulate, a, b, threads)
+}
+
+/// The instruction a bf16 product runs on.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Unit {
+    /// `vdpbf16ps` on AVX-512 registers.
+    Pairs,
+    /// `tdpbf16ps` on AMX tiles.
+    Tiles,
+}
+
+/// [`gemm`] on a given unit.
+///
+/// # Safety
+/// As [`gemm`], with the CPU able to run `unit`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_on(
+    unit: Unit,
     dst: *mut f32,
     drs: isize,
     dcs: isize,
@@ -301,7 +492,11 @@ pub(crate) unsafe fn gemm(
     if threads > 1 && m * n * k >= SMALL {
         let split_m = m >= n;
         let len = if split_m { m } else { n };
-        let tile = if split_m { MR } else { NR };
+        let tile = match (unit, split_m) {
+            (Unit::Tiles, true) => super::gemm_amx::TM,
+            (Unit::Pairs, true) => MR,
+            (_, false) => NR,
+        };
         let parts = threads.min(len / (2 * tile)).max(1);
         if parts > 1 {
             let d = SendPtr(dst);
@@ -321,20 +516,74 @@ pub(crate) unsafe fn gemm(
                         d.0.offset(lo as isize * dcs),
                     )
                 };
-                gemm(dp, drs, dcs, accumulate, ap, bp, 1);
+                gemm_on(unit, dp, drs, dcs, accumulate, ap, bp, 1);
             });
             return;
         }
     }
     #[cfg(target_arch = "x86_64")]
-    match (a, b) {
-        (Operand::F32(a), Operand::F32(b)) => product_1(dst, drs, dcs, accumulate, &a, &b),
-        (Operand::F32(a), Operand::Bf16(b)) => product_1(dst, drs, dcs, accumulate, &a, &b),
-        (Operand::Bf16(a), Operand::F32(b)) => product_1(dst, drs, dcs, accumulate, &a, &b),
-        (Operand::Bf16(a), Operand::Bf16(b)) => product_1(dst, drs, dcs, accumulate, &a, &b),
+    {
+        macro_rules! run {
+            ($a:expr, $b:expr) => {
+                match unit {
+                    Unit::Pairs => product_1(dst, drs, dcs, accumulate, $a, $b),
+                    Unit::Tiles => super::gemm_amx::product_1(dst, drs, dcs, accumulate, $a, $b),
+                }
+            };
+        }
+        match (a, b) {
+            (Operand::F32(a), Operand::F32(b)) => run!(&a, &b),
+            (Operand::F32(a), Operand::Bf16(b)) => run!(&a, &b),
+            (Operand::Bf16(a), Operand::F32(b)) => run!(&a, &b),
+            (Operand::Bf16(a), Operand::Bf16(b)) => run!(&a, &b),
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
-    unreachable!("the bf16 kernel path is only selected on x86-64 with AVX512-BF16");
+    unreachable!("the bf16 kernel paths are only selected on x86-64");
+}
+
+/// Multiply-adds per second of `vdpbf16ps` over those of f32 FMA on this core, timed on
+/// independent register chains for a fraction of a millisecond each: above 1 where the
+/// instruction pays, below where it does not (an Intel Sapphire Rapids core issues it at a quarter
+/// of its FMA rate, so half the multiply-adds, and has AMX for bf16 instead).
+///
+/// # Safety
+/// The CPU has AVX512-F and AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16,fma")]
+pub(crate) unsafe fn pairs_over_fma_rate() -> f64 {
+    use std::arch::x86_64::*;
+    use std::hint::black_box;
+    const CHAINS: usize = 16;
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        let t = std::time::Instant::now();
+        f();
+        t.elapsed().as_secs_f64().max(1e-9)
+    };
+    let reps = black_box(20_000usize);
+    let a: __m512bh = std::mem::transmute(_mm512_set1_epi32(black_box(0x3f80_3f80)));
+    let mut pairs = [_mm512_setzero_ps(); CHAINS];
+    let t_pairs = time(&mut || {
+        for _ in 0..reps {
+            for r in pairs.iter_mut() {
+                *r = _mm512_dpbf16_ps(*r, a, a);
+            }
+        }
+        black_box(&pairs);
+    });
+    let x = _mm512_set1_ps(black_box(0.5));
+    let mut fma = [_mm512_setzero_ps(); CHAINS];
+    let t_fma = time(&mut || {
+        for _ in 0..reps {
+            for r in fma.iter_mut() {
+                *r = _mm512_fmadd_ps(*r, x, x);
+            }
+        }
+        black_box(&fma);
+    });
+    // 32 multiply-adds per `vdpbf16ps`, 16 per FMA.
+    (32.0 / t_pairs) / (16.0 / t_fma)
 }
 
 /// `vdpbf16ps` on one lane, in portable code: `acc`, then the products of the high halves of `a`
@@ -407,7 +656,8 @@ mod tests {
         let mut c = [acc];
         unsafe {
             if hardware {
-                gemm(
+                gemm_on(
+                    Unit::Pairs,
                     c.as_mut_ptr(),
                     1,
                     1,
@@ -520,24 +770,23 @@ mod tests {
             let a16: Vec<u16> = a32.iter().map(|x| x.bf16_bits()).collect();
             let b16: Vec<u16> = b32.iter().map(|x| x.bf16_bits()).collect();
             let c0 = wild(m * n, 99);
-            for variant in 0..4 {
-                let a = match variant {
-                    0 => Operand::Bf16(Mat::dense(a16.as_ptr(), m, k)),
-                    1 => Operand::F32(Mat::dense(a32.as_ptr(), m, k)),
-                    // The same values seen through a transposed layout.
-                    _ => Operand::Bf16(Mat::dense(a16.as_ptr(), k, m).t()),
-                };
-                let b = match variant {
-                    0 | 2 => Operand::Bf16(Mat::dense(b16.as_ptr(), k, n)),
-                    1 => Operand::Bf16(Mat::dense(b16.as_ptr(), n, k).t()),
-                    _ => Operand::F32(Mat::dense(b32.as_ptr(), n, k).t()),
-                };
+            for variant in 0..5 {
+                let (a, b) = self::variant(variant, (m, n, k), (&a32, &a16), (&b32, &b16));
                 for (accumulate, threads) in [(false, 1), (true, 1), (false, 2), (true, 2)] {
                     let mut want = c0.clone();
                     let mut got = c0.clone();
                     unsafe {
                         reference(want.as_mut_ptr(), n as isize, 1, accumulate, a, b);
-                        gemm(got.as_mut_ptr(), n as isize, 1, accumulate, a, b, threads);
+                        gemm_on(
+                            Unit::Pairs,
+                            got.as_mut_ptr(),
+                            n as isize,
+                            1,
+                            accumulate,
+                            a,
+                            b,
+                            threads,
+                        );
                     }
                     for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                         assert!(
@@ -545,6 +794,154 @@ mod tests {
                             "{m}×{k}·{k}×{n} variant {variant} acc {accumulate} threads {threads}: \
                              element {i}: {g:e} vs {w:e}"
                         );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packing_rounds_f32_to_bf16_as_the_half_crate_does() {
+        let specials = [
+            0.0,
+            -0.0,
+            f32::MAX,
+            f32::MIN,
+            f32::MIN_POSITIVE,
+            f32::from_bits(1),
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            f32::from_bits(0x7f80_0001),
+            f32::from_bits(0xff80_8000),
+            1.0 + 2f32.powi(-8),
+            1.0 + 3.0 * 2f32.powi(-8),
+        ];
+        let mut rng = crate::Rng::new(11);
+        let random = (0..100_000).map(|_| f32::from_bits(rng.next_u64() as u32));
+        for x in specials.into_iter().chain(random) {
+            assert_eq!(
+                x.bf16_bits(),
+                half::bf16::from_f32(x).to_bits(),
+                "{x:e} ({:#x})",
+                x.to_bits()
+            );
+        }
+    }
+
+    /// Operand layouts a product meets: bf16 or f32, dense or transposed.
+    fn variant<'a>(
+        v: usize,
+        (m, n, k): (usize, usize, usize),
+        a: (&'a [f32], &'a [u16]),
+        b: (&'a [f32], &'a [u16]),
+    ) -> (Operand, Operand) {
+        let ao = match v {
+            0 => Operand::Bf16(Mat::dense(a.1.as_ptr(), m, k)),
+            1 => Operand::F32(Mat::dense(a.0.as_ptr(), m, k)),
+            4 => Operand::F32(Mat::dense(a.0.as_ptr(), k, m).t()),
+            _ => Operand::Bf16(Mat::dense(a.1.as_ptr(), k, m).t()),
+        };
+        let bo = match v {
+            0 | 2 => Operand::Bf16(Mat::dense(b.1.as_ptr(), k, n)),
+            1 => Operand::Bf16(Mat::dense(b.1.as_ptr(), n, k).t()),
+            4 => Operand::F32(Mat::dense(b.0.as_ptr(), k, n)),
+            _ => Operand::F32(Mat::dense(b.0.as_ptr(), n, k).t()),
+        };
+        (ao, bo)
+    }
+
+    #[test]
+    fn amx_tiles_give_the_product_of_the_rounded_operands() {
+        if !crate::backend::has_amx_bf16() {
+            eprintln!(
+                "no AMX-BF16 on this CPU: the tile kernel is not run here (nor dispatched to)"
+            );
+            return;
+        }
+        // Tile edges, k below, across and not a multiple of a tile's 32 and of a block's 512,
+        // n across column blocks, transposed and mixed operands, accumulation, one and two
+        // threads. Small integers first (every sum exact, so the result is exact whatever the
+        // order inside an instruction), then random values within rounding.
+        let shapes = [
+            (1, 1, 1),
+            (5, 3, 7),
+            (33, 65, 31),
+            (40, 70, 800),
+            (100, 1600, 20),
+            (64, 64, 64),
+            (37, 45, 1030),
+        ];
+        for exact in [true, false] {
+            for (case, &(m, n, k)) in shapes.iter().enumerate() {
+                let gen = |len: usize, seed: u64| -> Vec<f32> {
+                    if exact {
+                        (0..len)
+                            .map(|i| ((i as u64 * 7 + seed) % 9) as f32 - 4.0)
+                            .collect()
+                    } else {
+                        wild(len, seed)
+                    }
+                };
+                let a32 = gen(m * k, case as u64 * 2 + 1);
+                let b32 = gen(k * n, case as u64 * 2 + 2);
+                let a16: Vec<u16> = a32.iter().map(|x| x.bf16_bits()).collect();
+                let b16: Vec<u16> = b32.iter().map(|x| x.bf16_bits()).collect();
+                let c0 = gen(m * n, 99);
+                // An operand's element as the instruction reads it: bf16, denormals as zero.
+                let r = |o: &Operand, i: usize, j: usize| {
+                    let bits = unsafe {
+                        match o {
+                            Operand::F32(x) => at(x, i, j),
+                            Operand::Bf16(x) => at(x, i, j),
+                        }
+                    };
+                    let v = f32::from_bits(bits << 16);
+                    if v.is_subnormal() {
+                        0.0
+                    } else {
+                        v as f64
+                    }
+                };
+                for v in 0..5 {
+                    let (a, b) = variant(v, (m, n, k), (&a32, &a16), (&b32, &b16));
+                    for (accumulate, threads) in [(false, 1), (true, 1), (false, 2), (true, 2)] {
+                        let mut got = c0.clone();
+                        unsafe {
+                            gemm_on(
+                                Unit::Tiles,
+                                got.as_mut_ptr(),
+                                n as isize,
+                                1,
+                                accumulate,
+                                a,
+                                b,
+                                threads,
+                            );
+                        }
+                        for i in 0..m {
+                            for j in 0..n {
+                                let c = if accumulate {
+                                    c0[i * n + j] as f64
+                                } else {
+                                    0.0
+                                };
+                                let terms = (0..k).map(|p| r(&a, i, p) * r(&b, p, j));
+                                let want: f64 = c + terms.clone().sum::<f64>();
+                                let size: f64 = c.abs() + terms.map(f64::abs).sum::<f64>();
+                                let g = got[i * n + j] as f64;
+                                let tol = if exact {
+                                    0.0
+                                } else {
+                                    (k + 1) as f64 * 2f64.powi(-23) * size
+                                };
+                                assert!(
+                                    (g - want).abs() <= tol,
+                                    "{m}×{k}·{k}×{n} variant {v} acc {accumulate} threads \
+                                     {threads}: ({i}, {j}): {g:e} vs {want:e}"
+                                );
+                            }
+                        }
                     }
                 }
             }
@@ -603,28 +1000,34 @@ mod tests {
             with_kernel_path(KernelPath::Widening, crate::backend::kernel_path),
             KernelPath::Widening
         );
-        if !has_avx512_bf16() {
-            eprintln!("no AVX512-BF16 on this CPU: only the widening path runs");
-            return;
+        for path in [KernelPath::Avx512Bf16, KernelPath::Amx] {
+            if !path.available() {
+                eprintln!("this CPU cannot run {}: not compared", path.name());
+                continue;
+            }
+            let paired = run(path);
+            // The forward reads the same bf16 values on every path and differs only in
+            // summation order; backward rounds the f32 gradient to bf16 on the 16-bit paths.
+            for (name, a, b, tol) in [
+                ("y", &widened.0, &paired.0, 2e-2),
+                ("dx", &widened.1, &paired.1, 5e-2),
+                ("dw", &widened.2, &paired.2, 5e-2),
+            ] {
+                let scale = a.iter().map(|v| v.abs()).fold(0f32, f32::max);
+                let worst = a
+                    .iter()
+                    .zip(b)
+                    .map(|(p, q)| (p - q).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    worst <= tol * scale,
+                    "{} {name}: {worst} against scale {scale}",
+                    path.name()
+                );
+            }
         }
-        let paired = run(KernelPath::Avx512Bf16);
-        // The forward reads the same bf16 values on both paths and differs only in summation
-        // order; backward rounds the f32 gradient to bf16 on the paired path.
-        for (name, a, b, tol) in [
-            ("y", &widened.0, &paired.0, 2e-2),
-            ("dx", &widened.1, &paired.1, 5e-2),
-            ("dw", &widened.2, &paired.2, 5e-2),
-        ] {
-            let scale = a.iter().map(|v| v.abs()).fold(0f32, f32::max);
-            let worst = a
-                .iter()
-                .zip(b)
-                .map(|(p, q)| (p - q).abs())
-                .fold(0f32, f32::max);
-            assert!(
-                worst <= tol * scale,
-                "{name}: {worst} against scale {scale}"
-            );
+        if !has_avx512_bf16() {
+            return;
         }
         use crate::backend::{product_kernel, ProductKernel};
         let kernel = |path| {

@@ -5,6 +5,7 @@ pub mod cast;
 pub mod conv;
 pub mod dropout;
 pub mod elementwise;
+pub(crate) mod gemm_amx;
 pub(crate) mod gemm_bf16;
 pub(crate) mod matmul;
 pub mod moe;
