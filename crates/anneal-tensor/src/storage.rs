@@ -126,12 +126,8 @@ impl Buffer {
     pub fn from_f32(values: Vec<f32>, dtype: DType) -> Buffer {
         match dtype {
             DType::F32 => Buffer::F32(values),
-            DType::BF16 => {
-                let mut out = vec![bf16::ZERO; values.len()];
-                crate::kernels::f32_to_bf16(&values, &mut out);
-                // Not recycled: see `pool`'s note on conversion scratch.
-                Buffer::BF16(out)
-            }
+            // `values` is not recycled: see `pool`'s note on conversion scratch.
+            DType::BF16 => Buffer::BF16(crate::kernels::map_to(&values, |x| x)),
             DType::F16 => {
                 let mut out = vec![f16::ZERO; values.len()];
                 crate::kernels::f32_to_f16(&values, &mut out);

@@ -55,7 +55,7 @@ impl Tensor {
     }
 
     /// A contiguous tensor owning `buffer`, whose length the caller has checked.
-    fn over_buffer(buffer: Buffer, shape: &[usize]) -> Tensor {
+    pub(crate) fn over_buffer(buffer: Buffer, shape: &[usize]) -> Tensor {
         debug_assert_eq!(buffer.len(), shape.iter().product::<usize>());
         let dtype = buffer.dtype();
         Tensor(Arc::new(Inner {
@@ -224,6 +224,9 @@ impl Tensor {
 
     /// All elements, row-major, as f32.
     pub fn to_vec_f32(&self) -> Vec<f32> {
+        if let Some(v) = self.with_bf16(|v| crate::kernels::map_to(v, |x| x)) {
+            return v;
+        }
         let mut out = crate::pool::uninit(self.numel());
         self.read_into_f32(&mut out);
         out
@@ -249,6 +252,18 @@ impl Tensor {
             return;
         }
         copy_strided(&buf, &self.0.shape, &self.0.strides, self.0.offset, out);
+    }
+
+    /// Runs `f` on the elements of a contiguous bf16 tensor, borrowed; None for any other tensor.
+    pub(crate) fn with_bf16<R>(&self, f: impl FnOnce(&[half::bf16]) -> R) -> Option<R> {
+        if self.0.dtype != DType::BF16 || !self.is_contiguous() {
+            return None;
+        }
+        let buf = self.0.storage.read();
+        match &*buf {
+            Buffer::BF16(v) => Some(f(&v[self.0.offset..self.0.offset + self.numel()])),
+            _ => None,
+        }
     }
 
     /// Runs `f` on the elements as a row-major f32 slice: borrowed when the tensor is contiguous

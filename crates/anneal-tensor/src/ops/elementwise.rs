@@ -6,7 +6,7 @@
 use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
-use crate::kernels::{map_into, zip_into};
+use crate::kernels::{map_into, map_to, zip_into, zip_map, Narrow, Widen};
 use crate::tensor::contiguous_strides;
 use crate::Tensor;
 
@@ -221,6 +221,39 @@ impl Backward for BinaryBackward {
     }
 }
 
+/// The value of a binary op through f32: operands widened (or borrowed when f32), broadcast
+/// where needed, the result stored as `dtype`.
+fn binary_value(
+    a: &Tensor,
+    b: &Tensor,
+    shape: &[usize],
+    f: fn(f32, f32) -> f32,
+    dtype: crate::DType,
+) -> Tensor {
+    let numel: usize = shape.iter().product();
+    let mut out = crate::pool::uninit(numel);
+    if a.shape() == shape && b.shape() == shape {
+        a.with_f32(|av| b.with_f32(|bv| zip_into(&mut out, av, bv, f)));
+    } else if a.shape() == shape && shape.ends_with(b.shape()) {
+        // Common case: a row vector (bias, scale) repeated over leading axes.
+        let inner = b.numel().max(1);
+        a.with_f32(|av| {
+            b.with_f32(|bv| {
+                for (o, x) in out.chunks_mut(inner).zip(av.chunks(inner)) {
+                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(bv) {
+                        *o = f(x, y);
+                    }
+                }
+            })
+        });
+    } else {
+        let av = expand(a, shape);
+        let bv = expand(b, shape);
+        zip_into(&mut out, &av, &bv, f);
+    }
+    Tensor::from_f32_as(out, shape, dtype)
+}
+
 fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
     if a.dtype() != b.dtype() {
         return Err(Error::DTypeMismatch {
@@ -236,28 +269,30 @@ fn binary(a: &Tensor, b: &Tensor, op: BinaryOp) -> Result<Tensor> {
         BinaryOp::Mul => |x: f32, y: f32| x * y,
         BinaryOp::Div => |x: f32, y: f32| x / y,
     };
-    let numel: usize = shape.iter().product();
-    let mut out = crate::pool::uninit(numel);
-    if a.shape() == shape.as_slice() && b.shape() == shape.as_slice() {
-        a.with_f32(|av| b.with_f32(|bv| zip_into(&mut out, av, bv, f)));
-    } else if a.shape() == shape.as_slice() && shape.ends_with(b.shape()) {
-        // Common case: a row vector (bias, scale) repeated over leading axes.
-        let inner = b.numel().max(1);
-        a.with_f32(|av| {
-            b.with_f32(|bv| {
-                for (o, x) in out.chunks_mut(inner).zip(av.chunks(inner)) {
-                    for ((o, &x), &y) in o.iter_mut().zip(x).zip(bv) {
-                        *o = f(x, y);
-                    }
+    let out_dtype = output_dtype(Kind::Elementwise, a.dtype());
+    let fused = if a.shape() == shape.as_slice()
+        && b.shape() == shape.as_slice()
+        && out_dtype == crate::DType::BF16
+    {
+        // bf16 in and out: one fused pass, no f32 copies.
+        a.with_bf16(|av| {
+            b.with_bf16(|bv| -> Vec<half::bf16> {
+                match op {
+                    BinaryOp::Add => zip_map(av, bv, |x, y| x + y),
+                    BinaryOp::Sub => zip_map(av, bv, |x, y| x - y),
+                    BinaryOp::Mul => zip_map(av, bv, |x, y| x * y),
+                    BinaryOp::Div => zip_map(av, bv, |x, y| x / y),
                 }
             })
-        });
+        })
+        .flatten()
     } else {
-        let av = expand(a, &shape);
-        let bv = expand(b, &shape);
-        zip_into(&mut out, &av, &bv, f);
-    }
-    let value = Tensor::from_f32_as(out, &shape, output_dtype(Kind::Elementwise, a.dtype()));
+        None
+    };
+    let value = match fused {
+        Some(v) => Tensor::over_buffer(crate::storage::Buffer::BF16(v), &shape),
+        None => binary_value(a, b, &shape, f, out_dtype),
+    };
     // Add and sub need only the shapes, so their inputs are not kept alive for backward; mul and
     // div keep what the needed gradients read.
     let needs = [a.requires_grad(), b.requires_grad()];
@@ -404,20 +439,20 @@ impl Backward for UnaryBackward {
         if let Unary::AddScalar(_) = op {
             return Ok(vec![Some(grad.clone())]);
         }
-        let mut out = crate::pool::uninit(grad.numel());
-        match op {
-            Unary::Scale(c) => grad.with_f32(|g| map_into(&mut out, g, |g| g * c)),
-            _ => {
-                let x = self.x.as_ref().expect("kept for this op");
-                grad.with_f32(|g| x.with_f32(|x| derivative_all(op, &mut out, g, x)))
+        let out = match op {
+            Unary::Scale(c) => {
+                let mut out = crate::pool::uninit(grad.numel());
+                grad.with_f32(|g| map_into(&mut out, g, |g| g * c));
+                out
             }
-        }
+            _ => derivative_value(op, grad, self.x.as_ref().expect("kept for this op")),
+        };
         Ok(vec![Some(Tensor::from_f32_unchecked(out, grad.shape()))])
     }
 }
 
 /// `out = op(v)`, with one monomorphised loop per op so that each vectorises.
-fn forward_all(op: Unary, out: &mut [f32], v: &[f32]) {
+fn forward_all<A: Widen>(op: Unary, out: &mut [f32], v: &[A]) {
     match op {
         Unary::Relu => map_into(out, v, |x| Unary::Relu.forward(x)),
         Unary::GeluTanh => map_into(out, v, |x| Unary::GeluTanh.forward(x)),
@@ -433,7 +468,7 @@ fn forward_all(op: Unary, out: &mut [f32], v: &[f32]) {
 }
 
 /// `out = g · op'(x)`, one monomorphised loop per op.
-fn derivative_all(op: Unary, out: &mut [f32], g: &[f32], x: &[f32]) {
+fn derivative_all<X: Widen>(op: Unary, out: &mut [f32], g: &[f32], x: &[X]) {
     match op {
         Unary::Relu => zip_into(out, g, x, |g, x| g * Unary::Relu.derivative(x)),
         Unary::GeluTanh => zip_into(out, g, x, |g, x| g * Unary::GeluTanh.derivative(x)),
@@ -447,27 +482,62 @@ fn derivative_all(op: Unary, out: &mut [f32], g: &[f32], x: &[f32]) {
     }
 }
 
+/// `op(v)` as a fresh vector of `O`, one monomorphised fused loop per op.
+fn forward_map<A: Widen, O: Narrow>(op: Unary, v: &[A]) -> Vec<O> {
+    match op {
+        Unary::Relu => map_to(v, |x| Unary::Relu.forward(x)),
+        Unary::GeluTanh => map_to(v, |x| Unary::GeluTanh.forward(x)),
+        Unary::GeluErf => map_to(v, |x| Unary::GeluErf.forward(x)),
+        Unary::Silu => map_to(v, |x| Unary::Silu.forward(x)),
+        Unary::Sigmoid => map_to(v, |x| Unary::Sigmoid.forward(x)),
+        Unary::Tanh => map_to(v, |x| Unary::Tanh.forward(x)),
+        Unary::Exp => map_to(v, |x| x.exp()),
+        Unary::Log => map_to(v, |x| x.ln()),
+        Unary::Scale(c) => map_to(v, move |x| x * c),
+        Unary::AddScalar(c) => map_to(v, move |x| x + c),
+    }
+}
+
+/// `op(x)` stored as `x`'s elementwise output dtype: bf16 to bf16 in one fused pass, anything
+/// else through f32.
+fn forward_value(op: Unary, x: &Tensor) -> Tensor {
+    let dtype = output_dtype(Kind::Elementwise, x.dtype());
+    if dtype == crate::DType::BF16 {
+        if let Some(v) = x.with_bf16(|v| forward_map::<_, half::bf16>(op, v)) {
+            return Tensor::over_buffer(crate::storage::Buffer::BF16(v), x.shape());
+        }
+    }
+    let mut out = crate::pool::uninit(x.numel());
+    x.with_f32(|v| forward_all(op, &mut out, v));
+    Tensor::from_f32_as(out, x.shape(), dtype)
+}
+
+/// `g · op'(x)` in f32, reading a contiguous bf16 `x` in place.
+fn derivative_value(op: Unary, g: &Tensor, x: &Tensor) -> Vec<f32> {
+    let mut out = crate::pool::uninit(g.numel());
+    g.with_f32(|g| {
+        if x.with_bf16(|x| derivative_all(op, &mut out, g, x))
+            .is_none()
+        {
+            x.with_f32(|x| derivative_all(op, &mut out, g, x))
+        }
+    });
+    out
+}
+
 /// GELU (erf, or the tanh approximation) of every element of `x`, as `Tensor::gelu` and
 /// `Tensor::gelu_tanh` compute it, rounded to `x`'s dtype.
 pub(crate) fn gelu_values(x: &Tensor, exact: bool) -> Tensor {
-    let op = Unary::gelu(exact);
-    let mut out = crate::pool::uninit(x.numel());
-    x.with_f32(|v| forward_all(op, &mut out, v));
-    Tensor::from_f32_as(out, x.shape(), output_dtype(Kind::Elementwise, x.dtype()))
+    forward_value(Unary::gelu(exact), x)
 }
 
 /// `g · gelu'(x)`, as the backward of `Tensor::gelu` (or `gelu_tanh`) computes it.
 pub(crate) fn gelu_grad(g: &Tensor, x: &Tensor, exact: bool) -> Tensor {
-    let op = Unary::gelu(exact);
-    let mut out = crate::pool::uninit(g.numel());
-    g.with_f32(|g| x.with_f32(|x| derivative_all(op, &mut out, g, x)));
-    Tensor::from_f32_unchecked(out, g.shape())
+    Tensor::from_f32_unchecked(derivative_value(Unary::gelu(exact), g, x), g.shape())
 }
 
 fn unary(x: &Tensor, op: Unary) -> Tensor {
-    let mut out = crate::pool::uninit(x.numel());
-    x.with_f32(|v| forward_all(op, &mut out, v));
-    let value = Tensor::from_f32_as(out, x.shape(), output_dtype(Kind::Elementwise, x.dtype()));
+    let value = forward_value(op, x);
     let saved = match op {
         Unary::Scale(_) | Unary::AddScalar(_) => None,
         _ => Some(x.data()),

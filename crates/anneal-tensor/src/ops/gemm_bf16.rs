@@ -77,14 +77,9 @@ unsafe fn round16(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
 }
 
 impl Bf16Source for f32 {
-    /// Round to nearest even, NaN kept quiet: `half::bf16::from_f32`'s result, without its
-    /// branches, so packing loops vectorise.
     #[inline(always)]
     fn bf16_bits(self) -> u16 {
-        let b = self.to_bits();
-        let rounded = b.wrapping_add(0x7fff + ((b >> 16) & 1)) >> 16;
-        let nan = (b >> 16) | 0x40;
-        (if self.is_nan() { nan } else { rounded }) as u16
+        crate::kernels::bf16_bits(self)
     }
 
     #[cfg(target_arch = "x86_64")]
