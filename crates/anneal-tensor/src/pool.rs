@@ -79,27 +79,30 @@ pub(crate) fn uninit(len: usize) -> Vec<f32> {
     if len < MIN_LEN {
         return vec![0.0; len];
     }
+    cached(len).unwrap_or_else(|| {
+        // Zeroed pages from the system, the tail beyond `len` never touched.
+        let mut v = vec![0.0; class_above(len)];
+        v.truncate(len);
+        v
+    })
+}
+
+/// A cached buffer of `len` elements (stale contents) if the cache holds one of its class.
+pub(crate) fn cached(len: usize) -> Option<Vec<f32>> {
+    if len < MIN_LEN {
+        return None;
+    }
     let class = class_above(len);
-    let reused = with_cache(|c| {
+    let mut v = with_cache(|c| {
         let v = c.free.get_mut(&class).and_then(|l| l.pop());
         if let Some(v) = &v {
             c.bytes -= v.capacity() * 4;
         }
         v
-    });
-    match reused {
-        Some(mut v) => {
-            // Growing within the class zeroes only the part the previous use did not hold.
-            v.resize(len, 0.0);
-            v
-        }
-        None => {
-            // Zeroed pages from the system, the tail beyond `len` never touched.
-            let mut v = vec![0.0; class];
-            v.truncate(len);
-            v
-        }
-    }
+    })?;
+    // Growing within the class zeroes only the part the previous use did not hold.
+    v.resize(len, 0.0);
+    Some(v)
 }
 
 /// Hands a buffer back for reuse.

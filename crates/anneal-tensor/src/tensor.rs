@@ -224,7 +224,15 @@ impl Tensor {
 
     /// All elements, row-major, as f32.
     pub fn to_vec_f32(&self) -> Vec<f32> {
-        if let Some(v) = self.with_bf16(|v| crate::kernels::map_to(v, |x| x)) {
+        // bf16 widened into a cached buffer, or a fresh one without a zero-fill.
+        let widened = self.with_bf16(|v| match crate::pool::cached(v.len()) {
+            Some(mut out) => {
+                crate::kernels::bf16_to_f32(v, &mut out);
+                out
+            }
+            None => crate::kernels::map_to(v, |x| x),
+        });
+        if let Some(v) = widened {
             return v;
         }
         let mut out = crate::pool::uninit(self.numel());

@@ -225,13 +225,23 @@ unsafe fn pack_a_avx512<T: Bf16Source>(
     2 * pairs
 }
 
-/// A 32 × 32 block of C (row stride `ldc` bytes) `(=|+=)` a packed strip of A times a packed B
-/// panel, over `steps` × 32 values of k.
+/// Where a block's strip of A is read: rows `lda` bytes apart, successive 32 values of k
+/// `step` bytes apart (packed: 64 and 2 KiB; a row-major bf16 A read in place: its row stride
+/// and 64).
+#[derive(Clone, Copy)]
+struct StripA {
+    ptr: *const u16,
+    lda: usize,
+    step: usize,
+}
+
+/// A 32 × 32 block of C (row stride `ldc` bytes) `(=|+=)` a strip of A times a packed B panel,
+/// over `steps` × 32 values of k.
 ///
 /// # Safety
 /// AMX available and configured with [`CONFIG`] on this thread; the pointers cover the block.
 #[cfg(target_arch = "x86_64")]
-unsafe fn block(steps: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: usize, load: bool) {
+unsafe fn block(steps: usize, a: StripA, b: *const u32, c: *mut f32, ldc: usize, load: bool) {
     use std::arch::asm;
     let c2 = (c as *mut u8).add(16 * ldc);
     if load {
@@ -256,11 +266,9 @@ unsafe fn block(steps: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: us
     }
     // A B step: 16 pairs of k for NR columns.
     const B_STEP: usize = TK / 2 * NR;
-    // An A step: 32 rows of 32 k, 64 bytes a row.
-    const A_STEP: usize = TM * TK;
-    let lda = TK * 2;
+    let lda = a.lda;
     for t in 0..steps {
-        let at = a.add(t * A_STEP);
+        let at = (a.ptr as *const u8).add(t * a.step);
         let bt = b.add(t * B_STEP);
         asm!(
             "tileloadd tmm4, [{a} + {la}*1]",
@@ -272,7 +280,7 @@ unsafe fn block(steps: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: us
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
             a = in(reg) at,
-            a2 = in(reg) (at as *const u8).add(16 * lda),
+            a2 = in(reg) at.add(16 * lda),
             la = in(reg) lda,
             b = in(reg) bt,
             lb = in(reg) NR * 4,
@@ -303,12 +311,12 @@ thread_local! {
 /// # Safety
 /// [`available`]; pointers valid for the extents and strides; `dst` aliases neither operand.
 #[cfg(target_arch = "x86_64")]
-pub(crate) unsafe fn product_1<TA: Bf16Source, TB: Bf16Source>(
+pub(crate) unsafe fn product_1<T: Bf16Source, TB: Bf16Source>(
     dst: *mut f32,
     drs: isize,
     dcs: isize,
     accumulate: bool,
-    a: &Mat<TA>,
+    a: &Mat<T>,
     b: &Mat<TB>,
 ) {
     use std::arch::asm;
@@ -341,14 +349,28 @@ pub(crate) unsafe fn product_1<TA: Bf16Source, TB: Bf16Source>(
                 // Each strip of A packed once and kept in L1 while every panel of B passes.
                 for i0 in (0..m).step_by(TM) {
                     let mr = TM.min(m - i0);
-                    pack_a(a, i0, pc, kc, steps, pa);
+                    // A row-major bf16 strip whole in k is read in place: no packing.
+                    let strip = if T::IS_BF16 && a.cs == 1 && mr == TM && kc % TK == 0 {
+                        StripA {
+                            ptr: a.ptr.offset(i0 as isize * a.rs + pc as isize) as *const u16,
+                            lda: a.rs as usize * 2,
+                            step: TK * 2,
+                        }
+                    } else {
+                        pack_a(a, i0, pc, kc, steps, pa);
+                        StripA {
+                            ptr: pa.as_ptr(),
+                            lda: TK * 2,
+                            step: TM * TK * 2,
+                        }
+                    };
                     for q in 0..panels {
                         let j0 = jc + q * NR;
                         let nr = NR.min(n - j0);
                         let bq = pb.as_ptr().add(q * kp * NR);
                         let d = dst.offset(i0 as isize * drs + j0 as isize * dcs);
                         if mr == TM && nr == NR && dcs == 1 {
-                            block(steps, pa.as_ptr(), bq, d, drs as usize * 4, load);
+                            block(steps, strip, bq, d, drs as usize * 4, load);
                             continue;
                         }
                         if load {
@@ -359,7 +381,7 @@ pub(crate) unsafe fn product_1<TA: Bf16Source, TB: Bf16Source>(
                                 }
                             }
                         }
-                        block(steps, pa.as_ptr(), bq, scratch.as_mut_ptr(), NR * 4, load);
+                        block(steps, strip, bq, scratch.as_mut_ptr(), NR * 4, load);
                         for r in 0..mr {
                             for j in 0..nr {
                                 *d.offset(r as isize * drs + j as isize * dcs) =
