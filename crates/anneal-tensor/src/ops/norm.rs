@@ -12,6 +12,30 @@ use crate::Tensor;
 
 const ROWS_PER_TASK: usize = 32;
 
+/// Elements a norm reads a row at a time: f32 borrowed in place, bf16 widened into `buf`.
+trait RowSource: Sync {
+    fn row<'a>(&'a self, start: usize, buf: &'a mut [f32]) -> &'a [f32];
+}
+
+impl RowSource for &[f32] {
+    #[inline(always)]
+    fn row<'a>(&'a self, start: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        &self[start..start + buf.len()]
+    }
+}
+
+impl RowSource for &[half::bf16] {
+    #[inline(always)]
+    fn row<'a>(&'a self, start: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        use crate::kernels::Widen;
+        let src = &self[start..start + buf.len()];
+        for (b, s) in buf.iter_mut().zip(src) {
+            *b = s.widen();
+        }
+        buf
+    }
+}
+
 fn check(op: &'static str, x: &Tensor, w: &Tensor) -> Result<usize> {
     let d = *x.shape().last().ok_or_else(|| Error::BadShape {
         op,
@@ -45,7 +69,8 @@ impl Backward for LayerNormBackward {
         let mut dx = crate::pool::uninit(self.x.numel());
         let w = self.weight.to_vec_f32();
         let partials = grad.with_f32(|g| {
-            self.x.with_f32(|x| {
+            // A bf16 input is read in place and widened a row at a time.
+            let mut rows = |x: &dyn RowSource| {
                 dx.par_chunks_mut((ROWS_PER_TASK * d).max(1))
                     .enumerate()
                     .map(|(c, dxc)| {
@@ -54,12 +79,13 @@ impl Backward for LayerNormBackward {
                             let mut db = crate::pool::zeros(d);
                             let mut dxhat = crate::pool::zeros(d);
                             let mut xhat = crate::pool::zeros(d);
+                            let mut xrow = vec![0f32; d];
                             for (r, dxr) in dxc.chunks_mut(d.max(1)).enumerate() {
                                 let row = c * ROWS_PER_TASK + r;
                                 let (mean, rstd) = (self.mean[row], self.rstd[row]);
                                 // Every slice cut to exactly d elements, so the loops carry no
                                 // bounds checks and vectorise.
-                                let xr = &x[row * d..(row + 1) * d];
+                                let xr = x.row(row * d, &mut xrow[..d]);
                                 let gr = &g[row * d..(row + 1) * d];
                                 let (w, dxr) = (&w[..d], &mut dxr[..d]);
                                 let (xhat, dxhat) = (&mut xhat[..d], &mut dxhat[..d]);
@@ -81,7 +107,11 @@ impl Backward for LayerNormBackward {
                         })
                     })
                     .collect::<Vec<_>>()
-            })
+            };
+            match self.x.with_bf16(|x| rows(&x)) {
+                Some(p) => p,
+                None => self.x.with_f32(|x| rows(&x)),
+            }
         });
         let (dw, db): (Vec<_>, Vec<_>) = partials.into_iter().unzip();
         let (dw, db) = (
@@ -167,38 +197,46 @@ impl Tensor {
         let mut rstd = crate::pool::zeros(rows);
         let w = weight.to_vec_f32();
         let b = bias.map(|b| b.to_vec_f32());
-        self.with_f32(|x| {
+        let mut rows = |x: &dyn RowSource| {
             out.par_chunks_mut(d.max(1))
                 .zip(mean.par_iter_mut().zip(rstd.par_iter_mut()))
                 .enumerate()
                 .with_min_len(ROWS_PER_TASK)
-                .for_each(|(r, (o, (m, s)))| {
-                    crate::kernels::vectorized(|| {
-                        let xr = &x[r * d..(r + 1) * d];
-                        let mu = crate::kernels::sum(xr) / d as f32;
-                        let var = crate::kernels::sum_map(xr, |v| (v - mu) * (v - mu)) / d as f32;
-                        let rs = 1.0 / (var + eps).sqrt();
-                        // Slices of exactly d elements and the bias test outside the loop, so
-                        // the loop vectorises.
-                        let (o, w) = (&mut o[..d], &w[..d]);
-                        match &b {
-                            Some(b) => {
-                                let b = &b[..d];
-                                for i in 0..d {
-                                    o[i] = (xr[i] - mu) * rs * w[i] + b[i];
+                .for_each_init(
+                    || vec![0f32; d],
+                    |xrow, (r, (o, (m, s)))| {
+                        crate::kernels::vectorized(|| {
+                            let xr = x.row(r * d, &mut xrow[..d]);
+                            let mu = crate::kernels::sum(xr) / d as f32;
+                            let var =
+                                crate::kernels::sum_map(xr, |v| (v - mu) * (v - mu)) / d as f32;
+                            let rs = 1.0 / (var + eps).sqrt();
+                            // Slices of exactly d elements and the bias test outside the loop, so
+                            // the loop vectorises.
+                            let (o, w) = (&mut o[..d], &w[..d]);
+                            match &b {
+                                Some(b) => {
+                                    let b = &b[..d];
+                                    for i in 0..d {
+                                        o[i] = (xr[i] - mu) * rs * w[i] + b[i];
+                                    }
+                                }
+                                None => {
+                                    for i in 0..d {
+                                        o[i] = (xr[i] - mu) * rs * w[i];
+                                    }
                                 }
                             }
-                            None => {
-                                for i in 0..d {
-                                    o[i] = (xr[i] - mu) * rs * w[i];
-                                }
-                            }
-                        }
-                        *m = mu;
-                        *s = rs;
-                    })
-                });
-        });
+                            *m = mu;
+                            *s = rs;
+                        })
+                    },
+                );
+        };
+        // A bf16 input is read in place and widened a row at a time.
+        if self.with_bf16(|x| rows(&x)).is_none() {
+            self.with_f32(|x| rows(&x));
+        }
         let value = Tensor::from_f32_as(out, self.shape(), output_dtype(Kind::Norm, self.dtype()));
         let mut inputs = vec![self, weight];
         if let Some(b) = bias {
