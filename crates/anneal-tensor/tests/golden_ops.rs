@@ -21,6 +21,12 @@ const TOL: f32 = 1e-5;
 /// 1e-6, those through a saved bf16 softmax (softmax, attention's query and key) within 2.6e-3.
 const BF16_TOL: f32 = 4e-3;
 
+/// Attention in bf16 where the CPU multiplies in bf16 (AMX or AVX512-BF16): the probabilities
+/// and the score gradients are rounded to bf16 as they enter their products, as autocast
+/// attention does, two roundings more than [`BF16_TOL`] counts. Measured: 8.0e-3 (the query's
+/// gradient under a padding mask).
+const BF16_ATTENTION_TOL: f32 = 1.2e-2;
+
 /// One fixture file and the dtype and tolerance its ops are run at.
 struct Golden {
     fx: HashMap<String, Tensor>,
@@ -63,6 +69,17 @@ fn ints(t: &Tensor) -> Vec<usize> {
 /// Runs `f` on the op's named inputs (in the fixture's dtype), backpropagates the stored upstream
 /// gradient and compares the output and every stored input gradient.
 fn check(g: &Golden, op: &str, names: &[&str], f: impl Fn(&[Tensor]) -> Result<Tensor>) {
+    check_within(g, g.tol, op, names, f)
+}
+
+/// [`check`] at tolerance `tol`.
+fn check_within(
+    g: &Golden,
+    tol: f32,
+    op: &str,
+    names: &[&str],
+    f: impl Fn(&[Tensor]) -> Result<Tensor>,
+) {
     let (fx, dtype) = (&g.fx, g.dtype);
     let get = |k: &str| {
         fx.get(&format!("{op}.{k}"))
@@ -75,7 +92,7 @@ fn check(g: &Golden, op: &str, names: &[&str], f: impl Fn(&[Tensor]) -> Result<T
         .collect();
     let y = f(&inputs).unwrap();
     let e = rel_err(&y, &get("y"));
-    assert!(e <= g.tol, "{op} in {dtype:?}: output relative error {e}");
+    assert!(e <= tol, "{op} in {dtype:?}: output relative error {e}");
     let gy = get("gy").reshape(y.shape()).unwrap().to_dtype(dtype);
     y.backward_with_grad(&gy).unwrap();
     let mut checked = 0;
@@ -83,7 +100,7 @@ fn check(g: &Golden, op: &str, names: &[&str], f: impl Fn(&[Tensor]) -> Result<T
         if let Some(want) = fx.get(&format!("{op}.g{n}")) {
             let e = rel_err(&x.grad().unwrap(), want);
             assert!(
-                e <= g.tol,
+                e <= tol,
                 "{op} in {dtype:?}: gradient of {n} relative error {e}"
             );
             checked += 1;
@@ -161,7 +178,12 @@ fn attention_and_rope() {
             causal: true,
             ..Default::default()
         };
-        check(g, "attention_causal_gqa", &["q", "k", "v"], |t| {
+        let tol = if g.dtype == DType::BF16 {
+            BF16_ATTENTION_TOL
+        } else {
+            g.tol
+        };
+        check_within(g, tol, "attention_causal_gqa", &["q", "k", "v"], |t| {
             Tensor::attention(&t[0], &t[1], &t[2], &causal)
         });
         let mask: Vec<bool> = g.fx["attention_padding.mask"]
@@ -173,7 +195,7 @@ fn attention_and_rope() {
             key_padding_mask: Some(mask),
             ..Default::default()
         };
-        check(g, "attention_padding", &["q", "k", "v"], |t| {
+        check_within(g, tol, "attention_padding", &["q", "k", "v"], |t| {
             Tensor::attention(&t[0], &t[1], &t[2], &padded)
         });
         check(g, "rope", &["x"], |t| t[0].rope(10000.0, 3));

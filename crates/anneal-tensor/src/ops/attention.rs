@@ -12,9 +12,11 @@
 
 use rayon::prelude::*;
 
-use super::matmul::{gemm_f32, Mat, SendPtr};
+use super::gemm_bf16::{gemm_on, Unit};
+use super::matmul::{gemm_f32, Mat, Operand, SendPtr};
 use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
+use crate::backend::ProductKernel;
 use crate::error::{invalid, Error, Result};
 use crate::storage::Buffer;
 use crate::{DType, Tensor};
@@ -84,6 +86,43 @@ struct Geometry {
     d: usize,
     scale: f32,
     causal: bool,
+    /// The 16-bit unit the blocks' products run on (inputs bf16 and the kernel path allowing
+    /// it), chosen where the op is issued; f32 products otherwise.
+    unit: Option<Unit>,
+}
+
+/// The unit for an attention over inputs of `dtype`: bf16 operands multiply on the bf16 kernel
+/// path (the probabilities and gradient blocks rounded to bf16 as they are packed, as autocast
+/// attention does elsewhere), anything else in f32.
+fn unit_for(t: &Tensor) -> Option<Unit> {
+    match crate::backend::product_kernel(t.device(), t.dtype(), t.dtype()) {
+        ProductKernel::Bf16 => Some(match crate::backend::kernel_path() {
+            crate::backend::KernelPath::Amx => Unit::Tiles,
+            _ => Unit::Pairs,
+        }),
+        ProductKernel::F32 => None,
+    }
+}
+
+/// `dst (+)= a·b` for one block, on `g`'s unit, on this thread.
+///
+/// # Safety
+/// As [`gemm_f32`]; with a unit, the CPU can run it.
+#[inline(always)]
+unsafe fn product(g: &Geometry, dst: *mut f32, drs: isize, accumulate: bool, a: Mat, b: Mat) {
+    match g.unit {
+        Some(unit) => gemm_on(
+            unit,
+            dst,
+            drs,
+            1,
+            accumulate,
+            Operand::F32(a),
+            Operand::F32(b),
+            1,
+        ),
+        None => gemm_f32(dst, drs, 1, accumulate, a, b, 1),
+    }
 }
 
 impl Geometry {
@@ -159,7 +198,7 @@ unsafe fn block_probs(
     } = blk;
     let qm = q.mat(b, h, from, to, g.d);
     let km = k.mat(b, kvh, 0, kend, g.d);
-    gemm_f32(p.as_mut_ptr(), kend as isize, 1, false, qm, km.t(), 1);
+    product(g, p.as_mut_ptr(), kend as isize, false, qm, km.t());
     let mut lse_out = lse_out;
     for (r, row) in p.chunks_mut(kend.max(1)).enumerate() {
         let i = from + r;
@@ -266,14 +305,13 @@ fn forward(
                         }
                         let pm = Mat::dense(p.as_ptr(), blk.rows(), kend);
                         let om = o.mat(b, h, from, to, g.d);
-                        gemm_f32(
+                        product(
+                            &g,
                             om.ptr as *mut f32,
                             om.rs,
-                            1,
                             false,
                             pm,
                             v.mat(b, kvh, 0, kend, g.d),
-                            1,
                         );
                     }
                 }
@@ -401,14 +439,13 @@ unsafe fn backward_task(args: &BackwardArgs, task: usize) {
                 }
                 let dom = d_o.mat(b, h, from, to, g.d);
                 // dP = dO · Vᵀ
-                gemm_f32(
+                product(
+                    &g,
                     dp.as_mut_ptr(),
                     kend as isize,
-                    1,
                     false,
                     dom,
                     v.mat(b, kvh, 0, kend, g.d).t(),
-                    1,
                 );
                 // D_i = Σ_d dO·O
                 let om = o.mat(b, h, from, to, g.d);
@@ -431,28 +468,26 @@ unsafe fn backward_task(args: &BackwardArgs, task: usize) {
                 let dsm = Mat::dense(dp.as_ptr(), rows, kend);
                 // dV += Pᵀ · dO
                 let dvm = dv.mat(b, kvh, 0, kend, g.d);
-                gemm_f32(dvm.ptr as *mut f32, dvm.rs, 1, true, pm.t(), dom, 1);
+                product(&g, dvm.ptr as *mut f32, dvm.rs, true, pm.t(), dom);
                 // dQ = dS · K
                 let dqm = dq.mat(b, h, from, to, g.d);
-                gemm_f32(
+                product(
+                    &g,
                     dqm.ptr as *mut f32,
                     dqm.rs,
-                    1,
                     true,
                     dsm,
                     k.mat(b, kvh, 0, kend, g.d),
-                    1,
                 );
                 // dK += dSᵀ · Q
                 let dkm = dk.mat(b, kvh, 0, kend, g.d);
-                gemm_f32(
+                product(
+                    &g,
                     dkm.ptr as *mut f32,
                     dkm.rs,
-                    1,
                     true,
                     dsm.t(),
                     q.mat(b, h, from, to, g.d),
-                    1,
                 );
             }
         }
@@ -703,6 +738,7 @@ impl Tensor {
             d,
             scale: opts.scale.unwrap_or(1.0 / (d as f32).sqrt()),
             causal: opts.causal,
+            unit: unit_for(q),
         };
         let mask = opts.key_padding_mask.as_deref();
         let (out, lse, probs) = with_heads(q, |qh| {
@@ -761,6 +797,7 @@ impl Tensor {
             d,
             scale: opts.scale.unwrap_or(1.0 / (d as f32).sqrt()),
             causal: opts.causal,
+            unit: unit_for(self),
         };
         let mask = opts.key_padding_mask.as_deref();
         let (out, lse, probs) = with_packed(self, &g, |q, k, v| {
