@@ -349,20 +349,11 @@ pub(crate) unsafe fn product_1<T: Bf16Source, TB: Bf16Source>(
                 // Each strip of A packed once and kept in L1 while every panel of B passes.
                 for i0 in (0..m).step_by(TM) {
                     let mr = TM.min(m - i0);
-                    // A row-major bf16 strip whole in k is read in place: no packing.
-                    let strip = if T::IS_BF16 && a.cs == 1 && mr == TM && kc % TK == 0 {
-                        StripA {
-                            ptr: a.ptr.offset(i0 as isize * a.rs + pc as isize) as *const u16,
-                            lda: a.rs as usize * 2,
-                            step: TK * 2,
-                        }
-                    } else {
-                        pack_a(a, i0, pc, kc, steps, pa);
-                        StripA {
-                            ptr: pa.as_ptr(),
-                            lda: TK * 2,
-                            step: TM * TK * 2,
-                        }
+                    pack_a(a, i0, pc, kc, steps, pa);
+                    let strip = StripA {
+                        ptr: pa.as_ptr(),
+                        lda: TK * 2,
+                        step: TM * TK * 2,
                     };
                     for q in 0..panels {
                         let j0 = jc + q * NR;

@@ -39,9 +39,6 @@ const SMALL: usize = 64 * 64 * 64;
 
 /// An element a product can read as bf16.
 pub(crate) trait Bf16Source: Copy + Send + Sync + 'static {
-    /// Whether the elements are bf16 already (their bits can be read in place).
-    const IS_BF16: bool;
-
     /// The value's bf16 bits (rounded to nearest even for f32).
     fn bf16_bits(self) -> u16;
 
@@ -80,8 +77,6 @@ unsafe fn round16(v: std::arch::x86_64::__m512i) -> std::arch::x86_64::__m512i {
 }
 
 impl Bf16Source for f32 {
-    const IS_BF16: bool = false;
-
     #[inline(always)]
     fn bf16_bits(self) -> u16 {
         crate::kernels::bf16_bits(self)
@@ -108,8 +103,6 @@ impl Bf16Source for f32 {
 }
 
 impl Bf16Source for u16 {
-    const IS_BF16: bool = true;
-
     #[inline(always)]
     fn bf16_bits(self) -> u16 {
         self
