@@ -1,15 +1,17 @@
 //! The engine's mixed-precision policy (autocast), as one table: for each kind of op, the
 //! precision its arithmetic runs in and the dtype its output is stored in when its input is
-//! bf16 or f16. Every op reads 16-bit operands widened to f32 and accumulates in f32 (f32
-//! arithmetic everywhere: "16-bit" describes storage, which halves the bytes moved and kept);
-//! what differs is whether an output is rounded back to the input's 16 bits, or kept in f32
-//! because what follows needs its range or precision (Micikevicius et al. 2018, "Mixed Precision
-//! Training", §3.3: reductions, normalisation statistics and losses in f32).
+//! bf16 or f16. Every op accumulates in f32. Products and attention's blocks with bf16 operands
+//! multiply in bf16 where the CPU has bf16 arithmetic (AMX tiles or AVX512-BF16, chosen by
+//! [`crate::backend`]; an f32 operand beside them is rounded to bf16 as it is packed), and widen
+//! to f32 elsewhere; every other op reads 16-bit values widened to f32. What differs is whether an
+//! output is rounded back to the input's 16 bits, or kept in f32 because what follows needs its
+//! range or precision (Micikevicius et al. 2018, "Mixed Precision Training", §3.3: reductions,
+//! normalisation statistics and losses in f32).
 //!
 //! | kind | ops | arithmetic | output under 16-bit input | why |
 //! |---|---|---|---|---|
-//! | products | matmul, linear, gelu_linear, MoE expert products | f32 accumulation | 16-bit | the bulk of the bytes; one rounding per output |
-//! | attention | fused attention | f32 scores, softmax and log-sum-exp | 16-bit (log-sum-exp f32) | probabilities never stored |
+//! | products | matmul, linear, gelu_linear, MoE expert products | bf16 products (bf16 kernels) or f32, f32 accumulation | 16-bit | the bulk of the bytes; one rounding per output |
+//! | attention | fused attention | block products as above; f32 scores, softmax and log-sum-exp | 16-bit (log-sum-exp f32) | probabilities never stored |
 //! | norms | layer_norm, rms_norm | f32 statistics (mean, 1/σ kept f32) | 16-bit | the input of a product |
 //! | elementwise | add, mul, GELU, dropout, embedding | f32 | 16-bit | one rounding, as a store |
 //! | softmax | softmax, log_softmax, logsumexp | f32 | f32 | probabilities near 0 and 1 lose their digits in 16 bits |
