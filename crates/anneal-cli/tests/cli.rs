@@ -9,6 +9,44 @@ fn anneal(args: &[&str]) -> std::process::Output {
         .expect("the anneal binary runs")
 }
 
+/// `ANNEAL_KERNELS` picks the bf16 kernel path, `bench gpt` names the one that ran, and a value
+/// it does not know is reported, not silently taken.
+#[test]
+fn the_kernel_path_can_be_forced_and_is_printed() {
+    let run = |kernels: &str| {
+        Command::new(env!("CARGO_BIN_EXE_anneal"))
+            .args([
+                "bench", "gpt", "--dtype", "bf16", "--torch", "off", "--steps", "1", "--warmup",
+                "0", "--layers", "1", "--width", "32", "--heads", "2", "--seq", "16", "--batch",
+                "1", "--vocab", "64",
+            ])
+            .env("ANNEAL_KERNELS", kernels)
+            .output()
+            .expect("the anneal binary runs")
+    };
+    let out = run("widening");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("bf16 matmul widening"), "{text}");
+    let out = run("fastest-please");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "ANNEAL_KERNELS=\"fastest-please\" is not one of auto, amx, avx512-bf16, widening"
+        ),
+        "{err}"
+    );
+}
+
 #[test]
 fn bench_gpt_runs_a_tiny_model_in_both_dtypes() {
     let out = anneal(&[
