@@ -47,7 +47,12 @@ pub struct AttentionOptions {
 /// How one tensor's `[B, L, H, D]` elements sit in memory (element strides; D is unit-stride).
 #[derive(Clone, Copy)]
 struct Heads {
+    /// The f32 elements; null when only `half` is given.
     ptr: *const f32,
+    /// The same elements in bf16, read in place by the bf16 kernels (null when not given): the
+    /// queries, keys and values of a bf16 attention enter products only, so they are never
+    /// widened.
+    half: *const u16,
     sb: usize,
     sl: usize,
     sh: usize,
@@ -73,6 +78,26 @@ impl Heads {
             batch: 1,
             bs: 0,
         }
+    }
+
+    /// [`Heads::mat`] as a product operand: the bf16 elements in place when given.
+    ///
+    /// # Safety
+    /// As [`Heads::mat`].
+    unsafe fn operand(&self, b: usize, h: usize, from: usize, to: usize, d: usize) -> Operand {
+        if self.half.is_null() {
+            return Operand::F32(unsafe { self.mat(b, h, from, to, d) });
+        }
+        Operand::Bf16(Mat {
+            // SAFETY: in bounds of the buffer by the caller's contract.
+            ptr: unsafe { self.half.add(b * self.sb + from * self.sl + h * self.sh) },
+            rows: to - from,
+            cols: d,
+            rs: self.sl as isize,
+            cs: 1,
+            batch: 1,
+            bs: 0,
+        })
     }
 }
 
@@ -109,19 +134,18 @@ fn unit_for(t: &Tensor) -> Option<Unit> {
 /// # Safety
 /// As [`gemm_f32`]; with a unit, the CPU can run it.
 #[inline(always)]
-unsafe fn product(g: &Geometry, dst: *mut f32, drs: isize, accumulate: bool, a: Mat, b: Mat) {
-    match g.unit {
-        Some(unit) => gemm_on(
-            unit,
-            dst,
-            drs,
-            1,
-            accumulate,
-            Operand::F32(a),
-            Operand::F32(b),
-            1,
-        ),
-        None => gemm_f32(dst, drs, 1, accumulate, a, b, 1),
+unsafe fn product(
+    g: &Geometry,
+    dst: *mut f32,
+    drs: isize,
+    accumulate: bool,
+    a: Operand,
+    b: Operand,
+) {
+    match (g.unit, a, b) {
+        (None, Operand::F32(a), Operand::F32(b)) => gemm_f32(dst, drs, 1, accumulate, a, b, 1),
+        (Some(unit), a, b) => gemm_on(unit, dst, drs, 1, accumulate, a, b, 1),
+        _ => unreachable!("bf16 heads are given only to the bf16 kernels"),
     }
 }
 
@@ -196,8 +220,8 @@ unsafe fn block_probs(
         to,
         kend,
     } = blk;
-    let qm = q.mat(b, h, from, to, g.d);
-    let km = k.mat(b, kvh, 0, kend, g.d);
+    let qm = q.operand(b, h, from, to, g.d);
+    let km = k.operand(b, kvh, 0, kend, g.d);
     product(g, p.as_mut_ptr(), kend as isize, false, qm, km.t());
     let mut lse_out = lse_out;
     for (r, row) in p.chunks_mut(kend.max(1)).enumerate() {
@@ -280,6 +304,7 @@ fn forward(
     let saved = probs.as_mut().map(|p| SendPtr(p.as_mut_ptr()));
     let o = Heads {
         ptr: out.as_mut_ptr(),
+        half: std::ptr::null(),
         sb: g.t * g.hq * g.d,
         sl: g.hq * g.d,
         sh: g.d,
@@ -310,8 +335,8 @@ fn forward(
                             om.ptr as *mut f32,
                             om.rs,
                             false,
-                            pm,
-                            v.mat(b, kvh, 0, kend, g.d),
+                            Operand::F32(pm),
+                            v.operand(b, kvh, 0, kend, g.d),
                         );
                     }
                 }
@@ -444,8 +469,8 @@ unsafe fn backward_task(args: &BackwardArgs, task: usize) {
                     dp.as_mut_ptr(),
                     kend as isize,
                     false,
-                    dom,
-                    v.mat(b, kvh, 0, kend, g.d).t(),
+                    Operand::F32(dom),
+                    v.operand(b, kvh, 0, kend, g.d).t(),
                 );
                 // D_i = Σ_d dO·O
                 let om = o.mat(b, h, from, to, g.d);
@@ -468,7 +493,14 @@ unsafe fn backward_task(args: &BackwardArgs, task: usize) {
                 let dsm = Mat::dense(dp.as_ptr(), rows, kend);
                 // dV += Pᵀ · dO
                 let dvm = dv.mat(b, kvh, 0, kend, g.d);
-                product(&g, dvm.ptr as *mut f32, dvm.rs, true, pm.t(), dom);
+                product(
+                    &g,
+                    dvm.ptr as *mut f32,
+                    dvm.rs,
+                    true,
+                    Operand::F32(pm.t()),
+                    Operand::F32(dom),
+                );
                 // dQ = dS · K
                 let dqm = dq.mat(b, h, from, to, g.d);
                 product(
@@ -476,8 +508,8 @@ unsafe fn backward_task(args: &BackwardArgs, task: usize) {
                     dqm.ptr as *mut f32,
                     dqm.rs,
                     true,
-                    dsm,
-                    k.mat(b, kvh, 0, kend, g.d),
+                    Operand::F32(dsm),
+                    k.operand(b, kvh, 0, kend, g.d),
                 );
                 // dK += dSᵀ · Q
                 let dkm = dk.mat(b, kvh, 0, kend, g.d);
@@ -486,8 +518,8 @@ unsafe fn backward_task(args: &BackwardArgs, task: usize) {
                     dkm.ptr as *mut f32,
                     dkm.rs,
                     true,
-                    dsm.t(),
-                    q.mat(b, h, from, to, g.d),
+                    Operand::F32(dsm.t()),
+                    q.operand(b, h, from, to, g.d),
                 );
             }
         }
@@ -497,6 +529,25 @@ unsafe fn backward_task(args: &BackwardArgs, task: usize) {
 /// Runs `f` with `[B, L, H, D]` head layouts of f32 tensors (converting half types or a
 /// non-unit-stride last axis into a temporary).
 fn with_heads<R>(t: &Tensor, f: impl FnOnce(Heads) -> R) -> R {
+    with_heads_for(t, false, f)
+}
+
+/// [`with_heads`] for a tensor that enters products only: with `half` (the bf16 kernels run) a
+/// bf16 tensor is read in place, not widened.
+fn with_heads_for<R>(t: &Tensor, half: bool, f: impl FnOnce(Heads) -> R) -> R {
+    if half && t.dtype() == DType::BF16 && t.strides()[3] == 1 {
+        let buf = t.storage().read();
+        if let Buffer::BF16(v) = &*buf {
+            let s = t.strides();
+            return f(Heads {
+                ptr: std::ptr::null(),
+                half: unsafe { (v.as_ptr() as *const u16).add(t.offset()) },
+                sb: s[0],
+                sl: s[1],
+                sh: s[2],
+            });
+        }
+    }
     let usable = t.dtype() == DType::F32 && t.strides()[3] == 1;
     let tmp;
     let src = if usable {
@@ -512,6 +563,7 @@ fn with_heads<R>(t: &Tensor, f: impl FnOnce(Heads) -> R) -> R {
     let s = src.strides();
     f(Heads {
         ptr: unsafe { v.as_ptr().add(src.offset()) },
+        half: std::ptr::null(),
         sb: s[0],
         sl: s[1],
         sh: s[2],
@@ -521,6 +573,7 @@ fn with_heads<R>(t: &Tensor, f: impl FnOnce(Heads) -> R) -> R {
 fn contiguous_heads(buf: &mut [f32], l: usize, h: usize, d: usize) -> Heads {
     Heads {
         ptr: buf.as_mut_ptr(),
+        half: std::ptr::null(),
         sb: l * h * d,
         sl: h * d,
         sh: d,
@@ -552,9 +605,10 @@ impl Backward for AttentionBackward {
             contiguous_heads(&mut dk, g.s, g.hkv, g.d),
             contiguous_heads(&mut dv, g.s, g.hkv, g.d),
         );
-        with_heads(&self.q, |q| {
-            with_heads(&self.k, |k| {
-                with_heads(&self.v, |v| {
+        let half = self.geometry.unit.is_some();
+        with_heads_for(&self.q, half, |q| {
+            with_heads_for(&self.k, half, |k| {
+                with_heads_for(&self.v, half, |v| {
                     with_heads(&self.out, |o| {
                         with_heads(&grad.contiguous_data(), |d_o| {
                             backward(
@@ -603,6 +657,7 @@ impl Backward for PackedAttentionBackward {
         let mut dqkv = crate::pool::zeros(g.b * g.t * width);
         let base = Heads {
             ptr: dqkv.as_mut_ptr(),
+            half: std::ptr::null(),
             sb: g.t * width,
             sl: width,
             sh: g.d,
@@ -649,17 +704,22 @@ impl Backward for PackedAttentionBackward {
 /// start `Hq·D` and `(Hq + Hkv)·D` elements into it, computed without bounds checks.
 unsafe fn packed_parts(base: Heads, g: &Geometry) -> (Heads, Heads, Heads) {
     let q = base;
-    let k = Heads {
-        // SAFETY: within the first row of the packed buffer, by the caller's contract.
-        ptr: unsafe { base.ptr.add(g.hq * g.d) },
+    // Whichever of the two pointers is given; the other stays null. Within the first row of the
+    // packed buffer, by the caller's contract.
+    let at = |n: usize| Heads {
+        ptr: if base.ptr.is_null() {
+            base.ptr
+        } else {
+            base.ptr.wrapping_add(n)
+        },
+        half: if base.half.is_null() {
+            base.half
+        } else {
+            base.half.wrapping_add(n)
+        },
         ..base
     };
-    let v = Heads {
-        // SAFETY: as above.
-        ptr: unsafe { base.ptr.add((g.hq + g.hkv) * g.d) },
-        ..base
-    };
-    (q, k, v)
+    (q, at(g.hq * g.d), at((g.hq + g.hkv) * g.d))
 }
 
 fn with_packed<R>(qkv: &Tensor, g: &Geometry, f: impl FnOnce(Heads, Heads, Heads) -> R) -> R {
@@ -670,7 +730,7 @@ fn with_packed<R>(qkv: &Tensor, g: &Geometry, f: impl FnOnce(Heads, Heads, Heads
         vec![g.t * width, width, g.d, 1],
         as4.offset(),
     );
-    with_heads(&as4, |base| {
+    with_heads_for(&as4, g.unit.is_some(), |base| {
         // SAFETY: `as4` is the packed [B, T, Hq + 2·Hkv, D] view of `qkv`, alive for `f`.
         let (q, k, v) = unsafe { packed_parts(base, g) };
         f(q, k, v)
@@ -741,9 +801,10 @@ impl Tensor {
             unit: unit_for(q),
         };
         let mask = opts.key_padding_mask.as_deref();
-        let (out, lse, probs) = with_heads(q, |qh| {
-            with_heads(k, |kh| {
-                with_heads(v, |vh| forward(g, qh, kh, vh, mask, opts.save_probs))
+        let half = g.unit.is_some();
+        let (out, lse, probs) = with_heads_for(q, half, |qh| {
+            with_heads_for(k, half, |kh| {
+                with_heads_for(v, half, |vh| forward(g, qh, kh, vh, mask, opts.save_probs))
             })
         });
         let value = Tensor::from_f32_as(out, q.shape(), output_dtype(Kind::Attention, q.dtype()));
