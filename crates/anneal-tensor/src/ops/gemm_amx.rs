@@ -208,7 +208,28 @@ unsafe fn pack_a_avx512<T: Bf16Source>(
         _mm512_set1_epi32((TK / 2) as i32),
     );
     let pairs = kc / 2;
-    for pp in 0..pairs {
+    // Whole steps (16 pairs): the 16 pair-words of 16 rows gathered as 16 vectors, one per pair,
+    // transposed in registers and stored as 16 tile rows of 64 bytes.
+    let whole = pairs / (TK / 2);
+    for t in 0..whole {
+        for h in 0..TM / 16 {
+            let mut v = [_mm512_setzero_si512(); 16];
+            for (q, w) in v.iter_mut().enumerate() {
+                let p = t * TK + 2 * q;
+                let s0 = a
+                    .ptr
+                    .offset((k0 + p) as isize * a.cs + (i0 + 16 * h) as isize);
+                let s1 = s0.offset(a.cs);
+                *w = _mm512_or_si512(T::load16(s0), _mm512_slli_epi32::<16>(T::load16(s1)));
+            }
+            let rows = transpose16(v);
+            for (r, row) in rows.iter().enumerate() {
+                let at = t * TM * TK / 2 + (16 * h + r) * TK / 2;
+                _mm512_storeu_si512(words.add(at) as *mut _, *row);
+            }
+        }
+    }
+    for pp in whole * TK / 2..pairs {
         let p = 2 * pp;
         let s0 = a.ptr.offset((k0 + p) as isize * a.cs + i0 as isize);
         let s1 = s0.offset(a.cs);
@@ -223,6 +244,40 @@ unsafe fn pack_a_avx512<T: Bf16Source>(
         }
     }
     2 * pairs
+}
+
+/// The 16 × 16 transpose of 32-bit words: lane `j` of row `i` goes to lane `i` of row `j`. Three
+/// stages: 32-bit and 64-bit interleaves within 128-bit lanes, then a 4 × 4 transpose of the
+/// 128-bit lanes.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn transpose16(a: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64::__m512i; 16] {
+    use std::arch::x86_64::*;
+    let mut b = [_mm512_setzero_si512(); 16];
+    for i in 0..8 {
+        b[2 * i] = _mm512_unpacklo_epi32(a[2 * i], a[2 * i + 1]);
+        b[2 * i + 1] = _mm512_unpackhi_epi32(a[2 * i], a[2 * i + 1]);
+    }
+    // c[4i + k], 128-bit lane L: row 4L + k, words of rows 4i .. 4i + 3 of `a`.
+    let mut c = [_mm512_setzero_si512(); 16];
+    for i in 0..4 {
+        c[4 * i] = _mm512_unpacklo_epi64(b[4 * i], b[4 * i + 2]);
+        c[4 * i + 1] = _mm512_unpackhi_epi64(b[4 * i], b[4 * i + 2]);
+        c[4 * i + 2] = _mm512_unpacklo_epi64(b[4 * i + 1], b[4 * i + 3]);
+        c[4 * i + 3] = _mm512_unpackhi_epi64(b[4 * i + 1], b[4 * i + 3]);
+    }
+    let mut out = [_mm512_setzero_si512(); 16];
+    for k in 0..4 {
+        let d0 = _mm512_shuffle_i32x4::<0x44>(c[k], c[4 + k]);
+        let d1 = _mm512_shuffle_i32x4::<0xee>(c[k], c[4 + k]);
+        let d2 = _mm512_shuffle_i32x4::<0x44>(c[8 + k], c[12 + k]);
+        let d3 = _mm512_shuffle_i32x4::<0xee>(c[8 + k], c[12 + k]);
+        out[k] = _mm512_shuffle_i32x4::<0x88>(d0, d2);
+        out[4 + k] = _mm512_shuffle_i32x4::<0xdd>(d0, d2);
+        out[8 + k] = _mm512_shuffle_i32x4::<0x88>(d1, d3);
+        out[12 + k] = _mm512_shuffle_i32x4::<0xdd>(d1, d3);
+    }
+    out
 }
 
 /// Where a block's strip of A is read: rows `lda` bytes apart, successive 32 values of k
