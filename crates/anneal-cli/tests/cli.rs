@@ -3,41 +3,45 @@
 use std::process::Command;
 
 fn anneal(args: &[&str]) -> std::process::Output {
+    anneal_with(args, &[])
+}
+
+/// [`anneal`] with environment variables set.
+fn anneal_with(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     Command::new(env!("CARGO_BIN_EXE_anneal"))
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .expect("the anneal binary runs")
 }
+
+/// A GPT small enough for `bench gpt` in CI.
+const TINY_GPT: [&str; 12] = [
+    "--layers", "1", "--width", "32", "--heads", "2", "--seq", "16", "--batch", "2", "--vocab",
+    "64",
+];
 
 /// `ANNEAL_KERNELS` picks the bf16 kernel path, `bench gpt` names the one that ran, and a value
 /// it does not know is reported, not silently taken.
 #[test]
 fn the_kernel_path_can_be_forced_and_is_printed() {
     let run = |kernels: &str| {
-        Command::new(env!("CARGO_BIN_EXE_anneal"))
-            .args([
-                "bench", "gpt", "--dtype", "bf16", "--torch", "off", "--steps", "1", "--warmup",
-                "0", "--layers", "1", "--width", "32", "--heads", "2", "--seq", "16", "--batch",
-                "1", "--vocab", "64",
-            ])
-            .env("ANNEAL_KERNELS", kernels)
-            .output()
-            .expect("the anneal binary runs")
+        let args = [
+            "bench", "gpt", "--dtype", "bf16", "--torch", "off", "--steps", "1",
+        ];
+        let args = [&args[..], &["--warmup", "0"], &TINY_GPT].concat();
+        let out = anneal_with(&args, &[("ANNEAL_KERNELS", kernels)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
     };
     let out = run("widening");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("bf16 matmul widening"), "{text}");
     let out = run("fastest-please");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains(
@@ -49,11 +53,11 @@ fn the_kernel_path_can_be_forced_and_is_printed() {
 
 #[test]
 fn bench_gpt_runs_a_tiny_model_in_both_dtypes() {
-    let out = anneal(&[
-        "bench", "gpt", "--dtype", "both", "--torch", "off", "--steps", "2", "--warmup", "1",
-        "--layers", "1", "--width", "32", "--heads", "2", "--seq", "16", "--batch", "2", "--vocab",
-        "64", "--json",
-    ]);
+    let args = [
+        "bench", "gpt", "--dtype", "both", "--torch", "off", "--steps", "2",
+    ];
+    let args = [&args[..], &["--warmup", "1", "--json"], &TINY_GPT].concat();
+    let out = anneal(&args);
     assert!(
         out.status.success(),
         "{}",
@@ -96,7 +100,7 @@ fn bench_gpt_runs_a_tiny_model_in_both_dtypes() {
 
 #[test]
 fn bench_gpt_lockstep_takes_every_step_in_turn() {
-    let out = anneal(&[
+    let args = [
         "bench",
         "gpt",
         "--lockstep",
@@ -104,24 +108,14 @@ fn bench_gpt_lockstep_takes_every_step_in_turn() {
         "both",
         "--torch",
         "off",
-        "--steps",
-        "3",
-        "--warmup",
-        "1",
-        "--layers",
-        "1",
-        "--width",
-        "32",
-        "--heads",
-        "2",
-        "--seq",
-        "16",
-        "--batch",
-        "2",
-        "--vocab",
-        "64",
-        "--json",
-    ]);
+    ];
+    let args = [
+        &args[..],
+        &["--steps", "3", "--warmup", "1", "--json"],
+        &TINY_GPT,
+    ]
+    .concat();
+    let out = anneal(&args);
     assert!(
         out.status.success(),
         "{}",

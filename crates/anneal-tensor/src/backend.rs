@@ -166,13 +166,23 @@ pub fn with_kernel_path<R>(path: KernelPath, f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// The kernels of one matrix product.
+/// The instruction a bf16 product runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unit {
+    /// `vdpbf16ps` on AVX-512 registers.
+    Pairs,
+    /// `tdpbf16ps` on AMX tiles.
+    Tiles,
+}
+
+/// The kernels of one matrix product, chosen where the op is issued and carried to the threads
+/// that run it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum ProductKernel {
     /// f32 operands (half types widened) on the `gemm` crate.
     F32,
-    /// bf16 on AMX tiles or `vdpbf16ps`; f32 operands are rounded to bf16 as they are packed.
-    Bf16,
+    /// bf16 on `unit`; f32 operands are rounded to bf16 as they are packed.
+    Bf16(Unit),
 }
 
 /// The kernel for a product of operands of these dtypes on `device`: bf16 arithmetic when either
@@ -182,10 +192,10 @@ pub(crate) fn product_kernel(device: Device, a: DType, b: DType) -> ProductKerne
     match device {
         Device::Cpu => {
             let bf16 = (a == DType::BF16 || b == DType::BF16) && a != DType::F16 && b != DType::F16;
-            if bf16 && kernel_path() != KernelPath::Widening {
-                ProductKernel::Bf16
-            } else {
-                ProductKernel::F32
+            match kernel_path() {
+                KernelPath::Amx if bf16 => ProductKernel::Bf16(Unit::Tiles),
+                KernelPath::Avx512Bf16 if bf16 => ProductKernel::Bf16(Unit::Pairs),
+                _ => ProductKernel::F32,
             }
         }
     }

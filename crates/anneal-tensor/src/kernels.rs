@@ -72,17 +72,8 @@ pub(crate) fn sum_in_order(parts: Vec<Vec<f32>>, n: usize) -> Vec<f32> {
 }
 
 /// Applies `f` to every element of `src`, writing `dst`, in parallel chunks.
-pub(crate) fn map_into<A: Widen>(dst: &mut [f32], src: &[A], f: impl Fn(f32) -> f32 + Sync) {
-    let run = |d: &mut [f32], s: &[A]| {
-        vectorized(|| d.iter_mut().zip(s).for_each(|(d, &s)| *d = f(s.widen())))
-    };
-    if dst.len() >= 2 * PAR_CHUNK {
-        dst.par_chunks_mut(PAR_CHUNK)
-            .zip(src.par_chunks(PAR_CHUNK))
-            .for_each(|(d, s)| run(d, s));
-    } else {
-        run(dst, src);
-    }
+pub(crate) fn map_into(dst: &mut [f32], src: &[f32], f: impl Fn(f32) -> f32 + Sync) {
+    update_with(dst, src, |d, s| *d = f(s));
 }
 
 /// `dst[i] = f(a[i], b[i])` in parallel chunks.

@@ -50,7 +50,7 @@ pub mod testing;
 /// The CPU kernel path detected at run time, for reports: element-wise loops compiled for AVX2
 /// and FMA or portable code, whether the CPU has AVX-512 (the `gemm` crate's f32 matrix
 /// products pick their widest vectors themselves), and how bf16 products run
-/// ([`backend::KernelPath`]: on `vdpbf16ps` or widened to f32).
+/// ([`backend::KernelPath`]: on AMX tiles, on `vdpbf16ps` or widened to f32).
 pub fn kernel_path() -> String {
     #[cfg(target_arch = "x86_64")]
     {

@@ -12,11 +12,11 @@
 
 use rayon::prelude::*;
 
-use super::gemm_bf16::{gemm_on, Unit};
+use super::gemm_bf16::gemm_on;
 use super::matmul::{gemm_f32, Mat, Operand, SendPtr};
 use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
-use crate::backend::ProductKernel;
+use crate::backend::{product_kernel, ProductKernel};
 use crate::error::{invalid, Error, Result};
 use crate::storage::Buffer;
 use crate::{DType, Tensor};
@@ -68,16 +68,7 @@ impl Heads {
     /// into, `from <= to` and `d <= D`, and the buffer must outlive the returned matrix: the
     /// offset is computed without bounds checks.
     unsafe fn mat(&self, b: usize, h: usize, from: usize, to: usize, d: usize) -> Mat {
-        Mat {
-            // SAFETY: in bounds of the buffer by the caller's contract.
-            ptr: unsafe { self.ptr.add(b * self.sb + from * self.sl + h * self.sh) },
-            rows: to - from,
-            cols: d,
-            rs: self.sl as isize,
-            cs: 1,
-            batch: 1,
-            bs: 0,
-        }
+        unsafe { self.mat_of(self.ptr, b, h, from, to, d) }
     }
 
     /// [`Heads::mat`] as a product operand: the bf16 elements in place when given.
@@ -86,18 +77,35 @@ impl Heads {
     /// As [`Heads::mat`].
     unsafe fn operand(&self, b: usize, h: usize, from: usize, to: usize, d: usize) -> Operand {
         if self.half.is_null() {
-            return Operand::F32(unsafe { self.mat(b, h, from, to, d) });
+            Operand::F32(unsafe { self.mat(b, h, from, to, d) })
+        } else {
+            Operand::Bf16(unsafe { self.mat_of(self.half, b, h, from, to, d) })
         }
-        Operand::Bf16(Mat {
+    }
+
+    /// The matrix of [`Heads::mat`] over the elements at `base` (`ptr` or `half`).
+    ///
+    /// # Safety
+    /// As [`Heads::mat`], for `base`.
+    unsafe fn mat_of<T>(
+        &self,
+        base: *const T,
+        b: usize,
+        h: usize,
+        from: usize,
+        to: usize,
+        d: usize,
+    ) -> Mat<T> {
+        Mat {
             // SAFETY: in bounds of the buffer by the caller's contract.
-            ptr: unsafe { self.half.add(b * self.sb + from * self.sl + h * self.sh) },
+            ptr: unsafe { base.add(b * self.sb + from * self.sl + h * self.sh) },
             rows: to - from,
             cols: d,
             rs: self.sl as isize,
             cs: 1,
             batch: 1,
             bs: 0,
-        })
+        }
     }
 }
 
@@ -111,28 +119,17 @@ struct Geometry {
     d: usize,
     scale: f32,
     causal: bool,
-    /// The 16-bit unit the blocks' products run on (inputs bf16 and the kernel path allowing
-    /// it), chosen where the op is issued; f32 products otherwise.
-    unit: Option<Unit>,
+    /// The kernel of the blocks' products, chosen where the op is issued: bf16 inputs multiply
+    /// on the bf16 kernel path where there is one (the probabilities and gradient blocks rounded
+    /// to bf16 as they are packed, as autocast attention does elsewhere), in f32 otherwise.
+    kernel: ProductKernel,
 }
 
-/// The unit for an attention over inputs of `dtype`: bf16 operands multiply on the bf16 kernel
-/// path (the probabilities and gradient blocks rounded to bf16 as they are packed, as autocast
-/// attention does elsewhere), anything else in f32.
-fn unit_for(t: &Tensor) -> Option<Unit> {
-    match crate::backend::product_kernel(t.device(), t.dtype(), t.dtype()) {
-        ProductKernel::Bf16 => Some(match crate::backend::kernel_path() {
-            crate::backend::KernelPath::Amx => Unit::Tiles,
-            _ => Unit::Pairs,
-        }),
-        ProductKernel::F32 => None,
-    }
-}
-
-/// `dst (+)= a·b` for one block, on `g`'s unit, on this thread.
+/// `dst (+)= a·b` for one block, on `g`'s kernel, on this thread: on a bf16 kernel f32 operands
+/// too are multiplied in bf16.
 ///
 /// # Safety
-/// As [`gemm_f32`]; with a unit, the CPU can run it.
+/// As [`gemm_f32`]; the CPU can run the kernel.
 #[inline(always)]
 unsafe fn product(
     g: &Geometry,
@@ -142,9 +139,11 @@ unsafe fn product(
     a: Operand,
     b: Operand,
 ) {
-    match (g.unit, a, b) {
-        (None, Operand::F32(a), Operand::F32(b)) => gemm_f32(dst, drs, 1, accumulate, a, b, 1),
-        (Some(unit), a, b) => gemm_on(unit, dst, drs, 1, accumulate, a, b, 1),
+    match (g.kernel, a, b) {
+        (ProductKernel::Bf16(unit), a, b) => gemm_on(unit, dst, drs, 1, accumulate, a, b, 1),
+        (ProductKernel::F32, Operand::F32(a), Operand::F32(b)) => {
+            gemm_f32(dst, drs, 1, accumulate, a, b, 1)
+        }
         _ => unreachable!("bf16 heads are given only to the bf16 kernels"),
     }
 }
@@ -605,7 +604,7 @@ impl Backward for AttentionBackward {
             contiguous_heads(&mut dk, g.s, g.hkv, g.d),
             contiguous_heads(&mut dv, g.s, g.hkv, g.d),
         );
-        let half = self.geometry.unit.is_some();
+        let half = self.geometry.kernel != ProductKernel::F32;
         with_heads_for(&self.q, half, |q| {
             with_heads_for(&self.k, half, |k| {
                 with_heads_for(&self.v, half, |v| {
@@ -730,7 +729,7 @@ fn with_packed<R>(qkv: &Tensor, g: &Geometry, f: impl FnOnce(Heads, Heads, Heads
         vec![g.t * width, width, g.d, 1],
         as4.offset(),
     );
-    with_heads_for(&as4, g.unit.is_some(), |base| {
+    with_heads_for(&as4, g.kernel != ProductKernel::F32, |base| {
         // SAFETY: `as4` is the packed [B, T, Hq + 2·Hkv, D] view of `qkv`, alive for `f`.
         let (q, k, v) = unsafe { packed_parts(base, g) };
         f(q, k, v)
@@ -798,10 +797,10 @@ impl Tensor {
             d,
             scale: opts.scale.unwrap_or(1.0 / (d as f32).sqrt()),
             causal: opts.causal,
-            unit: unit_for(q),
+            kernel: product_kernel(q.device(), q.dtype(), q.dtype()),
         };
         let mask = opts.key_padding_mask.as_deref();
-        let half = g.unit.is_some();
+        let half = g.kernel != ProductKernel::F32;
         let (out, lse, probs) = with_heads_for(q, half, |qh| {
             with_heads_for(k, half, |kh| {
                 with_heads_for(v, half, |vh| forward(g, qh, kh, vh, mask, opts.save_probs))
@@ -858,7 +857,7 @@ impl Tensor {
             d,
             scale: opts.scale.unwrap_or(1.0 / (d as f32).sqrt()),
             causal: opts.causal,
-            unit: unit_for(self),
+            kernel: product_kernel(self.device(), self.dtype(), self.dtype()),
         };
         let mask = opts.key_padding_mask.as_deref();
         let (out, lse, probs) = with_packed(self, &g, |q, k, v| {

@@ -6,7 +6,7 @@
 use crate::autocast::{output_dtype, Kind};
 use crate::autograd::Backward;
 use crate::error::{Error, Result};
-use crate::kernels::{map_into, map_to, zip_into, zip_map, Narrow, Widen};
+use crate::kernels::{map_into, map_to, zip_into, zip_map, Widen};
 use crate::tensor::contiguous_strides;
 use crate::Tensor;
 
@@ -451,20 +451,53 @@ impl Backward for UnaryBackward {
     }
 }
 
-/// `out = op(v)`, with one monomorphised loop per op so that each vectorises.
-fn forward_all<A: Widen>(op: Unary, out: &mut [f32], v: &[A]) {
-    match op {
-        Unary::Relu => map_into(out, v, |x| Unary::Relu.forward(x)),
-        Unary::GeluTanh => map_into(out, v, |x| Unary::GeluTanh.forward(x)),
-        Unary::GeluErf => map_into(out, v, |x| Unary::GeluErf.forward(x)),
-        Unary::Silu => map_into(out, v, |x| Unary::Silu.forward(x)),
-        Unary::Sigmoid => map_into(out, v, |x| Unary::Sigmoid.forward(x)),
-        Unary::Tanh => map_into(out, v, |x| Unary::Tanh.forward(x)),
-        Unary::Exp => map_into(out, v, |x| x.exp()),
-        Unary::Log => map_into(out, v, |x| x.ln()),
-        Unary::Scale(c) => map_into(out, v, move |x| x * c),
-        Unary::AddScalar(c) => map_into(out, v, move |x| x + c),
-    }
+/// Evaluates `$body` with `$f` bound to the function `op` computes, once per op, so that every
+/// loop `$body` runs is monomorphised for its op and vectorises.
+macro_rules! with_forward {
+    ($op:expr, |$f:ident| $body:expr) => {
+        match $op {
+            Unary::Relu => {
+                let $f = |x: f32| Unary::Relu.forward(x);
+                $body
+            }
+            Unary::GeluTanh => {
+                let $f = |x: f32| Unary::GeluTanh.forward(x);
+                $body
+            }
+            Unary::GeluErf => {
+                let $f = |x: f32| Unary::GeluErf.forward(x);
+                $body
+            }
+            Unary::Silu => {
+                let $f = |x: f32| Unary::Silu.forward(x);
+                $body
+            }
+            Unary::Sigmoid => {
+                let $f = |x: f32| Unary::Sigmoid.forward(x);
+                $body
+            }
+            Unary::Tanh => {
+                let $f = |x: f32| Unary::Tanh.forward(x);
+                $body
+            }
+            Unary::Exp => {
+                let $f = |x: f32| x.exp();
+                $body
+            }
+            Unary::Log => {
+                let $f = |x: f32| x.ln();
+                $body
+            }
+            Unary::Scale(c) => {
+                let $f = move |x: f32| x * c;
+                $body
+            }
+            Unary::AddScalar(c) => {
+                let $f = move |x: f32| x + c;
+                $body
+            }
+        }
+    };
 }
 
 /// `out = g · op'(x)`, one monomorphised loop per op.
@@ -482,33 +515,17 @@ fn derivative_all<X: Widen>(op: Unary, out: &mut [f32], g: &[f32], x: &[X]) {
     }
 }
 
-/// `op(v)` as a fresh vector of `O`, one monomorphised fused loop per op.
-fn forward_map<A: Widen, O: Narrow>(op: Unary, v: &[A]) -> Vec<O> {
-    match op {
-        Unary::Relu => map_to(v, |x| Unary::Relu.forward(x)),
-        Unary::GeluTanh => map_to(v, |x| Unary::GeluTanh.forward(x)),
-        Unary::GeluErf => map_to(v, |x| Unary::GeluErf.forward(x)),
-        Unary::Silu => map_to(v, |x| Unary::Silu.forward(x)),
-        Unary::Sigmoid => map_to(v, |x| Unary::Sigmoid.forward(x)),
-        Unary::Tanh => map_to(v, |x| Unary::Tanh.forward(x)),
-        Unary::Exp => map_to(v, |x| x.exp()),
-        Unary::Log => map_to(v, |x| x.ln()),
-        Unary::Scale(c) => map_to(v, move |x| x * c),
-        Unary::AddScalar(c) => map_to(v, move |x| x + c),
-    }
-}
-
 /// `op(x)` stored as `x`'s elementwise output dtype: bf16 to bf16 in one fused pass, anything
 /// else through f32.
 fn forward_value(op: Unary, x: &Tensor) -> Tensor {
     let dtype = output_dtype(Kind::Elementwise, x.dtype());
     if dtype == crate::DType::BF16 {
-        if let Some(v) = x.with_bf16(|v| forward_map::<_, half::bf16>(op, v)) {
+        if let Some(v) = x.with_bf16(|v| with_forward!(op, |f| map_to::<_, half::bf16>(v, f))) {
             return Tensor::over_buffer(crate::storage::Buffer::BF16(v), x.shape());
         }
     }
     let mut out = crate::pool::uninit(x.numel());
-    x.with_f32(|v| forward_all(op, &mut out, v));
+    x.with_f32(|v| with_forward!(op, |f| map_into(&mut out, v, f)));
     Tensor::from_f32_as(out, x.shape(), dtype)
 }
 

@@ -19,7 +19,7 @@
 //! [`available`] asks once and the path is never chosen if the answer is no. The instructions are
 //! written in inline assembly, as the AMX intrinsics are not yet stable in Rust.
 
-use super::gemm_bf16::{pack_b, Bf16Source, NR};
+use super::gemm_bf16::{on_tile, pack_b, Bf16Source, NR};
 use super::matmul::Mat;
 
 /// Rows of C a strip covers (two tiles of 16).
@@ -32,15 +32,17 @@ const KC: usize = 256;
 /// Columns of B packed at once (a multiple of [`NR`]): 256 × 1024 bf16 = 512 KiB, in L2.
 const NC: usize = 1024;
 
-/// Whether this process can run AMX bf16 tile products: the CPU has AMX-TILE and AMX-BF16 and the
-/// kernel granted the tile data state. Asked once.
+/// Whether this process can run AMX bf16 tile products: the CPU has AMX-TILE, AMX-BF16 and the
+/// AVX-512 F the packing runs on, and the kernel granted the tile data state. Asked once.
 pub(crate) fn available() -> bool {
     static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *OK.get_or_init(|| {
         #[cfg(all(target_arch = "x86_64", target_os = "linux"))]
         {
             let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
-            let cpu = leaf7.edx & (1 << 22) != 0 && leaf7.edx & (1 << 24) != 0;
+            let cpu = leaf7.edx & (1 << 22) != 0
+                && leaf7.edx & (1 << 24) != 0
+                && std::arch::is_x86_feature_detected!("avx512f");
             cpu && request_tile_state()
         }
         #[cfg(not(all(target_arch = "x86_64", target_os = "linux")))]
@@ -90,9 +92,22 @@ const CONFIG: TileConfig = {
     TileConfig(c)
 };
 
+/// Where packed element (row `r`, k `p`) of a strip sits: step `p / TK`, then the row, then
+/// `p % TK`.
+#[inline(always)]
+fn packed_at(r: usize, p: usize) -> usize {
+    (p / TK) * TM * TK + r * TK + p % TK
+}
+
 /// Packs rows `i0..i0+TM` and k `k0..k0+kc` of `a` tile by tile: for each 32 values of k, the
 /// strip's 32 rows of 32 bf16 (64 bytes each), so that a step's two A tiles are 2 KiB read in
-/// order. Zero past the matrix and past `kc` (up to `steps` × 32).
+/// order. Zero past the matrix and past `kc` (up to `steps` × 32). A whole strip of a row-major
+/// or transposed A goes through AVX-512, anything else (an edge strip, a k left over) element by
+/// element.
+///
+/// # Safety
+/// AVX-512 F present; `a` valid for its extents and strides; `out` holds `steps·TM·TK` values.
+#[cfg(target_arch = "x86_64")]
 unsafe fn pack_a<T: Bf16Source>(
     a: &Mat<T>,
     i0: usize,
@@ -102,52 +117,19 @@ unsafe fn pack_a<T: Bf16Source>(
     out: &mut [u16],
 ) {
     let rows = TM.min(a.rows.saturating_sub(i0));
-    let at = |r: usize, p: usize| r * TK + (p / TK) * TM * TK + p % TK;
     if rows < TM || !kc.is_multiple_of(TK) {
         out[..steps * TM * TK].fill(0);
     }
-    #[cfg(target_arch = "x86_64")]
-    if rows == TM && (a.cs == 1 || a.rs == 1) && super::gemm_bf16::packs_avx512() {
-        let done = pack_a_avx512(a, i0, k0, kc, out);
-        if done == kc {
-            return;
-        }
-        // The odd k left over, on the portable path below.
-        return pack_a_cols(a, i0, k0 + done, done, kc - done, rows, out);
-    }
-    if a.cs == 1 {
-        for r in 0..rows {
-            let src = a.ptr.offset((i0 + r) as isize * a.rs + k0 as isize);
-            for t in 0..kc.div_ceil(TK) {
-                let len = TK.min(kc - t * TK);
-                let dst = &mut out[at(r, t * TK)..at(r, t * TK) + len];
-                let src = src.add(t * TK);
-                for (p, d) in dst.iter_mut().enumerate() {
-                    *d = (*src.add(p)).bf16_bits();
-                }
-            }
-        }
-    } else if a.rs == 1 {
-        // A transposed operand: each k holds the strip's rows contiguously.
-        for p in 0..kc {
-            let src = a.ptr.offset((k0 + p) as isize * a.cs + i0 as isize);
-            for r in 0..rows {
-                *out.get_unchecked_mut(at(r, p)) = (*src.add(r)).bf16_bits();
-            }
-        }
+    let done = if rows == TM && (a.cs == 1 || a.rs == 1) {
+        pack_a_avx512(a, i0, k0, kc, out)
     } else {
-        for r in 0..rows {
-            for p in 0..kc {
-                *out.get_unchecked_mut(at(r, p)) = (*a
-                    .ptr
-                    .offset((i0 + r) as isize * a.rs + (k0 + p) as isize * a.cs))
-                .bf16_bits();
-            }
-        }
-    }
+        0
+    };
+    pack_a_cols(a, i0, k0 + done, done, kc - done, rows, out);
 }
 
-/// k `k0+p0..k0+p0+len` of the strip into packed columns `p0..p0+len`, element by element.
+/// k `k0..k0+len` of the strip's first `rows` rows into packed columns `p0..p0+len`, element by
+/// element.
 unsafe fn pack_a_cols<T: Bf16Source>(
     a: &Mat<T>,
     i0: usize,
@@ -157,10 +139,9 @@ unsafe fn pack_a_cols<T: Bf16Source>(
     rows: usize,
     out: &mut [u16],
 ) {
-    let at = |r: usize, p: usize| r * TK + (p / TK) * TM * TK + p % TK;
     for r in 0..rows {
         for p in 0..len {
-            *out.get_unchecked_mut(at(r, p0 + p)) = (*a
+            *out.get_unchecked_mut(packed_at(r, p0 + p)) = (*a
                 .ptr
                 .offset((i0 + r) as isize * a.rs + (k0 + p) as isize * a.cs))
             .bf16_bits();
@@ -168,10 +149,10 @@ unsafe fn pack_a_cols<T: Bf16Source>(
     }
 }
 
-/// [`pack_a`] of a whole strip on AVX-512: 16 values at a time along k for a row-major A, and
-/// for a transposed one 16 rows at a time, two k side by side in a word scattered to its row.
-/// Returns how many k it packed (all of `kc` for a row-major A, the even part for a transposed
-/// one).
+/// [`pack_a`] of a whole strip on AVX-512: 16 values at a time along k for a row-major A; for a
+/// transposed one, per step of 32 k, the 16 pairs of k of 16 rows as 16 vectors of words (two k
+/// side by side) transposed in registers into 16 tile rows. Returns how many k it packed (all of
+/// `kc` for a row-major A, the whole steps for a transposed one).
 ///
 /// # Safety
 /// AVX-512 F present; `a.cs == 1` or `a.rs == 1`; rows `i0..i0+TM` inside `a`.
@@ -185,32 +166,23 @@ unsafe fn pack_a_avx512<T: Bf16Source>(
     out: &mut [u16],
 ) -> usize {
     use std::arch::x86_64::*;
-    let at = |r: usize, p: usize| r * TK + (p / TK) * TM * TK + p % TK;
     if a.cs == 1 {
         for r in 0..TM {
             let src = a.ptr.offset((i0 + r) as isize * a.rs + k0 as isize);
             let mut p = 0;
             while p + 16 <= kc {
                 let v = _mm512_cvtepi32_epi16(T::load16(src.add(p)));
-                _mm256_storeu_si256(out.as_mut_ptr().add(at(r, p)) as *mut __m256i, v);
+                _mm256_storeu_si256(out.as_mut_ptr().add(packed_at(r, p)) as *mut __m256i, v);
                 p += 16;
             }
             for q in p..kc {
-                out[at(r, q)] = (*src.add(q)).bf16_bits();
+                out[packed_at(r, q)] = (*src.add(q)).bf16_bits();
             }
         }
         return kc;
     }
-    // Word (r, pair) of step t sits at t·TM·TK/2 + r·TK/2 + pair.
     let words = out.as_mut_ptr() as *mut i32;
-    let rows16 = _mm512_mullo_epi32(
-        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-        _mm512_set1_epi32((TK / 2) as i32),
-    );
-    let pairs = kc / 2;
-    // Whole steps (16 pairs): the 16 pair-words of 16 rows gathered as 16 vectors, one per pair,
-    // transposed in registers and stored as 16 tile rows of 64 bytes.
-    let whole = pairs / (TK / 2);
+    let whole = kc / TK;
     for t in 0..whole {
         for h in 0..TM / 16 {
             let mut v = [_mm512_setzero_si512(); 16];
@@ -224,26 +196,12 @@ unsafe fn pack_a_avx512<T: Bf16Source>(
             }
             let rows = transpose16(v);
             for (r, row) in rows.iter().enumerate() {
-                let at = t * TM * TK / 2 + (16 * h + r) * TK / 2;
+                let at = packed_at(16 * h + r, t * TK) / 2;
                 _mm512_storeu_si512(words.add(at) as *mut _, *row);
             }
         }
     }
-    for pp in whole * TK / 2..pairs {
-        let p = 2 * pp;
-        let s0 = a.ptr.offset((k0 + p) as isize * a.cs + i0 as isize);
-        let s1 = s0.offset(a.cs);
-        let base = (p / TK) * TM * TK / 2 + (p % TK) / 2;
-        for h in 0..TM / 16 {
-            let w = _mm512_or_si512(
-                T::load16(s0.add(16 * h)),
-                _mm512_slli_epi32::<16>(T::load16(s1.add(16 * h))),
-            );
-            let idx = _mm512_add_epi32(rows16, _mm512_set1_epi32((base + 16 * h * TK / 2) as i32));
-            _mm512_i32scatter_epi32::<4>(words, idx, w);
-        }
-    }
-    2 * pairs
+    whole * TK
 }
 
 /// The 16 × 16 transpose of 32-bit words: lane `j` of row `i` goes to lane `i` of row `j`. Three
@@ -280,24 +238,15 @@ unsafe fn transpose16(a: [std::arch::x86_64::__m512i; 16]) -> [std::arch::x86_64
     out
 }
 
-/// Where a block's strip of A is read: rows `lda` bytes apart, successive 32 values of k
-/// `step` bytes apart (packed by [`pack_a`]: 64 and 2 KiB). Tiles loaded straight from a
-/// row-major bf16 operand at its own row stride were tried and measured slower in training than
-/// packing it (the strided rows miss the cache where the packed copy streams).
-#[derive(Clone, Copy)]
-struct StripA {
-    ptr: *const u16,
-    lda: usize,
-    step: usize,
-}
-
-/// A 32 × 32 block of C (row stride `ldc` bytes) `(=|+=)` a strip of A times a packed B panel,
-/// over `steps` × 32 values of k.
+/// A 32 × 32 block of C (row stride `ldc` bytes) `(=|+=)` a packed strip of A times a packed B
+/// panel, over `steps` × 32 values of k. The strip is always packed: tiles loaded straight from a
+/// row-major bf16 operand at its own row stride were tried and measured slower in training (the
+/// strided rows miss the cache where the packed copy streams).
 ///
 /// # Safety
 /// AMX available and configured with [`CONFIG`] on this thread; the pointers cover the block.
 #[cfg(target_arch = "x86_64")]
-unsafe fn block(steps: usize, a: StripA, b: *const u32, c: *mut f32, ldc: usize, load: bool) {
+unsafe fn block(steps: usize, a: *const u16, b: *const u32, c: *mut f32, ldc: usize, load: bool) {
     use std::arch::asm;
     let c2 = (c as *mut u8).add(16 * ldc);
     if load {
@@ -320,11 +269,12 @@ unsafe fn block(steps: usize, a: StripA, b: *const u32, c: *mut f32, ldc: usize,
             options(nostack, nomem)
         );
     }
-    // A B step: 16 pairs of k for NR columns.
+    // A B step: 16 pairs of k for NR columns; an A step: 32 rows of 32 k, 64 bytes a row.
     const B_STEP: usize = TK / 2 * NR;
-    let lda = a.lda;
+    const A_STEP: usize = TM * TK;
+    let lda = TK * 2;
     for t in 0..steps {
-        let at = (a.ptr as *const u8).add(t * a.step);
+        let at = a.add(t * A_STEP) as *const u8;
         let bt = b.add(t * B_STEP);
         asm!(
             "tileloadd tmm4, [{a} + {la}*1]",
@@ -381,7 +331,6 @@ pub(crate) unsafe fn product_1<T: Bf16Source, TB: Bf16Source>(
     PACKED.with(|bufs| {
         let mut bufs = bufs.borrow_mut();
         let (pa, pb) = &mut *bufs;
-        let mut scratch = [0f32; TM * NR];
         for jc in (0..n).step_by(NC) {
             let nc = NC.min(n - jc);
             let panels = nc.div_ceil(NR);
@@ -404,37 +353,18 @@ pub(crate) unsafe fn product_1<T: Bf16Source, TB: Bf16Source>(
                 pa.resize(steps * TM * TK, 0);
                 // Each strip of A packed once and kept in L1 while every panel of B passes.
                 for i0 in (0..m).step_by(TM) {
-                    let mr = TM.min(m - i0);
                     pack_a(a, i0, pc, kc, steps, pa);
-                    let strip = StripA {
-                        ptr: pa.as_ptr(),
-                        lda: TK * 2,
-                        step: TM * TK * 2,
-                    };
                     for q in 0..panels {
                         let j0 = jc + q * NR;
-                        let nr = NR.min(n - j0);
                         let bq = pb.as_ptr().add(q * kp * NR);
-                        let d = dst.offset(i0 as isize * drs + j0 as isize * dcs);
-                        if mr == TM && nr == NR && dcs == 1 {
-                            block(steps, strip, bq, d, drs as usize * 4, load);
-                            continue;
-                        }
-                        if load {
-                            for r in 0..mr {
-                                for j in 0..nr {
-                                    scratch[r * NR + j] =
-                                        *d.offset(r as isize * drs + j as isize * dcs);
-                                }
-                            }
-                        }
-                        block(steps, strip, bq, scratch.as_mut_ptr(), NR * 4, load);
-                        for r in 0..mr {
-                            for j in 0..nr {
-                                *d.offset(r as isize * drs + j as isize * dcs) =
-                                    scratch[r * NR + j];
-                            }
-                        }
+                        on_tile::<TM>(
+                            dst.offset(i0 as isize * drs + j0 as isize * dcs),
+                            drs,
+                            dcs,
+                            (TM.min(m - i0), NR.min(n - j0)),
+                            load,
+                            |c, ldc| block(steps, pa.as_ptr(), bq, c, ldc * 4, load),
+                        );
                     }
                 }
             }

@@ -17,10 +17,8 @@
 //! the blocking and threads: the result is a function of the data alone, and [`reference`] (the
 //! same loop on [`dpbf16_emulated`]) reproduces it bit for bit.
 
-use rayon::prelude::*;
-
-use super::matmul::{Mat, Operand, SendPtr};
-use crate::backend::KernelPath;
+use super::matmul::{product_front, Mat, Operand};
+pub(crate) use crate::backend::Unit;
 
 /// Rows of a micro-tile.
 pub(crate) const MR: usize = 12;
@@ -126,19 +124,6 @@ impl Bf16Source for u16 {
     }
 }
 
-/// Whether the packing loops can use AVX-512 F (every CPU with a bf16 kernel path has it).
-#[inline]
-pub(crate) fn packs_avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx512f")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
 /// The whole pairs of [`pack_b`] (`whole` of them, all `NR` columns inside the matrix) on
 /// AVX-512: two rows side by side for a row-major B, a gather of each column's pair for a
 /// transposed one.
@@ -221,6 +206,10 @@ unsafe fn pack_a<T: Bf16Source>(a: &Mat<T>, i0: usize, k0: usize, kc: usize, out
 
 /// Packs k `k0..k0+kc` and columns `j0..j0+NR` of `b` as `[kp][NR]` words, each a column's
 /// pair of k (zero past the matrix and past `kc`; `kp` ≥ `kc/2` rounded up).
+///
+/// # Safety
+/// AVX-512 F present; `b` valid for its extents and strides; `out` holds `kp·NR` words.
+#[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn pack_b<T: Bf16Source>(
     b: &Mat<T>,
     k0: usize,
@@ -235,38 +224,15 @@ pub(crate) unsafe fn pack_b<T: Bf16Source>(
     } else {
         0
     };
-    #[cfg(target_arch = "x86_64")]
-    let vector = (b.cs == 1 || (b.rs == 1 && b.cs.unsigned_abs() * b.cols < i32::MAX as usize / 4))
-        && packs_avx512();
-    #[cfg(not(target_arch = "x86_64"))]
-    let vector = false;
-    if vector {
-        #[cfg(target_arch = "x86_64")]
+    // Whole pairs of a row-major or transposed B on AVX-512 (which every CPU that selects a
+    // bf16 kernel has; gathers index in i32), the rest element by element.
+    let vector = b.cs == 1 || (b.rs == 1 && b.cs.unsigned_abs() * b.cols < i32::MAX as usize / 4);
+    let done = if vector {
         pack_b_pairs_avx512(b, k0, j0, whole, out);
-    } else if b.cs == 1 {
-        for p in 0..whole {
-            let r0 = b.ptr.offset((k0 + 2 * p) as isize * b.rs + j0 as isize);
-            let r1 = r0.offset(b.rs);
-            let o = &mut out[p * NR..(p + 1) * NR];
-            for (j, w) in o.iter_mut().enumerate() {
-                *w = (*r0.add(j)).bf16_bits() as u32 | ((*r1.add(j)).bf16_bits() as u32) << 16;
-            }
-        }
-    } else if b.rs == 1 {
-        // A transposed operand: each column's k run is contiguous.
-        for j in 0..NR.min(b.cols.saturating_sub(j0)) {
-            if whole == 0 {
-                break;
-            }
-            let col = b.ptr.offset((j0 + j) as isize * b.cs + k0 as isize);
-            for p in 0..whole {
-                let lo = (*col.add(2 * p)).bf16_bits() as u32;
-                let hi = (*col.add(2 * p + 1)).bf16_bits() as u32;
-                *out.get_unchecked_mut(p * NR + j) = lo | hi << 16;
-            }
-        }
-    }
-    let done = if b.cs == 1 || b.rs == 1 { whole } else { 0 };
+        whole
+    } else {
+        0
+    };
     let kend = k0 + kc;
     for p in done..kp {
         for j in 0..NR {
@@ -311,36 +277,37 @@ unsafe fn micro(kp: usize, a: *const u32, b: *const u32, c: *mut f32, ldc: usize
     }
 }
 
-/// One MR × NR tile of C at (i0, j0), of which `mr × nr` lie inside C: straight into C when
-/// whole and row-major, else through a scratch tile.
-#[cfg(target_arch = "x86_64")]
-#[allow(clippy::too_many_arguments)]
+/// Runs `kernel(c, ldc)` (`ldc` in elements) on an `R × NR` tile of C at `dst`, of which
+/// `mr × nr` lie inside C: straight on C when the tile is whole and C row-major, else on a scratch
+/// tile, copied in first when `load` is set and copied back after.
+///
+/// # Safety
+/// `dst` valid for the `mr × nr` elements at its strides.
 #[inline(always)]
-unsafe fn tile(
-    kp: usize,
-    a: *const u32,
-    b: *const u32,
+pub(crate) unsafe fn on_tile<const R: usize>(
     dst: *mut f32,
     drs: isize,
     dcs: isize,
     (mr, nr): (usize, usize),
     load: bool,
+    kernel: impl FnOnce(*mut f32, usize),
 ) {
-    if mr == MR && nr == NR && dcs == 1 {
-        return micro(kp, a, b, dst, drs as usize, load);
+    if mr == R && nr == NR && dcs == 1 {
+        return kernel(dst, drs as usize);
     }
-    let mut t = [0f32; MR * NR];
+    let mut t = [[0f32; NR]; R];
+    let at = |r: usize, j: usize| dst.offset(r as isize * drs + j as isize * dcs);
     if load {
-        for r in 0..mr {
-            for j in 0..nr {
-                t[r * NR + j] = *dst.offset(r as isize * drs + j as isize * dcs);
+        for (r, row) in t.iter_mut().enumerate().take(mr) {
+            for (j, x) in row.iter_mut().enumerate().take(nr) {
+                *x = *at(r, j);
             }
         }
     }
-    micro(kp, a, b, t.as_mut_ptr(), NR, load);
-    for r in 0..mr {
-        for j in 0..nr {
-            *dst.offset(r as isize * drs + j as isize * dcs) = t[r * NR + j];
+    kernel(t.as_mut_ptr() as *mut f32, NR);
+    for (r, row) in t.iter().enumerate().take(mr) {
+        for (j, x) in row.iter().enumerate().take(nr) {
+            *at(r, j) = *x;
         }
     }
 }
@@ -403,15 +370,15 @@ unsafe fn product_1<TA: Bf16Source, TB: Bf16Source>(
                         for s in 0..strips {
                             let i0 = ic + s * MR;
                             let mr = MR.min(m - i0);
-                            tile(
-                                kp,
-                                pa.as_ptr().add(s * kp * MR),
-                                pb.as_ptr().add(q * kp * NR),
+                            let (ap, bp) =
+                                (pa.as_ptr().add(s * kp * MR), pb.as_ptr().add(q * kp * NR));
+                            on_tile::<MR>(
                                 dst.offset(i0 as isize * drs + j0 as isize * dcs),
                                 drs,
                                 dcs,
                                 (mr, nr),
                                 load,
+                                |c, ldc| micro(kp, ap, bp, c, ldc, load),
                             );
                         }
                     }
@@ -421,43 +388,13 @@ unsafe fn product_1<TA: Bf16Source, TB: Bf16Source>(
     });
 }
 
-/// `dst (+)= a·b` with bf16 arithmetic and f32 accumulation, `dst` strided (`drs`, `dcs`), on up
-/// to `threads` threads (the output split along its longer side into independent products), on
-/// AMX tiles where the kernel path is [`KernelPath::Amx`], else on `vdpbf16ps`.
+/// `dst (+)= a·b` with bf16 arithmetic and f32 accumulation on `unit`, `dst` strided (`drs`,
+/// `dcs`), on up to `threads` threads (the output cut into independent products, as
+/// [`product_front`] does for every kernel).
 ///
 /// # Safety
-/// The CPU has what the kernel path needs (see [`crate::backend`], which selects this function
-/// only then); pointers are valid for the given extents and strides; `dst` aliases neither
-/// operand.
-pub(crate) unsafe fn gemm(
-    dst: *mut f32,
-    drs: isize,
-    dcs: isize,
-    accumulate: bool,
-    a: Operand,
-    b: Operand,
-    threads: usize,
-) {
-    let unit = match crate::backend::kernel_path() {
-        KernelPath::Amx => Unit::Tiles,
-        _ => Unit::Pairs,
-    };
-    gemm_on(unit, dst, drs, dcs, accumulate, a, b, threads)
-}
-
-/// The instruction a bf16 product runs on.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub(crate) enum Unit {
-    /// `vdpbf16ps` on AVX-512 registers.
-    Pairs,
-    /// `tdpbf16ps` on AMX tiles.
-    Tiles,
-}
-
-/// [`gemm`] on a given unit.
-///
-/// # Safety
-/// As [`gemm`], with the CPU able to run `unit`.
+/// The CPU can run `unit` ([`crate::backend`] names it only then); pointers are valid for the
+/// given extents and strides; `dst` aliases neither operand.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_on(
     unit: Unit,
@@ -469,52 +406,20 @@ pub(crate) unsafe fn gemm_on(
     b: Operand,
     threads: usize,
 ) {
-    debug_assert_eq!(a.cols(), b.rows());
-    let (m, n, k) = (a.rows(), b.cols(), a.cols());
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    *dst.offset(i as isize * drs + j as isize * dcs) = 0.0;
-                }
-            }
-        }
-        return;
-    }
-    if threads > 1 && m * n * k >= SMALL {
-        let split_m = m >= n;
-        let len = if split_m { m } else { n };
-        let tile = match (unit, split_m) {
+    // Parts on whole micro-tiles, at least two of them long.
+    let split = |cut_rows: bool| {
+        let tile = match (unit, cut_rows) {
             (Unit::Tiles, true) => super::gemm_amx::TM,
             (Unit::Pairs, true) => MR,
             (_, false) => NR,
         };
-        let parts = threads.min(len / (2 * tile)).max(1);
-        if parts > 1 {
-            let d = SendPtr(dst);
-            let bound = |i: usize| ((len * i / parts).div_ceil(tile) * tile).min(len);
-            (0..parts).into_par_iter().for_each(move |i| {
-                let d = d;
-                let (lo, hi) = (bound(i), bound(i + 1));
-                if lo >= hi {
-                    return;
-                }
-                let (ap, bp, dp) = if split_m {
-                    (a.row_range(lo, hi), b, d.0.offset(lo as isize * drs))
-                } else {
-                    (
-                        a,
-                        b.t().row_range(lo, hi).t(),
-                        d.0.offset(lo as isize * dcs),
-                    )
-                };
-                gemm_on(unit, dp, drs, dcs, accumulate, ap, bp, 1);
-            });
-            return;
-        }
+        (tile, 2 * tile)
+    };
+    let run = |d: *mut f32, a: Operand, b: Operand| {
+        gemm_on(unit, d, drs, dcs, accumulate, a, b, 1);
+    };
+    if product_front(dst, drs, dcs, accumulate, a, b, threads, SMALL, split, run) {
+        return;
     }
     #[cfg(target_arch = "x86_64")]
     {
@@ -600,11 +505,11 @@ pub(crate) fn dpbf16_emulated(acc: f32, a: u32, b: u32) -> f32 {
     ftz((t as f64 + h(a) * h(b)) as f32)
 }
 
-/// The bf16 product in portable code, element by element on [`dpbf16_emulated`]: what [`gemm`]
+/// The bf16 product in portable code, element by element on [`dpbf16_emulated`]: what [`gemm_on`]
 /// computes, bit for bit (the test oracle of the kernel, and of any port of it).
 ///
 /// # Safety
-/// As [`gemm`], without the CPU requirement.
+/// As [`gemm_on`], without the CPU requirement.
 #[cfg(test)]
 pub(crate) unsafe fn reference(
     dst: *mut f32,
@@ -1030,7 +935,10 @@ mod tests {
                 product_kernel(crate::Device::Cpu, DType::BF16, DType::F32)
             })
         };
-        assert_eq!(kernel(KernelPath::Avx512Bf16), ProductKernel::Bf16);
+        assert_eq!(
+            kernel(KernelPath::Avx512Bf16),
+            ProductKernel::Bf16(Unit::Pairs)
+        );
         assert_eq!(kernel(KernelPath::Widening), ProductKernel::F32);
     }
 }

@@ -91,6 +91,100 @@ unsafe impl<T> Sync for SendPtr<T> {}
 /// spread over threads one matrix each.
 const SMALL_GEMM: usize = 96 * 96 * 96;
 
+/// A matrix a product's output can be cut along: its rows, or through the transpose its columns.
+pub(crate) trait Split: Copy + Send + Sync {
+    /// (rows, cols).
+    fn dims(&self) -> (usize, usize);
+    /// The transposed view.
+    fn transposed(self) -> Self;
+    /// Rows `lo..hi`.
+    ///
+    /// # Safety
+    /// The range must be within the matrix.
+    unsafe fn rows_between(self, lo: usize, hi: usize) -> Self;
+}
+
+impl<T: Copy> Split for Mat<T> {
+    fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+    fn transposed(self) -> Self {
+        self.t()
+    }
+    unsafe fn rows_between(self, lo: usize, hi: usize) -> Self {
+        self.row_range(lo, hi)
+    }
+}
+
+/// The front every product kernel shares. An empty output is done; k = 0 writes zeros (or leaves
+/// an accumulated output alone); with several threads and at least `small` work the output is cut
+/// along its longer side into one independent product per thread, each given to `run` (which
+/// runs it on its own thread), at boundaries on multiples of `split(cut_rows).0` and into parts
+/// no shorter than `split(cut_rows).1`. Returns false when the caller is left with the whole
+/// product.
+///
+/// Independent parts rather than a kernel's own threading: `gemm`'s shares packed panels between
+/// threads and scaled 1.5x on two cores for our shapes, while independent halves scale close to
+/// 2x (the duplicated packing of the other operand is cheap next to the product).
+///
+/// # Safety
+/// As [`gemm_f32`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product_front<O: Split>(
+    dst: *mut f32,
+    drs: isize,
+    dcs: isize,
+    accumulate: bool,
+    a: O,
+    b: O,
+    threads: usize,
+    small: usize,
+    split: impl Fn(bool) -> (usize, usize),
+    run: impl Fn(*mut f32, O, O) + Sync,
+) -> bool {
+    let ((m, k), (k2, n)) = (a.dims(), b.dims());
+    debug_assert_eq!(k, k2);
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    *dst.offset(i as isize * drs + j as isize * dcs) = 0.0;
+                }
+            }
+        }
+        return true;
+    }
+    if threads <= 1 || m * n * k < small {
+        return false;
+    }
+    let cut_rows = m >= n;
+    let len = if cut_rows { m } else { n };
+    let (tile, min_part) = split(cut_rows);
+    let parts = threads.min(len / min_part).max(1);
+    if parts == 1 {
+        return false;
+    }
+    let d = &SendPtr(dst);
+    let bound = |i: usize| ((len * i / parts).div_ceil(tile) * tile).min(len);
+    (0..parts).into_par_iter().for_each(|i| {
+        let (lo, hi) = (bound(i), bound(i + 1));
+        if lo >= hi {
+            return;
+        }
+        // Cutting the columns of C is cutting the rows of Cᵀ = Bᵀ·Aᵀ.
+        if cut_rows {
+            run(d.0.offset(lo as isize * drs), a.rows_between(lo, hi), b);
+        } else {
+            let b = b.transposed().rows_between(lo, hi).transposed();
+            run(d.0.offset(lo as isize * dcs), a, b);
+        }
+    });
+    true
+}
+
 /// One product `dst (+)= a·b`, with `dst` strided (`drs`, `dcs`), on up to `threads` threads
 /// (1: this one).
 ///
@@ -105,53 +199,15 @@ pub(crate) unsafe fn gemm_f32(
     b: Mat,
     threads: usize,
 ) {
-    debug_assert_eq!(a.cols, b.rows);
+    // Part boundaries on multiples of 16 rows/columns (the micro-kernel's tile), parts of at
+    // least 64.
     let (m, n, k) = (a.rows, b.cols, a.cols);
-    if m == 0 || n == 0 {
+    let split = |_| (16, 64);
+    let run = |d: *mut f32, a: Mat, b: Mat| gemm_f32(d, drs, dcs, accumulate, a, b, 1);
+    if product_front(
+        dst, drs, dcs, accumulate, a, b, threads, SMALL_GEMM, split, run,
+    ) {
         return;
-    }
-    if k == 0 {
-        if !accumulate {
-            for i in 0..m {
-                for j in 0..n {
-                    *dst.offset(i as isize * drs + j as isize * dcs) = 0.0;
-                }
-            }
-        }
-        return;
-    }
-    if threads > 1 && m * n * k >= SMALL_GEMM {
-        // Split the output into one independent product per thread along its longer side: `gemm`'s
-        // own threading shares packed panels between threads and scaled 1.5x on two cores for our
-        // shapes, while independent halves scale close to 2x (the duplicated packing of the other
-        // operand is cheap next to the product).
-        let parts = threads.min(if m >= n { m / 64 } else { n / 64 }).max(1);
-        if parts > 1 {
-            let d = SendPtr(dst);
-            let split_m = m >= n;
-            let len = if split_m { m } else { n };
-            // Part boundaries on multiples of 16 rows/columns (the micro-kernel's tile).
-            let bound = |i: usize| (len * i / parts).div_ceil(16) * 16;
-            (0..parts).into_par_iter().for_each(move |i| {
-                let d = d;
-                let (lo, hi) = (bound(i).min(len), bound(i + 1).min(len));
-                if lo >= hi {
-                    return;
-                }
-                // Splitting the columns of C is splitting the rows of Cᵀ = Bᵀ·Aᵀ.
-                let (a_part, b_part, d_part) = if split_m {
-                    (a.row_range(lo, hi), b, d.0.offset(lo as isize * drs))
-                } else {
-                    (
-                        a,
-                        b.t().row_range(lo, hi).t(),
-                        d.0.offset(lo as isize * dcs),
-                    )
-                };
-                gemm_f32(d_part, drs, dcs, accumulate, a_part, b_part, 1);
-            });
-            return;
-        }
     }
     // Not split (small, or too narrow to cut): `gemm`'s own threads, if there are several.
     let par = if threads > 1 {
@@ -212,11 +268,25 @@ impl Operand {
     }
 }
 
-/// `dst (+)= a·b` on the kernel the operands were read for: f32 on `gemm`, else bf16 pairs.
+impl Split for Operand {
+    fn dims(&self) -> (usize, usize) {
+        (self.rows(), self.cols())
+    }
+    fn transposed(self) -> Self {
+        self.t()
+    }
+    unsafe fn rows_between(self, lo: usize, hi: usize) -> Self {
+        self.row_range(lo, hi)
+    }
+}
+
+/// `dst (+)= a·b`: two f32 operands on `gemm`, a bf16 one on the unit `kernel` names.
 ///
 /// # Safety
 /// As [`gemm_f32`].
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn gemm_any(
+    kernel: ProductKernel,
     dst: *mut f32,
     drs: isize,
     dcs: isize,
@@ -225,10 +295,15 @@ pub(crate) unsafe fn gemm_any(
     b: Operand,
     threads: usize,
 ) {
-    match (a, b) {
-        (Operand::F32(a), Operand::F32(b)) => gemm_f32(dst, drs, dcs, accumulate, a, b, threads),
+    match (a, b, kernel) {
+        (Operand::F32(a), Operand::F32(b), _) => gemm_f32(dst, drs, dcs, accumulate, a, b, threads),
         // SAFETY: a bf16 operand exists only where the bf16 kernel was selected for this CPU.
-        _ => super::gemm_bf16::gemm(dst, drs, dcs, accumulate, a, b, threads),
+        (a, b, ProductKernel::Bf16(unit)) => {
+            super::gemm_bf16::gemm_on(unit, dst, drs, dcs, accumulate, a, b, threads)
+        }
+        (_, _, ProductKernel::F32) => {
+            unreachable!("bf16 operands are read for the bf16 kernel only")
+        }
     }
 }
 
@@ -237,7 +312,14 @@ pub(crate) unsafe fn gemm_any(
 ///
 /// # Safety
 /// As [`gemm_f32`].
-pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Operand, b: Operand) {
+pub(crate) unsafe fn bmm(
+    kernel: ProductKernel,
+    dst: *mut f32,
+    accumulate: bool,
+    reduce: bool,
+    a: Operand,
+    b: Operand,
+) {
     let (m, k, a_batch, a_bs, _, _) = a.geometry();
     let (_, n, b_batch, _, _, _) = b.geometry();
     // A shared operand has batch 1 and stride 0; the batch is the other's, which may be 0.
@@ -262,6 +344,7 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Opera
     if reduce {
         for i in 0..batch {
             gemm_any(
+                kernel,
                 dst,
                 n as isize,
                 1,
@@ -278,6 +361,7 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Opera
         (0..batch).into_par_iter().for_each(move |i| {
             let d = d;
             gemm_any(
+                kernel,
                 d.0.offset(i as isize * dst_bs),
                 n as isize,
                 1,
@@ -292,6 +376,7 @@ pub(crate) unsafe fn bmm(dst: *mut f32, accumulate: bool, reduce: bool, a: Opera
     let threads = if m * n * k <= SMALL_GEMM { 1 } else { threads };
     for i in 0..batch {
         gemm_any(
+            kernel,
             dst.offset(i as isize * dst_bs),
             n as isize,
             1,
@@ -374,7 +459,7 @@ pub(crate) fn with_operand<R>(
     kernel: ProductKernel,
     f: impl FnOnce(Operand) -> R,
 ) -> R {
-    if kernel == ProductKernel::Bf16 && t.dtype() == DType::BF16 {
+    if matches!(kernel, ProductKernel::Bf16(_)) && t.dtype() == DType::BF16 {
         let gathered;
         let src = if as_mat(t, std::ptr::null::<u16>()).is_some() {
             t
@@ -469,7 +554,7 @@ pub(super) fn product_into(
     with_operand(a, kernel, |am| {
         with_operand(b, kernel, |bm| unsafe {
             let am = if b.rank() == 2 { fold_rows(am) } else { am };
-            bmm(out.as_mut_ptr(), accumulate, false, am, bm);
+            bmm(kernel, out.as_mut_ptr(), accumulate, false, am, bm);
         })
     });
     Ok(())
@@ -522,17 +607,35 @@ impl MatmulBackward {
                         (Some(da), Some(db)) => (da, db),
                         // One product alone, on every thread.
                         (Some(da), None) if fused => {
-                            return gemm_any(da.as_mut_ptr(), k, 1, false, gf, bm.t(), threads)
+                            return gemm_any(
+                                kernel,
+                                da.as_mut_ptr(),
+                                k,
+                                1,
+                                false,
+                                gf,
+                                bm.t(),
+                                threads,
+                            )
                         }
                         (None, Some(db)) if fused => {
-                            return gemm_any(db.as_mut_ptr(), n, 1, false, af.t(), gf, threads)
+                            return gemm_any(
+                                kernel,
+                                db.as_mut_ptr(),
+                                n,
+                                1,
+                                false,
+                                af.t(),
+                                gf,
+                                threads,
+                            )
                         }
                         (Some(da), None) => {
                             let lhs = if shared_b { gf } else { gm };
-                            return bmm(da.as_mut_ptr(), false, false, lhs, bm.t());
+                            return bmm(kernel, da.as_mut_ptr(), false, false, lhs, bm.t());
                         }
                         (None, Some(db)) => {
-                            return bmm(db.as_mut_ptr(), false, shared_b, am.t(), gm)
+                            return bmm(kernel, db.as_mut_ptr(), false, shared_b, am.t(), gm)
                         }
                         (None, None) => return,
                     };
@@ -548,22 +651,23 @@ impl MatmulBackward {
                         rayon::join(
                             move || {
                                 let pa = pa;
-                                gemm_any(pa.0, k, 1, false, gf, bm.t(), half)
+                                gemm_any(kernel, pa.0, k, 1, false, gf, bm.t(), half)
                             },
                             move || {
                                 let pb = pb;
-                                gemm_any(pb.0, n, 1, false, af.t(), gf, rest)
+                                gemm_any(kernel, pb.0, n, 1, false, af.t(), gf, rest)
                             },
                         );
                     } else {
                         bmm(
+                            kernel,
                             da.as_mut_ptr(),
                             false,
                             false,
                             if shared_b { gf } else { gm },
                             bm.t(),
                         );
-                        bmm(db.as_mut_ptr(), false, shared_b, am.t(), gm);
+                        bmm(kernel, db.as_mut_ptr(), false, shared_b, am.t(), gm);
                     }
                 })
             })
