@@ -209,7 +209,7 @@ pub struct GptBench {
     #[arg(long, conflicts_with = "profile")]
     lockstep: bool,
     /// Every precision mode (f32; bf16 with f32, bf16 or 8-bit AdamW moments; f16 with loss
-    /// scaling; the leanest, bf16 without a master copy and 8-bit moments), each with the
+    /// scaling; the leanest, bf16 without a master copy, bf16 gradients and 8-bit moments), each with the
     /// attention scores recomputed and with whole blocks recomputed, one process each: step
     /// time, peak RSS against f32's, and bytes per parameter against the arithmetic.
     #[arg(long, conflicts_with_all = ["lockstep", "profile"])]
@@ -232,14 +232,16 @@ pub(crate) struct PrecisionMode {
     pub dtype: DType,
     pub moments: MomentDType,
     pub master_weights: bool,
+    /// What the gradient buffer keeps (f32, or bf16 in the leanest mode).
+    pub grads: DType,
 }
 
 impl PrecisionMode {
-    /// Bytes per parameter the arithmetic gives for parameters, f32 gradients and optimizer
+    /// Bytes per parameter the arithmetic gives for parameters, gradients and optimizer
     /// state (activations aside).
     pub fn bytes_per_param(&self) -> f64 {
         let state = self.adamw().state_bytes_per_param(self.dtype);
-        self.dtype.size_in_bytes() as f64 + 4.0 + state
+        (self.dtype.size_in_bytes() + self.grads.size_in_bytes()) as f64 + state
     }
 
     /// The benchmark's AdamW settings (PyTorch's β₂, decay 0.1, as `bench/torch_gpt.py`) with
@@ -262,36 +264,42 @@ pub(crate) const PRECISION_MODES: [PrecisionMode; 6] = [
         dtype: DType::F32,
         moments: MomentDType::F32,
         master_weights: true,
+        grads: DType::F32,
     },
     PrecisionMode {
         name: "bf16",
         dtype: DType::BF16,
         moments: MomentDType::F32,
         master_weights: true,
+        grads: DType::F32,
     },
     PrecisionMode {
         name: "bf16+bf16-states",
         dtype: DType::BF16,
         moments: MomentDType::BF16,
         master_weights: true,
+        grads: DType::F32,
     },
     PrecisionMode {
         name: "bf16+8bit-states",
         dtype: DType::BF16,
         moments: MomentDType::Int8,
         master_weights: true,
+        grads: DType::F32,
     },
     PrecisionMode {
         name: "f16+loss-scale",
         dtype: DType::F16,
         moments: MomentDType::F32,
         master_weights: true,
+        grads: DType::F32,
     },
     PrecisionMode {
         name: "lean",
         dtype: DType::BF16,
         moments: MomentDType::Int8,
         master_weights: false,
+        grads: DType::BF16,
     },
 ];
 
@@ -333,7 +341,7 @@ pub struct Measurement {
     /// Parameters as stored, MB (within `forward_live_mb`).
     #[serde(default)]
     pub params_mb: f64,
-    /// Their gradients, which are f32 whatever the parameters' dtype, MB (within
+    /// Their gradients (f32, or bf16 in the leanest mode), MB (within
     /// `forward_live_mb`).
     #[serde(default)]
     pub grads_mb: f64,
@@ -690,7 +698,8 @@ impl Stepper {
     pub(crate) fn for_mode(cfg: GptConfig, batch: usize, mode: PrecisionMode) -> Result<Stepper> {
         let (vocab, seq) = (cfg.vocab_size, cfg.block_size);
         let base_rss_mb = rss_mb();
-        let model = Gpt::new(cfg.clone(), 1337)?;
+        let mut model = Gpt::new(cfg.clone(), 1337)?;
+        model.params.set_grad_dtype(mode.grads)?;
         // As bench/torch_gpt.py: PyTorch's β₂, decay 0.1, a constant learning rate, no clipping.
         let optimizer = AdamW::new(&model.params, mode.adamw());
         let lr = 3e-4;

@@ -132,13 +132,14 @@ pub fn pretrain(a: PretrainArgs) -> Result<()> {
         let m = anneal_train::pretrain::estimate_memory(&config, a.ranks)?;
         println!(
             "GPT of {} layers, width {}, batch {} × {}, model.dtype {}, train.moments {}, \
-             model.recompute {}{}",
+             train.grads {}, model.recompute {}{}",
             config.model.n_layer,
             config.model.n_embd,
             config.train.batch_size,
             config.model.block_size,
             config.model.dtype,
             config.train.moments,
+            config.train.grads,
             config.recompute()?,
             if a.ranks > 1 {
                 format!(", {} ranks in this process", a.ranks)

@@ -178,10 +178,11 @@ impl Tensor {
     }
 
     /// Makes a leaf whose gradient accumulates into `grad` (a view into a flat gradient buffer,
-    /// for parameters). `grad` must be contiguous f32 of the same shape.
+    /// for parameters). `grad` must be contiguous f32 or bf16 (rounded to nearest even as it
+    /// accumulates) of the same shape.
     pub(crate) fn with_grad_buffer(&self, grad: Tensor) -> Tensor {
         debug_assert_eq!(grad.shape(), self.shape());
-        debug_assert!(grad.is_contiguous() && grad.dtype() == DType::F32);
+        debug_assert!(grad.is_contiguous() && grad.dtype() != DType::F16);
         let leaf = Arc::new(Leaf {
             id: next_id(),
             grad,
@@ -195,7 +196,8 @@ impl Tensor {
         self.data()
     }
 
-    /// A leaf's accumulated gradient (f32, same shape), or `None` for a non-leaf.
+    /// A leaf's accumulated gradient (same shape; f32, or bf16 in a store that keeps bf16
+    /// gradients), or `None` for a non-leaf.
     pub fn grad(&self) -> Option<Tensor> {
         match &self.0.autograd {
             Autograd::Leaf(l) => Some(l.grad.clone()),
@@ -285,8 +287,10 @@ impl Tensor {
 fn fill_zero(t: &Tensor) {
     let mut buf = t.storage().write();
     let (off, n) = (t.offset(), t.numel());
-    if let Buffer::F32(v) = &mut *buf {
-        v[off..off + n].fill(0.0);
+    match &mut *buf {
+        Buffer::F32(v) => v[off..off + n].fill(0.0),
+        Buffer::BF16(v) => v[off..off + n].fill(half::bf16::ZERO),
+        Buffer::F16(v) => v[off..off + n].fill(half::f16::ZERO),
     }
 }
 
@@ -299,9 +303,11 @@ fn accumulate_leaf(leaf: &Leaf, grad: &Tensor) {
     }
     grad.with_f32(|src| {
         let mut buf = g.storage().write();
-        if let Buffer::F32(v) = &mut *buf {
-            let dst = &mut v[g.offset()..g.offset() + g.numel()];
-            crate::kernels::add_assign(dst, src);
+        let range = g.offset()..g.offset() + g.numel();
+        match &mut *buf {
+            Buffer::F32(v) => crate::kernels::add_assign(&mut v[range], src),
+            Buffer::BF16(v) => crate::kernels::add_assign_bf16(&mut v[range], src),
+            Buffer::F16(_) => unreachable!("gradients are f32 or bf16"),
         }
     });
 }

@@ -51,6 +51,27 @@ pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) {
     update_with(dst, src, |d, s| *d += s);
 }
 
+/// `dst = bf16(dst + src)`, rounded to nearest even: a bf16 gradient buffer accumulating an f32
+/// gradient.
+pub(crate) fn add_assign_bf16(dst: &mut [half::bf16], src: &[f32]) {
+    let run = |d: &mut [half::bf16], s: &[f32]| {
+        vectorized(|| {
+            for (d, &s) in d.iter_mut().zip(s) {
+                *d = half::bf16::from_bits(bf16_bits(
+                    f32::from_bits((d.to_bits() as u32) << 16) + s,
+                ));
+            }
+        })
+    };
+    if dst.len() >= 2 * PAR_CHUNK {
+        dst.par_chunks_mut(PAR_CHUNK)
+            .zip(src.par_chunks(PAR_CHUNK))
+            .for_each(|(d, s)| run(d, s));
+    } else {
+        run(dst, src);
+    }
+}
+
 /// Adds per-chunk partial sums in chunk order: `parts[0] + parts[1] + …`, element by element.
 ///
 /// Reductions split across rayon tasks collect their partials with an order-preserving

@@ -94,6 +94,8 @@ impl<T> Ptr<T> {
 thread_local! {
     /// Each thread's f32 view of a bf16 block during an update (at most [`BLOCK`] elements).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// A run's bf16 gradients, widened.
+    static WIDE_GRADS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Each thread's decoded 16- and 8-bit moments during an update (at most [`BLOCK`] each).
     static DECODED: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -282,7 +284,7 @@ fn for_each_block(
          optimizer as the gradients are sharded"
     );
     let grads = store.grads().read();
-    let Buffer::F32(g) = &*grads else { return };
+    let grads = &*grads;
     let mut data = store.data().write();
     let target = match (&mut *data, &mut master.values) {
         (Buffer::F32(v), _) => Target::F32(Ptr::new(v)),
@@ -328,7 +330,17 @@ fn for_each_block(
                     .iter_mut()
                     .map(|v| &mut v[r.state - s0..r.state - s0 + r.len])
                     .collect();
-                let g = &g[r.grad - held.start..r.grad - held.start + r.len];
+                let at = r.grad - held.start..r.grad - held.start + r.len;
+                let mut wide = WIDE_GRADS.with(|w| w.take());
+                let g: &[f32] = match grads {
+                    Buffer::F32(g) => &g[at],
+                    Buffer::BF16(g) => {
+                        wide.resize(r.len, 0.0);
+                        crate::kernels::bf16_to_f32(&g[at], &mut wide);
+                        &wide
+                    }
+                    Buffer::F16(_) => unreachable!("gradients are f32 or bf16"),
+                };
                 crate::kernels::vectorized(|| match target {
                     Target::F32(p) => update(r, unsafe { p.range(r.data, r.len) }, g, &mut st),
                     Target::Master(m, store) => {
@@ -362,6 +374,7 @@ fn for_each_block(
                         });
                     }
                 });
+                WIDE_GRADS.with(|w| w.replace(wide));
             }
             for (p, view) in state_ptrs.iter().zip(views) {
                 if !matches!(p, StatePtr::F32(_)) {
@@ -1412,6 +1425,51 @@ mod tests {
             .iter()
             .map(|v| v.to_bits())
             .collect()
+    }
+
+    #[test]
+    fn bf16_gradients_round_as_they_accumulate_and_step_as_their_f32_values() {
+        let round = |x: f32| half::bf16::from_f32(x).to_f32();
+        let mut lean = big_store(DType::BF16);
+        lean.set_grad_dtype(DType::BF16).unwrap();
+        assert_eq!(lean.grads().bytes(), 2 * 70_000);
+        assert!(lean.shard_gradients(0..2048, 1024).is_err());
+        // Backward twice into the bf16 buffer: each sum is rounded to nearest even.
+        let mut f32_weights = big_store(DType::F32);
+        f32_weights.set_grad_dtype(DType::BF16).unwrap();
+        let w = f32_weights.by_name("w").unwrap().clone();
+        let (g1, g2) = (big_grads(1), big_grads(2));
+        for g in [&g1, &g2] {
+            let g = Tensor::from_f32(g[..50_000].to_vec(), &[50_000]).unwrap();
+            w.mul(&g).unwrap().sum_all().unwrap().backward().unwrap();
+        }
+        let got = w.grad().unwrap();
+        assert_eq!(got.dtype(), DType::BF16);
+        let want: Vec<f32> = (0..50_000).map(|i| round(round(g1[i]) + g2[i])).collect();
+        assert_eq!(got.to_vec_f32(), want);
+        // Clipping scales and rounds; the norm is the bf16 values' own.
+        let g: Vec<f32> = big_grads(3).into_iter().map(round).collect();
+        set_grads(&lean, &g);
+        let norm = g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>().sqrt() as f32;
+        assert_eq!(lean.clip_grad_norm(norm / 2.0), norm);
+        let clipped: Vec<f32> = g.iter().map(|&x| round(x * 0.5)).collect();
+        assert_eq!(lean.grads_to_vec(), clipped);
+        lean.zero_grad();
+        assert!(lean.grads_to_vec().iter().all(|&x| x == 0.0));
+        // AdamW on bf16 gradients moves the weights exactly as on the same values in f32.
+        let wide = big_store(DType::BF16);
+        let (mut a, mut b) = (
+            AdamW::new(&lean, config(MomentDType::Int8, false)),
+            AdamW::new(&wide, config(MomentDType::Int8, false)),
+        );
+        for t in 0..5 {
+            let g: Vec<f32> = big_grads(t).into_iter().map(round).collect();
+            set_grads(&lean, &g);
+            set_grads(&wide, &g);
+            a.step(&lean, 1e-3);
+            b.step(&wide, 1e-3);
+        }
+        assert_eq!(bits(&lean), bits(&wide));
     }
 
     #[test]

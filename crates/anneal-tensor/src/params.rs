@@ -1,5 +1,5 @@
-//! Named parameters held in one flat buffer per store, with one flat f32 gradient buffer beside
-//! it (llm.c's layout): an optimizer step, a gradient all-reduce or a ZeRO shard is one loop over
+//! Named parameters held in one flat buffer per store, with one flat gradient buffer beside it
+//! (llm.c's layout; f32, or bf16 for the leanest training mode): an optimizer step, a gradient all-reduce or a ZeRO shard is one loop over
 //! contiguous memory, and each name maps one-to-one onto a checkpoint key.
 //!
 //! Only trainable parameters have a place in the gradient buffer (and so in an optimizer's
@@ -147,7 +147,8 @@ impl ParamStoreBuilder {
             version: std::sync::atomic::AtomicU64::new(0),
             dtype,
             data,
-            grads: Arc::new(Storage::gradient(0)),
+            grads: Arc::new(Storage::gradient(DType::F32, 0)),
+            grad_dtype: DType::F32,
             home: GradHome::Flat,
             index: self
                 .infos
@@ -176,13 +177,15 @@ enum Region {
     Grad,
 }
 
-/// Parameters of a model, flat in one buffer of one dtype, with a flat f32 gradient buffer for
+/// Parameters of a model, flat in one buffer of one dtype, with a flat gradient buffer for
 /// the trainable ones.
 pub struct ParamStore {
     /// Bumped by every write that bypasses the optimizer, so optimizers re-read their master copy.
     version: std::sync::atomic::AtomicU64,
     dtype: DType,
     data: Arc<Storage>,
+    /// What the flat gradient buffer holds: f32, or bf16 ([`ParamStore::set_grad_dtype`]).
+    grad_dtype: DType,
     /// The gradients this store holds: all of them, or its shard ([`GradHome`]).
     grads: Arc<Storage>,
     home: GradHome,
@@ -210,7 +213,7 @@ impl ParamStore {
             });
         }
         self.trainable = next;
-        self.grads = Arc::new(Storage::gradient(next));
+        self.grads = Arc::new(Storage::gradient(self.grad_dtype, next));
         self.home = GradHome::Flat;
         self.tensors = Arc::new((0..self.infos.len()).map(|i| self.make_tensor(i)).collect());
     }
@@ -246,6 +249,15 @@ impl ParamStore {
     /// shards as backward finishes it ([`ParamStore::gradient_buckets`]). Freezing or unfreezing
     /// lays the gradients out flat again. Takes effect for forwards run after the call.
     pub fn shard_gradients(&mut self, shard: Range<usize>, bucket_floats: usize) -> Result<()> {
+        if self.grad_dtype != DType::F32 {
+            return Err(invalid(
+                "ParamStore::shard_gradients",
+                format!(
+                    "sharded gradients are f32; this store keeps {} gradients",
+                    self.grad_dtype
+                ),
+            ));
+        }
         if shard.start > shard.end || shard.end > self.trainable {
             return Err(invalid(
                 "ParamStore::shard_gradients",
@@ -259,10 +271,39 @@ impl ParamStore {
         for b in &mut buckets {
             b.storage = Some(Arc::new(Storage::lazy(b.range.len())));
         }
-        self.grads = Arc::new(Storage::gradient(shard.len()));
+        self.grads = Arc::new(Storage::gradient(DType::F32, shard.len()));
         self.home = GradHome::Sharded { shard, buckets };
         self.tensors = Arc::new((0..self.infos.len()).map(|i| self.make_tensor(i)).collect());
         Ok(())
+    }
+
+    /// Keeps the gradients in `dtype`: f32 (the default), or bf16, half the bytes, as the leanest
+    /// training mode does. Backward computes each gradient in f32 and rounds it to nearest even
+    /// as it accumulates into the buffer; clipping and the optimizer widen it back. Lays the
+    /// gradients out anew (zeroed, flat); fails for f16 and for a store whose gradients are
+    /// sharded.
+    pub fn set_grad_dtype(&mut self, dtype: DType) -> Result<()> {
+        if dtype == DType::F16 {
+            return Err(invalid(
+                "ParamStore::set_grad_dtype",
+                "gradients are kept in f32 or bf16 (f16's range does not hold them unscaled)"
+                    .to_string(),
+            ));
+        }
+        if !matches!(self.home, GradHome::Flat) {
+            return Err(invalid(
+                "ParamStore::set_grad_dtype",
+                "the gradients are sharded (ZeRO-2), which keeps them in f32".to_string(),
+            ));
+        }
+        self.grad_dtype = dtype;
+        self.lay_out_grads();
+        Ok(())
+    }
+
+    /// The dtype of the gradient buffer ([`ParamStore::set_grad_dtype`]).
+    pub fn grad_dtype(&self) -> DType {
+        self.grad_dtype
     }
 
     /// The buckets backward accumulates into when the gradients are sharded (empty otherwise).
@@ -444,7 +485,7 @@ impl ParamStore {
         &self.data
     }
 
-    /// The f32 gradient buffer: over every trainable element, or over the shard
+    /// The gradient buffer (f32, or bf16 after [`ParamStore::set_grad_dtype`]): over every trainable element, or over the shard
     /// [`ParamStore::held_grads`] when the gradients are sharded.
     pub fn grads(&self) -> &Arc<Storage> {
         &self.grads
@@ -508,8 +549,10 @@ impl ParamStore {
 
     /// Zeroes every gradient (sharded: the shard, and the buckets give their memory back).
     pub fn zero_grad(&self) {
-        if let Buffer::F32(g) = &mut *self.grads.write() {
-            g.fill(0.0);
+        match &mut *self.grads.write() {
+            Buffer::F32(g) => g.fill(0.0),
+            Buffer::BF16(g) => g.fill(half::bf16::ZERO),
+            Buffer::F16(_) => unreachable!("gradients are f32 or bf16"),
         }
         for b in self.gradient_buckets() {
             if let Some(s) = &b.storage {
@@ -650,22 +693,34 @@ impl ParamStore {
     /// Runs `f` on the flat gradients of the trainable parameters, in parameter order, for
     /// reading (a data-parallel strategy copies its buckets out of them); the held shard when
     /// sharded.
+    /// bf16 gradients are widened into a copy first.
     pub fn with_grads<R>(&self, f: impl FnOnce(&[f32]) -> R) -> R {
         let buf = self.grads.read();
         match &*buf {
             Buffer::F32(g) => f(g),
-            _ => unreachable!("gradients are f32"),
+            other => {
+                let mut wide = vec![0.0; other.len()];
+                other.read_range_f32(0, &mut wide);
+                f(&wide)
+            }
         }
     }
 
     /// Runs `f` on the flat gradients of the trainable parameters, in parameter order, for
     /// writing (a data-parallel strategy averages them across ranks in place); the held shard
     /// when sharded.
+    /// bf16 gradients are widened into a copy and rounded back (to nearest even) after `f`.
     pub fn with_grads_mut<R>(&self, f: impl FnOnce(&mut [f32]) -> R) -> R {
         let mut buf = self.grads.write();
         match &mut *buf {
             Buffer::F32(g) => f(g),
-            _ => unreachable!("gradients are f32"),
+            other => {
+                let mut wide = vec![0.0; other.len()];
+                other.read_range_f32(0, &mut wide);
+                let r = f(&mut wide);
+                other.write_range_f32(0, &wide);
+                r
+            }
         }
     }
 
@@ -692,14 +747,19 @@ impl ParamStore {
         debug_assert!(range.is_empty() || range.start.is_multiple_of(NORM_CHUNK));
         let range = self.held(range);
         let buf = self.grads.read();
-        let Buffer::F32(g) = &*buf else {
-            return Vec::new();
-        };
         use rayon::prelude::*;
-        g[range]
-            .par_chunks(NORM_CHUNK)
-            .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
-            .collect()
+        let square = |x: f32| (x as f64) * (x as f64);
+        match &*buf {
+            Buffer::F32(g) => g[range]
+                .par_chunks(NORM_CHUNK)
+                .map(|c| c.iter().map(|&x| square(x)).sum::<f64>())
+                .collect(),
+            Buffer::BF16(g) => g[range]
+                .par_chunks(NORM_CHUNK)
+                .map(|c| c.iter().map(|&x| square(x.to_f32())).sum::<f64>())
+                .collect(),
+            Buffer::F16(_) => unreachable!("gradients are f32 or bf16"),
+        }
     }
 
     /// Multiplies the gradients in `range` (held by the store) by `s` (clipping all of them,
@@ -707,11 +767,17 @@ impl ParamStore {
     pub fn scale_grads(&self, range: Range<usize>, s: f32) {
         use rayon::prelude::*;
         let range = self.held(range);
-        self.with_grads_mut(|g| {
-            g[range]
+        let mut buf = self.grads.write();
+        match &mut *buf {
+            Buffer::F32(g) => g[range]
                 .par_chunks_mut(1 << 16)
-                .for_each(|c| c.iter_mut().for_each(|x| *x *= s))
-        });
+                .for_each(|c| c.iter_mut().for_each(|x| *x *= s)),
+            Buffer::BF16(g) => g[range].par_chunks_mut(1 << 16).for_each(|c| {
+                c.iter_mut()
+                    .for_each(|x| *x = half::bf16::from_f32(x.to_f32() * s))
+            }),
+            Buffer::F16(_) => unreachable!("gradients are f32 or bf16"),
+        }
     }
 
     /// Global-norm gradient clipping (Pascanu et al. 2013): when the norm exceeds `max_norm`, scales

@@ -219,13 +219,14 @@ impl Storage {
         }
     }
 
-    /// Zeroed f32 gradient storage of `len` elements, counted as gradient memory.
-    pub fn gradient(len: usize) -> Storage {
-        let bytes = len * 4;
+    /// Zeroed gradient storage of `len` elements of `dtype` (f32, or bf16 for a store that keeps
+    /// 16-bit gradients), counted as gradient memory.
+    pub fn gradient(dtype: DType, len: usize) -> Storage {
+        let bytes = len * dtype.size_in_bytes();
         account_alloc(bytes);
         account_grad(bytes);
         Storage {
-            buffer: RwLock::new(Buffer::zeros(DType::F32, len)),
+            buffer: RwLock::new(Buffer::zeros(dtype, len)),
             bytes,
             gradient: true,
             lazy: None,

@@ -296,6 +296,18 @@ pub struct TrainConfig {
     /// parameter); without one every update is rounded into the bf16 weights stochastically.
     #[serde(default = "default_master_weights")]
     pub master_weights: bool,
+    /// What the gradient buffer keeps between backward and the optimizer step: "f32", or
+    /// "bf16" (2 bytes per parameter instead of 4; each gradient is computed in f32 and rounded
+    /// to nearest as it accumulates). One device only.
+    #[serde(default = "default_grads")]
+    pub grads: String,
+}
+
+/// The gradient storage kinds (`train.grads`).
+pub const GRADS: [&str; 2] = ["f32", "bf16"];
+
+fn default_grads() -> String {
+    "f32".into()
 }
 
 /// The recomputation policies (`model.recompute`): keep everything, recompute the attention
@@ -345,6 +357,7 @@ impl Default for TrainConfig {
             out_dir: PathBuf::from("runs/shakespeare-char"),
             moments: default_moments(),
             master_weights: default_master_weights(),
+            grads: default_grads(),
         }
     }
 }
@@ -591,6 +604,7 @@ impl RunConfig {
             )?;
         }
         self.adamw()?;
+        self.grad_dtype()?;
         check(
             t.weight_decay >= 0.0,
             "train.weight_decay",
@@ -763,6 +777,13 @@ impl RunConfig {
                 p.ep
             );
         }
+        if ranks > 1 && self.grad_dtype()? != DType::F32 {
+            bail!(
+                "train.grads = \"bf16\" keeps gradients in 16 bits on one device; over {ranks} \
+                 ranks they are reduced in f32 (parallel.grad_dtype = \"bf16\" sends them in 16 \
+                 bits); use train.grads = \"f32\""
+            );
+        }
         if p.zero > 0 && ranks > 1 && self.dtype()? != DType::F32 {
             bail!(
                 "parallel.zero = {} needs model.dtype = \"f32\" for now (a bf16 model's master \
@@ -905,6 +926,18 @@ impl RunConfig {
             ));
         }
         (!lines.is_empty()).then(|| lines.join("; "))
+    }
+
+    /// The dtype of the gradient buffer, `train.grads`.
+    pub fn grad_dtype(&self) -> Result<DType> {
+        match self.train.grads.as_str() {
+            "f32" => Ok(DType::F32),
+            "bf16" => Ok(DType::BF16),
+            other => bail!(
+                "config key train.grads = {other:?} is not allowed: {}",
+                GRADS.join(", ")
+            ),
+        }
     }
 
     /// The recomputation policy, `model.recompute` with `model.checkpoint_blocks = true` read

@@ -22,7 +22,7 @@
 //!   reuse) and the optimizer's per-thread scratch. These are measured, not derived: fitted on
 //!   `anneal bench gpt` runs of four shapes × three precision modes × three policies on 2
 //!   threads, they come to about 29 (selective), 35 (full) or 25 (none) f32 activations of
-//!   B·T·d each, plus 0.45× the gradients' bytes and 3 MB; the fit leaves every one of those 36
+//!   B·T·d each, plus 1.8 bytes a parameter (0.45× f32 gradients) and 3 MB; the fit leaves every one of those 36
 //!   runs within 8% of its peak RSS. A 16-bit store adds the f32 copies its weights are widened
 //!   into for the products, which the buffer cache keeps (3 bytes a parameter measured);
 //! - a checkpoint being written, when a run's memory peaks again after its steps: the optimizer
@@ -39,7 +39,7 @@ use anyhow::Result;
 pub struct MemoryBound {
     /// Parameters in their storage dtype.
     pub parameters: f64,
-    /// f32 gradients of the trainable parameters.
+    /// Gradients of the trainable parameters (f32, or bf16 under `train.grads = "bf16"`).
     pub gradients: f64,
     /// Optimizer state.
     pub optimizer: f64,
@@ -183,7 +183,7 @@ pub fn lower_bound(config: &RunConfig, vocab_size: usize) -> Result<MemoryBound>
     };
     Ok(MemoryBound {
         parameters: store * params,
-        gradients: 4.0 * params,
+        gradients: config.grad_dtype()?.size_in_bytes() as f64 * params,
         optimizer: adamw.state_bytes_per_param(gpt.dtype) * params,
         activations,
         // The buffer cache also keeps the f32 copies 16-bit weights are widened into for the
@@ -205,7 +205,7 @@ pub fn run_estimate(
     corpus_bytes: f64,
 ) -> Result<MemoryBound> {
     let mut m = lower_bound(config, vocab_size)?;
-    let params = m.gradients / 4.0;
+    let params = m.gradients / config.grad_dtype()?.size_in_bytes() as f64;
     // Each state vector in f32 (two moments, and the master copy of a half-precision store that
     // keeps one), gathered; the files are written from the buffers, with no copy of their bytes.
     let master = config.adamw()?.keeps_master(config.dtype()?);
@@ -284,6 +284,14 @@ mod tests {
             "train.master_weights=false",
         ]);
         assert_eq!(lean.optimizer, 2.0 * (1.0 + 4.0 / 2048.0) * params);
+        let leanest = with(&[
+            "model.dtype=bf16",
+            "train.moments=8bit",
+            "train.master_weights=false",
+            "train.grads=bf16",
+        ]);
+        assert_eq!(leanest.gradients, 2.0 * params);
+        assert_eq!(leanest.optimizer, lean.optimizer);
         let f16 = with(&["model.dtype=f16"]);
         assert_eq!(
             f16.optimizer,

@@ -734,7 +734,7 @@ pub fn pretraining_on(
     let t = &config.train;
     let adamw = config.adamw()?;
     let gpt = config.gpt_config(vocab_size)?;
-    let (model, strategy, optimizer, data_rank): (_, Box<dyn crate::strategy::Strategy>, _, _) =
+    let (mut model, strategy, optimizer, data_rank): (_, Box<dyn crate::strategy::Strategy>, _, _) =
         match world {
             None => {
                 let model = Gpt::new(gpt, t.seed)?;
@@ -941,6 +941,10 @@ pub fn pretraining_on(
                 (model, strategy, optimizer, rank)
             }
         };
+    // bf16 gradients are for one device ([`RunConfig::layout`] refuses them over ranks).
+    if config.grad_dtype()? != anneal_tensor::DType::F32 {
+        model.params.set_grad_dtype(config.grad_dtype()?)?;
+    }
     let trainer = Trainer::new(TrainerParts {
         model: Box::new(model),
         objective: Box::new(CausalLm),

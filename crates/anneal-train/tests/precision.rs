@@ -1,5 +1,5 @@
 //! Precision modes in training: AdamW's moments in bf16 or 8 bits, bf16 weights without a
-//! master copy and f16 with dynamic loss scaling train, checkpoint and resume bit for bit; ZeRO-1
+//! master copy, bf16 gradients and f16 with dynamic loss scaling train, checkpoint and resume bit for bit; ZeRO-1
 //! shards 8-bit moments on block edges and trains as one device; a checkpoint converts between precisions without losing the
 //! f32 values (f32 weights become a bf16 run's master copy, and a bf16 run's master copy the f32
 //! run's weights).
@@ -47,6 +47,7 @@ fn train(t: &mut Trainer, steps: u64) -> Vec<f64> {
 #[test]
 fn every_precision_mode_learns_and_resumes_bit_for_bit() {
     for mode in [
+        &["train.grads=bf16"][..],
         &["train.moments=8bit"][..],
         &["model.dtype=bf16", "train.moments=8bit"],
         &["model.dtype=f16"],
@@ -54,6 +55,12 @@ fn every_precision_mode_learns_and_resumes_bit_for_bit() {
             "model.dtype=bf16",
             "train.moments=bf16",
             "train.master_weights=false",
+        ],
+        &[
+            "model.dtype=bf16",
+            "train.moments=8bit",
+            "train.master_weights=false",
+            "train.grads=bf16",
         ],
     ] {
         let c = config(mode);
@@ -73,6 +80,25 @@ fn every_precision_mode_learns_and_resumes_bit_for_bit() {
             "{mode:?}"
         );
     }
+}
+
+#[test]
+fn bf16_gradients_are_refused_by_name_where_they_cannot_be_kept() {
+    let err = RunConfig::load(None, &["train.grads=f8".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train.grads") && err.contains("f32, bf16"),
+        "{err}"
+    );
+    let err = config(&["train.grads=bf16"])
+        .layout(2)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("train.grads = \"bf16\"") && err.contains("2 ranks"),
+        "{err}"
+    );
 }
 
 #[test]
