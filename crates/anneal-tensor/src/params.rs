@@ -279,9 +279,9 @@ impl ParamStore {
 
     /// Keeps the gradients in `dtype`: f32 (the default), or bf16, half the bytes, as the leanest
     /// training mode does. Backward computes each gradient in f32 and rounds it to nearest even
-    /// as it accumulates into the buffer; clipping and the optimizer widen it back. Lays the
-    /// gradients out anew (zeroed, flat); fails for f16 and for a store whose gradients are
-    /// sharded.
+    /// as it accumulates into the buffer; clipping and the optimizer widen it back. A change of
+    /// dtype lays the gradients out anew (zeroed, flat); fails for f16 and for a store whose
+    /// gradients are sharded.
     pub fn set_grad_dtype(&mut self, dtype: DType) -> Result<()> {
         if dtype == DType::F16 {
             return Err(invalid(
@@ -296,8 +296,10 @@ impl ParamStore {
                 "the gradients are sharded (ZeRO-2), which keeps them in f32".to_string(),
             ));
         }
-        self.grad_dtype = dtype;
-        self.lay_out_grads();
+        if dtype != self.grad_dtype {
+            self.grad_dtype = dtype;
+            self.lay_out_grads();
+        }
         Ok(())
     }
 

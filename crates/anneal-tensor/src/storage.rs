@@ -225,8 +225,15 @@ impl Storage {
         let bytes = len * dtype.size_in_bytes();
         account_alloc(bytes);
         account_grad(bytes);
+        // Zeroed by the allocator, not taken from the buffer cache: its pages are touched only
+        // when backward first writes them, so a buffer laid out again before any backward (a
+        // store switched to bf16 gradients) never costs resident memory.
+        let buffer = match dtype {
+            DType::F32 => Buffer::F32(vec![0.0; len]),
+            other => Buffer::zeros(other, len),
+        };
         Storage {
-            buffer: RwLock::new(Buffer::zeros(dtype, len)),
+            buffer: RwLock::new(buffer),
             bytes,
             gradient: true,
             lazy: None,
@@ -398,8 +405,13 @@ impl Drop for Storage {
             GRAD_LIVE_BYTES.fetch_sub(held, Ordering::Relaxed);
         }
         let buffer = self.buffer.get_mut().unwrap_or_else(|e| e.into_inner());
+        // A whole gradient buffer is dropped only when a store lays its gradients out anew
+        // (freezing, sharding, another dtype): kept in the cache it would sit there, as large as
+        // the model, for the rest of the run.
         if let Buffer::F32(v) = std::mem::replace(buffer, Buffer::F32(Vec::new())) {
-            crate::pool::recycle(v);
+            if !self.gradient {
+                crate::pool::recycle(v);
+            }
         }
     }
 }
