@@ -376,7 +376,13 @@ impl Gpt {
     pub fn new_in(config: GptConfig, seed: u64, parallel: Arc<dyn ParallelContext>) -> Result<Gpt> {
         config.validate()?;
         let c = &config;
-        let mut b = Builder::with_parallel(seed, parallel);
+        // Sized for the whole model where this rank holds it whole (a split one declares less
+        // and grows its buffer as it goes).
+        let elements = match parallel.splits_parameters() {
+            false => c.total_params().unwrap_or(0),
+            true => 0,
+        };
+        let mut b = Builder::with_parallel(seed, parallel).storing(c.dtype, elements);
         let wte =
             Embedding::vocab_parallel(&mut b, "transformer.wte", c.vocab_size, c.n_embd, 0.02)?;
         let wpe = Embedding::new(&mut b, "transformer.wpe", c.block_size, c.n_embd, 0.02)?;

@@ -95,22 +95,68 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 /// when the caller drops them rather than into the engine's buffer cache, where vectors of the
 /// model's size would never be asked for again.
 pub fn write_f32_safetensors(path: &Path, vectors: &[(String, Vec<f32>)]) -> Result<()> {
-    let views: Vec<(String, Bytes<'_>)> = vectors
-        .iter()
-        .map(|(name, v)| {
-            (
-                name.clone(),
-                Bytes {
-                    dtype: StDtype::F32,
-                    shape: vec![v.len()],
-                    bytes: le_bytes(v),
-                },
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path)
-        .map_err(|e| Error::SafeTensors(format!("{}: {e}", path.display())))
+    let layout: Vec<(String, usize)> = vectors.iter().map(|(n, v)| (n.clone(), v.len())).collect();
+    write_f32_safetensors_with(path, &layout, |i, from, out| {
+        out.copy_from_slice(&vectors[i].1[from..from + out.len()])
+    })
 }
+
+/// Writes 1-D f32 tensors named and sized by `layout` to `path` in the safetensors format,
+/// asking `read(index, from, out)` for each tensor's values a piece of [`STREAM_CHUNK`] at a
+/// time: an optimizer's state is written from its own (8-bit, 16-bit or f32) storage, never
+/// held as f32 copies. The header is written here (the format is an 8-byte little-endian
+/// length, a JSON table of dtype, shape and byte offsets, space-padded to 8 bytes, then the
+/// data), and files read back with the `safetensors` crate like any other.
+pub fn write_f32_safetensors_with(
+    path: &Path,
+    layout: &[(String, usize)],
+    mut read: impl FnMut(usize, usize, &mut [f32]),
+) -> Result<()> {
+    use std::io::Write;
+    let io = |source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut header = String::from("{");
+    let mut at = 0usize;
+    for (i, (name, n)) in layout.iter().enumerate() {
+        if name.contains(['"', '\\']) || name.chars().any(char::is_control) {
+            return Err(Error::SafeTensors(format!(
+                "{}: tensor name {name:?} cannot be written",
+                path.display()
+            )));
+        }
+        let end = at + 4 * n;
+        if i > 0 {
+            header.push(',');
+        }
+        header.push_str(&format!(
+            "\"{name}\":{{\"dtype\":\"F32\",\"shape\":[{n}],\"data_offsets\":[{at},{end}]}}"
+        ));
+        at = end;
+    }
+    header.push('}');
+    while !(8 + header.len()).is_multiple_of(8) {
+        header.push(' ');
+    }
+    let file = std::fs::File::create(path).map_err(io)?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+    w.write_all(&(header.len() as u64).to_le_bytes())
+        .and_then(|()| w.write_all(header.as_bytes()))
+        .map_err(io)?;
+    let mut piece = vec![0.0f32; STREAM_CHUNK];
+    for (i, (_, n)) in layout.iter().enumerate() {
+        for from in (0..*n).step_by(STREAM_CHUNK) {
+            let out = &mut piece[..STREAM_CHUNK.min(n - from)];
+            read(i, from, out);
+            w.write_all(&le_bytes(out)).map_err(io)?;
+        }
+    }
+    w.flush().map_err(io)
+}
+
+/// Values per piece [`write_f32_safetensors_with`] asks for (whole 8-bit optimizer blocks).
+pub const STREAM_CHUNK: usize = crate::optim::STATE_CHUNK;
 
 /// Runs `f` with the encoder's views of `tensors`' bytes, borrowed from their buffers.
 fn with_views<R>(
@@ -199,5 +245,35 @@ fn le_bytes<T: LeValue>(values: &[T]) -> std::borrow::Cow<'_, [u8]> {
         let mut out = Vec::with_capacity(std::mem::size_of_val(values));
         values.iter().for_each(|v| v.le(&mut out));
         std::borrow::Cow::Owned(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_f32_files_read_back_as_written() {
+        let path =
+            std::env::temp_dir().join(format!("anneal-io-{}.safetensors", std::process::id()));
+        // Lengths around the piece size, an empty vector and an odd one.
+        let vectors: Vec<(String, Vec<f32>)> = [STREAM_CHUNK + 3, 0, 7, 2 * STREAM_CHUNK]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let v = (0..n).map(|j| (j as f32 * 0.25 - i as f32).sin()).collect();
+                (format!("s.{i}"), v)
+            })
+            .collect();
+        write_f32_safetensors(&path, &vectors).unwrap();
+        let back = load_safetensors(&path).unwrap();
+        assert_eq!(back.len(), vectors.len());
+        for (name, v) in &vectors {
+            assert_eq!(back[name].shape(), &[v.len()]);
+            assert_eq!(&back[name].to_vec_f32(), v, "{name}");
+        }
+        let bad = [("a\"b".to_string(), 1)];
+        assert!(write_f32_safetensors_with(&path, &bad, |_, _, _| {}).is_err());
+        std::fs::remove_file(&path).unwrap();
     }
 }

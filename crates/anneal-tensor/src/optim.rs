@@ -480,23 +480,25 @@ impl Moments {
         }
     }
 
-    /// The values in f32, from which [`Moments::from_values`] rebuilds this very state.
-    fn values(&self) -> Vec<f32> {
+    /// Values `from..from + out.len()` in f32, from which [`Moments::from_values`] rebuilds
+    /// this very state; `from` is a multiple of [`crate::quant8::BLOCK`].
+    fn read(&self, from: usize, out: &mut [f32]) {
+        let to = from + out.len();
         match self {
-            Moments::F32(v) => v.clone(),
-            Moments::BF16(v) => v
-                .iter()
-                .map(|&b| f32::from_bits((b as u32) << 16))
-                .collect(),
+            Moments::F32(v) => out.copy_from_slice(&v[from..to]),
+            Moments::BF16(v) => out
+                .iter_mut()
+                .zip(&v[from..to])
+                .for_each(|(o, &b)| *o = f32::from_bits((b as u32) << 16)),
             Moments::Int8 {
                 codes,
                 scales,
                 root,
             } => {
                 // √(r²) is r again in f32 (above squares that underflow, below 1e-19).
-                let mut out = vec![0.0; codes.len()];
-                int8_decode(codes, scales, *root, &mut out);
-                out
+                let b = crate::quant8::BLOCK;
+                debug_assert!(from.is_multiple_of(b));
+                int8_decode(&codes[from..to], &scales[from / b..], *root, out);
             }
         }
     }
@@ -590,25 +592,40 @@ fn master_copy(store: &ParamStore, keep: bool) -> Master {
     }
 }
 
-/// The master copy of a half-precision store in f32 (for checkpoints); `None` for f32 stores.
-fn master_values(master: &Master, store: &ParamStore) -> Option<Vec<f32>> {
+/// Whether a checkpoint saves a master copy: a half-precision store's that keeps one.
+fn has_master(master: &Master) -> bool {
+    matches!(master.values, MasterValues::Low(_) | MasterValues::Full(_))
+}
+
+/// Elements `from..from + out.len()` (of state order) of the master copy of a half-precision
+/// store that keeps one, in f32 (for checkpoints).
+fn read_master(master: &Master, store: &ParamStore, from: usize, out: &mut [f32]) {
+    let range = from..from + out.len();
     match &master.values {
-        MasterValues::None | MasterValues::Rounded => None,
+        MasterValues::None | MasterValues::Rounded => {
+            unreachable!("no master copy to read")
+        }
         // Values written since the last step win, as the next step will take them.
         _ if master.version != store.version() => {
-            Some(store.trainable_values(0..store.trainable_numel()))
+            out.copy_from_slice(&store.trainable_values(range))
         }
-        MasterValues::Full(m) => Some(m.clone()),
+        MasterValues::Full(m) => out.copy_from_slice(&m[range]),
         MasterValues::Low(lo) => {
             let data = store.data().read();
             let Buffer::BF16(hi) = &*data else {
                 unreachable!("low halves belong to a bf16 store")
             };
-            let mut out = vec![0.0f32; lo.len()];
             for (_, d, s) in store.trainable_ranges() {
-                crate::kernels::join_bf16(&hi[d], &lo[s.clone()], &mut out[s]);
+                let (a, b) = (s.start.max(range.start), s.end.min(range.end));
+                if a < b {
+                    let at = d.start + (a - s.start);
+                    crate::kernels::join_bf16(
+                        &hi[at..at + (b - a)],
+                        &lo[a..b],
+                        &mut out[a - from..b - from],
+                    );
+                }
             }
-            Some(out)
         }
     }
 }
@@ -681,8 +698,29 @@ pub trait Optimizer: Send {
     /// Bytes of optimizer state.
     fn state_bytes(&self) -> usize;
 
+    /// The names and lengths of the state's flat f32 vectors, in the order [`Optimizer::state`]
+    /// returns them.
+    fn state_layout(&self) -> Vec<(String, usize)>;
+
+    /// Elements `from..from + out.len()` of state vector `index` ([`Optimizer::state_layout`]'s
+    /// order) in f32, `from` a multiple of [`STATE_CHUNK`]: a checkpoint streams the state
+    /// through this a chunk at a time instead of holding an f32 copy of it.
+    fn read_state(&self, store: &ParamStore, index: usize, from: usize, out: &mut [f32]);
+
     /// The state as named flat f32 vectors in the store's state order (what a checkpoint saves).
-    fn state(&self, store: &ParamStore) -> Vec<(String, Vec<f32>)>;
+    fn state(&self, store: &ParamStore) -> Vec<(String, Vec<f32>)> {
+        self.state_layout()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (name, n))| {
+                let mut v = vec![0.0; n];
+                for (c, out) in v.chunks_mut(STATE_CHUNK).enumerate() {
+                    self.read_state(store, i, c * STATE_CHUNK, out);
+                }
+                (name, v)
+            })
+            .collect()
+    }
 
     /// Restores [`Optimizer::state`] after the parameters have been loaded into `store`, so a
     /// master copy is not re-read from the rounded parameters. Fails naming a missing or
@@ -694,6 +732,9 @@ pub trait Optimizer: Send {
         state: &HashMap<String, Vec<f32>>,
     ) -> crate::Result<()>;
 }
+
+/// Elements per piece of [`Optimizer::read_state`] (whole 8-bit blocks).
+pub const STATE_CHUNK: usize = 64 * crate::quant8::BLOCK;
 
 /// Takes the state vector `name` of `n` elements out of `state`.
 fn state_vector(
@@ -853,7 +894,11 @@ impl AdamW {
     /// `None` for f32 stores. For a bf16 store it is rebuilt from the store and the low halves
     /// the optimizer keeps.
     pub fn master(&self, store: &ParamStore) -> Option<Vec<f32>> {
-        master_values(&self.master, store)
+        has_master(&self.master).then(|| {
+            let mut out = vec![0.0; self.m.len()];
+            read_master(&self.master, store, 0, &mut out);
+            out
+        })
     }
 }
 
@@ -910,17 +955,23 @@ impl Optimizer for AdamW {
         self.m.bytes() + self.v.bytes() + self.master.bytes()
     }
 
-    /// The moments as f32 values, whatever their storage: 16- and 8-bit moments are kept exactly
-    /// (loading them into the same kind rebuilds the same bits; into another kind converts).
-    fn state(&self, store: &ParamStore) -> Vec<(String, Vec<f32>)> {
-        let mut out = vec![
-            ("adam.m".to_string(), self.m.values()),
-            ("adam.v".to_string(), self.v.values()),
-        ];
-        if let Some(master) = self.master(store) {
-            out.push(("adam.master".to_string(), master));
+    /// The moments and a master copy: 16- and 8-bit moments are read exactly as f32 (loading
+    /// them into the same kind rebuilds the same bits; into another kind converts).
+    fn state_layout(&self) -> Vec<(String, usize)> {
+        let n = self.m.len();
+        let mut out = vec![("adam.m".to_string(), n), ("adam.v".to_string(), n)];
+        if has_master(&self.master) {
+            out.push(("adam.master".to_string(), n));
         }
         out
+    }
+
+    fn read_state(&self, store: &ParamStore, index: usize, from: usize, out: &mut [f32]) {
+        match index {
+            0 => self.m.read(from, out),
+            1 => self.v.read(from, out),
+            _ => read_master(&self.master, store, from, out),
+        }
     }
 
     fn load_state(
@@ -1021,12 +1072,20 @@ impl Optimizer for Sgd {
         self.buf.bytes() + self.master.bytes()
     }
 
-    fn state(&self, store: &ParamStore) -> Vec<(String, Vec<f32>)> {
-        let mut out = vec![("sgd.momentum".to_string(), self.buf.values())];
-        if let Some(master) = master_values(&self.master, store) {
-            out.push(("sgd.master".to_string(), master));
+    fn state_layout(&self) -> Vec<(String, usize)> {
+        let n = self.buf.len();
+        let mut out = vec![("sgd.momentum".to_string(), n)];
+        if has_master(&self.master) {
+            out.push(("sgd.master".to_string(), n));
         }
         out
+    }
+
+    fn read_state(&self, store: &ParamStore, index: usize, from: usize, out: &mut [f32]) {
+        match index {
+            0 => self.buf.read(from, out),
+            _ => read_master(&self.master, store, from, out),
+        }
     }
 
     fn load_state(

@@ -103,16 +103,47 @@ impl Default for ParamGroup {
 }
 
 /// Collects parameter declarations, then lays them out flat.
-#[derive(Default)]
 pub struct ParamStoreBuilder {
     infos: Vec<ParamInfo>,
-    values: Vec<f32>,
+    /// The values declared so far, in the dtype the store is expected in.
+    values: Buffer,
+}
+
+impl Default for ParamStoreBuilder {
+    fn default() -> Self {
+        ParamStoreBuilder {
+            infos: Vec::new(),
+            values: Buffer::F32(Vec::new()),
+        }
+    }
 }
 
 impl ParamStoreBuilder {
     /// An empty builder.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty builder for a store of `dtype` holding about `elements` values: each value is
+    /// rounded as it is declared and the buffer is allocated once, so building a large 16-bit
+    /// model never holds its f32 values (measured on a 191M-parameter bf16 GPT: construction
+    /// peaked at 1,863 MB RSS and left 750 MB with the allocator, from an f32 buffer grown by
+    /// doubling and converted at the end).
+    pub fn with_capacity(dtype: DType, elements: usize) -> Self {
+        let values = match dtype {
+            DType::F32 => Buffer::F32(Vec::with_capacity(elements)),
+            DType::BF16 => Buffer::BF16(Vec::with_capacity(elements)),
+            DType::F16 => Buffer::F16(Vec::with_capacity(elements)),
+        };
+        ParamStoreBuilder {
+            infos: Vec::new(),
+            values,
+        }
+    }
+
+    /// True before any parameter is declared.
+    pub fn is_empty(&self) -> bool {
+        self.infos.is_empty()
     }
 
     /// Declares a parameter with its initial value.
@@ -124,7 +155,11 @@ impl ParamStoreBuilder {
             ));
         }
         let offset = self.values.len();
-        self.values.extend(init.to_vec_f32());
+        init.with_f32(|v| match &mut self.values {
+            Buffer::F32(out) => out.extend_from_slice(v),
+            Buffer::BF16(out) => out.extend(v.iter().map(|&x| half::bf16::from_f32(x))),
+            Buffer::F16(out) => out.extend(v.iter().map(|&x| half::f16::from_f32(x))),
+        });
         self.infos.push(ParamInfo {
             name: name.to_string(),
             shape: init.shape().to_vec(),
@@ -142,7 +177,14 @@ impl ParamStoreBuilder {
     pub fn build(self, dtype: DType) -> ParamStore {
         let total = self.values.len();
         let count = self.infos.len();
-        let data = Arc::new(Storage::new(Buffer::from_f32(self.values, dtype)));
+        let values = if self.values.dtype() == dtype {
+            self.values
+        } else {
+            let mut wide = vec![0.0; total];
+            self.values.read_range_f32(0, &mut wide);
+            Buffer::from_f32(wide, dtype)
+        };
+        let data = Arc::new(Storage::new(values));
         let mut store = ParamStore {
             version: std::sync::atomic::AtomicU64::new(0),
             dtype,

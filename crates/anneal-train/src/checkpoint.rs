@@ -205,10 +205,20 @@ pub fn save(
         root,
         &params.named(),
         state_layout(params),
-        optimizer,
+        OptimizerState::Gathered(optimizer),
         objective,
         state,
     )
+}
+
+/// Where a checkpoint's optimizer state comes from.
+pub enum OptimizerState<'a> {
+    /// Whole f32 vectors (gathered from the ranks that hold shards of it).
+    Gathered(Vec<(String, Vec<f32>)>),
+    /// An optimizer holding the whole state itself, read a piece at a time as the file is
+    /// written ([`anneal_tensor::Optimizer::read_state`]): 8- and 16-bit moments are never
+    /// widened into whole f32 copies.
+    InPlace(&'a dyn anneal_tensor::Optimizer, &'a ParamStore),
 }
 
 /// [`save`] of a model held in slices across ranks, from its whole parameters `named` and the
@@ -217,7 +227,7 @@ pub fn save_whole(
     root: &Path,
     named: &[(String, Tensor)],
     layout: Vec<(String, usize)>,
-    optimizer: Vec<(String, Vec<f32>)>,
+    optimizer: OptimizerState<'_>,
     objective: Vec<(String, Vec<f32>)>,
     mut state: TrainerState,
 ) -> Result<PathBuf> {
@@ -239,18 +249,26 @@ pub fn save_whole(
         state.files.insert(name.to_string(), check_file(path)?);
         Ok(())
     };
-    let mut vectors = vec![("optimizer.safetensors", optimizer)];
-    if !objective.is_empty() {
-        vectors.push(("objective.safetensors", objective));
-    }
     let written = (|| -> Result<()> {
         let path = tmp.join("model.safetensors");
         anneal_tensor::io::write_safetensors(&path, named)?;
         finish("model.safetensors", &path)?;
-        for (name, state) in &vectors {
-            let path = tmp.join(name);
-            anneal_tensor::io::write_f32_safetensors(&path, state)?;
-            finish(name, &path)?;
+        let path = tmp.join("optimizer.safetensors");
+        match &optimizer {
+            OptimizerState::Gathered(state) => {
+                anneal_tensor::io::write_f32_safetensors(&path, state)?
+            }
+            OptimizerState::InPlace(opt, store) => anneal_tensor::io::write_f32_safetensors_with(
+                &path,
+                &opt.state_layout(),
+                |i, from, out| opt.read_state(store, i, from, out),
+            )?,
+        }
+        finish("optimizer.safetensors", &path)?;
+        if !objective.is_empty() {
+            let path = tmp.join("objective.safetensors");
+            anneal_tensor::io::write_f32_safetensors(&path, &objective)?;
+            finish("objective.safetensors", &path)?;
         }
         Ok(())
     })();

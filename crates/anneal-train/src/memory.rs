@@ -31,6 +31,7 @@
 //!   its corpus, whose pages sampling touches, and 3 MB of bookkeeping: tokenizer, logs).
 
 use crate::config::RunConfig;
+use anneal_tensor::backend::KernelPath;
 use anneal_tensor::DType;
 use anyhow::Result;
 
@@ -88,8 +89,13 @@ impl MemoryBound {
             optimizer: self.optimizer / sharded as f64 / tp,
             activations: self.activations / layout.ranks() as f64,
             caches: self.caches / layout.ranks() as f64,
-            // Rank 0 gathers the whole state to write it.
-            checkpoint: self.checkpoint,
+            // Rank 0 of several gathers the whole state to write it; one device writes it
+            // from the optimizer's own storage.
+            checkpoint: if layout.ranks() == 1 {
+                STREAMED_CHECKPOINT
+            } else {
+                self.checkpoint
+            },
             process: self.process,
         }
     }
@@ -186,16 +192,35 @@ pub fn lower_bound(config: &RunConfig, vocab_size: usize) -> Result<MemoryBound>
         gradients: config.grad_dtype()?.size_in_bytes() as f64 * params,
         optimizer: adamw.state_bytes_per_param(gpt.dtype) * params,
         activations,
-        // The buffer cache also keeps the f32 copies 16-bit weights are widened into for the
-        // products (measured: 3 bytes a parameter on GPTs of 14M and 57M parameters).
+        // Where bf16 products widen their operands (no bf16 arithmetic on this CPU, or f16),
+        // the buffer cache also keeps the f32 copies 16-bit weights are widened into (measured:
+        // 3 bytes a parameter on GPTs of 14M and 57M parameters); the bf16 kernels read them in
+        // place.
         caches: 3.0 * MB
             + transients * tokens * d * 4.0
             + 0.45 * 4.0 * params
-            + if store < 4.0 { 3.0 * params } else { 0.0 },
+            + if widens_weights(gpt.dtype) {
+                3.0 * params
+            } else {
+                0.0
+            },
         checkpoint: 0.0,
         process: PROCESS_BYTES,
     })
 }
+
+/// Whether products of a `dtype` store widen its weights into f32 copies on this CPU.
+fn widens_weights(dtype: DType) -> bool {
+    match dtype {
+        DType::F32 => false,
+        DType::BF16 => anneal_tensor::backend::kernel_path() == KernelPath::Widening,
+        DType::F16 => true,
+    }
+}
+
+/// Bytes a checkpoint written from the optimizer's own storage holds while it writes: one piece
+/// of state in f32 and the file's write buffer.
+const STREAMED_CHECKPOINT: f64 = 4.0 * anneal_tensor::io::STREAM_CHUNK as f64 + MB;
 
 /// [`lower_bound`] for `anneal pretrain`: with a checkpoint written every so often and the
 /// corpus of `corpus_bytes` mapped.

@@ -94,6 +94,13 @@ pub trait Strategy: Send {
         Ok(Some(optimizer.state(model.params())))
     }
 
+    /// True where this rank's optimizer holds the whole state a checkpoint saves and no other
+    /// rank takes part in saving it (one device): the checkpoint is then written from the
+    /// optimizer's own storage instead of [`Strategy::gather_optimizer_state`]'s f32 copy.
+    fn holds_whole_optimizer_state(&self) -> bool {
+        false
+    }
+
     /// The mean next-token loss of `windows` without gradients, where the strategy must run the
     /// model itself (a pipeline's stages, collective over them): `Some` on every rank; `None`
     /// where the trainer runs the model whole.
@@ -164,6 +171,10 @@ pub struct SingleDevice;
 impl Strategy for SingleDevice {
     fn describe(&self) -> String {
         "single device".into()
+    }
+
+    fn holds_whole_optimizer_state(&self) -> bool {
+        true
     }
 
     fn step(

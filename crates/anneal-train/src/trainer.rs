@@ -381,9 +381,18 @@ impl Trainer {
     /// the checkpoint and returns its path (the others return `None`). The checkpoint is the same
     /// whatever the layout, so it resumes under any other.
     pub fn save(&self, root: &Path, mut state: TrainerState) -> Result<Option<PathBuf>> {
-        let optimizer = self
-            .strategy
-            .gather_optimizer_state(&*self.model, &*self.optimizer)?;
+        // A strategy whose rank holds the whole state lets the file be written from it in
+        // place; the others gather it (collectively).
+        let optimizer = if self.strategy.holds_whole_optimizer_state() {
+            Some(checkpoint::OptimizerState::InPlace(
+                &*self.optimizer,
+                self.model.params(),
+            ))
+        } else {
+            self.strategy
+                .gather_optimizer_state(&*self.model, &*self.optimizer)?
+                .map(checkpoint::OptimizerState::Gathered)
+        };
         let named = self.strategy.gather_parameters(&*self.model)?;
         let (Some(optimizer), Some(named)) = (optimizer, named) else {
             return Ok(None);

@@ -102,6 +102,18 @@ impl Builder {
         }
     }
 
+    /// Declares the parameters straight into a store of `dtype` sized for about `elements`
+    /// values ([`ParamStoreBuilder::with_capacity`]), so a large 16-bit model is never held in
+    /// f32 while it is built. Call before declaring any parameter.
+    pub fn storing(mut self, dtype: DType, elements: usize) -> Builder {
+        debug_assert!(
+            self.params.is_empty(),
+            "storing() after parameters were declared"
+        );
+        self.params = ParamStoreBuilder::with_capacity(dtype, elements);
+        self
+    }
+
     /// Leaves every weight but the adapters at zero rather than drawing it: for a model whose
     /// weights are loaded right after (drawing SmolLM2's 135M weights costs seconds).
     pub fn for_loading(mut self) -> Builder {
