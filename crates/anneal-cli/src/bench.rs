@@ -953,7 +953,7 @@ fn precision(b: &GptBench) -> Result<()> {
     let params = runs[0].1.params as f64;
     println!(
         "\n{} parameters; bytes per parameter: (peak RSS − process) / parameters, beside \
-         parameters + f32 gradients + optimizer state by arithmetic",
+         parameters + gradients + optimizer state by arithmetic",
         runs[0].1.params
     );
     println!(

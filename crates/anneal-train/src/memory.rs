@@ -22,11 +22,16 @@
 //!   reuse) and the optimizer's per-thread scratch. These are measured, not derived: fitted on
 //!   `anneal bench gpt` runs of four shapes × three precision modes × three policies on 2
 //!   threads, they come to about 29 (selective), 35 (full) or 25 (none) f32 activations of
-//!   B·T·d each, plus 1.8 bytes a parameter (0.45× f32 gradients) and 3 MB; the fit leaves every one of those 36
-//!   runs within 8% of its peak RSS. A 16-bit store adds the f32 copies its weights are widened
-//!   into for the products, which the buffer cache keeps (3 bytes a parameter measured);
-//! - a checkpoint being written, when a run's memory peaks again after its steps: the optimizer
-//!   state gathered as f32 vectors (the files are written from the buffers without a copy);
+//!   B·T·d each, plus 3 MB; the fit leaves every one of those 36 runs within 8% of its peak
+//!   RSS. Large models at batch 1 (12-layer GPTs of 72M–340M parameters in f32 and the leanest
+//!   mode) add 0.3 bytes a parameter (the weight gradients' f32 buffers the cache keeps, one
+//!   per shape). A 16-bit store whose products widen (no bf16 arithmetic on the CPU, or f16)
+//!   adds the f32 copies its weights are widened into, which the buffer cache keeps (3 bytes a
+//!   parameter measured);
+//! - a checkpoint being written, when a run's memory peaks again after its steps: on one device
+//!   a piece of the optimizer state at a time, read from its own storage; over several ranks
+//!   the state rank 0 gathers as f32 vectors (the files are written from the buffers without a
+//!   copy);
 //! - the process itself before the model (runtime and binary, 7.2 MB; a pretraining run adds
 //!   its corpus, whose pages sampling touches, and 3 MB of bookkeeping: tokenizer, logs).
 
@@ -198,7 +203,7 @@ pub fn lower_bound(config: &RunConfig, vocab_size: usize) -> Result<MemoryBound>
         // place.
         caches: 3.0 * MB
             + transients * tokens * d * 4.0
-            + 0.45 * 4.0 * params
+            + 0.3 * params
             + if widens_weights(gpt.dtype) {
                 3.0 * params
             } else {
