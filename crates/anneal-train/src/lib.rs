@@ -33,6 +33,7 @@
 //! This crate is the application layer between the libraries and the binary: its errors are
 //! `anyhow` errors carrying the file, key or value at fault.
 
+pub mod align;
 pub mod bert_pretrain;
 pub mod chat;
 pub mod chat_sft;

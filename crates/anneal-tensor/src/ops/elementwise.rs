@@ -327,6 +327,7 @@ enum Unary {
     GeluErf,
     Silu,
     Sigmoid,
+    LogSigmoid,
     Tanh,
     Exp,
     Log,
@@ -351,6 +352,7 @@ impl Unary {
             Unary::GeluErf => "gelu",
             Unary::Silu => "silu",
             Unary::Sigmoid => "sigmoid",
+            Unary::LogSigmoid => "log_sigmoid",
             Unary::Tanh => "tanh",
             Unary::Exp => "exp",
             Unary::Log => "log",
@@ -371,6 +373,8 @@ impl Unary {
             Unary::GeluErf => x * crate::kernels::fast_normal_cdf(x),
             Unary::Silu => x / (1.0 + crate::kernels::fast_exp(-x)),
             Unary::Sigmoid => 1.0 / (1.0 + crate::kernels::fast_exp(-x)),
+            // min(x, 0) − ln(1 + e^−|x|): no overflow for any x, exact where e^−|x| is tiny.
+            Unary::LogSigmoid => x.min(0.0) - (-x.abs()).exp().ln_1p(),
             Unary::Tanh => crate::kernels::fast_tanh(x),
             Unary::Exp => x.exp(),
             Unary::Log => x.ln(),
@@ -409,6 +413,8 @@ impl Unary {
                 let s = 1.0 / (1.0 + crate::kernels::fast_exp(-x));
                 s * (1.0 - s)
             }
+            // d/dx ln σ(x) = 1 − σ(x) = σ(−x).
+            Unary::LogSigmoid => 1.0 / (1.0 + x.exp()),
             Unary::Tanh => {
                 let t = crate::kernels::fast_tanh(x);
                 1.0 - t * t
@@ -476,6 +482,10 @@ macro_rules! with_forward {
                 let $f = |x: f32| Unary::Sigmoid.forward(x);
                 $body
             }
+            Unary::LogSigmoid => {
+                let $f = |x: f32| Unary::LogSigmoid.forward(x);
+                $body
+            }
             Unary::Tanh => {
                 let $f = |x: f32| Unary::Tanh.forward(x);
                 $body
@@ -508,6 +518,7 @@ fn derivative_all<X: Widen>(op: Unary, out: &mut [f32], g: &[f32], x: &[X]) {
         Unary::GeluErf => zip_into(out, g, x, |g, x| g * Unary::GeluErf.derivative(x)),
         Unary::Silu => zip_into(out, g, x, |g, x| g * Unary::Silu.derivative(x)),
         Unary::Sigmoid => zip_into(out, g, x, |g, x| g * Unary::Sigmoid.derivative(x)),
+        Unary::LogSigmoid => zip_into(out, g, x, |g, x| g * Unary::LogSigmoid.derivative(x)),
         Unary::Tanh => zip_into(out, g, x, |g, x| g * Unary::Tanh.derivative(x)),
         Unary::Exp => zip_into(out, g, x, |g, x| g * x.exp()),
         Unary::Log => zip_into(out, g, x, |g, x| g / x),
@@ -600,6 +611,12 @@ impl Tensor {
     pub fn sigmoid(&self) -> Tensor {
         unary(self, Unary::Sigmoid)
     }
+
+    /// ln σ(x), computed without overflow for any x (the log-likelihood of a logistic
+    /// preference: Bradley–Terry and DPO losses are −ln σ of a margin).
+    pub fn log_sigmoid(&self) -> Tensor {
+        unary(self, Unary::LogSigmoid)
+    }
     /// The hyperbolic tangent (BERT's pooler).
     pub fn tanh(&self) -> Tensor {
         unary(self, Unary::Tanh)
@@ -688,7 +705,16 @@ mod tests {
         assert_grads(|x| Ok(x[0].gelu()), &[x.clone()]);
         assert_grads(|x| Ok(x[0].silu()), &[x.clone()]);
         assert_grads(|x| Ok(x[0].sigmoid()), &[x.clone()]);
+        assert_grads(|x| Ok(x[0].log_sigmoid()), &[x.clone()]);
         assert_grads(|x| Ok(x[0].tanh()), &[x.clone()]);
+        // ln σ at the extremes: −x far left (no overflow), −e⁻ˣ far right (no loss to 1).
+        let l = Tensor::from_f32(vec![-100.0, 0.0, 30.0], &[3])
+            .unwrap()
+            .log_sigmoid()
+            .to_vec_f32();
+        assert_eq!(l[0], -100.0);
+        assert!((l[1] - (-std::f32::consts::LN_2)).abs() < 1e-7, "{}", l[1]);
+        assert!((l[2] + (-30.0f32).exp()).abs() < 1e-18, "{}", l[2]);
         let t = Tensor::from_f32(vec![-20.0, -0.5, 0.0, 1.0], &[4])
             .unwrap()
             .tanh();

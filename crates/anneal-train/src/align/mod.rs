@@ -1,0 +1,14 @@
+//! Alignment: preference data, reward models, DPO and PPO-RLHF (InstructGPT, Ouyang et al. 2022;
+//! DPO, Rafailov et al. 2023), built on the fine-tuning of pretrained models and LoRA.
+//!
+//! The pieces here are the arithmetic every alignment method shares, each tested against values
+//! computed by hand:
+//! - [`prefs`]: preference pairs in the common JSONL layout (`prompt`, `chosen`, `rejected`),
+//!   bad lines counted and reported with file and line, never fatal;
+//! - [`losses`]: the Bradley–Terry pairwise loss of a reward model and the DPO loss;
+//! - [`rl`]: generalised advantage estimation, advantage whitening, the per-token KL penalty and a
+//!   KL estimate that cannot go negative, and PPO's clipped policy and value losses.
+
+pub mod losses;
+pub mod prefs;
+pub mod rl;
