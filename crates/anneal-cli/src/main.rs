@@ -1,5 +1,6 @@
 //! The `anneal` binary: one subcommand per job.
 
+mod align;
 mod bench;
 mod bench_generate;
 mod bench_lenet;
@@ -81,6 +82,9 @@ enum Command {
     /// Example: anneal finetune --config configs/bbc-minilm.toml --set train.method=lora
     #[command(verbatim_doc_comment)]
     Finetune(finetune::FinetuneArgs),
+    /// Alignment: preference and verifiable-task data, reward models, DPO, PPO.
+    #[command(subcommand)]
+    Align(align::AlignCommand),
     /// Rank every parallel layout (data, tensor, pipeline, expert parallelism, ZeRO stage,
     /// recomputation) of a model on a cluster by estimated step time, with memory per device,
     /// exposed communication and MFU; recommends the fastest that fits.
@@ -138,6 +142,7 @@ fn main() -> anyhow::Result<()> {
     let pool = anneal_train::machine::threads(threads.unwrap_or(0));
     anneal_tensor::with_threads(pool, || match command {
         Command::Data(c) => data::run(c),
+        Command::Align(c) => align::run(c),
         Command::Pretrain(a) => run::pretrain(a),
         Command::Generate(a) => run::generate(a),
         Command::Chat(a) => chat::run(a),

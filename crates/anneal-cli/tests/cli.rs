@@ -417,3 +417,47 @@ fn bench_curate_and_dedup_run_with_the_reference_off() {
         assert!(text.contains("datatrove side off"), "{command}: {text}");
     }
 }
+
+#[test]
+fn align_data_writes_disjoint_task_sets_and_names_an_unknown_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("align");
+    let o = anneal(&[
+        "align",
+        "data",
+        "--sft",
+        "30",
+        "--preferences",
+        "20",
+        "--rl",
+        "10",
+        "--eval",
+        "9",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for (file, lines) in [
+        ("sft.jsonl", 30),
+        ("preferences.jsonl", 20),
+        ("rl-prompts.jsonl", 10),
+        ("eval.jsonl", 9),
+    ] {
+        let text = std::fs::read_to_string(out.join(file)).unwrap();
+        assert_eq!(text.lines().count(), lines, "{file}");
+    }
+    let o = anneal(&[
+        "align",
+        "data",
+        "--tasks",
+        "poetry",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("\"poetry\" is not a task: arithmetic, units, sorting"),
+        "{err}"
+    );
+}

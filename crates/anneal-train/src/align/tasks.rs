@@ -171,7 +171,7 @@ fn problem(kind: TaskKind, template: usize, split: Split, rng: &mut Rng) -> Prob
         TaskKind::Arithmetic => {
             let op = ARITHMETIC_OP[template];
             let (a, b) = match op {
-                '*' => (number(rng, split, 2, 12), number(rng, split, 2, 12)),
+                '*' => (number(rng, split, 2, 40), number(rng, split, 2, 40)),
                 _ => (number(rng, split, 10, 99), number(rng, split, 2, 49)),
             };
             // Differences stay positive: the larger number first.
@@ -188,7 +188,7 @@ fn problem(kind: TaskKind, template: usize, split: Split, rng: &mut Rng) -> Prob
         }
         TaskKind::Units => {
             let (from, to, factor, text) = UNITS[template];
-            let a = number(rng, split, 2, 30);
+            let a = number(rng, split, 2, 999);
             let text = text
                 .replace("{a}", &a.to_string())
                 .replace("{from}", from)
@@ -215,6 +215,162 @@ fn problem(kind: TaskKind, template: usize, split: Split, rng: &mut Rng) -> Prob
         answer,
         template,
     }
+}
+
+/// A wrong reply in the gold reply's form, made by a rule: a number off by 1 to 10, or a
+/// sorted list with two neighbours swapped (the rejected side of a rule-ranked preference pair).
+pub fn wrong_reply(p: &Problem, rng: &mut Rng) -> String {
+    let wrong = match p.kind {
+        TaskKind::Sorting => {
+            let mut items: Vec<&str> = p.answer.split(", ").collect();
+            let i = (rng.next_u64() % (items.len() as u64 - 1)) as usize;
+            items.swap(i, i + 1);
+            items.join(", ")
+        }
+        _ => {
+            let n: i64 = p.answer.parse().unwrap_or(0);
+            let off = 1 + (rng.next_u64() % 10) as i64;
+            let off = if rng.next_u64().is_multiple_of(2) || n - off < 0 {
+                off
+            } else {
+                -off
+            };
+            (n + off).to_string()
+        }
+    };
+    format!("The answer is {wrong}.")
+}
+
+/// The sizes of the disjoint sets [`task_data`] draws.
+#[derive(Clone, Copy, Debug)]
+pub struct TaskDataSizes {
+    /// Supervised fine-tuning problems (prompt and gold reply).
+    pub sft: usize,
+    /// Rule-ranked preference pairs (gold reply over a wrong one), for reward models and DPO.
+    pub preferences: usize,
+    /// Prompts for reinforcement learning (rewarded by the answer).
+    pub rl: usize,
+    /// Held-out evaluation problems (new numbers and templates).
+    pub eval: usize,
+}
+
+/// Problems of the training split for the SFT, preference and RL sets (no prompt in two of
+/// them) and held-out problems for evaluation, spread evenly over `kinds`.
+pub struct TaskData {
+    /// SFT problems.
+    pub sft: Vec<Problem>,
+    /// Preference pairs with the problem each came from.
+    pub preferences: Vec<(Problem, crate::align::prefs::PreferencePair)>,
+    /// RL prompts.
+    pub rl: Vec<Problem>,
+    /// Held-out problems.
+    pub eval: Vec<Problem>,
+}
+
+/// Draws [`TaskData`] from `seed`. Training problems repeat (a few thousand prompts cover the
+/// templates and numbers many times), so a prompt drawn for one set is skipped for the others.
+pub fn task_data(kinds: &[TaskKind], sizes: TaskDataSizes, seed: u64) -> TaskData {
+    let mut seen = std::collections::HashSet::new();
+    let mut rng = Rng::new(seed);
+    let take = |split: Split, n: usize, salt: u64, seen: &mut std::collections::HashSet<String>| {
+        let mut out = Vec::with_capacity(n);
+        let mut round = 0u64;
+        while out.len() < n && round < 64 {
+            for (k, &kind) in kinds.iter().enumerate() {
+                let want = (n - out.len()).div_ceil(kinds.len() - k).max(1);
+                let batch = generate(
+                    kind,
+                    split,
+                    4 * want,
+                    seed ^ (salt << 32) ^ (round << 8) ^ k as u64,
+                );
+                let mut got = 0;
+                for p in batch {
+                    if got == want || out.len() == n {
+                        break;
+                    }
+                    if seen.insert(p.prompt.clone()) {
+                        out.push(p);
+                        got += 1;
+                    }
+                }
+            }
+            round += 1;
+        }
+        out
+    };
+    let eval = take(Split::HeldOut, sizes.eval, 1, &mut seen);
+    let sft = take(Split::Train, sizes.sft, 2, &mut seen);
+    let preferences = take(Split::Train, sizes.preferences, 3, &mut seen)
+        .into_iter()
+        .map(|p| {
+            let pair = crate::align::prefs::PreferencePair {
+                prompt: p.prompt.clone(),
+                chosen: p.gold_reply(),
+                rejected: wrong_reply(&p, &mut rng),
+            };
+            (p, pair)
+        })
+        .collect();
+    let rl = take(Split::Train, sizes.rl, 4, &mut seen);
+    TaskData {
+        sft,
+        preferences,
+        rl,
+        eval,
+    }
+}
+
+/// A problem as one JSONL record: its kind, prompt and answer, and the gold reply.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Record<'a> {
+    task: &'a str,
+    prompt: &'a str,
+    answer: &'a str,
+    reply: String,
+}
+
+/// Writes `data` into `dir` as JSONL (`sft.jsonl`, `preferences.jsonl`, `rl-prompts.jsonl`,
+/// `eval.jsonl`; problems as `task`, `prompt`, `answer`, `reply` records, preference pairs as
+/// `prompt`, `chosen`, `rejected`) and returns each file with its line count.
+pub fn write_task_data(
+    dir: &std::path::Path,
+    data: &TaskData,
+) -> anyhow::Result<Vec<(std::path::PathBuf, usize)>> {
+    use anyhow::Context;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let problems = |ps: &[Problem]| -> anyhow::Result<String> {
+        let mut out = String::new();
+        for p in ps {
+            out.push_str(&serde_json::to_string(&Record {
+                task: p.kind.name(),
+                prompt: &p.prompt,
+                answer: &p.answer,
+                reply: p.gold_reply(),
+            })?);
+            out.push('\n');
+        }
+        Ok(out)
+    };
+    let mut written = Vec::new();
+    for (name, text, n) in [
+        ("sft.jsonl", problems(&data.sft)?, data.sft.len()),
+        ("rl-prompts.jsonl", problems(&data.rl)?, data.rl.len()),
+        ("eval.jsonl", problems(&data.eval)?, data.eval.len()),
+    ] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        written.push((path, n));
+    }
+    let path = dir.join("preferences.jsonl");
+    let pairs: Vec<_> = data
+        .preferences
+        .iter()
+        .map(|(_, pair)| pair.clone())
+        .collect();
+    crate::align::prefs::write_preferences(&path, &pairs)?;
+    written.push((path, pairs.len()));
+    Ok(written)
 }
 
 fn join(list: &[u64]) -> String {
@@ -314,6 +470,50 @@ mod tests {
             }
             // Deterministic in the seed.
             assert_eq!(generate(kind, Split::Train, 5, 1), train[..5].to_vec());
+        }
+    }
+
+    #[test]
+    fn the_sets_are_disjoint_and_rule_ranked_pairs_prefer_the_right_answer() {
+        let kinds: Vec<TaskKind> = TaskKind::ALL.iter().map(|(_, k)| *k).collect();
+        let sizes = TaskDataSizes {
+            sft: 300,
+            preferences: 200,
+            rl: 100,
+            eval: 90,
+        };
+        let d = task_data(&kinds, sizes, 7);
+        assert_eq!(
+            (d.sft.len(), d.preferences.len(), d.rl.len(), d.eval.len()),
+            (300, 200, 100, 90)
+        );
+        let mut prompts: Vec<&str> = d.sft.iter().map(|p| p.prompt.as_str()).collect();
+        prompts.extend(d.preferences.iter().map(|(p, _)| p.prompt.as_str()));
+        prompts.extend(d.rl.iter().map(|p| p.prompt.as_str()));
+        prompts.extend(d.eval.iter().map(|p| p.prompt.as_str()));
+        let n = prompts.len();
+        prompts.sort_unstable();
+        prompts.dedup();
+        assert_eq!(prompts.len(), n, "no prompt in two sets");
+        for kind in &kinds {
+            assert!(
+                d.eval.iter().filter(|p| p.kind == *kind).count() >= 25,
+                "{kind:?}"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let files = write_task_data(dir.path(), &d).unwrap();
+        assert_eq!(files.iter().map(|(_, n)| n).sum::<usize>(), 690);
+        let back =
+            crate::align::prefs::read_preferences(&[dir.path().join("preferences.jsonl")]).unwrap();
+        assert_eq!((back.pairs.len(), back.bad.len()), (200, 0));
+        let eval = std::fs::read_to_string(dir.path().join("eval.jsonl")).unwrap();
+        let first: serde_json::Value = serde_json::from_str(eval.lines().next().unwrap()).unwrap();
+        assert_eq!(first["answer"], d.eval[0].answer.as_str());
+        for (p, pair) in &d.preferences {
+            assert_eq!(p.reward(&pair.chosen), 1.0);
+            assert_eq!(p.reward(&pair.rejected), 0.0, "{pair:?}");
+            assert_ne!(pair.chosen, pair.rejected);
         }
     }
 
