@@ -342,11 +342,23 @@ impl Llama {
         seq: usize,
         dropout: Option<DropoutKey>,
     ) -> Result<Tensor> {
+        self.hidden_in(self.weights().with_dropout(dropout), ids, batch, seq)
+    }
+
+    /// Logits `[B·T, vocab]` of the base model, every LoRA adapter switched off and no dropout:
+    /// the reference model of alignment methods, read from the policy's own frozen weights.
+    pub fn forward_base(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {
+        let w = self.weights().without_adapters();
+        let x = self.hidden_in(w.clone(), ids, batch, seq)?;
+        self.head(&w, &x, batch * seq)
+    }
+
+    fn hidden_in(&self, w: Weights, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {
         let op = "Llama::forward";
         self.check_positions(op, 0, seq)?;
         let c = &self.config;
         let p_drop = c.dropout;
-        let w = self.weights().with_dropout(dropout);
+        let dropout = w.dropout_key();
         let mut x = self.embed.forward(&w, ids, &[batch, seq], op)?;
         for (index, block) in self.blocks.iter().enumerate() {
             let key = dropout.map(|key| crate::layers::layer_key(key, index));
@@ -512,6 +524,51 @@ mod tests {
         for (a, b) in full.iter().zip(&stepped) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
+    }
+
+    #[test]
+    fn adapters_switched_off_compute_the_base_model() {
+        use crate::layers::LoraConfig;
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+            dropout: 0.0,
+        };
+        let m = Llama::with_lora(tiny(), 3, lora).unwrap();
+        let set_b = |scale: f32| {
+            for (name, t) in m.params.named() {
+                if name.ends_with("lora_B.weight") {
+                    let v = (0..t.numel())
+                        .map(|i| ((i % 7) as f32 - 3.0) * scale)
+                        .collect();
+                    let id = m.params.id(&name).unwrap();
+                    m.params
+                        .set(id, &Tensor::from_f32(v, t.shape()).unwrap())
+                        .unwrap();
+                }
+            }
+        };
+        let ids = [1u32, 5, 9, 2, 11, 7];
+        // With B at zero the adapters add nothing: that is the base model.
+        set_b(0.0);
+        let base = m.forward(&ids, 1, 6, None).unwrap().to_vec_f32();
+        set_b(0.05);
+        let adapted = m.forward(&ids, 1, 6, None).unwrap().to_vec_f32();
+        // Within rounding: without an adapter the layers take their fused products.
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6);
+        let off = m.forward_base(&ids, 1, 6).unwrap().to_vec_f32();
+        assert!(same(&off, &base), "adapters off is the base model");
+        assert!(adapted.iter().zip(&base).any(|(a, b)| (a - b).abs() > 1e-3));
+        // Merged adapters live in the weights: switching them off is refused, not ignored.
+        m.set_lora_merged(true).unwrap();
+        let err = m.forward_base(&ids, 1, 6).unwrap_err().to_string();
+        assert!(err.contains("merged"), "{err}");
+        m.set_lora_merged(false).unwrap();
+        assert!(same(
+            &m.forward_base(&ids, 1, 6).unwrap().to_vec_f32(),
+            &base
+        ));
     }
 
     #[test]

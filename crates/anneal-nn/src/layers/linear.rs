@@ -285,6 +285,26 @@ impl Linear {
         Ok(())
     }
 
+    /// The adapter whose update the forward adds under `w`: none without one, while it is
+    /// merged into the weight, or with adapters switched off (which a merged one cannot be).
+    fn active_adapter(&self, w: &Weights) -> Result<Option<&Lora>> {
+        let Some(l) = &self.lora else {
+            return Ok(None);
+        };
+        let merged = l.merged.load(Ordering::Acquire);
+        match (merged, w.adapters_on()) {
+            (false, true) => Ok(Some(l)),
+            (true, true) => Ok(None),
+            (false, false) => Ok(None),
+            (true, false) => Err(anneal_tensor::Error::Invalid {
+                op: "Linear::forward",
+                reason: "the LoRA adapters are merged into the weights, so the base model cannot \
+                         be read with them switched off: unmerge them first"
+                    .into(),
+            }),
+        }
+    }
+
     /// The adapter's update (α/r)·dropout(x)·Aᵀ·Bᵀ; dropout only while the weights carry a
     /// training key, with masks drawn from it and this layer's weight id (so a recomputed
     /// forward drops the same elements).
@@ -340,7 +360,7 @@ impl Linear {
     /// product (no adapter, not split, not multiplied from packed blocks), else the two steps.
     pub fn forward_gelu(&self, w: &Weights, x: &Tensor, exact: bool) -> Result<Tensor> {
         let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
-        if self.lora.is_none()
+        if self.active_adapter(w)?.is_none()
             && self.split == LinearSplit::None
             && w.packed(self.weight, rows).is_none()
         {
@@ -358,6 +378,7 @@ impl Linear {
             .lora
             .as_ref()
             .is_some_and(|l| l.merged.load(Ordering::Acquire));
+        let adapter = self.active_adapter(w)?;
         let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
         if let (Some(q), LinearSplit::None, WeightLayout::OutIn, false) =
             (w.packed(self.weight, rows), self.split, self.layout, merged)
@@ -366,7 +387,7 @@ impl Linear {
             if let Some(b) = self.bias {
                 y = y.add(&w.get(b)?)?;
             }
-            return match &self.lora {
+            return match adapter {
                 Some(l) => y.add(&self.adapter(w, l, x)?),
                 None => Ok(y),
             };
@@ -375,9 +396,9 @@ impl Linear {
         match self.split {
             LinearSplit::None => {
                 let y = x.linear(&weight, bias.as_ref())?;
-                match &self.lora {
-                    Some(l) if !l.merged.load(Ordering::Acquire) => y.add(&self.adapter(w, l, x)?),
-                    _ => Ok(y),
+                match adapter {
+                    Some(l) => y.add(&self.adapter(w, l, x)?),
+                    None => Ok(y),
                 }
             }
             LinearSplit::Column | LinearSplit::ColumnBlocks(_) => {
@@ -385,11 +406,9 @@ impl Linear {
                     .parallel()
                     .enter_parallel(x)?
                     .linear(&weight, bias.as_ref())?;
-                match &self.lora {
-                    Some(l) if !l.merged.load(Ordering::Acquire) => {
-                        y.add(&self.split_adapter(w, l, x)?)
-                    }
-                    _ => Ok(y),
+                match adapter {
+                    Some(l) => y.add(&self.split_adapter(w, l, x)?),
+                    None => Ok(y),
                 }
             }
             LinearSplit::Row => {
@@ -398,11 +417,9 @@ impl Linear {
                     Some(b) => y.add(&b)?,
                     None => y,
                 };
-                match &self.lora {
-                    Some(l) if !l.merged.load(Ordering::Acquire) => {
-                        y.add(&self.split_adapter(w, l, x)?)
-                    }
-                    _ => Ok(y),
+                match adapter {
+                    Some(l) => y.add(&self.split_adapter(w, l, x)?),
+                    None => Ok(y),
                 }
             }
         }

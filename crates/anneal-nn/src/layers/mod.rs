@@ -220,6 +220,9 @@ pub struct Weights {
     dtype: DType,
     packed: Option<Arc<PackedWeights>>,
     dropout: Option<DropoutKey>,
+    /// Whether LoRA adapters add their update (off: the base model, as a reference model
+    /// sharing the policy's frozen weights reads it).
+    adapters: bool,
 }
 
 /// Weight matrices also held in quantised blocks, by parameter: an inference model's matrix
@@ -238,7 +241,20 @@ impl Weights {
             dtype: params.dtype(),
             packed: None,
             dropout: None,
+            adapters: true,
         }
+    }
+
+    /// These weights with every LoRA adapter switched off: layers compute the base model, so a
+    /// policy's reference model is the same parameters read this way, with no copy held.
+    pub fn without_adapters(mut self) -> Weights {
+        self.adapters = false;
+        self
+    }
+
+    /// Whether adapters add their update ([`Weights::without_adapters`]).
+    pub fn adapters_on(&self) -> bool {
+        self.adapters
     }
 
     /// These weights for a training forward whose dropout masks derive from `key` (LoRA
