@@ -5,12 +5,14 @@
 //! computed by hand:
 //! - [`prefs`]: preference pairs in the common JSONL layout (`prompt`, `chosen`, `rejected`),
 //!   bad lines counted and reported with file and line, never fatal;
+//! - [`logprobs`]: prompt + reply batches and the summed log-probability of each reply;
 //! - [`losses`]: the Bradley–Terry pairwise loss of a reward model and the DPO loss;
 //! - [`tasks`]: verifiable tasks (arithmetic word problems, unit conversions, sorting) generated
 //!   with their answers, exact rewards, and held-out problems new in numbers and wording;
 //! - [`rl`]: generalised advantage estimation, advantage whitening, the per-token KL penalty and a
 //!   KL estimate that cannot go negative, and PPO's clipped policy and value losses.
 
+pub mod logprobs;
 pub mod losses;
 pub mod prefs;
 pub mod rl;
