@@ -345,6 +345,20 @@ impl Llama {
         self.hidden_in(self.weights().with_dropout(dropout), ids, batch, seq)
     }
 
+    /// Hidden states `[B, T, d]` after the final norm (what the output head reads; a reward or
+    /// value head reads them too).
+    pub fn normed_hidden(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        dropout: Option<DropoutKey>,
+    ) -> Result<Tensor> {
+        let w = self.weights().with_dropout(dropout);
+        let x = self.hidden_in(w.clone(), ids, batch, seq)?;
+        self.norm.forward(&w, &x)
+    }
+
     /// Logits `[B·T, vocab]` of the base model, every LoRA adapter switched off and no dropout:
     /// the reference model of alignment methods, read from the policy's own frozen weights.
     pub fn forward_base(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {

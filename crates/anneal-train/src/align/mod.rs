@@ -7,6 +7,8 @@
 //!   bad lines counted and reported with file and line, never fatal;
 //! - [`logprobs`]: prompt + reply batches and the summed log-probability of each reply;
 //! - [`losses`]: the Bradley–Terry pairwise loss of a reward model and the DPO loss;
+//! - [`reward`]: a reward model, the LM's final hidden state at the last token read by a scalar
+//!   head;
 //! - [`tasks`]: verifiable tasks (arithmetic word problems, unit conversions, sorting) generated
 //!   with their answers, exact rewards, and held-out problems new in numbers and wording;
 //! - [`rl`]: generalised advantage estimation, advantage whitening, the per-token KL penalty and a
@@ -15,5 +17,6 @@
 pub mod logprobs;
 pub mod losses;
 pub mod prefs;
+pub mod reward;
 pub mod rl;
 pub mod tasks;

@@ -1,0 +1,148 @@
+//! A reward model: the language model's final hidden state at a reply's last token, read by a
+//! scalar head (InstructGPT's reward model: the LM with its unembedding replaced by a linear
+//! layer to one output), trained with the Bradley–Terry loss on preference pairs.
+
+use anneal_nn::Llama;
+use anneal_tensor::{DType, ParamId, ParamStore, ParamStoreBuilder, Result, Rng, Tensor};
+
+/// The scalar head, in a store of its own beside the language model's (which, with LoRA, keeps
+/// its base frozen and shared).
+pub struct RewardHead {
+    /// The head's one parameter, `score.weight` `[1, d]`.
+    pub params: ParamStore,
+    weight: ParamId,
+}
+
+impl RewardHead {
+    /// A head for hidden states of width `d`, drawn Normal(0, 0.02) from `seed` (the
+    /// initialiser Hugging Face's sequence-classification heads use).
+    pub fn new(d: usize, seed: u64) -> Result<RewardHead> {
+        let mut b = ParamStoreBuilder::new();
+        let init = Tensor::randn(&[1, d], 0.02, DType::F32, &mut Rng::new(seed));
+        let weight = b.add("score.weight", &init, false)?;
+        Ok(RewardHead {
+            params: b.build(DType::F32),
+            weight,
+        })
+    }
+
+    /// The score of each packed sequence (`[batch]`): the head applied to the final hidden state
+    /// at its last real token.
+    pub fn scores(&self, model: &Llama, seqs: &PackedSequences) -> Result<Tensor> {
+        let h = model.normed_hidden(&seqs.ids, seqs.batch, seqs.seq, None)?;
+        let d = h.shape()[2];
+        let rows: Vec<usize> = seqs
+            .lengths
+            .iter()
+            .enumerate()
+            .map(|(b, &n)| b * seqs.seq + n - 1)
+            .collect();
+        let last = h
+            .reshape(&[seqs.batch * seqs.seq, d])?
+            .index_select(0, &rows)?;
+        let w = self.params.get(self.weight).transpose(0, 1)?;
+        last.to_dtype(DType::F32)
+            .linear(&w, None)?
+            .reshape(&[seqs.batch])
+    }
+}
+
+/// Whole sequences (prompt and reply) in one right-padded batch.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PackedSequences {
+    /// Ids `[batch, seq]`, row-major.
+    pub ids: Vec<u32>,
+    /// Rows.
+    pub batch: usize,
+    /// Positions per row.
+    pub seq: usize,
+    /// Real tokens per row.
+    pub lengths: Vec<usize>,
+}
+
+/// Packs non-empty sequences, `pad` filling the rows up to the longest.
+pub fn pack_sequences(seqs: &[Vec<u32>], pad: u32) -> PackedSequences {
+    let seq = seqs.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(seqs.len() * seq);
+    for s in seqs {
+        assert!(!s.is_empty(), "a sequence to score");
+        ids.extend_from_slice(s);
+        ids.extend(std::iter::repeat_n(pad, seq - s.len()));
+    }
+    PackedSequences {
+        ids,
+        batch: seqs.len(),
+        seq,
+        lengths: seqs.iter().map(Vec::len).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::align::losses::{bradley_terry, pairwise_accuracy};
+    use anneal_nn::layers::LoraConfig;
+    use anneal_nn::LlamaConfig;
+    use anneal_tensor::optim::{AdamW, AdamWConfig};
+    use anneal_tensor::Optimizer;
+
+    #[test]
+    fn a_reward_model_learns_which_reply_is_preferred() {
+        let config = LlamaConfig {
+            vocab_size: 13,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 2,
+            num_heads: 4,
+            num_kv_heads: 2,
+            max_positions: 32,
+            rope_theta: 10_000.0,
+            rms_norm_eps: 1e-6,
+            tie_embeddings: true,
+            dropout: 0.0,
+            dtype: DType::F32,
+            checkpoint_blocks: false,
+        };
+        let lora = LoraConfig {
+            rank: 4,
+            alpha: 8.0,
+            targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+            dropout: 0.0,
+        };
+        let mut m = Llama::with_lora(config, 5, lora).unwrap();
+        m.params.train_only(LoraConfig::is_adapter);
+        let head = RewardHead::new(16, 1).unwrap();
+        // Replies ending in 4 are preferred to replies ending in 10, after any prompt; the
+        // rejected rows are padded, so the last real token is what the head must find.
+        let prompts: [&[u32]; 4] = [&[1, 2, 3], &[6, 7], &[2, 9, 9, 1], &[5]];
+        let chosen: Vec<Vec<u32>> = prompts.iter().map(|p| [*p, &[8, 4]].concat()).collect();
+        let rejected: Vec<Vec<u32>> = prompts.iter().map(|p| [*p, &[10]].concat()).collect();
+        let (c, r) = (pack_sequences(&chosen, 0), pack_sequences(&rejected, 0));
+        assert_eq!(r.lengths, [4, 3, 5, 2]);
+        let mut opt_lm = AdamW::new(&m.params, AdamWConfig::default());
+        let mut opt_head = AdamW::new(&head.params, AdamWConfig::default());
+        let mut losses = Vec::new();
+        for _ in 0..40 {
+            let (sc, sr) = (head.scores(&m, &c).unwrap(), head.scores(&m, &r).unwrap());
+            let loss = bradley_terry(&sc, &sr).unwrap();
+            losses.push(loss.item().unwrap());
+            loss.backward().unwrap();
+            opt_lm.step(&m.params, 2e-2);
+            opt_head.step(&head.params, 2e-2);
+            m.params.zero_grad();
+            head.params.zero_grad();
+        }
+        let (sc, sr) = (
+            head.scores(&m, &c).unwrap().to_vec_f32(),
+            head.scores(&m, &r).unwrap().to_vec_f32(),
+        );
+        assert_eq!(pairwise_accuracy(&sc, &sr), 1.0, "{sc:?} {sr:?}");
+        assert!(losses[39] < 0.5 * losses[0], "{losses:?}");
+        // A padded row scores as the same sequence alone.
+        let alone = head
+            .scores(&m, &pack_sequences(&rejected[3..], 0))
+            .unwrap()
+            .to_vec_f32();
+        assert!((alone[0] - sr[3]).abs() < 1e-5, "{alone:?} {sr:?}");
+    }
+}
