@@ -1,6 +1,7 @@
 //! The arithmetic of PPO-RLHF (InstructGPT, Ouyang et al. 2022; PPO, Schulman et al. 2017) on
 //! one sampled reply: per-token rewards with a KL penalty to the reference model, generalised
-//! advantage estimation, whitening, and PPO's clipped losses.
+//! advantage estimation, whitening, and PPO's clipped losses; GRPO's group-relative advantages,
+//! best-of-k selection for rejection sampling, and a guard that stops a drifting policy.
 
 use anneal_tensor::{Backward, Result, Tensor};
 
@@ -75,6 +76,83 @@ pub fn whiten(x: &[f32]) -> Vec<f32> {
     x.iter()
         .map(|&v| ((v as f64 - mean) * scale) as f32)
         .collect()
+}
+
+/// GRPO's advantages (Shao et al. 2024, DeepSeekMath §4.1): each of a prompt's `group` sampled
+/// replies is scored against its siblings, (r − mean) / (std + 1e-8) within the group, in place
+/// of a value model; every token of a reply takes its reply's advantage. `rewards` holds the
+/// groups one after another. A group whose replies all score the same teaches nothing (zeros).
+pub fn group_advantages(rewards: &[f32], group: usize) -> Vec<f32> {
+    assert!(
+        group > 0 && rewards.len().is_multiple_of(group),
+        "whole groups of {group} replies"
+    );
+    rewards.chunks(group).flat_map(whiten).collect()
+}
+
+/// Rejection sampling (best-of-k, as LaMDA filters candidate responses): for each prompt's `k`
+/// scored candidates (groups one after another in `scores`), the index of the best one when it
+/// reaches `threshold`, else `None`; ties go to the first.
+pub fn best_of(scores: &[f32], k: usize, threshold: f32) -> Vec<Option<usize>> {
+    assert!(
+        k > 0 && scores.len().is_multiple_of(k),
+        "whole groups of {k} candidates"
+    );
+    scores
+        .chunks(k)
+        .enumerate()
+        .map(|(g, c)| {
+            let (i, best) =
+                c.iter().enumerate().fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &s)| if s > b.1 { (i, s) } else { b },
+                );
+            (best >= threshold).then_some(g * k + i)
+        })
+        .collect()
+}
+
+/// Stops a reinforcement-learning run whose policy drifts from the reference: more than
+/// `patience` updates in a row with the KL estimate above `bound` is an error naming both, so
+/// the run can checkpoint and stop instead of diverging silently.
+#[derive(Clone, Debug)]
+pub struct KlGuard {
+    /// The largest KL (nats per token) an update may reach.
+    pub bound: f64,
+    /// Updates in a row allowed above the bound.
+    pub patience: usize,
+    over: usize,
+}
+
+impl KlGuard {
+    /// A guard with nothing seen yet.
+    pub fn new(bound: f64, patience: usize) -> KlGuard {
+        KlGuard {
+            bound,
+            patience,
+            over: 0,
+        }
+    }
+
+    /// Records one update's KL estimate; fails once more than `patience` in a row exceed the
+    /// bound (a non-finite KL counts as exceeding it).
+    pub fn check(&mut self, step: u64, kl: f64) -> anyhow::Result<()> {
+        if kl.is_finite() && kl <= self.bound {
+            self.over = 0;
+            return Ok(());
+        }
+        self.over += 1;
+        if self.over > self.patience {
+            anyhow::bail!(
+                "the policy drifted from the reference: KL {kl:.4} nats per token at update \
+                 {step}, above the bound {} for {} updates in a row; lower the learning rate or \
+                 raise the KL coefficient",
+                self.bound,
+                self.over
+            );
+        }
+        Ok(())
+    }
 }
 
 /// PPO's clipped policy loss (Schulman et al. 2017, eq. 7), −mean(min(ρ·A, clip(ρ, 1−ε, 1+ε)·A))
@@ -218,6 +296,33 @@ mod tests {
             .sum::<f64>()
             / 3.0;
         assert!(k3 > 0.0 && (k3 - want).abs() < 1e-6, "{k3} {want}");
+    }
+
+    #[test]
+    fn group_advantages_best_of_k_and_the_kl_guard() {
+        // Two groups of three: rewards (1, 0, 0) and (1, 1, 1).
+        let a = group_advantages(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], 3);
+        let s = (2.0f32 / 9.0).sqrt();
+        close(
+            &a[..3],
+            &[(2.0 / 3.0) / s, (-1.0 / 3.0) / s, (-1.0 / 3.0) / s],
+        );
+        assert_eq!(&a[3..], &[0.0, 0.0, 0.0]);
+        assert_eq!(
+            best_of(&[0.2, 0.9, 0.9, 0.1, 0.3, 0.2], 3, 0.25),
+            vec![Some(1), Some(4)]
+        );
+        assert_eq!(best_of(&[0.2, 0.1], 2, 0.5), vec![None]);
+        let mut guard = KlGuard::new(0.5, 2);
+        for (step, kl) in [0.6, 0.7, 0.1, 0.6, 0.6].into_iter().enumerate() {
+            guard.check(step as u64, kl).unwrap();
+        }
+        let err = guard.check(5, 0.9).unwrap_err().to_string();
+        assert!(
+            err.contains("KL 0.9000") && err.contains("3 updates in a row"),
+            "{err}"
+        );
+        assert!(KlGuard::new(0.5, 0).check(0, f64::NAN).is_err());
     }
 
     #[test]
