@@ -47,6 +47,33 @@ impl RewardHead {
     }
 }
 
+/// Fails, naming both models and the first token id they read differently, unless the reward
+/// model's tokenizer is the policy's: a reward model scores token ids, so one trained on
+/// another vocabulary would score replies it cannot read.
+pub fn check_same_tokenizer(
+    policy: &anneal_data::Tokenizer,
+    policy_name: &str,
+    reward: &anneal_data::Tokenizer,
+    reward_name: &str,
+) -> anyhow::Result<()> {
+    let (a, b) = (policy.vocab_size(), reward.vocab_size());
+    if a != b {
+        anyhow::bail!(
+            "the reward model {reward_name} reads a vocabulary of {b} tokens, the policy \
+             {policy_name} one of {a}: a reward model must share the policy's tokenizer"
+        );
+    }
+    if let Some(id) = (0..a as u32).find(|&id| policy.id_to_token(id) != reward.id_to_token(id)) {
+        anyhow::bail!(
+            "the reward model {reward_name} reads token {id} as {:?}, the policy {policy_name} \
+             as {:?}: a reward model must share the policy's tokenizer",
+            reward.id_to_token(id).unwrap_or_default(),
+            policy.id_to_token(id).unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
 /// Whole sequences (prompt and reply) in one right-padded batch.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PackedSequences {
@@ -85,6 +112,24 @@ mod tests {
     use anneal_nn::LlamaConfig;
     use anneal_tensor::optim::{AdamW, AdamWConfig};
     use anneal_tensor::Optimizer;
+
+    #[test]
+    fn a_reward_model_on_another_tokenizer_is_refused_by_name() {
+        let chars = |text: &str| anneal_data::Tokenizer::train_chars([text].into_iter()).unwrap();
+        let (a, b, c) = (chars("abc"), chars("abd"), chars("abcd"));
+        assert!(check_same_tokenizer(&a, "policy", &chars("cab"), "rm").is_ok());
+        let err = check_same_tokenizer(&a, "policy", &b, "rm")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rm reads token 2") && err.contains("policy"),
+            "{err}"
+        );
+        let err = check_same_tokenizer(&a, "policy", &c, "rm")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("4 tokens") && err.contains("3"), "{err}");
+    }
 
     #[test]
     fn a_reward_model_learns_which_reply_is_preferred() {
