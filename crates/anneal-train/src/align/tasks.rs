@@ -332,7 +332,8 @@ struct Record<'a> {
 
 /// Writes `data` into `dir` as JSONL (`sft.jsonl`, `preferences.jsonl`, `rl-prompts.jsonl`,
 /// `eval.jsonl`; problems as `task`, `prompt`, `answer`, `reply` records, preference pairs as
-/// `prompt`, `chosen`, `rejected`) and returns each file with its line count.
+/// `prompt`, `chosen`, `rejected`) and the SFT set as a ChatterBot corpus (`sft/tasks.yml`), and
+/// returns each file with its record count.
 pub fn write_task_data(
     dir: &std::path::Path,
     data: &TaskData,
@@ -370,7 +371,37 @@ pub fn write_task_data(
         .collect();
     crate::align::prefs::write_preferences(&path, &pairs)?;
     written.push((path, pairs.len()));
+    // The SFT set again as a ChatterBot corpus (one user turn, one assistant turn each), which
+    // `anneal finetune`'s chat fine-tuning reads.
+    let sft = dir.join("sft");
+    std::fs::create_dir_all(&sft).with_context(|| format!("creating {}", sft.display()))?;
+    let mut yaml = String::from("categories:\n- tasks\nconversations:\n");
+    for p in &data.sft {
+        yaml.push_str(&format!(
+            "- - {}\n  - {}\n",
+            yaml_string(&p.prompt),
+            yaml_string(&p.gold_reply())
+        ));
+    }
+    let path = sft.join("tasks.yml");
+    std::fs::write(&path, yaml).with_context(|| format!("writing {}", path.display()))?;
+    written.push((path, data.sft.len()));
     Ok(written)
+}
+
+/// `s` as a double-quoted YAML scalar.
+fn yaml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 fn join(list: &[u64]) -> String {
@@ -503,7 +534,16 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let files = write_task_data(dir.path(), &d).unwrap();
-        assert_eq!(files.iter().map(|(_, n)| n).sum::<usize>(), 690);
+        assert_eq!(files.iter().map(|(_, n)| n).sum::<usize>(), 990);
+        let (convs, report) =
+            anneal_data::dialogue::read_chatterbot(&dir.path().join("sft")).unwrap();
+        assert!(report.bad_conversations.is_empty() && report.bad_files.is_empty());
+        assert_eq!(convs.len(), 300);
+        assert_eq!(
+            convs[7].turns,
+            [d.sft[7].prompt.clone(), d.sft[7].gold_reply()]
+        );
+        assert_eq!(yaml_string("a \"b\" \\ c\nd"), r#""a \"b\" \\ c\nd""#);
         let back =
             crate::align::prefs::read_preferences(&[dir.path().join("preferences.jsonl")]).unwrap();
         assert_eq!((back.pairs.len(), back.bad.len()), (200, 0));
