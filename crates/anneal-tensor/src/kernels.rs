@@ -34,9 +34,8 @@ pub(crate) const PAR_CHUNK: usize = 1 << 15;
 
 /// Runs `f(dst[i], src[i])` over both slices in parallel chunks of [`PAR_CHUNK`], each compiled
 /// for the widest vectors available.
-fn update_with(dst: &mut [f32], src: &[f32], f: impl Fn(&mut f32, f32) + Sync) {
-    let run =
-        |d: &mut [f32], s: &[f32]| vectorized(|| d.iter_mut().zip(s).for_each(|(d, &s)| f(d, s)));
+fn update_with<D: Send, S: Copy + Sync>(dst: &mut [D], src: &[S], f: impl Fn(&mut D, S) + Sync) {
+    let run = |d: &mut [D], s: &[S]| vectorized(|| d.iter_mut().zip(s).for_each(|(d, &s)| f(d, s)));
     if dst.len() >= 2 * PAR_CHUNK {
         dst.par_chunks_mut(PAR_CHUNK)
             .zip(src.par_chunks(PAR_CHUNK))
@@ -54,22 +53,9 @@ pub(crate) fn add_assign(dst: &mut [f32], src: &[f32]) {
 /// `dst = bf16(dst + src)`, rounded to nearest even: a bf16 gradient buffer accumulating an f32
 /// gradient.
 pub(crate) fn add_assign_bf16(dst: &mut [half::bf16], src: &[f32]) {
-    let run = |d: &mut [half::bf16], s: &[f32]| {
-        vectorized(|| {
-            for (d, &s) in d.iter_mut().zip(s) {
-                *d = half::bf16::from_bits(bf16_bits(
-                    f32::from_bits((d.to_bits() as u32) << 16) + s,
-                ));
-            }
-        })
-    };
-    if dst.len() >= 2 * PAR_CHUNK {
-        dst.par_chunks_mut(PAR_CHUNK)
-            .zip(src.par_chunks(PAR_CHUNK))
-            .for_each(|(d, s)| run(d, s));
-    } else {
-        run(dst, src);
-    }
+    update_with(dst, src, |d, s| {
+        *d = half::bf16::from_bits(bf16_bits(d.widen() + s))
+    });
 }
 
 /// Adds per-chunk partial sums in chunk order: `parts[0] + parts[1] + …`, element by element.

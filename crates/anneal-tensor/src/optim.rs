@@ -94,8 +94,6 @@ impl<T> Ptr<T> {
 thread_local! {
     /// Each thread's f32 view of a bf16 block during an update (at most [`BLOCK`] elements).
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-    /// A run's bf16 gradients, widened.
-    static WIDE_GRADS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Each thread's decoded 16- and 8-bit moments during an update (at most [`BLOCK`] each).
     static DECODED: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -313,6 +311,8 @@ fn for_each_block(
             // SAFETY: tasks are disjoint ranges of the state space (which every state vector,
             // the master copy and the gradient buffer share) and their runs disjoint ranges of
             // the parameter buffer.
+            // A run's bf16 gradients, widened (allocated only for a bf16 gradient buffer).
+            let mut wide = Vec::new();
             let mut views: Vec<&mut [f32]> = state_ptrs
                 .iter()
                 .zip(decoded.iter_mut())
@@ -331,7 +331,6 @@ fn for_each_block(
                     .map(|v| &mut v[r.state - s0..r.state - s0 + r.len])
                     .collect();
                 let at = r.grad - held.start..r.grad - held.start + r.len;
-                let mut wide = WIDE_GRADS.with(|w| w.take());
                 let g: &[f32] = match grads {
                     Buffer::F32(g) => &g[at],
                     Buffer::BF16(g) => {
@@ -374,7 +373,6 @@ fn for_each_block(
                         });
                     }
                 });
-                WIDE_GRADS.with(|w| w.replace(wide));
             }
             for (p, view) in state_ptrs.iter().zip(views) {
                 if !matches!(p, StatePtr::F32(_)) {

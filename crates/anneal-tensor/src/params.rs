@@ -321,10 +321,13 @@ impl ParamStore {
 
     /// Keeps the gradients in `dtype`: f32 (the default), or bf16, half the bytes, as the leanest
     /// training mode does. Backward computes each gradient in f32 and rounds it to nearest even
-    /// as it accumulates into the buffer; clipping and the optimizer widen it back. A change of
-    /// dtype lays the gradients out anew (zeroed, flat); fails for f16 and for a store whose
-    /// gradients are sharded.
+    /// as it accumulates into the buffer; clipping and the optimizer widen it back. The dtype it
+    /// already has changes nothing; another lays the gradients out anew (zeroed, flat), and
+    /// fails for f16 and for a store whose gradients are sharded.
     pub fn set_grad_dtype(&mut self, dtype: DType) -> Result<()> {
+        if dtype == self.grad_dtype {
+            return Ok(());
+        }
         if dtype == DType::F16 {
             return Err(invalid(
                 "ParamStore::set_grad_dtype",
@@ -338,10 +341,8 @@ impl ParamStore {
                 "the gradients are sharded (ZeRO-2), which keeps them in f32".to_string(),
             ));
         }
-        if dtype != self.grad_dtype {
-            self.grad_dtype = dtype;
-            self.lay_out_grads();
-        }
+        self.grad_dtype = dtype;
+        self.lay_out_grads();
         Ok(())
     }
 

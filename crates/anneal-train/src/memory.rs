@@ -235,7 +235,7 @@ pub fn run_estimate(
     corpus_bytes: f64,
 ) -> Result<MemoryBound> {
     let mut m = lower_bound(config, vocab_size)?;
-    let params = m.gradients / config.grad_dtype()?.size_in_bytes() as f64;
+    let params = m.parameters / config.dtype()?.size_in_bytes() as f64;
     // Each state vector in f32 (two moments, and the master copy of a half-precision store that
     // keeps one), gathered; the files are written from the buffers, with no copy of their bytes.
     let master = config.adamw()?.keeps_master(config.dtype()?);

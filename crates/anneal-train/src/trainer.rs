@@ -951,9 +951,7 @@ pub fn pretraining_on(
             }
         };
     // bf16 gradients are for one device ([`RunConfig::layout`] refuses them over ranks).
-    if config.grad_dtype()? != anneal_tensor::DType::F32 {
-        model.params.set_grad_dtype(config.grad_dtype()?)?;
-    }
+    model.params.set_grad_dtype(config.grad_dtype()?)?;
     let trainer = Trainer::new(TrainerParts {
         model: Box::new(model),
         objective: Box::new(CausalLm),

@@ -291,11 +291,9 @@ impl Linear {
         let Some(l) = &self.lora else {
             return Ok(None);
         };
-        let merged = l.merged.load(Ordering::Acquire);
-        match (merged, w.adapters_on()) {
+        match (l.merged.load(Ordering::Acquire), w.adapters_on()) {
             (false, true) => Ok(Some(l)),
-            (true, true) => Ok(None),
-            (false, false) => Ok(None),
+            (true, true) | (false, false) => Ok(None),
             (true, false) => Err(anneal_tensor::Error::Invalid {
                 op: "Linear::forward",
                 reason: "the LoRA adapters are merged into the weights, so the base model cannot \

@@ -108,33 +108,10 @@ mod tests {
     #[test]
     fn dpo_on_a_llama_with_fresh_adapters_starts_at_ln_2_and_learns_the_preference() {
         use crate::align::losses::dpo;
-        use anneal_nn::layers::LoraConfig;
-        use anneal_nn::{Llama, LlamaConfig};
+        use anneal_nn::Llama;
         use anneal_tensor::optim::{AdamW, AdamWConfig};
         use anneal_tensor::Optimizer;
-        let config = LlamaConfig {
-            vocab_size: 13,
-            hidden_size: 16,
-            intermediate_size: 24,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            max_positions: 32,
-            rope_theta: 10_000.0,
-            rms_norm_eps: 1e-6,
-            tie_embeddings: true,
-            dropout: 0.0,
-            dtype: DType::F32,
-            checkpoint_blocks: false,
-        };
-        let lora = LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
-            dropout: 0.0,
-        };
-        let mut m = Llama::with_lora(config, 5, lora).unwrap();
-        m.params.train_only(LoraConfig::is_adapter);
+        let m = crate::align::tiny_policy();
         let chosen = pack(&[(vec![1, 2, 3], vec![4, 5]), (vec![6, 7], vec![8, 9])], 0);
         let rejected = pack(
             &[(vec![1, 2, 3], vec![10, 11]), (vec![6, 7], vec![12, 10])],

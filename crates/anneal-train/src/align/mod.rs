@@ -20,3 +20,34 @@ pub mod prefs;
 pub mod reward;
 pub mod rl;
 pub mod tasks;
+
+/// A tiny Llama (vocabulary 13, width 16, two layers) with LoRA adapters on its query, value and
+/// down projections, only the adapters trained: the policy the alignment tests train.
+#[cfg(test)]
+pub(crate) fn tiny_policy() -> anneal_nn::Llama {
+    use anneal_nn::layers::LoraConfig;
+    let config = anneal_nn::LlamaConfig {
+        vocab_size: 13,
+        hidden_size: 16,
+        intermediate_size: 24,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        max_positions: 32,
+        rope_theta: 10_000.0,
+        rms_norm_eps: 1e-6,
+        tie_embeddings: true,
+        dropout: 0.0,
+        dtype: anneal_tensor::DType::F32,
+        checkpoint_blocks: false,
+    };
+    let lora = LoraConfig {
+        rank: 4,
+        alpha: 8.0,
+        targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
+        dropout: 0.0,
+    };
+    let mut m = anneal_nn::Llama::with_lora(config, 5, lora).unwrap();
+    m.params.train_only(LoraConfig::is_adapter);
+    m
+}

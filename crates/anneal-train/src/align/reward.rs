@@ -108,8 +108,6 @@ pub fn pack_sequences(seqs: &[Vec<u32>], pad: u32) -> PackedSequences {
 mod tests {
     use super::*;
     use crate::align::losses::{bradley_terry, pairwise_accuracy};
-    use anneal_nn::layers::LoraConfig;
-    use anneal_nn::LlamaConfig;
     use anneal_tensor::optim::{AdamW, AdamWConfig};
     use anneal_tensor::Optimizer;
 
@@ -133,29 +131,7 @@ mod tests {
 
     #[test]
     fn a_reward_model_learns_which_reply_is_preferred() {
-        let config = LlamaConfig {
-            vocab_size: 13,
-            hidden_size: 16,
-            intermediate_size: 24,
-            num_layers: 2,
-            num_heads: 4,
-            num_kv_heads: 2,
-            max_positions: 32,
-            rope_theta: 10_000.0,
-            rms_norm_eps: 1e-6,
-            tie_embeddings: true,
-            dropout: 0.0,
-            dtype: DType::F32,
-            checkpoint_blocks: false,
-        };
-        let lora = LoraConfig {
-            rank: 4,
-            alpha: 8.0,
-            targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()],
-            dropout: 0.0,
-        };
-        let mut m = Llama::with_lora(config, 5, lora).unwrap();
-        m.params.train_only(LoraConfig::is_adapter);
+        let m = crate::align::tiny_policy();
         let head = RewardHead::new(16, 1).unwrap();
         // Replies ending in 4 are preferred to replies ending in 10, after any prompt; the
         // rejected rows are padded, so the last real token is what the head must find.
