@@ -2,6 +2,10 @@
 
 use std::path::PathBuf;
 
+use anneal_chart::{line_chart, Series};
+use anneal_train::align::config::AlignConfig;
+use anneal_train::align::policy::EvalReport;
+use anneal_train::align::stages::{self, Method};
 use anneal_train::align::tasks::{self, TaskDataSizes, TaskKind};
 use anyhow::{bail, Result};
 use clap::{Args, Subcommand};
@@ -15,6 +19,57 @@ pub enum AlignCommand {
     /// Example: anneal align data --out data/align
     #[command(verbatim_doc_comment)]
     Data(DataArgs),
+    /// Supervised fine-tuning on the gold replies of sft.jsonl (LoRA adapters).
+    ///
+    /// Example: anneal align sft --config configs/align-smollm2.toml --set train.out=runs/sft
+    #[command(verbatim_doc_comment)]
+    Sft(StageArgs),
+    /// DPO (β 0.1) on preference pairs, the reference log-probabilities computed once before
+    /// training.
+    ///
+    /// Example: anneal align dpo --config configs/align-smollm2.toml \
+    ///            --set model.adapters=runs/sft/adapters --set train.out=runs/dpo
+    #[command(verbatim_doc_comment)]
+    Dpo(StageArgs),
+    /// PPO-RLHF on rl-prompts.jsonl: sampled replies scored exactly, a per-token KL penalty to
+    /// the reference (the base with adapters off), a value head, GAE and clipped losses.
+    ///
+    /// Example: anneal align ppo --config configs/align-smollm2.toml \
+    ///            --set model.adapters=runs/sft/adapters --set train.out=runs/ppo
+    #[command(verbatim_doc_comment)]
+    Ppo(StageArgs),
+    /// GRPO on rl-prompts.jsonl: advantages relative to each prompt's group of replies, no
+    /// value model.
+    #[command(verbatim_doc_comment)]
+    Grpo(StageArgs),
+    /// Rejection sampling (rating-filtered fine-tuning): sample rl.group replies per prompt,
+    /// keep the best when it is right, fine-tune on the kept ones, repeat for rs.rounds.
+    #[command(verbatim_doc_comment)]
+    Rs(StageArgs),
+    /// Exact-answer accuracy on the held-out problems of eval.jsonl (greedy replies) of the
+    /// model with model.adapters.
+    ///
+    /// Example: anneal align eval --config configs/align-smollm2.toml \
+    ///            --set model.adapters=runs/sft/adapters
+    #[command(verbatim_doc_comment)]
+    Eval(StageArgs),
+}
+
+#[derive(Args)]
+pub struct StageArgs {
+    /// TOML config (sections [model], [data], [train], [lora], [eval], [dpo], [rl], [rs]);
+    /// defaults apply to keys it omits.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Override a config key, e.g. --set train.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Print the resolved config and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Write the report as JSON to this file as well.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -49,6 +104,12 @@ pub struct DataArgs {
 pub fn run(c: AlignCommand) -> Result<()> {
     match c {
         AlignCommand::Data(a) => data(a),
+        AlignCommand::Sft(a) => stage(a, Method::Sft),
+        AlignCommand::Dpo(a) => stage(a, Method::Dpo),
+        AlignCommand::Ppo(a) => stage(a, Method::Ppo),
+        AlignCommand::Grpo(a) => stage(a, Method::Grpo),
+        AlignCommand::Rs(a) => stage(a, Method::RejectionSampling),
+        AlignCommand::Eval(a) => eval(a),
     }
 }
 
@@ -85,6 +146,162 @@ fn data(a: DataArgs) -> Result<()> {
     }
     for (path, n) in tasks::write_task_data(&a.out, &data)? {
         println!("{:>6} lines  {}", n, path.display());
+    }
+    Ok(())
+}
+
+fn load(a: &StageArgs) -> Result<Option<AlignConfig>> {
+    let config = AlignConfig::load(a.config.as_deref(), &a.overrides)?;
+    if a.print_config {
+        print!("{}", toml::to_string_pretty(&config)?);
+        return Ok(None);
+    }
+    Ok(Some(config))
+}
+
+fn print_eval(what: &str, e: &EvalReport) {
+    let tasks: Vec<String> = e
+        .by_task
+        .iter()
+        .map(|(name, acc, n)| format!("{name} {:.1}% of {n}", 100.0 * acc))
+        .collect();
+    println!(
+        "{what}: exact-answer accuracy {:.2}% ({}), mean reply {:.1} tokens, {:.0} s",
+        100.0 * e.accuracy,
+        tasks.join(", "),
+        e.mean_reply_tokens,
+        e.seconds
+    );
+    for (prompt, answer, reply) in e.samples.iter().take(3) {
+        println!("  {prompt}\n    answer {answer:?}, reply {reply:?}");
+    }
+}
+
+fn eval(a: StageArgs) -> Result<()> {
+    let Some(config) = load(&a)? else {
+        return Ok(());
+    };
+    let bar = crate::finetune::progress(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} problems, ETA {eta}")
+            .expect("a valid template"),
+    );
+    let report = stages::run_eval(&config, &mut |done, n| {
+        bar.set_length(n as u64);
+        bar.set_position(done as u64);
+    })?;
+    bar.finish_and_clear();
+    let what = if config.model.adapters.is_empty() {
+        config.model.dir.clone()
+    } else {
+        format!("{} + {}", config.model.dir, config.model.adapters)
+    };
+    print_eval(&what, &report);
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+fn stage(a: StageArgs, method: Method) -> Result<()> {
+    let Some(config) = load(&a)? else {
+        return Ok(());
+    };
+    let steps = config.train.steps;
+    let bar = crate::finetune::progress(steps);
+    let report = stages::run(&config, method, &mut |_, m| {
+        let shown: Vec<String> = ["loss", "accuracy", "score", "kl", "reply_tokens"]
+            .iter()
+            .filter_map(|k| {
+                m.get(*k)
+                    .and_then(|v| v.as_f64())
+                    .map(|v| format!("{k} {v:.4}"))
+            })
+            .collect();
+        bar.set_message(shown.join(", "));
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    println!(
+        "{}: {} steps in {:.0} s ({:.2} s/step), peak memory {:.0} MB, {} of {} parameters \
+         trained{}",
+        method.name(),
+        report.steps,
+        report.seconds,
+        report.seconds_per_step,
+        report.peak_rss_mb,
+        report.trainable,
+        report.total,
+        if report.skipped > 0 {
+            format!(", {} examples or lines skipped", report.skipped)
+        } else {
+            String::new()
+        }
+    );
+    if let Some(e) = &report.eval {
+        print_eval("held-out", e);
+    }
+    if !config.train.out.is_empty() {
+        let out = PathBuf::from(&config.train.out);
+        charts(&out, method, &report.metrics)?;
+        println!(
+            "adapters, metrics.jsonl, report.json and charts in {}",
+            out.display()
+        );
+    }
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?)?;
+    }
+    Ok(())
+}
+
+/// One chart per metric a stage records: the loss, or PPO's reward, KL and reply length.
+fn charts(out: &std::path::Path, method: Method, metrics: &[serde_json::Value]) -> Result<()> {
+    let keys: &[(&str, &str, &str)] = match method {
+        Method::Ppo | Method::Grpo => &[
+            (
+                "score",
+                "reward of the sampled replies",
+                "mean exact reward",
+            ),
+            ("kl", "KL to the reference (k3 estimate)", "nats per token"),
+            ("reply_tokens", "reply length", "tokens"),
+        ],
+        Method::Dpo => &[
+            ("loss", "DPO loss", "loss"),
+            (
+                "margin",
+                "implicit reward margin (chosen - rejected)",
+                "beta * log-ratio",
+            ),
+        ],
+        _ => &[("loss", "reply cross-entropy", "nats per token")],
+    };
+    for (key, title, y) in keys {
+        let points: Vec<(f64, f64)> = metrics
+            .iter()
+            .filter_map(|m| Some((m.get("step")?.as_f64()?, m.get(*key)?.as_f64()?)))
+            .collect();
+        if points.len() < 2 {
+            continue;
+        }
+        let smooth = anneal_chart::smooth(&points);
+        line_chart(
+            &out.join(format!("{key}.png")),
+            &format!("{}: {title}", method.name()),
+            "step",
+            y,
+            &[
+                Series {
+                    label: "per step",
+                    points: &points,
+                },
+                Series {
+                    label: "smoothed",
+                    points: &smooth,
+                },
+            ],
+        )?;
     }
     Ok(())
 }

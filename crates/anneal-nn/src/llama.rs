@@ -359,6 +359,22 @@ impl Llama {
         self.norm.forward(&w, &x)
     }
 
+    /// Logits `[B·T, vocab]` and the hidden states after the final norm `[B, T, d]` of one
+    /// forward: what a policy samples from and what its value head reads.
+    pub fn forward_with_hidden(
+        &self,
+        ids: &[u32],
+        batch: usize,
+        seq: usize,
+        dropout: Option<DropoutKey>,
+    ) -> Result<(Tensor, Tensor)> {
+        let w = self.weights().with_dropout(dropout);
+        let x = self.hidden_in(w.clone(), ids, batch, seq)?;
+        let normed = self.norm.forward(&w, &x)?;
+        let flat = normed.reshape(&[batch * seq, self.config.hidden_size])?;
+        Ok((self.head.forward(&w, &flat)?, normed))
+    }
+
     /// Logits `[B·T, vocab]` of the base model, every LoRA adapter switched off and no dropout:
     /// the reference model of alignment methods, read from the policy's own frozen weights.
     pub fn forward_base(&self, ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {

@@ -156,7 +156,7 @@ fn replies(
 }
 
 /// Loads the chat model of `config.model.dir` (a Llama GGUF file or Hugging Face directory).
-fn load(dir: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
+pub(crate) fn load(dir: &Path, lora: Option<LoraConfig>) -> Result<LlamaModel> {
     if crate::llama_gguf::is_gguf(dir) {
         crate::llama_gguf::load(dir, lora)
     } else if crate::hf_llama::is_llama_dir(dir) {

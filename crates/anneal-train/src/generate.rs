@@ -241,6 +241,21 @@ pub fn generate_batch<M: CausalLm + ?Sized>(
     pad: u32,
     opts: &SampleOptions,
 ) -> Result<Vec<Vec<u32>>> {
+    Ok(generate_batch_ended(model, prompts, stop, pad, opts)?
+        .into_iter()
+        .map(|(tokens, _)| tokens)
+        .collect())
+}
+
+/// [`generate_batch`], each row's new tokens with the stop token that ended it (`None` when it
+/// ran out of tokens or context first): a reply whose probability is wanted ends with it.
+pub fn generate_batch_ended<M: CausalLm + ?Sized>(
+    model: &M,
+    prompts: &[Vec<u32>],
+    stop: &[u32],
+    pad: u32,
+    opts: &SampleOptions,
+) -> Result<Vec<(Vec<u32>, Option<u32>)>> {
     let b = prompts.len();
     if b == 0 {
         return Ok(Vec::new());
@@ -274,6 +289,7 @@ pub fn generate_batch<M: CausalLm + ?Sized>(
         .to_vec_f32();
     let mut rngs: Vec<Rng> = (0..b).map(|i| Rng::new(opts.seed + i as u64)).collect();
     let mut out = vec![Vec::new(); b];
+    let mut ended = vec![None; b];
     let mut done = vec![false; b];
     for step in 0..opts.max_new_tokens {
         let mut next = vec![pad; b];
@@ -284,6 +300,7 @@ pub fn generate_batch<M: CausalLm + ?Sized>(
             let tok = pick(&logits[r * vocab..(r + 1) * vocab], opts, &mut rngs[r]);
             if opts.stop_at_eos && stop.contains(&tok) {
                 done[r] = true;
+                ended[r] = Some(tok);
                 continue;
             }
             out[r].push(tok);
@@ -303,7 +320,7 @@ pub fn generate_batch<M: CausalLm + ?Sized>(
             .forward_rows_cached(&next, b, &mut cache, &at, mask.concat())?
             .to_vec_f32();
     }
-    Ok(out)
+    Ok(out.into_iter().zip(ended).collect())
 }
 
 /// Generates up to `opts.max_new_tokens` tokens after `prompt`, calling `on_token` with each as it

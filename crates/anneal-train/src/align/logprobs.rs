@@ -74,6 +74,70 @@ pub fn reply_logprobs(logits: &Tensor, packed: &PackedReplies) -> Result<Tensor>
     Tensor::concat(&refs, 0)
 }
 
+/// ln p(target) of each reply token of `packed` (`[Σ reply_tokens]`, row by row, in order) from
+/// the logits `[batch·seq, vocab]`: the per-token log-probabilities PPO's ratios, KL penalty and
+/// value targets are made of. Its backward sends g·(onehot − softmax) into each reply
+/// position's logits.
+pub fn token_logprobs(logits: &Tensor, packed: &PackedReplies) -> Result<Tensor> {
+    let vocab = *logits.shape().last().unwrap_or(&0);
+    let rows: Vec<(usize, usize)> = packed
+        .targets
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t >= 0)
+        .map(|(i, &t)| (i, t as usize))
+        .collect();
+    let values = logits.to_vec_f32();
+    let mut out = Vec::with_capacity(rows.len());
+    let mut softmax = Vec::with_capacity(rows.len() * vocab);
+    for &(row, target) in &rows {
+        let x = &values[row * vocab..(row + 1) * vocab];
+        let max = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+        let sum: f64 = x.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        let lse = max + sum.ln() as f32;
+        out.push(x[target] - lse);
+        softmax.extend(x.iter().map(|&v| (v - lse).exp()));
+    }
+    let n = out.len();
+    let value = Tensor::from_f32(out, &[n])?;
+    Ok(Tensor::from_op(
+        value,
+        &[logits],
+        TokenLogprobs {
+            rows,
+            softmax,
+            shape: logits.shape().to_vec(),
+        },
+    ))
+}
+
+struct TokenLogprobs {
+    rows: Vec<(usize, usize)>,
+    softmax: Vec<f32>,
+    shape: Vec<usize>,
+}
+
+impl anneal_tensor::Backward for TokenLogprobs {
+    fn name(&self) -> &'static str {
+        "token_logprobs"
+    }
+
+    fn backward(self: Box<Self>, grad: &Tensor) -> Result<Vec<Option<Tensor>>> {
+        let g = grad.to_vec_f32();
+        let vocab = *self.shape.last().unwrap_or(&0);
+        let mut dx = vec![0.0f32; self.shape.iter().product()];
+        for (k, &(row, target)) in self.rows.iter().enumerate() {
+            let p = &self.softmax[k * vocab..(k + 1) * vocab];
+            let d = &mut dx[row * vocab..(row + 1) * vocab];
+            for (d, &p) in d.iter_mut().zip(p) {
+                *d = -g[k] * p;
+            }
+            d[target] += g[k];
+        }
+        Ok(vec![Some(Tensor::from_f32(dx, &self.shape)?)])
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -103,6 +167,22 @@ mod tests {
             assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
         }
         anneal_tensor::testing::assert_grads(|x| reply_logprobs(&x[0], &p), &[logits]);
+    }
+
+    #[test]
+    fn token_logprobs_are_the_reply_positions_log_softmax_and_check_by_differences() {
+        let p = pack(&[(vec![1, 2], vec![3, 4]), (vec![0, 1, 2], vec![4])], 0);
+        let logits = Tensor::randn(&[6, 5], 1.0, DType::F32, &mut Rng::new(4));
+        let got = token_logprobs(&logits, &p).unwrap().to_vec_f32();
+        let ls = logits.log_softmax().unwrap().to_vec_f32();
+        let want = [ls[5 + 3], ls[2 * 5 + 4], ls[5 * 5 + 4]];
+        for (g, w) in got.iter().zip(want) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+        // Summed per row they are the reply log-probabilities.
+        let rows = reply_logprobs(&logits, &p).unwrap().to_vec_f32();
+        assert!((rows[0] - got[0] - got[1]).abs() < 1e-5);
+        anneal_tensor::testing::assert_grads(|x| token_logprobs(&x[0], &p), &[logits]);
     }
 
     #[test]

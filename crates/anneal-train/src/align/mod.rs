@@ -12,13 +12,22 @@
 //! - [`tasks`]: verifiable tasks (arithmetic word problems, unit conversions, sorting) generated
 //!   with their answers, exact rewards, and held-out problems new in numbers and wording;
 //! - [`rl`]: generalised advantage estimation, advantage whitening, the per-token KL penalty and a
-//!   KL estimate that cannot go negative, and PPO's clipped policy and value losses.
+//!   KL estimate that cannot go negative, and PPO's clipped policy and value losses;
+//! - [`rlhf`]: one PPO or GRPO update from a batch of scored rollouts;
+//! - [`policy`]: the chat policy with LoRA adapters, the shared optimizer step, and held-out
+//!   exact-answer evaluation;
+//! - [`stages`]: the stages `anneal align` runs (SFT, DPO, PPO, GRPO, rejection sampling),
+//!   configured by [`config`].
 
+pub mod config;
 pub mod logprobs;
 pub mod losses;
+pub mod policy;
 pub mod prefs;
 pub mod reward;
 pub mod rl;
+pub mod rlhf;
+pub mod stages;
 pub mod tasks;
 
 /// A tiny Llama (vocabulary 13, width 16, two layers) with LoRA adapters on its query, value and

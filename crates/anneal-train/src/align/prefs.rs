@@ -56,58 +56,65 @@ impl PreferenceSet {
 
 /// Reads the preference pairs of `paths`, in order.
 pub fn read_preferences(paths: &[PathBuf]) -> Result<PreferenceSet> {
-    let mut set = PreferenceSet::default();
+    let (pairs, bad) = read_jsonl(paths, |value| {
+        let pair = PreferencePair {
+            prompt: string_field(value, "prompt")?,
+            chosen: string_field(value, "chosen")?,
+            rejected: string_field(value, "rejected")?,
+        };
+        if pair.chosen == pair.rejected {
+            return Err("\"chosen\" and \"rejected\" are the same reply".into());
+        }
+        Ok(pair)
+    })?;
+    Ok(PreferenceSet { pairs, bad })
+}
+
+/// The records of JSONL files, each line's JSON object read by `parse`; lines that are not
+/// valid UTF-8 or JSON, or that `parse` refuses (saying why), are skipped and returned with
+/// their file and line. Blank lines are ignored. Fails only on a file that cannot be read.
+pub fn read_jsonl<T>(
+    paths: &[PathBuf],
+    parse: impl Fn(&serde_json::Value) -> std::result::Result<T, String>,
+) -> Result<(Vec<T>, Vec<BadInput>)> {
+    let (mut records, mut bad) = (Vec::new(), Vec::new());
     for path in paths {
-        read_file(path, &mut set)?;
-    }
-    Ok(set)
-}
-
-fn read_file(path: &Path, set: &mut PreferenceSet) -> Result<()> {
-    let file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let reader = std::io::BufReader::new(file);
-    for (i, line) in reader.split(b'\n').enumerate() {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
-        let line = line.strip_suffix(b"\r").unwrap_or(&line);
-        if line.iter().all(u8::is_ascii_whitespace) {
-            continue;
-        }
-        match parse(line) {
-            Ok(pair) => set.pairs.push(pair),
-            Err(reason) => set.bad.push(BadInput {
-                path: path.to_path_buf(),
-                line: Some(i as u64 + 1),
-                reason,
-            }),
-        }
-    }
-    Ok(())
-}
-
-/// One line as a pair, or why not.
-fn parse(line: &[u8]) -> std::result::Result<PreferencePair, String> {
-    let text = std::str::from_utf8(line).map_err(|e| format!("invalid UTF-8: {e}"))?;
-    let value: serde_json::Value =
-        serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))?;
-    let field = |name: &str| -> std::result::Result<String, String> {
-        match value.get(name) {
-            Some(serde_json::Value::String(s)) if s.trim().is_empty() => {
-                Err(format!("empty {name:?}"))
+        let file =
+            std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let reader = std::io::BufReader::new(file);
+        for (i, line) in reader.split(b'\n').enumerate() {
+            let line = line.with_context(|| format!("reading {}", path.display()))?;
+            let line = line.strip_suffix(b"\r").unwrap_or(&line);
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
             }
-            Some(serde_json::Value::String(s)) => Ok(s.clone()),
-            Some(_) => Err(format!("{name:?} is not a string")),
-            None => Err(format!("no {name:?}")),
+            let record = std::str::from_utf8(line)
+                .map_err(|e| format!("invalid UTF-8: {e}"))
+                .and_then(|text| {
+                    serde_json::from_str(text).map_err(|e| format!("malformed JSON: {e}"))
+                })
+                .and_then(|value| parse(&value));
+            match record {
+                Ok(r) => records.push(r),
+                Err(reason) => bad.push(BadInput {
+                    path: path.to_path_buf(),
+                    line: Some(i as u64 + 1),
+                    reason,
+                }),
+            }
         }
-    };
-    let pair = PreferencePair {
-        prompt: field("prompt")?,
-        chosen: field("chosen")?,
-        rejected: field("rejected")?,
-    };
-    if pair.chosen == pair.rejected {
-        return Err("\"chosen\" and \"rejected\" are the same reply".into());
     }
-    Ok(pair)
+    Ok((records, bad))
+}
+
+/// The non-empty string `name` of a JSON object, or why not.
+pub fn string_field(value: &serde_json::Value, name: &str) -> std::result::Result<String, String> {
+    match value.get(name) {
+        Some(serde_json::Value::String(s)) if s.trim().is_empty() => Err(format!("empty {name:?}")),
+        Some(serde_json::Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(format!("{name:?} is not a string")),
+        None => Err(format!("no {name:?}")),
+    }
 }
 
 /// Writes `pairs` as preference JSONL (the layout [`read_preferences`] reads).

@@ -40,10 +40,15 @@ impl RewardHead {
         let last = h
             .reshape(&[seqs.batch * seqs.seq, d])?
             .index_select(0, &rows)?;
+        self.apply(&last)
+    }
+
+    /// The head on hidden states `[n, d]`: `[n]` scores. PPO's value head is such a head too,
+    /// read at every reply position.
+    pub fn apply(&self, hidden: &Tensor) -> Result<Tensor> {
+        let n = hidden.shape()[0];
         let w = self.params.get(self.weight).transpose(0, 1)?;
-        last.to_dtype(DType::F32)
-            .linear(&w, None)?
-            .reshape(&[seqs.batch])
+        hidden.to_dtype(DType::F32).linear(&w, None)?.reshape(&[n])
     }
 }
 

@@ -195,6 +195,28 @@ pub fn ppo_policy_loss(
     Ok((out, clipped as f64 / n as f64))
 }
 
+/// The k₃ KL estimate of [`kl_estimate`] as a loss on the policy's log-probabilities of sampled
+/// tokens (`[tokens]`, tracked) against the reference's: GRPO's KL term (DeepSeekMath eq. 4),
+/// whose gradient 1 − e^(ln π_ref − ln π) per token (over their count) pulls the policy back.
+pub fn kl_loss(logp: &Tensor, ref_logp: &[f32]) -> Result<Tensor> {
+    let lp = logp.to_vec_f32();
+    let n = lp.len().max(1) as f32;
+    let value = kl_estimate(&lp, ref_logp) as f32;
+    let slope = lp
+        .iter()
+        .zip(ref_logp)
+        .map(|(&l, &r)| (1.0 - (r - l).exp()) / n)
+        .collect();
+    Ok(Tensor::from_op(
+        Tensor::from_f32(vec![value], &[])?,
+        &[logp],
+        Slope {
+            name: "kl_loss",
+            slope,
+        },
+    ))
+}
+
 /// PPO's clipped value loss, ½·mean(max((V − R)², (V_old + clip(V − V_old, −ε, ε) − R)²)), from
 /// the value head's estimates (`[tokens]`, tracked), those at sampling time and the returns.
 pub fn ppo_value_loss(
@@ -261,6 +283,16 @@ mod tests {
         for (x, y) in a.iter().zip(b) {
             assert!((x - y).abs() < 1e-6, "{a:?} against {b:?}");
         }
+    }
+
+    #[test]
+    fn kl_loss_is_the_estimate_and_checks_by_differences() {
+        let lp = Tensor::from_f32(vec![-1.0, -2.5, -0.3], &[3]).unwrap();
+        let reference = [-1.2, -2.0, -0.3];
+        let got = kl_loss(&lp, &reference).unwrap().item().unwrap() as f64;
+        let want = kl_estimate(&lp.to_vec_f32(), &reference);
+        assert!((got - want).abs() < 1e-6 && want > 0.0);
+        assert_grads(|x| kl_loss(&x[0], &reference), &[lp]);
     }
 
     #[test]

@@ -56,7 +56,7 @@ pub struct Problem {
     pub prompt: String,
     /// The exact final answer ("42", or "3, 8, 15" for a sorted list).
     pub answer: String,
-    /// Which template worded it.
+    /// Which template worded it (`usize::MAX` for a problem read back from JSONL).
     pub template: usize,
 }
 
@@ -409,6 +409,28 @@ fn join(list: &[u64]) -> String {
         .map(u64::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Reads problem JSONL (`task`, `prompt`, `answer`; what [`write_task_data`] writes): the
+/// problems and the lines skipped (unknown task, missing or empty field, bad UTF-8 or JSON),
+/// each with its file and line.
+pub fn read_problems(
+    paths: &[std::path::PathBuf],
+) -> anyhow::Result<(Vec<Problem>, Vec<anneal_data::BadInput>)> {
+    use crate::align::prefs::string_field;
+    crate::align::prefs::read_jsonl(paths, |value| {
+        let task = string_field(value, "task")?;
+        let Some(&(_, kind)) = TaskKind::ALL.iter().find(|(n, _)| *n == task) else {
+            let names: Vec<&str> = TaskKind::ALL.iter().map(|(n, _)| *n).collect();
+            return Err(format!("task {task:?} is not one of {}", names.join(", ")));
+        };
+        Ok(Problem {
+            kind,
+            prompt: string_field(value, "prompt")?,
+            answer: string_field(value, "answer")?,
+            template: usize::MAX,
+        })
+    })
 }
 
 /// The last whole number in `reply` (its final answer), with a leading minus sign kept.
