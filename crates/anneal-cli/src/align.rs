@@ -46,6 +46,22 @@ pub enum AlignCommand {
     /// keep the best when it is right, fine-tune on the kept ones, repeat for rs.rounds.
     #[command(verbatim_doc_comment)]
     Rs(StageArgs),
+    /// A reward model: the chat model's adapters and a scalar head on the last token, trained
+    /// with the Bradley–Terry loss on reward.train pairs; held-out accuracy on reward.test beside
+    /// a length-only and a bag-of-words logistic baseline on the same pairs.
+    ///
+    /// Example: anneal align reward --config configs/align-smollm2.toml \
+    ///            --set data.dir=data/chat --set train.out=runs/rm
+    #[command(verbatim_doc_comment)]
+    Reward(StageArgs),
+    /// Preference pairs from ChatterBot's English conversations: the human reply preferred over
+    /// a reply sampled from the model of --config, matched in length (within ±20% of the human
+    /// reply's tokens); prompts split by a hash into disjoint SFT, reward-model (train, test),
+    /// judge, RL and evaluation sets.
+    ///
+    /// Example: anneal align chat-data --config configs/align-smollm2.toml --out data/chat
+    #[command(verbatim_doc_comment)]
+    ChatData(ChatDataArgs),
     /// Exact-answer accuracy on the held-out problems of eval.jsonl (greedy replies) of the
     /// model with model.adapters.
     ///
@@ -53,6 +69,28 @@ pub enum AlignCommand {
     ///            --set model.adapters=runs/sft/adapters
     #[command(verbatim_doc_comment)]
     Eval(StageArgs),
+}
+
+#[derive(Args)]
+pub struct ChatDataArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    /// The ChatterBot corpus directory (.yml files); relative paths are also looked up in the
+    /// data cache.
+    #[arg(
+        long,
+        default_value = "chatterbot-corpus/chatterbot_corpus/data/english"
+    )]
+    corpus: String,
+    /// Human replies shorter than this many tokens are dropped (too short to prefer).
+    #[arg(long, default_value_t = 5)]
+    min_tokens: usize,
+    /// Samples drawn per prompt to find a length-matched reply.
+    #[arg(long, default_value_t = 4)]
+    tries: usize,
+    /// Directory to write the split files into.
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Args)]
@@ -110,6 +148,8 @@ pub fn run(c: AlignCommand) -> Result<()> {
         AlignCommand::Grpo(a) => stage(a, Method::Grpo),
         AlignCommand::Rs(a) => stage(a, Method::RejectionSampling),
         AlignCommand::Eval(a) => eval(a),
+        AlignCommand::Reward(a) => stage(a, Method::Reward),
+        AlignCommand::ChatData(a) => chat_data(a),
     }
 }
 
@@ -241,6 +281,21 @@ fn stage(a: StageArgs, method: Method) -> Result<()> {
     if let Some(e) = &report.eval {
         print_eval("held-out", e);
     }
+    if let Some(r) = &report.reward {
+        println!(
+            "reward model: held-out pairwise accuracy {:.3} (fresh head {:.3}) on {} pairs \
+             ({} trained on); baselines on the same pairs: length-only {:.3}, bag-of-words \
+             {:.3}; mean tokens chosen {:.1}, rejected {:.1}",
+            r.accuracy,
+            r.accuracy_before,
+            r.test_pairs,
+            r.train_pairs,
+            r.length_baseline,
+            r.bag_of_words_baseline,
+            r.mean_tokens.0,
+            r.mean_tokens.1
+        );
+    }
     if !config.train.out.is_empty() {
         let out = PathBuf::from(&config.train.out);
         charts(&out, method, &report.metrics)?;
@@ -303,5 +358,51 @@ fn charts(out: &std::path::Path, method: Method, metrics: &[serde_json::Value]) 
             ],
         )?;
     }
+    Ok(())
+}
+
+fn chat_data(a: ChatDataArgs) -> Result<()> {
+    let Some(config) = load(&a.stage)? else {
+        return Ok(());
+    };
+    let policy = stages::load_policy(&config)?;
+    let corpus = anneal_train::finetune::resolve(&a.corpus);
+    let bar = crate::finetune::progress(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} prompts sampled, ETA {eta}")
+            .expect("a valid template"),
+    );
+    let report = anneal_train::align::chat_data::build(
+        &policy,
+        &corpus,
+        &a.out,
+        a.min_tokens,
+        a.tries,
+        config.eval.batch,
+        config.train.seed,
+        &mut |done, n| {
+            bar.set_length(n as u64);
+            bar.set_position(done as u64);
+        },
+    )?;
+    bar.finish_and_clear();
+    println!(
+        "{} conversations: {} with a reply under {} tokens dropped, {} pairs with no \
+         length-matched sample dropped, {} kept model replies cut at the length limit, {} \
+         malformed skipped",
+        report.conversations,
+        report.short,
+        a.min_tokens,
+        report.unmatched,
+        report.truncated,
+        report.skipped
+    );
+    for (name, n) in &report.written {
+        println!("{n:>6} lines  {}", a.out.join(name).display());
+    }
+    std::fs::write(
+        a.out.join("chat-data.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
     Ok(())
 }

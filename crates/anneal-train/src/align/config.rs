@@ -36,6 +36,9 @@ pub struct AlignData {
     /// The directory holding `sft.jsonl`, `preferences.jsonl`, `rl-prompts.jsonl` and
     /// `eval.jsonl`.
     pub dir: String,
+    /// The problems (with gold replies) SFT trains on, relative to `dir` unless absolute:
+    /// `sft.jsonl`, or `rl-prompts.jsonl` for the baseline that sees the RL prompts' answers.
+    pub sft: String,
     /// Preference files DPO reads, relative to `dir` unless absolute.
     pub preferences: Vec<String>,
     /// Prompt + reply tokens beyond which an example is skipped (and counted).
@@ -46,6 +49,7 @@ impl Default for AlignData {
     fn default() -> Self {
         AlignData {
             dir: "align".into(),
+            sft: "sft.jsonl".into(),
             preferences: vec!["preferences.jsonl".into()],
             max_tokens: 160,
         }
@@ -203,6 +207,25 @@ impl Default for RsSection {
     }
 }
 
+/// `[reward]`: a reward model on preference pairs.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RewardSection {
+    /// Training pair files, relative to `data.dir` unless absolute.
+    pub train: Vec<String>,
+    /// Held-out pair file, relative to `data.dir` unless absolute.
+    pub test: String,
+}
+
+impl Default for RewardSection {
+    fn default() -> Self {
+        RewardSection {
+            train: vec!["rm-train.jsonl".into()],
+            test: "rm-test.jsonl".into(),
+        }
+    }
+}
+
 /// An alignment stage's configuration.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
@@ -223,6 +246,8 @@ pub struct AlignConfig {
     pub rl: RlSection,
     /// Rejection sampling.
     pub rs: RsSection,
+    /// Reward models.
+    pub reward: RewardSection,
 }
 
 impl Default for AlignConfig {
@@ -251,6 +276,7 @@ impl Default for AlignConfig {
             dpo: DpoSection::default(),
             rl: RlSection::default(),
             rs: RsSection::default(),
+            reward: RewardSection::default(),
         }
     }
 }
@@ -346,6 +372,12 @@ impl AlignConfig {
             "lora.targets",
             "[]".into(),
             "one or more layer names",
+        )?;
+        check(
+            !self.reward.train.is_empty(),
+            "reward.train",
+            "[]".into(),
+            "one or more JSONL files",
         )?;
         check(
             !self.data.preferences.is_empty(),

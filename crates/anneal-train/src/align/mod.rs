@@ -19,6 +19,8 @@
 //! - [`stages`]: the stages `anneal align` runs (SFT, DPO, PPO, GRPO, rejection sampling),
 //!   configured by [`config`].
 
+pub mod baselines;
+pub mod chat_data;
 pub mod config;
 pub mod logprobs;
 pub mod losses;

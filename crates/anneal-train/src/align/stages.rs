@@ -39,6 +39,9 @@ pub enum Method {
     /// Rejection sampling on `rl-prompts.jsonl`: the best of `rl.group` samples, when correct,
     /// fine-tuned on.
     RejectionSampling,
+    /// A reward model (adapters and a scalar head) on the `reward.train` pairs, with the
+    /// Bradley–Terry loss; held-out accuracy on `reward.test` beside two baselines.
+    Reward,
 }
 
 impl Method {
@@ -50,6 +53,7 @@ impl Method {
             Method::Ppo => "ppo",
             Method::Grpo => "grpo",
             Method::RejectionSampling => "rs",
+            Method::Reward => "reward",
         }
     }
 }
@@ -75,6 +79,8 @@ pub struct StageReport {
     pub skipped: usize,
     /// The held-out evaluation after training.
     pub eval: Option<EvalReport>,
+    /// A reward model's held-out accuracy, with the baselines'.
+    pub reward: Option<RewardReport>,
     /// Each step's metrics.
     pub metrics: Vec<Value>,
 }
@@ -247,7 +253,13 @@ pub fn run(
         metrics.push(line);
         Ok(())
     };
+    let (mut reward, mut head) = (None, None);
     let skipped = match method {
+        Method::Reward => {
+            let (r, skipped, h) = reward_model(config, &policy, &mut out, &mut record)?;
+            (reward, head) = (Some(r), Some(h));
+            skipped
+        }
         Method::Sft => sft(config, &policy, &mut out, &mut record)?,
         Method::Dpo => dpo_stage(config, &policy, &mut out, &mut record)?,
         Method::Ppo | Method::Grpo => rl_stage(config, &policy, method, &mut out, &mut record)?,
@@ -255,8 +267,18 @@ pub fn run(
     };
     let seconds = started.elapsed().as_secs_f64();
     let steps = metrics.len() as u64;
-    out.save(&policy, "adapters")?;
-    let eval = if config.eval.after {
+    if let Some(dir) = out.save(&policy, "adapters")? {
+        if let Some(head) = &head {
+            // The reward model's head beside its adapters.
+            let path = dir.join(SCORE_FILE);
+            std::fs::write(
+                &path,
+                anneal_tensor::io::encode_safetensors(&head.params.named())?,
+            )
+            .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    let eval = if config.eval.after && method != Method::Reward {
         let ps = eval_problems(config)?;
         Some(evaluate(
             &policy,
@@ -278,6 +300,7 @@ pub fn run(
         total,
         skipped,
         eval,
+        reward,
         metrics,
     };
     if let Some(dir) = &out.dir {
@@ -352,7 +375,7 @@ fn sft(
     out: &mut Output,
     record: &mut Record<'_>,
 ) -> Result<usize> {
-    let (ps, bad) = problems(config, "sft.jsonl")?;
+    let (ps, bad) = problems(config, &config.data.sft)?;
     let (examples, long) = encode_examples(
         config,
         policy,
@@ -736,9 +759,231 @@ mod tests {
         assert_eq!(rs.steps, 2);
         let lines = std::fs::read_to_string(root.path().join("rs/metrics.jsonl")).unwrap();
         assert!(lines.lines().next().unwrap().contains("\"kept\""));
+        // Chat preference data from a small ChatterBot corpus, then a reward model on it.
+        let corpus = root.path().join("corpus");
+        std::fs::create_dir_all(&corpus).unwrap();
+        let mut yaml = String::from("categories:\n- talk\nconversations:\n");
+        for i in 0..60 {
+            yaml.push_str(&format!(
+                "- - what is {i} plus {}\n  - it is {} and that is all\n",
+                i + 1,
+                2 * i + 1
+            ));
+        }
+        std::fs::write(corpus.join("talk.yml"), yaml).unwrap();
+        let chat = root.path().join("chat");
+        let policy = load_policy(&config("", "")).unwrap();
+        let built =
+            crate::align::chat_data::build(&policy, &corpus, &chat, 3, 3, 8, 0, &mut |_, _| {})
+                .unwrap();
+        assert_eq!(built.conversations, 60);
+        let mut seen = std::collections::HashMap::new();
+        for (name, n) in &built.written {
+            let text = std::fs::read_to_string(chat.join(name)).unwrap();
+            assert_eq!(text.lines().count(), *n);
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                let prompt = v["prompt"].as_str().unwrap().to_string();
+                // No prompt in two splits.
+                assert_eq!(seen.entry(prompt).or_insert(name.clone()), name);
+            }
+        }
+        // Every prompt is written once, or counted as dropped.
+        assert_eq!(seen.len() + built.unmatched + built.short, 60);
+        let mut rm = config("rm", "");
+        rm.data.dir = chat.display().to_string();
+        // Every kept pair of this corpus, so the stage has pairs to train and test on.
+        rm.reward.train = vec!["rm-train.jsonl".into(), "judge-train.jsonl".into()];
+        rm.reward.test = "rm-train.jsonl".into();
+        let r = run_stage(Method::Reward, &rm);
+        let rep = r.reward.unwrap();
+        assert!(rep.test_pairs > 0 && (0.0..=1.0).contains(&rep.accuracy));
+        assert!(root.path().join("rm/adapters").join(SCORE_FILE).is_file());
         // Evaluating the SFT adapters again gives what SFT reported.
         let again = run_eval(&config("", &from_sft), &mut |_, _| {}).unwrap();
         assert_eq!(again.accuracy, e.accuracy);
         assert_eq!(again.mean_reply_tokens, e.mean_reply_tokens);
     }
+}
+
+/// The file of a reward model's head, in its adapter directory.
+pub const SCORE_FILE: &str = "score.safetensors";
+
+/// A reward model's held-out pairwise accuracy, before and after training, beside the
+/// baselines' on the same pairs.
+#[derive(Clone, Debug, Serialize)]
+pub struct RewardReport {
+    /// Training and held-out pairs.
+    pub train_pairs: usize,
+    /// Held-out pairs.
+    pub test_pairs: usize,
+    /// The fresh head's accuracy.
+    pub accuracy_before: f64,
+    /// The trained model's.
+    pub accuracy: f64,
+    /// A pairwise logistic regression on reply length (tokens, characters).
+    pub length_baseline: f64,
+    /// A pairwise logistic regression on word counts.
+    pub bag_of_words_baseline: f64,
+    /// Mean token length of chosen and rejected held-out replies.
+    pub mean_tokens: (f64, f64),
+}
+
+/// Whole conversations (prompt and reply tokens) of each pair, chosen then rejected.
+type PairTokens = (Vec<u32>, Vec<u32>);
+
+fn pair_tokens(
+    config: &AlignConfig,
+    policy: &ChatPolicy,
+    pairs: &[crate::align::prefs::PreferencePair],
+) -> Result<(Vec<PairTokens>, Vec<usize>)> {
+    let (mut out, mut kept) = (Vec::new(), Vec::new());
+    for (i, pair) in pairs.iter().enumerate() {
+        let (p, c) = policy.example(&pair.prompt, &pair.chosen)?;
+        let (_, r) = policy.example(&pair.prompt, &pair.rejected)?;
+        if p.len() + c.len().max(r.len()) <= config.data.max_tokens {
+            out.push(([p.as_slice(), &c].concat(), [p.as_slice(), &r].concat()));
+            kept.push(i);
+        }
+    }
+    Ok((out, kept))
+}
+
+/// Reward-model scores of sequences, `batch` at a time, without gradient.
+pub fn score_all(
+    model: &anneal_nn::Llama,
+    head: &RewardHead,
+    seqs: &[Vec<u32>],
+    pad: u32,
+    batch: usize,
+) -> Result<Vec<f32>> {
+    let mut out = Vec::with_capacity(seqs.len());
+    for chunk in seqs.chunks(batch.max(1)) {
+        let packed = crate::align::reward::pack_sequences(chunk, pad);
+        out.extend(anneal_tensor::no_grad(|| head.scores(model, &packed))?.to_vec_f32());
+    }
+    Ok(out)
+}
+
+fn reward_model(
+    config: &AlignConfig,
+    policy: &ChatPolicy,
+    out: &mut Output,
+    record: &mut Record<'_>,
+) -> Result<(RewardReport, usize, RewardHead)> {
+    use crate::align::baselines::{pairwise_logistic, BagOfWords, Features, LengthFeatures};
+    use crate::align::losses::{bradley_terry, pairwise_accuracy};
+    let train_paths: Vec<PathBuf> = config
+        .reward
+        .train
+        .iter()
+        .map(|p| data_file(config, p))
+        .collect();
+    let train_set = read_preferences(&train_paths)?;
+    let test_set = read_preferences(&[data_file(config, &config.reward.test)])?;
+    tracing::info!("training: {}", train_set.summary());
+    tracing::info!("held out: {}", test_set.summary());
+    let (train, train_kept) = pair_tokens(config, policy, &train_set.pairs)?;
+    let (test, test_kept) = pair_tokens(config, policy, &test_set.pairs)?;
+    if train.is_empty() || test.is_empty() {
+        bail!(
+            "{} training and {} held-out pairs fit data.max_tokens = {}: too few",
+            train.len(),
+            test.len(),
+            config.data.max_tokens
+        );
+    }
+    let skipped = train_set.bad.len()
+        + test_set.bad.len()
+        + (train_set.pairs.len() - train.len())
+        + (test_set.pairs.len() - test.len());
+    // The baselines, on the same pairs.
+    let tokens = |s: &str| -> Result<usize> { Ok(policy.lm.tokenizer.encode(s)?.len()) };
+    let featurise =
+        |f: &dyn Features, pairs: &[crate::align::prefs::PreferencePair], kept: &[usize]| {
+            kept.iter()
+                .map(|&i| {
+                    let p = &pairs[i];
+                    Ok((
+                        f.features(&p.chosen, tokens(&p.chosen)?),
+                        f.features(&p.rejected, tokens(&p.rejected)?),
+                    ))
+                })
+                .collect::<Result<Vec<_>>>()
+        };
+    let length_baseline = pairwise_logistic(
+        &featurise(&LengthFeatures, &train_set.pairs, &train_kept)?,
+        &featurise(&LengthFeatures, &test_set.pairs, &test_kept)?,
+        1e-3,
+        500,
+    );
+    let bow = BagOfWords::fit(train_kept.iter().flat_map(|&i| {
+        [
+            train_set.pairs[i].chosen.as_str(),
+            train_set.pairs[i].rejected.as_str(),
+        ]
+    }));
+    let bag_of_words_baseline = pairwise_logistic(
+        &featurise(&bow, &train_set.pairs, &train_kept)?,
+        &featurise(&bow, &test_set.pairs, &test_kept)?,
+        1e-2,
+        500,
+    );
+    let mean_len = |pick: fn(&PairTokens) -> usize| {
+        test.iter().map(pick).sum::<usize>() as f64 / test.len() as f64
+    };
+    let mean_tokens = (mean_len(|p| p.0.len()), mean_len(|p| p.1.len()));
+    let model = policy.model();
+    let t = &config.train;
+    let head = RewardHead::new(model.config.hidden_size, t.seed ^ 0x5eed)?;
+    let accuracy_of = |head: &RewardHead| -> Result<f64> {
+        let c: Vec<Vec<u32>> = test.iter().map(|p| p.0.clone()).collect();
+        let r: Vec<Vec<u32>> = test.iter().map(|p| p.1.clone()).collect();
+        let (sc, sr) = (
+            score_all(model, head, &c, policy.pad, config.eval.batch)?,
+            score_all(model, head, &r, policy.pad, config.eval.batch)?,
+        );
+        Ok(pairwise_accuracy(&sc, &sr))
+    };
+    let accuracy_before = accuracy_of(&head)?;
+    let mut opt = Updater::new(&model.params, t, t.steps);
+    let mut head_opt = Updater::new(&head.params, t, t.steps);
+    let mut batches = Batches::new(train.len(), t.seed);
+    for step in 0..t.steps {
+        let idx = batches.next(t.batch_size);
+        let seqs: Vec<Vec<u32>> = idx
+            .iter()
+            .map(|&i| train[i].0.clone())
+            .chain(idx.iter().map(|&i| train[i].1.clone()))
+            .collect();
+        let packed = crate::align::reward::pack_sequences(&seqs, policy.pad);
+        let scores = head.scores(model, &packed)?;
+        let n = idx.len();
+        let (c, r) = (scores.narrow(0, 0, n)?, scores.narrow(0, n, n)?);
+        let accuracy = pairwise_accuracy(&c.to_vec_f32(), &r.to_vec_f32());
+        let loss = bradley_terry(&c, &r)?;
+        let value = loss.item()? as f64;
+        loss.backward()?;
+        let norm = opt.step(&model.params);
+        head_opt.step(&head.params);
+        record(
+            out,
+            step,
+            json!({"loss": value, "accuracy": accuracy, "grad_norm": norm}),
+        )?;
+    }
+    let accuracy = accuracy_of(&head)?;
+    Ok((
+        RewardReport {
+            train_pairs: train.len(),
+            test_pairs: test.len(),
+            accuracy_before,
+            accuracy,
+            length_baseline,
+            bag_of_words_baseline,
+            mean_tokens,
+        },
+        skipped,
+        head,
+    ))
 }
