@@ -62,6 +62,14 @@ pub enum AlignCommand {
     /// Example: anneal align chat-data --config configs/align-smollm2.toml --out data/chat
     #[command(verbatim_doc_comment)]
     ChatData(ChatDataArgs),
+    /// Win rates against the baseline (model.adapters, e.g. the SFT adapters): greedy replies
+    /// of each policy to the evaluation prompts, judged by a second reward model trained on a
+    /// split none of them saw, with the mean reply length beside each.
+    ///
+    /// Example: anneal align compare --config configs/align-smollm2.toml --set data.dir=data/chat \
+    ///            --judge runs/judge/adapters runs/ppo/adapters runs/dpo/adapters
+    #[command(verbatim_doc_comment)]
+    Compare(CompareArgs),
     /// Exact-answer accuracy on the held-out problems of eval.jsonl (greedy replies) of the
     /// model with model.adapters.
     ///
@@ -69,6 +77,20 @@ pub enum AlignCommand {
     ///            --set model.adapters=runs/sft/adapters
     #[command(verbatim_doc_comment)]
     Eval(StageArgs),
+}
+
+#[derive(Args)]
+pub struct CompareArgs {
+    #[command(flatten)]
+    stage: StageArgs,
+    /// The judge: a reward model's adapter directory (anneal align reward).
+    #[arg(long)]
+    judge: PathBuf,
+    /// The prompt file, relative to data.dir unless absolute.
+    #[arg(long, default_value = "eval-prompts.jsonl")]
+    prompts: String,
+    /// The policies' adapter directories.
+    policies: Vec<String>,
 }
 
 #[derive(Args)]
@@ -150,6 +172,7 @@ pub fn run(c: AlignCommand) -> Result<()> {
         AlignCommand::Eval(a) => eval(a),
         AlignCommand::Reward(a) => stage(a, Method::Reward),
         AlignCommand::ChatData(a) => chat_data(a),
+        AlignCommand::Compare(a) => compare(a),
     }
 }
 
@@ -404,5 +427,34 @@ fn chat_data(a: ChatDataArgs) -> Result<()> {
         a.out.join("chat-data.json"),
         serde_json::to_string_pretty(&report)?,
     )?;
+    Ok(())
+}
+
+fn compare(a: CompareArgs) -> Result<()> {
+    let Some(config) = load(&a.stage)? else {
+        return Ok(());
+    };
+    let rates = stages::compare(&config, &a.judge, &a.policies, &a.prompts, &mut |name| {
+        tracing::info!(
+            "replying with {}",
+            if name.is_empty() { "the base" } else { name }
+        );
+    })?;
+    println!(
+        "{:<48} {:>9} {:>11} {:>12}",
+        "policy", "win rate", "mean score", "reply tokens"
+    );
+    for r in &rates {
+        println!(
+            "{:<48} {:>8.1}% {:>11.3} {:>12.1}",
+            r.policy,
+            100.0 * r.win_rate,
+            r.mean_score,
+            r.mean_reply_tokens
+        );
+    }
+    if let Some(path) = &a.stage.json {
+        std::fs::write(path, serde_json::to_string_pretty(&rates)?)?;
+    }
     Ok(())
 }

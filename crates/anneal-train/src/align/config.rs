@@ -161,6 +161,12 @@ pub struct RlSection {
     pub max_new_tokens: usize,
     /// Replies sampled per prompt (GRPO's group; PPO and rejection sampling use it too).
     pub group: usize,
+    /// What scores a sampled reply: `exact` (the verifiable tasks' exact reward, prompts from
+    /// `rl.prompts` as problems) or a reward model's directory (`anneal align reward`'s
+    /// `train.out/adapters`), trained from this stage's starting model with its `[lora]`.
+    pub reward: String,
+    /// The prompt file, relative to `data.dir` unless absolute.
+    pub prompts: String,
     /// The run stops with a checkpoint when the mean KL to the reference exceeds this …
     pub kl_bound: f64,
     /// … for this many updates in a row.
@@ -179,6 +185,8 @@ impl Default for RlSection {
             epochs: 2,
             max_new_tokens: 32,
             group: 4,
+            reward: "exact".into(),
+            prompts: "rl-prompts.jsonl".into(),
             kl_bound: 1.0,
             kl_patience: 3,
         }

@@ -52,6 +52,122 @@ impl RewardHead {
     }
 }
 
+/// A trained reward model sharing the policy's frozen base: its adapters are swapped into the
+/// policy's adapter slots while it scores and swapped back after, so policy, reference, value
+/// head and reward model hold one copy of the base weights between them.
+pub struct SharedReward {
+    adapters: Vec<(ParamId, Tensor)>,
+    head: RewardHead,
+}
+
+impl SharedReward {
+    /// The reward model written in `dir` (PEFT adapters and its head's `score_file`) for
+    /// `model`, whose adapters must be the same layers at the same rank.
+    pub fn load(
+        dir: &std::path::Path,
+        score_file: &str,
+        model: &Llama,
+    ) -> anyhow::Result<SharedReward> {
+        use anyhow::Context;
+        let layout = crate::peft::PeftLayout {
+            prefix: "",
+            modules_to_save: &[],
+            task_type: Some("CAUSAL_LM"),
+            base_model: "",
+        };
+        let (_, tensors) = crate::peft::load(dir, &layout)
+            .with_context(|| format!("reading the reward model in {}", dir.display()))?;
+        let params = &model.params;
+        let mut adapters = Vec::new();
+        for (name, info) in params.named() {
+            if !anneal_nn::layers::LoraConfig::is_adapter(&name) {
+                continue;
+            }
+            let t = tensors.get(&name).with_context(|| {
+                format!(
+                    "{}: the reward model has no {name}; train it with the policy's [lora] \
+                     settings",
+                    dir.display()
+                )
+            })?;
+            if t.shape() != info.shape() {
+                anyhow::bail!(
+                    "{}: {name} is {:?}, the policy's is {:?}; train the reward model with the \
+                     policy's [lora] settings",
+                    dir.display(),
+                    t.shape(),
+                    info.shape()
+                );
+            }
+            adapters.push((params.id(&name)?, t.clone()));
+        }
+        if adapters.len() != tensors.len() {
+            anyhow::bail!(
+                "{}: {} adapter tensors, the policy has {}: not the policy's [lora] layout",
+                dir.display(),
+                tensors.len(),
+                adapters.len()
+            );
+        }
+        let path = dir.join(score_file);
+        let head_tensors = anneal_tensor::io::load_safetensors(&path)?;
+        let w = head_tensors
+            .get("score.weight")
+            .with_context(|| format!("{}: no score.weight", path.display()))?;
+        let d = model.config.hidden_size;
+        if w.shape() != [1, d] {
+            anyhow::bail!(
+                "{}: score.weight is {:?}, not [1, {d}]",
+                path.display(),
+                w.shape()
+            );
+        }
+        let head = RewardHead::new(d, 0)?;
+        head.params.set(head.weight, w)?;
+        Ok(SharedReward { adapters, head })
+    }
+
+    /// Scores of whole sequences (prompt and reply tokens), `batch` at a time: the reward
+    /// model's adapters in, the scores read, the policy's adapters back exactly as they were.
+    pub fn scores(
+        &self,
+        model: &Llama,
+        seqs: &[Vec<u32>],
+        pad: u32,
+        batch: usize,
+    ) -> anyhow::Result<Vec<f32>> {
+        let params = &model.params;
+        let t = params.tensors();
+        // Copies: the store's tensors are views of its buffer.
+        let saved = self
+            .adapters
+            .iter()
+            .map(|(id, _)| {
+                let v = &t[id.0];
+                Ok((*id, Tensor::from_f32(v.to_vec_f32(), v.shape())?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        for (id, v) in &self.adapters {
+            params.set(*id, v)?;
+        }
+        let mut out = Vec::with_capacity(seqs.len());
+        let scored = (|| -> Result<()> {
+            for chunk in seqs.chunks(batch.max(1)) {
+                let packed = pack_sequences(chunk, pad);
+                out.extend(
+                    anneal_tensor::no_grad(|| self.head.scores(model, &packed))?.to_vec_f32(),
+                );
+            }
+            Ok(())
+        })();
+        for (id, v) in &saved {
+            params.set(*id, v)?;
+        }
+        scored?;
+        Ok(out)
+    }
+}
+
 /// Fails, naming both models and the first token id they read differently, unless the reward
 /// model's tokenizer is the policy's: a reward model scores token ids, so one trained on
 /// another vocabulary would score replies it cannot read.

@@ -148,22 +148,114 @@ fn data_file(config: &AlignConfig, name: &str) -> PathBuf {
     }
 }
 
+/// Warns of the first malformed lines of `path`; fails when it held no good record.
+fn report_bad(path: &Path, bad: &[anneal_data::BadInput], good: usize) -> Result<()> {
+    for b in bad.iter().take(5) {
+        tracing::warn!("skipped {b}");
+    }
+    if bad.len() > 5 {
+        tracing::warn!(
+            "… {} malformed lines in {} in all",
+            bad.len(),
+            path.display()
+        );
+    }
+    if good == 0 {
+        bail!(
+            "{}: no usable records ({} lines skipped); write them with anneal align data or \
+             anneal align chat-data",
+            path.display(),
+            bad.len()
+        );
+    }
+    Ok(())
+}
+
 /// The problems of a file in `data.dir`, malformed lines reported and skipped.
 fn problems(config: &AlignConfig, name: &str) -> Result<(Vec<Problem>, usize)> {
     let path = data_file(config, name);
     let (ps, bad) = read_problems(std::slice::from_ref(&path))?;
-    for b in bad.iter().take(5) {
-        tracing::warn!("skipped {b}");
+    report_bad(&path, &bad, ps.len())?;
+    Ok((ps, bad.len()))
+}
+
+/// The `prompt`s of a file in `data.dir`, malformed lines reported and skipped.
+fn prompts_file(config: &AlignConfig, name: &str) -> Result<(Vec<String>, usize)> {
+    let path = data_file(config, name);
+    let (ps, bad) = crate::align::prefs::read_jsonl(std::slice::from_ref(&path), |v| {
+        crate::align::prefs::string_field(v, "prompt")
+    })?;
+    report_bad(&path, &bad, ps.len())?;
+    Ok((ps, bad.len()))
+}
+
+/// The file beside a reward model's adapters naming the model it was trained from.
+pub const REWARD_META: &str = "reward.json";
+
+/// What scores an RL stage's sampled replies.
+enum Scorer {
+    /// The verifiable tasks' exact reward.
+    Exact(Vec<Problem>),
+    /// A reward model sharing the policy's base.
+    Model(Box<crate::align::reward::SharedReward>),
+}
+
+/// The scorer `rl.reward` names, and the prompts it scores replies to. A reward model must
+/// have been trained from this stage's starting model: one on another tokenizer is refused
+/// naming both models, one on another base naming both.
+fn scorer(config: &AlignConfig, policy: &ChatPolicy) -> Result<(Scorer, Vec<String>, usize)> {
+    if config.rl.reward == "exact" {
+        let (ps, bad) = problems(config, &config.rl.prompts)?;
+        let prompts = ps.iter().map(|p| p.prompt.clone()).collect();
+        return Ok((Scorer::Exact(ps), prompts, bad));
     }
-    if ps.is_empty() {
+    let dir = resolve(&config.rl.reward);
+    let meta_path = dir.join(REWARD_META);
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(&meta_path).with_context(|| {
+            format!(
+                "rl.reward = {:?}: reading {}",
+                config.rl.reward,
+                meta_path.display()
+            )
+        })?)
+        .with_context(|| format!("{}: not JSON", meta_path.display()))?;
+    let field = |k: &str| {
+        meta.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string()
+    };
+    let (rm_model, rm_adapters) = (field("model"), field("adapters"));
+    if rm_model != config.model.dir {
+        let rm = crate::chat_sft::load(&resolve(&rm_model), None)
+            .with_context(|| format!("loading the reward model's base {rm_model:?}"))?;
+        crate::align::reward::check_same_tokenizer(
+            &policy.lm.tokenizer,
+            &config.model.dir,
+            &rm.tokenizer,
+            &rm_model,
+        )?;
         bail!(
-            "{}: no problems ({} lines skipped); write them with anneal align data --out {}",
-            path.display(),
-            bad.len(),
-            config.data.dir
+            "the reward model in {} was trained from {rm_model:?}, the policy starts from {:?}: \
+             a reward model shares the policy's base, so train it from model.dir = {:?}",
+            dir.display(),
+            config.model.dir,
+            config.model.dir
         );
     }
-    Ok((ps, bad.len()))
+    if rm_adapters != config.model.adapters {
+        bail!(
+            "the reward model in {} was trained with model.adapters = {rm_adapters:?}, the \
+             policy starts from {:?}: a reward model shares the policy's base, so train it \
+             from the same adapters",
+            dir.display(),
+            config.model.adapters
+        );
+    }
+    let rm = crate::align::reward::SharedReward::load(&dir, SCORE_FILE, policy.model())?;
+    let (prompts, bad) = prompts_file(config, &config.rl.prompts)?;
+    Ok((Scorer::Model(Box::new(rm)), prompts, bad))
 }
 
 /// The held-out evaluation problems `eval.problems` asks for: all, or that many spread evenly
@@ -269,6 +361,8 @@ pub fn run(
     let steps = metrics.len() as u64;
     if let Some(dir) = out.save(&policy, "adapters")? {
         if let Some(head) = &head {
+            let meta = json!({"model": config.model.dir, "adapters": config.model.adapters});
+            std::fs::write(dir.join(REWARD_META), serde_json::to_string_pretty(&meta)?)?;
             // The reward model's head beside its adapters.
             let path = dir.join(SCORE_FILE);
             std::fs::write(
@@ -278,7 +372,9 @@ pub fn run(
             .with_context(|| format!("writing {}", path.display()))?;
         }
     }
-    let eval = if config.eval.after && method != Method::Reward {
+    // The exact-answer evaluation, where the data has verifiable problems.
+    let has_problems = data_file(config, "eval.jsonl").is_file();
+    let eval = if config.eval.after && method != Method::Reward && has_problems {
         let ps = eval_problems(config)?;
         Some(evaluate(
             &policy,
@@ -375,12 +471,14 @@ fn sft(
     out: &mut Output,
     record: &mut Record<'_>,
 ) -> Result<usize> {
-    let (ps, bad) = problems(config, &config.data.sft)?;
-    let (examples, long) = encode_examples(
-        config,
-        policy,
-        ps.iter().map(|p| (p.prompt.clone(), p.gold_reply())),
-    )?;
+    let path = data_file(config, &config.data.sft);
+    let (pairs, bad) = crate::align::prefs::read_jsonl(std::slice::from_ref(&path), |v| {
+        use crate::align::prefs::string_field;
+        Ok((string_field(v, "prompt")?, string_field(v, "reply")?))
+    })?;
+    report_bad(&path, &bad, pairs.len())?;
+    let bad = bad.len();
+    let (examples, long) = encode_examples(config, policy, pairs.into_iter())?;
     let t = &config.train;
     let mut opt = Updater::new(&policy.model().params, t, t.steps);
     fine_tune(
@@ -506,8 +604,11 @@ fn rl_stage(
     out: &mut Output,
     record: &mut Record<'_>,
 ) -> Result<usize> {
-    let (ps, bad) = problems(config, "rl-prompts.jsonl")?;
-    let prompts = prompts_of(policy, &ps)?;
+    let (scorer, texts, bad) = scorer(config, policy)?;
+    let prompts = texts
+        .iter()
+        .map(|p| policy.prompt_ids(p))
+        .collect::<Result<Vec<_>>>()?;
     let (t, rl) = (&config.train, &config.rl);
     let model = policy.model();
     let mut opt = Updater::new(&model.params, t, t.steps);
@@ -515,23 +616,48 @@ fn rl_stage(
     let mut value_opt = Updater::new(&head.params, t, t.steps);
     let settings = RlSettings::of(rl);
     let mut guard = KlGuard::new(rl.kl_bound, rl.kl_patience);
-    let mut batches = Batches::new(ps.len(), t.seed);
+    let mut batches = Batches::new(prompts.len(), t.seed);
     for step in 0..t.steps {
         let idx = batches.next(t.batch_size);
         let batch: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
-        let mut score = |k: usize, reply: &[u32]| -> Result<f32> {
-            Ok(ps[idx[k]].reward(&policy.decode(reply)?))
+        let seed = t.seed.wrapping_mul(1_000_003).wrapping_add(step);
+        let r = match &scorer {
+            Scorer::Exact(ps) => {
+                let mut score = |k: usize, reply: &[u32]| -> Result<f32> {
+                    Ok(ps[idx[k]].reward(&policy.decode(reply)?))
+                };
+                rlhf::rollouts(
+                    model,
+                    &batch,
+                    rl.group,
+                    &policy.lm.stop_tokens,
+                    policy.pad,
+                    rl.max_new_tokens,
+                    seed,
+                    &mut score,
+                )?
+            }
+            Scorer::Model(rm) => {
+                let mut r = rlhf::rollouts(
+                    model,
+                    &batch,
+                    rl.group,
+                    &policy.lm.stop_tokens,
+                    policy.pad,
+                    rl.max_new_tokens,
+                    seed,
+                    &mut |_, _| Ok(0.0),
+                )?;
+                let seqs: Vec<Vec<u32>> = r
+                    .prompts
+                    .iter()
+                    .zip(&r.replies)
+                    .map(|(p, reply)| [p.as_slice(), reply].concat())
+                    .collect();
+                r.scores = rm.scores(model, &seqs, policy.pad, config.eval.batch)?;
+                r
+            }
         };
-        let r = rlhf::rollouts(
-            model,
-            &batch,
-            rl.group,
-            &policy.lm.stop_tokens,
-            policy.pad,
-            rl.max_new_tokens,
-            t.seed.wrapping_mul(1_000_003).wrapping_add(step),
-            &mut score,
-        )?;
         let critic = match method {
             Method::Ppo => Critic::Value(&head, &mut value_opt),
             _ => Critic::Group,
@@ -557,7 +683,7 @@ fn rejection_sampling(
     out: &mut Output,
     record: &mut Record<'_>,
 ) -> Result<usize> {
-    let (ps, bad) = problems(config, "rl-prompts.jsonl")?;
+    let (ps, bad) = problems(config, &config.rl.prompts)?;
     let prompts = prompts_of(policy, &ps)?;
     let (t, rs, k) = (&config.train, &config.rs, config.rl.group);
     let model = policy.model();
@@ -625,6 +751,128 @@ fn rejection_sampling(
         save_every(config, policy, out, step.saturating_sub(1))?;
     }
     Ok(bad)
+}
+
+/// One policy's replies judged against the baseline's.
+#[derive(Clone, Debug, Serialize)]
+pub struct WinRate {
+    /// The policy (its adapters' directory).
+    pub policy: String,
+    /// Share of prompts whose reply the judge scores above the baseline's (ties half).
+    pub win_rate: f64,
+    /// Mean reply length, tokens.
+    pub mean_reply_tokens: f64,
+    /// Mean judge score.
+    pub mean_score: f64,
+}
+
+/// Greedy replies of the baseline (`model.adapters`) and of each of `policies` (adapter
+/// directories) to the prompts of `prompts`, scored by the reward model in `judge` (trained on a
+/// split none of them saw); the baseline first, against itself (0.5).
+pub fn compare(
+    config: &AlignConfig,
+    judge: &Path,
+    policies: &[String],
+    prompts: &str,
+    on_policy: &mut dyn FnMut(&str),
+) -> Result<Vec<WinRate>> {
+    let (texts, _) = prompts_file(config, prompts)?;
+    let mut names = vec![config.model.adapters.clone()];
+    names.extend(policies.iter().cloned());
+    let mut replies: Vec<Vec<Vec<u32>>> = Vec::new();
+    for name in &names {
+        on_policy(name);
+        let mut c = config.clone();
+        c.model.adapters = name.clone();
+        let policy = load_policy(&c)?;
+        let ids = texts
+            .iter()
+            .map(|p| policy.prompt_ids(p))
+            .collect::<Result<Vec<_>>>()?;
+        let mut all = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(config.eval.batch.max(1)) {
+            all.extend(anneal_tensor::no_grad(|| {
+                policy.sample(chunk, 0.0, config.eval.max_new_tokens, 0)
+            })?);
+        }
+        replies.push(all);
+    }
+    on_policy("judge");
+    let meta_path = judge.join(REWARD_META);
+    let meta: Value = serde_json::from_str(
+        &std::fs::read_to_string(&meta_path)
+            .with_context(|| format!("reading {}", meta_path.display()))?,
+    )
+    .with_context(|| format!("{}: not JSON", meta_path.display()))?;
+    let mut jc = config.clone();
+    jc.model.dir = meta
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .into();
+    jc.model.adapters = meta
+        .get("adapters")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .into();
+    let judge_policy = load_policy(&jc)?;
+    if jc.model.dir != config.model.dir {
+        crate::align::reward::check_same_tokenizer(
+            &load_policy_tokenizer(config)?,
+            &config.model.dir,
+            &judge_policy.lm.tokenizer,
+            &jc.model.dir,
+        )?;
+    }
+    let rm = crate::align::reward::SharedReward::load(judge, SCORE_FILE, judge_policy.model())?;
+    let ids = texts
+        .iter()
+        .map(|p| judge_policy.prompt_ids(p))
+        .collect::<Result<Vec<_>>>()?;
+    let mut scores = Vec::new();
+    for r in &replies {
+        let seqs: Vec<Vec<u32>> = ids
+            .iter()
+            .zip(r)
+            .map(|(p, reply)| [p.as_slice(), reply].concat())
+            .collect();
+        scores.push(rm.scores(
+            judge_policy.model(),
+            &seqs,
+            judge_policy.pad,
+            config.eval.batch,
+        )?);
+    }
+    let n = texts.len().max(1) as f64;
+    Ok(names
+        .iter()
+        .zip(&replies)
+        .zip(&scores)
+        .map(|((name, r), s)| WinRate {
+            policy: if name.is_empty() {
+                config.model.dir.clone()
+            } else {
+                name.clone()
+            },
+            win_rate: s
+                .iter()
+                .zip(&scores[0])
+                .map(|(a, b)| match a.partial_cmp(b) {
+                    Some(std::cmp::Ordering::Greater) => 1.0,
+                    Some(std::cmp::Ordering::Equal) => 0.5,
+                    _ => 0.0,
+                })
+                .sum::<f64>()
+                / n,
+            mean_reply_tokens: r.iter().map(Vec::len).sum::<usize>() as f64 / n,
+            mean_score: s.iter().map(|&x| x as f64).sum::<f64>() / n,
+        })
+        .collect())
+}
+
+/// The tokenizer of `config`'s model.
+fn load_policy_tokenizer(config: &AlignConfig) -> Result<anneal_data::Tokenizer> {
+    Ok(crate::chat_sft::load(&resolve(&config.model.dir), None)?.tokenizer)
 }
 
 #[cfg(test)]
@@ -799,6 +1047,62 @@ mod tests {
         let rep = r.reward.unwrap();
         assert!(rep.test_pairs > 0 && (0.0..=1.0).contains(&rep.accuracy));
         assert!(root.path().join("rm/adapters").join(SCORE_FILE).is_file());
+        // PPO scored by that reward model, which shares the policy's base.
+        let rm_dir = root.path().join("rm/adapters");
+        let mut ppo_rm = config("ppo-rm", "");
+        ppo_rm.data.dir = chat.display().to_string();
+        ppo_rm.rl.reward = rm_dir.display().to_string();
+        ppo_rm.rl.prompts = "rm-train.jsonl".into();
+        let r = run_stage(Method::Ppo, &ppo_rm);
+        assert_eq!(r.steps, 2);
+        assert!(r
+            .metrics
+            .iter()
+            .all(|m| m["score"].as_f64().unwrap().is_finite()));
+        // A policy from another starting point is refused, naming the adapters.
+        let mut other_start = ppo_rm.clone();
+        other_start.model.adapters = from_sft.clone();
+        let err = format!(
+            "{:#}",
+            run(&other_start, Method::Ppo, &mut |_, _| {}).unwrap_err()
+        );
+        assert!(err.contains("model.adapters"), "{err}");
+        // A reward model from a model with another tokenizer is refused, naming both models.
+        let model2 = root.path().join("model2");
+        tiny_chat_model(&model2, "xyz only");
+        let rm2 = root.path().join("rm2");
+        std::fs::create_dir_all(&rm2).unwrap();
+        for f in std::fs::read_dir(&rm_dir).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, rm2.join(f.file_name().unwrap())).unwrap();
+        }
+        let meta = json!({"model": model2.display().to_string(), "adapters": ""});
+        std::fs::write(rm2.join(REWARD_META), meta.to_string()).unwrap();
+        let mut other_tok = ppo_rm.clone();
+        other_tok.rl.reward = rm2.display().to_string();
+        let err = format!(
+            "{:#}",
+            run(&other_tok, Method::Ppo, &mut |_, _| {}).unwrap_err()
+        );
+        assert!(
+            err.contains(&model2.display().to_string())
+                && err.contains(&model.display().to_string()),
+            "{err}"
+        );
+        // Win rates judged by the reward model: the baseline ties itself.
+        let mut cmp = config("", "");
+        cmp.data.dir = chat.display().to_string();
+        let rates = compare(
+            &cmp,
+            &rm_dir,
+            &[from_sft.clone()],
+            "rm-test.jsonl",
+            &mut |_| {},
+        )
+        .unwrap();
+        assert_eq!(rates.len(), 2);
+        assert_eq!(rates[0].win_rate, 0.5);
+        assert!((0.0..=1.0).contains(&rates[1].win_rate));
         // Evaluating the SFT adapters again gives what SFT reported.
         let again = run_eval(&config("", &from_sft), &mut |_, _| {}).unwrap();
         assert_eq!(again.accuracy, e.accuracy);
