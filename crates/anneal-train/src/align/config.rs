@@ -193,7 +193,8 @@ impl Default for RlSection {
     }
 }
 
-/// `[rs]`: rejection sampling (rating-filtered fine-tuning).
+/// `[rs]`: rejection sampling (rating-filtered fine-tuning). Replies are sampled and scored as
+/// `[rl]` says (`rl.group` per prompt, `rl.reward`, `rl.prompts`, `rl.max_new_tokens`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct RsSection {
@@ -201,7 +202,8 @@ pub struct RsSection {
     pub rounds: usize,
     /// RL prompts sampled per round.
     pub prompts: usize,
-    /// The best reply is kept only when its reward reaches this.
+    /// The best reply is kept only when its score reaches this (the exact reward: 1 is a right
+    /// answer; a reward model's score where `rl.reward` names one).
     pub threshold: f64,
 }
 

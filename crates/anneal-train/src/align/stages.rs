@@ -200,6 +200,46 @@ enum Scorer {
     Model(Box<crate::align::reward::SharedReward>),
 }
 
+impl Scorer {
+    /// `group` replies sampled to each of `prompts` (token ids of the records `idx`), scored.
+    fn rollouts(
+        &self,
+        config: &AlignConfig,
+        policy: &ChatPolicy,
+        prompts: &[Vec<u32>],
+        idx: &[usize],
+        seed: u64,
+    ) -> Result<rlhf::Rollouts> {
+        let (model, rl) = (policy.model(), &config.rl);
+        let mut exact = |k: usize, reply: &[u32]| -> Result<f32> {
+            match self {
+                Scorer::Exact(ps) => Ok(ps[idx[k]].reward(&policy.decode(reply)?)),
+                Scorer::Model(_) => Ok(0.0),
+            }
+        };
+        let mut r = rlhf::rollouts(
+            model,
+            prompts,
+            rl.group,
+            &policy.lm.stop_tokens,
+            policy.pad,
+            rl.max_new_tokens,
+            seed,
+            &mut exact,
+        )?;
+        if let Scorer::Model(rm) = self {
+            let seqs: Vec<Vec<u32>> = r
+                .prompts
+                .iter()
+                .zip(&r.replies)
+                .map(|(p, reply)| [p.as_slice(), reply].concat())
+                .collect();
+            r.scores = rm.scores(model, &seqs, policy.pad, config.eval.batch)?;
+        }
+        Ok(r)
+    }
+}
+
 /// The scorer `rl.reward` names, and the prompts it scores replies to. A reward model must
 /// have been trained from this stage's starting model: one on another tokenizer is refused
 /// naming both models, one on another base naming both.
@@ -592,11 +632,6 @@ fn save_every(config: &AlignConfig, policy: &ChatPolicy, out: &Output, step: u64
     Ok(())
 }
 
-/// Each problem's prompt tokens.
-fn prompts_of(policy: &ChatPolicy, ps: &[Problem]) -> Result<Vec<Vec<u32>>> {
-    ps.iter().map(|p| policy.prompt_ids(&p.prompt)).collect()
-}
-
 fn rl_stage(
     config: &AlignConfig,
     policy: &ChatPolicy,
@@ -621,43 +656,7 @@ fn rl_stage(
         let idx = batches.next(t.batch_size);
         let batch: Vec<Vec<u32>> = idx.iter().map(|&i| prompts[i].clone()).collect();
         let seed = t.seed.wrapping_mul(1_000_003).wrapping_add(step);
-        let r = match &scorer {
-            Scorer::Exact(ps) => {
-                let mut score = |k: usize, reply: &[u32]| -> Result<f32> {
-                    Ok(ps[idx[k]].reward(&policy.decode(reply)?))
-                };
-                rlhf::rollouts(
-                    model,
-                    &batch,
-                    rl.group,
-                    &policy.lm.stop_tokens,
-                    policy.pad,
-                    rl.max_new_tokens,
-                    seed,
-                    &mut score,
-                )?
-            }
-            Scorer::Model(rm) => {
-                let mut r = rlhf::rollouts(
-                    model,
-                    &batch,
-                    rl.group,
-                    &policy.lm.stop_tokens,
-                    policy.pad,
-                    rl.max_new_tokens,
-                    seed,
-                    &mut |_, _| Ok(0.0),
-                )?;
-                let seqs: Vec<Vec<u32>> = r
-                    .prompts
-                    .iter()
-                    .zip(&r.replies)
-                    .map(|(p, reply)| [p.as_slice(), reply].concat())
-                    .collect();
-                r.scores = rm.scores(model, &seqs, policy.pad, config.eval.batch)?;
-                r
-            }
-        };
+        let r = scorer.rollouts(config, policy, &batch, &idx, seed)?;
         let critic = match method {
             Method::Ppo => Critic::Value(&head, &mut value_opt),
             _ => Critic::Group,
@@ -683,37 +682,28 @@ fn rejection_sampling(
     out: &mut Output,
     record: &mut Record<'_>,
 ) -> Result<usize> {
-    let (ps, bad) = problems(config, &config.rl.prompts)?;
-    let prompts = prompts_of(policy, &ps)?;
+    let (scorer, texts, bad) = scorer(config, policy)?;
+    let prompts = texts
+        .iter()
+        .map(|p| policy.prompt_ids(p))
+        .collect::<Result<Vec<_>>>()?;
     let (t, rs, k) = (&config.train, &config.rs, config.rl.group);
     let model = policy.model();
     let mut opt = Updater::new(&model.params, t, t.steps);
-    let mut batches = Batches::new(ps.len(), t.seed);
+    let mut batches = Batches::new(prompts.len(), t.seed);
     let per_round = t.steps.div_ceil(rs.rounds as u64);
     let mut step = 0;
     for round in 0..rs.rounds {
         let idx = batches.next(rs.prompts);
         let mut kept = Vec::new();
         let mut sampled = 0.0f64;
-        for chunk in idx.chunks(config.eval.batch.max(1)) {
+        for (c, chunk) in idx.chunks(config.eval.batch.max(1)).enumerate() {
             let batch: Vec<Vec<u32>> = chunk.iter().map(|&i| prompts[i].clone()).collect();
-            let mut score = |j: usize, reply: &[u32]| -> Result<f32> {
-                Ok(ps[chunk[j]].reward(&policy.decode(reply)?))
-            };
             let seed = t
                 .seed
                 .wrapping_mul(1_000_003)
-                .wrapping_add((round * 100_000 + kept.len()) as u64);
-            let r = rlhf::rollouts(
-                model,
-                &batch,
-                k,
-                &policy.lm.stop_tokens,
-                policy.pad,
-                config.rl.max_new_tokens,
-                seed,
-                &mut score,
-            )?;
+                .wrapping_add((round * 100_000 + c) as u64);
+            let r = scorer.rollouts(config, policy, &batch, chunk, seed)?;
             sampled += r.scores.iter().map(|&s| s as f64).sum::<f64>();
             for i in best_of(&r.scores, k, rs.threshold as f32)
                 .into_iter()
