@@ -461,3 +461,36 @@ fn align_data_writes_disjoint_task_sets_and_names_an_unknown_task() {
         "{err}"
     );
 }
+
+#[test]
+fn align_stages_name_a_bad_config_key_and_print_the_resolved_config() {
+    let o = anneal(&["align", "ppo", "--set", "rl.clip=0"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("rl.clip = 0") && err.contains("a positive number"),
+        "{err}"
+    );
+    let o = anneal(&["align", "dpo", "--set", "dpo.gamma=1"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("dpo.gamma"), "{err}");
+    let o = anneal(&[
+        "align",
+        "grpo",
+        "--config",
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../configs/align-smollm2.toml"
+        ),
+        "--set",
+        "rl.group=8",
+        "--print-config",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        text.contains("group = 8") && text.contains("kl_coef = 0.05"),
+        "{text}"
+    );
+}
